@@ -1,0 +1,58 @@
+import { z } from "zod";
+
+/** Priorities, lowest first: the index is the rank used by the ledger's queue. */
+export const PRIORITIES = ["low", "normal", "high", "critical"] as const;
+export const Priority = z.enum(PRIORITIES);
+export type Priority = z.infer<typeof Priority>;
+
+/** `exec_{unix ms}_{nanoid}`: checked before any object is touched. */
+export const EXECUTION_ID_RE = /^exec_\d{13}_[A-Za-z0-9_-]{12,32}$/;
+export const ExecutionId = z.string().regex(EXECUTION_ID_RE, "must look like exec_{unix ms}_{id}");
+
+/** Stage ids are `stage_{order}` within their execution. */
+export const STAGE_ID_RE = /^stage_\d{1,3}$/;
+export const StageId = z.string().regex(STAGE_ID_RE, "must look like stage_{n}");
+
+/** Safe character sets and lengths for names that end up in keys, logs and URLs. */
+export const TemplateName = z
+  .string()
+  .min(1)
+  .max(64)
+  .regex(/^[A-Za-z0-9][A-Za-z0-9_.-]*$/, "letters, digits, '_', '.', '-' only");
+export const WorkerName = z
+  .string()
+  .min(1)
+  .max(63)
+  .regex(/^[a-z0-9][a-z0-9-]*$/, "lower-case letters, digits and '-' only");
+export const PoolName = z
+  .string()
+  .min(1)
+  .max(64)
+  .regex(/^[a-z0-9][a-z0-9:_.-]*$/, "lower-case letters, digits, ':', '_', '.', '-' only");
+export const ClientId = z
+  .string()
+  .min(1)
+  .max(128)
+  .regex(/^[A-Za-z0-9][A-Za-z0-9_.:@-]*$/, "letters, digits and _ . : @ - only");
+export const RequestId = z
+  .string()
+  .min(1)
+  .max(128)
+  .regex(/^[A-Za-z0-9][A-Za-z0-9_.:-]*$/, "letters, digits and _ . : - only");
+
+/** Amounts per pool, e.g. `{ "tokens:openai": 1200 }`. */
+export const PoolAmounts = z.record(PoolName, z.number().finite().nonnegative());
+export type PoolAmounts = z.infer<typeof PoolAmounts>;
+
+export const ErrorInfo = z.object({
+  code: z.string().min(1).max(64),
+  message: z.string().max(2000),
+  stage_id: z.string().optional(),
+  details: z.unknown().optional(),
+});
+export type ErrorInfo = z.infer<typeof ErrorInfo>;
+
+/** Every error the HTTP API answers has this shape. */
+export const ErrorEnvelope = z.object({
+  error: z.object({ code: z.string(), message: z.string(), details: z.unknown().optional() }),
+});

@@ -1,0 +1,87 @@
+import { z } from "zod";
+import { ErrorInfo, ExecutionId, PoolAmounts, StageId } from "./common";
+import { DataReference } from "./data";
+
+/**
+ * The stage worker protocol (docs/protocol.md). Every call we make carries
+ * `Authorization: Bearer <WORKER_SECRET>`; every callback a worker makes carries
+ * the per-stage callback token it received in the handshake.
+ */
+
+export const HandshakeRequest = z.object({
+  executionId: ExecutionId,
+  stageId: StageId,
+  attempt: z.number().int().min(1),
+  action: z.string().min(1).max(64),
+  inputData: z.object({
+    parameters: z.record(z.string(), z.unknown()),
+    template_ref: z.string(),
+    previousOutput: z.unknown().nullable(),
+  }),
+  dataReference: DataReference.optional(),
+  resourceRequirements: z.object({
+    estimatedTokens: z.number().nonnegative(),
+    timeoutMs: z.number().int().positive(),
+    pools: PoolAmounts.optional(),
+  }),
+  validationConfig: z.record(z.string(), z.unknown()),
+  callback: z.object({ url: z.string().url(), token: z.string().min(16) }),
+});
+export type HandshakeRequest = z.infer<typeof HandshakeRequest>;
+
+export const HandshakeResponse = z.object({
+  executionId: z.string(),
+  workerId: z.string(),
+  accepted: z.boolean(),
+  estimatedCompletionMs: z.number().nonnegative().optional(),
+  resourceRequirements: z.record(z.string(), z.unknown()).optional(),
+  capabilities: z.record(z.string(), z.unknown()).optional(),
+  reason: z.string().max(500).optional(),
+  /** With `accepted: false`: whether asking again later may succeed (busy, draining). */
+  retryable: z.boolean().optional(),
+});
+export type HandshakeResponse = z.infer<typeof HandshakeResponse>;
+
+export const ProcessRequest = z.object({ executionId: ExecutionId, stageId: StageId });
+export type ProcessRequest = z.infer<typeof ProcessRequest>;
+
+export const CancelRequest = z.object({ executionId: ExecutionId, stageId: StageId });
+export type CancelRequest = z.infer<typeof CancelRequest>;
+
+export const ProgressResponse = z.object({
+  status: z.enum(["processing", "completed", "failed"]),
+  progress: z.number().min(0).max(100).optional(),
+  message: z.string().max(1000).optional(),
+  output: z.unknown().optional(),
+  dataReference: DataReference.optional(),
+  usage: PoolAmounts.optional(),
+  error: ErrorInfo.pick({ code: true, message: true }).optional(),
+  retryable: z.boolean().optional(),
+});
+export type ProgressResponse = z.infer<typeof ProgressResponse>;
+
+/** Callbacks: `POST /executions/:id/stages/:stageId/{progress,complete,fail}`. */
+export const ProgressCallback = z.object({
+  progress: z.number().min(0).max(100),
+  message: z.string().max(1000).optional(),
+});
+export type ProgressCallback = z.infer<typeof ProgressCallback>;
+
+export const CompleteCallback = z
+  .object({
+    output: z.unknown().optional(),
+    dataReference: DataReference.optional(),
+    usage: PoolAmounts.optional(),
+  })
+  .refine((b) => b.output !== undefined || b.dataReference !== undefined, {
+    message: "either output or dataReference is required",
+    path: ["output"],
+  });
+export type CompleteCallback = z.infer<typeof CompleteCallback>;
+
+export const FailCallback = z.object({
+  error: z.object({ code: z.string().min(1).max(64), message: z.string().max(2000) }),
+  retryable: z.boolean().optional(),
+  usage: PoolAmounts.optional(),
+});
+export type FailCallback = z.infer<typeof FailCallback>;

@@ -1,0 +1,92 @@
+import { z } from "zod";
+import { PoolConfig } from "../schemas/ledger";
+
+/**
+ * Every tunable of the orchestrator in one place: timeouts, retries, polling,
+ * limits and size thresholds. Defaults are here; `TUNING` (a JSON var) may
+ * override any of them per environment. docs/operations.md lists them.
+ */
+export const DEFAULT_TUNING = {
+  /** Outbound call timeouts. */
+  kamTimeoutMs: 5_000,
+  workerCallTimeoutMs: 10_000,
+  ledgerCallTimeoutMs: 5_000,
+  objectCallTimeoutMs: 10_000,
+  /** KAM template fetch: attempts before `kam_unavailable`, and the backoff between them. */
+  kamMaxAttempts: 4,
+  kamRetryBaseMs: 500,
+  /** Template cache TTL in EXECUTION_CACHE (KV's minimum is 60 s). */
+  templateCacheTtlSeconds: 300,
+  /** Stage deadline when the template gives no `timeout_ms`. */
+  defaultStageTimeoutMs: 10 * 60_000,
+  /** Attempts per stage when the template gives no `max_attempts`. */
+  defaultMaxAttempts: 3,
+  /** Backoff between attempts of a stage: base * 2^(attempt-1), capped, with full jitter. */
+  retryBaseMs: 1_000,
+  retryCapMs: 60_000,
+  /** Progress polling: starts short, doubles, capped. */
+  pollInitialMs: 250,
+  pollMaxMs: 5_000,
+  /** Consecutive failed polls after which the worker is taken as gone. */
+  maxPollFailures: 5,
+  /** Ledger leases: granted for leaseMs, renewed by polls once half of it has passed. */
+  leaseMs: 60_000,
+  /** While waiting for resources, re-ask the ledger this often in case a grant notice was lost. */
+  ledgerReaskMs: 5_000,
+  /** Re-deliver outbox messages (ledger settles, index updates) with this backoff. */
+  outboxRetryMs: 2_000,
+  /** Alarm runs that may fail in a row before the execution is failed with the reason. */
+  maxAlarmFailures: 5,
+  /** Ended executions keep their data this long, then their alarm deletes it. */
+  retentionMs: 7 * 24 * 3600_000,
+  /** Request body limits. */
+  maxBodyBytes: 256 * 1024,
+  maxCallbackBodyBytes: 1024 * 1024,
+  /** Estimate for a stage with no `resources` and no usage history. */
+  defaultEstimatedTokens: 1_000,
+  defaultStageDurationMs: 5_000,
+  /** Concurrency slots a `worker:` pool gets when config names none. */
+  defaultWorkerConcurrency: 10,
+};
+export type Tuning = typeof DEFAULT_TUNING;
+
+export const PriceTable = z.object({
+  currency: z.string().min(3).max(3),
+  per_unit: z.record(z.string(), z.number().nonnegative()),
+});
+export type PriceTable = z.infer<typeof PriceTable>;
+
+export interface Config {
+  tuning: Tuning;
+  workerBindings: Record<string, string>;
+  pools: z.infer<typeof PoolConfig>;
+  prices: PriceTable;
+  publicUrl: string;
+}
+
+const cache = new WeakMap<object, Config>();
+
+function parseJson<T>(name: string, raw: unknown, schema: z.ZodType<T>, fallback: T): T {
+  if (raw === undefined || raw === null || raw === "") return fallback;
+  const value = typeof raw === "string" ? JSON.parse(raw) : raw;
+  const parsed = schema.safeParse(value);
+  if (!parsed.success) throw new Error(`config ${name} is invalid: ${parsed.error.message}`);
+  return parsed.data;
+}
+
+/** Parsed once per isolate per env object; a bad var fails loudly at first use. */
+export function configOf(env: Env): Config {
+  let c = cache.get(env);
+  if (c) return c;
+  const vars = env as unknown as Record<string, unknown>;
+  const tuningOverride = parseJson("TUNING", vars.TUNING, z.record(z.string(), z.number()), {});
+  c = {
+    tuning: { ...DEFAULT_TUNING, ...(tuningOverride as Partial<Tuning>) },
+    workerBindings: parseJson("WORKER_BINDINGS", vars.WORKER_BINDINGS, z.record(z.string(), z.string()), {}),
+    pools: parseJson("POOLS", vars.POOLS, PoolConfig, []),
+    prices: parseJson("PRICES", vars.PRICES, PriceTable, { currency: "USD", per_unit: {} }),
+    publicUrl: String(vars.PUBLIC_URL ?? "http://orchestrator-v2.internal").replace(/\/$/, ""),
+  };
+  cache.set(env, c);
+  return c;
+}
