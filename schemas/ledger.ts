@@ -34,15 +34,16 @@ export const ReserveRequest = z.object({
   /** Reservation ids are derived from (execution, stage, attempt), so a repeated reserve is idempotent. */
   attempt: z.number().int().min(1),
   priority: Priority,
-  requirements: PoolAmounts,
+  /** Explicit needs from the template; when absent the ledger reserves its estimate for `worker`. */
+  requirements: PoolAmounts.optional(),
   leaseMs: z.number().int().min(1000).max(24 * 3600 * 1000),
-  /** For estimates: which worker the stage runs on. */
-  worker: z.string().optional(),
+  /** The stage's worker: the ledger always adds one slot of `worker:{worker}` and keeps estimates per worker. */
+  worker: z.string().min(1).max(63),
 });
 export type ReserveRequest = z.infer<typeof ReserveRequest>;
 
 export type ReserveResult =
-  | { status: "granted"; reservationId: string; expiresAt: number }
+  | { status: "granted"; reservationId: string; expiresAt: number; requirements: PoolAmounts }
   | { status: "waiting"; reservationId: string; position: number; estimatedWaitMs: number }
   | { status: "refused"; reservationId: string; code: "resource_unsatisfiable" | "unknown_pool"; message: string };
 
@@ -68,6 +69,7 @@ export interface LedgerSnapshot {
 /** A grant notice the ledger sends to an Execution when a waiter is granted. */
 export interface GrantNotice {
   reservationId: string;
+  requirements: PoolAmounts;
   stageId: string;
   attempt: number;
   expiresAt: number;

@@ -1,0 +1,64 @@
+import { cloudflareTest } from "@cloudflare/vitest-plugin";
+import { defineConfig } from "vitest/config";
+import { TEST_SECRETS, TEST_TUNING } from "./test/support/constants";
+
+const compatibilityDate = "2026-11-01";
+
+/**
+ * Two projects:
+ * - `workers`: tests that run inside workerd next to the orchestrator's real
+ *   Durable Objects, with the demo stand-ins as auxiliary workers behind the
+ *   real service bindings (built by test/support/global-setup.ts, since
+ *   auxiliary workers take a built script, not a wrangler config);
+ * - `e2e`: Node tests that start the same multi-worker `wrangler dev` session
+ *   as `npm start` and drive it over HTTP.
+ */
+export default defineConfig({
+  test: {
+    projects: [
+      {
+        plugins: [
+          cloudflareTest({
+            wrangler: { configPath: "./wrangler.toml" },
+            miniflare: {
+              bindings: { ...TEST_SECRETS, TUNING: JSON.stringify(TEST_TUNING) },
+              workers: [
+                {
+                  name: "bitware-key-account-manager",
+                  modules: true,
+                  scriptPath: "./dist/test-workers/kam/index.js",
+                  compatibilityDate,
+                },
+                {
+                  name: "bitware-content-granulator",
+                  modules: true,
+                  scriptPath: "./dist/test-workers/content-granulator/index.js",
+                  compatibilityDate,
+                  bindings: { WORKER_SECRET: TEST_SECRETS.WORKER_SECRET },
+                  durableObjects: { JOBS: "GranulatorJob", STATS: "GranulatorStats" },
+                  serviceBindings: { ORCHESTRATOR: "orchestrator-v2" },
+                },
+              ],
+            },
+          }),
+        ],
+        test: {
+          name: "workers",
+          include: ["test/workers/**/*.test.ts"],
+          globalSetup: ["./test/support/global-setup.ts"],
+          testTimeout: 30_000,
+        },
+      },
+      {
+        test: {
+          name: "e2e",
+          include: ["test/e2e/**/*.test.ts"],
+          environment: "node",
+          testTimeout: 120_000,
+          hookTimeout: 120_000,
+          fileParallelism: false,
+        },
+      },
+    ],
+  },
+});
