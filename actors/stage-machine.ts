@@ -1,0 +1,77 @@
+import type { ExecutionStatus, StageStatus } from "../schemas/api";
+
+/**
+ * The stage state machine, as pure rules the Execution object applies.
+ *
+ *   pending ──► waiting_resources ──► handshaking ──► processing ──► completed
+ *      ▲               │                   │               │
+ *      └──── retry ────┴───────────────────┴───────────────┤ (transient failure, attempts left)
+ *                                                          ▼
+ *                                                 failed / cancelled
+ *
+ * A stage holds a ledger reservation from `handshaking` until it leaves
+ * `processing`; every way out settles or releases it.
+ */
+export const STAGE_TRANSITIONS: Record<StageStatus, readonly StageStatus[]> = {
+  pending: ["waiting_resources", "failed", "cancelled"],
+  waiting_resources: ["handshaking", "pending", "failed", "cancelled"],
+  handshaking: ["processing", "completed", "pending", "failed", "cancelled"],
+  processing: ["completed", "pending", "failed", "cancelled"],
+  completed: [],
+  failed: [],
+  cancelled: [],
+};
+
+export const EXECUTION_TRANSITIONS: Record<ExecutionStatus, readonly ExecutionStatus[]> = {
+  queued: ["running", "failed", "cancelled"],
+  running: ["completed", "failed", "cancelled"],
+  completed: [],
+  failed: [],
+  cancelled: [],
+};
+
+export function canMoveStage(from: StageStatus, to: StageStatus): boolean {
+  return STAGE_TRANSITIONS[from].includes(to);
+}
+
+export function canMoveExecution(from: ExecutionStatus, to: ExecutionStatus): boolean {
+  return EXECUTION_TRANSITIONS[from].includes(to);
+}
+
+export const isTerminalStage = (s: StageStatus) => s === "completed" || s === "failed" || s === "cancelled";
+export const isTerminalExecution = (s: ExecutionStatus) => s === "completed" || s === "failed" || s === "cancelled";
+
+/** A stage is doing work on a worker (a cancel must tell the worker). */
+export const isOnWorker = (s: StageStatus) => s === "handshaking" || s === "processing";
+
+export interface StageFailure {
+  code: string;
+  message: string;
+  retryable: boolean;
+  retryAfterMs?: number;
+}
+
+/** Retry a failed attempt when the failure is transient and attempts remain. */
+export function shouldRetry(failure: StageFailure, attempt: number, maxAttempts: number): boolean {
+  return failure.retryable && attempt < maxAttempts;
+}
+
+/**
+ * Exponential backoff with full jitter: uniform in [0, min(cap, base * 2^(attempt-1))],
+ * but never sooner than a worker's Retry-After.
+ */
+export function retryDelayMs(attempt: number, baseMs: number, capMs: number, retryAfterMs = 0, random = Math.random): number {
+  const ceiling = Math.min(capMs, baseMs * 2 ** Math.max(0, attempt - 1));
+  return Math.max(Math.round(random() * ceiling), Math.min(retryAfterMs, capMs * 10));
+}
+
+/** Progress polls start short and double up to a cap. */
+export function nextPollInterval(currentMs: number | null, initialMs: number, maxMs: number): number {
+  return currentMs === null ? initialMs : Math.min(maxMs, currentMs * 2);
+}
+
+/** Progress never goes backwards in the status document (a worker's late or reordered report is ignored). */
+export function mergeProgress(current: number, reported: number | undefined): number {
+  if (reported === undefined || !Number.isFinite(reported)) return current;
+  return Math.max(current, Math.min(100, Math.max(0, reported)));
+}

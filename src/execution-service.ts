@@ -1,0 +1,153 @@
+import { ExecuteRequest, type ExecuteResponse, type ResultDocument, type StatusDocument } from "../schemas/api";
+import { ExecutionId, StageId } from "../schemas/common";
+import { CompleteCallback, FailCallback, ProgressCallback } from "../schemas/worker-protocol";
+import type { CallbackKind, CancelState, Execution, ResultState } from "../actors/execution";
+import type { ClaimResult, RequestRegistry } from "../actors/request-registry";
+import { verifyCallbackToken } from "./auth";
+import { configOf } from "./config";
+import { ApiError, parseWith } from "./http";
+import { newExecutionId } from "./ids";
+import { withTimeout } from "./outbound";
+
+/**
+ * What the HTTP routes and the RPC entrypoint both do: validate, find the
+ * right object, call it with a deadline. Errors are ApiErrors with a status
+ * and a code; the callers turn them into responses or RPC results.
+ */
+
+function executionStub(env: Env, id: string): DurableObjectStub<Execution> {
+  const ns = env.EXECUTION as unknown as DurableObjectNamespace<Execution>;
+  return ns.get(ns.idFromName(id));
+}
+
+/** Validates an execution id before any object is touched. */
+export function checkExecutionId(id: unknown): string {
+  return parseWith(ExecutionId, id, "execution id");
+}
+
+function objectTimeout(env: Env): number {
+  return configOf(env).tuning.objectCallTimeoutMs;
+}
+
+async function call<T>(env: Env, promise: PromiseLike<T>, what: string): Promise<T> {
+  try {
+    return await withTimeout(Promise.resolve(promise), objectTimeout(env), what);
+  } catch (err) {
+    if (err instanceof ApiError) throw err;
+    throw new ApiError(503, "unavailable", `${what} failed: ${err instanceof Error ? err.message : String(err)}`);
+  }
+}
+
+/** Canonical JSON (sorted keys) so the same request body always hashes the same. */
+function canonical(value: unknown): string {
+  if (Array.isArray(value)) return `[${value.map(canonical).join(",")}]`;
+  if (value && typeof value === "object") {
+    return `{${Object.keys(value)
+      .sort()
+      .map((k) => `${JSON.stringify(k)}:${canonical((value as Record<string, unknown>)[k])}`)
+      .join(",")}}`;
+  }
+  return JSON.stringify(value);
+}
+
+async function sha256(text: string): Promise<string> {
+  const d = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text));
+  return [...new Uint8Array(d)].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+export interface StartOutcome {
+  status: 200 | 202;
+  body: ExecuteResponse;
+}
+
+export async function startExecution(env: Env, raw: unknown, origin: string): Promise<StartOutcome> {
+  const input = parseWith(ExecuteRequest, raw, "body");
+  let executionId = newExecutionId();
+  let duplicate = false;
+  let requestHash: string | null = null;
+  if (input.request_id) {
+    requestHash = await sha256(canonical({ template_name: input.template_name, parameters: input.parameters, priority: input.priority }));
+    const ns = env.REQUEST_REGISTRY as unknown as DurableObjectNamespace<RequestRegistry>;
+    const registry = ns.get(ns.idFromName(input.client_id));
+    const claim = await call<ClaimResult>(env, registry.claim(input.request_id, requestHash, executionId), "request registry");
+    if (claim.outcome === "conflict") {
+      throw new ApiError(409, "idempotency_conflict", "this request_id was already used with a different body", {
+        execution_id: claim.executionId,
+      });
+    }
+    duplicate = claim.outcome === "existing";
+    executionId = claim.executionId;
+  }
+  // start() is idempotent too, so a duplicate whose first attempt never reached the object still creates it.
+  const result = await call(
+    env,
+    executionStub(env, executionId).start({
+      execution_id: executionId,
+      template_name: input.template_name,
+      parameters: input.parameters,
+      client_id: input.client_id,
+      request_id: input.request_id ?? null,
+      request_hash: requestHash,
+      priority: input.priority,
+    }),
+    "execution start",
+  );
+  return {
+    status: duplicate || !result.created ? 200 : 202,
+    body: {
+      execution_id: executionId,
+      status: result.status,
+      estimated_completion_ms: result.estimated_completion_ms,
+      estimated_completion_at: result.estimated_completion_at,
+      status_url: `${origin}/executions/${executionId}`,
+    },
+  };
+}
+
+export async function getStatus(env: Env, id: unknown): Promise<StatusDocument> {
+  const executionId = checkExecutionId(id);
+  const doc = await call(env, executionStub(env, executionId).getStatus(), "execution status");
+  if (!doc) throw new ApiError(404, "not_found", `no execution ${executionId}`);
+  return doc;
+}
+
+export async function getResult(env: Env, id: unknown): Promise<ResultDocument> {
+  const executionId = checkExecutionId(id);
+  const r = await call<ResultState>(env, executionStub(env, executionId).getResult(), "execution result");
+  if (r.state === "missing") throw new ApiError(404, "not_found", `no execution ${executionId}`);
+  if (r.state === "not_completed") throw new ApiError(409, "not_completed", `the execution is ${r.status}`, { status: r.status });
+  return { execution_id: executionId, status: "completed", output: r.output, cost: r.cost };
+}
+
+export async function cancelExecution(env: Env, id: unknown): Promise<StatusDocument> {
+  const executionId = checkExecutionId(id);
+  const r = await call<CancelState>(env, executionStub(env, executionId).cancel(), "execution cancel");
+  if (r.state === "missing") throw new ApiError(404, "not_found", `no execution ${executionId}`);
+  if (r.state === "already_terminal") {
+    throw new ApiError(409, "already_terminal", `the execution is already ${r.status.status}`, { status: r.status.status });
+  }
+  return r.status;
+}
+
+const CALLBACK_SCHEMAS = { progress: ProgressCallback, complete: CompleteCallback, fail: FailCallback } as const;
+
+export function isCallbackKind(kind: string): kind is CallbackKind {
+  return kind in CALLBACK_SCHEMAS;
+}
+
+/** A worker callback: the token is checked here (stateless HMAC) before the object is touched. */
+export async function workerCallback(
+  env: Env,
+  request: Request,
+  id: string,
+  stageId: string,
+  kind: CallbackKind,
+  readBody: () => Promise<unknown>,
+) {
+  const executionId = checkExecutionId(id);
+  parseWith(StageId, stageId, "stage id");
+  const claims = await verifyCallbackToken(request, env.WORKER_SECRET, { executionId, stageId });
+  const payload = parseWith(CALLBACK_SCHEMAS[kind], await readBody(), "body");
+  const answer = await call(env, executionStub(env, executionId).callback(kind, stageId, claims.attempt, payload), "execution callback");
+  return answer;
+}

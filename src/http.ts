@@ -1,0 +1,96 @@
+import type { z } from "zod";
+
+/**
+ * HTTP plumbing shared by every route: one error type, one error shape
+ * (`{ error: { code, message, details? } }`), and body parsing with a size
+ * limit and zod validation that names the offending fields.
+ */
+export class ApiError extends Error {
+  constructor(
+    readonly status: number,
+    readonly code: string,
+    message: string,
+    readonly details?: unknown,
+  ) {
+    super(message);
+    this.name = "ApiError";
+  }
+}
+
+export function json(body: unknown, status = 200, headers: HeadersInit = {}): Response {
+  return new Response(JSON.stringify(body), {
+    status,
+    headers: { "content-type": "application/json; charset=utf-8", ...headers },
+  });
+}
+
+export function errorBody(code: string, message: string, details?: unknown) {
+  return { error: details === undefined ? { code, message } : { code, message, details } };
+}
+
+export function errorResponse(err: ApiError): Response {
+  return json(errorBody(err.code, err.message, err.details), err.status);
+}
+
+/** Zod issues as `[{ path: "a.b", message }]`: the offending fields, never the input values. */
+export function zodIssues(error: z.ZodError): { path: string; message: string }[] {
+  return error.issues.map((i) => ({ path: i.path.map(String).join(".") || "(body)", message: i.message }));
+}
+
+export function invalid(error: z.ZodError, what = "request"): ApiError {
+  const issues = zodIssues(error);
+  return new ApiError(400, "invalid_request", `invalid ${what}: ${issues.map((i) => i.path).join(", ")}`, issues);
+}
+
+export function parseWith<S extends z.ZodType>(schema: S, value: unknown, what?: string): z.output<S> {
+  const parsed = schema.safeParse(value);
+  if (!parsed.success) throw invalid(parsed.error, what);
+  return parsed.data;
+}
+
+/** Reads a body as text, refusing more than `maxBytes` without buffering past the limit. */
+export async function readText(request: Request, maxBytes: number): Promise<string> {
+  const declared = Number(request.headers.get("content-length") ?? "NaN");
+  if (Number.isFinite(declared) && declared > maxBytes) throw tooLarge(maxBytes);
+  if (!request.body) return "";
+  const reader = request.body.getReader();
+  const chunks: Uint8Array[] = [];
+  let total = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    total += value.byteLength;
+    if (total > maxBytes) {
+      await reader.cancel();
+      throw tooLarge(maxBytes);
+    }
+    chunks.push(value);
+  }
+  const all = new Uint8Array(total);
+  let at = 0;
+  for (const c of chunks) {
+    all.set(c, at);
+    at += c.byteLength;
+  }
+  return new TextDecoder().decode(all);
+}
+
+function tooLarge(maxBytes: number): ApiError {
+  return new ApiError(413, "payload_too_large", `body is larger than ${maxBytes} bytes`, { max_bytes: maxBytes });
+}
+
+/** JSON body: 415 unless JSON, 413 over the limit, 400 for bad JSON or a schema mismatch. */
+export async function readJson<S extends z.ZodType>(request: Request, schema: S, maxBytes: number): Promise<z.output<S>> {
+  const type = request.headers.get("content-type") ?? "";
+  if (!/^application\/(?:[\w.+-]+\+)?json\b/i.test(type)) {
+    throw new ApiError(415, "unsupported_media_type", "send the body as application/json");
+  }
+  const text = await readText(request, maxBytes);
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch {
+    throw new ApiError(400, "invalid_json", "the body is not valid JSON");
+  }
+  return parseWith(schema, value, "body");
+}

@@ -1,0 +1,56 @@
+import { WorkerEntrypoint } from "cloudflare:workers";
+import type { ExecuteResponse, ResultDocument, StatusDocument } from "../schemas/api";
+import { cancelExecution, getResult, getStatus, startExecution } from "./execution-service";
+import { ApiError } from "./http";
+import { setLogLevel } from "./log";
+import { handle } from "./routes";
+
+export { Execution } from "../actors/execution";
+export { RequestRegistry } from "../actors/request-registry";
+export { ResourceLedger } from "../actors/resource-ledger";
+
+/** What an RPC caller gets: the same body and status the HTTP API would answer. */
+export type RpcResult<T> =
+  | { ok: true; status: number; data: T }
+  | { ok: false; status: number; error: { code: string; message: string; details?: unknown } };
+
+async function rpc<T>(work: () => Promise<{ status: number; data: T }>): Promise<RpcResult<T>> {
+  try {
+    const { status, data } = await work();
+    return { ok: true, status, data };
+  } catch (err) {
+    if (err instanceof ApiError) return { ok: false, status: err.status, error: { code: err.code, message: err.message, details: err.details } };
+    return { ok: false, status: 500, error: { code: "internal_error", message: "internal error" } };
+  }
+}
+
+/**
+ * The front Worker. `fetch` serves the HTTP API; KAM's service binding may
+ * also call the RPC methods, which do the same work with the same validation
+ * (a binding is already a capability, so RPC needs no token).
+ */
+export default class Orchestrator extends WorkerEntrypoint<Env> {
+  override fetch(request: Request): Promise<Response> {
+    setLogLevel((this.env as unknown as { LOG_LEVEL?: string }).LOG_LEVEL);
+    return handle(request, this.env, this.ctx);
+  }
+
+  execute(request: unknown): Promise<RpcResult<ExecuteResponse>> {
+    return rpc(async () => {
+      const out = await startExecution(this.env, request, "https://orchestrator-v2.internal");
+      return { status: out.status, data: out.body };
+    });
+  }
+
+  getStatus(id: string): Promise<RpcResult<StatusDocument>> {
+    return rpc(async () => ({ status: 200, data: await getStatus(this.env, id) }));
+  }
+
+  getResult(id: string): Promise<RpcResult<ResultDocument>> {
+    return rpc(async () => ({ status: 200, data: await getResult(this.env, id) }));
+  }
+
+  cancel(id: string): Promise<RpcResult<StatusDocument>> {
+    return rpc(async () => ({ status: 200, data: await cancelExecution(this.env, id) }));
+  }
+}

@@ -1,0 +1,108 @@
+import { type IRequest, Router } from "itty-router";
+import { z } from "zod";
+import { PoolName } from "../schemas/common";
+import { PoolSpec } from "../schemas/ledger";
+import { requireRole } from "./auth";
+import { configOf } from "./config";
+import {
+  cancelExecution,
+  getResult,
+  getStatus,
+  isCallbackKind,
+  startExecution,
+  workerCallback,
+} from "./execution-service";
+import { ApiError, errorResponse, json, parseWith, readJson } from "./http";
+import { ledgerFor } from "./ledger-routing";
+import { log } from "./log";
+
+/**
+ * The front Worker's HTTP API (docs/protocol.md). Handlers stay thin: auth,
+ * parse, call the service or the right object, answer JSON. Every error is
+ * `{ error: { code, message, details? } }`; nothing leaks a stack or a secret.
+ */
+type Args = [env: Env, ctx: ExecutionContext];
+
+/** Method and path pattern of every route, for 405 answers and the OpenAPI check. */
+export const ROUTES: { method: string; path: string }[] = [];
+
+const router = Router<IRequest, Args>({
+  catch: (err: unknown) => {
+    if (err instanceof ApiError) return errorResponse(err);
+    log("error", "unhandled_error", { error: err instanceof Error ? err.message : String(err) });
+    return errorResponse(new ApiError(500, "internal_error", "internal error"));
+  },
+});
+
+function route(method: "get" | "post" | "put", path: string, handler: (req: IRequest, env: Env, ctx: ExecutionContext) => Promise<Response> | Response) {
+  ROUTES.push({ method: method.toUpperCase(), path });
+  router[method](path, handler);
+}
+
+const origin = (req: IRequest) => new URL(req.url).origin;
+
+route("get", "/health", () => json({ status: "ok", service: "orchestrator-v2", time: new Date().toISOString() }));
+
+route("post", "/execute", async (req, env) => {
+  requireRole(req, env, ["kam"]);
+  const body = await readJson(req, z.unknown(), configOf(env).tuning.maxBodyBytes);
+  const out = await startExecution(env, body, origin(req));
+  return json(out.body, out.status);
+});
+
+route("get", "/executions/:id", async (req, env) => {
+  requireRole(req, env, ["kam", "ops"]);
+  return json(await getStatus(env, req.params.id));
+});
+
+route("get", "/executions/:id/result", async (req, env) => {
+  requireRole(req, env, ["kam", "ops"]);
+  return json(await getResult(env, req.params.id));
+});
+
+route("post", "/executions/:id/cancel", async (req, env) => {
+  requireRole(req, env, ["kam", "ops"]);
+  return json(await cancelExecution(env, req.params.id));
+});
+
+route("post", "/executions/:id/stages/:stageId/:kind", async (req, env) => {
+  const { id, stageId, kind } = req.params;
+  if (!isCallbackKind(kind)) throw new ApiError(404, "not_found", `no callback named ${kind}`);
+  const answer = await workerCallback(env, req, id, stageId, kind, () =>
+    readJson(req, z.unknown(), configOf(env).tuning.maxCallbackBodyBytes),
+  );
+  return json(answer.body, answer.status);
+});
+
+route("get", "/resources", async (req, env) => {
+  requireRole(req, env, ["ops"]);
+  return json(await ledgerFor(env).snapshot());
+});
+
+route("put", "/resources/pools/:name", async (req, env) => {
+  requireRole(req, env, ["ops"]);
+  const name = parseWith(PoolName, decodeURIComponent(req.params.name), "pool name");
+  const spec = await readJson(req, PoolSpec, configOf(env).tuning.maxBodyBytes);
+  return json(await ledgerFor(env, name).putPool(name, spec));
+});
+
+/** A known path with another method is 405 (with Allow); anything else 404. */
+router.all("*", (req) => {
+  const path = new URL(req.url).pathname;
+  const allowed = ROUTES.filter((r) => matches(r.path, path)).map((r) => r.method);
+  if (allowed.length) {
+    const res = errorResponse(new ApiError(405, "method_not_allowed", `use ${allowed.join(" or ")} for ${path}`));
+    res.headers.set("allow", allowed.join(", "));
+    return res;
+  }
+  return errorResponse(new ApiError(404, "not_found", `no route for ${req.method} ${path}`));
+});
+
+function matches(pattern: string, path: string): boolean {
+  const re = new RegExp(`^${pattern.replace(/:[^/]+/g, "[^/]+")}/?$`);
+  return re.test(path);
+}
+
+export function handle(request: Request, env: Env, ctx: ExecutionContext): Promise<Response> {
+  return router.fetch(request, env, ctx);
+}

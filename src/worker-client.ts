@@ -1,0 +1,65 @@
+import { z } from "zod";
+import {
+  type CancelRequest,
+  type HandshakeRequest,
+  HandshakeResponse,
+  type ProcessRequest,
+  ProgressResponse,
+} from "../schemas/worker-protocol";
+import { configOf } from "./config";
+import { type CallResult, callJson } from "./outbound";
+
+/**
+ * The stage worker protocol client: handshake, process, progress, cancel.
+ * Calls go through the worker's service binding (named in WORKER_BINDINGS)
+ * with `Authorization: Bearer <WORKER_SECRET>` and a timeout each.
+ */
+export class WorkerClient {
+  private readonly base: string;
+  constructor(
+    private readonly fetcher: Fetcher,
+    private readonly secret: string,
+    private readonly timeoutMs: number,
+    readonly worker: string,
+  ) {
+    this.base = `https://${worker}.internal`;
+  }
+
+  /** The client for a worker name, or null when no binding serves it (`worker_not_bound`). */
+  static for(env: Env, worker: string): WorkerClient | null {
+    const config = configOf(env);
+    const bindingName = config.workerBindings[worker];
+    const fetcher = bindingName ? (env as unknown as Record<string, Fetcher | undefined>)[bindingName] : undefined;
+    if (!fetcher || typeof fetcher.fetch !== "function") return null;
+    return new WorkerClient(fetcher, env.WORKER_SECRET, config.tuning.workerCallTimeoutMs, worker);
+  }
+
+  private call<S extends z.ZodType>(method: "GET" | "POST", path: string, schema: S, body?: unknown): Promise<CallResult<z.output<S>>> {
+    return callJson({
+      fetcher: this.fetcher,
+      url: this.base + path,
+      method,
+      body,
+      schema,
+      timeoutMs: this.timeoutMs,
+      headers: { authorization: `Bearer ${this.secret}` },
+      peer: "worker",
+    });
+  }
+
+  handshake(body: HandshakeRequest) {
+    return this.call("POST", "/api/handshake", HandshakeResponse, body);
+  }
+
+  process(body: ProcessRequest) {
+    return this.call("POST", "/api/process", z.unknown(), body);
+  }
+
+  progress(executionId: string, stageId: string) {
+    return this.call("GET", `/api/progress/${encodeURIComponent(executionId)}?stageId=${encodeURIComponent(stageId)}`, ProgressResponse);
+  }
+
+  cancel(body: CancelRequest) {
+    return this.call("POST", "/api/cancel", z.unknown(), body);
+  }
+}
