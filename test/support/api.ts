@@ -1,0 +1,62 @@
+import { env, exports } from "cloudflare:workers";
+import type { StatusDocument } from "../../schemas/api";
+import { TEST_SECRETS } from "./constants";
+
+/** Test helpers that talk to the orchestrator the way KAM and operators do: over its fetch handler. */
+export const KAM = { authorization: `Bearer ${TEST_SECRETS.KAM_TOKEN}` };
+export const OPS = { authorization: `Bearer ${TEST_SECRETS.OPS_TOKEN}` };
+export const JSON_HEADERS = { "content-type": "application/json" };
+
+export function call(path: string, init: RequestInit = {}): Promise<Response> {
+  return (exports as unknown as { default: Fetcher }).default.fetch(`http://orchestrator.test${path}`, init);
+}
+
+export async function startExecution(body: Record<string, unknown>, headers: Record<string, string> = KAM) {
+  const res = await call("/execute", { method: "POST", headers: { ...headers, ...JSON_HEADERS }, body: JSON.stringify(body) });
+  return { res, body: (await res.json()) as Record<string, any> };
+}
+
+export async function status(id: string): Promise<StatusDocument> {
+  const res = await call(`/executions/${id}`, { headers: OPS });
+  if (res.status !== 200) throw new Error(`status ${res.status}: ${await res.text()}`);
+  return res.json();
+}
+
+/**
+ * Waits for a condition on the status document, reading it until the deadline.
+ * The execution advances on its own (worker callbacks, alarms); this only observes.
+ */
+export async function waitFor(id: string, done: (d: StatusDocument) => boolean, timeoutMs = 20_000): Promise<StatusDocument> {
+  const deadline = Date.now() + timeoutMs;
+  let last: StatusDocument | null = null;
+  while (Date.now() < deadline) {
+    last = await status(id);
+    if (done(last)) return last;
+    await scheduler.wait(25);
+  }
+  throw new Error(`condition not reached within ${timeoutMs} ms; last status: ${JSON.stringify(last, null, 1)}`);
+}
+
+export const ended = (d: StatusDocument) => d.status === "completed" || d.status === "failed" || d.status === "cancelled";
+
+export function executionStub(id: string) {
+  return env.EXECUTION.get(env.EXECUTION.idFromName(id));
+}
+
+export interface Snapshot {
+  pools: { name: string; kind: string; capacity: number; in_use: number; available: number; waiting: number }[];
+  leases: number;
+  waiters: number;
+}
+
+/** Reads the ledger snapshot (as an operator) until the condition holds or the deadline passes. */
+export async function waitForLedger(done: (s: Snapshot) => boolean, timeoutMs = 10_000): Promise<Snapshot> {
+  const deadline = Date.now() + timeoutMs;
+  let last: Snapshot | null = null;
+  while (Date.now() < deadline) {
+    last = (await (await call("/resources", { headers: OPS })).json()) as Snapshot;
+    if (done(last)) return last;
+    await scheduler.wait(25);
+  }
+  throw new Error(`ledger condition not reached within ${timeoutMs} ms; last: ${JSON.stringify(last)}`);
+}
