@@ -1,0 +1,41 @@
+import { TEMPLATES } from "./templates";
+
+/**
+ * Local stand-in for KAM (bitware-key-account-manager): serves master templates
+ * to the orchestrator over its KAM service binding. Read-only, no state.
+ */
+
+function json(status: number, body: unknown): Response {
+  return Response.json(body, { status });
+}
+
+function error(status: number, code: string, message: string): Response {
+  return json(status, { error: { code, message } });
+}
+
+const TEMPLATE_PATH = /^\/api\/master-templates\/([^/]+)$/;
+
+export default {
+  async fetch(request: Request): Promise<Response> {
+    const url = new URL(request.url);
+    if (request.method !== "GET") {
+      const res = error(405, "method_not_allowed", `${request.method} is not supported`);
+      res.headers.set("allow", "GET");
+      return res;
+    }
+    if (url.pathname === "/health") return json(200, { status: "ok" });
+
+    const match = TEMPLATE_PATH.exec(url.pathname);
+    if (!match) return error(404, "not_found", `no route for ${url.pathname}`);
+
+    let name: string;
+    try {
+      name = decodeURIComponent(match[1]);
+    } catch {
+      return error(400, "bad_request", "template name is not valid URL encoding");
+    }
+    const template = TEMPLATES.get(name);
+    if (!template) return error(404, "not_found", `template '${name}' does not exist`);
+    return json(200, template);
+  },
+} satisfies ExportedHandler;

@@ -1,0 +1,45 @@
+import type { TemplateStage } from "../../schemas/template";
+
+/**
+ * The master templates this KAM stand-in serves. `pipeline_stages` is stored the
+ * way real KAM returns it: a JSON string. `array_stages` returns an array and
+ * `broken_template` a malformed string, so the orchestrator's parsing of both
+ * shapes (and its refusal of bad ones) is exercised for real.
+ */
+export interface StoredTemplate {
+  template_id: string;
+  template_name: string;
+  pipeline_stages: string | unknown[];
+}
+
+const GRANULATOR = "bitware-content-granulator";
+
+const courseStages: TemplateStage[] = [
+  { stage: 1, worker: GRANULATOR, template_ref: "course_v1", action: "outline", resources: { "tokens:openai": 2000 } },
+  { stage: 2, worker: GRANULATOR, template_ref: "course_v1", action: "chapters" },
+  { stage: 3, worker: GRANULATOR, template_ref: "course_v1", action: "summary" },
+];
+
+const list: StoredTemplate[] = [
+  { template_id: "mt_course_001", template_name: "course_creation", pipeline_stages: JSON.stringify(courseStages) },
+  {
+    template_id: "mt_quick_001",
+    template_name: "quick_summary",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRANULATOR, template_ref: "quick_v1", action: "summary" },
+    ] satisfies TemplateStage[]),
+  },
+  { template_id: "mt_array_001", template_name: "array_stages", pipeline_stages: courseStages },
+  {
+    template_id: "mt_unbound_001",
+    template_name: "unbound_worker",
+    // No service binding exists for this worker: the orchestrator must fail with `worker_not_bound`.
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: "bitware-not-deployed", template_ref: "unbound_v1", action: "summary" },
+    ] satisfies TemplateStage[]),
+  },
+  // Valid JSON, invalid stages (no worker, no template_ref).
+  { template_id: "mt_broken_001", template_name: "broken_template", pipeline_stages: '[{"stage": "one"}]' },
+];
+
+export const TEMPLATES: ReadonlyMap<string, StoredTemplate> = new Map(list.map((t) => [t.template_name, t]));
