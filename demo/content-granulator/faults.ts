@@ -1,0 +1,140 @@
+import { z } from "zod";
+import type { Reply } from "./job";
+import { intParam, largeOutput, type Piece } from "./work";
+
+/**
+ * Fault injection for the orchestrator's tests, chosen per execution by
+ * `inputData.parameters.fault = { stage?, mode, times? }`. Every decision the job
+ * object takes that a fault can change goes through one function here, so the
+ * job's own flow reads as the healthy path.
+ */
+
+export const FAULT_MODES = [
+  "refuse",
+  "refuse_retryable",
+  "process_500_once",
+  "crash",
+  "hang",
+  "malformed",
+  "double_callback",
+  "wrong_token",
+  "progress_backwards",
+  "fail",
+  "fail_retryable_once",
+  "large_output",
+] as const;
+export type FaultMode = (typeof FAULT_MODES)[number];
+
+const FaultSpec = z.object({
+  /** Only the stage whose id is `stage_{stage}`; every stage when absent. */
+  stage: z.number().int().min(1).max(999).optional(),
+  mode: z.enum(FAULT_MODES),
+  times: z.number().int().min(1).max(100).optional(),
+});
+
+export interface Fault {
+  mode: FaultMode;
+  times: number;
+}
+
+/**
+ * Counters kept per stage across attempts (a new attempt replaces the job but
+ * not these), so "the first N times" holds however the orchestrator numbers
+ * its attempts.
+ */
+export const COUNTERS = { refused: "refused", processCalls: "process_calls", failures: "failures" } as const;
+
+const LARGE_OUTPUT_DEFAULT = 2 * 1024 * 1024;
+// Output travels back over RPC and in one response: stay well under their limits.
+const LARGE_OUTPUT_MAX = 16 * 1024 * 1024;
+
+/** The fault for this stage, none, or why the spec is unusable (the handshake refuses it). */
+export function faultFor(
+  parameters: Record<string, unknown>,
+  stageId: string,
+): { fault: Fault | null } | { error: string } {
+  if (parameters.fault === undefined || parameters.fault === null) return { fault: null };
+  const spec = FaultSpec.safeParse(parameters.fault);
+  if (!spec.success) {
+    return { error: `invalid parameters.fault: ${spec.error.issues.map((i) => `${i.path.join(".")} ${i.message}`).join("; ")}` };
+  }
+  if (spec.data.stage !== undefined && stageId !== `stage_${spec.data.stage}`) return { fault: null };
+  return { fault: { mode: spec.data.mode, times: spec.data.times ?? 1 } };
+}
+
+/** Whether to refuse the handshake. `refusedSoFar` counts this stage's earlier refusals. */
+export function handshakeRefusal(fault: Fault | null, refusedSoFar: number): { reason: string; retryable: boolean } | null {
+  if (fault?.mode === "refuse") return { reason: "refused (fault injected)", retryable: false };
+  if (fault?.mode === "refuse_retryable" && refusedSoFar < fault.times) {
+    return { reason: `busy, try again (fault injected, refusal ${refusedSoFar + 1} of ${fault.times})`, retryable: true };
+  }
+  return null;
+}
+
+/** `process_500_once`: the stage's very first process call answers 500. */
+export function processCallFails(fault: Fault | null, callsSoFar: number): boolean {
+  return fault?.mode === "process_500_once" && callsSoFar === 0;
+}
+
+/** Stalled modes accept and "process" but never step, progress or call back. */
+export function runsSteps(fault: Fault | null): boolean {
+  return !(fault?.mode === "crash" || fault?.mode === "hang" || fault?.mode === "malformed");
+}
+
+/** What a progress poll gets from a stalled job instead of its real state. */
+export function stalledProgress(fault: Fault | null): Reply | null {
+  switch (fault?.mode) {
+    case "crash":
+      return { status: 500, body: { error: { code: "internal_error", message: "worker crashed (fault injected)" } } };
+    case "malformed":
+      return { status: 200, text: "not json{" };
+    case "hang":
+      return { status: 200, body: { status: "processing", progress: 0, message: "working" } };
+    default:
+      return null;
+  }
+}
+
+/** `progress_backwards` needs exactly two progress steps before the last. */
+export function stepCount(fault: Fault | null, requested: number): number {
+  return fault?.mode === "progress_backwards" ? 3 : requested;
+}
+
+/** Progress after `step` of `steps`: step/steps*100, or 60 then 30 for `progress_backwards`. */
+export function progressAt(fault: Fault | null, step: number, steps: number): number {
+  if (fault?.mode === "progress_backwards" && step < steps) return step === 1 ? 60 : 30;
+  return Math.round((step / steps) * 1000) / 10;
+}
+
+/** `large_output` replaces the action's output with `parameters.output_bytes` bytes (inline). */
+export function faultOutput(fault: Fault | null, parameters: Record<string, unknown>): Piece | null {
+  if (fault?.mode !== "large_output") return null;
+  return largeOutput(intParam(parameters.output_bytes, LARGE_OUTPUT_DEFAULT, 1, LARGE_OUTPUT_MAX));
+}
+
+export type Outcome =
+  | { kind: "complete" }
+  | { kind: "fail"; code: string; message: string; retryable: boolean };
+
+/** How the work ends. `failuresSoFar` counts this stage's earlier failed attempts. */
+export function outcomeOf(fault: Fault | null, failuresSoFar: number): Outcome {
+  if (fault?.mode === "fail") {
+    return { kind: "fail", code: "granulation_failed", message: "granulation failed (fault injected)", retryable: false };
+  }
+  if (fault?.mode === "fail_retryable_once" && failuresSoFar === 0) {
+    return { kind: "fail", code: "granulation_failed", message: "transient granulation failure (fault injected)", retryable: true };
+  }
+  return { kind: "complete" };
+}
+
+/** The complete callbacks to send, in order; `forged` ones carry an altered token. */
+export function completeCallbacks(fault: Fault | null): { forged: boolean }[] {
+  if (fault?.mode === "double_callback") return [{ forged: false }, { forged: false }];
+  if (fault?.mode === "wrong_token") return [{ forged: true }, { forged: false }];
+  return [{ forged: false }];
+}
+
+/** A token that looks valid but is not: same length, last character changed. */
+export function forgeToken(token: string): string {
+  return token.slice(0, -1) + (token.endsWith("x") ? "y" : "x");
+}
