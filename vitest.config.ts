@@ -35,7 +35,11 @@ export default defineConfig({
                   scriptPath: "./dist/test-workers/content-granulator/index.js",
                   compatibilityDate,
                   bindings: { WORKER_SECRET: TEST_SECRETS.WORKER_SECRET },
-                  durableObjects: { JOBS: "GranulatorJob", STATS: "GranulatorStats" },
+                  // The short form would give key-value storage; the demo's objects use SQLite.
+                  durableObjects: {
+                    JOBS: { className: "GranulatorJob", useSQLite: true },
+                    STATS: { className: "GranulatorStats", useSQLite: true },
+                  },
                   serviceBindings: { ORCHESTRATOR: "orchestrator-v2" },
                 },
               ],

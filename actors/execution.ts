@@ -170,7 +170,7 @@ type TimerName = "advance" | "poll" | "deadline" | "lease" | "reask" | "retry" |
 type OutboxItem =
   | { kind: "ledger_settle"; reservationId: string; usage: Record<string, number>; durationMs: number }
   | { kind: "ledger_release"; reservationId: string }
-  | { kind: "worker_cancel"; worker: string; stageId: string };
+  | { kind: "worker_cancel"; worker: string; stageId: string; attempt: number };
 
 const ISO = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
 const parse = <T>(text: string | null): T | null => (text === null ? null : (JSON.parse(text) as T));
@@ -244,7 +244,7 @@ export class Execution extends DurableObject<Env> {
     const now = Date.now();
     for (const st of this.stages()) {
       if (isTerminalStage(st.status)) continue;
-      if (isOnWorker(st.status)) this.enqueue({ kind: "worker_cancel", worker: st.worker, stageId: st.stage_id }, now);
+      if (isOnWorker(st.status)) this.enqueue({ kind: "worker_cancel", worker: st.worker, stageId: st.stage_id, attempt: st.attempt }, now);
       this.releaseReservation(st, now);
       this.moveStage(st, "cancelled", now, { error: { code: "cancelled", message: "the execution was cancelled" } });
     }
@@ -349,7 +349,7 @@ export class Execution extends DurableObject<Env> {
       const now = Date.now();
       for (const st of this.stages()) {
         if (isTerminalStage(st.status)) continue;
-        if (isOnWorker(st.status)) this.enqueue({ kind: "worker_cancel", worker: st.worker, stageId: st.stage_id }, now);
+        if (isOnWorker(st.status)) this.enqueue({ kind: "worker_cancel", worker: st.worker, stageId: st.stage_id, attempt: st.attempt }, now);
         this.releaseReservation(st, now);
         this.moveStage(st, "failed", now, { error: { code: "internal_error", message } });
       }
@@ -495,7 +495,7 @@ export class Execution extends DurableObject<Env> {
       this.failAttempt(st, { code: "handshake_refused", message: `worker refused the stage: ${reason}`, retryable: hs.value.retryable ?? false }, Date.now());
       return true;
     }
-    const pr = await client.process({ executionId: ex.execution_id, stageId: st.stage_id });
+    const pr = await client.process({ executionId: ex.execution_id, stageId: st.stage_id, attempt: st.attempt });
     this.logCall("worker_process", st, pr.ms, pr.ok ? "ok" : pr.error.code);
     // A fast worker may have called back `complete` before process() answered: then we are done here.
     if (!this.stillAt(st, "handshaking")) return true;
@@ -678,7 +678,7 @@ export class Execution extends DurableObject<Env> {
       this.releaseReservation(st, now);
     }
     if (isOnWorker(st.status) && failure.code === "stage_timeout") {
-      this.enqueue({ kind: "worker_cancel", worker: st.worker, stageId: st.stage_id }, now);
+      this.enqueue({ kind: "worker_cancel", worker: st.worker, stageId: st.stage_id, attempt: st.attempt }, now);
     }
     const info: ErrorInfo = { code: failure.code, message: failure.message, stage_id: st.stage_id };
     this.sql`UPDATE stages SET last_error = ${JSON.stringify({ ...info, attempt: st.attempt })}, usage = ${JSON.stringify(addUsage(parse(st.usage), usage))},
@@ -794,7 +794,7 @@ export class Execution extends DurableObject<Env> {
       case "worker_cancel": {
         const client = WorkerClient.for(this.env, item.worker);
         if (!client) return true;
-        const r = await client.cancel({ executionId: this.row()!.execution_id, stageId: item.stageId });
+        const r = await client.cancel({ executionId: this.row()!.execution_id, stageId: item.stageId, attempt: item.attempt });
         // Best effort: a worker that no longer knows the stage is as good as cancelled.
         return r.ok || !r.error.retryable;
       }

@@ -42,10 +42,11 @@ export const HandshakeResponse = z.object({
 });
 export type HandshakeResponse = z.infer<typeof HandshakeResponse>;
 
-export const ProcessRequest = z.object({ executionId: ExecutionId, stageId: StageId });
+/** `attempt` lets a worker ignore a late process or cancel meant for an earlier attempt. */
+export const ProcessRequest = z.object({ executionId: ExecutionId, stageId: StageId, attempt: z.number().int().min(1).optional() });
 export type ProcessRequest = z.infer<typeof ProcessRequest>;
 
-export const CancelRequest = z.object({ executionId: ExecutionId, stageId: StageId });
+export const CancelRequest = z.object({ executionId: ExecutionId, stageId: StageId, attempt: z.number().int().min(1).optional() });
 export type CancelRequest = z.infer<typeof CancelRequest>;
 
 export const ProgressResponse = z.object({
