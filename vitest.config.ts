@@ -1,6 +1,6 @@
 import { cloudflareTest } from "@cloudflare/vitest-plugin";
 import { defineConfig } from "vitest/config";
-import { TEST_SECRETS, TEST_TUNING } from "./test/support/constants";
+import { TEST_SECRETS, TEST_TUNING } from "./test/support/constants.ts";
 
 const compatibilityDate = "2026-11-01";
 
@@ -21,7 +21,7 @@ export default defineConfig({
           cloudflareTest({
             wrangler: { configPath: "./wrangler.toml" },
             miniflare: {
-              bindings: { ...TEST_SECRETS, TUNING: JSON.stringify(TEST_TUNING) },
+              bindings: { ...TEST_SECRETS, TUNING: JSON.stringify(TEST_TUNING), LOG_LEVEL: "error" },
               workers: [
                 {
                   name: "bitware-key-account-manager",
@@ -40,7 +40,9 @@ export default defineConfig({
                     JOBS: { className: "GranulatorJob", useSQLite: true },
                     STATS: { className: "GranulatorStats", useSQLite: true },
                   },
-                  serviceBindings: { ORCHESTRATOR: "orchestrator-v2" },
+                  // The worker under test runs as the plugin's runner, named after the
+                  // project; callbacks reach the orchestrator's fetch through it.
+                  serviceBindings: { ORCHESTRATOR: "vitest-plugin-runner-workers" },
                 },
               ],
             },

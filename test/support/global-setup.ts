@@ -14,8 +14,9 @@ export default function setup(): void {
         "scripts/wrangler.mjs",
         "deploy",
         "--dry-run",
+        // Absolute: wrangler resolves a relative --outdir against the config's folder.
         "--outdir",
-        `dist/test-workers/${name}`,
+        path.join(root, `dist/test-workers/${name}`),
         "-c",
         `demo/${name}/wrangler.toml`,
       ],
