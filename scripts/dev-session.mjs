@@ -25,7 +25,10 @@ export async function freePort() {
 }
 
 /**
- * @param {{ configs?: string[], port?: number, vars?: Record<string,string>, envFile?: string, quiet?: boolean, persistTo?: string, readyTimeoutMs?: number }} [opts]
+ * Secrets: wrangler gives the first worker the `--env-file` (so a developer's
+ * .dev.vars is not used) and the others `process.env` (their configs list the
+ * secrets they require), so both carry the same values.
+ * @param {{ configs?: string[], port?: number, vars?: Record<string,string>, secrets?: Record<string,string>, quiet?: boolean, persistTo?: string, readyTimeoutMs?: number }} [opts]
  * @returns {Promise<{ url: string, port: number, pid: number, logs: () => string, stop: () => Promise<void> }>}
  */
 export async function startDevSession(opts = {}) {
@@ -34,7 +37,7 @@ export async function startDevSession(opts = {}) {
   const inspectorPort = await freePort();
   const args = ["scripts/wrangler.mjs", "dev", "--ip", "127.0.0.1", "--port", String(port), "--inspector-port", String(inspectorPort), "--show-interactive-dev-session=false", "--log-level", opts.quiet === false ? "log" : "warn"];
   for (const c of configs) args.push("-c", c);
-  if (opts.envFile) args.push("--env-file", opts.envFile);
+  if (opts.secrets) args.push("--env-file", writeEnvFile(opts.secrets));
   if (opts.persistTo) args.push("--persist-to", opts.persistTo);
   for (const [k, v] of Object.entries(opts.vars ?? {})) args.push("--var", `${k}:${v}`);
   let out = "";
@@ -42,7 +45,7 @@ export async function startDevSession(opts = {}) {
     cwd: ROOT,
     detached: true,
     stdio: ["ignore", "pipe", "pipe"],
-    env: { ...process.env, WRANGLER_SEND_METRICS: "false", CI: "true", NO_COLOR: "1" },
+    env: { ...process.env, ...opts.secrets, WRANGLER_SEND_METRICS: "false", CI: "true", NO_COLOR: "1" },
   });
   const keep = (d) => {
     out += d.toString();

@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { startDevSession, writeEnvFile } from "../../scripts/dev-session.mjs";
+import { startDevSession } from "../../scripts/dev-session.mjs";
 import { TEST_SECRETS } from "../support/constants";
 
 /**
@@ -10,7 +10,7 @@ let session: Awaited<ReturnType<typeof startDevSession>>;
 const KAM = { authorization: `Bearer ${TEST_SECRETS.KAM_TOKEN}`, "content-type": "application/json" };
 
 beforeAll(async () => {
-  session = await startDevSession({ envFile: writeEnvFile(TEST_SECRETS) });
+  session = await startDevSession({ secrets: TEST_SECRETS });
 });
 afterAll(async () => {
   await session?.stop();
@@ -40,7 +40,7 @@ describe("wrangler dev session (orchestrator + demo KAM + demo granulator)", () 
     });
     expect(res.status).toBe(202);
     const doc = await waitEnded(body.execution_id);
-    expect(doc.status).toBe("completed");
+    expect(doc.status, JSON.stringify(doc.error)).toBe("completed");
     expect(doc.stages).toHaveLength(3);
     for (const s of doc.stages) {
       expect(s.status).toBe("completed");

@@ -28,7 +28,7 @@ async function runSeed(seed: number, operations: number) {
   for (const w of ["a", "b", "c"]) await ledger.putPool(`worker:${w}`, { kind: "concurrency", capacity: 2 });
 
   /** What this test asked for, to pick targets; the invariant never reads it. */
-  const live = new Map<string, { request: ReserveRequest; needs?: Record<string, number> }>();
+  const live = new Map<string, { request: ReserveRequest }>();
   let done = 0;
   let counts = { granted: 0, waiting: 0, refused: 0, settled: 0, released: 0, expired: 0 };
 
@@ -50,7 +50,7 @@ async function runSeed(seed: number, operations: number) {
   const noteReserve = (request: ReserveRequest, r: ReserveResult) => {
     counts[r.status]++;
     if (r.status === "refused") return;
-    live.set(r.reservationId, { request, needs: r.status === "granted" ? r.requirements : request.requirements });
+    live.set(r.reservationId, { request });
   };
   const usageFor = (needs: Record<string, number> | undefined) => {
     const usage: Record<string, number> = {};
@@ -66,30 +66,31 @@ async function runSeed(seed: number, operations: number) {
   const op = async (): Promise<void> => {
     const r = rnd();
     const ids = [...live.keys()];
-    if (r < 0.4 || ids.length === 0) {
+    if (r < 0.35 || ids.length === 0) {
       const request = newRequest();
       noteReserve(request, await ledger.reserve(request));
       return;
     }
+    if (r < 0.7) {
+      // Settle one of the oldest (most likely granted by now), as an Execution would after its stage ran.
+      const rid = pick(ids.slice(0, 16));
+      const s = await ledger.status(rid);
+      const res = await ledger.settle(rid, usageFor(s.requirements), int(0, 10_000));
+      ended(rid, res.state);
+      return;
+    }
     const rid = pick(ids);
     const entry = live.get(rid)!;
-    if (r < 0.65) {
-      const res = await ledger.settle(rid, usageFor(entry.needs), int(0, 10_000));
-      ended(rid, res.state);
-    } else if (r < 0.8) {
+    if (r < 0.8) {
       ended(rid, (await ledger.release(rid)).state);
     } else if (r < 0.85) {
-      const res = await ledger.renew(rid, int(1, 8) * MIN);
-      ended(rid, res.state);
+      ended(rid, (await ledger.renew(rid, int(1, 8) * MIN)).state);
     } else if (r < 0.93) {
-      const s = await ledger.status(rid);
-      if (s.state === "granted" && live.has(rid)) live.get(rid)!.needs = s.requirements;
-      ended(rid, s.state);
+      ended(rid, (await ledger.status(rid)).state);
     } else {
       // A repeated reserve (e.g. an Execution retrying) under concurrency.
       try {
-        const again = await ledger.reserve(entry.request);
-        if (again.status === "granted" && live.has(rid)) live.get(rid)!.needs = again.requirements;
+        await ledger.reserve(entry.request);
       } catch (err) {
         expect(String(err)).toMatch(/reservation_ended/);
         ended(rid, "expired");
@@ -115,10 +116,7 @@ async function runSeed(seed: number, operations: number) {
     }
     await expectWithinCapacity(ledger);
   }
-  console.log("counts", seed, JSON.stringify(counts), batches, live.size);
-  expect(counts.granted).toBeGreaterThan(100);
   expect(counts.waiting).toBeGreaterThan(100);
-  expect(counts.expired).toBeGreaterThan(10);
 
   // Drain: settle whatever the ledger itself says is granted until nothing is left.
   for (let round = 0; round < 500; round++) {
@@ -158,6 +156,19 @@ async function runSeed(seed: number, operations: number) {
     }
   }
   expect(recordedUsd).toBeGreaterThan(0);
+  // The run exercised what it claims to: grants (most of them from the queue), settles, releases, expiries.
+  const ever = await runInDurableObject(ledger, (_i, state) =>
+    state.storage.sql
+      .exec<{ granted: number; settled: number; released: number; expired: number }>(
+        `SELECT SUM(granted_at IS NOT NULL) AS granted, SUM(state = 'settled') AS settled,
+                SUM(state = 'released') AS released, SUM(state = 'expired') AS expired FROM reservations`,
+      )
+      .one(),
+  );
+  expect(ever.granted).toBeGreaterThan(counts.granted + 300);
+  expect(ever.settled).toBeGreaterThan(300);
+  expect(ever.released).toBeGreaterThan(50);
+  expect(ever.expired).toBeGreaterThan(10);
   const refilled = await ledger.putPool("usd", { kind: "budget", capacity: 100_000, refill: true });
   expect(refilled).toMatchObject({ in_use: 0, consumed: 0, available: 100_000 });
   return { counts, batches };
@@ -167,7 +178,7 @@ describe("safety under concurrency", () => {
   for (const seed of [1, 2]) {
     it(`seed ${seed}: no pool ever over capacity; everything back to full at the end`, async () => {
       const { counts } = await runSeed(seed, 2_500);
-      expect(counts.settled + counts.released).toBeGreaterThan(300);
+      expect(counts.settled + counts.released + counts.expired).toBeGreaterThan(300);
     }, 180_000);
   }
 });
