@@ -1,12 +1,14 @@
 import { DurableObject } from "cloudflare:workers";
 import type { ExecutionStatus, StageDocument, StageStatus, StatusDocument } from "../schemas/api";
 import type { ErrorInfo, Priority } from "../schemas/common";
+import type { DataReference } from "../schemas/data";
 import type { GrantNotice, ReserveResult } from "../schemas/ledger";
 import type { MasterTemplate } from "../schemas/template";
 import type { CompleteCallback, FailCallback, ProgressCallback, ProgressResponse } from "../schemas/worker-protocol";
 import { issueCallbackToken } from "../src/auth";
 import { type Config, configOf } from "../src/config";
 import { addUsage, costOf } from "../src/cost";
+import { DATA_LIMITS, deleteExecutionData, putBytes, verifyStored } from "../src/data-store";
 import { stageIdFor } from "../src/ids";
 import { ledgerFor } from "../src/ledger-routing";
 import { log, setLogLevel } from "../src/log";
@@ -66,7 +68,9 @@ interface ExecutionRow {
   error: string | null;
   cost: string | null;
   output: string | null;
+  output_ref: string | null;
   alarm_failures: number;
+  data_expired_at: number | null;
 }
 
 interface StageRow {
@@ -100,8 +104,12 @@ interface StageRow {
   last_error: string | null;
   usage: string | null;
   output: string | null;
+  output_ref: string | null;
   complete_hash: string | null;
 }
+
+/** A stage's output as stored: small JSON inline in the row, anything larger as a data reference. */
+type StoredOutput = { inline: string; ref: null } | { inline: null; ref: DataReference };
 
 export interface StartInput {
   execution_id: string;
@@ -124,7 +132,8 @@ export interface StartResult {
 export type ResultState =
   | { state: "missing" }
   | { state: "not_completed"; status: ExecutionStatus }
-  | { state: "completed"; output: unknown; cost: StatusDocument["cost"] };
+  | { state: "expired"; at: number }
+  | { state: "completed"; output: unknown; outputRef: DataReference | null; cost: StatusDocument["cost"] };
 export type CancelState =
   | { state: "missing" }
   | { state: "already_terminal"; status: StatusDocument }
@@ -143,8 +152,8 @@ CREATE TABLE IF NOT EXISTS execution (
   request_id TEXT, request_hash TEXT, priority TEXT NOT NULL, parameters TEXT NOT NULL,
   status TEXT NOT NULL, created_at INTEGER NOT NULL, started_at INTEGER, completed_at INTEGER,
   estimated_completion_at INTEGER, template_id TEXT, template_source TEXT,
-  template_attempts INTEGER NOT NULL DEFAULT 0, error TEXT, cost TEXT, output TEXT,
-  alarm_failures INTEGER NOT NULL DEFAULT 0
+  template_attempts INTEGER NOT NULL DEFAULT 0, error TEXT, cost TEXT, output TEXT, output_ref TEXT,
+  alarm_failures INTEGER NOT NULL DEFAULT 0, data_expired_at INTEGER
 );
 CREATE TABLE IF NOT EXISTS stages (
   stage_id TEXT PRIMARY KEY, ord INTEGER NOT NULL UNIQUE, worker TEXT NOT NULL,
@@ -155,7 +164,11 @@ CREATE TABLE IF NOT EXISTS stages (
   started_at INTEGER, completed_at INTEGER, waiting_since INTEGER, waiting_ms INTEGER NOT NULL DEFAULT 0,
   processing_since INTEGER, processing_ms INTEGER NOT NULL DEFAULT 0, deadline_at INTEGER,
   poll_interval_ms INTEGER, poll_failures INTEGER NOT NULL DEFAULT 0, error TEXT, last_error TEXT,
-  usage TEXT, output TEXT, complete_hash TEXT
+  usage TEXT, output TEXT, output_ref TEXT, complete_hash TEXT
+);
+CREATE TABLE IF NOT EXISTS data_objects (
+  key TEXT PRIMARY KEY, kind TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL,
+  content_type TEXT NOT NULL, stage_id TEXT NOT NULL, attempt INTEGER NOT NULL, created_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS timers (name TEXT PRIMARY KEY, due_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -165,7 +178,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 `;
 
 /** Timer names: one row each in `timers`, one alarm for the earliest. */
-type TimerName = "advance" | "poll" | "deadline" | "lease" | "reask" | "retry" | "outbox" | "watchdog";
+type TimerName = "advance" | "poll" | "deadline" | "lease" | "reask" | "retry" | "outbox" | "watchdog" | "retention";
 
 type OutboxItem =
   | { kind: "ledger_settle"; reservationId: string; usage: Record<string, number>; durationMs: number }
@@ -233,7 +246,8 @@ export class Execution extends DurableObject<Env> {
     const ex = this.row();
     if (!ex) return { state: "missing" };
     if (ex.status !== "completed") return { state: "not_completed", status: ex.status };
-    return { state: "completed", output: parse(ex.output), cost: parse(ex.cost) };
+    if (ex.data_expired_at !== null) return { state: "expired", at: ex.data_expired_at };
+    return { state: "completed", output: parse(ex.output), outputRef: parse<DataReference>(ex.output_ref), cost: parse(ex.cost) };
   }
 
   /** Stops the execution at any state; tells a running stage's worker, releases every reservation. */
@@ -257,7 +271,42 @@ export class Execution extends DurableObject<Env> {
   /** A stage worker's callback, already authenticated by its token (execution, stage, attempt). */
   async callback(kind: CallbackKind, stageId: string, attempt: number, body: ProgressCallback | CompleteCallback | FailCallback): Promise<CallbackAnswer> {
     const hash = kind === "complete" ? await sha256(JSON.stringify(body)) : null;
+    const early = this.refuseCallback(kind, stageId, attempt, hash);
+    if (early) return early;
+    // A large inline output is stored (KV or R2) before the transition; then the
+    // checks run again, since the stage may have moved during the await.
+    let stored: StoredOutput | StageFailure | null = null;
+    if (kind === "complete") {
+      const c = body as CompleteCallback;
+      stored = await this.storeOutput(stageId, attempt, c.output, c.dataReference);
+      const again = this.refuseCallback(kind, stageId, attempt, hash);
+      if (again) return again;
+    }
     // From here to the end: synchronous, so the checks and the transition are one atomic step.
+    const st = this.stage(stageId)!;
+    const now = Date.now();
+    this.log("info", "callback", { stage_id: stageId, attempt, kind });
+    if (kind === "progress") {
+      const p = body as ProgressCallback;
+      const progress = mergeProgress(st.progress, p.progress);
+      this.sql`UPDATE stages SET progress = ${progress}, message = ${p.message ?? st.message} WHERE stage_id = ${stageId}`;
+      return { status: 200, body: { ok: true, stage_status: st.status } };
+    }
+    if (kind === "complete") {
+      const c = body as CompleteCallback;
+      if (stored && "code" in stored) this.failAttempt(st, stored, now, c.usage);
+      else this.completeStage(st, stored!, c.usage, now, hash);
+    } else {
+      const f = body as FailCallback;
+      this.failAttempt(st, { code: f.error.code, message: f.error.message, retryable: f.retryable ?? false }, now, f.usage);
+    }
+    this.kick();
+    await this.rearm();
+    return { status: 200, body: { ok: true, stage_status: this.stage(stageId)!.status } };
+  }
+
+  /** Why a callback cannot act now (404/409), or null when it may. Synchronous. */
+  private refuseCallback(kind: CallbackKind, stageId: string, attempt: number, hash: string | null): CallbackAnswer | null {
     const ex = this.row();
     const st = ex ? this.stage(stageId) : null;
     if (!ex || !st) return { status: 404, body: { error: { code: "not_found", message: "no such execution or stage" } } };
@@ -269,25 +318,26 @@ export class Execution extends DurableObject<Env> {
       return conflict("stage_ended", "the stage has already completed");
     }
     if (!isOnWorker(st.status)) return conflict("stage_ended", `the stage is ${st.status}`);
+    return null;
+  }
 
-    const now = Date.now();
-    this.log("info", "callback", { stage_id: stageId, attempt, kind });
-    if (kind === "progress") {
-      const p = body as ProgressCallback;
-      const progress = mergeProgress(st.progress, p.progress);
-      this.sql`UPDATE stages SET progress = ${progress}, message = ${p.message ?? st.message} WHERE stage_id = ${stageId}`;
-      return { status: 200, body: { ok: true, stage_status: st.status } };
+  /** Records a worker's upload (streamed to R2 by the front Worker) so a later `complete` may name it. */
+  async registerUpload(stageId: string, attempt: number, ref: DataReference): Promise<{ ok: true } | { ok: false; code: string; message: string }> {
+    const st = this.stage(stageId);
+    if (!st || st.attempt !== attempt || !isOnWorker(st.status)) {
+      return { ok: false, code: "stage_ended", message: "the stage is not running this attempt" };
     }
-    if (kind === "complete") {
-      const c = body as CompleteCallback;
-      this.completeStage(st, c.output ?? c.dataReference ?? null, c.usage, now, hash);
-    } else {
-      const f = body as FailCallback;
-      this.failAttempt(st, { code: f.error.code, message: f.error.message, retryable: f.retryable ?? false }, now, f.usage);
-    }
-    this.kick();
-    await this.rearm();
-    return { status: 200, body: { ok: true, stage_status: this.stage(stageId)!.status } };
+    this.recordObject(ref, stageId, attempt, Date.now());
+    return { ok: true };
+  }
+
+  /** The checksum and size we recorded for a stored object, for reads through `GET /data/...`. */
+  async dataRef(key: string): Promise<DataReference | null> {
+    const ex = this.row();
+    if (!ex || ex.data_expired_at !== null) return null;
+    const r = this.sql<{ kind: "kv" | "r2"; size: number; sha256: string; content_type: string }>`
+      SELECT kind, size, sha256, content_type FROM data_objects WHERE key = ${key}`[0];
+    return r ? { kind: r.kind, key, size: r.size, sha256: r.sha256, contentType: r.content_type } : null;
   }
 
   /** The ledger granted a waiting reservation. A notice for a stage that moved on is handed back. */
@@ -368,7 +418,10 @@ export class Execution extends DurableObject<Env> {
       const ex = this.row();
       if (!ex) return;
       await this.flushOutbox();
-      if (isTerminalExecution(ex.status)) return;
+      if (isTerminalExecution(ex.status)) {
+        if (this.takeTimer("retention")) await this.expireData();
+        return;
+      }
       if (!ex.template_id) {
         if (!(await this.loadTemplateStep())) return;
         continue;
@@ -418,7 +471,7 @@ export class Execution extends DurableObject<Env> {
     const t = this.config.tuning;
     let result: ReserveResult;
     try {
-      result = await withTimeout(
+      result = await withTimeout<ReserveResult>(
         ledger.reserve({
           executionId: ex.execution_id,
           stageId: st.stage_id,
@@ -468,7 +521,17 @@ export class Execution extends DurableObject<Env> {
       this.failAttempt(st, { code: "worker_not_bound", message: `no service binding serves worker ${st.worker} (see WORKER_BINDINGS)`, retryable: false }, now);
       return true;
     }
-    const prev = this.stages().find((s) => s.ord < st.ord && s.ord === st.ord - 1) ?? null;
+    const prev = this.stages().find((s) => s.ord === st.ord - 1) ?? null;
+    const prevRef = prev ? parse<DataReference>(prev.output_ref) : null;
+    if (prevRef) {
+      // A large input is handed over by reference; check it is whole before a worker spends time on it.
+      const check = await verifyStored(this.env, prevRef);
+      if (!this.stillAt(st, "handshaking")) return true;
+      if (!check.ok) {
+        this.failAttempt(st, { code: "data_corrupt", message: `input of ${st.stage_id}: ${check.reason}`, retryable: false }, Date.now());
+        return true;
+      }
+    }
     const requirements = parse<Record<string, number>>(st.requirements) ?? {};
     const estimatedTokens = Object.entries(requirements)
       .filter(([pool]) => pool.startsWith("tokens:"))
@@ -479,7 +542,13 @@ export class Execution extends DurableObject<Env> {
       stageId: st.stage_id,
       attempt: st.attempt,
       action: st.action,
-      inputData: { parameters: JSON.parse(ex.parameters), template_ref: st.template_ref, previousOutput: prev ? parse(prev.output) : null },
+      inputData: {
+        parameters: JSON.parse(ex.parameters),
+        template_ref: st.template_ref,
+        // By reference, previousOutput is a small summary and dataReference says where the bytes are.
+        previousOutput: prevRef ? { $ref: prevRef.key, size: prevRef.size, contentType: prevRef.contentType } : prev ? parse(prev.output) : null,
+      },
+      dataReference: prevRef ?? undefined,
       resourceRequirements: { estimatedTokens, timeoutMs: st.timeout_ms, pools: requirements },
       validationConfig: {},
       callback: { url: `${this.config.publicUrl}/executions/${ex.execution_id}/stages/${st.stage_id}`, token },
@@ -536,12 +605,16 @@ export class Execution extends DurableObject<Env> {
       this.setTimer("poll", now + interval);
       return false;
     }
-    return this.applyProgress(cur, res.value, now);
+    return await this.applyProgress(cur, res.value, now);
   }
 
-  private applyProgress(st: StageRow, p: ProgressResponse, now: number): boolean {
+  private async applyProgress(st: StageRow, p: ProgressResponse, now: number): Promise<boolean> {
     if (p.status === "completed") {
-      this.completeStage(st, p.output ?? p.dataReference ?? null, p.usage, now, null);
+      const stored = await this.storeOutput(st.stage_id, st.attempt, p.output, p.dataReference);
+      if (!this.stillAt(st, "processing")) return true;
+      const cur = this.stage(st.stage_id)!;
+      if ("code" in stored) this.failAttempt(cur, stored, Date.now(), p.usage);
+      else this.completeStage(cur, stored, p.usage, Date.now(), null);
       return true;
     }
     if (p.status === "failed") {
@@ -657,11 +730,39 @@ export class Execution extends DurableObject<Env> {
     this.setTimer("lease", expiresAt - Math.floor(this.config.tuning.leaseMs / 2));
   }
 
-  private completeStage(st: StageRow, output: unknown, usage: Record<string, number> | undefined, now: number, hash: string | null): void {
+  /**
+   * Turns a worker's result into what the row keeps: small JSON inline, larger
+   * JSON in KV or R2 by size, and a worker's own upload checked against the
+   * checksum the front Worker computed when it streamed it in.
+   */
+  private async storeOutput(stageId: string, attempt: number, output: unknown, ref: DataReference | undefined): Promise<StoredOutput | StageFailure> {
+    const ex = this.row()!;
+    if (ref) {
+      const known = await this.dataRef(ref.key);
+      if (!known || known.sha256 !== ref.sha256 || known.size !== ref.size) {
+        return { code: "data_corrupt", message: `the output reference ${ref.key} does not match a stored upload`, retryable: false };
+      }
+      return { inline: null, ref: known };
+    }
+    const text = JSON.stringify(output ?? null);
+    const bytes = new TextEncoder().encode(text);
+    if (bytes.byteLength <= DATA_LIMITS.inlineMaxBytes) return { inline: text, ref: null };
+    const stored = await putBytes(this.env, ex.execution_id, stageId, `a${attempt}-output.json`, bytes, "application/json");
+    this.recordObject(stored, stageId, attempt, Date.now());
+    return { inline: null, ref: stored };
+  }
+
+  private recordObject(ref: DataReference, stageId: string, attempt: number, now: number): void {
+    this.sql`INSERT OR REPLACE INTO data_objects (key, kind, size, sha256, content_type, stage_id, attempt, created_at)
+      VALUES (${ref.key}, ${ref.kind}, ${ref.size}, ${ref.sha256}, ${ref.contentType}, ${stageId}, ${attempt}, ${now})`;
+  }
+
+  private completeStage(st: StageRow, output: StoredOutput, usage: Record<string, number> | undefined, now: number, hash: string | null): void {
     const worked = st.processing_since !== null ? now - st.processing_since : 0;
     this.moveStage(st, "completed", now, {});
-    this.sql`UPDATE stages SET progress = 100, completed_at = ${now}, processing_ms = processing_ms + ${worked}, processing_since = NULL,
-      usage = ${JSON.stringify(addUsage(parse(st.usage), usage) ?? {})}, output = ${JSON.stringify(output ?? null)},
+    this.sql`UPDATE stages SET progress = 100, message = NULL, completed_at = ${now}, processing_ms = processing_ms + ${worked}, processing_since = NULL,
+      usage = ${JSON.stringify(addUsage(parse(st.usage), usage) ?? {})}, output = ${output.inline},
+      output_ref = ${output.ref ? JSON.stringify(output.ref) : null},
       complete_hash = ${hash}, reservation = NULL, deadline_at = NULL WHERE stage_id = ${st.stage_id}`;
     if (st.reservation_id) {
       this.enqueue({ kind: "ledger_settle", reservationId: st.reservation_id, usage: usage ?? {}, durationMs: worked }, now);
@@ -705,7 +806,7 @@ export class Execution extends DurableObject<Env> {
   private completeExecution(now: number): void {
     const stages = this.stages();
     const last = stages[stages.length - 1];
-    this.sql`UPDATE execution SET output = ${last?.output ?? "null"} WHERE id = 1`;
+    this.sql`UPDATE execution SET output = ${last?.output ?? null}, output_ref = ${last?.output_ref ?? null} WHERE id = 1`;
     this.finishExecution("completed", now, null);
   }
 
@@ -720,6 +821,8 @@ export class Execution extends DurableObject<Env> {
     this.sql`UPDATE execution SET status = ${status}, completed_at = ${now}, started_at = COALESCE(started_at, ${now}),
       error = ${error ? JSON.stringify(error) : null}, cost = ${JSON.stringify(cost)} WHERE id = 1`;
     for (const name of ["advance", "poll", "deadline", "lease", "reask", "retry", "watchdog"] as const) this.clearTimer(name);
+    // Ended executions keep their data for the retention period, then their alarm deletes it.
+    this.setTimer("retention", now + this.config.tuning.retentionMs);
     this.log(status === "failed" ? "warn" : "info", "execution_status", {
       status,
       error_code: error?.code,
@@ -746,6 +849,17 @@ export class Execution extends DurableObject<Env> {
 
   private clearStageTimers(): void {
     for (const name of ["poll", "deadline", "lease", "reask"] as const) this.clearTimer(name);
+  }
+
+  /** Retention: deletes the execution's KV and R2 data and inline outputs; the summary stays. */
+  private async expireData(): Promise<void> {
+    const ex = this.row()!;
+    const deleted = await deleteExecutionData(this.env, ex.execution_id);
+    const now = Date.now();
+    this.sql`UPDATE execution SET data_expired_at = ${now}, output = NULL, output_ref = NULL WHERE id = 1`;
+    this.sql`UPDATE stages SET output = NULL, output_ref = NULL`;
+    this.sql`DELETE FROM data_objects`;
+    this.log("info", "data_expired", { kv_keys: deleted.kv, r2_objects: deleted.r2 });
   }
 
   // ------------------------------------------------------------- outbox ----
@@ -909,6 +1023,7 @@ export class Execution extends DurableObject<Env> {
       started_at: ISO(ex.started_at),
       completed_at: ISO(ex.completed_at),
       estimated_completion_at: ISO(ex.estimated_completion_at),
+      data_expired_at: ISO(ex.data_expired_at),
       error: parse<ErrorInfo>(ex.error),
       cost,
       stages,

@@ -1,5 +1,6 @@
 import { z } from "zod";
 import { ClientId, ErrorInfo, PoolAmounts, Priority, RequestId, TemplateName } from "./common";
+import { DataReference } from "./data";
 
 /** `POST /execute` and RPC `execute()`. Unknown fields are refused so a typo is not silently ignored. */
 export const ExecuteRequest = z
@@ -81,16 +82,21 @@ export const StatusDocument = z.object({
   started_at: z.string().nullable(),
   completed_at: z.string().nullable(),
   estimated_completion_at: z.string().nullable(),
+  /** Set when retention deleted the execution's data; the summary stays. */
+  data_expired_at: z.string().nullable(),
   error: ErrorInfo.nullable(),
   cost: Cost.nullable(),
   stages: z.array(StageDocument),
 });
 export type StatusDocument = z.infer<typeof StatusDocument>;
 
+/** The deliverable: inline when small; otherwise `output` is null and `output_reference` + `content_url` lead to the bytes. */
 export const ResultDocument = z.object({
   execution_id: z.string(),
   status: z.literal("completed"),
   output: z.unknown(),
+  output_reference: DataReference.nullable(),
+  content_url: z.string(),
   cost: Cost.nullable(),
 });
 export type ResultDocument = z.infer<typeof ResultDocument>;

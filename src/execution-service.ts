@@ -1,9 +1,12 @@
+import { z } from "zod";
 import { ExecuteRequest, type ExecuteResponse, type ResultDocument, type StatusDocument } from "../schemas/api";
 import { ExecutionId, StageId } from "../schemas/common";
 import { CompleteCallback, FailCallback, ProgressCallback } from "../schemas/worker-protocol";
 import type { CallbackKind, CancelState, Execution, ResultState } from "../actors/execution";
 import type { ClaimResult, RequestRegistry } from "../actors/request-registry";
+import type { DataReference } from "../schemas/data";
 import { verifyCallbackToken } from "./auth";
+import { DATA_LIMITS, UploadError, dataKey, openStream, parseDataKey, putStream, verifying } from "./data-store";
 import { configOf } from "./config";
 import { ApiError, parseWith } from "./http";
 import { newExecutionId } from "./ids";
@@ -54,6 +57,9 @@ async function sha256(text: string): Promise<string> {
   const d = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text));
   return [...new Uint8Array(d)].map((b) => b.toString(16).padStart(2, "0")).join("");
 }
+
+/** A worker's name for its upload: one path segment of safe characters. */
+const DataName = z.string().regex(/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/, "letters, digits, '_', '.', '-' only");
 
 export interface StartOutcome {
   status: 200 | 202;
@@ -111,12 +117,81 @@ export async function getStatus(env: Env, id: unknown): Promise<StatusDocument> 
   return doc;
 }
 
-export async function getResult(env: Env, id: unknown): Promise<ResultDocument> {
+export async function getResult(env: Env, id: unknown, origin: string): Promise<ResultDocument> {
   const executionId = checkExecutionId(id);
   const r = await call<ResultState>(env, executionStub(env, executionId).getResult(), "execution result");
   if (r.state === "missing") throw new ApiError(404, "not_found", `no execution ${executionId}`);
   if (r.state === "not_completed") throw new ApiError(409, "not_completed", `the execution is ${r.status}`, { status: r.status });
-  return { execution_id: executionId, status: "completed", output: r.output, cost: r.cost };
+  if (r.state === "expired") throw new ApiError(410, "data_expired", `the result was deleted at ${new Date(r.at).toISOString()} (retention)`);
+  return {
+    execution_id: executionId,
+    status: "completed",
+    output: r.outputRef ? null : r.output,
+    output_reference: r.outputRef,
+    content_url: `${origin}/executions/${executionId}/result/content`,
+    cost: r.cost,
+  };
+}
+
+/** The deliverable's bytes: JSON text when inline, else streamed from KV or R2 and verified on the way. */
+export async function getResultContent(env: Env, id: unknown): Promise<Response> {
+  const executionId = checkExecutionId(id);
+  const r = await call<ResultState>(env, executionStub(env, executionId).getResult(), "execution result");
+  if (r.state === "missing") throw new ApiError(404, "not_found", `no execution ${executionId}`);
+  if (r.state === "not_completed") throw new ApiError(409, "not_completed", `the execution is ${r.status}`, { status: r.status });
+  if (r.state === "expired") throw new ApiError(410, "data_expired", "the result was deleted (retention)");
+  if (!r.outputRef) return new Response(JSON.stringify(r.output), { headers: { "content-type": "application/json" } });
+  return streamReference(env, r.outputRef);
+}
+
+export async function streamReference(env: Env, ref: DataReference): Promise<Response> {
+  const opened = await openStream(env, ref);
+  if (!opened) throw new ApiError(410, "data_expired", `${ref.key} is gone`);
+  return new Response(verifying(opened.body, ref.sha256), {
+    headers: { "content-type": ref.contentType, "content-length": String(ref.size), "x-content-sha256": ref.sha256 },
+  });
+}
+
+/** `GET /data/{key}`: a stage worker reads data of its own execution with its callback token. */
+export async function readData(env: Env, request: Request, key: string): Promise<Response> {
+  const parsed = parseDataKey(key);
+  if (!parsed) throw new ApiError(400, "invalid_request", "not a data key", [{ path: "key", message: "expected {kv|r2}/{execution_id}/..." }]);
+  await verifyCallbackToken(request, env.WORKER_SECRET, { executionId: parsed.executionId });
+  const ref = await call<DataReference | null>(env, executionStub(env, parsed.executionId).dataRef(key), "execution data");
+  if (!ref) throw new ApiError(404, "not_found", `no data at ${key}`);
+  return streamReference(env, ref);
+}
+
+/** `PUT /data/{execution_id}/{stage_id}/{name}`: a stage worker uploads a large output, streamed to R2. */
+export async function writeData(env: Env, request: Request, id: string, stageId: string, name: string): Promise<DataReference> {
+  const executionId = checkExecutionId(id);
+  parseWith(StageId, stageId, "stage id");
+  parseWith(DataName, name, "data name");
+  const claims = await verifyCallbackToken(request, env.WORKER_SECRET, { executionId, stageId });
+  const length = Number(request.headers.get("content-length") ?? "NaN");
+  if (!Number.isInteger(length) || length < 0) throw new ApiError(411, "length_required", "send Content-Length with the upload");
+  if (length > DATA_LIMITS.maxUploadBytes) {
+    throw new ApiError(413, "payload_too_large", `uploads are limited to ${DATA_LIMITS.maxUploadBytes} bytes`, { max_bytes: DATA_LIMITS.maxUploadBytes });
+  }
+  if (!request.body) throw new ApiError(400, "invalid_request", "the upload has no body");
+  const key = dataKey("r2", executionId, stageId, `a${claims.attempt}-${name}`);
+  let ref: DataReference;
+  try {
+    ref = await putStream(env, key, request.body, length, request.headers.get("content-type") ?? "application/octet-stream");
+  } catch (err) {
+    if (err instanceof UploadError) throw new ApiError(err.status, err.code, err.message);
+    throw err;
+  }
+  const registered = await call<{ ok: true } | { ok: false; code: string; message: string }>(
+    env,
+    executionStub(env, executionId).registerUpload(stageId, claims.attempt, ref),
+    "execution data",
+  );
+  if (!registered.ok) {
+    await env.DATA.delete(key);
+    throw new ApiError(409, registered.code, registered.message);
+  }
+  return ref;
 }
 
 export async function cancelExecution(env: Env, id: unknown): Promise<StatusDocument> {

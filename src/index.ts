@@ -47,7 +47,7 @@ export default class Orchestrator extends WorkerEntrypoint<Env> {
   }
 
   getResult(id: string): Promise<RpcResult<ResultDocument>> {
-    return rpc(async () => ({ status: 200, data: await getResult(this.env, id) }));
+    return rpc(async () => ({ status: 200, data: await getResult(this.env, id, "https://orchestrator-v2.internal") }));
   }
 
   cancel(id: string): Promise<RpcResult<StatusDocument>> {

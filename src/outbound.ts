@@ -100,13 +100,13 @@ export async function callJson<S extends z.ZodType>(opts: CallOptions<S>): Promi
 }
 
 /** Promise with a deadline, for RPC calls to other objects (fetch has its own signal). */
-export async function withTimeout<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+export async function withTimeout<T>(promise: PromiseLike<T>, ms: number, what: string): Promise<T> {
   let timer: ReturnType<typeof setTimeout> | null = null;
   const timeout = new Promise<never>((_, reject) => {
     timer = setTimeout(() => reject(new TimeoutError(`${what} gave no answer within ${ms} ms`)), ms);
   });
   try {
-    return await Promise.race([promise, timeout]);
+    return await Promise.race([Promise.resolve(promise), timeout]);
   } finally {
     if (timer !== null) clearTimeout(timer);
   }

@@ -7,10 +7,13 @@ import { configOf } from "./config";
 import {
   cancelExecution,
   getResult,
+  getResultContent,
   getStatus,
   isCallbackKind,
+  readData,
   startExecution,
   workerCallback,
+  writeData,
 } from "./execution-service";
 import { ApiError, errorResponse, json, parseWith, readJson } from "./http";
 import { ledgerFor } from "./ledger-routing";
@@ -57,7 +60,12 @@ route("get", "/executions/:id", async (req, env) => {
 
 route("get", "/executions/:id/result", async (req, env) => {
   requireRole(req, env, ["kam", "ops"]);
-  return json(await getResult(env, req.params.id));
+  return json(await getResult(env, req.params.id, origin(req)));
+});
+
+route("get", "/executions/:id/result/content", async (req, env) => {
+  requireRole(req, env, ["kam", "ops"]);
+  return getResultContent(env, req.params.id);
 });
 
 route("post", "/executions/:id/cancel", async (req, env) => {
@@ -72,6 +80,17 @@ route("post", "/executions/:id/stages/:stageId/:kind", async (req, env) => {
     readJson(req, z.unknown(), configOf(env).tuning.maxCallbackBodyBytes),
   );
   return json(answer.body, answer.status);
+});
+
+// Data references (docs/protocol.md, "Data"): stage workers read and upload with their callback token.
+route("get", "/data/:kind/:executionId/:stageId/:name", async (req, env) => {
+  const { kind, executionId, stageId, name } = req.params;
+  return readData(env, req, `${kind}/${executionId}/${stageId}/${name}`);
+});
+
+route("put", "/data/:executionId/:stageId/:name", async (req, env) => {
+  const { executionId, stageId, name } = req.params;
+  return json(await writeData(env, req, executionId, stageId, name), 201);
 });
 
 route("get", "/resources", async (req, env) => {

@@ -1,0 +1,157 @@
+import type { DataReference } from "../schemas/data";
+
+/**
+ * Where stage data lives, chosen by size (docs/protocol.md, "Data"):
+ * - inline in the Execution's own row up to `inlineMaxBytes`;
+ * - KV (`DATA_REFS`) up to `kvMaxBytes`;
+ * - R2 (`DATA`) above that, and for every worker upload.
+ * A key is `{kind}/{execution_id}/{stage_id}/{name}`: the kind says which store
+ * holds it, and everything of one execution is one prefix per store, so
+ * retention deletes by prefix. Every object carries its SHA-256; reads verify it.
+ */
+export const DATA_LIMITS = {
+  inlineMaxBytes: 64 * 1024,
+  kvMaxBytes: 1024 * 1024,
+  /** Largest upload a worker may PUT (streamed to R2). */
+  maxUploadBytes: 64 * 1024 * 1024,
+};
+
+export type DataKind = DataReference["kind"];
+
+export function dataKey(kind: DataKind, executionId: string, stageId: string, name: string): string {
+  return `${kind}/${executionId}/${stageId}/${name}`;
+}
+
+/** `{kind}/{execution_id}/...` -> its parts, or null for a key of no known shape. */
+export function parseDataKey(key: string): { kind: DataKind; executionId: string; rest: string } | null {
+  const m = /^(kv|r2)\/(exec_[A-Za-z0-9_-]+)\/([A-Za-z0-9_./-]+)$/.exec(key);
+  if (!m || key.includes("..")) return null;
+  return { kind: m[1] as DataKind, executionId: m[2], rest: m[3] };
+}
+
+const hex = (buf: ArrayBuffer) => [...new Uint8Array(buf)].map((b) => b.toString(16).padStart(2, "0")).join("");
+
+export async function sha256Hex(bytes: Uint8Array): Promise<string> {
+  return hex(await crypto.subtle.digest("SHA-256", bytes));
+}
+
+/** Stores bytes in KV or R2 by size (inline is the caller's business). */
+export async function putBytes(env: Env, executionId: string, stageId: string, name: string, bytes: Uint8Array, contentType: string): Promise<DataReference> {
+  const sha256 = await sha256Hex(bytes);
+  if (bytes.byteLength <= DATA_LIMITS.kvMaxBytes) {
+    const key = dataKey("kv", executionId, stageId, name);
+    await env.DATA_REFS.put(key, bytes, { metadata: { sha256, contentType, size: bytes.byteLength } });
+    return { kind: "kv", key, size: bytes.byteLength, sha256, contentType };
+  }
+  const key = dataKey("r2", executionId, stageId, name);
+  await env.DATA.put(key, bytes, { httpMetadata: { contentType }, sha256 });
+  return { kind: "r2", key, size: bytes.byteLength, sha256, contentType };
+}
+
+export class UploadError extends Error {
+  constructor(
+    readonly status: number,
+    readonly code: string,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+/**
+ * Streams a worker's upload to R2 without buffering it: the body goes through a
+ * fixed-length stream (R2 needs the length) while a digest stream hashes it.
+ * R2's put is atomic, so a body that is cut short or runs long stores nothing.
+ */
+export async function putStream(env: Env, key: string, body: ReadableStream<Uint8Array>, size: number, contentType: string): Promise<DataReference> {
+  const [toStore, toHash] = body.tee();
+  const fixed = new FixedLengthStream(size);
+  const digest = new DigestStream("SHA-256");
+  const hashing = toHash.pipeTo(digest);
+  const piping = toStore.pipeTo(fixed.writable);
+  try {
+    await Promise.all([env.DATA.put(key, fixed.readable, { httpMetadata: { contentType } }), piping, hashing]);
+  } catch (err) {
+    await env.DATA.delete(key).catch(() => {});
+    throw new UploadError(400, "upload_incomplete", `the body did not match its Content-Length of ${size} bytes`);
+  }
+  // The checksum is ours, computed from the bytes as they went by; the
+  // Execution records it, and every later read is verified against it.
+  return { kind: "r2", key, size, sha256: hex(await digest.digest), contentType };
+}
+
+/** Opens a stored object as a stream, or null when it is gone. */
+export async function openStream(env: Env, ref: Pick<DataReference, "kind" | "key">): Promise<{ body: ReadableStream<Uint8Array>; size: number | null; contentType: string } | null> {
+  if (ref.kind === "kv") {
+    const { value, metadata } = await env.DATA_REFS.getWithMetadata<{ contentType?: string; size?: number }>(ref.key, "stream");
+    if (!value) return null;
+    return { body: value, size: metadata?.size ?? null, contentType: metadata?.contentType ?? "application/octet-stream" };
+  }
+  const obj = await env.DATA.get(ref.key);
+  if (!obj) return null;
+  return { body: obj.body, size: obj.size, contentType: obj.httpMetadata?.contentType ?? "application/octet-stream" };
+}
+
+/**
+ * Passes a stream through while hashing it; errors the stream at its end when
+ * the bytes do not match `sha256`, so a reader never takes tampered data as whole.
+ */
+export function verifying(body: ReadableStream<Uint8Array>, sha256: string, onMismatch?: () => void): ReadableStream<Uint8Array> {
+  const digest = new DigestStream("SHA-256");
+  const writer = digest.getWriter();
+  return body.pipeThrough(
+    new TransformStream<Uint8Array, Uint8Array>({
+      async transform(chunk, controller) {
+        await writer.write(chunk);
+        controller.enqueue(chunk);
+      },
+      async flush(controller) {
+        await writer.close();
+        if (hex(await digest.digest) !== sha256) {
+          onMismatch?.();
+          controller.error(new Error("data_corrupt: checksum mismatch"));
+        }
+      },
+    }),
+  );
+}
+
+/** Re-reads a stored object end to end and checks size and checksum (memory stays one chunk). */
+export async function verifyStored(env: Env, ref: DataReference): Promise<{ ok: true } | { ok: false; reason: string }> {
+  const opened = await openStream(env, ref);
+  if (!opened) return { ok: false, reason: `${ref.key} is missing` };
+  const digest = new DigestStream("SHA-256");
+  await opened.body.pipeTo(digest);
+  const size = Number(digest.bytesWritten);
+  if (size !== ref.size) return { ok: false, reason: `${ref.key} has ${size} bytes, expected ${ref.size}` };
+  const sha = hex(await digest.digest);
+  if (sha !== ref.sha256) return { ok: false, reason: `${ref.key} checksum mismatch` };
+  return { ok: true };
+}
+
+/** Reads a small stored object (KV tier) back into memory as text. */
+export async function readText(env: Env, ref: DataReference): Promise<string | null> {
+  const opened = await openStream(env, ref);
+  return opened ? new Response(opened.body).text() : null;
+}
+
+/** Deletes everything stored for one execution (retention). */
+export async function deleteExecutionData(env: Env, executionId: string): Promise<{ kv: number; r2: number }> {
+  let kv = 0;
+  let r2 = 0;
+  let cursor: string | undefined;
+  do {
+    const page = await env.DATA_REFS.list({ prefix: `kv/${executionId}/`, cursor });
+    await Promise.all(page.keys.map((k) => env.DATA_REFS.delete(k.name)));
+    kv += page.keys.length;
+    cursor = page.list_complete ? undefined : page.cursor;
+  } while (cursor);
+  let r2cursor: string | undefined;
+  do {
+    const page = await env.DATA.list({ prefix: `r2/${executionId}/`, cursor: r2cursor });
+    if (page.objects.length) await env.DATA.delete(page.objects.map((o) => o.key));
+    r2 += page.objects.length;
+    r2cursor = page.truncated ? page.cursor : undefined;
+  } while (r2cursor);
+  return { kv, r2 };
+}
