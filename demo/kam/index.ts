@@ -34,6 +34,8 @@ export default {
     } catch {
       return error(400, "bad_request", "template name is not valid URL encoding");
     }
+    // An outage knob for the orchestrator's resilience tests: KAM "is down" for these names.
+    if (name.startsWith("outage_")) return error(503, "unavailable", "KAM is temporarily unavailable");
     const template = TEMPLATES.get(name);
     if (!template) return error(404, "not_found", `template '${name}' does not exist`);
     return json(200, template);

@@ -38,6 +38,22 @@ const list: StoredTemplate[] = [
       { stage: 1, worker: "bitware-not-deployed", template_ref: "unbound_v1", action: "summary" },
     ] satisfies TemplateStage[]),
   },
+  // For fault-injection tests: short deadlines and two attempts, so timeouts and retries show quickly.
+  {
+    template_id: "mt_fault_001",
+    template_name: "fault_single",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRANULATOR, template_ref: "fault_v1", action: "echo", timeout_ms: 1500, max_attempts: 2 },
+    ] satisfies TemplateStage[]),
+  },
+  {
+    template_id: "mt_fault_002",
+    template_name: "fault_two_stage",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRANULATOR, template_ref: "fault_v1", action: "echo", timeout_ms: 1500, max_attempts: 2 },
+      { stage: 2, worker: GRANULATOR, template_ref: "fault_v1", action: "echo", timeout_ms: 1500, max_attempts: 2 },
+    ] satisfies TemplateStage[]),
+  },
   // Valid JSON, invalid stages (no worker, no template_ref).
   { template_id: "mt_broken_001", template_name: "broken_template", pipeline_stages: '[{"stage": "one"}]' },
 ];
