@@ -100,6 +100,7 @@ interface StageRow {
   deadline_at: number | null;
   poll_interval_ms: number | null;
   poll_failures: number;
+  polls: number;
   error: string | null;
   last_error: string | null;
   usage: string | null;
@@ -163,8 +164,11 @@ CREATE TABLE IF NOT EXISTS stages (
   reservation_id TEXT, reservation TEXT, requirements TEXT, lease_expires_at INTEGER,
   started_at INTEGER, completed_at INTEGER, waiting_since INTEGER, waiting_ms INTEGER NOT NULL DEFAULT 0,
   processing_since INTEGER, processing_ms INTEGER NOT NULL DEFAULT 0, deadline_at INTEGER,
-  poll_interval_ms INTEGER, poll_failures INTEGER NOT NULL DEFAULT 0, error TEXT, last_error TEXT,
+  poll_interval_ms INTEGER, poll_failures INTEGER NOT NULL DEFAULT 0, polls INTEGER NOT NULL DEFAULT 0, error TEXT, last_error TEXT,
   usage TEXT, output TEXT, output_ref TEXT, complete_hash TEXT
+);
+CREATE TABLE IF NOT EXISTS reservations (
+  reservation_id TEXT PRIMARY KEY, stage_id TEXT NOT NULL, attempt INTEGER NOT NULL, created_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS data_objects (
   key TEXT PRIMARY KEY, kind TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL,
@@ -340,6 +344,12 @@ export class Execution extends DurableObject<Env> {
     return r ? { kind: r.kind, key, size: r.size, sha256: r.sha256, contentType: r.content_type } : null;
   }
 
+  /** Every reservation this execution was given, for operators and leak checks. */
+  async reservationIds(): Promise<{ reservation_id: string; stage_id: string; attempt: number }[]> {
+    return this.sql<{ reservation_id: string; stage_id: string; attempt: number }>`
+      SELECT reservation_id, stage_id, attempt FROM reservations ORDER BY created_at`;
+  }
+
   /** The ledger granted a waiting reservation. A notice for a stage that moved on is handed back. */
   async onGrant(notice: GrantNotice): Promise<void> {
     const st = this.stage(notice.stageId);
@@ -500,6 +510,7 @@ export class Execution extends DurableObject<Env> {
       return true;
     }
     this.sql`UPDATE stages SET reservation_id = ${result.reservationId} WHERE stage_id = ${st.stage_id}`;
+    this.sql`INSERT OR IGNORE INTO reservations (reservation_id, stage_id, attempt, created_at) VALUES (${result.reservationId}, ${st.stage_id}, ${st.attempt}, ${now})`;
     if (result.status === "granted") {
       this.granted(cur, result.expiresAt, result.requirements, now);
       return true;
@@ -589,6 +600,7 @@ export class Execution extends DurableObject<Env> {
       this.failAttempt(st, { code: "worker_not_bound", message: `no service binding serves worker ${st.worker}`, retryable: false }, Date.now());
       return true;
     }
+    this.sql`UPDATE stages SET polls = polls + 1 WHERE stage_id = ${st.stage_id}`;
     const res = await client.progress(ex.execution_id, st.stage_id);
     this.logCall("worker_progress", st, res.ms, res.ok ? res.value.status : res.error.code);
     if (!this.stillAt(st, "processing")) return true;
@@ -1006,6 +1018,7 @@ export class Execution extends DurableObject<Env> {
         waiting_ms: s.waiting_ms + (s.waiting_since !== null ? now - s.waiting_since : 0),
         processing_ms: s.processing_ms + (s.processing_since !== null ? now - s.processing_since : 0),
         error: parse<ErrorInfo>(s.error) ?? (s.status === "pending" ? parse<ErrorInfo>(s.last_error) : null),
+        last_error: parse<ErrorInfo>(s.last_error),
         usage,
         cost: usage ? costOf([{ stage_id: s.stage_id, usage }], prices).total : null,
       };

@@ -64,6 +64,8 @@ export const StageDocument = z.object({
   waiting_ms: z.number(),
   processing_ms: z.number(),
   error: ErrorInfo.nullable(),
+  /** The most recent failed attempt's error (with `attempt`), also after a retry succeeded. */
+  last_error: ErrorInfo.extend({ attempt: z.number().optional() }).nullable(),
   usage: PoolAmounts.nullable(),
   cost: z.number().nullable(),
 });

@@ -60,3 +60,22 @@ export async function waitForLedger(done: (s: Snapshot) => boolean, timeoutMs = 
   }
   throw new Error(`ledger condition not reached within ${timeoutMs} ms; last: ${JSON.stringify(last)}`);
 }
+
+/**
+ * No leaked capacity: every reservation the execution was ever given has been
+ * settled, released or has expired in the ledger (releases travel through the
+ * execution's outbox, so this waits for them with a deadline).
+ */
+export async function expectNoLiveReservations(id: string, timeoutMs = 10_000): Promise<number> {
+  const stub = executionStub(id);
+  const ledger = env.RESOURCE_LEDGER.get(env.RESOURCE_LEDGER.idFromName("global"));
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const ids = await stub.reservationIds();
+    const states = await Promise.all(ids.map((r) => ledger.status(r.reservation_id)));
+    const live = states.filter((s) => s.state === "waiting" || s.state === "granted");
+    if (live.length === 0) return ids.length;
+    if (Date.now() > deadline) throw new Error(`live reservations remain for ${id}: ${JSON.stringify(states)}`);
+    await scheduler.wait(25);
+  }
+}

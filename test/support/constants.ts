@@ -21,4 +21,5 @@ export const TEST_TUNING = {
   pollInitialMs: 100,
   pollMaxMs: 500,
   outboxRetryMs: 200,
+  maxPollFailures: 3,
 };

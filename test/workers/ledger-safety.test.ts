@@ -66,12 +66,12 @@ async function runSeed(seed: number, operations: number) {
   const op = async (): Promise<void> => {
     const r = rnd();
     const ids = [...live.keys()];
-    if (r < 0.35 || ids.length === 0) {
+    if (r < 0.3 || ids.length === 0) {
       const request = newRequest();
       noteReserve(request, await ledger.reserve(request));
       return;
     }
-    if (r < 0.7) {
+    if (r < 0.72) {
       // Settle one of the oldest (most likely granted by now), as an Execution would after its stage ran.
       const rid = pick(ids.slice(0, 16));
       const s = await ledger.status(rid);
@@ -81,9 +81,9 @@ async function runSeed(seed: number, operations: number) {
     }
     const rid = pick(ids);
     const entry = live.get(rid)!;
-    if (r < 0.8) {
+    if (r < 0.82) {
       ended(rid, (await ledger.release(rid)).state);
-    } else if (r < 0.85) {
+    } else if (r < 0.86) {
       ended(rid, (await ledger.renew(rid, int(1, 8) * MIN)).state);
     } else if (r < 0.93) {
       ended(rid, (await ledger.status(rid)).state);

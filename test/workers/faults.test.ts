@@ -1,0 +1,327 @@
+import { env } from "cloudflare:workers";
+import { evictDurableObject, runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
+import { describe, expect, it } from "vitest";
+import type { StatusDocument } from "../../schemas/api";
+import { issueCallbackToken } from "../../src/auth";
+import { TEST_SECRETS } from "../support/constants";
+import {
+  JSON_HEADERS,
+  KAM,
+  call,
+  ended,
+  executionStub,
+  expectNoLiveReservations,
+  startExecution,
+  status,
+  waitFor,
+} from "../support/api";
+
+/**
+ * Fault injection: the demo granulator misbehaves on request
+ * (`parameters.fault = { mode, stage?, times? }`, demo/README.md). For each
+ * fault, the documented outcome (docs/reliability.md), no execution left
+ * running, and no reservation left live in the ledger.
+ */
+const quick = { steps: 2, step_ms: 5, echo: { hello: "world" } };
+
+async function runFault(mode: string, extra: Record<string, unknown> = {}, template = "fault_single"): Promise<StatusDocument> {
+  const { res, body } = await startExecution({
+    template_name: template,
+    parameters: { ...quick, fault: { mode, ...extra } },
+    client_id: "client_faults",
+  });
+  expect(res.status).toBe(202);
+  const doc = await waitFor(body.execution_id, ended, 25_000);
+  await expectNoLiveReservations(body.execution_id);
+  return doc;
+}
+
+async function callback(id: string, stageId: string, attempt: number, kind: string, body: unknown, tokenFor = { executionId: id, stageId, attempt }) {
+  const token = await issueCallbackToken(TEST_SECRETS.WORKER_SECRET, tokenFor);
+  return call(`/executions/${id}/stages/${stageId}/${kind}`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${token}`, ...JSON_HEADERS },
+    body: JSON.stringify(body),
+  });
+}
+
+/** What the granulator itself says about a stage (through its real binding, with the worker secret). */
+async function workerView(id: string, stageId: string): Promise<Record<string, any>> {
+  const res = await env.CONTENT_GRANULATOR.fetch(`https://granulator.internal/api/progress/${id}?stageId=${stageId}`, {
+    headers: { authorization: `Bearer ${TEST_SECRETS.WORKER_SECRET}` },
+  });
+  return res.json();
+}
+
+describe("fault injection: each fault ends as documented, with nothing left running or reserved", () => {
+  it("refuse: a refused handshake fails the stage with handshake_refused and is not retried", async () => {
+    const doc = await runFault("refuse");
+    expect(doc.status).toBe("failed");
+    expect(doc.error).toMatchObject({ code: "handshake_refused", stage_id: "stage_1" });
+    expect(doc.stages[0].attempts).toBe(1);
+  });
+
+  it("refuse_retryable: a refusal marked retryable is retried and then completes", async () => {
+    const doc = await runFault("refuse_retryable", { times: 1 });
+    expect(doc.status).toBe("completed");
+    expect(doc.stages[0].attempts).toBe(2);
+    expect(doc.stages[0].last_error).toMatchObject({ code: "handshake_refused", attempt: 1 });
+  });
+
+  it("process_500_once: a 500 from process is transient, the next attempt completes", async () => {
+    const doc = await runFault("process_500_once");
+    expect(doc.status).toBe("completed");
+    expect(doc.stages[0].attempts).toBe(2);
+    expect(doc.stages[0].last_error).toMatchObject({ code: "worker_http_500", attempt: 1 });
+  });
+
+  it("crash: progress answering 500 for ever fails each attempt after maxPollFailures polls", async () => {
+    const doc = await runFault("crash");
+    expect(doc.status).toBe("failed");
+    expect(doc.error).toMatchObject({ code: "worker_http_500", stage_id: "stage_1" });
+    expect(doc.stages[0].attempts).toBe(2);
+  });
+
+  it("hang: a worker that never finishes fails with stage_timeout at the deadline and is told to cancel", async () => {
+    const doc = await runFault("hang");
+    expect(doc.status).toBe("failed");
+    expect(doc.error).toMatchObject({ code: "stage_timeout", stage_id: "stage_1" });
+    expect(doc.stages[0].attempts).toBe(2);
+    // The cancel reaches the worker through the outbox.
+    const deadline = Date.now() + 5000;
+    let view = await workerView(doc.execution_id, "stage_1");
+    while (view.error?.code !== "cancelled" && Date.now() < deadline) {
+      await scheduler.wait(25);
+      view = await workerView(doc.execution_id, "stage_1");
+    }
+    expect(view).toMatchObject({ status: "failed", error: { code: "cancelled" } });
+  });
+
+  it("malformed: a progress answer that is not JSON counts as a failed poll, then fails with worker_protocol_error", async () => {
+    const doc = await runFault("malformed");
+    expect(doc.status).toBe("failed");
+    expect(doc.error).toMatchObject({ code: "worker_protocol_error" });
+  });
+
+  it("double_callback: a repeated complete is a no-op, so the stage's usage is counted once", async () => {
+    const doc = await runFault("double_callback");
+    expect(doc.status).toBe("completed");
+    const view = await workerView(doc.execution_id, "stage_1");
+    expect(view.status).toBe("completed");
+    expect(doc.stages[0].usage).toEqual(view.usage);
+    expect(doc.cost?.by_stage.stage_1).toBe(doc.stages[0].cost);
+  });
+
+  it("wrong_token: a forged callback changes nothing; the genuine one completes the stage", async () => {
+    const doc = await runFault("wrong_token");
+    expect(doc.status).toBe("completed");
+    expect(doc.stages[0].attempts).toBe(1);
+  });
+
+  it("progress_backwards: progress in the status document never goes down", async () => {
+    const { body } = await startExecution({
+      template_name: "fault_single",
+      parameters: { steps: 3, step_ms: 150, fault: { mode: "progress_backwards" } },
+      client_id: "client_faults",
+    });
+    const seen: number[] = [];
+    const doc = await waitFor(body.execution_id, (d) => {
+      seen.push(d.stages[0].progress);
+      return ended(d);
+    });
+    expect(doc.status).toBe("completed");
+    expect(seen.some((p) => p >= 60)).toBe(true);
+    for (let i = 1; i < seen.length; i++) expect(seen[i]).toBeGreaterThanOrEqual(seen[i - 1]);
+    await expectNoLiveReservations(body.execution_id);
+  });
+
+  it("fail: a permanent failure from the worker fails the execution with the worker's code, without retry", async () => {
+    const doc = await runFault("fail");
+    expect(doc.status).toBe("failed");
+    expect(doc.error).toMatchObject({ code: "granulation_failed", stage_id: "stage_1" });
+    expect(doc.stages[0].attempts).toBe(1);
+  });
+
+  it("fail_retryable_once: a retryable failure is retried, and the later stage still runs", async () => {
+    const doc = await runFault("fail_retryable_once", { stage: 1 }, "fault_two_stage");
+    expect(doc.status).toBe("completed");
+    expect(doc.stages.map((s) => [s.status, s.attempts])).toEqual([
+      ["completed", 2],
+      ["completed", 1],
+    ]);
+  });
+});
+
+describe("callbacks are fenced by execution, stage and attempt", () => {
+  it("refuses a token of another stage (403), of an earlier attempt (409), and a forged one (401)", async () => {
+    const doc = await runFault("fail_retryable_once", { stage: 1 }, "fault_two_stage");
+    const id = doc.execution_id;
+    const before = await status(id);
+
+    const otherStage = await callback(id, "stage_1", 1, "complete", { output: "x" }, { executionId: id, stageId: "stage_2", attempt: 1 });
+    expect(otherStage.status).toBe(403);
+    const otherExecution = await callback(id, "stage_1", 1, "complete", { output: "x" }, { executionId: "exec_1700000000000_aaaaaaaaaaaaaaaa", stageId: "stage_1", attempt: 1 });
+    expect(otherExecution.status).toBe(403);
+    const stale = await callback(id, "stage_1", 1, "complete", { output: "late" });
+    expect(stale.status).toBe(409);
+    expect(((await stale.json()) as { error: { code: string } }).error.code).toBe("stale_attempt");
+    const forged = await call(`/executions/${id}/stages/stage_1/complete`, {
+      method: "POST",
+      headers: { authorization: "Bearer Zm9vfGJhcnwx.c2lnbmF0dXJl", ...JSON_HEADERS },
+      body: JSON.stringify({ output: "x" }),
+    });
+    expect(forged.status).toBe(401);
+    const late = await callback(id, "stage_2", 1, "complete", { output: "different" });
+    expect(late.status).toBe(409);
+
+    expect(await status(id)).toEqual(before);
+  });
+});
+
+describe("cancellation", () => {
+  it("stops a running stage, tells the worker, releases the reservation, and refuses later callbacks", async () => {
+    const { body } = await startExecution({ template_name: "fault_single", parameters: { ...quick, fault: { mode: "hang" } }, client_id: "client_faults" });
+    const id = body.execution_id as string;
+    await waitFor(id, (d) => d.stages[0]?.status === "processing");
+    const res = await call(`/executions/${id}/cancel`, { method: "POST", headers: KAM });
+    expect(res.status).toBe(200);
+    const doc = (await res.json()) as StatusDocument;
+    expect(doc.status).toBe("cancelled");
+    expect(doc.stages[0].status).toBe("cancelled");
+    await expectNoLiveReservations(id);
+    const deadline = Date.now() + 5000;
+    while ((await workerView(id, "stage_1")).error?.code !== "cancelled") {
+      if (Date.now() > deadline) throw new Error("the worker was not told to cancel");
+      await scheduler.wait(25);
+    }
+    const late = await callback(id, "stage_1", 1, "complete", { output: "too late" });
+    expect(late.status).toBe(409);
+    expect(((await late.json()) as { error: { code: string } }).error.code).toBe("execution_cancelled");
+    expect((await status(id)).status).toBe("cancelled");
+    const again = await call(`/executions/${id}/cancel`, { method: "POST", headers: KAM });
+    expect(again.status).toBe(409);
+  });
+
+  it("cancels an execution that is waiting to retry", async () => {
+    const { body } = await startExecution({
+      template_name: "fault_single",
+      parameters: { ...quick, fault: { mode: "process_500_once" } },
+      client_id: "client_faults",
+    });
+    const id = body.execution_id as string;
+    const res = await call(`/executions/${id}/cancel`, { method: "POST", headers: KAM });
+    expect([200, 409]).toContain(res.status);
+    const doc = await waitFor(id, ended);
+    expect(["cancelled", "completed"]).toContain(doc.status);
+    await expectNoLiveReservations(id);
+  });
+});
+
+describe("the Execution object survives eviction and alarm misbehaviour", () => {
+  it("completes after being evicted between handshake and completion", async () => {
+    const { body } = await startExecution({ template_name: "course_creation", parameters: { steps: 3, step_ms: 120 }, client_id: "client_faults" });
+    const id = body.execution_id as string;
+    await waitFor(id, (d) => d.stages[0]?.status === "processing");
+    await evictDurableObject(executionStub(id));
+    const doc = await waitFor(id, ended);
+    expect(doc.status).toBe("completed");
+    expect(doc.stages.every((s) => s.status === "completed" && s.attempts === 1)).toBe(true);
+    await expectNoLiveReservations(id);
+  });
+
+  it("does nothing twice when its alarm fires twice in a row", async () => {
+    const { body } = await startExecution({ template_name: "fault_single", parameters: { ...quick, fault: { mode: "hang" } }, client_id: "client_faults" });
+    const id = body.execution_id as string;
+    const stub = executionStub(id);
+    await waitFor(id, (d) => d.stages[0]?.status === "processing");
+    // Make the next poll due now, then fire the alarm twice.
+    const pollsBefore = await runInDurableObject(stub, (_i, state) => {
+      state.storage.sql.exec("UPDATE timers SET due_at = 0 WHERE name = 'poll'");
+      return state.storage.sql.exec("SELECT polls FROM stages WHERE stage_id = 'stage_1'").one().polls as number;
+    });
+    await runDurableObjectAlarm(stub);
+    await runDurableObjectAlarm(stub);
+    const pollsAfter = await runInDurableObject(stub, (_i, state) => state.storage.sql.exec("SELECT polls FROM stages WHERE stage_id = 'stage_1'").one().polls as number);
+    expect(pollsAfter).toBe(pollsBefore + 1);
+    await call(`/executions/${id}/cancel`, { method: "POST", headers: KAM });
+    await expectNoLiveReservations(id);
+  });
+
+  it("heals a lost alarm on the next request", async () => {
+    const { body } = await startExecution({ template_name: "fault_single", parameters: { ...quick, fault: { mode: "hang" } }, client_id: "client_faults" });
+    const id = body.execution_id as string;
+    const stub = executionStub(id);
+    await waitFor(id, (d) => d.stages[0]?.status === "processing");
+    await runInDurableObject(stub, (_i, state) => state.storage.deleteAlarm());
+    expect(await runInDurableObject(stub, (_i, state) => state.storage.getAlarm())).toBeNull();
+    await status(id);
+    expect(await runInDurableObject(stub, (_i, state) => state.storage.getAlarm())).not.toBeNull();
+    await call(`/executions/${id}/cancel`, { method: "POST", headers: KAM });
+  });
+
+  it("ends failed with the reason when its alarm keeps failing, instead of staying running", async () => {
+    const { body } = await startExecution({ template_name: "fault_single", parameters: { ...quick, fault: { mode: "hang" } }, client_id: "client_faults" });
+    const id = body.execution_id as string;
+    const stub = executionStub(id);
+    await waitFor(id, (d) => d.stages[0]?.status === "processing");
+    // A fault inside the object: every drive pass throws from now on.
+    await runInDurableObject(stub, (instance) => {
+      (instance as unknown as { drive: () => Promise<void> }).drive = async () => {
+        throw new Error("storage exploded");
+      };
+    });
+    for (let i = 0; i < 8 && (await status(id)).status === "running"; i++) {
+      await runDurableObjectAlarm(stub).catch(() => {});
+    }
+    const doc = await status(id);
+    expect(doc.status).toBe("failed");
+    expect(doc.error?.code).toBe("internal_error");
+    expect(doc.error?.message).toContain("storage exploded");
+  });
+});
+
+describe("idempotent start", () => {
+  it("fifty concurrent identical POST /execute with one request_id create one execution", async () => {
+    const request = { template_name: "quick_summary", parameters: quick, client_id: "client_idem", request_id: `req-${crypto.randomUUID()}` };
+    const answers = await Promise.all(Array.from({ length: 50 }, () => startExecution(request)));
+    const ids = new Set(answers.map((a) => a.body.execution_id));
+    expect(ids.size).toBe(1);
+    expect(answers.filter((a) => a.res.status === 202)).toHaveLength(1);
+    expect(answers.filter((a) => a.res.status === 200)).toHaveLength(49);
+    const doc = await waitFor([...ids][0], ended);
+    expect(doc.request_id).toBe(request.request_id);
+
+    const conflict = await startExecution({ ...request, parameters: { ...quick, other: true } });
+    expect(conflict.res.status).toBe(409);
+    expect(conflict.body.error.code).toBe("idempotency_conflict");
+    // The same request_id from another client is another request.
+    const other = await startExecution({ ...request, client_id: "client_idem_2" });
+    expect(other.res.status).toBe(202);
+    expect(other.body.execution_id).not.toBe([...ids][0]);
+  });
+});
+
+describe("template resilience", () => {
+  it("uses a cached template when KAM is down, and says so", async () => {
+    const name = "outage_cached";
+    await env.EXECUTION_CACHE.put(
+      `template:${name}`,
+      JSON.stringify({
+        fetched_at: Date.now() - 3_600_000,
+        template: { template_id: "mt_cached_001", template_name: name, stages: [{ stage: 1, worker: "bitware-content-granulator", template_ref: "c1", action: "echo" }] },
+      }),
+    );
+    const { body } = await startExecution({ template_name: name, parameters: quick, client_id: "client_faults" });
+    const doc = await waitFor(body.execution_id, ended);
+    expect(doc.status).toBe("completed");
+    expect(doc.template_source).toBe("cache");
+    expect(doc.template_id).toBe("mt_cached_001");
+  });
+
+  it("fails with kam_unavailable after bounded retries when KAM is down and nothing is cached", async () => {
+    const { body } = await startExecution({ template_name: "outage_uncached", parameters: quick, client_id: "client_faults" });
+    const doc = await waitFor(body.execution_id, ended);
+    expect(doc.status).toBe("failed");
+    expect(doc.error?.code).toBe("kam_unavailable");
+  });
+});
