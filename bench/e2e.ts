@@ -1,0 +1,655 @@
+/**
+ * End-to-end benchmark of the orchestrator (issue 6): `npm run bench [-- options]`.
+ *
+ * Starts the real system (`wrangler dev`: the orchestrator from src/, the zero-work
+ * bench stage worker, a bench KAM and a gateway; see bench/lib/e2e-session.ts) on a
+ * free 127.0.0.1 port with fresh state, warms up, then measures on the same
+ * session, with the same seeded workload and the same number in flight:
+ *
+ * - the floor: the three stages driven directly against the bench worker with no
+ *   orchestrator (POST /bench/floor: handshake, process, completion callback to the
+ *   worker's own sink, all through service bindings);
+ * - orchestrated: POST /execute of `bench_three_stage`, completion learnt from the
+ *   bench worker (GET /bench/wait/:id answers once the orchestrator has
+ *   acknowledged the last stage's `complete`), then confirmed with
+ *   GET /executions/:id (latency ends when that says `completed`).
+ *
+ * Prints a table and one JSON line ({"bench":"e2e",...}); writes the JSON to
+ * bench/results/ (gitignored). Exits 1 if any execution failed or got stuck, or
+ * the session could not run; never on time targets. See docs/performance.md.
+ *
+ * Options: --n N (2000) --concurrency C (200) --warmup W (200) --seed S (42)
+ *   --callback async|sync (async: the worker calls back in ctx.waitUntil after
+ *   answering process; sync: before answering) --settle-ms MS (15000: idle time
+ *   after the run before the last memory reading) --no-floor --quick (300
+ *   executions, 100 in flight, for CI) --soak (10000 executions, memory check)
+ *   --json-out FILE --verbose
+ */
+import { execFileSync } from "node:child_process";
+import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { performance } from "node:perf_hooks";
+import { type BenchSession, BENCH_BINDING, startBenchSession, workerdProcesses } from "./lib/e2e-session";
+import { KeepAliveClient } from "./lib/http-keepalive";
+import { mulberry32, weighted } from "./lib/mulberry32";
+import { cpuSecondsOf, memoryOf, RssSampler } from "./lib/proc-stats";
+import { type Summary, summarize } from "./lib/quantiles";
+import { BENCH_STAGES, BENCH_TEMPLATE, BENCH_WORKER, type ExecTimings, type FloorAnswer, type WaitAnswer, type WorkerStats } from "./worker/shared";
+
+// ------------------------------------------------------------------ options ----
+
+interface Options {
+  n: number;
+  concurrency: number;
+  warmup: number;
+  seed: number;
+  callback: "async" | "sync";
+  settleMs: number;
+  floor: boolean;
+  quick: boolean;
+  soak: boolean;
+  jsonOut: string | null;
+  verbose: boolean;
+  /** Per-execution deadline: past it the execution counts as stuck. */
+  execTimeoutMs: number;
+}
+
+function parseArgs(argv: string[]): Options {
+  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000 };
+  const given = new Set<string>();
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const next = () => {
+      const v = argv[++i];
+      if (v === undefined) throw new Error(`${a} needs a value`);
+      return v;
+    };
+    const num = () => {
+      const v = Number(next());
+      if (!Number.isFinite(v) || v < 0) throw new Error(`${a} needs a non-negative number`);
+      return Math.floor(v);
+    };
+    switch (a) {
+      case "--n": o.n = num(); given.add("n"); break;
+      case "--concurrency": case "-c": o.concurrency = Math.max(1, num()); given.add("c"); break;
+      case "--warmup": o.warmup = num(); given.add("w"); break;
+      case "--seed": o.seed = num(); break;
+      case "--callback": { const v = next(); if (v !== "async" && v !== "sync") throw new Error("--callback async|sync"); o.callback = v; break; }
+      case "--settle-ms": o.settleMs = num(); given.add("s"); break;
+      case "--no-floor": o.floor = false; break;
+      case "--quick": o.quick = true; break;
+      case "--soak": o.soak = true; break;
+      case "--json-out": o.jsonOut = next(); break;
+      case "--verbose": o.verbose = true; break;
+      case "--exec-timeout-ms": o.execTimeoutMs = Math.max(1000, num()); break;
+      case "--help": case "-h":
+        console.log(readFileSync(new URL(import.meta.url), "utf8").split("*/")[0]);
+        process.exit(0);
+      default: throw new Error(`unknown option ${a} (see --help)`);
+    }
+  }
+  if (o.quick) {
+    if (!given.has("n")) o.n = 300;
+    if (!given.has("c")) o.concurrency = 100;
+    if (!given.has("w")) o.warmup = 50;
+    if (!given.has("s")) o.settleMs = 2_000;
+  }
+  if (o.soak && !given.has("n")) o.n = 10_000;
+  if (o.n < 1) throw new Error("--n must be at least 1");
+  return o;
+}
+
+// ----------------------------------------------------------------- workload ----
+
+interface WorkItem {
+  parameters: Record<string, unknown>;
+  priority: "low" | "normal" | "high" | "critical";
+  client_id: string;
+}
+
+const TOPICS = ["react", "rust", "sql", "physics", "poetry", "chess", "finance", "biology", "music", "history"];
+
+/** The same N items for the same seed: priorities, clients and small parameters vary. */
+function workload(n: number, seed: number, callback: Options["callback"]): WorkItem[] {
+  const random = mulberry32(seed);
+  return Array.from({ length: n }, (_, i) => ({
+    priority: weighted(random, [["normal", 70], ["high", 15], ["low", 10], ["critical", 5]] as const),
+    client_id: `bench_client_${Math.floor(random() * 16)}`,
+    parameters: {
+      bench_stages: BENCH_STAGES,
+      bench_callback: callback,
+      item: i,
+      topic: TOPICS[Math.floor(random() * TOPICS.length)],
+      size: 1 + Math.floor(random() * 1000),
+      note: "x".repeat(Math.floor(random() * 200)),
+    },
+  }));
+}
+
+// ------------------------------------------------------------------ running ----
+
+interface RunRecord {
+  ok: boolean;
+  error?: string;
+  /** ms, Node's monotonic clock: request sent -> completion observed */
+  latencyMs: number;
+  /** ms: request sent (wall clock) -> last stage's completion acknowledged (workerd clock) */
+  ackLatencyMs: number | null;
+  /** execute (or floor request) sent -> first handshake arrived */
+  firstGapMs: number | null;
+  /** stage n complete sent -> stage n+1 handshake arrived */
+  betweenGapsMs: number[];
+  /** complete callback round trip (sent -> answered), per stage */
+  callbackRttMs: number[];
+  /** last stage complete sent -> completed status observed (orchestrated only) */
+  tailMs: number | null;
+  statusGets: number;
+  waits: number;
+  attempts: number;
+  polls: number;
+}
+
+interface PhaseResult {
+  name: string;
+  n: number;
+  concurrency: number;
+  elapsedS: number;
+  records: RunRecord[];
+  stuck: number;
+  cpu: Record<string, number>;
+  worker: WorkerStats | null;
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+function gaps(timings: ExecTimings | null, sentWall: number) {
+  const out = { firstGapMs: null as number | null, betweenGapsMs: [] as number[], callbackRttMs: [] as number[], attempts: 0, lastCs: null as number | null, lastCa: null as number | null };
+  if (!timings) return out;
+  // The last attempt of each stage, in stage order.
+  const byStage = new Map<string, (typeof timings.stages)[number]>();
+  for (const s of timings.stages) {
+    out.attempts++;
+    const cur = byStage.get(s.stage);
+    if (!cur || s.attempt >= cur.attempt) byStage.set(s.stage, s);
+  }
+  const stages = [...byStage.values()].sort((a, b) => Number(a.stage.slice(6)) - Number(b.stage.slice(6)));
+  if (stages[0]) out.firstGapMs = stages[0].hs - sentWall;
+  for (let i = 1; i < stages.length; i++) {
+    const prev = stages[i - 1];
+    if (prev.cs !== null) out.betweenGapsMs.push(stages[i].hs - prev.cs);
+  }
+  for (const s of stages) if (s.cs !== null && s.ca !== null) out.callbackRttMs.push(s.ca - s.cs);
+  const last = stages[stages.length - 1];
+  out.lastCs = last?.cs ?? null;
+  out.lastCa = last?.ca ?? null;
+  return out;
+}
+
+class Bench {
+  readonly client: KeepAliveClient;
+  readonly kam: Record<string, string>;
+  readonly ops: Record<string, string>;
+  readonly worker: Record<string, string>;
+  aborted = false;
+
+  constructor(
+    readonly session: BenchSession,
+    readonly secrets: Record<string, string>,
+    readonly opts: Options,
+  ) {
+    this.client = new KeepAliveClient(session.url, 4 * opts.concurrency + 64);
+    this.kam = { authorization: `Bearer ${secrets.KAM_TOKEN}` };
+    this.ops = { authorization: `Bearer ${secrets.OPS_TOKEN}` };
+    this.worker = { authorization: `Bearer ${secrets.WORKER_SECRET}` };
+  }
+
+  async workerStats(reset = false): Promise<WorkerStats | null> {
+    const res = await this.client.request<WorkerStats>(reset ? "POST" : "GET", reset ? "/bench/reset" : "/bench/stats", { headers: this.worker, timeoutMs: 10_000 }).catch(() => null);
+    return res && res.status === 200 ? res.body : null;
+  }
+
+  /** One orchestrated execution, from POST /execute to `completed` observed. */
+  async orchestrated(item: WorkItem): Promise<RunRecord> {
+    const rec: RunRecord = { ok: false, latencyMs: 0, ackLatencyMs: null, firstGapMs: null, betweenGapsMs: [], callbackRttMs: [], tailMs: null, statusGets: 0, waits: 0, attempts: 0, polls: 0 };
+    const sentWall = Date.now();
+    const t0 = performance.now();
+    const deadline = t0 + this.opts.execTimeoutMs;
+    const fail = (error: string) => {
+      rec.error = error;
+      rec.latencyMs = performance.now() - t0;
+      return rec;
+    };
+    let id: string;
+    try {
+      const res = await this.client.request<{ execution_id?: string; error?: { code: string } }>("POST", "/execute", {
+        headers: this.kam,
+        body: { template_name: BENCH_TEMPLATE, parameters: item.parameters, client_id: item.client_id, priority: item.priority },
+        timeoutMs: 30_000,
+      });
+      if (res.status !== 202 || !res.body?.execution_id) return fail(`execute answered ${res.status} ${JSON.stringify(res.body).slice(0, 200)}`);
+      id = res.body.execution_id;
+    } catch (err) {
+      return fail(`execute: ${String(err)}`);
+    }
+    // 1. The worker tells us when the orchestrator acknowledged the last stage.
+    let timings: ExecTimings | null = null;
+    let acked = false;
+    while (!this.aborted && performance.now() < deadline) {
+      const left = Math.max(50, Math.min(10_000, deadline - performance.now()));
+      rec.waits++;
+      try {
+        const w = await this.client.request<WaitAnswer>("GET", `/bench/wait/${id}?timeout_ms=${Math.round(left)}`, { headers: this.worker, timeoutMs: left + 5_000 });
+        if (w.status === 200) {
+          timings = w.body.timings ?? timings;
+          if (w.body.done) {
+            acked = true;
+            break;
+          }
+        }
+      } catch {}
+      // Not acknowledged (the callback failed, or slow): the status tells whether it ended another way.
+      const st = await this.status(id, rec).catch(() => null);
+      if (st && st !== "queued" && st !== "running") break;
+      if (timings?.ended) break;
+    }
+    // 2. Observe `completed` in the status document.
+    let backoff = 1;
+    for (;;) {
+      if (this.aborted || performance.now() > deadline) {
+        const g = gaps(timings, sentWall);
+        Object.assign(rec, { firstGapMs: g.firstGapMs, betweenGapsMs: g.betweenGapsMs, attempts: g.attempts });
+        return fail(`stuck: not ended within ${this.opts.execTimeoutMs} ms (acknowledged: ${acked})`);
+      }
+      let st: string | null = null;
+      try {
+        st = await this.status(id, rec);
+      } catch {}
+      if (st === "completed") break;
+      if (st === "failed" || st === "cancelled") return fail(`execution ${id} ${st}`);
+      await sleep(backoff);
+      backoff = Math.min(50, backoff * 2);
+    }
+    const doneWall = Date.now();
+    rec.latencyMs = performance.now() - t0;
+    const g = gaps(timings, sentWall);
+    rec.ok = true;
+    rec.firstGapMs = g.firstGapMs;
+    rec.betweenGapsMs = g.betweenGapsMs;
+    rec.callbackRttMs = g.callbackRttMs;
+    rec.attempts = g.attempts;
+    rec.polls = timings?.polls ?? 0;
+    rec.ackLatencyMs = g.lastCa !== null ? g.lastCa - sentWall : null;
+    rec.tailMs = g.lastCs !== null ? doneWall - g.lastCs : null;
+    return rec;
+  }
+
+  private async status(id: string, rec: RunRecord): Promise<string | null> {
+    rec.statusGets++;
+    const res = await this.client.request<{ status?: string }>("GET", `/executions/${id}`, { headers: this.kam, timeoutMs: 15_000 });
+    return res.status === 200 ? (res.body.status ?? null) : null;
+  }
+
+  /** One floor run: the same stages straight against the bench worker. */
+  async floor(item: WorkItem, index: number): Promise<RunRecord> {
+    const rec: RunRecord = { ok: false, latencyMs: 0, ackLatencyMs: null, firstGapMs: null, betweenGapsMs: [], callbackRttMs: [], tailMs: null, statusGets: 0, waits: 0, attempts: 0, polls: 0 };
+    const sentWall = Date.now();
+    const t0 = performance.now();
+    const executionId = `exec_${sentWall}_floor${String(index).padStart(8, "0")}`;
+    try {
+      const res = await this.client.request<FloorAnswer>("POST", "/bench/floor", {
+        headers: this.worker,
+        body: { executionId, parameters: item.parameters },
+        timeoutMs: this.opts.execTimeoutMs,
+      });
+      rec.latencyMs = performance.now() - t0;
+      if (res.status !== 200 || !res.body.ok) {
+        rec.error = `floor answered ${res.status} ${JSON.stringify(res.body).slice(0, 200)}`;
+        return rec;
+      }
+      const g = gaps(res.body.timings, sentWall);
+      rec.ok = true;
+      rec.firstGapMs = g.firstGapMs;
+      rec.betweenGapsMs = g.betweenGapsMs;
+      rec.callbackRttMs = g.callbackRttMs;
+      rec.attempts = g.attempts;
+      return rec;
+    } catch (err) {
+      rec.latencyMs = performance.now() - t0;
+      rec.error = `floor: ${String(err)}`;
+      return rec;
+    }
+  }
+
+  /** Runs `n` items through `one` with `concurrency` in flight; bounded in time. */
+  async phase(
+    name: string,
+    items: WorkItem[],
+    concurrency: number,
+    one: (item: WorkItem, i: number) => Promise<RunRecord>,
+    pids: Record<string, number>,
+    onProgress?: (done: number) => void,
+  ): Promise<PhaseResult> {
+    const records: RunRecord[] = [];
+    let next = 0;
+    const cpu0 = cpuSnapshot(pids);
+    const started = performance.now();
+    // Whole-phase bound: generous, but the run always ends by itself.
+    const budgetMs = 120_000 + items.length * 100;
+    const watchdog = setTimeout(() => {
+      this.aborted = true;
+      console.error(`! ${name}: phase budget of ${budgetMs} ms exceeded; abandoning the executions still in flight`);
+    }, budgetMs);
+    let lastLog = started;
+    const loop = async () => {
+      while (!this.aborted && next < items.length) {
+        const i = next++;
+        const r = await one(items[i], i);
+        records.push(r);
+        if (!r.ok && this.opts.verbose) console.error(`  ${name} #${i}: ${r.error}`);
+        onProgress?.(records.length);
+        if (this.opts.verbose && performance.now() - lastLog > 5000) {
+          lastLog = performance.now();
+          console.error(`  ${name}: ${records.length}/${items.length}`);
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(concurrency, items.length) }, loop));
+    clearTimeout(watchdog);
+    const elapsedS = (performance.now() - started) / 1000;
+    const stuck = items.length - records.length + records.filter((r) => r.error?.startsWith("stuck")).length;
+    const wasAborted = this.aborted;
+    this.aborted = false;
+    if (wasAborted) console.error(`! ${name}: aborted`);
+    return { name, n: items.length, concurrency, elapsedS, records, stuck, cpu: cpuDelta(cpu0, cpuSnapshot(pids)), worker: null };
+  }
+}
+
+function cpuSnapshot(pids: Record<string, number>): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const [name, pid] of Object.entries(pids)) out[name] = cpuSecondsOf(pid);
+  const u = process.cpuUsage();
+  out.bench_node = (u.user + u.system) / 1e6;
+  return out;
+}
+
+function cpuDelta(a: Record<string, number>, b: Record<string, number>): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const k of Object.keys(b)) out[k] = Number((b[k] - a[k]).toFixed(2));
+  return out;
+}
+
+// ---------------------------------------------------------------- reporting ----
+
+interface PhaseReport {
+  n: number;
+  completed: number;
+  failed: number;
+  stuck: number;
+  elapsed_s: number;
+  throughput_per_s: number;
+  latency_ms: Summary;
+  ack_latency_ms?: Summary;
+  overhead_first_ms: Summary;
+  overhead_between_ms: Summary;
+  overhead_per_stage_ms: Summary;
+  callback_rtt_ms: Summary;
+  tail_ms?: Summary;
+  attempts_per_execution: number;
+  progress_polls: number;
+  status_gets_per_execution?: number;
+  cpu_s: Record<string, number>;
+  cpu_ms_per_execution: Record<string, number>;
+  worker_counters: WorkerStats["counters"] | null;
+  errors: string[];
+}
+
+function report(p: PhaseResult): PhaseReport {
+  const ok = p.records.filter((r) => r.ok);
+  const firsts = ok.map((r) => r.firstGapMs).filter((v): v is number => v !== null);
+  const betweens = ok.flatMap((r) => r.betweenGapsMs);
+  const acks = ok.map((r) => r.ackLatencyMs).filter((v): v is number => v !== null);
+  const tails = ok.map((r) => r.tailMs).filter((v): v is number => v !== null);
+  const per: Record<string, number> = {};
+  for (const [k, v] of Object.entries(p.cpu)) per[k] = ok.length ? Number(((v * 1000) / ok.length).toFixed(2)) : Number.NaN;
+  const failed = p.records.filter((r) => !r.ok && !r.error?.startsWith("stuck")).length;
+  return {
+    n: p.n,
+    completed: ok.length,
+    failed,
+    stuck: p.stuck,
+    elapsed_s: Number(p.elapsedS.toFixed(2)),
+    throughput_per_s: Number((ok.length / p.elapsedS).toFixed(1)),
+    latency_ms: summarize(ok.map((r) => r.latencyMs)),
+    ...(acks.length ? { ack_latency_ms: summarize(acks) } : {}),
+    overhead_first_ms: summarize(firsts),
+    overhead_between_ms: summarize(betweens),
+    overhead_per_stage_ms: summarize([...firsts, ...betweens]),
+    callback_rtt_ms: summarize(ok.flatMap((r) => r.callbackRttMs)),
+    ...(tails.length ? { tail_ms: summarize(tails) } : {}),
+    attempts_per_execution: ok.length ? Number((ok.reduce((s, r) => s + r.attempts, 0) / ok.length).toFixed(3)) : 0,
+    progress_polls: ok.reduce((s, r) => s + r.polls, 0),
+    ...(p.name === "orchestrated" ? { status_gets_per_execution: ok.length ? Number((ok.reduce((s, r) => s + r.statusGets, 0) / ok.length).toFixed(2)) : 0 } : {}),
+    cpu_s: p.cpu,
+    cpu_ms_per_execution: per,
+    worker_counters: p.worker?.counters ?? null,
+    errors: [...new Set(p.records.filter((r) => !r.ok).map((r) => r.error ?? "?"))].slice(0, 10),
+  };
+}
+
+function versions() {
+  const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), "..");
+  const pkg = (name: string) => {
+    try {
+      return JSON.parse(readFileSync(path.join(root, "node_modules", name, "package.json"), "utf8")).version as string;
+    } catch {
+      return "?";
+    }
+  };
+  let commit = "?";
+  let dirty = false;
+  try {
+    commit = execFileSync("git", ["rev-parse", "--short=12", "HEAD"], { cwd: root, encoding: "utf8" }).trim();
+    dirty = execFileSync("git", ["status", "--porcelain", "--", "src", "actors", "schemas", "wrangler.toml"], { cwd: root, encoding: "utf8" }).trim() !== "";
+  } catch {}
+  return { node: process.version, wrangler: pkg("wrangler"), workerd: pkg("workerd"), tsx: pkg("tsx"), commit, orchestrator_tree_dirty: dirty };
+}
+
+const MiB = 1024 * 1024;
+const mib = (b: number | null | undefined) => (b === null || b === undefined || !Number.isFinite(b) ? null : Number((b / MiB).toFixed(1)));
+
+function fmt(s: Summary | undefined): string {
+  if (!s || !s.n) return "-";
+  return `${s.p50} / ${s.p95} / ${s.p99}`;
+}
+
+function printTable(result: any): void {
+  const o = result.orchestrated as PhaseReport;
+  const f = result.floor as PhaseReport | null;
+  const rows: [string, string, string][] = [
+    ["", "orchestrated", f ? "floor" : ""],
+    ["executions (completed/failed/stuck)", `${o.completed}/${o.failed}/${o.stuck}`, f ? `${f.completed}/${f.failed}/${f.stuck}` : ""],
+    ["throughput (executions/s)", String(o.throughput_per_s), f ? String(f.throughput_per_s) : ""],
+    ["latency ms p50/p95/p99", fmt(o.latency_ms), f ? fmt(f.latency_ms) : ""],
+    ["  to last complete acknowledged", fmt(o.ack_latency_ms), ""],
+    ["overhead per stage ms p50/p95/p99", fmt(o.overhead_per_stage_ms), f ? fmt(f.overhead_per_stage_ms) : ""],
+    ["  POST -> first handshake", fmt(o.overhead_first_ms), f ? fmt(f.overhead_first_ms) : ""],
+    ["  complete -> next handshake", fmt(o.overhead_between_ms), f ? fmt(f.overhead_between_ms) : ""],
+    ["complete callback round trip ms", fmt(o.callback_rtt_ms), f ? fmt(f.callback_rtt_ms) : ""],
+    ["last complete -> status completed", fmt(o.tail_ms), ""],
+    ["attempts per execution", String(o.attempts_per_execution), f ? String(f.attempts_per_execution) : ""],
+    ["progress polls", String(o.progress_polls), ""],
+    ["CPU ms/execution workerd runtime", String(o.cpu_ms_per_execution.workerd_runtime ?? "-"), f ? String(f.cpu_ms_per_execution.workerd_runtime ?? "-") : ""],
+    ["CPU ms/execution workerd proxy", String(o.cpu_ms_per_execution.workerd_proxy ?? "-"), f ? String(f.cpu_ms_per_execution.workerd_proxy ?? "-") : ""],
+    ["CPU ms/execution bench (node)", String(o.cpu_ms_per_execution.bench_node ?? "-"), f ? String(f.cpu_ms_per_execution.bench_node ?? "-") : ""],
+  ];
+  const w0 = Math.max(...rows.map((r) => r[0].length));
+  const w1 = Math.max(...rows.map((r) => r[1].length));
+  console.log("");
+  console.log(`e2e bench: ${result.n} executions of ${BENCH_TEMPLATE} (3 stages), ${result.concurrency} in flight, seed ${result.seed}, callback ${result.callback}, ${result.cores} cores`);
+  for (const r of rows) console.log(`  ${r[0].padEnd(w0)}  ${r[1].padEnd(w1)}  ${r[2]}`);
+  if (result.ratio) {
+    console.log(`  ratio orchestrated/floor: throughput ${result.ratio.throughput}, latency p50 ${result.ratio.latency_p50}, p99 ${result.ratio.latency_p99}`);
+  }
+  const m = result.memory;
+  console.log(
+    `  workerd runtime RSS MiB: before ${m.runtime_rss_before_mib}, peak ${m.runtime_rss_peak_mib}, end ${m.runtime_rss_end_mib}, after ${m.settle_ms} ms idle ${m.runtime_rss_settled_mib} (growth ${m.runtime_growth_mib}); VmHWM ${m.runtime_hwm_mib}; proxy peak ${m.proxy_rss_peak_mib}`,
+  );
+  console.log("  targets:");
+  for (const t of result.targets) console.log(`    ${t.met === null ? "n/a " : t.met ? "MET " : "MISS"} ${t.name}: ${t.measured}${t.met === false && t.by ? ` (${t.by})` : ""}`);
+  if (o.errors.length) console.log(`  orchestrated errors: ${o.errors.join(" | ")}`);
+  if (f?.errors.length) console.log(`  floor errors: ${f.errors.join(" | ")}`);
+  console.log("");
+}
+
+// --------------------------------------------------------------------- main ----
+
+async function main(): Promise<number> {
+  const opts = parseArgs(process.argv.slice(2));
+  const token = () => Buffer.from(crypto.getRandomValues(new Uint8Array(24))).toString("hex");
+  const secrets = { WORKER_SECRET: token(), KAM_TOKEN: token(), OPS_TOKEN: token() };
+  const pools = [
+    { name: `worker:${BENCH_WORKER}`, kind: "concurrency", capacity: Math.max(64, 2 * opts.concurrency) },
+    { name: "tokens:openai", kind: "rate", capacity: 1e12, refill_per_second: 1e9 },
+  ];
+  const vars = {
+    WORKER_BINDINGS: JSON.stringify({ [BENCH_WORKER]: BENCH_BINDING }),
+    POOLS: JSON.stringify(pools),
+    TUNING: "{}",
+    LOG_LEVEL: "warn",
+  };
+  const startedAt = new Date();
+  const t0 = performance.now();
+  console.error(`starting wrangler dev (gateway, orchestrator, ${BENCH_WORKER}, bench KAM)...`);
+  const session = await startBenchSession({ vars, secrets, quiet: true });
+  let sampler: RssSampler | null = null;
+  let bench: Bench | null = null;
+  try {
+    const procs = workerdProcesses(session.pid);
+    if (!procs.runtime) throw new Error(`cannot tell the workerd runtime among ${JSON.stringify(procs)}`);
+    const pids: Record<string, number> = { workerd_runtime: procs.runtime };
+    if (procs.proxy[0]) pids.workerd_proxy = procs.proxy[0];
+    sampler = new RssSampler(Object.values(pids), 250).start();
+    bench = new Bench(session, secrets, opts);
+    const b = bench;
+    console.error(`session ${session.url} up in ${((performance.now() - t0) / 1000).toFixed(1)} s; workerd runtime pid ${procs.runtime}, proxy ${procs.proxy.join(",")}`);
+
+    const items = workload(opts.n, opts.seed, opts.callback);
+    const warm = workload(opts.warmup, opts.seed + 1, opts.callback);
+    if (opts.warmup) {
+      console.error(`warm-up: ${opts.warmup} orchestrated${opts.floor ? " + floor" : ""}...`);
+      const w1 = await b.phase("warmup", warm, Math.min(opts.concurrency, 50), (it) => b.orchestrated(it), pids);
+      const bad = w1.records.filter((r) => !r.ok);
+      if (bad.length) throw new Error(`warm-up failed: ${bad.length} of ${warm.length}: ${bad[0].error}`);
+      if (opts.floor) await b.phase("warmup-floor", warm, Math.min(opts.concurrency, 50), (it, i) => b.floor(it, 1e7 + i), pids);
+    }
+
+    let floor: PhaseResult | null = null;
+    if (opts.floor) {
+      console.error(`floor: ${opts.n} at ${opts.concurrency} in flight...`);
+      await b.workerStats(true);
+      floor = await b.phase("floor", items, opts.concurrency, (it, i) => b.floor(it, i), pids);
+      floor.worker = await b.workerStats(true);
+    }
+
+    console.error(`orchestrated: ${opts.n} at ${opts.concurrency} in flight...`);
+    await b.workerStats(true);
+    await sleep(1000);
+    const before = sampler.sample()[procs.runtime];
+    const orchStart = Date.now();
+    const checkpoints: { completed: number; rss_mib: number | null }[] = [{ completed: 0, rss_mib: mib(before) }];
+    const every = Math.max(1, Math.floor(opts.n / 10));
+    const orch = await b.phase("orchestrated", items, opts.concurrency, (it) => b.orchestrated(it), pids, (done) => {
+      if (done % every === 0) checkpoints.push({ completed: done, rss_mib: mib(memoryOf(procs.runtime!)?.rss) });
+    });
+    orch.worker = await b.workerStats(true);
+    const end = sampler.sample()[procs.runtime];
+    const peak = sampler.peak(procs.runtime, orchStart);
+    const proxyPeak = procs.proxy[0] ? sampler.peak(procs.proxy[0], orchStart) : null;
+    console.error(`settling ${opts.settleMs} ms...`);
+    await sleep(opts.settleMs);
+    const settled = sampler.sample()[procs.runtime];
+    const hwm = memoryOf(procs.runtime)?.hwm ?? null;
+    const leftovers = await b.workerStats();
+    const resources = await b.client.request<any>("GET", "/resources", { headers: b.ops, timeoutMs: 10_000 }).catch((e) => ({ status: 0, body: String(e) }));
+
+    const o = report(orch);
+    const f = floor ? report(floor) : null;
+    const ratio = f
+      ? {
+          throughput: Number((o.throughput_per_s / f.throughput_per_s).toFixed(3)),
+          latency_p50: Number((o.latency_ms.p50 / f.latency_ms.p50).toFixed(2)),
+          latency_p95: Number((o.latency_ms.p95 / f.latency_ms.p95).toFixed(2)),
+          latency_p99: Number((o.latency_ms.p99 / f.latency_ms.p99).toFixed(2)),
+        }
+      : null;
+    const growth = settled - before;
+    const memory = {
+      runtime_pid: procs.runtime,
+      runtime_rss_before_mib: mib(before),
+      runtime_rss_peak_mib: mib(peak),
+      runtime_rss_end_mib: mib(end),
+      runtime_rss_settled_mib: mib(settled),
+      runtime_growth_mib: mib(growth),
+      runtime_growth_per_execution_bytes: Math.round(growth / Math.max(1, o.completed)),
+      runtime_hwm_mib: mib(hwm),
+      proxy_rss_peak_mib: mib(proxyPeak),
+      settle_ms: opts.settleMs,
+      checkpoints,
+    };
+    const ledger = resources.status === 200 ? { leases: resources.body.leases, waiters: resources.body.waiters, pools: resources.body.pools?.map((p: any) => ({ name: p.name, in_use: p.in_use, waiting: p.waiting })) } : { error: `GET /resources answered ${resources.status}` };
+    const memoryBoundMib = 64;
+    const targets = [
+      { name: "throughput >= 200 executions/s at 200 in flight", measured: `${o.throughput_per_s}/s at ${opts.concurrency}`, met: opts.concurrency >= 200 ? o.throughput_per_s >= 200 : null, by: o.throughput_per_s < 200 ? `${(200 - o.throughput_per_s).toFixed(1)}/s short (${((o.throughput_per_s / 200) * 100).toFixed(0)}% of target)` : undefined },
+      { name: "overhead per stage p50 <= 5 ms", measured: `${o.overhead_per_stage_ms.p50} ms (first ${o.overhead_first_ms.p50}, between ${o.overhead_between_ms.p50})`, met: o.overhead_per_stage_ms.p50 <= 5, by: `${(o.overhead_per_stage_ms.p50 - 5).toFixed(1)} ms over` },
+      { name: "overhead per stage p99 <= 30 ms", measured: `${o.overhead_per_stage_ms.p99} ms (first ${o.overhead_first_ms.p99}, between ${o.overhead_between_ms.p99})`, met: o.overhead_per_stage_ms.p99 <= 30, by: `${(o.overhead_per_stage_ms.p99 - 30).toFixed(1)} ms over` },
+      { name: "throughput >= 50% of the floor", measured: ratio ? `${(ratio.throughput * 100).toFixed(1)}%` : "no floor", met: ratio ? ratio.throughput >= 0.5 : null, by: ratio ? `${((0.5 - ratio.throughput) * 100).toFixed(1)} points short` : undefined },
+      { name: `workerd growth <= ${memoryBoundMib} MiB across the run after ${opts.settleMs} ms idle (judged at >= 10000)`, measured: `${mib(growth)} MiB over ${o.completed} executions`, met: opts.n >= 10_000 ? growth <= memoryBoundMib * MiB : null, by: `${(mib(growth - memoryBoundMib * MiB) ?? 0)} MiB over` },
+      { name: "zero failed or stuck executions", measured: `${o.failed} failed, ${o.stuck} stuck${f ? `; floor ${f.failed}/${f.stuck}` : ""}`, met: o.failed === 0 && o.stuck === 0 && (!f || (f.failed === 0 && f.stuck === 0)) },
+    ];
+    const result = {
+      bench: "e2e",
+      date: startedAt.toISOString(),
+      mode: opts.quick ? "quick" : opts.soak ? "soak" : "full",
+      n: opts.n,
+      concurrency: opts.concurrency,
+      warmup: opts.warmup,
+      seed: opts.seed,
+      callback: opts.callback,
+      template: BENCH_TEMPLATE,
+      stages: BENCH_STAGES,
+      cores: os.cpus().length,
+      cpu_model: os.cpus()[0]?.model ?? "?",
+      versions: versions(),
+      orchestrated: o,
+      floor: f,
+      ratio,
+      memory,
+      ledger_after: ledger,
+      bench_worker_after: leftovers?.sizes ?? null,
+      targets,
+      total_s: Number(((performance.now() - t0) / 1000).toFixed(1)),
+    };
+    printTable(result);
+    const line = JSON.stringify(result);
+    console.log(line);
+    const out = opts.jsonOut ?? path.join(path.dirname(new URL(import.meta.url).pathname), "results", `e2e-${startedAt.toISOString().replace(/[:.]/g, "-")}.json`);
+    mkdirSync(path.dirname(out), { recursive: true });
+    writeFileSync(out, line + "\n");
+    console.error(`wrote ${out}`);
+    const broken = o.failed + o.stuck + (f ? f.failed + f.stuck : 0);
+    return broken > 0 ? 1 : 0;
+  } finally {
+    sampler?.stop();
+    bench?.client.close();
+    await session.stop();
+  }
+}
+
+main().then(
+  (code) => process.exit(code),
+  (err) => {
+    console.error(`bench failed: ${err instanceof Error ? err.stack : String(err)}`);
+    process.exit(2);
+  },
+);

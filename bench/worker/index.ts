@@ -1,0 +1,368 @@
+import { CancelRequest, HandshakeRequest, ProcessRequest } from "../../schemas/worker-protocol";
+import {
+  BENCH_STAGES,
+  BENCH_WORKER,
+  type ExecTimings,
+  type FloorAnswer,
+  SINK_ORIGIN,
+  STAGE_USAGE,
+  type StageTiming,
+  type WaitAnswer,
+  type WorkerCounters,
+  type WorkerStats,
+} from "./shared";
+
+/**
+ * bitware-bench-worker: a zero-work stage worker for bench/e2e.ts.
+ *
+ * Protocol (docs/protocol.md §3): the handshake accepts at once; process answers
+ * 202 and completes at once by calling back `complete` with a tiny output and
+ * usage `{ "tokens:openai": 10 }`, in `ctx.waitUntil` (default) or before
+ * answering (`parameters.bench_callback = "sync"`); progress answers completed
+ * if polled; cancel is a no-op. Bodies are validated with the same zod schemas
+ * as the orchestrator's, so the worker does the parsing a real worker does.
+ *
+ * Bench endpoints (Bearer WORKER_SECRET):
+ * - `GET /bench/wait/{executionId}?timeout_ms=` answers when the last stage's
+ *   `complete` has been acknowledged (or on timeout) with the execution's
+ *   timings, which it then forgets: the bench script learns completions
+ *   without polling the orchestrator's status, and the worker keeps nothing.
+ * - `POST /bench/floor` `{ executionId, parameters }`: the floor, the same
+ *   stages driven from here with no orchestrator: handshake and process through
+ *   SELF, the callback goes to `/bench/sink` through SELF, the next stage starts
+ *   when the sink has it.
+ * - `GET /bench/stats`, `POST /bench/reset`: counters and map sizes.
+ *
+ * State is in isolate memory: `wrangler dev` runs one isolate per worker, and
+ * every map is bounded (the oldest entries go first).
+ *
+ * Clock: workerd freezes Date.now() while JavaScript runs (Spectre mitigation);
+ * it advances across I/O, so a timestamp is the time the request (or the last
+ * awaited I/O) started, to the millisecond. That is enough for events that are
+ * separate requests, which is all this records.
+ */
+interface Fetcher {
+  fetch(input: Request | string, init?: RequestInit): Promise<Response>;
+}
+interface Ctx {
+  waitUntil(promise: Promise<unknown>): void;
+}
+export interface BenchEnv {
+  WORKER_SECRET: string;
+  ORCHESTRATOR: Fetcher;
+  SELF: Fetcher;
+}
+
+interface Job {
+  executionId: string;
+  stageId: string;
+  attempt: number;
+  callbackUrl: string;
+  token: string;
+  last: boolean;
+  sync: boolean;
+  processed: boolean;
+  output: unknown;
+  timing: StageTiming;
+}
+
+const MAX_ENTRIES = 50_000;
+const jobs = new Map<string, Job>();
+const execs = new Map<string, ExecTimings>();
+const execWaiters = new Map<string, (rec: ExecTimings | null) => void>();
+const sinkWaiters = new Map<string, { token: string; resolve: (body: { output?: unknown } | null) => void }>();
+let counters = zeroCounters();
+
+function zeroCounters(): WorkerCounters {
+  return { handshake: 0, process: 0, progress: 0, cancel: 0, callbacks: 0, callbackFailures: 0, sink: 0, floor: 0, unknownJob: 0 };
+}
+
+function bounded<K, V>(map: Map<K, V>, key: K, value: V): void {
+  map.set(key, value);
+  while (map.size > MAX_ENTRIES) map.delete(map.keys().next().value as K);
+}
+
+const PROGRESS_PATH = /^\/api\/progress\/([^/]+)$/;
+const WAIT_PATH = /^\/bench\/wait\/([^/]+)$/;
+const SINK_PATH = /^\/bench\/sink\/([^/]+)\/stages\/([^/]+)\/(complete|progress|fail)$/;
+
+export default {
+  async fetch(request: Request, env: BenchEnv, ctx: Ctx): Promise<Response> {
+    const url = new URL(request.url);
+    const path = url.pathname;
+    if (path === "/health") return json(200, { status: "ok" });
+    const sink = SINK_PATH.exec(path);
+    if (sink) return onSink(request, sink[1], sink[2], sink[3]);
+    if (!env.WORKER_SECRET) return error(500, "not_configured", "WORKER_SECRET is not set");
+    if (bearer(request) !== env.WORKER_SECRET) return error(401, "unauthorized", "missing or wrong bearer token");
+    try {
+      if (request.method === "POST" && path === "/api/handshake") return await onHandshake(request);
+      if (request.method === "POST" && path === "/api/process") return await onProcess(request, env, ctx);
+      const progress = PROGRESS_PATH.exec(path);
+      if (request.method === "GET" && progress) return onProgress(decodeURIComponent(progress[1]), url.searchParams.get("stageId") ?? "");
+      if (request.method === "POST" && path === "/api/cancel") return await onCancel(request);
+      const wait = WAIT_PATH.exec(path);
+      if (request.method === "GET" && wait) return await onWait(decodeURIComponent(wait[1]), Number(url.searchParams.get("timeout_ms") ?? 30_000));
+      if (request.method === "POST" && path === "/bench/floor") return await onFloor(request, env);
+      if (request.method === "GET" && path === "/bench/stats") return json(200, stats());
+      if (request.method === "POST" && path === "/bench/reset") {
+        const before = stats();
+        counters = zeroCounters();
+        return json(200, before);
+      }
+      return error(404, "not_found", `no route for ${request.method} ${path}`);
+    } catch (err) {
+      return error(500, "internal_error", err instanceof Error ? err.message : String(err));
+    }
+  },
+};
+
+// ------------------------------------------------------------ protocol ----
+
+async function onHandshake(request: Request): Promise<Response> {
+  const parsed = HandshakeRequest.safeParse(await request.json().catch(() => null));
+  if (!parsed.success) return error(400, "invalid_request", "the body does not match the protocol");
+  const hs = parsed.data;
+  const now = Date.now();
+  counters.handshake++;
+  const key = `${hs.executionId}|${hs.stageId}`;
+  const existing = jobs.get(key);
+  if (existing && existing.attempt === hs.attempt) {
+    existing.timing.handshakes++;
+  } else {
+    const params = hs.inputData.parameters;
+    const total = Number(params.bench_stages ?? BENCH_STAGES);
+    const timing: StageTiming = { stage: hs.stageId, attempt: hs.attempt, hs: now, pr: null, cs: null, ca: null, status: null, handshakes: 1 };
+    execFor(hs.executionId).stages.push(timing);
+    bounded(jobs, key, {
+      executionId: hs.executionId,
+      stageId: hs.stageId,
+      attempt: hs.attempt,
+      callbackUrl: hs.callback.url,
+      token: hs.callback.token,
+      last: hs.stageId === `stage_${total}`,
+      sync: params.bench_callback === "sync",
+      processed: false,
+      output: { stage: hs.stageId, action: hs.action, ok: true },
+      timing,
+    });
+  }
+  return json(200, { executionId: hs.executionId, workerId: BENCH_WORKER, accepted: true, estimatedCompletionMs: 0 });
+}
+
+async function onProcess(request: Request, env: BenchEnv, ctx: Ctx): Promise<Response> {
+  const parsed = ProcessRequest.safeParse(await request.json().catch(() => null));
+  if (!parsed.success) return error(400, "invalid_request", "the body does not match the protocol");
+  counters.process++;
+  const job = jobs.get(`${parsed.data.executionId}|${parsed.data.stageId}`);
+  if (!job) {
+    counters.unknownJob++;
+    return error(404, "not_found", "no such job");
+  }
+  job.timing.pr ??= Date.now();
+  if (job.processed) return json(202, { status: "processing" });
+  job.processed = true;
+  const done = complete(job, env);
+  if (job.sync) await done;
+  else ctx.waitUntil(done);
+  return json(202, { status: "processing" });
+}
+
+function onProgress(executionId: string, stageId: string): Response {
+  counters.progress++;
+  const rec = execs.get(executionId);
+  if (rec) rec.polls++;
+  const job = jobs.get(`${executionId}|${stageId}`);
+  if (!job) return error(404, "not_found", "no such job");
+  if (!job.processed) return json(200, { status: "processing", progress: 0 });
+  return json(200, { status: "completed", progress: 100, output: job.output, usage: STAGE_USAGE });
+}
+
+async function onCancel(request: Request): Promise<Response> {
+  const parsed = CancelRequest.safeParse(await request.json().catch(() => null));
+  if (!parsed.success) return error(400, "invalid_request", "the body does not match the protocol");
+  counters.cancel++;
+  const rec = execs.get(parsed.data.executionId);
+  if (rec) rec.cancels++;
+  jobs.delete(`${parsed.data.executionId}|${parsed.data.stageId}`);
+  return json(200, { cancelled: false, status: "completed" });
+}
+
+/** The worker signalling completion: `POST {callback.url}/complete` through ORCHESTRATOR (or SELF for the floor's sink). */
+async function complete(job: Job, env: BenchEnv): Promise<void> {
+  const target = job.callbackUrl.startsWith(`${SINK_ORIGIN}/bench/sink/`) ? env.SELF : env.ORCHESTRATOR;
+  const body = JSON.stringify({ output: job.output, usage: STAGE_USAGE });
+  job.timing.cs = Date.now();
+  counters.callbacks++;
+  let status = 0;
+  try {
+    const res = await target.fetch(`${job.callbackUrl}/complete`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${job.token}`, "content-type": "application/json" },
+      body,
+    });
+    status = res.status;
+    await res.arrayBuffer();
+  } catch {
+    status = 0;
+  }
+  job.timing.ca = Date.now();
+  job.timing.status = status;
+  const rec = execs.get(job.executionId);
+  if (status >= 200 && status < 300) {
+    // Acknowledged: the orchestrator will not poll this stage any more.
+    jobs.delete(`${job.executionId}|${job.stageId}`);
+    if (job.last && rec) {
+      rec.done = true;
+      rec.ended = true;
+      wake(rec);
+    }
+  } else {
+    counters.callbackFailures++;
+    if (rec) {
+      rec.callbackFailures++;
+      if (job.last) {
+        rec.ended = true;
+        wake(rec);
+      }
+    }
+  }
+}
+
+// --------------------------------------------------------------- bench ----
+
+function execFor(id: string): ExecTimings {
+  let rec = execs.get(id);
+  if (!rec) {
+    rec = { id, stages: [], done: false, ended: false, callbackFailures: 0, polls: 0, cancels: 0 };
+    bounded(execs, id, rec);
+  }
+  return rec;
+}
+
+function wake(rec: ExecTimings): void {
+  const waiter = execWaiters.get(rec.id);
+  if (!waiter) return;
+  execWaiters.delete(rec.id);
+  execs.delete(rec.id);
+  waiter(rec);
+}
+
+async function onWait(id: string, timeoutMs: number): Promise<Response> {
+  const ready = execs.get(id);
+  if (ready?.ended) {
+    execs.delete(id);
+    return json(200, { done: ready.done, timings: ready } satisfies WaitAnswer);
+  }
+  execWaiters.get(id)?.(null);
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  let mine: ((rec: ExecTimings | null) => void) | undefined;
+  const rec = await new Promise<ExecTimings | null>((resolve) => {
+    mine = resolve;
+    bounded(execWaiters, id, resolve);
+    timer = setTimeout(() => resolve(null), Math.min(Math.max(10, timeoutMs || 0), 120_000));
+  });
+  clearTimeout(timer);
+  if (rec) return json(200, { done: rec.done, timings: rec } satisfies WaitAnswer);
+  if (execWaiters.get(id) === mine) execWaiters.delete(id);
+  return json(200, { done: false, timings: execs.get(id) ?? null } satisfies WaitAnswer);
+}
+
+/** The floor: the same stages with no orchestrator. */
+async function onFloor(request: Request, env: BenchEnv): Promise<Response> {
+  counters.floor++;
+  const { executionId, parameters } = (await request.json()) as { executionId: string; parameters: Record<string, unknown> };
+  const total = Number(parameters.bench_stages ?? BENCH_STAGES);
+  const auth = { authorization: `Bearer ${env.WORKER_SECRET}`, "content-type": "application/json" };
+  const base = `https://${BENCH_WORKER}.internal`;
+  let previousOutput: unknown = null;
+  const fail = (message: string) => {
+    const timings = execs.get(executionId) ?? null;
+    execs.delete(executionId);
+    return json(200, { ok: false, error: message, timings } satisfies FloorAnswer);
+  };
+  for (let i = 1; i <= total; i++) {
+    const stageId = `stage_${i}`;
+    const key = `${executionId}|${stageId}`;
+    const token = `floor.${crypto.randomUUID()}`;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const completed = new Promise<{ output?: unknown } | null>((resolve) => {
+      bounded(sinkWaiters, key, { token, resolve });
+      timer = setTimeout(() => resolve(null), 30_000);
+    });
+    const hsRes = await env.SELF.fetch(`${base}/api/handshake`, {
+      method: "POST",
+      headers: auth,
+      body: JSON.stringify({
+        executionId,
+        stageId,
+        attempt: 1,
+        action: `bench_${i}`,
+        inputData: { parameters, template_ref: "bench_v1", previousOutput },
+        resourceRequirements: { estimatedTokens: 10, timeoutMs: 60_000, pools: { [`worker:${BENCH_WORKER}`]: 1, "tokens:openai": 10 } },
+        validationConfig: {},
+        callback: { url: `${SINK_ORIGIN}/bench/sink/${executionId}/stages/${stageId}`, token },
+      }),
+    });
+    const hs = (await hsRes.json().catch(() => null)) as { accepted?: boolean } | null;
+    if (!hsRes.ok || !hs?.accepted) {
+      clearTimeout(timer);
+      sinkWaiters.delete(key);
+      return fail(`${stageId}: handshake answered ${hsRes.status}`);
+    }
+    const prRes = await env.SELF.fetch(`${base}/api/process`, { method: "POST", headers: auth, body: JSON.stringify({ executionId, stageId, attempt: 1 }) });
+    await prRes.arrayBuffer();
+    if (!prRes.ok) {
+      clearTimeout(timer);
+      sinkWaiters.delete(key);
+      return fail(`${stageId}: process answered ${prRes.status}`);
+    }
+    const body = await completed;
+    clearTimeout(timer);
+    if (!body) {
+      sinkWaiters.delete(key);
+      return fail(`${stageId}: no completion within 30 s`);
+    }
+    previousOutput = body.output ?? null;
+  }
+  const timings = execs.get(executionId) ?? null;
+  execs.delete(executionId);
+  return json(200, { ok: true, timings } satisfies FloorAnswer);
+}
+
+/** The floor's callback receiver: checks the stage's token, reads the body, hands it to the waiting floor run. */
+async function onSink(request: Request, executionId: string, stageId: string, kind: string): Promise<Response> {
+  counters.sink++;
+  const key = `${executionId}|${stageId}`;
+  const waiter = sinkWaiters.get(key);
+  if (!waiter) return error(404, "not_found", "no such stage");
+  if (bearer(request) !== waiter.token) return error(401, "unauthorized", "missing or invalid callback token");
+  const body = (await request.json().catch(() => null)) as { output?: unknown } | null;
+  if (!body || typeof body !== "object") return error(400, "invalid_json", "the body is not valid JSON");
+  if (kind !== "complete") return json(200, { ok: true, stage_status: "processing" });
+  sinkWaiters.delete(key);
+  waiter.resolve(body);
+  return json(200, { ok: true, stage_status: "completed" });
+}
+
+function stats(): WorkerStats {
+  return {
+    counters: { ...counters },
+    sizes: { jobs: jobs.size, execs: execs.size, execWaiters: execWaiters.size, sinkWaiters: sinkWaiters.size },
+  };
+}
+
+// ------------------------------------------------------------- helpers ----
+
+function bearer(request: Request): string {
+  const m = /^Bearer\s+(\S+)\s*$/i.exec(request.headers.get("authorization") ?? "");
+  return m ? m[1] : "";
+}
+
+function json(status: number, body: unknown): Response {
+  return new Response(JSON.stringify(body), { status, headers: { "content-type": "application/json" } });
+}
+
+function error(status: number, code: string, message: string): Response {
+  return json(status, { error: { code, message } });
+}
