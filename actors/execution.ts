@@ -205,6 +205,8 @@ export class Execution extends DurableObject<Env> {
   /** Serialises drive() passes: the tail of the chain and a queued-but-not-started pass to share. */
   private tail: Promise<void> = Promise.resolve();
   private queued: Promise<void> | null = null;
+  /** Our own id, read from storage once (never from ctx.id.name). */
+  private executionId: string | undefined;
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
@@ -1044,7 +1046,8 @@ export class Execution extends DurableObject<Env> {
   }
 
   private log(level: "debug" | "info" | "warn" | "error", event: string, fields: Record<string, unknown>): void {
-    log(level, event, { execution_id: this.row()?.execution_id, ...fields });
+    this.executionId ??= this.sql<{ execution_id: string }>`SELECT execution_id FROM execution WHERE id = 1`[0]?.execution_id;
+    log(level, event, { execution_id: this.executionId, ...fields });
   }
 
   private logCall(event: string, st: StageRow, ms: number, outcome: string): void {
