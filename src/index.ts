@@ -6,6 +6,7 @@ import { setLogLevel } from "./log";
 import { handle } from "./routes";
 
 export { Execution } from "../actors/execution";
+export { ExecutionIndex } from "../actors/execution-index";
 export { RequestRegistry } from "../actors/request-registry";
 export { ResourceLedger } from "../actors/resource-ledger";
 

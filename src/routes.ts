@@ -6,6 +6,7 @@ import { requireRole } from "./auth";
 import { configOf } from "./config";
 import {
   cancelExecution,
+  checkExecutionId,
   getResult,
   getResultContent,
   getStatus,
@@ -16,8 +17,12 @@ import {
   writeData,
 } from "./execution-service";
 import { ApiError, errorResponse, json, parseWith, readJson } from "./http";
+import { countExecutions, listExecutions } from "./index-routing";
 import { ledgerFor } from "./ledger-routing";
 import { log } from "./log";
+import { wantsHtml } from "./ui/common";
+import { executionPage } from "./ui/execution-page";
+import { overviewPage } from "./ui/overview-page";
 
 /**
  * The front Worker's HTTP API (docs/protocol.md). Handlers stay thin: auth,
@@ -46,6 +51,10 @@ const origin = (req: IRequest) => new URL(req.url).origin;
 
 route("get", "/health", () => json({ status: "ok", service: "orchestrator-v2", time: new Date().toISOString() }));
 
+// Operator pages (src/ui/): they hold no data, so no token; their scripts read with the OPS token.
+route("get", "/ui", () => overviewPage());
+route("get", "/ui/executions/:id", (req) => executionPage(checkExecutionId(req.params.id)));
+
 route("post", "/execute", async (req, env) => {
   requireRole(req, env, ["kam"]);
   const body = await readJson(req, z.unknown(), configOf(env).tuning.maxBodyBytes);
@@ -53,9 +62,22 @@ route("post", "/execute", async (req, env) => {
   return json(out.body, out.status);
 });
 
-route("get", "/executions/:id", async (req, env) => {
+// The execution index (src/index-routing.ts); registered before /executions/:id.
+route("get", "/executions", async (req, env) => {
+  if (wantsHtml(req)) return overviewPage();
   requireRole(req, env, ["kam", "ops"]);
-  return json(await getStatus(env, req.params.id));
+  return json(await listExecutions(env, new URL(req.url)));
+});
+
+route("get", "/executions/counts", async (req, env) => {
+  requireRole(req, env, ["kam", "ops"]);
+  return json(await countExecutions(env, new URL(req.url)));
+});
+
+route("get", "/executions/:id", async (req, env) => {
+  if (wantsHtml(req)) return executionPage(checkExecutionId(req.params.id));
+  requireRole(req, env, ["kam", "ops"]);
+  return json(await getStatus(env, req.params.id), 200, { vary: "Accept" });
 });
 
 route("get", "/executions/:id/result", async (req, env) => {

@@ -1,0 +1,179 @@
+import { DurableObject } from "cloudflare:workers";
+import type { ExecutionStatus } from "../schemas/api";
+import { ExecutionStatus as ExecutionStatusSchema } from "../schemas/api";
+import {
+  IndexEntry,
+  type IndexFilter,
+  type IndexPage,
+  type StatusCounts,
+  decodeCursor,
+  encodeCursor,
+} from "../schemas/index-entry";
+import { zodIssues } from "../src/http";
+import { log, setLogLevel } from "../src/log";
+import { type Sql, execScript, sqlOf } from "./sql";
+
+/**
+ * One shard of the execution index: a summary row per execution created in
+ * this shard's time bucket (which bucket is decided in src/index-routing.ts
+ * only). Executions write here on every status change, at least once and
+ * possibly out of order; `upsert` keeps the highest `version` and is one
+ * synchronous statement, so a repeat or a late older entry changes nothing.
+ *
+ * The table is created by the first write: a shard that is only ever read
+ * (the query walks empty months too) stores nothing.
+ */
+const SCHEMA = `
+CREATE TABLE IF NOT EXISTS entries (
+  execution_id TEXT PRIMARY KEY, client_id TEXT NOT NULL, template_name TEXT NOT NULL,
+  status TEXT NOT NULL, priority TEXT NOT NULL, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,
+  completed_at INTEGER, error_code TEXT, cost_total REAL,
+  stages_total INTEGER NOT NULL, stages_completed INTEGER NOT NULL, version INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_by_created ON entries (created_at DESC, execution_id DESC);
+CREATE INDEX IF NOT EXISTS entries_by_client ON entries (client_id, created_at DESC, execution_id DESC);
+CREATE INDEX IF NOT EXISTS entries_by_template ON entries (template_name, created_at DESC, execution_id DESC);
+CREATE INDEX IF NOT EXISTS entries_by_status ON entries (status, created_at DESC, execution_id DESC);
+`;
+
+const COLUMNS =
+  "execution_id, client_id, template_name, status, priority, created_at, updated_at, completed_at, error_code, cost_total, stages_total, stages_completed, version";
+
+/** At most this many rows per call, whatever the caller asks. */
+const MAX_ROWS = 1000;
+
+export class ExecutionIndex extends DurableObject<Env> {
+  private readonly sql: Sql;
+  private ready = false;
+
+  constructor(ctx: DurableObjectState, env: Env) {
+    super(ctx, env);
+    this.sql = sqlOf(ctx.storage);
+    setLogLevel((env as unknown as { LOG_LEVEL?: string }).LOG_LEVEL);
+  }
+
+  /**
+   * Idempotent; ignores an entry whose version is not higher than the stored
+   * one. An entry that breaks the schema is logged and dropped: the caller's
+   * outbox retries failures, and no retry would fix that one.
+   */
+  async upsert(entry: IndexEntry): Promise<void> {
+    const parsed = IndexEntry.safeParse(entry);
+    if (!parsed.success) {
+      log("error", "index_entry_invalid", { execution_id: String(entry?.execution_id).slice(0, 80), issues: zodIssues(parsed.error) });
+      return;
+    }
+    const e = parsed.data;
+    this.ensureSchema();
+    this.sql`INSERT INTO entries (execution_id, client_id, template_name, status, priority, created_at, updated_at,
+        completed_at, error_code, cost_total, stages_total, stages_completed, version)
+      VALUES (${e.execution_id}, ${e.client_id}, ${e.template_name}, ${e.status}, ${e.priority}, ${e.created_at}, ${e.updated_at},
+        ${e.completed_at}, ${e.error_code}, ${e.cost_total}, ${e.stages_total}, ${e.stages_completed}, ${e.version})
+      ON CONFLICT (execution_id) DO UPDATE SET
+        client_id = excluded.client_id, template_name = excluded.template_name, status = excluded.status,
+        priority = excluded.priority, created_at = excluded.created_at, updated_at = excluded.updated_at,
+        completed_at = excluded.completed_at, error_code = excluded.error_code, cost_total = excluded.cost_total,
+        stages_total = excluded.stages_total, stages_completed = excluded.stages_completed, version = excluded.version
+      WHERE excluded.version > entries.version`;
+  }
+
+  /** One entry, for tests and operators. */
+  async get(executionId: string): Promise<IndexEntry | null> {
+    if (!this.hasSchema()) return null;
+    return this.sql`SELECT * FROM entries WHERE execution_id = ${executionId}`.map(toEntry)[0] ?? null;
+  }
+
+  /** Newest first; `next_cursor` is set when this shard holds more matches after the last item. */
+  async query(filter: IndexFilter): Promise<IndexPage> {
+    if (!this.hasSchema()) return { items: [], next_cursor: null };
+    const limit = Math.max(1, Math.min(MAX_ROWS, Math.floor(filter.limit)));
+    const { where, args } = conditions(filter, true);
+    // Only constant fragments are joined here; every value is a bound parameter.
+    const rows = this.ctx.storage.sql
+      .exec(`SELECT ${COLUMNS} FROM entries${where} ORDER BY created_at DESC, execution_id DESC LIMIT ?`, ...args, limit + 1)
+      .toArray()
+      .map(toEntry);
+    const more = rows.length > limit;
+    const items = more ? rows.slice(0, limit) : rows;
+    const last = items[items.length - 1];
+    return { items, next_cursor: more && last ? encodeCursor(last) : null };
+  }
+
+  /** Matches per status (the status filter and the cursor are ignored). */
+  async counts(filter: Omit<IndexFilter, "limit" | "status" | "cursor">): Promise<StatusCounts> {
+    const counts = emptyCounts();
+    if (!this.hasSchema()) return counts;
+    const { where, args } = conditions({ ...filter, status: undefined, cursor: null, limit: 0 }, false);
+    const rows = this.ctx.storage.sql.exec(`SELECT status, COUNT(*) AS n FROM entries${where} GROUP BY status`, ...args).toArray();
+    for (const r of rows) {
+      const status = ExecutionStatusSchema.safeParse(r.status);
+      if (status.success) counts[status.data] = Number(r.n);
+    }
+    return counts;
+  }
+
+  private ensureSchema(): void {
+    if (this.ready) return;
+    execScript(this.ctx.storage, SCHEMA);
+    this.ready = true;
+  }
+
+  private hasSchema(): boolean {
+    if (!this.ready) this.ready = this.sql`SELECT 1 AS x FROM sqlite_master WHERE type = 'table' AND name = 'entries'`.length > 0;
+    return this.ready;
+  }
+}
+
+export function emptyCounts(): StatusCounts {
+  return { queued: 0, running: 0, completed: 0, failed: 0, cancelled: 0 };
+}
+
+function conditions(filter: IndexFilter, withCursor: boolean): { where: string; args: SqlStorageValue[] } {
+  const parts: string[] = [];
+  const args: SqlStorageValue[] = [];
+  if (filter.client_id !== undefined) {
+    parts.push("client_id = ?");
+    args.push(filter.client_id);
+  }
+  if (filter.template_name !== undefined) {
+    parts.push("template_name = ?");
+    args.push(filter.template_name);
+  }
+  if (filter.status !== undefined) {
+    parts.push("status = ?");
+    args.push(filter.status satisfies ExecutionStatus);
+  }
+  if (filter.since !== undefined) {
+    parts.push("created_at >= ?");
+    args.push(filter.since);
+  }
+  if (filter.until !== undefined) {
+    parts.push("created_at < ?");
+    args.push(filter.until);
+  }
+  const at = withCursor && filter.cursor ? decodeCursor(filter.cursor) : null;
+  if (withCursor && filter.cursor && !at) throw new Error("invalid cursor");
+  if (at) {
+    parts.push("(created_at, execution_id) < (?, ?)");
+    args.push(at.created_at, at.execution_id);
+  }
+  return { where: parts.length ? ` WHERE ${parts.join(" AND ")}` : "", args };
+}
+
+function toEntry(row: Record<string, SqlStorageValue>): IndexEntry {
+  return {
+    execution_id: String(row.execution_id),
+    client_id: String(row.client_id),
+    template_name: String(row.template_name),
+    status: row.status as IndexEntry["status"],
+    priority: row.priority as IndexEntry["priority"],
+    created_at: Number(row.created_at),
+    updated_at: Number(row.updated_at),
+    completed_at: row.completed_at === null ? null : Number(row.completed_at),
+    error_code: row.error_code === null ? null : String(row.error_code),
+    cost_total: row.cost_total === null ? null : Number(row.cost_total),
+    stages_total: Number(row.stages_total),
+    stages_completed: Number(row.stages_completed),
+    version: Number(row.version),
+  };
+}

@@ -1,0 +1,213 @@
+import { AUTH_JS, BASE_CSS, LOGIN_HTML, escapeHtml, htmlResponse } from "./common";
+
+/**
+ * `GET /executions/:id` with `Accept: text/html`, and `GET /ui/executions/:id`:
+ * the execution as a timeline, one row per stage (status, attempts, progress,
+ * time waiting for resources, time processing, usage, cost, error), polled
+ * every second with the OPS token until the execution ends. The page itself
+ * holds no data, so it is served without a token.
+ */
+const CSS = `
+.summary { display: grid; grid-template-columns: repeat(auto-fill, minmax(210px, 1fr)); gap: 8px 20px; margin: 0; }
+.summary div { min-width: 0; }
+.summary dt { font-size: 12px; color: var(--muted); }
+.summary dd { margin: 0; overflow-wrap: anywhere; }
+.scroll { overflow-x: auto; }
+.stage-name { font-weight: 600; }
+td progress { width: 90px; vertical-align: middle; }
+.tl { position: relative; height: 14px; min-width: 160px; background: color-mix(in srgb, var(--line) 45%, transparent); border-radius: 3px; }
+.tl-bar { position: absolute; top: 2px; bottom: 2px; display: flex; overflow: hidden; border-radius: 2px; background: var(--run); min-width: 2px; }
+.tl-bar.st-completed { background: var(--ok); } .tl-bar.st-failed { background: var(--bad); } .tl-bar.st-cancelled { background: var(--warn); }
+.tl-wait { height: 100%; background: var(--warn); opacity: .75; }
+ul.usage { margin: 0; padding: 0; list-style: none; }
+#problem:empty { display: none; }
+`;
+
+const SCRIPT = `
+const ID = document.body.dataset.executionId;
+const TERMINAL = ["completed", "failed", "cancelled"];
+let timer = null;
+let failures = 0;
+let generation = 0;
+
+function setLive(on, text) {
+  const live = $("live");
+  live.classList.toggle("on", on);
+  live.textContent = text;
+}
+function problem(text) { $("problem").textContent = text || ""; }
+function put(id, value) { $(id).textContent = value === null || value === undefined || value === "" ? "–" : String(value); }
+
+function renderSummary(doc) {
+  const st = $("exec-status");
+  st.replaceChildren(badge(doc.status));
+  st.dataset.status = doc.status;
+  put("template", doc.template_name + (doc.template_id ? " (" + doc.template_id + (doc.template_source ? ", from " + doc.template_source : "") + ")" : ""));
+  put("client", doc.client_id);
+  put("request", doc.request_id);
+  put("priority", doc.priority);
+  put("created", fmtTime(doc.created_at));
+  put("started", fmtTime(doc.started_at));
+  put("completed", fmtTime(doc.completed_at));
+  put("estimated", doc.completed_at ? null : fmtTime(doc.estimated_completion_at));
+  const end = doc.completed_at ? Date.parse(doc.completed_at) : Date.now();
+  put("duration", fmtMs(end - Date.parse(doc.created_at)));
+  put("cost", doc.cost ? fmtCost(doc.cost.total, doc.cost.currency) : null);
+  const e = doc.error;
+  put("error", e ? e.code + ": " + e.message + (e.stage_id ? " (" + e.stage_id + ")" : "") : null);
+  $("error").classList.toggle("error", !!e);
+  put("expired", doc.data_expired_at ? fmtTime(doc.data_expired_at) : null);
+}
+
+function timeline(doc, s) {
+  const box = el("div", { class: "tl", title: "waiting " + fmtMs(s.waiting_ms) + ", processing " + fmtMs(s.processing_ms) });
+  if (!s.started_at) return box;
+  const t0 = Date.parse(doc.created_at);
+  const tEnd = doc.completed_at ? Date.parse(doc.completed_at) : Date.now();
+  const span = Math.max(1, tEnd - t0);
+  const start = Date.parse(s.started_at);
+  const stop = s.completed_at ? Date.parse(s.completed_at) : tEnd;
+  const bar = el("div", { class: "tl-bar st-" + s.status });
+  bar.style.left = Math.min(100, Math.max(0, ((start - t0) / span) * 100)) + "%";
+  bar.style.width = Math.min(100, Math.max(0.5, ((stop - start) / span) * 100)) + "%";
+  const total = Math.max(1, s.waiting_ms + s.processing_ms);
+  const wait = el("div", { class: "tl-wait" });
+  wait.style.width = Math.min(100, (s.waiting_ms / total) * 100) + "%";
+  bar.append(wait);
+  box.append(bar);
+  return box;
+}
+
+function usageList(usage) {
+  if (!usage) return document.createTextNode("–");
+  const ul = el("ul", { class: "usage mono" });
+  for (const [pool, amount] of Object.entries(usage)) ul.append(el("li", { text: pool + ": " + Number(amount).toLocaleString("en-US") }));
+  return ul;
+}
+
+function stageRow(doc, s, currency) {
+  const progress = Math.max(0, Math.min(100, Number(s.progress) || 0));
+  const statusCell = el("td", null, [el("span", { dataset: { role: "status" }, class: "badge st-" + s.status, text: s.status })]);
+  if (s.message) statusCell.append(el("div", { class: "muted", text: s.message }));
+  return el("tr", { dataset: { stageId: s.stage_id, status: s.status } }, [
+    el("td", { class: "num", text: s.order }),
+    el("td", null, [
+      el("div", { class: "stage-name mono", text: s.stage_id }),
+      el("div", { class: "muted", text: s.worker + " · " + s.action + " · " + s.template_ref }),
+    ]),
+    statusCell,
+    el("td", { class: "num", dataset: { role: "attempts" }, text: s.attempts + " / " + s.max_attempts }),
+    el("td", { class: "num" }, [el("progress", { max: 100, value: progress }), " " + Math.round(progress) + "%"]),
+    el("td", { class: "num", dataset: { role: "waiting" }, text: fmtMs(s.waiting_ms) }),
+    el("td", { class: "num", dataset: { role: "processing" }, text: fmtMs(s.processing_ms) }),
+    el("td", null, [timeline(doc, s)]),
+    el("td", null, [usageList(s.usage)]),
+    el("td", { class: "num", text: fmtCost(s.cost, currency) }),
+    el("td", { class: s.error ? "error" : "", text: s.error ? s.error.code + ": " + s.error.message : "" }),
+  ]);
+}
+
+function render(doc) {
+  renderSummary(doc);
+  const currency = doc.cost ? doc.cost.currency : null;
+  const rows = doc.stages.slice().sort((a, b) => a.order - b.order).map((s) => stageRow(doc, s, currency));
+  $("stages-body").replaceChildren(...rows);
+  $("no-stages").hidden = rows.length > 0;
+  $("updated").textContent = "updated " + new Date().toISOString().replace("T", " ").replace("Z", " UTC");
+}
+
+async function tick(gen) {
+  if (gen !== generation || !token()) return;
+  try {
+    const doc = await api("/executions/" + encodeURIComponent(ID));
+    if (gen !== generation) return;
+    failures = 0;
+    problem("");
+    render(doc);
+    if (TERMINAL.includes(doc.status)) { setLive(false, "final state"); return; }
+    setLive(true, "live");
+    timer = setTimeout(() => tick(gen), 1000);
+  } catch (e) {
+    if (gen !== generation) return;
+    if (e instanceof Unauthorized) { setLive(false, ""); signOut("The token was refused: sign in again."); return; }
+    if (e instanceof HttpError && (e.status === 404 || e.status === 400)) { setLive(false, ""); problem(e.message); return; }
+    failures += 1;
+    const wait = Math.min(15000, 1000 * 2 ** Math.min(failures, 4));
+    setLive(false, "retrying");
+    problem("Could not read the execution (" + e.message + "); retrying in " + Math.round(wait / 1000) + " s.");
+    timer = setTimeout(() => tick(gen), wait);
+  }
+}
+
+function start() {
+  clearTimeout(timer);
+  generation += 1;
+  tick(generation);
+}
+const signOut = setupLogin(start);
+$("signout").addEventListener("click", () => { generation += 1; clearTimeout(timer); setLive(false, ""); });
+`;
+
+/** The page for one execution; `executionId` is already validated, and escaped here anyway. */
+export function executionPage(executionId: string): Response {
+  const id = escapeHtml(executionId);
+  return htmlResponse(
+    (nonce) => `<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>${id} · Orchestrator</title>
+<style nonce="${nonce}">${BASE_CSS}${CSS}</style>
+</head>
+<body data-execution-id="${id}">
+<header>
+  <h1><a href="/ui">Executions</a> / <span class="mono" id="exec-id">${id}</span></h1>
+  <span id="live" class="live"></span>
+  <span class="spacer"></span>
+  <button type="button" id="signout" hidden>Sign out</button>
+</header>
+<main>
+${LOGIN_HTML}
+<div id="app" hidden>
+  <p id="problem" class="error card" role="alert"></p>
+  <section class="card">
+    <dl class="summary">
+      <div><dt>Status</dt><dd id="exec-status" data-status="">–</dd></div>
+      <div><dt>Template</dt><dd id="template">–</dd></div>
+      <div><dt>Client</dt><dd id="client" class="mono">–</dd></div>
+      <div><dt>Request id</dt><dd id="request" class="mono">–</dd></div>
+      <div><dt>Priority</dt><dd id="priority">–</dd></div>
+      <div><dt>Created</dt><dd id="created">–</dd></div>
+      <div><dt>Started</dt><dd id="started">–</dd></div>
+      <div><dt>Completed</dt><dd id="completed">–</dd></div>
+      <div><dt>Estimated completion</dt><dd id="estimated">–</dd></div>
+      <div><dt>Duration</dt><dd id="duration">–</dd></div>
+      <div><dt>Cost</dt><dd id="cost">–</dd></div>
+      <div><dt>Error</dt><dd id="error">–</dd></div>
+      <div><dt>Data deleted</dt><dd id="expired">–</dd></div>
+    </dl>
+  </section>
+  <section class="card scroll">
+    <table id="stages">
+      <thead><tr>
+        <th class="num">#</th><th>Stage</th><th>Status</th><th class="num">Attempts</th><th class="num">Progress</th>
+        <th class="num" title="waiting for resources">Waiting</th><th class="num">Processing</th><th>Timeline</th>
+        <th>Usage</th><th class="num">Cost</th><th>Error</th>
+      </tr></thead>
+      <tbody id="stages-body"></tbody>
+    </table>
+    <p id="no-stages" class="muted">No stages yet: the template is still loading.</p>
+  </section>
+  <p id="updated" class="muted"></p>
+</div>
+</main>
+<script nonce="${nonce}">"use strict";
+${AUTH_JS}
+${SCRIPT}
+</script>
+</body>
+</html>`,
+  );
+}

@@ -1,0 +1,184 @@
+import { AUTH_JS, BASE_CSS, LOGIN_HTML, htmlResponse } from "./common";
+
+/**
+ * `GET /ui` (and `GET /executions` with `Accept: text/html`): recent
+ * executions from the index with counts by status, filters, "load more"
+ * through the cursor, and a link to each execution's page. Reads with the
+ * OPS token; the first page refreshes itself every 5 s.
+ */
+const CSS = `
+form.filters { display: flex; flex-wrap: wrap; align-items: flex-end; gap: 8px 0; }
+.counts { display: flex; flex-wrap: wrap; gap: 10px; margin-bottom: 16px; }
+.count { min-width: 120px; text-align: left; padding: 10px 14px; }
+.count .n { display: block; font-size: 22px; font-weight: 600; font-variant-numeric: tabular-nums; }
+.count.active { outline: 2px solid var(--run); }
+.scroll { overflow-x: auto; }
+#more-row { margin-top: 12px; display: flex; gap: 12px; align-items: center; }
+`;
+
+const SCRIPT = `
+const STATUSES = ["queued", "running", "completed", "failed", "cancelled"];
+const WINDOWS = { "1h": 3600e3, "24h": 86400e3, "7d": 7 * 86400e3, "30d": 30 * 86400e3, "all": 0 };
+const FIELDS = ["client_id", "template_name", "status", "window"];
+let cursor = null;
+let refresh = null;
+let generation = 0;
+
+function problem(text) { $("problem").textContent = text || ""; }
+function filters() {
+  const f = {};
+  for (const k of FIELDS) { const v = $("f-" + k).value.trim(); if (v) f[k] = v; }
+  return f;
+}
+function loadFiltersFromUrl() {
+  const q = new URLSearchParams(location.search);
+  for (const k of FIELDS) if (q.has(k)) $("f-" + k).value = q.get(k);
+}
+function query(f, extra) {
+  const q = new URLSearchParams();
+  if (f.client_id) q.set("client_id", f.client_id);
+  if (f.template_name) q.set("template_name", f.template_name);
+  const win = WINDOWS[f.window || "7d"];
+  if (win) q.set("since", String(Date.now() - win));
+  for (const [k, v] of Object.entries(extra || {})) if (v !== undefined && v !== null) q.set(k, String(v));
+  return q.toString();
+}
+
+function renderCounts(data, active) {
+  const box = $("counts");
+  const cards = [el("button", { type: "button", class: "card count" + (active ? "" : " active"), dataset: { status: "" } }, [
+    el("span", { class: "n", dataset: { role: "count" }, text: data.total }), "all",
+  ])];
+  for (const s of STATUSES) {
+    cards.push(el("button", { type: "button", class: "card count st-" + s + (active === s ? " active" : ""), dataset: { status: s } }, [
+      el("span", { class: "n", dataset: { role: "count" }, text: data.counts[s] }), s,
+    ]));
+  }
+  box.replaceChildren(...cards);
+}
+
+function row(x) {
+  const link = el("a", { class: "mono", text: x.execution_id });
+  link.href = "/ui/executions/" + encodeURIComponent(x.execution_id);
+  return el("tr", { dataset: { executionId: x.execution_id, status: x.status } }, [
+    el("td", { class: "mono", text: fmtTime(x.created_at) }),
+    el("td", null, [link]),
+    el("td", null, [badge(x.status)]),
+    el("td", { class: "mono", text: x.client_id }),
+    el("td", { text: x.template_name }),
+    el("td", { text: x.priority }),
+    el("td", { class: "num", text: x.stages_completed + " / " + x.stages_total }),
+    el("td", { class: "num", text: fmtCost(x.cost_total) }),
+    el("td", { class: x.error_code ? "error mono" : "mono", text: x.error_code || "" }),
+    el("td", { class: "mono", text: fmtTime(x.updated_at) }),
+  ]);
+}
+
+async function load(append) {
+  const gen = generation;
+  const f = filters();
+  try {
+    const [counts, page] = await Promise.all([
+      append ? null : api("/executions/counts?" + query(f)),
+      api("/executions?" + query(f, { status: f.status, limit: 50, cursor: append ? cursor : null })),
+    ]);
+    if (gen !== generation) return;
+    problem("");
+    if (counts) renderCounts(counts, f.status);
+    const rows = page.items.map(row);
+    if (append) $("rows").append(...rows); else $("rows").replaceChildren(...rows);
+    cursor = page.next_cursor;
+    $("more").hidden = !cursor;
+    $("empty").hidden = $("rows").children.length > 0;
+    $("updated").textContent = "updated " + new Date().toISOString().replace("T", " ").replace("Z", " UTC");
+  } catch (e) {
+    if (gen !== generation) return;
+    if (e instanceof Unauthorized) { stop(); signOut("The token was refused: sign in again."); return; }
+    problem("Could not read the index: " + e.message);
+  }
+}
+
+function stop() { generation += 1; clearInterval(refresh); refresh = null; }
+function reload() {
+  stop();
+  const f = filters();
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(f)) q.set(k, v);
+  history.replaceState(null, "", location.pathname + (q.toString() ? "?" + q : ""));
+  load(false);
+  // Refresh the first page only: once an operator pages on, the list holds still.
+  refresh = setInterval(() => load(false), 5000);
+}
+
+loadFiltersFromUrl();
+$("filters").addEventListener("submit", (ev) => { ev.preventDefault(); reload(); });
+$("f-status").addEventListener("change", reload);
+$("f-window").addEventListener("change", reload);
+$("counts").addEventListener("click", (ev) => {
+  const b = ev.target.closest("button[data-status]");
+  if (!b) return;
+  $("f-status").value = b.dataset.status;
+  reload();
+});
+$("more").addEventListener("click", () => { clearInterval(refresh); refresh = null; load(true); });
+const signOut = setupLogin(reload);
+$("signout").addEventListener("click", stop);
+`;
+
+export function overviewPage(): Response {
+  return htmlResponse(
+    (nonce) => `<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>Executions · Orchestrator</title>
+<style nonce="${nonce}">${BASE_CSS}${CSS}</style>
+</head>
+<body>
+<header>
+  <h1>Executions</h1>
+  <span class="spacer"></span>
+  <a href="/openapi.json">API</a>
+  <button type="button" id="signout" hidden>Sign out</button>
+</header>
+<main>
+${LOGIN_HTML}
+<div id="app" hidden>
+  <p id="problem" class="error" role="alert"></p>
+  <form id="filters" class="filters card">
+    <label>Client<input id="f-client_id" maxlength="128" spellcheck="false"></label>
+    <label>Template<input id="f-template_name" maxlength="64" spellcheck="false"></label>
+    <label>Status<select id="f-status">
+      <option value="">any</option><option>queued</option><option>running</option>
+      <option>completed</option><option>failed</option><option>cancelled</option>
+    </select></label>
+    <label>Created<select id="f-window">
+      <option value="1h">last hour</option><option value="24h">last 24 h</option><option value="7d" selected>last 7 days</option>
+      <option value="30d">last 30 days</option><option value="all">any time</option>
+    </select></label>
+    <button class="primary" type="submit">Apply</button>
+  </form>
+  <div id="counts" class="counts"></div>
+  <section class="card scroll">
+    <table>
+      <thead><tr>
+        <th>Created</th><th>Execution</th><th>Status</th><th>Client</th><th>Template</th><th>Priority</th>
+        <th class="num">Stages</th><th class="num">Cost</th><th>Error</th><th>Updated</th>
+      </tr></thead>
+      <tbody id="rows"></tbody>
+    </table>
+    <p id="empty" class="muted" hidden>No executions match.</p>
+    <div id="more-row"><button type="button" id="more" hidden>Load more</button><span id="updated" class="muted"></span></div>
+  </section>
+</div>
+</main>
+<script nonce="${nonce}">"use strict";
+${AUTH_JS}
+${SCRIPT}
+</script>
+</body>
+</html>`,
+  );
+}
