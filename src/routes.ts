@@ -2,6 +2,7 @@ import { type IRequest, Router } from "itty-router";
 import { z } from "zod";
 import { PoolName } from "../schemas/common";
 import { PoolSpec } from "../schemas/ledger";
+import openapiDocument from "../docs/openapi.json";
 import { requireRole } from "./auth";
 import { configOf } from "./config";
 import {
@@ -50,6 +51,9 @@ function route(method: "get" | "post" | "put", path: string, handler: (req: IReq
 const origin = (req: IRequest) => new URL(req.url).origin;
 
 route("get", "/health", () => json({ status: "ok", service: "orchestrator-v2", time: new Date().toISOString() }));
+
+// The API description (docs/openapi.json, generated from the zod schemas by `npm run openapi`).
+route("get", "/openapi.json", () => json(openapiDocument));
 
 // Operator pages (src/ui/): they hold no data, so no token; their scripts read with the OPS token.
 route("get", "/ui", () => overviewPage());

@@ -1,0 +1,369 @@
+import {
+  OpenAPIRegistry,
+  OpenApiGeneratorV31,
+  type ResponseConfig,
+  type RouteConfig,
+  zodToOpenAPIRegistry,
+} from "@asteasolutions/zod-to-openapi";
+import type { OpenAPIDefinitions } from "@asteasolutions/zod-to-openapi/dist/openapi-registry";
+import { z } from "zod";
+import pkg from "../package.json";
+import { Cost, ExecuteRequest, ExecuteResponse, ExecutionStatus, ResultDocument, StageDocument, StageStatus, StatusDocument } from "../schemas/api";
+import { ErrorEnvelope, ErrorInfo, ExecutionId, PoolAmounts, PoolName, StageId } from "../schemas/common";
+import { DataReference } from "../schemas/data";
+import { CountsQuery, ExecutionCounts, ExecutionList, ExecutionSummary, IndexEntry, ListQuery } from "../schemas/index-entry";
+import { type LedgerSnapshot as LedgerSnapshotType, PoolKind, PoolSpec } from "../schemas/ledger";
+import { MasterTemplateResponse, TemplateStage } from "../schemas/template";
+import {
+  CancelRequest,
+  CompleteCallback,
+  FailCallback,
+  HandshakeRequest,
+  HandshakeResponse,
+  ProcessRequest,
+  ProgressCallback,
+  ProgressResponse,
+} from "../schemas/worker-protocol";
+
+/**
+ * The OpenAPI document, built from the zod schemas in schemas/ (the same ones
+ * the routes validate with) by @asteasolutions/zod-to-openapi. `npm run
+ * openapi` writes it to docs/openapi.json, which the Worker serves at
+ * `GET /openapi.json`; a test checks the committed file is current, that
+ * every route of the router is here, and that every example of
+ * docs/protocol.md validates against these components.
+ *
+ * Not imported by the Worker: the generator stays out of the bundle.
+ */
+
+// ---- schemas that exist only as TypeScript types elsewhere -----------------
+
+const PoolSnapshot = z.object({
+  name: z.string(),
+  kind: PoolKind,
+  capacity: z.number(),
+  in_use: z.number(),
+  available: z.number(),
+  waiting: z.number(),
+  refill_per_second: z.number().optional(),
+  consumed: z.number().optional(),
+  estimates: z.object({ avg_usage_per_stage: z.number().nullable(), samples: z.number() }).optional(),
+});
+const LedgerSnapshot = z.object({ pools: z.array(PoolSnapshot), leases: z.number(), waiters: z.number() });
+// The zod copy must accept what the ledger answers (schemas/ledger.ts has the type).
+const _snapshotMatches: z.infer<typeof LedgerSnapshot> = {} as LedgerSnapshotType;
+void _snapshotMatches;
+
+const Health = z.object({ status: z.literal("ok"), service: z.string(), time: z.string() });
+
+const CallbackAccepted = z.object({ ok: z.literal(true), stage_status: StageStatus, duplicate: z.boolean().optional() });
+
+// ---- registry -------------------------------------------------------------
+
+/**
+ * Names a schema as a component. The name is attached to the schema object
+ * itself (not to a copy, as `registry.register` would), so every other schema
+ * that embeds it gets a `$ref` instead of an inline copy.
+ */
+function namer(defs: OpenAPIDefinitions[]) {
+  return <T extends z.ZodType>(refId: string, schema: T): T => {
+    const current = zodToOpenAPIRegistry.get(schema);
+    zodToOpenAPIRegistry.add(schema, { ...current, _internal: { ...current?._internal, refId } });
+    defs.push({ type: "schema", schema });
+    return schema;
+  };
+}
+
+type Security = Record<string, string[]>[];
+
+export function buildDefinitions(): OpenAPIDefinitions[] {
+  const r = new OpenAPIRegistry();
+  const schemas: OpenAPIDefinitions[] = [];
+  const name = namer(schemas);
+
+  const kamOrOps: Security = [{ kamToken: [] }, { opsToken: [] }];
+  const opsOnly: Security = [{ opsToken: [] }];
+  const callbackOnly: Security = [{ callbackToken: [] }];
+  r.registerComponent("securitySchemes", "kamToken", { type: "http", scheme: "bearer", description: "KAM_TOKEN: start and read executions." });
+  r.registerComponent("securitySchemes", "opsToken", { type: "http", scheme: "bearer", description: "OPS_TOKEN: operators (resources, pools, any execution)." });
+  r.registerComponent("securitySchemes", "callbackToken", {
+    type: "http",
+    scheme: "bearer",
+    description: "The per-attempt callback token a stage worker received in its handshake.",
+  });
+
+  // Components: the orchestrator's API, the index, the ledger, KAM's templates and the worker protocol.
+  const S = {
+    ErrorEnvelope: name("ErrorEnvelope", ErrorEnvelope),
+    ErrorInfo: name("ErrorInfo", ErrorInfo),
+    ExecutionStatus: name("ExecutionStatus", ExecutionStatus),
+    StageStatus: name("StageStatus", StageStatus),
+    PoolAmounts: name("PoolAmounts", PoolAmounts),
+    ExecuteRequest: name("ExecuteRequest", ExecuteRequest),
+    ExecuteResponse: name("ExecuteResponse", ExecuteResponse),
+    Cost: name("Cost", Cost),
+    DataReference: name("DataReference", DataReference),
+    StageDocument: name("StageDocument", StageDocument),
+    StatusDocument: name("StatusDocument", StatusDocument),
+    ResultDocument: name("ResultDocument", ResultDocument),
+    ExecutionSummary: name("ExecutionSummary", ExecutionSummary),
+    ExecutionList: name("ExecutionList", ExecutionList),
+    ExecutionCounts: name("ExecutionCounts", ExecutionCounts),
+    IndexEntry: name("IndexEntry", IndexEntry),
+    PoolSpec: name("PoolSpec", PoolSpec),
+    PoolSnapshot: name("PoolSnapshot", PoolSnapshot),
+    LedgerSnapshot: name("LedgerSnapshot", LedgerSnapshot),
+    Health: name("Health", Health),
+    ProgressCallback: name("ProgressCallback", ProgressCallback),
+    CompleteCallback: name("CompleteCallback", CompleteCallback),
+    FailCallback: name("FailCallback", FailCallback),
+    CallbackAccepted: name("CallbackAccepted", CallbackAccepted),
+    HandshakeRequest: name("HandshakeRequest", HandshakeRequest),
+    HandshakeResponse: name("HandshakeResponse", HandshakeResponse),
+    ProcessRequest: name("ProcessRequest", ProcessRequest),
+    CancelRequest: name("CancelRequest", CancelRequest),
+    ProgressResponse: name("ProgressResponse", ProgressResponse),
+    MasterTemplateResponse: name("MasterTemplateResponse", MasterTemplateResponse),
+    TemplateStage: name("TemplateStage", TemplateStage),
+  };
+
+  const jsonBody = (schema: z.ZodType, description: string): ResponseConfig => ({
+    description,
+    content: { "application/json": { schema } },
+  });
+  const error = (description: string): ResponseConfig => jsonBody(S.ErrorEnvelope, description);
+  const html = (description: string): ResponseConfig => ({ description, content: { "text/html": { schema: z.string() } } });
+  const body = (schema: z.ZodType) => ({ required: true, content: { "application/json": { schema } } });
+
+  const common = {
+    "400": error("invalid_request: an id, a parameter or the body does not match its schema (`details` names the fields)"),
+    "401": error("unauthorized: missing or invalid bearer token"),
+    "503": error("unavailable: an object did not answer within objectCallTimeoutMs"),
+  };
+  const idParams = z.object({ id: ExecutionId });
+
+  const paths: RouteConfig[] = [
+    {
+      method: "get",
+      path: "/health",
+      summary: "Liveness",
+      responses: { "200": jsonBody(S.Health, "the Worker answers") },
+    },
+    {
+      method: "get",
+      path: "/openapi.json",
+      summary: "This document",
+      responses: { "200": { description: "the OpenAPI document", content: { "application/json": { schema: z.record(z.string(), z.unknown()) } } } },
+    },
+    {
+      method: "post",
+      path: "/execute",
+      summary: "Start an execution",
+      description: "With a `request_id`, the same body again from the same `client_id` answers 200 with the same execution.",
+      security: [{ kamToken: [] }],
+      request: { body: body(S.ExecuteRequest) },
+      responses: {
+        "200": jsonBody(S.ExecuteResponse, "the execution this request_id already started"),
+        "202": jsonBody(S.ExecuteResponse, "started"),
+        ...common,
+        "409": error("idempotency_conflict: this request_id was used with a different body"),
+        "413": error("payload_too_large"),
+        "415": error("unsupported_media_type"),
+      },
+    },
+    {
+      method: "get",
+      path: "/executions",
+      summary: "List executions from the index, newest first",
+      description:
+        "Filters combine with AND; `since` is inclusive and `until` exclusive, on `created_at`, each as unix ms or ISO 8601. " +
+        "Pass `next_cursor` back as `cursor`, with the same filters, for the next page. With `Accept: text/html` this path serves the overview page instead.",
+      security: kamOrOps,
+      request: { query: ListQuery },
+      responses: { "200": jsonBody(S.ExecutionList, "one page"), ...common },
+    },
+    {
+      method: "get",
+      path: "/executions/counts",
+      summary: "Executions per status in a window, from the index",
+      security: kamOrOps,
+      request: { query: CountsQuery },
+      responses: { "200": jsonBody(S.ExecutionCounts, "counts per status"), ...common },
+    },
+    {
+      method: "get",
+      path: "/executions/{id}",
+      summary: "Status document",
+      description: "With `Accept: text/html` (preferred over JSON), the execution page instead, without a token: the page reads the data with the OPS token.",
+      security: kamOrOps,
+      request: { params: idParams },
+      responses: {
+        "200": {
+          description: "the status document, or the execution page",
+          content: { "application/json": { schema: S.StatusDocument }, "text/html": { schema: z.string() } },
+        },
+        ...common,
+        "404": error("not_found"),
+      },
+    },
+    {
+      method: "get",
+      path: "/executions/{id}/result",
+      summary: "Result of a completed execution",
+      security: kamOrOps,
+      request: { params: idParams },
+      responses: {
+        "200": jsonBody(S.ResultDocument, "the deliverable (inline, or a reference and a content URL)"),
+        ...common,
+        "404": error("not_found"),
+        "409": error("not_completed"),
+        "410": error("data_expired: retention deleted the result"),
+      },
+    },
+    {
+      method: "get",
+      path: "/executions/{id}/result/content",
+      summary: "The deliverable's bytes",
+      security: kamOrOps,
+      request: { params: idParams },
+      responses: {
+        "200": { description: "the output: JSON when inline, else the stored bytes with their content type and `x-content-sha256`" },
+        ...common,
+        "404": error("not_found"),
+        "409": error("not_completed"),
+        "410": error("data_expired"),
+      },
+    },
+    {
+      method: "post",
+      path: "/executions/{id}/cancel",
+      summary: "Cancel an execution",
+      security: kamOrOps,
+      request: { params: idParams },
+      responses: {
+        "200": jsonBody(S.StatusDocument, "cancelled: the status document"),
+        ...common,
+        "404": error("not_found"),
+        "409": error("already_terminal"),
+      },
+    },
+    {
+      method: "post",
+      path: "/executions/{id}/stages/{stageId}/{kind}",
+      summary: "Stage worker callback (progress, complete, fail)",
+      description: "`progress` takes ProgressCallback, `complete` CompleteCallback, `fail` FailCallback.",
+      security: callbackOnly,
+      request: {
+        params: z.object({ id: ExecutionId, stageId: StageId, kind: z.enum(["progress", "complete", "fail"]) }),
+        body: body(z.union([S.ProgressCallback, S.CompleteCallback, S.FailCallback])),
+      },
+      responses: {
+        "200": jsonBody(S.CallbackAccepted, "accepted (or the same complete again: `duplicate: true`)"),
+        ...common,
+        "403": error("forbidden: a genuine token of another execution or stage"),
+        "404": error("not_found: unknown execution, stage or callback kind"),
+        "409": error("stale_attempt, stage_ended or execution_cancelled"),
+        "413": error("payload_too_large"),
+        "415": error("unsupported_media_type"),
+      },
+    },
+    {
+      method: "get",
+      path: "/data/{kind}/{executionId}/{stageId}/{name}",
+      summary: "A stage worker reads stored data of its own execution",
+      security: callbackOnly,
+      request: { params: z.object({ kind: z.enum(["kv", "r2"]), executionId: ExecutionId, stageId: StageId, name: z.string() }) },
+      responses: {
+        "200": { description: "the bytes, verified against their sha256 on the way" },
+        ...common,
+        "403": error("forbidden"),
+        "404": error("not_found"),
+        "410": error("data_expired"),
+      },
+    },
+    {
+      method: "put",
+      path: "/data/{executionId}/{stageId}/{name}",
+      summary: "A stage worker uploads a large output (streamed to R2)",
+      security: callbackOnly,
+      request: {
+        params: z.object({ executionId: ExecutionId, stageId: StageId, name: z.string() }),
+        body: { required: true, content: { "application/octet-stream": { schema: z.string() } } },
+      },
+      responses: {
+        "201": jsonBody(S.DataReference, "stored: name it in the complete callback as `dataReference`"),
+        ...common,
+        "403": error("forbidden"),
+        "409": error("stage_ended"),
+        "411": error("length_required"),
+        "413": error("payload_too_large"),
+      },
+    },
+    {
+      method: "get",
+      path: "/resources",
+      summary: "Ledger snapshot",
+      security: opsOnly,
+      responses: { "200": jsonBody(S.LedgerSnapshot, "pools, leases, waiters"), ...common },
+    },
+    {
+      method: "put",
+      path: "/resources/pools/{name}",
+      summary: "Create or resize a pool",
+      security: opsOnly,
+      request: { params: z.object({ name: PoolName }), body: body(S.PoolSpec) },
+      responses: { "200": jsonBody(S.PoolSnapshot, "the pool after the change"), ...common, "413": error("payload_too_large"), "415": error("unsupported_media_type") },
+    },
+    {
+      method: "get",
+      path: "/ui",
+      summary: "Operators' overview page (recent executions, counts by status)",
+      responses: { "200": html("a self-contained page; it reads the index with the OPS token") },
+    },
+    {
+      method: "get",
+      path: "/ui/executions/{id}",
+      summary: "Execution page (timeline of stages, live)",
+      request: { params: idParams },
+      responses: { "200": html("a self-contained page; it polls the status document with the OPS token"), "400": error("invalid_request: not an execution id") },
+    },
+  ];
+  for (const p of paths) r.registerPath(p);
+  return [...schemas, ...r.definitions];
+}
+
+/**
+ * zod-to-openapi 9 writes `X.nullable()` of an already generated component as
+ * `allOf: [{ $ref: X }, { type: ["object", "null"] }]`, which no value
+ * satisfies when it is null (the `$ref` side still requires an object). JSON
+ * Schema 2020-12 says "X or null" as `anyOf: [{ $ref: X }, { type: "null" }]`.
+ */
+function fixNullableRefs(node: unknown): unknown {
+  if (Array.isArray(node)) return node.map(fixNullableRefs);
+  if (!node || typeof node !== "object") return node;
+  const o = node as Record<string, unknown>;
+  const all = o.allOf;
+  if (Array.isArray(all) && all.length === 2 && Object.keys(o).length === 1) {
+    const [ref, extra] = all as Record<string, unknown>[];
+    const type = extra?.type;
+    if (typeof ref?.$ref === "string" && Object.keys(extra).length === 1 && Array.isArray(type) && type.includes("null")) {
+      return { anyOf: [ref, { type: "null" }] };
+    }
+  }
+  return Object.fromEntries(Object.entries(o).map(([k, v]) => [k, fixNullableRefs(v)]));
+}
+
+export function buildOpenApiDocument() {
+  const doc = new OpenApiGeneratorV31(buildDefinitions(), { sortComponents: "alphabetically" }).generateDocument({
+    openapi: "3.1.0",
+    info: {
+      title: "Orchestrator v2",
+      version: pkg.version,
+      description:
+        "Multi-stage AI pipelines for KAM on Cloudflare Durable Objects. Generated from the zod schemas by `npm run openapi`; " +
+        "docs/protocol.md explains the contracts. Components also describe the stage worker protocol and KAM's templates, which the orchestrator calls out to.",
+    },
+    servers: [{ url: "/" }],
+  });
+  return fixNullableRefs(doc) as typeof doc;
+}
