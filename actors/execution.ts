@@ -3,6 +3,7 @@ import type { ExecutionStatus, StageDocument, StageStatus, StatusDocument } from
 import type { ErrorInfo, Priority } from "../schemas/common";
 import type { DataReference } from "../schemas/data";
 import type { GrantNotice, ReserveResult } from "../schemas/ledger";
+import type { IndexEntry } from "../schemas/index-entry";
 import type { MasterTemplate } from "../schemas/template";
 import type { CompleteCallback, FailCallback, ProgressCallback, ProgressResponse } from "../schemas/worker-protocol";
 import { issueCallbackToken } from "../src/auth";
@@ -13,6 +14,7 @@ import { stageIdFor } from "../src/ids";
 import { ledgerFor } from "../src/ledger-routing";
 import { log, setLogLevel } from "../src/log";
 import { withTimeout } from "../src/outbound";
+import { indexFor } from "../src/index-routing";
 import { loadTemplate } from "../src/template-source";
 import { WorkerClient } from "../src/worker-client";
 import { type Sql, sqlOf } from "./sql";
@@ -71,6 +73,7 @@ interface ExecutionRow {
   output_ref: string | null;
   alarm_failures: number;
   data_expired_at: number | null;
+  index_version: number;
 }
 
 interface StageRow {
@@ -154,7 +157,7 @@ CREATE TABLE IF NOT EXISTS execution (
   status TEXT NOT NULL, created_at INTEGER NOT NULL, started_at INTEGER, completed_at INTEGER,
   estimated_completion_at INTEGER, template_id TEXT, template_source TEXT,
   template_attempts INTEGER NOT NULL DEFAULT 0, error TEXT, cost TEXT, output TEXT, output_ref TEXT,
-  alarm_failures INTEGER NOT NULL DEFAULT 0, data_expired_at INTEGER
+  alarm_failures INTEGER NOT NULL DEFAULT 0, data_expired_at INTEGER, index_version INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS stages (
   stage_id TEXT PRIMARY KEY, ord INTEGER NOT NULL UNIQUE, worker TEXT NOT NULL,
@@ -187,7 +190,8 @@ type TimerName = "advance" | "poll" | "deadline" | "lease" | "reask" | "retry" |
 type OutboxItem =
   | { kind: "ledger_settle"; reservationId: string; usage: Record<string, number>; durationMs: number }
   | { kind: "ledger_release"; reservationId: string }
-  | { kind: "worker_cancel"; worker: string; stageId: string; attempt: number };
+  | { kind: "worker_cancel"; worker: string; stageId: string; attempt: number }
+  | { kind: "index_upsert"; entry: IndexEntry };
 
 const ISO = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
 const parse = <T>(text: string | null): T | null => (text === null ? null : (JSON.parse(text) as T));
@@ -230,6 +234,7 @@ export class Execution extends DurableObject<Env> {
       VALUES (1, ${input.execution_id}, ${input.template_name}, ${input.client_id}, ${input.request_id}, ${input.request_hash},
               ${input.priority}, ${JSON.stringify(input.parameters)}, 'queued', ${now})`;
     this.setTimer("watchdog", now + WATCHDOG_MS);
+    this.indexUpdate(now);
     this.log("info", "execution_created", { template_name: input.template_name, client_id: input.client_id, priority: input.priority });
 
     // Load the template now (cache first, KAM bounded by its timeout) so the
@@ -727,6 +732,7 @@ export class Execution extends DurableObject<Env> {
     const ex = this.row()!;
     if (ex.status === "queued") {
       this.sql`UPDATE execution SET status = 'running', started_at = ${now} WHERE id = 1`;
+      this.indexUpdate(now);
       this.log("info", "execution_status", { status: "running" });
     }
     this.moveStage(st, "waiting_resources", now, {});
@@ -835,6 +841,7 @@ export class Execution extends DurableObject<Env> {
     this.sql`UPDATE execution SET status = ${status}, completed_at = ${now}, started_at = COALESCE(started_at, ${now}),
       error = ${error ? JSON.stringify(error) : null}, cost = ${JSON.stringify(cost)} WHERE id = 1`;
     for (const name of ["advance", "poll", "deadline", "lease", "reask", "retry", "watchdog"] as const) this.clearTimer(name);
+    this.indexUpdate(now);
     // Ended executions keep their data for the retention period, then their alarm deletes it.
     this.setTimer("retention", now + this.config.tuning.retentionMs);
     this.log(status === "failed" ? "warn" : "info", "execution_status", {
@@ -878,6 +885,37 @@ export class Execution extends DurableObject<Env> {
 
   // ------------------------------------------------------------- outbox ----
 
+  /**
+   * Queues this execution's summary for the execution index. Only the newest
+   * summary matters (the index ignores older versions), so a pending older one
+   * is replaced rather than sent too.
+   */
+  private indexUpdate(now: number): void {
+    const ex = this.row()!;
+    const stages = this.stages();
+    const version = ex.index_version + 1;
+    this.sql`UPDATE execution SET index_version = ${version} WHERE id = 1`;
+    const cost = parse<{ total: number }>(ex.cost);
+    const entry: IndexEntry = {
+      execution_id: ex.execution_id,
+      client_id: ex.client_id,
+      template_name: ex.template_name,
+      status: ex.status,
+      priority: ex.priority,
+      created_at: ex.created_at,
+      updated_at: now,
+      completed_at: ex.completed_at,
+      error_code: parse<ErrorInfo>(ex.error)?.code ?? null,
+      cost_total: cost?.total ?? null,
+      stages_total: stages.length,
+      stages_completed: stages.filter((s) => s.status === "completed").length,
+      version,
+    };
+    const inFlight = [...this.backgroundInFlight];
+    this.sql`DELETE FROM outbox WHERE kind = 'index_upsert' AND id NOT IN (SELECT value FROM json_each(${JSON.stringify(inFlight)}))`;
+    this.enqueue({ kind: "index_upsert", entry }, now);
+  }
+
   private enqueue(item: OutboxItem, now: number): void {
     this.sql`INSERT INTO outbox (kind, payload, next_at) VALUES (${item.kind}, ${JSON.stringify(item)}, ${now})`;
   }
@@ -885,8 +923,14 @@ export class Execution extends DurableObject<Env> {
   /** Delivers due outbox messages, at least once each. */
   private async flushOutbox(): Promise<void> {
     const now = Date.now();
-    const due = this.sql<{ id: number; payload: string; attempts: number }>`SELECT id, payload, attempts FROM outbox WHERE next_at <= ${now} ORDER BY id`;
+    const due = this.sql<{ id: number; kind: string; payload: string; attempts: number }>`
+      SELECT id, kind, payload, attempts FROM outbox WHERE next_at <= ${now} ORDER BY id`;
     for (const row of due) {
+      // Index updates must not slow the execution path: they go out in the background.
+      if (row.kind === "index_upsert") {
+        this.deliverInBackground(row);
+        continue;
+      }
       const item = JSON.parse(row.payload) as OutboxItem;
       let ok = false;
       try {
@@ -902,9 +946,37 @@ export class Execution extends DurableObject<Env> {
         this.sql`UPDATE outbox SET attempts = attempts + 1, next_at = ${next} WHERE id = ${row.id}`;
       }
     }
-    const next = this.sql<{ at: number | null }>`SELECT MIN(next_at) AS at FROM outbox`[0]?.at ?? null;
+    // Messages being delivered in the background schedule their own retry; do not wake for them.
+    const inFlight = JSON.stringify([...this.backgroundInFlight]);
+    const next = this.sql<{ at: number | null }>`
+      SELECT MIN(next_at) AS at FROM outbox WHERE id NOT IN (SELECT value FROM json_each(${inFlight}))`[0]?.at ?? null;
     if (next === null) this.clearTimer("outbox");
     else this.setTimer("outbox", next);
+  }
+
+  private readonly backgroundInFlight = new Set<number>();
+
+  private deliverInBackground(row: { id: number; payload: string; attempts: number }): void {
+    if (this.backgroundInFlight.has(row.id)) return;
+    this.backgroundInFlight.add(row.id);
+    const item = JSON.parse(row.payload) as OutboxItem;
+    this.deliver(item)
+      .catch((err) => {
+        this.log("warn", "outbox_delivery_failed", { kind: item.kind, attempts: row.attempts + 1, error: String(err) });
+        return false;
+      })
+      .then(async (ok) => {
+        this.backgroundInFlight.delete(row.id);
+        if (ok || row.attempts + 1 >= OUTBOX_MAX_ATTEMPTS) {
+          this.sql`DELETE FROM outbox WHERE id = ${row.id}`;
+        } else {
+          const next = Date.now() + retryDelayMs(row.attempts + 1, this.config.tuning.outboxRetryMs, 60_000);
+          this.sql`UPDATE outbox SET attempts = attempts + 1, next_at = ${next} WHERE id = ${row.id}`;
+          this.setTimer("outbox", next);
+          await this.rearm();
+        }
+      })
+      .catch(() => {});
   }
 
   private async deliver(item: OutboxItem): Promise<boolean> {
@@ -918,6 +990,9 @@ export class Execution extends DurableObject<Env> {
       }
       case "ledger_release":
         await withTimeout(ledger.release(item.reservationId), t.ledgerCallTimeoutMs, "ledger.release");
+        return true;
+      case "index_upsert":
+        await withTimeout(indexFor(this.env, item.entry.created_at).upsert(item.entry), t.objectCallTimeoutMs, "index.upsert");
         return true;
       case "worker_cancel": {
         const client = WorkerClient.for(this.env, item.worker);

@@ -66,7 +66,7 @@ export class UploadError extends Error {
 export async function putStream(env: Env, key: string, body: ReadableStream<Uint8Array>, size: number, contentType: string): Promise<DataReference> {
   const [toStore, toHash] = body.tee();
   const fixed = new FixedLengthStream(size);
-  const digest = new DigestStream("SHA-256");
+  const digest = new crypto.DigestStream("SHA-256");
   const hashing = toHash.pipeTo(digest);
   const piping = toStore.pipeTo(fixed.writable);
   try {
@@ -97,7 +97,7 @@ export async function openStream(env: Env, ref: Pick<DataReference, "kind" | "ke
  * the bytes do not match `sha256`, so a reader never takes tampered data as whole.
  */
 export function verifying(body: ReadableStream<Uint8Array>, sha256: string, onMismatch?: () => void): ReadableStream<Uint8Array> {
-  const digest = new DigestStream("SHA-256");
+  const digest = new crypto.DigestStream("SHA-256");
   const writer = digest.getWriter();
   return body.pipeThrough(
     new TransformStream<Uint8Array, Uint8Array>({
@@ -120,7 +120,7 @@ export function verifying(body: ReadableStream<Uint8Array>, sha256: string, onMi
 export async function verifyStored(env: Env, ref: DataReference): Promise<{ ok: true } | { ok: false; reason: string }> {
   const opened = await openStream(env, ref);
   if (!opened) return { ok: false, reason: `${ref.key} is missing` };
-  const digest = new DigestStream("SHA-256");
+  const digest = new crypto.DigestStream("SHA-256");
   await opened.body.pipeTo(digest);
   const size = Number(digest.bytesWritten);
   if (size !== ref.size) return { ok: false, reason: `${ref.key} has ${size} bytes, expected ${ref.size}` };
