@@ -5,13 +5,15 @@ import { TEST_SECRETS, TEST_TUNING } from "./test/support/constants.ts";
 const compatibilityDate = "2026-11-01";
 
 /**
- * Two projects:
+ * Three projects:
  * - `workers`: tests that run inside workerd next to the orchestrator's real
  *   Durable Objects, with the demo stand-ins as auxiliary workers behind the
  *   real service bindings (built by test/support/global-setup.ts, since
  *   auxiliary workers take a built script, not a wrangler config);
  * - `e2e`: Node tests that start the same multi-worker `wrangler dev` session
- *   as `npm start` and drive it over HTTP.
+ *   as `npm start` and drive it over HTTP;
+ * - `browser`: the operator pages in the system Chromium (/usr/bin/chromium)
+ *   through playwright-core, over the same kind of session.
  */
 export default defineConfig({
   test: {
@@ -61,6 +63,17 @@ export default defineConfig({
           include: ["test/e2e/**/*.test.ts"],
           environment: "node",
           testTimeout: 120_000,
+          hookTimeout: 120_000,
+          fileParallelism: false,
+        },
+      },
+      {
+        // The operator pages in the system Chromium through playwright-core, over `wrangler dev`.
+        test: {
+          name: "browser",
+          include: ["test/browser/**/*.test.ts"],
+          environment: "node",
+          testTimeout: 180_000,
           hookTimeout: 120_000,
           fileParallelism: false,
         },

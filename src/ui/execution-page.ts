@@ -158,6 +158,7 @@ export function executionPage(executionId: string): Response {
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="referrer" content="no-referrer">
+<link rel="icon" href="data:,">
 <title>${id} · Orchestrator</title>
 <style nonce="${nonce}">${BASE_CSS}${CSS}</style>
 </head>

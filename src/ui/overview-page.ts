@@ -133,6 +133,7 @@ export function overviewPage(): Response {
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="referrer" content="no-referrer">
+<link rel="icon" href="data:,">
 <title>Executions · Orchestrator</title>
 <style nonce="${nonce}">${BASE_CSS}${CSS}</style>
 </head>

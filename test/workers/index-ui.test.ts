@@ -47,7 +47,9 @@ describe("the execution page", () => {
       // Every inline script and style carries this response's nonce; nothing is loaded from elsewhere.
       expect(html.match(/<script\b[^>]*>/g)).toEqual([`<script nonce="${nonce}">`]);
       expect(html.match(/<style\b[^>]*>/g)).toEqual([`<style nonce="${nonce}">`]);
-      expect(html).not.toMatch(/\bsrc=|<link\b|https?:\/\//);
+      // No assets from elsewhere: the only link is the empty inline icon (so browsers do not ask for /favicon.ico).
+      expect(html).not.toMatch(/\bsrc=|https?:\/\//);
+      expect(html.match(/<link\b[^>]*>/g)).toEqual(['<link rel="icon" href="data:,">']);
       expect(html).toContain('id="token"');
     }
     await waitFor(id, ended);

@@ -1,0 +1,167 @@
+import { existsSync, mkdirSync, mkdtempSync, rmSync, statSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { type BrowserContext, type Page, chromium } from "playwright-core";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ROOT, startDevSession } from "../../scripts/dev-session.mjs";
+import { TEST_SECRETS } from "../support/constants";
+
+/**
+ * The operator pages in a real browser: the system Chromium (Debian package
+ * `chromium`, installed by .ci/run) driven by playwright-core, against the
+ * same `wrangler dev` session as `npm start`. An operator signs in with the
+ * OPS token on an execution's page and watches its stages reach `completed`
+ * without reloading; then finds it on the overview page. Screenshots go to
+ * test-results/ (kept as CI artifacts, ignored by git).
+ */
+const CHROMIUM = process.env.CHROMIUM_PATH ?? "/usr/bin/chromium";
+const RESULTS = path.join(ROOT, "test-results");
+const KAM = { authorization: `Bearer ${TEST_SECRETS.KAM_TOKEN}`, "content-type": "application/json" };
+
+let session: Awaited<ReturnType<typeof startDevSession>> | undefined;
+let context: BrowserContext | undefined;
+let userDataDir: string | undefined;
+const problems: string[] = [];
+
+beforeAll(async () => {
+  // Fail, never skip: a missing browser must not pass as green.
+  if (!existsSync(CHROMIUM)) {
+    throw new Error(`no Chromium at ${CHROMIUM}: install it with \`apt-get update && apt-get install -y chromium\` (.ci/run does this when it is missing), or set CHROMIUM_PATH`);
+  }
+  mkdirSync(RESULTS, { recursive: true });
+  session = await startDevSession({ secrets: TEST_SECRETS });
+  userDataDir = mkdtempSync(path.join(os.tmpdir(), "orch-chromium-"));
+  context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: CHROMIUM,
+    headless: true,
+    args: [
+      "--headless",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
+    viewport: { width: 1440, height: 900 },
+    timeout: 60_000,
+  });
+});
+
+afterAll(async () => {
+  await context?.close().catch(() => {});
+  await session?.stop();
+  if (userDataDir) rmSync(userDataDir, { recursive: true, force: true });
+});
+
+function watch(page: Page) {
+  page.on("console", (m) => {
+    if (m.type() === "error") problems.push(`console: ${m.text()}`);
+  });
+  page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+}
+
+async function startExecution(): Promise<string> {
+  const res = await fetch(`${session!.url}/execute`, {
+    method: "POST",
+    headers: KAM,
+    body: JSON.stringify({
+      template_name: "course_creation",
+      // About a second per stage, so the page is seen moving.
+      parameters: { topic: "React", targetAudience: "beginners", steps: 4, step_ms: 250 },
+      client_id: "client_browser",
+    }),
+  });
+  expect(res.status).toBe(202);
+  return ((await res.json()) as { execution_id: string }).execution_id;
+}
+
+describe("execution page in Chromium", () => {
+  it("signs in with the OPS token and shows every stage reaching completed, live", async () => {
+    const id = await startExecution();
+    const page = await context!.newPage();
+    watch(page);
+    let loads = 0;
+    page.on("load", () => loads++);
+
+    const res = await page.goto(`${session!.url}/executions/${id}`);
+    expect(res?.status()).toBe(200);
+    expect(res?.headers()["content-type"]).toContain("text/html");
+    await page.locator("#token").fill(TEST_SECRETS.OPS_TOKEN);
+    await page.locator("#signin").click();
+
+    // Wait on the DOM, recording each execution status the page shows on the way.
+    await page.waitForFunction(
+      () => {
+        const w = window as unknown as { __seen?: string[] };
+        const status = document.getElementById("exec-status")?.dataset.status ?? "";
+        w.__seen = w.__seen ?? [];
+        if (status && w.__seen[w.__seen.length - 1] !== status) w.__seen.push(status);
+        const rows = Array.from(document.querySelectorAll<HTMLElement>("#stages-body tr[data-stage-id]"));
+        return status === "completed" && rows.length === 3 && rows.every((r) => r.querySelector("[data-role=status]")?.textContent === "completed");
+      },
+      undefined,
+      { timeout: 90_000, polling: 50 },
+    );
+    const seen = await page.evaluate(() => (window as unknown as { __seen: string[] }).__seen);
+    expect(seen[seen.length - 1]).toBe("completed");
+    expect(seen.length, `statuses seen: ${seen.join(" -> ")}`).toBeGreaterThan(1);
+    expect(loads).toBe(1);
+
+    const rows = await page.locator("#stages-body tr").evaluateAll((trs) =>
+      trs.map((tr) => ({
+        stage: (tr as HTMLElement).dataset.stageId,
+        status: tr.querySelector("[data-role=status]")?.textContent,
+        attempts: tr.querySelector("[data-role=attempts]")?.textContent,
+        progress: (tr.querySelector("progress") as HTMLProgressElement | null)?.value,
+        processing: tr.querySelector("[data-role=processing]")?.textContent,
+        text: tr.textContent ?? "",
+      })),
+    );
+    expect(rows.map((r) => r.stage)).toEqual(["stage_1", "stage_2", "stage_3"]);
+    for (const r of rows) {
+      expect(r).toMatchObject({ status: "completed", attempts: "1 / 3", progress: 100 });
+      expect(r.processing).not.toBe("–");
+      expect(r.text).toContain("tokens:openai");
+    }
+    await expect.poll(() => page.locator("#live").textContent()).toBe("final state");
+    expect(await page.locator("#cost").textContent()).toMatch(/^USD \d/);
+
+    const shot = path.join(RESULTS, "execution-page.png");
+    rmSync(shot, { force: true });
+    await page.screenshot({ path: shot, fullPage: true });
+    expect(existsSync(shot)).toBe(true);
+    expect(statSync(shot).size).toBeGreaterThan(5_000);
+
+    // The overview lists it (once the Execution has written it to the index) and links to its page.
+    await page.goto(`${session!.url}/ui`);
+    const link = page.locator(`tr[data-execution-id="${id}"] a`);
+    const listed = await link
+      .waitFor({ timeout: 20_000 })
+      .then(() => true)
+      .catch(() => false);
+    await page.screenshot({ path: path.join(RESULTS, "overview-page.png"), fullPage: true });
+    expect(listed, "the execution is not on the overview page: the index has no entry for it").toBe(true);
+    await link.click();
+    await page.waitForURL(`**/ui/executions/${id}`);
+    await page.locator('#exec-status[data-status="completed"]').waitFor({ timeout: 10_000 });
+
+    expect(problems).toEqual([]);
+    await page.close();
+  });
+
+  it("asks for the token again when it is refused", async () => {
+    const id = await startExecution();
+    const page = await context!.newPage();
+    await page.goto(`${session!.url}/ui/executions/${id}`);
+    // A fresh tab has its own sessionStorage: the sign-in form shows.
+    await page.locator("#token").waitFor();
+    await page.locator("#token").fill("not-the-token");
+    await page.locator("#signin").click();
+    await expect.poll(() => page.locator("#login-error").textContent(), { timeout: 10_000 }).toContain("refused");
+    expect(await page.locator("#app").isHidden()).toBe(true);
+    expect(await page.evaluate(() => sessionStorage.getItem("orchestrator.ops_token"))).toBeNull();
+    await page.close();
+  });
+});
