@@ -203,6 +203,8 @@ export interface LedgerTestHooks {
   rules: LedgerRules;
   /** Memory-vs-SQL consistency problems, [] when none. */
   selfCheck(): string[];
+  /** Deliver grant notices to `fn` instead of the Execution objects; null restores the RPCs. */
+  setNotifier(fn: ((executionId: string, notice: GrantNotice) => void) | null): void;
 }
 export function ledgerTestHooks(instance: unknown): LedgerTestHooks {
   const hooks = (instance as Record<symbol, LedgerTestHooks | undefined>)[TEST_HOOKS];
@@ -247,6 +249,7 @@ export class ResourceLedger extends DurableObject<Env> {
   /** Earliest time a rate-pool refill lets a blocked waiter fit (from the last grant pass). */
   private refillWakeAt: number | null = null;
   private clock: () => number = Date.now;
+  private notifier: ((executionId: string, notice: GrantNotice) => void) | null = null;
   private noticeFailures = 0;
   /** Group commit: SQL writes decided on the hot path, not yet executed, in decision order. */
   private pending: (() => void)[] = [];
@@ -277,6 +280,9 @@ export class ResourceLedger extends DurableObject<Env> {
       selfCheck: () => {
         this.flushPending();
         return this.selfCheck();
+      },
+      setNotifier: (fn) => {
+        this.notifier = fn;
       },
     };
     Object.defineProperty(this, TEST_HOOKS, { value: hooks, enumerable: false });
@@ -1143,6 +1149,10 @@ export class ResourceLedger extends DurableObject<Env> {
   /** Fire-and-forget, after the state change is written; a lost notice is covered by the Execution's status() poll. */
   private notify(grants: Grant[]): void {
     if (!grants.length) return;
+    if (this.notifier) {
+      for (const g of grants) this.notifier(g.executionId, g.notice);
+      return;
+    }
     const ns = (this.env as unknown as { EXECUTION?: DurableObjectNamespace }).EXECUTION;
     if (!ns) return;
     for (const g of grants) {

@@ -110,7 +110,7 @@ describe("leases", () => {
 
 describe("restart", () => {
   it("evicting the ledger keeps grants, waiters, leases, queue order and backfill counts", async () => {
-    const { ledger, clock } = await fresh("restart", { backfillLimit: 1 });
+    const { ledger, clock, notices } = await fresh("restart", { backfillLimit: 1 });
     await ledger.putPool("gpu", { kind: "concurrency", capacity: 3 });
     await ledger.putPool("tok", { kind: "rate", capacity: 100, refill_per_second: 1 });
     await ledger.putPool("usd", { kind: "budget", capacity: 500 });
@@ -131,7 +131,7 @@ describe("restart", () => {
     expect(alarm).not.toBeNull();
 
     await evictDurableObject(ledger);
-    await attach(ledger, clock, { backfillLimit: 1 });
+    await attach(ledger, clock, { backfillLimit: 1 }, notices);
 
     expect(await ledger.snapshot()).toEqual(snap);
     expect(await Promise.all(ids.map((x) => ledger.status(x)))).toEqual(statuses);
@@ -147,6 +147,7 @@ describe("restart", () => {
     expect((await ledger.status(id(g1))).state).toBe("expired");
     expect((await ledger.status(id(head))).state).toBe("granted");
     expect((await ledger.status(id(low))).state).toBe("waiting");
+    expect(notices.map((n) => n.notice.reservationId).sort()).toEqual([id(crit), id(head)].sort());
     await expectWithinCapacity(ledger);
   });
 });

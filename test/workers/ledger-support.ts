@@ -8,7 +8,7 @@ import { env } from "cloudflare:workers";
 import { expect } from "vitest";
 import { ledgerTestHooks, type ResourceLedger } from "../../actors/resource-ledger";
 import type { LedgerRules } from "../../actors/ledger-rules";
-import type { PoolSpec, ReserveRequest } from "../../schemas/ledger";
+import type { GrantNotice, PoolSpec, ReserveRequest } from "../../schemas/ledger";
 
 export type LedgerStub = DurableObjectStub<ResourceLedger>;
 
@@ -29,20 +29,38 @@ export function newClock(): Clock {
   return { now: Date.now() + 86_400_000 };
 }
 
-/** Points the ledger instance at `clock` (again after an eviction) and optionally adjusts its rules. */
-export async function attach(stub: LedgerStub, clock: Clock, rules?: Partial<LedgerRules>): Promise<void> {
+/** Grant notices a ledger sent, in order (when captured instead of sent to Execution objects). */
+export type Notices = { executionId: string; notice: GrantNotice }[];
+
+/**
+ * Points the ledger instance at `clock` (again after an eviction), optionally
+ * adjusts its rules, and captures its grant notices into `notices` (pass null
+ * to let them go to the Execution objects as in production).
+ */
+export async function attach(
+  stub: LedgerStub,
+  clock: Clock,
+  rules?: Partial<LedgerRules>,
+  notices: Notices | null = [],
+): Promise<void> {
   await runInDurableObject(stub, (instance: ResourceLedger) => {
     const hooks = ledgerTestHooks(instance);
     hooks.setClock(() => clock.now);
     if (rules) Object.assign(hooks.rules, rules);
+    hooks.setNotifier(notices ? (executionId, notice) => notices.push({ executionId, notice }) : null);
   });
 }
 
-export async function fresh(name: string, rules?: Partial<LedgerRules>): Promise<{ ledger: LedgerStub; clock: Clock }> {
+export async function fresh(
+  name: string,
+  rules?: Partial<LedgerRules>,
+  opts: { realNotices?: boolean } = {},
+): Promise<{ ledger: LedgerStub; clock: Clock; notices: Notices }> {
   const ledger = ledgerNamed(name);
   const clock = newClock();
-  await attach(ledger, clock, rules);
-  return { ledger, clock };
+  const notices: Notices = [];
+  await attach(ledger, clock, rules, opts.realNotices ? null : notices);
+  return { ledger, clock, notices };
 }
 
 let execCounter = 0;

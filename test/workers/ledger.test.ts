@@ -302,8 +302,25 @@ describe("estimates", () => {
 });
 
 describe("grant notices", () => {
+  it("a waiter granted later gets exactly one notice; a reserve granted at once gets none", async () => {
+    const { ledger, notices } = await fresh("notice-once");
+    await ledger.putPool("gpu", { kind: "concurrency", capacity: 1 });
+    const a = granted(await ledger.reserve(req({ requirements: { gpu: 1 } })));
+    const w = waiting(await ledger.reserve(req({ stageId: "stage_7", attempt: 2, requirements: { gpu: 1 } })));
+    expect(notices).toEqual([]);
+    await ledger.settle(a.reservationId, {});
+    expect(notices).toHaveLength(1);
+    const s = await ledger.status(w.reservationId);
+    expect(notices[0]).toEqual({
+      executionId: w.reservationId.split(":")[0],
+      notice: { reservationId: w.reservationId, requirements: { gpu: 1, "worker:w": 1 }, stageId: "stage_7", attempt: 2, expiresAt: s.expiresAt },
+    });
+    await ledger.settle(w.reservationId, {});
+    expect(notices).toHaveLength(1);
+  });
+
   it("a notice to an Execution that cannot take it does not disturb the ledger", async () => {
-    const { ledger } = await fresh("notice-harmless");
+    const { ledger } = await fresh("notice-harmless", undefined, { realNotices: true });
     await ledger.putPool("gpu", { kind: "concurrency", capacity: 1 });
     const a = granted(await ledger.reserve(req({ requirements: { gpu: 1 } })));
     const w = waiting(await ledger.reserve(req({ executionId: execId("nobody"), requirements: { gpu: 1 } })));
