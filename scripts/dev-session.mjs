@@ -45,7 +45,16 @@ export async function startDevSession(opts = {}) {
     cwd: ROOT,
     detached: true,
     stdio: ["ignore", "pipe", "pipe"],
-    env: { ...process.env, ...opts.secrets, WRANGLER_SEND_METRICS: "false", CI: "true", NO_COLOR: "1" },
+    // A private dev registry: other `wrangler dev` sessions on the machine register
+    // workers in the shared one, and every change there makes this session reload.
+    env: {
+      ...process.env,
+      ...opts.secrets,
+      WRANGLER_REGISTRY_PATH: process.env.WRANGLER_REGISTRY_PATH ?? mkdtempSync(path.join(os.tmpdir(), "orch-registry-")),
+      WRANGLER_SEND_METRICS: "false",
+      CI: "true",
+      NO_COLOR: "1",
+    },
   });
   const keep = (d) => {
     out += d.toString();

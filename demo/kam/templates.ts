@@ -54,6 +54,53 @@ const list: StoredTemplate[] = [
       { stage: 2, worker: GRANULATOR, template_ref: "fault_v1", action: "echo", timeout_ms: 1500, max_attempts: 2 },
     ] satisfies TemplateStage[]),
   },
+  // Data between stages: three `blob` stages whose sizes (parameters.output_bytes) pick the tier
+  // (inline, KV, R2). One attempt each, so a data error fails the execution instead of retrying.
+  {
+    template_id: "mt_data_001",
+    template_name: "data_pipeline",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRANULATOR, template_ref: "data_v1", action: "blob", max_attempts: 1, timeout_ms: 60_000 },
+      { stage: 2, worker: GRANULATOR, template_ref: "data_v1", action: "blob", max_attempts: 1, timeout_ms: 60_000 },
+      { stage: 3, worker: GRANULATOR, template_ref: "data_v1", action: "blob", max_attempts: 1, timeout_ms: 60_000 },
+    ] satisfies TemplateStage[]),
+  },
+  // Stage 2 also needs a slot of the `gate:data-tamper` pool (created by the test that uses it), so a
+  // test can hold stage 2 in waiting_resources, with stage 1's output stored, for as long as it needs.
+  {
+    template_id: "mt_data_002",
+    template_name: "data_gated",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRANULATOR, template_ref: "data_v1", action: "blob", max_attempts: 1, timeout_ms: 60_000 },
+      { stage: 2, worker: GRANULATOR, template_ref: "data_v1", action: "blob", max_attempts: 1, timeout_ms: 60_000, resources: { "gate:data-tamper": 1 } },
+    ] satisfies TemplateStage[]),
+  },
+  // Two `echo` stages with room for large data: with `fault: { stage: 1, mode: "large_output" }` stage 1
+  // uploads its output, and stage 2 reads it by reference and hands it on.
+  {
+    template_id: "mt_data_003",
+    template_name: "data_relay",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRANULATOR, template_ref: "data_v1", action: "echo", max_attempts: 1, timeout_ms: 60_000 },
+      { stage: 2, worker: GRANULATOR, template_ref: "data_v1", action: "echo", max_attempts: 1, timeout_ms: 60_000 },
+    ] satisfies TemplateStage[]),
+  },
+  // For the soak benchmark: the same shapes with deadlines that hold on a loaded machine.
+  {
+    template_id: "mt_soak_001",
+    template_name: "soak_single",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRANULATOR, template_ref: "soak_v1", action: "echo", timeout_ms: 5000, max_attempts: 2 },
+    ] satisfies TemplateStage[]),
+  },
+  {
+    template_id: "mt_soak_002",
+    template_name: "soak_two_stage",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRANULATOR, template_ref: "soak_v1", action: "echo", timeout_ms: 5000, max_attempts: 2 },
+      { stage: 2, worker: GRANULATOR, template_ref: "soak_v1", action: "echo", timeout_ms: 5000, max_attempts: 2 },
+    ] satisfies TemplateStage[]),
+  },
   // Valid JSON, invalid stages (no worker, no template_ref).
   { template_id: "mt_broken_001", template_name: "broken_template", pipeline_stages: '[{"stage": "one"}]' },
 ];

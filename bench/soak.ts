@@ -1,0 +1,206 @@
+/**
+ * `npm run bench:soak`: 1,000 executions through `wrangler dev` on localhost
+ * (orchestrator + demo KAM + demo granulator), with a seeded share of faulty
+ * stages and some cancellations, then a report: how many completed, failed
+ * with which codes, were cancelled, and that none is still running and no
+ * capacity leaked (every ledger pool back to zero in use, no lease, no waiter).
+ *
+ *   npm run bench:soak -- [--n 1000] [--inflight 50] [--fault-share 0.3] [--seed 7]
+ *
+ * Traffic goes to 127.0.0.1 only; every loop is bounded in count and time.
+ */
+import os from "node:os";
+import { mkdtempSync } from "node:fs";
+import path from "node:path";
+import { rmSync } from "node:fs";
+import { DEMO_CONFIGS, startDevSession } from "../scripts/dev-session.mjs";
+import { snapshotTree } from "./lib/e2e-session";
+import { mulberry32 } from "./lib/mulberry32";
+
+const args = new Map<string, string>();
+for (let i = 2; i < process.argv.length; i++) {
+  const a = process.argv[i];
+  if (a.startsWith("--")) args.set(a.slice(2), process.argv[i + 1]?.startsWith("--") === false ? process.argv[++i] : "true");
+}
+const N = Number(args.get("n") ?? 1000);
+const INFLIGHT = Number(args.get("inflight") ?? 50);
+const FAULT_SHARE = Number(args.get("fault-share") ?? 0.3);
+const CANCEL_SHARE = Number(args.get("cancel-share") ?? 0.03);
+const SEED = Number(args.get("seed") ?? 7);
+const DEADLINE_MS = Number(args.get("deadline-ms") ?? 15 * 60_000);
+
+const SECRETS = { WORKER_SECRET: "soak-worker-secret-0123456789abcdef", KAM_TOKEN: "soak-kam", OPS_TOKEN: "soak-ops" };
+const KAM = { authorization: `Bearer ${SECRETS.KAM_TOKEN}`, "content-type": "application/json" };
+const OPS = { authorization: `Bearer ${SECRETS.OPS_TOKEN}` };
+
+/** Each fault and the outcome docs/reliability.md promises for it. */
+const FAULTS: { mode: string; template: string; expect: { status: string; code?: string } }[] = [
+  { mode: "refuse", template: "soak_single", expect: { status: "failed", code: "handshake_refused" } },
+  { mode: "refuse_retryable", template: "soak_single", expect: { status: "completed" } },
+  { mode: "process_500_once", template: "soak_single", expect: { status: "completed" } },
+  { mode: "crash", template: "soak_single", expect: { status: "failed", code: "worker_http_500" } },
+  { mode: "hang", template: "soak_single", expect: { status: "failed", code: "stage_timeout" } },
+  { mode: "malformed", template: "soak_single", expect: { status: "failed", code: "worker_protocol_error" } },
+  { mode: "double_callback", template: "soak_two_stage", expect: { status: "completed" } },
+  { mode: "wrong_token", template: "soak_two_stage", expect: { status: "completed" } },
+  { mode: "progress_backwards", template: "soak_single", expect: { status: "completed" } },
+  { mode: "fail", template: "soak_two_stage", expect: { status: "failed", code: "granulation_failed" } },
+  { mode: "fail_retryable_once", template: "soak_two_stage", expect: { status: "completed" } },
+];
+
+interface Plan {
+  body: Record<string, unknown>;
+  fault: string | null;
+  expect: { status: string; code?: string } | null;
+  cancel: boolean;
+}
+
+function plan(rand: () => number): Plan[] {
+  return Array.from({ length: N }, (_, i) => {
+    const cancel = rand() < CANCEL_SHARE;
+    if (rand() < FAULT_SHARE) {
+      const f = FAULTS[Math.floor(rand() * FAULTS.length)];
+      return {
+        body: { template_name: f.template, parameters: { steps: 2, step_ms: 5, echo: { i }, fault: { mode: f.mode } }, client_id: `soak_${i % 17}` },
+        fault: f.mode,
+        expect: cancel ? null : f.expect,
+        cancel,
+      };
+    }
+    return {
+      body: { template_name: "course_creation", parameters: { steps: 2, step_ms: 5, topic: `t${i}` }, client_id: `soak_${i % 17}`, priority: rand() < 0.2 ? "high" : "normal" },
+      fault: null,
+      expect: cancel ? null : { status: "completed" },
+      cancel,
+    };
+  });
+}
+
+async function json(res: Response): Promise<any> {
+  const text = await res.text();
+  try {
+    return JSON.parse(text);
+  } catch {
+    throw new Error(`not JSON (${res.status}): ${text.slice(0, 200)}`);
+  }
+}
+
+async function main() {
+  const started = Date.now();
+  // A snapshot of the tree, so edits elsewhere cannot make wrangler reload the workers mid-run.
+  const dir = mkdtempSync(path.join(os.tmpdir(), "orch-soak-"));
+  const tree = snapshotTree(dir, "worktree");
+  const session = await startDevSession({
+    configs: DEMO_CONFIGS.map((c) => path.join(tree, c)),
+    secrets: SECRETS,
+    persistTo: path.join(dir, "state"),
+    vars: {
+      LOG_LEVEL: "error",
+      // Hung and crashed stages hold a worker slot until their deadline: give the worker room.
+      POOLS: JSON.stringify([{ name: "worker:bitware-content-granulator", kind: "concurrency", capacity: 64 }]),
+      TUNING: JSON.stringify({ pollInitialMs: 100, pollMaxMs: 500, retryBaseMs: 50, retryCapMs: 300, maxPollFailures: 3, outboxRetryMs: 200 }),
+    },
+  });
+  const plans = plan(mulberry32(SEED));
+  const outcomes: { plan: Plan; id: string | null; status: string; code: string | null; stages?: unknown }[] = [];
+  let next = 0;
+  try {
+    const worker = async () => {
+      while (next < plans.length && Date.now() - started < DEADLINE_MS) {
+        const p = plans[next++];
+        const res = await fetch(`${session.url}/execute`, { method: "POST", headers: KAM, body: JSON.stringify(p.body) });
+        const body = await json(res);
+        if (res.status !== 202) {
+          outcomes.push({ plan: p, id: null, status: "start_failed", code: body?.error?.code ?? String(res.status) });
+          continue;
+        }
+        const id = body.execution_id as string;
+        let cancelled = false;
+        for (let polls = 0; ; polls++) {
+          if (p.cancel && !cancelled && polls === 2) {
+            await fetch(`${session.url}/executions/${id}/cancel`, { method: "POST", headers: KAM });
+            cancelled = true;
+          }
+          const doc = await json(await fetch(`${session.url}/executions/${id}`, { headers: KAM }));
+          if (["completed", "failed", "cancelled"].includes(doc.status)) {
+            outcomes.push({ plan: p, id, status: doc.status, code: doc.error?.code ?? null, stages: doc.stages.map((s: any) => ({ id: s.stage_id, status: s.status, attempts: s.attempts, waiting_ms: s.waiting_ms, processing_ms: s.processing_ms, last_error: s.last_error?.code })) });
+            break;
+          }
+          if (Date.now() - started > DEADLINE_MS) {
+            outcomes.push({ plan: p, id, status: doc.status, code: "still_running_at_deadline" });
+            break;
+          }
+          await new Promise((r) => setTimeout(r, 50));
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: INFLIGHT }, worker));
+
+    // Leaks: settles and releases travel through each execution's outbox; give them a bounded time to land.
+    let snapshot: any = null;
+    const leakDeadline = Date.now() + 60_000;
+    for (;;) {
+      snapshot = await json(await fetch(`${session.url}/resources`, { headers: OPS }));
+      const clean = snapshot.leases === 0 && snapshot.waiters === 0 && snapshot.pools.every((p: any) => p.kind !== "concurrency" || p.in_use === 0);
+      if (clean || Date.now() > leakDeadline) break;
+      await new Promise((r) => setTimeout(r, 250));
+    }
+
+    const byStatus: Record<string, number> = {};
+    const byCode: Record<string, number> = {};
+    const byFault: Record<string, Record<string, number>> = {};
+    let mismatches = 0;
+    const mismatchSamples: unknown[] = [];
+    for (const o of outcomes) {
+      byStatus[o.status] = (byStatus[o.status] ?? 0) + 1;
+      if (o.code) byCode[o.code] = (byCode[o.code] ?? 0) + 1;
+      const key = o.plan.fault ?? "none";
+      byFault[key] ??= {};
+      const label = o.code ? `${o.status}:${o.code}` : o.status;
+      byFault[key][label] = (byFault[key][label] ?? 0) + 1;
+      const e = o.plan.expect;
+      if (e && (o.status !== e.status || (e.code && o.code !== e.code))) {
+        mismatches++;
+        if (mismatchSamples.length < 5) mismatchSamples.push({ id: o.id, fault: o.plan.fault, expected: e, got: { status: o.status, code: o.code }, stages: o.stages });
+      }
+    }
+    const stillRunning = outcomes.filter((o) => !["completed", "failed", "cancelled", "start_failed"].includes(o.status)).length;
+    const leakedPools = snapshot.pools.filter((p: any) => p.kind === "concurrency" && p.in_use !== 0).map((p: any) => `${p.name}=${p.in_use}`);
+    const report = {
+      bench: "soak",
+      executions: outcomes.length,
+      planned: N,
+      inflight: INFLIGHT,
+      fault_share: FAULT_SHARE,
+      cancel_share: CANCEL_SHARE,
+      seed: SEED,
+      by_status: byStatus,
+      by_code: byCode,
+      by_fault: byFault,
+      outcome_mismatches: mismatches,
+      mismatch_samples: mismatchSamples,
+      still_running: stillRunning,
+      leaked_leases: snapshot.leases,
+      leaked_waiters: snapshot.waiters,
+      leaked_pools: leakedPools,
+      seconds: Math.round((Date.now() - started) / 100) / 10,
+      cores: os.cpus().length,
+      node: process.version,
+    };
+    console.log("\nSoak: %d executions (%d in flight, %d%% faulty, %d%% cancelled), %ss", outcomes.length, INFLIGHT, FAULT_SHARE * 100, CANCEL_SHARE * 100, report.seconds);
+    console.table(Object.fromEntries(Object.entries(byFault).map(([k, v]) => [k, v])));
+    console.log("by status:", byStatus);
+    console.log("by error code:", byCode);
+    console.log("outcome mismatches: %d, still running: %d, leaked leases: %d, waiters: %d, pools in use: %s", mismatches, stillRunning, snapshot.leases, snapshot.waiters, leakedPools.join(", ") || "none");
+    console.log(JSON.stringify(report));
+    if (stillRunning || snapshot.leases || snapshot.waiters || leakedPools.length || mismatches || outcomes.length !== N) process.exitCode = 1;
+  } finally {
+    await session.stop();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+main().catch((err) => {
+  console.error(err);
+  process.exit(1);
+});
