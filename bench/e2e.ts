@@ -23,7 +23,10 @@
  *   answering process; sync: before answering) --settle-ms MS (15000: idle time
  *   after the run before the last memory reading) --no-floor --quick (300
  *   executions, 100 in flight, for CI) --soak (10000 executions, memory check)
- *   --json-out FILE --verbose
+ *   --tree worktree|COMMIT (worktree: what to run is a copy of the working tree
+ *   taken at start; or a commit, e.g. HEAD) --observability config|off (off: run the
+ *   orchestrator with [observability] disabled, to measure what local tracing
+ *   costs) --json-out FILE --verbose
  */
 import { execFileSync } from "node:child_process";
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
@@ -33,7 +36,7 @@ import { performance } from "node:perf_hooks";
 import { type BenchSession, BENCH_BINDING, startBenchSession, workerdProcesses } from "./lib/e2e-session";
 import { KeepAliveClient } from "./lib/http-keepalive";
 import { mulberry32, weighted } from "./lib/mulberry32";
-import { cpuSecondsOf, memoryOf, RssSampler } from "./lib/proc-stats";
+import { cpuSecondsOf, descendants, machineBusySeconds, memoryOf, RssSampler } from "./lib/proc-stats";
 import { type Summary, summarize } from "./lib/quantiles";
 import { BENCH_STAGES, BENCH_TEMPLATE, BENCH_WORKER, type ExecTimings, type FloorAnswer, type WaitAnswer, type WorkerStats } from "./worker/shared";
 
@@ -51,12 +54,16 @@ interface Options {
   soak: boolean;
   jsonOut: string | null;
   verbose: boolean;
+  /** What to run: "worktree" (a copy of the working tree) or a commit-ish such as HEAD. */
+  tree: string;
+  /** The orchestrator's `[observability]` as in wrangler.toml, or forced off. */
+  observability: "config" | "off";
   /** Per-execution deadline: past it the execution counts as stuck. */
   execTimeoutMs: number;
 }
 
 function parseArgs(argv: string[]): Options {
-  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000 };
+  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config" };
   const given = new Set<string>();
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -82,6 +89,8 @@ function parseArgs(argv: string[]): Options {
       case "--soak": o.soak = true; break;
       case "--json-out": o.jsonOut = next(); break;
       case "--verbose": o.verbose = true; break;
+      case "--tree": o.tree = next(); break;
+      case "--observability": { const v = next(); if (v !== "config" && v !== "off") throw new Error("--observability config|off"); o.observability = v; break; }
       case "--exec-timeout-ms": o.execTimeoutMs = Math.max(1000, num()); break;
       case "--help": case "-h":
         console.log(readFileSync(new URL(import.meta.url), "utf8").split("*/")[0]);
@@ -370,12 +379,16 @@ function cpuSnapshot(pids: Record<string, number>): Record<string, number> {
   for (const [name, pid] of Object.entries(pids)) out[name] = cpuSecondsOf(pid);
   const u = process.cpuUsage();
   out.bench_node = (u.user + u.system) / 1e6;
+  out.machine_busy = machineBusySeconds();
   return out;
 }
 
 function cpuDelta(a: Record<string, number>, b: Record<string, number>): Record<string, number> {
   const out: Record<string, number> = {};
   for (const k of Object.keys(b)) out[k] = Number((b[k] - a[k]).toFixed(2));
+  // What other processes on the machine used meanwhile (a busy machine makes the figures noisy).
+  const ours = Object.entries(out).filter(([k]) => k !== "machine_busy").reduce((s, [, v]) => s + (Number.isFinite(v) ? v : 0), 0);
+  out.others = Number(Math.max(0, out.machine_busy - ours).toFixed(2));
   return out;
 }
 
@@ -437,7 +450,7 @@ function report(p: PhaseResult): PhaseReport {
   };
 }
 
-function versions() {
+function versions(tree: string) {
   const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), "..");
   const pkg = (name: string) => {
     try {
@@ -449,10 +462,10 @@ function versions() {
   let commit = "?";
   let dirty = false;
   try {
-    commit = execFileSync("git", ["rev-parse", "--short=12", "HEAD"], { cwd: root, encoding: "utf8" }).trim();
-    dirty = execFileSync("git", ["status", "--porcelain", "--", "src", "actors", "schemas", "wrangler.toml"], { cwd: root, encoding: "utf8" }).trim() !== "";
+    commit = execFileSync("git", ["rev-parse", "--short=12", tree === "worktree" ? "HEAD" : tree], { cwd: root, encoding: "utf8" }).trim();
+    dirty = tree === "worktree" && execFileSync("git", ["status", "--porcelain", "--", "src", "actors", "schemas", "wrangler.toml", "bench/worker"], { cwd: root, encoding: "utf8" }).trim() !== "";
   } catch {}
-  return { node: process.version, wrangler: pkg("wrangler"), workerd: pkg("workerd"), tsx: pkg("tsx"), commit, orchestrator_tree_dirty: dirty };
+  return { node: process.version, wrangler: pkg("wrangler"), workerd: pkg("workerd"), tsx: pkg("tsx"), tree, commit, worktree_changes: dirty };
 }
 
 const MiB = 1024 * 1024;
@@ -491,6 +504,11 @@ function printTable(result: any): void {
   if (result.ratio) {
     console.log(`  ratio orchestrated/floor: throughput ${result.ratio.throughput}, latency p50 ${result.ratio.latency_p50}, p99 ${result.ratio.latency_p99}`);
   }
+  for (const [name, ph] of [["orchestrated", o], ["floor", f]] as const) {
+    if (ph && ph.cpu_s.others > 0.1 * ph.elapsed_s) {
+      console.log(`  ! noisy machine: other processes used ${ph.cpu_s.others} CPU-s during the ${name} phase (${ph.elapsed_s} s): figures are not representative`);
+    }
+  }
   const m = result.memory;
   console.log(
     `  workerd runtime RSS MiB: before ${m.runtime_rss_before_mib}, peak ${m.runtime_rss_peak_mib}, end ${m.runtime_rss_end_mib}, after ${m.settle_ms} ms idle ${m.runtime_rss_settled_mib} (growth ${m.runtime_growth_mib}); VmHWM ${m.runtime_hwm_mib}; proxy peak ${m.proxy_rss_peak_mib}`,
@@ -521,7 +539,23 @@ async function main(): Promise<number> {
   const startedAt = new Date();
   const t0 = performance.now();
   console.error(`starting wrangler dev (gateway, orchestrator, ${BENCH_WORKER}, bench KAM)...`);
-  const session = await startBenchSession({ vars, secrets, quiet: true });
+  const session = await startBenchSession({
+    vars,
+    secrets,
+    quiet: true,
+    tree: opts.tree,
+    overrides: opts.observability === "off" ? { observability: { enabled: false } } : {},
+  });
+  // Ctrl-C or a kill: stop the session (its own process group) before leaving.
+  let stopping = false;
+  for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
+    process.on(sig, () => {
+      if (stopping) return;
+      stopping = true;
+      console.error(`${sig}: stopping the session`);
+      session.stop().finally(() => process.exit(130));
+    });
+  }
   let sampler: RssSampler | null = null;
   let bench: Bench | null = null;
   try {
@@ -529,6 +563,8 @@ async function main(): Promise<number> {
     if (!procs.runtime) throw new Error(`cannot tell the workerd runtime among ${JSON.stringify(procs)}`);
     const pids: Record<string, number> = { workerd_runtime: procs.runtime };
     if (procs.proxy[0]) pids.workerd_proxy = procs.proxy[0];
+    const cli = descendants(session.pid).find((p) => p.comm.startsWith("node"));
+    if (cli) pids.wrangler_node = cli.pid;
     sampler = new RssSampler(Object.values(pids), 250).start();
     bench = new Bench(session, secrets, opts);
     const b = bench;
@@ -616,11 +652,12 @@ async function main(): Promise<number> {
       warmup: opts.warmup,
       seed: opts.seed,
       callback: opts.callback,
+      observability: opts.observability,
       template: BENCH_TEMPLATE,
       stages: BENCH_STAGES,
       cores: os.cpus().length,
       cpu_model: os.cpus()[0]?.model ?? "?",
-      versions: versions(),
+      versions: versions(opts.tree),
       orchestrated: o,
       floor: f,
       ratio,

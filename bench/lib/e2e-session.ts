@@ -1,4 +1,5 @@
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { cpSync, existsSync, mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import os from "node:os";
 import path from "node:path";
@@ -18,6 +19,14 @@ import { commandLineOf, descendants } from "./proc-stats";
  * 4. the bench KAM (bench/worker/kam.wrangler.toml).
  *
  * `--var` would only reach the primary worker, hence the generated config.
+ * The session uses a private dev registry (WRANGLER_REGISTRY_PATH), so other
+ * wrangler sessions on the machine cannot make it reload.
+ *
+ * Every worker runs from a snapshot of the tree taken at start (the working
+ * tree, or a commit with `tree: "HEAD"`) in the temporary directory, with
+ * node_modules linked: `wrangler dev` watches its sources and restarts the
+ * workers when a file changes, which would break a run in a tree that others
+ * are editing, and the figures belong to one known version of the code.
  */
 export interface BenchSession {
   url: string;
@@ -31,16 +40,42 @@ export interface BenchSession {
 
 export const BENCH_BINDING = "BENCH_WORKER";
 
-export function writeOrchestratorConfig(dir: string, vars: Record<string, string>): string {
+/**
+ * Copies the tree into `dir`/tree with node_modules linked: for "worktree", every
+ * file git tracks or would track (untracked but not ignored) as it is on disk;
+ * otherwise the commit `tree` names (`git archive`).
+ */
+export function snapshotTree(dir: string, tree: string): string {
+  const out = path.join(dir, "tree");
+  mkdirSync(out, { recursive: true });
+  if (tree === "worktree") {
+    const files = execFileSync("git", ["ls-files", "-z", "--cached", "--others", "--exclude-standard"], { cwd: ROOT, encoding: "utf8", maxBuffer: 64 * 1024 * 1024 })
+      .split("\0")
+      .filter(Boolean);
+    for (const f of files) {
+      if (!existsSync(path.join(ROOT, f))) continue; // deleted in the working tree
+      mkdirSync(path.dirname(path.join(out, f)), { recursive: true });
+      cpSync(path.join(ROOT, f), path.join(out, f));
+    }
+  } else {
+    const tar = execFileSync("git", ["archive", "--format=tar", tree], { cwd: ROOT, maxBuffer: 512 * 1024 * 1024 });
+    execFileSync("tar", ["-x", "-C", out], { input: tar, maxBuffer: 64 * 1024 * 1024 });
+  }
+  symlinkSync(path.join(ROOT, "node_modules"), path.join(out, "node_modules"), "dir");
+  return out;
+}
+
+export function writeOrchestratorConfig(dir: string, tree: string, vars: Record<string, string>, overrides: Record<string, unknown> = {}): string {
   const require = createRequire(import.meta.url);
   const wrangler = require(path.join(ROOT, "node_modules/wrangler/wrangler-dist/cli.js")) as {
     experimental_readRawConfig: (args: { config: string }) => { rawConfig: Record<string, any> };
   };
-  const { rawConfig } = wrangler.experimental_readRawConfig({ config: path.join(ROOT, "wrangler.toml") });
+  const { rawConfig } = wrangler.experimental_readRawConfig({ config: path.join(tree, "wrangler.toml") });
   const config = structuredClone(rawConfig);
-  config.main = path.join(ROOT, String(config.main));
+  config.main = path.join(tree, String(config.main));
   config.services = [...(config.services ?? []), { binding: BENCH_BINDING, service: "bitware-bench-worker" }];
   config.vars = { ...(config.vars ?? {}), ...vars };
+  Object.assign(config, overrides);
   const out = path.join(dir, "orchestrator");
   mkdirSync(out, { recursive: true });
   const file = path.join(out, "wrangler.json");
@@ -48,18 +83,31 @@ export function writeOrchestratorConfig(dir: string, vars: Record<string, string
   return file;
 }
 
-export async function startBenchSession(opts: { vars: Record<string, string>; secrets: Record<string, string>; quiet?: boolean }): Promise<BenchSession> {
+export async function startBenchSession(opts: {
+  vars: Record<string, string>;
+  secrets: Record<string, string>;
+  quiet?: boolean;
+  tree?: string;
+  /** Top-level fields replaced in the orchestrator's generated config, e.g. `{ observability: { enabled: false } }`. */
+  overrides?: Record<string, unknown>;
+}): Promise<BenchSession> {
   const dir = mkdtempSync(path.join(os.tmpdir(), "orch-bench-"));
-  const generatedConfig = writeOrchestratorConfig(dir, opts.vars);
-  const configs = [
-    path.join(ROOT, "bench/worker/gateway.wrangler.toml"),
-    generatedConfig,
-    path.join(ROOT, "bench/worker/wrangler.toml"),
-    path.join(ROOT, "bench/worker/kam.wrangler.toml"),
-  ];
   let session;
+  let generatedConfig: string;
   try {
-    session = await startDevSession({ configs, secrets: opts.secrets, persistTo: path.join(dir, "state"), quiet: opts.quiet ?? true, readyTimeoutMs: 120_000 });
+    const tree = snapshotTree(dir, opts.tree ?? "worktree");
+    generatedConfig = writeOrchestratorConfig(dir, tree, opts.vars, opts.overrides);
+    // A private dev registry: other `wrangler dev` sessions on the machine (tests,
+    // npm start) register and unregister workers there, and every change makes a
+    // session reload its workers, cancelling the requests in flight.
+    process.env.WRANGLER_REGISTRY_PATH = path.join(dir, "registry");
+    const configs = [
+      path.join(tree, "bench/worker/gateway.wrangler.toml"),
+      generatedConfig,
+      path.join(tree, "bench/worker/wrangler.toml"),
+      path.join(tree, "bench/worker/kam.wrangler.toml"),
+    ];
+    session = await startDevSession({ configs, secrets: opts.secrets, persistTo: path.join(dir, "state"), quiet: opts.quiet ?? true, readyTimeoutMs: 90_000 });
   } catch (err) {
     rmSync(dir, { recursive: true, force: true });
     throw err;

@@ -107,3 +107,15 @@ export class RssSampler {
     this.timer = null;
   }
 }
+
+/** CPU seconds the whole machine spent busy (all cores: user, nice, system, irq, softirq, steal) since boot. */
+export function machineBusySeconds(): number {
+  try {
+    const line = readFileSync("/proc/stat", "utf8").split("\n")[0];
+    const f = line.trim().split(/\s+/).slice(1).map(Number);
+    const [user, nice, system, , , irq, softirq, steal] = f;
+    return (user + nice + system + irq + softirq + (steal ?? 0)) / CLK_TCK;
+  } catch {
+    return Number.NaN;
+  }
+}
