@@ -35,7 +35,6 @@ import {
 } from "../schemas/ledger";
 import { configOf, type Tuning } from "../src/config";
 import {
-  available,
   chargeExtra,
   effectiveRank,
   estimatedNeeds,
@@ -225,7 +224,7 @@ function invalid(message: string): Error {
 function parse<T>(schema: z.ZodType<T>, value: unknown, what: string): T {
   const r = schema.safeParse(value);
   if (r.success) return r.data;
-  const detail = r.error.issues.map((i) => `${i.path.length ? i.path.join(".") + ": " : ""}${i.message}`).join("; ");
+  const detail = r.error.issues.map((i) => `${i.path.length ? `${i.path.join(".")}: ` : ""}${i.message}`).join("; ");
   throw invalid(`${what}: ${detail}`);
 }
 
@@ -610,7 +609,7 @@ export class ResourceLedger extends DurableObject<Env> {
     if (this.waiters - this.parked !== 0) return SLOW;
     const row = this.row(id);
     const now = this.clock();
-    if (!row || row.state !== "granted" || row.expires_at === null || row.expires_at <= now) return SLOW;
+    if (row?.state !== "granted" || row.expires_at === null || row.expires_at <= now) return SLOW;
     return this.ack(fn(row, now));
   }
 
@@ -1127,7 +1126,7 @@ export class ResourceLedger extends DurableObject<Env> {
     if (this.live.size !== leases) problems.push(`live map: ${this.live.size} rows, sql ${leases} granted`);
     for (const r of this.live.values()) {
       const sqlRow = this.sql<ResRow>`SELECT * FROM reservations WHERE id = ${r.id}`[0];
-      if (!sqlRow || sqlRow.state !== "granted" || sqlRow.expires_at !== r.expires_at) problems.push(`live map row ${r.id} differs from sql`);
+      if (sqlRow?.state !== "granted" || sqlRow.expires_at !== r.expires_at) problems.push(`live map row ${r.id} differs from sql`);
     }
     if (waiters !== this.waiters) problems.push(`waiters: memory ${this.waiters}, sql ${waiters}`);
     for (const p of this.pools.values()) {

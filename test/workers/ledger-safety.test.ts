@@ -32,7 +32,7 @@ async function runSeed(seed: number, operations: number) {
   /** Reservations whose first reply was a grant (the others learn of theirs from a notice). */
   const grantedByReply = new Set<string>();
   let done = 0;
-  let counts = { granted: 0, waiting: 0, refused: 0, settled: 0, released: 0, expired: 0 };
+  const counts = { granted: 0, waiting: 0, refused: 0, settled: 0, released: 0, expired: 0 };
 
   const newRequest = (): ReserveRequest => {
     const needs: Record<string, number> = {};
