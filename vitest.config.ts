@@ -4,6 +4,25 @@ import { TEST_SECRETS, TEST_TUNING } from "./test/support/constants.ts";
 
 const compatibilityDate = "2026-11-01";
 
+/** The demo granulator as an auxiliary worker under a given name (each name has its own objects and stats). */
+function granulator(name: string) {
+  return {
+    name,
+    modules: true,
+    scriptPath: "./dist/test-workers/content-granulator/index.js",
+    compatibilityDate,
+    bindings: { WORKER_SECRET: TEST_SECRETS.WORKER_SECRET },
+    // The short form would give key-value storage; the demo's objects use SQLite.
+    durableObjects: {
+      JOBS: { className: "GranulatorJob", useSQLite: true },
+      STATS: { className: "GranulatorStats", useSQLite: true },
+    },
+    // The worker under test runs as the plugin's runner, named after the
+    // project; callbacks reach the orchestrator's fetch through it.
+    serviceBindings: { ORCHESTRATOR: "vitest-plugin-runner-workers" },
+  };
+}
+
 /**
  * Three projects:
  * - `workers`: tests that run inside workerd next to the orchestrator's real
@@ -23,7 +42,16 @@ export default defineConfig({
           cloudflareTest({
             wrangler: { configPath: "./wrangler.toml" },
             miniflare: {
-              bindings: { ...TEST_SECRETS, TUNING: JSON.stringify(TEST_TUNING), LOG_LEVEL: "error" },
+              bindings: {
+                ...TEST_SECRETS,
+                TUNING: JSON.stringify(TEST_TUNING),
+                LOG_LEVEL: "error",
+                WORKER_BINDINGS: JSON.stringify({
+                  "bitware-content-granulator": "CONTENT_GRANULATOR",
+                  "bitware-capped-granulator": "CAPPED_GRANULATOR",
+                }),
+              },
+              serviceBindings: { CAPPED_GRANULATOR: "bitware-capped-granulator" },
               workers: [
                 {
                   name: "bitware-key-account-manager",
@@ -31,21 +59,9 @@ export default defineConfig({
                   scriptPath: "./dist/test-workers/kam/index.js",
                   compatibilityDate,
                 },
-                {
-                  name: "bitware-content-granulator",
-                  modules: true,
-                  scriptPath: "./dist/test-workers/content-granulator/index.js",
-                  compatibilityDate,
-                  bindings: { WORKER_SECRET: TEST_SECRETS.WORKER_SECRET },
-                  // The short form would give key-value storage; the demo's objects use SQLite.
-                  durableObjects: {
-                    JOBS: { className: "GranulatorJob", useSQLite: true },
-                    STATS: { className: "GranulatorStats", useSQLite: true },
-                  },
-                  // The worker under test runs as the plugin's runner, named after the
-                  // project; callbacks reach the orchestrator's fetch through it.
-                  serviceBindings: { ORCHESTRATOR: "vitest-plugin-runner-workers" },
-                },
+                granulator("bitware-content-granulator"),
+                // A second instance for tests that need a worker (and its pool and counters) to themselves.
+                granulator("bitware-capped-granulator"),
               ],
             },
           }),

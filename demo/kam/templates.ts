@@ -101,6 +101,16 @@ const list: StoredTemplate[] = [
       { stage: 2, worker: GRANULATOR, template_ref: "soak_v1", action: "echo", timeout_ms: 5000, max_attempts: 2 },
     ] satisfies TemplateStage[]),
   },
+  // Three stages on a second granulator instance that the ledger tests cap at two slots.
+  {
+    template_id: "mt_capped_001",
+    template_name: "capped_pipeline",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: "bitware-capped-granulator", template_ref: "capped_v1", action: "outline" },
+      { stage: 2, worker: "bitware-capped-granulator", template_ref: "capped_v1", action: "chapters" },
+      { stage: 3, worker: "bitware-capped-granulator", template_ref: "capped_v1", action: "summary" },
+    ] satisfies TemplateStage[]),
+  },
   // Valid JSON, invalid stages (no worker, no template_ref).
   { template_id: "mt_broken_001", template_name: "broken_template", pipeline_stages: '[{"stage": "one"}]' },
 ];
