@@ -15,7 +15,7 @@ export function escapeHtml(value: unknown): string {
   return String(value).replace(/[&<>"']/g, (c) => HTML_ESCAPES[c]);
 }
 
-/** True when the caller asks for a page: `text/html` listed, and preferred at least as much as JSON. */
+/** True when the caller asks for a page: `text/html` listed, and preferred over JSON (a tie goes to JSON). */
 export function wantsHtml(request: Request): boolean {
   const accept = request.headers.get("accept");
   if (!accept) return false;
@@ -29,7 +29,7 @@ export function wantsHtml(request: Request): boolean {
     if (type === "text/html") html = Math.max(html, weight);
     if (type === "application/json") jsonQ = Math.max(jsonQ, weight);
   }
-  return html > 0 && html >= jsonQ;
+  return html > 0 && html > jsonQ;
 }
 
 function nonce(): string {

@@ -6,7 +6,7 @@ import { OPS, call, ended, startExecution, waitFor } from "../support/api";
 const BROWSER = { accept: "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8" };
 
 describe("content negotiation", () => {
-  it("serves the page only when text/html is preferred at least as much as JSON", () => {
+  it("serves the page only when text/html is preferred over JSON", () => {
     const req = (accept?: string) => new Request("http://x/", accept ? { headers: { accept } } : {});
     expect(wantsHtml(req(BROWSER.accept))).toBe(true);
     expect(wantsHtml(req("text/html"))).toBe(true);
@@ -14,6 +14,8 @@ describe("content negotiation", () => {
     expect(wantsHtml(req("*/*"))).toBe(false);
     expect(wantsHtml(req("application/json"))).toBe(false);
     expect(wantsHtml(req("application/json, text/html;q=0.5"))).toBe(false);
+    expect(wantsHtml(req("application/json, text/html"))).toBe(false);
+    expect(wantsHtml(req("text/html, application/json;q=0.9"))).toBe(true);
     expect(wantsHtml(req("text/html;q=0"))).toBe(false);
   });
 
