@@ -23,11 +23,17 @@ let context: BrowserContext | undefined;
 let userDataDir: string | undefined;
 const problems: string[] = [];
 
+const MISSING = existsSync(CHROMIUM)
+  ? null
+  : `no Chromium at ${CHROMIUM}: install it with \`apt-get update && apt-get install -y chromium\` (.ci/run does this when it is missing), or set CHROMIUM_PATH`;
+
+/** Fail, never skip: a missing browser must not pass as green. */
+function requireBrowser(): void {
+  if (MISSING) throw new Error(MISSING);
+}
+
 beforeAll(async () => {
-  // Fail, never skip: a missing browser must not pass as green.
-  if (!existsSync(CHROMIUM)) {
-    throw new Error(`no Chromium at ${CHROMIUM}: install it with \`apt-get update && apt-get install -y chromium\` (.ci/run does this when it is missing), or set CHROMIUM_PATH`);
-  }
+  if (MISSING) return;
   mkdirSync(RESULTS, { recursive: true });
   session = await startDevSession({ secrets: TEST_SECRETS });
   userDataDir = mkdtempSync(path.join(os.tmpdir(), "orch-chromium-"));
@@ -79,6 +85,7 @@ async function startExecution(): Promise<string> {
 
 describe("execution page in Chromium", () => {
   it("signs in with the OPS token and shows every stage reaching completed, live", async () => {
+    requireBrowser();
     const id = await startExecution();
     const page = await context!.newPage();
     watch(page);
@@ -152,6 +159,7 @@ describe("execution page in Chromium", () => {
   });
 
   it("asks for the token again when it is refused", async () => {
+    requireBrowser();
     const id = await startExecution();
     const page = await context!.newPage();
     await page.goto(`${session!.url}/ui/executions/${id}`);
