@@ -245,7 +245,7 @@ class Bench {
     let timings: ExecTimings | null = null;
     let acked = false;
     while (!this.aborted && performance.now() < deadline) {
-      const left = Math.max(50, Math.min(10_000, deadline - performance.now()));
+      const left = Math.max(50, Math.min(30_000, deadline - performance.now()));
       rec.waits++;
       try {
         const w = await this.client.request<WaitAnswer>("GET", `/bench/wait/${id}?timeout_ms=${Math.round(left)}`, { headers: this.worker, timeoutMs: left + 5_000 });
@@ -259,7 +259,12 @@ class Bench {
       } catch {}
       // Not acknowledged (the callback failed, or slow): the status tells whether it ended another way.
       const st = await this.status(id, rec).catch(() => null);
-      if (st && st !== "queued" && st !== "running") break;
+      if (st && st !== "queued" && st !== "running") {
+        // Ended meanwhile: the worker has the complete record now (the last ack precedes `completed`).
+        const w = await this.client.request<WaitAnswer>("GET", `/bench/wait/${id}?timeout_ms=200`, { headers: this.worker, timeoutMs: 5_000 }).catch(() => null);
+        if (w?.status === 200 && w.body.timings) timings = w.body.timings;
+        break;
+      }
       if (timings?.ended) break;
     }
     // 2. Observe `completed` in the status document.
