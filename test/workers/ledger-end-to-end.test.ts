@@ -10,8 +10,10 @@ import { JSON_HEADERS, OPS, call, ended, expectNoLiveReservations, startExecutio
  * so no other test shares its pool or its counter.
  */
 const WORKER = "bitware-capped-granulator";
+/** A test-only binding (vitest.config.ts) to the second granulator instance. */
+const capped = (env as unknown as { CAPPED_GRANULATOR: Fetcher }).CAPPED_GRANULATOR;
 const stats = async () =>
-  (await (await env.CAPPED_GRANULATOR.fetch("https://capped.internal/api/stats", { headers: { authorization: `Bearer ${TEST_SECRETS.WORKER_SECRET}` } })).json()) as {
+  (await (await capped.fetch("https://capped.internal/api/stats", { headers: { authorization: `Bearer ${TEST_SECRETS.WORKER_SECRET}` } })).json()) as {
     processing: number;
     max_concurrent: number;
     completed: number;
@@ -25,7 +27,7 @@ describe("the ledger caps a worker's concurrency end to end", () => {
       body: JSON.stringify({ kind: "concurrency", capacity: 2 }),
     });
     expect(put.status).toBe(200);
-    await env.CAPPED_GRANULATOR.fetch("https://capped.internal/api/stats/reset", { method: "POST", headers: { authorization: `Bearer ${TEST_SECRETS.WORKER_SECRET}` } });
+    await capped.fetch("https://capped.internal/api/stats/reset", { method: "POST", headers: { authorization: `Bearer ${TEST_SECRETS.WORKER_SECRET}` } });
 
     const starts = await Promise.all(
       Array.from({ length: 10 }, (_, i) =>
