@@ -1036,7 +1036,7 @@ export class Execution extends DurableObject<Env> {
 
   /** Every read also checks the alarm is really set, so a lost alarm heals on the next request. */
   private async healAlarm(ex: ExecutionRow): Promise<void> {
-    if (isTerminalExecution(ex.status) && !this.hasTimer("outbox")) return;
+    if (isTerminalExecution(ex.status) && this.sql`SELECT 1 FROM timers LIMIT 1`.length === 0) return;
     const actual = await this.ctx.storage.getAlarm();
     if (actual === null) this.armedAt = undefined;
     await this.rearm();
