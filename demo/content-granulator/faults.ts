@@ -1,12 +1,12 @@
 import { z } from "zod";
-import type { Reply } from "./job";
+import type { Hooks, JobInfo, Reply } from "../../packages/worker-kit";
 import { intParam, largeOutput, type Piece } from "./work";
 
 /**
  * Fault injection for the orchestrator's tests, chosen per execution by
- * `inputData.parameters.fault = { stage?, mode, times? }`. Every decision the job
- * object takes that a fault can change goes through one function here, so the
- * job's own flow reads as the healthy path.
+ * `inputData.parameters.fault = { stage?, mode, times? }`. Every decision a
+ * fault can change goes through one function here, so the stage's own flow
+ * (job.ts) reads as the healthy path; the kit's `hooks` call in from outside it.
  */
 
 export const FAULT_MODES = [
@@ -42,10 +42,10 @@ export interface Fault {
  * not these), so "the first N times" holds however the orchestrator numbers
  * its attempts.
  */
-export const COUNTERS = { refused: "refused", processCalls: "process_calls", failures: "failures" } as const;
+export const COUNTERS = { refused: "fault:refused", processCalls: "fault:process_calls", failures: "fault:failures" } as const;
 
 const LARGE_OUTPUT_DEFAULT = 2 * 1024 * 1024;
-// Output travels back over RPC and in one response: stay well under their limits.
+// Built in memory as one string: stay well under the upload limit and the object's memory.
 const LARGE_OUTPUT_MAX = 16 * 1024 * 1024;
 
 /** The fault for this stage, none, or why the spec is unusable (the handshake refuses it). */
@@ -106,7 +106,10 @@ export function progressAt(fault: Fault | null, step: number, steps: number): nu
   return Math.round((step / steps) * 1000) / 10;
 }
 
-/** `large_output` replaces the action's output with `parameters.output_bytes` bytes (inline). */
+/**
+ * `large_output` replaces the action's output with a string of `parameters.output_bytes`
+ * bytes; over the kit's threshold (512 KiB) it goes to the orchestrator as an upload.
+ */
 export function faultOutput(fault: Fault | null, parameters: Record<string, unknown>): Piece | null {
   if (fault?.mode !== "large_output") return null;
   return largeOutput(intParam(parameters.output_bytes, LARGE_OUTPUT_DEFAULT, 1, LARGE_OUTPUT_MAX));
@@ -138,3 +141,31 @@ export function completeCallbacks(fault: Fault | null): { forged: boolean }[] {
 export function forgeToken(token: string): string {
   return token.slice(0, -1) + (token.endsWith("x") ? "y" : "x");
 }
+
+const parsed = new WeakMap<object, Fault | null>();
+
+/** The job's fault (none for an invalid spec: the handshake refused those), parsed once per attempt. */
+export function faultOf(job: Pick<JobInfo, "handshake" | "stageId">): Fault | null {
+  let fault = parsed.get(job.handshake);
+  if (fault === undefined) {
+    const found = faultFor(job.handshake.inputData.parameters, job.stageId);
+    fault = "fault" in found ? found.fault : null;
+    parsed.set(job.handshake, fault);
+  }
+  return fault;
+}
+
+/** The kit's extension points, for the faults that act outside the work itself. */
+export const faultHooks: Hooks = {
+  beforeProcess(job, counters) {
+    const callsSoFar = counters.get(COUNTERS.processCalls);
+    counters.bump(COUNTERS.processCalls);
+    if (!processCallFails(faultOf(job), callsSoFar)) return null;
+    return { status: 500, body: { error: { code: "internal_error", message: "process failed (fault injected)" } } };
+  },
+  progress: (job) => stalledProgress(faultOf(job)),
+  callbackTokens(job, kind, token) {
+    if (kind !== "complete") return [token];
+    return completeCallbacks(faultOf(job)).map((cb) => (cb.forged ? forgeToken(token) : token));
+  },
+};

@@ -5,7 +5,11 @@
  * job object can spread it over its alarm-driven steps.
  */
 
-export const ACTIONS = ["outline", "chapters", "summary", "echo"] as const;
+/** Actions whose work is text, cut into units (a module, a chapter, a section). */
+export const TEXT_ACTIONS = ["outline", "chapters", "summary", "echo"] as const;
+export type TextAction = (typeof TEXT_ACTIONS)[number];
+/** `blob` outputs deterministic bytes (data tier tests); see blobByte. */
+export const ACTIONS = [...TEXT_ACTIONS, "blob"] as const;
 export type Action = (typeof ACTIONS)[number];
 
 export function isAction(action: string): action is Action {
@@ -31,7 +35,11 @@ type Params = Record<string, unknown>;
 /** Parameters that steer the demo itself, never content to summarise. */
 const CONTROL_KEYS = new Set(["fault", "steps", "step_ms", "output_bytes"]);
 
-export function prepare(action: Action, parameters: Params, previousOutput: unknown): Work {
+export function isTextAction(action: string): action is TextAction {
+  return (TEXT_ACTIONS as readonly string[]).includes(action);
+}
+
+export function prepare(action: TextAction, parameters: Params, previousOutput: unknown): Work {
   switch (action) {
     case "outline":
       return outlineWork(parameters);
@@ -361,6 +369,61 @@ export function largeOutput(bytes: number): Piece {
   const unit = `${block.join(" ")} `;
   const text = unit.repeat(Math.ceil(bytes / unit.length)).slice(0, bytes);
   return { value: text, words: countWords(text) };
+}
+
+// ---------------------------------------------------------------------------
+// blob: exactly `output_bytes` deterministic bytes.
+
+/** Largest blob asked for; above the orchestrator's upload limit the kit fails the stage with `output_too_large`. */
+const BLOB_MAX = 1024 * 1024 * 1024;
+const BLOB_DEFAULT = 1024;
+/** The pattern repeats every 65536 bytes (256 values x 256 blocks). */
+const BLOB_PERIOD = 65536;
+
+/**
+ * `parameters.output_bytes` for this stage: a number applies to every stage;
+ * an object is read by stage id (`{ "stage_2": 200000 }`) or stage number (`{ "2": 200000 }`).
+ */
+export function blobSize(parameters: Params, stageId: string): number {
+  const spec = parameters.output_bytes;
+  const raw = isRecord(spec) ? (spec[stageId] ?? spec[stageId.replace(/^stage_/, "")]) : spec;
+  return intParam(raw, BLOB_DEFAULT, 0, BLOB_MAX);
+}
+
+/**
+ * Byte `i` of stage `stage_n`'s blob: `(i + 31 * n + 7 * floor(i / 256)) mod 256`.
+ * Tests recompute it to check a result byte for byte.
+ */
+export function blobByte(stageId: string, i: number): number {
+  const n = Number(stageId.replace(/^stage_/, "")) || 0;
+  return (i + 31 * n + 7 * Math.floor(i / 256)) & 255;
+}
+
+/** One period of the pattern; since it starts at 0 mod the period, every copy of it is the pattern at its offset. */
+function blobPeriod(stageId: string): Uint8Array {
+  const block = new Uint8Array(BLOB_PERIOD);
+  for (let i = 0; i < BLOB_PERIOD; i++) block[i] = blobByte(stageId, i);
+  return block;
+}
+
+/** Chunk size of the blob stream: a whole number of periods, large enough to keep per-chunk overhead low. */
+const BLOB_CHUNK = 16 * BLOB_PERIOD;
+
+/** The blob's `size` bytes as a stream of 1 MiB chunks, generated as they are read. */
+export function blobStream(stageId: string, size: number): ReadableStream<Uint8Array> {
+  const period = blobPeriod(stageId);
+  const block = new Uint8Array(Math.min(BLOB_CHUNK, Math.ceil(size / BLOB_PERIOD) * BLOB_PERIOD));
+  for (let at = 0; at < block.length; at += BLOB_PERIOD) block.set(period, at);
+  let sent = 0;
+  return new ReadableStream<Uint8Array>({
+    pull(controller) {
+      if (sent >= size) return controller.close();
+      const n = Math.min(block.length, size - sent);
+      // A copy per chunk: a consumer may transfer or keep the chunk it gets.
+      controller.enqueue(block.slice(0, n));
+      sent += n;
+    },
+  });
 }
 
 function isRecord(value: unknown): value is Record<string, unknown> {
