@@ -23,13 +23,14 @@
  *   answering process; sync: before answering) --settle-ms MS (15000: idle time
  *   after the run before the last memory reading) --no-floor --quick (300
  *   executions, 100 in flight, for CI) --soak (10000 executions, memory check)
- *   --tree worktree|COMMIT (worktree: what to run is a copy of the working tree
- *   taken at start; or a commit, e.g. HEAD) --observability config|off (off: run the
+ *   --tree worktree|COMMIT|DIR (worktree: what to run is a copy of the working
+ *   tree taken at start; or a commit, e.g. HEAD; or another checkout, e.g. a
+ *   `git worktree` holding an experimental change) --observability config|off (off: run the
  *   orchestrator with [observability] disabled, to measure what local tracing
  *   costs) --json-out FILE --verbose
  */
 import { execFileSync } from "node:child_process";
-import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { performance } from "node:perf_hooks";
@@ -467,8 +468,10 @@ function versions(tree: string) {
   let commit = "?";
   let dirty = false;
   try {
-    commit = execFileSync("git", ["rev-parse", "--short=12", tree === "worktree" ? "HEAD" : tree], { cwd: root, encoding: "utf8" }).trim();
-    dirty = tree === "worktree" && execFileSync("git", ["status", "--porcelain", "--", "src", "actors", "schemas", "wrangler.toml", "bench/worker"], { cwd: root, encoding: "utf8" }).trim() !== "";
+    const dir = existsSync(tree) ? path.resolve(tree) : root;
+    const local = tree === "worktree" || dir !== root;
+    commit = execFileSync("git", ["rev-parse", "--short=12", local ? "HEAD" : tree], { cwd: dir, encoding: "utf8" }).trim();
+    dirty = local && execFileSync("git", ["status", "--porcelain", "--", "src", "actors", "schemas", "wrangler.toml", "bench/worker"], { cwd: dir, encoding: "utf8" }).trim() !== "";
   } catch {}
   return { node: process.version, wrangler: pkg("wrangler"), workerd: pkg("workerd"), tsx: pkg("tsx"), tree, commit, worktree_changes: dirty };
 }

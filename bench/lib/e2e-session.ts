@@ -1,5 +1,5 @@
 import { execFileSync } from "node:child_process";
-import { cpSync, existsSync, mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { cpSync, existsSync, mkdirSync, mkdtempSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import os from "node:os";
 import path from "node:path";
@@ -23,7 +23,7 @@ import { commandLineOf, descendants } from "./proc-stats";
  * wrangler sessions on the machine cannot make it reload.
  *
  * Every worker runs from a snapshot of the tree taken at start (the working
- * tree, or a commit with `tree: "HEAD"`) in the temporary directory, with
+ * tree, a commit such as `tree: "HEAD"`, or another checkout's directory) in the temporary directory, with
  * node_modules linked: `wrangler dev` watches its sources and restarts the
  * workers when a file changes, which would break a run in a tree that others
  * are editing, and the figures belong to one known version of the code.
@@ -48,14 +48,16 @@ export const BENCH_BINDING = "BENCH_WORKER";
 export function snapshotTree(dir: string, tree: string): string {
   const out = path.join(dir, "tree");
   mkdirSync(out, { recursive: true });
-  if (tree === "worktree") {
-    const files = execFileSync("git", ["ls-files", "-z", "--cached", "--others", "--exclude-standard"], { cwd: ROOT, encoding: "utf8", maxBuffer: 64 * 1024 * 1024 })
+  // A directory (e.g. a `git worktree` with an experimental change) is copied like the working tree.
+  const from = tree === "worktree" ? ROOT : existsSync(tree) && statSync(tree).isDirectory() ? path.resolve(tree) : null;
+  if (from) {
+    const files = execFileSync("git", ["ls-files", "-z", "--cached", "--others", "--exclude-standard"], { cwd: from, encoding: "utf8", maxBuffer: 64 * 1024 * 1024 })
       .split("\0")
       .filter(Boolean);
     for (const f of files) {
-      if (!existsSync(path.join(ROOT, f))) continue; // deleted in the working tree
+      if (!existsSync(path.join(from, f))) continue; // deleted in the working tree
       mkdirSync(path.dirname(path.join(out, f)), { recursive: true });
-      cpSync(path.join(ROOT, f), path.join(out, f));
+      cpSync(path.join(from, f), path.join(out, f));
     }
   } else {
     const tar = execFileSync("git", ["archive", "--format=tar", tree], { cwd: ROOT, maxBuffer: 512 * 1024 * 1024 });
