@@ -97,7 +97,13 @@ async function main() {
     vars: {
       LOG_LEVEL: "error",
       // Hung and crashed stages hold a worker slot until their deadline: give the worker room.
-      POOLS: JSON.stringify([{ name: "worker:bitware-content-granulator", kind: "concurrency", capacity: 64 }]),
+      POOLS: JSON.stringify([
+        { name: "worker:bitware-content-granulator", kind: "concurrency", capacity: 64 },
+        { name: "tokens:openai", kind: "rate", capacity: 2_000_000, refill_per_second: 33_333 },
+        { name: "tokens:anthropic", kind: "rate", capacity: 1_000_000, refill_per_second: 16_666 },
+        { name: "storage:r2", kind: "budget", capacity: 1e11 },
+        { name: "compute_ms", kind: "budget", capacity: 1e12 },
+      ]),
       TUNING: JSON.stringify({ pollInitialMs: 100, pollMaxMs: 500, retryBaseMs: 50, retryCapMs: 300, maxPollFailures: 3, outboxRetryMs: 200 }),
     },
   });
