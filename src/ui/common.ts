@@ -64,6 +64,20 @@ export function htmlResponse(render: (nonce: string) => string, status = 200): R
   });
 }
 
+/** The `<head>` every page shares; `title` must already be escaped. */
+export function pageHead(nonce: string, title: string, css: string): string {
+  return `<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<link rel="icon" href="data:,">
+<title>${title}</title>
+<style nonce="${nonce}">${BASE_CSS}${css}</style>
+</head>`;
+}
+
 export const BASE_CSS = `
 :root { color-scheme: light dark; --fg: #1d2430; --muted: #5d6878; --bg: #f6f7f9; --card: #fff; --line: #dde1e7;
   --ok: #137a3a; --bad: #b3261e; --warn: #9a6700; --run: #0b5cad; --idle: #6b7280; }

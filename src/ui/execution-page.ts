@@ -1,4 +1,4 @@
-import { AUTH_JS, BASE_CSS, LOGIN_HTML, escapeHtml, htmlResponse } from "./common";
+import { AUTH_JS, LOGIN_HTML, escapeHtml, htmlResponse, pageHead } from "./common";
 
 /**
  * `GET /executions/:id` with `Accept: text/html`, and `GET /ui/executions/:id`:
@@ -152,16 +152,7 @@ $("signout").addEventListener("click", () => { generation += 1; clearTimeout(tim
 export function executionPage(executionId: string): Response {
   const id = escapeHtml(executionId);
   return htmlResponse(
-    (nonce) => `<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">
-<link rel="icon" href="data:,">
-<title>${id} · Orchestrator</title>
-<style nonce="${nonce}">${BASE_CSS}${CSS}</style>
-</head>
+    (nonce) => `${pageHead(nonce, `${id} · Orchestrator`, CSS)}
 <body data-execution-id="${id}">
 <header>
   <h1><a href="/ui">Executions</a> / <span class="mono" id="exec-id">${id}</span></h1>

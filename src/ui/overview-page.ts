@@ -1,4 +1,4 @@
-import { AUTH_JS, BASE_CSS, LOGIN_HTML, htmlResponse } from "./common";
+import { AUTH_JS, LOGIN_HTML, htmlResponse, pageHead } from "./common";
 
 /**
  * `GET /ui` (and `GET /executions` with `Accept: text/html`): recent
@@ -127,16 +127,7 @@ $("signout").addEventListener("click", stop);
 
 export function overviewPage(): Response {
   return htmlResponse(
-    (nonce) => `<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">
-<link rel="icon" href="data:,">
-<title>Executions · Orchestrator</title>
-<style nonce="${nonce}">${BASE_CSS}${CSS}</style>
-</head>
+    (nonce) => `${pageHead(nonce, `Executions · Orchestrator`, CSS)}
 <body>
 <header>
   <h1>Executions</h1>
