@@ -27,7 +27,9 @@
  *   tree taken at start; or a commit, e.g. HEAD; or another checkout, e.g. a
  *   `git worktree` holding an experimental change) --observability config|off (off: run the
  *   orchestrator with [observability] disabled, to measure what local tracing
- *   costs) --json-out FILE --verbose
+ *   costs) --local-observability on|off (wrangler dev's own tracing of every
+ *   invocation, X_LOCAL_OBSERVABILITY; on is what `wrangler dev` does)
+ *   --json-out FILE --verbose
  */
 import { execFileSync } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
@@ -37,7 +39,7 @@ import { performance } from "node:perf_hooks";
 import { type BenchSession, BENCH_BINDING, startBenchSession, workerdProcesses } from "./lib/e2e-session";
 import { KeepAliveClient } from "./lib/http-keepalive";
 import { mulberry32, weighted } from "./lib/mulberry32";
-import { cpuSecondsOf, descendants, machineBusySeconds, memoryOf, RssSampler } from "./lib/proc-stats";
+import { cpuSecondsOf, descendants, machineBusySeconds, memoryOf, openFds, RssSampler } from "./lib/proc-stats";
 import { type Summary, summarize } from "./lib/quantiles";
 import { BENCH_STAGES, BENCH_TEMPLATE, BENCH_WORKER, type ExecTimings, type FloorAnswer, type WaitAnswer, type WorkerStats } from "./worker/shared";
 
@@ -59,12 +61,14 @@ interface Options {
   tree: string;
   /** The orchestrator's `[observability]` as in wrangler.toml, or forced off. */
   observability: "config" | "off";
+  /** wrangler dev's local observability (a trace of every invocation into its local store). */
+  localObservability: boolean;
   /** Per-execution deadline: past it the execution counts as stuck. */
   execTimeoutMs: number;
 }
 
 function parseArgs(argv: string[]): Options {
-  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config" };
+  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true };
   const given = new Set<string>();
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -91,6 +95,7 @@ function parseArgs(argv: string[]): Options {
       case "--json-out": o.jsonOut = next(); break;
       case "--verbose": o.verbose = true; break;
       case "--tree": o.tree = next(); break;
+      case "--local-observability": { const v = next(); if (v !== "on" && v !== "off") throw new Error("--local-observability on|off"); o.localObservability = v === "on"; break; }
       case "--observability": { const v = next(); if (v !== "config" && v !== "off") throw new Error("--observability config|off"); o.observability = v; break; }
       case "--exec-timeout-ms": o.execTimeoutMs = Math.max(1000, num()); break;
       case "--help": case "-h":
@@ -519,7 +524,7 @@ function printTable(result: any): void {
   }
   const m = result.memory;
   console.log(
-    `  workerd runtime RSS MiB: before ${m.runtime_rss_before_mib}, peak ${m.runtime_rss_peak_mib}, end ${m.runtime_rss_end_mib}, after ${m.settle_ms} ms idle ${m.runtime_rss_settled_mib} (growth ${m.runtime_growth_mib}); VmHWM ${m.runtime_hwm_mib}; proxy peak ${m.proxy_rss_peak_mib}`,
+    `  workerd runtime RSS MiB: before ${m.runtime_rss_before_mib}, peak ${m.runtime_rss_peak_mib}, end ${m.runtime_rss_end_mib}, after ${m.settle_ms} ms idle ${m.runtime_rss_settled_mib} (growth ${m.runtime_growth_mib}); VmHWM ${m.runtime_hwm_mib}; proxy peak ${m.proxy_rss_peak_mib}; open fds ${m.runtime_fds_before} -> ${m.runtime_fds_settled}${m.runtime_alive_at_end ? "" : " (runtime process gone: crashed or restarted)"}`,
   );
   console.log("  targets:");
   for (const t of result.targets) console.log(`    ${t.met === null ? "n/a " : t.met ? "MET " : "MISS"} ${t.name}: ${t.measured}${t.met === false && t.by ? ` (${t.by})` : ""}`);
@@ -553,6 +558,7 @@ async function main(): Promise<number> {
     quiet: true,
     tree: opts.tree,
     overrides: opts.observability === "off" ? { observability: { enabled: false } } : {},
+    localObservability: opts.localObservability,
   });
   // Ctrl-C or a kill: stop the session (its own process group) before leaving.
   let stopping = false;
@@ -601,10 +607,11 @@ async function main(): Promise<number> {
     await sleep(1000);
     const before = sampler.sample()[procs.runtime];
     const orchStart = Date.now();
-    const checkpoints: { completed: number; rss_mib: number | null }[] = [{ completed: 0, rss_mib: mib(before) }];
+    const fdsBefore = openFds(procs.runtime);
+    const checkpoints: { completed: number; rss_mib: number | null; fds: number | null }[] = [{ completed: 0, rss_mib: mib(before), fds: fdsBefore }];
     const every = Math.max(1, Math.floor(opts.n / 10));
     const orch = await b.phase("orchestrated", items, opts.concurrency, (it) => b.orchestrated(it), pids, (done) => {
-      if (done % every === 0) checkpoints.push({ completed: done, rss_mib: mib(memoryOf(procs.runtime!)?.rss) });
+      if (done % every === 0) checkpoints.push({ completed: done, rss_mib: mib(memoryOf(procs.runtime!)?.rss), fds: openFds(procs.runtime!) });
     });
     orch.worker = await b.workerStats(true);
     const end = sampler.sample()[procs.runtime];
@@ -613,6 +620,8 @@ async function main(): Promise<number> {
     console.error(`settling ${opts.settleMs} ms...`);
     await sleep(opts.settleMs);
     const settled = sampler.sample()[procs.runtime];
+    const fdsSettled = openFds(procs.runtime);
+    if (fdsSettled === null) console.error(`! the workerd runtime (pid ${procs.runtime}) is gone: it crashed or wrangler restarted it during the run`);
     const hwm = memoryOf(procs.runtime)?.hwm ?? null;
     const leftovers = await b.workerStats();
     const resources = await b.client.request<any>("GET", "/resources", { headers: b.ops, timeoutMs: 10_000 }).catch((e) => ({ status: 0, body: String(e) }));
@@ -637,6 +646,9 @@ async function main(): Promise<number> {
       runtime_growth_mib: mib(growth),
       runtime_growth_per_execution_bytes: Math.round(growth / Math.max(1, o.completed)),
       runtime_hwm_mib: mib(hwm),
+      runtime_fds_before: fdsBefore,
+      runtime_fds_settled: fdsSettled,
+      runtime_alive_at_end: fdsSettled !== null,
       proxy_rss_peak_mib: mib(proxyPeak),
       settle_ms: opts.settleMs,
       checkpoints,
@@ -661,6 +673,7 @@ async function main(): Promise<number> {
       seed: opts.seed,
       callback: opts.callback,
       observability: opts.observability,
+      local_observability: opts.localObservability,
       template: BENCH_TEMPLATE,
       stages: BENCH_STAGES,
       cores: os.cpus().length,

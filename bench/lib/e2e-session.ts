@@ -1,5 +1,5 @@
 import { execFileSync } from "node:child_process";
-import { cpSync, existsSync, mkdirSync, mkdtempSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import os from "node:os";
 import path from "node:path";
@@ -63,7 +63,20 @@ export function snapshotTree(dir: string, tree: string): string {
     const tar = execFileSync("git", ["archive", "--format=tar", tree], { cwd: ROOT, maxBuffer: 512 * 1024 * 1024 });
     execFileSync("tar", ["-x", "-C", out], { input: tar, maxBuffer: 64 * 1024 * 1024 });
   }
-  symlinkSync(path.join(ROOT, "node_modules"), path.join(out, "node_modules"), "dir");
+  // node_modules: the runtime dependencies the workers bundle are copied (an `npm install`
+  // elsewhere in the tree during a run must not make wrangler rebuild), the rest is linked.
+  const nm = path.join(out, "node_modules");
+  mkdirSync(nm);
+  const deps = Object.keys(JSON.parse(readFileSync(path.join(ROOT, "package.json"), "utf8")).dependencies ?? {});
+  for (const entry of readdirSync(path.join(ROOT, "node_modules"))) {
+    const scoped = entry.startsWith("@") ? readdirSync(path.join(ROOT, "node_modules", entry)).map((e) => `${entry}/${e}`) : [entry];
+    for (const name of scoped) {
+      const src = path.join(ROOT, "node_modules", name);
+      mkdirSync(path.dirname(path.join(nm, name)), { recursive: true });
+      if (deps.includes(name)) cpSync(src, path.join(nm, name), { recursive: true, dereference: true });
+      else symlinkSync(src, path.join(nm, name));
+    }
+  }
   return out;
 }
 
@@ -92,6 +105,8 @@ export async function startBenchSession(opts: {
   tree?: string;
   /** Top-level fields replaced in the orchestrator's generated config, e.g. `{ observability: { enabled: false } }`. */
   overrides?: Record<string, unknown>;
+  /** wrangler's local observability (traces of every invocation to its local store; X_LOCAL_OBSERVABILITY, on by default). */
+  localObservability?: boolean;
 }): Promise<BenchSession> {
   const dir = mkdtempSync(path.join(os.tmpdir(), "orch-bench-"));
   let session;
@@ -103,6 +118,7 @@ export async function startBenchSession(opts: {
     // npm start) register and unregister workers there, and every change makes a
     // session reload its workers, cancelling the requests in flight.
     process.env.WRANGLER_REGISTRY_PATH = path.join(dir, "registry");
+    process.env.X_LOCAL_OBSERVABILITY = opts.localObservability === false ? "false" : "true";
     const configs = [
       path.join(tree, "bench/worker/gateway.wrangler.toml"),
       generatedConfig,

@@ -119,3 +119,12 @@ export function machineBusySeconds(): number {
     return Number.NaN;
   }
 }
+
+/** Open file descriptors of a process (null when it is gone). */
+export function openFds(pid: number): number | null {
+  try {
+    return readdirSync(`/proc/${pid}/fd`).length;
+  } catch {
+    return null;
+  }
+}
