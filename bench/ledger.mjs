@@ -25,7 +25,7 @@ function arg(name, fallback) {
 const PAIRS = Math.min(200_000, Number(arg("pairs", 20_000)));
 const ROUNDS = Math.min(10, Number(arg("rounds", 3)));
 const CONCURRENCY = String(arg("concurrency", "1,16,64,128")).split(",").map(Number).filter((n) => n > 0);
-const DEADLINE_MS = Number(arg("deadline-ms", 240_000));
+const DEADLINE_MS = Number(arg("deadline-ms", 480_000));
 
 const tmp = mkdtempSync(path.join(os.tmpdir(), "ledger-bench-"));
 // The objects' SQLite files: under the OS temp dir (on disk here), or BENCH_DO_DIR (e.g. /dev/shm).
