@@ -136,7 +136,8 @@ async function main() {
             outcomes.push({ plan: p, id, status: doc.status, code: "still_running_at_deadline" });
             break;
           }
-          await new Promise((r) => setTimeout(r, 50));
+          // A modest status rate, so the observer does not become the load.
+          await new Promise((r) => setTimeout(r, 250));
         }
       }
     };
