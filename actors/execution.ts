@@ -502,6 +502,13 @@ export class Execution extends DurableObject<Env> {
         "ledger.reserve",
       );
     } catch (err) {
+      const cur = this.stage(st.stage_id)!;
+      if (String(err).includes("reservation_ended") && cur.status === "waiting_resources" && cur.attempt === st.attempt) {
+        // The grant was made and expired before this attempt could use it (its notice was lost for a whole
+        // lease): this attempt cannot get it back, so it fails as transient and the next one asks anew.
+        this.failAttempt(cur, { code: "lease_expired", message: "the reservation expired before the stage started", retryable: true }, Date.now());
+        return true;
+      }
       // The ledger is slow or down: keep waiting, ask again later.
       this.log("warn", "ledger_reserve_failed", { stage_id: st.stage_id, attempt: st.attempt, error: String(err) });
       this.setTimer("reask", Date.now() + t.ledgerReaskMs);

@@ -19,10 +19,11 @@ export const TemplateName = z
   .min(1)
   .max(64)
   .regex(/^[A-Za-z0-9][A-Za-z0-9_.-]*$/, "letters, digits, '_', '.', '-' only");
+/** At most 57 characters, so `worker:{name}` is still a valid pool name. */
 export const WorkerName = z
   .string()
   .min(1)
-  .max(63)
+  .max(57)
   .regex(/^[a-z0-9][a-z0-9-]*$/, "lower-case letters, digits and '-' only");
 export const PoolName = z
   .string()

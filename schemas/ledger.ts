@@ -1,5 +1,5 @@
 import { z } from "zod";
-import { ExecutionId, PoolAmounts, PoolName, Priority, StageId } from "./common";
+import { ExecutionId, PoolAmounts, PoolName, Priority, StageId, WorkerName } from "./common";
 
 /**
  * Pool kinds:
@@ -38,7 +38,7 @@ export const ReserveRequest = z.object({
   requirements: PoolAmounts.optional(),
   leaseMs: z.number().int().min(1000).max(24 * 3600 * 1000),
   /** The stage's worker: the ledger always adds one slot of `worker:{worker}` and keeps estimates per worker. */
-  worker: z.string().min(1).max(63),
+  worker: WorkerName,
 });
 export type ReserveRequest = z.infer<typeof ReserveRequest>;
 

@@ -47,6 +47,14 @@ export const DEFAULT_TUNING = {
   defaultStageDurationMs: 5_000,
   /** Concurrency slots a `worker:` pool gets when config names none. */
   defaultWorkerConcurrency: 10,
+  /** Ledger queue (docs/ledger.md): a waiter's rank rises one priority level per this much waiting. */
+  ledgerAgingMs: 30_000,
+  /** How many times smaller waiters may pass a head that does not fit before its pools are held for it. */
+  ledgerBackfillLimit: 8,
+  /** Waiters examined per grant pass. */
+  ledgerScanLimit: 256,
+  /** Finished reservations are kept this long (idempotent settles, estimates), then purged. */
+  ledgerDoneRetentionMs: 86_400_000,
 };
 export type Tuning = typeof DEFAULT_TUNING;
 

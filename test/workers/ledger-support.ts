@@ -87,17 +87,8 @@ export async function pool(stub: LedgerStub, name: string, spec: PoolSpec) {
   return stub.putPool(name, spec);
 }
 
-/** mulberry32: a small seeded PRNG, so a failing random run can be replayed. */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** The bench's seeded PRNG (mulberry32), so a failing random run can be replayed. */
+export { mulberry32 as prng } from "../../bench/lib/mulberry32";
 
 export interface LedgerState {
   pools: Map<string, { kind: string; capacity: number; tokens: number; consumed: number }>;
