@@ -471,7 +471,8 @@ export class Execution extends DurableObject<Env> {
           this.failAttempt(st, { code: "stage_timeout", message: `no result within ${st.timeout_ms} ms`, retryable: true }, now);
           return true;
         }
-        if (this.takeTimer("lease")) await this.renewLease(st);
+        // The renewal goes out beside the poll: a slow ledger must not hold up the stage's progress.
+        if (this.takeTimer("lease")) void this.renewLease(st);
         if (this.takeTimer("poll")) return this.poll(st);
         return false;
       }
@@ -672,6 +673,7 @@ export class Execution extends DurableObject<Env> {
       this.log("warn", "lease_renew_failed", { stage_id: st.stage_id, error: String(err) });
       this.setTimer("lease", Date.now() + t.ledgerReaskMs);
     }
+    await this.rearm().catch(() => {});
   }
 
   private async loadTemplateStep(): Promise<boolean> {
