@@ -160,6 +160,10 @@ interface RunRecord {
   /** last stage complete sent -> completed status observed (orchestrated only) */
   tailMs: number | null;
   statusGets: number;
+  /** round trip of the status read that saw `completed` (ms) */
+  statusRttMs: number | null;
+  /** last acknowledgment answered -> the bench had it (ms; wait answer delivery) */
+  waitDeliveryMs: number | null;
   waits: number;
   attempts: number;
   polls: number;
@@ -226,7 +230,7 @@ class Bench {
 
   /** One orchestrated execution, from POST /execute to `completed` observed. */
   async orchestrated(item: WorkItem): Promise<RunRecord> {
-    const rec: RunRecord = { ok: false, latencyMs: 0, ackLatencyMs: null, firstGapMs: null, betweenGapsMs: [], callbackRttMs: [], tailMs: null, statusGets: 0, waits: 0, attempts: 0, polls: 0 };
+    const rec: RunRecord = { ok: false, latencyMs: 0, ackLatencyMs: null, firstGapMs: null, betweenGapsMs: [], callbackRttMs: [], tailMs: null, statusGets: 0, statusRttMs: null, waitDeliveryMs: null, waits: 0, attempts: 0, polls: 0 };
     const sentWall = Date.now();
     const t0 = performance.now();
     const deadline = t0 + this.opts.execTimeoutMs;
@@ -259,6 +263,8 @@ class Bench {
           timings = w.body.timings ?? timings;
           if (w.body.done) {
             acked = true;
+            const lastCa = gaps(timings, sentWall).lastCa;
+            if (lastCa !== null) rec.waitDeliveryMs = Date.now() - lastCa;
             break;
           }
         }
@@ -282,10 +288,14 @@ class Bench {
         return fail(`stuck: not ended within ${this.opts.execTimeoutMs} ms (acknowledged: ${acked})`);
       }
       let st: string | null = null;
+      const asked = performance.now();
       try {
         st = await this.status(id, rec);
       } catch {}
-      if (st === "completed") break;
+      if (st === "completed") {
+        rec.statusRttMs = performance.now() - asked;
+        break;
+      }
       if (st === "failed" || st === "cancelled") return fail(`execution ${id} ${st}`);
       await sleep(backoff);
       backoff = Math.min(50, backoff * 2);
@@ -312,7 +322,7 @@ class Bench {
 
   /** One floor run: the same stages straight against the bench worker. */
   async floor(item: WorkItem, index: number): Promise<RunRecord> {
-    const rec: RunRecord = { ok: false, latencyMs: 0, ackLatencyMs: null, firstGapMs: null, betweenGapsMs: [], callbackRttMs: [], tailMs: null, statusGets: 0, waits: 0, attempts: 0, polls: 0 };
+    const rec: RunRecord = { ok: false, latencyMs: 0, ackLatencyMs: null, firstGapMs: null, betweenGapsMs: [], callbackRttMs: [], tailMs: null, statusGets: 0, statusRttMs: null, waitDeliveryMs: null, waits: 0, attempts: 0, polls: 0 };
     const sentWall = Date.now();
     const t0 = performance.now();
     const executionId = `exec_${sentWall}_floor${String(index).padStart(8, "0")}`;
@@ -419,6 +429,8 @@ interface PhaseReport {
   overhead_per_stage_ms: Summary;
   callback_rtt_ms: Summary;
   tail_ms?: Summary;
+  status_rtt_ms?: Summary;
+  wait_delivery_ms?: Summary;
   attempts_per_execution: number;
   progress_polls: number;
   status_gets_per_execution?: number;
@@ -451,6 +463,12 @@ function report(p: PhaseResult): PhaseReport {
     overhead_per_stage_ms: summarize([...firsts, ...betweens]),
     callback_rtt_ms: summarize(ok.flatMap((r) => r.callbackRttMs)),
     ...(tails.length ? { tail_ms: summarize(tails) } : {}),
+    ...(p.name === "orchestrated"
+      ? {
+          status_rtt_ms: summarize(ok.map((r) => r.statusRttMs).filter((v): v is number => v !== null)),
+          wait_delivery_ms: summarize(ok.map((r) => r.waitDeliveryMs).filter((v): v is number => v !== null)),
+        }
+      : {}),
     attempts_per_execution: ok.length ? Number((ok.reduce((s, r) => s + r.attempts, 0) / ok.length).toFixed(3)) : 0,
     progress_polls: ok.reduce((s, r) => s + r.polls, 0),
     ...(p.name === "orchestrated" ? { status_gets_per_execution: ok.length ? Number((ok.reduce((s, r) => s + r.statusGets, 0) / ok.length).toFixed(2)) : 0 } : {}),
@@ -503,6 +521,8 @@ function printTable(result: any): void {
     ["  complete -> next handshake", fmt(o.overhead_between_ms), f ? fmt(f.overhead_between_ms) : ""],
     ["complete callback round trip ms", fmt(o.callback_rtt_ms), f ? fmt(f.callback_rtt_ms) : ""],
     ["last complete -> status completed", fmt(o.tail_ms), ""],
+    ["  last ack -> bench has it", fmt(o.wait_delivery_ms), ""],
+    ["  status read that saw completed", fmt(o.status_rtt_ms), ""],
     ["attempts per execution", String(o.attempts_per_execution), f ? String(f.attempts_per_execution) : ""],
     ["progress polls", String(o.progress_polls), ""],
     ["CPU ms/execution workerd runtime", String(o.cpu_ms_per_execution.workerd_runtime ?? "-"), f ? String(f.cpu_ms_per_execution.workerd_runtime ?? "-") : ""],
