@@ -434,7 +434,7 @@ export class Execution extends DurableObject<Env> {
     for (let guard = 0; guard < 100; guard++) {
       const ex = this.row();
       if (!ex) return;
-      await this.flushOutbox();
+      this.flushOutbox();
       if (isTerminalExecution(ex.status)) {
         if (this.takeTimer("retention")) await this.expireData();
         return;
@@ -920,8 +920,8 @@ export class Execution extends DurableObject<Env> {
       stages_completed: stages.filter((s) => s.status === "completed").length,
       version,
     };
-    const inFlight = [...this.backgroundInFlight];
-    this.sql`DELETE FROM outbox WHERE kind = 'index_upsert' AND id NOT IN (SELECT value FROM json_each(${JSON.stringify(inFlight)}))`;
+    // Only unclaimed ones: a summary being delivered right now is left to finish.
+    this.sql`DELETE FROM outbox WHERE kind = 'index_upsert' AND next_at <= ${now}`;
     this.enqueue({ kind: "index_upsert", entry }, now);
   }
 
@@ -929,45 +929,30 @@ export class Execution extends DurableObject<Env> {
     this.sql`INSERT INTO outbox (kind, payload, next_at) VALUES (${item.kind}, ${JSON.stringify(item)}, ${now})`;
   }
 
-  /** Delivers due outbox messages, at least once each. */
-  private async flushOutbox(): Promise<void> {
+  /**
+   * Delivers due outbox messages, at least once each, in the background: the
+   * execution path never waits on the ledger, the index or a worker's cancel.
+   * A message being delivered is claimed by moving its `next_at` past the
+   * longest call timeout, so if the object is evicted mid-delivery the outbox
+   * timer brings it back; otherwise the delivery deletes it or reschedules it.
+   */
+  private flushOutbox(): void {
     const now = Date.now();
-    const due = this.sql<{ id: number; kind: string; payload: string; attempts: number }>`
-      SELECT id, kind, payload, attempts FROM outbox WHERE next_at <= ${now} ORDER BY id`;
-    for (const row of due) {
-      // Index updates must not slow the execution path: they go out in the background.
-      if (row.kind === "index_upsert") {
-        this.deliverInBackground(row);
-        continue;
-      }
-      const item = JSON.parse(row.payload) as OutboxItem;
-      let ok = false;
-      try {
-        ok = await this.deliver(item);
-      } catch (err) {
-        this.log("warn", "outbox_delivery_failed", { kind: item.kind, attempts: row.attempts + 1, error: String(err) });
-      }
-      if (ok || row.attempts + 1 >= OUTBOX_MAX_ATTEMPTS) {
-        if (!ok) this.log("error", "outbox_dropped", { kind: item.kind, attempts: row.attempts + 1 });
-        this.sql`DELETE FROM outbox WHERE id = ${row.id}`;
-      } else {
-        const next = Date.now() + retryDelayMs(row.attempts + 1, this.config.tuning.outboxRetryMs, 60_000);
-        this.sql`UPDATE outbox SET attempts = attempts + 1, next_at = ${next} WHERE id = ${row.id}`;
-      }
-    }
-    // Messages being delivered in the background schedule their own retry; do not wake for them.
-    const inFlight = JSON.stringify([...this.backgroundInFlight]);
-    const next = this.sql<{ at: number | null }>`
-      SELECT MIN(next_at) AS at FROM outbox WHERE id NOT IN (SELECT value FROM json_each(${inFlight}))`[0]?.at ?? null;
+    const t = this.config.tuning;
+    const claimUntil = now + Math.max(t.ledgerCallTimeoutMs, t.workerCallTimeoutMs, t.objectCallTimeoutMs) + 1_000;
+    const due = this.sql<{ id: number; payload: string; attempts: number }>`
+      UPDATE outbox SET next_at = ${claimUntil} WHERE next_at <= ${now} RETURNING id, payload, attempts`;
+    for (const row of due) this.deliverInBackground(row);
+    this.armOutboxTimer();
+  }
+
+  private armOutboxTimer(): void {
+    const next = this.sql<{ at: number | null }>`SELECT MIN(next_at) AS at FROM outbox`[0]?.at ?? null;
     if (next === null) this.clearTimer("outbox");
     else this.setTimer("outbox", next);
   }
 
-  private readonly backgroundInFlight = new Set<number>();
-
   private deliverInBackground(row: { id: number; payload: string; attempts: number }): void {
-    if (this.backgroundInFlight.has(row.id)) return;
-    this.backgroundInFlight.add(row.id);
     const item = JSON.parse(row.payload) as OutboxItem;
     this.deliver(item)
       .catch((err) => {
@@ -975,15 +960,15 @@ export class Execution extends DurableObject<Env> {
         return false;
       })
       .then(async (ok) => {
-        this.backgroundInFlight.delete(row.id);
         if (ok || row.attempts + 1 >= OUTBOX_MAX_ATTEMPTS) {
+          if (!ok) this.log("error", "outbox_dropped", { kind: item.kind, attempts: row.attempts + 1 });
           this.sql`DELETE FROM outbox WHERE id = ${row.id}`;
         } else {
           const next = Date.now() + retryDelayMs(row.attempts + 1, this.config.tuning.outboxRetryMs, 60_000);
           this.sql`UPDATE outbox SET attempts = attempts + 1, next_at = ${next} WHERE id = ${row.id}`;
-          this.setTimer("outbox", next);
-          await this.rearm();
         }
+        this.armOutboxTimer();
+        await this.rearm();
       })
       .catch(() => {});
   }
