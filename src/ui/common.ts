@@ -78,6 +78,16 @@ export function pageHead(nonce: string, title: string, css: string): string {
 </head>`;
 }
 
+/** The end every page shares: the sign-in script and the page's own. */
+export function pageTail(nonce: string, script: string): string {
+  return `<script nonce="${nonce}">"use strict";
+${AUTH_JS}
+${script}
+</script>
+</body>
+</html>`;
+}
+
 export const BASE_CSS = `
 :root { color-scheme: light dark; --fg: #1d2430; --muted: #5d6878; --bg: #f6f7f9; --card: #fff; --line: #dde1e7;
   --ok: #137a3a; --bad: #b3261e; --warn: #9a6700; --run: #0b5cad; --idle: #6b7280; }

@@ -1,4 +1,4 @@
-import { AUTH_JS, LOGIN_HTML, escapeHtml, htmlResponse, pageHead } from "./common";
+import { LOGIN_HTML, escapeHtml, htmlResponse, pageHead, pageTail } from "./common";
 
 /**
  * `GET /executions/:id` with `Accept: text/html`, and `GET /ui/executions/:id`:
@@ -195,11 +195,6 @@ ${LOGIN_HTML}
   <p id="updated" class="muted"></p>
 </div>
 </main>
-<script nonce="${nonce}">"use strict";
-${AUTH_JS}
-${SCRIPT}
-</script>
-</body>
-</html>`,
+${pageTail(nonce, SCRIPT)}`,
   );
 }

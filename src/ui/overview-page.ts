@@ -1,4 +1,4 @@
-import { AUTH_JS, LOGIN_HTML, htmlResponse, pageHead } from "./common";
+import { LOGIN_HTML, htmlResponse, pageHead, pageTail } from "./common";
 
 /**
  * `GET /ui` (and `GET /executions` with `Accept: text/html`): recent
@@ -166,11 +166,6 @@ ${LOGIN_HTML}
   </section>
 </div>
 </main>
-<script nonce="${nonce}">"use strict";
-${AUTH_JS}
-${SCRIPT}
-</script>
-</body>
-</html>`,
+${pageTail(nonce, SCRIPT)}`,
   );
 }
