@@ -4,7 +4,7 @@
 // Used by `npm start`, the e2e tests and the benchmarks.
 import { spawn } from "node:child_process";
 import { once } from "node:events";
-import { mkdtempSync, writeFileSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
@@ -37,7 +37,18 @@ export async function startDevSession(opts = {}) {
   const inspectorPort = await freePort();
   const args = ["scripts/wrangler.mjs", "dev", "--ip", "127.0.0.1", "--port", String(port), "--inspector-port", String(inspectorPort), "--show-interactive-dev-session=false", "--log-level", opts.quiet === false ? "log" : "warn"];
   for (const c of configs) args.push("-c", c);
-  if (opts.secrets) args.push("--env-file", writeEnvFile(opts.secrets));
+  /** Temporary folders this session made (env file, dev registry), removed when it stops. */
+  const temps = [];
+  if (opts.secrets) {
+    const envFile = writeEnvFile(opts.secrets);
+    temps.push(path.dirname(envFile));
+    args.push("--env-file", envFile);
+  }
+  let registry = process.env.WRANGLER_REGISTRY_PATH;
+  if (!registry) {
+    registry = mkdtempSync(path.join(os.tmpdir(), "orch-registry-"));
+    temps.push(registry);
+  }
   if (opts.persistTo) args.push("--persist-to", opts.persistTo);
   for (const [k, v] of Object.entries(opts.vars ?? {})) args.push("--var", `${k}:${v}`);
   let out = "";
@@ -50,7 +61,7 @@ export async function startDevSession(opts = {}) {
     env: {
       ...process.env,
       ...opts.secrets,
-      WRANGLER_REGISTRY_PATH: process.env.WRANGLER_REGISTRY_PATH ?? mkdtempSync(path.join(os.tmpdir(), "orch-registry-")),
+      WRANGLER_REGISTRY_PATH: registry,
       WRANGLER_SEND_METRICS: "false",
       CI: "true",
       NO_COLOR: "1",
@@ -63,8 +74,11 @@ export async function startDevSession(opts = {}) {
   child.stdout.on("data", keep);
   child.stderr.on("data", keep);
   const url = `http://127.0.0.1:${port}`;
+  const cleanup = () => {
+    for (const dir of temps) rmSync(dir, { recursive: true, force: true });
+  };
   const stop = async () => {
-    if (child.exitCode !== null || child.signalCode !== null) return;
+    if (child.exitCode !== null || child.signalCode !== null) return cleanup();
     try {
       process.kill(-child.pid, "SIGTERM");
     } catch {}
@@ -75,6 +89,7 @@ export async function startDevSession(opts = {}) {
     }, 5000);
     await once(child, "exit").catch(() => {});
     clearTimeout(t);
+    cleanup();
   };
   const deadline = Date.now() + (opts.readyTimeoutMs ?? 90_000);
   while (Date.now() < deadline) {
