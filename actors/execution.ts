@@ -429,8 +429,8 @@ export class Execution extends DurableObject<Env> {
 
   /** Moves the execution as far as it can go now; returns when it must wait for an event or a timer. */
   private async drive(): Promise<void> {
-    this.takeTimer("advance");
-    this.takeTimer("watchdog");
+    // Both only exist to wake the object; this pass is the wake-up.
+    this.sql`DELETE FROM timers WHERE name IN ('advance', 'watchdog') AND due_at <= ${Date.now()}`;
     for (let guard = 0; guard < 100; guard++) {
       const ex = this.row();
       if (!ex) return;
@@ -849,7 +849,7 @@ export class Execution extends DurableObject<Env> {
     );
     this.sql`UPDATE execution SET status = ${status}, completed_at = ${now}, started_at = COALESCE(started_at, ${now}),
       error = ${error ? JSON.stringify(error) : null}, cost = ${JSON.stringify(cost)} WHERE id = 1`;
-    for (const name of ["advance", "poll", "deadline", "lease", "reask", "retry", "watchdog"] as const) this.clearTimer(name);
+    this.clearTimers(["advance", "poll", "deadline", "lease", "reask", "retry", "watchdog"]);
     this.indexUpdate(now);
     // Ended executions keep their data for the retention period, then their alarm deletes it.
     this.setTimer("retention", now + this.config.tuning.retentionMs);
@@ -878,7 +878,7 @@ export class Execution extends DurableObject<Env> {
   }
 
   private clearStageTimers(): void {
-    for (const name of ["poll", "deadline", "lease", "reask"] as const) this.clearTimer(name);
+    this.clearTimers(["poll", "deadline", "lease", "reask"]);
   }
 
   /** Retention: deletes the execution's KV and R2 data and inline outputs; the summary stays. */
@@ -1006,6 +1006,11 @@ export class Execution extends DurableObject<Env> {
 
   private clearTimer(name: TimerName): void {
     this.sql`DELETE FROM timers WHERE name = ${name}`;
+  }
+
+  /** One statement for several timers (each statement costs a round through SQLite). */
+  private clearTimers(names: TimerName[]): void {
+    this.sql`DELETE FROM timers WHERE name IN (SELECT value FROM json_each(${JSON.stringify(names)}))`;
   }
 
   private hasTimer(name: TimerName): boolean {
