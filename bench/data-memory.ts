@@ -9,15 +9,12 @@
  *
  *   npm run bench:data-memory -- [--mb 30] [--runs 3]
  */
-import { mkdtempSync, rmSync } from "node:fs";
 import os from "node:os";
-import path from "node:path";
-import { DEMO_CONFIGS, startDevSession } from "../scripts/dev-session.mjs";
-import { snapshotTree, workerdProcesses } from "./lib/e2e-session";
+import { flagArgs, runMain, startDemoSession } from "./lib/demo-session";
+import { workerdProcesses } from "./lib/e2e-session";
 import { RssSampler, memoryOf } from "./lib/proc-stats";
 
-const args = new Map<string, string>();
-for (let i = 2; i < process.argv.length; i += 2) args.set(process.argv[i].replace(/^--/, ""), process.argv[i + 1]);
+const args = flagArgs();
 const MB = Number(args.get("mb") ?? 30);
 const RUNS = Number(args.get("runs") ?? 3);
 const SECRETS = { WORKER_SECRET: "mem-worker-secret-0123456789abcdef", KAM_TOKEN: "mem-kam", OPS_TOKEN: "mem-ops" };
@@ -50,12 +47,8 @@ async function run(url: string, sizes: Record<string, number>): Promise<{ status
 }
 
 async function main() {
-  const dir = mkdtempSync(path.join(os.tmpdir(), "orch-mem-"));
-  const tree = snapshotTree(dir, "worktree");
-  const session = await startDevSession({
-    configs: DEMO_CONFIGS.map((c) => path.join(tree, c)),
+  const session = await startDemoSession({
     secrets: SECRETS,
-    persistTo: path.join(dir, "state"),
     vars: { LOG_LEVEL: "error" },
   });
   try {
@@ -86,11 +79,7 @@ async function main() {
     if (results.some((r) => r.status !== "completed" || r.bytes !== MB * 1_000_000)) process.exitCode = 1;
   } finally {
     await session.stop();
-    rmSync(dir, { recursive: true, force: true });
   }
 }
 
-main().catch((err) => {
-  console.error(err);
-  process.exit(1);
-});
+runMain(main);

@@ -10,18 +10,10 @@
  * Traffic goes to 127.0.0.1 only; every loop is bounded in count and time.
  */
 import os from "node:os";
-import { mkdtempSync } from "node:fs";
-import path from "node:path";
-import { rmSync } from "node:fs";
-import { DEMO_CONFIGS, startDevSession } from "../scripts/dev-session.mjs";
-import { snapshotTree } from "./lib/e2e-session";
+import { flagArgs, runMain, startDemoSession } from "./lib/demo-session";
 import { mulberry32 } from "./lib/mulberry32";
 
-const args = new Map<string, string>();
-for (let i = 2; i < process.argv.length; i++) {
-  const a = process.argv[i];
-  if (a.startsWith("--")) args.set(a.slice(2), process.argv[i + 1]?.startsWith("--") === false ? process.argv[++i] : "true");
-}
+const args = flagArgs();
 const N = Number(args.get("n") ?? 1000);
 const INFLIGHT = Number(args.get("inflight") ?? 50);
 const FAULT_SHARE = Number(args.get("fault-share") ?? 0.3);
@@ -87,13 +79,8 @@ async function json(res: Response): Promise<any> {
 
 async function main() {
   const started = Date.now();
-  // A snapshot of the tree, so edits elsewhere cannot make wrangler reload the workers mid-run.
-  const dir = mkdtempSync(path.join(os.tmpdir(), "orch-soak-"));
-  const tree = snapshotTree(dir, "worktree");
-  const session = await startDevSession({
-    configs: DEMO_CONFIGS.map((c) => path.join(tree, c)),
+  const session = await startDemoSession({
     secrets: SECRETS,
-    persistTo: path.join(dir, "state"),
     vars: {
       LOG_LEVEL: "error",
       // Hung and crashed stages hold a worker slot until their deadline: give the worker room.
@@ -203,11 +190,7 @@ async function main() {
     if (stillRunning || snapshot.leases || snapshot.waiters || leakedPools.length || mismatches || outcomes.length !== N) process.exitCode = 1;
   } finally {
     await session.stop();
-    rmSync(dir, { recursive: true, force: true });
   }
 }
 
-main().catch((err) => {
-  console.error(err);
-  process.exit(1);
-});
+runMain(main);
