@@ -240,8 +240,9 @@ export class Execution extends DurableObject<Env> {
     // Load the template now (cache first, KAM bounded by its timeout) so the
     // estimate can count the stages; a transient failure is retried by the alarm.
     await this.loadTemplateStep();
-    await this.estimateCompletion();
+    // The first stage starts now; the estimate for the answer is asked for meanwhile.
     this.kick();
+    await this.estimateCompletion();
     await this.rearm();
     return this.startSummary(this.row()!, true);
   }
