@@ -10,6 +10,7 @@ import { issueCallbackToken } from "../src/auth";
 import { type Config, configOf } from "../src/config";
 import { addUsage, costOf } from "../src/cost";
 import { DATA_LIMITS, deleteExecutionData, putBytes, verifyStored } from "../src/data-store";
+import { sha256Hex } from "../src/hash";
 import { stageIdFor } from "../src/ids";
 import { ledgerFor } from "../src/ledger-routing";
 import { log, setLogLevel } from "../src/log";
@@ -268,12 +269,7 @@ export class Execution extends DurableObject<Env> {
     if (!ex) return { state: "missing" };
     if (isTerminalExecution(ex.status)) return { state: "already_terminal", status: this.document(ex) };
     const now = Date.now();
-    for (const st of this.stages()) {
-      if (isTerminalStage(st.status)) continue;
-      if (isOnWorker(st.status)) this.enqueue({ kind: "worker_cancel", worker: st.worker, stageId: st.stage_id, attempt: st.attempt }, now);
-      this.releaseReservation(st, now);
-      this.moveStage(st, "cancelled", now, { error: { code: "cancelled", message: "the execution was cancelled" } });
-    }
+    this.stopStages("cancelled", now, { code: "cancelled", message: "the execution was cancelled" });
     this.finishExecution("cancelled", now, { code: "cancelled", message: "cancelled by request" });
     this.kick();
     await this.rearm();
@@ -282,7 +278,7 @@ export class Execution extends DurableObject<Env> {
 
   /** A stage worker's callback, already authenticated by its token (execution, stage, attempt). */
   async callback(kind: CallbackKind, stageId: string, attempt: number, body: ProgressCallback | CompleteCallback | FailCallback): Promise<CallbackAnswer> {
-    const hash = kind === "complete" ? await sha256(JSON.stringify(body)) : null;
+    const hash = kind === "complete" ? await sha256Hex(JSON.stringify(body)) : null;
     const early = this.refuseCallback(kind, stageId, attempt, hash);
     if (early) return early;
     // A large inline output is stored (KV or R2) before the transition; then the
@@ -415,12 +411,7 @@ export class Execution extends DurableObject<Env> {
     this.log("error", "drive_failed", { failures, error: message });
     if (failures >= this.config.tuning.maxAlarmFailures || retryCount >= this.config.tuning.maxAlarmFailures) {
       const now = Date.now();
-      for (const st of this.stages()) {
-        if (isTerminalStage(st.status)) continue;
-        if (isOnWorker(st.status)) this.enqueue({ kind: "worker_cancel", worker: st.worker, stageId: st.stage_id, attempt: st.attempt }, now);
-        this.releaseReservation(st, now);
-        this.moveStage(st, "failed", now, { error: { code: "internal_error", message } });
-      }
+      this.stopStages("failed", now, { code: "internal_error", message });
       this.finishExecution("failed", now, { code: "internal_error", message: `gave up after ${failures} failed attempts to advance: ${message}` });
       return false;
     }
@@ -873,6 +864,16 @@ export class Execution extends DurableObject<Env> {
     this.log("info", "stage_status", { stage_id: st.stage_id, attempt: cur.attempt, from: cur.status, to });
   }
 
+  /** Ends every stage still open: tells a worker that has one to cancel, gives back every reservation. */
+  private stopStages(to: "cancelled" | "failed", now: number, error: ErrorInfo): void {
+    for (const st of this.stages()) {
+      if (isTerminalStage(st.status)) continue;
+      if (isOnWorker(st.status)) this.enqueue({ kind: "worker_cancel", worker: st.worker, stageId: st.stage_id, attempt: st.attempt }, now);
+      this.releaseReservation(st, now);
+      this.moveStage(st, to, now, { error });
+    }
+  }
+
   private releaseReservation(st: StageRow, now: number): void {
     if (st.reservation_id) this.enqueue({ kind: "ledger_release", reservationId: st.reservation_id }, now);
     this.sql`UPDATE stages SET reservation = NULL WHERE stage_id = ${st.stage_id}`;
@@ -1128,9 +1129,4 @@ export class Execution extends DurableObject<Env> {
   private logCall(event: string, st: StageRow, ms: number, outcome: string): void {
     this.log("info", event, { stage_id: st.stage_id, attempt: st.attempt, worker: st.worker, duration_ms: ms, outcome });
   }
-}
-
-async function sha256(text: string): Promise<string> {
-  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text));
-  return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
 }

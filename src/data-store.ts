@@ -1,4 +1,5 @@
 import type { DataReference } from "../schemas/data";
+import { hex, sha256Hex } from "./hash";
 
 /**
  * Where stage data lives, chosen by size (docs/protocol.md, "Data"):
@@ -29,11 +30,6 @@ export function parseDataKey(key: string): { kind: DataKind; executionId: string
   return { kind: m[1] as DataKind, executionId: m[2], rest: m[3] };
 }
 
-const hex = (buf: ArrayBuffer) => [...new Uint8Array(buf)].map((b) => b.toString(16).padStart(2, "0")).join("");
-
-export async function sha256Hex(bytes: Uint8Array): Promise<string> {
-  return hex(await crypto.subtle.digest("SHA-256", bytes));
-}
 
 /** Stores bytes in KV or R2 by size (inline is the caller's business). */
 export async function putBytes(env: Env, executionId: string, stageId: string, name: string, bytes: Uint8Array, contentType: string): Promise<DataReference> {

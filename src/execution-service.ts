@@ -8,6 +8,7 @@ import type { DataReference } from "../schemas/data";
 import { verifyCallbackToken } from "./auth";
 import { DATA_LIMITS, UploadError, dataKey, openStream, parseDataKey, putStream, verifying } from "./data-store";
 import { configOf } from "./config";
+import { sha256Hex } from "./hash";
 import { ApiError, parseWith } from "./http";
 import { newExecutionId } from "./ids";
 import { withTimeout } from "./outbound";
@@ -53,10 +54,6 @@ function canonical(value: unknown): string {
   return JSON.stringify(value);
 }
 
-async function sha256(text: string): Promise<string> {
-  const d = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text));
-  return [...new Uint8Array(d)].map((b) => b.toString(16).padStart(2, "0")).join("");
-}
 
 /** A worker's name for its upload: one path segment of safe characters. */
 const DataName = z.string().regex(/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/, "letters, digits, '_', '.', '-' only");
@@ -72,7 +69,7 @@ export async function startExecution(env: Env, raw: unknown, origin: string): Pr
   let duplicate = false;
   let requestHash: string | null = null;
   if (input.request_id) {
-    requestHash = await sha256(canonical({ template_name: input.template_name, parameters: input.parameters, priority: input.priority }));
+    requestHash = await sha256Hex(canonical({ template_name: input.template_name, parameters: input.parameters, priority: input.priority }));
     const ns = env.REQUEST_REGISTRY as unknown as DurableObjectNamespace<RequestRegistry>;
     const registry = ns.get(ns.idFromName(input.client_id));
     const claim = await call<ClaimResult>(env, registry.claim(input.request_id, requestHash, executionId), "request registry");
