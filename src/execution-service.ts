@@ -114,12 +114,18 @@ export async function getStatus(env: Env, id: unknown): Promise<StatusDocument> 
   return doc;
 }
 
-export async function getResult(env: Env, id: unknown, origin: string): Promise<ResultDocument> {
-  const executionId = checkExecutionId(id);
+/** The completed execution's result, or the 404 / 409 / 410 that explains why there is none. */
+async function completedResult(env: Env, executionId: string): Promise<Extract<ResultState, { state: "completed" }>> {
   const r = await call<ResultState>(env, executionStub(env, executionId).getResult(), "execution result");
   if (r.state === "missing") throw new ApiError(404, "not_found", `no execution ${executionId}`);
   if (r.state === "not_completed") throw new ApiError(409, "not_completed", `the execution is ${r.status}`, { status: r.status });
   if (r.state === "expired") throw new ApiError(410, "data_expired", `the result was deleted at ${new Date(r.at).toISOString()} (retention)`);
+  return r;
+}
+
+export async function getResult(env: Env, id: unknown, origin: string): Promise<ResultDocument> {
+  const executionId = checkExecutionId(id);
+  const r = await completedResult(env, executionId);
   return {
     execution_id: executionId,
     status: "completed",
@@ -132,11 +138,7 @@ export async function getResult(env: Env, id: unknown, origin: string): Promise<
 
 /** The deliverable's bytes: JSON text when inline, else streamed from KV or R2 and verified on the way. */
 export async function getResultContent(env: Env, id: unknown): Promise<Response> {
-  const executionId = checkExecutionId(id);
-  const r = await call<ResultState>(env, executionStub(env, executionId).getResult(), "execution result");
-  if (r.state === "missing") throw new ApiError(404, "not_found", `no execution ${executionId}`);
-  if (r.state === "not_completed") throw new ApiError(409, "not_completed", `the execution is ${r.status}`, { status: r.status });
-  if (r.state === "expired") throw new ApiError(410, "data_expired", "the result was deleted (retention)");
+  const r = await completedResult(env, checkExecutionId(id));
   if (!r.outputRef) return new Response(JSON.stringify(r.output), { headers: { "content-type": "application/json" } });
   return streamReference(env, r.outputRef);
 }
