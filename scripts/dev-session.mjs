@@ -28,7 +28,10 @@ export async function freePort() {
  * Secrets: wrangler gives the first worker the `--env-file` (so a developer's
  * .dev.vars is not used) and the others `process.env` (their configs list the
  * secrets they require), so both carry the same values.
- * @param {{ configs?: string[], port?: number, vars?: Record<string,string>, secrets?: Record<string,string>, quiet?: boolean, persistTo?: string, readyTimeoutMs?: number }} [opts]
+ * `cwd`: the checkout to run from (its scripts/wrangler.mjs and node_modules);
+ * the benchmarks pass a snapshot so that nothing done to this checkout during a
+ * run (an edit, an `npm ci`) makes wrangler rebuild and restart the workers.
+ * @param {{ configs?: string[], port?: number, vars?: Record<string,string>, secrets?: Record<string,string>, quiet?: boolean, persistTo?: string, readyTimeoutMs?: number, cwd?: string }} [opts]
  * @returns {Promise<{ url: string, port: number, pid: number, logs: () => string, stop: () => Promise<void> }>}
  */
 export async function startDevSession(opts = {}) {
@@ -53,7 +56,7 @@ export async function startDevSession(opts = {}) {
   for (const [k, v] of Object.entries(opts.vars ?? {})) args.push("--var", `${k}:${v}`);
   let out = "";
   const child = spawn(process.execPath, args, {
-    cwd: ROOT,
+    cwd: opts.cwd ?? ROOT,
     detached: true,
     stdio: ["ignore", "pipe", "pipe"],
     // A private dev registry: other `wrangler dev` sessions on the machine register

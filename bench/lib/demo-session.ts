@@ -18,6 +18,7 @@ export async function startDemoSession(opts: { secrets: Record<string, string>; 
       secrets: opts.secrets,
       persistTo: path.join(dir, "state"),
       vars: opts.vars,
+      cwd: tree,
     });
     return {
       ...session,

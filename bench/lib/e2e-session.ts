@@ -1,5 +1,5 @@
 import { execFileSync } from "node:child_process";
-import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
+import { cpSync, existsSync, mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import os from "node:os";
 import path from "node:path";
@@ -22,11 +22,12 @@ import { commandLineOf, descendants } from "./proc-stats";
  * The session uses a private dev registry (WRANGLER_REGISTRY_PATH), so other
  * wrangler sessions on the machine cannot make it reload.
  *
- * Every worker runs from a snapshot of the tree taken at start (the working
- * tree, a commit such as `tree: "HEAD"`, or another checkout's directory) in the temporary directory, with
- * node_modules linked: `wrangler dev` watches its sources and restarts the
- * workers when a file changes, which would break a run in a tree that others
- * are editing, and the figures belong to one known version of the code.
+ * Every worker, and wrangler itself, runs from a snapshot of the tree taken at
+ * start (the working tree, a commit such as `tree: "HEAD"`, or another
+ * checkout's directory) in the temporary directory, with node_modules
+ * hard-linked: `wrangler dev` watches its sources and restarts the workers when
+ * a file changes, which would break a run in a tree that others are editing,
+ * and the figures belong to one known version of the code.
  */
 export interface BenchSession {
   url: string;
@@ -63,19 +64,18 @@ export function snapshotTree(dir: string, tree: string): string {
     const tar = execFileSync("git", ["archive", "--format=tar", tree], { cwd: ROOT, maxBuffer: 512 * 1024 * 1024 });
     execFileSync("tar", ["-x", "-C", out], { input: tar, maxBuffer: 64 * 1024 * 1024 });
   }
-  // node_modules: the runtime dependencies the workers bundle are copied (an `npm install`
-  // elsewhere in the tree during a run must not make wrangler rebuild), the rest is linked.
+  // node_modules: every file hard-linked (copied if /tmp is another filesystem), and the session
+  // runs wrangler from here. wrangler's esbuild watches every file it bundles, its own middleware
+  // templates in node_modules/wrangler included, and rebuilds (restarting the workers, failing the
+  // requests in flight) when one changes; an `npm ci` or `npm install` in the checkout writes new
+  // files, which leaves these links on the old ones. A symlinked node_modules did not: see
+  // docs/performance.md ("At 200 in flight wrangler reloads the runtime").
   const nm = path.join(out, "node_modules");
-  mkdirSync(nm);
-  const deps = Object.keys(JSON.parse(readFileSync(path.join(ROOT, "package.json"), "utf8")).dependencies ?? {});
-  for (const entry of readdirSync(path.join(ROOT, "node_modules"))) {
-    const scoped = entry.startsWith("@") ? readdirSync(path.join(ROOT, "node_modules", entry)).map((e) => `${entry}/${e}`) : [entry];
-    for (const name of scoped) {
-      const src = path.join(ROOT, "node_modules", name);
-      mkdirSync(path.dirname(path.join(nm, name)), { recursive: true });
-      if (deps.includes(name)) cpSync(src, path.join(nm, name), { recursive: true, dereference: true });
-      else symlinkSync(src, path.join(nm, name));
-    }
+  try {
+    execFileSync("cp", ["-al", path.join(ROOT, "node_modules"), nm]);
+  } catch {
+    rmSync(nm, { recursive: true, force: true });
+    cpSync(path.join(ROOT, "node_modules"), nm, { recursive: true, verbatimSymlinks: true });
   }
   return out;
 }
@@ -125,7 +125,7 @@ export async function startBenchSession(opts: {
       path.join(tree, "bench/worker/wrangler.toml"),
       path.join(tree, "bench/worker/kam.wrangler.toml"),
     ];
-    session = await startDevSession({ configs, secrets: opts.secrets, persistTo: path.join(dir, "state"), quiet: opts.quiet ?? true, readyTimeoutMs: 90_000 });
+    session = await startDevSession({ configs, secrets: opts.secrets, persistTo: path.join(dir, "state"), quiet: opts.quiet ?? true, readyTimeoutMs: 90_000, cwd: tree });
   } catch (err) {
     rmSync(dir, { recursive: true, force: true });
     throw err;
