@@ -10,6 +10,7 @@ import { issueCallbackToken } from "../src/auth";
 import { type Config, configOf } from "../src/config";
 import { addUsage, costOf } from "../src/cost";
 import { DATA_LIMITS, deleteExecutionData, putBytes, verifyStored } from "../src/data-store";
+import { estimateTotalMs } from "../src/estimates";
 import { sha256Hex } from "../src/hash";
 import { stageIdFor } from "../src/ids";
 import { ledgerFor } from "../src/ledger-routing";
@@ -205,8 +206,17 @@ const OUTBOX_MAX_ATTEMPTS = 30;
 export class Execution extends DurableObject<Env> {
   private readonly sql: Sql;
   private readonly config: Config;
-  /** The alarm time we last set, to skip redundant setAlarm writes. */
+  /** The alarm as this instance knows it (null: none; undefined: unknown), read at start and kept in step. */
   private armedAt: number | null | undefined = undefined;
+  /** Outbox rows this instance is delivering now (a flush does not claim them again). */
+  private readonly inFlight = new Set<number>();
+  /**
+   * Outbox rows delivered whose DELETE waits for the next write of a live
+   * execution, so a delivery costs no commit of its own. Lost with an eviction,
+   * the rows are delivered again when their claim runs out: every delivery is
+   * idempotent (ledger settle and release, versioned index updates, cancels).
+   */
+  private delivered: number[] = [];
   /** Serialises drive() passes: the tail of the chain and a queued-but-not-started pass to share. */
   private tail: Promise<void> = Promise.resolve();
   private queued: Promise<void> | null = null;
@@ -220,6 +230,7 @@ export class Execution extends DurableObject<Env> {
     setLogLevel((env as unknown as { LOG_LEVEL?: string }).LOG_LEVEL);
     ctx.blockConcurrencyWhile(async () => {
       ctx.storage.sql.exec(SCHEMA);
+      this.armedAt = await ctx.storage.getAlarm();
     });
   }
 
@@ -370,6 +381,8 @@ export class Execution extends DurableObject<Env> {
 
   /** One alarm for every timer. Safe to fire twice: each handler re-checks state. */
   override async alarm(info?: AlarmInvocationInfo): Promise<void> {
+    // The alarm that fired is spent: the next rearm() sets one whatever it was.
+    this.armedAt = null;
     try {
       await this.schedule();
       if (this.row()?.alarm_failures) this.sql`UPDATE execution SET alarm_failures = 0`;
@@ -423,10 +436,11 @@ export class Execution extends DurableObject<Env> {
   private async drive(): Promise<void> {
     // Both only exist to wake the object; this pass is the wake-up.
     this.sql`DELETE FROM timers WHERE name IN ('advance', 'watchdog') AND due_at <= ${Date.now()}`;
+    // New outbox messages go out as they are written (enqueue); this picks up redeliveries that are due.
+    this.flushOutbox();
     for (let guard = 0; guard < 100; guard++) {
       const ex = this.row();
       if (!ex) return;
-      this.flushOutbox();
       if (isTerminalExecution(ex.status)) {
         if (this.takeTimer("retention")) await this.expireData();
         return;
@@ -694,24 +708,8 @@ export class Execution extends DurableObject<Env> {
 
   private async estimateCompletion(): Promise<void> {
     const ex = this.row()!;
-    const stages = this.stages();
-    const t = this.config.tuning;
-    let totalMs = Math.max(1, stages.length) * t.defaultStageDurationMs;
-    if (stages.length > 0) {
-      try {
-        const est = await withTimeout(
-          ledgerFor(this.env).estimate(
-            stages.map((s) => ({ worker: s.worker, resources: parse<Record<string, number>>(s.resources) ?? undefined })),
-            ex.priority,
-          ),
-          t.ledgerCallTimeoutMs,
-          "ledger.estimate",
-        );
-        totalMs = est.totalMs;
-      } catch (err) {
-        this.log("warn", "estimate_failed", { error: String(err) });
-      }
-    }
+    const stages = this.stages().map((s) => ({ worker: s.worker, resources: parse<Record<string, number>>(s.resources) ?? undefined }));
+    const totalMs = await estimateTotalMs(this.env, stages, ex.priority);
     this.sql`UPDATE execution SET estimated_completion_at = ${ex.created_at + Math.round(totalMs)} WHERE id = 1`;
   }
 
@@ -897,9 +895,9 @@ export class Execution extends DurableObject<Env> {
   // ------------------------------------------------------------- outbox ----
 
   /**
-   * Queues this execution's summary for the execution index. Only the newest
-   * summary matters (the index ignores older versions), so a pending older one
-   * is replaced rather than sent too.
+   * Sends this execution's summary to the execution index (through the outbox).
+   * Every summary carries a version, and the index ignores older ones, so they
+   * may arrive in any order and more than once.
    */
   private indexUpdate(now: number): void {
     const ex = this.row()!;
@@ -922,30 +920,48 @@ export class Execution extends DurableObject<Env> {
       stages_completed: stages.filter((s) => s.status === "completed").length,
       version,
     };
-    // Only unclaimed ones: a summary being delivered right now is left to finish.
-    this.sql`DELETE FROM outbox WHERE kind = 'index_upsert' AND next_at <= ${now}`;
     this.enqueue({ kind: "index_upsert", entry }, now);
   }
 
+  /**
+   * Writes a message to the outbox and starts delivering it. The row is written
+   * claimed (due again only after the longest call timeout) in the same
+   * transaction as the transition that made it, and the output gate holds the
+   * call until that transaction is durable: the message goes out at least once,
+   * and if this instance is evicted mid-delivery the outbox timer sends it again.
+   */
   private enqueue(item: OutboxItem, now: number): void {
-    this.sql`INSERT INTO outbox (kind, payload, next_at) VALUES (${item.kind}, ${JSON.stringify(item)}, ${now})`;
+    this.purgeDelivered();
+    const due = now + this.claimMs();
+    const row = this.sql<{ id: number }>`INSERT INTO outbox (kind, payload, next_at) VALUES (${item.kind}, ${JSON.stringify(item)}, ${due}) RETURNING id`[0];
+    this.setTimerNoLaterThan("outbox", due);
+    this.deliverInBackground(row.id, item, 0);
   }
 
-  /**
-   * Delivers due outbox messages, at least once each, in the background: the
-   * execution path never waits on the ledger, the index or a worker's cancel.
-   * A message being delivered is claimed by moving its `next_at` past the
-   * longest call timeout, so if the object is evicted mid-delivery the outbox
-   * timer brings it back; otherwise the delivery deletes it or reschedules it.
-   */
-  private flushOutbox(): void {
-    const now = Date.now();
+  /** How long a message being delivered stays claimed: past the longest call timeout. */
+  private claimMs(): number {
     const t = this.config.tuning;
-    const claimUntil = now + Math.max(t.ledgerCallTimeoutMs, t.workerCallTimeoutMs, t.objectCallTimeoutMs) + 1_000;
+    return Math.max(t.ledgerCallTimeoutMs, t.workerCallTimeoutMs, t.objectCallTimeoutMs) + 1_000;
+  }
+
+  /** Redelivers due outbox messages (failed earlier, or claimed by an instance that was evicted), in the background. */
+  private flushOutbox(): void {
+    const purged = this.purgeDelivered();
+    const now = Date.now();
+    const busy = JSON.stringify([...this.inFlight]);
     const due = this.sql<{ id: number; payload: string; attempts: number }>`
-      UPDATE outbox SET next_at = ${claimUntil} WHERE next_at <= ${now} RETURNING id, payload, attempts`;
-    for (const row of due) this.deliverInBackground(row);
-    this.armOutboxTimer();
+      UPDATE outbox SET next_at = ${now + this.claimMs()}
+      WHERE next_at <= ${now} AND id NOT IN (SELECT value FROM json_each(${busy})) RETURNING id, payload, attempts`;
+    for (const row of due) this.deliverInBackground(row.id, JSON.parse(row.payload) as OutboxItem, row.attempts);
+    if (purged || due.length > 0) this.armOutboxTimer();
+  }
+
+  /** Deletes the rows of delivered messages; true when there were any. */
+  private purgeDelivered(): boolean {
+    if (this.delivered.length === 0) return false;
+    this.sql`DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(${JSON.stringify(this.delivered)}))`;
+    this.delivered = [];
+    return true;
   }
 
   private armOutboxTimer(): void {
@@ -954,20 +970,26 @@ export class Execution extends DurableObject<Env> {
     else this.setTimer("outbox", next);
   }
 
-  private deliverInBackground(row: { id: number; payload: string; attempts: number }): void {
-    const item = JSON.parse(row.payload) as OutboxItem;
+  private deliverInBackground(id: number, item: OutboxItem, attempts: number): void {
+    this.inFlight.add(id);
     this.deliver(item)
       .catch((err) => {
-        this.log("warn", "outbox_delivery_failed", { kind: item.kind, attempts: row.attempts + 1, error: String(err) });
+        this.log("warn", "outbox_delivery_failed", { kind: item.kind, attempts: attempts + 1, error: String(err) });
         return false;
       })
       .then(async (ok) => {
-        if (ok || row.attempts + 1 >= OUTBOX_MAX_ATTEMPTS) {
-          if (!ok) this.log("error", "outbox_dropped", { kind: item.kind, attempts: row.attempts + 1 });
-          this.sql`DELETE FROM outbox WHERE id = ${row.id}`;
+        this.inFlight.delete(id);
+        if (ok || attempts + 1 >= OUTBOX_MAX_ATTEMPTS) {
+          if (!ok) this.log("error", "outbox_dropped", { kind: item.kind, attempts: attempts + 1 });
+          this.delivered.push(id);
+          // A live execution writes again soon (its next transition, or the outbox
+          // timer at the latest) and deletes the row then; an ended one does it now.
+          const ex = this.row();
+          if (ex && !isTerminalExecution(ex.status)) return;
+          this.purgeDelivered();
         } else {
-          const next = Date.now() + retryDelayMs(row.attempts + 1, this.config.tuning.outboxRetryMs, 60_000);
-          this.sql`UPDATE outbox SET attempts = attempts + 1, next_at = ${next} WHERE id = ${row.id}`;
+          const next = Date.now() + retryDelayMs(attempts + 1, this.config.tuning.outboxRetryMs, 60_000);
+          this.sql`UPDATE outbox SET attempts = attempts + 1, next_at = ${next} WHERE id = ${id}`;
         }
         this.armOutboxTimer();
         await this.rearm();
@@ -1006,6 +1028,11 @@ export class Execution extends DurableObject<Env> {
     this.sql`INSERT INTO timers (name, due_at) VALUES (${name}, ${dueAt}) ON CONFLICT(name) DO UPDATE SET due_at = excluded.due_at`;
   }
 
+  /** Sets the timer unless it is already due earlier. */
+  private setTimerNoLaterThan(name: TimerName, dueAt: number): void {
+    this.sql`INSERT INTO timers (name, due_at) VALUES (${name}, ${dueAt}) ON CONFLICT(name) DO UPDATE SET due_at = MIN(due_at, excluded.due_at)`;
+  }
+
   private clearTimer(name: TimerName): void {
     this.sql`DELETE FROM timers WHERE name = ${name}`;
   }
@@ -1024,15 +1051,26 @@ export class Execution extends DurableObject<Env> {
     return this.sql`DELETE FROM timers WHERE name = ${name} AND due_at <= ${Date.now()} RETURNING name`.length > 0;
   }
 
-  /** Points the alarm at the earliest timer (a watchdog keeps a live execution from ever sleeping unobserved). */
+  /**
+   * Makes sure the alarm fires no later than the earliest timer (a watchdog
+   * keeps a live execution from ever sleeping unobserved). It only ever moves
+   * the alarm earlier: an alarm that fires before anything is due finds nothing
+   * to do and re-arms (every handler checks its own timer), whereas moving it
+   * later each time a timer is cleared would cost a storage write per stage.
+   */
   private async rearm(): Promise<void> {
     const ex = this.row();
     if (ex && !isTerminalExecution(ex.status) && !this.hasTimer("watchdog")) this.setTimer("watchdog", Date.now() + WATCHDOG_MS);
     const next = this.sql<{ at: number | null }>`SELECT MIN(due_at) AS at FROM timers`[0]?.at ?? null;
-    if (next === this.armedAt) return;
+    if (next === null) {
+      if (this.armedAt === null) return;
+      this.armedAt = null;
+      await this.ctx.storage.deleteAlarm();
+      return;
+    }
+    if (this.armedAt !== undefined && this.armedAt !== null && this.armedAt <= next) return;
     this.armedAt = next;
-    if (next === null) await this.ctx.storage.deleteAlarm();
-    else await this.ctx.storage.setAlarm(next);
+    await this.ctx.storage.setAlarm(next);
   }
 
   /** Every read also checks the alarm is really set, so a lost alarm heals on the next request. */

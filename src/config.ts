@@ -45,6 +45,8 @@ export const DEFAULT_TUNING = {
   /** Estimate for a stage with no `resources` and no usage history. */
   defaultEstimatedTokens: 1_000,
   defaultStageDurationMs: 5_000,
+  /** A start's completion estimate is reused for the same pipeline and priority this long (per isolate). */
+  estimateCacheMs: 1_000,
   /** Concurrency slots a `worker:` pool gets when config names none. */
   defaultWorkerConcurrency: 10,
   /** Ledger queue (docs/ledger.md): a waiter's rank rises one priority level per this much waiting. */

@@ -10,6 +10,8 @@ import { callJson } from "./outbound";
  * EXECUTION_CACHE. A cached copy younger than `templateCacheTtlSeconds` is
  * used without asking KAM; an older one is kept (for a day) as the fallback
  * when KAM is down, and the status document then says `template_source: "cache"`.
+ * Each isolate also keeps the entries it read or wrote, under the same freshness
+ * rule, so a burst of starts does not pay a KV read each.
  */
 export type TemplateLoad =
   | { ok: true; template: MasterTemplate; source: "kam" | "cache" }
@@ -19,6 +21,16 @@ const STALE_TTL_SECONDS = 24 * 3600;
 const Cached = z.object({ fetched_at: z.number(), template: z.object({ template_id: z.string(), template_name: z.string(), stages: z.array(TemplateStage) }) });
 
 const cacheKey = (name: string) => `template:${name}`;
+
+type CacheEntry = z.infer<typeof Cached>;
+const MEMORY_ENTRIES = 256;
+const memory = new Map<string, CacheEntry>();
+
+function remember(name: string, entry: CacheEntry): void {
+  memory.delete(name);
+  if (memory.size >= MEMORY_ENTRIES) memory.delete(memory.keys().next().value as string);
+  memory.set(name, entry);
+}
 
 /** Validates KAM's answer: `pipeline_stages` may be a JSON string or an array. */
 export function parseTemplate(body: z.output<typeof MasterTemplateResponse>): MasterTemplate | string {
@@ -41,14 +53,18 @@ export function parseTemplate(body: z.output<typeof MasterTemplateResponse>): Ma
 
 export async function loadTemplate(env: Env, name: string): Promise<TemplateLoad> {
   const { tuning } = configOf(env);
-  let cached: z.infer<typeof Cached> | null = null;
+  const fresh = (entry: CacheEntry) => Date.now() - entry.fetched_at < tuning.templateCacheTtlSeconds * 1000;
+  const mine = memory.get(name);
+  if (mine && fresh(mine)) return { ok: true, template: mine.template, source: "cache" };
+  let cached: CacheEntry | null = null;
   try {
     const parsed = Cached.safeParse(await env.EXECUTION_CACHE.get(cacheKey(name), "json"));
     cached = parsed.success ? parsed.data : null;
   } catch (err) {
     log("warn", "template_cache_read_failed", { template_name: name, error: String(err) });
   }
-  if (cached && Date.now() - cached.fetched_at < tuning.templateCacheTtlSeconds * 1000) {
+  if (cached && fresh(cached)) {
+    remember(name, cached);
     return { ok: true, template: cached.template, source: "cache" };
   }
 
@@ -64,8 +80,10 @@ export async function loadTemplate(env: Env, name: string): Promise<TemplateLoad
   if (res.ok) {
     const template = parseTemplate(res.value);
     if (typeof template === "string") return { ok: false, code: "invalid_template", message: template, retryable: false };
+    const entry: CacheEntry = { fetched_at: Date.now(), template };
+    remember(name, entry);
     try {
-      await env.EXECUTION_CACHE.put(cacheKey(name), JSON.stringify({ fetched_at: Date.now(), template }), {
+      await env.EXECUTION_CACHE.put(cacheKey(name), JSON.stringify(entry), {
         expirationTtl: STALE_TTL_SECONDS,
       });
     } catch (err) {
