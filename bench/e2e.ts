@@ -9,6 +9,10 @@
  * - the floor: the three stages driven directly against the bench worker with no
  *   orchestrator (POST /bench/floor: handshake, process, completion callback to the
  *   worker's own sink, all through service bindings);
+ * - the durable floor: the same, run by one FloorRun Durable Object per execution
+ *   that records each stage as started and completed in its SQLite, with the
+ *   callback passing through the object: what the least crash-safe orchestrator
+ *   of this design (an object per execution) costs here;
  * - orchestrated: POST /execute of `bench_three_stage`, completion learnt from the
  *   bench worker (GET /bench/wait/:id answers once the orchestrator has
  *   acknowledged the last stage's `complete`), then confirmed with
@@ -21,7 +25,7 @@
  * Options: --n N (2000) --concurrency C (200) --warmup W (200) --seed S (42)
  *   --callback async|sync (async: the worker calls back in ctx.waitUntil after
  *   answering process; sync: before answering) --settle-ms MS (15000: idle time
- *   after the run before the last memory reading) --no-floor --quick (300
+ *   after the run before the last memory reading) --no-floor --no-durable-floor --quick (300
  *   executions, 100 in flight, for CI) --soak (10000 executions, memory check)
  *   --tree worktree|COMMIT|DIR (worktree: what to run is a copy of the working
  *   tree taken at start; or a commit, e.g. HEAD; or another checkout, e.g. a
@@ -53,6 +57,8 @@ interface Options {
   callback: "async" | "sync";
   settleMs: number;
   floor: boolean;
+  /** Also run the durable floor (needs the floor). */
+  durableFloor: boolean;
   quick: boolean;
   soak: boolean;
   jsonOut: string | null;
@@ -68,7 +74,7 @@ interface Options {
 }
 
 function parseArgs(argv: string[]): Options {
-  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true };
+  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, durableFloor: true, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true };
   const given = new Set<string>();
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -90,6 +96,7 @@ function parseArgs(argv: string[]): Options {
       case "--callback": { const v = next(); if (v !== "async" && v !== "sync") throw new Error("--callback async|sync"); o.callback = v; break; }
       case "--settle-ms": o.settleMs = num(); given.add("s"); break;
       case "--no-floor": o.floor = false; break;
+      case "--no-durable-floor": o.durableFloor = false; break;
       case "--quick": o.quick = true; break;
       case "--soak": o.soak = true; break;
       case "--json-out": o.jsonOut = next(); break;
@@ -320,16 +327,16 @@ class Bench {
     return res.status === 200 ? (res.body.status ?? null) : null;
   }
 
-  /** One floor run: the same stages straight against the bench worker. */
-  async floor(item: WorkItem, index: number): Promise<RunRecord> {
+  /** One floor run: the same stages straight against the bench worker (durable: through a FloorRun object). */
+  async floor(item: WorkItem, index: number, durable = false): Promise<RunRecord> {
     const rec: RunRecord = { ok: false, latencyMs: 0, ackLatencyMs: null, firstGapMs: null, betweenGapsMs: [], callbackRttMs: [], tailMs: null, statusGets: 0, statusRttMs: null, waitDeliveryMs: null, waits: 0, attempts: 0, polls: 0 };
     const sentWall = Date.now();
     const t0 = performance.now();
-    const executionId = `exec_${sentWall}_floor${String(index).padStart(8, "0")}`;
+    const executionId = `exec_${sentWall}_${durable ? "dfloor" : "floor"}${String(index).padStart(8, "0")}`;
     try {
       const res = await this.client.request<FloorAnswer>("POST", "/bench/floor", {
         headers: this.worker,
-        body: { executionId, parameters: item.parameters },
+        body: { executionId, parameters: item.parameters, durable },
         timeoutMs: this.opts.execTimeoutMs,
       });
       rec.latencyMs = performance.now() - t0;
@@ -510,34 +517,40 @@ function fmt(s: Summary | undefined): string {
 function printTable(result: any): void {
   const o = result.orchestrated as PhaseReport;
   const f = result.floor as PhaseReport | null;
-  const rows: [string, string, string][] = [
-    ["", "orchestrated", f ? "floor" : ""],
-    ["executions (completed/failed/stuck)", `${o.completed}/${o.failed}/${o.stuck}`, f ? `${f.completed}/${f.failed}/${f.stuck}` : ""],
-    ["throughput (executions/s)", String(o.throughput_per_s), f ? String(f.throughput_per_s) : ""],
-    ["latency ms p50/p95/p99", fmt(o.latency_ms), f ? fmt(f.latency_ms) : ""],
-    ["  to last complete acknowledged", fmt(o.ack_latency_ms), ""],
-    ["overhead per stage ms p50/p95/p99", fmt(o.overhead_per_stage_ms), f ? fmt(f.overhead_per_stage_ms) : ""],
-    ["  POST -> first handshake", fmt(o.overhead_first_ms), f ? fmt(f.overhead_first_ms) : ""],
-    ["  complete -> next handshake", fmt(o.overhead_between_ms), f ? fmt(f.overhead_between_ms) : ""],
-    ["complete callback round trip ms", fmt(o.callback_rtt_ms), f ? fmt(f.callback_rtt_ms) : ""],
-    ["last complete -> status completed", fmt(o.tail_ms), ""],
-    ["  last ack -> bench has it", fmt(o.wait_delivery_ms), ""],
-    ["  status read that saw completed", fmt(o.status_rtt_ms), ""],
-    ["attempts per execution", String(o.attempts_per_execution), f ? String(f.attempts_per_execution) : ""],
-    ["progress polls", String(o.progress_polls), ""],
-    ["CPU ms/execution workerd runtime", String(o.cpu_ms_per_execution.workerd_runtime ?? "-"), f ? String(f.cpu_ms_per_execution.workerd_runtime ?? "-") : ""],
-    ["CPU ms/execution workerd proxy", String(o.cpu_ms_per_execution.workerd_proxy ?? "-"), f ? String(f.cpu_ms_per_execution.workerd_proxy ?? "-") : ""],
-    ["CPU ms/execution bench (node)", String(o.cpu_ms_per_execution.bench_node ?? "-"), f ? String(f.cpu_ms_per_execution.bench_node ?? "-") : ""],
+  const d = result.durable_floor as PhaseReport | null;
+  const both = (fn: (p: PhaseReport) => string): [string, string] => [f ? fn(f) : "", d ? fn(d) : ""];
+  const rows: string[][] = [
+    ["", "orchestrated", f ? "floor" : "", d ? "durable floor" : ""],
+    ["executions (completed/failed/stuck)", `${o.completed}/${o.failed}/${o.stuck}`, ...both((p) => `${p.completed}/${p.failed}/${p.stuck}`)],
+    ["throughput (executions/s)", String(o.throughput_per_s), ...both((p) => String(p.throughput_per_s))],
+    ["latency ms p50/p95/p99", fmt(o.latency_ms), ...both((p) => fmt(p.latency_ms))],
+    ["  to last complete acknowledged", fmt(o.ack_latency_ms), "", ""],
+    ["overhead per stage ms p50/p95/p99", fmt(o.overhead_per_stage_ms), ...both((p) => fmt(p.overhead_per_stage_ms))],
+    ["  POST -> first handshake", fmt(o.overhead_first_ms), ...both((p) => fmt(p.overhead_first_ms))],
+    ["  complete -> next handshake", fmt(o.overhead_between_ms), ...both((p) => fmt(p.overhead_between_ms))],
+    ["complete callback round trip ms", fmt(o.callback_rtt_ms), ...both((p) => fmt(p.callback_rtt_ms))],
+    ["last complete -> status completed", fmt(o.tail_ms), "", ""],
+    ["  last ack -> bench has it", fmt(o.wait_delivery_ms), "", ""],
+    ["  status read that saw completed", fmt(o.status_rtt_ms), "", ""],
+    ["attempts per execution", String(o.attempts_per_execution), ...both((p) => String(p.attempts_per_execution))],
+    ["progress polls", String(o.progress_polls), "", ""],
+    ["CPU ms/execution workerd runtime", String(o.cpu_ms_per_execution.workerd_runtime ?? "-"), ...both((p) => String(p.cpu_ms_per_execution.workerd_runtime ?? "-"))],
+    ["CPU ms/execution workerd proxy", String(o.cpu_ms_per_execution.workerd_proxy ?? "-"), ...both((p) => String(p.cpu_ms_per_execution.workerd_proxy ?? "-"))],
+    ["CPU ms/execution bench (node)", String(o.cpu_ms_per_execution.bench_node ?? "-"), ...both((p) => String(p.cpu_ms_per_execution.bench_node ?? "-"))],
   ];
-  const w0 = Math.max(...rows.map((r) => r[0].length));
-  const w1 = Math.max(...rows.map((r) => r[1].length));
+  const width = (i: number) => Math.max(...rows.map((r) => r[i].length));
+  const [w0, w1, w2] = [width(0), width(1), width(2)];
   console.log("");
   console.log(`e2e bench: ${result.n} executions of ${BENCH_TEMPLATE} (3 stages), ${result.concurrency} in flight, seed ${result.seed}, callback ${result.callback}, ${result.cores} cores`);
-  for (const r of rows) console.log(`  ${r[0].padEnd(w0)}  ${r[1].padEnd(w1)}  ${r[2]}`);
+  for (const r of rows) console.log(`  ${r[0].padEnd(w0)}  ${r[1].padEnd(w1)}  ${r[2].padEnd(w2)}  ${r[3]}`.trimEnd());
   if (result.ratio) {
     console.log(`  ratio orchestrated/floor: throughput ${result.ratio.throughput}, latency p50 ${result.ratio.latency_p50}, p99 ${result.ratio.latency_p99}`);
   }
-  for (const [name, ph] of [["orchestrated", o], ["floor", f]] as const) {
+  if (result.ratio_durable_floor) {
+    const r = result.ratio_durable_floor;
+    console.log(`  durable floor: its throughput is ${r.durable_floor_vs_floor} of the floor's; orchestrated/durable floor: throughput ${r.throughput}, latency p50 ${r.latency_p50}`);
+  }
+  for (const [name, ph] of [["orchestrated", o], ["floor", f], ["durable floor", d]] as const) {
     if (ph && ph.cpu_s.others > 0.1 * ph.elapsed_s) {
       console.log(`  ! noisy machine: other processes used ${ph.cpu_s.others} CPU-s during the ${name} phase (${ph.elapsed_s} s): figures are not representative`);
     }
@@ -550,6 +563,7 @@ function printTable(result: any): void {
   for (const t of result.targets) console.log(`    ${t.met === null ? "n/a " : t.met ? "MET " : "MISS"} ${t.name}: ${t.measured}${t.met === false && t.by ? ` (${t.by})` : ""}`);
   if (o.errors.length) console.log(`  orchestrated errors: ${o.errors.join(" | ")}`);
   if (f?.errors.length) console.log(`  floor errors: ${f.errors.join(" | ")}`);
+  if (d?.errors.length) console.log(`  durable floor errors: ${d.errors.join(" | ")}`);
   console.log("");
 }
 
@@ -612,6 +626,7 @@ async function main(): Promise<number> {
       const bad = w1.records.filter((r) => !r.ok);
       if (bad.length) throw new Error(`warm-up failed: ${bad.length} of ${warm.length}: ${bad[0].error}`);
       if (opts.floor) await b.phase("warmup-floor", warm, Math.min(opts.concurrency, 50), (it, i) => b.floor(it, 1e7 + i), pids);
+      if (opts.floor && opts.durableFloor) await b.phase("warmup-durable-floor", warm, Math.min(opts.concurrency, 50), (it, i) => b.floor(it, 1e7 + i, true), pids);
     }
 
     let floor: PhaseResult | null = null;
@@ -620,6 +635,12 @@ async function main(): Promise<number> {
       await b.workerStats(true);
       floor = await b.phase("floor", items, opts.concurrency, (it, i) => b.floor(it, i), pids);
       floor.worker = await b.workerStats(true);
+    }
+    let durableFloor: PhaseResult | null = null;
+    if (opts.floor && opts.durableFloor) {
+      console.error(`durable floor: ${opts.n} at ${opts.concurrency} in flight...`);
+      durableFloor = await b.phase("durable-floor", items, opts.concurrency, (it, i) => b.floor(it, i, true), pids);
+      durableFloor.worker = await b.workerStats(true);
     }
 
     console.error(`orchestrated: ${opts.n} at ${opts.concurrency} in flight...`);
@@ -648,6 +669,7 @@ async function main(): Promise<number> {
 
     const o = report(orch);
     const f = floor ? report(floor) : null;
+    const d = durableFloor ? report(durableFloor) : null;
     const ratio = f
       ? {
           throughput: Number((o.throughput_per_s / f.throughput_per_s).toFixed(3)),
@@ -656,6 +678,14 @@ async function main(): Promise<number> {
           latency_p99: Number((o.latency_ms.p99 / f.latency_ms.p99).toFixed(2)),
         }
       : null;
+    const ratioDurable =
+      f && d
+        ? {
+            durable_floor_vs_floor: Number((d.throughput_per_s / f.throughput_per_s).toFixed(3)),
+            throughput: Number((o.throughput_per_s / d.throughput_per_s).toFixed(3)),
+            latency_p50: Number((o.latency_ms.p50 / d.latency_ms.p50).toFixed(2)),
+          }
+        : null;
     const growth = settled - before;
     const memory = {
       runtime_pid: procs.runtime,
@@ -681,7 +711,7 @@ async function main(): Promise<number> {
       { name: "overhead per stage p99 <= 30 ms", measured: `${o.overhead_per_stage_ms.p99} ms (first ${o.overhead_first_ms.p99}, between ${o.overhead_between_ms.p99})`, met: o.overhead_per_stage_ms.p99 <= 30, by: `${(o.overhead_per_stage_ms.p99 - 30).toFixed(1)} ms over` },
       { name: "throughput >= 50% of the floor", measured: ratio ? `${(ratio.throughput * 100).toFixed(1)}%` : "no floor", met: ratio ? ratio.throughput >= 0.5 : null, by: ratio ? `${((0.5 - ratio.throughput) * 100).toFixed(1)} points short` : undefined },
       { name: `workerd growth <= ${memoryBoundMib} MiB across the run after ${opts.settleMs} ms idle (judged at >= 10000)`, measured: `${mib(growth)} MiB over ${o.completed} executions`, met: opts.n >= 10_000 ? growth <= memoryBoundMib * MiB : null, by: `${(mib(growth - memoryBoundMib * MiB) ?? 0)} MiB over` },
-      { name: "zero failed or stuck executions", measured: `${o.failed} failed, ${o.stuck} stuck${f ? `; floor ${f.failed}/${f.stuck}` : ""}`, met: o.failed === 0 && o.stuck === 0 && (!f || (f.failed === 0 && f.stuck === 0)) },
+      { name: "zero failed or stuck executions", measured: `${o.failed} failed, ${o.stuck} stuck${f ? `; floor ${f.failed}/${f.stuck}` : ""}${d ? `; durable floor ${d.failed}/${d.stuck}` : ""}`, met: o.failed === 0 && o.stuck === 0 && (!f || (f.failed === 0 && f.stuck === 0)) && (!d || (d.failed === 0 && d.stuck === 0)) },
     ];
     const result = {
       bench: "e2e",
@@ -701,7 +731,9 @@ async function main(): Promise<number> {
       versions: versions(opts.tree),
       orchestrated: o,
       floor: f,
+      durable_floor: d,
       ratio,
+      ratio_durable_floor: ratioDurable,
       memory,
       ledger_after: ledger,
       bench_worker_after: leftovers?.sizes ?? null,
@@ -715,7 +747,7 @@ async function main(): Promise<number> {
     mkdirSync(path.dirname(out), { recursive: true });
     writeFileSync(out, line + "\n");
     console.error(`wrote ${out}`);
-    const broken = o.failed + o.stuck + (f ? f.failed + f.stuck : 0);
+    const broken = o.failed + o.stuck + (f ? f.failed + f.stuck : 0) + (d ? d.failed + d.stuck : 0);
     return broken > 0 ? 1 : 0;
   } finally {
     sampler?.stop();

@@ -1,3 +1,4 @@
+import { DurableObject } from "cloudflare:workers";
 import { CancelRequest, HandshakeRequest, ProcessRequest } from "../../schemas/worker-protocol";
 import {
   BENCH_STAGES,
@@ -31,6 +32,12 @@ import {
  *   stages driven from here with no orchestrator: handshake and process through
  *   SELF, the callback goes to `/bench/sink` through SELF, the next stage starts
  *   when the sink has it.
+ * - `POST /bench/floor` `{ executionId, parameters, durable: true }`: the durable
+ *   floor, the least a crash-safe orchestrator of this design does: the same
+ *   run inside one `FloorRun` Durable Object per execution (SQLite), which
+ *   records each stage as started before its handshake and as completed when
+ *   the callback, routed through the object (`/bench/sink/durable/...`),
+ *   arrives. No ledger, no alarm, no index, no authentication, no validation.
  * - `GET /bench/stats`, `POST /bench/reset`: counters and map sizes.
  *
  * State is in isolate memory: `wrangler dev` runs one isolate per worker, and
@@ -51,6 +58,7 @@ export interface BenchEnv {
   WORKER_SECRET: string;
   ORCHESTRATOR: Fetcher;
   SELF: Fetcher;
+  FLOOR_RUN: DurableObjectNamespace<FloorRun>;
 }
 
 interface Job {
@@ -84,7 +92,7 @@ function bounded<K, V>(map: Map<K, V>, key: K, value: V): void {
 
 const PROGRESS_PATH = /^\/api\/progress\/([^/]+)$/;
 const WAIT_PATH = /^\/bench\/wait\/([^/]+)$/;
-const SINK_PATH = /^\/bench\/sink\/([^/]+)\/stages\/([^/]+)\/(complete|progress|fail)$/;
+const SINK_PATH = /^\/bench\/sink\/(?:(durable)\/)?([^/]+)\/stages\/([^/]+)\/(complete|progress|fail)$/;
 
 export default {
   async fetch(request: Request, env: BenchEnv, ctx: Ctx): Promise<Response> {
@@ -92,7 +100,7 @@ export default {
     const path = url.pathname;
     if (path === "/health") return json(200, { status: "ok" });
     const sink = SINK_PATH.exec(path);
-    if (sink) return onSink(request, sink[1], sink[2], sink[3]);
+    if (sink) return onSink(request, env, sink[1] === "durable", sink[2], sink[3], sink[4]);
     if (!env.WORKER_SECRET) return error(500, "not_configured", "WORKER_SECRET is not set");
     if (bearer(request) !== env.WORKER_SECRET) return error(401, "unauthorized", "missing or wrong bearer token");
     try {
@@ -255,7 +263,7 @@ async function onWait(id: string, timeoutMs: number): Promise<Response> {
     return json(200, { done: ready.done, timings: ready } satisfies WaitAnswer);
   }
   execWaiters.get(id)?.(null);
-  let timer: ReturnType<typeof setTimeout> | undefined;
+  let timer: ReturnType<typeof setTimeout> | null = null;
   let mine: ((rec: ExecTimings | null) => void) | undefined;
   const rec = await new Promise<ExecTimings | null>((resolve) => {
     mine = resolve;
@@ -268,28 +276,45 @@ async function onWait(id: string, timeoutMs: number): Promise<Response> {
   return json(200, { done: false, timings: execs.get(id) ?? null } satisfies WaitAnswer);
 }
 
-/** The floor: the same stages with no orchestrator. */
+/** The floor: the same stages with no orchestrator (in memory, or in a FloorRun object when `durable`). */
 async function onFloor(request: Request, env: BenchEnv): Promise<Response> {
   counters.floor++;
-  const { executionId, parameters } = (await request.json()) as { executionId: string; parameters: Record<string, unknown> };
+  const { executionId, parameters, durable } = (await request.json()) as { executionId: string; parameters: Record<string, unknown>; durable?: boolean };
+  if (!durable) return json(200, await driveFloor(env, executionId, parameters, null));
+  return json(200, await env.FLOOR_RUN.get(env.FLOOR_RUN.idFromName(executionId)).run(executionId, parameters));
+}
+
+/**
+ * Drives the stages one after the other: handshake and process through SELF,
+ * then waits for the stage's completion at the sink. `record` (durable floor)
+ * persists each stage as started before its handshake.
+ */
+async function driveFloor(
+  env: BenchEnv,
+  executionId: string,
+  parameters: Record<string, unknown>,
+  record: ((stageId: string) => void) | null,
+): Promise<FloorAnswer> {
   const total = Number(parameters.bench_stages ?? BENCH_STAGES);
   const auth = { authorization: `Bearer ${env.WORKER_SECRET}`, "content-type": "application/json" };
   const base = `https://${BENCH_WORKER}.internal`;
+  const sinkBase = `${SINK_ORIGIN}/bench/sink/${record ? "durable/" : ""}${executionId}`;
   let previousOutput: unknown = null;
-  const fail = (message: string) => {
+  const fail = (message: string): FloorAnswer => {
     const timings = execs.get(executionId) ?? null;
     execs.delete(executionId);
-    return json(200, { ok: false, error: message, timings } satisfies FloorAnswer);
+    return { ok: false, error: message, timings };
   };
   for (let i = 1; i <= total; i++) {
     const stageId = `stage_${i}`;
     const key = `${executionId}|${stageId}`;
     const token = `floor.${crypto.randomUUID()}`;
-    let timer: ReturnType<typeof setTimeout> | undefined;
+    let timer: ReturnType<typeof setTimeout> | null = null;
     const completed = new Promise<{ output?: unknown } | null>((resolve) => {
       bounded(sinkWaiters, key, { token, resolve });
       timer = setTimeout(() => resolve(null), 30_000);
     });
+    record?.(stageId);
     const hsRes = await env.SELF.fetch(`${base}/api/handshake`, {
       method: "POST",
       headers: auth,
@@ -301,7 +326,7 @@ async function onFloor(request: Request, env: BenchEnv): Promise<Response> {
         inputData: { parameters, template_ref: "bench_v1", previousOutput },
         resourceRequirements: { estimatedTokens: 10, timeoutMs: 60_000, pools: { [`worker:${BENCH_WORKER}`]: 1, "tokens:openai": 10 } },
         validationConfig: {},
-        callback: { url: `${SINK_ORIGIN}/bench/sink/${executionId}/stages/${stageId}`, token },
+        callback: { url: `${sinkBase}/stages/${stageId}`, token },
       }),
     });
     const hs = (await hsRes.json().catch(() => null)) as { accepted?: boolean } | null;
@@ -327,11 +352,36 @@ async function onFloor(request: Request, env: BenchEnv): Promise<Response> {
   }
   const timings = execs.get(executionId) ?? null;
   execs.delete(executionId);
-  return json(200, { ok: true, timings } satisfies FloorAnswer);
+  return { ok: true, timings };
 }
 
-/** The floor's callback receiver: checks the stage's token, reads the body, hands it to the waiting floor run. */
-async function onSink(request: Request, executionId: string, stageId: string, kind: string): Promise<Response> {
+/**
+ * The durable floor's execution: one object per execution, its stages in its
+ * own SQLite. Each record is one write in its own turn, so one commit each, as
+ * an orchestrator that can resume after a crash must at least do.
+ */
+export class FloorRun extends DurableObject<BenchEnv> {
+  constructor(ctx: DurableObjectState, env: BenchEnv) {
+    super(ctx, env);
+    ctx.blockConcurrencyWhile(async () => {
+      ctx.storage.sql.exec("CREATE TABLE IF NOT EXISTS stages (stage_id TEXT PRIMARY KEY, status TEXT NOT NULL, output TEXT, at INTEGER NOT NULL)");
+    });
+  }
+
+  async run(executionId: string, parameters: Record<string, unknown>): Promise<FloorAnswer> {
+    return driveFloor(this.env, executionId, parameters, (stageId) => {
+      this.ctx.storage.sql.exec("INSERT OR REPLACE INTO stages (stage_id, status, output, at) VALUES (?, 'started', NULL, ?)", stageId, Date.now());
+    });
+  }
+
+  /** The stage's completion, recorded before the sink hands it to the waiting run. */
+  async complete(stageId: string, output: unknown): Promise<void> {
+    this.ctx.storage.sql.exec("UPDATE stages SET status = 'completed', output = ?, at = ? WHERE stage_id = ?", JSON.stringify(output ?? null), Date.now(), stageId);
+  }
+}
+
+/** The floor's callback receiver: checks the stage's token, reads the body, (durable: records it in the run's object,) hands it to the waiting run. */
+async function onSink(request: Request, env: BenchEnv, durable: boolean, executionId: string, stageId: string, kind: string): Promise<Response> {
   counters.sink++;
   const key = `${executionId}|${stageId}`;
   const waiter = sinkWaiters.get(key);
@@ -340,6 +390,7 @@ async function onSink(request: Request, executionId: string, stageId: string, ki
   const body = (await request.json().catch(() => null)) as { output?: unknown } | null;
   if (!body || typeof body !== "object") return error(400, "invalid_json", "the body is not valid JSON");
   if (kind !== "complete") return json(200, { ok: true, stage_status: "processing" });
+  if (durable) await env.FLOOR_RUN.get(env.FLOOR_RUN.idFromName(executionId)).complete(stageId, body.output ?? null);
   sinkWaiters.delete(key);
   waiter.resolve(body);
   return json(200, { ok: true, stage_status: "completed" });
