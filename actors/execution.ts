@@ -217,6 +217,12 @@ export class Execution extends DurableObject<Env> {
    * idempotent (ledger settle and release, versioned index updates, cancels).
    */
   private delivered: number[] = [];
+  /**
+   * A completed stage's settle, written to the outbox but held back so that it
+   * rides on the next stage's reserve (one ledger round trip instead of two).
+   * Whatever is still held when a drive pass ends is sent on its own.
+   */
+  private held: { id: number; item: Extract<OutboxItem, { kind: "ledger_settle" }> } | null = null;
   /** Serialises drive() passes: the tail of the chain and a queued-but-not-started pass to share. */
   private tail: Promise<void> = Promise.resolve();
   private queued: Promise<void> | null = null;
@@ -434,6 +440,14 @@ export class Execution extends DurableObject<Env> {
 
   /** Moves the execution as far as it can go now; returns when it must wait for an event or a timer. */
   private async drive(): Promise<void> {
+    try {
+      await this.drivePass();
+    } finally {
+      this.sendHeld();
+    }
+  }
+
+  private async drivePass(): Promise<void> {
     // Both only exist to wake the object; this pass is the wake-up.
     this.sql`DELETE FROM timers WHERE name IN ('advance', 'watchdog') AND due_at <= ${Date.now()}`;
     // New outbox messages go out as they are written (enqueue); this picks up redeliveries that are due.
@@ -493,22 +507,32 @@ export class Execution extends DurableObject<Env> {
     const ex = this.row()!;
     const ledger = ledgerFor(this.env);
     const t = this.config.tuning;
+    const request = {
+      executionId: ex.execution_id,
+      stageId: st.stage_id,
+      attempt: st.attempt,
+      priority: ex.priority,
+      requirements: parse<Record<string, number>>(st.resources) ?? undefined,
+      leaseMs: t.leaseMs,
+      worker: st.worker,
+    };
+    // The previous stage's settle, if still held, goes in the same call.
+    const ride = this.held;
+    this.held = null;
+    if (ride) this.inFlight.add(ride.id);
     let result: ReserveResult;
     try {
-      result = await withTimeout<ReserveResult>(
-        ledger.reserve({
-          executionId: ex.execution_id,
-          stageId: st.stage_id,
-          attempt: st.attempt,
-          priority: ex.priority,
-          requirements: parse<Record<string, number>>(st.resources) ?? undefined,
-          leaseMs: t.leaseMs,
-          worker: st.worker,
-        }),
-        t.ledgerCallTimeoutMs,
-        "ledger.reserve",
-      );
+      if (ride) {
+        const { reservationId, usage, durationMs } = ride.item;
+        const both = await withTimeout(ledger.settleAndReserve({ reservationId, usage, durationMs }, request), t.ledgerCallTimeoutMs, "ledger.settleAndReserve");
+        this.settled(ride, both.settled);
+        result = both.reserved;
+      } else {
+        result = await withTimeout<ReserveResult>(ledger.reserve(request), t.ledgerCallTimeoutMs, "ledger.reserve");
+      }
     } catch (err) {
+      // Whether the settle got through is unknown: it goes again on its own (settles are idempotent).
+      if (ride) this.settled(ride, null);
       const cur = this.stage(st.stage_id)!;
       if (String(err).includes("reservation_ended") && cur.status === "waiting_resources" && cur.attempt === st.attempt) {
         // The grant was made and expired before this attempt could use it (its notice was lost for a whole
@@ -784,7 +808,7 @@ export class Execution extends DurableObject<Env> {
       output_ref = ${output.ref ? JSON.stringify(output.ref) : null},
       complete_hash = ${hash}, reservation = NULL, deadline_at = NULL WHERE stage_id = ${st.stage_id}`;
     if (st.reservation_id) {
-      this.enqueue({ kind: "ledger_settle", reservationId: st.reservation_id, usage: usage ?? {}, durationMs: worked }, now);
+      this.enqueue({ kind: "ledger_settle", reservationId: st.reservation_id, usage: usage ?? {}, durationMs: worked }, now, { hold: true });
     }
     this.clearStageTimers();
   }
@@ -930,12 +954,36 @@ export class Execution extends DurableObject<Env> {
    * call until that transaction is durable: the message goes out at least once,
    * and if this instance is evicted mid-delivery the outbox timer sends it again.
    */
-  private enqueue(item: OutboxItem, now: number): void {
+  private enqueue(item: OutboxItem, now: number, opts: { hold?: boolean } = {}): void {
     this.purgeDelivered();
     const due = now + this.claimMs();
     const row = this.sql<{ id: number }>`INSERT INTO outbox (kind, payload, next_at) VALUES (${item.kind}, ${JSON.stringify(item)}, ${due}) RETURNING id`[0];
     this.setTimerNoLaterThan("outbox", due);
+    if (opts.hold && item.kind === "ledger_settle") {
+      this.sendHeld(); // at most one held: an older one goes now
+      this.held = { id: row.id, item };
+      return;
+    }
     this.deliverInBackground(row.id, item, 0);
+  }
+
+  /** Sends the held settle on its own (the drive pass ended without a reserve to ride on). */
+  private sendHeld(): void {
+    const h = this.held;
+    if (!h) return;
+    this.held = null;
+    this.deliverInBackground(h.id, h.item, 0);
+  }
+
+  /** The answer to a settle that rode on a reserve: delivered, or (null: refused or unknown) sent again on its own. */
+  private settled(ride: { id: number; item: OutboxItem }, result: { ok: boolean; unknownPools: string[] } | null): void {
+    this.inFlight.delete(ride.id);
+    if (result === null) {
+      this.deliverInBackground(ride.id, ride.item, 0);
+      return;
+    }
+    if (result.unknownPools.length) this.log("warn", "usage_in_unknown_pools", { pools: result.unknownPools });
+    this.delivered.push(ride.id);
   }
 
   /** How long a message being delivered stays claimed: past the longest call timeout. */

@@ -437,6 +437,23 @@ export class ResourceLedger extends DurableObject<Env> {
     });
   }
 
+  /**
+   * A stage's settle and the next stage's reserve in one call, the hot path of
+   * an execution moving on: one round trip instead of two. Both decide
+   * synchronously, the settle first, so the reserve sees the slots it freed,
+   * and both answer after the same group commit. A refused settle (unknown or
+   * malformed) does not stop the reserve: `settled` is then null and the caller
+   * settles again on its own; a reserve that throws throws here.
+   */
+  async settleAndReserve(
+    settle: { reservationId: string; usage: Record<string, number>; durationMs?: number },
+    request: ReserveRequest,
+  ): Promise<{ settled: SettleResult | null; reserved: ReserveResult }> {
+    const [settled, reserved] = await Promise.allSettled([this.settle(settle.reservationId, settle.usage, settle.durationMs), this.reserve(request)]);
+    if (reserved.status === "rejected") throw reserved.reason;
+    return { settled: settled.status === "fulfilled" ? settled.value : null, reserved: reserved.value };
+  }
+
   /** Give everything back (a waiter leaves the queue); idempotent. */
   async release(reservationId: string): Promise<ReleaseResult> {
     const id = parse(ReservationId, reservationId, "release reservationId");

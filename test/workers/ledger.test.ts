@@ -159,6 +159,42 @@ describe("settle and release", () => {
     expect((await ledger.snapshot()).waiters).toBe(1);
   });
 
+  it("settleAndReserve settles first, so the reserve gets the slot the settle freed, in one call", async () => {
+    const { ledger } = await fresh("settle-and-reserve");
+    await ledger.putPool("gpu", { kind: "concurrency", capacity: 1 });
+    const a = granted(await ledger.reserve(req({ requirements: { gpu: 1 } })));
+    // Without the settle the pool is full: the next stage would wait.
+    const probe = waiting(await ledger.reserve(req({ requirements: { gpu: 1 } })));
+    expect(await ledger.release(probe.reservationId)).toEqual({ ok: true, state: "released" });
+
+    const next = req({ executionId: a.reservationId.split(":")[0], stageId: "stage_2", requirements: { gpu: 1 } });
+    const both = await ledger.settleAndReserve({ reservationId: a.reservationId, usage: { gpu: 1 }, durationMs: 5 }, next);
+    expect(both.settled).toEqual({ ok: true, state: "settled", unknownPools: [] });
+    const b = granted(both.reserved);
+    expect((await ledger.status(a.reservationId)).state).toBe("settled");
+    expect((await ledger.status(b.reservationId)).state).toBe("granted");
+    expect((await poolOf(ledger, "gpu")).in_use).toBe(1);
+
+    // Idempotent like its parts: the same call again changes nothing.
+    const again = await ledger.settleAndReserve({ reservationId: a.reservationId, usage: { gpu: 1 }, durationMs: 5 }, next);
+    expect(again.settled).toEqual({ ok: true, state: "settled", unknownPools: [] });
+    expect(again.reserved).toEqual(both.reserved);
+    expect((await poolOf(ledger, "gpu")).in_use).toBe(1);
+    await expectWithinCapacity(ledger);
+  });
+
+  it("settleAndReserve still reserves when the settle is refused, and says so", async () => {
+    const { ledger } = await fresh("settle-and-reserve-refused");
+    const first = granted(await ledger.reserve(req({ worker: "sr" })));
+    // A malformed settle (negative usage) is refused; the reserve beside it is still made.
+    const both = await ledger.settleAndReserve({ reservationId: first.reservationId, usage: { "worker:sr": -1 } }, req({ worker: "sr", stageId: "stage_2" }));
+    expect(both.settled).toBeNull();
+    granted(both.reserved);
+    expect((await ledger.status(first.reservationId)).state).toBe("granted");
+    // A malformed reserve throws, as reserve() does.
+    await expect(ledger.settleAndReserve({ reservationId: first.reservationId, usage: {} }, { ...req(), leaseMs: -1 })).rejects.toThrow(/invalid_request/);
+  });
+
   it("records usage in a pool that does not exist and reports it", async () => {
     const { ledger } = await fresh("unknown-usage");
     const r = granted(await ledger.reserve(req({ worker: "u" })));
