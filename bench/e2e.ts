@@ -184,6 +184,8 @@ interface PhaseResult {
   records: RunRecord[];
   stuck: number;
   cpu: Record<string, number>;
+  /** The workerd runtime's resident memory at the start and the end of the phase (MiB). */
+  rssMib: { start: number | null; end: number | null };
   worker: WorkerStats | null;
 }
 
@@ -370,6 +372,7 @@ class Bench {
     const records: RunRecord[] = [];
     let next = 0;
     const cpu0 = cpuSnapshot(pids);
+    const rss0 = mib(memoryOf(pids.workerd_runtime)?.rss);
     const started = performance.now();
     // Whole-phase bound: generous, but the run always ends by itself.
     const budgetMs = 120_000 + items.length * 100;
@@ -398,7 +401,8 @@ class Bench {
     const wasAborted = this.aborted;
     this.aborted = false;
     if (wasAborted) console.error(`! ${name}: aborted`);
-    return { name, n: items.length, concurrency, elapsedS, records, stuck, cpu: cpuDelta(cpu0, cpuSnapshot(pids)), worker: null };
+    const rssMib = { start: rss0, end: mib(memoryOf(pids.workerd_runtime)?.rss) };
+    return { name, n: items.length, concurrency, elapsedS, records, stuck, cpu: cpuDelta(cpu0, cpuSnapshot(pids)), rssMib, worker: null };
   }
 }
 
@@ -443,6 +447,8 @@ interface PhaseReport {
   status_gets_per_execution?: number;
   cpu_s: Record<string, number>;
   cpu_ms_per_execution: Record<string, number>;
+  /** The runtime's RSS at the phase's start and end, MiB (phases run one after the other in one runtime). */
+  runtime_rss_mib: { start: number | null; end: number | null };
   worker_counters: WorkerStats["counters"] | null;
   errors: string[];
 }
@@ -481,6 +487,7 @@ function report(p: PhaseResult): PhaseReport {
     ...(p.name === "orchestrated" ? { status_gets_per_execution: ok.length ? Number((ok.reduce((s, r) => s + r.statusGets, 0) / ok.length).toFixed(2)) : 0 } : {}),
     cpu_s: p.cpu,
     cpu_ms_per_execution: per,
+    runtime_rss_mib: p.rssMib,
     worker_counters: p.worker?.counters ?? null,
     errors: [...new Set(p.records.filter((r) => !r.ok).map((r) => r.error ?? "?"))].slice(0, 10),
   };
@@ -559,6 +566,8 @@ function printTable(result: any): void {
   console.log(
     `  workerd runtime RSS MiB: before ${m.runtime_rss_before_mib}, peak ${m.runtime_rss_peak_mib}, end ${m.runtime_rss_end_mib}, after ${m.settle_ms} ms idle ${m.runtime_rss_settled_mib} (growth ${m.runtime_growth_mib}); VmHWM ${m.runtime_hwm_mib}; proxy peak ${m.proxy_rss_peak_mib}; open fds ${m.runtime_fds_before} -> ${m.runtime_fds_settled}${m.runtime_alive_at_end ? "" : " (runtime process gone: crashed or restarted)"}`,
   );
+  const phases = [["floor", f], ["durable floor", d], ["orchestrated", o]] as const;
+  console.log(`  runtime RSS MiB by phase (start -> end): ${phases.filter(([, p]) => p).map(([n, p]) => `${n} ${p!.runtime_rss_mib.start} -> ${p!.runtime_rss_mib.end}`).join("; ")}`);
   console.log("  targets:");
   for (const t of result.targets) console.log(`    ${t.met === null ? "n/a " : t.met ? "MET " : "MISS"} ${t.name}: ${t.measured}${t.met === false && t.by ? ` (${t.by})` : ""}`);
   if (o.errors.length) console.log(`  orchestrated errors: ${o.errors.join(" | ")}`);
