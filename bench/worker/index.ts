@@ -280,8 +280,30 @@ async function onWait(id: string, timeoutMs: number): Promise<Response> {
 async function onFloor(request: Request, env: BenchEnv): Promise<Response> {
   counters.floor++;
   const { executionId, parameters, durable } = (await request.json()) as { executionId: string; parameters: Record<string, unknown>; durable?: boolean };
-  if (!durable) return json(200, await driveFloor(env, executionId, parameters, null));
+  if (!durable) return json(200, await driveFloor(env, executionId, parameters, { sinkBase: `${SINK_ORIGIN}/bench/sink/${executionId}`, completion: sinkCompletion(executionId) }));
   return json(200, await env.FLOOR_RUN.get(env.FLOOR_RUN.idFromName(executionId)).run(executionId, parameters));
+}
+
+/** How a floor run learns a stage's completion: a waiter, resolved by whoever receives the callback, or null after 30 s. */
+type Completion = (stageId: string, token: string) => { done: Promise<{ output?: unknown } | null>; cancel: () => void };
+
+/** The in-memory floor: waiters in this isolate's sinkWaiters, resolved by onSink. */
+function sinkCompletion(executionId: string): Completion {
+  return (stageId, token) => {
+    const key = `${executionId}|${stageId}`;
+    let timer: ReturnType<typeof setTimeout> | null = null;
+    const done = new Promise<{ output?: unknown } | null>((resolve) => {
+      bounded(sinkWaiters, key, { token, resolve });
+      timer = setTimeout(() => resolve(null), 30_000);
+    });
+    return {
+      done: done.finally(() => clearTimeout(timer)),
+      cancel: () => {
+        clearTimeout(timer);
+        sinkWaiters.delete(key);
+      },
+    };
+  };
 }
 
 /**
@@ -293,12 +315,11 @@ async function driveFloor(
   env: BenchEnv,
   executionId: string,
   parameters: Record<string, unknown>,
-  record: ((stageId: string) => void) | null,
+  how: { sinkBase: string; completion: Completion; record?: (stageId: string) => void },
 ): Promise<FloorAnswer> {
   const total = Number(parameters.bench_stages ?? BENCH_STAGES);
   const auth = { authorization: `Bearer ${env.WORKER_SECRET}`, "content-type": "application/json" };
   const base = `https://${BENCH_WORKER}.internal`;
-  const sinkBase = `${SINK_ORIGIN}/bench/sink/${record ? "durable/" : ""}${executionId}`;
   let previousOutput: unknown = null;
   const fail = (message: string): FloorAnswer => {
     const timings = execs.get(executionId) ?? null;
@@ -307,14 +328,9 @@ async function driveFloor(
   };
   for (let i = 1; i <= total; i++) {
     const stageId = `stage_${i}`;
-    const key = `${executionId}|${stageId}`;
     const token = `floor.${crypto.randomUUID()}`;
-    let timer: ReturnType<typeof setTimeout> | null = null;
-    const completed = new Promise<{ output?: unknown } | null>((resolve) => {
-      bounded(sinkWaiters, key, { token, resolve });
-      timer = setTimeout(() => resolve(null), 30_000);
-    });
-    record?.(stageId);
+    const completed = how.completion(stageId, token);
+    how.record?.(stageId);
     const hsRes = await env.SELF.fetch(`${base}/api/handshake`, {
       method: "POST",
       headers: auth,
@@ -326,26 +342,23 @@ async function driveFloor(
         inputData: { parameters, template_ref: "bench_v1", previousOutput },
         resourceRequirements: { estimatedTokens: 10, timeoutMs: 60_000, pools: { [`worker:${BENCH_WORKER}`]: 1, "tokens:openai": 10 } },
         validationConfig: {},
-        callback: { url: `${sinkBase}/stages/${stageId}`, token },
+        callback: { url: `${how.sinkBase}/stages/${stageId}`, token },
       }),
     });
     const hs = (await hsRes.json().catch(() => null)) as { accepted?: boolean } | null;
     if (!hsRes.ok || !hs?.accepted) {
-      clearTimeout(timer);
-      sinkWaiters.delete(key);
+      completed.cancel();
       return fail(`${stageId}: handshake answered ${hsRes.status}`);
     }
     const prRes = await env.SELF.fetch(`${base}/api/process`, { method: "POST", headers: auth, body: JSON.stringify({ executionId, stageId, attempt: 1 }) });
     await prRes.arrayBuffer();
     if (!prRes.ok) {
-      clearTimeout(timer);
-      sinkWaiters.delete(key);
+      completed.cancel();
       return fail(`${stageId}: process answered ${prRes.status}`);
     }
-    const body = await completed;
-    clearTimeout(timer);
+    const body = await completed.done;
     if (!body) {
-      sinkWaiters.delete(key);
+      completed.cancel();
       return fail(`${stageId}: no completion within 30 s`);
     }
     previousOutput = body.output ?? null;
@@ -361,6 +374,13 @@ async function driveFloor(
  * an orchestrator that can resume after a crash must at least do.
  */
 export class FloorRun extends DurableObject<BenchEnv> {
+  /**
+   * This run's waiters, resolved by complete() inside the object: a promise
+   * resolved from another request's context would carry on in that context,
+   * and workerd refuses I/O there once that request has ended.
+   */
+  private readonly waiters = new Map<string, { token: string; resolve: (body: { output?: unknown } | null) => void }>();
+
   constructor(ctx: DurableObjectState, env: BenchEnv) {
     super(ctx, env);
     ctx.blockConcurrencyWhile(async () => {
@@ -369,20 +389,50 @@ export class FloorRun extends DurableObject<BenchEnv> {
   }
 
   async run(executionId: string, parameters: Record<string, unknown>): Promise<FloorAnswer> {
-    return driveFloor(this.env, executionId, parameters, (stageId) => {
-      this.ctx.storage.sql.exec("INSERT OR REPLACE INTO stages (stage_id, status, output, at) VALUES (?, 'started', NULL, ?)", stageId, Date.now());
+    return driveFloor(this.env, executionId, parameters, {
+      sinkBase: `${SINK_ORIGIN}/bench/sink/durable/${executionId}`,
+      completion: (stageId, token) => {
+        let timer: ReturnType<typeof setTimeout> | null = null;
+        const done = new Promise<{ output?: unknown } | null>((resolve) => {
+          this.waiters.set(stageId, { token, resolve });
+          timer = setTimeout(() => resolve(null), 30_000);
+        });
+        const cancel = () => {
+          clearTimeout(timer);
+          this.waiters.delete(stageId);
+        };
+        return { done: done.finally(cancel), cancel };
+      },
+      record: (stageId) => {
+        this.ctx.storage.sql.exec("INSERT OR REPLACE INTO stages (stage_id, status, output, at) VALUES (?, 'started', NULL, ?)", stageId, Date.now());
+      },
     });
   }
 
-  /** The stage's completion, recorded before the sink hands it to the waiting run. */
-  async complete(stageId: string, output: unknown): Promise<void> {
+  /** A stage's completion callback, relayed by the sink: checks the token, records the stage, wakes the run. */
+  async complete(stageId: string, token: string, output: unknown): Promise<200 | 401 | 404> {
+    const waiter = this.waiters.get(stageId);
+    if (!waiter) return 404;
+    if (waiter.token !== token) return 401;
     this.ctx.storage.sql.exec("UPDATE stages SET status = 'completed', output = ?, at = ? WHERE stage_id = ?", JSON.stringify(output ?? null), Date.now(), stageId);
+    this.waiters.delete(stageId);
+    waiter.resolve({ output });
+    return 200;
   }
 }
 
-/** The floor's callback receiver: checks the stage's token, reads the body, (durable: records it in the run's object,) hands it to the waiting run. */
+/** The floor's callback receiver: checks the stage's token, reads the body, hands it to the waiting run (durable: through the run's object). */
 async function onSink(request: Request, env: BenchEnv, durable: boolean, executionId: string, stageId: string, kind: string): Promise<Response> {
   counters.sink++;
+  if (durable) {
+    const body = (await request.json().catch(() => null)) as { output?: unknown } | null;
+    if (!body || typeof body !== "object") return error(400, "invalid_json", "the body is not valid JSON");
+    if (kind !== "complete") return json(200, { ok: true, stage_status: "processing" });
+    const status = await env.FLOOR_RUN.get(env.FLOOR_RUN.idFromName(executionId)).complete(stageId, bearer(request), body.output ?? null);
+    if (status === 404) return error(404, "not_found", "no such stage");
+    if (status === 401) return error(401, "unauthorized", "missing or invalid callback token");
+    return json(200, { ok: true, stage_status: "completed" });
+  }
   const key = `${executionId}|${stageId}`;
   const waiter = sinkWaiters.get(key);
   if (!waiter) return error(404, "not_found", "no such stage");
@@ -390,7 +440,6 @@ async function onSink(request: Request, env: BenchEnv, durable: boolean, executi
   const body = (await request.json().catch(() => null)) as { output?: unknown } | null;
   if (!body || typeof body !== "object") return error(400, "invalid_json", "the body is not valid JSON");
   if (kind !== "complete") return json(200, { ok: true, stage_status: "processing" });
-  if (durable) await env.FLOOR_RUN.get(env.FLOOR_RUN.idFromName(executionId)).complete(stageId, body.output ?? null);
   sinkWaiters.delete(key);
   waiter.resolve(body);
   return json(200, { ok: true, stage_status: "completed" });
