@@ -107,7 +107,7 @@ function parseArgs(argv: string[]): Options {
       case "--exec-timeout-ms": o.execTimeoutMs = Math.max(1000, num()); break;
       case "--help": case "-h":
         console.log(readFileSync(new URL(import.meta.url), "utf8").split("*/")[0]);
-        process.exit(0);
+        return process.exit(0);
       default: throw new Error(`unknown option ${a} (see --help)`);
     }
   }
@@ -517,7 +517,7 @@ const MiB = 1024 * 1024;
 const mib = (b: number | null | undefined) => (b === null || b === undefined || !Number.isFinite(b) ? null : Number((b / MiB).toFixed(1)));
 
 function fmt(s: Summary | undefined): string {
-  if (!s || !s.n) return "-";
+  if (!s?.n) return "-";
   return `${s.p50} / ${s.p95} / ${s.p99}`;
 }
 
@@ -754,7 +754,7 @@ async function main(): Promise<number> {
     console.log(line);
     const out = opts.jsonOut ?? path.join(path.dirname(new URL(import.meta.url).pathname), "results", `e2e-${startedAt.toISOString().replace(/[:.]/g, "-")}.json`);
     mkdirSync(path.dirname(out), { recursive: true });
-    writeFileSync(out, line + "\n");
+    writeFileSync(out, `${line}\n`);
     console.error(`wrote ${out}`);
     const broken = o.failed + o.stuck + (f ? f.failed + f.stuck : 0) + (d ? d.failed + d.stuck : 0);
     return broken > 0 ? 1 : 0;

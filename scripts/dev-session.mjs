@@ -111,6 +111,7 @@ export async function startDevSession(opts = {}) {
 export function writeEnvFile(values) {
   const dir = mkdtempSync(path.join(os.tmpdir(), "orch-env-"));
   const file = path.join(dir, ".env");
-  writeFileSync(file, Object.entries(values).map(([k, v]) => `${k}=${v}`).join("\n") + "\n");
+  const lines = Object.entries(values).map(([k, v]) => `${k}=${v}\n`);
+  writeFileSync(file, lines.join(""));
   return file;
 }

@@ -67,7 +67,7 @@ export async function putStream(env: Env, key: string, body: ReadableStream<Uint
   const piping = toStore.pipeTo(fixed.writable);
   try {
     await Promise.all([env.DATA.put(key, fixed.readable, { httpMetadata: { contentType } }), piping, hashing]);
-  } catch (err) {
+  } catch {
     await env.DATA.delete(key).catch(() => {});
     throw new UploadError(400, "upload_incomplete", `the body did not match its Content-Length of ${size} bytes`);
   }
