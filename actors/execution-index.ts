@@ -1,5 +1,4 @@
 import { DurableObject } from "cloudflare:workers";
-import type { ExecutionStatus } from "../schemas/api";
 import { ExecutionStatus as ExecutionStatusSchema } from "../schemas/api";
 import {
   IndexEntry,
@@ -128,28 +127,23 @@ export function emptyCounts(): StatusCounts {
   return { queued: 0, running: 0, completed: 0, failed: 0, cancelled: 0 };
 }
 
+/** Each filter field and the clause it adds (values are bound, never spliced). */
+const FILTER_CLAUSES = [
+  ["client_id", "client_id = ?"],
+  ["template_name", "template_name = ?"],
+  ["status", "status = ?"],
+  ["since", "created_at >= ?"],
+  ["until", "created_at < ?"],
+] as const satisfies readonly (readonly [keyof IndexFilter, string])[];
+
 function conditions(filter: IndexFilter, withCursor: boolean): { where: string; args: SqlStorageValue[] } {
   const parts: string[] = [];
   const args: SqlStorageValue[] = [];
-  if (filter.client_id !== undefined) {
-    parts.push("client_id = ?");
-    args.push(filter.client_id);
-  }
-  if (filter.template_name !== undefined) {
-    parts.push("template_name = ?");
-    args.push(filter.template_name);
-  }
-  if (filter.status !== undefined) {
-    parts.push("status = ?");
-    args.push(filter.status satisfies ExecutionStatus);
-  }
-  if (filter.since !== undefined) {
-    parts.push("created_at >= ?");
-    args.push(filter.since);
-  }
-  if (filter.until !== undefined) {
-    parts.push("created_at < ?");
-    args.push(filter.until);
+  for (const [field, clause] of FILTER_CLAUSES) {
+    const value = filter[field];
+    if (value === undefined) continue;
+    parts.push(clause);
+    args.push(value);
   }
   const at = withCursor && filter.cursor ? decodeCursor(filter.cursor) : null;
   if (withCursor && filter.cursor && !at) throw new Error("invalid cursor");
