@@ -982,8 +982,13 @@ export class Execution extends DurableObject<Env> {
       this.deliverInBackground(ride.id, ride.item, 0);
       return;
     }
-    if (result.unknownPools.length) this.log("warn", "usage_in_unknown_pools", { pools: result.unknownPools });
+    this.noteSettle(result);
     this.delivered.push(ride.id);
+  }
+
+  /** Usage the ledger has no pool for is recorded there; we say so once per settle. */
+  private noteSettle(result: { unknownPools: string[] }): void {
+    if (result.unknownPools.length) this.log("warn", "usage_in_unknown_pools", { pools: result.unknownPools });
   }
 
   /** How long a message being delivered stays claimed: past the longest call timeout. */
@@ -1050,8 +1055,7 @@ export class Execution extends DurableObject<Env> {
     const ledger = ledgerFor(this.env);
     switch (item.kind) {
       case "ledger_settle": {
-        const r = await withTimeout(ledger.settle(item.reservationId, item.usage, item.durationMs), t.ledgerCallTimeoutMs, "ledger.settle");
-        if (r.unknownPools.length) this.log("warn", "usage_in_unknown_pools", { pools: r.unknownPools });
+        this.noteSettle(await withTimeout(ledger.settle(item.reservationId, item.usage, item.durationMs), t.ledgerCallTimeoutMs, "ledger.settle"));
         return true;
       }
       case "ledger_release":
