@@ -1,4 +1,5 @@
 import type { Priority } from "../schemas/common";
+import { remember } from "./bounded-memo";
 import { configOf } from "./config";
 import { ledgerFor } from "./ledger-routing";
 import { log } from "./log";
@@ -28,8 +29,7 @@ export async function estimateTotalMs(env: Env, stages: EstimateStage[], priorit
   if (hit && Date.now() - hit.at < tuning.estimateCacheMs) return hit.totalMs;
   try {
     const est = await withTimeout(ledgerFor(env).estimate(stages, priority), tuning.ledgerCallTimeoutMs, "ledger.estimate");
-    if (memo.size >= MAX_ENTRIES) memo.delete(memo.keys().next().value as string);
-    memo.set(key, { totalMs: est.totalMs, at: Date.now() });
+    remember(memo, key, { totalMs: est.totalMs, at: Date.now() }, MAX_ENTRIES);
     return est.totalMs;
   } catch (err) {
     log("warn", "estimate_failed", { error: String(err) });

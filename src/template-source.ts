@@ -1,5 +1,6 @@
 import { z } from "zod";
 import { type MasterTemplate, MasterTemplateResponse, PipelineStages, TemplateStage } from "../schemas/template";
+import { remember } from "./bounded-memo";
 import { configOf } from "./config";
 import { zodIssues } from "./http";
 import { log } from "./log";
@@ -25,12 +26,6 @@ const cacheKey = (name: string) => `template:${name}`;
 type CacheEntry = z.infer<typeof Cached>;
 const MEMORY_ENTRIES = 256;
 const memory = new Map<string, CacheEntry>();
-
-function remember(name: string, entry: CacheEntry): void {
-  memory.delete(name);
-  if (memory.size >= MEMORY_ENTRIES) memory.delete(memory.keys().next().value as string);
-  memory.set(name, entry);
-}
 
 /** Validates KAM's answer: `pipeline_stages` may be a JSON string or an array. */
 export function parseTemplate(body: z.output<typeof MasterTemplateResponse>): MasterTemplate | string {
@@ -64,7 +59,7 @@ export async function loadTemplate(env: Env, name: string): Promise<TemplateLoad
     log("warn", "template_cache_read_failed", { template_name: name, error: String(err) });
   }
   if (cached && fresh(cached)) {
-    remember(name, cached);
+    remember(memory, name, cached, MEMORY_ENTRIES);
     return { ok: true, template: cached.template, source: "cache" };
   }
 
@@ -81,7 +76,7 @@ export async function loadTemplate(env: Env, name: string): Promise<TemplateLoad
     const template = parseTemplate(res.value);
     if (typeof template === "string") return { ok: false, code: "invalid_template", message: template, retryable: false };
     const entry: CacheEntry = { fetched_at: Date.now(), template };
-    remember(name, entry);
+    remember(memory, name, entry, MEMORY_ENTRIES);
     try {
       await env.EXECUTION_CACHE.put(cacheKey(name), JSON.stringify(entry), {
         expirationTtl: STALE_TTL_SECONDS,
