@@ -78,7 +78,7 @@ const MAX_ENTRIES = 50_000;
 const jobs = new Map<string, Job>();
 const execs = new Map<string, ExecTimings>();
 const execWaiters = new Map<string, (rec: ExecTimings | null) => void>();
-const sinkWaiters = new Map<string, { token: string; resolve: (body: { output?: unknown } | null) => void }>();
+const sinkWaiters = new Map<string, Waiter>();
 let counters = zeroCounters();
 
 function zeroCounters(): WorkerCounters {
@@ -289,21 +289,23 @@ type Completion = (stageId: string, token: string) => { done: Promise<{ output?:
 
 /** The in-memory floor: waiters in this isolate's sinkWaiters, resolved by onSink. */
 function sinkCompletion(executionId: string): Completion {
-  return (stageId, token) => {
-    const key = `${executionId}|${stageId}`;
-    let timer: ReturnType<typeof setTimeout> | null = null;
-    const done = new Promise<{ output?: unknown } | null>((resolve) => {
-      bounded(sinkWaiters, key, { token, resolve });
-      timer = setTimeout(() => resolve(null), 30_000);
-    });
-    return {
-      done: done.finally(() => clearTimeout(timer)),
-      cancel: () => {
-        clearTimeout(timer);
-        sinkWaiters.delete(key);
-      },
-    };
+  return (stageId, token) => waitIn(sinkWaiters, `${executionId}|${stageId}`, token);
+}
+
+type Waiter = { token: string; resolve: (body: { output?: unknown } | null) => void };
+
+/** A waiter under `key` in `waiters`, resolved by whoever takes it out, or with null after 30 s; gone from the map either way. */
+function waitIn(waiters: Map<string, Waiter>, key: string, token: string): ReturnType<Completion> {
+  let timer: ReturnType<typeof setTimeout> | null = null;
+  const done = new Promise<{ output?: unknown } | null>((resolve) => {
+    bounded(waiters, key, { token, resolve });
+    timer = setTimeout(() => resolve(null), 30_000);
+  });
+  const cancel = () => {
+    clearTimeout(timer);
+    if (waiters.get(key)?.token === token) waiters.delete(key);
   };
+  return { done: done.finally(cancel), cancel };
 }
 
 /**
@@ -379,7 +381,7 @@ export class FloorRun extends DurableObject<BenchEnv> {
    * resolved from another request's context would carry on in that context,
    * and workerd refuses I/O there once that request has ended.
    */
-  private readonly waiters = new Map<string, { token: string; resolve: (body: { output?: unknown } | null) => void }>();
+  private readonly waiters = new Map<string, Waiter>();
 
   constructor(ctx: DurableObjectState, env: BenchEnv) {
     super(ctx, env);
@@ -391,18 +393,7 @@ export class FloorRun extends DurableObject<BenchEnv> {
   async run(executionId: string, parameters: Record<string, unknown>): Promise<FloorAnswer> {
     return driveFloor(this.env, executionId, parameters, {
       sinkBase: `${SINK_ORIGIN}/bench/sink/durable/${executionId}`,
-      completion: (stageId, token) => {
-        let timer: ReturnType<typeof setTimeout> | null = null;
-        const done = new Promise<{ output?: unknown } | null>((resolve) => {
-          this.waiters.set(stageId, { token, resolve });
-          timer = setTimeout(() => resolve(null), 30_000);
-        });
-        const cancel = () => {
-          clearTimeout(timer);
-          this.waiters.delete(stageId);
-        };
-        return { done: done.finally(cancel), cancel };
-      },
+      completion: (stageId, token) => waitIn(this.waiters, stageId, token),
       record: (stageId) => {
         this.ctx.storage.sql.exec("INSERT OR REPLACE INTO stages (stage_id, status, output, at) VALUES (?, 'started', NULL, ?)", stageId, Date.now());
       },
