@@ -4,6 +4,14 @@ import { TEST_SECRETS, TEST_TUNING } from "./test/support/constants.ts";
 
 const compatibilityDate = "2026-11-01";
 
+/**
+ * The worker under test runs as the plugin's runner, named after the project;
+ * auxiliary workers reach the orchestrator through it. A stage worker binds its
+ * default entrypoint (fetch only); KAM binds the KamApi entrypoint (RPC).
+ */
+const ORCHESTRATOR_AS_WORKER = "vitest-plugin-runner-workers";
+const ORCHESTRATOR_AS_KAM = { name: "vitest-plugin-runner-workers", entrypoint: "KamApi" };
+
 /** The demo granulator as an auxiliary worker under a given name (each name has its own objects and stats). */
 function granulator(name: string) {
   return {
@@ -17,9 +25,7 @@ function granulator(name: string) {
       JOBS: { className: "GranulatorJob", useSQLite: true },
       STATS: { className: "GranulatorStats", useSQLite: true },
     },
-    // The worker under test runs as the plugin's runner, named after the
-    // project; callbacks reach the orchestrator's fetch through it.
-    serviceBindings: { ORCHESTRATOR: "vitest-plugin-runner-workers" },
+    serviceBindings: { ORCHESTRATOR: ORCHESTRATOR_AS_WORKER },
   };
 }
 
@@ -51,13 +57,22 @@ export default defineConfig({
                   "bitware-capped-granulator": "CAPPED_GRANULATOR",
                 }),
               },
-              serviceBindings: { CAPPED_GRANULATOR: "bitware-capped-granulator" },
+              serviceBindings: { CAPPED_GRANULATOR: "bitware-capped-granulator", RPC_PROBE: "rpc-probe" },
               workers: [
                 {
                   name: "bitware-key-account-manager",
                   modules: true,
                   scriptPath: "./dist/test-workers/kam/index.js",
                   compatibilityDate,
+                  serviceBindings: { ORCHESTRATOR: ORCHESTRATOR_AS_KAM },
+                },
+                // Calls the orchestrator's RPC methods through a worker's and KAM's kind of binding.
+                {
+                  name: "rpc-probe",
+                  modules: true,
+                  scriptPath: "./test/support/rpc-probe-worker.js",
+                  compatibilityDate,
+                  serviceBindings: { AS_WORKER: ORCHESTRATOR_AS_WORKER, AS_KAM: ORCHESTRATOR_AS_KAM },
                 },
                 granulator("bitware-content-granulator"),
                 // A second instance for tests that need a worker (and its pool and counters) to themselves.

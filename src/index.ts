@@ -26,16 +26,23 @@ async function rpc<T>(work: () => Promise<{ status: number; data: T }>): Promise
 }
 
 /**
- * The front Worker. `fetch` serves the HTTP API; KAM's service binding may
- * also call the RPC methods, which do the same work with the same validation
- * (a binding is already a capability, so RPC needs no token).
+ * The front Worker's default entrypoint: `fetch` only (the HTTP API). Stage
+ * workers bind to it for their callbacks and data routes, so nothing else may
+ * be reachable through it: a binding is a capability.
  */
 export default class Orchestrator extends WorkerEntrypoint<Env> {
   override fetch(request: Request): Promise<Response> {
     setLogLevel((this.env as unknown as { LOG_LEVEL?: string }).LOG_LEVEL);
     return handle(request, this.env, this.ctx);
   }
+}
 
+/**
+ * KAM's RPC surface, a named entrypoint only KAM's binding names
+ * (`entrypoint = "KamApi"`). The methods do the same work with the same
+ * validation as the HTTP routes; the binding is the capability, so no token.
+ */
+export class KamApi extends WorkerEntrypoint<Env> {
   execute(request: unknown): Promise<RpcResult<ExecuteResponse>> {
     return rpc(async () => {
       const out = await startExecution(this.env, request, "https://orchestrator-v2.internal");

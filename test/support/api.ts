@@ -79,3 +79,18 @@ export async function expectNoLiveReservations(id: string, timeoutMs = 10_000): 
     await scheduler.wait(25);
   }
 }
+
+type ProbeAnswer = { called: true; value: any } | { called: false; error: string };
+
+/**
+ * Calls an orchestrator RPC method from another worker (test/support/rpc-probe-worker.js)
+ * through a stage worker's kind of binding (`worker`) or KAM's (`kam`).
+ */
+export async function rpcThrough(binding: "worker" | "kam", method: string, arg: unknown): Promise<ProbeAnswer> {
+  const probe = (env as unknown as { RPC_PROBE: Fetcher }).RPC_PROBE;
+  const res = await probe.fetch("https://rpc-probe.internal/", {
+    method: "POST",
+    body: JSON.stringify({ binding: binding === "kam" ? "AS_KAM" : "AS_WORKER", method, arg }),
+  });
+  return res.json();
+}

@@ -1,7 +1,7 @@
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import { EXECUTION_ID_RE } from "../../schemas/common";
-import { KAM, call, ended, startExecution, status, waitFor, waitForLedger } from "../support/api";
+import { KAM, OPS, call, ended, rpcThrough, startExecution, status, waitFor, waitForLedger } from "../support/api";
 
 const fast = { topic: "React", targetAudience: "beginners", steps: 2, step_ms: 5 };
 
@@ -74,21 +74,42 @@ describe("an execution runs every stage over the worker protocol", () => {
     expect(snap.pools.find((p) => p.name === "worker:bitware-not-deployed")?.in_use).toBe(0);
   });
 
-  it("serves the same work over RPC, with the same validation", async () => {
-    const orchestrator = (await import("cloudflare:workers")).exports as unknown as {
-      default: { execute(r: unknown): Promise<any>; getStatus(id: string): Promise<any>; cancel(id: string): Promise<any> };
-    };
-    const bad = await orchestrator.default.execute({ template_name: "course_creation", client_id: "c" });
-    expect(bad).toMatchObject({ ok: false, status: 400, error: { code: "invalid_request" } });
-    expect(JSON.stringify(bad.error.details)).toContain("parameters");
+  it("serves the same work over KAM's RPC binding (entrypoint KamApi), with the same validation", async () => {
+    const bad = await rpcThrough("kam", "execute", { template_name: "course_creation", client_id: "c" });
+    expect(bad).toMatchObject({ called: true, value: { ok: false, status: 400, error: { code: "invalid_request" } } });
+    expect(JSON.stringify(bad.called && bad.value.error.details)).toContain("parameters");
 
-    const ok = await orchestrator.default.execute({ template_name: "quick_summary", parameters: fast, client_id: "client_rpc" });
-    expect(ok).toMatchObject({ ok: true, status: 202 });
-    const id = ok.data.execution_id as string;
+    const ok = await rpcThrough("kam", "execute", { template_name: "quick_summary", parameters: fast, client_id: "client_rpc" });
+    expect(ok).toMatchObject({ called: true, value: { ok: true, status: 202 } });
+    const id = (ok.called && ok.value.data.execution_id) as string;
     await waitFor(id, ended);
-    const st = await orchestrator.default.getStatus(id);
-    expect(st).toMatchObject({ ok: true, data: { status: "completed", execution_id: id } });
-    expect(await orchestrator.default.getStatus("exec_nope")).toMatchObject({ ok: false, status: 400 });
+    expect(await rpcThrough("kam", "getStatus", id)).toMatchObject({ called: true, value: { ok: true, data: { status: "completed", execution_id: id } } });
+    expect(await rpcThrough("kam", "getResult", id)).toMatchObject({ called: true, value: { ok: true, data: { status: "completed", execution_id: id } } });
+    expect(await rpcThrough("kam", "cancel", id)).toMatchObject({ called: true, value: { ok: false, status: 409, error: { code: "already_terminal" } } });
+    expect(await rpcThrough("kam", "getStatus", "exec_nope")).toMatchObject({ called: true, value: { ok: false, status: 400 } });
+  });
+
+  it("refuses every RPC method through a stage worker's binding (the default entrypoint serves fetch only)", async () => {
+    const { body } = await startExecution({ template_name: "quick_summary", parameters: fast, client_id: "client_rpc" });
+    const id = body.execution_id as string;
+    await waitFor(id, ended);
+    const before = await status(id);
+    for (const [method, arg] of [
+      ["execute", { template_name: "quick_summary", parameters: fast, client_id: "client_rpc_worker" }],
+      ["getStatus", id],
+      ["getResult", id],
+      ["cancel", id],
+    ] as const) {
+      const answer = await rpcThrough("worker", method, arg);
+      expect(answer.called, `${method} through a worker's binding`).toBe(false);
+      expect(answer.called === false && answer.error).toContain(method);
+    }
+    // Nothing was started or changed: the index has no execution of that client, the execution is as it was.
+    const list = await call("/executions?client_id=client_rpc_worker", { headers: OPS });
+    expect(((await list.json()) as { items: unknown[] }).items).toEqual([]);
+    expect(await status(id)).toEqual(before);
+    // The same binding still reaches the HTTP API (callbacks and data routes use it).
+    expect(await rpcThrough("worker", "fetch", "http://orchestrator.test/health")).toMatchObject({ called: true });
   });
 
   it("keeps the execution's own id in its storage (never relies on ctx.id.name)", async () => {
