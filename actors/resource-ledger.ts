@@ -154,9 +154,9 @@ interface Step {
 const SLOW: unique symbol = Symbol("slow");
 type Slow = typeof SLOW;
 
-/** A reserve replay of a reservation that ended: thrown after the step, not inside it. */
+/** A reserve replay of a reservation that ended: answered as `status: "ended"` after the step. */
 class Ended {
-  constructor(readonly id: string, readonly state: string) {}
+  constructor(readonly id: string, readonly state: ReservationState) {}
 }
 
 export interface RenewResult {
@@ -359,9 +359,13 @@ export class ResourceLedger extends DurableObject<Env> {
       return this.waitingResult(row);
     });
     if (result instanceof Ended) {
-      throw new Error(
-        `reservation_ended: reservation ${result.id} is ${result.state}; reserve again with a new attempt number`,
-      );
+      return {
+        status: "ended",
+        reservationId: result.id,
+        state: result.state,
+        code: "reservation_ended",
+        message: `reservation ${result.id} is ${result.state}; reserve again with a new attempt number`,
+      };
     }
     return result;
   }
@@ -948,7 +952,7 @@ export class ResourceLedger extends DurableObject<Env> {
       this.applyAgeing(s.now);
       return this.waitingResult(this.row(live.id)!);
     }
-    return new Ended(live.id, live.state);
+    return new Ended(live.id, live.state as ReservationState);
   }
 
   private waitingResult(row: ResRow): ReserveResult {

@@ -45,7 +45,9 @@ export type ReserveRequest = z.infer<typeof ReserveRequest>;
 export type ReserveResult =
   | { status: "granted"; reservationId: string; expiresAt: number; requirements: PoolAmounts }
   | { status: "waiting"; reservationId: string; position: number; estimatedWaitMs: number }
-  | { status: "refused"; reservationId: string; code: "resource_unsatisfiable" | "unknown_pool"; message: string };
+  | { status: "refused"; reservationId: string; code: "resource_unsatisfiable" | "unknown_pool"; message: string }
+  /** A replay of a reservation that already ended (settled, released, expired): reserve again with a new attempt. */
+  | { status: "ended"; reservationId: string; state: ReservationState; code: "reservation_ended"; message: string };
 
 export type ReservationState = "waiting" | "granted" | "settled" | "released" | "expired" | "unknown";
 

@@ -2,7 +2,7 @@ import { z } from "zod";
 import { ExecuteRequest, type ExecuteResponse, type ResultDocument, type StatusDocument } from "../schemas/api";
 import { ExecutionId, StageId } from "../schemas/common";
 import { CompleteCallback, FailCallback, ProgressCallback } from "../schemas/worker-protocol";
-import type { CallbackKind, CancelState, Execution, ResultState } from "../actors/execution";
+import type { CallbackKind, CancelState, Execution, ResultState } from "../actors/execution/index";
 import type { ClaimResult, RequestRegistry } from "../actors/request-registry";
 import type { DataReference } from "../schemas/data";
 import { verifyCallbackToken } from "./auth";

@@ -5,7 +5,7 @@ import { ApiError } from "./http";
 import { setLogLevel } from "./log";
 import { handle } from "./routes";
 
-export { Execution } from "../actors/execution";
+export { Execution } from "../actors/execution/index";
 export { ExecutionIndex } from "../actors/execution-index";
 export { RequestRegistry } from "../actors/request-registry";
 export { ResourceLedger } from "../actors/resource-ledger";

@@ -269,11 +269,16 @@ describe("the Execution object survives eviction and alarm misbehaviour", () => 
     const id = body.execution_id as string;
     const stub = executionStub(id);
     await waitFor(id, (d) => d.stages[0]?.status === "processing");
-    // A fault inside the object: every drive pass throws from now on.
-    await runInDurableObject(stub, (instance) => {
-      (instance as unknown as { drive: () => Promise<void> }).drive = async () => {
-        throw new Error("storage exploded");
-      };
+    // A fault inside the object: the statement every drive pass begins with throws from now on.
+    await runInDurableObject(stub, (_instance, state) => {
+      const sql = state.storage.sql;
+      const exec = sql.exec.bind(sql);
+      Object.defineProperty(sql, "exec", {
+        value: (query: string, ...bindings: unknown[]) => {
+          if (query.includes("name IN ('advance', 'watchdog')")) throw new Error("storage exploded");
+          return exec(query, ...(bindings as SqlStorageValue[]));
+        },
+      });
     });
     for (let i = 0; i < 8 && (await status(id)).status === "running"; i++) {
       await runDurableObjectAlarm(stub).catch(() => {});

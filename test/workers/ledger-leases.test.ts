@@ -7,7 +7,7 @@
 import { evictDurableObject, runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
 import type { ReserveResult } from "../../schemas/ledger";
-import { attach, expectWithinCapacity, failure, fresh, req, type LedgerStub } from "./ledger-support";
+import { attach, expectWithinCapacity, fresh, req, type LedgerStub } from "./ledger-support";
 
 const MIN = 60_000;
 
@@ -80,9 +80,10 @@ describe("leases", () => {
     expect(await ledger.settle(id(a), {})).toEqual({ ok: false, state: "expired", unknownPools: [] });
     expect(await ledger.release(id(a))).toEqual({ ok: true, state: "expired" });
     expect(await gpu(ledger)).toMatchObject({ in_use: 0, available: 1 });
-    // A reserve replay of an ended reservation is an error, not a new grant.
-    const replay = await failure(() => ledger.reserve(req({ ...reqOf(a), requirements: { gpu: 1 } })));
-    expect(replay).toMatch(/^reservation_ended:/);
+    // A reserve replay of an ended reservation is a typed "ended" answer, not a new grant.
+    const replay = await ledger.reserve(req({ ...reqOf(a), requirements: { gpu: 1 } }));
+    expect(replay).toMatchObject({ status: "ended", code: "reservation_ended", state: "expired", reservationId: id(a) });
+    expect(await gpu(ledger)).toMatchObject({ in_use: 0, available: 1 });
   });
 
   it("a settle after expiry still records usage once: budget consumption, rate excess and estimates", async () => {

@@ -1,0 +1,85 @@
+import type { StageDocument, StatusDocument } from "../../schemas/api";
+import type { ErrorInfo } from "../../schemas/common";
+import type { IndexEntry } from "../../schemas/index-entry";
+import type { Config } from "../../src/config";
+import { costOf } from "../../src/cost";
+import type { StartResult } from "./index";
+import { type ExecutionRow, ISO, type StageRow, parse } from "./store";
+
+/** Pure projections of the rows: what `start` answers, the status document, the index summary. */
+
+export function startSummary(ex: ExecutionRow, created: boolean, defaultStageDurationMs: number): StartResult {
+  const at = ex.estimated_completion_at ?? ex.created_at + defaultStageDurationMs;
+  return {
+    created,
+    status: ex.status,
+    estimated_completion_ms: Math.max(0, at - ex.created_at),
+    estimated_completion_at: new Date(at).toISOString(),
+    request_hash: ex.request_hash,
+  };
+}
+
+export function statusDocument(ex: ExecutionRow, rows: StageRow[], now: number, prices: Config["prices"]): StatusDocument {
+  const cost = parse<StatusDocument["cost"]>(ex.cost);
+  const stages: StageDocument[] = rows.map((s) => {
+    const usage = parse<Record<string, number>>(s.usage);
+    return {
+      stage_id: s.stage_id,
+      order: s.ord,
+      worker: s.worker,
+      template_ref: s.template_ref,
+      action: s.action,
+      status: s.status,
+      attempts: s.attempt,
+      max_attempts: s.max_attempts,
+      progress: s.progress,
+      message: s.message,
+      started_at: ISO(s.started_at),
+      completed_at: ISO(s.completed_at),
+      waiting_ms: s.waiting_ms + (s.waiting_since !== null ? now - s.waiting_since : 0),
+      processing_ms: s.processing_ms + (s.processing_since !== null ? now - s.processing_since : 0),
+      error: parse<ErrorInfo>(s.error) ?? (s.status === "pending" ? parse<ErrorInfo>(s.last_error) : null),
+      last_error: parse<ErrorInfo>(s.last_error),
+      usage,
+      cost: usage ? costOf([{ stage_id: s.stage_id, usage }], prices).total : null,
+    };
+  });
+  return {
+    execution_id: ex.execution_id,
+    status: ex.status,
+    template_name: ex.template_name,
+    template_id: ex.template_id,
+    template_source: ex.template_source,
+    client_id: ex.client_id,
+    request_id: ex.request_id,
+    priority: ex.priority,
+    created_at: ISO(ex.created_at)!,
+    started_at: ISO(ex.started_at),
+    completed_at: ISO(ex.completed_at),
+    estimated_completion_at: ISO(ex.estimated_completion_at),
+    data_expired_at: ISO(ex.data_expired_at),
+    error: parse<ErrorInfo>(ex.error),
+    cost,
+    stages,
+  };
+}
+
+/** The execution's summary for the execution index, at `version` (the index ignores older ones). */
+export function indexEntry(ex: ExecutionRow, stages: StageRow[], now: number, version: number): IndexEntry {
+  const cost = parse<{ total: number }>(ex.cost);
+  return {
+    execution_id: ex.execution_id,
+    client_id: ex.client_id,
+    template_name: ex.template_name,
+    status: ex.status,
+    priority: ex.priority,
+    created_at: ex.created_at,
+    updated_at: now,
+    completed_at: ex.completed_at,
+    error_code: parse<ErrorInfo>(ex.error)?.code ?? null,
+    cost_total: cost?.total ?? null,
+    stages_total: stages.length,
+    stages_completed: stages.filter((s) => s.status === "completed").length,
+    version,
+  };
+}

@@ -1,0 +1,378 @@
+import { DurableObject } from "cloudflare:workers";
+import type { ExecutionStatus, StageStatus, StatusDocument } from "../../schemas/api";
+import type { Priority } from "../../schemas/common";
+import type { DataReference } from "../../schemas/data";
+import type { GrantNotice } from "../../schemas/ledger";
+import type { CompleteCallback, FailCallback, ProgressCallback } from "../../schemas/worker-protocol";
+import { type Config, configOf } from "../../src/config";
+import { sha256Hex } from "../../src/hash";
+import { setLogLevel } from "../../src/log";
+import { sqlOf } from "../sql";
+import { type StageFailure, isOnWorker, isTerminalExecution, isTerminalStage } from "../stage-machine";
+import { startSummary, statusDocument } from "./documents";
+import { Outbox } from "./outbox";
+import * as step from "./steps";
+import { type Core, type ExecutionRow, SCHEMA, type StageRow, Store, type StoredOutput, parse } from "./store";
+import { Timers, WATCHDOG_MS } from "./timers";
+import * as tx from "./transitions";
+
+/**
+ * One execution of a pipeline. It owns its stage state machine, persists
+ * everything in its own SQLite, and moves forward on three kinds of events:
+ * RPC calls (start, callbacks, grant notices, cancel), and its alarm, which
+ * multiplexes every timer in the `timers` table (next poll, stage deadline,
+ * lease renewal, ledger re-ask, retry backoff, outbox redelivery).
+ *
+ * The parts: `store` (schema, rows), `timers` (the alarm), `outbox`
+ * (at-least-once messages), `transitions` (synchronous state changes),
+ * `steps` (one awaited step per stage state), `documents` (pure projections).
+ *
+ * Concurrency rules:
+ * - every state transition is a run of synchronous `sql` calls with no
+ *   `await` inside, so the input gate makes it atomic;
+ * - outbound I/O (ledger, worker) happens between transitions, and after each
+ *   await the stage is re-read and the answer applied only if the stage is
+ *   still in the state (and attempt) that made the call;
+ * - `drive()` passes are serialised through one promise chain, so a callback,
+ *   a grant notice and the alarm never run two passes at once;
+ * - side effects on other systems that must not be lost (ledger settle and
+ *   release, worker cancel) are written to an outbox in the same transition
+ *   and delivered at least once; the ledger's methods are idempotent.
+ */
+
+export interface StartInput {
+  execution_id: string;
+  template_name: string;
+  parameters: Record<string, unknown>;
+  client_id: string;
+  request_id: string | null;
+  request_hash: string | null;
+  priority: Priority;
+}
+
+export interface StartResult {
+  created: boolean;
+  status: ExecutionStatus;
+  estimated_completion_ms: number;
+  estimated_completion_at: string;
+  request_hash: string | null;
+}
+
+export type ResultState =
+  | { state: "missing" }
+  | { state: "not_completed"; status: ExecutionStatus }
+  | { state: "expired"; at: number }
+  | { state: "completed"; output: unknown; outputRef: DataReference | null; cost: StatusDocument["cost"] };
+export type CancelState =
+  | { state: "missing" }
+  | { state: "already_terminal"; status: StatusDocument }
+  | { state: "cancelled"; status: StatusDocument };
+
+export type CallbackKind = "progress" | "complete" | "fail";
+export interface CallbackAnswer {
+  status: 200 | 404 | 409;
+  body: { ok: true; stage_status: StageStatus; duplicate?: boolean } | { error: { code: string; message: string } };
+}
+
+export class Execution extends DurableObject<Env> {
+  readonly #config: Config;
+  readonly #store: Store;
+  readonly #timers: Timers;
+  readonly #c: Core;
+  /** Serialises drive() passes: the tail of the chain and a queued-but-not-started pass to share. */
+  #tail: Promise<void> = Promise.resolve();
+  #queued: Promise<void> | null = null;
+
+  constructor(ctx: DurableObjectState, env: Env) {
+    super(ctx, env);
+    const sql = sqlOf(ctx.storage);
+    this.#config = configOf(env);
+    this.#store = new Store(sql);
+    this.#timers = new Timers(sql, ctx.storage);
+    const base = { env, config: this.#config, sql, store: this.#store, timers: this.#timers, rearm: () => this.#rearm() };
+    this.#c = { ...base, outbox: new Outbox(base) };
+    setLogLevel((env as unknown as { LOG_LEVEL?: string }).LOG_LEVEL);
+    ctx.blockConcurrencyWhile(async () => {
+      ctx.storage.sql.exec(SCHEMA);
+      this.#timers.known(await ctx.storage.getAlarm());
+    });
+  }
+
+  // ---------------------------------------------------------------- RPC ----
+
+  /** Creates the execution (idempotent: a second call returns the first one's summary). */
+  async start(input: StartInput): Promise<StartResult> {
+    const existing = this.#store.row();
+    if (existing) return this.#summary(existing, false);
+
+    const now = Date.now();
+    this.#c.sql`INSERT INTO execution (id, execution_id, template_name, client_id, request_id, request_hash, priority, parameters, status, created_at)
+      VALUES (1, ${input.execution_id}, ${input.template_name}, ${input.client_id}, ${input.request_id}, ${input.request_hash},
+              ${input.priority}, ${JSON.stringify(input.parameters)}, 'queued', ${now})`;
+    this.#timers.set("watchdog", now + WATCHDOG_MS);
+    tx.indexUpdate(this.#c, now);
+    this.#store.log("info", "execution_created", { template_name: input.template_name, client_id: input.client_id, priority: input.priority });
+
+    // Load the template now (cache first, KAM bounded by its timeout) so the
+    // estimate can count the stages; a transient failure is retried by the alarm.
+    await step.loadTemplateStep(this.#c);
+    // The first stage starts now; the estimate for the answer is asked for meanwhile.
+    this.#kick();
+    await step.estimateCompletion(this.#c);
+    await this.#rearm();
+    return this.#summary(this.#store.row()!, true);
+  }
+
+  async getStatus(): Promise<StatusDocument | null> {
+    const ex = this.#store.row();
+    if (!ex) return null;
+    await this.#timers.heal(!isTerminalExecution(ex.status));
+    return this.#document(ex);
+  }
+
+  async getResult(): Promise<ResultState> {
+    const ex = this.#store.row();
+    if (!ex) return { state: "missing" };
+    if (ex.status !== "completed") return { state: "not_completed", status: ex.status };
+    if (ex.data_expired_at !== null) return { state: "expired", at: ex.data_expired_at };
+    return { state: "completed", output: parse(ex.output), outputRef: parse<DataReference>(ex.output_ref), cost: parse(ex.cost) };
+  }
+
+  /** Stops the execution at any state; tells a running stage's worker, releases every reservation. */
+  async cancel(): Promise<CancelState> {
+    const ex = this.#store.row();
+    if (!ex) return { state: "missing" };
+    if (isTerminalExecution(ex.status)) return { state: "already_terminal", status: this.#document(ex) };
+    tx.stopExecution(
+      this.#c,
+      "cancelled",
+      Date.now(),
+      { code: "cancelled", message: "the execution was cancelled" },
+      { code: "cancelled", message: "cancelled by request" },
+    );
+    this.#kick();
+    await this.#rearm();
+    return { state: "cancelled", status: this.#document(this.#store.row()!) };
+  }
+
+  /** A stage worker's callback, already authenticated by its token (execution, stage, attempt). */
+  async callback(kind: CallbackKind, stageId: string, attempt: number, body: ProgressCallback | CompleteCallback | FailCallback): Promise<CallbackAnswer> {
+    const hash = kind === "complete" ? await sha256Hex(JSON.stringify(body)) : null;
+    const early = this.#refuseCallback(kind, stageId, attempt, hash);
+    if (early) return early;
+    // A large inline output is stored (KV or R2) before the transition; then the
+    // checks run again, since the stage may have moved during the await.
+    let stored: StoredOutput | StageFailure | null = null;
+    if (kind === "complete") {
+      const c = body as CompleteCallback;
+      stored = await step.storeOutput(this.#c, stageId, attempt, c.output, c.dataReference);
+      const again = this.#refuseCallback(kind, stageId, attempt, hash);
+      if (again) return again;
+    }
+    // From here to the end: synchronous, so the checks and the transition are one atomic step.
+    const st = this.#store.stage(stageId)!;
+    const now = Date.now();
+    this.#store.log("info", "callback", { stage_id: stageId, attempt, kind });
+    if (kind === "progress") {
+      const p = body as ProgressCallback;
+      tx.progressCallback(this.#c, st, p.progress, p.message);
+      return { status: 200, body: { ok: true, stage_status: st.status } };
+    }
+    if (kind === "complete") {
+      const c = body as CompleteCallback;
+      if (stored && "code" in stored) tx.failAttempt(this.#c, st, stored, now, c.usage);
+      else tx.completeStage(this.#c, st, stored!, c.usage, now, hash);
+    } else {
+      const f = body as FailCallback;
+      tx.failAttempt(this.#c, st, { code: f.error.code, message: f.error.message, retryable: f.retryable ?? false }, now, f.usage);
+    }
+    this.#kick();
+    await this.#rearm();
+    return { status: 200, body: { ok: true, stage_status: this.#store.stage(stageId)!.status } };
+  }
+
+  /** Records a worker's upload (streamed to R2 by the front Worker) so a later `complete` may name it. */
+  async registerUpload(stageId: string, attempt: number, ref: DataReference): Promise<{ ok: true } | { ok: false; code: string; message: string }> {
+    const st = this.#store.stage(stageId);
+    if (!st || st.attempt !== attempt || !isOnWorker(st.status)) {
+      return { ok: false, code: "stage_ended", message: "the stage is not running this attempt" };
+    }
+    tx.recordObject(this.#c, ref, stageId, attempt, Date.now());
+    return { ok: true };
+  }
+
+  /** The checksum and size we recorded for a stored object, for reads through `GET /data/...`. */
+  async dataRef(key: string): Promise<DataReference | null> {
+    return this.#store.dataRef(key);
+  }
+
+  /** Every reservation this execution was given, for operators and leak checks. */
+  async reservationIds(): Promise<{ reservation_id: string; stage_id: string; attempt: number }[]> {
+    return this.#c.sql<{ reservation_id: string; stage_id: string; attempt: number }>`
+      SELECT reservation_id, stage_id, attempt FROM reservations ORDER BY created_at`;
+  }
+
+  /** The ledger granted a waiting reservation. A notice for a stage that moved on is handed back. */
+  async onGrant(notice: GrantNotice): Promise<void> {
+    const st = this.#store.stage(notice.stageId);
+    const now = Date.now();
+    if (st && st.status === "waiting_resources" && st.attempt === notice.attempt && st.reservation_id === notice.reservationId) {
+      tx.granted(this.#c, st, notice.expiresAt, notice.requirements, now);
+      this.#kick();
+    } else if (!st || st.reservation_id !== notice.reservationId || isTerminalStage(st.status)) {
+      this.#c.outbox.enqueue({ kind: "ledger_release", reservationId: notice.reservationId }, now);
+      this.#kick();
+    }
+    await this.#rearm();
+  }
+
+  /** One alarm for every timer. Safe to fire twice: each handler re-checks state. */
+  override async alarm(info?: AlarmInvocationInfo): Promise<void> {
+    this.#timers.fired();
+    try {
+      await this.#schedule();
+      if (this.#store.row()?.alarm_failures) this.#c.sql`UPDATE execution SET alarm_failures = 0`;
+    } catch (err) {
+      // Rethrow so the platform retries the alarm, until it has failed too often in a row.
+      if (this.#recordFailure(err, info?.retryCount ?? 0)) throw err;
+    } finally {
+      await this.#rearm();
+    }
+  }
+
+  // ------------------------------------------------------------- driving ----
+
+  /** Why a callback cannot act now (404/409), or null when it may. Synchronous. */
+  #refuseCallback(kind: CallbackKind, stageId: string, attempt: number, hash: string | null): CallbackAnswer | null {
+    const ex = this.#store.row();
+    const st = ex ? this.#store.stage(stageId) : null;
+    if (!ex || !st) return { status: 404, body: { error: { code: "not_found", message: "no such execution or stage" } } };
+    const conflict = (code: string, message: string): CallbackAnswer => ({ status: 409, body: { error: { code, message } } });
+    if (ex.status === "cancelled" || st.status === "cancelled") return conflict("execution_cancelled", "the execution was cancelled");
+    if (attempt !== st.attempt) return conflict("stale_attempt", `this token is for attempt ${attempt}; the stage is on attempt ${st.attempt}`);
+    if (st.status === "completed") {
+      if (kind === "complete" && hash === st.complete_hash) return { status: 200, body: { ok: true, stage_status: st.status, duplicate: true } };
+      return conflict("stage_ended", "the stage has already completed");
+    }
+    if (!isOnWorker(st.status)) return conflict("stage_ended", `the stage is ${st.status}`);
+    return null;
+  }
+
+  #rearm(): Promise<void> {
+    const ex = this.#store.row();
+    return this.#timers.rearm(!!ex && !isTerminalExecution(ex.status));
+  }
+
+  #summary(ex: ExecutionRow, created: boolean): StartResult {
+    return startSummary(ex, created, this.#config.tuning.defaultStageDurationMs);
+  }
+
+  #document(ex: ExecutionRow): StatusDocument {
+    return statusDocument(ex, this.#store.stages(), Date.now(), this.#config.prices);
+  }
+
+  /** Starts a drive pass in the background (coalesced with one already queued). */
+  #kick(): void {
+    this.#schedule()
+      .catch((err) => this.#recordFailure(err, 0))
+      .finally(() => this.#rearm().catch(() => {}));
+  }
+
+  #schedule(): Promise<void> {
+    if (this.#queued) return this.#queued;
+    const run = this.#tail.then(() => {
+      this.#queued = null;
+      return this.#drive();
+    });
+    this.#queued = run;
+    this.#tail = run.catch(() => {});
+    return run;
+  }
+
+  /** Records a failed pass; returns true while the platform should keep retrying. */
+  #recordFailure(err: unknown, retryCount: number): boolean {
+    const ex = this.#store.row();
+    if (!ex || isTerminalExecution(ex.status)) return false;
+    const failures = ex.alarm_failures + 1;
+    const message = err instanceof Error ? err.message : String(err);
+    const now = Date.now();
+    this.#store.log("error", "drive_failed", { failures, error: message });
+    const max = this.#config.tuning.maxAlarmFailures;
+    if (failures >= max || retryCount >= max) {
+      this.#c.sql`UPDATE execution SET alarm_failures = ${failures}`;
+      tx.stopExecution(
+        this.#c,
+        "failed",
+        now,
+        { code: "internal_error", message },
+        { code: "internal_error", message: `gave up after ${failures} failed attempts to advance: ${message}` },
+      );
+      return false;
+    }
+    tx.driveFailed(this.#c, failures, now);
+    return true;
+  }
+
+  /** Moves the execution as far as it can go now; returns when it must wait for an event or a timer. */
+  async #drive(): Promise<void> {
+    try {
+      await this.#drivePass();
+    } finally {
+      this.#c.outbox.sendHeld();
+    }
+  }
+
+  async #drivePass(): Promise<void> {
+    // Both only exist to wake the object; this pass is the wake-up.
+    this.#timers.takeWakeUps(Date.now());
+    // New outbox messages go out as they are written (enqueue); this picks up redeliveries that are due.
+    this.#c.outbox.flush();
+    for (let guard = 0; guard < 100; guard++) {
+      const ex = this.#store.row();
+      if (!ex) return;
+      if (isTerminalExecution(ex.status)) {
+        if (this.#timers.take("retention")) await step.expireData(this.#c);
+        return;
+      }
+      if (!ex.template_id) {
+        if (!(await step.loadTemplateStep(this.#c))) return;
+        continue;
+      }
+      const st = this.#store.stages().find((s) => s.status !== "completed");
+      if (!st) {
+        tx.completeExecution(this.#c, Date.now());
+        continue;
+      }
+      if (!(await this.#stepStage(st))) return;
+    }
+  }
+
+  /** One step of the current stage. Returns true when it changed something and the loop should go on. */
+  async #stepStage(st: StageRow): Promise<boolean> {
+    const now = Date.now();
+    switch (st.status) {
+      case "pending": {
+        if (st.attempt > 0 && !this.#timers.take("retry")) return false;
+        tx.beginAttempt(this.#c, st, now);
+        return true;
+      }
+      case "waiting_resources":
+        return step.askLedger(this.#c, st);
+      case "handshaking":
+        return step.handshake(this.#c, st);
+      case "processing": {
+        if (st.deadline_at !== null && now >= st.deadline_at) {
+          this.#timers.take("deadline");
+          tx.failAttempt(this.#c, st, { code: "stage_timeout", message: `no result within ${st.timeout_ms} ms`, retryable: true }, now);
+          return true;
+        }
+        // The renewal goes out beside the poll: a slow ledger must not hold up the stage's progress.
+        if (this.#timers.take("lease")) void step.renewLease(this.#c, st);
+        if (this.#timers.take("poll")) return step.poll(this.#c, st);
+        return false;
+      }
+      default:
+        return false;
+    }
+  }
+}

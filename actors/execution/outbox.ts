@@ -1,0 +1,186 @@
+import type { IndexEntry } from "../../schemas/index-entry";
+import { indexFor } from "../../src/index-routing";
+import { ledgerFor } from "../../src/ledger-routing";
+import { withTimeout } from "../../src/outbound";
+import { WorkerClient } from "../../src/worker-client";
+import { isTerminalExecution, retryDelayMs } from "../stage-machine";
+import type { Core } from "./store";
+
+export type OutboxItem =
+  | { kind: "ledger_settle"; reservationId: string; usage: Record<string, number>; durationMs: number }
+  | { kind: "ledger_release"; reservationId: string }
+  | { kind: "worker_cancel"; worker: string; stageId: string; attempt: number }
+  | { kind: "index_upsert"; entry: IndexEntry };
+
+export type SettleItem = Extract<OutboxItem, { kind: "ledger_settle" }>;
+/** A held settle taken to ride on a reserve: its outbox row and message. */
+export interface Ride {
+  id: number;
+  item: SettleItem;
+}
+
+/** Outbox messages that keep failing are dropped after this many tries (ledger leases expire on their own). */
+const OUTBOX_MAX_ATTEMPTS = 30;
+
+/**
+ * Durable at-least-once messages to other systems (ledger settle and release,
+ * worker cancel, the index summary), written in the transition that decides
+ * them and delivered in the background: the execution path never waits on them.
+ */
+export class Outbox {
+  readonly #c: Omit<Core, "outbox">;
+  /** Outbox rows this instance is delivering now (a flush does not claim them again). */
+  readonly #inFlight = new Set<number>();
+  /**
+   * Outbox rows delivered whose DELETE waits for the next write of a live
+   * execution, so a delivery costs no commit of its own. Lost with an eviction,
+   * the rows are delivered again when their claim runs out: every delivery is
+   * idempotent (ledger settle and release, versioned index updates, cancels).
+   */
+  #delivered: number[] = [];
+  /**
+   * A completed stage's settle, written to the outbox but held back so that it
+   * rides on the next stage's reserve (one ledger round trip instead of two).
+   * Whatever is still held when a drive pass ends is sent on its own.
+   */
+  #held: Ride | null = null;
+
+  constructor(core: Omit<Core, "outbox">) {
+    this.#c = core;
+  }
+
+  /**
+   * Writes a message to the outbox and starts delivering it. The row is written
+   * claimed (due again only after the longest call timeout) in the same
+   * transaction as the transition that made it, and the output gate holds the
+   * call until that transaction is durable: the message goes out at least once,
+   * and if this instance is evicted mid-delivery the outbox timer sends it again.
+   */
+  enqueue(item: OutboxItem, now: number, opts: { hold?: boolean } = {}): void {
+    this.#purgeDelivered();
+    const due = now + this.#claimMs();
+    const row = this.#c.sql<{ id: number }>`INSERT INTO outbox (kind, payload, next_at) VALUES (${item.kind}, ${JSON.stringify(item)}, ${due}) RETURNING id`[0];
+    this.#c.timers.setNoLaterThan("outbox", due);
+    if (opts.hold && item.kind === "ledger_settle") {
+      this.sendHeld(); // at most one held: an older one goes now
+      this.#held = { id: row.id, item };
+      return;
+    }
+    this.#deliverInBackground(row.id, item, 0);
+  }
+
+  /** Sends the held settle on its own (the drive pass ended without a reserve to ride on). */
+  sendHeld(): void {
+    const h = this.#held;
+    if (!h) return;
+    this.#held = null;
+    this.#deliverInBackground(h.id, h.item, 0);
+  }
+
+  /** Takes the held settle to ride on a reserve; the caller reports the answer with `settled`. */
+  takeHeld(): Ride | null {
+    const ride = this.#held;
+    this.#held = null;
+    if (ride) this.#inFlight.add(ride.id);
+    return ride;
+  }
+
+  /** The answer to a settle that rode on a reserve: delivered, or (null: refused or unknown) sent again on its own. */
+  settled(ride: Ride, result: { ok: boolean; unknownPools: string[] } | null): void {
+    this.#inFlight.delete(ride.id);
+    if (result === null) {
+      this.#deliverInBackground(ride.id, ride.item, 0);
+      return;
+    }
+    this.#noteSettle(result);
+    this.#delivered.push(ride.id);
+  }
+
+  /** Redelivers due outbox messages (failed earlier, or claimed by an instance that was evicted), in the background. */
+  flush(): void {
+    const purged = this.#purgeDelivered();
+    const now = Date.now();
+    const busy = JSON.stringify([...this.#inFlight]);
+    const due = this.#c.sql<{ id: number; payload: string; attempts: number }>`
+      UPDATE outbox SET next_at = ${now + this.#claimMs()}
+      WHERE next_at <= ${now} AND id NOT IN (SELECT value FROM json_each(${busy})) RETURNING id, payload, attempts`;
+    for (const row of due) this.#deliverInBackground(row.id, JSON.parse(row.payload) as OutboxItem, row.attempts);
+    if (purged || due.length > 0) this.#armTimer();
+  }
+
+  /** Usage the ledger has no pool for is recorded there; we say so once per settle. */
+  #noteSettle(result: { unknownPools: string[] }): void {
+    if (result.unknownPools.length) this.#c.store.log("warn", "usage_in_unknown_pools", { pools: result.unknownPools });
+  }
+
+  /** How long a message being delivered stays claimed: past the longest call timeout. */
+  #claimMs(): number {
+    const t = this.#c.config.tuning;
+    return Math.max(t.ledgerCallTimeoutMs, t.workerCallTimeoutMs, t.objectCallTimeoutMs) + 1_000;
+  }
+
+  /** Deletes the rows of delivered messages; true when there were any. */
+  #purgeDelivered(): boolean {
+    if (this.#delivered.length === 0) return false;
+    this.#c.sql`DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(${JSON.stringify(this.#delivered)}))`;
+    this.#delivered = [];
+    return true;
+  }
+
+  #armTimer(): void {
+    const next = this.#c.sql<{ at: number | null }>`SELECT MIN(next_at) AS at FROM outbox`[0]?.at ?? null;
+    if (next === null) this.#c.timers.clear("outbox");
+    else this.#c.timers.set("outbox", next);
+  }
+
+  #deliverInBackground(id: number, item: OutboxItem, attempts: number): void {
+    this.#inFlight.add(id);
+    this.#deliver(item)
+      .catch((err) => {
+        this.#c.store.log("warn", "outbox_delivery_failed", { kind: item.kind, attempts: attempts + 1, error: String(err) });
+        return false;
+      })
+      .then(async (ok) => {
+        this.#inFlight.delete(id);
+        if (ok || attempts + 1 >= OUTBOX_MAX_ATTEMPTS) {
+          if (!ok) this.#c.store.log("error", "outbox_dropped", { kind: item.kind, attempts: attempts + 1 });
+          this.#delivered.push(id);
+          // A live execution writes again soon (its next transition, or the outbox
+          // timer at the latest) and deletes the row then; an ended one does it now.
+          const ex = this.#c.store.row();
+          if (ex && !isTerminalExecution(ex.status)) return;
+          this.#purgeDelivered();
+        } else {
+          const next = Date.now() + retryDelayMs(attempts + 1, this.#c.config.tuning.outboxRetryMs, 60_000);
+          this.#c.sql`UPDATE outbox SET attempts = attempts + 1, next_at = ${next} WHERE id = ${id}`;
+        }
+        this.#armTimer();
+        await this.#c.rearm();
+      })
+      .catch(() => {});
+  }
+
+  async #deliver(item: OutboxItem): Promise<boolean> {
+    const t = this.#c.config.tuning;
+    const ledger = ledgerFor(this.#c.env);
+    switch (item.kind) {
+      case "ledger_settle": {
+        this.#noteSettle(await withTimeout(ledger.settle(item.reservationId, item.usage, item.durationMs), t.ledgerCallTimeoutMs, "ledger.settle"));
+        return true;
+      }
+      case "ledger_release":
+        await withTimeout(ledger.release(item.reservationId), t.ledgerCallTimeoutMs, "ledger.release");
+        return true;
+      case "index_upsert":
+        await withTimeout(indexFor(this.#c.env, item.entry.created_at).upsert(item.entry), t.objectCallTimeoutMs, "index.upsert");
+        return true;
+      case "worker_cancel": {
+        const client = WorkerClient.for(this.#c.env, item.worker);
+        if (!client) return true;
+        const r = await client.cancel({ executionId: this.#c.store.row()!.execution_id, stageId: item.stageId, attempt: item.attempt });
+        // Best effort: a worker that no longer knows the stage is as good as cancelled.
+        return r.ok || !r.error.retryable;
+      }
+    }
+  }
+}

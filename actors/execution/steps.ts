@@ -1,0 +1,263 @@
+import type { DataReference } from "../../schemas/data";
+import type { ReserveResult } from "../../schemas/ledger";
+import type { ProgressResponse } from "../../schemas/worker-protocol";
+import { issueCallbackToken } from "../../src/auth";
+import { DATA_LIMITS, deleteExecutionData, putBytes, verifyStored } from "../../src/data-store";
+import { estimateTotalMs } from "../../src/estimates";
+import { ledgerFor } from "../../src/ledger-routing";
+import { withTimeout } from "../../src/outbound";
+import { loadTemplate } from "../../src/template-source";
+import { WorkerClient } from "../../src/worker-client";
+import { type StageFailure, isTerminalExecution, isTerminalStage } from "../stage-machine";
+import { type Core, type StageRow, type StoredOutput, parse } from "./store";
+import * as tx from "./transitions";
+
+/**
+ * One awaited step per stage state. Each makes its outbound call, then
+ * re-reads the stage and applies the answer (through `transitions`) only if
+ * the stage is still in the state and attempt that made the call: a callback
+ * that arrived meanwhile wins. Each returns true when it changed something and
+ * the drive loop should go on, false when the stage now waits for an event or a timer.
+ */
+
+export async function loadTemplateStep(c: Core): Promise<boolean> {
+  const ex = c.store.row()!;
+  if (ex.template_id || isTerminalExecution(ex.status)) return true;
+  const res = await loadTemplate(c.env, ex.template_name);
+  const now = Date.now();
+  const cur = c.store.row()!;
+  if (cur.template_id || isTerminalExecution(cur.status)) return true;
+  const attempts = cur.template_attempts + 1;
+  if (res.ok) {
+    tx.createStages(c, res.template, res.source);
+    return true;
+  }
+  if (res.retryable && attempts < c.config.tuning.kamMaxAttempts) {
+    tx.templateRetry(c, attempts, res.code, now);
+    return false;
+  }
+  tx.templateFailed(c, attempts, { code: res.code, message: res.message }, now);
+  return false;
+}
+
+export async function estimateCompletion(c: Core): Promise<void> {
+  const ex = c.store.row()!;
+  const stages = c.store.stages().map((s) => ({ worker: s.worker, resources: parse<Record<string, number>>(s.resources) ?? undefined }));
+  const totalMs = await estimateTotalMs(c.env, stages, ex.priority);
+  c.sql`UPDATE execution SET estimated_completion_at = ${ex.created_at + Math.round(totalMs)} WHERE id = 1`;
+}
+
+export async function askLedger(c: Core, st: StageRow): Promise<boolean> {
+  if (st.reservation === "waiting" && !c.timers.take("reask")) return false;
+  if (st.reservation === "requested" && c.timers.has("reask") && !c.timers.take("reask")) return false;
+  const ex = c.store.row()!;
+  const ledger = ledgerFor(c.env);
+  const t = c.config.tuning;
+  const request = {
+    executionId: ex.execution_id,
+    stageId: st.stage_id,
+    attempt: st.attempt,
+    priority: ex.priority,
+    requirements: parse<Record<string, number>>(st.resources) ?? undefined,
+    leaseMs: t.leaseMs,
+    worker: st.worker,
+  };
+  // The previous stage's settle, if still held, goes in the same call.
+  const ride = c.outbox.takeHeld();
+  let result: ReserveResult;
+  try {
+    if (ride) {
+      const { reservationId, usage, durationMs } = ride.item;
+      const both = await withTimeout(ledger.settleAndReserve({ reservationId, usage, durationMs }, request), t.ledgerCallTimeoutMs, "ledger.settleAndReserve");
+      c.outbox.settled(ride, both.settled);
+      result = both.reserved;
+    } else {
+      result = await withTimeout<ReserveResult>(ledger.reserve(request), t.ledgerCallTimeoutMs, "ledger.reserve");
+    }
+  } catch (err) {
+    // Whether the settle got through is unknown: it goes again on its own (settles are idempotent).
+    if (ride) c.outbox.settled(ride, null);
+    // The ledger is slow or down: keep waiting, ask again later.
+    c.store.log("warn", "ledger_reserve_failed", { stage_id: st.stage_id, attempt: st.attempt, error: String(err) });
+    c.timers.set("reask", Date.now() + t.ledgerReaskMs);
+    return false;
+  }
+  const now = Date.now();
+  const cur = c.store.stage(st.stage_id)!;
+  if (result.status === "ended") {
+    if (cur.status === "waiting_resources" && cur.attempt === st.attempt) {
+      // The grant was made and expired before this attempt could use it (its notice was lost for a whole
+      // lease): this attempt cannot get it back, so it fails as transient and the next one asks anew.
+      tx.failAttempt(c, cur, { code: "lease_expired", message: "the reservation expired before the stage started", retryable: true }, now);
+    }
+    return true;
+  }
+  if (cur.status !== "waiting_resources" || cur.attempt !== st.attempt) {
+    // Moved on meanwhile (cancelled, or a grant notice overtook this answer).
+    if (cur.reservation_id !== result.reservationId || isTerminalStage(cur.status)) {
+      c.outbox.enqueue({ kind: "ledger_release", reservationId: result.reservationId }, now);
+    }
+    return true;
+  }
+  tx.reserved(c, st, result.reservationId, now);
+  if (result.status === "granted") {
+    tx.granted(c, cur, result.expiresAt, result.requirements, now);
+    return true;
+  }
+  if (result.status === "waiting") {
+    tx.waitForGrant(c, st, result.position, now);
+    return false;
+  }
+  tx.failAttempt(c, c.store.stage(st.stage_id)!, { code: result.code, message: result.message, retryable: false }, now);
+  return true;
+}
+
+export async function handshake(c: Core, st: StageRow): Promise<boolean> {
+  const ex = c.store.row()!;
+  const now = Date.now();
+  const client = WorkerClient.for(c.env, st.worker);
+  if (!client) {
+    tx.failAttempt(c, st, { code: "worker_not_bound", message: `no service binding serves worker ${st.worker} (see WORKER_BINDINGS)`, retryable: false }, now);
+    return true;
+  }
+  const prev = c.store.stages().find((s) => s.ord === st.ord - 1) ?? null;
+  const prevRef = prev ? parse<DataReference>(prev.output_ref) : null;
+  if (prevRef) {
+    // A large input is handed over by reference; check it is whole before a worker spends time on it.
+    const check = await verifyStored(c.env, prevRef);
+    if (!c.store.stillAt(st, "handshaking")) return true;
+    if (!check.ok) {
+      tx.failAttempt(c, st, { code: "data_corrupt", message: `input of ${st.stage_id}: ${check.reason}`, retryable: false }, Date.now());
+      return true;
+    }
+  }
+  const requirements = parse<Record<string, number>>(st.requirements) ?? {};
+  const estimatedTokens = Object.entries(requirements)
+    .filter(([pool]) => pool.startsWith("tokens:"))
+    .reduce((sum, [, v]) => sum + v, 0);
+  const token = await issueCallbackToken(c.env.WORKER_SECRET, { executionId: ex.execution_id, stageId: st.stage_id, attempt: st.attempt });
+  const hs = await client.handshake({
+    executionId: ex.execution_id,
+    stageId: st.stage_id,
+    attempt: st.attempt,
+    action: st.action,
+    inputData: {
+      parameters: JSON.parse(ex.parameters),
+      template_ref: st.template_ref,
+      // By reference, previousOutput is a small summary and dataReference says where the bytes are.
+      previousOutput: prevRef ? { $ref: prevRef.key, size: prevRef.size, contentType: prevRef.contentType } : prev ? parse(prev.output) : null,
+    },
+    dataReference: prevRef ?? undefined,
+    resourceRequirements: { estimatedTokens, timeoutMs: st.timeout_ms, pools: requirements },
+    validationConfig: {},
+    callback: { url: `${c.config.publicUrl}/executions/${ex.execution_id}/stages/${st.stage_id}`, token },
+  });
+  c.store.logCall("worker_handshake", st, hs.ms, hs.ok ? (hs.value.accepted ? "accepted" : "refused") : hs.error.code);
+  if (!c.store.stillAt(st, "handshaking")) return true;
+  if (!hs.ok) {
+    tx.failAttempt(c, st, hs.error, Date.now());
+    return true;
+  }
+  if (!hs.value.accepted) {
+    const reason = hs.value.reason ?? "no reason given";
+    tx.failAttempt(c, st, { code: "handshake_refused", message: `worker refused the stage: ${reason}`, retryable: hs.value.retryable ?? false }, Date.now());
+    return true;
+  }
+  const pr = await client.process({ executionId: ex.execution_id, stageId: st.stage_id, attempt: st.attempt });
+  c.store.logCall("worker_process", st, pr.ms, pr.ok ? "ok" : pr.error.code);
+  // A fast worker may have called back `complete` before process() answered: then we are done here.
+  if (!c.store.stillAt(st, "handshaking")) return true;
+  const at = Date.now();
+  if (!pr.ok) {
+    tx.failAttempt(c, st, pr.error, at);
+    return true;
+  }
+  tx.startProcessing(c, st, at);
+  return true;
+}
+
+export async function poll(c: Core, st: StageRow): Promise<boolean> {
+  const ex = c.store.row()!;
+  const client = WorkerClient.for(c.env, st.worker);
+  if (!client) {
+    tx.failAttempt(c, st, { code: "worker_not_bound", message: `no service binding serves worker ${st.worker}`, retryable: false }, Date.now());
+    return true;
+  }
+  tx.pollSent(c, st);
+  const res = await client.progress(ex.execution_id, st.stage_id);
+  c.store.logCall("worker_progress", st, res.ms, res.ok ? res.value.status : res.error.code);
+  if (!c.store.stillAt(st, "processing")) return true;
+  const now = Date.now();
+  const cur = c.store.stage(st.stage_id)!;
+  if (!res.ok) {
+    return tx.pollFailed(c, cur, res.error, now);
+  }
+  return await applyProgress(c, cur, res.value, now);
+}
+
+async function applyProgress(c: Core, st: StageRow, p: ProgressResponse, now: number): Promise<boolean> {
+  if (p.status === "completed") {
+    const stored = await storeOutput(c, st.stage_id, st.attempt, p.output, p.dataReference);
+    if (!c.store.stillAt(st, "processing")) return true;
+    const cur = c.store.stage(st.stage_id)!;
+    if ("code" in stored) tx.failAttempt(c, cur, stored, Date.now(), p.usage);
+    else tx.completeStage(c, cur, stored, p.usage, Date.now(), null);
+    return true;
+  }
+  if (p.status === "failed") {
+    const e = p.error ?? { code: "worker_failed", message: "the worker reported a failure without details" };
+    tx.failAttempt(c, st, { code: e.code, message: e.message, retryable: p.retryable ?? false }, now, p.usage);
+    return true;
+  }
+  tx.progressed(c, st, p.progress, p.message, now);
+  return false;
+}
+
+/** Polls are the lease heartbeat; the `lease` timer covers stages that report only by callback. */
+export async function renewLease(c: Core, st: StageRow): Promise<void> {
+  if (!st.reservation_id) return;
+  const t = c.config.tuning;
+  try {
+    const r = await withTimeout(ledgerFor(c.env).renew(st.reservation_id, t.leaseMs), t.ledgerCallTimeoutMs, "ledger.renew");
+    if (!c.store.stillAt(st, st.status)) return;
+    if (r.ok && r.expiresAt) {
+      tx.leaseRenewed(c, st, r.expiresAt);
+    } else {
+      c.store.log("warn", "lease_lost", { stage_id: st.stage_id, attempt: st.attempt, state: r.state });
+    }
+  } catch (err) {
+    c.store.log("warn", "lease_renew_failed", { stage_id: st.stage_id, error: String(err) });
+    c.timers.set("lease", Date.now() + t.ledgerReaskMs);
+  }
+  await c.rearm().catch(() => {});
+}
+
+/**
+ * Turns a worker's result into what the row keeps: small JSON inline, larger
+ * JSON in KV or R2 by size, and a worker's own upload checked against the
+ * checksum the front Worker computed when it streamed it in.
+ */
+export async function storeOutput(c: Core, stageId: string, attempt: number, output: unknown, ref: DataReference | undefined): Promise<StoredOutput | StageFailure> {
+  const ex = c.store.row()!;
+  if (ref) {
+    const known = c.store.dataRef(ref.key);
+    if (!known || known.sha256 !== ref.sha256 || known.size !== ref.size) {
+      return { code: "data_corrupt", message: `the output reference ${ref.key} does not match a stored upload`, retryable: false };
+    }
+    return { inline: null, ref: known };
+  }
+  const text = JSON.stringify(output ?? null);
+  const bytes = new TextEncoder().encode(text);
+  if (bytes.byteLength <= DATA_LIMITS.inlineMaxBytes) return { inline: text, ref: null };
+  const stored = await putBytes(c.env, ex.execution_id, stageId, `a${attempt}-output.json`, bytes, "application/json");
+  tx.recordObject(c, stored, stageId, attempt, Date.now());
+  return { inline: null, ref: stored };
+}
+
+/** Retention: deletes the execution's KV and R2 data and inline outputs; the summary stays. */
+export async function expireData(c: Core): Promise<void> {
+  const ex = c.store.row()!;
+  const deleted = await deleteExecutionData(c.env, ex.execution_id);
+  tx.dataExpired(c, Date.now());
+  c.store.log("info", "data_expired", { kv_keys: deleted.kv, r2_objects: deleted.r2 });
+}

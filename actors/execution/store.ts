@@ -1,0 +1,172 @@
+import type { ExecutionStatus, StageStatus } from "../../schemas/api";
+import type { Priority } from "../../schemas/common";
+import type { DataReference } from "../../schemas/data";
+import type { Config } from "../../src/config";
+import { log } from "../../src/log";
+import type { Sql } from "../sql";
+import type { Outbox } from "./outbox";
+import type { Timers } from "./timers";
+
+/** The execution's own SQLite: one `execution` row, its stages, and the bookkeeping around them. */
+export const SCHEMA = `
+CREATE TABLE IF NOT EXISTS execution (
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  execution_id TEXT NOT NULL, template_name TEXT NOT NULL, client_id TEXT NOT NULL,
+  request_id TEXT, request_hash TEXT, priority TEXT NOT NULL, parameters TEXT NOT NULL,
+  status TEXT NOT NULL, created_at INTEGER NOT NULL, started_at INTEGER, completed_at INTEGER,
+  estimated_completion_at INTEGER, template_id TEXT, template_source TEXT,
+  template_attempts INTEGER NOT NULL DEFAULT 0, error TEXT, cost TEXT, output TEXT, output_ref TEXT,
+  alarm_failures INTEGER NOT NULL DEFAULT 0, data_expired_at INTEGER, index_version INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS stages (
+  stage_id TEXT PRIMARY KEY, ord INTEGER NOT NULL UNIQUE, worker TEXT NOT NULL,
+  template_ref TEXT NOT NULL, action TEXT NOT NULL, timeout_ms INTEGER NOT NULL,
+  max_attempts INTEGER NOT NULL, resources TEXT, status TEXT NOT NULL,
+  attempt INTEGER NOT NULL DEFAULT 0, progress REAL NOT NULL DEFAULT 0, message TEXT,
+  reservation_id TEXT, reservation TEXT, requirements TEXT, lease_expires_at INTEGER,
+  started_at INTEGER, completed_at INTEGER, waiting_since INTEGER, waiting_ms INTEGER NOT NULL DEFAULT 0,
+  processing_since INTEGER, processing_ms INTEGER NOT NULL DEFAULT 0, deadline_at INTEGER,
+  poll_interval_ms INTEGER, poll_failures INTEGER NOT NULL DEFAULT 0, polls INTEGER NOT NULL DEFAULT 0, error TEXT, last_error TEXT,
+  usage TEXT, output TEXT, output_ref TEXT, complete_hash TEXT
+);
+CREATE TABLE IF NOT EXISTS reservations (
+  reservation_id TEXT PRIMARY KEY, stage_id TEXT NOT NULL, attempt INTEGER NOT NULL, created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS data_objects (
+  key TEXT PRIMARY KEY, kind TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL,
+  content_type TEXT NOT NULL, stage_id TEXT NOT NULL, attempt INTEGER NOT NULL, created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS timers (name TEXT PRIMARY KEY, due_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, payload TEXT NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0, next_at INTEGER NOT NULL
+);
+`;
+
+export interface ExecutionRow {
+  execution_id: string;
+  template_name: string;
+  client_id: string;
+  request_id: string | null;
+  request_hash: string | null;
+  priority: Priority;
+  parameters: string;
+  status: ExecutionStatus;
+  created_at: number;
+  started_at: number | null;
+  completed_at: number | null;
+  estimated_completion_at: number | null;
+  template_id: string | null;
+  template_source: "kam" | "cache" | null;
+  template_attempts: number;
+  error: string | null;
+  cost: string | null;
+  output: string | null;
+  output_ref: string | null;
+  alarm_failures: number;
+  data_expired_at: number | null;
+  index_version: number;
+}
+
+export interface StageRow {
+  stage_id: string;
+  ord: number;
+  worker: string;
+  template_ref: string;
+  action: string;
+  timeout_ms: number;
+  max_attempts: number;
+  resources: string | null;
+  status: StageStatus;
+  attempt: number;
+  progress: number;
+  message: string | null;
+  reservation_id: string | null;
+  /** null | requested | waiting | granted */
+  reservation: string | null;
+  requirements: string | null;
+  lease_expires_at: number | null;
+  started_at: number | null;
+  completed_at: number | null;
+  waiting_since: number | null;
+  waiting_ms: number;
+  processing_since: number | null;
+  processing_ms: number;
+  deadline_at: number | null;
+  poll_interval_ms: number | null;
+  poll_failures: number;
+  polls: number;
+  error: string | null;
+  last_error: string | null;
+  usage: string | null;
+  output: string | null;
+  output_ref: string | null;
+  complete_hash: string | null;
+}
+
+/** A stage's output as stored: small JSON inline in the row, anything larger as a data reference. */
+export type StoredOutput = { inline: string; ref: null } | { inline: null; ref: DataReference };
+
+export const ISO = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
+export const parse = <T>(text: string | null): T | null => (text === null ? null : (JSON.parse(text) as T));
+
+type Level = "debug" | "info" | "warn" | "error";
+
+/** Row readers over the execution's SQLite, and its structured log (every line carries the execution id). */
+export class Store {
+  readonly #sql: Sql;
+  /** Our own id, read from storage once (never from ctx.id.name). */
+  #executionId: string | undefined;
+
+  constructor(sql: Sql) {
+    this.#sql = sql;
+  }
+
+  row(): ExecutionRow | null {
+    return this.#sql<ExecutionRow>`SELECT * FROM execution WHERE id = 1`[0] ?? null;
+  }
+
+  stages(): StageRow[] {
+    return this.#sql<StageRow>`SELECT * FROM stages ORDER BY ord`;
+  }
+
+  stage(stageId: string): StageRow | null {
+    return this.#sql<StageRow>`SELECT * FROM stages WHERE stage_id = ${stageId}`[0] ?? null;
+  }
+
+  /** After an await: is the stage still where the call left it (same status, same attempt)? */
+  stillAt(st: StageRow, status: StageStatus): boolean {
+    const cur = this.stage(st.stage_id);
+    return !!cur && cur.status === status && cur.attempt === st.attempt;
+  }
+
+  /** The checksum and size we recorded for a stored object (null once the data expired). */
+  dataRef(key: string): DataReference | null {
+    const ex = this.row();
+    if (!ex || ex.data_expired_at !== null) return null;
+    const r = this.#sql<{ kind: "kv" | "r2"; size: number; sha256: string; content_type: string }>`
+      SELECT kind, size, sha256, content_type FROM data_objects WHERE key = ${key}`[0];
+    return r ? { kind: r.kind, key, size: r.size, sha256: r.sha256, contentType: r.content_type } : null;
+  }
+
+  log(level: Level, event: string, fields: Record<string, unknown>): void {
+    this.#executionId ??= this.#sql<{ execution_id: string }>`SELECT execution_id FROM execution WHERE id = 1`[0]?.execution_id;
+    log(level, event, { execution_id: this.#executionId, ...fields });
+  }
+
+  logCall(event: string, st: StageRow, ms: number, outcome: string): void {
+    this.log("info", event, { stage_id: st.stage_id, attempt: st.attempt, worker: st.worker, duration_ms: ms, outcome });
+  }
+}
+
+/** What the modules of one Execution share: its storage, readers, timers and outbox. */
+export interface Core {
+  readonly env: Env;
+  readonly config: Config;
+  readonly sql: Sql;
+  readonly store: Store;
+  readonly timers: Timers;
+  readonly outbox: Outbox;
+  /** Makes sure the alarm fires no later than the earliest timer (see Timers.rearm). */
+  rearm(): Promise<void>;
+}

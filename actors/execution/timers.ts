@@ -1,0 +1,99 @@
+import type { Sql } from "../sql";
+
+/** Timer names: one row each in `timers`, one alarm for the earliest. */
+export type TimerName = "advance" | "poll" | "deadline" | "lease" | "reask" | "retry" | "outbox" | "watchdog" | "retention";
+
+/** While an execution is live, its alarm is never further away than this, so an eviction mid-call heals. */
+export const WATCHDOG_MS = 30_000;
+
+/**
+ * The `timers` table behind the object's one alarm. A handler *takes* its
+ * timer (deletes it where due) before acting, so an alarm that fires twice
+ * does nothing twice.
+ */
+export class Timers {
+  readonly #sql: Sql;
+  readonly #storage: DurableObjectStorage;
+  /** The alarm as this instance knows it (null: none; undefined: unknown), read at start and kept in step. */
+  #armedAt: number | null | undefined = undefined;
+
+  constructor(sql: Sql, storage: DurableObjectStorage) {
+    this.#sql = sql;
+    this.#storage = storage;
+  }
+
+  /** The alarm as read from storage when the object starts. */
+  known(at: number | null): void {
+    this.#armedAt = at;
+  }
+
+  /** The alarm that fired is spent: the next rearm() sets one whatever it was. */
+  fired(): void {
+    this.#armedAt = null;
+  }
+
+  set(name: TimerName, dueAt: number): void {
+    this.#sql`INSERT INTO timers (name, due_at) VALUES (${name}, ${dueAt}) ON CONFLICT(name) DO UPDATE SET due_at = excluded.due_at`;
+  }
+
+  /** Sets the timer unless it is already due earlier. */
+  setNoLaterThan(name: TimerName, dueAt: number): void {
+    this.#sql`INSERT INTO timers (name, due_at) VALUES (${name}, ${dueAt}) ON CONFLICT(name) DO UPDATE SET due_at = MIN(due_at, excluded.due_at)`;
+  }
+
+  clear(name: TimerName): void {
+    this.#sql`DELETE FROM timers WHERE name = ${name}`;
+  }
+
+  /** One statement for several timers (each statement costs a round through SQLite). */
+  clearMany(names: TimerName[]): void {
+    this.#sql`DELETE FROM timers WHERE name IN (SELECT value FROM json_each(${JSON.stringify(names)}))`;
+  }
+
+  has(name: TimerName): boolean {
+    return this.#sql`SELECT 1 FROM timers WHERE name = ${name}`.length > 0;
+  }
+
+  /** Consumes a due timer: true once per firing, so a second alarm does nothing twice. */
+  take(name: TimerName): boolean {
+    return this.#sql`DELETE FROM timers WHERE name = ${name} AND due_at <= ${Date.now()} RETURNING name`.length > 0;
+  }
+
+  /** Consumes the wake-up timers (`advance`, `watchdog`): the drive pass that runs is the wake-up. */
+  takeWakeUps(now: number): void {
+    this.#sql`DELETE FROM timers WHERE name IN ('advance', 'watchdog') AND due_at <= ${now}`;
+  }
+
+  any(): boolean {
+    return this.#sql`SELECT 1 FROM timers LIMIT 1`.length > 0;
+  }
+
+  /**
+   * Makes sure the alarm fires no later than the earliest timer (while `live`,
+   * a watchdog keeps the execution from ever sleeping unobserved). It only ever
+   * moves the alarm earlier: an alarm that fires before anything is due finds
+   * nothing to do and re-arms (every handler checks its own timer), whereas
+   * moving it later each time a timer is cleared would cost a storage write per stage.
+   */
+  async rearm(live: boolean): Promise<void> {
+    if (live && !this.has("watchdog")) this.set("watchdog", Date.now() + WATCHDOG_MS);
+    const next = this.#sql<{ at: number | null }>`SELECT MIN(due_at) AS at FROM timers`[0]?.at ?? null;
+    if (next === null) {
+      if (this.#armedAt === null) return;
+      this.#armedAt = null;
+      await this.#storage.deleteAlarm();
+      return;
+    }
+    if (this.#armedAt !== undefined && this.#armedAt !== null && this.#armedAt <= next) return;
+    this.#armedAt = next;
+    await this.#storage.setAlarm(next);
+  }
+
+  /** Checks the alarm is really set, so a lost alarm heals on the next read. */
+  async heal(live: boolean): Promise<void> {
+    if (!live && !this.any()) return;
+    const actual = await this.#storage.getAlarm();
+    if (actual === null) this.#armedAt = undefined;
+    await this.rearm(live);
+  }
+}

@@ -1,0 +1,271 @@
+import type { ExecutionStatus, StageStatus } from "../../schemas/api";
+import type { ErrorInfo } from "../../schemas/common";
+import type { DataReference } from "../../schemas/data";
+import type { MasterTemplate } from "../../schemas/template";
+import { addUsage, costOf } from "../../src/cost";
+import { stageIdFor } from "../../src/ids";
+import {
+  type StageFailure,
+  canMoveExecution,
+  canMoveStage,
+  isOnWorker,
+  isTerminalStage,
+  mergeProgress,
+  nextPollInterval,
+  retryDelayMs,
+  shouldRetry,
+} from "../stage-machine";
+import { indexEntry } from "./documents";
+import { type Core, type StageRow, type StoredOutput, parse } from "./store";
+
+/**
+ * The synchronous state changes of an Execution. Each is a run of `sql` calls
+ * with no `await` inside, so the input gate makes it atomic; whatever must
+ * reach another system goes to the outbox in the same run.
+ */
+
+export function createStages(c: Core, template: MasterTemplate, source: "kam" | "cache"): void {
+  const t = c.config.tuning;
+  template.stages.forEach((s, i) => {
+    c.sql`INSERT OR IGNORE INTO stages (stage_id, ord, worker, template_ref, action, timeout_ms, max_attempts, resources, status)
+      VALUES (${stageIdFor(i + 1)}, ${i + 1}, ${s.worker}, ${s.template_ref}, ${s.action ?? "process"},
+              ${s.timeout_ms ?? t.defaultStageTimeoutMs}, ${s.max_attempts ?? t.defaultMaxAttempts},
+              ${s.resources ? JSON.stringify(s.resources) : null}, 'pending')`;
+  });
+  c.sql`UPDATE execution SET template_id = ${template.template_id}, template_source = ${source} WHERE id = 1`;
+  c.store.log("info", "template_loaded", { template_id: template.template_id, source, stages: template.stages.length });
+}
+
+/** A transient template failure: count it and try again after a backoff. */
+export function templateRetry(c: Core, attempts: number, code: string, now: number): void {
+  const t = c.config.tuning;
+  c.sql`UPDATE execution SET template_attempts = ${attempts} WHERE id = 1`;
+  c.timers.set("advance", now + retryDelayMs(attempts, t.kamRetryBaseMs, t.retryCapMs));
+  c.store.log("warn", "template_retry", { code, attempts });
+}
+
+export function templateFailed(c: Core, attempts: number, error: ErrorInfo, now: number): void {
+  c.sql`UPDATE execution SET template_attempts = ${attempts} WHERE id = 1`;
+  finishExecution(c, "failed", now, error);
+}
+
+export function beginAttempt(c: Core, st: StageRow, now: number): void {
+  const ex = c.store.row()!;
+  if (ex.status === "queued") {
+    c.sql`UPDATE execution SET status = 'running', started_at = ${now} WHERE id = 1`;
+    indexUpdate(c, now);
+    c.store.log("info", "execution_status", { status: "running" });
+  }
+  moveStage(c, st, "waiting_resources", now, {});
+  c.sql`UPDATE stages SET attempt = ${st.attempt + 1}, reservation = 'requested', reservation_id = NULL, requirements = NULL,
+    waiting_since = ${now}, started_at = COALESCE(started_at, ${now}), progress = 0, poll_interval_ms = NULL, poll_failures = 0
+    WHERE stage_id = ${st.stage_id}`;
+  c.timers.clear("reask");
+}
+
+/** The ledger answered a reserve with a reservation id: remember it (for release and for leak checks). */
+export function reserved(c: Core, st: StageRow, reservationId: string, now: number): void {
+  c.sql`UPDATE stages SET reservation_id = ${reservationId} WHERE stage_id = ${st.stage_id}`;
+  c.sql`INSERT OR IGNORE INTO reservations (reservation_id, stage_id, attempt, created_at) VALUES (${reservationId}, ${st.stage_id}, ${st.attempt}, ${now})`;
+}
+
+/** The reservation waits in the ledger's queue; ask again at the `reask` timer in case the notice is lost. */
+export function waitForGrant(c: Core, st: StageRow, position: number, now: number): void {
+  c.sql`UPDATE stages SET reservation = 'waiting', message = ${`waiting for resources (position ${position})`} WHERE stage_id = ${st.stage_id}`;
+  c.timers.set("reask", now + c.config.tuning.ledgerReaskMs);
+}
+
+export function granted(c: Core, st: StageRow, expiresAt: number, requirements: Record<string, number>, now: number): void {
+  moveStage(c, st, "handshaking", now, {});
+  c.sql`UPDATE stages SET reservation = 'granted', requirements = ${JSON.stringify(requirements)}, lease_expires_at = ${expiresAt},
+    waiting_ms = waiting_ms + ${now - (st.waiting_since ?? now)}, waiting_since = NULL, message = NULL WHERE stage_id = ${st.stage_id}`;
+  c.timers.clear("reask");
+  c.timers.set("lease", expiresAt - Math.floor(c.config.tuning.leaseMs / 2));
+}
+
+/** `process` was accepted: the stage runs until its deadline, polled from `pollInitialMs` on. */
+export function startProcessing(c: Core, st: StageRow, at: number): void {
+  const poll = nextPollInterval(null, c.config.tuning.pollInitialMs, c.config.tuning.pollMaxMs);
+  moveStage(c, st, "processing", at, {});
+  c.sql`UPDATE stages SET processing_since = ${at}, deadline_at = ${at + st.timeout_ms}, poll_interval_ms = ${poll}, poll_failures = 0
+    WHERE stage_id = ${st.stage_id}`;
+  c.timers.set("deadline", at + st.timeout_ms);
+  c.timers.set("poll", at + poll);
+}
+
+/** A progress poll went out (counted before the call, so an eviction mid-call still counts it). */
+export function pollSent(c: Core, st: StageRow): void {
+  c.sql`UPDATE stages SET polls = polls + 1 WHERE stage_id = ${st.stage_id}`;
+}
+
+/** A poll failed: poll again later, unless too many failed in a row (then the attempt fails: true). */
+export function pollFailed(c: Core, st: StageRow, error: StageFailure, now: number): boolean {
+  const failures = st.poll_failures + 1;
+  if (failures >= c.config.tuning.maxPollFailures || !error.retryable) {
+    failAttempt(c, st, { ...error, message: `progress polls failing (${failures} in a row): ${error.message}`, retryable: true }, now);
+    return true;
+  }
+  const interval = nextPollInterval(st.poll_interval_ms, c.config.tuning.pollInitialMs, c.config.tuning.pollMaxMs);
+  c.sql`UPDATE stages SET poll_failures = ${failures}, poll_interval_ms = ${interval} WHERE stage_id = ${st.stage_id}`;
+  c.timers.set("poll", now + interval);
+  return false;
+}
+
+/** A worker reported progress (by poll): merge it and poll again later. */
+export function progressed(c: Core, st: StageRow, progress: number | undefined, message: string | undefined, now: number): void {
+  const interval = nextPollInterval(st.poll_interval_ms, c.config.tuning.pollInitialMs, c.config.tuning.pollMaxMs);
+  c.sql`UPDATE stages SET progress = ${mergeProgress(st.progress, progress)}, message = ${message ?? st.message},
+    poll_failures = 0, poll_interval_ms = ${interval} WHERE stage_id = ${st.stage_id}`;
+  c.timers.set("poll", now + interval);
+}
+
+/** A worker reported progress by callback: merged, no timer moves. */
+export function progressCallback(c: Core, st: StageRow, progress: number | undefined, message: string | undefined): void {
+  c.sql`UPDATE stages SET progress = ${mergeProgress(st.progress, progress)}, message = ${message ?? st.message} WHERE stage_id = ${st.stage_id}`;
+}
+
+export function leaseRenewed(c: Core, st: StageRow, expiresAt: number): void {
+  c.sql`UPDATE stages SET lease_expires_at = ${expiresAt} WHERE stage_id = ${st.stage_id}`;
+  c.timers.set("lease", expiresAt - Math.floor(c.config.tuning.leaseMs / 2));
+}
+
+export function recordObject(c: Core, ref: DataReference, stageId: string, attempt: number, now: number): void {
+  c.sql`INSERT OR REPLACE INTO data_objects (key, kind, size, sha256, content_type, stage_id, attempt, created_at)
+    VALUES (${ref.key}, ${ref.kind}, ${ref.size}, ${ref.sha256}, ${ref.contentType}, ${stageId}, ${attempt}, ${now})`;
+}
+
+export function completeStage(c: Core, st: StageRow, output: StoredOutput, usage: Record<string, number> | undefined, now: number, hash: string | null): void {
+  const worked = st.processing_since !== null ? now - st.processing_since : 0;
+  moveStage(c, st, "completed", now, {});
+  c.sql`UPDATE stages SET progress = 100, message = NULL, completed_at = ${now}, processing_ms = processing_ms + ${worked}, processing_since = NULL,
+    usage = ${JSON.stringify(addUsage(parse(st.usage), usage) ?? {})}, output = ${output.inline},
+    output_ref = ${output.ref ? JSON.stringify(output.ref) : null},
+    complete_hash = ${hash}, reservation = NULL, deadline_at = NULL WHERE stage_id = ${st.stage_id}`;
+  if (st.reservation_id) {
+    c.outbox.enqueue({ kind: "ledger_settle", reservationId: st.reservation_id, usage: usage ?? {}, durationMs: worked }, now, { hold: true });
+  }
+  clearStageTimers(c);
+}
+
+/** One attempt failed: settle what it used, then retry after a backoff or fail the stage and the execution. */
+export function failAttempt(c: Core, st: StageRow, failure: StageFailure, now: number, usage?: Record<string, number>): void {
+  const worked = st.processing_since !== null ? now - st.processing_since : 0;
+  if (st.reservation_id && st.reservation === "granted") {
+    c.outbox.enqueue({ kind: "ledger_settle", reservationId: st.reservation_id, usage: usage ?? {}, durationMs: worked }, now);
+  } else {
+    releaseReservation(c, st, now);
+  }
+  if (isOnWorker(st.status) && failure.code === "stage_timeout") {
+    c.outbox.enqueue({ kind: "worker_cancel", worker: st.worker, stageId: st.stage_id, attempt: st.attempt }, now);
+  }
+  const info: ErrorInfo = { code: failure.code, message: failure.message, stage_id: st.stage_id };
+  c.sql`UPDATE stages SET last_error = ${JSON.stringify({ ...info, attempt: st.attempt })}, usage = ${JSON.stringify(addUsage(parse(st.usage), usage))},
+    processing_ms = processing_ms + ${worked}, processing_since = NULL, deadline_at = NULL, reservation = NULL,
+    waiting_ms = waiting_ms + ${st.waiting_since !== null ? now - st.waiting_since : 0}, waiting_since = NULL
+    WHERE stage_id = ${st.stage_id}`;
+  clearStageTimers(c);
+  c.store.log("warn", "stage_attempt_failed", { stage_id: st.stage_id, attempt: st.attempt, code: failure.code, retryable: failure.retryable });
+  if (shouldRetry(failure, st.attempt, st.max_attempts)) {
+    moveStage(c, st, "pending", now, { message: `retrying after ${failure.code}` });
+    const t = c.config.tuning;
+    c.timers.set("retry", now + retryDelayMs(st.attempt, t.retryBaseMs, t.retryCapMs, failure.retryAfterMs));
+    return;
+  }
+  moveStage(c, st, "failed", now, { error: info });
+  for (const later of c.store.stages()) {
+    if (later.ord > st.ord && !isTerminalStage(later.status)) {
+      moveStage(c, later, "cancelled", now, { error: { code: "upstream_failed", message: `${st.stage_id} failed` } });
+    }
+  }
+  finishExecution(c, "failed", now, info);
+}
+
+export function completeExecution(c: Core, now: number): void {
+  const stages = c.store.stages();
+  const last = stages[stages.length - 1];
+  c.sql`UPDATE execution SET output = ${last?.output ?? null}, output_ref = ${last?.output_ref ?? null} WHERE id = 1`;
+  finishExecution(c, "completed", now, null);
+}
+
+export function finishExecution(c: Core, status: ExecutionStatus, now: number, error: ErrorInfo | null): void {
+  const ex = c.store.row()!;
+  if (!canMoveExecution(ex.status, status)) return;
+  const stages = c.store.stages();
+  const cost = costOf(
+    stages.map((s) => ({ stage_id: s.stage_id, usage: parse<Record<string, number>>(s.usage) })),
+    c.config.prices,
+  );
+  c.sql`UPDATE execution SET status = ${status}, completed_at = ${now}, started_at = COALESCE(started_at, ${now}),
+    error = ${error ? JSON.stringify(error) : null}, cost = ${JSON.stringify(cost)} WHERE id = 1`;
+  c.timers.clearMany(["advance", "poll", "deadline", "lease", "reask", "retry", "watchdog"]);
+  indexUpdate(c, now);
+  // Ended executions keep their data for the retention period, then their alarm deletes it.
+  c.timers.set("retention", now + c.config.tuning.retentionMs);
+  c.store.log(status === "failed" ? "warn" : "info", "execution_status", {
+    status,
+    error_code: error?.code,
+    duration_ms: now - ex.created_at,
+    cost_total: cost.total,
+  });
+}
+
+export function moveStage(c: Core, st: StageRow, to: StageStatus, now: number, extra: { error?: ErrorInfo; message?: string }): void {
+  const cur = c.store.stage(st.stage_id)!;
+  if (cur.status === to) return;
+  if (!canMoveStage(cur.status, to)) throw new Error(`illegal stage transition ${cur.status} -> ${to} for ${st.stage_id}`);
+  const ended = isTerminalStage(to) ? now : null;
+  c.sql`UPDATE stages SET status = ${to}, completed_at = COALESCE(${ended}, completed_at),
+    error = COALESCE(${extra.error ? JSON.stringify(extra.error) : null}, error),
+    message = COALESCE(${extra.message ?? null}, message) WHERE stage_id = ${st.stage_id}`;
+  c.store.log("info", "stage_status", { stage_id: st.stage_id, attempt: cur.attempt, from: cur.status, to });
+}
+
+/** Ends every stage still open: tells a worker that has one to cancel, gives back every reservation. */
+export function stopStages(c: Core, to: "cancelled" | "failed", now: number, error: ErrorInfo): void {
+  for (const st of c.store.stages()) {
+    if (isTerminalStage(st.status)) continue;
+    if (isOnWorker(st.status)) c.outbox.enqueue({ kind: "worker_cancel", worker: st.worker, stageId: st.stage_id, attempt: st.attempt }, now);
+    releaseReservation(c, st, now);
+    moveStage(c, st, to, now, { error });
+  }
+}
+
+/** Stops the whole execution (cancel, or an object that cannot advance any more). */
+export function stopExecution(c: Core, status: "cancelled" | "failed", now: number, stageError: ErrorInfo, error: ErrorInfo): void {
+  stopStages(c, status, now, stageError);
+  finishExecution(c, status, now, error);
+}
+
+export function releaseReservation(c: Core, st: StageRow, now: number): void {
+  if (st.reservation_id) c.outbox.enqueue({ kind: "ledger_release", reservationId: st.reservation_id }, now);
+  c.sql`UPDATE stages SET reservation = NULL WHERE stage_id = ${st.stage_id}`;
+}
+
+function clearStageTimers(c: Core): void {
+  c.timers.clearMany(["poll", "deadline", "lease", "reask"]);
+}
+
+/** A failed drive pass: counted, and retried by the `advance` timer after a backoff. */
+export function driveFailed(c: Core, failures: number, now: number): void {
+  c.sql`UPDATE execution SET alarm_failures = ${failures}`;
+  c.timers.set("advance", now + retryDelayMs(failures, c.config.tuning.retryBaseMs, c.config.tuning.retryCapMs));
+}
+
+/** Retention ran: the execution's inline outputs and data records go; the summary stays. */
+export function dataExpired(c: Core, now: number): void {
+  c.sql`UPDATE execution SET data_expired_at = ${now}, output = NULL, output_ref = NULL WHERE id = 1`;
+  c.sql`UPDATE stages SET output = NULL, output_ref = NULL`;
+  c.sql`DELETE FROM data_objects`;
+}
+
+/**
+ * Sends this execution's summary to the execution index (through the outbox).
+ * Every summary carries a version, and the index ignores older ones, so they
+ * may arrive in any order and more than once.
+ */
+export function indexUpdate(c: Core, now: number): void {
+  const ex = c.store.row()!;
+  const version = ex.index_version + 1;
+  c.sql`UPDATE execution SET index_version = ${version} WHERE id = 1`;
+  c.outbox.enqueue({ kind: "index_upsert", entry: indexEntry(ex, c.store.stages(), now, version) }, now);
+}
