@@ -57,6 +57,12 @@ export const DEFAULT_TUNING = {
   ledgerScanLimit: 256,
   /** Finished reservations are kept this long (idempotent settles, estimates), then purged. */
   ledgerDoneRetentionMs: 86_400_000,
+  /** Schedules (docs/operations.md): a fire found more than this late counts as missed (its `missed_fires` policy decides). */
+  scheduleGraceMs: 60_000,
+  /** A fire whose start keeps failing transiently is given up (`fire_deadline`) this long after its time. */
+  scheduleFireDeadlineMs: 15 * 60_000,
+  /** Fires kept per schedule (the newest); `last_runs` shows the newest ten. */
+  scheduleRunsKept: 50,
 };
 export type Tuning = typeof DEFAULT_TUNING;
 

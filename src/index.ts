@@ -9,6 +9,7 @@ export { Execution } from "../actors/execution/index";
 export { ExecutionIndex } from "../actors/execution-index";
 export { RequestRegistry } from "../actors/request-registry";
 export { ResourceLedger } from "../actors/resource-ledger";
+export { ScheduleShard } from "../actors/schedule-shard";
 
 /** What an RPC caller gets: the same body and status the HTTP API would answer. */
 export type RpcResult<T> =

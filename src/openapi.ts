@@ -13,6 +13,7 @@ import { ErrorEnvelope, ErrorInfo, ExecutionId, PoolAmounts, PoolName, StageId }
 import { DataReference } from "../schemas/data";
 import { CountsQuery, ExecutionCounts, ExecutionList, ExecutionSummary, IndexEntry, ListQuery } from "../schemas/index-entry";
 import { type LedgerSnapshot as LedgerSnapshotType, PoolKind, PoolSpec } from "../schemas/ledger";
+import { CreateScheduleRequest, PatchScheduleRequest, ScheduleDocument, ScheduleId, ScheduleList, ScheduleListQuery, ScheduleRun } from "../schemas/schedule";
 import { MasterTemplateResponse, TemplateStage } from "../schemas/template";
 import {
   CancelRequest,
@@ -125,6 +126,11 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
     ProgressResponse: name("ProgressResponse", ProgressResponse),
     MasterTemplateResponse: name("MasterTemplateResponse", MasterTemplateResponse),
     TemplateStage: name("TemplateStage", TemplateStage),
+    CreateScheduleRequest: name("CreateScheduleRequest", CreateScheduleRequest),
+    PatchScheduleRequest: name("PatchScheduleRequest", PatchScheduleRequest),
+    ScheduleRun: name("ScheduleRun", ScheduleRun),
+    ScheduleDocument: name("ScheduleDocument", ScheduleDocument),
+    ScheduleList: name("ScheduleList", ScheduleList),
   };
 
   const jsonBody = (schema: z.ZodType, description: string): ResponseConfig => ({
@@ -141,6 +147,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
     "503": error("unavailable: an object did not answer within objectCallTimeoutMs"),
   };
   const idParams = z.object({ id: ExecutionId });
+  const scheduleParams = z.object({ id: ScheduleId });
 
   const paths: RouteConfig[] = [
     {
@@ -313,6 +320,58 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       security: opsOnly,
       request: { params: z.object({ name: PoolName }), body: body(S.PoolSpec) },
       responses: { "200": jsonBody(S.PoolSnapshot, "the pool after the change"), ...common, "413": error("payload_too_large"), "415": error("unsupported_media_type") },
+    },
+    {
+      method: "post",
+      path: "/schedules",
+      summary: "Create a schedule",
+      description:
+        "Each fire time of `cron` in `timezone` starts an execution with `request_id` `sched:{schedule_id}:{created ms}:{fire ms}`. " +
+        "The same body again under the same `schedule_id` answers 200 with the schedule.",
+      security: kamOrOps,
+      request: { body: body(S.CreateScheduleRequest) },
+      responses: {
+        "201": jsonBody(S.ScheduleDocument, "created"),
+        "200": jsonBody(S.ScheduleDocument, "this schedule_id already exists with this definition"),
+        ...common,
+        "409": error("schedule_exists: this schedule_id exists with another definition"),
+        "413": error("payload_too_large"),
+        "415": error("unsupported_media_type"),
+      },
+    },
+    {
+      method: "get",
+      path: "/schedules",
+      summary: "List schedules by id",
+      description: "Pass `next_cursor` back as `cursor`, with the same filters, for the next page.",
+      security: kamOrOps,
+      request: { query: ScheduleListQuery },
+      responses: { "200": jsonBody(S.ScheduleList, "one page"), ...common },
+    },
+    {
+      method: "get",
+      path: "/schedules/{id}",
+      summary: "A schedule with its next runs and its last fires",
+      security: kamOrOps,
+      request: { params: scheduleParams },
+      responses: { "200": jsonBody(S.ScheduleDocument, "the schedule"), ...common, "404": error("not_found") },
+    },
+    {
+      method: "patch",
+      path: "/schedules/{id}",
+      summary: "Pause, resume or change a schedule",
+      description: "A change of `cron` or `timezone`, and a resume, plan the next fire from now: times passed while paused are not fired.",
+      security: kamOrOps,
+      request: { params: scheduleParams, body: body(S.PatchScheduleRequest) },
+      responses: { "200": jsonBody(S.ScheduleDocument, "the schedule after the change"), ...common, "404": error("not_found"), "415": error("unsupported_media_type") },
+    },
+    {
+      method: "delete",
+      path: "/schedules/{id}",
+      summary: "Delete a schedule (a fire not yet started is dropped; started executions go on)",
+      security: kamOrOps,
+      request: { params: scheduleParams },
+      responses: { "204": { description: "deleted" }, ...common, "404": error("not_found") },
     },
     {
       method: "get",

@@ -21,6 +21,7 @@ import { ApiError, errorResponse, json, parseWith, readJson } from "./http";
 import { countExecutions, listExecutions } from "./index-routing";
 import { ledgerFor } from "./ledger-routing";
 import { log } from "./log";
+import { createSchedule, deleteSchedule, getSchedule, listSchedules, patchSchedule } from "./schedule-service";
 import { wantsHtml } from "./ui/common";
 import { executionPage } from "./ui/execution-page";
 import { overviewPage } from "./ui/overview-page";
@@ -43,7 +44,7 @@ const router = Router<IRequest, Args>({
   },
 });
 
-function route(method: "get" | "post" | "put", path: string, handler: (req: IRequest, env: Env, ctx: ExecutionContext) => Promise<Response> | Response) {
+function route(method: "get" | "post" | "put" | "patch" | "delete", path: string, handler: (req: IRequest, env: Env, ctx: ExecutionContext) => Promise<Response> | Response) {
   ROUTES.push({ method: method.toUpperCase(), path });
   router[method](path, handler);
 }
@@ -129,6 +130,34 @@ route("put", "/resources/pools/:name", async (req, env) => {
   const name = parseWith(PoolName, decodeURIComponent(req.params.name), "pool name");
   const spec = await readJson(req, PoolSpec, configOf(env).tuning.maxBodyBytes);
   return json(await ledgerFor(env, name).putPool(name, spec));
+});
+
+// Scheduled executions (src/schedule-service.ts, actors/schedule-shard.ts).
+route("post", "/schedules", async (req, env) => {
+  requireRole(req, env, ["kam", "ops"]);
+  const out = await createSchedule(env, await readJson(req, z.unknown(), configOf(env).tuning.maxBodyBytes));
+  return json(out.body, out.status);
+});
+
+route("get", "/schedules", async (req, env) => {
+  requireRole(req, env, ["kam", "ops"]);
+  return json(await listSchedules(env, new URL(req.url)));
+});
+
+route("get", "/schedules/:id", async (req, env) => {
+  requireRole(req, env, ["kam", "ops"]);
+  return json(await getSchedule(env, req.params.id));
+});
+
+route("patch", "/schedules/:id", async (req, env) => {
+  requireRole(req, env, ["kam", "ops"]);
+  return json(await patchSchedule(env, req.params.id, await readJson(req, z.unknown(), configOf(env).tuning.maxBodyBytes)));
+});
+
+route("delete", "/schedules/:id", async (req, env) => {
+  requireRole(req, env, ["kam", "ops"]);
+  await deleteSchedule(env, req.params.id);
+  return new Response(null, { status: 204 });
 });
 
 /** A known path with another method is 405 (with Allow); anything else 404. */

@@ -3,8 +3,9 @@ import { LOGIN_HTML, htmlResponse, pageHead, pageTail } from "./common";
 /**
  * `GET /ui` (and `GET /executions` with `Accept: text/html`): recent
  * executions from the index with counts by status, filters, "load more"
- * through the cursor, and a link to each execution's page. Reads with the
- * OPS token; the first page refreshes itself every 5 s.
+ * through the cursor, and a link to each execution's page; below them the
+ * schedules with their next run and last fire. Reads with the OPS token; the
+ * first page refreshes itself every 5 s.
  */
 const CSS = `
 form.filters { display: flex; flex-wrap: wrap; align-items: flex-end; gap: 8px 0; }
@@ -74,6 +75,35 @@ function row(x) {
   ]);
 }
 
+function scheduleRow(s) {
+  const last = s.last_runs[0];
+  const lastCell = el("td", null, last ? [badge(last.state), " ", last.execution_id ? (() => {
+    const a = el("a", { class: "mono", text: last.execution_id });
+    a.href = "/ui/executions/" + encodeURIComponent(last.execution_id);
+    return a;
+  })() : el("span", { class: "muted", text: last.reason || "" })] : [el("span", { class: "muted", text: "never fired" })]);
+  return el("tr", { dataset: { scheduleId: s.schedule_id } }, [
+    el("td", { class: "mono", text: s.schedule_id }),
+    el("td", { class: "mono", text: s.cron }),
+    el("td", { text: s.timezone }),
+    el("td", { text: s.template_name }),
+    el("td", { class: "mono", text: s.client_id }),
+    el("td", { text: s.overlap }),
+    el("td", { dataset: { role: "next" }, class: "mono", text: s.paused ? "paused" : fmtTime(s.next_runs[0]) }),
+    lastCell,
+  ]);
+}
+
+async function loadSchedules(gen) {
+  const f = filters();
+  const q = new URLSearchParams({ limit: "50" });
+  if (f.client_id) q.set("client_id", f.client_id);
+  const page = await api("/schedules?" + q);
+  if (gen !== generation) return;
+  $("schedule-rows").replaceChildren(...page.items.map(scheduleRow));
+  $("schedules-empty").hidden = page.items.length > 0;
+}
+
 async function load(append) {
   const gen = generation;
   const f = filters();
@@ -81,6 +111,7 @@ async function load(append) {
     const [counts, page] = await Promise.all([
       append ? null : api("/executions/counts?" + query(f)),
       api("/executions?" + query(f, { status: f.status, limit: 50, cursor: append ? cursor : null })),
+      append ? null : loadSchedules(gen),
     ]);
     if (gen !== generation) return;
     problem("");
@@ -163,6 +194,16 @@ ${LOGIN_HTML}
     </table>
     <p id="empty" class="muted" hidden>No executions match.</p>
     <div id="more-row"><button type="button" id="more" hidden>Load more</button><span id="updated" class="muted"></span></div>
+  </section>
+  <h2>Schedules</h2>
+  <section class="card scroll">
+    <table>
+      <thead><tr>
+        <th>Schedule</th><th>Cron</th><th>Time zone</th><th>Template</th><th>Client</th><th>Overlap</th><th>Next run</th><th>Last fire</th>
+      </tr></thead>
+      <tbody id="schedule-rows"></tbody>
+    </table>
+    <p id="schedules-empty" class="muted" hidden>No schedules.</p>
   </section>
 </div>
 </main>

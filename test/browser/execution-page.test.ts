@@ -141,6 +141,23 @@ describe("execution page in Chromium", () => {
     expect(existsSync(shot)).toBe(true);
     expect(statSync(shot).size).toBeGreaterThan(5_000);
 
+    // A schedule, to see on the overview below the executions.
+    const scheduled = await fetch(`${session!.url}/schedules`, {
+      method: "POST",
+      headers: KAM,
+      body: JSON.stringify({
+        schedule_id: "browser-weekly",
+        cron: "0 6 * * 1",
+        timezone: "Europe/Berlin",
+        template_name: "course_creation",
+        parameters: { topic: "Weekly" },
+        client_id: "client_browser",
+        overlap: "skip",
+      }),
+    });
+    expect(scheduled.status).toBe(201);
+    const schedule = (await scheduled.json()) as { next_runs: string[] };
+
     // The overview lists it (once the Execution has written it to the index) and links to its page.
     await page.goto(`${session!.url}/ui`);
     const link = page.locator(`tr[data-execution-id="${id}"] a`);
@@ -150,6 +167,11 @@ describe("execution page in Chromium", () => {
       .catch(() => false);
     await page.screenshot({ path: path.join(RESULTS, "overview-page.png"), fullPage: true });
     expect(listed, "the execution is not on the overview page: the index has no entry for it").toBe(true);
+    const scheduleRow = page.locator('tr[data-schedule-id="browser-weekly"]');
+    await scheduleRow.waitFor({ timeout: 10_000 });
+    const nextRun = schedule.next_runs[0].replace("T", " ").replace("Z", " UTC");
+    expect(await scheduleRow.locator("[data-role=next]").textContent()).toBe(nextRun);
+    expect(await scheduleRow.textContent()).toContain("never fired");
     await link.click();
     await page.waitForURL(`**/ui/executions/${id}`);
     await page.locator('#exec-status[data-status="completed"]').waitFor({ timeout: 10_000 });
