@@ -42,40 +42,87 @@ export const ReserveRequest = z.object({
 });
 export type ReserveRequest = z.infer<typeof ReserveRequest>;
 
-export type ReserveResult =
-  | { status: "granted"; reservationId: string; expiresAt: number; requirements: PoolAmounts }
-  | { status: "waiting"; reservationId: string; position: number; estimatedWaitMs: number }
-  | { status: "refused"; reservationId: string; code: "resource_unsatisfiable" | "unknown_pool"; message: string }
+export const ReservationState = z.enum(["waiting", "granted", "settled", "released", "expired", "unknown"]);
+export type ReservationState = z.infer<typeof ReservationState>;
+
+export const ReserveResult = z.discriminatedUnion("status", [
+  z.object({ status: z.literal("granted"), reservationId: z.string(), expiresAt: z.number(), requirements: PoolAmounts }),
+  z.object({ status: z.literal("waiting"), reservationId: z.string(), position: z.number().int(), estimatedWaitMs: z.number() }),
+  z.object({
+    status: z.literal("refused"),
+    reservationId: z.string(),
+    code: z.enum(["resource_unsatisfiable", "unknown_pool"]),
+    message: z.string(),
+  }),
   /** A replay of a reservation that already ended (settled, released, expired): reserve again with a new attempt. */
-  | { status: "ended"; reservationId: string; state: ReservationState; code: "reservation_ended"; message: string };
+  z.object({
+    status: z.literal("ended"),
+    reservationId: z.string(),
+    state: ReservationState,
+    code: z.literal("reservation_ended"),
+    message: z.string(),
+  }),
+]);
+export type ReserveResult = z.infer<typeof ReserveResult>;
 
-export type ReservationState = "waiting" | "granted" | "settled" | "released" | "expired" | "unknown";
+// ---- the other RPC inputs and results (docs/ledger.md, "RPC surface") -------
 
-export interface PoolSnapshot {
-  name: string;
-  kind: PoolKind;
-  capacity: number;
-  in_use: number;
-  available: number;
-  waiting: number;
-  refill_per_second?: number;
-  consumed?: number;
-  estimates?: { avg_usage_per_stage: number | null; samples: number };
-}
-export interface LedgerSnapshot {
-  pools: PoolSnapshot[];
-  leases: number;
-  waiters: number;
-}
+export const ReservationId = z.string().min(1).max(256);
+export const LeaseMs = z.number().int().min(1000).max(24 * 3600 * 1000);
+export const DurationMs = z.number().finite().nonnegative().optional();
+export const EstimateStages = z
+  .array(z.object({ worker: z.string().min(1).max(63), resources: PoolAmounts.optional() }))
+  .max(500);
+export type EstimateStages = z.infer<typeof EstimateStages>;
+export const SettleInput = z.object({ reservationId: z.string(), usage: z.record(z.string(), z.number()), durationMs: z.number().optional() });
+export type SettleInput = z.infer<typeof SettleInput>;
+
+export const RenewResult = z.object({ ok: z.boolean(), state: ReservationState, expiresAt: z.number().optional() });
+export type RenewResult = z.infer<typeof RenewResult>;
+export const SettleResult = z.object({ ok: z.boolean(), state: ReservationState, unknownPools: z.array(z.string()) });
+export type SettleResult = z.infer<typeof SettleResult>;
+export const ReleaseResult = z.object({ ok: z.boolean(), state: ReservationState });
+export type ReleaseResult = z.infer<typeof ReleaseResult>;
+export const StatusResult = z.object({
+  state: ReservationState,
+  expiresAt: z.number().optional(),
+  position: z.number().int().optional(),
+  requirements: PoolAmounts.optional(),
+});
+export type StatusResult = z.infer<typeof StatusResult>;
+export const EstimateResult = z.object({
+  stages: z.array(z.object({ requirements: PoolAmounts, durationMs: z.number() })),
+  queueAheadMs: z.number(),
+  totalMs: z.number(),
+});
+export type EstimateResult = z.infer<typeof EstimateResult>;
+export const SettleAndReserveResult = z.object({ settled: SettleResult.nullable(), reserved: ReserveResult });
+export type SettleAndReserveResult = z.infer<typeof SettleAndReserveResult>;
+
+export const PoolSnapshot = z.object({
+  name: z.string(),
+  kind: PoolKind,
+  capacity: z.number(),
+  in_use: z.number(),
+  available: z.number(),
+  waiting: z.number(),
+  refill_per_second: z.number().optional(),
+  consumed: z.number().optional(),
+  estimates: z.object({ avg_usage_per_stage: z.number().nullable(), samples: z.number() }).optional(),
+});
+export type PoolSnapshot = z.infer<typeof PoolSnapshot>;
+export const LedgerSnapshot = z.object({ pools: z.array(PoolSnapshot), leases: z.number(), waiters: z.number() });
+export type LedgerSnapshot = z.infer<typeof LedgerSnapshot>;
 
 /** A grant notice the ledger sends to an Execution when a waiter is granted. */
-export interface GrantNotice {
-  reservationId: string;
-  requirements: PoolAmounts;
-  stageId: string;
-  attempt: number;
-  expiresAt: number;
-}
+export const GrantNotice = z.object({
+  reservationId: z.string(),
+  requirements: PoolAmounts,
+  stageId: z.string(),
+  attempt: z.number().int(),
+  expiresAt: z.number(),
+});
+export type GrantNotice = z.infer<typeof GrantNotice>;
 
 export const UsageReport = z.object({ usage: PoolAmounts, durationMs: z.number().nonnegative().optional() });
 export { PoolAmounts };

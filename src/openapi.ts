@@ -12,7 +12,7 @@ import { Cost, ExecuteRequest, ExecuteResponse, ExecutionStatus, ResultDocument,
 import { ErrorEnvelope, ErrorInfo, ExecutionId, PoolAmounts, PoolName, StageId } from "../schemas/common";
 import { DataReference } from "../schemas/data";
 import { CountsQuery, ExecutionCounts, ExecutionList, ExecutionSummary, IndexEntry, ListQuery } from "../schemas/index-entry";
-import { type LedgerSnapshot as LedgerSnapshotType, PoolKind, PoolSpec } from "../schemas/ledger";
+import { LedgerSnapshot, PoolSnapshot, PoolSpec } from "../schemas/ledger";
 import { CreateScheduleRequest, PatchScheduleRequest, ScheduleDocument, ScheduleId, ScheduleList, ScheduleListQuery, ScheduleRun } from "../schemas/schedule";
 import { MasterTemplateResponse, TemplateStage } from "../schemas/template";
 import {
@@ -37,23 +37,7 @@ import {
  * Not imported by the Worker: the generator stays out of the bundle.
  */
 
-// ---- schemas that exist only as TypeScript types elsewhere -----------------
-
-const PoolSnapshot = z.object({
-  name: z.string(),
-  kind: PoolKind,
-  capacity: z.number(),
-  in_use: z.number(),
-  available: z.number(),
-  waiting: z.number(),
-  refill_per_second: z.number().optional(),
-  consumed: z.number().optional(),
-  estimates: z.object({ avg_usage_per_stage: z.number().nullable(), samples: z.number() }).optional(),
-});
-const LedgerSnapshot = z.object({ pools: z.array(PoolSnapshot), leases: z.number(), waiters: z.number() });
-// The zod copy must accept what the ledger answers (schemas/ledger.ts has the type).
-const _snapshotMatches: z.infer<typeof LedgerSnapshot> = {} as LedgerSnapshotType;
-void _snapshotMatches;
+// ---- schemas of the HTTP layer alone -----------------------------------------
 
 const Health = z.object({ status: z.literal("ok"), service: z.string(), time: z.string() });
 

@@ -1,0 +1,113 @@
+/**
+ * The grant pass: after anything that frees capacity (a settle, release,
+ * expiry, resize or refill) and after a reserve that queues, waiters are
+ * granted in queue order with bounded backfilling (docs/ledger.md, "The
+ * queue"). It runs inside the caller's step and decides synchronously.
+ */
+import type { GrantNotice } from "../../schemas/ledger";
+import {
+  effectiveRank,
+  fits,
+  nextAgeingAt,
+  refillReadyAt,
+  satisfiable,
+  type Amounts,
+  type LedgerRules,
+  type PoolState,
+} from "../ledger-rules";
+import type { Accounts } from "./accounts";
+import { needsOf, type LedgerStore, type ResRow } from "./store";
+
+/** One synchronous decision: what it granted and the earliest timer it needs. */
+export interface Step {
+  now: number;
+  grants: { executionId: string; notice: GrantNotice }[];
+  timer: number | null;
+}
+
+export function timer(s: Step, at: number | null): void {
+  if (at !== null && (s.timer === null || at < s.timer)) s.timer = at;
+}
+
+export function fitsAll(pools: Map<string, PoolState>, needs: Amounts, now: number): boolean {
+  for (const n in needs) if (!fits(pools.get(n)!, needs[n], now)) return false;
+  return true;
+}
+
+export class GrantPass {
+  /** Earliest time a rate-pool refill lets a blocked waiter fit (from the last pass). */
+  refillWakeAt: number | null = null;
+
+  constructor(
+    private readonly store: LedgerStore,
+    private readonly accounts: Accounts,
+    private readonly rules: LedgerRules,
+  ) {}
+
+
+  /**
+   * Grants waiters in queue order (effective rank desc, then arrival), with
+   * bounded backfilling: a waiter that does not fit may be passed by later ones
+   * that take from a pool it needs at most `backfillLimit` times; from then on
+   * its pools are held back for it. Waiters that can never fit under the
+   * current sizes are parked until the next putPool.
+   */
+  run(s: Step): void {
+    this.refillWakeAt = null;
+    const store = this.store;
+    if (store.activeWaiters <= 0) return;
+    this.applyAgeing(s.now);
+    const rows = store.queueHead(this.rules.scanLimit);
+    const locked = new Set<string>();
+    const blocked: { row: ResRow; names: string[]; passed: number }[] = [];
+    const limit = this.rules.backfillLimit;
+    let wake: number | null = null;
+    for (const row of rows) {
+      const needs = needsOf(row);
+      const names = Object.keys(needs);
+      if (names.some((n) => !satisfiable(store.pools.get(n)!, needs[n]))) {
+        store.putRow({ ...row, parked: 1 });
+        store.parked++;
+        continue;
+      }
+      const behindLock = names.some((n) => locked.has(n));
+      if (!behindLock && fitsAll(store.pools, needs, s.now)) {
+        for (const b of blocked) {
+          if (!b.names.some((n) => n in needs)) continue;
+          b.passed++;
+          if (b.passed >= limit) for (const n of b.names) locked.add(n);
+        }
+        this.#grantWaiter(row, needs, s);
+        continue;
+      }
+      blocked.push({ row, names, passed: row.passed });
+      if (row.passed >= limit) for (const n of names) locked.add(n);
+      if (!behindLock) {
+        const t = refillReadyAt(store.pools, needs, s.now);
+        if (t !== null && (wake === null || t < wake)) wake = t;
+      }
+    }
+    for (const b of blocked) if (b.passed !== b.row.passed) store.putRow({ ...b.row, passed: b.passed });
+    this.refillWakeAt = wake;
+    timer(s, wake);
+  }
+
+  #grantWaiter(row: ResRow, needs: Amounts, s: Step): void {
+    this.accounts.dequeue(row);
+    const granted = this.accounts.grant(row, needs, s.now);
+    const expiresAt = granted.expires_at!;
+    timer(s, expiresAt);
+    s.grants.push({
+      executionId: row.execution_id,
+      notice: { reservationId: row.id, requirements: needs, stageId: row.stage_id, attempt: row.attempt, expiresAt },
+    });
+  }
+
+  /** Raises the stored effective rank of waiters whose next ageing step is due. */
+  applyAgeing(now: number): void {
+    for (const r of this.store.dueAgeing(now, 1000)) {
+      const eff = effectiveRank(r.rank, r.created_at, now, this.rules.agingMs);
+      this.store.putRow({ ...r, eff_rank: eff, age_at: nextAgeingAt(r.rank, r.created_at, eff, this.rules.agingMs) });
+    }
+  }
+}

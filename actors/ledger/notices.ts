@@ -1,0 +1,59 @@
+/**
+ * Grant notices: after a step's writes, each Execution whose waiter was
+ * granted is told with `onGrant(notice)`. Fire and forget, never awaited
+ * inside a step: a lost notice is covered by the Execution asking `status()`
+ * (or repeating `reserve`) on its own timer.
+ */
+import type { GrantNotice } from "../../schemas/ledger";
+import { log } from "../../src/log";
+
+/** What the ledger calls on an Execution (typed loosely: no import of that class). */
+interface GrantNoticeTarget {
+  onGrant(notice: GrantNotice): Promise<void>;
+}
+
+type Grant = { executionId: string; notice: GrantNotice };
+
+export class GrantNotices {
+  #redirect: ((executionId: string, notice: GrantNotice) => void) | null = null;
+  #failures = 0;
+
+  constructor(private readonly env: Env) {}
+
+  /** Tests: deliver to `fn` instead of the Execution objects; null restores the RPCs. */
+  redirect(fn: ((executionId: string, notice: GrantNotice) => void) | null): void {
+    this.#redirect = fn;
+  }
+
+  send(grants: Grant[]): void {
+    if (!grants.length) return;
+    const to = this.#redirect;
+    if (to) {
+      for (const g of grants) to(g.executionId, g.notice);
+      return;
+    }
+    const ns = (this.env as unknown as { EXECUTION?: DurableObjectNamespace }).EXECUTION;
+    if (!ns) return;
+    for (const g of grants) {
+      try {
+        const stub = ns.get(ns.idFromName(g.executionId)) as unknown as GrantNoticeTarget;
+        Promise.resolve(stub.onGrant(g.notice)).catch((err) => this.#failed(g, err));
+      } catch (err) {
+        this.#failed(g, err);
+      }
+    }
+  }
+
+  #failed(g: Grant, err: unknown): void {
+    this.#failures++;
+    // Logged sparingly: a burst of failures (e.g. Executions gone) must not flood the log.
+    if (this.#failures <= 3 || this.#failures % 1000 === 0) {
+      log("warn", "ledger_grant_notice_failed", {
+        reservation_id: g.notice.reservationId,
+        execution_id: g.executionId,
+        failures: this.#failures,
+        error: err instanceof Error ? err.message : String(err),
+      });
+    }
+  }
+}

@@ -1,0 +1,390 @@
+/**
+ * The ledger's state and its persistence: pools, worker estimates and the
+ * live leases in memory, reservations in SQL (indexed), every write through
+ * the group commit (./group-commit.ts). Memory is the state as decided; SQL
+ * lags it by at most the writes queued for the next commit, and every read
+ * here sees the decided state (a queued row wins over its SQL copy).
+ *
+ * The held amounts and counters are never stored: they are derived from the
+ * reservations at load, so they cannot drift from them.
+ */
+import type { z } from "zod";
+import type { PoolConfig } from "../../schemas/ledger";
+import { newPool, type Amounts, type PoolState, type WorkerStats } from "../ledger-rules";
+import { execScript, sqlOf, type Sql } from "../sql";
+import { GroupCommit } from "./group-commit";
+
+const SCHEMA = `
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pools (
+  name TEXT PRIMARY KEY,
+  kind TEXT NOT NULL,
+  capacity REAL NOT NULL,
+  refill_per_second REAL NOT NULL DEFAULT 0,
+  tokens REAL NOT NULL DEFAULT 0,
+  tokens_at INTEGER NOT NULL DEFAULT 0,
+  consumed REAL NOT NULL DEFAULT 0,
+  est_avg REAL,
+  est_n INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reservations (
+  id TEXT PRIMARY KEY,
+  execution_id TEXT NOT NULL,
+  stage_id TEXT NOT NULL,
+  attempt INTEGER NOT NULL,
+  worker TEXT NOT NULL,
+  rank INTEGER NOT NULL,
+  eff_rank INTEGER NOT NULL,
+  age_at INTEGER,
+  seq INTEGER NOT NULL,
+  state TEXT NOT NULL,
+  req TEXT NOT NULL,
+  lease_ms INTEGER NOT NULL,
+  created_at INTEGER NOT NULL,
+  granted_at INTEGER,
+  expires_at INTEGER,
+  passed INTEGER NOT NULL DEFAULT 0,
+  parked INTEGER NOT NULL DEFAULT 0,
+  usage TEXT,
+  duration_ms REAL,
+  ended_at INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS reservations_queue ON reservations (parked, eff_rank DESC, seq) WHERE state = 'waiting';
+CREATE INDEX IF NOT EXISTS reservations_ageing ON reservations (age_at) WHERE state = 'waiting' AND age_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS reservations_leases ON reservations (expires_at) WHERE state = 'granted';
+CREATE INDEX IF NOT EXISTS reservations_ended ON reservations (ended_at) WHERE ended_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS worker_stats (
+  worker TEXT PRIMARY KEY,
+  dur_avg REAL,
+  dur_n INTEGER NOT NULL DEFAULT 0,
+  usage TEXT NOT NULL DEFAULT '{}'
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS unknown_usage (
+  pool TEXT PRIMARY KEY,
+  total REAL NOT NULL,
+  events INTEGER NOT NULL,
+  last_at INTEGER NOT NULL
+) WITHOUT ROWID;
+`;
+
+export interface ResRow extends Record<string, SqlStorageValue> {
+  id: string;
+  execution_id: string;
+  stage_id: string;
+  attempt: number;
+  worker: string;
+  rank: number;
+  eff_rank: number;
+  age_at: number | null;
+  seq: number;
+  state: string;
+  req: string;
+  lease_ms: number;
+  created_at: number;
+  granted_at: number | null;
+  expires_at: number | null;
+  passed: number;
+  parked: number;
+  usage: string | null;
+  duration_ms: number | null;
+  ended_at: number | null;
+}
+
+export function needsOf(row: ResRow): Amounts {
+  return JSON.parse(row.req) as Amounts;
+}
+
+export class LedgerStore {
+  readonly sql: Sql;
+  readonly commit: GroupCommit;
+  readonly pools = new Map<string, PoolState>();
+  readonly stats = new Map<string, WorkerStats>();
+  /** Granted reservations (live leases), as decided: loaded at start, kept in step with every change. */
+  readonly live = new Map<string, ResRow>();
+  /** Counters derived from the reservations at load. */
+  leases = 0;
+  waiters = 0;
+  parked = 0;
+  seq = 0;
+  /** Latest version of rows with a queued write (read before SQL). */
+  readonly #dirtyRows = new Map<string, ResRow>();
+  /** Pools and estimates changed since their rows were last written (written once per commit). */
+  readonly #dirtyPools = new Set<PoolState>();
+  readonly #dirtyStats = new Set<WorkerStats>();
+
+  constructor(private readonly storage: DurableObjectStorage) {
+    this.sql = sqlOf(storage);
+    this.commit = new GroupCommit(storage, {
+      beforeCommit: () => this.#writeDirty(),
+      afterCommit: () => this.#dirtyRows.clear(),
+      onFailure: () => this.load(),
+    });
+  }
+
+  /** Schema, seeding at the very first start only, then memory from SQL. */
+  open(seedPools: z.infer<typeof PoolConfig>, now: number): void {
+    execScript(this.storage, SCHEMA);
+    const seeded = this.sql<{ value: string }>`SELECT value FROM meta WHERE key = 'seeded'`.length > 0;
+    if (!seeded) {
+      this.storage.transactionSync(() => {
+        for (const spec of seedPools) {
+          this.#savePool(newPool(spec.name, spec.kind, spec.capacity, spec.refill_per_second ?? 0, now));
+        }
+        this.sql`INSERT INTO meta (key, value) VALUES ('seeded', ${String(now)})`;
+      });
+    }
+    this.load();
+  }
+
+  /** Waiters a grant pass could grant (parked ones hold nobody back). */
+  get activeWaiters(): number {
+    return this.waiters - this.parked;
+  }
+
+  // ---- pools and estimates -------------------------------------------------
+
+  addPool(p: PoolState): void {
+    this.pools.set(p.name, p);
+    this.#dirtyPools.add(p);
+  }
+
+  /** Marks a pool for writing with the step's commit (once, however often it changed). */
+  touchPool(p: PoolState): void {
+    this.#dirtyPools.add(p);
+  }
+
+  touchStats(w: WorkerStats): void {
+    this.#dirtyStats.add(w);
+  }
+
+  recordUnknownUsage(pool: string, amount: number, now: number): void {
+    this.commit.write(
+      () => this.sql`INSERT INTO unknown_usage (pool, total, events, last_at) VALUES (${pool}, ${amount}, 1, ${now})
+        ON CONFLICT (pool) DO UPDATE SET total = total + excluded.total, events = events + 1, last_at = excluded.last_at`,
+    );
+  }
+
+  // ---- reservations ----------------------------------------------------------
+
+  /** A reservation as decided: a queued write wins over SQL. */
+  row(id: string): ResRow | undefined {
+    return this.#dirtyRows.get(id) ?? this.live.get(id) ?? this.sql<ResRow>`SELECT * FROM reservations WHERE id = ${id}`[0];
+  }
+
+  /** Writes a row's new version (insert or update), keeping the live-lease map in step. */
+  putRow(r: ResRow): void {
+    if (r.state === "granted") this.live.set(r.id, r);
+    else this.live.delete(r.id);
+    if (this.commit.queueing) this.#dirtyRows.set(r.id, r);
+    this.commit.write(
+      () => this.sql`INSERT INTO reservations
+        (id, execution_id, stage_id, attempt, worker, rank, eff_rank, age_at, seq, state, req, lease_ms, created_at,
+         granted_at, expires_at, passed, parked, usage, duration_ms, ended_at)
+        VALUES (${r.id}, ${r.execution_id}, ${r.stage_id}, ${r.attempt}, ${r.worker}, ${r.rank}, ${r.eff_rank}, ${r.age_at},
+                ${r.seq}, ${r.state}, ${r.req}, ${r.lease_ms}, ${r.created_at}, ${r.granted_at}, ${r.expires_at}, ${r.passed},
+                ${r.parked}, ${r.usage}, ${r.duration_ms}, ${r.ended_at})
+        ON CONFLICT (id) DO UPDATE SET state = excluded.state, eff_rank = excluded.eff_rank, age_at = excluded.age_at,
+          granted_at = excluded.granted_at, expires_at = excluded.expires_at, passed = excluded.passed,
+          parked = excluded.parked, usage = excluded.usage, duration_ms = excluded.duration_ms, ended_at = excluded.ended_at`,
+    );
+  }
+
+  /** Queued rows that are active waiters (only the current step's can exist: see ResourceLedger#step). */
+  #dirtyWaiting(): ResRow[] {
+    const out: ResRow[] = [];
+    for (const r of this.#dirtyRows.values()) if (r.state === "waiting" && !r.parked) out.push(r);
+    return out;
+  }
+
+  /** The head of the queue: active waiters by effective rank desc, then arrival. */
+  queueHead(limit: number): ResRow[] {
+    const rows = this.sql<ResRow>`SELECT * FROM reservations
+      WHERE state = 'waiting' AND parked = 0 ORDER BY eff_rank DESC, seq LIMIT ${limit}`;
+    if (this.#dirtyRows.size === 0) return rows;
+    const merged = new Map<string, ResRow>();
+    for (const r of rows) merged.set(r.id, this.#dirtyRows.get(r.id) ?? r);
+    for (const r of this.#dirtyWaiting()) merged.set(r.id, r);
+    return [...merged.values()]
+      .filter((r) => r.state === "waiting" && !r.parked)
+      .sort((a, b) => b.eff_rank - a.eff_rank || a.seq - b.seq)
+      .slice(0, limit);
+  }
+
+  /** Active waiters ahead of `row`, and how many of them are for the same worker. */
+  countAhead(row: ResRow): { n: number; same: number } {
+    const r = this.sql<{ n: number; same: number | null }>`SELECT COUNT(*) AS n, SUM(worker = ${row.worker}) AS same
+      FROM reservations WHERE state = 'waiting' AND parked = 0 AND id != ${row.id}
+      AND (eff_rank > ${row.eff_rank} OR (eff_rank = ${row.eff_rank} AND seq < ${row.seq}))`[0];
+    return { n: r?.n ?? 0, same: r?.same ?? 0 };
+  }
+
+  /** Active waiters per worker with an effective rank of at least `rank`. */
+  waitingByWorker(rank: number): Map<string, number> {
+    const counts = new Map<string, number>();
+    for (const r of this.sql<{ worker: string; n: number }>`SELECT worker, COUNT(*) AS n FROM reservations
+        WHERE state = 'waiting' AND parked = 0 AND eff_rank >= ${rank} GROUP BY worker`) {
+      counts.set(r.worker, r.n);
+    }
+    return counts;
+  }
+
+  /** Waiters whose next ageing step is due. */
+  dueAgeing(now: number, limit: number): ResRow[] {
+    return this.sql<ResRow>`SELECT * FROM reservations
+      WHERE state = 'waiting' AND age_at IS NOT NULL AND age_at <= ${now} LIMIT ${limit}`.map((r) => this.#dirtyRows.get(r.id) ?? r);
+  }
+
+  /** Granted reservations whose lease is over, earliest first (read from the live map: always as decided). */
+  dueLeases(now: number, limit: number): ResRow[] {
+    const due: ResRow[] = [];
+    for (const r of this.live.values()) if (r.expires_at !== null && r.expires_at <= now) due.push(r);
+    return due.sort((a, b) => (a.expires_at ?? 0) - (b.expires_at ?? 0)).slice(0, limit);
+  }
+
+  /** Every parked waiter gets another look (after a resize). */
+  unparkAll(): void {
+    if (this.parked === 0) return;
+    for (const r of this.#dirtyRows.values()) if (r.state === "waiting" && r.parked) this.#dirtyRows.set(r.id, { ...r, parked: 0 });
+    this.commit.write(() => this.sql`UPDATE reservations SET parked = 0 WHERE state = 'waiting' AND parked = 1`);
+    this.parked = 0;
+  }
+
+  purge(before: number, limit: number): void {
+    this.commit.write(
+      () => this.sql`DELETE FROM reservations WHERE id IN (SELECT id FROM reservations WHERE ended_at IS NOT NULL
+        AND ended_at < ${before} ORDER BY ended_at LIMIT ${limit})`,
+    );
+  }
+
+  earliestLease(): number | null {
+    let t: number | null = null;
+    for (const r of this.live.values()) if (r.expires_at !== null && (t === null || r.expires_at < t)) t = r.expires_at;
+    return t;
+  }
+
+  earliestEnded(): number | null {
+    return this.sql<{ t: number | null }>`SELECT MIN(ended_at) AS t FROM reservations WHERE ended_at IS NOT NULL`[0]?.t ?? null;
+  }
+
+  // ---- load and check ----------------------------------------------------------
+
+  /** (Re)builds memory from SQL: pools, estimates, and the counters derived from live reservations. */
+  load(): void {
+    this.pools.clear();
+    this.stats.clear();
+    this.#dirtyRows.clear();
+    this.#dirtyPools.clear();
+    this.#dirtyStats.clear();
+    type PoolRow = {
+      name: string;
+      kind: PoolState["kind"];
+      capacity: number;
+      refill_per_second: number;
+      tokens: number;
+      tokens_at: number;
+      consumed: number;
+      est_avg: number | null;
+      est_n: number;
+    };
+    for (const r of this.sql<PoolRow>`SELECT * FROM pools`) {
+      this.pools.set(r.name, {
+        name: r.name,
+        kind: r.kind,
+        capacity: r.capacity,
+        refillPerSecond: r.refill_per_second,
+        tokens: r.tokens,
+        tokensAt: r.tokens_at,
+        held: 0,
+        consumed: r.consumed,
+        estAvg: r.est_avg,
+        estSamples: r.est_n,
+        waiting: 0,
+      });
+    }
+    for (const r of this.sql<{ worker: string; dur_avg: number | null; dur_n: number; usage: string }>`SELECT * FROM worker_stats`) {
+      this.stats.set(r.worker, { worker: r.worker, durAvg: r.dur_avg, durSamples: r.dur_n, usage: JSON.parse(r.usage) });
+    }
+    this.leases = 0;
+    this.live.clear();
+    for (const r of this.sql<ResRow>`SELECT * FROM reservations WHERE state = 'granted'`) {
+      this.live.set(r.id, r);
+      for (const [n, a] of Object.entries(needsOf(r))) {
+        const p = this.pools.get(n);
+        if (p) p.held += a;
+      }
+      this.leases++;
+    }
+    this.waiters = 0;
+    this.parked = 0;
+    this.seq = 0;
+    for (const r of this.sql<{ req: string; parked: number; seq: number }>`SELECT req, parked, seq FROM reservations
+        WHERE state = 'waiting'`) {
+      if (r.seq > this.seq) this.seq = r.seq;
+      for (const n of Object.keys(JSON.parse(r.req) as Amounts)) {
+        const p = this.pools.get(n);
+        if (p) p.waiting++;
+      }
+      this.waiters++;
+      if (r.parked) this.parked++;
+    }
+  }
+
+  /** Memory against SQL, for tests: held amounts, counters, persisted pool fields. */
+  selfCheck(): string[] {
+    this.commit.flush();
+    const problems: string[] = [];
+    const held = new Map<string, number>();
+    const waiting = new Map<string, number>();
+    let leases = 0;
+    let waiters = 0;
+    for (const r of this.sql<ResRow>`SELECT * FROM reservations WHERE state IN ('granted', 'waiting')`) {
+      const needs = needsOf(r);
+      if (r.state === "granted") leases++;
+      else waiters++;
+      for (const [n, a] of Object.entries(needs)) {
+        const m = r.state === "granted" ? held : waiting;
+        m.set(n, (m.get(n) ?? 0) + (r.state === "granted" ? a : 1));
+      }
+    }
+    if (leases !== this.leases) problems.push(`leases: memory ${this.leases}, sql ${leases}`);
+    if (this.live.size !== leases) problems.push(`live map: ${this.live.size} rows, sql ${leases} granted`);
+    for (const r of this.live.values()) {
+      const sqlRow = this.sql<ResRow>`SELECT * FROM reservations WHERE id = ${r.id}`[0];
+      if (sqlRow?.state !== "granted" || sqlRow.expires_at !== r.expires_at) problems.push(`live map row ${r.id} differs from sql`);
+    }
+    if (waiters !== this.waiters) problems.push(`waiters: memory ${this.waiters}, sql ${waiters}`);
+    for (const p of this.pools.values()) {
+      const h = held.get(p.name) ?? 0;
+      if (Math.abs(h - p.held) > 1e-6) problems.push(`${p.name}: held memory ${p.held}, sql ${h}`);
+      const w = waiting.get(p.name) ?? 0;
+      if (w !== p.waiting) problems.push(`${p.name}: waiting memory ${p.waiting}, sql ${w}`);
+      const row = this.sql<{ tokens: number; consumed: number; capacity: number }>`SELECT tokens, consumed, capacity FROM pools
+        WHERE name = ${p.name}`[0];
+      if (!row) problems.push(`${p.name}: no row`);
+      else if (row.capacity !== p.capacity || row.consumed !== p.consumed) problems.push(`${p.name}: row differs from memory`);
+    }
+    return problems;
+  }
+
+  // ---- writes batched per commit -------------------------------------------------
+
+  #writeDirty(): void {
+    for (const p of this.#dirtyPools) this.#savePool(p);
+    for (const w of this.#dirtyStats) {
+      this.sql`INSERT INTO worker_stats (worker, dur_avg, dur_n, usage)
+        VALUES (${w.worker}, ${w.durAvg}, ${w.durSamples}, ${JSON.stringify(w.usage)})
+        ON CONFLICT (worker) DO UPDATE SET dur_avg = excluded.dur_avg, dur_n = excluded.dur_n, usage = excluded.usage`;
+    }
+    this.#dirtyPools.clear();
+    this.#dirtyStats.clear();
+  }
+
+  #savePool(p: PoolState): void {
+    this.sql`INSERT INTO pools (name, kind, capacity, refill_per_second, tokens, tokens_at, consumed, est_avg, est_n)
+      VALUES (${p.name}, ${p.kind}, ${p.capacity}, ${p.refillPerSecond}, ${p.tokens}, ${p.tokensAt}, ${p.consumed},
+              ${p.estAvg}, ${p.estSamples})
+      ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, capacity = excluded.capacity,
+        refill_per_second = excluded.refill_per_second, tokens = excluded.tokens, tokens_at = excluded.tokens_at,
+        consumed = excluded.consumed, est_avg = excluded.est_avg, est_n = excluded.est_n`;
+  }
+}
