@@ -1,6 +1,6 @@
 import { cloudflareTest } from "@cloudflare/vitest-plugin";
 import { defineConfig } from "vitest/config";
-import { TEST_SECRETS, TEST_TUNING } from "./test/support/constants.ts";
+import { TEST_PREVIOUS_SECRETS, TEST_PREVIOUS_WORKER_SECRET, TEST_SECRETS, TEST_TUNING, TEST_WORKER_SECRETS } from "./test/support/constants.ts";
 
 const compatibilityDate = "2026-11-01";
 
@@ -13,13 +13,17 @@ const ORCHESTRATOR_AS_WORKER = "vitest-plugin-runner-workers";
 const ORCHESTRATOR_AS_KAM = { name: "vitest-plugin-runner-workers", entrypoint: "KamApi" };
 
 /** The demo granulator as an auxiliary worker under a given name (each name has its own objects and stats). */
-function granulator(name: string) {
+function granulator(name: keyof typeof TEST_WORKER_SECRETS) {
   return {
     name,
     modules: true,
     scriptPath: "./dist/test-workers/content-granulator/index.js",
     compatibilityDate,
-    bindings: { WORKER_SECRET: TEST_SECRETS.WORKER_SECRET },
+    // Its own secret: another worker's does not open it.
+    bindings: {
+      WORKER_SECRET: TEST_WORKER_SECRETS[name],
+      ...(name === "bitware-content-granulator" ? { WORKER_SECRET_PREVIOUS: TEST_PREVIOUS_WORKER_SECRET } : {}),
+    },
     // The short form would give key-value storage; the demo's objects use SQLite.
     durableObjects: {
       JOBS: { className: "GranulatorJob", useSQLite: true },
@@ -28,6 +32,9 @@ function granulator(name: string) {
     serviceBindings: { ORCHESTRATOR: ORCHESTRATOR_AS_WORKER },
   };
 }
+
+// The orchestrator holds each worker's secret in WORKER_SECRETS, with no shared WORKER_SECRET to fall back on.
+const { WORKER_SECRET: _shared, ...ORCHESTRATOR_SECRETS } = TEST_SECRETS;
 
 /**
  * Three projects:
@@ -49,7 +56,8 @@ export default defineConfig({
             wrangler: { configPath: "./wrangler.toml" },
             miniflare: {
               bindings: {
-                ...TEST_SECRETS,
+                ...ORCHESTRATOR_SECRETS,
+                ...TEST_PREVIOUS_SECRETS,
                 TUNING: JSON.stringify(TEST_TUNING),
                 LOG_LEVEL: "error",
                 WORKER_BINDINGS: JSON.stringify({

@@ -17,7 +17,14 @@ import { RssSampler, memoryOf } from "./lib/proc-stats";
 const args = flagArgs();
 const MB = Number(args.get("mb") ?? 30);
 const RUNS = Number(args.get("runs") ?? 3);
-const SECRETS = { WORKER_SECRET: "mem-worker-secret-0123456789abcdef", KAM_TOKEN: "mem-kam", OPS_TOKEN: "mem-ops" };
+const WORKER_SECRET = "mem-worker-secret-0123456789abcdef";
+const SECRETS = {
+  CALLBACK_SECRET: "mem-callback-secret-0123456789abcdef0123",
+  WORKER_SECRETS: JSON.stringify({ "bitware-content-granulator": WORKER_SECRET }),
+  WORKER_SECRET,
+  KAM_TOKEN: "mem-kam",
+  OPS_TOKEN: "mem-ops",
+};
 const KAM = { authorization: `Bearer ${SECRETS.KAM_TOKEN}`, "content-type": "application/json" };
 const MiB = 1024 * 1024;
 

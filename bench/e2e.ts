@@ -581,7 +581,14 @@ function printTable(result: any): void {
 async function main(): Promise<number> {
   const opts = parseArgs(process.argv.slice(2));
   const token = () => Buffer.from(crypto.getRandomValues(new Uint8Array(24))).toString("hex");
-  const secrets = { WORKER_SECRET: token(), KAM_TOKEN: token(), OPS_TOKEN: token() };
+  const workerSecret = token();
+  const secrets = {
+    CALLBACK_SECRET: token(),
+    WORKER_SECRETS: JSON.stringify({ [BENCH_WORKER]: workerSecret }),
+    WORKER_SECRET: workerSecret,
+    KAM_TOKEN: token(),
+    OPS_TOKEN: token(),
+  };
   const pools = [
     { name: `worker:${BENCH_WORKER}`, kind: "concurrency", capacity: Math.max(64, 2 * opts.concurrency) },
     { name: "tokens:openai", kind: "rate", capacity: 1e12, refill_per_second: 1e9 },

@@ -21,7 +21,14 @@ const CANCEL_SHARE = Number(args.get("cancel-share") ?? 0.03);
 const SEED = Number(args.get("seed") ?? 7);
 const DEADLINE_MS = Number(args.get("deadline-ms") ?? 15 * 60_000);
 
-const SECRETS = { WORKER_SECRET: "soak-worker-secret-0123456789abcdef", KAM_TOKEN: "soak-kam", OPS_TOKEN: "soak-ops" };
+const WORKER_SECRET = "soak-worker-secret-0123456789abcdef";
+const SECRETS = {
+  CALLBACK_SECRET: "soak-callback-secret-0123456789abcdef0123",
+  WORKER_SECRETS: JSON.stringify({ "bitware-content-granulator": WORKER_SECRET }),
+  WORKER_SECRET,
+  KAM_TOKEN: "soak-kam",
+  OPS_TOKEN: "soak-ops",
+};
 const KAM = { authorization: `Bearer ${SECRETS.KAM_TOKEN}`, "content-type": "application/json" };
 const OPS = { authorization: `Bearer ${SECRETS.OPS_TOKEN}` };
 

@@ -4,8 +4,9 @@ import { DataReference } from "./data";
 
 /**
  * The stage worker protocol (docs/protocol.md). Every call we make carries
- * `Authorization: Bearer <WORKER_SECRET>`; every callback a worker makes carries
- * the per-stage callback token it received in the handshake.
+ * `Authorization: Bearer <the worker's own secret>` (its WORKER_SECRET); every
+ * callback a worker makes carries the per-stage callback token it received in
+ * the handshake, and every input read the data token.
  */
 
 export const HandshakeRequest = z.object({
@@ -25,7 +26,12 @@ export const HandshakeRequest = z.object({
     pools: PoolAmounts.optional(),
   }),
   validationConfig: z.record(z.string(), z.unknown()),
-  callback: z.object({ url: z.string().url(), token: z.string().min(16) }),
+  /**
+   * `token` (use `callback`): the stage's callbacks and uploads; `dataToken` (use
+   * `data`): reading the stage's inputs (`GET /data/{key}`) and nothing else.
+   * Both expire (docs/protocol.md, "Callback tokens").
+   */
+  callback: z.object({ url: z.string().url(), token: z.string().min(16), dataToken: z.string().min(16).optional() }),
 });
 export type HandshakeRequest = z.infer<typeof HandshakeRequest>;
 

@@ -1,9 +1,10 @@
-// `npm start`: creates .dev.vars from .dev.vars.example when missing, then runs
-// the orchestrator and both stand-ins in one `wrangler dev` session. The
-// orchestrator reads .dev.vars; the demo granulator (which must share
-// WORKER_SECRET) gets the same values through the process environment.
+// `npm start`: creates .dev.vars from .dev.vars.example when missing (and adds
+// the example's keys an older .dev.vars lacks), then runs the orchestrator and
+// both stand-ins in one `wrangler dev` session. The orchestrator reads .dev.vars;
+// the demo granulator (whose WORKER_SECRET must match its entry in
+// WORKER_SECRETS) gets the same values through the process environment.
 import { spawn } from "node:child_process";
-import { copyFileSync, existsSync, readFileSync } from "node:fs";
+import { appendFileSync, copyFileSync, existsSync, readFileSync } from "node:fs";
 import path from "node:path";
 import { DEMO_CONFIGS, ROOT } from "./dev-session.mjs";
 
@@ -13,13 +14,21 @@ if (!existsSync(main)) {
   copyFileSync(example, main);
   console.log("created .dev.vars from .dev.vars.example");
 }
-const secrets = Object.fromEntries(
-  readFileSync(main, "utf8")
-    .split("\n")
-    .map((l) => /^([A-Z_][A-Z0-9_]*)=(.*)$/.exec(l.trim()))
-    .filter(Boolean)
-    .map((m) => [m[1], m[2]]),
-);
+const readVars = (file) =>
+  Object.fromEntries(
+    readFileSync(file, "utf8")
+      .split("\n")
+      .map((l) => /^([A-Z_][A-Z0-9_]*)=(.*)$/.exec(l.trim()))
+      .filter(Boolean)
+      .map((m) => [m[1], m[2]]),
+  );
+const defaults = readVars(example);
+const added = Object.keys(defaults).filter((k) => !(k in readVars(main)));
+if (added.length) {
+  appendFileSync(main, `\n${added.map((k) => `${k}=${defaults[k]}`).join("\n")}\n`);
+  console.log(`added ${added.join(", ")} to .dev.vars from .dev.vars.example`);
+}
+const secrets = readVars(main);
 
 const port = process.env.PORT ?? "8787";
 const kam = secrets.KAM_TOKEN ?? "<KAM_TOKEN>";

@@ -1,12 +1,18 @@
+import { z } from "zod";
+import { configOf } from "./config";
 import { ApiError } from "./http";
+import { type SecretPair, secretPair } from "./secrets";
 
 /**
  * Who may call what:
  * - KAM_TOKEN: start and read executions over HTTP;
  * - OPS_TOKEN: operators (resources, pools, any execution);
- * - callback tokens: a stage worker, for one execution, one stage, one attempt;
- * - WORKER_SECRET: on every call we make to a worker, and the key of the callback tokens.
- * Secrets are compared in constant time and never logged.
+ * - callback tokens: a stage worker, for one execution, one stage, one attempt,
+ *   one use (`callback`: callbacks and uploads; `data`: reading its inputs), until they expire;
+ * - CALLBACK_SECRET keys those tokens (src/secrets.ts); the bearer we send each
+ *   worker is its own secret (WORKER_SECRETS).
+ * Secrets are compared in constant time and never logged; each may have a
+ * previous value that still verifies during a rotation.
  */
 export type Role = "kam" | "ops";
 
@@ -29,32 +35,60 @@ export function safeEqual(a: string, b: string): boolean {
   return crypto.subtle.timingSafeEqual(x, y);
 }
 
+/** True when `given` is the current or the previous value (both compared, so the time does not say which). */
+export function matchesSecret(given: string, pair: SecretPair | null): boolean {
+  if (!pair) return false;
+  const current = safeEqual(given, pair.current);
+  const previous = pair.previous !== null && safeEqual(given, pair.previous);
+  return current || previous;
+}
+
 /** Returns the caller's role, or throws 401. */
 export function requireRole(request: Request, env: Env, allowed: readonly Role[]): Role {
   const token = bearerToken(request);
   if (token) {
-    if (allowed.includes("ops") && env.OPS_TOKEN && safeEqual(token, env.OPS_TOKEN)) return "ops";
-    if (allowed.includes("kam") && env.KAM_TOKEN && safeEqual(token, env.KAM_TOKEN)) return "kam";
+    if (allowed.includes("ops") && matchesSecret(token, secretPair(env, "OPS_TOKEN"))) return "ops";
+    if (allowed.includes("kam") && matchesSecret(token, secretPair(env, "KAM_TOKEN"))) return "kam";
   }
   throw new ApiError(401, "unauthorized", "missing or invalid bearer token");
 }
 
-// ---- callback tokens -------------------------------------------------------
+// ---- callback and data tokens ----------------------------------------------
 
-export interface CallbackClaims {
+export type TokenUse = "callback" | "data";
+
+export interface TokenClaims {
   executionId: string;
   stageId: string;
   attempt: number;
+  /** Unix ms after which the token is refused with `token_expired`. */
+  expiresAt: number;
+  /** `callback`: the stage's callbacks and uploads; `data`: reading the stage's inputs. */
+  use: TokenUse;
+  /** For `data`: the keys of the stage's inputs, the only ones it may read. */
+  inputs?: string[];
 }
+
+const TokenPayload = z.object({
+  v: z.literal(2),
+  e: z.string(),
+  s: z.string(),
+  a: z.number().int().min(1),
+  x: z.number().int(),
+  u: z.enum(["callback", "data"]),
+  i: z.array(z.string()).optional(),
+});
 
 const keyCache = new Map<string, Promise<CryptoKey>>();
 
 function hmacKey(secret: string): Promise<CryptoKey> {
   let key = keyCache.get(secret);
   if (!key) {
-    key = crypto.subtle.importKey("raw", encoder.encode(`callback-token-v1:${secret}`), { name: "HMAC", hash: "SHA-256" }, false, [
+    key = crypto.subtle.importKey("raw", encoder.encode(`callback-token-v2:${secret}`), { name: "HMAC", hash: "SHA-256" }, false, [
       "sign",
     ]);
+    // One entry per secret value: current and previous, a handful over a rotation.
+    if (keyCache.size > 16) keyCache.clear();
     keyCache.set(secret, key);
   }
   return key;
@@ -69,7 +103,8 @@ function b64url(bytes: ArrayBuffer | Uint8Array): string {
 
 function fromB64url(s: string): string | null {
   try {
-    return atob(s.replace(/-/g, "+").replace(/_/g, "/"));
+    const binary = atob(s.replace(/-/g, "+").replace(/_/g, "/"));
+    return new TextDecoder().decode(Uint8Array.from(binary, (c) => c.charCodeAt(0)));
   } catch {
     return null;
   }
@@ -80,31 +115,87 @@ async function sign(secret: string, payload: string): Promise<string> {
 }
 
 /**
- * `{base64url(execution|stage|attempt)}.{base64url(HMAC-SHA256)}`: bound to one
- * attempt of one stage, so a late callback from an earlier attempt or another
- * execution cannot act on this one.
+ * `{base64url(JSON payload)}.{base64url(HMAC-SHA256)}`, signed with the current
+ * CALLBACK_SECRET only. The payload names the execution, stage, attempt, expiry
+ * and use, so a token opens one attempt of one stage for one purpose, for a
+ * bounded time.
  */
-export async function issueCallbackToken(secret: string, claims: CallbackClaims): Promise<string> {
-  const payload = `${claims.executionId}|${claims.stageId}|${claims.attempt}`;
-  return `${b64url(encoder.encode(payload))}.${await sign(secret, payload)}`;
+export async function issueToken(secret: SecretPair, claims: TokenClaims): Promise<string> {
+  const payload = JSON.stringify({
+    v: 2,
+    e: claims.executionId,
+    s: claims.stageId,
+    a: claims.attempt,
+    x: claims.expiresAt,
+    u: claims.use,
+    ...(claims.inputs ? { i: claims.inputs } : {}),
+  });
+  return `${b64url(encoder.encode(payload))}.${await sign(secret.current, payload)}`;
 }
 
-/** 401 for a missing or forged token, 403 for a genuine token of another execution or stage. */
-export async function verifyCallbackToken(
+/**
+ * How long a stage's tokens live: the longest the attempt can last (its
+ * handshake and process calls, then `timeout_ms` of processing) plus
+ * `callbackTokenMarginMs` for a callback already on its way at the deadline.
+ */
+export function tokenExpiry(now: number, timeoutMs: number, tuning: { workerCallTimeoutMs: number; callbackTokenMarginMs: number }): number {
+  return now + 2 * tuning.workerCallTimeoutMs + timeoutMs + tuning.callbackTokenMarginMs;
+}
+
+/** The two tokens a stage's handshake carries: `callback` (callbacks, uploads) and `data` (reading its inputs). */
+export async function issueStageTokens(
+  env: Env,
+  stage: { executionId: string; stageId: string; attempt: number; timeoutMs: number; inputs: string[] },
+  now = Date.now(),
+): Promise<{ token: string; dataToken: string }> {
+  const secret = secretPair(env, "CALLBACK_SECRET");
+  if (!secret) throw new Error("CALLBACK_SECRET is not set");
+  const expiresAt = tokenExpiry(now, stage.timeoutMs, configOf(env).tuning);
+  const base = { executionId: stage.executionId, stageId: stage.stageId, attempt: stage.attempt, expiresAt };
+  const [token, dataToken] = await Promise.all([
+    issueToken(secret, { ...base, use: "callback" }),
+    issueToken(secret, { ...base, use: "data", inputs: stage.inputs }),
+  ]);
+  return { token, dataToken };
+}
+
+async function macMatches(secret: SecretPair, payload: string, mac: string): Promise<boolean> {
+  const current = safeEqual(mac, await sign(secret.current, payload));
+  const previous = secret.previous !== null && safeEqual(mac, await sign(secret.previous, payload));
+  return current || previous;
+}
+
+/**
+ * 401 `unauthorized` for a missing or forged token, 401 `token_expired` past
+ * its expiry, 403 `forbidden` for a genuine token of another use, execution or stage.
+ */
+export async function verifyToken(
   request: Request,
-  secret: string,
-  expected: { executionId: string; stageId?: string },
-): Promise<CallbackClaims> {
+  env: Env,
+  expected: { executionId: string; stageId?: string; use: TokenUse },
+  now = Date.now(),
+): Promise<TokenClaims> {
+  const secret = secretPair(env, "CALLBACK_SECRET");
   const token = bearerToken(request);
-  const [p, mac] = token?.split(".") ?? [];
-  const payload = p && mac ? fromB64url(p) : null;
-  if (!payload || !mac || !safeEqual(mac, await sign(secret, payload))) {
+  const [p, mac, extra] = token?.split(".") ?? [];
+  const payload = p && mac && extra === undefined ? fromB64url(p) : null;
+  if (!secret || !payload || !mac || !(await macMatches(secret, payload, mac))) {
     throw new ApiError(401, "unauthorized", "missing or invalid callback token");
   }
-  const [executionId, stageId, attemptText] = payload.split("|");
-  const attempt = Number(attemptText);
-  if (executionId !== expected.executionId || (expected.stageId !== undefined && stageId !== expected.stageId)) {
+  let parsed: z.infer<typeof TokenPayload>;
+  try {
+    parsed = TokenPayload.parse(JSON.parse(payload));
+  } catch {
+    throw new ApiError(401, "unauthorized", "missing or invalid callback token");
+  }
+  if (now >= parsed.x) {
+    throw new ApiError(401, "token_expired", `this token expired at ${new Date(parsed.x).toISOString()}`, { expired_at: new Date(parsed.x).toISOString() });
+  }
+  if (parsed.u !== expected.use) {
+    throw new ApiError(403, "forbidden", `this token is for ${parsed.u === "data" ? "reading a stage's inputs" : "callbacks and uploads"}, not for this route`);
+  }
+  if (parsed.e !== expected.executionId || (expected.stageId !== undefined && parsed.s !== expected.stageId)) {
     throw new ApiError(403, "forbidden", "this callback token belongs to another execution or stage");
   }
-  return { executionId, stageId, attempt };
+  return { executionId: parsed.e, stageId: parsed.s, attempt: parsed.a, expiresAt: parsed.x, use: parsed.u, inputs: parsed.i };
 }

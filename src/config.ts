@@ -17,6 +17,12 @@ export const DEFAULT_TUNING = {
   kamRetryBaseMs: 500,
   /** Template cache TTL in EXECUTION_CACHE (KV's minimum is 60 s). */
   templateCacheTtlSeconds: 300,
+  /**
+   * Callback and data tokens expire this long after the latest moment their
+   * attempt can still be running (handshake + process calls + the stage's
+   * `timeout_ms`): room for a callback already on its way at the deadline.
+   */
+  callbackTokenMarginMs: 5 * 60_000,
   /** Stage deadline when the template gives no `timeout_ms`. */
   defaultStageTimeoutMs: 10 * 60_000,
   /** Attempts per stage when the template gives no `max_attempts`. */
@@ -39,9 +45,11 @@ export const DEFAULT_TUNING = {
   maxAlarmFailures: 5,
   /** Ended executions keep their data this long, then their alarm deletes it. */
   retentionMs: 7 * 24 * 3600_000,
-  /** Request body limits. */
+  /** Request body limits: bytes, nesting depth of objects and arrays, object keys in the whole body (past them: 400 `invalid_json`). */
   maxBodyBytes: 256 * 1024,
   maxCallbackBodyBytes: 1024 * 1024,
+  maxJsonDepth: 32,
+  maxJsonKeys: 10_000,
   /** Estimate for a stage with no `resources` and no usage history. */
   defaultEstimatedTokens: 1_000,
   defaultStageDurationMs: 5_000,

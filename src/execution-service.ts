@@ -5,7 +5,7 @@ import { CompleteCallback, FailCallback, ProgressCallback } from "../schemas/wor
 import type { CallbackKind, CancelState, Execution, ResultState } from "../actors/execution/index";
 import type { ClaimResult, RequestRegistry } from "../actors/request-registry";
 import type { DataReference } from "../schemas/data";
-import { verifyCallbackToken } from "./auth";
+import { verifyToken } from "./auth";
 import { DATA_LIMITS, UploadError, dataKey, openStream, parseDataKey, putStream, verifying } from "./data-store";
 import { configOf } from "./config";
 import { sha256Hex } from "./hash";
@@ -136,10 +136,20 @@ export async function getResult(env: Env, id: unknown, origin: string): Promise<
   };
 }
 
+/**
+ * Stored bytes are whatever a worker produced: a browser must neither sniff
+ * them into something runnable nor render them in our origin.
+ */
+export const STORED_CONTENT_HEADERS = {
+  "x-content-type-options": "nosniff",
+  "content-disposition": "attachment",
+  "content-security-policy": "default-src 'none'",
+} as const;
+
 /** The deliverable's bytes: JSON text when inline, else streamed from KV or R2 and verified on the way. */
 export async function getResultContent(env: Env, id: unknown): Promise<Response> {
   const r = await completedResult(env, checkExecutionId(id));
-  if (!r.outputRef) return new Response(JSON.stringify(r.output), { headers: { "content-type": "application/json" } });
+  if (!r.outputRef) return new Response(JSON.stringify(r.output), { headers: { "content-type": "application/json", ...STORED_CONTENT_HEADERS } });
   return streamReference(env, r.outputRef);
 }
 
@@ -147,15 +157,18 @@ export async function streamReference(env: Env, ref: DataReference): Promise<Res
   const opened = await openStream(env, ref);
   if (!opened) throw new ApiError(410, "data_expired", `${ref.key} is gone`);
   return new Response(verifying(opened.body, ref.sha256), {
-    headers: { "content-type": ref.contentType, "content-length": String(ref.size), "x-content-sha256": ref.sha256 },
+    headers: { "content-type": ref.contentType, "content-length": String(ref.size), "x-content-sha256": ref.sha256, ...STORED_CONTENT_HEADERS },
   });
 }
 
-/** `GET /data/{key}`: a stage worker reads data of its own execution with its callback token. */
+/** `GET /data/{key}`: a stage worker reads one of its stage's inputs with the stage's data token. */
 export async function readData(env: Env, request: Request, key: string): Promise<Response> {
   const parsed = parseDataKey(key);
   if (!parsed) throw new ApiError(400, "invalid_request", "not a data key", [{ path: "key", message: "expected {kv|r2}/{execution_id}/..." }]);
-  await verifyCallbackToken(request, env.WORKER_SECRET, { executionId: parsed.executionId });
+  const claims = await verifyToken(request, env, { executionId: parsed.executionId, use: "data" });
+  if (!claims.inputs?.includes(key)) {
+    throw new ApiError(403, "forbidden", `this token reads only the inputs of ${claims.stageId} (attempt ${claims.attempt})`);
+  }
   const ref = await call<DataReference | null>(env, executionStub(env, parsed.executionId).dataRef(key), "execution data");
   if (!ref) throw new ApiError(404, "not_found", `no data at ${key}`);
   return streamReference(env, ref);
@@ -166,7 +179,7 @@ export async function writeData(env: Env, request: Request, id: string, stageId:
   const executionId = checkExecutionId(id);
   parseWith(StageId, stageId, "stage id");
   parseWith(DataName, name, "data name");
-  const claims = await verifyCallbackToken(request, env.WORKER_SECRET, { executionId, stageId });
+  const claims = await verifyToken(request, env, { executionId, stageId, use: "callback" });
   const length = Number(request.headers.get("content-length") ?? "NaN");
   if (!Number.isInteger(length) || length < 0) throw new ApiError(411, "length_required", "send Content-Length with the upload");
   if (length > DATA_LIMITS.maxUploadBytes) {
@@ -220,7 +233,7 @@ export async function workerCallback(
 ) {
   const executionId = checkExecutionId(id);
   parseWith(StageId, stageId, "stage id");
-  const claims = await verifyCallbackToken(request, env.WORKER_SECRET, { executionId, stageId });
+  const claims = await verifyToken(request, env, { executionId, stageId, use: "callback" });
   const payload = parseWith(CALLBACK_SCHEMAS[kind], await readBody(), "body");
   const answer = await call(env, executionStub(env, executionId).callback(kind, stageId, claims.attempt, payload), "execution callback");
   return answer;

@@ -79,18 +79,52 @@ function tooLarge(maxBytes: number): ApiError {
   return new ApiError(413, "payload_too_large", `body is larger than ${maxBytes} bytes`, { max_bytes: maxBytes });
 }
 
-/** JSON body: 415 unless JSON, 413 over the limit, 400 for bad JSON or a schema mismatch. */
-export async function readJson<S extends z.ZodType>(request: Request, schema: S, maxBytes: number): Promise<z.output<S>> {
+export interface JsonLimits {
+  /** Bytes of the body. */
+  maxBytes: number;
+  /** Nesting of objects and arrays (the body itself is depth 1). */
+  maxJsonDepth: number;
+  /** Object keys in the whole body. */
+  maxJsonKeys: number;
+}
+
+/**
+ * The depth and key count of a parsed value, walked without recursion so a
+ * deep body cannot exhaust the stack; stops at the first limit passed.
+ */
+export function jsonShapeProblem(value: unknown, limits: Pick<JsonLimits, "maxJsonDepth" | "maxJsonKeys">): string | null {
+  const stack: [unknown, number][] = [[value, 1]];
+  let keys = 0;
+  while (stack.length) {
+    const [v, depth] = stack.pop()!;
+    if (v === null || typeof v !== "object") continue;
+    if (depth > limits.maxJsonDepth) return `nested deeper than ${limits.maxJsonDepth} levels`;
+    const children = Array.isArray(v) ? v : Object.values(v);
+    if (!Array.isArray(v)) {
+      keys += children.length;
+      if (keys > limits.maxJsonKeys) return `more than ${limits.maxJsonKeys} keys`;
+    }
+    for (const c of children) if (c !== null && typeof c === "object") stack.push([c, depth + 1]);
+  }
+  return null;
+}
+
+/** JSON body: 415 unless JSON, 413 over the size limit, 400 for bad JSON, a body past the depth or key limits, or a schema mismatch. */
+export async function readJson<S extends z.ZodType>(request: Request, schema: S, limits: JsonLimits): Promise<z.output<S>> {
   const type = request.headers.get("content-type") ?? "";
   if (!/^application\/(?:[\w.+-]+\+)?json\b/i.test(type)) {
     throw new ApiError(415, "unsupported_media_type", "send the body as application/json");
   }
-  const text = await readText(request, maxBytes);
+  const text = await readText(request, limits.maxBytes);
   let value: unknown;
   try {
     value = JSON.parse(text);
   } catch {
     throw new ApiError(400, "invalid_json", "the body is not valid JSON");
+  }
+  const problem = jsonShapeProblem(value, limits);
+  if (problem) {
+    throw new ApiError(400, "invalid_json", `the body is ${problem}`, { max_depth: limits.maxJsonDepth, max_keys: limits.maxJsonKeys });
   }
   return parseWith(schema, value, "body");
 }

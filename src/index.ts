@@ -3,7 +3,7 @@ import type { ExecuteResponse, ResultDocument, StatusDocument } from "../schemas
 import { cancelExecution, getResult, getStatus, startExecution } from "./execution-service";
 import { ApiError } from "./http";
 import { setLogLevel } from "./log";
-import { handle } from "./routes";
+import { handle, requireConfigured } from "./routes";
 
 export { Execution } from "../actors/execution/index";
 export { ExecutionIndex } from "../actors/execution-index";
@@ -16,8 +16,9 @@ export type RpcResult<T> =
   | { ok: true; status: number; data: T }
   | { ok: false; status: number; error: { code: string; message: string; details?: unknown } };
 
-async function rpc<T>(work: () => Promise<{ status: number; data: T }>): Promise<RpcResult<T>> {
+async function rpc<T>(env: Env, work: () => Promise<{ status: number; data: T }>): Promise<RpcResult<T>> {
   try {
+    requireConfigured(env);
     const { status, data } = await work();
     return { ok: true, status, data };
   } catch (err) {
@@ -45,21 +46,21 @@ export default class Orchestrator extends WorkerEntrypoint<Env> {
  */
 export class KamApi extends WorkerEntrypoint<Env> {
   execute(request: unknown): Promise<RpcResult<ExecuteResponse>> {
-    return rpc(async () => {
+    return rpc(this.env, async () => {
       const out = await startExecution(this.env, request, "https://orchestrator-v2.internal");
       return { status: out.status, data: out.body };
     });
   }
 
   getStatus(id: string): Promise<RpcResult<StatusDocument>> {
-    return rpc(async () => ({ status: 200, data: await getStatus(this.env, id) }));
+    return rpc(this.env, async () => ({ status: 200, data: await getStatus(this.env, id) }));
   }
 
   getResult(id: string): Promise<RpcResult<ResultDocument>> {
-    return rpc(async () => ({ status: 200, data: await getResult(this.env, id, "https://orchestrator-v2.internal") }));
+    return rpc(this.env, async () => ({ status: 200, data: await getResult(this.env, id, "https://orchestrator-v2.internal") }));
   }
 
   cancel(id: string): Promise<RpcResult<StatusDocument>> {
-    return rpc(async () => ({ status: 200, data: await cancelExecution(this.env, id) }));
+    return rpc(this.env, async () => ({ status: 200, data: await cancelExecution(this.env, id) }));
   }
 }

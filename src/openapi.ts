@@ -39,7 +39,13 @@ import {
 
 // ---- schemas of the HTTP layer alone -----------------------------------------
 
-const Health = z.object({ status: z.literal("ok"), service: z.string(), time: z.string() });
+const Health = z.object({
+  status: z.enum(["ok", "misconfigured"]),
+  service: z.string(),
+  time: z.string(),
+  /** With `misconfigured`: the names (never the values) of the missing or unusable secrets. */
+  missing: z.array(z.string()).optional(),
+});
 
 const CallbackAccepted = z.object({ ok: z.literal(true), stage_status: StageStatus, duplicate: z.boolean().optional() });
 
@@ -69,12 +75,18 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
   const kamOrOps: Security = [{ kamToken: [] }, { opsToken: [] }];
   const opsOnly: Security = [{ opsToken: [] }];
   const callbackOnly: Security = [{ callbackToken: [] }];
-  r.registerComponent("securitySchemes", "kamToken", { type: "http", scheme: "bearer", description: "KAM_TOKEN: start and read executions." });
-  r.registerComponent("securitySchemes", "opsToken", { type: "http", scheme: "bearer", description: "OPS_TOKEN: operators (resources, pools, any execution)." });
+  const dataOnly: Security = [{ dataToken: [] }];
+  r.registerComponent("securitySchemes", "kamToken", { type: "http", scheme: "bearer", description: "KAM_TOKEN (or KAM_TOKEN_PREVIOUS during a rotation): start and read executions." });
+  r.registerComponent("securitySchemes", "opsToken", { type: "http", scheme: "bearer", description: "OPS_TOKEN (or OPS_TOKEN_PREVIOUS during a rotation): operators (resources, pools, any execution)." });
   r.registerComponent("securitySchemes", "callbackToken", {
     type: "http",
     scheme: "bearer",
-    description: "The per-attempt callback token a stage worker received in its handshake.",
+    description: "`callback.token` from the handshake (use `callback`): one attempt of one stage, callbacks and uploads, until it expires.",
+  });
+  r.registerComponent("securitySchemes", "dataToken", {
+    type: "http",
+    scheme: "bearer",
+    description: "`callback.dataToken` from the handshake (use `data`): reads the inputs of one attempt of one stage, until it expires.",
   });
 
   // Components: the orchestrator's API, the index, the ledger, KAM's templates and the worker protocol.
@@ -128,8 +140,13 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
   const common = {
     "400": error("invalid_request: an id, a parameter or the body does not match its schema (`details` names the fields)"),
     "401": error("unauthorized: missing or invalid bearer token"),
-    "503": error("unavailable: an object did not answer within objectCallTimeoutMs"),
+    "503": error("unavailable: an object did not answer within objectCallTimeoutMs (the message names which); misconfigured: a secret is missing (GET /health names it)"),
   };
+  const tokenErrors = {
+    "401": error("unauthorized: missing or forged token; token_expired: past its expiry"),
+    "403": error("forbidden: a genuine token of another use, execution or stage (or, for data, not an input of its stage)"),
+  };
+  const stored = "Served with `x-content-type-options: nosniff`, `content-disposition: attachment` and `content-security-policy: default-src 'none'`.";
   const idParams = z.object({ id: ExecutionId });
   const scheduleParams = z.object({ id: ScheduleId });
 
@@ -138,7 +155,10 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       method: "get",
       path: "/health",
       summary: "Liveness",
-      responses: { "200": jsonBody(S.Health, "the Worker answers") },
+      responses: {
+        "200": jsonBody(S.Health, "the Worker answers and its secrets are set"),
+        "503": jsonBody(S.Health, "misconfigured: `missing` names the secrets that are missing or unusable; every other route answers 503 misconfigured"),
+      },
     },
     {
       method: "get",
@@ -215,6 +235,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       method: "get",
       path: "/executions/{id}/result/content",
       summary: "The deliverable's bytes",
+      description: stored,
       security: kamOrOps,
       request: { params: idParams },
       responses: {
@@ -251,7 +272,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       responses: {
         "200": jsonBody(S.CallbackAccepted, "accepted (or the same complete again: `duplicate: true`)"),
         ...common,
-        "403": error("forbidden: a genuine token of another execution or stage"),
+        ...tokenErrors,
         "404": error("not_found: unknown execution, stage or callback kind"),
         "409": error("stale_attempt, stage_ended or execution_cancelled"),
         "413": error("payload_too_large"),
@@ -261,13 +282,14 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
     {
       method: "get",
       path: "/data/{kind}/{executionId}/{stageId}/{name}",
-      summary: "A stage worker reads stored data of its own execution",
-      security: callbackOnly,
+      summary: "A stage worker reads one of its stage's inputs",
+      description: stored,
+      security: dataOnly,
       request: { params: z.object({ kind: z.enum(["kv", "r2"]), executionId: ExecutionId, stageId: StageId, name: z.string() }) },
       responses: {
         "200": { description: "the bytes, verified against their sha256 on the way" },
         ...common,
-        "403": error("forbidden"),
+        ...tokenErrors,
         "404": error("not_found"),
         "410": error("data_expired"),
       },
@@ -284,7 +306,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       responses: {
         "201": jsonBody(S.DataReference, "stored: name it in the complete callback as `dataReference`"),
         ...common,
-        "403": error("forbidden"),
+        ...tokenErrors,
         "409": error("stage_ended"),
         "411": error("length_required"),
         "413": error("payload_too_large"),

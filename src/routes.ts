@@ -4,6 +4,7 @@ import { PoolName } from "../schemas/common";
 import { PoolSpec } from "../schemas/ledger";
 import openapiDocument from "../docs/openapi.json";
 import { requireRole } from "./auth";
+import { missingSecrets } from "./secrets";
 import { configOf } from "./config";
 import {
   cancelExecution,
@@ -17,7 +18,7 @@ import {
   workerCallback,
   writeData,
 } from "./execution-service";
-import { ApiError, errorResponse, json, parseWith, readJson } from "./http";
+import { ApiError, type JsonLimits, errorResponse, json, parseWith, readJson } from "./http";
 import { countExecutions, listExecutions } from "./index-routing";
 import { ledgerFor } from "./ledger-routing";
 import { log } from "./log";
@@ -51,7 +52,19 @@ function route(method: "get" | "post" | "put" | "patch" | "delete", path: string
 
 const origin = (req: IRequest) => new URL(req.url).origin;
 
-route("get", "/health", () => json({ status: "ok", service: "orchestrator-v2", time: new Date().toISOString() }));
+/** A body's limits from TUNING; a worker's callback may be larger than a request. */
+function bodyLimits(env: Env, kind: "request" | "callback" = "request"): JsonLimits {
+  const t = configOf(env).tuning;
+  return { maxBytes: kind === "callback" ? t.maxCallbackBodyBytes : t.maxBodyBytes, maxJsonDepth: t.maxJsonDepth, maxJsonKeys: t.maxJsonKeys };
+}
+
+// The one route that answers when secrets are missing, and says which (names, never values).
+route("get", "/health", (_req, env) => {
+  const missing = missingSecrets(env);
+  const time = new Date().toISOString();
+  if (missing.length) return json({ status: "misconfigured", service: "orchestrator-v2", time, missing }, 503);
+  return json({ status: "ok", service: "orchestrator-v2", time });
+});
 
 // The API description (docs/openapi.json, generated from the zod schemas by `npm run openapi`).
 route("get", "/openapi.json", () => json(openapiDocument));
@@ -62,7 +75,7 @@ route("get", "/ui/executions/:id", (req) => executionPage(checkExecutionId(req.p
 
 route("post", "/execute", async (req, env) => {
   requireRole(req, env, ["kam"]);
-  const body = await readJson(req, z.unknown(), configOf(env).tuning.maxBodyBytes);
+  const body = await readJson(req, z.unknown(), bodyLimits(env));
   const out = await startExecution(env, body, origin(req));
   return json(out.body, out.status);
 });
@@ -104,7 +117,7 @@ route("post", "/executions/:id/stages/:stageId/:kind", async (req, env) => {
   const { id, stageId, kind } = req.params;
   if (!isCallbackKind(kind)) throw new ApiError(404, "not_found", `no callback named ${kind}`);
   const answer = await workerCallback(env, req, id, stageId, kind, () =>
-    readJson(req, z.unknown(), configOf(env).tuning.maxCallbackBodyBytes),
+    readJson(req, z.unknown(), bodyLimits(env, "callback")),
   );
   return json(answer.body, answer.status);
 });
@@ -128,14 +141,14 @@ route("get", "/resources", async (req, env) => {
 route("put", "/resources/pools/:name", async (req, env) => {
   requireRole(req, env, ["ops"]);
   const name = parseWith(PoolName, decodeURIComponent(req.params.name), "pool name");
-  const spec = await readJson(req, PoolSpec, configOf(env).tuning.maxBodyBytes);
+  const spec = await readJson(req, PoolSpec, bodyLimits(env));
   return json(await ledgerFor(env, name).putPool(name, spec));
 });
 
 // Scheduled executions (src/schedule-service.ts, actors/schedule-shard.ts).
 route("post", "/schedules", async (req, env) => {
   requireRole(req, env, ["kam", "ops"]);
-  const out = await createSchedule(env, await readJson(req, z.unknown(), configOf(env).tuning.maxBodyBytes));
+  const out = await createSchedule(env, await readJson(req, z.unknown(), bodyLimits(env)));
   return json(out.body, out.status);
 });
 
@@ -151,7 +164,7 @@ route("get", "/schedules/:id", async (req, env) => {
 
 route("patch", "/schedules/:id", async (req, env) => {
   requireRole(req, env, ["kam", "ops"]);
-  return json(await patchSchedule(env, req.params.id, await readJson(req, z.unknown(), configOf(env).tuning.maxBodyBytes)));
+  return json(await patchSchedule(env, req.params.id, await readJson(req, z.unknown(), bodyLimits(env))));
 });
 
 route("delete", "/schedules/:id", async (req, env) => {
@@ -177,6 +190,32 @@ function matches(pattern: string, path: string): boolean {
   return re.test(path);
 }
 
-export function handle(request: Request, env: Env, ctx: ExecutionContext): Promise<Response> {
+/** 503 `misconfigured` while a secret is missing or unusable (src/secrets.ts): never serve with a guessable key. */
+export function requireConfigured(env: Env): void {
+  if (missingSecrets(env).length) {
+    throw new ApiError(503, "misconfigured", "the orchestrator is missing secrets or has unusable ones (GET /health names them)");
+  }
+}
+
+/** 400 for a path segment that is not valid percent-encoding, before any route reads it. */
+function checkPathEncoding(pathname: string): void {
+  for (const segment of pathname.split("/")) {
+    try {
+      decodeURIComponent(segment);
+    } catch {
+      throw new ApiError(400, "invalid_request", "a path segment is not valid percent-encoding", [{ path: "path", message: "malformed percent-escape" }]);
+    }
+  }
+}
+
+export async function handle(request: Request, env: Env, ctx: ExecutionContext): Promise<Response> {
+  try {
+    const { pathname } = new URL(request.url);
+    checkPathEncoding(pathname);
+    if (pathname !== "/health") requireConfigured(env);
+  } catch (err) {
+    if (err instanceof ApiError) return errorResponse(err);
+    throw err;
+  }
   return router.fetch(request, env, ctx);
 }

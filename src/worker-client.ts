@@ -8,11 +8,13 @@ import {
 } from "../schemas/worker-protocol";
 import { configOf } from "./config";
 import { type CallResult, callJson } from "./outbound";
+import { workerSecret } from "./secrets";
 
 /**
  * The stage worker protocol client: handshake, process, progress, cancel.
  * Calls go through the worker's service binding (named in WORKER_BINDINGS)
- * with `Authorization: Bearer <WORKER_SECRET>` and a timeout each.
+ * with `Authorization: Bearer <that worker's own secret>` (src/secrets.ts:
+ * WORKER_SECRETS, else the shared WORKER_SECRET) and a timeout each.
  */
 export class WorkerClient {
   private readonly base: string;
@@ -25,13 +27,14 @@ export class WorkerClient {
     this.base = `https://${worker}.internal`;
   }
 
-  /** The client for a worker name, or null when no binding serves it (`worker_not_bound`). */
+  /** The client for a worker name, or null when no binding (or no secret) serves it (`worker_not_bound`). */
   static for(env: Env, worker: string): WorkerClient | null {
     const config = configOf(env);
     const bindingName = config.workerBindings[worker];
     const fetcher = bindingName ? (env as unknown as Record<string, Fetcher | undefined>)[bindingName] : undefined;
-    if (!fetcher || typeof fetcher.fetch !== "function") return null;
-    return new WorkerClient(fetcher, env.WORKER_SECRET, config.tuning.workerCallTimeoutMs, worker);
+    const secret = workerSecret(env, worker);
+    if (!fetcher || typeof fetcher.fetch !== "function" || !secret) return null;
+    return new WorkerClient(fetcher, secret, config.tuning.workerCallTimeoutMs, worker);
   }
 
   private call<S extends z.ZodType>(method: "GET" | "POST", path: string, schema: S, body?: unknown): Promise<CallResult<z.output<S>>> {

@@ -1,7 +1,7 @@
 import type { DataReference } from "../../schemas/data";
 import type { ReserveResult } from "../../schemas/ledger";
 import type { ProgressResponse } from "../../schemas/worker-protocol";
-import { issueCallbackToken } from "../../src/auth";
+import { issueStageTokens } from "../../src/auth";
 import { DATA_LIMITS, deleteExecutionData, putBytes, verifyStored } from "../../src/data-store";
 import { estimateTotalMs } from "../../src/estimates";
 import { ledgerFor } from "../../src/ledger-routing";
@@ -135,7 +135,13 @@ export async function handshake(c: Core, st: StageRow): Promise<boolean> {
   const estimatedTokens = Object.entries(requirements)
     .filter(([pool]) => pool.startsWith("tokens:"))
     .reduce((sum, [, v]) => sum + v, 0);
-  const token = await issueCallbackToken(c.env.WORKER_SECRET, { executionId: ex.execution_id, stageId: st.stage_id, attempt: st.attempt });
+  const { token, dataToken } = await issueStageTokens(c.env, {
+    executionId: ex.execution_id,
+    stageId: st.stage_id,
+    attempt: st.attempt,
+    timeoutMs: st.timeout_ms,
+    inputs: prevRef ? [prevRef.key] : [],
+  });
   const hs = await client.handshake({
     executionId: ex.execution_id,
     stageId: st.stage_id,
@@ -150,7 +156,7 @@ export async function handshake(c: Core, st: StageRow): Promise<boolean> {
     dataReference: prevRef ?? undefined,
     resourceRequirements: { estimatedTokens, timeoutMs: st.timeout_ms, pools: requirements },
     validationConfig: {},
-    callback: { url: `${c.config.publicUrl}/executions/${ex.execution_id}/stages/${st.stage_id}`, token },
+    callback: { url: `${c.config.publicUrl}/executions/${ex.execution_id}/stages/${st.stage_id}`, token, dataToken },
   });
   c.store.logCall("worker_handshake", st, hs.ms, hs.ok ? (hs.value.accepted ? "accepted" : "refused") : hs.error.code);
   if (!c.store.stillAt(st, "handshaking")) return true;

@@ -190,7 +190,8 @@ export async function upload(
 }
 
 /**
- * `GET {callback origin}/data/{key}` with the callback token. The orchestrator
+ * `GET {callback origin}/data/{key}` with the stage's data token (the callback
+ * token from an orchestrator that issues no data token). The orchestrator
  * verifies the checksum while streaming and errors the stream at its end on a
  * mismatch; this also checks the length. Errors are `data_unavailable` StageErrors.
  */
@@ -202,7 +203,7 @@ export async function openInput(orchestrator: Fetcher, handshake: HandshakeReque
   let res: Response;
   try {
     res = await orchestrator.fetch(`${originOf(handshake)}/data/${path}`, {
-      headers: { authorization: `Bearer ${handshake.callback.token}` },
+      headers: { authorization: `Bearer ${handshake.callback.dataToken ?? handshake.callback.token}` },
       signal: AbortSignal.timeout(timeoutMs),
     });
   } catch (err) {

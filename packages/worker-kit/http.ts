@@ -17,7 +17,8 @@ const JOBS_PATH = /^\/api\/jobs\/([^/]+)$/;
 
 /**
  * The worker's fetch handler: `GET /health` without auth; everything under
- * `/api/` needs `Authorization: Bearer <WORKER_SECRET>` (constant-time check),
+ * `/api/` needs `Authorization: Bearer <WORKER_SECRET>` (or, while the secret is
+ * rotated, `WORKER_SECRET_PREVIOUS`; constant-time checks),
  * bodies are validated with the protocol's zod schemas, and each call goes to
  * the stage's job object.
  */
@@ -27,7 +28,10 @@ export function createFetch<E extends KitEnv>(def: WorkerDefinition<E>): (reques
     if (url.pathname === "/health") return json(200, { status: "ok" });
     if (!url.pathname.startsWith("/api/")) return error(404, "not_found", `no route for ${url.pathname}`);
     if (!env.WORKER_SECRET) return error(500, "not_configured", "WORKER_SECRET is not set");
-    if (!(await authorized(request, env.WORKER_SECRET))) return error(401, "unauthorized", "missing or wrong bearer token");
+    // During a rotation WORKER_SECRET_PREVIOUS still opens the door (docs/operations.md).
+    const secrets = [env.WORKER_SECRET, env.WORKER_SECRET_PREVIOUS].filter((s): s is string => !!s);
+    const checks = await Promise.all(secrets.map((s) => authorized(request, s)));
+    if (!checks.includes(true)) return error(401, "unauthorized", "missing or wrong bearer token");
     try {
       return await route(def, request, url, env);
     } catch (err) {

@@ -4,6 +4,8 @@ import type { HandshakeRequest } from "../../schemas/worker-protocol";
 /** What every worker built on the kit needs in its env. */
 export interface KitEnv {
   WORKER_SECRET: string;
+  /** The previous secret while it is rotated: it still authenticates the orchestrator's calls. */
+  WORKER_SECRET_PREVIOUS?: string;
   /** Service binding to the orchestrator: callbacks, input reads and output uploads go through it. */
   ORCHESTRATOR: Fetcher;
 }

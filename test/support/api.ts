@@ -1,5 +1,6 @@
 import { env, exports } from "cloudflare:workers";
 import type { StatusDocument } from "../../schemas/api";
+import { type TokenClaims, issueToken } from "../../src/auth";
 import { TEST_SECRETS } from "./constants";
 
 /** Test helpers that talk to the orchestrator the way KAM and operators do: over its fetch handler. */
@@ -93,4 +94,15 @@ export async function rpcThrough(binding: "worker" | "kam", method: string, arg:
     body: JSON.stringify({ binding: binding === "kam" ? "AS_KAM" : "AS_WORKER", method, arg }),
   });
   return res.json();
+}
+
+/**
+ * A token as the orchestrator issues it (src/auth.ts), signed with the test
+ * CALLBACK_SECRET: use `callback` and an hour of life unless told otherwise.
+ */
+export function mintToken(
+  claims: { executionId: string; stageId: string; attempt: number } & Partial<Omit<TokenClaims, "executionId" | "stageId" | "attempt">>,
+  secret: string = TEST_SECRETS.CALLBACK_SECRET,
+): Promise<string> {
+  return issueToken({ current: secret, previous: null }, { use: "callback", expiresAt: Date.now() + 3600_000, ...claims });
 }

@@ -1,8 +1,27 @@
-/** Secrets and tuning shared by the test projects (never real values). */
+/** Each stage worker's own secret (the orchestrator holds them as WORKER_SECRETS). Never real values. */
+export const TEST_WORKER_SECRETS = {
+  "bitware-content-granulator": "test-granulator-secret-0123456789abcdef",
+  "bitware-capped-granulator": "test-capped-secret-0123456789abcdef",
+};
+
+/** Secrets shared by the test projects (never real values). */
 export const TEST_SECRETS = {
-  WORKER_SECRET: "test-worker-secret-0123456789abcdef",
+  CALLBACK_SECRET: "test-callback-secret-0123456789abcdef0123",
+  WORKER_SECRETS: JSON.stringify(TEST_WORKER_SECRETS),
+  /** The demo granulator's own secret in a `wrangler dev` session (it reads WORKER_SECRET). */
+  WORKER_SECRET: TEST_WORKER_SECRETS["bitware-content-granulator"],
   KAM_TOKEN: "test-kam-token",
   OPS_TOKEN: "test-ops-token",
+};
+
+/** The content granulator's previous secret, as during a rotation (the worker kit's WORKER_SECRET_PREVIOUS). */
+export const TEST_PREVIOUS_WORKER_SECRET = "test-granulator-secret-previous-0123456789";
+
+/** Previous values, as during a rotation: they still verify, they never sign (workers project only). */
+export const TEST_PREVIOUS_SECRETS = {
+  CALLBACK_SECRET_PREVIOUS: "test-callback-secret-previous-0123456789ab",
+  KAM_TOKEN_PREVIOUS: "test-kam-token-previous",
+  OPS_TOKEN_PREVIOUS: "test-ops-token-previous",
 };
 
 /**

@@ -1,6 +1,6 @@
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
-import { TEST_SECRETS } from "../support/constants";
+import { TEST_WORKER_SECRETS } from "../support/constants";
 import { ended, startExecution, waitFor } from "../support/api";
 
 /**
@@ -23,7 +23,7 @@ describe("costs from settled usage", () => {
     const pools = new Set<string>();
     for (const s of doc.stages) {
       const res = await env.CONTENT_GRANULATOR.fetch(`https://granulator.internal/api/progress/${doc.execution_id}?stageId=${s.stage_id}`, {
-        headers: { authorization: `Bearer ${TEST_SECRETS.WORKER_SECRET}` },
+        headers: { authorization: `Bearer ${TEST_WORKER_SECRETS["bitware-content-granulator"]}` },
       });
       const reported = ((await res.json()) as { usage: Record<string, number> }).usage;
       expect(s.usage).toEqual(reported);

@@ -2,10 +2,9 @@ import { env } from "cloudflare:workers";
 import { runInDurableObject } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
 import type { DataReference } from "../../schemas/data";
-import { issueCallbackToken } from "../../src/auth";
 import type { StatusDocument } from "../../schemas/api";
-import { JSON_HEADERS, KAM, OPS, call, ended, executionStub, startExecution, waitFor } from "../support/api";
-import { TEST_SECRETS } from "../support/constants";
+import { JSON_HEADERS, KAM, OPS, call, ended, executionStub, startExecution, waitFor, mintToken } from "../support/api";
+import { TEST_WORKER_SECRETS } from "../support/constants";
 
 /**
  * Data between stages (issue 5): the orchestrator keeps a stage's output inline,
@@ -153,10 +152,10 @@ describe("data between stages: inline, KV, R2", () => {
     const key = `kv/${id}/stage_2/a1-output.json`;
     expect(await kvKeys(id, "stage_2")).toEqual([key]);
 
-    const own = await issueCallbackToken(TEST_SECRETS.WORKER_SECRET, { executionId: id, stageId: "stage_3", attempt: 1 });
+    const own = await mintToken({ executionId: id, stageId: "stage_3", attempt: 1, use: "data", inputs: [key] });
     const forged = own.slice(0, -1) + (own.endsWith("A") ? "B" : "A");
     const other = await startExecution({ template_name: "data_pipeline", parameters: { ...fast, output_bytes: 1 }, client_id: "client_data" });
-    const otherToken = await issueCallbackToken(TEST_SECRETS.WORKER_SECRET, { executionId: other.body.execution_id, stageId: "stage_3", attempt: 1 });
+    const otherToken = await mintToken({ executionId: other.body.execution_id, stageId: "stage_3", attempt: 1, use: "data", inputs: [key] });
 
     const read = (headers: Record<string, string>) => call(`/data/${key}`, { headers });
     const none = await read({});
@@ -217,7 +216,7 @@ describe("data between stages: inline, KV, R2", () => {
 
     // The worker never got a handshake for it: no job exists for B's stage 2.
     const job = await env.CONTENT_GRANULATOR.fetch(`https://granulator.test/api/jobs/${bId}?stageId=stage_2`, {
-      headers: bearer(TEST_SECRETS.WORKER_SECRET),
+      headers: bearer(TEST_WORKER_SECRETS["bitware-content-granulator"]),
     });
     expect(job.status).toBe(404);
     await job.body?.cancel();
@@ -234,7 +233,7 @@ describe("data between stages: inline, KV, R2", () => {
     tampered[300_000] ^= 0xff;
     await env.DATA.put(obj.key, tampered);
 
-    const token = await issueCallbackToken(TEST_SECRETS.WORKER_SECRET, { executionId: id, stageId: "stage_3", attempt: 1 });
+    const token = await mintToken({ executionId: id, stageId: "stage_3", attempt: 1, use: "data", inputs: [obj.key] });
     const res = await call(`/data/${obj.key}`, { headers: bearer(token) });
     expect(res.status).toBe(200); // headers go out before the end of the stream is hashed
     await expect(res.arrayBuffer()).rejects.toThrow();
@@ -252,7 +251,7 @@ describe("data between stages: inline, KV, R2", () => {
     });
     const id = body.execution_id as string;
     await waitFor(id, (d) => d.stages[0].status === "processing");
-    const token = await issueCallbackToken(TEST_SECRETS.WORKER_SECRET, { executionId: id, stageId: "stage_1", attempt: 1 });
+    const token = await mintToken({ executionId: id, stageId: "stage_1", attempt: 1 });
     const put = (name: string, init: RequestInit) => call(`/data/${id}/stage_1/${name}`, { method: "PUT", ...init });
 
     const size = 64 * MiB + 1;

@@ -2,8 +2,7 @@ import { env } from "cloudflare:workers";
 import { evictDurableObject, runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
 import type { StatusDocument } from "../../schemas/api";
-import { issueCallbackToken } from "../../src/auth";
-import { TEST_SECRETS } from "../support/constants";
+import { TEST_WORKER_SECRETS } from "../support/constants";
 import {
   JSON_HEADERS,
   KAM,
@@ -11,6 +10,7 @@ import {
   ended,
   executionStub,
   expectNoLiveReservations,
+  mintToken,
   startExecution,
   status,
   waitFor,
@@ -37,7 +37,7 @@ async function runFault(mode: string, extra: Record<string, unknown> = {}, templ
 }
 
 async function callback(id: string, stageId: string, attempt: number, kind: string, body: unknown, tokenFor = { executionId: id, stageId, attempt }) {
-  const token = await issueCallbackToken(TEST_SECRETS.WORKER_SECRET, tokenFor);
+  const token = await mintToken(tokenFor);
   return call(`/executions/${id}/stages/${stageId}/${kind}`, {
     method: "POST",
     headers: { authorization: `Bearer ${token}`, ...JSON_HEADERS },
@@ -48,7 +48,7 @@ async function callback(id: string, stageId: string, attempt: number, kind: stri
 /** What the granulator itself says about a stage (through its real binding, with the worker secret). */
 async function workerView(id: string, stageId: string): Promise<Record<string, any>> {
   const res = await env.CONTENT_GRANULATOR.fetch(`https://granulator.internal/api/progress/${id}?stageId=${stageId}`, {
-    headers: { authorization: `Bearer ${TEST_SECRETS.WORKER_SECRET}` },
+    headers: { authorization: `Bearer ${TEST_WORKER_SECRETS["bitware-content-granulator"]}` },
   });
   return res.json();
 }
@@ -116,6 +116,49 @@ describe("fault injection: each fault ends as documented, with nothing left runn
     const doc = await runFault("wrong_token");
     expect(doc.status).toBe("completed");
     expect(doc.stages[0].attempts).toBe(1);
+    // The worker's own record of its callbacks: the forged complete went first and was refused;
+    // the genuine one that followed was the one accepted (had the forged been taken, it would be answered as a duplicate).
+    // The worker logs the genuine callback's answer after the orchestrator acted on it: wait for its outbox to drain.
+    type Job = { pending_callbacks: number; log: { what: string; status: number; detail: string | null }[] };
+    let job: Job;
+    for (;;) {
+      const res = await env.CONTENT_GRANULATOR.fetch(`https://granulator.internal/api/jobs/${doc.execution_id}?stageId=stage_1`, {
+        headers: { authorization: `Bearer ${TEST_WORKER_SECRETS["bitware-content-granulator"]}` },
+      });
+      job = (await res.json()) as Job;
+      if (job.pending_callbacks === 0) break;
+      await scheduler.wait(25);
+    }
+    const completes = job.log.filter((e) => e.what === "callback:complete").map((e) => [e.status, e.detail]);
+    // The forged one was refused outright. (The genuine one that followed is answered 200, or 409 when a poll of
+    // the worker's progress has already recorded the same completion: either way the forged one changed nothing.)
+    expect(completes[0]).toEqual([401, "alternate token"]);
+    expect(completes.length).toBe(2);
+    expect(completes[1][1]).toBeNull();
+  });
+
+  it("wrong_token on a running stage: the forged callback is refused and the stage is exactly as before", async () => {
+    const { body } = await startExecution({ template_name: "fault_single", parameters: { steps: 1, step_ms: 0, fault: { mode: "hang" } }, client_id: "client_faults" });
+    const id = body.execution_id as string;
+    const before = await waitFor(id, (d) => d.stages[0].status === "processing");
+    const genuine = await mintToken({ executionId: id, stageId: "stage_1", attempt: 1 });
+    const forged = genuine.slice(0, -1) + (genuine.endsWith("x") ? "y" : "x");
+    const res = await call(`/executions/${id}/stages/stage_1/complete`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${forged}`, ...JSON_HEADERS },
+      body: JSON.stringify({ output: { forged: true }, usage: { "tokens:openai": 1_000_000 } }),
+    });
+    expect(res.status).toBe(401);
+    expect(((await res.json()) as { error: { code: string } }).error.code).toBe("unauthorized");
+    const after = await status(id);
+    expect(after.status).toBe("running");
+    // Everything but the time it has been processing, which runs on.
+    const steady = ({ processing_ms: _, ...rest }: StatusDocument["stages"][number]) => rest;
+    expect(steady(after.stages[0])).toEqual(steady(before.stages[0]));
+    expect(after.stages[0]).toMatchObject({ status: "processing", attempts: 1, progress: 0, usage: before.stages[0].usage });
+    expect(after.cost).toEqual(before.cost);
+    expect((await call(`/executions/${id}/cancel`, { method: "POST", headers: KAM })).status).toBe(200);
+    await waitFor(id, ended);
   });
 
   it("progress_backwards: progress in the status document never goes down", async () => {

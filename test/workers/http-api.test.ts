@@ -6,6 +6,10 @@ import { JSON_HEADERS, KAM, OPS, call, ended, startExecution, waitFor } from "..
 const VALID_ID = "exec_1732412345678_abcdefghijklmnop";
 const good = { template_name: "quick_summary", parameters: { steps: 1, step_ms: 0 }, client_id: "client_http" };
 const big = "x".repeat(300 * 1024);
+/** 40 levels of nesting, past the default limit of 32, in a body well under the size limit. */
+const deep = { ...good, parameters: { nest: JSON.parse(`${"[".repeat(40)}1${"]".repeat(40)}`) } };
+/** 10,001 keys, past the default limit of 10,000. */
+const wide = { ...good, parameters: Object.fromEntries(Array.from({ length: 10_001 }, (_, i) => [`k${i}`, 0])) };
 
 interface Case {
   name: string;
@@ -54,6 +58,13 @@ const CASES: Case[] = [
   { name: "unknown priority", ...post({ ...good, priority: "urgent" }), status: 400, code: "invalid_request", field: "priority" },
   { name: "unknown field", ...post({ ...good, prio: "high" }), status: 400, code: "invalid_request" },
   { name: "body over the limit", ...post({ ...good, parameters: { big } }), status: 413, code: "payload_too_large" },
+  { name: "body nested past the depth limit", ...post(deep), status: 400, code: "invalid_json" },
+  { name: "body with more keys than the limit", ...post(wide), status: 400, code: "invalid_json" },
+  { name: "malformed percent-escape in an execution id", method: "GET", path: "/executions/%E0%A4%A", headers: KAM, status: 400, code: "invalid_request" },
+  { name: "malformed percent-escape in a pool name", method: "PUT", path: "/resources/pools/%ZZ", headers: { ...OPS, ...JSON_HEADERS }, body: JSON.stringify({ kind: "concurrency", capacity: 1 }), status: 400, code: "invalid_request" },
+  { name: "malformed percent-escape in a data key", method: "GET", path: `/data/kv/${VALID_ID}/stage_1/%C3%28%`, status: 400, code: "invalid_request" },
+  { name: "malformed percent-escape in an upload name", method: "PUT", path: `/data/${VALID_ID}/stage_1/a%`, status: 400, code: "invalid_request" },
+  { name: "malformed percent-escape in an unknown route", method: "GET", path: "/nope/%", status: 400, code: "invalid_request" },
   { name: "status without token", method: "GET", path: `/executions/${VALID_ID}`, status: 401, code: "unauthorized" },
   { name: "status of a malformed id", method: "GET", path: "/executions/not-an-id", headers: KAM, status: 400, code: "invalid_request" },
   { name: "status of an id with a bad timestamp", method: "GET", path: "/executions/exec_12_abcdefghijklmnop", headers: KAM, status: 400, code: "invalid_request" },
@@ -90,7 +101,7 @@ describe("bad input gets a clear 4xx with a code and the offending fields, and c
       expect.soft(body.error.code, c.name).toBe(c.code);
       expect.soft(body.error.message.length, c.name).toBeGreaterThan(0);
       if (c.field) expect.soft(body.error.details?.map((d) => d.path) ?? [], c.name).toContain(c.field);
-      expect.soft(text, c.name).not.toMatch(/at \w+ \(|test-kam-token|test-ops-token|test-worker-secret/);
+      expect.soft(text, c.name).not.toMatch(/at \w+ \(|test-kam-token|test-ops-token|test-callback-secret|test-granulator-secret|test-capped-secret/);
     }
     // None of them created an execution: reading an unknown id may wake an empty object, but it holds no execution.
     const after = (await listDurableObjectIds(env.EXECUTION)).filter((id) => !before.has(id.toString()));
@@ -108,8 +119,17 @@ describe("bad input gets a clear 4xx with a code and the offending fields, and c
 
   it("lets OPS and KAM tokens read an execution, and refuses cancel of a terminal one with 409", async () => {
     const { body } = await startExecution(good);
-    await waitFor(body.execution_id, ended);
-    for (const h of [KAM, OPS]) expect((await call(`/executions/${body.execution_id}`, { headers: h })).status).toBe(200);
+    const doc = await waitFor(body.execution_id, ended);
+    expect(doc).toMatchObject({ execution_id: body.execution_id, status: "completed", template_name: "quick_summary", client_id: "client_http" });
+    for (const h of [KAM, OPS]) {
+      const res = await call(`/executions/${body.execution_id}`, { headers: h });
+      expect(res.status).toBe(200);
+      // Both read the same document, the execution's own.
+      expect(await res.json()).toEqual(doc);
+      const result = await call(`/executions/${body.execution_id}/result`, { headers: h });
+      expect(result.status).toBe(200);
+      expect(await result.json()).toMatchObject({ execution_id: body.execution_id, status: "completed", cost: doc.cost });
+    }
     const res = await call(`/executions/${body.execution_id}/cancel`, { method: "POST", headers: OPS });
     expect(res.status).toBe(409);
     expect(((await res.json()) as { error: { code: string } }).error.code).toBe("already_terminal");

@@ -1,6 +1,6 @@
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
-import { TEST_SECRETS } from "../support/constants";
+import { TEST_WORKER_SECRETS } from "../support/constants";
 import { JSON_HEADERS, OPS, call, ended, expectNoLiveReservations, startExecution, waitFor } from "../support/api";
 
 /**
@@ -13,7 +13,7 @@ const WORKER = "bitware-capped-granulator";
 /** A test-only binding (vitest.config.ts) to the second granulator instance. */
 const capped = (env as unknown as { CAPPED_GRANULATOR: Fetcher }).CAPPED_GRANULATOR;
 const stats = async () =>
-  (await (await capped.fetch("https://capped.internal/api/stats", { headers: { authorization: `Bearer ${TEST_SECRETS.WORKER_SECRET}` } })).json()) as {
+  (await (await capped.fetch("https://capped.internal/api/stats", { headers: { authorization: `Bearer ${TEST_WORKER_SECRETS["bitware-capped-granulator"]}` } })).json()) as {
     processing: number;
     max_concurrent: number;
     completed: number;
@@ -27,7 +27,7 @@ describe("the ledger caps a worker's concurrency end to end", () => {
       body: JSON.stringify({ kind: "concurrency", capacity: 2 }),
     });
     expect(put.status).toBe(200);
-    await capped.fetch("https://capped.internal/api/stats/reset", { method: "POST", headers: { authorization: `Bearer ${TEST_SECRETS.WORKER_SECRET}` } });
+    await capped.fetch("https://capped.internal/api/stats/reset", { method: "POST", headers: { authorization: `Bearer ${TEST_WORKER_SECRETS["bitware-capped-granulator"]}` } });
 
     const starts = await Promise.all(
       Array.from({ length: 10 }, (_, i) =>

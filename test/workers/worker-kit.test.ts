@@ -1,9 +1,8 @@
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import type { DataReference } from "../../schemas/data";
-import { issueCallbackToken } from "../../src/auth";
-import { JSON_HEADERS, KAM, call, ended, startExecution, waitFor } from "../support/api";
-import { TEST_SECRETS } from "../support/constants";
+import { JSON_HEADERS, KAM, call, ended, mintToken, startExecution, waitFor } from "../support/api";
+import { TEST_WORKER_SECRETS } from "../support/constants";
 
 /**
  * The worker kit (packages/worker-kit), through the granulator built on it:
@@ -11,7 +10,7 @@ import { TEST_SECRETS } from "../support/constants";
  * and whole executions where the kit calls the orchestrator back.
  */
 
-const SECRET = { authorization: `Bearer ${TEST_SECRETS.WORKER_SECRET}` };
+const SECRET = { authorization: `Bearer ${TEST_WORKER_SECRETS["bitware-content-granulator"]}` };
 
 function granulator(path: string, init: RequestInit = {}): Promise<Response> {
   return env.CONTENT_GRANULATOR.fetch(`https://bitware-content-granulator.internal${path}`, init);
@@ -36,7 +35,7 @@ function newId(): string {
 }
 
 async function handshakeBody(executionId: string, attempt: number, parameters: Record<string, unknown> = {}) {
-  const token = await issueCallbackToken(TEST_SECRETS.WORKER_SECRET, { executionId, stageId: "stage_1", attempt });
+  const token = await mintToken({ executionId, stageId: "stage_1", attempt });
   return {
     executionId,
     stageId: "stage_1",
