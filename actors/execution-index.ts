@@ -111,6 +111,19 @@ export class ExecutionIndex extends DurableObject<Env> {
     return counts;
   }
 
+  /**
+   * Entries and their summed cost per (status, template, client), for
+   * `GET /metrics`: at most `limit` groups, the largest first, and whether
+   * more exist.
+   */
+  async stats(limit: number): Promise<{ groups: IndexStatsGroup[]; truncated: boolean }> {
+    if (!this.hasSchema()) return { groups: [], truncated: false };
+    const n = Math.max(1, Math.min(MAX_ROWS, Math.floor(limit)));
+    const rows = this.sql<IndexStatsGroup>`SELECT status, template_name, client_id, COUNT(*) AS count, COALESCE(SUM(cost_total), 0) AS cost
+      FROM entries GROUP BY status, template_name, client_id ORDER BY count DESC, status, template_name, client_id LIMIT ${n + 1}`;
+    return { groups: rows.slice(0, n).map((r) => ({ ...r, count: Number(r.count), cost: Number(r.cost) })), truncated: rows.length > n };
+  }
+
   private ensureSchema(): void {
     if (this.ready) return;
     execScript(this.ctx.storage, SCHEMA);
@@ -121,6 +134,14 @@ export class ExecutionIndex extends DurableObject<Env> {
     if (!this.ready) this.ready = this.sql`SELECT 1 AS x FROM sqlite_master WHERE type = 'table' AND name = 'entries'`.length > 0;
     return this.ready;
   }
+}
+
+export interface IndexStatsGroup {
+  status: string;
+  template_name: string;
+  client_id: string;
+  count: number;
+  cost: number;
 }
 
 export function emptyCounts(): StatusCounts {

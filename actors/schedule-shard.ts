@@ -11,6 +11,7 @@ import { configOf } from "../src/config";
 import { cancelExecution, getStatus, startExecution } from "../src/execution-service";
 import { ApiError } from "../src/http";
 import { log, setLogLevel } from "../src/log";
+import { emit } from "../src/metrics";
 import { fireExpired, fireRequest, fireRetryDelay, nextFireTime, nextFireTimes, overlapAction, planFire } from "./schedule-rules";
 import { type Sql, execScript, sqlOf } from "./sql";
 
@@ -154,6 +155,17 @@ export class ScheduleShard extends DurableObject<Env> {
     return true;
   }
 
+  /** Schedules active and paused, and the fires kept per state, for `GET /metrics`. */
+  async stats(): Promise<{ active: number; paused: number; fires: Record<string, number> }> {
+    const s = this.#sql<{ paused: number; n: number }>`SELECT paused, COUNT(*) AS n FROM schedules GROUP BY paused`;
+    const f = this.#sql<{ state: string; n: number }>`SELECT state, COUNT(*) AS n FROM fires GROUP BY state`;
+    return {
+      active: Number(s.find((r) => r.paused === 0)?.n ?? 0),
+      paused: Number(s.find((r) => r.paused === 1)?.n ?? 0),
+      fires: Object.fromEntries(f.map((r) => [r.state, Number(r.n)])),
+    };
+  }
+
   override async alarm(): Promise<void> {
     const now = Date.now();
     this.#recordDueFires(now);
@@ -179,6 +191,7 @@ export class ScheduleShard extends DurableObject<Env> {
         this.#sql`INSERT OR IGNORE INTO fires (schedule_id, fire_at, state, request, execution_id, reason, message, attempts, next_try_at)
           VALUES (${row.schedule_id}, ${plan.fire.at}, ${state}, ${request}, NULL, ${reason}, ${message}, 0, ${plan.fire.run ? now : null})`;
         this.#pruneFires(row.schedule_id);
+        if (!plan.fire.run) this.#fireMetric({ schedule_id: row.schedule_id, request }, "skipped", "missed");
         log("info", "schedule_fire_recorded", { schedule_id: row.schedule_id, fire_at: plan.fire.at, state, missed: plan.missed });
       }
       this.#sql`UPDATE schedules SET next_fire_at = ${plan.next} WHERE schedule_id = ${row.schedule_id}`;
@@ -210,6 +223,7 @@ export class ScheduleShard extends DurableObject<Env> {
     const reason = outcome.state === "started" ? null : outcome.reason;
     this.#sql`UPDATE fires SET state = ${outcome.state}, execution_id = ${executionId}, reason = ${reason},
       message = ${outcome.message ?? current.message}, next_try_at = NULL WHERE schedule_id = ${fire.schedule_id} AND fire_at = ${fire.fire_at}`;
+    this.#fireMetric(fire, outcome.state, reason);
     log(outcome.state === "failed" ? "warn" : "info", "schedule_fire", {
       schedule_id: fire.schedule_id,
       fire_at: fire.fire_at,
@@ -217,6 +231,11 @@ export class ScheduleShard extends DurableObject<Env> {
       execution_id: executionId,
       code: reason,
     });
+  }
+
+  #fireMetric(fire: Pick<FireRow, "schedule_id" | "request">, state: FireState, code: string | null): void {
+    const r = JSON.parse(fire.request) as { template_name: string; client_id: string };
+    emit(this.env, { event: "schedule_fire", schedule_id: fire.schedule_id, template_name: r.template_name, client_id: r.client_id, outcome: state, code });
   }
 
   /** The alarm: the earliest next fire time of an active schedule or retry of a pending fire. */

@@ -11,6 +11,7 @@ import { configOf } from "./config";
 import { sha256Hex } from "./hash";
 import { ApiError, parseWith } from "./http";
 import { newExecutionId } from "./ids";
+import { emit } from "./metrics";
 import { withTimeout } from "./outbound";
 
 /**
@@ -231,10 +232,17 @@ export async function workerCallback(
   kind: CallbackKind,
   readBody: () => Promise<unknown>,
 ) {
-  const executionId = checkExecutionId(id);
-  parseWith(StageId, stageId, "stage id");
-  const claims = await verifyToken(request, env, { executionId, stageId, use: "callback" });
-  const payload = parseWith(CALLBACK_SCHEMAS[kind], await readBody(), "body");
-  const answer = await call(env, executionStub(env, executionId).callback(kind, stageId, claims.attempt, payload), "execution callback");
-  return answer;
+  const refused = (code: string) => emit(env, { event: "callback_refused", code, kind, stage_id: stageId, execution_id: String(id).slice(0, 64) });
+  try {
+    const executionId = checkExecutionId(id);
+    parseWith(StageId, stageId, "stage id");
+    const claims = await verifyToken(request, env, { executionId, stageId, use: "callback" });
+    const payload = parseWith(CALLBACK_SCHEMAS[kind], await readBody(), "body");
+    const answer = await call(env, executionStub(env, executionId).callback(kind, stageId, claims.attempt, payload), "execution callback");
+    if (answer.status >= 400) refused((answer.body as { error?: { code?: string } }).error?.code ?? `http_${answer.status}`);
+    return answer;
+  } catch (err) {
+    if (err instanceof ApiError) refused(err.code);
+    throw err;
+  }
 }

@@ -1,4 +1,4 @@
-import type { ExecutionIndex } from "../actors/execution-index";
+import type { ExecutionIndex, IndexStatsGroup } from "../actors/execution-index";
 import type { ExecutionStatus } from "../schemas/api";
 import {
   CountsQuery,
@@ -116,6 +116,13 @@ export async function countIndex(
   const total: StatusCounts = { queued: 0, running: 0, completed: 0, failed: 0, cancelled: 0 };
   for (const p of parts) for (const k of Object.keys(total) as ExecutionStatus[]) total[k] += p[k] ?? 0;
   return total;
+}
+
+/** Every month's groups (actors/execution-index.ts `stats`), `limit` groups per month at most. */
+export async function statsIndex(env: Env, limit: number, now = Date.now()): Promise<{ groups: IndexStatsGroup[]; truncated: boolean }> {
+  const buckets = bucketsNewestFirst(INDEX_EPOCH_MS, now + CLOCK_SKEW_MS);
+  const parts = await Promise.all(buckets.map((b) => ask(env, shard(env, b).stats(limit), b)));
+  return { groups: parts.flatMap((p) => p.groups), truncated: parts.some((p) => p.truncated) };
 }
 
 // ---- HTTP ------------------------------------------------------------------

@@ -328,6 +328,18 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       responses: { "200": jsonBody(S.PoolSnapshot, "the pool after the change"), ...common, "413": error("payload_too_large"), "415": error("unsupported_media_type") },
     },
     {
+      method: "get",
+      path: "/metrics",
+      summary: "Current counters and gauges, in the Prometheus text format",
+      description: "Computed at scrape time from the execution index, the ledger snapshot and the schedule shards; docs/operations.md lists the series.",
+      security: opsOnly,
+      responses: {
+        "200": { description: "Prometheus text exposition format 0.0.4", content: { "text/plain": { schema: z.string() } } },
+        "401": error("unauthorized"),
+        "503": error("unavailable: an object did not answer within objectCallTimeoutMs"),
+      },
+    },
+    {
       method: "post",
       path: "/schedules",
       summary: "Create a schedule",

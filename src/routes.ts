@@ -22,6 +22,7 @@ import { ApiError, type JsonLimits, errorResponse, json, parseWith, readJson } f
 import { countExecutions, listExecutions } from "./index-routing";
 import { ledgerFor } from "./ledger-routing";
 import { log } from "./log";
+import { metricsResponse } from "./prometheus";
 import { createSchedule, deleteSchedule, getSchedule, listSchedules, patchSchedule } from "./schedule-service";
 import { wantsHtml } from "./ui/common";
 import { executionPage } from "./ui/execution-page";
@@ -143,6 +144,12 @@ route("put", "/resources/pools/:name", async (req, env) => {
   const name = parseWith(PoolName, decodeURIComponent(req.params.name), "pool name");
   const spec = await readJson(req, PoolSpec, bodyLimits(env));
   return json(await ledgerFor(env, name).putPool(name, spec));
+});
+
+// Current counters and gauges in the Prometheus text format (src/prometheus.ts).
+route("get", "/metrics", async (req, env) => {
+  requireRole(req, env, ["ops"]);
+  return metricsResponse(env);
 });
 
 // Scheduled executions (src/schedule-service.ts, actors/schedule-shard.ts).

@@ -35,7 +35,7 @@ export function scheduleShardIndex(scheduleId: string): number {
   return h % SCHEDULE_SHARDS;
 }
 
-function shardAt(env: Env, index: number): DurableObjectStub<ScheduleShard> {
+export function shardAt(env: Env, index: number): DurableObjectStub<ScheduleShard> {
   const ns = env.SCHEDULES as unknown as DurableObjectNamespace<ScheduleShard>;
   return ns.get(ns.idFromName(`schedules:${index}`));
 }
@@ -44,7 +44,7 @@ export function scheduleShard(env: Env, scheduleId: string): DurableObjectStub<S
   return shardAt(env, scheduleShardIndex(scheduleId));
 }
 
-async function call<T>(env: Env, promise: PromiseLike<T>, what: string): Promise<T> {
+export async function call<T>(env: Env, promise: PromiseLike<T>, what: string): Promise<T> {
   try {
     return await withTimeout(promise, configOf(env).tuning.objectCallTimeoutMs, what);
   } catch (err) {

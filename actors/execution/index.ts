@@ -7,6 +7,7 @@ import type { CompleteCallback, FailCallback, ProgressCallback } from "../../sch
 import { type Config, configOf } from "../../src/config";
 import { sha256Hex } from "../../src/hash";
 import { setLogLevel } from "../../src/log";
+import { emit } from "../../src/metrics";
 import { sqlOf } from "../sql";
 import { type StageFailure, isOnWorker, isTerminalExecution, isTerminalStage } from "../stage-machine";
 import { startSummary, statusDocument } from "./documents";
@@ -112,6 +113,7 @@ export class Execution extends DurableObject<Env> {
     this.#timers.set("watchdog", now + WATCHDOG_MS);
     tx.indexUpdate(this.#c, now);
     this.#store.log("info", "execution_created", { template_name: input.template_name, client_id: input.client_id, priority: input.priority });
+    emit(this.env, { event: "execution_started", execution_id: input.execution_id, template_name: input.template_name, client_id: input.client_id });
 
     // Load the template now (cache first, KAM bounded by its timeout) so the
     // estimate can count the stages; a transient failure is retried by the alarm.

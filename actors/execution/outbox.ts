@@ -1,6 +1,7 @@
 import type { IndexEntry } from "../../schemas/index-entry";
 import { indexFor } from "../../src/index-routing";
 import { ledgerFor } from "../../src/ledger-routing";
+import { emit } from "../../src/metrics";
 import { withTimeout } from "../../src/outbound";
 import { WorkerClient } from "../../src/worker-client";
 import { isTerminalExecution, retryDelayMs } from "../stage-machine";
@@ -138,6 +139,7 @@ export class Outbox {
     this.#deliver(item)
       .catch((err) => {
         this.#c.store.log("warn", "outbox_delivery_failed", { kind: item.kind, attempts: attempts + 1, error: String(err) });
+        emit(this.#c.env, { event: "outbox_redelivery", kind: item.kind, attempt: attempts + 1, execution_id: this.#c.store.row()?.execution_id });
         return false;
       })
       .then(async (ok) => {

@@ -4,6 +4,7 @@ import type { DataReference } from "../../schemas/data";
 import type { MasterTemplate } from "../../schemas/template";
 import { addUsage, costOf } from "../../src/cost";
 import { stageIdFor } from "../../src/ids";
+import { emit, tokensOf } from "../../src/metrics";
 import {
   type StageFailure,
   canMoveExecution,
@@ -141,6 +142,7 @@ export function completeStage(c: Core, st: StageRow, output: StoredOutput, usage
     usage = ${JSON.stringify(addUsage(parse(st.usage), usage) ?? {})}, output = ${output.inline},
     output_ref = ${output.ref ? JSON.stringify(output.ref) : null},
     complete_hash = ${hash}, reservation = NULL, deadline_at = NULL WHERE stage_id = ${st.stage_id}`;
+  attemptEnded(c, st, "completed", worked);
   if (st.reservation_id) {
     c.outbox.enqueue({ kind: "ledger_settle", reservationId: st.reservation_id, usage: usage ?? {}, durationMs: worked }, now, { hold: true });
   }
@@ -164,6 +166,7 @@ export function failAttempt(c: Core, st: StageRow, failure: StageFailure, now: n
     waiting_ms = waiting_ms + ${st.waiting_since !== null ? now - st.waiting_since : 0}, waiting_since = NULL
     WHERE stage_id = ${st.stage_id}`;
   clearStageTimers(c);
+  attemptEnded(c, st, failure.code, worked);
   c.store.log("warn", "stage_attempt_failed", { stage_id: st.stage_id, attempt: st.attempt, code: failure.code, retryable: failure.retryable });
   if (shouldRetry(failure, st.attempt, st.max_attempts)) {
     moveStage(c, st, "pending", now, { message: `retrying after ${failure.code}` });
@@ -206,6 +209,35 @@ export function finishExecution(c: Core, status: ExecutionStatus, now: number, e
     error_code: error?.code,
     duration_ms: now - ex.created_at,
     cost_total: cost.total,
+  });
+  emit(c.env, {
+    event: "execution_ended",
+    execution_id: ex.execution_id,
+    template_name: ex.template_name,
+    client_id: ex.client_id,
+    outcome: status,
+    code: error?.code ?? null,
+    duration_ms: now - ex.created_at,
+    cost: cost.total,
+    tokens: stages.reduce((n, s) => n + tokensOf(parse<Record<string, number>>(s.usage)), 0),
+  });
+}
+
+/** One stage attempt ended (`completed` or its error code): one data point with its worker and timings. */
+function attemptEnded(c: Core, st: StageRow, outcome: string, processingMs: number): void {
+  const ex = c.store.row()!;
+  const cur = c.store.stage(st.stage_id)!;
+  emit(c.env, {
+    event: "stage_attempt",
+    execution_id: ex.execution_id,
+    template_name: ex.template_name,
+    client_id: ex.client_id,
+    worker: st.worker,
+    stage_id: st.stage_id,
+    attempt: st.attempt,
+    outcome,
+    waiting_ms: cur.waiting_ms,
+    processing_ms: processingMs,
   });
 }
 

@@ -2,6 +2,7 @@ import { env } from "cloudflare:workers";
 import { runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
 import { afterAll, describe, expect, it } from "vitest";
 import { ScheduleDocument } from "../../schemas/schedule";
+import { fromDataPoint } from "../../src/metrics";
 import { scheduleShardIndex } from "../../src/schedule-service";
 import { JSON_HEADERS, KAM, OPS, call, ended, status, waitFor } from "../support/api";
 
@@ -196,6 +197,12 @@ describe("fires", () => {
     expect(run.request_id).toBe(`sched:fire-once:${Date.parse(created.created_at)}:${fireAt}`);
     const d = await waitFor(run.execution_id!, ended);
     expect(d).toMatchObject({ status: "completed", client_id: "client_sched", template_name: "quick_summary", request_id: run.request_id });
+    // Counted where it happened: one schedule_fire data point (the tests' Analytics Engine dataset keeps them).
+    const sink = (env as unknown as { METRICS_SINK: Fetcher }).METRICS_SINK;
+    const fires = ((await (await sink.fetch("http://sink/")).json()) as AnalyticsEngineDataPoint[])
+      .map(fromDataPoint)
+      .filter((p) => p.event === "schedule_fire" && p.schedule_id === "fire-once");
+    expect(fires).toEqual([expect.objectContaining({ outcome: "started", template_name: "quick_summary", client_id: "client_sched" })]);
   });
 
   it("never starts twice for one fire time: the alarm again records nothing, a restart of the same fire gets the same execution", async () => {

@@ -1,0 +1,127 @@
+import type { LedgerSnapshot } from "../schemas/ledger";
+import { configOf } from "./config";
+import { statsIndex } from "./index-routing";
+import { ledgerFor } from "./ledger-routing";
+import { SCHEDULE_SHARDS, call, shardAt } from "./schedule-service";
+
+/**
+ * `GET /metrics`: the current counters and gauges in the Prometheus text
+ * exposition format (version 0.0.4, which OpenMetrics scrapers read too),
+ * computed at scrape time from the objects that own the numbers:
+ * - the execution index (one GROUP BY per month object, at most
+ *   METRICS_GROUP_LIMIT groups each): executions by status, template and
+ *   client, and the summed cost of the ended ones;
+ * - the ledger snapshot: capacity, use, room and queue length per pool;
+ * - the eight schedule shards: schedules and their kept fires.
+ * The cost of a scrape is bounded: one call per index month, one to the
+ * ledger, eight to the schedule shards, each with its timeout.
+ * Per-event series (rates, stage latency per worker, ledger grants) are in
+ * Analytics Engine (src/metrics.ts). docs/operations.md lists every series.
+ */
+export const METRICS_GROUP_LIMIT = 1000;
+
+type Labels = Record<string, string>;
+interface Family {
+  name: string;
+  help: string;
+  type: "gauge" | "counter";
+  samples: { labels: Labels; value: number }[];
+}
+
+function escapeLabel(v: string): string {
+  return v.replace(/\\/g, "\\\\").replace(/\n/g, "\\n").replace(/"/g, '\\"');
+}
+
+function formatValue(v: number): string {
+  if (Number.isNaN(v)) return "NaN";
+  if (v === Number.POSITIVE_INFINITY) return "+Inf";
+  if (v === Number.NEGATIVE_INFINITY) return "-Inf";
+  return String(v);
+}
+
+export function renderPrometheus(families: Family[]): string {
+  const lines: string[] = [];
+  for (const f of families) {
+    lines.push(`# HELP ${f.name} ${f.help.replace(/\\/g, "\\\\").replace(/\n/g, "\\n")}`);
+    lines.push(`# TYPE ${f.name} ${f.type}`);
+    for (const s of f.samples) {
+      const labels = Object.entries(s.labels);
+      const text = labels.length ? `{${labels.map(([k, v]) => `${k}="${escapeLabel(v)}"`).join(",")}}` : "";
+      lines.push(`${f.name}${text} ${formatValue(s.value)}`);
+    }
+  }
+  return `${lines.join("\n")}\n`;
+}
+
+function family(name: string, type: Family["type"], help: string, samples: Family["samples"] = []): Family {
+  return { name, type, help, samples };
+}
+
+export async function gatherMetrics(env: Env): Promise<Family[]> {
+  const currency = configOf(env).prices.currency;
+  const [index, ledger, shards] = await Promise.all([
+    statsIndex(env, METRICS_GROUP_LIMIT),
+    call<LedgerSnapshot>(env, ledgerFor(env).snapshot(), "ledger snapshot"),
+    Promise.all(Array.from({ length: SCHEDULE_SHARDS }, (_, i) => call(env, shardAt(env, i).stats(), "schedule stats"))),
+  ]);
+
+  const executions = family("orchestrator_executions", "gauge", "Executions in the index, by current status, template and client.");
+  const cost = family("orchestrator_execution_cost_total", "counter", "Summed cost of the executions in the index, by template and client.");
+  const sums = new Map<string, { labels: Labels; count: number; cost: number }>();
+  const costs = new Map<string, { labels: Labels; value: number }>();
+  // One execution sits in one month's object only, so summing the months double-counts nothing.
+  for (const g of index.groups) {
+    const key = JSON.stringify([g.status, g.template_name, g.client_id]);
+    const e = sums.get(key) ?? { labels: { status: g.status, template_name: g.template_name, client_id: g.client_id }, count: 0, cost: 0 };
+    e.count += g.count;
+    sums.set(key, e);
+    const ckey = JSON.stringify([g.template_name, g.client_id]);
+    const c = costs.get(ckey) ?? { labels: { template_name: g.template_name, client_id: g.client_id, currency }, value: 0 };
+    c.value += g.cost;
+    costs.set(ckey, c);
+  }
+  for (const e of [...sums.values()].sort(byLabels)) executions.samples.push({ labels: e.labels, value: e.count });
+  for (const c of [...costs.values()].sort(byLabels)) cost.samples.push(c);
+
+  const pool = (name: string, help: string, pick: (p: LedgerSnapshot["pools"][number]) => number) =>
+    family(name, "gauge", help, ledger.pools.map((p) => ({ labels: { pool: p.name, kind: p.kind }, value: pick(p) })));
+
+  const fireStates = new Map<string, number>();
+  for (const s of shards) for (const [state, n] of Object.entries(s.fires)) fireStates.set(state, (fireStates.get(state) ?? 0) + n);
+
+  return [
+    executions,
+    cost,
+    pool("orchestrator_pool_capacity", "Capacity of each ledger pool.", (p) => p.capacity),
+    pool("orchestrator_pool_in_use", "Amount of each pool held by grants now.", (p) => p.in_use),
+    pool("orchestrator_pool_available", "Amount of each pool free now.", (p) => p.available),
+    pool("orchestrator_pool_waiting", "Reservations waiting in the ledger's queue for each pool (queue length).", (p) => p.waiting),
+    family("orchestrator_ledger_leases", "gauge", "Grants the ledger holds now.", [{ labels: {}, value: ledger.leases }]),
+    family("orchestrator_ledger_waiters", "gauge", "Reservations waiting in the ledger's queue.", [{ labels: {}, value: ledger.waiters }]),
+    family("orchestrator_schedules", "gauge", "Schedules, active or paused.", [
+      { labels: { state: "active" }, value: shards.reduce((n, s) => n + s.active, 0) },
+      { labels: { state: "paused" }, value: shards.reduce((n, s) => n + s.paused, 0) },
+    ]),
+    family(
+      "orchestrator_schedule_fires",
+      "gauge",
+      "Fires kept by the schedules (the newest scheduleRunsKept each), by state.",
+      [...fireStates.entries()].sort().map(([state, n]) => ({ labels: { state }, value: n })),
+    ),
+    family("orchestrator_metrics_truncated", "gauge", "1 when an index month had more groups than the scrape reads (METRICS_GROUP_LIMIT).", [
+      { labels: {}, value: index.truncated ? 1 : 0 },
+    ]),
+  ];
+}
+
+function byLabels(a: { labels: Labels }, b: { labels: Labels }): number {
+  const x = JSON.stringify(Object.values(a.labels));
+  const y = JSON.stringify(Object.values(b.labels));
+  return x < y ? -1 : x > y ? 1 : 0;
+}
+
+export async function metricsResponse(env: Env): Promise<Response> {
+  return new Response(renderPrometheus(await gatherMetrics(env)), {
+    headers: { "content-type": "text/plain; version=0.0.4; charset=utf-8", "cache-control": "no-store" },
+  });
+}
