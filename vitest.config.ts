@@ -104,6 +104,8 @@ export default defineConfig({
                   modules: true,
                   scriptPath: "./dist/test-workers/kam/index.js",
                   compatibilityDate,
+                  bindings: { NOTIFY_SECRET: TEST_SECRETS.NOTIFY_SECRET },
+                  durableObjects: { EVENTS: { className: "KamEvents", useSQLite: true } },
                   serviceBindings: { ORCHESTRATOR: ORCHESTRATOR_AS_KAM },
                 },
                 // Calls the orchestrator's RPC methods through a worker's and KAM's kind of binding.

@@ -24,6 +24,7 @@ const SECRETS = {
   WORKER_SECRET,
   KAM_TOKEN: "mem-kam",
   OPS_TOKEN: "mem-ops",
+  NOTIFY_SECRET: "mem-notify-secret-0123456789abcdef",
 };
 const KAM = { authorization: `Bearer ${SECRETS.KAM_TOKEN}`, "content-type": "application/json" };
 const MiB = 1024 * 1024;

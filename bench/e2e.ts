@@ -588,6 +588,7 @@ async function main(): Promise<number> {
     WORKER_SECRET: workerSecret,
     KAM_TOKEN: token(),
     OPS_TOKEN: token(),
+    NOTIFY_SECRET: token(),
   };
   const pools = [
     { name: `worker:${BENCH_WORKER}`, kind: "concurrency", capacity: Math.max(64, 2 * opts.concurrency) },

@@ -28,6 +28,7 @@ const SECRETS = {
   WORKER_SECRET,
   KAM_TOKEN: "soak-kam",
   OPS_TOKEN: "soak-ops",
+  NOTIFY_SECRET: "soak-notify-secret-0123456789abcdef",
 };
 const KAM = { authorization: `Bearer ${SECRETS.KAM_TOKEN}`, "content-type": "application/json" };
 const OPS = { authorization: `Bearer ${SECRETS.OPS_TOKEN}` };

@@ -10,6 +10,8 @@ export const ExecuteRequest = z
     client_id: ClientId,
     request_id: RequestId.optional(),
     priority: Priority.default("normal"),
+    /** Deliver this execution's events to KAM (POST /api/orchestrator/events); default: the NOTIFY_DEFAULT var. */
+    notify: z.boolean().optional(),
   })
   .strict();
 export type ExecuteRequest = z.input<typeof ExecuteRequest>;
@@ -71,6 +73,45 @@ export const StageDocument = z.object({
 });
 export type StageDocument = z.infer<typeof StageDocument>;
 
+export const EventType = z.enum([
+  "execution.completed",
+  "execution.failed",
+  "execution.cancelled",
+  "execution.paused",
+  "execution.resumed",
+  "stage.awaiting_approval",
+]);
+export type EventType = z.infer<typeof EventType>;
+
+/** The body of `POST /api/orchestrator/events` on KAM; the same bytes on every redelivery. */
+export const ExecutionEvent = z.object({
+  /** Stable across redeliveries: de-duplicate on it. */
+  event_id: z.string(),
+  type: EventType,
+  execution_id: z.string(),
+  client_id: z.string(),
+  request_id: z.string().nullable(),
+  /** The execution's status when the event was decided. */
+  status: ExecutionStatus,
+  stage_id: z.string().optional(),
+  error: ErrorInfo.optional(),
+  cost: Cost.optional(),
+  /** `execution.completed`: where to read the result. */
+  result_url: z.string().optional(),
+  occurred_at: z.string(),
+});
+export type ExecutionEvent = z.infer<typeof ExecutionEvent>;
+
+/** Delivery of the execution's events to KAM (all zero when `notify` is off). */
+export const NotificationsDocument = z.object({
+  enabled: z.boolean(),
+  delivered: z.number(),
+  pending: z.number(),
+  /** Events given up on after the retry window (notifyRetryWindowMs, 24 h by default). */
+  undeliverable: z.array(z.object({ event_id: z.string(), type: EventType, attempts: z.number(), last_error: z.string(), occurred_at: z.string() })),
+});
+export type NotificationsDocument = z.infer<typeof NotificationsDocument>;
+
 export const StatusDocument = z.object({
   execution_id: z.string(),
   status: ExecutionStatus,
@@ -88,6 +129,7 @@ export const StatusDocument = z.object({
   data_expired_at: z.string().nullable(),
   error: ErrorInfo.nullable(),
   cost: Cost.nullable(),
+  notifications: NotificationsDocument,
   stages: z.array(StageDocument),
 });
 export type StatusDocument = z.infer<typeof StatusDocument>;

@@ -41,6 +41,11 @@ export const DEFAULT_TUNING = {
   ledgerReaskMs: 5_000,
   /** Re-deliver outbox messages (ledger settles, index updates) with this backoff. */
   outboxRetryMs: 2_000,
+  /** Event notifications to KAM: call timeout, backoff between redeliveries, and how long before an event is undeliverable. */
+  notifyTimeoutMs: 5_000,
+  notifyRetryBaseMs: 1_000,
+  notifyRetryCapMs: 10 * 60_000,
+  notifyRetryWindowMs: 24 * 3600_000,
   /** Alarm runs that may fail in a row before the execution is failed with the reason. */
   maxAlarmFailures: 5,
   /** Ended executions keep their data this long, then their alarm deletes it. */
@@ -86,6 +91,8 @@ export interface Config {
   pools: z.infer<typeof PoolConfig>;
   prices: PriceTable;
   publicUrl: string;
+  /** `notify` for an execution whose request does not say (the NOTIFY_DEFAULT var, "true" or "false"). */
+  notifyDefault: boolean;
 }
 
 const cache = new WeakMap<object, Config>();
@@ -110,6 +117,7 @@ export function configOf(env: Env): Config {
     pools: parseJson("POOLS", vars.POOLS, PoolConfig, []),
     prices: parseJson("PRICES", vars.PRICES, PriceTable, { currency: "USD", per_unit: {} }),
     publicUrl: String(vars.PUBLIC_URL ?? "http://orchestrator-v2.internal").replace(/\/$/, ""),
+    notifyDefault: parseJson("NOTIFY_DEFAULT", vars.NOTIFY_DEFAULT, z.boolean(), false),
   };
   cache.set(env, c);
   return c;

@@ -93,6 +93,7 @@ export async function startExecution(env: Env, raw: unknown, origin: string): Pr
       request_id: input.request_id ?? null,
       request_hash: requestHash,
       priority: input.priority,
+      notify: input.notify ?? configOf(env).notifyDefault,
     }),
     "execution start",
   );

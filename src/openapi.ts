@@ -8,7 +8,19 @@ import {
 import type { OpenAPIDefinitions } from "@asteasolutions/zod-to-openapi/dist/openapi-registry";
 import { z } from "zod";
 import pkg from "../package.json";
-import { Cost, ExecuteRequest, ExecuteResponse, ExecutionStatus, ResultDocument, StageDocument, StageStatus, StatusDocument } from "../schemas/api";
+import {
+  Cost,
+  EventType,
+  ExecuteRequest,
+  ExecuteResponse,
+  ExecutionEvent,
+  ExecutionStatus,
+  NotificationsDocument,
+  ResultDocument,
+  StageDocument,
+  StageStatus,
+  StatusDocument,
+} from "../schemas/api";
 import { ErrorEnvelope, ErrorInfo, ExecutionId, PoolAmounts, PoolName, StageId } from "../schemas/common";
 import { DataReference } from "../schemas/data";
 import { CountsQuery, ExecutionCounts, ExecutionList, ExecutionSummary, IndexEntry, ListQuery } from "../schemas/index-entry";
@@ -101,6 +113,9 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
     Cost: name("Cost", Cost),
     DataReference: name("DataReference", DataReference),
     StageDocument: name("StageDocument", StageDocument),
+    EventType: name("EventType", EventType),
+    ExecutionEvent: name("ExecutionEvent", ExecutionEvent),
+    NotificationsDocument: name("NotificationsDocument", NotificationsDocument),
     StatusDocument: name("StatusDocument", StatusDocument),
     ResultDocument: name("ResultDocument", ResultDocument),
     ExecutionSummary: name("ExecutionSummary", ExecutionSummary),
@@ -406,6 +421,22 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
     },
   ];
   for (const p of paths) r.registerPath(p);
+
+  // What the orchestrator sends KAM (through its KAM binding) for an execution started with `notify`.
+  r.registerWebhook({
+    method: "post",
+    path: "/api/orchestrator/events",
+    summary: "Event notification to KAM (execution ended, paused, resumed; a stage awaits approval)",
+    description:
+      "Signed: `x-orchestrator-signature: t=<unix ms>,v1=<hex HMAC-SHA256 of \"<t>.<raw body>\" with NOTIFY_SECRET>`; reject a `t` older than 5 minutes. " +
+      "Delivered at least once and in order per execution, retried with backoff on anything but a 2xx for `notifyRetryWindowMs` (24 h), " +
+      "with the same body and `event_id` each time: de-duplicate on `event_id`.",
+    request: {
+      headers: z.object({ "x-orchestrator-signature": z.string() }),
+      body: body(S.ExecutionEvent),
+    },
+    responses: { "200": { description: "any 2xx: received (the next event of the execution follows)" } },
+  });
   return [...schemas, ...r.definitions];
 }
 

@@ -7,13 +7,14 @@ import { configOf } from "./config";
  * - WORKER_SECRETS (JSON: worker name -> secret) is the bearer we send each stage
  *   worker, so one worker's secret opens no other; a worker missing from it falls
  *   back to WORKER_SECRET (one shared secret, for the migration);
- * - KAM_TOKEN and OPS_TOKEN are the bearers KAM and operators send us.
+ * - KAM_TOKEN and OPS_TOKEN are the bearers KAM and operators send us;
+ * - NOTIFY_SECRET signs the event notifications we send KAM (we never verify with it).
  * Every secret we verify may also hold a previous value in `<NAME>_PREVIOUS`:
  * both verify, only the current one signs. Missing or empty secrets make the
  * orchestrator refuse to serve (`misconfigured`) instead of running with a
  * guessable key.
  */
-export type SecretName = "CALLBACK_SECRET" | "KAM_TOKEN" | "OPS_TOKEN";
+export type SecretName = "CALLBACK_SECRET" | "KAM_TOKEN" | "OPS_TOKEN" | "NOTIFY_SECRET";
 
 /** The current value signs; both verify. */
 export interface SecretPair {
@@ -71,6 +72,9 @@ export function missingSecrets(env: Env): string[] {
   if (!callback) missing.push("CALLBACK_SECRET");
   else if (callback.current.length < MIN_CALLBACK_SECRET_LENGTH) missing.push(`CALLBACK_SECRET (shorter than ${MIN_CALLBACK_SECRET_LENGTH} characters)`);
   for (const name of ["KAM_TOKEN", "OPS_TOKEN"] as const) if (!secretPair(env, name)) missing.push(name);
+  const notify = secretPair(env, "NOTIFY_SECRET");
+  if (!notify) missing.push("NOTIFY_SECRET");
+  else if (notify.current.length < MIN_CALLBACK_SECRET_LENGTH) missing.push(`NOTIFY_SECRET (shorter than ${MIN_CALLBACK_SECRET_LENGTH} characters)`);
   if (workerSecrets(env) === null) missing.push("WORKER_SECRETS (not a JSON object of non-empty strings)");
   else {
     let workers: string[] = [];

@@ -1,4 +1,4 @@
-import type { StageDocument, StatusDocument } from "../../schemas/api";
+import type { NotificationsDocument, StageDocument, StatusDocument } from "../../schemas/api";
 import type { ErrorInfo } from "../../schemas/common";
 import type { IndexEntry } from "../../schemas/index-entry";
 import type { Config } from "../../src/config";
@@ -19,7 +19,13 @@ export function startSummary(ex: ExecutionRow, created: boolean, defaultStageDur
   };
 }
 
-export function statusDocument(ex: ExecutionRow, rows: StageRow[], now: number, prices: Config["prices"]): StatusDocument {
+export function statusDocument(
+  ex: ExecutionRow,
+  rows: StageRow[],
+  now: number,
+  prices: Config["prices"],
+  notifications: NotificationsDocument,
+): StatusDocument {
   const cost = parse<StatusDocument["cost"]>(ex.cost);
   const stages: StageDocument[] = rows.map((s) => {
     const usage = parse<Record<string, number>>(s.usage);
@@ -60,6 +66,7 @@ export function statusDocument(ex: ExecutionRow, rows: StageRow[], now: number, 
     data_expired_at: ISO(ex.data_expired_at),
     error: parse<ErrorInfo>(ex.error),
     cost,
+    notifications,
     stages,
   };
 }

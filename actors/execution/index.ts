@@ -11,6 +11,7 @@ import { emit } from "../../src/metrics";
 import { sqlOf } from "../sql";
 import { type StageFailure, isOnWorker, isTerminalExecution, isTerminalStage } from "../stage-machine";
 import { startSummary, statusDocument } from "./documents";
+import { EVENTS_SCHEMA, Notifier, migrateControl } from "./notify";
 import { Outbox } from "./outbox";
 import * as step from "./steps";
 import { type Core, type ExecutionRow, SCHEMA, type StageRow, Store, type StoredOutput, parse } from "./store";
@@ -49,6 +50,8 @@ export interface StartInput {
   request_id: string | null;
   request_hash: string | null;
   priority: Priority;
+  /** Deliver this execution's events to KAM (docs/protocol.md, "Event notifications"). */
+  notify: boolean;
 }
 
 export interface StartResult {
@@ -91,10 +94,12 @@ export class Execution extends DurableObject<Env> {
     this.#store = new Store(sql);
     this.#timers = new Timers(sql, ctx.storage);
     const base = { env, config: this.#config, sql, store: this.#store, timers: this.#timers, rearm: () => this.#rearm() };
-    this.#c = { ...base, outbox: new Outbox(base) };
+    const notifier = new Notifier(base);
+    this.#c = { ...base, notifier, outbox: new Outbox({ ...base, notifier }) };
     setLogLevel((env as unknown as { LOG_LEVEL?: string }).LOG_LEVEL);
     ctx.blockConcurrencyWhile(async () => {
-      ctx.storage.sql.exec(SCHEMA);
+      ctx.storage.sql.exec(SCHEMA + EVENTS_SCHEMA);
+      migrateControl(ctx.storage);
       this.#timers.known(await ctx.storage.getAlarm());
     });
   }
@@ -107,9 +112,9 @@ export class Execution extends DurableObject<Env> {
     if (existing) return this.#summary(existing, false);
 
     const now = Date.now();
-    this.#c.sql`INSERT INTO execution (id, execution_id, template_name, client_id, request_id, request_hash, priority, parameters, status, created_at)
+    this.#c.sql`INSERT INTO execution (id, execution_id, template_name, client_id, request_id, request_hash, priority, parameters, status, created_at, notify)
       VALUES (1, ${input.execution_id}, ${input.template_name}, ${input.client_id}, ${input.request_id}, ${input.request_hash},
-              ${input.priority}, ${JSON.stringify(input.parameters)}, 'queued', ${now})`;
+              ${input.priority}, ${JSON.stringify(input.parameters)}, 'queued', ${now}, ${input.notify ? 1 : 0})`;
     this.#timers.set("watchdog", now + WATCHDOG_MS);
     tx.indexUpdate(this.#c, now);
     this.#store.log("info", "execution_created", { template_name: input.template_name, client_id: input.client_id, priority: input.priority });
@@ -270,7 +275,7 @@ export class Execution extends DurableObject<Env> {
   }
 
   #document(ex: ExecutionRow): StatusDocument {
-    return statusDocument(ex, this.#store.stages(), Date.now(), this.#config.prices);
+    return statusDocument(ex, this.#store.stages(), Date.now(), this.#config.prices, this.#c.notifier.document());
   }
 
   /** Starts a drive pass in the background (coalesced with one already queued). */
@@ -329,6 +334,7 @@ export class Execution extends DurableObject<Env> {
     this.#timers.takeWakeUps(Date.now());
     // New outbox messages go out as they are written (enqueue); this picks up redeliveries that are due.
     this.#c.outbox.flush();
+    this.#c.notifier.pump(Date.now());
     for (let guard = 0; guard < 100; guard++) {
       const ex = this.#store.row();
       if (!ex) return;

@@ -4,6 +4,7 @@ import type { DataReference } from "../../schemas/data";
 import type { Config } from "../../src/config";
 import { log } from "../../src/log";
 import type { Sql } from "../sql";
+import type { Notifier } from "./notify";
 import type { Outbox } from "./outbox";
 import type { Timers } from "./timers";
 
@@ -66,6 +67,8 @@ export interface ExecutionRow {
   alarm_failures: number;
   data_expired_at: number | null;
   index_version: number;
+  /** 1: events go to KAM (notify.ts). */
+  notify: number;
 }
 
 export interface StageRow {
@@ -167,6 +170,8 @@ export interface Core {
   readonly store: Store;
   readonly timers: Timers;
   readonly outbox: Outbox;
+  /** Events for KAM, delivered in order (notify.ts). */
+  readonly notifier: Notifier;
   /** Makes sure the alarm fires no later than the earliest timer (see Timers.rearm). */
   rearm(): Promise<void>;
 }

@@ -202,6 +202,11 @@ export function finishExecution(c: Core, status: ExecutionStatus, now: number, e
     error = ${error ? JSON.stringify(error) : null}, cost = ${JSON.stringify(cost)} WHERE id = 1`;
   c.timers.clearMany(["advance", "poll", "deadline", "lease", "reask", "retry", "watchdog"]);
   indexUpdate(c, now);
+  c.notifier.emit(`execution.${status as "completed" | "failed" | "cancelled"}`, {
+    error,
+    cost,
+    ...(status === "completed" ? { result_url: `${c.config.publicUrl}/executions/${ex.execution_id}/result` } : {}),
+  }, now);
   // Ended executions keep their data for the retention period, then their alarm deletes it.
   c.timers.set("retention", now + c.config.tuning.retentionMs);
   c.store.log(status === "failed" ? "warn" : "info", "execution_status", {

@@ -1,8 +1,12 @@
+import { type EventsEnv, handleEvents } from "./events";
 import { TEMPLATES } from "./templates";
+
+export { KamEvents } from "./events";
 
 /**
  * Local stand-in for KAM (bitware-key-account-manager): serves master templates
- * to the orchestrator over its KAM service binding. Read-only, no state.
+ * to the orchestrator over its KAM service binding, and receives its signed
+ * event notifications (events.ts).
  */
 
 function json(status: number, body: unknown): Response {
@@ -16,8 +20,9 @@ function error(status: number, code: string, message: string): Response {
 const TEMPLATE_PATH = /^\/api\/master-templates\/([^/]+)$/;
 
 export default {
-  async fetch(request: Request): Promise<Response> {
+  async fetch(request: Request, env: EventsEnv): Promise<Response> {
     const url = new URL(request.url);
+    if (url.pathname === "/api/orchestrator/events" && (request.method === "POST" || request.method === "GET")) return handleEvents(request, env);
     if (request.method !== "GET") {
       const res = error(405, "method_not_allowed", `${request.method} is not supported`);
       res.headers.set("allow", "GET");
@@ -40,4 +45,4 @@ export default {
     if (!template) return error(404, "not_found", `template '${name}' does not exist`);
     return json(200, template);
   },
-} satisfies ExportedHandler;
+} satisfies ExportedHandler<EventsEnv>;

@@ -12,6 +12,7 @@ export const TEST_SECRETS = {
   WORKER_SECRET: TEST_WORKER_SECRETS["bitware-content-granulator"],
   KAM_TOKEN: "test-kam-token",
   OPS_TOKEN: "test-ops-token",
+  NOTIFY_SECRET: "test-notify-secret-0123456789abcdef",
 };
 
 /** The content granulator's previous secret, as during a rotation (the worker kit's WORKER_SECRET_PREVIOUS). */
@@ -41,4 +42,8 @@ export const TEST_TUNING = {
   pollMaxMs: 500,
   outboxRetryMs: 200,
   maxPollFailures: 3,
+  notifyRetryBaseMs: 50,
+  notifyRetryCapMs: 200,
+  // Short, so an event KAM never accepts is given up on within a test (24 h by default).
+  notifyRetryWindowMs: 5_000,
 };
