@@ -145,7 +145,7 @@ export interface IndexStatsGroup {
 }
 
 export function emptyCounts(): StatusCounts {
-  return { queued: 0, running: 0, completed: 0, failed: 0, cancelled: 0 };
+  return { queued: 0, running: 0, paused: 0, completed: 0, failed: 0, cancelled: 0 };
 }
 
 /** Each filter field and the clause it adds (values are bound, never spliced). */

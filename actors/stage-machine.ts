@@ -23,8 +23,10 @@ export const STAGE_TRANSITIONS: Record<StageStatus, readonly StageStatus[]> = {
 };
 
 export const EXECUTION_TRANSITIONS: Record<ExecutionStatus, readonly ExecutionStatus[]> = {
-  queued: ["running", "failed", "cancelled"],
-  running: ["completed", "failed", "cancelled"],
+  queued: ["running", "paused", "failed", "cancelled"],
+  running: ["completed", "paused", "failed", "cancelled"],
+  // Paused: work already on a worker may still fail the execution; it resumes to where it was.
+  paused: ["queued", "running", "failed", "cancelled"],
   completed: [],
   failed: [],
   cancelled: [],

@@ -17,7 +17,7 @@ export const ExecuteRequest = z
 export type ExecuteRequest = z.input<typeof ExecuteRequest>;
 export type ExecuteInput = z.output<typeof ExecuteRequest>;
 
-export const ExecutionStatus = z.enum(["queued", "running", "completed", "failed", "cancelled"]);
+export const ExecutionStatus = z.enum(["queued", "running", "paused", "completed", "failed", "cancelled"]);
 export type ExecutionStatus = z.infer<typeof ExecutionStatus>;
 export const TERMINAL_STATUSES: readonly ExecutionStatus[] = ["completed", "failed", "cancelled"];
 
@@ -127,6 +127,10 @@ export const StatusDocument = z.object({
   estimated_completion_at: z.string().nullable(),
   /** Set when retention deleted the execution's data; the summary stays. */
   data_expired_at: z.string().nullable(),
+  /** While paused: since when. */
+  paused_at: z.string().nullable(),
+  /** Time spent paused, the current pause included (an execution-wide deadline does not count it). */
+  paused_ms: z.number(),
   error: ErrorInfo.nullable(),
   cost: Cost.nullable(),
   notifications: NotificationsDocument,

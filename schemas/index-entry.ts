@@ -142,6 +142,7 @@ export const ExecutionCounts = z.object({
   counts: z.object({
     queued: z.number().int(),
     running: z.number().int(),
+    paused: z.number().int(),
     completed: z.number().int(),
     failed: z.number().int(),
     cancelled: z.number().int(),

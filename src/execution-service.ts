@@ -2,7 +2,7 @@ import { z } from "zod";
 import { ExecuteRequest, type ExecuteResponse, type ResultDocument, type StatusDocument } from "../schemas/api";
 import { ExecutionId, StageId } from "../schemas/common";
 import { CompleteCallback, FailCallback, ProgressCallback } from "../schemas/worker-protocol";
-import type { CallbackKind, CancelState, Execution, ResultState } from "../actors/execution/index";
+import type { CallbackKind, CancelState, Execution, PauseState, ResultState, ResumeState } from "../actors/execution/index";
 import type { ClaimResult, RequestRegistry } from "../actors/request-registry";
 import type { DataReference } from "../schemas/data";
 import { verifyToken } from "./auth";
@@ -215,6 +215,26 @@ export async function cancelExecution(env: Env, id: unknown): Promise<StatusDocu
   if (r.state === "already_terminal") {
     throw new ApiError(409, "already_terminal", `the execution is already ${r.status.status}`, { status: r.status.status });
   }
+  return r.status;
+}
+
+/** `POST /executions/:id/pause`: 200 paused (also when it already was); 409 `already_terminal`. */
+export async function pauseExecution(env: Env, id: unknown): Promise<StatusDocument> {
+  const executionId = checkExecutionId(id);
+  const r = await call<PauseState>(env, executionStub(env, executionId).pause(), "execution pause");
+  if (r.state === "missing") throw new ApiError(404, "not_found", `no execution ${executionId}`);
+  if (r.state === "already_terminal") {
+    throw new ApiError(409, "already_terminal", `the execution is already ${r.status.status}`, { status: r.status.status });
+  }
+  return r.status;
+}
+
+/** `POST /executions/:id/resume`: 200 back to running (or queued); 409 `not_paused`. */
+export async function resumeExecution(env: Env, id: unknown): Promise<StatusDocument> {
+  const executionId = checkExecutionId(id);
+  const r = await call<ResumeState>(env, executionStub(env, executionId).resume(), "execution resume");
+  if (r.state === "missing") throw new ApiError(404, "not_found", `no execution ${executionId}`);
+  if (r.state === "not_paused") throw new ApiError(409, "not_paused", `the execution is ${r.status.status}, not paused`, { status: r.status.status });
   return r.status;
 }
 

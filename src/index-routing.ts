@@ -113,7 +113,7 @@ export async function countIndex(
 ): Promise<StatusCounts> {
   const buckets = bucketsNewestFirst(filter.since ?? INDEX_EPOCH_MS, filter.until ?? now + CLOCK_SKEW_MS);
   const parts = await Promise.all(buckets.map((b) => ask(env, shard(env, b).counts(filter), b)));
-  const total: StatusCounts = { queued: 0, running: 0, completed: 0, failed: 0, cancelled: 0 };
+  const total: StatusCounts = { queued: 0, running: 0, paused: 0, completed: 0, failed: 0, cancelled: 0 };
   for (const p of parts) for (const k of Object.keys(total) as ExecutionStatus[]) total[k] += p[k] ?? 0;
   return total;
 }

@@ -1,6 +1,6 @@
 import { WorkerEntrypoint } from "cloudflare:workers";
 import type { ExecuteResponse, ResultDocument, StatusDocument } from "../schemas/api";
-import { cancelExecution, getResult, getStatus, startExecution } from "./execution-service";
+import { cancelExecution, getResult, getStatus, pauseExecution, resumeExecution, startExecution } from "./execution-service";
 import { ApiError } from "./http";
 import { setLogLevel } from "./log";
 import { handle, requireConfigured } from "./routes";
@@ -62,5 +62,13 @@ export class KamApi extends WorkerEntrypoint<Env> {
 
   cancel(id: string): Promise<RpcResult<StatusDocument>> {
     return rpc(this.env, async () => ({ status: 200, data: await cancelExecution(this.env, id) }));
+  }
+
+  pause(id: string): Promise<RpcResult<StatusDocument>> {
+    return rpc(this.env, async () => ({ status: 200, data: await pauseExecution(this.env, id) }));
+  }
+
+  resume(id: string): Promise<RpcResult<StatusDocument>> {
+    return rpc(this.env, async () => ({ status: 200, data: await resumeExecution(this.env, id) }));
   }
 }

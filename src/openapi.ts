@@ -276,6 +276,36 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
     },
     {
       method: "post",
+      path: "/executions/{id}/pause",
+      summary: "Pause an execution",
+      description:
+        "No stage starts a new attempt or asks the ledger until resume; work already on a worker runs to its end and its callbacks apply; " +
+        "a stage waiting for resources gives its reservation back. Pausing a paused execution answers 200 and changes nothing. Also RPC `pause(id)` on KamApi.",
+      security: kamOrOps,
+      request: { params: idParams },
+      responses: {
+        "200": jsonBody(S.StatusDocument, "paused: the status document"),
+        ...common,
+        "404": error("not_found"),
+        "409": error("already_terminal"),
+      },
+    },
+    {
+      method: "post",
+      path: "/executions/{id}/resume",
+      summary: "Resume a paused execution",
+      description: "Back to `running` (or `queued` if no stage had started); ready stages start. Also RPC `resume(id)` on KamApi.",
+      security: kamOrOps,
+      request: { params: idParams },
+      responses: {
+        "200": jsonBody(S.StatusDocument, "resumed: the status document"),
+        ...common,
+        "404": error("not_found"),
+        "409": error("not_paused"),
+      },
+    },
+    {
+      method: "post",
       path: "/executions/{id}/stages/{stageId}/{kind}",
       summary: "Stage worker callback (progress, complete, fail)",
       description: "`progress` takes ProgressCallback, `complete` CompleteCallback, `fail` FailCallback.",

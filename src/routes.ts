@@ -8,6 +8,8 @@ import { missingSecrets } from "./secrets";
 import { configOf } from "./config";
 import {
   cancelExecution,
+  pauseExecution,
+  resumeExecution,
   checkExecutionId,
   getResult,
   getResultContent,
@@ -112,6 +114,16 @@ route("get", "/executions/:id/result/content", async (req, env) => {
 route("post", "/executions/:id/cancel", async (req, env) => {
   requireRole(req, env, ["kam", "ops"]);
   return json(await cancelExecution(env, req.params.id));
+});
+
+route("post", "/executions/:id/pause", async (req, env) => {
+  requireRole(req, env, ["kam", "ops"]);
+  return json(await pauseExecution(env, req.params.id));
+});
+
+route("post", "/executions/:id/resume", async (req, env) => {
+  requireRole(req, env, ["kam", "ops"]);
+  return json(await resumeExecution(env, req.params.id));
 });
 
 route("post", "/executions/:id/stages/:stageId/:kind", async (req, env) => {

@@ -64,6 +64,8 @@ export function statusDocument(
     completed_at: ISO(ex.completed_at),
     estimated_completion_at: ISO(ex.estimated_completion_at),
     data_expired_at: ISO(ex.data_expired_at),
+    paused_at: ISO(ex.paused_at),
+    paused_ms: ex.paused_ms + (ex.paused_at !== null ? now - ex.paused_at : 0),
     error: parse<ErrorInfo>(ex.error),
     cost,
     notifications,

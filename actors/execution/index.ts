@@ -11,7 +11,8 @@ import { emit } from "../../src/metrics";
 import { sqlOf } from "../sql";
 import { type StageFailure, isOnWorker, isTerminalExecution, isTerminalStage } from "../stage-machine";
 import { startSummary, statusDocument } from "./documents";
-import { EVENTS_SCHEMA, Notifier, migrateControl } from "./notify";
+import { migrateControl, pauseExecution, resumeExecution } from "./control";
+import { EVENTS_SCHEMA, Notifier } from "./notify";
 import { Outbox } from "./outbox";
 import * as step from "./steps";
 import { type Core, type ExecutionRow, SCHEMA, type StageRow, Store, type StoredOutput, parse } from "./store";
@@ -71,6 +72,12 @@ export type CancelState =
   | { state: "missing" }
   | { state: "already_terminal"; status: StatusDocument }
   | { state: "cancelled"; status: StatusDocument };
+
+export type PauseState =
+  | { state: "missing" }
+  | { state: "already_terminal"; status: StatusDocument }
+  | { state: "paused"; status: StatusDocument };
+export type ResumeState = { state: "missing" } | { state: "not_paused"; status: StatusDocument } | { state: "resumed"; status: StatusDocument };
 
 export type CallbackKind = "progress" | "complete" | "fail";
 export interface CallbackAnswer {
@@ -160,6 +167,26 @@ export class Execution extends DurableObject<Env> {
     this.#kick();
     await this.#rearm();
     return { state: "cancelled", status: this.#document(this.#store.row()!) };
+  }
+
+  /** Stops new work (docs/protocol.md, "Pause and resume"); pausing a paused execution changes nothing. */
+  async pause(): Promise<PauseState> {
+    const ex = this.#store.row();
+    if (!ex) return { state: "missing" };
+    if (isTerminalExecution(ex.status)) return { state: "already_terminal", status: this.#document(ex) };
+    pauseExecution(this.#c, Date.now());
+    await this.#rearm();
+    return { state: "paused", status: this.#document(this.#store.row()!) };
+  }
+
+  async resume(): Promise<ResumeState> {
+    const ex = this.#store.row();
+    if (!ex) return { state: "missing" };
+    if (ex.status !== "paused") return { state: "not_paused", status: this.#document(ex) };
+    resumeExecution(this.#c, Date.now());
+    this.#kick();
+    await this.#rearm();
+    return { state: "resumed", status: this.#document(this.#store.row()!) };
   }
 
   /** A stage worker's callback, already authenticated by its token (execution, stage, attempt). */
@@ -347,6 +374,8 @@ export class Execution extends DurableObject<Env> {
         continue;
       }
       const st = this.#store.stages().find((s) => s.status !== "completed");
+      // Paused: only work already on a worker goes on (to its end); nothing starts, nothing completes.
+      if (ex.status === "paused" && !(st && isOnWorker(st.status))) return;
       if (!st) {
         tx.completeExecution(this.#c, Date.now());
         continue;

@@ -26,14 +26,6 @@ CREATE TABLE IF NOT EXISTS events (
 );
 `;
 
-/** Execution columns added by execution control (notifications), for objects whose table predates them. */
-const CONTROL_COLUMNS = ["notify INTEGER NOT NULL DEFAULT 0"];
-
-export function migrateControl(storage: DurableObjectStorage): void {
-  const have = new Set(storage.sql.exec("PRAGMA table_info(execution)").toArray().map((r) => String(r.name)));
-  for (const col of CONTROL_COLUMNS) if (!have.has(col.split(" ")[0])) storage.sql.exec(`ALTER TABLE execution ADD COLUMN ${col}`);
-}
-
 interface EventRow {
   seq: number;
   event_id: string;

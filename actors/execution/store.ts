@@ -69,6 +69,11 @@ export interface ExecutionRow {
   index_version: number;
   /** 1: events go to KAM (notify.ts). */
   notify: number;
+  /** While paused: the status to resume to, and since when (control.ts). */
+  paused_from: ExecutionStatus | null;
+  paused_at: number | null;
+  /** Time spent paused before the current pause. */
+  paused_ms: number;
 }
 
 export interface StageRow {

@@ -111,6 +111,16 @@ const list: StoredTemplate[] = [
       { stage: 3, worker: "bitware-capped-granulator", template_ref: "capped_v1", action: "summary" },
     ] satisfies TemplateStage[]),
   },
+  // Execution control: both stages need the one slot of `gate:control` (created by the test that uses it),
+  // so a test can hold a stage in waiting_resources, behind another execution, for as long as it needs.
+  {
+    template_id: "mt_control_001",
+    template_name: "control_gated",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRANULATOR, template_ref: "control_v1", action: "echo", max_attempts: 1, timeout_ms: 60_000, resources: { "gate:control": 1 } },
+      { stage: 2, worker: GRANULATOR, template_ref: "control_v1", action: "echo", max_attempts: 1, timeout_ms: 60_000 },
+    ] satisfies TemplateStage[]),
+  },
   // Valid JSON, invalid stages (no worker, no template_ref).
   { template_id: "mt_broken_001", template_name: "broken_template", pipeline_stages: '[{"stage": "one"}]' },
 ];

@@ -109,7 +109,7 @@ th { font-weight: 600; color: var(--muted); font-size: 12px; text-transform: upp
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 12px; font-weight: 600; border: 1px solid currentColor; white-space: nowrap; }
 .st-completed { color: var(--ok); } .st-failed { color: var(--bad); } .st-cancelled { color: var(--warn); }
-.st-running, .st-processing, .st-handshaking { color: var(--run); } .st-waiting_resources { color: var(--warn); }
+.st-running, .st-processing, .st-handshaking { color: var(--run); } .st-waiting_resources, .st-paused, .st-awaiting_approval { color: var(--warn); }
 .st-queued, .st-pending { color: var(--idle); }
 .error { color: var(--bad); }
 button { font: inherit; padding: 5px 12px; border-radius: 6px; border: 1px solid var(--line); background: var(--card); color: var(--fg); cursor: pointer; }

@@ -18,7 +18,7 @@ form.filters { display: flex; flex-wrap: wrap; align-items: flex-end; gap: 8px 0
 `;
 
 const SCRIPT = `
-const STATUSES = ["queued", "running", "completed", "failed", "cancelled"];
+const STATUSES = ["queued", "running", "paused", "completed", "failed", "cancelled"];
 const WINDOWS = { "1h": 3600e3, "24h": 86400e3, "7d": 7 * 86400e3, "30d": 30 * 86400e3, "all": 0 };
 const FIELDS = ["client_id", "template_name", "status", "window"];
 let cursor = null;
@@ -174,7 +174,7 @@ ${LOGIN_HTML}
     <label>Client<input id="f-client_id" maxlength="128" spellcheck="false"></label>
     <label>Template<input id="f-template_name" maxlength="64" spellcheck="false"></label>
     <label>Status<select id="f-status">
-      <option value="">any</option><option>queued</option><option>running</option>
+      <option value="">any</option><option>queued</option><option>running</option><option>paused</option>
       <option>completed</option><option>failed</option><option>cancelled</option>
     </select></label>
     <label>Created<select id="f-window">

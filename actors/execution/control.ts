@@ -1,0 +1,62 @@
+import { isTerminalExecution } from "../stage-machine";
+import type { Core } from "./store";
+import { indexUpdate, moveStage, releaseReservation } from "./transitions";
+
+/**
+ * Execution control (docs/protocol.md, "Pause and resume"): synchronous state
+ * changes like those of `transitions.ts`, with no `await` inside, so each is
+ * atomic under the input gate and its event for KAM is written with it.
+ */
+
+/** Execution columns added by execution control, for objects whose table predates them. */
+const CONTROL_COLUMNS = [
+  "notify INTEGER NOT NULL DEFAULT 0",
+  "paused_from TEXT",
+  "paused_at INTEGER",
+  "paused_ms INTEGER NOT NULL DEFAULT 0",
+];
+
+export function migrateControl(storage: DurableObjectStorage): void {
+  const have = new Set(storage.sql.exec("PRAGMA table_info(execution)").toArray().map((r) => String(r.name)));
+  for (const col of CONTROL_COLUMNS) if (!have.has(col.split(" ")[0])) storage.sql.exec(`ALTER TABLE execution ADD COLUMN ${col}`);
+}
+
+/**
+ * Pauses a live execution: nothing starts a new attempt or asks the ledger until
+ * resume. Work already on a worker (handshaking, processing) runs to its end and
+ * its callbacks apply. A stage waiting for resources gives its reservation back
+ * (not held while paused) and goes back to `pending`; that attempt never ran, so
+ * it does not count against `max_attempts` (which grows by one), and resume asks
+ * the ledger again with a new attempt number (the ledger's reserve is idempotent per attempt).
+ */
+export function pauseExecution(c: Core, now: number): void {
+  const ex = c.store.row()!;
+  if (ex.status === "paused" || isTerminalExecution(ex.status)) return;
+  c.sql`UPDATE execution SET status = 'paused', paused_from = ${ex.status}, paused_at = ${now} WHERE id = 1`;
+  for (const st of c.store.stages()) {
+    if (st.status !== "waiting_resources") continue;
+    releaseReservation(c, st, now);
+    moveStage(c, st, "pending", now, { message: "paused: the reservation was given back" });
+    c.sql`UPDATE stages SET max_attempts = max_attempts + 1, waiting_ms = waiting_ms + ${now - (st.waiting_since ?? now)}, waiting_since = NULL
+      WHERE stage_id = ${st.stage_id}`;
+  }
+  c.timers.clear("reask");
+  indexUpdate(c, now);
+  c.notifier.emit("execution.paused", {}, now);
+  c.store.log("info", "execution_status", { status: "paused", from: ex.status });
+}
+
+/** Resumes a paused execution where it was (`queued` or `running`); the ready stage starts in the next drive pass. */
+export function resumeExecution(c: Core, now: number): void {
+  const ex = c.store.row()!;
+  if (ex.status !== "paused") return;
+  const to = ex.paused_from === "queued" ? "queued" : "running";
+  c.sql`UPDATE execution SET status = ${to}, paused_from = NULL, paused_at = NULL,
+    paused_ms = paused_ms + ${now - (ex.paused_at ?? now)} WHERE id = 1`;
+  // A stage whose attempt was given back starts again now; one waiting out a retry backoff keeps its timer.
+  const st = c.store.stages().find((s) => s.status !== "completed");
+  if (st && st.status === "pending" && st.attempt > 0 && !c.timers.has("retry")) c.timers.set("retry", now);
+  indexUpdate(c, now);
+  c.notifier.emit("execution.resumed", {}, now);
+  c.store.log("info", "execution_status", { status: to, resumed: true, paused_ms: now - (ex.paused_at ?? now) });
+}

@@ -1,0 +1,160 @@
+import { runDurableObjectAlarm } from "cloudflare:test";
+import { env } from "cloudflare:workers";
+import { describe, expect, it } from "vitest";
+import { JSON_HEADERS, KAM, OPS, call, ended, executionStub, rpcThrough, startExecution, status, waitFor, waitForLedger } from "../support/api";
+import { received, waitForEvents } from "../support/kam-events";
+
+const post = (path: string, headers: Record<string, string> = OPS) => call(path, { method: "POST", headers });
+
+describe("pause and resume", () => {
+  it("pauses mid-pipeline: the running stage completes, nothing else starts; resume runs the rest to completed", async () => {
+    const { body } = await startExecution({
+      template_name: "course_creation",
+      parameters: { topic: "pause", steps: 6, step_ms: 200 },
+      client_id: "kam-flaky-2-pause",
+      notify: true,
+    });
+    const id = body.execution_id as string;
+    await waitFor(id, (d) => d.stages[0].status === "processing");
+
+    const paused = await post(`/executions/${id}/pause`, KAM);
+    expect(paused.status).toBe(200);
+    const doc = (await paused.json()) as Record<string, any>;
+    expect(doc.status).toBe("paused");
+    expect(Date.parse(doc.paused_at)).toBeGreaterThan(0);
+
+    // Pausing again: 200, nothing changes.
+    const again = await post(`/executions/${id}/pause`);
+    expect(again.status).toBe(200);
+    expect(((await again.json()) as Record<string, any>).paused_at).toBe(doc.paused_at);
+
+    // The stage that was on the worker runs to its end and its result is applied.
+    const done1 = await waitFor(id, (d) => d.stages[0].status === "completed");
+    expect(done1.status).toBe("paused");
+    // A drive pass (the alarm) finds stage 2 ready and does not start it: no attempt, no reservation.
+    await runDurableObjectAlarm(executionStub(id));
+    const still = await status(id);
+    expect(still.status).toBe("paused");
+    expect(still.stages.map((s) => [s.status, s.attempts])).toEqual([
+      ["completed", 1],
+      ["pending", 0],
+      ["pending", 0],
+    ]);
+    expect((await executionStub(id).reservationIds()).map((r) => r.stage_id)).toEqual(["stage_1"]);
+
+    const resumed = await post(`/executions/${id}/resume`, KAM);
+    expect(resumed.status).toBe(200);
+    const r = (await resumed.json()) as Record<string, any>;
+    expect(r.status).toBe("running");
+    expect(r.paused_at).toBeNull();
+    expect(r.paused_ms).toBeGreaterThan(0);
+
+    const end = await waitFor(id, ended);
+    expect(end.status).toBe("completed");
+    expect(end.stages.map((s) => [s.status, s.attempts])).toEqual([
+      ["completed", 1],
+      ["completed", 1],
+      ["completed", 1],
+    ]);
+    // Resuming a completed execution: not paused.
+    const late = await post(`/executions/${id}/resume`);
+    expect(late.status).toBe(409);
+    expect(((await late.json()) as any).error.code).toBe("not_paused");
+
+    // KAM (answering 500 twice first) gets paused, resumed, completed: in order, once each.
+    const got = await waitForEvents(id, (x) => x.events.length === 3);
+    expect(got.events.map((e) => [e.type, e.status])).toEqual([
+      ["execution.paused", "paused"],
+      ["execution.resumed", "running"],
+      ["execution.completed", "completed"],
+    ]);
+    expect(got.receipts.map((x) => [x.type, x.answered])).toEqual([
+      ["execution.paused", 500],
+      ["execution.paused", 500],
+      ["execution.paused", 200],
+      ["execution.resumed", 200],
+      ["execution.completed", 200],
+    ]);
+  });
+
+  it("pausing a stage that waits for the ledger gives the reservation back; resume asks again and completes", async () => {
+    const pool = await call("/resources/pools/gate:control", { method: "PUT", headers: { ...OPS, ...JSON_HEADERS }, body: JSON.stringify({ kind: "concurrency", capacity: 1 }) });
+    expect(pool.status).toBe(200);
+    // A holds the one slot of the gate (its stage 1 hangs); B's stage 1 waits behind it.
+    const a = await startExecution({ template_name: "control_gated", parameters: { fault: { stage: 1, mode: "hang" } }, client_id: "client_control" });
+    await waitFor(a.body.execution_id, (d) => d.stages[0].status === "processing");
+    const b = await startExecution({ template_name: "control_gated", parameters: { steps: 1, step_ms: 5 }, client_id: "client_control" });
+    const id = b.body.execution_id as string;
+    await waitFor(id, (d) => d.stages[0].status === "waiting_resources");
+    await waitForLedger((s) => s.pools.find((p) => p.name === "gate:control")?.waiting === 1);
+    const [waiting] = await executionStub(id).reservationIds();
+
+    const paused = await post(`/executions/${id}/pause`);
+    expect(paused.status).toBe(200);
+    const doc = (await paused.json()) as Record<string, any>;
+    expect(doc.stages[0]).toMatchObject({ status: "pending", attempts: 1, max_attempts: 2 });
+    // The reservation is released (through the outbox): the ledger's queue for the gate is empty.
+    await waitForLedger((s) => s.pools.find((p) => p.name === "gate:control")?.waiting === 0);
+    const ledger = env.RESOURCE_LEDGER.get(env.RESOURCE_LEDGER.idFromName("global"));
+    expect((await ledger.status(waiting.reservation_id)).state).toBe("released");
+
+    // A's slot frees up while B is paused: B does not take it.
+    await post(`/executions/${a.body.execution_id}/cancel`);
+    await waitForLedger((s) => s.pools.find((p) => p.name === "gate:control")?.in_use === 0);
+    await runDurableObjectAlarm(executionStub(id));
+    expect((await status(id)).stages[0]).toMatchObject({ status: "pending", attempts: 1 });
+    expect(await executionStub(id).reservationIds()).toHaveLength(1);
+
+    expect((await post(`/executions/${id}/resume`)).status).toBe(200);
+    const end = await waitFor(id, ended);
+    expect(end.status).toBe("completed");
+    // Asked again as a new attempt; the given-back one does not count against max_attempts.
+    expect(end.stages[0]).toMatchObject({ status: "completed", attempts: 2, max_attempts: 2 });
+    expect((await executionStub(id).reservationIds()).map((r) => [r.stage_id, r.attempt])).toEqual([
+      ["stage_1", 1],
+      ["stage_1", 2],
+      ["stage_2", 1],
+    ]);
+  });
+
+  it("refuses pause of an ended execution (already_terminal), resume of a running one (not_paused), and changes nothing", async () => {
+    const { body } = await startExecution({ template_name: "quick_summary", parameters: { steps: 1, step_ms: 5 }, client_id: "client_control" });
+    const id = body.execution_id as string;
+    const running = await post(`/executions/${id}/resume`);
+    expect(running.status).toBe(409);
+    expect(((await running.json()) as any).error.code).toBe("not_paused");
+    const done = await waitFor(id, ended);
+    const res = await post(`/executions/${id}/pause`);
+    expect(res.status).toBe(409);
+    expect(((await res.json()) as any).error).toMatchObject({ code: "already_terminal", details: { status: "completed" } });
+    expect(await status(id)).toEqual(done);
+    expect((await received(id)).receipts).toEqual([]);
+  });
+
+  it("needs KAM or OPS rights, a valid id and an existing execution", async () => {
+    const unknown = "exec_1700000000000_AAAAAAAAAAAAAAAA";
+    for (const action of ["pause", "resume"]) {
+      expect((await post(`/executions/${unknown}/${action}`, {})).status).toBe(401);
+      expect((await post(`/executions/${unknown}/${action}`, { authorization: "Bearer nope" })).status).toBe(401);
+      const bad = await post(`/executions/not-an-id/${action}`);
+      expect(bad.status).toBe(400);
+      expect(((await bad.json()) as any).error.code).toBe("invalid_request");
+      const missing = await post(`/executions/${unknown}/${action}`);
+      expect(missing.status).toBe(404);
+      expect(((await missing.json()) as any).error.code).toBe("not_found");
+    }
+  });
+
+  it("KAM's RPC entrypoint has pause(id) and resume(id)", async () => {
+    const { body } = await startExecution({ template_name: "quick_summary", parameters: { steps: 20, step_ms: 100 }, client_id: "client_control" });
+    const id = body.execution_id as string;
+    await waitFor(id, (d) => d.stages[0].status === "processing");
+    const p = await rpcThrough("kam", "pause", id);
+    expect(p).toMatchObject({ called: true, value: { ok: true, status: 200, data: { status: "paused" } } });
+    const r = await rpcThrough("kam", "resume", id);
+    expect(r).toMatchObject({ called: true, value: { ok: true, status: 200, data: { status: "running" } } });
+    const again = await rpcThrough("kam", "resume", id);
+    expect(again).toMatchObject({ called: true, value: { ok: false, status: 409, error: { code: "not_paused" } } });
+    await post(`/executions/${id}/cancel`);
+  });
+});
