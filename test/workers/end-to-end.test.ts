@@ -99,6 +99,8 @@ describe("an execution runs every stage over the worker protocol", () => {
       ["getStatus", id],
       ["getResult", id],
       ["cancel", id],
+      ["pause", id],
+      ["resume", id],
     ] as const) {
       const answer = await rpcThrough("worker", method, arg);
       expect(answer.called, `${method} through a worker's binding`).toBe(false);
