@@ -34,6 +34,14 @@
  *   costs) --local-observability on|off (wrangler dev's own tracing of every
  *   invocation, X_LOCAL_OBSERVABILITY; on is what `wrangler dev` does)
  *   --json-out FILE --verbose
+ *   --vs-workflows: instead, the same pipeline on Cloudflare Workflows
+ *   (bench/worker/workflows.ts) against ours, alternating, on two workloads: (a)
+ *   closed loop as above, (b) --poll-n 300 executions, --poll-concurrency 100 in
+ *   flight, each polling its status every --poll-ms 100 ms until it ends; then
+ *   billed units per execution from the runtime's traces (bench/vs-workflows.ts)
+ *   --rounds R (2: each round runs both systems on both workloads, the order
+ *   swapped every round) --count-n K (30 executions per system counted for the
+ *   billed units)
  */
 import { execFileSync } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
@@ -45,11 +53,12 @@ import { KeepAliveClient } from "./lib/http-keepalive";
 import { mulberry32, weighted } from "./lib/mulberry32";
 import { cpuSecondsOf, descendants, machineBusySeconds, memoryOf, openFds, RssSampler } from "./lib/proc-stats";
 import { type Summary, summarize } from "./lib/quantiles";
+import { runVsWorkflows } from "./vs-workflows";
 import { BENCH_STAGES, BENCH_TEMPLATE, BENCH_WORKER, type ExecTimings, type FloorAnswer, type WaitAnswer, type WorkerStats } from "./worker/shared";
 
 // ------------------------------------------------------------------ options ----
 
-interface Options {
+export interface Options {
   n: number;
   concurrency: number;
   warmup: number;
@@ -71,10 +80,18 @@ interface Options {
   localObservability: boolean;
   /** Per-execution deadline: past it the execution counts as stuck. */
   execTimeoutMs: number;
+  /** Ours against the same pipeline on Cloudflare Workflows (bench/vs-workflows.ts). */
+  vsWorkflows: boolean;
+  /** --vs-workflows: rounds, the polled workload's size, in flight and poll interval, executions counted for billed units. */
+  rounds: number;
+  pollN: number;
+  pollConcurrency: number;
+  pollMs: number;
+  countN: number;
 }
 
-function parseArgs(argv: string[]): Options {
-  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, durableFloor: true, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true };
+export function parseArgs(argv: string[]): Options {
+  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, durableFloor: true, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true, vsWorkflows: false, rounds: 2, pollN: 300, pollConcurrency: 100, pollMs: 100, countN: 30 };
   const given = new Set<string>();
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -105,11 +122,23 @@ function parseArgs(argv: string[]): Options {
       case "--local-observability": { const v = next(); if (v !== "on" && v !== "off") throw new Error("--local-observability on|off"); o.localObservability = v === "on"; break; }
       case "--observability": { const v = next(); if (v !== "config" && v !== "off") throw new Error("--observability config|off"); o.observability = v; break; }
       case "--exec-timeout-ms": o.execTimeoutMs = Math.max(1000, num()); break;
+      case "--vs-workflows": o.vsWorkflows = true; break;
+      case "--rounds": o.rounds = Math.max(1, num()); break;
+      case "--poll-n": o.pollN = Math.max(1, num()); break;
+      case "--poll-concurrency": o.pollConcurrency = Math.max(1, num()); break;
+      case "--poll-ms": o.pollMs = Math.max(1, num()); break;
+      case "--count-n": o.countN = num(); break;
       case "--help": case "-h":
         console.log(readFileSync(new URL(import.meta.url), "utf8").split("*/")[0]);
         return process.exit(0);
       default: throw new Error(`unknown option ${a} (see --help)`);
     }
+  }
+  // Against Workflows the closed loop runs at the polled workload's scale unless told otherwise.
+  if (o.vsWorkflows) {
+    if (!given.has("n")) o.n = 300;
+    if (!given.has("c")) o.concurrency = 100;
+    if (!given.has("w")) o.warmup = 50;
   }
   if (o.quick) {
     if (!given.has("n")) o.n = 300;
@@ -124,7 +153,7 @@ function parseArgs(argv: string[]): Options {
 
 // ----------------------------------------------------------------- workload ----
 
-interface WorkItem {
+export interface WorkItem {
   parameters: Record<string, unknown>;
   priority: "low" | "normal" | "high" | "critical";
   client_id: string;
@@ -133,7 +162,7 @@ interface WorkItem {
 const TOPICS = ["react", "rust", "sql", "physics", "poetry", "chess", "finance", "biology", "music", "history"];
 
 /** The same N items for the same seed: priorities, clients and small parameters vary. */
-function workload(n: number, seed: number, callback: Options["callback"]): WorkItem[] {
+export function workload(n: number, seed: number, callback: Options["callback"]): WorkItem[] {
   const random = mulberry32(seed);
   return Array.from({ length: n }, (_, i) => ({
     priority: weighted(random, [["normal", 70], ["high", 15], ["low", 10], ["critical", 5]] as const),
@@ -151,8 +180,12 @@ function workload(n: number, seed: number, callback: Options["callback"]): WorkI
 
 // ------------------------------------------------------------------ running ----
 
-interface RunRecord {
+export interface RunRecord {
   ok: boolean;
+  /** The execution's id, once started. */
+  id?: string;
+  /** Round trip of the request that started it (ms). */
+  startRttMs?: number;
   error?: string;
   /** ms, Node's monotonic clock: request sent -> completion observed */
   latencyMs: number;
@@ -176,7 +209,7 @@ interface RunRecord {
   polls: number;
 }
 
-interface PhaseResult {
+export interface PhaseResult {
   name: string;
   n: number;
   concurrency: number;
@@ -189,7 +222,7 @@ interface PhaseResult {
   worker: WorkerStats | null;
 }
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 function gaps(timings: ExecTimings | null, sentWall: number) {
   const out = { firstGapMs: null as number | null, betweenGapsMs: [] as number[], callbackRttMs: [] as number[], attempts: 0, lastCs: null as number | null, lastCa: null as number | null };
@@ -214,7 +247,23 @@ function gaps(timings: ExecTimings | null, sentWall: number) {
   return out;
 }
 
-class Bench {
+/** Where one system under test takes executions and answers their status (ours, or the Workflows implementation). */
+export interface System {
+  name: string;
+  /** The request that starts one execution. */
+  start(item: WorkItem): { path: string; body: unknown };
+  statusPath(id: string): string;
+}
+
+export const OURS: System = {
+  name: "ours",
+  start: (item) => ({ path: "/execute", body: { template_name: BENCH_TEMPLATE, parameters: item.parameters, client_id: item.client_id, priority: item.priority } }),
+  statusPath: (id) => `/executions/${id}`,
+};
+
+const ENDED = new Set(["completed", "failed", "cancelled"]);
+
+export class Bench {
   readonly client: KeepAliveClient;
   readonly kam: Record<string, string>;
   readonly ops: Record<string, string>;
@@ -237,8 +286,8 @@ class Bench {
     return res && res.status === 200 ? res.body : null;
   }
 
-  /** One orchestrated execution, from POST /execute to `completed` observed. */
-  async orchestrated(item: WorkItem): Promise<RunRecord> {
+  /** One orchestrated execution, from POST /execute (or `system`'s start) to `completed` observed. */
+  async orchestrated(item: WorkItem, system: System = OURS): Promise<RunRecord> {
     const rec: RunRecord = { ok: false, latencyMs: 0, ackLatencyMs: null, firstGapMs: null, betweenGapsMs: [], callbackRttMs: [], tailMs: null, statusGets: 0, statusRttMs: null, waitDeliveryMs: null, waits: 0, attempts: 0, polls: 0 };
     const sentWall = Date.now();
     const t0 = performance.now();
@@ -248,18 +297,11 @@ class Bench {
       rec.latencyMs = performance.now() - t0;
       return rec;
     };
-    let id: string;
-    try {
-      const res = await this.client.request<{ execution_id?: string; error?: { code: string } }>("POST", "/execute", {
-        headers: this.kam,
-        body: { template_name: BENCH_TEMPLATE, parameters: item.parameters, client_id: item.client_id, priority: item.priority },
-        timeoutMs: 30_000,
-      });
-      if (res.status !== 202 || !res.body?.execution_id) return fail(`execute answered ${res.status} ${JSON.stringify(res.body).slice(0, 200)}`);
-      id = res.body.execution_id;
-    } catch (err) {
-      return fail(`execute: ${String(err)}`);
-    }
+    const started = await this.start(item, system);
+    if ("error" in started) return fail(started.error);
+    const id = started.id;
+    rec.id = id;
+    rec.startRttMs = started.ms;
     // 1. The worker tells us when the orchestrator acknowledged the last stage.
     let timings: ExecTimings | null = null;
     let acked = false;
@@ -279,7 +321,7 @@ class Bench {
         }
       } catch {}
       // Not acknowledged (the callback failed, or slow): the status tells whether it ended another way.
-      const st = await this.status(id, rec).catch(() => null);
+      const st = await this.status(id, rec, system).catch(() => null);
       if (st && st !== "queued" && st !== "running") {
         // Ended meanwhile: the worker has the complete record now (the last ack precedes `completed`).
         const w = await this.client.request<WaitAnswer>("GET", `/bench/wait/${id}?timeout_ms=200`, { headers: this.worker, timeoutMs: 5_000 }).catch(() => null);
@@ -299,7 +341,7 @@ class Bench {
       let st: string | null = null;
       const asked = performance.now();
       try {
-        st = await this.status(id, rec);
+        st = await this.status(id, rec, system);
       } catch {}
       if (st === "completed") {
         rec.statusRttMs = performance.now() - asked;
@@ -323,10 +365,65 @@ class Bench {
     return rec;
   }
 
-  private async status(id: string, rec: RunRecord): Promise<string | null> {
+  private async start(item: WorkItem, system: System): Promise<{ id: string; ms: number } | { error: string }> {
+    const { path: startPath, body } = system.start(item);
+    const t0 = performance.now();
+    try {
+      const res = await this.client.request<{ execution_id?: string; error?: { code: string } }>("POST", startPath, { headers: this.kam, body, timeoutMs: 30_000 });
+      if (res.status !== 202 || !res.body?.execution_id) return { error: `execute answered ${res.status} ${JSON.stringify(res.body).slice(0, 200)}` };
+      return { id: res.body.execution_id, ms: performance.now() - t0 };
+    } catch (err) {
+      return { error: `execute: ${String(err)}` };
+    }
+  }
+
+  private async status(id: string, rec: RunRecord, system: System = OURS): Promise<string | null> {
     rec.statusGets++;
-    const res = await this.client.request<{ status?: string }>("GET", `/executions/${id}`, { headers: this.kam, timeoutMs: 15_000 });
+    const res = await this.client.request<{ status?: string }>("GET", system.statusPath(id), { headers: this.kam, timeoutMs: 15_000 });
     return res.status === 200 ? (res.body.status ?? null) : null;
+  }
+
+  /**
+   * One execution as a client without notifications sees it: start it, then
+   * read its status every `pollMs` until it says it ended. The latency ends at
+   * the read that saw `completed`. Afterwards (outside the latency) the stage
+   * timings are fetched from the bench worker, which also forgets them.
+   */
+  async polled(item: WorkItem, system: System, pollMs: number): Promise<RunRecord> {
+    const rec: RunRecord = { ok: false, latencyMs: 0, ackLatencyMs: null, firstGapMs: null, betweenGapsMs: [], callbackRttMs: [], tailMs: null, statusGets: 0, statusRttMs: null, waitDeliveryMs: null, waits: 0, attempts: 0, polls: 0 };
+    const sentWall = Date.now();
+    const t0 = performance.now();
+    const deadline = t0 + this.opts.execTimeoutMs;
+    const started = await this.start(item, system);
+    if ("error" in started) {
+      rec.error = started.error;
+      rec.latencyMs = performance.now() - t0;
+      return rec;
+    }
+    rec.id = started.id;
+    rec.startRttMs = started.ms;
+    let st: string | null = null;
+    for (;;) {
+      if (this.aborted || performance.now() > deadline) {
+        rec.error = `stuck: not ended within ${this.opts.execTimeoutMs} ms`;
+        break;
+      }
+      const asked = performance.now();
+      st = await this.status(started.id, rec, system).catch(() => null);
+      if (st !== null && ENDED.has(st)) {
+        rec.statusRttMs = performance.now() - asked;
+        break;
+      }
+      await sleep(Math.max(0, pollMs - (performance.now() - asked)));
+    }
+    rec.latencyMs = performance.now() - t0;
+    if (st === "completed") rec.ok = true;
+    else if (!rec.error) rec.error = `execution ${started.id} ${st}`;
+    const w = await this.client.request<WaitAnswer>("GET", `/bench/wait/${started.id}?timeout_ms=10`, { headers: this.worker, timeoutMs: 5_000 }).catch(() => null);
+    const g = gaps(w?.status === 200 ? w.body.timings : null, sentWall);
+    Object.assign(rec, { firstGapMs: g.firstGapMs, betweenGapsMs: g.betweenGapsMs, callbackRttMs: g.callbackRttMs, attempts: g.attempts });
+    if (g.lastCa !== null) rec.ackLatencyMs = g.lastCa - sentWall;
+    return rec;
   }
 
   /** One floor run: the same stages straight against the bench worker (durable: through a FloorRun object). */
@@ -426,7 +523,7 @@ function cpuDelta(a: Record<string, number>, b: Record<string, number>): Record<
 
 // ---------------------------------------------------------------- reporting ----
 
-interface PhaseReport {
+export interface PhaseReport {
   n: number;
   completed: number;
   failed: number;
@@ -442,6 +539,8 @@ interface PhaseReport {
   tail_ms?: Summary;
   status_rtt_ms?: Summary;
   wait_delivery_ms?: Summary;
+  /** Round trip of the request that started the execution. */
+  start_rtt_ms?: Summary;
   attempts_per_execution: number;
   progress_polls: number;
   status_gets_per_execution?: number;
@@ -453,7 +552,7 @@ interface PhaseReport {
   errors: string[];
 }
 
-function report(p: PhaseResult): PhaseReport {
+export function report(p: PhaseResult): PhaseReport {
   const ok = p.records.filter((r) => r.ok);
   const firsts = ok.map((r) => r.firstGapMs).filter((v): v is number => v !== null);
   const betweens = ok.flatMap((r) => r.betweenGapsMs);
@@ -476,15 +575,16 @@ function report(p: PhaseResult): PhaseReport {
     overhead_per_stage_ms: summarize([...firsts, ...betweens]),
     callback_rtt_ms: summarize(ok.flatMap((r) => r.callbackRttMs)),
     ...(tails.length ? { tail_ms: summarize(tails) } : {}),
-    ...(p.name === "orchestrated"
+    ...(p.records.some((r) => r.statusGets > 0)
       ? {
           status_rtt_ms: summarize(ok.map((r) => r.statusRttMs).filter((v): v is number => v !== null)),
           wait_delivery_ms: summarize(ok.map((r) => r.waitDeliveryMs).filter((v): v is number => v !== null)),
+          start_rtt_ms: summarize(ok.map((r) => r.startRttMs).filter((v): v is number => v !== undefined)),
         }
       : {}),
     attempts_per_execution: ok.length ? Number((ok.reduce((s, r) => s + r.attempts, 0) / ok.length).toFixed(3)) : 0,
     progress_polls: ok.reduce((s, r) => s + r.polls, 0),
-    ...(p.name === "orchestrated" ? { status_gets_per_execution: ok.length ? Number((ok.reduce((s, r) => s + r.statusGets, 0) / ok.length).toFixed(2)) : 0 } : {}),
+    ...(p.records.some((r) => r.statusGets > 0) ? { status_gets_per_execution: ok.length ? Number((ok.reduce((s, r) => s + r.statusGets, 0) / ok.length).toFixed(2)) : 0 } : {}),
     cpu_s: p.cpu,
     cpu_ms_per_execution: per,
     runtime_rss_mib: p.rssMib,
@@ -493,7 +593,7 @@ function report(p: PhaseResult): PhaseReport {
   };
 }
 
-function versions(tree: string) {
+export function versions(tree: string) {
   const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), "..");
   const pkg = (name: string) => {
     try {
@@ -514,9 +614,9 @@ function versions(tree: string) {
 }
 
 const MiB = 1024 * 1024;
-const mib = (b: number | null | undefined) => (b === null || b === undefined || !Number.isFinite(b) ? null : Number((b / MiB).toFixed(1)));
+export const mib = (b: number | null | undefined) => (b === null || b === undefined || !Number.isFinite(b) ? null : Number((b / MiB).toFixed(1)));
 
-function fmt(s: Summary | undefined): string {
+export function fmt(s: Summary | undefined): string {
   if (!s?.n) return "-";
   return `${s.p50} / ${s.p95} / ${s.p99}`;
 }
@@ -610,6 +710,7 @@ async function main(): Promise<number> {
     tree: opts.tree,
     overrides: opts.observability === "off" ? { observability: { enabled: false } } : {},
     localObservability: opts.localObservability,
+    extraConfigs: opts.vsWorkflows ? ["bench/worker/workflows.wrangler.toml"] : [],
   });
   // Ctrl-C or a kill: stop the session (its own process group) before leaving.
   let stopping = false;
@@ -634,6 +735,8 @@ async function main(): Promise<number> {
     bench = new Bench(session, secrets, opts);
     const b = bench;
     console.error(`session ${session.url} up in ${((performance.now() - t0) / 1000).toFixed(1)} s; workerd runtime pid ${procs.runtime}, proxy ${procs.proxy.join(",")}`);
+
+    if (opts.vsWorkflows) return await runVsWorkflows(b, opts, pids, startedAt);
 
     const items = workload(opts.n, opts.seed, opts.callback);
     const warm = workload(opts.warmup, opts.seed + 1, opts.callback);

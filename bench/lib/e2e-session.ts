@@ -16,7 +16,9 @@ import { commandLineOf, descendants } from "./proc-stats";
  *    (BENCH_WORKER -> bitware-bench-worker) and the bench's vars
  *    (WORKER_BINDINGS, POOLS, TUNING, LOG_LEVEL) over the root's;
  * 3. bitware-bench-worker (bench/worker/wrangler.toml);
- * 4. the bench KAM (bench/worker/kam.wrangler.toml).
+ * 4. the bench KAM (bench/worker/kam.wrangler.toml);
+ * 5. with `--vs-workflows`, the same pipeline on Cloudflare Workflows
+ *    (bench/worker/workflows.wrangler.toml).
  *
  * `--var` would only reach the primary worker, hence the generated config.
  * The session uses a private dev registry (WRANGLER_REGISTRY_PATH), so other
@@ -107,6 +109,8 @@ export async function startBenchSession(opts: {
   overrides?: Record<string, unknown>;
   /** wrangler's local observability (traces of every invocation to its local store; X_LOCAL_OBSERVABILITY, on by default). */
   localObservability?: boolean;
+  /** More workers' configs, relative to the tree (e.g. the Workflows implementation for `--vs-workflows`). */
+  extraConfigs?: string[];
 }): Promise<BenchSession> {
   const dir = mkdtempSync(path.join(os.tmpdir(), "orch-bench-"));
   let session;
@@ -124,6 +128,7 @@ export async function startBenchSession(opts: {
       generatedConfig,
       path.join(tree, "bench/worker/wrangler.toml"),
       path.join(tree, "bench/worker/kam.wrangler.toml"),
+      ...(opts.extraConfigs ?? []).map((c) => path.join(tree, c)),
     ];
     session = await startDevSession({ configs, secrets: opts.secrets, persistTo: path.join(dir, "state"), quiet: opts.quiet ?? true, readyTimeoutMs: 90_000, cwd: tree });
   } catch (err) {

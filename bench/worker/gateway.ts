@@ -1,8 +1,9 @@
 /**
  * Benchmark gateway, the primary worker of the bench session: `wrangler dev`
  * exposes only the first config's worker on its port, so this worker forwards
- * `/bench/*` to the bench worker and every other path to the orchestrator,
- * both through service bindings. The orchestrated run and the floor run both
+ * `/bench/*` to the bench worker, `/wf/*` to the Workflows implementation
+ * (bench/worker/workflows.ts) and every other path to the orchestrator, all
+ * through service bindings. The orchestrated run and the floor run both
  * pay this one in-process hop per request from the bench script.
  */
 interface Fetcher {
@@ -11,12 +12,14 @@ interface Fetcher {
 interface GatewayEnv {
   ORCHESTRATOR: Fetcher;
   BENCH: Fetcher;
+  /** The Workflows implementation (--vs-workflows sessions only). */
+  WORKFLOWS: Fetcher;
 }
 
 export default {
   fetch(request: Request, env: GatewayEnv): Promise<Response> {
     const { pathname } = new URL(request.url);
-    const target = pathname.startsWith("/bench/") ? env.BENCH : env.ORCHESTRATOR;
+    const target = pathname.startsWith("/bench/") ? env.BENCH : pathname.startsWith("/wf/") ? env.WORKFLOWS : env.ORCHESTRATOR;
     return target.fetch(request);
   },
 };

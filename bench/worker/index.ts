@@ -11,6 +11,7 @@ import {
   type WaitAnswer,
   type WorkerCounters,
   type WorkerStats,
+  WF_ORIGIN,
 } from "./shared";
 
 /**
@@ -58,6 +59,8 @@ export interface BenchEnv {
   WORKER_SECRET: string;
   ORCHESTRATOR: Fetcher;
   SELF: Fetcher;
+  /** The Workflows implementation's callback routes (only in a `--vs-workflows` session). */
+  WORKFLOWS: Fetcher;
   FLOOR_RUN: DurableObjectNamespace<FloorRun>;
 }
 
@@ -196,9 +199,9 @@ async function onCancel(request: Request): Promise<Response> {
   return json(200, { cancelled: false, status: "completed" });
 }
 
-/** The worker signalling completion: `POST {callback.url}/complete` through ORCHESTRATOR (or SELF for the floor's sink). */
+/** The worker signalling completion: `POST {callback.url}/complete` through ORCHESTRATOR (SELF for the floor's sink, WORKFLOWS for the Workflows implementation). */
 async function complete(job: Job, env: BenchEnv): Promise<void> {
-  const target = job.callbackUrl.startsWith(`${SINK_ORIGIN}/bench/sink/`) ? env.SELF : env.ORCHESTRATOR;
+  const target = job.callbackUrl.startsWith(`${SINK_ORIGIN}/bench/sink/`) ? env.SELF : job.callbackUrl.startsWith(`${WF_ORIGIN}/`) ? env.WORKFLOWS : env.ORCHESTRATOR;
   const body = JSON.stringify({ output: job.output, usage: STAGE_USAGE });
   job.timing.cs = Date.now();
   counters.callbacks++;

@@ -7,6 +7,8 @@ export const BENCH_TEMPLATE = "bench_three_stage";
 export const BENCH_STAGES = 3;
 /** Callback URLs of the floor run point here (the bench worker's own sink, reached through SELF). */
 export const SINK_ORIGIN = "https://bitware-bench-worker.internal";
+/** Callback URLs of the Workflows implementation (bench/worker/workflows.ts) point here; the stage worker reaches it through its WORKFLOWS binding. */
+export const WF_ORIGIN = "https://bitware-bench-workflows.internal";
 /** Usage every stage reports. */
 export const STAGE_USAGE = { "tokens:openai": 10 } as const;
 
