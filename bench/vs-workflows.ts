@@ -67,8 +67,14 @@ export interface Units {
   /** Durable Object invocations: RPC calls and alarms (for Workflows: its engine's, internal to the product). */
   do_requests: number;
   alarm_invocations: number;
-  /** Wall time of the Durable Object invocations (s; overlapping calls on one object counted twice: an upper bound of active time). */
+  /**
+   * Active wall time of the objects (s): per object, the union of the calls made to it
+   * (activeSeconds). Local wall time under a loaded runtime: an upper bound of production's.
+   */
   do_active_s: number;
+  /** The calls that time is made of, and their p99 (ms). */
+  do_calls_timed: number;
+  do_call_p99_ms: number;
   /** Workflow `run` invocations (Workflows only). */
   workflow_runs: number;
   sql_statements: number;
@@ -120,6 +126,43 @@ async function traceSettle(b: Bench): Promise<void> {
 
 const attr = (name: string) => `json_extract(json(attributes), '$."${name}"')`;
 
+/**
+ * Active time of the Durable Objects called from `services`, in seconds: the
+ * callers' `durable_object_subrequest` spans (each names the object it called and
+ * lasts from the call to its answer), per object the union of their intervals
+ * (an object is billed while any request is active on it, shared by concurrent
+ * ones). Alarms are not in it (no caller); `p99_ms` tells whether a call's span
+ * outlived its answer.
+ */
+async function activeSeconds(b: Bench, services: string[]): Promise<{ seconds: number; calls: number; p99_ms: number }> {
+  const rows = (await traceQuery(
+    b,
+    `SELECT start_ms, start_ms + coalesce(duration_ms, 0), json_extract(json(attributes), '$.objectId')
+       FROM spans WHERE service IN (${services.map((x) => `'${x}'`).join(",")}) AND name = 'durable_object_subrequest'`,
+  )) as [number, number, string | null][];
+  const byObject = new Map<string, [number, number][]>();
+  rows.forEach(([start, end, object], i) => {
+    const key = object ?? `?${i}`;
+    const list = byObject.get(key) ?? [];
+    list.push([start, end]);
+    byObject.set(key, list);
+  });
+  let ms = 0;
+  for (const intervals of byObject.values()) {
+    intervals.sort((x, y) => x[0] - y[0]);
+    let [from, to] = intervals[0];
+    for (const [s, e] of intervals.slice(1)) {
+      if (s > to) {
+        ms += to - from;
+        [from, to] = [s, e];
+      } else to = Math.max(to, e);
+    }
+    ms += to - from;
+  }
+  const durations = rows.map(([s, e]) => e - s).sort((x, y) => x - y);
+  return { seconds: ms / 1000, calls: rows.length, p99_ms: durations.length ? durations[Math.min(durations.length - 1, Math.ceil(0.99 * durations.length) - 1)] : 0 };
+}
+
 /** Sums the spans of `system` since the last clear into units, divided by `per`. */
 async function unitsFromTraces(b: Bench, system: System, per: number, executions: number): Promise<Units> {
   const services = SERVICES[system.name];
@@ -131,9 +174,9 @@ async function unitsFromTraces(b: Bench, system: System, per: number, executions
             ${attr("jsrpc.method")} AS method,
             ${attr("db.query.text")} LIKE '%${DO_NAME_TABLE}%' AS artifact,
             count(*), coalesce(sum(${attr("cloudflare.durable_object.response.rows_read")}), 0),
-            coalesce(sum(${attr("cloudflare.durable_object.response.rows_written")}), 0), coalesce(sum(duration_ms), 0)
+            coalesce(sum(${attr("cloudflare.durable_object.response.rows_written")}), 0)
        FROM spans WHERE service IN (${inList(services)}) GROUP BY 1, 2, 3, 4, 5, 6`,
-  )) as [string, string, string, string, string | null, number | null, number, number, number, number][];
+  )) as [string, string, string, string, string | null, number | null, number, number, number][];
   const u: Units = {
     executions,
     worker_requests_client: 0,
@@ -141,6 +184,8 @@ async function unitsFromTraces(b: Bench, system: System, per: number, executions
     do_requests: 0,
     alarm_invocations: 0,
     do_active_s: 0,
+    do_calls_timed: 0,
+    do_call_p99_ms: 0,
     workflow_runs: 0,
     sql_statements: 0,
     sql_rows_read: 0,
@@ -156,21 +201,20 @@ async function unitsFromTraces(b: Bench, system: System, per: number, executions
     complete: true,
   };
   let clientPosts = 0;
+  let callbacks = 0;
   const doService = new Set(DO_SERVICES[system.name]);
-  for (const [service, name, kind, origin, method, artifact, n, read, written, ms] of rows) {
+  for (const [service, name, kind, origin, method, artifact, n, read, written] of rows) {
     if (kind === "http") {
       if (origin === "client") u.worker_requests_client += n;
       else u.worker_requests_callbacks += n;
+      if (origin !== "client" && name === "POST") callbacks += n;
       if (origin === "client" && name === "POST") clientPosts += n;
     } else if (kind === "jsrpc") {
-      if (doService.has(service)) {
-        u.do_requests += n;
-        u.do_active_s += ms / 1000;
-      } else if (method === "run") u.workflow_runs += n;
+      if (doService.has(service)) u.do_requests += n;
+      else if (method === "run") u.workflow_runs += n;
     } else if (name === "alarm") {
       u.do_requests += n;
       u.alarm_invocations += n;
-      u.do_active_s += ms / 1000;
     } else if (name === "durable_object_storage_exec") {
       if (artifact) {
         u.local_artifact_rows_written += written;
@@ -192,7 +236,12 @@ async function unitsFromTraces(b: Bench, system: System, per: number, executions
     else if (/^r2_/.test(name)) u.r2.free += n;
     else if (kind === "fetch" || name === "durable_object_subrequest") u.subrequests += n;
   }
-  if (per === executions && clientPosts !== executions) u.complete = false;
+  const active = await activeSeconds(b, DO_SERVICES[system.name]);
+  u.do_active_s = active.seconds;
+  // Every counted execution made one client POST and three stage callbacks: fewer spans means the trace store dropped some.
+  if (per === executions && (clientPosts !== executions || callbacks !== BENCH_STAGES * executions)) u.complete = false;
+  u.do_calls_timed = active.calls;
+  u.do_call_p99_ms = active.p99_ms;
   if (executions > 0) {
     const top = (await traceQuery(
       b,
@@ -207,7 +256,7 @@ async function unitsFromTraces(b: Bench, system: System, per: number, executions
   const div = (v: number) => Number((v / Math.max(1, per)).toFixed(3));
   for (const k of Object.keys(u) as (keyof Units)[]) {
     const v = u[k];
-    if (typeof v === "number" && k !== "executions") (u as unknown as Record<string, number>)[k] = div(v);
+    if (typeof v === "number" && k !== "executions" && k !== "do_call_p99_ms") (u as unknown as Record<string, number>)[k] = div(v);
     else if (typeof v === "object" && v !== null && !Array.isArray(v)) for (const kk of Object.keys(v)) (v as Record<string, number>)[kk] = div((v as Record<string, number>)[kk]);
   }
   return u;
@@ -244,7 +293,7 @@ export function bill(system: System, base: Units, read: Units | null, statusRead
   if (cpuMs !== null) lines.push(line("CPU ms (local runtime, upper bound)", cpuMs, PRICES.cpu_ms));
   if (system.name === "ours") {
     lines.push(line("Durable Object requests (RPC sessions, alarms)", plus((u) => u.do_requests), PRICES.do_request));
-    lines.push(line("Durable Object duration GB-s (128 MB x invocation wall time, upper bound)", plus((u) => u.do_active_s) * 0.125, PRICES.do_gb_s));
+    lines.push(line("Durable Object duration GB-s (128 MB x active wall time, local: upper bound)", plus((u) => u.do_active_s) * 0.125, PRICES.do_gb_s));
     lines.push(line("SQLite rows read", plus((u) => u.sql_rows_read + u.do_kv_rows_read), PRICES.sql_row_read));
     lines.push(line("SQLite rows written (SQL, KV API, one per setAlarm)", plus((u) => u.sql_rows_written + u.do_kv_rows_written + u.alarm_sets), PRICES.sql_row_written));
   }
@@ -313,6 +362,11 @@ export async function runVsWorkflows(b: Bench, opts: Options, pids: Record<strin
       if (bad.length) throw new Error(`warm-up of ${sys.name} failed: ${bad.length} of ${warm.length}: ${bad[0].error}`);
     }
   }
+  // Billed units first, while the trace store is small: under load it drops spans (its
+  // writer keeps a bounded batch), and a store that grew over the timed phases writes slowly.
+  console.error("billed units: counting from the runtime's traces...");
+  const units: Record<string, { base: Units; read: Units | null } | null> = {};
+  for (const sys of systems) units[sys.name] = await countPhase(b, sys, opts, pids);
   const closedItems = workload(opts.n, opts.seed, opts.callback);
   const polledItems = workload(opts.pollN, opts.seed + 2, opts.callback);
   const runs: { round: number; workload: Workload; system: string; result: PhaseResult; report: PhaseReport }[] = [];
@@ -324,6 +378,8 @@ export async function runVsWorkflows(b: Bench, opts: Options, pids: Record<strin
         console.error(`round ${round}, ${wl}: ${sys.name}, ${n} at ${c} in flight${wl === "polled" ? `, status every ${opts.pollMs} ms` : ""}...`);
         // A pause between phases: the previous system's trailing background work must not land in this one.
         await sleep(2000);
+        // The same trace store for every phase: emptied, so its growth does not make later phases dearer.
+        if (opts.localObservability) await traceClear(b);
         await b.workerStats(true);
         const result =
           wl === "closed"
@@ -336,10 +392,6 @@ export async function runVsWorkflows(b: Bench, opts: Options, pids: Record<strin
       }
     }
   }
-  console.error("billed units: counting from the runtime's traces...");
-  const units: Record<string, { base: Units; read: Units | null } | null> = {};
-  for (const sys of systems) units[sys.name] = await countPhase(b, sys, opts, pids);
-
   const pooled: Record<Workload, Record<string, PhaseReport>> = { closed: {}, polled: {} };
   for (const wl of ["closed", "polled"] as const) {
     for (const sys of systems) {
