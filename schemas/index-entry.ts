@@ -101,6 +101,8 @@ export const CountsQuery = z
     template_name: TemplateName.optional(),
     since: Instant.optional(),
     until: Instant.optional(),
+    /** From a previous answer's `next_cursor`: continue with the older months. */
+    cursor: z.string().min(1).max(400).optional(),
   })
   .strict();
 
@@ -112,7 +114,6 @@ export const ListQuery = CountsQuery.extend({
     .transform(Number)
     .pipe(z.number().int().min(1).max(MAX_LIST_LIMIT))
     .optional(),
-  cursor: z.string().min(1).max(400).optional(),
 }).strict();
 
 /** One row of `GET /executions`: the index entry with ISO times. */
@@ -149,6 +150,12 @@ export const ExecutionCounts = z.object({
   }),
   total: z.number().int(),
   since: z.string().nullable(),
+  /** A given `until` as applied (clamped to now + 5 min), else null. */
   until: z.string().nullable(),
+  /**
+   * Set when the answer stopped at `maxIndexShardsPerRequest` months with older
+   * months left: pass it back as `cursor` (same filters) and add those counts.
+   */
+  next_cursor: z.string().nullable(),
 });
 export type ExecutionCounts = z.infer<typeof ExecutionCounts>;

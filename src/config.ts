@@ -48,6 +48,8 @@ export const DEFAULT_TUNING = {
   notifyRetryWindowMs: 24 * 3600_000,
   /** Alarm runs that may fail in a row before the execution is failed with the reason. */
   maxAlarmFailures: 5,
+  /** A request_id maps to its execution this long after its first claim (far longer than any client's retry window), then it expires. */
+  requestIdRetentionMs: 7 * 24 * 3600_000,
   /** Ended executions keep their data this long, then their alarm deletes it. */
   retentionMs: 7 * 24 * 3600_000,
   /** Request body limits: bytes, nesting depth of objects and arrays, object keys in the whole body (past them: 400 `invalid_json`). */
@@ -55,6 +57,11 @@ export const DEFAULT_TUNING = {
   maxCallbackBodyBytes: 1024 * 1024,
   maxJsonDepth: 32,
   maxJsonKeys: 10_000,
+  /** Answers we read from peers: a worker's (handshake, process, progress with an inline output) and KAM's (a template). */
+  maxWorkerAnswerBytes: 2 * 1024 * 1024,
+  maxKamAnswerBytes: 256 * 1024,
+  /** Index shards (months) one list or counts request reads at most; past it the answer carries a cursor. */
+  maxIndexShardsPerRequest: 24,
   /** Estimate for a stage with no `resources` and no usage history. */
   defaultEstimatedTokens: 1_000,
   defaultStageDurationMs: 5_000,

@@ -12,7 +12,7 @@ import { sha256Hex } from "./hash";
 import { ApiError, parseWith } from "./http";
 import { newExecutionId } from "./ids";
 import { emit } from "./metrics";
-import { withTimeout } from "./outbound";
+import { askObject } from "./outbound";
 
 /**
  * What the HTTP routes and the RPC entrypoint both do: validate, find the
@@ -34,13 +34,8 @@ function objectTimeout(env: Env): number {
   return configOf(env).tuning.objectCallTimeoutMs;
 }
 
-async function call<T>(env: Env, promise: PromiseLike<T>, what: string): Promise<T> {
-  try {
-    return await withTimeout(Promise.resolve(promise), objectTimeout(env), what);
-  } catch (err) {
-    if (err instanceof ApiError) throw err;
-    throw new ApiError(503, "unavailable", `${what} failed: ${err instanceof Error ? err.message : String(err)}`);
-  }
+function call<T>(env: Env, promise: PromiseLike<T>, what: string): Promise<T> {
+  return askObject(promise, objectTimeout(env), what);
 }
 
 /** Canonical JSON (sorted keys) so the same request body always hashes the same. */

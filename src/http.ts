@@ -50,10 +50,24 @@ export function parseWith<S extends z.ZodType>(schema: S, value: unknown, what?:
 
 /** Reads a body as text, refusing more than `maxBytes` without buffering past the limit. */
 export async function readText(request: Request, maxBytes: number): Promise<string> {
-  const declared = Number(request.headers.get("content-length") ?? "NaN");
-  if (Number.isFinite(declared) && declared > maxBytes) throw tooLarge(maxBytes);
-  if (!request.body) return "";
-  const reader = request.body.getReader();
+  const text = await readLimited(request, maxBytes);
+  if (text === null) throw tooLarge(maxBytes);
+  return text;
+}
+
+/**
+ * A request's or response's body as text, or null when it is (or declares
+ * itself) larger than `maxBytes`: never buffers past the limit, and stops
+ * reading (cancels the stream) the moment it is passed.
+ */
+export async function readLimited(message: Request | Response, maxBytes: number): Promise<string | null> {
+  const declared = Number(message.headers.get("content-length") ?? "NaN");
+  if (Number.isFinite(declared) && declared > maxBytes) {
+    await message.body?.cancel();
+    return null;
+  }
+  if (!message.body) return "";
+  const reader = message.body.getReader();
   const chunks: Uint8Array[] = [];
   let total = 0;
   for (;;) {
@@ -62,7 +76,7 @@ export async function readText(request: Request, maxBytes: number): Promise<stri
     total += value.byteLength;
     if (total > maxBytes) {
       await reader.cancel();
-      throw tooLarge(maxBytes);
+      return null;
     }
     chunks.push(value);
   }

@@ -15,7 +15,7 @@ import {
 } from "../schemas/index-entry";
 import { configOf } from "./config";
 import { ApiError, parseWith } from "./http";
-import { withTimeout } from "./outbound";
+import { askObject } from "./outbound";
 
 /**
  * The one place that knows which ExecutionIndex object holds an execution's
@@ -37,8 +37,32 @@ import { withTimeout } from "./outbound";
  * first write).
  */
 export const INDEX_EPOCH_MS = Date.UTC(2026, 0, 1);
-/** The walk starts this far in the future when `until` is not given (clocks of two machines differ a little). */
-const CLOCK_SKEW_MS = 5 * 60_000;
+/**
+ * The walk starts this far in the future when `until` is not given (clocks of
+ * two machines differ a little), and a given `until` is clamped to it: nothing
+ * can be created later, and an `until` centuries ahead must not mean a walk
+ * through every month up to it.
+ */
+export const CLOCK_SKEW_MS = 5 * 60_000;
+
+/**
+ * A cursor that says "continue below this month" when a request stopped at
+ * `maxIndexShardsPerRequest` shards: the last millisecond before the oldest
+ * month read, with an id above any real one, so every entry of that
+ * millisecond and older comes next (cursors compare (created_at, execution_id)).
+ */
+const BOUNDARY_ID = `exec_9999999999999_${"z".repeat(32)}`;
+
+function boundaryCursor(oldestBucketRead: string): string {
+  const [y, m] = oldestBucketRead.split("-").map(Number);
+  return encodeCursor({ created_at: Date.UTC(y, m - 1, 1) - 1, execution_id: BOUNDARY_ID });
+}
+
+/** `[since, until)` as the walk uses it: `until` at most now + skew, `since` at least the epoch. */
+export function clampWindow(since: number | undefined, until: number | undefined, now: number): { since: number; until: number } {
+  const ceiling = now + CLOCK_SKEW_MS;
+  return { since: Math.max(since ?? INDEX_EPOCH_MS, INDEX_EPOCH_MS), until: Math.min(until ?? ceiling, ceiling) };
+}
 
 function monthStart(ms: number): number {
   const d = new Date(ms);
@@ -66,56 +90,72 @@ export function indexFor(env: Env, createdAtMs: number): DurableObjectStub<Execu
   return shard(env, indexBucket(createdAtMs));
 }
 
-/** The buckets that may hold entries created in [since, until), newest first. */
-export function bucketsNewestFirst(sinceMs: number, untilMs: number): string[] {
+/** The buckets that may hold entries created in [since, until), newest first; at most `max` of them. */
+export function bucketsNewestFirst(sinceMs: number, untilMs: number, max = Number.POSITIVE_INFINITY): string[] {
   const bottom = Math.max(sinceMs, INDEX_EPOCH_MS);
   if (!(untilMs > bottom)) return [];
   const out: string[] = [];
-  for (let m = monthStart(untilMs - 1); m >= monthStart(bottom); m = previousMonth(m)) out.push(indexBucket(m));
+  for (let m = monthStart(untilMs - 1); m >= monthStart(bottom) && out.length < max; m = previousMonth(m)) out.push(indexBucket(m));
   return out;
 }
 
-async function ask<T>(env: Env, promise: Promise<T>, bucket: string): Promise<T> {
-  try {
-    return await withTimeout(promise, configOf(env).tuning.objectCallTimeoutMs, `execution index ${bucket}`);
-  } catch (err) {
-    throw new ApiError(503, "unavailable", `execution index ${bucket} failed: ${err instanceof Error ? err.message : String(err)}`);
-  }
+function cursorPosition(cursor: string | null | undefined) {
+  const at = cursor ? decodeCursor(cursor) : null;
+  if (cursor && !at) throw new ApiError(400, "invalid_request", "invalid cursor", [{ path: "cursor", message: "not a cursor from this API" }]);
+  return at;
+}
+
+function ask<T>(env: Env, promise: Promise<T>, bucket: string): Promise<T> {
+  return askObject(promise, configOf(env).tuning.objectCallTimeoutMs, `the execution index (${bucket})`);
 }
 
 /**
- * Newest first across shards. `next_cursor` is set only when another matching
- * entry exists, so the last page says so (the walk looks one entry ahead).
+ * Newest first across shards, reading at most `maxIndexShardsPerRequest` of
+ * them. `next_cursor` is set when another matching entry exists (the walk
+ * looks one entry ahead), or when the walk stopped at the shard bound with
+ * months left to read: that page may be short, and the cursor goes on below it.
  */
 export async function queryIndex(env: Env, filter: IndexFilter, now = Date.now()): Promise<{ items: IndexEntry[]; next_cursor: string | null }> {
-  const at = filter.cursor ? decodeCursor(filter.cursor) : null;
-  if (filter.cursor && !at) throw new ApiError(400, "invalid_request", "invalid cursor", [{ path: "cursor", message: "not a cursor from this API" }]);
+  const at = cursorPosition(filter.cursor);
   const limit = filter.limit;
-  let top = filter.until ?? now + CLOCK_SKEW_MS;
-  if (at) top = Math.min(top, at.created_at + 1);
+  const window = clampWindow(filter.since, filter.until, now);
+  const top = at ? Math.min(window.until, at.created_at + 1) : window.until;
+  const bound = configOf(env).tuning.maxIndexShardsPerRequest;
+  const buckets = bucketsNewestFirst(window.since, top, bound + 1);
   const items: IndexEntry[] = [];
-  for (const bucket of bucketsNewestFirst(filter.since ?? INDEX_EPOCH_MS, top)) {
+  for (const bucket of buckets.slice(0, bound)) {
     const want = limit + 1 - items.length;
-    const page = await ask(env, shard(env, bucket).query({ ...filter, limit: want }), bucket);
+    const page = await ask(env, shard(env, bucket).query({ ...filter, until: window.until, limit: want }), bucket);
     items.push(...page.items);
-    if (items.length > limit) break;
+    if (items.length > limit) {
+      const full = items.slice(0, limit);
+      return { items: full, next_cursor: encodeCursor(full[full.length - 1]) };
+    }
   }
-  if (items.length <= limit) return { items, next_cursor: null };
-  const page = items.slice(0, limit);
-  return { items: page, next_cursor: encodeCursor(page[page.length - 1]) };
+  return { items, next_cursor: buckets.length > bound ? boundaryCursor(buckets[bound - 1]) : null };
 }
 
-/** Entries per status created in [since, until) (all time when not given). */
+/**
+ * Entries per status created in [since, until) (all time when not given),
+ * from at most `maxIndexShardsPerRequest` shards, newest first; `next_cursor`
+ * continues with the older months (add its counts to these).
+ */
 export async function countIndex(
   env: Env,
-  filter: { client_id?: string; template_name?: string; since?: number; until?: number },
+  filter: { client_id?: string; template_name?: string; since?: number; until?: number; cursor?: string },
   now = Date.now(),
-): Promise<StatusCounts> {
-  const buckets = bucketsNewestFirst(filter.since ?? INDEX_EPOCH_MS, filter.until ?? now + CLOCK_SKEW_MS);
-  const parts = await Promise.all(buckets.map((b) => ask(env, shard(env, b).counts(filter), b)));
+): Promise<{ counts: StatusCounts; next_cursor: string | null }> {
+  const at = cursorPosition(filter.cursor);
+  const window = clampWindow(filter.since, filter.until, now);
+  const top = at ? Math.min(window.until, at.created_at + 1) : window.until;
+  const bound = configOf(env).tuning.maxIndexShardsPerRequest;
+  const buckets = bucketsNewestFirst(window.since, top, bound + 1);
+  const read = buckets.slice(0, bound);
+  const scope = { client_id: filter.client_id, template_name: filter.template_name, since: window.since, until: top };
+  const parts = await Promise.all(read.map((b) => ask(env, shard(env, b).counts(scope), b)));
   const total: StatusCounts = { queued: 0, running: 0, paused: 0, completed: 0, failed: 0, cancelled: 0 };
   for (const p of parts) for (const k of Object.keys(total) as ExecutionStatus[]) total[k] += p[k] ?? 0;
-  return total;
+  return { counts: total, next_cursor: buckets.length > bound ? boundaryCursor(read[read.length - 1]) : null };
 }
 
 /** Every month's groups (actors/execution-index.ts `stats`), `limit` groups per month at most. */
@@ -157,14 +197,16 @@ export async function listExecutions(env: Env, url: URL): Promise<ExecutionList>
   return { items: page.items.map(toSummary), next_cursor: page.next_cursor };
 }
 
-/** `GET /executions/counts?client_id=&template_name=&since=&until=` */
-export async function countExecutions(env: Env, url: URL): Promise<ExecutionCounts> {
+/** `GET /executions/counts?client_id=&template_name=&since=&until=&cursor=` */
+export async function countExecutions(env: Env, url: URL, now = Date.now()): Promise<ExecutionCounts> {
   const q = parseWith(CountsQuery, params(url), "query");
-  const counts = await countIndex(env, q);
+  const { counts, next_cursor } = await countIndex(env, q, now);
   return {
     counts,
     total: Object.values(counts).reduce((a, b) => a + b, 0),
     since: q.since === undefined ? null : iso(q.since),
-    until: q.until === undefined ? null : iso(q.until),
+    // A given `until` as it was applied: clamped to now + skew.
+    until: q.until === undefined ? null : iso(clampWindow(q.since, q.until, now).until),
+    next_cursor,
   };
 }

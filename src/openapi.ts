@@ -203,7 +203,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       summary: "List executions from the index, newest first",
       description:
         "Filters combine with AND; `since` is inclusive and `until` exclusive, on `created_at`, each as unix ms or ISO 8601. " +
-        "Pass `next_cursor` back as `cursor`, with the same filters, for the next page. With `Accept: text/html` this path serves the overview page instead.",
+        "Pass `next_cursor` back as `cursor`, with the same filters, for the next page (a page may be short when the request stopped at `maxIndexShardsPerRequest` month shards; `until` is clamped to now + 5 minutes). With `Accept: text/html` this path serves the overview page instead.",
       security: kamOrOps,
       request: { query: ListQuery },
       responses: { "200": jsonBody(S.ExecutionList, "one page"), ...common },
@@ -212,6 +212,9 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       method: "get",
       path: "/executions/counts",
       summary: "Executions per status in a window, from the index",
+      description:
+        "`until` is clamped to now + 5 minutes. One request reads at most `maxIndexShardsPerRequest` month shards, newest first; " +
+        "when older months remain, `next_cursor` is set: pass it back as `cursor` (same filters) and add its counts.",
       security: kamOrOps,
       request: { query: CountsQuery },
       responses: { "200": jsonBody(S.ExecutionCounts, "counts per status"), ...common },

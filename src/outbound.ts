@@ -1,5 +1,6 @@
 import type { z } from "zod";
-import { zodIssues } from "./http";
+import { ApiError, readLimited, zodIssues } from "./http";
+import { log } from "./log";
 
 /**
  * Outbound calls: every one has a timeout, and every failure is classified as
@@ -27,6 +28,8 @@ export interface CallOptions<S extends z.ZodType> {
   schema: S;
   /** Code prefix for failures, e.g. `worker` -> `worker_timeout`. */
   peer: string;
+  /** The largest answer body read; a larger one is `{peer}_answer_too_large` and is not read further. */
+  maxAnswerBytes: number;
 }
 
 function retryAfterMs(res: Response): number | undefined {
@@ -58,11 +61,22 @@ export async function callJson<S extends z.ZodType>(opts: CallOptions<S>): Promi
         : { code: `${opts.peer}_unreachable`, message: err instanceof Error ? err.message : String(err), retryable: true },
     });
   }
-  let text: string;
+  let text: string | null;
   try {
-    text = await res.text();
+    text = await readLimited(res, opts.maxAnswerBytes);
   } catch (err) {
     return done({ ok: false, error: { code: `${opts.peer}_unreachable`, message: `body not read: ${String(err)}`, retryable: true } });
+  }
+  if (text === null) {
+    return done({
+      ok: false,
+      error: {
+        code: `${opts.peer}_answer_too_large`,
+        message: `${opts.method} ${new URL(opts.url).pathname} answered more than ${opts.maxAnswerBytes} bytes`,
+        retryable: false,
+        httpStatus: res.status,
+      },
+    });
   }
   if (!res.ok) {
     const transient = res.status >= 500 || res.status === 408 || res.status === 429;
@@ -114,4 +128,19 @@ export async function withTimeout<T>(promise: PromiseLike<T>, ms: number, what: 
 
 export class TimeoutError extends Error {
   override name = "TimeoutError";
+}
+
+/**
+ * The front Worker's RPC to one of our objects: a deadline, and any failure
+ * other than an ApiError becomes a 503 that says what did not answer. The
+ * cause goes to the log only: an internal message never reaches the caller.
+ */
+export async function askObject<T>(promise: PromiseLike<T>, timeoutMs: number, what: string): Promise<T> {
+  try {
+    return await withTimeout(promise, timeoutMs, what);
+  } catch (err) {
+    if (err instanceof ApiError) throw err;
+    log("warn", "object_unavailable", { what, error: err instanceof Error ? err.message : String(err) });
+    throw new ApiError(503, "unavailable", `${what} is unavailable: no answer within ${timeoutMs} ms, or it failed`);
+  }
 }

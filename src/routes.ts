@@ -24,6 +24,7 @@ import { ApiError, type JsonLimits, errorResponse, json, parseWith, readJson } f
 import { countExecutions, listExecutions } from "./index-routing";
 import { ledgerFor } from "./ledger-routing";
 import { log } from "./log";
+import { askObject } from "./outbound";
 import { metricsResponse } from "./prometheus";
 import { createSchedule, deleteSchedule, getSchedule, listSchedules, patchSchedule } from "./schedule-service";
 import { wantsHtml } from "./ui/common";
@@ -148,7 +149,7 @@ route("put", "/data/:executionId/:stageId/:name", async (req, env) => {
 
 route("get", "/resources", async (req, env) => {
   requireRole(req, env, ["ops"]);
-  return json(await ledgerFor(env).snapshot());
+  return json(await askObject(ledgerFor(env).snapshot(), configOf(env).tuning.ledgerCallTimeoutMs, "the resource ledger"));
 });
 
 route("put", "/resources/pools/:name", async (req, env) => {

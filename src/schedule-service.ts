@@ -13,7 +13,7 @@ import {
 } from "../schemas/schedule";
 import { configOf } from "./config";
 import { ApiError, invalid, parseWith } from "./http";
-import { withTimeout } from "./outbound";
+import { askObject } from "./outbound";
 
 /**
  * Schedules (docs/protocol.md "Schedules"): validation, and the one place
@@ -44,12 +44,8 @@ export function scheduleShard(env: Env, scheduleId: string): DurableObjectStub<S
   return shardAt(env, scheduleShardIndex(scheduleId));
 }
 
-export async function call<T>(env: Env, promise: PromiseLike<T>, what: string): Promise<T> {
-  try {
-    return await withTimeout(promise, configOf(env).tuning.objectCallTimeoutMs, what);
-  } catch (err) {
-    throw new ApiError(503, "unavailable", `${what} failed: ${err instanceof Error ? err.message : String(err)}`);
-  }
+export function call<T>(env: Env, promise: PromiseLike<T>, what: string): Promise<T> {
+  return askObject(promise, configOf(env).tuning.objectCallTimeoutMs, what);
 }
 
 /**

@@ -69,6 +69,7 @@ export async function loadTemplate(env: Env, name: string): Promise<TemplateLoad
     method: "GET",
     schema: MasterTemplateResponse,
     timeoutMs: tuning.kamTimeoutMs,
+    maxAnswerBytes: tuning.maxKamAnswerBytes,
     peer: "kam",
   });
   log(res.ok ? "info" : "warn", "kam_template_fetch", { template_name: name, ms: res.ms, outcome: res.ok ? "ok" : res.error.code });
@@ -90,7 +91,7 @@ export async function loadTemplate(env: Env, name: string): Promise<TemplateLoad
     return { ok: false, code: "template_not_found", message: `KAM has no master template named ${name}`, retryable: false };
   }
   if (cached) return { ok: true, template: cached.template, source: "cache" };
-  if (res.error.code === "kam_protocol_error") {
+  if (res.error.code === "kam_protocol_error" || res.error.code === "kam_answer_too_large") {
     return { ok: false, code: "invalid_template", message: res.error.message, retryable: false };
   }
   return { ok: false, code: "kam_unavailable", message: res.error.message, retryable: res.error.retryable };

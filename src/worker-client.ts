@@ -22,6 +22,7 @@ export class WorkerClient {
     private readonly fetcher: Fetcher,
     private readonly secret: string,
     private readonly timeoutMs: number,
+    private readonly maxAnswerBytes: number,
     readonly worker: string,
   ) {
     this.base = `https://${worker}.internal`;
@@ -34,7 +35,7 @@ export class WorkerClient {
     const fetcher = bindingName ? (env as unknown as Record<string, Fetcher | undefined>)[bindingName] : undefined;
     const secret = workerSecret(env, worker);
     if (!fetcher || typeof fetcher.fetch !== "function" || !secret) return null;
-    return new WorkerClient(fetcher, secret, config.tuning.workerCallTimeoutMs, worker);
+    return new WorkerClient(fetcher, secret, config.tuning.workerCallTimeoutMs, config.tuning.maxWorkerAnswerBytes, worker);
   }
 
   private call<S extends z.ZodType>(method: "GET" | "POST", path: string, schema: S, body?: unknown): Promise<CallResult<z.output<S>>> {
@@ -45,6 +46,7 @@ export class WorkerClient {
       body,
       schema,
       timeoutMs: this.timeoutMs,
+      maxAnswerBytes: this.maxAnswerBytes,
       headers: { authorization: `Bearer ${this.secret}` },
       peer: "worker",
     });

@@ -41,6 +41,11 @@ export default {
     }
     // An outage knob for the orchestrator's resilience tests: KAM "is down" for these names.
     if (name.startsWith("outage_")) return error(503, "unavailable", "KAM is temporarily unavailable");
+    // A size knob for the orchestrator's input bounds: a valid template padded past any sane size (1 MiB).
+    if (name.startsWith("oversize_")) {
+      const base = TEMPLATES.get("quick_summary");
+      return json(200, { ...base, template_name: name, description: "x".repeat(1024 * 1024) });
+    }
     const template = TEMPLATES.get(name);
     if (!template) return error(404, "not_found", `template '${name}' does not exist`);
     return json(200, template);

@@ -104,12 +104,24 @@ async function loadSchedules(gen) {
   $("schedules-empty").hidden = page.items.length > 0;
 }
 
+// One counts answer covers at most maxIndexShardsPerRequest months: follow its cursor and add up (a few months each).
+async function allCounts(f) {
+  const sum = await api("/executions/counts?" + query(f));
+  for (let next = sum.next_cursor, n = 0; next && n < 50; n++) {
+    const more = await api("/executions/counts?" + query(f, { cursor: next }));
+    for (const k of Object.keys(sum.counts)) sum.counts[k] += more.counts[k];
+    sum.total += more.total;
+    next = more.next_cursor;
+  }
+  return sum;
+}
+
 async function load(append) {
   const gen = generation;
   const f = filters();
   try {
     const [counts, page] = await Promise.all([
-      append ? null : api("/executions/counts?" + query(f)),
+      append ? null : allCounts(f),
       api("/executions?" + query(f, { status: f.status, limit: 50, cursor: append ? cursor : null })),
       append ? null : loadSchedules(gen),
     ]);

@@ -2,8 +2,10 @@ import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import type { ExecutionStatus } from "../../schemas/api";
 import type { ExecutionCounts, ExecutionList, ExecutionSummary, IndexEntry } from "../../schemas/index-entry";
-import { INDEX_EPOCH_MS, bucketsNewestFirst, indexBucket, indexFor } from "../../src/index-routing";
+import { decodeCursor } from "../../schemas/index-entry";
+import { CLOCK_SKEW_MS, INDEX_EPOCH_MS, bucketsNewestFirst, indexBucket, indexFor } from "../../src/index-routing";
 import { KAM, OPS, call, ended, startExecution, waitFor } from "../support/api";
+import { TEST_TUNING } from "../support/constants";
 
 /**
  * The execution index: versioned idempotent upserts, month shards, newest-first
@@ -46,8 +48,12 @@ async function list(query: Record<string, string | number | undefined>, headers:
   return { res, body };
 }
 
-/** Every page of a query, following the cursor; checks each page's size on the way. */
-async function listAll(query: Record<string, string | number | undefined>, limit: number): Promise<ExecutionSummary[]> {
+/**
+ * Every page of a query, following the cursor; checks each page's size on the way.
+ * `shortPages`: the query spans more months than one request reads
+ * (maxIndexShardsPerRequest), so a page may end short at that bound, with a cursor.
+ */
+async function listAll(query: Record<string, string | number | undefined>, limit: number, shortPages = false): Promise<ExecutionSummary[]> {
   const out: ExecutionSummary[] = [];
   let cursor: string | undefined;
   for (let pages = 0; pages < 1000; pages++) {
@@ -58,7 +64,8 @@ async function listAll(query: Record<string, string | number | undefined>, limit
       expect(body.items.length).toBeLessThanOrEqual(limit);
       return out;
     }
-    expect(body.items).toHaveLength(limit);
+    if (shortPages) expect(body.items.length).toBeLessThanOrEqual(limit);
+    else expect(body.items).toHaveLength(limit);
     cursor = body.next_cursor;
   }
   throw new Error("pagination did not end");
@@ -199,7 +206,9 @@ describe("GET /executions over 1,000 entries in four month shards", () => {
   }, 60_000);
 
   it("walks back to the epoch when no since is given", async () => {
-    const got = await listAll({ until: to, client_id: clients[1] }, 150);
+    // Nine months (January to September), more than one request reads: pages may end short at the bound.
+    expect(TEST_TUNING.maxIndexShardsPerRequest).toBeLessThan(9);
+    const got = await listAll({ until: to, client_id: clients[1] }, 150, true);
     expect(ids(got)).toEqual(expected((e) => e.client_id === clients[1]));
   }, 60_000);
 
@@ -249,6 +258,71 @@ describe("GET /executions over 1,000 entries in four month shards", () => {
     expect(ids(second.body.items)).toEqual(expected(() => true).slice(10, 20));
     const again = await list({ ...window, limit: 1 });
     expect(ids(again.body.items)).toEqual([newer.execution_id]);
+  });
+});
+
+describe("bounds on the index: a clamped window, a bounded number of shards per request", () => {
+  const bound = TEST_TUNING.maxIndexShardsPerRequest;
+  const monthsBack = (ms: number, n: number) => {
+    const d = new Date(ms);
+    return Date.UTC(d.getUTCFullYear(), d.getUTCMonth() - n, 1);
+  };
+
+  it("generates at most the months it is asked for", () => {
+    expect(bucketsNewestFirst(INDEX_EPOCH_MS, Date.UTC(2026, 11, 15), 3)).toEqual(["2026-12", "2026-11", "2026-10"]);
+    // However far the end: the walk stops at its bound instead of listing every month up to it.
+    expect(bucketsNewestFirst(INDEX_EPOCH_MS, 999999999999999, 2)).toHaveLength(2);
+  });
+
+  it("GET /executions/counts?until=999999999999999 reads a bounded number of shards and answers a cursor for the rest", async () => {
+    const t = Date.UTC(2026, 1, 12);
+    await indexFor(env, t).upsert(entry({ execution_id: execId(t, 9001), created_at: t, client_id: `bounds_${run}`, status: "completed" }));
+    const t2 = Date.UTC(2026, 10, 3);
+    await indexFor(env, t2).upsert(entry({ execution_id: execId(t2, 9002), created_at: t2, client_id: `bounds_${run}`, status: "failed" }));
+
+    const now = Date.now();
+    const first = await call(`/executions/counts?until=999999999999999&client_id=bounds_${run}`, { headers: OPS });
+    expect(first.status).toBe(200);
+    const body = (await first.json()) as ExecutionCounts;
+    // The end is clamped to now + the clock skew, not the year 33658.
+    expect(Date.parse(body.until!)).toBeGreaterThanOrEqual(now + CLOCK_SKEW_MS - 1000);
+    expect(Date.parse(body.until!)).toBeLessThanOrEqual(Date.now() + CLOCK_SKEW_MS);
+    // Exactly `bound` months were read, newest first: the cursor continues just below the oldest of them.
+    const top = now + CLOCK_SKEW_MS;
+    expect(body.next_cursor).not.toBeNull();
+    expect(decodeCursor(body.next_cursor!)?.created_at).toBe(monthsBack(top, bound - 1) - 1);
+
+    // Following the cursor ends, one bounded step at a time, and the parts add up to the whole.
+    const counts = { ...body.counts };
+    let cursor = body.next_cursor;
+    let answers = 1;
+    while (cursor) {
+      const next = (await (await call(`/executions/counts?until=999999999999999&client_id=bounds_${run}&cursor=${cursor}`, { headers: OPS })).json()) as ExecutionCounts;
+      for (const s of STATUSES) counts[s] += next.counts[s];
+      cursor = next.next_cursor;
+      answers++;
+    }
+    const months = bucketsNewestFirst(INDEX_EPOCH_MS, top).length;
+    expect(answers).toBe(Math.ceil(months / bound));
+    expect(counts).toEqual({ queued: 0, running: 0, paused: 0, completed: 1, failed: 1, cancelled: 0 });
+  });
+
+  it("a list with an until far ahead is clamped and bounded too, and its cursor goes on to older months", async () => {
+    const t = Date.UTC(2026, 0, 20);
+    const old = entry({ execution_id: execId(t, 9003), created_at: t, client_id: `bounds_list_${run}` });
+    await indexFor(env, t).upsert(old);
+    const items: string[] = [];
+    let cursor: string | null | undefined;
+    let answers = 0;
+    do {
+      const { res, body } = await list({ until: 999999999999999, client_id: `bounds_list_${run}`, cursor: cursor ?? undefined });
+      expect(res.status).toBe(200);
+      items.push(...body.items.map((x) => x.execution_id));
+      cursor = body.next_cursor;
+      answers++;
+    } while (cursor);
+    expect(items).toEqual([old.execution_id]);
+    expect(answers).toBe(Math.ceil(bucketsNewestFirst(INDEX_EPOCH_MS, Date.now() + CLOCK_SKEW_MS).length / bound));
   });
 });
 

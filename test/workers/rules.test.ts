@@ -13,8 +13,8 @@ import { callJson } from "../../src/outbound";
 
 /** A peer that answers one fixed response: a stand-in stage worker for the classification rules. */
 const peer = (res: () => Response | Promise<Response>) => ({ fetch: async () => res() }) as unknown as Fetcher;
-const ask = (fetcher: Fetcher, timeoutMs = 1000) =>
-  callJson({ fetcher, url: "https://w.internal/api/x", method: "GET", schema: z.object({ ok: z.boolean() }), timeoutMs, peer: "worker" });
+const ask = (fetcher: Fetcher, timeoutMs = 1000, maxAnswerBytes = 1024 * 1024) =>
+  callJson({ fetcher, url: "https://w.internal/api/x", method: "GET", schema: z.object({ ok: z.boolean() }), timeoutMs, peer: "worker", maxAnswerBytes });
 
 describe("outbound calls classify failures as transient or permanent", () => {
   it("retries 5xx, 408 and 429 (with Retry-After), not other 4xx", async () => {
@@ -39,6 +39,30 @@ describe("outbound calls classify failures as transient or permanent", () => {
     expect(await ask(peer(() => new Response("not json{")))).toMatchObject({ ok: false, error: { code: "worker_protocol_error", retryable: true } });
     expect(await ask(peer(() => Response.json({ ok: "yes" })))).toMatchObject({ ok: false, error: { code: "worker_protocol_error", retryable: false } });
     expect(await ask(peer(() => Response.json({ ok: true })))).toMatchObject({ ok: true, value: { ok: true } });
+  });
+});
+
+describe("answers from peers are read with a size limit", () => {
+  it("refuses an answer past maxAnswerBytes, and stops reading it there", async () => {
+    // 64 chunks of 64 KiB (4 MiB) offered one by one, without Content-Length: the reader must stop on its own.
+    let pulled = 0;
+    const endless = () =>
+      new Response(
+        new ReadableStream<Uint8Array>({
+          pull(controller) {
+            if (++pulled > 64) return controller.close();
+            controller.enqueue(new Uint8Array(64 * 1024).fill(32));
+          },
+        }),
+      );
+    const r = await ask(peer(endless), 1000, 256 * 1024);
+    expect(r).toMatchObject({ ok: false, error: { code: "worker_answer_too_large", retryable: false } });
+    expect(pulled).toBeLessThan(10);
+    // A declared length over the limit is refused before reading anything.
+    const declared = await ask(peer(() => new Response("{}", { headers: { "content-length": String(10 * 1024 * 1024) } })), 1000, 256 * 1024);
+    expect(declared).toMatchObject({ ok: false, error: { code: "worker_answer_too_large" } });
+    // Under the limit, the same answer path reads it whole.
+    expect(await ask(peer(() => Response.json({ ok: true, pad: " ".repeat(200 * 1024) })), 1000, 256 * 1024)).toMatchObject({ ok: true, value: { ok: true } });
   });
 });
 
