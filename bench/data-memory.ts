@@ -10,22 +10,14 @@
  *   npm run bench:data-memory -- [--mb 30] [--runs 3]
  */
 import os from "node:os";
-import { flagArgs, runMain, startDemoSession } from "./lib/demo-session";
+import { demoSecrets, flagArgs, runMain, startDemoSession } from "./lib/demo-session";
 import { workerdProcesses } from "./lib/e2e-session";
 import { RssSampler, memoryOf } from "./lib/proc-stats";
 
 const args = flagArgs();
 const MB = Number(args.get("mb") ?? 30);
 const RUNS = Number(args.get("runs") ?? 3);
-const WORKER_SECRET = "mem-worker-secret-0123456789abcdef";
-const SECRETS = {
-  CALLBACK_SECRET: "mem-callback-secret-0123456789abcdef0123",
-  WORKER_SECRETS: JSON.stringify({ "bitware-content-granulator": WORKER_SECRET }),
-  WORKER_SECRET,
-  KAM_TOKEN: "mem-kam",
-  OPS_TOKEN: "mem-ops",
-  NOTIFY_SECRET: "mem-notify-secret-0123456789abcdef",
-};
+const SECRETS = demoSecrets("mem");
 const KAM = { authorization: `Bearer ${SECRETS.KAM_TOKEN}`, "content-type": "application/json" };
 const MiB = 1024 * 1024;
 

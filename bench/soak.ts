@@ -10,7 +10,7 @@
  * Traffic goes to 127.0.0.1 only; every loop is bounded in count and time.
  */
 import os from "node:os";
-import { flagArgs, runMain, startDemoSession } from "./lib/demo-session";
+import { demoSecrets, flagArgs, runMain, startDemoSession } from "./lib/demo-session";
 import { mulberry32 } from "./lib/mulberry32";
 
 const args = flagArgs();
@@ -21,15 +21,7 @@ const CANCEL_SHARE = Number(args.get("cancel-share") ?? 0.03);
 const SEED = Number(args.get("seed") ?? 7);
 const DEADLINE_MS = Number(args.get("deadline-ms") ?? 15 * 60_000);
 
-const WORKER_SECRET = "soak-worker-secret-0123456789abcdef";
-const SECRETS = {
-  CALLBACK_SECRET: "soak-callback-secret-0123456789abcdef0123",
-  WORKER_SECRETS: JSON.stringify({ "bitware-content-granulator": WORKER_SECRET }),
-  WORKER_SECRET,
-  KAM_TOKEN: "soak-kam",
-  OPS_TOKEN: "soak-ops",
-  NOTIFY_SECRET: "soak-notify-secret-0123456789abcdef",
-};
+const SECRETS = demoSecrets("soak");
 const KAM = { authorization: `Bearer ${SECRETS.KAM_TOKEN}`, "content-type": "application/json" };
 const OPS = { authorization: `Bearer ${SECRETS.OPS_TOKEN}` };
 

@@ -5,6 +5,23 @@ import { DEMO_CONFIGS, startDevSession } from "../../scripts/dev-session.mjs";
 import { snapshotTree } from "./e2e-session";
 
 /**
+ * Secrets for a demo session, fixed per benchmark (`prefix`), never real: the
+ * orchestrator's CALLBACK_SECRET, NOTIFY_SECRET and tokens, and the demo
+ * granulator's own secret as WORKER_SECRET and under its name in WORKER_SECRETS.
+ */
+export function demoSecrets(prefix: string): Record<string, string> {
+  const worker = `${prefix}-worker-secret-0123456789abcdef`;
+  return {
+    CALLBACK_SECRET: `${prefix}-callback-secret-0123456789abcdef0123`,
+    WORKER_SECRETS: JSON.stringify({ "bitware-content-granulator": worker }),
+    WORKER_SECRET: worker,
+    KAM_TOKEN: `${prefix}-kam`,
+    OPS_TOKEN: `${prefix}-ops`,
+    NOTIFY_SECRET: `${prefix}-notify-secret-0123456789abcdef`,
+  };
+}
+
+/**
  * The demo system (orchestrator, demo KAM, demo granulator) in `wrangler dev`,
  * run from a snapshot of the tree with fresh state, so edits elsewhere cannot
  * make wrangler reload the workers mid-run. `stop()` removes everything.

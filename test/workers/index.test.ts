@@ -331,8 +331,21 @@ describe("GET /executions: auth and validation", () => {
     expect((await call("/executions")).status).toBe(401);
     expect((await call("/executions", { headers: { authorization: "Bearer wrong" } })).status).toBe(401);
     expect((await call("/executions/counts")).status).toBe(401);
-    expect((await list({ limit: 1 }, KAM)).res.status).toBe(200);
-    expect((await list({ limit: 1 }, OPS)).res.status).toBe(200);
+    // Both read the same page, with an entry this test wrote (not just a 200).
+    const t = Date.UTC(2026, 4, 9);
+    const mine = entry({ execution_id: execId(t, 7001), created_at: t, client_id: `readers_${run}`, status: "completed" });
+    await indexFor(env, t).upsert(mine);
+    const query = { client_id: `readers_${run}`, since: Date.UTC(2026, 4, 1), until: Date.UTC(2026, 5, 1) };
+    const byKam = await list(query, KAM);
+    const byOps = await list(query, OPS);
+    expect(byKam.res.status).toBe(200);
+    expect(byOps.res.status).toBe(200);
+    expect(byKam.body).toEqual({ items: [expect.objectContaining({ execution_id: mine.execution_id, status: "completed", client_id: `readers_${run}` })], next_cursor: null });
+    expect(byOps.body).toEqual(byKam.body);
+    for (const h of [KAM, OPS]) {
+      const counts = (await (await call(`/executions/counts?client_id=readers_${run}&since=${query.since}&until=${query.until}`, { headers: h })).json()) as ExecutionCounts;
+      expect(counts).toMatchObject({ total: 1, counts: { completed: 1 }, next_cursor: null });
+    }
   });
 
   it("refuses bad parameters with invalid_request naming them", async () => {

@@ -4,6 +4,7 @@ import { describe, expect, it } from "vitest";
 import { issueStageTokens, tokenExpiry, verifyToken } from "../../src/auth";
 import { DEFAULT_TUNING } from "../../src/config";
 import { ApiError } from "../../src/http";
+import { KamApi } from "../../src/index";
 import { handle } from "../../src/routes";
 import { missingSecrets, workerSecret } from "../../src/secrets";
 import { JSON_HEADERS, KAM, OPS, call, ended, mintToken, startExecution, status, waitFor } from "../support/api";
@@ -248,6 +249,15 @@ describe("missing or empty secrets: the orchestrator refuses to serve", () => {
     // The same env with its secrets serves.
     expect((await get(env, "/health")).status).toBe(200);
     expect((await get(env, "/executions", { headers: KAM })).status).toBe(200);
+  });
+
+  it("refuses KAM's RPC methods with misconfigured too", async () => {
+    const broken = envWith({ CALLBACK_SECRET: "" });
+    const api = new KamApi(ctx() as never, broken);
+    const answer = await api.getStatus("exec_1764000000000_V1StGXR8Z5jdHi6B");
+    expect(answer).toMatchObject({ ok: false, status: 503, error: { code: "misconfigured" } });
+    // The same entrypoint with the real env answers (here: no such execution).
+    expect(await new KamApi(ctx() as never, env).getStatus("exec_1764000000000_V1StGXR8Z5jdHi6B")).toMatchObject({ ok: false, status: 404 });
   });
 
   it("counts a short CALLBACK_SECRET, a bound worker with no secret and an unreadable WORKER_SECRETS as missing", () => {
