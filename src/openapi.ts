@@ -153,7 +153,10 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
   const body = (schema: z.ZodType) => ({ required: true, content: { "application/json": { schema } } });
 
   const common = {
-    "400": error("invalid_request: an id, a parameter or the body does not match its schema (`details` names the fields)"),
+    "400": error(
+      "invalid_request: an id, a parameter or the body does not match its schema (`details` names the fields), or a path segment is not valid percent-encoding; " +
+        "invalid_json: the body is not JSON, or nests deeper than maxJsonDepth (32) or has more than maxJsonKeys (10,000) keys",
+    ),
     "401": error("unauthorized: missing or invalid bearer token"),
     "503": error("unavailable: an object did not answer within objectCallTimeoutMs (the message names which); misconfigured: a secret is missing (GET /health names it)"),
   };
