@@ -6,6 +6,7 @@
  * hand. docs/ledger.md states the same rules in prose.
  */
 import { PRIORITIES, type Priority } from "../schemas/common";
+import type { ClientQuotas } from "../schemas/clients";
 import type { PoolKind, PoolSnapshot } from "../schemas/ledger";
 
 /** Rank of the highest priority (critical). Ageing never lifts a waiter above it. */
@@ -307,4 +308,187 @@ export function nonZero(amounts: Amounts): Amounts {
   const out: Amounts = {};
   for (const [k, v] of Object.entries(amounts)) if (v > 0) out[k] = v;
   return out;
+}
+
+// ---------------------------------------------------------------------------
+// Clients: quotas, budgets and fair sharing
+
+export interface ClientState {
+  id: string;
+  /** The client's own quotas (null: defaults only). */
+  own: ClientQuotas | null;
+  /** Calendar month (UTC) of `spent`, `YYYY-MM`. */
+  month: string;
+  /** Settled cost this month at the price table. */
+  spent: number;
+  /** Per-pool token buckets of the client's `rate` quota, `client:{id}:{pool}`; created on first use. */
+  rate: Map<string, PoolState>;
+  /** Start bucket of `max_starts_per_minute` (null until first used). */
+  starts: PoolState | null;
+  /** Fair queue: virtual finish tag of the client's last queued waiter. */
+  lastTag: number;
+  /** Derived from the reservations at load: granted stages, their estimated cost, waiters, waiters held by a quota. */
+  running: number;
+  heldCost: number;
+  waiting: number;
+  held: number;
+}
+
+export function newClient(id: string, now: number): ClientState {
+  return { id, own: null, month: monthOf(now), spent: 0, rate: new Map(), starts: null, lastTag: 0, running: 0, heldCost: 0, waiting: 0, held: 0 };
+}
+
+/** The quotas in force: the client's own fields over the defaults' (a client's `rate` replaces the defaults' whole). */
+export function quotasOf(defaults: ClientQuotas, own: ClientQuotas | null): ClientQuotas {
+  return { ...defaults, ...(own ?? {}) };
+}
+
+/** `YYYY-MM` of a unix-ms time, UTC. */
+export function monthOf(now: number): string {
+  return new Date(now).toISOString().slice(0, 7);
+}
+
+/** A new calendar month starts the spend at 0. */
+export function rollMonth(c: ClientState, now: number): void {
+  const m = monthOf(now);
+  if (m !== c.month) {
+    c.month = m;
+    c.spent = 0;
+  }
+}
+
+/** Cost of amounts at the price table (pools without a price cost nothing). Micro-units, rounded once, like src/cost.ts. */
+export function costOfAmounts(amounts: Amounts, perUnit: Record<string, number>): number {
+  let micros = 0;
+  for (const [pool, a] of Object.entries(amounts)) {
+    const price = perUnit[pool];
+    if (price !== undefined) micros += Math.round(a * price * 1_000_000);
+  }
+  return micros / 1_000_000;
+}
+
+/** The client's bucket for `pool` under a `per_minute` quota (full when new; resized when the quota changed). */
+export function clientBucket(c: ClientState, pool: string, perMinute: number, now: number): PoolState {
+  let b = c.rate.get(pool);
+  if (!b) {
+    b = newPool(`client:${c.id}:${pool}`, "rate", perMinute, perMinute / 60, now);
+    c.rate.set(pool, b);
+  } else if (b.capacity !== perMinute) {
+    refill(b, now);
+    b.tokens = Math.min(perMinute, b.tokens + Math.max(0, perMinute - b.capacity));
+    b.capacity = perMinute;
+    b.refillPerSecond = perMinute / 60;
+  }
+  return b;
+}
+
+/**
+ * Why a client's quota keeps a stage with `needs` (estimated cost `cost`)
+ * from being granted now, or null. Checked in the same decision as the pools,
+ * so a grant never exceeds either. Order: running stages, budget, rate.
+ */
+export function clientBlock(
+  q: ClientQuotas,
+  c: ClientState,
+  needs: Amounts,
+  cost: number,
+  now: number,
+): "client_quota" | "client_budget" | "client_rate" | null {
+  if (q.max_running_stages !== undefined && c.running + 1 > q.max_running_stages) return "client_quota";
+  if (q.monthly_budget !== undefined) {
+    rollMonth(c, now);
+    if (c.spent + c.heldCost + cost > q.monthly_budget + EPS) return "client_budget";
+  }
+  for (const [pool, r] of Object.entries(q.rate ?? {})) {
+    const a = needs[pool];
+    if (a && !fits(clientBucket(c, pool, r.per_minute, now), a, now)) return "client_rate";
+  }
+  return null;
+}
+
+/**
+ * The budget can never cover the stage while nothing of the client's runs:
+ * nothing will settle or be given back, so only an operator (a raised budget)
+ * or the next month helps. Such a stage fails `budget_exhausted`.
+ */
+export function budgetExhausted(q: ClientQuotas, c: ClientState, cost: number, now: number): boolean {
+  if (q.monthly_budget === undefined || c.running > 0) return false;
+  rollMonth(c, now);
+  return c.spent + cost > q.monthly_budget + EPS;
+}
+
+/** A stage that can never fit the client's rate quota (more than a bucket holds). */
+export function clientRateUnsatisfiable(q: ClientQuotas, needs: Amounts): string | null {
+  for (const [pool, r] of Object.entries(q.rate ?? {})) {
+    if ((needs[pool] ?? 0) > r.per_minute + EPS) return `${pool}: ${needs[pool]} > client rate ${r.per_minute}/min`;
+  }
+  return null;
+}
+
+/**
+ * Weighted fair queueing within a priority level: a new waiter's tag is
+ * max(virtual time, the client's last tag) + 1 / weight, and the queue within
+ * one effective rank is ordered by tag, then arrival. The virtual time is the
+ * largest tag granted so far. So a client's waiters are FIFO (its tags only
+ * grow), and a client that starts waiting is tagged just past what was granted
+ * last, never behind another client's backlog: with equal weights its first
+ * waiter is behind at most one waiter of each other waiting client.
+ */
+export function fairTag(virtualTime: number, lastTag: number, weight: number): number {
+  return Math.max(virtualTime, lastTag) + 1 / Math.max(1, weight);
+}
+
+/** Order of two waiters: effective rank desc, then fair tag, then arrival. */
+export function queueOrder(a: { eff_rank: number; tag: number; seq: number }, b: { eff_rank: number; tag: number; seq: number }): number {
+  return b.eff_rank - a.eff_rank || a.tag - b.tag || a.seq - b.seq;
+}
+
+/**
+ * A start (POST /execute) of a client: refused above `max_priority`, when the
+ * month's budget is already spent, or over `max_starts_per_minute` (a token
+ * bucket of that many starts refilled per minute; `retryAfterMs` is when the
+ * next token is there). Takes the start's token when admitted.
+ */
+export function admitStart(
+  q: ClientQuotas,
+  c: ClientState,
+  priority: Priority,
+  now: number,
+):
+  | { ok: true }
+  | { ok: false; code: "priority_not_allowed" | "budget_exhausted" | "rate_limited"; message: string; retryAfterMs?: number } {
+  if (q.max_priority !== undefined && rankOf(priority) > rankOf(q.max_priority)) {
+    return { ok: false, code: "priority_not_allowed", message: `client ${c.id} may ask for at most priority ${q.max_priority}` };
+  }
+  if (q.monthly_budget !== undefined) {
+    rollMonth(c, now);
+    if (c.spent >= q.monthly_budget - EPS) {
+      return { ok: false, code: "budget_exhausted", message: `client ${c.id} has spent its monthly budget of ${q.monthly_budget} (${c.spent} in ${c.month})` };
+    }
+  }
+  if (q.max_starts_per_minute !== undefined) {
+    const per = q.max_starts_per_minute;
+    if (!c.starts || c.starts.capacity !== per) c.starts = newPool(`client:${c.id}:starts`, "rate", per, per / 60, now);
+    if (!fits(c.starts, 1, now)) {
+      const retryAfterMs = Math.max(1, Math.ceil(((1 - c.starts.tokens) * 1000) / c.starts.refillPerSecond));
+      return { ok: false, code: "rate_limited", message: `client ${c.id} may start at most ${per} executions per minute`, retryAfterMs };
+    }
+    take(c.starts, 1, now);
+    c.starts.held = 0; // a start holds nothing: the token is just spent
+  }
+  return { ok: true };
+}
+
+/** When the client's rate buckets hold enough for `needs` again (null: they already do). */
+export function clientRateReadyAt(q: ClientQuotas, c: ClientState, needs: Amounts, now: number): number | null {
+  let at: number | null = null;
+  for (const [pool, r] of Object.entries(q.rate ?? {})) {
+    const a = needs[pool];
+    if (!a) continue;
+    const b = clientBucket(c, pool, r.per_minute, now);
+    if (fits(b, a, now)) continue;
+    const t = now + Math.ceil(((a - b.tokens) * 1000) / b.refillPerSecond) + 1;
+    at = at === null ? t : Math.max(at, t);
+  }
+  return at;
 }

@@ -15,7 +15,8 @@
  */
 import { DurableObject } from "cloudflare:workers";
 import type { z } from "zod";
-import { PoolAmounts, PoolName, Priority } from "../schemas/common";
+import { ClientId, PoolAmounts, PoolName, PRIORITIES, Priority } from "../schemas/common";
+import { ClientQuotas, type ClientDocument, type StartAdmission, type WaitingOn } from "../schemas/clients";
 import {
   DurationMs,
   EstimateStages,
@@ -39,7 +40,15 @@ import {
 import { configOf, type Tuning } from "../src/config";
 import { log } from "../src/log";
 import {
+  admitStart,
+  budgetExhausted,
+  clientBlock,
+  clientRateUnsatisfiable,
   estimatedNeeds,
+  fairTag,
+  monthOf,
+  quotasOf,
+  type ClientState,
   newPool,
   nextAgeingAt,
   nonZero,
@@ -55,7 +64,11 @@ import {
 import { Accounts } from "./ledger/accounts";
 import { fitsAll, GrantPass, timer, type Step } from "./ledger/grant-pass";
 import { GrantNotices } from "./ledger/notices";
-import { LedgerStore, needsOf, type ResRow } from "./ledger/store";
+import { clientDocument } from "./ledger/client-document";
+import { LedgerStore, needsOf, NO_CLIENT, PARKED, type ResRow } from "./ledger/store";
+
+/** Waiters the snapshot lists (queue order). */
+const SNAPSHOT_QUEUE_LIMIT = 100;
 
 export type { EstimateResult, ReleaseResult, RenewResult, SettleResult, StatusResult } from "../schemas/ledger";
 
@@ -81,6 +94,8 @@ export interface LedgerTestHooks {
   selfCheck(): string[];
   /** Deliver grant notices to `fn` instead of the Execution objects; null restores the RPCs. */
   setNotifier(fn: ((executionId: string, notice: GrantNotice) => void) | null): void;
+  /** Replace the CLIENT_DEFAULTS this object applies (tests of the defaults). */
+  setClientDefaults(defaults: ClientQuotas): void;
 }
 export function ledgerTestHooks(instance: unknown): LedgerTestHooks {
   const hooks = (instance as Record<symbol, LedgerTestHooks | undefined>)[TEST_HOOKS];
@@ -114,6 +129,9 @@ export class ResourceLedger extends DurableObject<Env> {
   /** Earliest time a rate-pool refill lets a blocked waiter fit (from the last grant pass). */
   #refillWakeAt: number | null = null;
   #clock: () => number = Date.now;
+  #clientDefaults: ClientQuotas;
+  readonly #currency: string;
+  readonly #quotasOf: (c: ClientState) => ClientQuotas;
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
@@ -121,9 +139,13 @@ export class ResourceLedger extends DurableObject<Env> {
     this.#tuning = config.tuning;
     this.#rules = rulesFromTuning(config.tuning);
     this.#store = new LedgerStore(ctx.storage);
-    this.#accounts = new Accounts(this.#store, this.#rules);
+    this.#clientDefaults = config.clientDefaults;
+    this.#currency = config.prices.currency;
+    const quotas = (c: ClientState) => (c.id === NO_CLIENT ? {} : quotasOf(this.#clientDefaults, c.own));
+    this.#quotasOf = quotas;
+    this.#accounts = new Accounts(this.#store, this.#rules, config.prices.per_unit, quotas);
     this.#notices = new GrantNotices(env);
-    this.#pass = new GrantPass(this.#store, this.#accounts, this.#rules);
+    this.#pass = new GrantPass(this.#store, this.#accounts, this.#rules, quotas);
     const hooks: LedgerTestHooks = {
       setClock: (clock) => {
         this.#clock = clock ?? Date.now;
@@ -131,6 +153,9 @@ export class ResourceLedger extends DurableObject<Env> {
       rules: this.#rules,
       selfCheck: () => this.#store.selfCheck(),
       setNotifier: (fn) => this.#notices.redirect(fn),
+      setClientDefaults: (d) => {
+        this.#clientDefaults = d;
+      },
     };
     Object.defineProperty(this, TEST_HOOKS, { value: hooks, enumerable: false });
     void ctx.blockConcurrencyWhile(async () => {
@@ -232,7 +257,9 @@ export class ResourceLedger extends DurableObject<Env> {
       if (row.state === "granted") return { state: "granted", expiresAt: row.expires_at!, requirements };
       if (row.state === "waiting") {
         this.#pass.applyAgeing(s.now);
-        return { state: "waiting", position: this.#aheadOf(this.#store.row(id)!).position, requirements };
+        const fresh = this.#store.row(id)!;
+        const position = this.#aheadOf(fresh).position;
+        return { state: "waiting", position, requirements, waitingOn: this.#waitingOn(fresh, s.now) };
       }
       return { state: row.state as ReservationState, requirements };
     });
@@ -266,7 +293,16 @@ export class ResourceLedger extends DurableObject<Env> {
     const st = this.#store;
     const pools = [...st.pools.values()].sort((a, b) => (a.name < b.name ? -1 : 1)).map((p) => poolSnapshot(p, now));
     // Reported only once what it shows is written.
-    const snap = { pools, leases: st.leases, waiters: st.waiters };
+    const queue = st.queueList(SNAPSHOT_QUEUE_LIMIT).map((r) => ({
+      reservation_id: r.id,
+      execution_id: r.execution_id,
+      stage_id: r.stage_id,
+      client_id: r.client_id,
+      priority: PRIORITIES[r.rank],
+      effective_priority: PRIORITIES[r.eff_rank],
+      waiting_on: this.#waitingOn(r, now),
+    }));
+    const snap = { pools, leases: st.leases, waiters: st.waiters, queue };
     return st.commit.idle ? snap : st.commit.ack(snap);
   }
 
@@ -313,12 +349,65 @@ export class ResourceLedger extends DurableObject<Env> {
           for (const row of due) this.#expire(row, s);
           if (due.length < this.#rules.expireBatch) break;
         }
+        // A new month: waiters held by their client's budget get another look.
+        for (const c of this.#store.clients.values()) if (c.held > 0 && monthOf(s.now) !== c.month) this.#store.unholdClient(c);
         this.#pass.run(s);
         this.#store.purge(s.now - this.#rules.doneRetentionMs, this.#rules.purgeBatch);
         timer(s, this.#nextTimer(s.now));
       },
       { direct: true },
     );
+  }
+
+  // -------------------------------------------------------------------------
+  // Clients
+
+  /** Replace a client's own quotas; they apply at once, also to its waiting stages. */
+  async putClientQuotas(clientId: string, quotas: ClientQuotas): Promise<ClientDocument> {
+    const id = parse(ClientId, clientId, "putClientQuotas clientId");
+    const own = parse(ClientQuotas, quotas, "putClientQuotas quotas");
+    return this.#step(
+      (s) => {
+        const c = this.#store.client(id, s.now);
+        c.own = own;
+        this.#store.touchClient(c);
+        this.#store.unholdClient(c);
+        this.#pass.run(s);
+        return this.#clientDocument(c, s.now);
+      },
+      { direct: true },
+    );
+  }
+
+  async client(clientId: string): Promise<ClientDocument> {
+    const id = parse(ClientId, clientId, "client clientId");
+    return this.#step((s) => this.#clientDocument(this.#store.client(id, s.now), s.now));
+  }
+
+  /** Every client the ledger knows (own quotas or any reservation), by id. */
+  async clients(): Promise<ClientDocument[]> {
+    return this.#step((s) =>
+      [...this.#store.clients.values()]
+        .filter((c) => c.id !== NO_CLIENT)
+        .sort((a, b) => (a.id < b.id ? -1 : 1))
+        .map((c) => this.#clientDocument(c, s.now)),
+    );
+  }
+
+  /** A client's start (POST /execute): max_priority, a spent budget and max_starts_per_minute, decided and counted at once. */
+  async admitStart(clientId: string, priority: Priority): Promise<StartAdmission> {
+    const id = parse(ClientId, clientId, "admitStart clientId");
+    const prio = parse(Priority, priority, "admitStart priority");
+    return this.#step((s) => {
+      const c = this.#store.client(id, s.now);
+      const answer = admitStart(this.#quotasOf(c), c, prio, s.now);
+      this.#store.touchClient(c);
+      return answer;
+    });
+  }
+
+  #clientDocument(c: ClientState, now: number): ClientDocument {
+    return clientDocument(c, this.#quotasOf(c), this.#store.runningExecutions(c.id), this.#currency, now);
   }
 
   // -------------------------------------------------------------------------
@@ -338,6 +427,14 @@ export class ResourceLedger extends DurableObject<Env> {
     }
     const never = this.#unsatisfiable(id, needs);
     if (never) return never;
+    const c = this.#store.client(req.clientId ?? null, s.now);
+    const q = this.#quotasOf(c);
+    const overRate = clientRateUnsatisfiable(q, needs);
+    if (overRate) return { status: "refused", reservationId: id, code: "resource_unsatisfiable", message: `can never be granted: ${overRate}` };
+    const cost = this.#accounts.costOf(needs);
+    if (budgetExhausted(q, c, cost, s.now)) {
+      return { status: "refused", reservationId: id, code: "budget_exhausted", message: `client ${c.id} has no budget left for this stage this month` };
+    }
 
     const rank = rankOf(req.priority);
     const row: ResRow = {
@@ -361,8 +458,13 @@ export class ResourceLedger extends DurableObject<Env> {
       usage: null,
       duration_ms: null,
       ended_at: null,
+      client_id: req.clientId ?? null,
+      cost_est: cost,
+      tag: fairTag(this.#store.virtualTime, c.lastTag, q.weight ?? 1),
     };
-    if (this.#store.activeWaiters === 0 && fitsAll(this.#store.pools, needs, s.now)) {
+    c.lastTag = row.tag;
+    this.#store.touchClient(c);
+    if (this.#store.activeWaiters === 0 && fitsAll(this.#store.pools, needs, s.now) && !clientBlock(q, c, needs, cost, s.now)) {
       // Nobody queued and everything fits: granted in the reply, no notice.
       const granted = this.#accounts.grant(row, needs, s.now);
       timer(s, granted.expires_at);
@@ -452,18 +554,28 @@ export class ResourceLedger extends DurableObject<Env> {
       this.#pass.applyAgeing(s.now);
       return this.#waitingResult(this.#store.row(live.id)!);
     }
+    if (live.state === "refused") {
+      const message = `client ${live.client_id} has no budget left for this stage this month`;
+      return { status: "refused", reservationId: live.id, code: "budget_exhausted", message };
+    }
     return new Ended(live.id, live.state as ReservationState);
   }
 
   #waitingResult(row: ResRow): ReserveResult {
+    const waitingOn = this.#waitingOn(row, this.#clock());
+    return { status: "waiting", reservationId: row.id, position: waitingOn.position, estimatedWaitMs: waitingOn.estimated_wait_ms, waitingOn };
+  }
+
+  /** Why `row` waits, its place and its expected wait (docs/ledger.md, "Why is it waiting"). */
+  #waitingOn(row: ResRow, now: number): WaitingOn {
     const { position, sameWorkerAhead } = this.#aheadOf(row);
-    const estimatedWaitMs = queueWaitMs(sameWorkerAhead + 1, this.#slotsOf(row.worker), this.#durationOf(row.worker));
-    return { status: "waiting", reservationId: row.id, position, estimatedWaitMs };
+    const estimated_wait_ms = queueWaitMs(sameWorkerAhead + 1, this.#slotsOf(row.worker), this.#durationOf(row.worker));
+    return { ...this.#pass.reasonOf(row, now), position, estimated_wait_ms };
   }
 
   /** 1-based place in the queue; a parked waiter counts as behind every active one. */
   #aheadOf(row: ResRow): { position: number; sameWorkerAhead: number } {
-    if (row.parked) return { position: this.#store.activeWaiters + 1, sameWorkerAhead: 0 };
+    if (row.parked === PARKED) return { position: this.#store.activeWaiters + 1, sameWorkerAhead: 0 };
     const { n, same } = this.#store.countAhead(row);
     return { position: n + 1, sameWorkerAhead: same };
   }

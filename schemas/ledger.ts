@@ -1,5 +1,6 @@
 import { z } from "zod";
-import { ExecutionId, PoolAmounts, PoolName, Priority, StageId, WorkerName } from "./common";
+import { WaitingOn } from "./clients";
+import { ClientId, ExecutionId, PoolAmounts, PoolName, Priority, StageId, WorkerName } from "./common";
 
 /**
  * Pool kinds:
@@ -39,19 +40,28 @@ export const ReserveRequest = z.object({
   leaseMs: z.number().int().min(1000).max(24 * 3600 * 1000),
   /** The stage's worker: the ledger always adds one slot of `worker:{worker}` and keeps estimates per worker. */
   worker: WorkerName,
+  /** The execution's client: its quotas and fair share apply (absent: no client limits, one shared fair-queue lane). */
+  clientId: ClientId.optional(),
 });
 export type ReserveRequest = z.infer<typeof ReserveRequest>;
 
-export const ReservationState = z.enum(["waiting", "granted", "settled", "released", "expired", "unknown"]);
+export const ReservationState = z.enum(["waiting", "granted", "settled", "released", "expired", "refused", "unknown"]);
 export type ReservationState = z.infer<typeof ReservationState>;
 
 export const ReserveResult = z.discriminatedUnion("status", [
   z.object({ status: z.literal("granted"), reservationId: z.string(), expiresAt: z.number(), requirements: PoolAmounts }),
-  z.object({ status: z.literal("waiting"), reservationId: z.string(), position: z.number().int(), estimatedWaitMs: z.number() }),
+  z.object({
+    status: z.literal("waiting"),
+    reservationId: z.string(),
+    position: z.number().int(),
+    estimatedWaitMs: z.number(),
+    waitingOn: WaitingOn.optional(),
+  }),
   z.object({
     status: z.literal("refused"),
     reservationId: z.string(),
-    code: z.enum(["resource_unsatisfiable", "unknown_pool"]),
+    /** budget_exhausted: the client's monthly budget cannot cover the stage and nothing of the client's runs. */
+    code: z.enum(["resource_unsatisfiable", "unknown_pool", "budget_exhausted"]),
     message: z.string(),
   }),
   /** A replay of a reservation that already ended (settled, released, expired): reserve again with a new attempt. */
@@ -88,6 +98,7 @@ export const StatusResult = z.object({
   expiresAt: z.number().optional(),
   position: z.number().int().optional(),
   requirements: PoolAmounts.optional(),
+  waitingOn: WaitingOn.optional(),
 });
 export type StatusResult = z.infer<typeof StatusResult>;
 export const EstimateResult = z.object({
@@ -111,7 +122,23 @@ export const PoolSnapshot = z.object({
   estimates: z.object({ avg_usage_per_stage: z.number().nullable(), samples: z.number() }).optional(),
 });
 export type PoolSnapshot = z.infer<typeof PoolSnapshot>;
-export const LedgerSnapshot = z.object({ pools: z.array(PoolSnapshot), leases: z.number(), waiters: z.number() });
+/** One waiter as the snapshot lists it (the first `queue_limit` in queue order, then those held by a client quota). */
+export const QueuedWaiter = z.object({
+  reservation_id: z.string(),
+  execution_id: z.string(),
+  stage_id: z.string(),
+  client_id: z.string().nullable(),
+  priority: Priority,
+  effective_priority: Priority,
+  waiting_on: WaitingOn,
+});
+export type QueuedWaiter = z.infer<typeof QueuedWaiter>;
+export const LedgerSnapshot = z.object({
+  pools: z.array(PoolSnapshot),
+  leases: z.number(),
+  waiters: z.number(),
+  queue: z.array(QueuedWaiter),
+});
 export type LedgerSnapshot = z.infer<typeof LedgerSnapshot>;
 
 /** A grant notice the ledger sends to an Execution when a waiter is granted. */

@@ -1,4 +1,5 @@
 import { z } from "zod";
+import { ClientQuotas } from "../schemas/clients";
 import { PoolConfig } from "../schemas/ledger";
 
 /**
@@ -97,6 +98,8 @@ export interface Config {
   workerBindings: Record<string, string>;
   pools: z.infer<typeof PoolConfig>;
   prices: PriceTable;
+  /** Quotas of clients without their own (CLIENT_DEFAULTS). */
+  clientDefaults: ClientQuotas;
   publicUrl: string;
   /** `notify` for an execution whose request does not say (the NOTIFY_DEFAULT var, "true" or "false"). */
   notifyDefault: boolean;
@@ -123,6 +126,7 @@ export function configOf(env: Env): Config {
     workerBindings: parseJson("WORKER_BINDINGS", vars.WORKER_BINDINGS, z.record(z.string(), z.string()), {}),
     pools: parseJson("POOLS", vars.POOLS, PoolConfig, []),
     prices: parseJson("PRICES", vars.PRICES, PriceTable, { currency: "USD", per_unit: {} }),
+    clientDefaults: parseJson("CLIENT_DEFAULTS", vars.CLIENT_DEFAULTS, ClientQuotas, {}),
     publicUrl: String(vars.PUBLIC_URL ?? "http://orchestrator-v2.internal").replace(/\/$/, ""),
     notifyDefault: parseJson("NOTIFY_DEFAULT", vars.NOTIFY_DEFAULT, z.boolean(), false),
   };

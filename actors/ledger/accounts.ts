@@ -5,32 +5,52 @@
  * of ../ledger-rules.ts to the store's memory and writes the row's new
  * version; the caller decides when (inside one step).
  */
+import type { ClientQuotas } from "../../schemas/clients";
 import {
   chargeExtra,
+  clientBucket,
+  costOfAmounts,
   ewma,
   expireInto,
   releaseInto,
+  rollMonth,
   settleInto,
   take,
   type Amounts,
+  type ClientState,
   type LedgerRules,
   type PoolState,
 } from "../ledger-rules";
-import { needsOf, type LedgerStore, type ResRow } from "./store";
+import { HELD, needsOf, type LedgerStore, type ResRow } from "./store";
 
 export class Accounts {
   constructor(
     private readonly store: LedgerStore,
     private readonly rules: LedgerRules,
+    private readonly prices: Record<string, number>,
+    private readonly quotasOf: (c: ClientState) => ClientQuotas,
   ) {}
 
-  /** Takes `needs` from the pools and writes the row as a live grant. */
+  /** Estimated cost of a stage's needs at the price table (held against its client's budget while granted). */
+  costOf(amounts: Amounts): number {
+    return costOfAmounts(amounts, this.prices);
+  }
+
+  /** Takes `needs` from the pools and the client's buckets, and writes the row as a live grant. */
   grant(row: ResRow, needs: Amounts, now: number): ResRow {
     for (const [n, a] of Object.entries(needs)) {
       const p = this.store.pools.get(n)!;
       this.#change(p, () => take(p, a, now));
     }
-    const granted: ResRow = { ...row, state: "granted", granted_at: now, expires_at: now + row.lease_ms, age_at: null };
+    const c = this.store.client(row.client_id, now);
+    c.running++;
+    c.heldCost += row.cost_est;
+    for (const [n, r] of Object.entries(this.quotasOf(c).rate ?? {})) {
+      if (needs[n]) take(clientBucket(c, n, r.per_minute, now), needs[n], now);
+    }
+    this.store.touchClient(c);
+    this.store.advanceVirtualTime(row.tag);
+    const granted: ResRow = { ...row, state: "granted", granted_at: now, expires_at: now + row.lease_ms, age_at: null, parked: 0 };
     this.store.putRow(granted);
     this.store.leases++;
     return granted;
@@ -39,17 +59,40 @@ export class Accounts {
   enqueue(row: ResRow, needs: Amounts): void {
     this.store.putRow(row);
     this.store.waiters++;
+    this.store.client(row.client_id, row.created_at).waiting++;
     for (const n of Object.keys(needs)) this.store.pools.get(n)!.waiting++;
   }
 
-  /** A waiter leaves the queue (granted or released); the caller writes its new state. */
+  /** A waiter leaves the queue (granted, released or refused); the caller writes its new state. */
   dequeue(row: ResRow): void {
     for (const n of Object.keys(needsOf(row))) {
       const p = this.store.pools.get(n);
       if (p) p.waiting--;
     }
     this.store.waiters--;
-    if (row.parked) this.store.parked--;
+    const c = this.store.client(row.client_id, row.created_at);
+    c.waiting--;
+    if (row.parked === HELD) c.held--;
+    else if (row.parked) this.store.parked--;
+  }
+
+  /** A live grant of the client ends: its slot, estimated cost and bucket amounts come back as `back` says. */
+  #endForClient(row: ResRow, needs: Amounts, now: number, back: (b: PoolState, reserved: number, pool: string) => void): ClientState {
+    const c = this.store.client(row.client_id, now);
+    c.running--;
+    c.heldCost = Math.max(0, c.heldCost - row.cost_est);
+    for (const [n, b] of c.rate) if (needs[n]) back(b, needs[n], n);
+    this.store.touchClient(c);
+    // Its waiters held by a quota get another look in this step's grant pass.
+    this.store.unholdClient(c);
+    return c;
+  }
+
+  /** Settled usage is the client's spend this month (calendar month, UTC, of the settle). */
+  #spend(c: ClientState, used: Amounts, now: number): void {
+    rollMonth(c, now);
+    c.spent += this.costOf(used);
+    this.store.touchClient(c);
   }
 
   /** Settles a live grant: pools, estimates, counters. Returns the row as it becomes. */
@@ -65,6 +108,8 @@ export class Accounts {
     }
     const dur = duration ?? Math.max(0, now - (row.granted_at ?? now));
     this.#learn(row.worker, used, dur, now);
+    const c = this.#endForClient(row, needs, now, (b, reserved, pool) => settleInto(b, reserved, used[pool] ?? 0, now));
+    this.#spend(c, used, now);
     this.store.leases--;
     return { ...row, state: "settled", usage: JSON.stringify(used), duration_ms: dur, ended_at: now };
   }
@@ -83,23 +128,28 @@ export class Accounts {
     }
     const dur = duration ?? Math.max(0, (row.ended_at ?? now) - (row.granted_at ?? now));
     this.#learn(row.worker, used, dur, now);
+    this.#spend(this.store.client(row.client_id, now), used, now);
     return { ...row, usage: JSON.stringify(used), duration_ms: dur };
   }
 
   releaseGrant(row: ResRow, now: number): ResRow {
-    for (const [n, reserved] of Object.entries(needsOf(row))) {
+    const needs = needsOf(row);
+    for (const [n, reserved] of Object.entries(needs)) {
       const p = this.store.pools.get(n);
       if (p) this.#change(p, () => releaseInto(p, reserved, now));
     }
+    this.#endForClient(row, needs, now, (b, reserved) => releaseInto(b, reserved, now));
     this.store.leases--;
     return { ...row, state: "released", ended_at: now };
   }
 
   expireGrant(row: ResRow, now: number): ResRow {
-    for (const [n, reserved] of Object.entries(needsOf(row))) {
+    const needs = needsOf(row);
+    for (const [n, reserved] of Object.entries(needs)) {
       const p = this.store.pools.get(n);
       if (p) this.#change(p, () => expireInto(p, reserved));
     }
+    this.#endForClient(row, needs, now, (b, reserved) => expireInto(b, reserved));
     this.store.leases--;
     return { ...row, state: "expired", ended_at: now };
   }

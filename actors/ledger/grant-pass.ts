@@ -5,18 +5,24 @@
  * queue"). It runs inside the caller's step and decides synchronously.
  */
 import type { GrantNotice } from "../../schemas/ledger";
+import type { ClientQuotas, WaitReason } from "../../schemas/clients";
 import {
+  budgetExhausted,
+  clientBlock,
+  clientBucket,
+  clientRateReadyAt,
   effectiveRank,
   fits,
   nextAgeingAt,
   refillReadyAt,
   satisfiable,
   type Amounts,
+  type ClientState,
   type LedgerRules,
   type PoolState,
 } from "../ledger-rules";
 import type { Accounts } from "./accounts";
-import { needsOf, type LedgerStore, type ResRow } from "./store";
+import { HELD, needsOf, PARKED, type LedgerStore, type ResRow } from "./store";
 
 /** One synchronous decision: what it granted and the earliest timer it needs. */
 export interface Step {
@@ -42,11 +48,13 @@ export class GrantPass {
     private readonly store: LedgerStore,
     private readonly accounts: Accounts,
     private readonly rules: LedgerRules,
+    private readonly quotasOf: (c: ClientState) => ClientQuotas,
   ) {}
 
 
   /**
-   * Grants waiters in queue order (effective rank desc, then arrival), with
+   * Grants waiters in queue order (effective rank desc, then fair tag, then
+   * arrival), within their clients' quotas, with
    * bounded backfilling: a waiter that does not fit may be passed by later ones
    * that take from a pool it needs at most `backfillLimit` times; from then on
    * its pools are held back for it. Waiters that can never fit under the
@@ -66,8 +74,30 @@ export class GrantPass {
       const needs = needsOf(row);
       const names = Object.keys(needs);
       if (names.some((n) => !satisfiable(store.pools.get(n)!, needs[n]))) {
-        store.putRow({ ...row, parked: 1 });
+        store.putRow({ ...row, parked: PARKED });
         store.parked++;
+        continue;
+      }
+      // The client's own limits first. A waiter its client holds back is not
+      // a head: it holds nobody else back and is passed without a count.
+      const c = store.client(row.client_id, s.now);
+      const q = this.quotasOf(c);
+      if (budgetExhausted(q, c, row.cost_est, s.now)) {
+        this.accounts.dequeue(row);
+        store.putRow({ ...row, state: "refused", age_at: null, ended_at: s.now });
+        timer(s, s.now + this.rules.doneRetentionMs);
+        continue;
+      }
+      const why = clientBlock(q, c, needs, row.cost_est, s.now);
+      if (why === "client_rate") {
+        const t = clientRateReadyAt(q, c, needs, s.now);
+        if (t !== null && (wake === null || t < wake)) wake = t;
+        continue;
+      }
+      if (why) {
+        // Held until one of the client's grants ends or its quota changes (both unhold it).
+        store.putRow({ ...row, parked: HELD });
+        c.held++;
         continue;
       }
       const behindLock = names.some((n) => locked.has(n));
@@ -109,5 +139,20 @@ export class GrantPass {
       const eff = effectiveRank(r.rank, r.created_at, now, this.rules.agingMs);
       this.store.putRow({ ...r, eff_rank: eff, age_at: nextAgeingAt(r.rank, r.created_at, eff, this.rules.agingMs) });
     }
+  }
+
+  /** Why a waiter waits, as the grant pass would judge it now: its client's limit first, then the pools short. */
+  reasonOf(row: ResRow, now: number): { reason: WaitReason; pools: string[] } {
+    const needs = needsOf(row);
+    const c = this.store.client(row.client_id, now);
+    const q = this.quotasOf(c);
+    const why = clientBlock(q, c, needs, row.cost_est, now);
+    if (why === "client_rate") {
+      const pools = Object.keys(q.rate ?? {}).filter((n) => needs[n] && !fits(clientBucket(c, n, q.rate![n].per_minute, now), needs[n], now));
+      return { reason: why, pools };
+    }
+    if (why) return { reason: why, pools: [] };
+    const short = Object.keys(needs).filter((n) => !fits(this.store.pools.get(n)!, needs[n], now));
+    return { reason: "capacity", pools: short.length ? short : Object.keys(needs) };
   }
 }

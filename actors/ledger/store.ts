@@ -10,7 +10,8 @@
  */
 import type { z } from "zod";
 import type { PoolConfig } from "../../schemas/ledger";
-import { newPool, type Amounts, type PoolState, type WorkerStats } from "../ledger-rules";
+import { newClient, newPool, queueOrder, type Amounts, type ClientState, type PoolState, type WorkerStats } from "../ledger-rules";
+import type { ClientQuotas } from "../../schemas/clients";
 import { execScript, sqlOf, type Sql } from "../sql";
 import { GroupCommit } from "./group-commit";
 
@@ -49,7 +50,6 @@ CREATE TABLE IF NOT EXISTS reservations (
   duration_ms REAL,
   ended_at INTEGER
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS reservations_queue ON reservations (parked, eff_rank DESC, seq) WHERE state = 'waiting';
 CREATE INDEX IF NOT EXISTS reservations_ageing ON reservations (age_at) WHERE state = 'waiting' AND age_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS reservations_leases ON reservations (expires_at) WHERE state = 'granted';
 CREATE INDEX IF NOT EXISTS reservations_ended ON reservations (ended_at) WHERE ended_at IS NOT NULL;
@@ -59,6 +59,15 @@ CREATE TABLE IF NOT EXISTS worker_stats (
   dur_n INTEGER NOT NULL DEFAULT 0,
   usage TEXT NOT NULL DEFAULT '{}'
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS clients (
+  client_id TEXT PRIMARY KEY,
+  quotas TEXT,
+  month TEXT NOT NULL,
+  spent REAL NOT NULL DEFAULT 0,
+  buckets TEXT NOT NULL DEFAULT '{}',
+  starts TEXT,
+  last_tag REAL NOT NULL DEFAULT 0
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS unknown_usage (
   pool TEXT PRIMARY KEY,
   total REAL NOT NULL,
@@ -66,6 +75,25 @@ CREATE TABLE IF NOT EXISTS unknown_usage (
   last_at INTEGER NOT NULL
 ) WITHOUT ROWID;
 `;
+
+/** Columns added after the first release: added in place, so an existing ledger keeps its state. */
+const ADDED_COLUMNS: [string, string][] = [
+  ["client_id", "TEXT"],
+  ["cost_est", "REAL NOT NULL DEFAULT 0"],
+  ["tag", "REAL NOT NULL DEFAULT 0"],
+];
+const INDEXES = `
+DROP INDEX IF EXISTS reservations_queue;
+CREATE INDEX IF NOT EXISTS reservations_fair_queue ON reservations (parked, eff_rank DESC, tag, seq) WHERE state = 'waiting';
+CREATE INDEX IF NOT EXISTS reservations_client ON reservations (client_id, parked) WHERE state = 'waiting';
+`;
+
+/** `parked` values: 0 active, 1 parked (can never fit the pools' sizes), 2 held by its client's quota. */
+export const PARKED = 1;
+export const HELD = 2;
+
+/** The key of reservations without a client in the clients map (never listed, never limited). */
+export const NO_CLIENT = "";
 
 export interface ResRow extends Record<string, SqlStorageValue> {
   id: string;
@@ -88,6 +116,11 @@ export interface ResRow extends Record<string, SqlStorageValue> {
   usage: string | null;
   duration_ms: number | null;
   ended_at: number | null;
+  client_id: string | null;
+  /** Estimated cost at the price table, held against the client's budget while granted. */
+  cost_est: number;
+  /** Fair-queue tag (ledger-rules fairTag). */
+  tag: number;
 }
 
 export function needsOf(row: ResRow): Amounts {
@@ -101,6 +134,9 @@ export class LedgerStore {
   readonly stats = new Map<string, WorkerStats>();
   /** Granted reservations (live leases), as decided: loaded at start, kept in step with every change. */
   readonly live = new Map<string, ResRow>();
+  readonly clients = new Map<string, ClientState>();
+  /** Fair queue: the largest tag granted so far. */
+  virtualTime = 0;
   /** Counters derived from the reservations at load. */
   leases = 0;
   waiters = 0;
@@ -111,6 +147,8 @@ export class LedgerStore {
   /** Pools and estimates changed since their rows were last written (written once per commit). */
   readonly #dirtyPools = new Set<PoolState>();
   readonly #dirtyStats = new Set<WorkerStats>();
+  readonly #dirtyClients = new Set<ClientState>();
+  #dirtyVirtualTime = false;
 
   constructor(private readonly storage: DurableObjectStorage) {
     this.sql = sqlOf(storage);
@@ -124,6 +162,9 @@ export class LedgerStore {
   /** Schema, seeding at the very first start only, then memory from SQL. */
   open(seedPools: z.infer<typeof PoolConfig>, now: number): void {
     execScript(this.storage, SCHEMA);
+    const have = new Set(this.sql<{ name: string }>`SELECT name FROM pragma_table_info('reservations')`.map((r) => r.name));
+    for (const [col, type] of ADDED_COLUMNS) if (!have.has(col)) execScript(this.storage, `ALTER TABLE reservations ADD COLUMN ${col} ${type}`);
+    execScript(this.storage, INDEXES);
     const seeded = this.sql<{ value: string }>`SELECT value FROM meta WHERE key = 'seeded'`.length > 0;
     if (!seeded) {
       this.storage.transactionSync(() => {
@@ -164,6 +205,39 @@ export class LedgerStore {
     );
   }
 
+  // ---- clients ---------------------------------------------------------------
+
+  /** The client's state (created in memory on first use; written when it changes). */
+  client(id: string | null, now: number): ClientState {
+    const key = id ?? NO_CLIENT;
+    let c = this.clients.get(key);
+    if (!c) {
+      c = newClient(key, now);
+      this.clients.set(key, c);
+    }
+    return c;
+  }
+
+  touchClient(c: ClientState): void {
+    this.#dirtyClients.add(c);
+  }
+
+  advanceVirtualTime(tag: number): void {
+    if (tag > this.virtualTime) {
+      this.virtualTime = tag;
+      this.#dirtyVirtualTime = true;
+    }
+  }
+
+  /** The client's waiters held by its quota become active again (its usage or quota changed). */
+  unholdClient(c: ClientState): void {
+    if (c.held === 0) return;
+    for (const r of this.#dirtyRows.values()) if (r.state === "waiting" && r.parked === HELD && (r.client_id ?? NO_CLIENT) === c.id) this.#dirtyRows.set(r.id, { ...r, parked: 0 });
+    const id = c.id === NO_CLIENT ? null : c.id;
+    this.commit.write(() => this.sql`UPDATE reservations SET parked = 0 WHERE state = 'waiting' AND parked = ${HELD} AND client_id IS ${id}`);
+    c.held = 0;
+  }
+
   // ---- reservations ----------------------------------------------------------
 
   /** A reservation as decided: a queued write wins over SQL. */
@@ -179,10 +253,10 @@ export class LedgerStore {
     this.commit.write(
       () => this.sql`INSERT INTO reservations
         (id, execution_id, stage_id, attempt, worker, rank, eff_rank, age_at, seq, state, req, lease_ms, created_at,
-         granted_at, expires_at, passed, parked, usage, duration_ms, ended_at)
+         granted_at, expires_at, passed, parked, usage, duration_ms, ended_at, client_id, cost_est, tag)
         VALUES (${r.id}, ${r.execution_id}, ${r.stage_id}, ${r.attempt}, ${r.worker}, ${r.rank}, ${r.eff_rank}, ${r.age_at},
                 ${r.seq}, ${r.state}, ${r.req}, ${r.lease_ms}, ${r.created_at}, ${r.granted_at}, ${r.expires_at}, ${r.passed},
-                ${r.parked}, ${r.usage}, ${r.duration_ms}, ${r.ended_at})
+                ${r.parked}, ${r.usage}, ${r.duration_ms}, ${r.ended_at}, ${r.client_id}, ${r.cost_est}, ${r.tag})
         ON CONFLICT (id) DO UPDATE SET state = excluded.state, eff_rank = excluded.eff_rank, age_at = excluded.age_at,
           granted_at = excluded.granted_at, expires_at = excluded.expires_at, passed = excluded.passed,
           parked = excluded.parked, usage = excluded.usage, duration_ms = excluded.duration_ms, ended_at = excluded.ended_at`,
@@ -199,22 +273,38 @@ export class LedgerStore {
   /** The head of the queue: active waiters by effective rank desc, then arrival. */
   queueHead(limit: number): ResRow[] {
     const rows = this.sql<ResRow>`SELECT * FROM reservations
-      WHERE state = 'waiting' AND parked = 0 ORDER BY eff_rank DESC, seq LIMIT ${limit}`;
+      WHERE state = 'waiting' AND parked = 0 ORDER BY eff_rank DESC, tag, seq LIMIT ${limit}`;
     if (this.#dirtyRows.size === 0) return rows;
     const merged = new Map<string, ResRow>();
     for (const r of rows) merged.set(r.id, this.#dirtyRows.get(r.id) ?? r);
     for (const r of this.#dirtyWaiting()) merged.set(r.id, r);
     return [...merged.values()]
       .filter((r) => r.state === "waiting" && !r.parked)
-      .sort((a, b) => b.eff_rank - a.eff_rank || a.seq - b.seq)
+      .sort(queueOrder)
       .slice(0, limit);
+  }
+
+  /** The snapshot's list: the head of the queue, then waiters held by a client quota (up to `limit` in all). */
+  queueList(limit: number): ResRow[] {
+    const head = this.queueHead(limit);
+    if (head.length >= limit) return head;
+    const held = this.sql<ResRow>`SELECT * FROM reservations WHERE state = 'waiting' AND parked = ${HELD}
+      ORDER BY eff_rank DESC, tag, seq LIMIT ${limit - head.length}`.map((r) => this.#dirtyRows.get(r.id) ?? r);
+    return [...head, ...held.filter((r) => r.state === "waiting" && r.parked === HELD)];
+  }
+
+  /** Executions of the client with a stage holding a grant now. */
+  runningExecutions(clientId: string): number {
+    const ids = new Set<string>();
+    for (const r of this.live.values()) if (r.client_id === clientId) ids.add(r.execution_id);
+    return ids.size;
   }
 
   /** Active waiters ahead of `row`, and how many of them are for the same worker. */
   countAhead(row: ResRow): { n: number; same: number } {
     const r = this.sql<{ n: number; same: number | null }>`SELECT COUNT(*) AS n, SUM(worker = ${row.worker}) AS same
       FROM reservations WHERE state = 'waiting' AND parked = 0 AND id != ${row.id}
-      AND (eff_rank > ${row.eff_rank} OR (eff_rank = ${row.eff_rank} AND seq < ${row.seq}))`[0];
+      AND (eff_rank > ${row.eff_rank} OR (eff_rank = ${row.eff_rank} AND (tag < ${row.tag} OR (tag = ${row.tag} AND seq < ${row.seq}))))`[0];
     return { n: r?.n ?? 0, same: r?.same ?? 0 };
   }
 
@@ -244,8 +334,8 @@ export class LedgerStore {
   /** Every parked waiter gets another look (after a resize). */
   unparkAll(): void {
     if (this.parked === 0) return;
-    for (const r of this.#dirtyRows.values()) if (r.state === "waiting" && r.parked) this.#dirtyRows.set(r.id, { ...r, parked: 0 });
-    this.commit.write(() => this.sql`UPDATE reservations SET parked = 0 WHERE state = 'waiting' AND parked = 1`);
+    for (const r of this.#dirtyRows.values()) if (r.state === "waiting" && r.parked === PARKED) this.#dirtyRows.set(r.id, { ...r, parked: 0 });
+    this.commit.write(() => this.sql`UPDATE reservations SET parked = 0 WHERE state = 'waiting' AND parked = ${PARKED}`);
     this.parked = 0;
   }
 
@@ -275,6 +365,22 @@ export class LedgerStore {
     this.#dirtyRows.clear();
     this.#dirtyPools.clear();
     this.#dirtyStats.clear();
+    this.#dirtyClients.clear();
+    this.#dirtyVirtualTime = false;
+    this.clients.clear();
+    this.virtualTime = Number(this.sql<{ value: string }>`SELECT value FROM meta WHERE key = 'virtual_time'`[0]?.value ?? 0);
+    type ClientRow = { client_id: string; quotas: string | null; month: string; spent: number; buckets: string; starts: string | null; last_tag: number };
+    for (const r of this.sql<ClientRow>`SELECT * FROM clients`) {
+      const c = newClient(r.client_id, 0);
+      c.own = r.quotas ? (JSON.parse(r.quotas) as ClientQuotas) : null;
+      c.month = r.month;
+      c.spent = r.spent;
+      c.lastTag = r.last_tag;
+      for (const [pool, b] of Object.entries(JSON.parse(r.buckets) as Record<string, PoolState>)) c.rate.set(pool, { ...b, held: 0, waiting: 0 });
+      c.starts = r.starts ? (JSON.parse(r.starts) as PoolState) : null;
+      this.clients.set(c.id, c);
+    }
+    const clientOf = (id: string | null) => this.client(id, 0);
     type PoolRow = {
       name: string;
       kind: PoolState["kind"];
@@ -308,6 +414,13 @@ export class LedgerStore {
     this.live.clear();
     for (const r of this.sql<ResRow>`SELECT * FROM reservations WHERE state = 'granted'`) {
       this.live.set(r.id, r);
+      const c = clientOf(r.client_id);
+      c.running++;
+      c.heldCost += r.cost_est;
+      for (const [n, a] of Object.entries(needsOf(r))) {
+        const b = c.rate.get(n);
+        if (b) b.held += a;
+      }
       for (const [n, a] of Object.entries(needsOf(r))) {
         const p = this.pools.get(n);
         if (p) p.held += a;
@@ -317,15 +430,18 @@ export class LedgerStore {
     this.waiters = 0;
     this.parked = 0;
     this.seq = 0;
-    for (const r of this.sql<{ req: string; parked: number; seq: number }>`SELECT req, parked, seq FROM reservations
-        WHERE state = 'waiting'`) {
+    for (const r of this.sql<{ req: string; parked: number; seq: number; client_id: string | null }>`SELECT req, parked, seq, client_id
+        FROM reservations WHERE state = 'waiting'`) {
       if (r.seq > this.seq) this.seq = r.seq;
+      const c = clientOf(r.client_id);
+      c.waiting++;
+      if (r.parked === HELD) c.held++;
       for (const n of Object.keys(JSON.parse(r.req) as Amounts)) {
         const p = this.pools.get(n);
         if (p) p.waiting++;
       }
       this.waiters++;
-      if (r.parked) this.parked++;
+      if (r.parked === PARKED) this.parked++;
     }
   }
 
@@ -353,6 +469,25 @@ export class LedgerStore {
       if (sqlRow?.state !== "granted" || sqlRow.expires_at !== r.expires_at) problems.push(`live map row ${r.id} differs from sql`);
     }
     if (waiters !== this.waiters) problems.push(`waiters: memory ${this.waiters}, sql ${waiters}`);
+    const perClient = new Map<string, { running: number; cost: number; waiting: number; held: number }>();
+    for (const r of this.sql<ResRow>`SELECT * FROM reservations WHERE state IN ('granted', 'waiting')`) {
+      const k = r.client_id ?? NO_CLIENT;
+      const e = perClient.get(k) ?? { running: 0, cost: 0, waiting: 0, held: 0 };
+      if (r.state === "granted") {
+        e.running++;
+        e.cost += r.cost_est;
+      } else {
+        e.waiting++;
+        if (r.parked === HELD) e.held++;
+      }
+      perClient.set(k, e);
+    }
+    for (const c of this.clients.values()) {
+      const e = perClient.get(c.id) ?? { running: 0, cost: 0, waiting: 0, held: 0 };
+      if (e.running !== c.running || e.waiting !== c.waiting || e.held !== c.held || Math.abs(e.cost - c.heldCost) > 1e-6) {
+        problems.push(`client ${c.id}: memory ${JSON.stringify([c.running, c.heldCost, c.waiting, c.held])}, sql ${JSON.stringify(e)}`);
+      }
+    }
     for (const p of this.pools.values()) {
       const h = held.get(p.name) ?? 0;
       if (Math.abs(h - p.held) > 1e-6) problems.push(`${p.name}: held memory ${p.held}, sql ${h}`);
@@ -375,8 +510,23 @@ export class LedgerStore {
         VALUES (${w.worker}, ${w.durAvg}, ${w.durSamples}, ${JSON.stringify(w.usage)})
         ON CONFLICT (worker) DO UPDATE SET dur_avg = excluded.dur_avg, dur_n = excluded.dur_n, usage = excluded.usage`;
     }
+    for (const c of this.#dirtyClients) {
+      const buckets: Record<string, PoolState> = Object.fromEntries(c.rate);
+      const quotas = c.own ? JSON.stringify(c.own) : null;
+      const starts = c.starts ? JSON.stringify(c.starts) : null;
+      this.sql`INSERT INTO clients (client_id, quotas, month, spent, buckets, starts, last_tag)
+        VALUES (${c.id}, ${quotas}, ${c.month}, ${c.spent}, ${JSON.stringify(buckets)}, ${starts}, ${c.lastTag})
+        ON CONFLICT (client_id) DO UPDATE SET quotas = excluded.quotas, month = excluded.month, spent = excluded.spent,
+          buckets = excluded.buckets, starts = excluded.starts, last_tag = excluded.last_tag`;
+    }
+    if (this.#dirtyVirtualTime) {
+      this.sql`INSERT INTO meta (key, value) VALUES ('virtual_time', ${String(this.virtualTime)})
+        ON CONFLICT (key) DO UPDATE SET value = excluded.value`;
+    }
     this.#dirtyPools.clear();
     this.#dirtyStats.clear();
+    this.#dirtyClients.clear();
+    this.#dirtyVirtualTime = false;
   }
 
   #savePool(p: PoolState): void {
