@@ -7,6 +7,7 @@ import type { ClaimResult, RequestRegistry } from "../actors/request-registry";
 import type { DataReference } from "../schemas/data";
 import { verifyToken } from "./auth";
 import { DATA_LIMITS, UploadError, dataKey, openStream, parseDataKey, putStream, verifying } from "./data-store";
+import { admitStart } from "./clients";
 import { configOf } from "./config";
 import { sha256Hex } from "./hash";
 import { ApiError, parseWith } from "./http";
@@ -61,6 +62,8 @@ export interface StartOutcome {
 
 export async function startExecution(env: Env, raw: unknown, origin: string): Promise<StartOutcome> {
   const input = parseWith(ExecuteRequest, raw, "body");
+  // The client's quotas first (403 priority_not_allowed, 429 budget_exhausted / rate_limited): nothing is created when refused.
+  await admitStart(env, input.client_id, input.priority);
   let executionId = newExecutionId();
   let duplicate = false;
   let requestHash: string | null = null;

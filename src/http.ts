@@ -11,6 +11,8 @@ export class ApiError extends Error {
     readonly code: string,
     message: string,
     readonly details?: unknown,
+    /** Extra response headers (e.g. Retry-After on a 429). */
+    readonly headers?: Record<string, string>,
   ) {
     super(message);
     this.name = "ApiError";
@@ -29,7 +31,7 @@ export function errorBody(code: string, message: string, details?: unknown) {
 }
 
 export function errorResponse(err: ApiError): Response {
-  return json(errorBody(err.code, err.message, err.details), err.status);
+  return json(errorBody(err.code, err.message, err.details), err.status, err.headers);
 }
 
 /** Zod issues as `[{ path: "a.b", message }]`: the offending fields, never the input values. */

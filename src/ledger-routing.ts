@@ -11,3 +11,12 @@ export function ledgerFor(env: Env, _pool?: string): DurableObjectStub<ResourceL
   const ns = env.RESOURCE_LEDGER as unknown as DurableObjectNamespace<ResourceLedger>;
   return ns.get(ns.idFromName(LEDGER_OBJECT_NAME));
 }
+
+/**
+ * The ledger object that keeps a client's quotas, buckets and spend. With one
+ * object it is the same as every pool's; when pools are sharded, a client's
+ * own pools (`client:{id}:*`) go to one shard chosen by its id.
+ */
+export function ledgerForClient(env: Env, clientId: string): DurableObjectStub<ResourceLedger> {
+  return ledgerFor(env, `client:${clientId}`);
+}

@@ -21,9 +21,10 @@ import {
   StageStatus,
   StatusDocument,
 } from "../schemas/api";
-import { ErrorEnvelope, ErrorInfo, ExecutionId, PoolAmounts, PoolName, StageId } from "../schemas/common";
+import { ClientId, ErrorEnvelope, ErrorInfo, ExecutionId, PoolAmounts, PoolName, StageId } from "../schemas/common";
 import { DataReference } from "../schemas/data";
 import { CountsQuery, ExecutionCounts, ExecutionList, ExecutionSummary, IndexEntry, ListQuery } from "../schemas/index-entry";
+import { ClientDocument, ClientList, ClientQuotas, WaitingOn } from "../schemas/clients";
 import { LedgerSnapshot, PoolSnapshot, PoolSpec } from "../schemas/ledger";
 import { CreateScheduleRequest, PatchScheduleRequest, ScheduleDocument, ScheduleId, ScheduleList, ScheduleListQuery, ScheduleRun } from "../schemas/schedule";
 import { MasterTemplateResponse, TemplateStage } from "../schemas/template";
@@ -125,6 +126,10 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
     PoolSpec: name("PoolSpec", PoolSpec),
     PoolSnapshot: name("PoolSnapshot", PoolSnapshot),
     LedgerSnapshot: name("LedgerSnapshot", LedgerSnapshot),
+    ClientQuotas: name("ClientQuotas", ClientQuotas),
+    ClientDocument: name("ClientDocument", ClientDocument),
+    ClientList: name("ClientList", ClientList),
+    WaitingOn: name("WaitingOn", WaitingOn),
     Health: name("Health", Health),
     ProgressCallback: name("ProgressCallback", ProgressCallback),
     CompleteCallback: name("CompleteCallback", CompleteCallback),
@@ -195,9 +200,14 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
         "200": jsonBody(S.ExecuteResponse, "the execution this request_id already started"),
         "202": jsonBody(S.ExecuteResponse, "started"),
         ...common,
+        "403": error("priority_not_allowed: above the client's max_priority (docs/ledger.md, \"Clients\")"),
         "409": error("idempotency_conflict: this request_id was used with a different body"),
         "413": error("payload_too_large"),
         "415": error("unsupported_media_type"),
+        "429": {
+          ...error("budget_exhausted: the client's monthly budget is spent; rate_limited: over max_starts_per_minute (with `Retry-After`, seconds)"),
+          headers: { "retry-after": { description: "seconds until the next start is admitted (rate_limited only)", schema: { type: "integer" } } },
+        },
       },
     },
     {
@@ -377,6 +387,30 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       security: opsOnly,
       request: { params: z.object({ name: PoolName }), body: body(S.PoolSpec) },
       responses: { "200": jsonBody(S.PoolSnapshot, "the pool after the change"), ...common, "413": error("payload_too_large"), "415": error("unsupported_media_type") },
+    },
+    {
+      method: "put",
+      path: "/clients/{client_id}/quotas",
+      summary: "Set a client's own quotas",
+      description: "Replaces the client's own quotas (every field optional; a field left out comes from CLIENT_DEFAULTS). Applies at once, also to the client's waiting stages.",
+      security: opsOnly,
+      request: { params: z.object({ client_id: ClientId }), body: body(S.ClientQuotas) },
+      responses: { "200": jsonBody(S.ClientDocument, "the client after the change"), ...common, "413": error("payload_too_large"), "415": error("unsupported_media_type") },
+    },
+    {
+      method: "get",
+      path: "/clients/{client_id}",
+      summary: "A client's quotas in force and usage",
+      security: kamOrOps,
+      request: { params: z.object({ client_id: ClientId }) },
+      responses: { "200": jsonBody(S.ClientDocument, "quotas, running executions and stages, this month's spend and what remains, waiting stages"), ...common },
+    },
+    {
+      method: "get",
+      path: "/clients",
+      summary: "Every client the ledger knows",
+      security: opsOnly,
+      responses: { "200": jsonBody(S.ClientList, "clients by id"), ...common },
     },
     {
       method: "get",

@@ -1,10 +1,12 @@
 import { type IRequest, Router } from "itty-router";
 import { z } from "zod";
 import { PoolName } from "../schemas/common";
+import { ClientQuotas } from "../schemas/clients";
 import { PoolSpec } from "../schemas/ledger";
 import openapiDocument from "../docs/openapi.json";
 import { requireRole } from "./auth";
 import { missingSecrets } from "./secrets";
+import { clientIdOf, getClient, listClients, putQuotas } from "./clients";
 import { configOf } from "./config";
 import {
   cancelExecution,
@@ -191,6 +193,25 @@ route("delete", "/schedules/:id", async (req, env) => {
   requireRole(req, env, ["kam", "ops"]);
   await deleteSchedule(env, req.params.id);
   return new Response(null, { status: 204 });
+});
+
+// Clients (src/clients.ts): quotas in force and usage, kept by the ledger.
+route("put", "/clients/:client_id/quotas", async (req, env) => {
+  requireRole(req, env, ["ops"]);
+  const clientId = clientIdOf(req.params.client_id);
+  const quotas = await readJson(req, ClientQuotas, bodyLimits(env));
+  return json(await putQuotas(env, clientId, quotas));
+});
+
+route("get", "/clients/:client_id", async (req, env) => {
+  // KAM_TOKEN acts for every client, so it may read each one's quotas and usage.
+  requireRole(req, env, ["ops", "kam"]);
+  return json(await getClient(env, clientIdOf(req.params.client_id)));
+});
+
+route("get", "/clients", async (req, env) => {
+  requireRole(req, env, ["ops"]);
+  return json(await listClients(env));
 });
 
 /** A known path with another method is 405 (with Allow); anything else 404. */

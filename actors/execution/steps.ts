@@ -61,6 +61,8 @@ export async function askLedger(c: Core, st: StageRow): Promise<boolean> {
     requirements: parse<Record<string, number>>(st.resources) ?? undefined,
     leaseMs: t.leaseMs,
     worker: st.worker,
+    // The client's quotas and fair share apply to the reservation (docs/ledger.md, "Clients").
+    clientId: ex.client_id,
   };
   // The previous stage's settle, if still held, goes in the same call.
   const ride = c.outbox.takeHeld();

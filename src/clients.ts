@@ -1,0 +1,42 @@
+import { ClientId, type Priority } from "../schemas/common";
+import type { ClientDocument, ClientQuotas, StartAdmission } from "../schemas/clients";
+import { configOf } from "./config";
+import { ApiError, parseWith } from "./http";
+import { ledgerFor, ledgerForClient } from "./ledger-routing";
+import { withTimeout } from "./outbound";
+
+/**
+ * Clients over HTTP (docs/protocol.md, "Clients"): quotas and usage live in
+ * the ledger object that owns the client's pools (src/ledger-routing.ts), and
+ * a start is admitted there (max_priority, spent budget, starts per minute).
+ */
+function ledgerCall<T>(env: Env, promise: PromiseLike<T>, what: string): Promise<T> {
+  return withTimeout(promise, configOf(env).tuning.ledgerCallTimeoutMs, what).catch((err: unknown) => {
+    throw new ApiError(503, "unavailable", `${what} failed: ${err instanceof Error ? err.message : String(err)}`);
+  });
+}
+
+export function clientIdOf(raw: unknown): string {
+  return parseWith(ClientId, typeof raw === "string" ? decodeURIComponent(raw) : raw, "client_id");
+}
+
+export async function putQuotas(env: Env, clientId: string, quotas: ClientQuotas): Promise<ClientDocument> {
+  return ledgerCall(env, ledgerForClient(env, clientId).putClientQuotas(clientId, quotas), "ledger.putClientQuotas");
+}
+
+export async function getClient(env: Env, clientId: string): Promise<ClientDocument> {
+  return ledgerCall(env, ledgerForClient(env, clientId).client(clientId), "ledger.client");
+}
+
+export async function listClients(env: Env): Promise<{ clients: ClientDocument[] }> {
+  return { clients: await ledgerCall(env, ledgerFor(env).clients(), "ledger.clients") };
+}
+
+/** Throws the 403 / 429 a start of this client must answer; counts the start when admitted. */
+export async function admitStart(env: Env, clientId: string, priority: Priority): Promise<void> {
+  const a = await ledgerCall<StartAdmission>(env, ledgerForClient(env, clientId).admitStart(clientId, priority), "ledger.admitStart");
+  if (a.ok) return;
+  if (a.code === "priority_not_allowed") throw new ApiError(403, a.code, a.message);
+  const headers: Record<string, string> = a.retryAfterMs !== undefined ? { "retry-after": String(Math.ceil(a.retryAfterMs / 1000)) } : {};
+  throw new ApiError(429, a.code, a.message, a.retryAfterMs !== undefined ? { retry_after_ms: a.retryAfterMs } : undefined, headers);
+}
