@@ -140,7 +140,8 @@ describe("fault injection: each fault ends as documented, with nothing left runn
   it("wrong_token on a running stage: the forged callback is refused and the stage is exactly as before", async () => {
     const { body } = await startExecution({ template_name: "fault_single", parameters: { steps: 1, step_ms: 0, fault: { mode: "hang" } }, client_id: "client_faults" });
     const id = body.execution_id as string;
-    const before = await waitFor(id, (d) => d.stages[0].status === "processing");
+    // The hanging worker's polls answer "working" at 0 % for ever: once one has been seen, nothing moves on its own.
+    const before = await waitFor(id, (d) => d.stages[0].status === "processing" && d.stages[0].message === "working");
     const genuine = await mintToken({ executionId: id, stageId: "stage_1", attempt: 1 });
     const forged = genuine.slice(0, -1) + (genuine.endsWith("x") ? "y" : "x");
     const res = await call(`/executions/${id}/stages/stage_1/complete`, {

@@ -112,7 +112,7 @@ describe("tokens say what they are for and expire", () => {
     expect(tokenExpiry(now, 60_000, t)).toBe(now + 2 * 10_000 + 60_000 + 5 * 60_000);
   });
 
-  it("a data token cannot call back, and a callback token cannot read data", async () => {
+  it("a data token cannot call back (the other way round: the next test)", async () => {
     const { id } = await hangingStage();
     const before = still(await status(id));
     const data = await mintToken({ executionId: id, stageId: "stage_1", attempt: 1, use: "data", inputs: [] });
