@@ -13,7 +13,9 @@ import type { ExecutionStatus, StageStatus } from "../schemas/api";
  * `processing`; every way out settles or releases it.
  */
 export const STAGE_TRANSITIONS: Record<StageStatus, readonly StageStatus[]> = {
-  pending: ["waiting_resources", "failed", "cancelled"],
+  pending: ["waiting_resources", "awaiting_approval", "failed", "cancelled"],
+  // An approval stage: decided (completed, or failed by reject or timeout), or cancelled with the execution.
+  awaiting_approval: ["completed", "failed", "cancelled"],
   waiting_resources: ["handshaking", "pending", "failed", "cancelled"],
   handshaking: ["processing", "completed", "pending", "failed", "cancelled"],
   processing: ["completed", "pending", "failed", "cancelled"],

@@ -23,6 +23,7 @@ export const TERMINAL_STATUSES: readonly ExecutionStatus[] = ["completed", "fail
 
 export const StageStatus = z.enum([
   "pending",
+  "awaiting_approval",
   "waiting_resources",
   "handshaking",
   "processing",
@@ -70,6 +71,10 @@ export const StageDocument = z.object({
   last_error: ErrorInfo.extend({ attempt: z.number().optional() }).nullable(),
   usage: PoolAmounts.nullable(),
   cost: z.number().nullable(),
+  /** `approval`: waits for a decision instead of running on a worker (docs/protocol.md, "Approval stages"). */
+  type: z.enum(["worker", "approval"]),
+  /** An approval stage's decision, once made. */
+  decision: z.object({ approved: z.boolean(), by: z.enum(["kam", "ops"]), comment: z.string().nullable(), at: z.string() }).optional(),
 });
 export type StageDocument = z.infer<typeof StageDocument>;
 
@@ -137,6 +142,25 @@ export const StatusDocument = z.object({
   stages: z.array(StageDocument),
 });
 export type StatusDocument = z.infer<typeof StatusDocument>;
+
+/** `POST /executions/:id/stages/:stage_id/approve` and `/reject`. */
+export const DecisionRequest = z.object({ comment: z.string().max(2_000).optional() }).strict();
+export type DecisionRequest = z.infer<typeof DecisionRequest>;
+
+/** `POST /executions/:id/live-ticket`: what opens the live socket for a minute. */
+export const LiveTicket = z.object({
+  ticket: z.string(),
+  expires_at: z.string(),
+  /** Where to connect (ws:// or wss://). */
+  url: z.string(),
+  /** Offer both as the socket's subprotocols; the server answers with the first. */
+  protocols: z.array(z.string()),
+});
+export type LiveTicket = z.infer<typeof LiveTicket>;
+
+/** What the live socket sends: the status document, on connect and after every change (the last one before it closes when the execution ended). */
+export const LiveMessage = z.object({ type: z.literal("status"), document: StatusDocument });
+export type LiveMessage = z.infer<typeof LiveMessage>;
 
 /** The deliverable: inline when small; otherwise `output` is null and `output_reference` + `content_url` lead to the bytes. */
 export const ResultDocument = z.object({

@@ -1,9 +1,10 @@
 import { z } from "zod";
 import { PoolAmounts, TemplateName, WorkerName } from "./common";
 
-/** One stage of a master template, as KAM stores it. */
-export const TemplateStage = z.object({
+/** One stage of a master template that a stage worker runs, as KAM stores it. */
+export const WorkerStage = z.object({
   stage: z.number().int().min(1).max(100),
+  type: z.literal("worker").optional(),
   worker: WorkerName,
   template_ref: z.string().min(1).max(128),
   action: z.string().min(1).max(64).optional(),
@@ -11,7 +12,28 @@ export const TemplateStage = z.object({
   max_attempts: z.number().int().min(1).max(10).optional(),
   resources: PoolAmounts.optional(),
 });
+export type WorkerStage = z.infer<typeof WorkerStage>;
+
+/**
+ * An approval stage (docs/protocol.md, "Approval stages"): no worker, no
+ * resources. When it becomes ready it waits for `approve` or `reject` by KAM or
+ * an operator, for at most `timeout_ms` (default `defaultApprovalTimeoutMs`).
+ */
+export const ApprovalStage = z
+  .object({
+    stage: z.number().int().min(1).max(100),
+    type: z.literal("approval"),
+    timeout_ms: z.number().int().min(1_000).max(30 * 24 * 3600 * 1000).optional(),
+    /** Stage numbers this stage waits for (the pipeline graph); in a linear pipeline, the stage before it. */
+    depends_on: z.array(z.number().int().min(1).max(100)).max(50).optional(),
+  })
+  .strict();
+export type ApprovalStage = z.infer<typeof ApprovalStage>;
+
+/** One stage of a master template, as KAM stores it. */
+export const TemplateStage = z.union([ApprovalStage, WorkerStage]);
 export type TemplateStage = z.infer<typeof TemplateStage>;
+export const isApprovalStage = (s: TemplateStage): s is ApprovalStage => s.type === "approval";
 
 /** `GET /api/master-templates/{name}` on KAM. `pipeline_stages` is a JSON string; an array is accepted too. */
 export const MasterTemplateResponse = z.object({

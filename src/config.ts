@@ -26,6 +26,8 @@ export const DEFAULT_TUNING = {
   callbackTokenMarginMs: 5 * 60_000,
   /** Stage deadline when the template gives no `timeout_ms`. */
   defaultStageTimeoutMs: 10 * 60_000,
+  /** How long an approval stage waits for a decision when the template gives no `timeout_ms` (then `approval_timeout`). */
+  defaultApprovalTimeoutMs: 24 * 3600_000,
   /** Attempts per stage when the template gives no `max_attempts`. */
   defaultMaxAttempts: 3,
   /** Backoff between attempts of a stage: base * 2^(attempt-1), capped, with full jitter. */

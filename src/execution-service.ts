@@ -1,11 +1,11 @@
 import { z } from "zod";
-import { ExecuteRequest, type ExecuteResponse, type ResultDocument, type StatusDocument } from "../schemas/api";
+import { DecisionRequest, ExecuteRequest, type ExecuteResponse, type LiveTicket, type ResultDocument, type StatusDocument } from "../schemas/api";
 import { ExecutionId, StageId } from "../schemas/common";
 import { CompleteCallback, FailCallback, ProgressCallback } from "../schemas/worker-protocol";
-import type { CallbackKind, CancelState, Execution, PauseState, ResultState, ResumeState } from "../actors/execution/index";
+import type { CallbackKind, CancelState, DecideState, Execution, PauseState, ResultState, ResumeState } from "../actors/execution/index";
 import type { ClaimResult, RequestRegistry } from "../actors/request-registry";
 import type { DataReference } from "../schemas/data";
-import { verifyToken } from "./auth";
+import { type Role, verifyToken } from "./auth";
 import { DATA_LIMITS, UploadError, dataKey, openStream, parseDataKey, putStream, verifying } from "./data-store";
 import { admitStart } from "./clients";
 import { configOf } from "./config";
@@ -13,6 +13,7 @@ import { sha256Hex } from "./hash";
 import { ApiError, parseWith } from "./http";
 import { newExecutionId } from "./ids";
 import { emit } from "./metrics";
+import { LIVE_PROTOCOL, TICKET_PREFIX, issueLiveTicket, verifyLiveTicket } from "./live-ticket";
 import { askObject } from "./outbound";
 
 /**
@@ -233,6 +234,39 @@ export async function resumeExecution(env: Env, id: unknown): Promise<StatusDocu
   const r = await call<ResumeState>(env, executionStub(env, executionId).resume(), "execution resume");
   if (r.state === "missing") throw new ApiError(404, "not_found", `no execution ${executionId}`);
   if (r.state === "not_paused") throw new ApiError(409, "not_paused", `the execution is ${r.status.status}, not paused`, { status: r.status.status });
+  return r.status;
+}
+
+/** `POST /executions/:id/live-ticket`: a minute's ticket for the live socket of an execution that exists. */
+export async function liveTicket(env: Env, id: unknown, role: Role, origin: string): Promise<LiveTicket> {
+  const doc = await getStatus(env, id);
+  const { ticket, expires_at } = await issueLiveTicket(env, doc.execution_id, role, Date.now());
+  return { ticket, expires_at, url: `${origin.replace(/^http/, "ws")}/executions/${doc.execution_id}/live`, protocols: [LIVE_PROTOCOL, `${TICKET_PREFIX}${ticket}`] };
+}
+
+/** `GET /executions/:id/live`: the ticket is checked here, then the execution's object takes the socket. */
+export async function openLive(env: Env, request: Request, id: unknown): Promise<Response> {
+  const executionId = checkExecutionId(id);
+  if (request.headers.get("upgrade")?.toLowerCase() !== "websocket") {
+    throw new ApiError(426, "upgrade_required", "connect with a WebSocket (Upgrade: websocket)");
+  }
+  await verifyLiveTicket(env, request, executionId, Date.now());
+  const res = await call(env, executionStub(env, executionId).fetch(request), "execution live");
+  if (res.status === 404) throw new ApiError(404, "not_found", `no execution ${executionId}`);
+  return res;
+}
+
+/** `POST /executions/:id/stages/:stage_id/approve|reject`: 200 with the status document; 409 `not_awaiting_approval`. */
+export async function decideStage(env: Env, id: unknown, stageId: unknown, approved: boolean, by: Role, body: unknown): Promise<StatusDocument> {
+  const executionId = checkExecutionId(id);
+  const stage = parseWith(StageId, stageId, "stage id");
+  const { comment } = parseWith(DecisionRequest, body ?? {}, "body");
+  const r = await call<DecideState>(env, executionStub(env, executionId).decide(stage, approved, by, comment ?? null), "execution decision");
+  if (r.state === "missing") throw new ApiError(404, "not_found", `no execution ${executionId}`);
+  if (r.state === "missing_stage") throw new ApiError(404, "not_found", `execution ${executionId} has no stage ${stage}`);
+  if (r.state === "not_awaiting_approval") {
+    throw new ApiError(409, "not_awaiting_approval", `${stage} is ${r.stage_status}, not awaiting approval`, { stage_status: r.stage_status });
+  }
   return r.status;
 }
 

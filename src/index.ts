@@ -1,6 +1,6 @@
 import { WorkerEntrypoint } from "cloudflare:workers";
 import type { ExecuteResponse, ResultDocument, StatusDocument } from "../schemas/api";
-import { cancelExecution, getResult, getStatus, pauseExecution, resumeExecution, startExecution } from "./execution-service";
+import { cancelExecution, decideStage, getResult, getStatus, pauseExecution, resumeExecution, startExecution } from "./execution-service";
 import { ApiError } from "./http";
 import { setLogLevel } from "./log";
 import { handle, requireConfigured } from "./routes";
@@ -70,5 +70,14 @@ export class KamApi extends WorkerEntrypoint<Env> {
 
   resume(id: string): Promise<RpcResult<StatusDocument>> {
     return rpc(this.env, async () => ({ status: 200, data: await resumeExecution(this.env, id) }));
+  }
+
+  /** Approves an approval stage (`body`: `{ comment? }`), as `by: "kam"`. */
+  approve(id: string, stageId: string, body?: unknown): Promise<RpcResult<StatusDocument>> {
+    return rpc(this.env, async () => ({ status: 200, data: await decideStage(this.env, id, stageId, true, "kam", body) }));
+  }
+
+  reject(id: string, stageId: string, body?: unknown): Promise<RpcResult<StatusDocument>> {
+    return rpc(this.env, async () => ({ status: 200, data: await decideStage(this.env, id, stageId, false, "kam", body) }));
   }
 }

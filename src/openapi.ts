@@ -10,11 +10,14 @@ import { z } from "zod";
 import pkg from "../package.json";
 import {
   Cost,
+  DecisionRequest,
   EventType,
   ExecuteRequest,
   ExecuteResponse,
   ExecutionEvent,
   ExecutionStatus,
+  LiveMessage,
+  LiveTicket,
   NotificationsDocument,
   ResultDocument,
   StageDocument,
@@ -27,7 +30,7 @@ import { CountsQuery, ExecutionCounts, ExecutionList, ExecutionSummary, IndexEnt
 import { ClientDocument, ClientList, ClientQuotas, WaitingOn } from "../schemas/clients";
 import { LedgerSnapshot, PoolSnapshot, PoolSpec } from "../schemas/ledger";
 import { CreateScheduleRequest, PatchScheduleRequest, ScheduleDocument, ScheduleId, ScheduleList, ScheduleListQuery, ScheduleRun } from "../schemas/schedule";
-import { MasterTemplateResponse, TemplateStage } from "../schemas/template";
+import { ApprovalStage, MasterTemplateResponse, TemplateStage, WorkerStage } from "../schemas/template";
 import {
   CancelRequest,
   CompleteCallback,
@@ -115,6 +118,9 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
     DataReference: name("DataReference", DataReference),
     StageDocument: name("StageDocument", StageDocument),
     EventType: name("EventType", EventType),
+    LiveTicket: name("LiveTicket", LiveTicket),
+    DecisionRequest: name("DecisionRequest", DecisionRequest),
+    LiveMessage: name("LiveMessage", LiveMessage),
     ExecutionEvent: name("ExecutionEvent", ExecutionEvent),
     NotificationsDocument: name("NotificationsDocument", NotificationsDocument),
     StatusDocument: name("StatusDocument", StatusDocument),
@@ -141,6 +147,8 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
     CancelRequest: name("CancelRequest", CancelRequest),
     ProgressResponse: name("ProgressResponse", ProgressResponse),
     MasterTemplateResponse: name("MasterTemplateResponse", MasterTemplateResponse),
+    WorkerStage: name("WorkerStage", WorkerStage),
+    ApprovalStage: name("ApprovalStage", ApprovalStage),
     TemplateStage: name("TemplateStage", TemplateStage),
     CreateScheduleRequest: name("CreateScheduleRequest", CreateScheduleRequest),
     PatchScheduleRequest: name("PatchScheduleRequest", PatchScheduleRequest),
@@ -288,6 +296,54 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
         ...common,
         "404": error("not_found"),
         "409": error("already_terminal"),
+      },
+    },
+    ...(["approve", "reject"] as const).map(
+      (action): RouteConfig => ({
+        method: "post",
+        path: `/executions/{id}/stages/{stageId}/${action}`,
+        summary: action === "approve" ? "Approve an approval stage" : "Reject an approval stage (the execution fails with approval_rejected)",
+        description:
+          action === "approve"
+            ? "The stage completes with its dependency's output passed on unchanged; `decision` records who and when. Also RPC `approve(id, stageId, body)` on KamApi."
+            : "The stage fails, the execution fails with `approval_rejected` naming the stage, with the comment. Also RPC `reject(id, stageId, body)` on KamApi.",
+        security: kamOrOps,
+        request: { params: z.object({ id: ExecutionId, stageId: StageId }), body: { required: false, content: { "application/json": { schema: S.DecisionRequest } } } },
+        responses: {
+          "200": jsonBody(S.StatusDocument, "decided: the status document"),
+          ...common,
+          "404": error("not_found: no such execution or stage"),
+          "409": error("not_awaiting_approval"),
+          "413": error("payload_too_large"),
+          "415": error("unsupported_media_type"),
+        },
+      }),
+    ),
+    {
+      method: "post",
+      path: "/executions/{id}/live-ticket",
+      summary: "A ticket for the execution's live socket (valid one minute)",
+      description: "Connect to `url` offering `protocols` as the WebSocket subprotocols; no token goes in the URL.",
+      security: kamOrOps,
+      request: { params: idParams },
+      responses: { "200": jsonBody(S.LiveTicket, "the ticket"), ...common, "404": error("not_found") },
+    },
+    {
+      method: "get",
+      path: "/executions/{id}/live",
+      summary: "Live status socket (WebSocket)",
+      description:
+        "Upgrade to a WebSocket offering the subprotocols `orchestrator-live.v1` and `ticket.<ticket>` (from POST /executions/{id}/live-ticket). " +
+        "The server sends LiveMessage: the status document on connect and after every change; after the final document of an ended execution it closes with 1000. " +
+        "Send `ping` for `pong`, or `{\"type\":\"status\"}` for the document again.",
+      request: { params: idParams },
+      responses: {
+        "101": { description: "switching protocols: the socket (subprotocol `orchestrator-live.v1`)" },
+        "400": error("invalid_request: the subprotocol orchestrator-live.v1 was not offered"),
+        "401": error("unauthorized or token_expired: no valid ticket"),
+        "403": error("forbidden: a ticket of another execution"),
+        "404": error("not_found"),
+        "426": error("upgrade_required: not a WebSocket request"),
       },
     },
     {

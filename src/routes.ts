@@ -10,6 +10,9 @@ import { clientIdOf, getClient, listClients, putQuotas } from "./clients";
 import { configOf } from "./config";
 import {
   cancelExecution,
+  decideStage,
+  liveTicket,
+  openLive,
   pauseExecution,
   resumeExecution,
   checkExecutionId,
@@ -119,6 +122,14 @@ route("post", "/executions/:id/cancel", async (req, env) => {
   return json(await cancelExecution(env, req.params.id));
 });
 
+// Live updates (docs/protocol.md, "Live updates"): a ticket from an authenticated request opens the socket.
+route("post", "/executions/:id/live-ticket", async (req, env) => {
+  const role = requireRole(req, env, ["kam", "ops"]);
+  return json(await liveTicket(env, req.params.id, role, origin(req)));
+});
+
+route("get", "/executions/:id/live", (req, env) => openLive(env, req, req.params.id));
+
 route("post", "/executions/:id/pause", async (req, env) => {
   requireRole(req, env, ["kam", "ops"]);
   return json(await pauseExecution(env, req.params.id));
@@ -128,6 +139,15 @@ route("post", "/executions/:id/resume", async (req, env) => {
   requireRole(req, env, ["kam", "ops"]);
   return json(await resumeExecution(env, req.params.id));
 });
+
+// Approval stages: registered before the worker callbacks, whose last segment is also a name.
+for (const [action, approved] of [["approve", true], ["reject", false]] as const) {
+  route("post", `/executions/:id/stages/:stageId/${action}`, async (req, env) => {
+    const by = requireRole(req, env, ["kam", "ops"]);
+    const body = req.body ? await readJson(req, z.unknown(), bodyLimits(env)) : {};
+    return json(await decideStage(env, req.params.id, req.params.stageId, approved, by, body));
+  });
+}
 
 route("post", "/executions/:id/stages/:stageId/:kind", async (req, env) => {
   const { id, stageId, kind } = req.params;

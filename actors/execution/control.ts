@@ -1,6 +1,7 @@
+import type { StageDocument } from "../../schemas/api";
 import { isTerminalExecution } from "../stage-machine";
-import type { Core } from "./store";
-import { indexUpdate, moveStage, releaseReservation } from "./transitions";
+import type { Core, StageRow } from "./store";
+import { completeStage, failAttempt, indexUpdate, moveStage, releaseReservation } from "./transitions";
 
 /**
  * Execution control (docs/protocol.md, "Pause and resume"): synchronous state
@@ -16,9 +17,16 @@ const CONTROL_COLUMNS = [
   "paused_ms INTEGER NOT NULL DEFAULT 0",
 ];
 
+/** Stage columns added by approval stages. */
+const STAGE_COLUMNS = ["kind TEXT", "decision TEXT"];
+
 export function migrateControl(storage: DurableObjectStorage): void {
-  const have = new Set(storage.sql.exec("PRAGMA table_info(execution)").toArray().map((r) => String(r.name)));
-  for (const col of CONTROL_COLUMNS) if (!have.has(col.split(" ")[0])) storage.sql.exec(`ALTER TABLE execution ADD COLUMN ${col}`);
+  const add = (table: string, cols: string[]) => {
+    const have = new Set(storage.sql.exec(`PRAGMA table_info(${table})`).toArray().map((r) => String(r.name)));
+    for (const col of cols) if (!have.has(col.split(" ")[0])) storage.sql.exec(`ALTER TABLE ${table} ADD COLUMN ${col}`);
+  };
+  add("execution", CONTROL_COLUMNS);
+  add("stages", STAGE_COLUMNS);
 }
 
 /**
@@ -59,4 +67,41 @@ export function resumeExecution(c: Core, now: number): void {
   indexUpdate(c, now);
   c.notifier.emit("execution.resumed", {}, now);
   c.store.log("info", "execution_status", { status: to, resumed: true, paused_ms: now - (ex.paused_at ?? now) });
+}
+
+// ---- approval stages --------------------------------------------------------
+
+/** An approval stage became ready: it waits for a decision until its `timeout_ms` runs out. */
+export function awaitApproval(c: Core, st: StageRow, now: number): void {
+  moveStage(c, st, "awaiting_approval", now, { message: "awaiting approval" });
+  c.sql`UPDATE stages SET attempt = 1, started_at = COALESCE(started_at, ${now}), deadline_at = ${now + st.timeout_ms} WHERE stage_id = ${st.stage_id}`;
+  c.timers.set("approval", now + st.timeout_ms);
+  c.notifier.emit("stage.awaiting_approval", { stage_id: st.stage_id }, now);
+}
+
+export type Decision = NonNullable<StageDocument["decision"]>;
+
+/**
+ * Approve: the stage completes with its dependency's output passed on unchanged
+ * (by reference when it is stored data: nothing is copied), no usage, no cost.
+ * Reject: the stage fails with `approval_rejected`, and so does the execution.
+ */
+export function decideApproval(c: Core, st: StageRow, decision: Decision, now: number): void {
+  c.timers.clear("approval");
+  c.sql`UPDATE stages SET decision = ${JSON.stringify(decision)}, deadline_at = NULL WHERE stage_id = ${st.stage_id}`;
+  c.store.log("info", "approval_decided", { stage_id: st.stage_id, approved: decision.approved, by: decision.by });
+  if (decision.approved) {
+    const input = c.store.stages().find((s) => s.ord === st.ord - 1) ?? null;
+    const output = input?.output_ref ? { inline: null, ref: JSON.parse(input.output_ref) } : { inline: input?.output ?? "null", ref: null };
+    completeStage(c, c.store.stage(st.stage_id)!, output, {}, now, null);
+    c.sql`UPDATE stages SET message = ${decision.comment ? `approved by ${decision.by}: ${decision.comment}` : `approved by ${decision.by}`} WHERE stage_id = ${st.stage_id}`;
+    return;
+  }
+  const why = decision.comment ? `: ${decision.comment}` : "";
+  failAttempt(c, c.store.stage(st.stage_id)!, { code: "approval_rejected", message: `${st.stage_id} was rejected by ${decision.by}${why}`, retryable: false }, now);
+}
+
+/** No decision within `timeout_ms`: the stage and the execution fail with `approval_timeout`. */
+export function approvalTimedOut(c: Core, st: StageRow, now: number): void {
+  failAttempt(c, st, { code: "approval_timeout", message: `${st.stage_id} had no decision within ${st.timeout_ms} ms`, retryable: false }, now);
 }

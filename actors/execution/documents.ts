@@ -48,6 +48,8 @@ export function statusDocument(
       last_error: parse<ErrorInfo>(s.last_error),
       usage,
       cost: usage ? costOf([{ stage_id: s.stage_id, usage }], prices).total : null,
+      type: s.kind === "approval" ? "approval" : "worker",
+      ...(s.decision ? { decision: parse<NonNullable<StageDocument["decision"]>>(s.decision)! } : {}),
     };
   });
   return {

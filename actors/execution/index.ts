@@ -6,12 +6,13 @@ import type { GrantNotice } from "../../schemas/ledger";
 import type { CompleteCallback, FailCallback, ProgressCallback } from "../../schemas/worker-protocol";
 import { type Config, configOf } from "../../src/config";
 import { sha256Hex } from "../../src/hash";
+import { LIVE_PROTOCOL } from "../../src/live-ticket";
 import { setLogLevel } from "../../src/log";
 import { emit } from "../../src/metrics";
 import { sqlOf } from "../sql";
 import { type StageFailure, isOnWorker, isTerminalExecution, isTerminalStage } from "../stage-machine";
 import { startSummary, statusDocument } from "./documents";
-import { migrateControl, pauseExecution, resumeExecution } from "./control";
+import { type Decision, approvalTimedOut, awaitApproval, decideApproval, migrateControl, pauseExecution, resumeExecution } from "./control";
 import { EVENTS_SCHEMA, Notifier } from "./notify";
 import { Outbox } from "./outbox";
 import * as step from "./steps";
@@ -79,6 +80,12 @@ export type PauseState =
   | { state: "paused"; status: StatusDocument };
 export type ResumeState = { state: "missing" } | { state: "not_paused"; status: StatusDocument } | { state: "resumed"; status: StatusDocument };
 
+export type DecideState =
+  | { state: "missing" }
+  | { state: "missing_stage" }
+  | { state: "not_awaiting_approval"; stage_status: StageStatus; status: StatusDocument }
+  | { state: "decided"; status: StatusDocument };
+
 export type CallbackKind = "progress" | "complete" | "fail";
 export interface CallbackAnswer {
   status: 200 | 404 | 409;
@@ -90,6 +97,8 @@ export class Execution extends DurableObject<Env> {
   readonly #store: Store;
   readonly #timers: Timers;
   readonly #c: Core;
+  /** A push to the live sockets is queued for the end of this turn (one per transition, however many rows it moved). */
+  #pushQueued = false;
   /** Serialises drive() passes: the tail of the chain and a queued-but-not-started pass to share. */
   #tail: Promise<void> = Promise.resolve();
   #queued: Promise<void> | null = null;
@@ -100,7 +109,15 @@ export class Execution extends DurableObject<Env> {
     this.#config = configOf(env);
     this.#store = new Store(sql);
     this.#timers = new Timers(sql, ctx.storage);
-    const base = { env, config: this.#config, sql, store: this.#store, timers: this.#timers, rearm: () => this.#rearm() };
+    const base = {
+      env,
+      config: this.#config,
+      sql,
+      store: this.#store,
+      timers: this.#timers,
+      rearm: () => this.#rearm(),
+      changed: () => this.#changed(),
+    };
     const notifier = new Notifier(base);
     this.#c = { ...base, notifier, outbox: new Outbox({ ...base, notifier }) };
     setLogLevel((env as unknown as { LOG_LEVEL?: string }).LOG_LEVEL);
@@ -189,6 +206,21 @@ export class Execution extends DurableObject<Env> {
     return { state: "resumed", status: this.#document(this.#store.row()!) };
   }
 
+  /** Approves or rejects an approval stage that awaits a decision (also while the execution is paused). */
+  async decide(stageId: string, approved: boolean, by: "kam" | "ops", comment: string | null): Promise<DecideState> {
+    const ex = this.#store.row();
+    if (!ex) return { state: "missing" };
+    const st = this.#store.stage(stageId);
+    if (!st) return { state: "missing_stage" };
+    if (st.status !== "awaiting_approval") return { state: "not_awaiting_approval", stage_status: st.status, status: this.#document(ex) };
+    const now = Date.now();
+    const decision: Decision = { approved, by, comment, at: new Date(now).toISOString() };
+    decideApproval(this.#c, st, decision, now);
+    this.#kick();
+    await this.#rearm();
+    return { state: "decided", status: this.#document(this.#store.row()!) };
+  }
+
   /** A stage worker's callback, already authenticated by its token (execution, stage, attempt). */
   async callback(kind: CallbackKind, stageId: string, attempt: number, body: ProgressCallback | CompleteCallback | FailCallback): Promise<CallbackAnswer> {
     const hash = kind === "complete" ? await sha256Hex(JSON.stringify(body)) : null;
@@ -260,6 +292,39 @@ export class Execution extends DurableObject<Env> {
     await this.#rearm();
   }
 
+  /**
+   * The live status socket (docs/protocol.md, "Live updates"), already
+   * authenticated by the front Worker's ticket check. Accepted through the
+   * Hibernation API: an idle socket does not keep the object in memory, and
+   * `ping` is answered by the runtime without waking it.
+   */
+  override async fetch(request: Request): Promise<Response> {
+    const ex = this.#store.row();
+    if (!ex) return Response.json({ error: { code: "not_found", message: "no such execution" } }, { status: 404 });
+    if (request.headers.get("upgrade")?.toLowerCase() !== "websocket") {
+      return Response.json({ error: { code: "upgrade_required", message: "connect with a WebSocket" } }, { status: 426 });
+    }
+    const { 0: client, 1: server } = new WebSocketPair();
+    this.ctx.acceptWebSocket(server);
+    this.ctx.setWebSocketAutoResponse(new WebSocketRequestResponsePair("ping", "pong"));
+    this.#pushTo([server], ex);
+    return new Response(null, { status: 101, webSocket: client, headers: { "sec-websocket-protocol": LIVE_PROTOCOL } });
+  }
+
+  /** A client may ask for the document again with `{"type":"status"}`; anything else is ignored. */
+  override async webSocketMessage(ws: WebSocket, message: string | ArrayBuffer): Promise<void> {
+    const ex = this.#store.row();
+    if (ex && typeof message === "string" && message.includes('"status"')) this.#pushTo([ws], ex);
+  }
+
+  override async webSocketClose(ws: WebSocket, code: number, reason: string): Promise<void> {
+    try {
+      ws.close(code, reason);
+    } catch {
+      // already closed
+    }
+  }
+
   /** One alarm for every timer. Safe to fire twice: each handler re-checks state. */
   override async alarm(info?: AlarmInvocationInfo): Promise<void> {
     this.#timers.fired();
@@ -290,6 +355,31 @@ export class Execution extends DurableObject<Env> {
     }
     if (!isOnWorker(st.status)) return conflict("stage_ended", `the stage is ${st.status}`);
     return null;
+  }
+
+  #changed(): void {
+    if (this.#pushQueued) return;
+    this.#pushQueued = true;
+    // After the synchronous transition that called this: the document is whole by then.
+    queueMicrotask(() => {
+      this.#pushQueued = false;
+      const ex = this.#store.row();
+      const sockets = this.ctx.getWebSockets();
+      if (ex && sockets.length > 0) this.#pushTo(sockets, ex);
+    });
+  }
+
+  /** Sends the status document; an ended execution's sockets are closed after it (nothing more will change). */
+  #pushTo(sockets: WebSocket[], ex: ExecutionRow): void {
+    const text = JSON.stringify({ type: "status", document: this.#document(ex) });
+    for (const ws of sockets) {
+      try {
+        ws.send(text);
+        if (isTerminalExecution(ex.status)) ws.close(1000, "execution ended");
+      } catch {
+        // The socket went away meanwhile; the runtime drops it.
+      }
+    }
   }
 
   #rearm(): Promise<void> {
@@ -374,8 +464,8 @@ export class Execution extends DurableObject<Env> {
         continue;
       }
       const st = this.#store.stages().find((s) => s.status !== "completed");
-      // Paused: only work already on a worker goes on (to its end); nothing starts, nothing completes.
-      if (ex.status === "paused" && !(st && isOnWorker(st.status))) return;
+      // Paused: only work already on a worker goes on (to its end), and an approval's deadline runs; nothing starts, nothing completes.
+      if (ex.status === "paused" && !(st && (isOnWorker(st.status) || st.status === "awaiting_approval"))) return;
       if (!st) {
         tx.completeExecution(this.#c, Date.now());
         continue;
@@ -389,8 +479,18 @@ export class Execution extends DurableObject<Env> {
     const now = Date.now();
     switch (st.status) {
       case "pending": {
+        if (st.kind === "approval") {
+          awaitApproval(this.#c, st, now);
+          return false;
+        }
         if (st.attempt > 0 && !this.#timers.take("retry")) return false;
         tx.beginAttempt(this.#c, st, now);
+        return true;
+      }
+      case "awaiting_approval": {
+        if (st.deadline_at === null || now < st.deadline_at) return false;
+        this.#timers.take("approval");
+        approvalTimedOut(this.#c, st, now);
         return true;
       }
       case "waiting_resources":

@@ -42,7 +42,10 @@ export async function loadTemplateStep(c: Core): Promise<boolean> {
 
 export async function estimateCompletion(c: Core): Promise<void> {
   const ex = c.store.row()!;
-  const stages = c.store.stages().map((s) => ({ worker: s.worker, resources: parse<Record<string, number>>(s.resources) ?? undefined }));
+  const stages = c.store
+    .stages()
+    .filter((s) => s.kind !== "approval")
+    .map((s) => ({ worker: s.worker, resources: parse<Record<string, number>>(s.resources) ?? undefined }));
   const totalMs = await estimateTotalMs(c.env, stages, ex.priority);
   c.sql`UPDATE execution SET estimated_completion_at = ${ex.created_at + Math.round(totalMs)} WHERE id = 1`;
 }

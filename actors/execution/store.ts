@@ -110,6 +110,10 @@ export interface StageRow {
   output: string | null;
   output_ref: string | null;
   complete_hash: string | null;
+  /** null or 'worker': a stage worker runs it; 'approval': it waits for a decision (control.ts). */
+  kind: string | null;
+  /** An approval stage's decision, JSON `{ approved, by, comment, at }`. */
+  decision: string | null;
 }
 
 /** A stage's output as stored: small JSON inline in the row, anything larger as a data reference. */
@@ -179,4 +183,6 @@ export interface Core {
   readonly notifier: Notifier;
   /** Makes sure the alarm fires no later than the earliest timer (see Timers.rearm). */
   rearm(): Promise<void>;
+  /** Something the status document shows changed: connected live sockets get it pushed (coalesced per turn). */
+  changed(): void;
 }

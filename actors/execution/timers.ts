@@ -1,7 +1,7 @@
 import type { Sql } from "../sql";
 
 /** Timer names: one row each in `timers`, one alarm for the earliest. */
-export type TimerName = "advance" | "poll" | "deadline" | "lease" | "reask" | "retry" | "outbox" | "watchdog" | "retention" | "notify";
+export type TimerName = "advance" | "poll" | "deadline" | "lease" | "reask" | "retry" | "outbox" | "watchdog" | "retention" | "notify" | "approval";
 
 /** While an execution is live, its alarm is never further away than this, so an eviction mid-call heals. */
 export const WATCHDOG_MS = 30_000;

@@ -1,7 +1,7 @@
 import type { ExecutionStatus, StageStatus } from "../../schemas/api";
 import type { ErrorInfo } from "../../schemas/common";
 import type { DataReference } from "../../schemas/data";
-import type { MasterTemplate } from "../../schemas/template";
+import { type MasterTemplate, isApprovalStage } from "../../schemas/template";
 import { addUsage, costOf } from "../../src/cost";
 import { stageIdFor } from "../../src/ids";
 import { emit, tokensOf } from "../../src/metrics";
@@ -28,6 +28,12 @@ import { type Core, type StageRow, type StoredOutput, parse } from "./store";
 export function createStages(c: Core, template: MasterTemplate, source: "kam" | "cache"): void {
   const t = c.config.tuning;
   template.stages.forEach((s, i) => {
+    if (isApprovalStage(s)) {
+      // No worker, no resources, one "attempt": the decision (control.ts).
+      c.sql`INSERT OR IGNORE INTO stages (stage_id, ord, worker, template_ref, action, timeout_ms, max_attempts, resources, status, kind)
+        VALUES (${stageIdFor(i + 1)}, ${i + 1}, '', '', 'approval', ${s.timeout_ms ?? t.defaultApprovalTimeoutMs}, 1, NULL, 'pending', 'approval')`;
+      return;
+    }
     c.sql`INSERT OR IGNORE INTO stages (stage_id, ord, worker, template_ref, action, timeout_ms, max_attempts, resources, status)
       VALUES (${stageIdFor(i + 1)}, ${i + 1}, ${s.worker}, ${s.template_ref}, ${s.action ?? "process"},
               ${s.timeout_ms ?? t.defaultStageTimeoutMs}, ${s.max_attempts ?? t.defaultMaxAttempts},
@@ -35,6 +41,7 @@ export function createStages(c: Core, template: MasterTemplate, source: "kam" | 
   });
   c.sql`UPDATE execution SET template_id = ${template.template_id}, template_source = ${source} WHERE id = 1`;
   c.store.log("info", "template_loaded", { template_id: template.template_id, source, stages: template.stages.length });
+  c.changed();
 }
 
 /** A transient template failure: count it and try again after a backoff. */
@@ -118,11 +125,13 @@ export function progressed(c: Core, st: StageRow, progress: number | undefined, 
   c.sql`UPDATE stages SET progress = ${mergeProgress(st.progress, progress)}, message = ${message ?? st.message},
     poll_failures = 0, poll_interval_ms = ${interval} WHERE stage_id = ${st.stage_id}`;
   c.timers.set("poll", now + interval);
+  c.changed();
 }
 
 /** A worker reported progress by callback: merged, no timer moves. */
 export function progressCallback(c: Core, st: StageRow, progress: number | undefined, message: string | undefined): void {
   c.sql`UPDATE stages SET progress = ${mergeProgress(st.progress, progress)}, message = ${message ?? st.message} WHERE stage_id = ${st.stage_id}`;
+  c.changed();
 }
 
 export function leaseRenewed(c: Core, st: StageRow, expiresAt: number): void {
@@ -255,6 +264,7 @@ export function moveStage(c: Core, st: StageRow, to: StageStatus, now: number, e
     error = COALESCE(${extra.error ? JSON.stringify(extra.error) : null}, error),
     message = COALESCE(${extra.message ?? null}, message) WHERE stage_id = ${st.stage_id}`;
   c.store.log("info", "stage_status", { stage_id: st.stage_id, attempt: cur.attempt, from: cur.status, to });
+  c.changed();
 }
 
 /** Ends every stage still open: tells a worker that has one to cancel, gives back every reservation. */
@@ -305,4 +315,5 @@ export function indexUpdate(c: Core, now: number): void {
   const version = ex.index_version + 1;
   c.sql`UPDATE execution SET index_version = ${version} WHERE id = 1`;
   c.outbox.enqueue({ kind: "index_upsert", entry: indexEntry(ex, c.store.stages(), now, version) }, now);
+  c.changed();
 }

@@ -121,6 +121,24 @@ const list: StoredTemplate[] = [
       { stage: 2, worker: GRANULATOR, template_ref: "control_v1", action: "echo", max_attempts: 1, timeout_ms: 60_000 },
     ] satisfies TemplateStage[]),
   },
+  // Approval stages: a person (KAM or an operator) approves or rejects stage 2's passing stage 1's output on.
+  {
+    template_id: "mt_approval_001",
+    template_name: "approval_pipeline",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRANULATOR, template_ref: "approval_v1", action: "echo", max_attempts: 1, timeout_ms: 60_000 },
+      { stage: 2, type: "approval", timeout_ms: 600_000 },
+      { stage: 3, worker: GRANULATOR, template_ref: "approval_v1", action: "echo", max_attempts: 1, timeout_ms: 60_000 },
+    ] satisfies TemplateStage[]),
+  },
+  {
+    template_id: "mt_approval_002",
+    template_name: "approval_short",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRANULATOR, template_ref: "approval_v1", action: "echo", max_attempts: 1, timeout_ms: 60_000 },
+      { stage: 2, type: "approval", timeout_ms: 1_000 },
+    ] satisfies TemplateStage[]),
+  },
   // Valid JSON, invalid stages (no worker, no template_ref).
   { template_id: "mt_broken_001", template_name: "broken_template", pipeline_stages: '[{"stage": "one"}]' },
 ];

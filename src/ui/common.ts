@@ -125,7 +125,7 @@ form.login label { display: flex; margin: 0 0 10px; }
 
 /**
  * Browser-side helpers, as script text: the token in sessionStorage, the
- * sign-in form, and `api(path)` that fetches JSON with the token and signs
+ * sign-in form, and `api(path, method?, payload?)` that fetches JSON with the token and signs
  * out on 401.
  */
 export const AUTH_JS = `
@@ -135,8 +135,10 @@ function token() { try { return sessionStorage.getItem(TOKEN_KEY); } catch { ret
 function setToken(t) { try { if (t) sessionStorage.setItem(TOKEN_KEY, t); else sessionStorage.removeItem(TOKEN_KEY); } catch {} }
 class Unauthorized extends Error {}
 class HttpError extends Error { constructor(status, body) { super((body && body.error && body.error.message) || ("HTTP " + status)); this.status = status; this.body = body; } }
-async function api(path) {
-  const res = await fetch(path, { headers: { accept: "application/json", authorization: "Bearer " + token() }, cache: "no-store" });
+async function api(path, method, payload) {
+  const headers = { accept: "application/json", authorization: "Bearer " + token() };
+  if (payload !== undefined) headers["content-type"] = "application/json";
+  const res = await fetch(path, { method: method || "GET", headers, body: payload === undefined ? undefined : JSON.stringify(payload), cache: "no-store" });
   let body = null;
   try { body = await res.json(); } catch {}
   if (res.status === 401) { setToken(null); throw new Unauthorized("the token was refused"); }

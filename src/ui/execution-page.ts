@@ -3,9 +3,10 @@ import { LOGIN_HTML, escapeHtml, htmlResponse, pageHead, pageTail } from "./comm
 /**
  * `GET /executions/:id` with `Accept: text/html`, and `GET /ui/executions/:id`:
  * the execution as a timeline, one row per stage (status, attempts, progress,
- * time waiting for resources, time processing, usage, cost, error), polled
- * every second with the OPS token until the execution ends. The page itself
- * holds no data, so it is served without a token.
+ * time waiting for resources, time processing, usage, cost, error), pushed
+ * over the execution's live socket (a ticket asked for with the OPS token), or
+ * polled every second when the socket cannot open or drops, which the page
+ * says. The page itself holds no data, so it is served without a token.
  */
 const CSS = `
 .summary { display: grid; grid-template-columns: repeat(auto-fill, minmax(210px, 1fr)); gap: 8px 20px; margin: 0; }
@@ -93,7 +94,9 @@ function stageRow(doc, s, currency) {
     el("td", { class: "num", text: s.order }),
     el("td", null, [
       el("div", { class: "stage-name mono", text: s.stage_id }),
-      el("div", { class: "muted", text: s.worker + " · " + s.action + " · " + s.template_ref }),
+      el("div", { class: "muted", text: s.type === "approval"
+        ? "approval" + (s.decision ? " · " + (s.decision.approved ? "approved" : "rejected") + " by " + s.decision.by + (s.decision.comment ? ": " + s.decision.comment : "") : "")
+        : s.worker + " · " + s.action + " · " + s.template_ref }),
     ]),
     statusCell,
     el("td", { class: "num", dataset: { role: "attempts" }, text: s.attempts + " / " + s.max_attempts }),
@@ -116,16 +119,25 @@ function render(doc) {
   $("updated").textContent = "updated " + new Date().toISOString().replace("T", " ").replace("Z", " UTC");
 }
 
+let socket = null;
+/** Why the page polls instead of being pushed to, shown while it does. */
+let note = "";
+
+function show(doc) {
+  failures = 0;
+  problem(note);
+  render(doc);
+}
+
+/** Polling, the fallback: every second until the execution ends. */
 async function tick(gen) {
   if (gen !== generation || !token()) return;
   try {
     const doc = await api("/executions/" + encodeURIComponent(ID));
     if (gen !== generation) return;
-    failures = 0;
-    problem("");
-    render(doc);
+    show(doc);
     if (TERMINAL.includes(doc.status)) { setLive(false, "final state"); return; }
-    setLive(true, "live");
+    setLive(true, "polling (live updates unavailable)");
     timer = setTimeout(() => tick(gen), 1000);
   } catch (e) {
     if (gen !== generation) return;
@@ -139,13 +151,47 @@ async function tick(gen) {
   }
 }
 
+/** Live updates: a ticket from an authenticated request, then the socket; polling if either fails. */
+async function connect(gen) {
+  if (gen !== generation || !token()) return;
+  let ticket;
+  try {
+    ticket = await api("/executions/" + encodeURIComponent(ID) + "/live-ticket", "POST");
+  } catch (e) {
+    if (gen !== generation) return;
+    if (e instanceof Unauthorized) { setLive(false, ""); signOut("The token was refused: sign in again."); return; }
+    return tick(gen);
+  }
+  let ended = false;
+  let opened = false;
+  const ws = new WebSocket(ticket.url, ticket.protocols);
+  socket = ws;
+  ws.onopen = () => { opened = true; if (gen === generation) setLive(true, "live"); };
+  ws.onmessage = (e) => {
+    if (gen !== generation) return;
+    const msg = JSON.parse(e.data);
+    if (msg.type !== "status") return;
+    show(msg.document);
+    if (TERMINAL.includes(msg.document.status)) { ended = true; setLive(false, "final state"); }
+  };
+  ws.onclose = () => {
+    if (socket === ws) socket = null;
+    if (gen !== generation || ended) return;
+    note = opened ? "The live connection dropped; polling every second instead." : "Live updates are unavailable; polling every second instead.";
+    problem(note);
+    tick(gen);
+  };
+}
+
 function start() {
   clearTimeout(timer);
+  note = "";
+  if (socket) socket.close();
   generation += 1;
-  tick(generation);
+  connect(generation);
 }
 const signOut = setupLogin(start);
-$("signout").addEventListener("click", () => { generation += 1; clearTimeout(timer); setLive(false, ""); });
+$("signout").addEventListener("click", () => { generation += 1; clearTimeout(timer); if (socket) socket.close(); setLive(false, ""); });
 `;
 
 /** The page for one execution; `executionId` is already validated, and escaped here anyway. */

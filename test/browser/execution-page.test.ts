@@ -91,6 +91,13 @@ describe("execution page in Chromium", () => {
     watch(page);
     let loads = 0;
     page.on("load", () => loads++);
+    // Pushed, not polled: the page opens the live socket and never reads the status document by itself.
+    const sockets: string[] = [];
+    page.on("websocket", (ws) => sockets.push(ws.url()));
+    let polls = 0;
+    page.on("request", (r) => {
+      if (r.resourceType() === "fetch" && r.method() === "GET" && new URL(r.url()).pathname === `/executions/${id}`) polls++;
+    });
 
     const res = await page.goto(`${session!.url}/executions/${id}`);
     expect(res?.status()).toBe(200);
@@ -103,6 +110,10 @@ describe("execution page in Chromium", () => {
       () => {
         const w = window as unknown as { __seen?: string[] };
         const status = document.getElementById("exec-status")?.dataset.status ?? "";
+        const live = document.getElementById("live")?.textContent ?? "";
+        const l = window as unknown as { __live?: string[] };
+        l.__live = l.__live ?? [];
+        if (live && l.__live[l.__live.length - 1] !== live) l.__live.push(live);
         w.__seen = w.__seen ?? [];
         if (status && w.__seen[w.__seen.length - 1] !== status) w.__seen.push(status);
         const rows = Array.from(document.querySelectorAll<HTMLElement>("#stages-body tr[data-stage-id]"));
@@ -115,6 +126,10 @@ describe("execution page in Chromium", () => {
     expect(seen[seen.length - 1]).toBe("completed");
     expect(seen.length, `statuses seen: ${seen.join(" -> ")}`).toBeGreaterThan(1);
     expect(loads).toBe(1);
+    expect(await page.evaluate(() => (window as unknown as { __live: string[] }).__live[0])).toBe("live");
+    expect(sockets.map((u) => new URL(u).pathname)).toEqual([`/executions/${id}/live`]);
+    expect(sockets[0]).not.toContain(TEST_SECRETS.OPS_TOKEN);
+    expect(polls).toBe(0);
 
     const rows = await page.locator("#stages-body tr").evaluateAll((trs) =>
       trs.map((tr) => ({
@@ -176,6 +191,31 @@ describe("execution page in Chromium", () => {
     await page.waitForURL(`**/ui/executions/${id}`);
     await page.locator('#exec-status[data-status="completed"]').waitFor({ timeout: 10_000 });
 
+    expect(problems).toEqual([]);
+    await page.close();
+  });
+
+  it("falls back to polling when the live socket drops, and says so", async () => {
+    requireBrowser();
+    const id = await startExecution();
+    const page = await context!.newPage();
+    watch(page);
+    // The real socket opens and delivers its first document; then the connection drops.
+    await page.routeWebSocket(/\/live$/, (ws) => {
+      const server = ws.connectToServer();
+      server.onMessage((m) => {
+        ws.send(m);
+        ws.close({ code: 1011, reason: "dropped" });
+      });
+    });
+    await page.goto(`${session!.url}/ui/executions/${id}`);
+    await page.locator("#token").fill(TEST_SECRETS.OPS_TOKEN);
+    await page.locator("#signin").click();
+    await expect.poll(() => page.locator("#live").textContent(), { timeout: 20_000 }).toBe("polling (live updates unavailable)");
+    expect(await page.locator("#problem").textContent()).toBe("The live connection dropped; polling every second instead.");
+    await page.locator('#exec-status[data-status="completed"]').waitFor({ timeout: 90_000 });
+    await expect.poll(() => page.locator("#live").textContent()).toBe("final state");
+    await page.screenshot({ path: path.join(RESULTS, "execution-page-polling.png"), fullPage: true });
     expect(problems).toEqual([]);
     await page.close();
   });
