@@ -3,7 +3,7 @@ import type { ClientDocument, ClientQuotas, StartAdmission } from "../schemas/cl
 import { configOf } from "./config";
 import { ApiError, parseWith } from "./http";
 import { ledgerFor, ledgerForClient } from "./ledger-routing";
-import { withTimeout } from "./outbound";
+import { askObject } from "./outbound";
 
 /**
  * Clients over HTTP (docs/protocol.md, "Clients"): quotas and usage live in
@@ -11,9 +11,8 @@ import { withTimeout } from "./outbound";
  * a start is admitted there (max_priority, spent budget, starts per minute).
  */
 function ledgerCall<T>(env: Env, promise: PromiseLike<T>, what: string): Promise<T> {
-  return withTimeout(promise, configOf(env).tuning.ledgerCallTimeoutMs, what).catch((err: unknown) => {
-    throw new ApiError(503, "unavailable", `${what} failed: ${err instanceof Error ? err.message : String(err)}`);
-  });
+  // A 503 names the call, never the ledger's internal message (askObject logs it).
+  return askObject(promise, configOf(env).tuning.ledgerCallTimeoutMs, what);
 }
 
 export function clientIdOf(raw: unknown): string {
