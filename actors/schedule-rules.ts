@@ -90,16 +90,15 @@ export function overlapAction(overlap: Overlap, previousRunning: boolean): "star
  * (an alarm that ran again after a crash) starts one execution.
  */
 export function fireRequest(spec: ScheduleSpec, createdAt: number, fireAt: number): ExecuteRequest {
-  const request: ExecuteRequest & { notify?: boolean } = {
+  return {
     template_name: spec.template_name,
     parameters: spec.parameters,
     client_id: spec.client_id,
     priority: spec.priority,
+    // Always said, so NOTIFY_DEFAULT never decides for a schedule: its own `notify` does.
+    notify: spec.notify,
     request_id: `sched:${spec.schedule_id}:${createdAt}:${fireAt}`,
   };
-  // Sent only when asked for, so a deployment whose /execute has no `notify` yet still starts runs.
-  if (spec.notify) request.notify = true;
-  return request;
 }
 
 /** Retry delay of a fire whose start failed transiently: doubling from base, capped. */

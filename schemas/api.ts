@@ -75,6 +75,8 @@ export const StageDocument = z.object({
   type: z.enum(["worker", "approval"]),
   /** An approval stage's decision, once made. */
   decision: z.object({ approved: z.boolean(), by: z.enum(["kam", "ops"]), comment: z.string().nullable(), at: z.string() }).optional(),
+  /** The current attempt's span (W3C trace context), the parent of the worker's spans; null before the first attempt. */
+  span_id: z.string().nullable(),
 });
 export type StageDocument = z.infer<typeof StageDocument>;
 
@@ -139,6 +141,11 @@ export const StatusDocument = z.object({
   error: ErrorInfo.nullable(),
   cost: Cost.nullable(),
   notifications: NotificationsDocument,
+  /** W3C trace context: the trace (the caller's, when POST /execute sent a traceparent) and the execution's span. */
+  trace_id: z.string().nullable(),
+  span_id: z.string().nullable(),
+  /** The caller's span, when POST /execute sent a valid traceparent. */
+  parent_span_id: z.string().nullable(),
   stages: z.array(StageDocument),
 });
 export type StatusDocument = z.infer<typeof StatusDocument>;

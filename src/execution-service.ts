@@ -12,9 +12,11 @@ import { configOf } from "./config";
 import { sha256Hex } from "./hash";
 import { ApiError, parseWith } from "./http";
 import { newExecutionId } from "./ids";
+import { log } from "./log";
 import { emit } from "./metrics";
 import { LIVE_PROTOCOL, TICKET_PREFIX, issueLiveTicket, verifyLiveTicket } from "./live-ticket";
 import { askObject } from "./outbound";
+import { acceptTrace, readTraceparent } from "./trace";
 
 /**
  * What the HTTP routes and the RPC entrypoint both do: validate, find the
@@ -61,7 +63,13 @@ export interface StartOutcome {
   body: ExecuteResponse;
 }
 
-export async function startExecution(env: Env, raw: unknown, origin: string): Promise<StartOutcome> {
+/** `trace`: the caller's `traceparent` and `tracestate` headers, if any (src/trace.ts); a new trace otherwise. */
+export async function startExecution(
+  env: Env,
+  raw: unknown,
+  origin: string,
+  trace: { traceparent?: string | null; tracestate?: string | null } = {},
+): Promise<StartOutcome> {
   const input = parseWith(ExecuteRequest, raw, "body");
   // The client's quotas first (403 priority_not_allowed, 429 budget_exhausted / rate_limited): nothing is created when refused.
   await admitStart(env, input.client_id, input.priority);
@@ -93,6 +101,7 @@ export async function startExecution(env: Env, raw: unknown, origin: string): Pr
       request_hash: requestHash,
       priority: input.priority,
       notify: input.notify ?? configOf(env).notifyDefault,
+      trace: acceptTrace(trace.traceparent, trace.tracestate),
     }),
     "execution start",
   );
@@ -292,6 +301,9 @@ export async function workerCallback(
     const claims = await verifyToken(request, env, { executionId, stageId, use: "callback" });
     const payload = parseWith(CALLBACK_SCHEMAS[kind], await readBody(), "body");
     const answer = await call(env, executionStub(env, executionId).callback(kind, stageId, claims.attempt, payload), "execution callback");
+    // The worker sends the attempt's traceparent back: the line joins its span in any trace backend.
+    const tp = readTraceparent(request.headers.get("traceparent"));
+    log("info", "callback_received", { execution_id: executionId, stage_id: stageId, attempt: claims.attempt, kind, trace_id: tp?.trace_id, span_id: tp?.span_id, status: answer.status });
     if (answer.status >= 400) refused((answer.body as { error?: { code?: string } }).error?.code ?? `http_${answer.status}`);
     return answer;
   } catch (err) {

@@ -36,6 +36,10 @@ export interface MetricEvent {
   code?: string | null;
   kind?: string;
   schedule_id?: string;
+  /** W3C trace context: a `stage_attempt` point is the attempt's span (src/trace.ts). */
+  trace_id?: string;
+  span_id?: string;
+  parent_span_id?: string;
   attempt?: number;
   duration_ms?: number;
   waiting_ms?: number;
@@ -45,7 +49,21 @@ export interface MetricEvent {
 }
 
 /** Blob and double positions of a data point: the order is the schema (blob1 = event, ...). Append only. */
-export const BLOBS = ["event", "template_name", "client_id", "worker", "outcome", "code", "execution_id", "stage_id", "schedule_id", "kind"] as const;
+export const BLOBS = [
+  "event",
+  "template_name",
+  "client_id",
+  "worker",
+  "outcome",
+  "code",
+  "execution_id",
+  "stage_id",
+  "schedule_id",
+  "kind",
+  "trace_id",
+  "span_id",
+  "parent_span_id",
+] as const;
 export const DOUBLES = ["count", "attempt", "duration_ms", "waiting_ms", "processing_ms", "cost", "tokens"] as const;
 
 /** The data point of an event: the event name is the index (Analytics Engine samples per index). */

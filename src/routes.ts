@@ -85,7 +85,7 @@ route("get", "/ui/executions/:id", (req) => executionPage(checkExecutionId(req.p
 route("post", "/execute", async (req, env) => {
   requireRole(req, env, ["kam"]);
   const body = await readJson(req, z.unknown(), bodyLimits(env));
-  const out = await startExecution(env, body, origin(req));
+  const out = await startExecution(env, body, origin(req), { traceparent: req.headers.get("traceparent"), tracestate: req.headers.get("tracestate") });
   return json(out.body, out.status);
 });
 

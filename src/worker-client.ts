@@ -24,18 +24,20 @@ export class WorkerClient {
     private readonly timeoutMs: number,
     private readonly maxAnswerBytes: number,
     readonly worker: string,
+    /** Sent on every call: the attempt's `traceparent` and `tracestate` (src/trace.ts). */
+    private readonly traceHeaders: Record<string, string> = {},
   ) {
     this.base = `https://${worker}.internal`;
   }
 
   /** The client for a worker name, or null when no binding (or no secret) serves it (`worker_not_bound`). */
-  static for(env: Env, worker: string): WorkerClient | null {
+  static for(env: Env, worker: string, traceHeaders: Record<string, string> = {}): WorkerClient | null {
     const config = configOf(env);
     const bindingName = config.workerBindings[worker];
     const fetcher = bindingName ? (env as unknown as Record<string, Fetcher | undefined>)[bindingName] : undefined;
     const secret = workerSecret(env, worker);
     if (!fetcher || typeof fetcher.fetch !== "function" || !secret) return null;
-    return new WorkerClient(fetcher, secret, config.tuning.workerCallTimeoutMs, config.tuning.maxWorkerAnswerBytes, worker);
+    return new WorkerClient(fetcher, secret, config.tuning.workerCallTimeoutMs, config.tuning.maxWorkerAnswerBytes, worker, traceHeaders);
   }
 
   private call<S extends z.ZodType>(method: "GET" | "POST", path: string, schema: S, body?: unknown): Promise<CallResult<z.output<S>>> {
@@ -47,7 +49,7 @@ export class WorkerClient {
       schema,
       timeoutMs: this.timeoutMs,
       maxAnswerBytes: this.maxAnswerBytes,
-      headers: { authorization: `Bearer ${this.secret}` },
+      headers: { ...this.traceHeaders, authorization: `Bearer ${this.secret}` },
       peer: "worker",
     });
   }

@@ -1,4 +1,5 @@
 import type { NotificationsDocument, StageDocument, StatusDocument } from "../../schemas/api";
+import { type TraceContext, attemptSpanId } from "../../src/trace";
 import type { ErrorInfo } from "../../schemas/common";
 import type { IndexEntry } from "../../schemas/index-entry";
 import type { Config } from "../../src/config";
@@ -25,6 +26,7 @@ export function statusDocument(
   now: number,
   prices: Config["prices"],
   notifications: NotificationsDocument,
+  trace: TraceContext | null,
 ): StatusDocument {
   const cost = parse<StatusDocument["cost"]>(ex.cost);
   const stages: StageDocument[] = rows.map((s) => {
@@ -48,6 +50,7 @@ export function statusDocument(
       last_error: parse<ErrorInfo>(s.last_error),
       usage,
       cost: usage ? costOf([{ stage_id: s.stage_id, usage }], prices).total : null,
+      span_id: trace && s.attempt > 0 ? attemptSpanId(trace, s.stage_id, s.attempt) : null,
       type: s.kind === "approval" ? "approval" : "worker",
       ...(s.decision ? { decision: parse<NonNullable<StageDocument["decision"]>>(s.decision)! } : {}),
     };
@@ -71,6 +74,9 @@ export function statusDocument(
     error: parse<ErrorInfo>(ex.error),
     cost,
     notifications,
+    trace_id: trace?.trace_id ?? null,
+    span_id: trace?.span_id ?? null,
+    parent_span_id: trace?.parent_span_id ?? null,
     stages,
   };
 }

@@ -8,6 +8,7 @@ import { type Config, configOf } from "../../src/config";
 import { sha256Hex } from "../../src/hash";
 import { LIVE_PROTOCOL } from "../../src/live-ticket";
 import { setLogLevel } from "../../src/log";
+import type { TraceContext } from "../../src/trace";
 import { emit } from "../../src/metrics";
 import { sqlOf } from "../sql";
 import { type StageFailure, isOnWorker, isTerminalExecution, isTerminalStage } from "../stage-machine";
@@ -54,6 +55,8 @@ export interface StartInput {
   priority: Priority;
   /** Deliver this execution's events to KAM (docs/protocol.md, "Event notifications"). */
   notify: boolean;
+  /** W3C trace context (src/trace.ts): the caller's, continued, or a new trace. */
+  trace?: TraceContext | null;
 }
 
 export interface StartResult {
@@ -139,6 +142,11 @@ export class Execution extends DurableObject<Env> {
     this.#c.sql`INSERT INTO execution (id, execution_id, template_name, client_id, request_id, request_hash, priority, parameters, status, created_at, notify)
       VALUES (1, ${input.execution_id}, ${input.template_name}, ${input.client_id}, ${input.request_id}, ${input.request_hash},
               ${input.priority}, ${JSON.stringify(input.parameters)}, 'queued', ${now}, ${input.notify ? 1 : 0})`;
+    if (input.trace) {
+      const t = input.trace;
+      this.#c.sql`INSERT OR IGNORE INTO trace (id, trace_id, span_id, parent_span_id, flags, tracestate)
+        VALUES (1, ${t.trace_id}, ${t.span_id}, ${t.parent_span_id}, ${t.flags}, ${t.tracestate})`;
+    }
     this.#timers.set("watchdog", now + WATCHDOG_MS);
     tx.indexUpdate(this.#c, now);
     this.#store.log("info", "execution_created", { template_name: input.template_name, client_id: input.client_id, priority: input.priority });
@@ -392,7 +400,7 @@ export class Execution extends DurableObject<Env> {
   }
 
   #document(ex: ExecutionRow): StatusDocument {
-    return statusDocument(ex, this.#store.stages(), Date.now(), this.#config.prices, this.#c.notifier.document());
+    return statusDocument(ex, this.#store.stages(), Date.now(), this.#config.prices, this.#c.notifier.document(), this.#store.trace());
   }
 
   /** Starts a drive pass in the background (coalesced with one already queued). */

@@ -177,7 +177,7 @@ export class Outbox {
         await withTimeout(indexFor(this.#c.env, item.entry.created_at).upsert(item.entry), t.objectCallTimeoutMs, "index.upsert");
         return true;
       case "worker_cancel": {
-        const client = WorkerClient.for(this.#c.env, item.worker);
+        const client = WorkerClient.for(this.#c.env, item.worker, this.#c.store.traceHeaders(item.stageId, item.attempt));
         if (!client) return true;
         const r = await client.cancel({ executionId: this.#c.store.row()!.execution_id, stageId: item.stageId, attempt: item.attempt });
         // Best effort: a worker that no longer knows the stage is as good as cancelled.

@@ -120,7 +120,7 @@ export async function askLedger(c: Core, st: StageRow): Promise<boolean> {
 export async function handshake(c: Core, st: StageRow): Promise<boolean> {
   const ex = c.store.row()!;
   const now = Date.now();
-  const client = WorkerClient.for(c.env, st.worker);
+  const client = WorkerClient.for(c.env, st.worker, c.store.traceHeaders(st.stage_id, st.attempt));
   if (!client) {
     tx.failAttempt(c, st, { code: "worker_not_bound", message: `no service binding serves worker ${st.worker} (see WORKER_BINDINGS)`, retryable: false }, now);
     return true;
@@ -189,7 +189,7 @@ export async function handshake(c: Core, st: StageRow): Promise<boolean> {
 
 export async function poll(c: Core, st: StageRow): Promise<boolean> {
   const ex = c.store.row()!;
-  const client = WorkerClient.for(c.env, st.worker);
+  const client = WorkerClient.for(c.env, st.worker, c.store.traceHeaders(st.stage_id, st.attempt));
   if (!client) {
     tx.failAttempt(c, st, { code: "worker_not_bound", message: `no service binding serves worker ${st.worker}`, retryable: false }, Date.now());
     return true;

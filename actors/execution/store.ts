@@ -3,6 +3,7 @@ import type { Priority } from "../../schemas/common";
 import type { DataReference } from "../../schemas/data";
 import type { Config } from "../../src/config";
 import { log } from "../../src/log";
+import { type TraceContext, attemptHeaders, attemptSpanId } from "../../src/trace";
 import type { Sql } from "../sql";
 import type { Notifier } from "./notify";
 import type { Outbox } from "./outbox";
@@ -38,6 +39,10 @@ CREATE TABLE IF NOT EXISTS data_objects (
   content_type TEXT NOT NULL, stage_id TEXT NOT NULL, attempt INTEGER NOT NULL, created_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS timers (name TEXT PRIMARY KEY, due_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS trace (
+  id INTEGER PRIMARY KEY CHECK (id = 1), trace_id TEXT NOT NULL, span_id TEXT NOT NULL, parent_span_id TEXT,
+  flags INTEGER NOT NULL, tracestate TEXT
+);
 CREATE TABLE IF NOT EXISTS outbox (
   id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, payload TEXT NOT NULL,
   attempts INTEGER NOT NULL DEFAULT 0, next_at INTEGER NOT NULL
@@ -129,6 +134,7 @@ export class Store {
   readonly #sql: Sql;
   /** Our own id, read from storage once (never from ctx.id.name). */
   #executionId: string | undefined;
+  #trace: TraceContext | null | undefined;
 
   constructor(sql: Sql) {
     this.#sql = sql;
@@ -161,9 +167,32 @@ export class Store {
     return r ? { kind: r.kind, key, size: r.size, sha256: r.sha256, contentType: r.content_type } : null;
   }
 
+  /** The execution's trace context (null for an execution created before traces). */
+  trace(): TraceContext | null {
+    if (this.#trace === undefined) {
+      const t = this.#sql<TraceContext>`SELECT trace_id, span_id, parent_span_id, flags, tracestate FROM trace WHERE id = 1`[0];
+      // Only a stored trace is kept: one read before start() wrote it must not stick as null.
+      if (!t) return null;
+      this.#trace = t;
+    }
+    return this.#trace;
+  }
+
+  /** The `traceparent` (and `tracestate`) of a call made for one attempt of a stage. */
+  traceHeaders(stageId: string, attempt: number): Record<string, string> {
+    const t = this.trace();
+    return t ? attemptHeaders(t, stageId, attempt) : {};
+  }
+
+  /** Every line carries the execution id and its trace: `span_id` is the attempt's when the line names one, else the execution's. */
   log(level: Level, event: string, fields: Record<string, unknown>): void {
     this.#executionId ??= this.#sql<{ execution_id: string }>`SELECT execution_id FROM execution WHERE id = 1`[0]?.execution_id;
-    log(level, event, { execution_id: this.#executionId, ...fields });
+    const t = this.trace();
+    const span =
+      t && typeof fields.stage_id === "string" && typeof fields.attempt === "number" && fields.attempt > 0
+        ? { span_id: attemptSpanId(t, fields.stage_id, fields.attempt), parent_span_id: t.span_id }
+        : { span_id: t?.span_id, parent_span_id: t?.parent_span_id ?? undefined };
+    log(level, event, { execution_id: this.#executionId, trace_id: t?.trace_id, ...span, ...fields });
   }
 
   logCall(event: string, st: StageRow, ms: number, outcome: string): void {

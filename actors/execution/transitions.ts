@@ -5,6 +5,7 @@ import { type MasterTemplate, isApprovalStage } from "../../schemas/template";
 import { addUsage, costOf } from "../../src/cost";
 import { stageIdFor } from "../../src/ids";
 import { emit, tokensOf } from "../../src/metrics";
+import { attemptSpanId } from "../../src/trace";
 import {
   type StageFailure,
   canMoveExecution,
@@ -151,7 +152,7 @@ export function completeStage(c: Core, st: StageRow, output: StoredOutput, usage
     usage = ${JSON.stringify(addUsage(parse(st.usage), usage) ?? {})}, output = ${output.inline},
     output_ref = ${output.ref ? JSON.stringify(output.ref) : null},
     complete_hash = ${hash}, reservation = NULL, deadline_at = NULL WHERE stage_id = ${st.stage_id}`;
-  attemptEnded(c, st, "completed", worked);
+  attemptEnded(c, st, "completed", worked, usage);
   if (st.reservation_id) {
     c.outbox.enqueue({ kind: "ledger_settle", reservationId: st.reservation_id, usage: usage ?? {}, durationMs: worked }, now, { hold: true });
   }
@@ -175,7 +176,7 @@ export function failAttempt(c: Core, st: StageRow, failure: StageFailure, now: n
     waiting_ms = waiting_ms + ${st.waiting_since !== null ? now - st.waiting_since : 0}, waiting_since = NULL
     WHERE stage_id = ${st.stage_id}`;
   clearStageTimers(c);
-  attemptEnded(c, st, failure.code, worked);
+  attemptEnded(c, st, failure.code, worked, usage);
   c.store.log("warn", "stage_attempt_failed", { stage_id: st.stage_id, attempt: st.attempt, code: failure.code, retryable: failure.retryable });
   if (shouldRetry(failure, st.attempt, st.max_attempts)) {
     moveStage(c, st, "pending", now, { message: `retrying after ${failure.code}` });
@@ -238,11 +239,15 @@ export function finishExecution(c: Core, status: ExecutionStatus, now: number, e
 }
 
 /** One stage attempt ended (`completed` or its error code): one data point with its worker and timings. */
-function attemptEnded(c: Core, st: StageRow, outcome: string, processingMs: number): void {
+function attemptEnded(c: Core, st: StageRow, outcome: string, processingMs: number, usage: Record<string, number> | undefined): void {
   const ex = c.store.row()!;
   const cur = c.store.stage(st.stage_id)!;
+  const trace = c.store.trace();
   emit(c.env, {
     event: "stage_attempt",
+    trace_id: trace?.trace_id,
+    span_id: trace ? attemptSpanId(trace, st.stage_id, st.attempt) : undefined,
+    parent_span_id: trace?.span_id,
     execution_id: ex.execution_id,
     template_name: ex.template_name,
     client_id: ex.client_id,
@@ -252,6 +257,7 @@ function attemptEnded(c: Core, st: StageRow, outcome: string, processingMs: numb
     outcome,
     waiting_ms: cur.waiting_ms,
     processing_ms: processingMs,
+    tokens: tokensOf(usage),
   });
 }
 

@@ -1,7 +1,7 @@
 import type { DataReference } from "../../schemas/data";
 import type { HandshakeRequest } from "../../schemas/worker-protocol";
 import type { Store } from "./store";
-import type { Counters, JobContext, KitEnv } from "./types";
+import type { Counters, JobContext, KitEnv, TraceHeaders } from "./types";
 
 /** Thrown by `sleep`: the run stops here and resumes from the alarm. */
 export class Suspended extends Error {
@@ -54,6 +54,8 @@ export class RunContext<E extends KitEnv> implements JobContext<E> {
     private readonly host: RunHost,
     readonly handshake: HandshakeRequest,
     readonly env: E,
+    /** The attempt's W3C trace context: pass `trace.traceparent` on to calls this stage makes, to continue the trace. */
+    readonly trace: TraceHeaders | null = null,
   ) {
     this.executionId = handshake.executionId;
     this.stageId = handshake.stageId;

@@ -1,14 +1,15 @@
 import type { z } from "zod";
 import { ExecutionId, StageId } from "../../schemas/common";
 import { CancelRequest, HandshakeRequest, ProcessRequest } from "../../schemas/worker-protocol";
-import type { KitEnv, Reply, WorkerDefinition } from "./types";
+import { parseTraceParent } from "@opentelemetry/core";
+import type { KitEnv, Reply, TraceHeaders, WorkerDefinition } from "./types";
 
 /** The job object's calls, as the fetch handler sees them over RPC. */
 export interface JobStub {
-  handshake(req: HandshakeRequest): Promise<Reply>;
-  process(req: ProcessRequest): Promise<Reply>;
-  progress(): Promise<Reply>;
-  cancel(req: CancelRequest): Promise<Reply>;
+  handshake(req: HandshakeRequest, trace?: TraceHeaders | null): Promise<Reply>;
+  process(req: ProcessRequest, trace?: TraceHeaders | null): Promise<Reply>;
+  progress(trace?: TraceHeaders | null): Promise<Reply>;
+  cancel(req: CancelRequest, trace?: TraceHeaders | null): Promise<Reply>;
   inspect(): Promise<Reply>;
 }
 
@@ -45,24 +46,25 @@ async function route<E extends KitEnv>(def: WorkerDefinition<E>, request: Reques
   const method = request.method;
   const path = url.pathname;
   const job = (executionId: string, stageId: string) => jobStub(def, env, executionId, stageId);
+  const trace = traceOf(request);
 
   if (path === "/api/handshake") {
     if (method !== "POST") return notAllowed(method, "POST");
     const body = await parse(request, HandshakeRequest);
     if (body instanceof Response) return body;
-    return reply(await job(body.executionId, body.stageId).handshake(body));
+    return reply(await job(body.executionId, body.stageId).handshake(body, trace));
   }
   if (path === "/api/process") {
     if (method !== "POST") return notAllowed(method, "POST");
     const body = await parse(request, ProcessRequest);
     if (body instanceof Response) return body;
-    return reply(await job(body.executionId, body.stageId).process(body));
+    return reply(await job(body.executionId, body.stageId).process(body, trace));
   }
   if (path === "/api/cancel") {
     if (method !== "POST") return notAllowed(method, "POST");
     const body = await parse(request, CancelRequest);
     if (body instanceof Response) return body;
-    return reply(await job(body.executionId, body.stageId).cancel(body));
+    return reply(await job(body.executionId, body.stageId).cancel(body, trace));
   }
   const byId = PROGRESS_PATH.exec(path) ?? JOBS_PATH.exec(path);
   if (byId) {
@@ -73,11 +75,19 @@ async function route<E extends KitEnv>(def: WorkerDefinition<E>, request: Reques
       return error(400, "invalid_request", "needs a valid execution id in the path and ?stageId=stage_{n}");
     }
     const stub = job(executionId.data, stageId.data);
-    return reply(await (path.startsWith("/api/progress/") ? stub.progress() : stub.inspect()));
+    return reply(await (path.startsWith("/api/progress/") ? stub.progress(trace) : stub.inspect()));
   }
   const extra = await def.routes?.(request, env, url);
   if (extra) return extra;
   return error(404, "not_found", `no route for ${path}`);
+}
+
+/** The request's W3C trace context, when its `traceparent` is valid (parsed by @opentelemetry/core). */
+export function traceOf(request: Request): TraceHeaders | null {
+  const traceparent = request.headers.get("traceparent")?.trim();
+  if (!traceparent || !parseTraceParent(traceparent)) return null;
+  const tracestate = request.headers.get("tracestate")?.trim();
+  return tracestate ? { traceparent, tracestate } : { traceparent };
 }
 
 function jobStub<E extends KitEnv>(def: WorkerDefinition<E>, env: E, executionId: string, stageId: string): JobStub {

@@ -44,6 +44,7 @@ export type {
   Lifecycle,
   Reply,
   RunResult,
+  TraceHeaders,
   Usage,
   WorkerDefinition,
 } from "./types";

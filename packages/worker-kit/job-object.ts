@@ -4,7 +4,7 @@ import type { CancelRequest, HandshakeRequest, HandshakeResponse, ProcessRequest
 import { Aborted, RunContext, type RunHost } from "./context";
 import { StageError, isJsonType, messageOf, openInput, prepareOutput, upload, type PreparedOutput } from "./data";
 import { SCHEMA, Store, sqlOf, type CallbackKind, type JobRow, type Outcome } from "./store";
-import type { Acceptance, Counters, JobInfo, KitEnv, KitOptions, Reply, RunResult, Usage, WorkerDefinition } from "./types";
+import type { Acceptance, Counters, JobInfo, KitEnv, KitOptions, Reply, RunResult, TraceHeaders, Usage, WorkerDefinition } from "./types";
 
 interface Failure {
   code: string;
@@ -45,7 +45,8 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
   // ---------------------------------------------------------------------------
   // Protocol calls (from the kit's fetch handler)
 
-  async handshake(req: HandshakeRequest): Promise<Reply> {
+  async handshake(req: HandshakeRequest, trace: TraceHeaders | null = null): Promise<Reply> {
+    this.noteTrace(req.attempt, "handshake", trace);
     const existing = this.store.row();
     // The same attempt again (an interrupted request repeated): the same answer, nothing restarts.
     if (existing?.attempt === req.attempt) return ok(JSON.parse(existing.response));
@@ -74,6 +75,7 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
         VALUES (1, ${req.executionId}, ${req.stageId}, ${req.attempt}, ${req.action}, 'accepted', 'accepted',
                 ${JSON.stringify(response)}, ${Date.now()})`;
       this.store.putBlob("handshake", JSON.stringify(req));
+      if (trace) this.store.putBlob("trace", JSON.stringify(trace));
       this.loaded = { attempt: req.attempt, handshake: req };
       this.inputCache = null;
       await this.arm();
@@ -81,7 +83,8 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
     });
   }
 
-  async process(req: ProcessRequest): Promise<Reply> {
+  async process(req: ProcessRequest, trace: TraceHeaders | null = null): Promise<Reply> {
+    this.noteTrace(req.attempt ?? this.store.row()?.attempt ?? 0, "process", trace);
     return this.exclusive(async () => {
       const job = this.store.row();
       if (!job) return notFound();
@@ -102,9 +105,10 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
     });
   }
 
-  progress(): Reply {
+  progress(trace: TraceHeaders | null = null): Reply {
     const job = this.store.row();
     if (!job) return notFound();
+    this.noteTrace(job.attempt, "progress", trace);
     if (job.status === "processing") {
       const hooked = this.def.hooks?.progress?.(this.info(job));
       if (hooked) return hooked;
@@ -136,7 +140,8 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
     return ok(body);
   }
 
-  async cancel(req: CancelRequest): Promise<Reply> {
+  async cancel(req: CancelRequest, trace: TraceHeaders | null = null): Promise<Reply> {
+    this.noteTrace(req.attempt ?? this.store.row()?.attempt ?? 0, "cancel", trace);
     return this.exclusive(async () => {
       const job = this.store.row();
       if (!job) return notFound();
@@ -193,7 +198,7 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
   /** Runs (or resumes) `run`, then finishes the job: inline or uploaded output, or a failure. */
   private async drive(job: JobRow): Promise<void> {
     const handshake = this.handshakeOf(job);
-    const run = new RunContext<E>(this.runHost(), handshake, this.env);
+    const run = new RunContext<E>(this.runHost(), handshake, this.env, this.traceOf());
     let result: { ok: true; value: RunResult } | { ok: false; error: unknown };
     try {
       result = { ok: true, value: await this.def.run(run) };
@@ -346,8 +351,10 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
       const { callback } = this.handshakeOf(job);
       const token = head.token ?? callback.token;
       const body = head.body ?? this.finalBody(job, head.kind);
-      const status = await this.post(`${callback.url.replace(/\/+$/, "")}/${head.kind}`, token, body);
+      const trace = this.traceOf();
+      const status = await this.post(`${callback.url.replace(/\/+$/, "")}/${head.kind}`, token, body, trace);
       this.store.log(job.attempt, `callback:${head.kind}`, status, head.token ? "alternate token" : null);
+      this.noteTrace(job.attempt, `callback:${head.kind}`, trace);
       const transient = status === 0 || status >= 500 || status === 408 || status === 429;
       const superseded = head.kind === "progress" && this.store.hasAfter(head.seq);
       // The entry may be gone by now (cancelled or replaced): both statements are then no-ops.
@@ -370,12 +377,12 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
   }
 
   /** The answer's status, or 0 when the request failed or timed out. */
-  private async post(url: string, token: string, body: string): Promise<number> {
+  private async post(url: string, token: string, body: string, trace: TraceHeaders | null): Promise<number> {
     try {
       // The binding routes the request; the URL's host is informational.
       const res = await this.env.ORCHESTRATOR.fetch(url, {
         method: "POST",
-        headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
+        headers: { ...(trace ?? {}), authorization: `Bearer ${token}`, "content-type": "application/json" },
         body,
         signal: AbortSignal.timeout(this.opts.callbackTimeoutMs),
       });
@@ -472,7 +479,20 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
       action: job.action,
       parameters: handshake.inputData.parameters,
       handshake,
+      trace: this.traceOf(),
     };
+  }
+
+  /** The attempt's trace context, as its handshake brought it. */
+  private traceOf(): TraceHeaders | null {
+    const text = this.store.getBlob("trace");
+    return text ? (JSON.parse(text) as TraceHeaders) : null;
+  }
+
+  /** Each call's traceparent, received or sent back, goes to the job's log (GET /api/jobs), so every call's trace can be checked. */
+  private noteTrace(attempt: number, call: string, trace: TraceHeaders | null): void {
+    if (trace) this.store.log(attempt, `traceparent:${call}`, 200, trace.traceparent);
+    if (trace?.tracestate) this.store.log(attempt, `tracestate:${call}`, 200, trace.tracestate);
   }
 
   private refusal(req: HandshakeRequest, reason: string, retryable: boolean): HandshakeResponse {

@@ -20,6 +20,12 @@ export interface Reply {
 
 export type Usage = Record<string, number>;
 
+/** The W3C trace context the orchestrator sent with the attempt's calls: its span is the parent of the worker's. */
+export interface TraceHeaders {
+  traceparent: string;
+  tracestate?: string;
+}
+
 /** The current job as hooks see it. */
 export interface JobInfo {
   executionId: string;
@@ -28,6 +34,8 @@ export interface JobInfo {
   action: string;
   parameters: Record<string, unknown>;
   handshake: HandshakeRequest;
+  /** The attempt's trace context (the handshake's `traceparent`), sent back on every callback; null when none came. */
+  trace: TraceHeaders | null;
 }
 
 /** Per-stage counters kept across attempts (a new attempt replaces the job, not these). */

@@ -124,10 +124,16 @@ describe("POST /schedules", () => {
     expect(short.body.error.details).toEqual([{ path: "cron", message: "not a five-field cron expression: expected 5 fields (minute hour day-of-month month day-of-week), got 4" }]);
   });
 
-  it("refuses a schedule whose runs /execute would refuse (this /execute takes no `notify` yet)", async () => {
+  it("notify: true is passed to each run (its status document has notifications on)", async () => {
     const { res, body } = await post({ ...base("sched-notify"), notify: true });
-    expect(res.status).toBe(400);
-    expect(body.error.details).toEqual([expect.objectContaining({ path: "(body)", message: expect.stringContaining("notify") })]);
+    expect(res.status).toBe(201);
+    expect(body.notify).toBe(true);
+    const doc = await fireNow("sched-notify");
+    const run = doc.last_runs[0];
+    expect(run.state).toBe("started");
+    const d = await status(run.execution_id!);
+    expect(d.notifications.enabled).toBe(true);
+    await waitFor(run.execution_id!, ended);
   });
 
   it("needs the KAM or the OPS token", async () => {

@@ -1,0 +1,124 @@
+import { env } from "cloudflare:workers";
+import { describe, expect, it } from "vitest";
+import type { StatusDocument } from "../../schemas/api";
+import { fromDataPoint } from "../../src/metrics";
+import { attemptSpanId } from "../../src/trace";
+import { JSON_HEADERS, KAM, OPS, call, ended, waitFor } from "../support/api";
+import { TEST_WORKER_SECRETS } from "../support/constants";
+
+/**
+ * W3C trace context across the workers of a pipeline: the traceparent sent
+ * with POST /execute is the parent of the execution's span, each stage
+ * attempt is a span under it, every call to the stage worker carries the
+ * attempt's span as its parent, and the worker (on the kit) sends it back on
+ * its callbacks. The worker's job log (GET /api/jobs) records the
+ * traceparent of every call it received and sent.
+ */
+type Job = { pending_callbacks: number; log: { what: string; status: number; detail: string | null }[] };
+
+const TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CALLER_SPAN = "00f067aa0ba902b7";
+
+async function start(body: Record<string, unknown>, headers: Record<string, string> = {}) {
+  const res = await call("/execute", { method: "POST", headers: { ...KAM, ...JSON_HEADERS, ...headers }, body: JSON.stringify(body) });
+  expect(res.status).toBe(202);
+  return ((await res.json()) as { execution_id: string }).execution_id;
+}
+
+/** The worker's log for one stage, once it has sent everything it owed. */
+async function jobLog(executionId: string, stageId: string): Promise<Job["log"]> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    const res = await env.CONTENT_GRANULATOR.fetch(`https://granulator.internal/api/jobs/${executionId}?stageId=${stageId}`, {
+      headers: { authorization: `Bearer ${TEST_WORKER_SECRETS["bitware-content-granulator"]}` },
+    });
+    const job = (await res.json()) as Job;
+    if (job.pending_callbacks === 0 || Date.now() > deadline) return job.log;
+    await scheduler.wait(25);
+  }
+}
+
+describe("trace context", () => {
+  it("continues the caller's trace: execution span, one span per attempt, every worker call and callback under it", async () => {
+    const id = await start(
+      { template_name: "course_creation", parameters: { topic: "Traces", targetAudience: "ops", steps: 2, step_ms: 20 }, client_id: "client_trace" },
+      { traceparent: `00-${TRACE_ID}-${CALLER_SPAN}-01`, tracestate: "vendor=abc,other=1" },
+    );
+    const d: StatusDocument = await waitFor(id, ended);
+    expect(d.status).toBe("completed");
+    expect(d.trace_id).toBe(TRACE_ID);
+    expect(d.parent_span_id).toBe(CALLER_SPAN);
+    expect(d.span_id).toMatch(/^[0-9a-f]{16}$/);
+    expect(d.span_id).not.toBe(CALLER_SPAN);
+    const spans = new Set<string>([d.span_id!]);
+    for (const s of d.stages) {
+      expect(s.span_id).toBe(attemptSpanId({ span_id: d.span_id! }, s.stage_id, s.attempts));
+      spans.add(s.span_id!);
+      const expected = `00-${TRACE_ID}-${s.span_id}-01`;
+      const log = await jobLog(id, s.stage_id);
+      const traced = log.filter((e) => e.what.startsWith("traceparent:"));
+      // Every call the worker got, and every callback it sent, carried the attempt's span as the parent.
+      expect(traced.map((e) => e.what)).toEqual(expect.arrayContaining(["traceparent:handshake", "traceparent:process", "traceparent:callback:complete"]));
+      for (const e of traced) expect(e.detail, e.what).toBe(expected);
+      expect(log.find((e) => e.what === "tracestate:handshake")?.detail).toBe("vendor=abc,other=1");
+    }
+    // The execution's span and the three attempts' spans are distinct.
+    expect(spans.size).toBe(4);
+  });
+
+  it("each stage attempt is a span in Analytics Engine: its trace, span, parent, worker, attempt, outcome and timings", async () => {
+    const id = await start(
+      { template_name: "quick_summary", parameters: { topic: "Span", targetAudience: "ops", steps: 1, step_ms: 5 }, client_id: "client_trace" },
+      { traceparent: `00-${TRACE_ID}-${CALLER_SPAN}-01` },
+    );
+    const d = await waitFor(id, ended);
+    const sink = (env as unknown as { METRICS_SINK: Fetcher }).METRICS_SINK;
+    const deadline = Date.now() + 10_000;
+    let span: Record<string, string | number> | undefined;
+    while (!span && Date.now() < deadline) {
+      const points = ((await (await sink.fetch("http://sink/")).json()) as AnalyticsEngineDataPoint[]).map(fromDataPoint);
+      span = points.find((p) => p.event === "stage_attempt" && p.execution_id === id);
+      if (!span) await scheduler.wait(50);
+    }
+    expect(span).toMatchObject({
+      trace_id: TRACE_ID,
+      span_id: d.stages[0].span_id!,
+      parent_span_id: d.span_id!,
+      worker: "bitware-content-granulator",
+      attempt: 1,
+      outcome: "completed",
+      processing_ms: d.stages[0].processing_ms,
+    });
+  });
+
+  it("starts a new trace without a traceparent, or with an invalid one", async () => {
+    const variants: Record<string, string>[] = [{}, { traceparent: "00-zzzz-not-a-traceparent-01" }, { traceparent: `00-${"0".repeat(32)}-${CALLER_SPAN}-01` }];
+    for (const headers of variants) {
+      const id = await start({ template_name: "quick_summary", parameters: { steps: 1, step_ms: 5 }, client_id: "client_trace" }, headers);
+      const d = await waitFor(id, ended);
+      expect(d.trace_id).toMatch(/^[0-9a-f]{32}$/);
+      expect(d.trace_id).not.toBe("0".repeat(32));
+      expect(d.parent_span_id).toBeNull();
+      const log = await jobLog(id, "stage_1");
+      expect(log.find((e) => e.what === "traceparent:handshake")?.detail).toBe(`00-${d.trace_id}-${d.stages[0].span_id}-01`);
+    }
+  });
+
+  it("a cancel reaches the worker with the attempt's traceparent", async () => {
+    const id = await start(
+      { template_name: "quick_summary", parameters: { fault: { mode: "hang" } }, client_id: "client_trace" },
+      { traceparent: `00-${TRACE_ID}-${CALLER_SPAN}-00` },
+    );
+    const running = await waitFor(id, (d) => d.stages[0]?.status === "processing");
+    expect((await call(`/executions/${id}/cancel`, { method: "POST", headers: OPS })).status).toBe(200);
+    const expected = `00-${TRACE_ID}-${running.stages[0].span_id}-00`;
+    const deadline = Date.now() + 10_000;
+    let cancel: string | null | undefined;
+    while (cancel === undefined && Date.now() < deadline) {
+      cancel = (await jobLog(id, "stage_1")).find((e) => e.what === "traceparent:cancel")?.detail;
+      if (cancel === undefined) await scheduler.wait(25);
+    }
+    // The flags (not sampled here) are passed on as the caller sent them.
+    expect(cancel).toBe(expected);
+  });
+});
