@@ -82,10 +82,12 @@ export default defineConfig({
                 WORKER_BINDINGS: JSON.stringify({
                   "bitware-content-granulator": "CONTENT_GRANULATOR",
                   "bitware-capped-granulator": "CAPPED_GRANULATOR",
+                  "bitware-graph-granulator": "GRAPH_GRANULATOR",
                 }),
               },
               serviceBindings: {
                 CAPPED_GRANULATOR: "bitware-capped-granulator",
+                GRAPH_GRANULATOR: "bitware-graph-granulator",
                 RPC_PROBE: "rpc-probe",
                 // The Analytics Engine dataset, as a real worker that keeps what is written (test/support/metrics-sink-worker.js).
                 METRICS: { name: "metrics-sink", entrypoint: "Dataset" },
@@ -119,6 +121,8 @@ export default defineConfig({
                 granulator("bitware-content-granulator"),
                 // A second instance for tests that need a worker (and its pool and counters) to themselves.
                 granulator("bitware-capped-granulator"),
+                // The pipeline graph tests' own instance (test/workers/graph.test.ts).
+                granulator("bitware-graph-granulator"),
               ],
             },
           }),

@@ -24,6 +24,21 @@ export const STAGE_TRANSITIONS: Record<StageStatus, readonly StageStatus[]> = {
   cancelled: [],
 };
 
+/**
+ * A fan-out stage's own row: it never reserves or calls a worker itself, its
+ * items do. `processing` while its items run; `completed` at once for an empty list.
+ */
+export const FAN_OUT_TRANSITIONS: Record<StageStatus, readonly StageStatus[]> = {
+  pending: ["processing", "completed", "failed", "cancelled"],
+  awaiting_approval: [],
+  waiting_resources: [],
+  handshaking: [],
+  processing: ["completed", "failed", "cancelled"],
+  completed: [],
+  failed: [],
+  cancelled: [],
+};
+
 export const EXECUTION_TRANSITIONS: Record<ExecutionStatus, readonly ExecutionStatus[]> = {
   queued: ["running", "paused", "failed", "cancelled"],
   running: ["completed", "paused", "failed", "cancelled"],
@@ -34,8 +49,8 @@ export const EXECUTION_TRANSITIONS: Record<ExecutionStatus, readonly ExecutionSt
   cancelled: [],
 };
 
-export function canMoveStage(from: StageStatus, to: StageStatus): boolean {
-  return STAGE_TRANSITIONS[from].includes(to);
+export function canMoveStage(from: StageStatus, to: StageStatus, fanOut = false): boolean {
+  return (fanOut ? FAN_OUT_TRANSITIONS : STAGE_TRANSITIONS)[from].includes(to);
 }
 
 export function canMoveExecution(from: ExecutionStatus, to: ExecutionStatus): boolean {

@@ -51,6 +51,15 @@ export const Cost = z.object({
 });
 export type Cost = z.infer<typeof Cost>;
 
+export const ItemCounts = z.object({
+  total: z.number(),
+  pending: z.number(),
+  running: z.number(),
+  completed: z.number(),
+  failed: z.number(),
+  cancelled: z.number(),
+});
+
 export const StageDocument = z.object({
   stage_id: z.string(),
   order: z.number(),
@@ -77,6 +86,15 @@ export const StageDocument = z.object({
   decision: z.object({ approved: z.boolean(), by: z.enum(["kam", "ops"]), comment: z.string().nullable(), at: z.string() }).optional(),
   /** The current attempt's span (W3C trace context), the parent of the worker's spans; null before the first attempt. */
   span_id: z.string().nullable(),
+  /** The stage ids this stage waits for (an item: its fan-out stage's). */
+  depends_on: z.array(z.string()),
+  /** Fan-out stages: the JSON Pointer their items come from, and how many run at once. */
+  for_each: z.string().optional(),
+  max_parallel: z.number().optional(),
+  /** Fan-out stages: item counts by state; null until the dependency completed and the list is known. */
+  items: ItemCounts.nullable().optional(),
+  /** Items: the position in the list (the item id is `{stage_id}.{item_index}`). */
+  item_index: z.number().optional(),
 });
 export type StageDocument = z.infer<typeof StageDocument>;
 
@@ -168,6 +186,24 @@ export type LiveTicket = z.infer<typeof LiveTicket>;
 /** What the live socket sends: the status document, on connect and after every change (the last one before it closes when the execution ended). */
 export const LiveMessage = z.object({ type: z.literal("status"), document: StatusDocument });
 export type LiveMessage = z.infer<typeof LiveMessage>;
+/** `?cursor=&limit=` of the items route: cursor is the item index to start from (a `next_cursor`). */
+export const ItemsQuery = z
+  .object({
+    cursor: z.string().regex(/^\d{1,6}$/, "must be a next_cursor from an earlier page").optional(),
+    limit: z.coerce.number().int().min(1).max(500).default(100),
+  })
+  .strict();
+
+/** `GET /executions/:id/stages/:stage_id/items`: a page of a fan-out stage's items, in item order. */
+export const ItemsPage = z.object({
+  execution_id: z.string(),
+  stage_id: z.string(),
+  total: z.number().nullable(),
+  items: z.array(StageDocument),
+  /** Pass as `cursor` for the next page; null on the last. */
+  next_cursor: z.string().nullable(),
+});
+export type ItemsPage = z.infer<typeof ItemsPage>;
 
 /** The deliverable: inline when small; otherwise `output` is null and `output_reference` + `content_url` lead to the bytes. */
 export const ResultDocument = z.object({

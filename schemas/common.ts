@@ -10,8 +10,9 @@ export const EXECUTION_ID_RE = /^exec_\d{13}_[A-Za-z0-9_-]{12,32}$/;
 export const ExecutionId = z.string().regex(EXECUTION_ID_RE, "must look like exec_{unix ms}_{id}");
 
 /** Stage ids are `stage_{order}` within their execution. */
-export const STAGE_ID_RE = /^stage_\d{1,3}$/;
-export const StageId = z.string().regex(STAGE_ID_RE, "must look like stage_{n}");
+/** A stage `stage_{n}`, or item `i` of a fan-out stage: `stage_{n}.{i}`. */
+export const STAGE_ID_RE = /^stage_\d{1,3}(\.\d{1,6})?$/;
+export const StageId = z.string().regex(STAGE_ID_RE, "must look like stage_{n} or stage_{n}.{i}");
 
 /** Safe character sets and lengths for names that end up in keys, logs and URLs. */
 export const TemplateName = z

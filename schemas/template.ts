@@ -11,6 +11,16 @@ export const WorkerStage = z.object({
   timeout_ms: z.number().int().min(100).max(24 * 3600 * 1000).optional(),
   max_attempts: z.number().int().min(1).max(10).optional(),
   resources: PoolAmounts.optional(),
+  /** Stage numbers this stage waits for. Absent: the next lower stage number (none for the lowest); `[]`: none. */
+  depends_on: z.array(z.number().int().min(1).max(100)).max(50).optional(),
+  /** RFC 6901 JSON Pointer into the single dependency's output; the stage runs once per element of that array. */
+  for_each: z
+    .string()
+    .max(256)
+    .regex(/^(\/([^~]|~[01])*)*$/, "must be a JSON Pointer (RFC 6901): empty, or /-separated tokens")
+    .optional(),
+  /** At most this many items of a fan-out stage reserved or running at once. */
+  max_parallel: z.number().int().min(1).max(100).optional(),
 });
 export type WorkerStage = z.infer<typeof WorkerStage>;
 

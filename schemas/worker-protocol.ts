@@ -17,7 +17,13 @@ export const HandshakeRequest = z.object({
   inputData: z.object({
     parameters: z.record(z.string(), z.unknown()),
     template_ref: z.string(),
+    /** The output of the stage's single dependency; null when it has none or several. */
     previousOutput: z.unknown().nullable(),
+    /** One entry per dependency: stage id -> that stage's output (`{}` without dependencies). */
+    inputs: z.record(z.string(), z.unknown()).default({}),
+    /** For an item of a fan-out stage: the element of the list and its position. */
+    item: z.unknown().optional(),
+    item_index: z.number().int().min(0).optional(),
   }),
   dataReference: DataReference.optional(),
   resourceRequirements: z.object({

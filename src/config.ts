@@ -49,6 +49,9 @@ export const DEFAULT_TUNING = {
   notifyRetryBaseMs: 1_000,
   notifyRetryCapMs: 10 * 60_000,
   notifyRetryWindowMs: 24 * 3600_000,
+  /** Pipeline graph: items a fan-out stage may have (at most 99,999), and items of one execution reserved or running at once. */
+  maxFanOutItems: 1_000,
+  maxRunningItems: 100,
   /** Alarm runs that may fail in a row before the execution is failed with the reason. */
   maxAlarmFailures: 5,
   /** A request_id maps to its execution this long after its first claim (far longer than any client's retry window), then it expires. */

@@ -1,8 +1,8 @@
 import { z } from "zod";
-import { DecisionRequest, ExecuteRequest, type ExecuteResponse, type LiveTicket, type ResultDocument, type StatusDocument } from "../schemas/api";
+import { DecisionRequest, ExecuteRequest, type ExecuteResponse, ItemsQuery, type ItemsPage, type LiveTicket, type ResultDocument, type StatusDocument } from "../schemas/api";
 import { ExecutionId, StageId } from "../schemas/common";
 import { CompleteCallback, FailCallback, ProgressCallback } from "../schemas/worker-protocol";
-import type { CallbackKind, CancelState, DecideState, Execution, PauseState, ResultState, ResumeState } from "../actors/execution/index";
+import type { CallbackKind, CancelState, DecideState, Execution, ItemsState, PauseState, ResultState, ResumeState } from "../actors/execution/index";
 import type { ClaimResult, RequestRegistry } from "../actors/request-registry";
 import type { DataReference } from "../schemas/data";
 import { type Role, verifyToken } from "./auth";
@@ -122,6 +122,17 @@ export async function getStatus(env: Env, id: unknown): Promise<StatusDocument> 
   const doc = await call(env, executionStub(env, executionId).getStatus(), "execution status");
   if (!doc) throw new ApiError(404, "not_found", `no execution ${executionId}`);
   return doc;
+}
+
+/** A page of a fan-out stage's items (404 for an unknown stage, 409 for a stage that is not a fan-out). */
+export async function getItems(env: Env, id: unknown, stageId: unknown, query: URLSearchParams): Promise<ItemsPage> {
+  const executionId = checkExecutionId(id);
+  const stage = parseWith(StageId, stageId, "stage id");
+  const q = parseWith(ItemsQuery, Object.fromEntries(query), "query");
+  const r = await call<ItemsState>(env, executionStub(env, executionId).getItems(stage, Number(q.cursor ?? 0), q.limit), "execution items");
+  if (r.state === "missing") throw new ApiError(404, "not_found", `no stage ${stage} in execution ${executionId}`);
+  if (r.state === "not_fan_out") throw new ApiError(409, "not_fan_out", `${stage} has no items: it has no for_each`);
+  return { execution_id: executionId, stage_id: stage, total: r.total, items: r.items, next_cursor: r.next_cursor };
 }
 
 /** The completed execution's result, or the 404 / 409 / 410 that explains why there is none. */

@@ -18,6 +18,7 @@ import {
   checkExecutionId,
   getResult,
   getResultContent,
+  getItems,
   getStatus,
   isCallbackKind,
   readData,
@@ -115,6 +116,11 @@ route("get", "/executions/:id/result", async (req, env) => {
 route("get", "/executions/:id/result/content", async (req, env) => {
   requireRole(req, env, ["kam", "ops"]);
   return getResultContent(env, req.params.id);
+});
+
+route("get", "/executions/:id/stages/:stageId/items", async (req, env) => {
+  requireRole(req, env, ["kam", "ops"]);
+  return json(await getItems(env, req.params.id, req.params.stageId, new URL(req.url).searchParams));
 });
 
 route("post", "/executions/:id/cancel", async (req, env) => {

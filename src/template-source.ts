@@ -1,3 +1,4 @@
+import { resolveGraph } from "../actors/execution/graph";
 import { z } from "zod";
 import { type MasterTemplate, MasterTemplateResponse, PipelineStages, TemplateStage } from "../schemas/template";
 import { remember } from "./bounded-memo";
@@ -43,6 +44,9 @@ export function parseTemplate(body: z.output<typeof MasterTemplateResponse>): Ma
       .map((i) => `pipeline_stages.${i.path}: ${i.message}`)
       .join("; ");
   }
+  // The graph (depends_on, for_each) is checked here too, so a bad one fails before any stage reserves.
+  const graph = resolveGraph(stages.data);
+  if (!graph.ok) return `pipeline_stages: ${graph.message}`;
   return { template_id: body.template_id, template_name: body.template_name, stages: stages.data };
 }
 

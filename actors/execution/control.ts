@@ -1,6 +1,6 @@
 import type { StageDocument } from "../../schemas/api";
 import { isTerminalExecution } from "../stage-machine";
-import type { Core, StageRow } from "./store";
+import { type Core, type StageRow, dependsOn } from "./store";
 import { completeStage, failAttempt, indexUpdate, moveStage, releaseReservation } from "./transitions";
 
 /**
@@ -41,14 +41,14 @@ export function pauseExecution(c: Core, now: number): void {
   const ex = c.store.row()!;
   if (ex.status === "paused" || isTerminalExecution(ex.status)) return;
   c.sql`UPDATE execution SET status = 'paused', paused_from = ${ex.status}, paused_at = ${now} WHERE id = 1`;
-  for (const st of c.store.stages()) {
-    if (st.status !== "waiting_resources") continue;
+  // Every stage and item waiting for resources, in parallel stages and fan-outs alike.
+  for (const st of c.store.unitsIn("waiting_resources")) {
     releaseReservation(c, st, now);
     moveStage(c, st, "pending", now, { message: "paused: the reservation was given back" });
     c.sql`UPDATE stages SET max_attempts = max_attempts + 1, waiting_ms = waiting_ms + ${now - (st.waiting_since ?? now)}, waiting_since = NULL
       WHERE stage_id = ${st.stage_id}`;
   }
-  c.timers.clear("reask");
+  c.timers.clearMany(["reask"]);
   indexUpdate(c, now);
   c.notifier.emit("execution.paused", {}, now);
   c.store.log("info", "execution_status", { status: "paused", from: ex.status });
@@ -61,9 +61,10 @@ export function resumeExecution(c: Core, now: number): void {
   const to = ex.paused_from === "queued" ? "queued" : "running";
   c.sql`UPDATE execution SET status = ${to}, paused_from = NULL, paused_at = NULL,
     paused_ms = paused_ms + ${now - (ex.paused_at ?? now)} WHERE id = 1`;
-  // A stage whose attempt was given back starts again now; one waiting out a retry backoff keeps its timer.
-  const st = c.store.stages().find((s) => s.status !== "completed");
-  if (st && st.status === "pending" && st.attempt > 0 && !c.timers.has("retry")) c.timers.set("retry", now);
+  // A stage or item whose attempt was given back starts again now; one waiting out a retry backoff keeps its timer.
+  for (const st of c.store.unitsIn("pending")) {
+    if (st.attempt > 0 && !c.timers.has("retry", st.stage_id)) c.timers.set("retry", now, st.stage_id);
+  }
   indexUpdate(c, now);
   c.notifier.emit("execution.resumed", {}, now);
   c.store.log("info", "execution_status", { status: to, resumed: true, paused_ms: now - (ex.paused_at ?? now) });
@@ -75,7 +76,7 @@ export function resumeExecution(c: Core, now: number): void {
 export function awaitApproval(c: Core, st: StageRow, now: number): void {
   moveStage(c, st, "awaiting_approval", now, { message: "awaiting approval" });
   c.sql`UPDATE stages SET attempt = 1, started_at = COALESCE(started_at, ${now}), deadline_at = ${now + st.timeout_ms} WHERE stage_id = ${st.stage_id}`;
-  c.timers.set("approval", now + st.timeout_ms);
+  c.timers.set("approval", now + st.timeout_ms, st.stage_id);
   c.notifier.emit("stage.awaiting_approval", { stage_id: st.stage_id }, now);
 }
 
@@ -87,11 +88,13 @@ export type Decision = NonNullable<StageDocument["decision"]>;
  * Reject: the stage fails with `approval_rejected`, and so does the execution.
  */
 export function decideApproval(c: Core, st: StageRow, decision: Decision, now: number): void {
-  c.timers.clear("approval");
+  c.timers.clear("approval", st.stage_id);
   c.sql`UPDATE stages SET decision = ${JSON.stringify(decision)}, deadline_at = NULL WHERE stage_id = ${st.stage_id}`;
   c.store.log("info", "approval_decided", { stage_id: st.stage_id, approved: decision.approved, by: decision.by });
   if (decision.approved) {
-    const input = c.store.stages().find((s) => s.ord === st.ord - 1) ?? null;
+    // What it passes on: its one dependency's output (none or several: null).
+    const deps = dependsOn(st);
+    const input = deps.length === 1 ? c.store.stage(deps[0]) : null;
     const output = input?.output_ref ? { inline: null, ref: JSON.parse(input.output_ref) } : { inline: input?.output ?? "null", ref: null };
     completeStage(c, c.store.stage(st.stage_id)!, output, {}, now, null);
     c.sql`UPDATE stages SET message = ${decision.comment ? `approved by ${decision.by}: ${decision.comment}` : `approved by ${decision.by}`} WHERE stage_id = ${st.stage_id}`;

@@ -5,7 +5,8 @@ import type { IndexEntry } from "../../schemas/index-entry";
 import type { Config } from "../../src/config";
 import { costOf } from "../../src/cost";
 import type { StartResult } from "./index";
-import { type ExecutionRow, ISO, type StageRow, parse } from "./store";
+import { DEFAULT_MAX_PARALLEL } from "./graph";
+import { type ExecutionRow, ISO, ITEM_ORD_STRIDE, type ItemCounts, type StageRow, dependsOn, isFanOut, parse } from "./store";
 
 /** Pure projections of the rows: what `start` answers, the status document, the index summary. */
 
@@ -20,41 +21,65 @@ export function startSummary(ex: ExecutionRow, created: boolean, defaultStageDur
   };
 }
 
+/**
+ * A stage's (or an item's) document. A fan-out stage adds its item counts (null
+ * until its list is known); an item carries its stage's `depends_on`.
+ */
+export function stageDocument(
+  s: StageRow,
+  now: number,
+  prices: Config["prices"],
+  opts: { counts?: Map<string, ItemCounts>; parent?: StageRow; trace: TraceContext | null },
+): StageDocument {
+  const { counts, parent, trace } = opts;
+  const usage = parse<Record<string, number>>(s.usage);
+  const doc: StageDocument = {
+    stage_id: s.stage_id,
+    order: s.parent === null ? s.ord : Math.floor(s.ord / ITEM_ORD_STRIDE),
+    worker: s.worker,
+    template_ref: s.template_ref,
+    action: s.action,
+    status: s.status,
+    attempts: s.attempt,
+    max_attempts: s.max_attempts,
+    progress: s.progress,
+    message: s.message,
+    started_at: ISO(s.started_at),
+    completed_at: ISO(s.completed_at),
+    waiting_ms: s.waiting_ms + (s.waiting_since !== null ? now - s.waiting_since : 0),
+    processing_ms: s.processing_ms + (s.processing_since !== null ? now - s.processing_since : 0),
+    error: parse<ErrorInfo>(s.error) ?? (s.status === "pending" ? parse<ErrorInfo>(s.last_error) : null),
+    last_error: parse<ErrorInfo>(s.last_error),
+    usage,
+    cost: usage ? costOf([{ stage_id: s.stage_id, usage }], prices).total : null,
+    depends_on: dependsOn(parent ?? s),
+    span_id: trace && s.attempt > 0 ? attemptSpanId(trace, s.stage_id, s.attempt) : null,
+    type: s.kind === "approval" ? "approval" : "worker",
+    ...(s.decision ? { decision: parse<NonNullable<StageDocument["decision"]>>(s.decision)! } : {}),
+  };
+  if (s.parent !== null) doc.item_index = s.item_index!;
+  if (isFanOut(s)) {
+    const c = counts?.get(s.stage_id);
+    doc.items = s.items_total === null ? null : (c ?? { total: 0, pending: 0, running: 0, completed: 0, failed: 0, cancelled: 0 });
+    doc.for_each = s.for_each!;
+    doc.max_parallel = s.max_parallel ?? DEFAULT_MAX_PARALLEL;
+    // A fan-out stage's progress is its items': the share completed.
+    if (doc.items && doc.items.total > 0 && s.status === "processing") doc.progress = Math.round((doc.items.completed / doc.items.total) * 1000) / 10;
+  }
+  return doc;
+}
+
 export function statusDocument(
   ex: ExecutionRow,
   rows: StageRow[],
   now: number,
   prices: Config["prices"],
+  counts: Map<string, ItemCounts>,
   notifications: NotificationsDocument,
   trace: TraceContext | null,
 ): StatusDocument {
   const cost = parse<StatusDocument["cost"]>(ex.cost);
-  const stages: StageDocument[] = rows.map((s) => {
-    const usage = parse<Record<string, number>>(s.usage);
-    return {
-      stage_id: s.stage_id,
-      order: s.ord,
-      worker: s.worker,
-      template_ref: s.template_ref,
-      action: s.action,
-      status: s.status,
-      attempts: s.attempt,
-      max_attempts: s.max_attempts,
-      progress: s.progress,
-      message: s.message,
-      started_at: ISO(s.started_at),
-      completed_at: ISO(s.completed_at),
-      waiting_ms: s.waiting_ms + (s.waiting_since !== null ? now - s.waiting_since : 0),
-      processing_ms: s.processing_ms + (s.processing_since !== null ? now - s.processing_since : 0),
-      error: parse<ErrorInfo>(s.error) ?? (s.status === "pending" ? parse<ErrorInfo>(s.last_error) : null),
-      last_error: parse<ErrorInfo>(s.last_error),
-      usage,
-      cost: usage ? costOf([{ stage_id: s.stage_id, usage }], prices).total : null,
-      span_id: trace && s.attempt > 0 ? attemptSpanId(trace, s.stage_id, s.attempt) : null,
-      type: s.kind === "approval" ? "approval" : "worker",
-      ...(s.decision ? { decision: parse<NonNullable<StageDocument["decision"]>>(s.decision)! } : {}),
-    };
-  });
+  const stages = rows.map((s) => stageDocument(s, now, prices, { counts, trace }));
   return {
     execution_id: ex.execution_id,
     status: ex.status,

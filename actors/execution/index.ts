@@ -1,5 +1,5 @@
 import { DurableObject } from "cloudflare:workers";
-import type { ExecutionStatus, StageStatus, StatusDocument } from "../../schemas/api";
+import type { ExecutionStatus, StageDocument, StageStatus, StatusDocument } from "../../schemas/api";
 import type { Priority } from "../../schemas/common";
 import type { DataReference } from "../../schemas/data";
 import type { GrantNotice } from "../../schemas/ledger";
@@ -12,12 +12,13 @@ import type { TraceContext } from "../../src/trace";
 import { emit } from "../../src/metrics";
 import { sqlOf } from "../sql";
 import { type StageFailure, isOnWorker, isTerminalExecution, isTerminalStage } from "../stage-machine";
-import { startSummary, statusDocument } from "./documents";
 import { type Decision, approvalTimedOut, awaitApproval, decideApproval, migrateControl, pauseExecution, resumeExecution } from "./control";
+import { stageDocument, startSummary, statusDocument } from "./documents";
 import { EVENTS_SCHEMA, Notifier } from "./notify";
 import { Outbox } from "./outbox";
 import * as step from "./steps";
-import { type Core, type ExecutionRow, SCHEMA, type StageRow, Store, type StoredOutput, parse } from "./store";
+import { DEFAULT_MAX_PARALLEL, itemSlots, readyStages } from "./graph";
+import { type Core, type ExecutionRow, SCHEMA, type StageRow, Store, type StoredOutput, dependsOn, isFanOut, migrate, parse } from "./store";
 import { Timers, WATCHDOG_MS } from "./timers";
 import * as tx from "./transitions";
 
@@ -82,6 +83,10 @@ export type PauseState =
   | { state: "already_terminal"; status: StatusDocument }
   | { state: "paused"; status: StatusDocument };
 export type ResumeState = { state: "missing" } | { state: "not_paused"; status: StatusDocument } | { state: "resumed"; status: StatusDocument };
+export type ItemsState =
+  | { state: "missing" }
+  | { state: "not_fan_out" }
+  | { state: "ok"; total: number | null; items: StageDocument[]; next_cursor: string | null };
 
 export type DecideState =
   | { state: "missing" }
@@ -94,6 +99,19 @@ export interface CallbackAnswer {
   status: 200 | 404 | 409;
   body: { ok: true; stage_status: StageStatus; duplicate?: boolean } | { error: { code: string; message: string } };
 }
+
+/** A piece of work a drive pass runs: `key` names it, `sig` is where its stage stood when planned. */
+interface Work {
+  key: string;
+  sig: string;
+  run: () => Promise<void>;
+}
+
+/** Bounds that keep a pass from spinning (each plan follows one piece of work coming back). */
+const MAX_PLANS_PER_PASS = 100_000;
+const MAX_STEPS_PER_RUN = 50;
+
+const unitSignature = (st: StageRow) => `${st.status}#${st.attempt}#${st.reservation ?? ""}`;
 
 export class Execution extends DurableObject<Env> {
   readonly #config: Config;
@@ -127,6 +145,7 @@ export class Execution extends DurableObject<Env> {
     ctx.blockConcurrencyWhile(async () => {
       ctx.storage.sql.exec(SCHEMA + EVENTS_SCHEMA);
       migrateControl(ctx.storage);
+      migrate(ctx.storage);
       this.#timers.known(await ctx.storage.getAlarm());
     });
   }
@@ -265,6 +284,18 @@ export class Execution extends DurableObject<Env> {
     return { status: 200, body: { ok: true, stage_status: this.#store.stage(stageId)!.status } };
   }
 
+  /** A fan-out stage's items from `cursor` (an item index), at most `limit`, in item order. */
+  async getItems(stageId: string, cursor: number, limit: number): Promise<ItemsState> {
+    const ex = this.#store.row();
+    const st = ex ? this.#store.stage(stageId) : null;
+    if (!ex || !st || st.parent !== null) return { state: "missing" };
+    if (!isFanOut(st)) return { state: "not_fan_out" };
+    const now = Date.now();
+    const rows = this.#store.items(stageId, cursor, limit + 1);
+    const page = rows.slice(0, limit).map((r) => stageDocument(r, now, this.#config.prices, { parent: st, trace: this.#store.trace() }));
+    return { state: "ok", total: st.items_total, items: page, next_cursor: rows.length > limit ? String(rows[limit].item_index) : null };
+  }
+
   /** Records a worker's upload (streamed to R2 by the front Worker) so a later `complete` may name it. */
   async registerUpload(stageId: string, attempt: number, ref: DataReference): Promise<{ ok: true } | { ok: false; code: string; message: string }> {
     const st = this.#store.stage(stageId);
@@ -354,6 +385,8 @@ export class Execution extends DurableObject<Env> {
     const ex = this.#store.row();
     const st = ex ? this.#store.stage(stageId) : null;
     if (!ex || !st) return { status: 404, body: { error: { code: "not_found", message: "no such execution or stage" } } };
+    // A fan-out stage runs on no worker itself: its items do, under their own ids.
+    if (isFanOut(st)) return { status: 404, body: { error: { code: "not_found", message: `${stageId} runs as items (${stageId}.{i}); no worker holds it` } } };
     const conflict = (code: string, message: string): CallbackAnswer => ({ status: 409, body: { error: { code, message } } });
     if (ex.status === "cancelled" || st.status === "cancelled") return conflict("execution_cancelled", "the execution was cancelled");
     if (attempt !== st.attempt) return conflict("stale_attempt", `this token is for attempt ${attempt}; the stage is on attempt ${st.attempt}`);
@@ -400,7 +433,7 @@ export class Execution extends DurableObject<Env> {
   }
 
   #document(ex: ExecutionRow): StatusDocument {
-    return statusDocument(ex, this.#store.stages(), Date.now(), this.#config.prices, this.#c.notifier.document(), this.#store.trace());
+    return statusDocument(ex, this.#store.stages(), Date.now(), this.#config.prices, this.#store.itemCounts(), this.#c.notifier.document(), this.#store.trace());
   }
 
   /** Starts a drive pass in the background (coalesced with one already queued). */
@@ -460,24 +493,101 @@ export class Execution extends DurableObject<Env> {
     // New outbox messages go out as they are written (enqueue); this picks up redeliveries that are due.
     this.#c.outbox.flush();
     this.#c.notifier.pump(Date.now());
-    for (let guard = 0; guard < 100; guard++) {
+    // Ready stages and items move concurrently: each piece of work runs its
+    // own awaited steps, and the pass plans again whenever one of them comes
+    // back. A piece that came back waiting (for an event or a timer) is not
+    // planned again in this pass unless its stage moved meanwhile (a callback
+    // or a grant notice did it); its timers wake the next pass.
+    const running = new Map<string, Promise<string>>();
+    const idle = new Map<string, string>();
+    let failure: { err: unknown } | null = null;
+    for (let guard = 0; guard < MAX_PLANS_PER_PASS; guard++) {
       const ex = this.#store.row();
-      if (!ex) return;
-      if (isTerminalExecution(ex.status)) {
-        if (this.#timers.take("retention")) await step.expireData(this.#c);
-        return;
+      if (ex && !isTerminalExecution(ex.status) && !failure) {
+        for (const work of ex.template_id ? this.#plan() : [this.#templateWork()]) {
+          if (running.has(work.key) || idle.get(work.key) === work.sig) continue;
+          const run = work.run().then(
+            () => work.key,
+            (err) => {
+              failure ??= { err };
+              return work.key;
+            },
+          );
+          running.set(work.key, run);
+        }
       }
-      if (!ex.template_id) {
-        if (!(await step.loadTemplateStep(this.#c))) return;
+      if (running.size === 0) break;
+      const done = await Promise.race(running.values());
+      running.delete(done);
+      idle.set(done, this.#signature(done));
+    }
+    await Promise.all(running.values());
+    if (failure) throw (failure as { err: unknown }).err;
+    const ex = this.#store.row();
+    if (ex && isTerminalExecution(ex.status) && this.#timers.take("retention")) await step.expireData(this.#c);
+  }
+
+  #templateWork(): Work {
+    return { key: "template", sig: "", run: async () => void (await step.loadTemplateStep(this.#c)) };
+  }
+
+  /**
+   * What can move now (synchronous; graph.ts decides): every stage whose
+   * dependencies completed, the items of running fan-out stages within their
+   * `max_parallel` and the execution's `maxRunningItems`, a fan-out stage to
+   * expand or to gather, and the execution's completion.
+   */
+  #plan(): Work[] {
+    const c = this.#c;
+    // Paused: only work already on a worker goes on (to its end), and an approval's deadline runs; nothing starts, nothing completes.
+    if (this.#store.row()!.status === "paused") return this.#store.onWorker().map((st) => this.#unitWork(st));
+    const stages = this.#store.stages();
+    if (stages.every((s) => s.status === "completed")) {
+      return [{ key: "complete", sig: "", run: () => step.completeExecution(c) }];
+    }
+    const work: Work[] = [];
+    const ready = new Set(readyStages(stages.map((s) => ({ ...s, depends_on: dependsOn(s) }))).map((s) => s.stage_id));
+    const t = this.#config.tuning;
+    let activeInExecution = this.#store.activeItems();
+    for (const st of stages) {
+      if (isFanOut(st)) {
+        if (st.status === "pending" && ready.has(st.stage_id)) work.push({ key: `expand:${st.stage_id}`, sig: st.status, run: () => step.expandFanOut(c, st) });
+        if (st.status !== "processing") continue;
+        const counts = this.#store.itemCounts().get(st.stage_id);
+        if (counts && counts.completed === counts.total) {
+          work.push({ key: `fan_in:${st.stage_id}`, sig: st.status, run: () => step.fanIn(c, st) });
+          continue;
+        }
+        const slots = itemSlots(st.max_parallel ?? DEFAULT_MAX_PARALLEL, this.#store.activeItems(st.stage_id), activeInExecution, t.maxRunningItems);
+        activeInExecution += slots;
+        for (const item of this.#store.steppableItems(st.stage_id, slots)) work.push(this.#unitWork(item));
         continue;
       }
-      const st = this.#store.stages().find((s) => s.status !== "completed");
-      // Paused: only work already on a worker goes on (to its end), and an approval's deadline runs; nothing starts, nothing completes.
-      if (ex.status === "paused" && !(st && (isOnWorker(st.status) || st.status === "awaiting_approval"))) return;
-      if (!st) {
-        tx.completeExecution(this.#c, Date.now());
-        continue;
-      }
+      if (isTerminalStage(st.status) || (st.status === "pending" && !ready.has(st.stage_id))) continue;
+      work.push(this.#unitWork(st));
+    }
+    return work;
+  }
+
+  #unitWork(st: StageRow): Work {
+    return { key: st.stage_id, sig: unitSignature(st), run: () => this.#runUnit(st.stage_id) };
+  }
+
+  /** Where a piece of work's stage stands: planning it again is worth it only once this changed. */
+  #signature(key: string): string {
+    if (key === "template" || key === "complete") return "";
+    const st = this.#store.stage(key.includes(":") ? key.slice(key.indexOf(":") + 1) : key);
+    if (!st) return "";
+    return key.includes(":") ? st.status : unitSignature(st);
+  }
+
+  /** Steps one stage or item until it waits for an event or a timer. */
+  async #runUnit(stageId: string): Promise<void> {
+    for (let i = 0; i < MAX_STEPS_PER_RUN; i++) {
+      const ex = this.#store.row();
+      const st = this.#store.stage(stageId);
+      if (!ex || !st || isTerminalExecution(ex.status) || isTerminalStage(st.status)) return;
+      if (ex.status === "paused" && !isOnWorker(st.status) && st.status !== "awaiting_approval") return;
       if (!(await this.#stepStage(st))) return;
     }
   }
@@ -491,13 +601,13 @@ export class Execution extends DurableObject<Env> {
           awaitApproval(this.#c, st, now);
           return false;
         }
-        if (st.attempt > 0 && !this.#timers.take("retry")) return false;
+        if (st.attempt > 0 && !this.#timers.take("retry", st.stage_id)) return false;
         tx.beginAttempt(this.#c, st, now);
         return true;
       }
       case "awaiting_approval": {
         if (st.deadline_at === null || now < st.deadline_at) return false;
-        this.#timers.take("approval");
+        this.#timers.take("approval", st.stage_id);
         approvalTimedOut(this.#c, st, now);
         return true;
       }
@@ -507,13 +617,13 @@ export class Execution extends DurableObject<Env> {
         return step.handshake(this.#c, st);
       case "processing": {
         if (st.deadline_at !== null && now >= st.deadline_at) {
-          this.#timers.take("deadline");
+          this.#timers.take("deadline", st.stage_id);
           tx.failAttempt(this.#c, st, { code: "stage_timeout", message: `no result within ${st.timeout_ms} ms`, retryable: true }, now);
           return true;
         }
         // The renewal goes out beside the poll: a slow ledger must not hold up the stage's progress.
-        if (this.#timers.take("lease")) void step.renewLease(this.#c, st);
-        if (this.#timers.take("poll")) return step.poll(this.#c, st);
+        if (this.#timers.take("lease", st.stage_id)) void step.renewLease(this.#c, st);
+        if (this.#timers.take("poll", st.stage_id)) return step.poll(this.#c, st);
         return false;
       }
       default:

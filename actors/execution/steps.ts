@@ -2,14 +2,15 @@ import type { DataReference } from "../../schemas/data";
 import type { ReserveResult } from "../../schemas/ledger";
 import type { ProgressResponse } from "../../schemas/worker-protocol";
 import { issueStageTokens } from "../../src/auth";
-import { DATA_LIMITS, deleteExecutionData, putBytes, verifyStored } from "../../src/data-store";
+import { DATA_LIMITS, deleteExecutionData, putBytes, readText, verifyStored } from "../../src/data-store";
 import { estimateTotalMs } from "../../src/estimates";
 import { ledgerFor } from "../../src/ledger-routing";
 import { withTimeout } from "../../src/outbound";
 import { loadTemplate } from "../../src/template-source";
 import { WorkerClient } from "../../src/worker-client";
 import { type StageFailure, isTerminalExecution, isTerminalStage } from "../stage-machine";
-import { type Core, type StageRow, type StoredOutput, parse } from "./store";
+import { fanOutItems, sinks } from "./graph";
+import { type Core, type StageRow, type StoredOutput, dependsOn, parse } from "./store";
 import * as tx from "./transitions";
 
 /**
@@ -51,8 +52,9 @@ export async function estimateCompletion(c: Core): Promise<void> {
 }
 
 export async function askLedger(c: Core, st: StageRow): Promise<boolean> {
-  if (st.reservation === "waiting" && !c.timers.take("reask")) return false;
-  if (st.reservation === "requested" && c.timers.has("reask") && !c.timers.take("reask")) return false;
+  const id = st.stage_id;
+  if (st.reservation === "waiting" && !c.timers.take("reask", id)) return false;
+  if (st.reservation === "requested" && c.timers.has("reask", id) && !c.timers.take("reask", id)) return false;
   const ex = c.store.row()!;
   const ledger = ledgerFor(c.env);
   const t = c.config.tuning;
@@ -84,7 +86,7 @@ export async function askLedger(c: Core, st: StageRow): Promise<boolean> {
     if (ride) c.outbox.settled(ride, null);
     // The ledger is slow or down: keep waiting, ask again later.
     c.store.log("warn", "ledger_reserve_failed", { stage_id: st.stage_id, attempt: st.attempt, error: String(err) });
-    c.timers.set("reask", Date.now() + t.ledgerReaskMs);
+    c.timers.set("reask", Date.now() + t.ledgerReaskMs, id);
     return false;
   }
   const now = Date.now();
@@ -125,17 +127,23 @@ export async function handshake(c: Core, st: StageRow): Promise<boolean> {
     tx.failAttempt(c, st, { code: "worker_not_bound", message: `no service binding serves worker ${st.worker} (see WORKER_BINDINGS)`, retryable: false }, now);
     return true;
   }
-  const prev = c.store.stages().find((s) => s.ord === st.ord - 1) ?? null;
-  const prevRef = prev ? parse<DataReference>(prev.output_ref) : null;
-  if (prevRef) {
+  // An item's inputs are its fan-out stage's: the dependencies' outputs, whole.
+  const deps = dependenciesOf(c, st);
+  for (const dep of deps) {
+    const ref = parse<DataReference>(dep.output_ref);
+    if (!ref) continue;
     // A large input is handed over by reference; check it is whole before a worker spends time on it.
-    const check = await verifyStored(c.env, prevRef);
+    const check = await verifyStored(c.env, ref);
     if (!c.store.stillAt(st, "handshaking")) return true;
     if (!check.ok) {
-      tx.failAttempt(c, st, { code: "data_corrupt", message: `input of ${st.stage_id}: ${check.reason}`, retryable: false }, Date.now());
+      tx.failAttempt(c, st, { code: "data_corrupt", message: `input of ${st.stage_id} from ${dep.stage_id}: ${check.reason}`, retryable: false }, Date.now());
       return true;
     }
   }
+  const prev = deps.length === 1 ? deps[0] : null;
+  const prevRef = prev ? parse<DataReference>(prev.output_ref) : null;
+  const inputs = Object.fromEntries(deps.map((d) => [d.stage_id, outputAsInput(d)]));
+  const item = st.parent !== null ? { item: parse<unknown>(st.item), item_index: st.item_index! } : {};
   const requirements = parse<Record<string, number>>(st.requirements) ?? {};
   const estimatedTokens = Object.entries(requirements)
     .filter(([pool]) => pool.startsWith("tokens:"))
@@ -156,7 +164,9 @@ export async function handshake(c: Core, st: StageRow): Promise<boolean> {
       parameters: JSON.parse(ex.parameters),
       template_ref: st.template_ref,
       // By reference, previousOutput is a small summary and dataReference says where the bytes are.
-      previousOutput: prevRef ? { $ref: prevRef.key, size: prevRef.size, contentType: prevRef.contentType } : prev ? parse(prev.output) : null,
+      previousOutput: prev ? outputAsInput(prev) : null,
+      inputs,
+      ...item,
     },
     dataReference: prevRef ?? undefined,
     resourceRequirements: { estimatedTokens, timeoutMs: st.timeout_ms, pools: requirements },
@@ -238,9 +248,82 @@ export async function renewLease(c: Core, st: StageRow): Promise<void> {
     }
   } catch (err) {
     c.store.log("warn", "lease_renew_failed", { stage_id: st.stage_id, error: String(err) });
-    c.timers.set("lease", Date.now() + t.ledgerReaskMs);
+    c.timers.set("lease", Date.now() + t.ledgerReaskMs, st.stage_id);
   }
   await c.rearm().catch(() => {});
+}
+
+/** The stages a stage (or an item, through its fan-out stage) waits for, in stage order. */
+function dependenciesOf(c: Core, st: StageRow): StageRow[] {
+  const stage = st.parent === null ? st : c.store.stage(st.parent)!;
+  const ids = new Set(dependsOn(stage));
+  return c.store.stages().filter((s) => ids.has(s.stage_id));
+}
+
+/** A completed stage's output as the next stage sees it: the value, or for stored data a small summary of the reference. */
+function outputAsInput(st: StageRow): unknown {
+  const ref = parse<DataReference>(st.output_ref);
+  return ref ? { $ref: ref.key, size: ref.size, contentType: ref.contentType } : parse(st.output);
+}
+
+/** A completed stage's output value, read back from KV or R2 when it was stored by reference. */
+async function outputValue(c: Core, st: StageRow): Promise<unknown> {
+  const ref = parse<DataReference>(st.output_ref);
+  if (!ref) return parse(st.output);
+  const text = await readText(c.env, ref);
+  if (text === null) throw new Error(`output of ${st.stage_id} (${ref.key}) is missing from storage`);
+  return JSON.parse(text);
+}
+
+/**
+ * A fan-out stage whose dependency completed: the list at its `for_each`
+ * pointer becomes its items (or the stage fails with `fan_out_invalid`).
+ */
+export async function expandFanOut(c: Core, st: StageRow): Promise<void> {
+  const [dep] = dependenciesOf(c, st);
+  let value: unknown;
+  try {
+    value = await outputValue(c, dep);
+  } catch (err) {
+    if (!c.store.stillAt(st, "pending")) return;
+    tx.fanOutInvalid(c, st, `the output of ${dep.stage_id} cannot be read as JSON: ${err instanceof Error ? err.message : String(err)}`, Date.now());
+    return;
+  }
+  if (!c.store.stillAt(st, "pending")) return;
+  const found = fanOutItems(value, st.for_each!, c.config.tuning.maxFanOutItems);
+  if (found.ok) tx.expandFanOut(c, st, found.items, Date.now());
+  else tx.fanOutInvalid(c, st, found.reason, Date.now());
+}
+
+/** Every item of a fan-out stage completed: their outputs, in item order, become its output. */
+export async function fanIn(c: Core, st: StageRow): Promise<void> {
+  const outputs = c.store.items(st.stage_id).map(outputAsInput);
+  const stored = await storeOutput(c, st.stage_id, 0, outputs, undefined);
+  if (!c.store.stillAt(st, "processing")) return;
+  if ("code" in stored) tx.fanOutInvalid(c, st, stored.message, Date.now());
+  else tx.completeFanOut(c, c.store.stage(st.stage_id)!, stored, Date.now());
+}
+
+/**
+ * Every stage completed: the deliverable is the output of the one stage nothing
+ * depends on, or, with several, an object of stage id -> output.
+ */
+export async function completeExecution(c: Core): Promise<void> {
+  const stages = c.store.stages();
+  const endIds = new Set(sinks(stages.map((s) => ({ stage_id: s.stage_id, depends_on: dependsOn(s) }))).map((s) => s.stage_id));
+  const ends = stages.filter((s) => endIds.has(s.stage_id));
+  if (ends.length === 1) {
+    const only = ends[0];
+    const ref = parse<DataReference>(only.output_ref);
+    tx.completeExecution(c, ref ? { inline: null, ref } : { inline: only.output ?? "null", ref: null }, Date.now());
+    return;
+  }
+  const byStage = Object.fromEntries(ends.map((s) => [s.stage_id, outputAsInput(s)]));
+  const stored = await storeOutput(c, ends[ends.length - 1].stage_id, 0, byStage, undefined, "deliverable.json");
+  const ex = c.store.row()!;
+  if (isTerminalExecution(ex.status)) return;
+  if ("code" in stored) throw new Error(`the deliverable could not be stored: ${stored.message}`);
+  tx.completeExecution(c, stored, Date.now());
 }
 
 /**
@@ -248,7 +331,14 @@ export async function renewLease(c: Core, st: StageRow): Promise<void> {
  * JSON in KV or R2 by size, and a worker's own upload checked against the
  * checksum the front Worker computed when it streamed it in.
  */
-export async function storeOutput(c: Core, stageId: string, attempt: number, output: unknown, ref: DataReference | undefined): Promise<StoredOutput | StageFailure> {
+export async function storeOutput(
+  c: Core,
+  stageId: string,
+  attempt: number,
+  output: unknown,
+  ref: DataReference | undefined,
+  name = `a${attempt}-output.json`,
+): Promise<StoredOutput | StageFailure> {
   const ex = c.store.row()!;
   if (ref) {
     const known = c.store.dataRef(ref.key);
@@ -260,7 +350,7 @@ export async function storeOutput(c: Core, stageId: string, attempt: number, out
   const text = JSON.stringify(output ?? null);
   const bytes = new TextEncoder().encode(text);
   if (bytes.byteLength <= DATA_LIMITS.inlineMaxBytes) return { inline: text, ref: null };
-  const stored = await putBytes(c.env, ex.execution_id, stageId, `a${attempt}-output.json`, bytes, "application/json");
+  const stored = await putBytes(c.env, ex.execution_id, stageId, name, bytes, "application/json");
   tx.recordObject(c, stored, stageId, attempt, Date.now());
   return { inline: null, ref: stored };
 }

@@ -29,7 +29,9 @@ CREATE TABLE IF NOT EXISTS stages (
   started_at INTEGER, completed_at INTEGER, waiting_since INTEGER, waiting_ms INTEGER NOT NULL DEFAULT 0,
   processing_since INTEGER, processing_ms INTEGER NOT NULL DEFAULT 0, deadline_at INTEGER,
   poll_interval_ms INTEGER, poll_failures INTEGER NOT NULL DEFAULT 0, polls INTEGER NOT NULL DEFAULT 0, error TEXT, last_error TEXT,
-  usage TEXT, output TEXT, output_ref TEXT, complete_hash TEXT
+  usage TEXT, output TEXT, output_ref TEXT, complete_hash TEXT,
+  depends_on TEXT, for_each TEXT, max_parallel INTEGER, items_total INTEGER,
+  parent TEXT, item_index INTEGER, item TEXT
 );
 CREATE TABLE IF NOT EXISTS reservations (
   reservation_id TEXT PRIMARY KEY, stage_id TEXT NOT NULL, attempt INTEGER NOT NULL, created_at INTEGER NOT NULL
@@ -38,7 +40,7 @@ CREATE TABLE IF NOT EXISTS data_objects (
   key TEXT PRIMARY KEY, kind TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL,
   content_type TEXT NOT NULL, stage_id TEXT NOT NULL, attempt INTEGER NOT NULL, created_at INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS timers (name TEXT PRIMARY KEY, due_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS timers (name TEXT NOT NULL, unit TEXT NOT NULL DEFAULT '', due_at INTEGER NOT NULL, PRIMARY KEY (name, unit));
 CREATE TABLE IF NOT EXISTS trace (
   id INTEGER PRIMARY KEY CHECK (id = 1), trace_id TEXT NOT NULL, span_id TEXT NOT NULL, parent_span_id TEXT,
   flags INTEGER NOT NULL, tracestate TEXT
@@ -48,6 +50,36 @@ CREATE TABLE IF NOT EXISTS outbox (
   attempts INTEGER NOT NULL DEFAULT 0, next_at INTEGER NOT NULL
 );
 `;
+
+/** An item's `ord`: after its stage's, unique (items per stage stay below this). */
+export const ITEM_ORD_STRIDE = 100_000;
+
+/** Columns added by the pipeline graph, for objects whose tables predate it. */
+const GRAPH_COLUMNS = ["depends_on TEXT", "for_each TEXT", "max_parallel INTEGER", "items_total INTEGER", "parent TEXT", "item_index INTEGER", "item TEXT"];
+
+/**
+ * Brings an object created before the pipeline graph up to the schema: the
+ * stage columns are added (a linear stage depends on the one before it), and
+ * the timers table gains its `unit` column, the running stage's timers moving to it.
+ */
+export function migrate(storage: DurableObjectStorage): void {
+  const columns = (table: string) => new Set(storage.sql.exec(`PRAGMA table_info(${table})`).toArray().map((r) => String(r.name)));
+  const stageColumns = columns("stages");
+  if (!stageColumns.has("depends_on")) {
+    for (const col of GRAPH_COLUMNS) if (!stageColumns.has(col.split(" ")[0])) storage.sql.exec(`ALTER TABLE stages ADD COLUMN ${col}`);
+    storage.sql.exec(`UPDATE stages SET depends_on = CASE WHEN ord = 1 THEN '[]' ELSE json_array('stage_' || (ord - 1)) END WHERE depends_on IS NULL`);
+  }
+  storage.sql.exec("CREATE INDEX IF NOT EXISTS stages_by_parent ON stages (parent, status, item_index)");
+  if (!columns("timers").has("unit")) {
+    storage.sql.exec(`ALTER TABLE timers RENAME TO timers_v1;
+      CREATE TABLE timers (name TEXT NOT NULL, unit TEXT NOT NULL DEFAULT '', due_at INTEGER NOT NULL, PRIMARY KEY (name, unit));
+      INSERT INTO timers (name, unit, due_at) SELECT name,
+        CASE WHEN name IN ('poll', 'deadline', 'lease', 'reask', 'retry')
+          THEN COALESCE((SELECT stage_id FROM stages WHERE status != 'completed' ORDER BY ord LIMIT 1), '') ELSE '' END, due_at
+      FROM timers_v1;
+      DROP TABLE timers_v1;`);
+  }
+}
 
 export interface ExecutionRow {
   execution_id: string;
@@ -119,6 +151,32 @@ export interface StageRow {
   kind: string | null;
   /** An approval stage's decision, JSON `{ approved, by, comment, at }`. */
   decision: string | null;
+  /** JSON array of stage ids (stages only). */
+  depends_on: string | null;
+  /** A fan-out stage's JSON Pointer; null for other stages and for items. */
+  for_each: string | null;
+  max_parallel: number | null;
+  /** A fan-out stage's item count, once its dependency completed. */
+  items_total: number | null;
+  /** An item's stage id; null for a stage. */
+  parent: string | null;
+  item_index: number | null;
+  /** An item's element of the list, as JSON. */
+  item: string | null;
+}
+
+/** A stage that runs as items (its own row holds no attempt, no reservation, no worker call). */
+export const isFanOut = (st: StageRow) => st.for_each !== null && st.parent === null;
+export const dependsOn = (st: StageRow): string[] => parse<string[]>(st.depends_on) ?? [];
+
+/** Item counts of a fan-out stage, as the status document shows them. */
+export interface ItemCounts {
+  total: number;
+  pending: number;
+  running: number;
+  completed: number;
+  failed: number;
+  cancelled: number;
 }
 
 /** A stage's output as stored: small JSON inline in the row, anything larger as a data reference. */
@@ -144,8 +202,62 @@ export class Store {
     return this.#sql<ExecutionRow>`SELECT * FROM execution WHERE id = 1`[0] ?? null;
   }
 
+  /** The template's stages, in order (not the items of fan-out stages). */
   stages(): StageRow[] {
-    return this.#sql<StageRow>`SELECT * FROM stages ORDER BY ord`;
+    return this.#sql<StageRow>`SELECT * FROM stages WHERE parent IS NULL ORDER BY ord`;
+  }
+
+  /** Items of a fan-out stage from `fromIndex`, in item order. */
+  items(parent: string, fromIndex = 0, limit = 1_000_000): StageRow[] {
+    return this.#sql<StageRow>`SELECT * FROM stages WHERE parent = ${parent} AND item_index >= ${fromIndex} ORDER BY item_index LIMIT ${limit}`;
+  }
+
+  /** Items that have begun an attempt or wait to retry one (they hold a slot of max_parallel). */
+  activeItems(parent: string | null = null): number {
+    return this.#sql<{ n: number }>`SELECT COUNT(*) AS n FROM stages WHERE parent IS NOT NULL AND (${parent} IS NULL OR parent = ${parent})
+      AND (status IN ('waiting_resources', 'handshaking', 'processing') OR (status = 'pending' AND attempt > 0))`[0].n;
+  }
+
+  /**
+   * A fan-out stage's items a drive pass steps: those reserved or running,
+   * those waiting to retry (they keep their slot), and up to `fresh` that have
+   * not started yet, in item order.
+   */
+  steppableItems(parent: string, fresh: number): StageRow[] {
+    const open = this.#sql<StageRow>`SELECT * FROM stages WHERE parent = ${parent}
+      AND (status IN ('waiting_resources', 'handshaking', 'processing') OR (status = 'pending' AND attempt > 0)) ORDER BY item_index`;
+    if (fresh <= 0) return open;
+    return open.concat(this.#sql<StageRow>`SELECT * FROM stages WHERE parent = ${parent} AND status = 'pending' AND attempt = 0 ORDER BY item_index LIMIT ${fresh}`);
+  }
+
+  /**
+   * What goes on while paused: stages and items whose attempt is on a worker
+   * (handshaking or processing; not fan-out stages' own rows), and approval
+   * stages awaiting their decision (their deadline runs).
+   */
+  onWorker(): StageRow[] {
+    return this.#sql<StageRow>`SELECT * FROM stages WHERE (status IN ('handshaking', 'processing') AND NOT (for_each IS NOT NULL AND parent IS NULL))
+      OR status = 'awaiting_approval' ORDER BY ord`;
+  }
+
+  /** Stages and items in a given state (fan-out stages' own rows included), in order. */
+  unitsIn(status: StageStatus): StageRow[] {
+    return this.#sql<StageRow>`SELECT * FROM stages WHERE status = ${status} ORDER BY ord`;
+  }
+
+  /** Item counts per fan-out stage. */
+  itemCounts(): Map<string, ItemCounts> {
+    const out = new Map<string, ItemCounts>();
+    const rows = this.#sql<{ parent: string; status: StageStatus; n: number }>`
+      SELECT parent, status, COUNT(*) AS n FROM stages WHERE parent IS NOT NULL GROUP BY parent, status`;
+    for (const r of rows) {
+      const c = out.get(r.parent) ?? { total: 0, pending: 0, running: 0, completed: 0, failed: 0, cancelled: 0 };
+      c.total += r.n;
+      if (r.status === "pending" || r.status === "completed" || r.status === "failed" || r.status === "cancelled") c[r.status] += r.n;
+      else c.running += r.n;
+      out.set(r.parent, c);
+    }
+    return out;
   }
 
   stage(stageId: string): StageRow | null {

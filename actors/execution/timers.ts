@@ -1,7 +1,14 @@
 import type { Sql } from "../sql";
 
-/** Timer names: one row each in `timers`, one alarm for the earliest. */
+/**
+ * Timer names: one row each in `timers` per unit, one alarm for the earliest.
+ * The execution's own timers have unit `""`; a stage's or item's (poll,
+ * deadline, lease, reask, retry, approval) carry its stage id, so parallel stages and
+ * the items of a fan-out each keep their own.
+ */
 export type TimerName = "advance" | "poll" | "deadline" | "lease" | "reask" | "retry" | "outbox" | "watchdog" | "retention" | "notify" | "approval";
+export type UnitTimer = "poll" | "deadline" | "lease" | "reask" | "retry";
+export const UNIT_TIMERS: readonly UnitTimer[] = ["poll", "deadline", "lease", "reask", "retry"];
 
 /** While an execution is live, its alarm is never further away than this, so an eviction mid-call heals. */
 export const WATCHDOG_MS = 30_000;
@@ -32,36 +39,43 @@ export class Timers {
     this.#armedAt = null;
   }
 
-  set(name: TimerName, dueAt: number): void {
-    this.#sql`INSERT INTO timers (name, due_at) VALUES (${name}, ${dueAt}) ON CONFLICT(name) DO UPDATE SET due_at = excluded.due_at`;
+  set(name: TimerName, dueAt: number, unit = ""): void {
+    this.#sql`INSERT INTO timers (name, unit, due_at) VALUES (${name}, ${unit}, ${dueAt})
+      ON CONFLICT(name, unit) DO UPDATE SET due_at = excluded.due_at`;
   }
 
   /** Sets the timer unless it is already due earlier. */
-  setNoLaterThan(name: TimerName, dueAt: number): void {
-    this.#sql`INSERT INTO timers (name, due_at) VALUES (${name}, ${dueAt}) ON CONFLICT(name) DO UPDATE SET due_at = MIN(due_at, excluded.due_at)`;
+  setNoLaterThan(name: TimerName, dueAt: number, unit = ""): void {
+    this.#sql`INSERT INTO timers (name, unit, due_at) VALUES (${name}, ${unit}, ${dueAt})
+      ON CONFLICT(name, unit) DO UPDATE SET due_at = MIN(due_at, excluded.due_at)`;
   }
 
-  clear(name: TimerName): void {
-    this.#sql`DELETE FROM timers WHERE name = ${name}`;
+  clear(name: TimerName, unit = ""): void {
+    this.#sql`DELETE FROM timers WHERE name = ${name} AND unit = ${unit}`;
   }
 
-  /** One statement for several timers (each statement costs a round through SQLite). */
+  /** Clears these timers of every unit, in one statement (each statement costs a round through SQLite). */
   clearMany(names: TimerName[]): void {
     this.#sql`DELETE FROM timers WHERE name IN (SELECT value FROM json_each(${JSON.stringify(names)}))`;
   }
 
-  has(name: TimerName): boolean {
-    return this.#sql`SELECT 1 FROM timers WHERE name = ${name}`.length > 0;
+  /** Clears a stage's or item's own timers, but for its retry. */
+  clearUnit(unit: string): void {
+    this.#sql`DELETE FROM timers WHERE unit = ${unit} AND name IN ('poll', 'deadline', 'lease', 'reask')`;
+  }
+
+  has(name: TimerName, unit = ""): boolean {
+    return this.#sql`SELECT 1 FROM timers WHERE name = ${name} AND unit = ${unit}`.length > 0;
   }
 
   /** Consumes a due timer: true once per firing, so a second alarm does nothing twice. */
-  take(name: TimerName): boolean {
-    return this.#sql`DELETE FROM timers WHERE name = ${name} AND due_at <= ${Date.now()} RETURNING name`.length > 0;
+  take(name: TimerName, unit = ""): boolean {
+    return this.#sql`DELETE FROM timers WHERE name = ${name} AND unit = ${unit} AND due_at <= ${Date.now()} RETURNING name`.length > 0;
   }
 
   /** Consumes the wake-up timers (`advance`, `watchdog`): the drive pass that runs is the wake-up. */
   takeWakeUps(now: number): void {
-    this.#sql`DELETE FROM timers WHERE name IN ('advance', 'watchdog') AND due_at <= ${now}`;
+    this.#sql`DELETE FROM timers WHERE name IN ('advance', 'watchdog') AND unit = '' AND due_at <= ${now}`;
   }
 
   any(): boolean {

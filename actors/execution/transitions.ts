@@ -3,7 +3,6 @@ import type { ErrorInfo } from "../../schemas/common";
 import type { DataReference } from "../../schemas/data";
 import { type MasterTemplate, isApprovalStage } from "../../schemas/template";
 import { addUsage, costOf } from "../../src/cost";
-import { stageIdFor } from "../../src/ids";
 import { emit, tokensOf } from "../../src/metrics";
 import { attemptSpanId } from "../../src/trace";
 import {
@@ -18,7 +17,8 @@ import {
   shouldRetry,
 } from "../stage-machine";
 import { indexEntry } from "./documents";
-import { type Core, type StageRow, type StoredOutput, parse } from "./store";
+import { itemIdFor, resolveGraph } from "./graph";
+import { type Core, ITEM_ORD_STRIDE, type StageRow, type StoredOutput, dependsOn, isFanOut, parse } from "./store";
 
 /**
  * The synchronous state changes of an Execution. Each is a run of `sql` calls
@@ -28,21 +28,64 @@ import { type Core, type StageRow, type StoredOutput, parse } from "./store";
 
 export function createStages(c: Core, template: MasterTemplate, source: "kam" | "cache"): void {
   const t = c.config.tuning;
+  // Checked when the template was parsed (template-source.ts); a failure here is a bug.
+  const graph = resolveGraph(template.stages);
+  if (!graph.ok) throw new Error(`internal: template ${template.template_id} passed validation with a bad graph: ${graph.message}`);
   template.stages.forEach((s, i) => {
+    const node = graph.nodes[i];
     if (isApprovalStage(s)) {
       // No worker, no resources, one "attempt": the decision (control.ts).
-      c.sql`INSERT OR IGNORE INTO stages (stage_id, ord, worker, template_ref, action, timeout_ms, max_attempts, resources, status, kind)
-        VALUES (${stageIdFor(i + 1)}, ${i + 1}, '', '', 'approval', ${s.timeout_ms ?? t.defaultApprovalTimeoutMs}, 1, NULL, 'pending', 'approval')`;
+      c.sql`INSERT OR IGNORE INTO stages (stage_id, ord, worker, template_ref, action, timeout_ms, max_attempts, resources, status, kind, depends_on)
+        VALUES (${node.stage_id}, ${node.ord}, '', '', 'approval', ${s.timeout_ms ?? t.defaultApprovalTimeoutMs}, 1, NULL, 'pending', 'approval',
+                ${JSON.stringify(node.depends_on)})`;
       return;
     }
-    c.sql`INSERT OR IGNORE INTO stages (stage_id, ord, worker, template_ref, action, timeout_ms, max_attempts, resources, status)
-      VALUES (${stageIdFor(i + 1)}, ${i + 1}, ${s.worker}, ${s.template_ref}, ${s.action ?? "process"},
+    c.sql`INSERT OR IGNORE INTO stages (stage_id, ord, worker, template_ref, action, timeout_ms, max_attempts, resources, status,
+        depends_on, for_each, max_parallel)
+      VALUES (${node.stage_id}, ${node.ord}, ${s.worker}, ${s.template_ref}, ${s.action ?? "process"},
               ${s.timeout_ms ?? t.defaultStageTimeoutMs}, ${s.max_attempts ?? t.defaultMaxAttempts},
-              ${s.resources ? JSON.stringify(s.resources) : null}, 'pending')`;
+              ${s.resources ? JSON.stringify(s.resources) : null}, 'pending',
+              ${JSON.stringify(node.depends_on)}, ${node.for_each}, ${node.for_each === null ? null : node.max_parallel})`;
   });
   c.sql`UPDATE execution SET template_id = ${template.template_id}, template_source = ${source} WHERE id = 1`;
   c.store.log("info", "template_loaded", { template_id: template.template_id, source, stages: template.stages.length });
   c.changed();
+}
+
+/**
+ * A fan-out stage's dependency completed with a usable list: one item row per
+ * element (each with its own attempts, reservation, timers), and the stage
+ * runs; an empty list completes it at once with `[]`.
+ */
+export function expandFanOut(c: Core, st: StageRow, items: unknown[], now: number): void {
+  items.forEach((item, i) => {
+    c.sql`INSERT OR IGNORE INTO stages (stage_id, ord, worker, template_ref, action, timeout_ms, max_attempts, resources, status,
+        parent, item_index, item)
+      VALUES (${itemIdFor(st.stage_id, i)}, ${st.ord * ITEM_ORD_STRIDE + i + 1}, ${st.worker}, ${st.template_ref}, ${st.action},
+              ${st.timeout_ms}, ${st.max_attempts}, ${st.resources}, 'pending', ${st.stage_id}, ${i}, ${JSON.stringify(item ?? null)})`;
+  });
+  c.sql`UPDATE stages SET items_total = ${items.length}, started_at = COALESCE(started_at, ${now}) WHERE stage_id = ${st.stage_id}`;
+  c.store.log("info", "fan_out", { stage_id: st.stage_id, items: items.length });
+  if (items.length === 0) {
+    moveStage(c, st, "completed", now, {});
+    c.sql`UPDATE stages SET progress = 100, output = '[]', usage = '{}' WHERE stage_id = ${st.stage_id}`;
+  } else {
+    moveStage(c, st, "processing", now, {});
+  }
+}
+
+/** Every item of a fan-out stage completed: its output is theirs, in item order. */
+export function completeFanOut(c: Core, st: StageRow, output: StoredOutput, now: number): void {
+  moveStage(c, st, "completed", now, {});
+  c.sql`UPDATE stages SET progress = 100, message = NULL, output = ${output.inline}, output_ref = ${output.ref ? JSON.stringify(output.ref) : null}
+    WHERE stage_id = ${st.stage_id}`;
+}
+
+/** A fan-out stage whose list is unusable (not an array, too long): it fails, and with it the execution. */
+export function fanOutInvalid(c: Core, st: StageRow, reason: string, now: number): void {
+  const info: ErrorInfo = { code: "fan_out_invalid", message: `${st.stage_id}: ${reason}`, stage_id: st.stage_id };
+  c.store.log("warn", "fan_out_invalid", { stage_id: st.stage_id, reason });
+  failExecutionAt(c, st, info, now);
 }
 
 /** A transient template failure: count it and try again after a backoff. */
@@ -69,7 +112,7 @@ export function beginAttempt(c: Core, st: StageRow, now: number): void {
   c.sql`UPDATE stages SET attempt = ${st.attempt + 1}, reservation = 'requested', reservation_id = NULL, requirements = NULL,
     waiting_since = ${now}, started_at = COALESCE(started_at, ${now}), progress = 0, poll_interval_ms = NULL, poll_failures = 0
     WHERE stage_id = ${st.stage_id}`;
-  c.timers.clear("reask");
+  c.timers.clear("reask", st.stage_id);
 }
 
 /** The ledger answered a reserve with a reservation id: remember it (for release and for leak checks). */
@@ -81,15 +124,15 @@ export function reserved(c: Core, st: StageRow, reservationId: string, now: numb
 /** The reservation waits in the ledger's queue; ask again at the `reask` timer in case the notice is lost. */
 export function waitForGrant(c: Core, st: StageRow, position: number, now: number): void {
   c.sql`UPDATE stages SET reservation = 'waiting', message = ${`waiting for resources (position ${position})`} WHERE stage_id = ${st.stage_id}`;
-  c.timers.set("reask", now + c.config.tuning.ledgerReaskMs);
+  c.timers.set("reask", now + c.config.tuning.ledgerReaskMs, st.stage_id);
 }
 
 export function granted(c: Core, st: StageRow, expiresAt: number, requirements: Record<string, number>, now: number): void {
   moveStage(c, st, "handshaking", now, {});
   c.sql`UPDATE stages SET reservation = 'granted', requirements = ${JSON.stringify(requirements)}, lease_expires_at = ${expiresAt},
     waiting_ms = waiting_ms + ${now - (st.waiting_since ?? now)}, waiting_since = NULL, message = NULL WHERE stage_id = ${st.stage_id}`;
-  c.timers.clear("reask");
-  c.timers.set("lease", expiresAt - Math.floor(c.config.tuning.leaseMs / 2));
+  c.timers.clear("reask", st.stage_id);
+  c.timers.set("lease", expiresAt - Math.floor(c.config.tuning.leaseMs / 2), st.stage_id);
 }
 
 /** `process` was accepted: the stage runs until its deadline, polled from `pollInitialMs` on. */
@@ -98,8 +141,8 @@ export function startProcessing(c: Core, st: StageRow, at: number): void {
   moveStage(c, st, "processing", at, {});
   c.sql`UPDATE stages SET processing_since = ${at}, deadline_at = ${at + st.timeout_ms}, poll_interval_ms = ${poll}, poll_failures = 0
     WHERE stage_id = ${st.stage_id}`;
-  c.timers.set("deadline", at + st.timeout_ms);
-  c.timers.set("poll", at + poll);
+  c.timers.set("deadline", at + st.timeout_ms, st.stage_id);
+  c.timers.set("poll", at + poll, st.stage_id);
 }
 
 /** A progress poll went out (counted before the call, so an eviction mid-call still counts it). */
@@ -116,7 +159,7 @@ export function pollFailed(c: Core, st: StageRow, error: StageFailure, now: numb
   }
   const interval = nextPollInterval(st.poll_interval_ms, c.config.tuning.pollInitialMs, c.config.tuning.pollMaxMs);
   c.sql`UPDATE stages SET poll_failures = ${failures}, poll_interval_ms = ${interval} WHERE stage_id = ${st.stage_id}`;
-  c.timers.set("poll", now + interval);
+  c.timers.set("poll", now + interval, st.stage_id);
   return false;
 }
 
@@ -125,7 +168,7 @@ export function progressed(c: Core, st: StageRow, progress: number | undefined, 
   const interval = nextPollInterval(st.poll_interval_ms, c.config.tuning.pollInitialMs, c.config.tuning.pollMaxMs);
   c.sql`UPDATE stages SET progress = ${mergeProgress(st.progress, progress)}, message = ${message ?? st.message},
     poll_failures = 0, poll_interval_ms = ${interval} WHERE stage_id = ${st.stage_id}`;
-  c.timers.set("poll", now + interval);
+  c.timers.set("poll", now + interval, st.stage_id);
   c.changed();
 }
 
@@ -137,7 +180,7 @@ export function progressCallback(c: Core, st: StageRow, progress: number | undef
 
 export function leaseRenewed(c: Core, st: StageRow, expiresAt: number): void {
   c.sql`UPDATE stages SET lease_expires_at = ${expiresAt} WHERE stage_id = ${st.stage_id}`;
-  c.timers.set("lease", expiresAt - Math.floor(c.config.tuning.leaseMs / 2));
+  c.timers.set("lease", expiresAt - Math.floor(c.config.tuning.leaseMs / 2), st.stage_id);
 }
 
 export function recordObject(c: Core, ref: DataReference, stageId: string, attempt: number, now: number): void {
@@ -152,11 +195,19 @@ export function completeStage(c: Core, st: StageRow, output: StoredOutput, usage
     usage = ${JSON.stringify(addUsage(parse(st.usage), usage) ?? {})}, output = ${output.inline},
     output_ref = ${output.ref ? JSON.stringify(output.ref) : null},
     complete_hash = ${hash}, reservation = NULL, deadline_at = NULL WHERE stage_id = ${st.stage_id}`;
+  addToStage(c, st, usage);
   attemptEnded(c, st, "completed", worked, usage);
   if (st.reservation_id) {
     c.outbox.enqueue({ kind: "ledger_settle", reservationId: st.reservation_id, usage: usage ?? {}, durationMs: worked }, now, { hold: true });
   }
-  clearStageTimers(c);
+  c.timers.clearUnit(st.stage_id);
+}
+
+/** An item's usage also counts for its fan-out stage (whose cost is the sum of its items'). */
+function addToStage(c: Core, st: StageRow, usage: Record<string, number> | undefined): void {
+  if (st.parent === null || !usage) return;
+  const parent = c.store.stage(st.parent)!;
+  c.sql`UPDATE stages SET usage = ${JSON.stringify(addUsage(parse(parent.usage), usage))} WHERE stage_id = ${st.parent}`;
 }
 
 /** One attempt failed: settle what it used, then retry after a backoff or fail the stage and the execution. */
@@ -175,28 +226,56 @@ export function failAttempt(c: Core, st: StageRow, failure: StageFailure, now: n
     processing_ms = processing_ms + ${worked}, processing_since = NULL, deadline_at = NULL, reservation = NULL,
     waiting_ms = waiting_ms + ${st.waiting_since !== null ? now - st.waiting_since : 0}, waiting_since = NULL
     WHERE stage_id = ${st.stage_id}`;
-  clearStageTimers(c);
+  addToStage(c, st, usage);
+  c.timers.clearUnit(st.stage_id);
   attemptEnded(c, st, failure.code, worked, usage);
   c.store.log("warn", "stage_attempt_failed", { stage_id: st.stage_id, attempt: st.attempt, code: failure.code, retryable: failure.retryable });
   if (shouldRetry(failure, st.attempt, st.max_attempts)) {
     moveStage(c, st, "pending", now, { message: `retrying after ${failure.code}` });
     const t = c.config.tuning;
-    c.timers.set("retry", now + retryDelayMs(st.attempt, t.retryBaseMs, t.retryCapMs, failure.retryAfterMs));
+    c.timers.set("retry", now + retryDelayMs(st.attempt, t.retryBaseMs, t.retryCapMs, failure.retryAfterMs), st.stage_id);
     return;
   }
+  failExecutionAt(c, st, info, now);
+}
+
+/**
+ * A stage or item failed for good: it fails (an item's stage with it), every
+ * other stage and item still open is stopped (reservation released, worker
+ * told to cancel; those downstream end `upstream_failed`), and the execution
+ * fails with the error naming it.
+ */
+function failExecutionAt(c: Core, st: StageRow, info: ErrorInfo, now: number): void {
   moveStage(c, st, "failed", now, { error: info });
-  for (const later of c.store.stages()) {
-    if (later.ord > st.ord && !isTerminalStage(later.status)) {
-      moveStage(c, later, "cancelled", now, { error: { code: "upstream_failed", message: `${st.stage_id} failed` } });
-    }
+  const stage = st.parent === null ? st : c.store.stage(st.parent)!;
+  if (stage !== st) moveStage(c, stage, "failed", now, { error: info });
+  const downstream = descendants(c.store.stages(), stage.stage_id);
+  for (const other of openUnits(c)) {
+    const top = other.parent ?? other.stage_id;
+    const code = downstream.has(top) ? "upstream_failed" : "execution_failed";
+    stopUnit(c, other, "cancelled", now, { code, message: `${st.stage_id} failed` });
   }
   finishExecution(c, "failed", now, info);
 }
 
-export function completeExecution(c: Core, now: number): void {
-  const stages = c.store.stages();
-  const last = stages[stages.length - 1];
-  c.sql`UPDATE execution SET output = ${last?.output ?? null}, output_ref = ${last?.output_ref ?? null} WHERE id = 1`;
+/** Stage ids that depend on `stageId`, directly or through others. */
+function descendants(stages: StageRow[], stageId: string): Set<string> {
+  const out = new Set<string>();
+  const walk = (id: string) => {
+    for (const s of stages) {
+      if (!out.has(s.stage_id) && dependsOn(s).includes(id)) {
+        out.add(s.stage_id);
+        walk(s.stage_id);
+      }
+    }
+  };
+  walk(stageId);
+  return out;
+}
+
+/** Every stage completed: the deliverable is the sinks' output (see steps.deliverable). */
+export function completeExecution(c: Core, output: StoredOutput | null, now: number): void {
+  c.sql`UPDATE execution SET output = ${output?.inline ?? null}, output_ref = ${output?.ref ? JSON.stringify(output.ref) : null} WHERE id = 1`;
   finishExecution(c, "completed", now, null);
 }
 
@@ -210,7 +289,7 @@ export function finishExecution(c: Core, status: ExecutionStatus, now: number, e
   );
   c.sql`UPDATE execution SET status = ${status}, completed_at = ${now}, started_at = COALESCE(started_at, ${now}),
     error = ${error ? JSON.stringify(error) : null}, cost = ${JSON.stringify(cost)} WHERE id = 1`;
-  c.timers.clearMany(["advance", "poll", "deadline", "lease", "reask", "retry", "watchdog"]);
+  c.timers.clearMany(["advance", "poll", "deadline", "lease", "reask", "retry", "approval", "watchdog"]);
   indexUpdate(c, now);
   c.notifier.emit(`execution.${status as "completed" | "failed" | "cancelled"}`, {
     error,
@@ -264,7 +343,7 @@ function attemptEnded(c: Core, st: StageRow, outcome: string, processingMs: numb
 export function moveStage(c: Core, st: StageRow, to: StageStatus, now: number, extra: { error?: ErrorInfo; message?: string }): void {
   const cur = c.store.stage(st.stage_id)!;
   if (cur.status === to) return;
-  if (!canMoveStage(cur.status, to)) throw new Error(`illegal stage transition ${cur.status} -> ${to} for ${st.stage_id}`);
+  if (!canMoveStage(cur.status, to, isFanOut(cur))) throw new Error(`illegal stage transition ${cur.status} -> ${to} for ${st.stage_id}`);
   const ended = isTerminalStage(to) ? now : null;
   c.sql`UPDATE stages SET status = ${to}, completed_at = COALESCE(${ended}, completed_at),
     error = COALESCE(${extra.error ? JSON.stringify(extra.error) : null}, error),
@@ -273,14 +352,21 @@ export function moveStage(c: Core, st: StageRow, to: StageStatus, now: number, e
   c.changed();
 }
 
-/** Ends every stage still open: tells a worker that has one to cancel, gives back every reservation. */
+/** Every stage and item not yet ended. */
+function openUnits(c: Core): StageRow[] {
+  return c.sql<StageRow>`SELECT * FROM stages WHERE status NOT IN ('completed', 'failed', 'cancelled') ORDER BY ord`;
+}
+
+/** Ends one stage or item: tells a worker that has it to cancel, gives back its reservation. */
+function stopUnit(c: Core, st: StageRow, to: "cancelled" | "failed", now: number, error: ErrorInfo): void {
+  if (isOnWorker(st.status) && !isFanOut(st)) c.outbox.enqueue({ kind: "worker_cancel", worker: st.worker, stageId: st.stage_id, attempt: st.attempt }, now);
+  releaseReservation(c, st, now);
+  moveStage(c, st, to, now, { error });
+}
+
+/** Ends every stage and item still open. */
 export function stopStages(c: Core, to: "cancelled" | "failed", now: number, error: ErrorInfo): void {
-  for (const st of c.store.stages()) {
-    if (isTerminalStage(st.status)) continue;
-    if (isOnWorker(st.status)) c.outbox.enqueue({ kind: "worker_cancel", worker: st.worker, stageId: st.stage_id, attempt: st.attempt }, now);
-    releaseReservation(c, st, now);
-    moveStage(c, st, to, now, { error });
-  }
+  for (const st of openUnits(c)) stopUnit(c, st, to, now, error);
 }
 
 /** Stops the whole execution (cancel, or an object that cannot advance any more). */
@@ -292,10 +378,6 @@ export function stopExecution(c: Core, status: "cancelled" | "failed", now: numb
 export function releaseReservation(c: Core, st: StageRow, now: number): void {
   if (st.reservation_id) c.outbox.enqueue({ kind: "ledger_release", reservationId: st.reservation_id }, now);
   c.sql`UPDATE stages SET reservation = NULL WHERE stage_id = ${st.stage_id}`;
-}
-
-function clearStageTimers(c: Core): void {
-  c.timers.clearMany(["poll", "deadline", "lease", "reask"]);
 }
 
 /** A failed drive pass: counted, and retried by the `advance` timer after a backoff. */

@@ -14,6 +14,7 @@ export const FAULT_MODES = [
   "refuse_retryable",
   "process_500_once",
   "crash",
+  "crash_once",
   "hang",
   "malformed",
   "double_callback",
@@ -26,8 +27,10 @@ export const FAULT_MODES = [
 export type FaultMode = (typeof FAULT_MODES)[number];
 
 const FaultSpec = z.object({
-  /** Only the stage whose id is `stage_{stage}`; every stage when absent. */
+  /** Only the stage whose id is `stage_{stage}` (and its items); every stage when absent. */
   stage: z.number().int().min(1).max(999).optional(),
+  /** With `stage`: only item `stage_{stage}.{item}` of that fan-out stage. */
+  item: z.number().int().min(0).max(999_999).optional(),
   mode: z.enum(FAULT_MODES),
   times: z.number().int().min(1).max(100).optional(),
 });
@@ -52,13 +55,20 @@ const LARGE_OUTPUT_MAX = 16 * 1024 * 1024;
 export function faultFor(
   parameters: Record<string, unknown>,
   stageId: string,
+  attempt: number,
 ): { fault: Fault | null } | { error: string } {
   if (parameters.fault === undefined || parameters.fault === null) return { fault: null };
   const spec = FaultSpec.safeParse(parameters.fault);
   if (!spec.success) {
     return { error: `invalid parameters.fault: ${spec.error.issues.map((i) => `${i.path.join(".")} ${i.message}`).join("; ")}` };
   }
-  if (spec.data.stage !== undefined && stageId !== `stage_${spec.data.stage}`) return { fault: null };
+  if (spec.data.stage !== undefined) {
+    const target = `stage_${spec.data.stage}`;
+    const matches = spec.data.item !== undefined ? stageId === `${target}.${spec.data.item}` : stageId === target || stageId.startsWith(`${target}.`);
+    if (!matches) return { fault: null };
+  }
+  // crash_once: the first attempt crashes, the next ones are healthy.
+  if (spec.data.mode === "crash_once" && attempt > 1) return { fault: null };
   return { fault: { mode: spec.data.mode, times: spec.data.times ?? 1 } };
 }
 
@@ -78,13 +88,14 @@ export function processCallFails(fault: Fault | null, callsSoFar: number): boole
 
 /** Stalled modes accept and "process" but never step, progress or call back. */
 export function runsSteps(fault: Fault | null): boolean {
-  return !(fault?.mode === "crash" || fault?.mode === "hang" || fault?.mode === "malformed");
+  return !(fault?.mode === "crash" || fault?.mode === "crash_once" || fault?.mode === "hang" || fault?.mode === "malformed");
 }
 
 /** What a progress poll gets from a stalled job instead of its real state. */
 export function stalledProgress(fault: Fault | null): Reply | null {
   switch (fault?.mode) {
     case "crash":
+    case "crash_once":
       return { status: 500, body: { error: { code: "internal_error", message: "worker crashed (fault injected)" } } };
     case "malformed":
       return { status: 200, text: "not json{" };
@@ -145,10 +156,10 @@ export function forgeToken(token: string): string {
 const parsed = new WeakMap<object, Fault | null>();
 
 /** The job's fault (none for an invalid spec: the handshake refused those), parsed once per attempt. */
-export function faultOf(job: Pick<JobInfo, "handshake" | "stageId">): Fault | null {
+export function faultOf(job: Pick<JobInfo, "handshake" | "stageId" | "attempt">): Fault | null {
   let fault = parsed.get(job.handshake);
   if (fault === undefined) {
-    const found = faultFor(job.handshake.inputData.parameters, job.stageId);
+    const found = faultFor(job.handshake.inputData.parameters, job.stageId, job.attempt);
     fault = "fault" in found ? found.fault : null;
     parsed.set(job.handshake, fault);
   }

@@ -13,7 +13,7 @@ import {
   type Outcome,
 } from "./faults";
 import type { GranulatorEnv } from "./index";
-import { blobSize, blobStream, intParam, isTextAction, prepare, usageOf, type Work } from "./work";
+import { type GraphInput, blobSize, blobStream, intParam, isTextAction, prepare, usageOf, type Work } from "./work";
 
 /**
  * A granulator stage on the worker kit: `accept` decides the handshake, `run`
@@ -26,7 +26,7 @@ export const WORKER_ID = "bitware-content-granulator";
 
 export function acceptStage(req: HandshakeRequest, counters: Counters): Acceptance {
   const params = req.inputData.parameters;
-  const found = faultFor(params, req.stageId);
+  const found = faultFor(params, req.stageId, req.attempt);
   if ("error" in found) return { accepted: false, reason: found.error, retryable: false };
   const refused = handshakeRefusal(found.fault, counters.get(COUNTERS.refused));
   if (refused) {
@@ -36,7 +36,9 @@ export function acceptStage(req: HandshakeRequest, counters: Counters): Acceptan
   const steps = stepCount(found.fault, intParam(params.steps, 4, 1, 50));
   const stepMs = intParam(params.step_ms, 50, 0, 60_000);
   // A referenced input is only read when the work starts: estimate without it.
-  const words = isTextAction(req.action) ? prepare(req.action, params, req.dataReference ? null : req.inputData.previousOutput).estimatedWords : 0;
+  const words = isTextAction(req.action)
+    ? prepare(req.action, params, req.dataReference ? null : req.inputData.previousOutput, graphInput(req)).estimatedWords
+    : 0;
   return {
     accepted: true,
     estimatedCompletionMs: steps * (stepMs + 10),
@@ -52,7 +54,7 @@ export async function runStage(job: JobContext<GranulatorEnv>): Promise<RunResul
   const params = job.parameters;
   const steps = stepCount(fault, intParam(params.steps, 4, 1, 50));
   const stepMs = intParam(params.step_ms, 50, 0, 60_000);
-  const work = isTextAction(job.action) ? prepare(job.action, params, await job.input()) : await blobWork(job);
+  const work = isTextAction(job.action) ? prepare(job.action, params, await job.input(), graphInput(job.handshake)) : await blobWork(job);
 
   const parts: unknown[] = [];
   let words = 0;
@@ -88,6 +90,11 @@ export async function runStage(job: JobContext<GranulatorEnv>): Promise<RunResul
   });
   if (outcome.kind === "fail") throw new StageError(outcome.code, outcome.message, { retryable: outcome.retryable, usage });
   return { output: result.value, usage };
+}
+
+function graphInput(req: HandshakeRequest): GraphInput {
+  const d = req.inputData;
+  return { stageId: req.stageId, inputs: d.inputs ?? {}, item: d.item, itemIndex: d.item_index };
 }
 
 /**

@@ -6,7 +6,7 @@
  */
 
 /** Actions whose work is text, cut into units (a module, a chapter, a section). */
-export const TEXT_ACTIONS = ["outline", "chapters", "summary", "echo"] as const;
+export const TEXT_ACTIONS = ["outline", "chapters", "summary", "echo", "list", "gather"] as const;
 export type TextAction = (typeof TEXT_ACTIONS)[number];
 /** `blob` outputs deterministic bytes (data tier tests); see blobByte. */
 export const ACTIONS = [...TEXT_ACTIONS, "blob"] as const;
@@ -39,8 +39,20 @@ export function isTextAction(action: string): action is TextAction {
   return (TEXT_ACTIONS as readonly string[]).includes(action);
 }
 
-export function prepare(action: TextAction, parameters: Params, previousOutput: unknown): Work {
+/** What a stage of a pipeline graph sees besides its previous output (handshake `inputData`). */
+export interface GraphInput {
+  stageId: string;
+  inputs: Record<string, unknown>;
+  item?: unknown;
+  itemIndex?: number;
+}
+
+export function prepare(action: TextAction, parameters: Params, previousOutput: unknown, graph?: GraphInput): Work {
   switch (action) {
+    case "list":
+      return listWork(parameters);
+    case "gather":
+      return gatherWork(graph ?? { stageId: "", inputs: {} });
     case "outline":
       return outlineWork(parameters);
     case "chapters":
@@ -353,6 +365,38 @@ function echoWork(parameters: Params, previousOutput: unknown): Work {
     estimatedWords: 1,
     unit: () => ({ value, words: countWords(textOf(value)) }),
     assemble: (parts) => ({ value: parts[0], words: 0 }),
+  };
+}
+
+// ---------------------------------------------------------------------------
+// list and gather: the pipeline graph's plumbing (fan-out lists, fan-in, diamonds).
+
+/** `list`: `{ items: [{ index, label }], count }` with `parameters.items` entries (default 5, at most 5000). */
+function listWork(parameters: Params): Work {
+  const count = intParam(parameters.items, 5, 0, 5000);
+  const items = Array.from({ length: count }, (_, index) => ({ index, label: `item ${index}` }));
+  return {
+    units: 1,
+    estimatedWords: count * 2,
+    unit: () => ({ value: null, words: count * 2 }),
+    assemble: () => ({ value: { items, count }, words: 0 }),
+  };
+}
+
+/**
+ * `gather`: says what the stage received, `{ stage, inputs, item?, item_index? }`:
+ * one entry of `inputs` per dependency, and for an item its element of the list.
+ * Billed by the size of what it gathered, so usage differs from item to item.
+ */
+function gatherWork(graph: GraphInput): Work {
+  const value: Record<string, unknown> = { stage: graph.stageId, inputs: graph.inputs };
+  if (graph.itemIndex !== undefined) Object.assign(value, { item: graph.item ?? null, item_index: graph.itemIndex });
+  const words = countWords(JSON.stringify(value).replace(/[{}[\],:"]/g, " "));
+  return {
+    units: 1,
+    estimatedWords: words,
+    unit: () => ({ value: null, words }),
+    assemble: () => ({ value, words: 0 }),
   };
 }
 

@@ -13,6 +13,8 @@ export interface StoredTemplate {
 }
 
 const GRANULATOR = "bitware-content-granulator";
+/** The granulator instance the pipeline graph tests have to themselves (its stats count only them). */
+const GRAPH = "bitware-graph-granulator";
 
 const courseStages: TemplateStage[] = [
   { stage: 1, worker: GRANULATOR, template_ref: "course_v1", action: "outline", resources: { "tokens:openai": 2000 } },
@@ -137,6 +139,75 @@ const list: StoredTemplate[] = [
     pipeline_stages: JSON.stringify([
       { stage: 1, worker: GRANULATOR, template_ref: "approval_v1", action: "echo", max_attempts: 1, timeout_ms: 60_000 },
       { stage: 2, type: "approval", timeout_ms: 1_000 },
+    ] satisfies TemplateStage[]),
+  },
+  // Pipeline graphs, on a granulator instance of their own so its counters see only these stages.
+  // The diamond: 1 -> 2 and 3 -> 4.
+  {
+    template_id: "mt_graph_001",
+    template_name: "graph_diamond",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRAPH, template_ref: "graph_v1", action: "gather" },
+      { stage: 2, worker: GRAPH, template_ref: "graph_v1", action: "gather", depends_on: [1] },
+      { stage: 3, worker: GRAPH, template_ref: "graph_v1", action: "gather", depends_on: [1] },
+      { stage: 4, worker: GRAPH, template_ref: "graph_v1", action: "gather", depends_on: [2, 3] },
+    ] satisfies TemplateStage[]),
+  },
+  // A list (parameters.items entries) -> one item per entry, at most 5 at once -> a merge.
+  {
+    template_id: "mt_graph_002",
+    template_name: "graph_fan_out",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRAPH, template_ref: "graph_v1", action: "list" },
+      { stage: 2, worker: GRAPH, template_ref: "graph_v1", action: "gather", for_each: "/items", max_parallel: 5, max_attempts: 2 },
+      { stage: 3, worker: GRAPH, template_ref: "graph_v1", action: "gather" },
+    ] satisfies TemplateStage[]),
+  },
+  // Two stages nothing depends on: the deliverable maps each one's id to its output.
+  {
+    template_id: "mt_graph_003",
+    template_name: "graph_two_sinks",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRAPH, template_ref: "graph_v1", action: "list" },
+      { stage: 2, worker: GRAPH, template_ref: "graph_v1", action: "gather", depends_on: [1] },
+      { stage: 3, worker: GRAPH, template_ref: "graph_v1", action: "gather", depends_on: [1] },
+    ] satisfies TemplateStage[]),
+  },
+  // for_each at something that is not an array (the list's count).
+  {
+    template_id: "mt_graph_004",
+    template_name: "graph_for_each_scalar",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRAPH, template_ref: "graph_v1", action: "list" },
+      { stage: 2, worker: GRAPH, template_ref: "graph_v1", action: "gather", for_each: "/count" },
+    ] satisfies TemplateStage[]),
+  },
+  // Templates whose graph is refused when loaded (invalid_template).
+  {
+    template_id: "mt_graph_bad_1",
+    template_name: "graph_cycle",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRAPH, template_ref: "graph_v1", action: "gather", depends_on: [] },
+      { stage: 2, worker: GRAPH, template_ref: "graph_v1", action: "gather", depends_on: [1, 4] },
+      { stage: 3, worker: GRAPH, template_ref: "graph_v1", action: "gather", depends_on: [2] },
+      { stage: 4, worker: GRAPH, template_ref: "graph_v1", action: "gather", depends_on: [3] },
+    ] satisfies TemplateStage[]),
+  },
+  {
+    template_id: "mt_graph_bad_2",
+    template_name: "graph_unknown_dependency",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRAPH, template_ref: "graph_v1", action: "gather" },
+      { stage: 2, worker: GRAPH, template_ref: "graph_v1", action: "gather", depends_on: [1, 7] },
+    ] satisfies TemplateStage[]),
+  },
+  {
+    template_id: "mt_graph_bad_3",
+    template_name: "graph_for_each_two_deps",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRAPH, template_ref: "graph_v1", action: "list" },
+      { stage: 2, worker: GRAPH, template_ref: "graph_v1", action: "list", depends_on: [] },
+      { stage: 3, worker: GRAPH, template_ref: "graph_v1", action: "gather", depends_on: [1, 2], for_each: "/items" },
     ] satisfies TemplateStage[]),
   },
   // Valid JSON, invalid stages (no worker, no template_ref).
