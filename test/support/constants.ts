@@ -2,6 +2,7 @@
 export const TEST_WORKER_SECRETS = {
   "bitware-content-granulator": "test-granulator-secret-0123456789abcdef",
   "bitware-capped-granulator": "test-capped-secret-0123456789abcdef",
+  "bitware-graph-granulator": "test-graph-secret-0123456789abcdef",
 };
 
 /** Secrets shared by the test projects (never real values). */

@@ -2,7 +2,7 @@ import { evictDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { beforeEach, describe, expect, it } from "vitest";
 import type { ItemsPage, StageDocument, StatusDocument } from "../../schemas/api";
-import { TEST_SECRETS } from "../support/constants";
+import { TEST_WORKER_SECRETS } from "../support/constants";
 import { OPS, call, ended, executionStub, expectNoLiveReservations, startExecution, waitFor, waitForLedger } from "../support/api";
 
 /**
@@ -12,7 +12,7 @@ import { OPS, call, ended, executionStub, expectNoLiveReservations, startExecuti
  */
 const WORKER = "bitware-graph-granulator";
 const graphWorker = (env as unknown as { GRAPH_GRANULATOR: Fetcher }).GRAPH_GRANULATOR;
-const AUTH = { authorization: `Bearer ${TEST_SECRETS.WORKER_SECRET}` };
+const AUTH = { authorization: `Bearer ${TEST_WORKER_SECRETS[WORKER]}` };
 
 interface Stats {
   processing: number;
