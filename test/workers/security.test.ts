@@ -264,6 +264,7 @@ describe("missing or empty secrets: the orchestrator refuses to serve", () => {
     expect(missingSecrets(envWith({ CALLBACK_SECRET: "short" }))).toEqual(["CALLBACK_SECRET (shorter than 32 characters)"]);
     expect(missingSecrets(envWith({ WORKER_SECRETS: JSON.stringify({ "bitware-content-granulator": "s" }) }))).toEqual([
       "WORKER_SECRETS.bitware-capped-granulator (or WORKER_SECRET)",
+      "WORKER_SECRETS.bitware-graph-granulator (or WORKER_SECRET)",
     ]);
     expect(missingSecrets(envWith({ WORKER_SECRETS: "{not json" }))).toEqual(["WORKER_SECRETS (not a JSON object of non-empty strings)"]);
     expect(missingSecrets(envWith({ WORKER_SECRETS: JSON.stringify({ "bitware-content-granulator": " " }) }))).toEqual([
