@@ -1,5 +1,5 @@
 import { env } from "cloudflare:workers";
-import { describe, expect, it } from "vitest";
+import { describe, expect, it, vi } from "vitest";
 import type { DataReference } from "../../schemas/data";
 import { JSON_HEADERS, KAM, call, ended, mintToken, startExecution, waitFor } from "../support/api";
 import { TEST_WORKER_SECRETS } from "../support/constants";
@@ -238,7 +238,15 @@ describe("worker kit: callbacks and data through the orchestrator", () => {
     const doc = await waitFor(body.execution_id, ended);
     expect(doc.status).toBe("completed");
     expect(doc.stages[0].attempts).toBe(1);
-    const complete = ((await inspect(body.execution_id)).body.log as LogEntry[]).filter((e) => e.what === "callback:complete");
+    // The stage may end by a poll before the kit's callbacks are answered and logged: wait for both entries.
+    const complete = await vi.waitFor(
+      async () => {
+        const entries = ((await inspect(body.execution_id)).body.log as LogEntry[]).filter((e) => e.what === "callback:complete");
+        if (entries.length < 2) throw new Error(`${entries.length} complete callbacks logged so far`);
+        return entries;
+      },
+      { timeout: 10_000, interval: 50 },
+    );
     expect(complete.map((e) => e.detail)).toEqual(["alternate token", null]);
     expect(complete[0].status).toBe(401);
     expect([200, 409]).toContain(complete[1].status);
