@@ -24,7 +24,8 @@
  *
  * Options: --n N (2000) --concurrency C (200) --warmup W (200) --seed S (42)
  *   --callback async|sync (async: the worker calls back in ctx.waitUntil after
- *   answering process; sync: before answering) --settle-ms MS (15000: idle time
+ *   answering process; sync: before answering) --work-ms MS (0: the stage worker
+ *   waits MS between process and its callback, a stage that takes time) --settle-ms MS (15000: idle time
  *   after the run before the last memory reading) --no-floor --no-durable-floor --quick (300
  *   executions, 100 in flight, for CI) --soak (10000 executions, memory check)
  *   --tree worktree|COMMIT|DIR (worktree: what to run is a copy of the working
@@ -88,10 +89,12 @@ export interface Options {
   pollConcurrency: number;
   pollMs: number;
   countN: number;
+  /** ms the bench stage worker pretends to work per stage (0: it completes at once). */
+  workMs: number;
 }
 
 export function parseArgs(argv: string[]): Options {
-  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, durableFloor: true, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true, vsWorkflows: false, rounds: 2, pollN: 300, pollConcurrency: 100, pollMs: 100, countN: 30 };
+  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, durableFloor: true, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true, vsWorkflows: false, rounds: 2, pollN: 300, pollConcurrency: 100, pollMs: 100, countN: 30, workMs: 0 };
   const given = new Set<string>();
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -128,6 +131,7 @@ export function parseArgs(argv: string[]): Options {
       case "--poll-concurrency": o.pollConcurrency = Math.max(1, num()); break;
       case "--poll-ms": o.pollMs = Math.max(1, num()); break;
       case "--count-n": o.countN = num(); break;
+      case "--work-ms": o.workMs = Math.min(60_000, num()); break;
       case "--help": case "-h":
         console.log(readFileSync(new URL(import.meta.url), "utf8").split("*/")[0]);
         return process.exit(0);
@@ -162,7 +166,7 @@ export interface WorkItem {
 const TOPICS = ["react", "rust", "sql", "physics", "poetry", "chess", "finance", "biology", "music", "history"];
 
 /** The same N items for the same seed: priorities, clients and small parameters vary. */
-export function workload(n: number, seed: number, callback: Options["callback"]): WorkItem[] {
+export function workload(n: number, seed: number, callback: Options["callback"], workMs = 0): WorkItem[] {
   const random = mulberry32(seed);
   return Array.from({ length: n }, (_, i) => ({
     priority: weighted(random, [["normal", 70], ["high", 15], ["low", 10], ["critical", 5]] as const),
@@ -170,6 +174,7 @@ export function workload(n: number, seed: number, callback: Options["callback"])
     parameters: {
       bench_stages: BENCH_STAGES,
       bench_callback: callback,
+      ...(workMs > 0 ? { bench_work_ms: workMs } : {}),
       item: i,
       topic: TOPICS[Math.floor(random() * TOPICS.length)],
       size: 1 + Math.floor(random() * 1000),
@@ -738,8 +743,8 @@ async function main(): Promise<number> {
 
     if (opts.vsWorkflows) return await runVsWorkflows(b, opts, pids, startedAt);
 
-    const items = workload(opts.n, opts.seed, opts.callback);
-    const warm = workload(opts.warmup, opts.seed + 1, opts.callback);
+    const items = workload(opts.n, opts.seed, opts.callback, opts.workMs);
+    const warm = workload(opts.warmup, opts.seed + 1, opts.callback, opts.workMs);
     if (opts.warmup) {
       console.error(`warm-up: ${opts.warmup} orchestrated${opts.floor ? " + floor" : ""}...`);
       const w1 = await b.phase("warmup", warm, Math.min(opts.concurrency, 50), (it) => b.orchestrated(it), pids);
@@ -842,6 +847,7 @@ async function main(): Promise<number> {
       warmup: opts.warmup,
       seed: opts.seed,
       callback: opts.callback,
+      work_ms: opts.workMs,
       observability: opts.observability,
       local_observability: opts.localObservability,
       template: BENCH_TEMPLATE,

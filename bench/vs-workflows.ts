@@ -326,7 +326,7 @@ const ratio = (a: number, b: number, digits = 2) => (b > 0 && Number.isFinite(a 
 
 async function countPhase(b: Bench, system: System, opts: Options, pids: Record<string, number>): Promise<{ base: Units; read: Units | null } | null> {
   if (!opts.localObservability || opts.countN < 1) return null;
-  const items = workload(opts.countN, opts.seed + 3, opts.callback);
+  const items = workload(opts.countN, opts.seed + 3, opts.callback, opts.workMs);
   await sleep(2000);
   await traceClear(b);
   const ids: string[] = [];
@@ -354,7 +354,7 @@ export async function runVsWorkflows(b: Bench, opts: Options, pids: Record<strin
   const t0 = performance.now();
   const systems = [OURS, WORKFLOWS];
   if (opts.warmup) {
-    const warm = workload(opts.warmup, opts.seed + 1, opts.callback);
+    const warm = workload(opts.warmup, opts.seed + 1, opts.callback, opts.workMs);
     for (const sys of systems) {
       console.error(`warm-up: ${opts.warmup} on ${sys.name}...`);
       const w = await b.phase(`warmup-${sys.name}`, warm, Math.min(opts.concurrency, 50), (it) => b.orchestrated(it, sys), pids);
@@ -367,8 +367,8 @@ export async function runVsWorkflows(b: Bench, opts: Options, pids: Record<strin
   console.error("billed units: counting from the runtime's traces...");
   const units: Record<string, { base: Units; read: Units | null } | null> = {};
   for (const sys of systems) units[sys.name] = await countPhase(b, sys, opts, pids);
-  const closedItems = workload(opts.n, opts.seed, opts.callback);
-  const polledItems = workload(opts.pollN, opts.seed + 2, opts.callback);
+  const closedItems = workload(opts.n, opts.seed, opts.callback, opts.workMs);
+  const polledItems = workload(opts.pollN, opts.seed + 2, opts.callback, opts.workMs);
   const runs: { round: number; workload: Workload; system: string; result: PhaseResult; report: PhaseReport }[] = [];
   for (let round = 1; round <= opts.rounds; round++) {
     const order = round % 2 === 1 ? systems : [...systems].reverse();
@@ -443,6 +443,7 @@ export async function runVsWorkflows(b: Bench, opts: Options, pids: Record<strin
     warmup: opts.warmup,
     seed: opts.seed,
     callback: opts.callback,
+    work_ms: opts.workMs,
     local_observability: opts.localObservability,
     template: BENCH_TEMPLATE,
     stages: BENCH_STAGES,

@@ -18,7 +18,7 @@ import {
  * bitware-bench-worker: a zero-work stage worker for bench/e2e.ts.
  *
  * Protocol (docs/protocol.md §3): the handshake accepts at once; process answers
- * 202 and completes at once by calling back `complete` with a tiny output and
+ * 202 and completes at once (or after `parameters.bench_work_ms`) by calling back `complete` with a tiny output and
  * usage `{ "tokens:openai": 10 }`, in `ctx.waitUntil` (default) or before
  * answering (`parameters.bench_callback = "sync"`); progress answers completed
  * if polled; cancel is a no-op. Bodies are validated with the same zod schemas
@@ -72,6 +72,10 @@ interface Job {
   token: string;
   last: boolean;
   sync: boolean;
+  /** ms of pretended work between `process` and `complete` (`parameters.bench_work_ms`, 0 by default). */
+  workMs: number;
+  /** The pretended work is done (a progress poll says completed only then). */
+  worked: boolean;
   processed: boolean;
   output: unknown;
   timing: StageTiming;
@@ -153,6 +157,8 @@ async function onHandshake(request: Request): Promise<Response> {
       token: hs.callback.token,
       last: hs.stageId === `stage_${total}`,
       sync: params.bench_callback === "sync",
+      workMs: Math.min(60_000, Math.max(0, Number(params.bench_work_ms ?? 0) || 0)),
+      worked: false,
       processed: false,
       output: { stage: hs.stageId, action: hs.action, ok: true },
       timing,
@@ -173,7 +179,11 @@ async function onProcess(request: Request, env: BenchEnv, ctx: Ctx): Promise<Res
   job.timing.pr ??= Date.now();
   if (job.processed) return json(202, { status: "processing" });
   job.processed = true;
-  const done = complete(job, env);
+  const work = job.workMs > 0 ? new Promise((r) => setTimeout(r, job.workMs)) : Promise.resolve();
+  const done = work.then(() => {
+    job.worked = true;
+    return complete(job, env);
+  });
   if (job.sync) await done;
   else ctx.waitUntil(done);
   return json(202, { status: "processing" });
@@ -185,7 +195,7 @@ function onProgress(executionId: string, stageId: string): Response {
   if (rec) rec.polls++;
   const job = jobs.get(`${executionId}|${stageId}`);
   if (!job) return error(404, "not_found", "no such job");
-  if (!job.processed) return json(200, { status: "processing", progress: 0 });
+  if (!job.processed || !job.worked) return json(200, { status: "processing", progress: 0 });
   return json(200, { status: "completed", progress: 100, output: job.output, usage: STAGE_USAGE });
 }
 
