@@ -50,6 +50,7 @@ export const PRICES = {
   r2_class_a: 4.5 / 1e6,
   r2_class_b: 0.36 / 1e6,
   workflow_invocation: 0.3 / 1e6,
+  ae_data_point: 0.25 / 1e6,
 } as const;
 
 /** The services (workers) whose spans belong to each system; the stage worker, gateway and KAM are the same scaffolding for both. */
@@ -89,8 +90,12 @@ export interface Units {
   alarm_deletes: number;
   kv: { read: number; write: number; delete: number; list: number };
   r2: { class_a: number; class_b: number; free: number };
+  /** Analytics Engine data points written (the orchestrator's metrics). */
+  ae_data_points: number;
   /** Outbound calls from the system (service bindings, not billed). */
   subrequests: number;
+  /** Spans of no class above (RPC plumbing left out), by name: what this table does not price. */
+  unclassified: Record<string, number>;
   /** miniflare's own bookkeeping (the `__miniflare_do_name` row each new object gets): not in production, left out above. */
   local_artifact_rows_written: number;
   /** Whether the traces held every execution counted (one client POST span each). */
@@ -196,7 +201,9 @@ async function unitsFromTraces(b: Bench, system: System, per: number, executions
     alarm_deletes: 0,
     kv: { read: 0, write: 0, delete: 0, list: 0 },
     r2: { class_a: 0, class_b: 0, free: 0 },
+    ae_data_points: 0,
     subrequests: 0,
+    unclassified: {},
     local_artifact_rows_written: 0,
     complete: true,
   };
@@ -234,7 +241,9 @@ async function unitsFromTraces(b: Bench, system: System, per: number, executions
     else if (/^r2_(put|list|createMultipartUpload|uploadPart|completeMultipartUpload|copy)$/.test(name)) u.r2.class_a += n;
     else if (/^r2_(get|head)$/.test(name)) u.r2.class_b += n;
     else if (/^r2_/.test(name)) u.r2.free += n;
+    else if (/writeDataPoint|analytics/i.test(name)) u.ae_data_points += n;
     else if (kind === "fetch" || name === "durable_object_subrequest") u.subrequests += n;
+    else if (name !== "jsRpcCall" && name !== "jsRpcSession" && !/^durable_object_storage_(sync|transaction|getAlarm|getDatabaseSize|getCurrentBookmark)$/.test(name)) u.unclassified[name] = (u.unclassified[name] ?? 0) + n;
   }
   const active = await activeSeconds(b, DO_SERVICES[system.name]);
   u.do_active_s = active.seconds;
@@ -301,6 +310,7 @@ export function bill(system: System, base: Units, read: Units | null, statusRead
   lines.push(line("KV writes, deletes, lists", plus((u) => u.kv.write + u.kv.delete + u.kv.list), PRICES.kv_write));
   lines.push(line("R2 class A", plus((u) => u.r2.class_a), PRICES.r2_class_a));
   lines.push(line("R2 class B", plus((u) => u.r2.class_b), PRICES.r2_class_b));
+  lines.push(line("Analytics Engine data points", plus((u) => u.ae_data_points), PRICES.ae_data_point));
   const total = lines.reduce((s, l) => s + l.usd_per_million_executions, 0);
   return { lines, total_usd_per_million: Number(total.toFixed(4)) };
 }
@@ -506,6 +516,8 @@ function printTable(
     ["  alarms set / deleted / fired", (x) => `${x.alarm_sets} / ${x.alarm_deletes} / ${x.alarm_invocations}`],
     ["  KV read / write / delete / list", (x) => `${x.kv.read} / ${x.kv.write} / ${x.kv.delete} / ${x.kv.list}`],
     ["  R2 class A / class B", (x) => `${x.r2.class_a} / ${x.r2.class_b}`],
+    ["  Analytics Engine data points", (x) => x.ae_data_points],
+    ["  not priced (spans of no class)", (x) => Object.entries(x.unclassified).map(([k, v]) => `${k} ${v}`).join(", ") || "none"],
     ["  traces complete", (x) => String(x.complete)],
   ];
   for (const [label, pick] of unitRows) rows.push([label, u("ours", pick), u("workflows", pick), ""]);
