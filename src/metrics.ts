@@ -21,6 +21,7 @@ export const METRIC_EVENTS = [
   "callback_refused",
   "outbox_redelivery",
   "schedule_fire",
+  "notification",
 ] as const;
 export type MetricEventName = (typeof METRIC_EVENTS)[number];
 

@@ -75,6 +75,23 @@ export function attemptHeaders(trace: TraceContext, stageId: string, attempt: nu
   return headers;
 }
 
+/**
+ * The trace fields of a log line: `trace_id`, and `span_id` the attempt's
+ * span when the line names a stage and an attempt (`parent_span_id` the
+ * execution's), else the execution's span (`parent_span_id` the caller's).
+ */
+export function traceLogFields(
+  trace: TraceContext | null,
+  fields: Record<string, unknown>,
+): { trace_id?: string; span_id?: string; parent_span_id?: string } {
+  if (!trace) return {};
+  const { stage_id, attempt } = fields;
+  if (typeof stage_id === "string" && typeof attempt === "number" && attempt > 0) {
+    return { trace_id: trace.trace_id, span_id: attemptSpanId(trace, stage_id, attempt), parent_span_id: trace.span_id };
+  }
+  return { trace_id: trace.trace_id, span_id: trace.span_id, ...(trace.parent_span_id ? { parent_span_id: trace.parent_span_id } : {}) };
+}
+
 /** A `traceparent` header's trace and parent span ids, or null when it is missing or invalid. */
 export function readTraceparent(header: string | null): { trace_id: string; span_id: string } | null {
   const p = header ? parseTraceParent(header.trim()) : null;

@@ -1,5 +1,6 @@
 import type { ExecutionEvent, EventType, NotificationsDocument } from "../../schemas/api";
 import type { ErrorInfo } from "../../schemas/common";
+import { emit } from "../../src/metrics";
 import { SIGNATURE_HEADER, signatureHeader } from "../../src/notify-signature";
 import { secretPair } from "../../src/secrets";
 import { retryDelayMs } from "../stage-machine";
@@ -134,13 +135,18 @@ export class Notifier {
     const started = Date.now();
     const res = await this.#c.env.KAM.fetch("https://kam.internal/api/orchestrator/events", {
       method: "POST",
-      headers: { "content-type": "application/json", [SIGNATURE_HEADER]: await signatureHeader(secret, row.body, Date.now()) },
+      headers: {
+        ...this.#c.store.executionTraceHeaders(),
+        "content-type": "application/json",
+        [SIGNATURE_HEADER]: await signatureHeader(secret, row.body, Date.now()),
+      },
       body: row.body,
       signal: AbortSignal.timeout(this.#c.config.tuning.notifyTimeoutMs),
     });
     // The answer's body is not used; reading it frees the connection.
     await res.body?.cancel();
     this.#c.store.log("info", "event_delivery", { event_id: row.event_id, type: row.type, attempt: row.attempts + 1, http_status: res.status, duration_ms: Date.now() - started });
+    emit(this.#c.env, { event: "notification", execution_id: this.#c.store.row()?.execution_id, kind: row.type, outcome: String(res.status), attempt: row.attempts + 1, duration_ms: Date.now() - started });
     return res.ok ? { ok: true } : { ok: false, error: `KAM answered ${res.status}` };
   }
 

@@ -3,7 +3,7 @@ import type { Priority } from "../../schemas/common";
 import type { DataReference } from "../../schemas/data";
 import type { Config } from "../../src/config";
 import { log } from "../../src/log";
-import { type TraceContext, attemptHeaders, attemptSpanId } from "../../src/trace";
+import { type TraceContext, attemptHeaders, formatTraceparent, traceLogFields } from "../../src/trace";
 import type { Sql } from "../sql";
 import type { Notifier } from "./notify";
 import type { Outbox } from "./outbox";
@@ -290,6 +290,15 @@ export class Store {
     return this.#trace;
   }
 
+  /** The `traceparent` (and `tracestate`) of a call made for the execution itself (event notifications). */
+  executionTraceHeaders(): Record<string, string> {
+    const t = this.trace();
+    if (!t) return {};
+    const headers: Record<string, string> = { traceparent: formatTraceparent(t.trace_id, t.span_id, t.flags) };
+    if (t.tracestate) headers.tracestate = t.tracestate;
+    return headers;
+  }
+
   /** The `traceparent` (and `tracestate`) of a call made for one attempt of a stage. */
   traceHeaders(stageId: string, attempt: number): Record<string, string> {
     const t = this.trace();
@@ -299,12 +308,7 @@ export class Store {
   /** Every line carries the execution id and its trace: `span_id` is the attempt's when the line names one, else the execution's. */
   log(level: Level, event: string, fields: Record<string, unknown>): void {
     this.#executionId ??= this.#sql<{ execution_id: string }>`SELECT execution_id FROM execution WHERE id = 1`[0]?.execution_id;
-    const t = this.trace();
-    const span =
-      t && typeof fields.stage_id === "string" && typeof fields.attempt === "number" && fields.attempt > 0
-        ? { span_id: attemptSpanId(t, fields.stage_id, fields.attempt), parent_span_id: t.span_id }
-        : { span_id: t?.span_id, parent_span_id: t?.parent_span_id ?? undefined };
-    log(level, event, { execution_id: this.#executionId, trace_id: t?.trace_id, ...span, ...fields });
+    log(level, event, { execution_id: this.#executionId, ...traceLogFields(this.trace(), fields), ...fields });
   }
 
   logCall(event: string, st: StageRow, ms: number, outcome: string): void {

@@ -49,13 +49,15 @@ export class KamEvents extends DurableObject<EventsEnv> {
     ctx.blockConcurrencyWhile(async () => {
       ctx.storage.sql.exec(`
         CREATE TABLE IF NOT EXISTS receipts (n INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL, type TEXT NOT NULL, answered INTEGER NOT NULL, t INTEGER NOT NULL);
-        CREATE TABLE IF NOT EXISTS events (event_id TEXT PRIMARY KEY, n INTEGER NOT NULL, body TEXT NOT NULL);`);
+        CREATE TABLE IF NOT EXISTS events (event_id TEXT PRIMARY KEY, n INTEGER NOT NULL, body TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS traces (n INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL, traceparent TEXT);`);
     });
   }
 
   /** One verified delivery: answers 500 while the flaky knob says so, else records the event once. */
-  receive(event: { event_id: string; type: string; client_id: string }, body: string, t: number): number {
+  receive(event: { event_id: string; type: string; client_id: string }, body: string, t: number, traceparent: string | null = null): number {
     const sql = this.ctx.storage.sql;
+    sql.exec("INSERT INTO traces (event_id, traceparent) VALUES (?, ?)", event.event_id, traceparent);
     const failFirst = Number(/^kam-flaky-(\d+)-/.exec(event.client_id)?.[1] ?? 0);
     const seen = sql.exec<{ n: number }>("SELECT COUNT(*) AS n FROM receipts").one().n;
     const answered = seen < failFirst ? 500 : 200;
@@ -68,9 +70,11 @@ export class KamEvents extends DurableObject<EventsEnv> {
   }
 
   /** Every delivery attempt, and the events de-duplicated by `event_id`, in arrival order. */
-  received(): { receipts: Receipt[]; events: unknown[] } {
+  received(): { receipts: Receipt[]; events: unknown[]; traceparents: (string | null)[] } {
     const sql = this.ctx.storage.sql;
     return {
+      // The W3C traceparent each delivery carried, in arrival order.
+      traceparents: sql.exec<{ traceparent: string | null }>("SELECT traceparent FROM traces ORDER BY n").toArray().map((r) => r.traceparent),
       receipts: sql.exec<Receipt & Record<string, SqlStorageValue>>("SELECT event_id, type, answered, t FROM receipts ORDER BY n").toArray(),
       events: sql.exec<{ body: string }>("SELECT body FROM events ORDER BY n").toArray().map((r) => JSON.parse(r.body)),
     };
@@ -98,6 +102,6 @@ export async function handleEvents(request: Request, env: EventsEnv): Promise<Re
     return json(400, { error: { code: "bad_request", message: "not JSON" } });
   }
   const t = Number(/t=(\d+)/.exec(request.headers.get("x-orchestrator-signature") ?? "")?.[1]);
-  const answered = await env.EVENTS.get(env.EVENTS.idFromName(event.execution_id)).receive(event, raw, t);
+  const answered = await env.EVENTS.get(env.EVENTS.idFromName(event.execution_id)).receive(event, raw, t, request.headers.get("traceparent"));
   return json(answered, answered === 200 ? { ok: true } : { error: { code: "flaky", message: "the demo KAM fails this delivery on purpose" } });
 }

@@ -5,6 +5,8 @@ import type { ExecutionEvent } from "../../schemas/api";
 export interface Received {
   receipts: { event_id: string; type: string; answered: number; t: number }[];
   events: ExecutionEvent[];
+  /** The W3C traceparent each delivery carried, in arrival order. */
+  traceparents: (string | null)[];
 }
 
 export async function received(executionId: string): Promise<Received> {

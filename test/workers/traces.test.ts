@@ -2,9 +2,10 @@ import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import type { StatusDocument } from "../../schemas/api";
 import { fromDataPoint } from "../../src/metrics";
-import { attemptSpanId } from "../../src/trace";
+import { acceptTrace, attemptSpanId, traceLogFields } from "../../src/trace";
 import { JSON_HEADERS, KAM, OPS, call, ended, waitFor } from "../support/api";
 import { TEST_WORKER_SECRETS } from "../support/constants";
+import { waitForEvents } from "../support/kam-events";
 
 /**
  * W3C trace context across the workers of a pipeline: the traceparent sent
@@ -91,6 +92,18 @@ describe("trace context", () => {
     });
   });
 
+  it("event notifications to KAM carry the execution's span as their parent", async () => {
+    const id = await start(
+      { template_name: "quick_summary", parameters: { steps: 1, step_ms: 5 }, client_id: "client_trace", notify: true },
+      { traceparent: `00-${TRACE_ID}-${CALLER_SPAN}-01` },
+    );
+    const d = await waitFor(id, ended);
+    const got = await waitForEvents(id, (r) => r.events.some((e) => e.type === "execution.completed"));
+    expect(got.traceparents.length).toBe(got.receipts.length);
+    expect(got.traceparents.length).toBeGreaterThan(0);
+    for (const tp of got.traceparents) expect(tp).toBe(`00-${TRACE_ID}-${d.span_id}-01`);
+  });
+
   it("starts a new trace without a traceparent, or with an invalid one", async () => {
     const variants: Record<string, string>[] = [{}, { traceparent: "00-zzzz-not-a-traceparent-01" }, { traceparent: `00-${"0".repeat(32)}-${CALLER_SPAN}-01` }];
     for (const headers of variants) {
@@ -120,5 +133,16 @@ describe("trace context", () => {
     }
     // The flags (not sampled here) are passed on as the caller sent them.
     expect(cancel).toBe(expected);
+  });
+
+  it("log lines carry the trace: the attempt's span for a line about an attempt, else the execution's", () => {
+    const t = acceptTrace(`00-${TRACE_ID}-${CALLER_SPAN}-01`, null);
+    expect(traceLogFields(t, { stage_id: "stage_2", attempt: 3, duration_ms: 5 })).toEqual({
+      trace_id: TRACE_ID,
+      span_id: attemptSpanId(t, "stage_2", 3),
+      parent_span_id: t.span_id,
+    });
+    expect(traceLogFields(t, { status: "running" })).toEqual({ trace_id: TRACE_ID, span_id: t.span_id, parent_span_id: CALLER_SPAN });
+    expect(traceLogFields(null, { status: "running" })).toEqual({});
   });
 });
