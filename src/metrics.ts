@@ -22,6 +22,7 @@ export const METRIC_EVENTS = [
   "outbox_redelivery",
   "schedule_fire",
   "notification",
+  "ledger_answer",
 ] as const;
 export type MetricEventName = (typeof METRIC_EVENTS)[number];
 
@@ -41,6 +42,8 @@ export interface MetricEvent {
   trace_id?: string;
   span_id?: string;
   parent_span_id?: string;
+  /** A ledger pool (`ledger_answer`). */
+  pool?: string;
   attempt?: number;
   duration_ms?: number;
   waiting_ms?: number;
@@ -64,6 +67,7 @@ export const BLOBS = [
   "trace_id",
   "span_id",
   "parent_span_id",
+  "pool",
 ] as const;
 export const DOUBLES = ["count", "attempt", "duration_ms", "waiting_ms", "processing_ms", "cost", "tokens"] as const;
 

@@ -115,6 +115,7 @@ export async function askLedger(c: Core, st: StageRow): Promise<boolean> {
     tx.waitForGrant(c, st, result.position, now);
     return false;
   }
+  tx.ledgerAnswered(c, st, "refused", parse<Record<string, number>>(st.resources) ?? {}, result.code, 0);
   tx.failAttempt(c, c.store.stage(st.stage_id)!, { code: result.code, message: result.message, retryable: false }, now);
   return true;
 }

@@ -125,10 +125,33 @@ export function reserved(c: Core, st: StageRow, reservationId: string, now: numb
 export function waitForGrant(c: Core, st: StageRow, position: number, now: number): void {
   c.sql`UPDATE stages SET reservation = 'waiting', message = ${`waiting for resources (position ${position})`} WHERE stage_id = ${st.stage_id}`;
   c.timers.set("reask", now + c.config.tuning.ledgerReaskMs, st.stage_id);
+  ledgerAnswered(c, st, "waiting", parse<Record<string, number>>(st.resources) ?? {}, null, 0);
+}
+
+/** A ledger answer for a stage (granted, waiting, refused): one data point per pool it names, and the worker's pool. */
+export function ledgerAnswered(c: Core, st: StageRow, outcome: string, pools: Record<string, number>, code: string | null, waitedMs: number): void {
+  const ex = c.store.row()!;
+  const names = new Set([...Object.keys(pools), `worker:${st.worker}`]);
+  for (const pool of names) {
+    emit(c.env, {
+      event: "ledger_answer",
+      execution_id: ex.execution_id,
+      template_name: ex.template_name,
+      client_id: ex.client_id,
+      worker: st.worker,
+      stage_id: st.stage_id,
+      attempt: st.attempt,
+      pool,
+      outcome,
+      code,
+      waiting_ms: waitedMs,
+    });
+  }
 }
 
 export function granted(c: Core, st: StageRow, expiresAt: number, requirements: Record<string, number>, now: number): void {
   moveStage(c, st, "handshaking", now, {});
+  ledgerAnswered(c, st, "granted", requirements, null, now - (st.waiting_since ?? now));
   c.sql`UPDATE stages SET reservation = 'granted', requirements = ${JSON.stringify(requirements)}, lease_expires_at = ${expiresAt},
     waiting_ms = waiting_ms + ${now - (st.waiting_since ?? now)}, waiting_since = NULL, message = NULL WHERE stage_id = ${st.stage_id}`;
   c.timers.clear("reask", st.stage_id);

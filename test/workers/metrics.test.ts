@@ -96,6 +96,19 @@ describe("Analytics Engine data points", () => {
     expect(mine.filter((p) => p.outcome === "worker_not_bound")).toHaveLength(1);
   });
 
+  it("one ledger_answer per pool a grant names, with the wait the status document shows", async () => {
+    const completed = docs.filter((d) => d.status === "completed");
+    const all = await pointsWhen((p) => completed.every((d) => p.some((x) => x.event === "ledger_answer" && x.execution_id === d.execution_id)));
+    for (const d of completed) {
+      const mine = all.filter((p) => p.event === "ledger_answer" && p.execution_id === d.execution_id);
+      const workerPool = mine.filter((p) => p.pool === "worker:bitware-content-granulator");
+      expect(workerPool).toEqual([expect.objectContaining({ outcome: "granted", stage_id: "stage_1", attempt: 1, waiting_ms: d.stages[0].waiting_ms })]);
+      // Every pool of the grant once, all granted.
+      expect(new Set(mine.map((p) => p.pool)).size).toBe(mine.length);
+      for (const p of mine) expect(p.outcome).toBe("granted");
+    }
+  });
+
   it("a refused callback is a callback_refused point with its code", async () => {
     const id = docs[0].execution_id;
     const res = await call(`/executions/${id}/stages/stage_1/complete`, { method: "POST", headers: { authorization: "Bearer abc.def", ...JSON_HEADERS }, body: "{}" });
