@@ -101,6 +101,8 @@ export interface PoolState {
   estSamples: number;
   /** Waiters (parked or not) whose requirements name this pool. Derived at load. */
   waiting: number;
+  /** Provider backoff: nothing is granted from the pool before this time (null: not paused). */
+  pausedUntil?: number | null;
 }
 
 export type Amounts = Record<string, number>;
@@ -169,7 +171,42 @@ export function satisfiable(p: PoolState, amount: number): boolean {
 }
 
 export function fits(p: PoolState, amount: number, now: number): boolean {
+  if (isPaused(p, now)) return false;
   return amount <= available(p, now) + EPS;
+}
+
+export function isPaused(p: PoolState, now: number): boolean {
+  return p.pausedUntil != null && now < p.pausedUntil;
+}
+
+/**
+ * A provider's rate-limit report on a rate pool: the bucket is lowered to
+ * `remaining` (never raised), and `retry_after_ms` (or `remaining: 0` with
+ * `reset_ms`) pauses the pool until then (a later pause never shortens an
+ * earlier one). Returns whether anything changed.
+ */
+export function applyRateLimit(
+  p: PoolState,
+  r: { remaining?: number; reset_ms?: number; retry_after_ms?: number },
+  now: number,
+): boolean {
+  let changed = false;
+  if (r.remaining !== undefined && p.kind === "rate") {
+    refill(p, now);
+    if (r.remaining < p.tokens) {
+      p.tokens = tidy(Math.max(0, r.remaining));
+      changed = true;
+    }
+  }
+  const pauseMs = r.retry_after_ms ?? (r.remaining === 0 ? r.reset_ms : undefined);
+  if (pauseMs !== undefined && pauseMs > 0) {
+    const until = now + pauseMs;
+    if (p.pausedUntil == null || p.pausedUntil < until) {
+      p.pausedUntil = until;
+      changed = true;
+    }
+  }
+  return changed;
 }
 
 /** A grant: a concurrency slot or budget amount is held; a rate pool's tokens are taken. */
@@ -234,6 +271,11 @@ export function refillReadyAt(pools: Map<string, PoolState>, needs: Amounts, now
     const p = pools.get(name);
     if (!p) return null;
     if (fits(p, amount, now)) continue;
+    if (isPaused(p, now)) {
+      // A provider backoff ends by itself: wake then (and look at the rest of the shortfall again).
+      at = Math.max(at, p.pausedUntil!);
+      if (amount <= available(p, now) + EPS) continue;
+    }
     if (p.kind !== "rate" || p.refillPerSecond <= 0) return null;
     const missing = amount - p.tokens;
     at = Math.max(at, now + Math.ceil((missing * 1000) / p.refillPerSecond) + 1);
@@ -253,6 +295,11 @@ export function poolSnapshot(p: PoolState, now: number): PoolSnapshot {
   };
   if (p.kind === "rate") s.refill_per_second = p.refillPerSecond;
   if (p.kind === "budget") s.consumed = p.consumed;
+  if (isPaused(p, now)) {
+    // Nothing can be granted from a paused pool, whatever its bucket holds.
+    s.paused_until = p.pausedUntil!;
+    s.available = 0;
+  }
   return s;
 }
 

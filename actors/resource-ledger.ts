@@ -27,6 +27,7 @@ import {
   type EstimateResult,
   type GrantNotice,
   type LedgerSnapshot,
+  type PaceResult,
   type PoolSnapshot,
   type ReleaseResult,
   type RenewResult,
@@ -39,8 +40,10 @@ import {
 } from "../schemas/ledger";
 import { configOf, type Tuning } from "../src/config";
 import { log } from "../src/log";
+import { RateLimits, type RateLimitReport } from "../schemas/worker-protocol";
 import {
   admitStart,
+  applyRateLimit,
   budgetExhausted,
   clientBlock,
   clientRateUnsatisfiable,
@@ -354,6 +357,36 @@ export class ResourceLedger extends DurableObject<Env> {
         this.#pass.run(s);
         this.#store.purge(s.now - this.#rules.doneRetentionMs, this.#rules.purgeBatch);
         timer(s, this.#nextTimer(s.now));
+      },
+      { direct: true },
+    );
+  }
+
+  /**
+   * Provider pacing: rate-limit reports from a worker's provider responses.
+   * Each lowers its rate pool's bucket and may pause the pool (ledger-rules
+   * applyRateLimit), for every execution at once; reports on unknown pools are
+   * ignored (and named). A pause ends by itself: the alarm wakes the waiters.
+   */
+  async pace(reports: RateLimitReport[]): Promise<PaceResult> {
+    const list = parse(RateLimits, reports, "pace reports");
+    return this.#step(
+      (s): PaceResult => {
+        const applied: string[] = [];
+        const ignored: string[] = [];
+        for (const r of list) {
+          const p = this.#store.pools.get(r.pool);
+          if (!p) {
+            ignored.push(r.pool);
+            continue;
+          }
+          if (applyRateLimit(p, r, s.now)) this.#store.touchPool(p);
+          applied.push(r.pool);
+          if (p.pausedUntil != null && p.pausedUntil > s.now) timer(s, p.pausedUntil);
+        }
+        if (applied.length) log("info", "ledger_paced", { pools: applied, reports: list.length });
+        this.#pass.run(s);
+        return { applied, ignored };
       },
       { direct: true },
     );

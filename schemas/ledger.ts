@@ -108,6 +108,8 @@ export const EstimateResult = z.object({
 });
 export type EstimateResult = z.infer<typeof EstimateResult>;
 export const SettleAndReserveResult = z.object({ settled: SettleResult.nullable(), reserved: ReserveResult });
+export const PaceResult = z.object({ applied: z.array(z.string()), ignored: z.array(z.string()) });
+export type PaceResult = z.infer<typeof PaceResult>;
 export type SettleAndReserveResult = z.infer<typeof SettleAndReserveResult>;
 
 export const PoolSnapshot = z.object({
@@ -119,6 +121,8 @@ export const PoolSnapshot = z.object({
   waiting: z.number(),
   refill_per_second: z.number().optional(),
   consumed: z.number().optional(),
+  /** Provider backoff (a `retry_after_ms` report): nothing is granted from the pool before this time (unix ms). */
+  paused_until: z.number().optional(),
   estimates: z.object({ avg_usage_per_stage: z.number().nullable(), samples: z.number() }).optional(),
 });
 export type PoolSnapshot = z.infer<typeof PoolSnapshot>;

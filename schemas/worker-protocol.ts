@@ -1,5 +1,5 @@
 import { z } from "zod";
-import { ErrorInfo, ExecutionId, PoolAmounts, StageId } from "./common";
+import { ErrorInfo, ExecutionId, PoolAmounts, PoolName, StageId } from "./common";
 import { DataReference } from "./data";
 
 /**
@@ -61,6 +61,23 @@ export type ProcessRequest = z.infer<typeof ProcessRequest>;
 export const CancelRequest = z.object({ executionId: ExecutionId, stageId: StageId, attempt: z.number().int().min(1).optional() });
 export type CancelRequest = z.infer<typeof CancelRequest>;
 
+/**
+ * What a provider said about its rate limit on one pool (from its response
+ * headers; packages/worker-kit `rateLimitsFrom`): the ledger lowers that rate
+ * pool's bucket to `remaining`, and after `retry_after_ms` (or `remaining: 0`
+ * with `reset_ms`) grants nothing on the pool until that time has passed.
+ */
+export const RateLimitReport = z
+  .object({
+    pool: PoolName,
+    remaining: z.number().finite().nonnegative().optional(),
+    reset_ms: z.number().int().nonnegative().max(24 * 3600_000).optional(),
+    retry_after_ms: z.number().int().nonnegative().max(24 * 3600_000).optional(),
+  })
+  .strict();
+export type RateLimitReport = z.infer<typeof RateLimitReport>;
+export const RateLimits = z.array(RateLimitReport).max(16);
+
 export const ProgressResponse = z.object({
   status: z.enum(["processing", "completed", "failed"]),
   progress: z.number().min(0).max(100).optional(),
@@ -70,6 +87,7 @@ export const ProgressResponse = z.object({
   usage: PoolAmounts.optional(),
   error: ErrorInfo.pick({ code: true, message: true }).optional(),
   retryable: z.boolean().optional(),
+  rate_limits: RateLimits.optional(),
 });
 export type ProgressResponse = z.infer<typeof ProgressResponse>;
 
@@ -77,6 +95,7 @@ export type ProgressResponse = z.infer<typeof ProgressResponse>;
 export const ProgressCallback = z.object({
   progress: z.number().min(0).max(100),
   message: z.string().max(1000).optional(),
+  rate_limits: RateLimits.optional(),
 });
 export type ProgressCallback = z.infer<typeof ProgressCallback>;
 
@@ -85,6 +104,7 @@ export const CompleteCallback = z
     output: z.unknown().optional(),
     dataReference: DataReference.optional(),
     usage: PoolAmounts.optional(),
+    rate_limits: RateLimits.optional(),
   })
   .refine((b) => b.output !== undefined || b.dataReference !== undefined, {
     message: "either output or dataReference is required",
@@ -96,5 +116,6 @@ export const FailCallback = z.object({
   error: z.object({ code: z.string().min(1).max(64), message: z.string().max(2000) }),
   retryable: z.boolean().optional(),
   usage: PoolAmounts.optional(),
+  rate_limits: RateLimits.optional(),
 });
 export type FailCallback = z.infer<typeof FailCallback>;

@@ -3,12 +3,14 @@ import { DecisionRequest, ExecuteRequest, type ExecuteResponse, ItemsQuery, type
 import { ExecutionId, StageId } from "../schemas/common";
 import { CompleteCallback, FailCallback, ProgressCallback } from "../schemas/worker-protocol";
 import type { CallbackKind, CancelState, DecideState, Execution, ItemsState, PauseState, ResultState, ResumeState } from "../actors/execution/index";
+import type { RateLimitReport } from "../schemas/worker-protocol";
 import type { ClaimResult, RequestRegistry } from "../actors/request-registry";
 import type { DataReference } from "../schemas/data";
 import { type Role, verifyToken } from "./auth";
 import { DATA_LIMITS, UploadError, dataKey, openStream, parseDataKey, putStream, verifying } from "./data-store";
 import { admitStart } from "./clients";
 import { configOf } from "./config";
+import { reportRateLimits } from "./pacing";
 import { sha256Hex } from "./hash";
 import { ApiError, parseWith } from "./http";
 import { newExecutionId } from "./ids";
@@ -315,6 +317,8 @@ export async function workerCallback(
     // The worker sends the attempt's traceparent back: the line joins its span in any trace backend.
     const tp = readTraceparent(request.headers.get("traceparent"));
     log("info", "callback_received", { execution_id: executionId, stage_id: stageId, attempt: claims.attempt, kind, trace_id: tp?.trace_id, span_id: tp?.span_id, status: answer.status });
+    // A genuine callback's rate-limit reports pace the pool for every execution (even when the callback itself was late).
+    await reportRateLimits(env, (payload as { rate_limits?: RateLimitReport[] }).rate_limits, { execution_id: executionId, stage_id: stageId });
     if (answer.status >= 400) refused((answer.body as { error?: { code?: string } }).error?.code ?? `http_${answer.status}`);
     return answer;
   } catch (err) {

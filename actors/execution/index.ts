@@ -4,6 +4,7 @@ import type { Priority } from "../../schemas/common";
 import type { DataReference } from "../../schemas/data";
 import type { GrantNotice } from "../../schemas/ledger";
 import type { CompleteCallback, FailCallback, ProgressCallback } from "../../schemas/worker-protocol";
+import { retryAfterOf } from "../../src/pacing";
 import { type Config, configOf } from "../../src/config";
 import { sha256Hex } from "../../src/hash";
 import { LIVE_PROTOCOL } from "../../src/live-ticket";
@@ -277,7 +278,9 @@ export class Execution extends DurableObject<Env> {
       else tx.completeStage(this.#c, st, stored!, c.usage, now, hash);
     } else {
       const f = body as FailCallback;
-      tx.failAttempt(this.#c, st, { code: f.error.code, message: f.error.message, retryable: f.retryable ?? false }, now, f.usage);
+      // A provider's retry-after (a 429) sets the earliest retry instead of the generic backoff alone.
+      const failure = { code: f.error.code, message: f.error.message, retryable: f.retryable ?? false, retryAfterMs: retryAfterOf(f.rate_limits) };
+      tx.failAttempt(this.#c, st, failure, now, f.usage);
     }
     this.#kick();
     await this.#rearm();

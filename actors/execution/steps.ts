@@ -1,6 +1,7 @@
 import type { DataReference } from "../../schemas/data";
 import type { ReserveResult } from "../../schemas/ledger";
 import type { ProgressResponse } from "../../schemas/worker-protocol";
+import { reportRateLimits } from "../../src/pacing";
 import { issueStageTokens } from "../../src/auth";
 import { DATA_LIMITS, deleteExecutionData, putBytes, readText, verifyStored } from "../../src/data-store";
 import { estimateTotalMs } from "../../src/estimates";
@@ -207,6 +208,7 @@ export async function poll(c: Core, st: StageRow): Promise<boolean> {
   }
   tx.pollSent(c, st);
   const res = await client.progress(ex.execution_id, st.stage_id);
+  if (res.ok) await reportRateLimits(c.env, res.value.rate_limits, { execution_id: ex.execution_id, stage_id: st.stage_id });
   c.store.logCall("worker_progress", st, res.ms, res.ok ? res.value.status : res.error.code);
   if (!c.store.stillAt(st, "processing")) return true;
   const now = Date.now();

@@ -12,6 +12,7 @@ import {
   clientBucket,
   clientRateReadyAt,
   effectiveRank,
+  isPaused,
   fits,
   nextAgeingAt,
   refillReadyAt,
@@ -100,6 +101,15 @@ export class GrantPass {
         c.held++;
         continue;
       }
+      // A provider backoff holds this waiter, not the others' pools: no head, no pass count; wake when it ends.
+      const pausedUntil = names.reduce((t, n) => {
+        const p = store.pools.get(n)!;
+        return isPaused(p, s.now) ? Math.max(t, p.pausedUntil!) : t;
+      }, 0);
+      if (pausedUntil > 0) {
+        if (wake === null || pausedUntil < wake) wake = pausedUntil;
+        continue;
+      }
       const behindLock = names.some((n) => locked.has(n));
       if (!behindLock && fitsAll(store.pools, needs, s.now)) {
         for (const b of blocked) {
@@ -152,6 +162,8 @@ export class GrantPass {
       return { reason: why, pools };
     }
     if (why) return { reason: why, pools: [] };
+    const paused = Object.keys(needs).filter((n) => isPaused(this.store.pools.get(n)!, now));
+    if (paused.length) return { reason: "provider_backoff", pools: paused };
     const short = Object.keys(needs).filter((n) => !fits(this.store.pools.get(n)!, needs[n], now));
     return { reason: "capacity", pools: short.length ? short : Object.keys(needs) };
   }

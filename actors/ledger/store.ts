@@ -77,10 +77,11 @@ CREATE TABLE IF NOT EXISTS unknown_usage (
 `;
 
 /** Columns added after the first release: added in place, so an existing ledger keeps its state. */
-const ADDED_COLUMNS: [string, string][] = [
-  ["client_id", "TEXT"],
-  ["cost_est", "REAL NOT NULL DEFAULT 0"],
-  ["tag", "REAL NOT NULL DEFAULT 0"],
+const ADDED_COLUMNS: [table: string, column: string, type: string][] = [
+  ["reservations", "client_id", "TEXT"],
+  ["reservations", "cost_est", "REAL NOT NULL DEFAULT 0"],
+  ["reservations", "tag", "REAL NOT NULL DEFAULT 0"],
+  ["pools", "paused_until", "INTEGER"],
 ];
 const INDEXES = `
 DROP INDEX IF EXISTS reservations_queue;
@@ -162,8 +163,10 @@ export class LedgerStore {
   /** Schema, seeding at the very first start only, then memory from SQL. */
   open(seedPools: z.infer<typeof PoolConfig>, now: number): void {
     execScript(this.storage, SCHEMA);
-    const have = new Set(this.sql<{ name: string }>`SELECT name FROM pragma_table_info('reservations')`.map((r) => r.name));
-    for (const [col, type] of ADDED_COLUMNS) if (!have.has(col)) execScript(this.storage, `ALTER TABLE reservations ADD COLUMN ${col} ${type}`);
+    for (const [table, col, type] of ADDED_COLUMNS) {
+      const have = this.sql<{ name: string }>`SELECT name FROM pragma_table_info(${table}) WHERE name = ${col}`.length > 0;
+      if (!have) execScript(this.storage, `ALTER TABLE ${table} ADD COLUMN ${col} ${type}`);
+    }
     execScript(this.storage, INDEXES);
     const seeded = this.sql<{ value: string }>`SELECT value FROM meta WHERE key = 'seeded'`.length > 0;
     if (!seeded) {
@@ -391,6 +394,7 @@ export class LedgerStore {
       consumed: number;
       est_avg: number | null;
       est_n: number;
+      paused_until: number | null;
     };
     for (const r of this.sql<PoolRow>`SELECT * FROM pools`) {
       this.pools.set(r.name, {
@@ -405,6 +409,7 @@ export class LedgerStore {
         estAvg: r.est_avg,
         estSamples: r.est_n,
         waiting: 0,
+        pausedUntil: r.paused_until,
       });
     }
     for (const r of this.sql<{ worker: string; dur_avg: number | null; dur_n: number; usage: string }>`SELECT * FROM worker_stats`) {
@@ -530,11 +535,11 @@ export class LedgerStore {
   }
 
   #savePool(p: PoolState): void {
-    this.sql`INSERT INTO pools (name, kind, capacity, refill_per_second, tokens, tokens_at, consumed, est_avg, est_n)
+    this.sql`INSERT INTO pools (name, kind, capacity, refill_per_second, tokens, tokens_at, consumed, est_avg, est_n, paused_until)
       VALUES (${p.name}, ${p.kind}, ${p.capacity}, ${p.refillPerSecond}, ${p.tokens}, ${p.tokensAt}, ${p.consumed},
-              ${p.estAvg}, ${p.estSamples})
+              ${p.estAvg}, ${p.estSamples}, ${p.pausedUntil ?? null})
       ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, capacity = excluded.capacity,
         refill_per_second = excluded.refill_per_second, tokens = excluded.tokens, tokens_at = excluded.tokens_at,
-        consumed = excluded.consumed, est_avg = excluded.est_avg, est_n = excluded.est_n`;
+        consumed = excluded.consumed, est_avg = excluded.est_avg, est_n = excluded.est_n, paused_until = excluded.paused_until`;
   }
 }

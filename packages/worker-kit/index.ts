@@ -31,6 +31,7 @@ export function defineWorker<E extends KitEnv>(def: WorkerDefinition<E>): {
 }
 
 export { KitJobObject } from "./job-object";
+export { parseDurationMs, rateLimitsFrom, type RateLimitReport } from "./rate-limits";
 export { StageError, BytesOutput, bytes, bytesOf, isInlineBytes, isJsonType, toBase64, fromBase64, sha256Hex, type InlineBytes } from "./data";
 export { authorized, error as errorResponse, json as jsonResponse } from "./http";
 export type {
