@@ -1,5 +1,5 @@
 import { z } from "zod";
-import { ClientId, ErrorInfo, PoolAmounts, Priority, RequestId, TemplateName } from "./common";
+import { ClientId, ErrorInfo, PoolAmounts, Priority, RequestId, StageId, TemplateName } from "./common";
 import { DataReference } from "./data";
 
 /** `POST /execute` and RPC `execute()`. Unknown fields are refused so a typo is not silently ignored. */
@@ -82,6 +82,8 @@ export const StageDocument = z.object({
   cost: z.number().nullable(),
   /** `approval`: waits for a decision instead of running on a worker (docs/protocol.md, "Approval stages"). */
   type: z.enum(["worker", "approval"]),
+  /** Rerun: this stage was taken over from that execution (its output, no usage, cost 0). */
+  reused_from: z.string().optional(),
   /** An approval stage's decision, once made. */
   decision: z.object({ approved: z.boolean(), by: z.enum(["kam", "ops"]), comment: z.string().nullable(), at: z.string() }).optional(),
   /** The current attempt's span (W3C trace context), the parent of the worker's spans; null before the first attempt. */
@@ -142,7 +144,8 @@ export const StatusDocument = z.object({
   status: ExecutionStatus,
   template_name: z.string(),
   template_id: z.string().nullable(),
-  template_source: z.enum(["kam", "cache"]).nullable(),
+  /** `snapshot`: a rerun, which runs the original's template as it was. */
+  template_source: z.enum(["kam", "cache", "snapshot"]).nullable(),
   client_id: z.string(),
   request_id: z.string().nullable(),
   priority: Priority,
@@ -164,9 +167,30 @@ export const StatusDocument = z.object({
   span_id: z.string().nullable(),
   /** The caller's span, when POST /execute sent a valid traceparent. */
   parent_span_id: z.string().nullable(),
+  /** The execution this one reruns (POST /executions/:id/rerun), and this one's reruns, newest first. */
+  rerun_of: z.string().nullable(),
+  reruns: z.array(z.string()),
   stages: z.array(StageDocument),
 });
 export type StatusDocument = z.infer<typeof StatusDocument>;
+
+/** `POST /executions/:id/rerun` and RPC `rerun(id, request)`. */
+export const RerunRequest = z
+  .object({
+    /** Run again from this stage (and everything that depends on it); default: the lowest-numbered stage that did not complete. */
+    from_stage: StageId.optional(),
+    /** Instead of the original's parameters. */
+    parameters: z.record(z.string(), z.unknown()).optional(),
+    request_id: RequestId.optional(),
+    /** Default: the original's. */
+    notify: z.boolean().optional(),
+  })
+  .strict();
+export type RerunRequest = z.infer<typeof RerunRequest>;
+
+/** The start summary of a rerun: a new execution, linked to the old one. */
+export const RerunResponse = ExecuteResponse.extend({ rerun_of: z.string(), from_stage: z.string(), reused: z.array(z.string()) });
+export type RerunResponse = z.infer<typeof RerunResponse>;
 
 /** `POST /executions/:id/stages/:stage_id/approve` and `/reject`. */
 export const DecisionRequest = z.object({ comment: z.string().max(2_000).optional() }).strict();

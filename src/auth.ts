@@ -172,7 +172,8 @@ async function macMatches(secret: SecretPair, payload: string, mac: string): Pro
 export async function verifyToken(
   request: Request,
   env: Env,
-  expected: { executionId: string; stageId?: string; use: TokenUse },
+  /** `executionId` omitted: a token of any execution (the caller checks what it may do, e.g. its signed `inputs`). */
+  expected: { executionId?: string; stageId?: string; use: TokenUse },
   now = Date.now(),
 ): Promise<TokenClaims> {
   const secret = secretPair(env, "CALLBACK_SECRET");
@@ -194,7 +195,7 @@ export async function verifyToken(
   if (parsed.u !== expected.use) {
     throw new ApiError(403, "forbidden", `this token is for ${parsed.u === "data" ? "reading a stage's inputs" : "callbacks and uploads"}, not for this route`);
   }
-  if (parsed.e !== expected.executionId || (expected.stageId !== undefined && parsed.s !== expected.stageId)) {
+  if ((expected.executionId !== undefined && parsed.e !== expected.executionId) || (expected.stageId !== undefined && parsed.s !== expected.stageId)) {
     throw new ApiError(403, "forbidden", "this callback token belongs to another execution or stage");
   }
   return { executionId: parsed.e, stageId: parsed.s, attempt: parsed.a, expiresAt: parsed.x, use: parsed.u, inputs: parsed.i };

@@ -26,7 +26,7 @@ import { acceptTrace, readTraceparent } from "./trace";
  * and a code; the callers turn them into responses or RPC results.
  */
 
-function executionStub(env: Env, id: string): DurableObjectStub<Execution> {
+export function executionStub(env: Env, id: string): DurableObjectStub<Execution> {
   const ns = env.EXECUTION as unknown as DurableObjectNamespace<Execution>;
   return ns.get(ns.idFromName(id));
 }
@@ -40,12 +40,12 @@ function objectTimeout(env: Env): number {
   return configOf(env).tuning.objectCallTimeoutMs;
 }
 
-function call<T>(env: Env, promise: PromiseLike<T>, what: string): Promise<T> {
+export function call<T>(env: Env, promise: PromiseLike<T>, what: string): Promise<T> {
   return askObject(promise, objectTimeout(env), what);
 }
 
 /** Canonical JSON (sorted keys) so the same request body always hashes the same. */
-function canonical(value: unknown): string {
+export function canonical(value: unknown): string {
   if (Array.isArray(value)) return `[${value.map(canonical).join(",")}]`;
   if (value && typeof value === "object") {
     return `{${Object.keys(value)
@@ -65,6 +65,27 @@ export interface StartOutcome {
   body: ExecuteResponse;
 }
 
+/**
+ * A new execution id, or with a `request_id` the one this client's request
+ * already has (`duplicate`); 409 `idempotency_conflict` when it came with another body.
+ */
+export async function claimExecutionId(
+  env: Env,
+  clientId: string,
+  requestId: string | null,
+  requestHash: string | null,
+): Promise<{ executionId: string; duplicate: boolean }> {
+  const fresh = newExecutionId();
+  if (!requestId || !requestHash) return { executionId: fresh, duplicate: false };
+  const ns = env.REQUEST_REGISTRY as unknown as DurableObjectNamespace<RequestRegistry>;
+  const registry = ns.get(ns.idFromName(clientId));
+  const claim = await call<ClaimResult>(env, registry.claim(requestId, requestHash, fresh), "request registry");
+  if (claim.outcome === "conflict") {
+    throw new ApiError(409, "idempotency_conflict", "this request_id was already used with a different body", { execution_id: claim.executionId });
+  }
+  return { executionId: claim.executionId, duplicate: claim.outcome === "existing" };
+}
+
 /** `trace`: the caller's `traceparent` and `tracestate` headers, if any (src/trace.ts); a new trace otherwise. */
 export async function startExecution(
   env: Env,
@@ -75,22 +96,10 @@ export async function startExecution(
   const input = parseWith(ExecuteRequest, raw, "body");
   // The client's quotas first (403 priority_not_allowed, 429 budget_exhausted / rate_limited): nothing is created when refused.
   await admitStart(env, input.client_id, input.priority);
-  let executionId = newExecutionId();
-  let duplicate = false;
-  let requestHash: string | null = null;
-  if (input.request_id) {
-    requestHash = await sha256Hex(canonical({ template_name: input.template_name, parameters: input.parameters, priority: input.priority }));
-    const ns = env.REQUEST_REGISTRY as unknown as DurableObjectNamespace<RequestRegistry>;
-    const registry = ns.get(ns.idFromName(input.client_id));
-    const claim = await call<ClaimResult>(env, registry.claim(input.request_id, requestHash, executionId), "request registry");
-    if (claim.outcome === "conflict") {
-      throw new ApiError(409, "idempotency_conflict", "this request_id was already used with a different body", {
-        execution_id: claim.executionId,
-      });
-    }
-    duplicate = claim.outcome === "existing";
-    executionId = claim.executionId;
-  }
+  const requestHash = input.request_id
+    ? await sha256Hex(canonical({ template_name: input.template_name, parameters: input.parameters, priority: input.priority }))
+    : null;
+  const { executionId, duplicate } = await claimExecutionId(env, input.client_id, input.request_id ?? null, requestHash);
   // start() is idempotent too, so a duplicate whose first attempt never reached the object still creates it.
   const result = await call(
     env,
@@ -188,11 +197,14 @@ export async function streamReference(env: Env, ref: DataReference): Promise<Res
 export async function readData(env: Env, request: Request, key: string): Promise<Response> {
   const parsed = parseDataKey(key);
   if (!parsed) throw new ApiError(400, "invalid_request", "not a data key", [{ path: "key", message: "expected {kv|r2}/{execution_id}/..." }]);
-  const claims = await verifyToken(request, env, { executionId: parsed.executionId, use: "data" });
+  // The token's signed `inputs` name the keys it may read: its own execution's, or those a rerun took over
+  // by reference from the original (their key names the original; the rerun holds their records).
+  const claims = await verifyToken(request, env, { use: "data" });
   if (!claims.inputs?.includes(key)) {
     throw new ApiError(403, "forbidden", `this token reads only the inputs of ${claims.stageId} (attempt ${claims.attempt})`);
   }
-  const ref = await call<DataReference | null>(env, executionStub(env, parsed.executionId).dataRef(key), "execution data");
+  const ref = await call<DataReference | null>(env, executionStub(env, claims.executionId).dataRef(key), "execution data");
+  if (!ref && parsed.executionId !== claims.executionId) throw new ApiError(403, "forbidden", "this token belongs to another execution");
   if (!ref) throw new ApiError(404, "not_found", `no data at ${key}`);
   return streamReference(env, ref);
 }

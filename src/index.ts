@@ -1,8 +1,9 @@
 import { WorkerEntrypoint } from "cloudflare:workers";
-import type { ExecuteResponse, ResultDocument, StatusDocument } from "../schemas/api";
+import type { ExecuteResponse, RerunResponse, ResultDocument, StatusDocument } from "../schemas/api";
 import { cancelExecution, decideStage, getResult, getStatus, pauseExecution, resumeExecution, startExecution } from "./execution-service";
 import { ApiError } from "./http";
 import { setLogLevel } from "./log";
+import { rerunExecution } from "./rerun-service";
 import { handle, requireConfigured } from "./routes";
 
 export { Execution } from "../actors/execution/index";
@@ -70,6 +71,14 @@ export class KamApi extends WorkerEntrypoint<Env> {
 
   resume(id: string): Promise<RpcResult<StatusDocument>> {
     return rpc(this.env, async () => ({ status: 200, data: await resumeExecution(this.env, id) }));
+  }
+
+  /** Reruns an ended execution (`request`: `{ from_stage?, parameters?, request_id?, notify? }`): a new execution, 202. */
+  rerun(id: string, request?: unknown): Promise<RpcResult<RerunResponse>> {
+    return rpc(this.env, async () => {
+      const out = await rerunExecution(this.env, id, request ?? {}, "https://orchestrator-v2.internal");
+      return { status: out.status, data: out.body };
+    });
   }
 
   /** Approves an approval stage (`body`: `{ comment? }`), as `by: "kam"`. */

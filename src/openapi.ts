@@ -22,6 +22,8 @@ import {
   LiveMessage,
   LiveTicket,
   NotificationsDocument,
+  RerunRequest,
+  RerunResponse,
   ResultDocument,
   StageDocument,
   StageStatus,
@@ -124,6 +126,8 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
     EventType: name("EventType", EventType),
     LiveTicket: name("LiveTicket", LiveTicket),
     DecisionRequest: name("DecisionRequest", DecisionRequest),
+    RerunRequest: name("RerunRequest", RerunRequest),
+    RerunResponse: name("RerunResponse", RerunResponse),
     LiveMessage: name("LiveMessage", LiveMessage),
     ExecutionEvent: name("ExecutionEvent", ExecutionEvent),
     NotificationsDocument: name("NotificationsDocument", NotificationsDocument),
@@ -364,6 +368,27 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
         "403": error("forbidden: a ticket of another execution"),
         "404": error("not_found"),
         "426": error("upgrade_required: not a WebSocket request"),
+      },
+    },
+    {
+      method: "post",
+      path: "/executions/{id}/rerun",
+      summary: "Rerun an ended execution from a stage (a new execution)",
+      description:
+        "The original's template snapshot, client and priority; its parameters unless `parameters` is given. " +
+        "Every stage that `from_stage` does not depend on, directly or through others, and that completed, is reused (`reused_from`, its output taken over, no usage, cost 0). " +
+        "`request_id` makes it idempotent like POST /execute. Also RPC `rerun(id, request)` on KamApi.",
+      security: kamOrOps,
+      request: { params: idParams, body: { required: false, content: { "application/json": { schema: S.RerunRequest } } } },
+      responses: {
+        "202": jsonBody(S.RerunResponse, "the new execution"),
+        "200": jsonBody(S.RerunResponse, "the rerun this request_id already started"),
+        ...common,
+        "404": error("not_found"),
+        "409": error("not_terminal (running or paused), or idempotency_conflict"),
+        "410": error("data_expired: the original's data was deleted (retention)"),
+        "413": error("payload_too_large"),
+        "415": error("unsupported_media_type"),
       },
     },
     {

@@ -29,6 +29,7 @@ import {
 import { ApiError, type JsonLimits, errorResponse, json, parseWith, readJson } from "./http";
 import { countExecutions, listExecutions } from "./index-routing";
 import { ledgerFor } from "./ledger-routing";
+import { rerunExecution } from "./rerun-service";
 import { log } from "./log";
 import { askObject } from "./outbound";
 import { metricsResponse } from "./prometheus";
@@ -135,6 +136,13 @@ route("post", "/executions/:id/live-ticket", async (req, env) => {
 });
 
 route("get", "/executions/:id/live", (req, env) => openLive(env, req, req.params.id));
+
+route("post", "/executions/:id/rerun", async (req, env) => {
+  requireRole(req, env, ["kam", "ops"]);
+  const body = req.body ? await readJson(req, z.unknown(), bodyLimits(env)) : {};
+  const out = await rerunExecution(env, req.params.id, body, origin(req));
+  return json(out.body, out.status);
+});
 
 route("post", "/executions/:id/pause", async (req, env) => {
   requireRole(req, env, ["kam", "ops"]);

@@ -15,16 +15,18 @@ const CONTROL_COLUMNS = [
   "paused_from TEXT",
   "paused_at INTEGER",
   "paused_ms INTEGER NOT NULL DEFAULT 0",
+  "rerun_of TEXT",
 ];
 
 /** Stage columns added by approval stages. */
-const STAGE_COLUMNS = ["kind TEXT", "decision TEXT"];
+const STAGE_COLUMNS = ["kind TEXT", "decision TEXT", "reused_from TEXT"];
 
 export function migrateControl(storage: DurableObjectStorage): void {
   const add = (table: string, cols: string[]) => {
     const have = new Set(storage.sql.exec(`PRAGMA table_info(${table})`).toArray().map((r) => String(r.name)));
     for (const col of cols) if (!have.has(col.split(" ")[0])) storage.sql.exec(`ALTER TABLE ${table} ADD COLUMN ${col}`);
   };
+  storage.sql.exec("CREATE TABLE IF NOT EXISTS reruns (execution_id TEXT PRIMARY KEY, created_at INTEGER NOT NULL)");
   add("execution", CONTROL_COLUMNS);
   add("stages", STAGE_COLUMNS);
 }

@@ -55,6 +55,7 @@ export function stageDocument(
     depends_on: dependsOn(parent ?? s),
     span_id: trace && s.attempt > 0 ? attemptSpanId(trace, s.stage_id, s.attempt) : null,
     type: s.kind === "approval" ? "approval" : "worker",
+    ...(s.reused_from ? { reused_from: s.reused_from } : {}),
     ...(s.decision ? { decision: parse<NonNullable<StageDocument["decision"]>>(s.decision)! } : {}),
   };
   if (s.parent !== null) doc.item_index = s.item_index!;
@@ -77,6 +78,7 @@ export function statusDocument(
   counts: Map<string, ItemCounts>,
   notifications: NotificationsDocument,
   trace: TraceContext | null,
+  reruns: string[],
 ): StatusDocument {
   const cost = parse<StatusDocument["cost"]>(ex.cost);
   const stages = rows.map((s) => stageDocument(s, now, prices, { counts, trace }));
@@ -102,6 +104,8 @@ export function statusDocument(
     trace_id: trace?.trace_id ?? null,
     span_id: trace?.span_id ?? null,
     parent_span_id: trace?.parent_span_id ?? null,
+    rerun_of: ex.rerun_of,
+    reruns,
     stages,
   };
 }

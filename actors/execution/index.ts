@@ -16,6 +16,7 @@ import { type StageFailure, isOnWorker, isTerminalExecution, isTerminalStage } f
 import { type Decision, approvalTimedOut, awaitApproval, decideApproval, migrateControl, pauseExecution, resumeExecution } from "./control";
 import { stageDocument, startSummary, statusDocument } from "./documents";
 import { EVENTS_SCHEMA, Notifier } from "./notify";
+import { type RerunSource, type RerunSourceState, createFromSnapshot, recordRerun, rerunSource, rerunsOf } from "./rerun";
 import { Outbox } from "./outbox";
 import * as step from "./steps";
 import { DEFAULT_MAX_PARALLEL, itemSlots, readyStages } from "./graph";
@@ -59,6 +60,8 @@ export interface StartInput {
   notify: boolean;
   /** W3C trace context (src/trace.ts): the caller's, continued, or a new trace. */
   trace?: TraceContext | null;
+  /** A rerun: the original's snapshot and what it takes over (rerun.ts). */
+  rerun?: RerunSource;
 }
 
 export interface StartResult {
@@ -168,6 +171,11 @@ export class Execution extends DurableObject<Env> {
         VALUES (1, ${t.trace_id}, ${t.span_id}, ${t.parent_span_id}, ${t.flags}, ${t.tracestate})`;
     }
     this.#timers.set("watchdog", now + WATCHDOG_MS);
+    if (input.rerun) {
+      createFromSnapshot(this.#c, input.rerun, now);
+      // The original lists its reruns: told at least once, through the outbox.
+      this.#c.outbox.enqueue({ kind: "rerun_link", of: input.rerun.execution_id, executionId: input.execution_id }, now);
+    }
     tx.indexUpdate(this.#c, now);
     this.#store.log("info", "execution_created", { template_name: input.template_name, client_id: input.client_id, priority: input.priority });
     emit(this.env, { event: "execution_started", execution_id: input.execution_id, template_name: input.template_name, client_id: input.client_id });
@@ -232,6 +240,18 @@ export class Execution extends DurableObject<Env> {
     this.#kick();
     await this.#rearm();
     return { state: "resumed", status: this.#document(this.#store.row()!) };
+  }
+
+  /** What a rerun from `fromStage` would take over and run again (docs/protocol.md, "Rerun"). */
+  async rerunSource(fromStage: string | null): Promise<RerunSourceState> {
+    const ex = this.#store.row();
+    if (!ex) return { state: "missing" };
+    return rerunSource(this.#c, ex, fromStage);
+  }
+
+  /** A rerun of this execution was created (idempotent). */
+  async recordRerun(executionId: string): Promise<void> {
+    recordRerun(this.#c, executionId, Date.now());
   }
 
   /** Approves or rejects an approval stage that awaits a decision (also while the execution is paused). */
@@ -436,7 +456,7 @@ export class Execution extends DurableObject<Env> {
   }
 
   #document(ex: ExecutionRow): StatusDocument {
-    return statusDocument(ex, this.#store.stages(), Date.now(), this.#config.prices, this.#store.itemCounts(), this.#c.notifier.document(), this.#store.trace());
+    return statusDocument(ex, this.#store.stages(), Date.now(), this.#config.prices, this.#store.itemCounts(), this.#c.notifier.document(), this.#store.trace(), rerunsOf(this.#c));
   }
 
   /** Starts a drive pass in the background (coalesced with one already queued). */

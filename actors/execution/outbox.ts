@@ -5,13 +5,15 @@ import { emit } from "../../src/metrics";
 import { withTimeout } from "../../src/outbound";
 import { WorkerClient } from "../../src/worker-client";
 import { isTerminalExecution, retryDelayMs } from "../stage-machine";
+import type { Execution } from "./index";
 import type { Core } from "./store";
 
 export type OutboxItem =
   | { kind: "ledger_settle"; reservationId: string; usage: Record<string, number>; durationMs: number }
   | { kind: "ledger_release"; reservationId: string }
   | { kind: "worker_cancel"; worker: string; stageId: string; attempt: number }
-  | { kind: "index_upsert"; entry: IndexEntry };
+  | { kind: "index_upsert"; entry: IndexEntry }
+  | { kind: "rerun_link"; of: string; executionId: string };
 
 export type SettleItem = Extract<OutboxItem, { kind: "ledger_settle" }>;
 /** A held settle taken to ride on a reserve: its outbox row and message. */
@@ -176,6 +178,11 @@ export class Outbox {
       case "index_upsert":
         await withTimeout(indexFor(this.#c.env, item.entry.created_at).upsert(item.entry), t.objectCallTimeoutMs, "index.upsert");
         return true;
+      case "rerun_link": {
+        const ns = this.#c.env.EXECUTION as unknown as DurableObjectNamespace<Execution>;
+        await withTimeout(ns.get(ns.idFromName(item.of)).recordRerun(item.executionId), t.objectCallTimeoutMs, "execution.recordRerun");
+        return true;
+      }
       case "worker_cancel": {
         const client = WorkerClient.for(this.#c.env, item.worker, this.#c.store.traceHeaders(item.stageId, item.attempt));
         if (!client) return true;

@@ -95,7 +95,7 @@ export interface ExecutionRow {
   completed_at: number | null;
   estimated_completion_at: number | null;
   template_id: string | null;
-  template_source: "kam" | "cache" | null;
+  template_source: "kam" | "cache" | "snapshot" | null;
   template_attempts: number;
   error: string | null;
   cost: string | null;
@@ -111,6 +111,8 @@ export interface ExecutionRow {
   paused_at: number | null;
   /** Time spent paused before the current pause. */
   paused_ms: number;
+  /** The execution this one reruns (rerun.ts). */
+  rerun_of: string | null;
 }
 
 export interface StageRow {
@@ -163,6 +165,8 @@ export interface StageRow {
   item_index: number | null;
   /** An item's element of the list, as JSON. */
   item: string | null;
+  /** Rerun: the execution whose completed stage this one took over. */
+  reused_from: string | null;
 }
 
 /** A stage that runs as items (its own row holds no attempt, no reservation, no worker call). */

@@ -1,0 +1,147 @@
+import type { Priority } from "../../schemas/common";
+import type { DataReference } from "../../schemas/data";
+import { type RerunNode, defaultFromStage, reusableStages } from "./rerun-rules";
+import { type Core, type ExecutionRow, type StageRow, dependsOn, parse } from "./store";
+
+/**
+ * Rerun from a stage (docs/protocol.md, "Rerun"): what the original hands to
+ * the new execution, and how the new one takes it in. The new execution runs
+ * the original's stages as they were (the template snapshot: no KAM fetch) and
+ * starts with the reused stages already completed: their outputs taken over
+ * (a stored output by reference: the same key, nothing copied), no usage.
+ */
+
+/** One stage of the original as it was created from the template. */
+export interface StageSnapshot {
+  stage_id: string;
+  ord: number;
+  kind: string | null;
+  worker: string;
+  template_ref: string;
+  action: string;
+  timeout_ms: number;
+  max_attempts: number;
+  resources: string | null;
+  /** The pipeline graph's columns (store.ts): JSON stage ids, a fan-out stage's pointer and bound. */
+  depends_on: string | null;
+  for_each: string | null;
+  max_parallel: number | null;
+}
+
+export interface ReusedStage {
+  stage_id: string;
+  output: string | null;
+  output_ref: string | null;
+  /** The stored objects its output names (metadata only), so the new execution can check and serve them. */
+  objects: { key: string; kind: string; size: number; sha256: string; content_type: string; attempt: number }[];
+}
+
+export interface RerunSource {
+  execution_id: string;
+  template_name: string;
+  template_id: string;
+  client_id: string;
+  priority: Priority;
+  parameters: Record<string, unknown>;
+  notify: boolean;
+  from_stage: string;
+  stages: StageSnapshot[];
+  reused: ReusedStage[];
+}
+
+export type RerunSourceState =
+  | { state: "missing" }
+  | { state: "not_terminal"; status: string }
+  | { state: "expired"; at: number }
+  | { state: "invalid_stage"; message: string }
+  | { state: "ok"; source: RerunSource };
+
+/** The graph the reuse rule walks: each stage's `depends_on` (actors/execution/graph.ts resolved it from the template). */
+function graphOf(rows: StageRow[]): RerunNode[] {
+  return rows.map((r) => ({ stage_id: r.stage_id, ord: r.ord, status: r.status, depends_on: dependsOn(r) }));
+}
+
+/** What a rerun of this (ended) execution from `fromStage` takes over and runs again. Synchronous. */
+export function rerunSource(c: Core, ex: ExecutionRow, fromStage: string | null): RerunSourceState {
+  if (ex.status !== "completed" && ex.status !== "failed" && ex.status !== "cancelled") return { state: "not_terminal", status: ex.status };
+  if (ex.data_expired_at !== null) return { state: "expired", at: ex.data_expired_at };
+  const rows = c.store.stages();
+  if (!ex.template_id || rows.length === 0) {
+    return { state: "invalid_stage", message: "the original never loaded its template: there is nothing to rerun from (start it anew)" };
+  }
+  const graph = graphOf(rows);
+  const from = fromStage ?? defaultFromStage(graph)!;
+  if (!rows.some((r) => r.stage_id === from)) {
+    return { state: "invalid_stage", message: `no stage ${from}; the stages are ${rows.map((r) => r.stage_id).join(", ")}` };
+  }
+  const reuse = new Set(reusableStages(graph, from));
+  const objects = c.sql<{ key: string; kind: string; size: number; sha256: string; content_type: string; stage_id: string; attempt: number }>`
+    SELECT key, kind, size, sha256, content_type, stage_id, attempt FROM data_objects`;
+  return {
+    state: "ok",
+    source: {
+      execution_id: ex.execution_id,
+      template_name: ex.template_name,
+      template_id: ex.template_id,
+      client_id: ex.client_id,
+      priority: ex.priority,
+      parameters: JSON.parse(ex.parameters),
+      notify: !!ex.notify,
+      from_stage: from,
+      stages: rows.map((r) => ({
+        stage_id: r.stage_id,
+        ord: r.ord,
+        kind: r.kind,
+        worker: r.worker,
+        template_ref: r.template_ref,
+        action: r.action,
+        timeout_ms: r.timeout_ms,
+        max_attempts: r.max_attempts,
+        resources: r.resources,
+        depends_on: r.depends_on,
+        for_each: r.for_each,
+        max_parallel: r.max_parallel,
+      })),
+      reused: rows
+        .filter((r) => reuse.has(r.stage_id))
+        .map((r) => {
+          const ref = parse<DataReference>(r.output_ref);
+          return {
+            stage_id: r.stage_id,
+            output: r.output,
+            output_ref: r.output_ref,
+            objects: ref ? objects.filter((o) => o.key === ref.key).map(({ stage_id: _s, ...o }) => o) : [],
+          };
+        }),
+    },
+  };
+}
+
+/** The new execution's stages: the snapshot, with the reused ones completed from the start. Synchronous. */
+export function createFromSnapshot(c: Core, source: RerunSource, now: number): void {
+  const reused = new Map(source.reused.map((r) => [r.stage_id, r]));
+  for (const s of source.stages) {
+    const r = reused.get(s.stage_id);
+    c.sql`INSERT OR IGNORE INTO stages (stage_id, ord, worker, template_ref, action, timeout_ms, max_attempts, resources, status, kind,
+        depends_on, for_each, max_parallel, progress, usage, output, output_ref, completed_at, reused_from)
+      VALUES (${s.stage_id}, ${s.ord}, ${s.worker}, ${s.template_ref}, ${s.action}, ${s.timeout_ms}, ${s.max_attempts}, ${s.resources},
+        ${r ? "completed" : "pending"}, ${s.kind}, ${s.depends_on}, ${s.for_each}, ${s.max_parallel},
+        ${r ? 100 : 0}, ${r ? "{}" : null}, ${r?.output ?? null}, ${r?.output_ref ?? null}, ${r ? now : null}, ${r ? source.execution_id : null})`;
+    for (const o of r?.objects ?? []) {
+      c.sql`INSERT OR IGNORE INTO data_objects (key, kind, size, sha256, content_type, stage_id, attempt, created_at)
+        VALUES (${o.key}, ${o.kind}, ${o.size}, ${o.sha256}, ${o.content_type}, ${s.stage_id}, ${o.attempt}, ${now})`;
+    }
+  }
+  c.sql`UPDATE execution SET template_id = ${source.template_id}, template_source = 'snapshot', rerun_of = ${source.execution_id} WHERE id = 1`;
+  c.store.log("info", "rerun_created", { rerun_of: source.execution_id, from_stage: source.from_stage, reused: source.reused.map((r) => r.stage_id) });
+}
+
+/** The original learns of a rerun (idempotent: delivered at least once through the new one's outbox). */
+export function recordRerun(c: Core, executionId: string, now: number): void {
+  c.sql`INSERT OR IGNORE INTO reruns (execution_id, created_at) VALUES (${executionId}, ${now})`;
+  c.changed();
+}
+
+export function rerunsOf(c: Core): string[] {
+  return c.sql<{ execution_id: string }>`SELECT execution_id FROM reruns ORDER BY created_at DESC, execution_id DESC`.map((r) => r.execution_id);
+}

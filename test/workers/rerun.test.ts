@@ -1,0 +1,138 @@
+import { runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
+import { describe, expect, it } from "vitest";
+import type { StatusDocument } from "../../schemas/api";
+import { JSON_HEADERS, KAM, OPS, call, ended, executionStub, rpcThrough, startExecution, status, waitFor } from "../support/api";
+
+const rerun = (id: string, body: unknown, headers: Record<string, string> = KAM) =>
+  call(`/executions/${id}/rerun`, { method: "POST", headers: { ...headers, ...JSON_HEADERS }, body: JSON.stringify(body) });
+
+async function result(id: string): Promise<unknown> {
+  return ((await (await call(`/executions/${id}/result`, { headers: KAM })).json()) as { output: unknown }).output;
+}
+
+/** An original that failed at stage 2 of 2 (a permanent worker failure) after stage 1 completed with `echo`. */
+async function failedAtStage2(client: string): Promise<StatusDocument> {
+  const { body } = await startExecution({
+    template_name: "fault_two_stage",
+    parameters: { echo: { chapter: "one" }, fault: { stage: 2, mode: "fail" } },
+    client_id: client,
+  });
+  const doc = await waitFor(body.execution_id, ended);
+  expect(doc.status).toBe("failed");
+  expect(doc.stages.map((s) => s.status)).toEqual(["completed", "failed"]);
+  return doc;
+}
+
+describe("rerun from a stage", () => {
+  it("reruns from the failed stage: the completed stage is reused (not handshaked, no cost), the output is right, both link", async () => {
+    const original = await failedAtStage2("client_rerun");
+    const res = await rerun(original.execution_id, { parameters: { echo: { chapter: "ignored: stage 1 is reused" } } });
+    expect(res.status).toBe(202);
+    const started = (await res.json()) as Record<string, any>;
+    expect(started).toMatchObject({ rerun_of: original.execution_id, from_stage: "stage_2", reused: ["stage_1"] });
+    expect(started.execution_id).not.toBe(original.execution_id);
+
+    const doc = await waitFor(started.execution_id, ended);
+    expect(doc.status).toBe("completed");
+    expect(doc.rerun_of).toBe(original.execution_id);
+    expect(doc.template_source).toBe("snapshot");
+    expect(doc.template_id).toBe(original.template_id);
+    expect(doc.client_id).toBe(original.client_id);
+    expect(doc.priority).toBe(original.priority);
+    expect(doc.stages[0]).toMatchObject({ status: "completed", reused_from: original.execution_id, attempts: 0, usage: {}, cost: 0 });
+    expect(doc.stages[1]).toMatchObject({ status: "completed", attempts: 1 });
+    expect(doc.stages[1].reused_from).toBeUndefined();
+    // Stage 1 never reached the ledger or a worker in the rerun: only stage 2 was reserved (and so handshaked).
+    expect((await executionStub(doc.execution_id).reservationIds()).map((r) => r.stage_id)).toEqual(["stage_2"]);
+    expect(Object.keys(doc.cost!.by_stage).filter((s) => doc.cost!.by_stage[s] > 0)).not.toContain("stage_1");
+    // Stage 1's output, taken over, went through stage 2 (echo) to the result.
+    expect(await result(doc.execution_id)).toEqual({ chapter: "one" });
+    // The original lists its rerun (told through the outbox).
+    const old = await waitFor(original.execution_id, (d) => d.reruns.length === 1);
+    expect(old.reruns).toEqual([doc.execution_id]);
+    expect(old.rerun_of).toBeNull();
+  });
+
+  it("reruns a completed execution with new parameters, from the first stage by default or from a chosen one", async () => {
+    const { body } = await startExecution({ template_name: "fault_two_stage", parameters: { echo: "first" }, client_id: "client_rerun" });
+    const original = await waitFor(body.execution_id, ended);
+    expect(original.status).toBe("completed");
+
+    const all = (await (await rerun(original.execution_id, { parameters: { echo: "second" } })).json()) as Record<string, any>;
+    expect(all).toMatchObject({ from_stage: "stage_1", reused: [] });
+    const a = await waitFor(all.execution_id, ended);
+    expect(a.stages.map((s) => [s.status, s.attempts, s.reused_from ?? null])).toEqual([
+      ["completed", 1, null],
+      ["completed", 1, null],
+    ]);
+    expect(await result(a.execution_id)).toBe("second");
+
+    const part = (await (await rerun(original.execution_id, { from_stage: "stage_2", parameters: { echo: "third" } }, OPS)).json()) as Record<string, any>;
+    expect(part).toMatchObject({ from_stage: "stage_2", reused: ["stage_1"] });
+    const b = await waitFor(part.execution_id, ended);
+    // Stage 1 is the original's ("first"); only stage 2 ran again.
+    expect(await result(b.execution_id)).toBe("first");
+    const old = await waitFor(original.execution_id, (d) => d.reruns.length === 2);
+    expect(old.reruns).toEqual([b.execution_id, a.execution_id]);
+  });
+
+  it("is idempotent with a request_id, like POST /execute", async () => {
+    const original = await failedAtStage2("client_rerun_idem");
+    const first = await rerun(original.execution_id, { request_id: "rerun-1" });
+    expect(first.status).toBe(202);
+    const a = (await first.json()) as Record<string, any>;
+    const second = await rerun(original.execution_id, { request_id: "rerun-1" });
+    expect(second.status).toBe(200);
+    expect(((await second.json()) as Record<string, any>).execution_id).toBe(a.execution_id);
+    const other = await rerun(original.execution_id, { request_id: "rerun-1", parameters: { echo: "other" } });
+    expect(other.status).toBe(409);
+    expect(((await other.json()) as any).error).toMatchObject({ code: "idempotency_conflict", details: { execution_id: a.execution_id } });
+    await waitFor(a.execution_id, ended);
+    const old = await waitFor(original.execution_id, (d) => d.reruns.length === 1);
+    expect(old.reruns).toEqual([a.execution_id]);
+    // KAM's RPC rerun(id, request) answers the same.
+    const rpc = await rpcThrough("kam", "rerun", original.execution_id);
+    expect(rpc).toMatchObject({ called: true, value: { ok: true, status: 202, data: { rerun_of: original.execution_id } } });
+  });
+
+  it("refuses a running execution (not_terminal), an unknown stage (400), bad bodies, no rights, and expired data (410); nothing is created", async () => {
+    const running = await startExecution({ template_name: "quick_summary", parameters: { steps: 30, step_ms: 100 }, client_id: "client_rerun_bad" });
+    const runId = running.body.execution_id as string;
+    await waitFor(runId, (d) => d.status === "running");
+    const notTerminal = await rerun(runId, {});
+    expect(notTerminal.status).toBe(409);
+    expect(((await notTerminal.json()) as any).error).toMatchObject({ code: "not_terminal", details: { status: "running" } });
+    await call(`/executions/${runId}/pause`, { method: "POST", headers: OPS });
+    expect(((await (await rerun(runId, {})).json()) as any).error.code).toBe("not_terminal");
+    await call(`/executions/${runId}/cancel`, { method: "POST", headers: OPS });
+
+    const original = await failedAtStage2("client_rerun_bad");
+    const id = original.execution_id;
+    const cases: [string, Promise<Response>, number, string, string?][] = [
+      ["unknown stage", rerun(id, { from_stage: "stage_9" }), 400, "invalid_request", "from_stage"],
+      ["not a stage id", rerun(id, { from_stage: "three" }), 400, "invalid_request", "from_stage"],
+      ["unknown field", rerun(id, { priority: "high" }), 400, "invalid_request"],
+      ["parameters not an object", rerun(id, { parameters: [1] }), 400, "invalid_request", "parameters"],
+      ["unknown execution", rerun("exec_1700000000000_AAAAAAAAAAAAAAAA", {}), 404, "not_found"],
+      ["no token", rerun(id, {}, {}), 401, "unauthorized"],
+    ];
+    for (const [name, pending, code, errorCode, field] of cases) {
+      const res = await pending;
+      expect(res.status, name).toBe(code);
+      const body = (await res.json()) as any;
+      expect(body.error.code, name).toBe(errorCode);
+      if (field) expect(JSON.stringify(body.error.details), name).toContain(field);
+    }
+    // Retention deleted the original's data: its outputs cannot be reused.
+    const stub = executionStub(id);
+    await runInDurableObject(stub, (_i, state) => state.storage.sql.exec("UPDATE timers SET due_at = 0 WHERE name = 'retention'"));
+    await runDurableObjectAlarm(stub);
+    expect((await status(id)).data_expired_at).not.toBeNull();
+    const expired = await rerun(id, {});
+    expect(expired.status).toBe(410);
+    expect(((await expired.json()) as any).error.code).toBe("data_expired");
+    expect((await status(id)).reruns).toEqual([]);
+    const list = (await (await call("/executions?client_id=client_rerun_bad", { headers: OPS })).json()) as { items: { execution_id: string }[] };
+    expect(list.items.map((i) => i.execution_id).sort()).toEqual([id, runId].sort());
+  });
+});
