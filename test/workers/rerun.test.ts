@@ -76,6 +76,25 @@ describe("rerun from a stage", () => {
     expect(old.reruns).toEqual([b.execution_id, a.execution_id]);
   });
 
+  it("on a pipeline graph, reuses every stage from_stage does not depend on, directly or through others", async () => {
+    // The diamond: 1 -> 2 and 3 -> 4. From stage 2: 1 and 3 are reused, 2 and 4 (which depends on 2) run again.
+    const { body } = await startExecution({ template_name: "graph_diamond", parameters: { steps: 1, step_ms: 5 }, client_id: "client_rerun" });
+    const original = await waitFor(body.execution_id, ended);
+    expect(original.status).toBe("completed");
+    const started = (await (await rerun(original.execution_id, { from_stage: "stage_2" })).json()) as Record<string, any>;
+    expect(started).toMatchObject({ from_stage: "stage_2", reused: ["stage_1", "stage_3"] });
+    const doc = await waitFor(started.execution_id, ended);
+    expect(doc.status).toBe("completed");
+    expect(doc.stages.map((s) => [s.stage_id, s.reused_from ?? null, s.depends_on])).toEqual([
+      ["stage_1", original.execution_id, []],
+      ["stage_2", null, ["stage_1"]],
+      ["stage_3", original.execution_id, ["stage_1"]],
+      ["stage_4", null, ["stage_2", "stage_3"]],
+    ]);
+    expect((await executionStub(doc.execution_id).reservationIds()).map((r) => r.stage_id).sort()).toEqual(["stage_2", "stage_4"]);
+    expect(await result(doc.execution_id)).toEqual(await result(original.execution_id));
+  });
+
   it("is idempotent with a request_id, like POST /execute", async () => {
     const original = await failedAtStage2("client_rerun_idem");
     const first = await rerun(original.execution_id, { request_id: "rerun-1" });
