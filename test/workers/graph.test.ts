@@ -1,6 +1,7 @@
 import { evictDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { beforeEach, describe, expect, it } from "vitest";
+import type { StatsSnapshot } from "../../demo/content-granulator/stats";
 import type { ItemsPage, StageDocument, StatusDocument } from "../../schemas/api";
 import { TEST_WORKER_SECRETS } from "../support/constants";
 import { OPS, call, ended, executionStub, expectNoLiveReservations, startExecution, waitFor, waitForLedger } from "../support/api";
@@ -14,15 +15,7 @@ const WORKER = "bitware-graph-granulator";
 const graphWorker = (env as unknown as { GRAPH_GRANULATOR: Fetcher }).GRAPH_GRANULATOR;
 const AUTH = { authorization: `Bearer ${TEST_WORKER_SECRETS[WORKER]}` };
 
-interface Stats {
-  processing: number;
-  max_concurrent: number;
-  started: number;
-  completed: number;
-  failed: number;
-  cancelled: number;
-}
-const stats = async () => (await (await graphWorker.fetch("https://graph.internal/api/stats", { headers: AUTH })).json()) as Stats;
+const stats = async () => (await (await graphWorker.fetch("https://graph.internal/api/stats", { headers: AUTH })).json()) as StatsSnapshot;
 
 /** What the `gather` action reports: the stage that ran, what it received, and for an item its element. */
 interface Gathered {
@@ -190,6 +183,28 @@ describe("pipeline graph", () => {
     const merge = (await result(id)) as Gathered;
     expect((merge.inputs.stage_2 as Gathered[]).map((o) => o.item_index)).toEqual([0, 1, 2, 3, 4, 5, 6, 7]);
     await expectNothingLeaked(id);
+  });
+
+  it("cancelling mid fan-out stops every item: reservations released, workers told, the rest cancelled", async () => {
+    const id = await start("graph_fan_out", { items: 10, steps: 4, step_ms: 400 });
+    // Five items processing, as the worker counts them (max_parallel 5).
+    const until = Date.now() + 30_000;
+    while ((await stats()).processing < 5 && Date.now() < until) await scheduler.wait(25);
+    expect((await stats()).processing).toBe(5);
+    const res = await call(`/executions/${id}/cancel`, { method: "POST", headers: OPS });
+    expect(res.status).toBe(200);
+    const doc = await waitFor(id, ended);
+    expect(doc.status).toBe("cancelled");
+    expect(stage(doc, 2)).toMatchObject({ status: "cancelled", items: { total: 10, pending: 0, running: 0, completed: 0, failed: 0, cancelled: 10 } });
+    expect(stage(doc, 3).status).toBe("cancelled");
+    await expectNothingLeaked(id);
+    // The five items on the worker were told to cancel: none is left processing there, none completed.
+    const deadline = Date.now() + 10_000;
+    while ((await stats()).processing > 0 && Date.now() < deadline) await scheduler.wait(25);
+    const s = await stats();
+    expect(s.processing).toBe(0);
+    expect(s.cancelled).toBe(5);
+    expect(s.completed).toBe(1);
   });
 
   it("an empty list completes the fan-out stage at once with []", async () => {
