@@ -6,7 +6,7 @@
  */
 
 /** Actions whose work is text, cut into units (a module, a chapter, a section). */
-export const TEXT_ACTIONS = ["outline", "chapters", "summary", "echo", "list", "gather"] as const;
+export const TEXT_ACTIONS = ["outline", "chapters", "summary", "echo", "list", "gather", "write_chapter", "quiz", "assemble"] as const;
 export type TextAction = (typeof TEXT_ACTIONS)[number];
 /** `blob` outputs deterministic bytes (data tier tests); see blobByte. */
 export const ACTIONS = [...TEXT_ACTIONS, "blob"] as const;
@@ -53,6 +53,12 @@ export function prepare(action: TextAction, parameters: Params, previousOutput: 
       return listWork(parameters);
     case "gather":
       return gatherWork(graph ?? { stageId: "", inputs: {} });
+    case "write_chapter":
+      return writeChapterWork(parameters, graph?.item, graph?.itemIndex ?? 0);
+    case "quiz":
+      return quizWork(previousOutput);
+    case "assemble":
+      return assembleWork(graph?.inputs ?? {});
     case "outline":
       return outlineWork(parameters);
     case "chapters":
@@ -291,6 +297,9 @@ function sectionsOf(source: unknown): Section[] {
   } else if (typeof source === "string") {
     const paragraphs = source.split(/\n\s*\n/).filter((p) => p.trim() !== "");
     sections = paragraphs.map((text, i) => ({ title: `Part ${i + 1}`, text }));
+  } else if (Array.isArray(source) && source.length > 0 && source.every((c) => isRecord(c) && typeof c.text === "string")) {
+    // The chapters of a fan-out stage (write_chapter items), in order.
+    sections = source.map((c, i) => ({ title: typeof c.title === "string" ? c.title : `Chapter ${i + 1}`, text: c.text as string }));
   } else if (Array.isArray(source)) {
     sections = source.map((item, i) => ({ title: `Item ${i + 1}`, text: textOf(item) }));
   } else if (isRecord(source)) {
@@ -397,6 +406,59 @@ function gatherWork(graph: GraphInput): Work {
     estimatedWords: words,
     unit: () => ({ value: null, words }),
     assemble: () => ({ value, words: 0 }),
+  };
+}
+
+// ---------------------------------------------------------------------------
+// course_parallel: write_chapter (one item per outline module), quiz, assemble.
+
+/** `write_chapter`: one chapter from its item, a module of the outline: `{ index, title, text, word_count }`. */
+function writeChapterWork(parameters: Params, item: unknown, itemIndex: number): Work {
+  const m = isRecord(item) ? item : {};
+  const title = typeof m.title === "string" ? m.title : `Chapter ${itemIndex + 1}`;
+  const lessons = Array.isArray(m.lessons) ? m.lessons.filter((l): l is string => typeof l === "string") : [];
+  const target = intParam(parameters.chapter_words, 60, 10, 5000);
+  return {
+    units: 1,
+    estimatedWords: target,
+    unit() {
+      const text = writeProse(title, lessons, target);
+      return { value: text, words: countWords(text) };
+    },
+    assemble(parts) {
+      const text = String(parts[0] ?? "");
+      return { value: { index: typeof m.index === "number" ? m.index : itemIndex + 1, title, text, word_count: countWords(text) }, words: 0 };
+    },
+  };
+}
+
+/** `quiz`: one question per chapter (its previous output, the chapters), answered by the chapter's key sentence. */
+function quizWork(previousOutput: unknown): Work {
+  const sections = sectionsOf(previousOutput);
+  return {
+    units: sections.length,
+    estimatedWords: sections.length * 20,
+    unit(i) {
+      const s = sections[i];
+      const question = `What is the main idea of "${s.title}"?`;
+      const answer = keySentence(s.text);
+      return { value: { chapter: s.title, question, answer }, words: countWords(question) + countWords(answer) };
+    },
+    assemble: (parts) => ({ value: { questions: parts, count: parts.length }, words: 0 }),
+  };
+}
+
+/** `assemble`: the course from its inputs: the summary's text and the quiz's questions, whichever stage sent them. */
+function assembleWork(inputs: Record<string, unknown>): Work {
+  const values = Object.values(inputs).filter(isRecord);
+  const summary = values.find((v) => typeof v.summary === "string")?.summary ?? null;
+  const questions = values.find((v) => Array.isArray(v.questions))?.questions ?? [];
+  const text = `${summary ?? ""}`;
+  return {
+    units: 1,
+    estimatedWords: countWords(text) + 10,
+    unit: () => ({ value: null, words: countWords(text) }),
+    assemble: () => ({ value: { summary, quiz: questions, from: Object.keys(inputs).sort() }, words: 0 }),
   };
 }
 

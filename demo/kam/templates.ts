@@ -141,6 +141,19 @@ const list: StoredTemplate[] = [
       { stage: 2, type: "approval", timeout_ms: 1_000 },
     ] satisfies TemplateStage[]),
   },
+  // The pipeline graph as a course: an outline, one chapter per module written in parallel (fan-out),
+  // a quiz and a summary of the chapters side by side, and the assembled course waiting for both.
+  {
+    template_id: "mt_course_parallel_001",
+    template_name: "course_parallel",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRANULATOR, template_ref: "course_v2", action: "outline" },
+      { stage: 2, worker: GRANULATOR, template_ref: "course_v2", action: "write_chapter", for_each: "/modules", max_parallel: 4 },
+      { stage: 3, worker: GRANULATOR, template_ref: "course_v2", action: "quiz", depends_on: [2] },
+      { stage: 4, worker: GRANULATOR, template_ref: "course_v2", action: "summary", depends_on: [2] },
+      { stage: 5, worker: GRANULATOR, template_ref: "course_v2", action: "assemble", depends_on: [3, 4] },
+    ] satisfies TemplateStage[]),
+  },
   // Pipeline graphs, on a granulator instance of their own so its counters see only these stages.
   // The diamond: 1 -> 2 and 3 -> 4.
   {

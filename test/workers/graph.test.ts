@@ -227,6 +227,26 @@ describe("pipeline graph", () => {
     expect(out.stage_3.stage).toBe("stage_3");
   });
 
+  it("the demo's course_parallel: outline, one chapter per module in parallel, quiz and summary side by side, assembled", async () => {
+    const id = await start("course_parallel", { topic: "Rust", modules: 6, steps: 1, step_ms: 0 });
+    const doc = await waitFor(id, ended, 30_000);
+    expect(doc.status).toBe("completed");
+    expect(doc.stages.map((s) => [s.stage_id, s.action, s.depends_on])).toEqual([
+      ["stage_1", "outline", []],
+      ["stage_2", "write_chapter", ["stage_1"]],
+      ["stage_3", "quiz", ["stage_2"]],
+      ["stage_4", "summary", ["stage_2"]],
+      ["stage_5", "assemble", ["stage_3", "stage_4"]],
+    ]);
+    expect(stage(doc, 2).items).toMatchObject({ total: 6, completed: 6 });
+    const chapters = (await allItems(id, "stage_2", 100)).map((i) => i.stage_id);
+    expect(chapters).toEqual(["stage_2.0", "stage_2.1", "stage_2.2", "stage_2.3", "stage_2.4", "stage_2.5"]);
+    const course = (await result(id)) as { summary: string; quiz: { chapter: string; question: string; answer: string }[]; from: string[] };
+    expect(course.from).toEqual(["stage_3", "stage_4"]);
+    expect(course.quiz).toHaveLength(6);
+    expect(course.summary.length).toBeGreaterThan(0);
+  });
+
   it.each([
     ["graph_cycle", "cycle: stage 2 -> stage 4 -> stage 3 -> stage 2"],
     ["graph_unknown_dependency", "stage 2 depends on stage 7, which is not a stage of the template"],

@@ -98,7 +98,7 @@ describe("worker kit: the protocol endpoints", () => {
     expect(first.status).toBe(200);
     const answer = await first.json();
     expect(answer).toMatchObject({ executionId: id, workerId: "bitware-content-granulator", accepted: true });
-    expect((answer as { capabilities: { actions: string[] } }).capabilities.actions).toEqual(["outline", "chapters", "summary", "echo", "list", "gather", "blob"]);
+    expect((answer as { capabilities: { actions: string[] } }).capabilities.actions).toEqual(["outline", "chapters", "summary", "echo", "list", "gather", "write_chapter", "quiz", "assemble", "blob"]);
 
     expect((await post("/api/process", { executionId: id, stageId: "stage_1", attempt: 1 })).status).toBe(202);
     const done = await waitForProgress(id, (p) => p.status === "completed");
