@@ -2,7 +2,10 @@ import { LOGIN_HTML, escapeHtml, htmlResponse, pageHead, pageTail } from "./comm
 
 /**
  * `GET /executions/:id` with `Accept: text/html`, and `GET /ui/executions/:id`:
- * the execution as a timeline, one row per stage (status, attempts, progress,
+ * the execution as a graph (stages as nodes in columns by depth, edges from
+ * their dependencies, coloured by status; a fan-out stage with its items'
+ * progress, and clicking it lists its items) and as a timeline, one row per
+ * stage (status, attempts, progress,
  * time waiting for resources, time processing, usage, cost, error), pushed
  * over the execution's live socket (a ticket asked for with the OPS token), or
  * polled every second when the socket cannot open or drops, which the page
@@ -22,6 +25,16 @@ td progress { width: 90px; vertical-align: middle; }
 .tl-wait { height: 100%; background: var(--warn); opacity: .75; }
 ul.usage { margin: 0; padding: 0; list-style: none; }
 #problem:empty { display: none; }
+.graph { position: relative; overflow-x: auto; }
+.g-cols { position: relative; display: flex; gap: 56px; align-items: center; padding: 4px; z-index: 1; }
+.g-col { display: flex; flex-direction: column; gap: 14px; }
+.g-node { display: flex; flex-direction: column; gap: 3px; min-width: 150px; text-align: left; border: 2px solid currentColor; border-radius: 8px; padding: 6px 10px; background: var(--card); }
+.g-node .mono { color: var(--fg); font-weight: 600; }
+.g-node progress { width: 100%; }
+.g-node.selected { box-shadow: 0 0 0 3px color-mix(in srgb, currentColor 35%, transparent); }
+.g-edges { position: absolute; inset: 0; pointer-events: none; z-index: 0; }
+.items-title { font-size: 14px; margin: 0 0 8px; }
+.g-edges path { fill: none; stroke: var(--muted); stroke-width: 1.5; }
 `;
 
 const SCRIPT = `
@@ -110,8 +123,94 @@ function stageRow(doc, s, currency) {
   ]);
 }
 
+/** Depth of each stage: 0 without dependencies, else one more than its deepest dependency. */
+function depths(stages) {
+  const by = new Map(stages.map((s) => [s.stage_id, s]));
+  const memo = new Map();
+  const depth = (id, guard) => {
+    if (memo.has(id)) return memo.get(id);
+    const deps = (by.get(id) && by.get(id).depends_on) || [];
+    const d = deps.length && guard < 60 ? 1 + Math.max(...deps.map((x) => depth(x, guard + 1))) : 0;
+    memo.set(id, d);
+    return d;
+  };
+  for (const s of stages) depth(s.stage_id, 0);
+  return memo;
+}
+
+let selected = null;
+let itemsAt = 0;
+
+function graphNode(s) {
+  const kids = [el("span", { class: "mono", text: s.stage_id }), el("span", { class: "muted", text: s.type === "approval" ? "approval" : s.action }), badge(s.status)];
+  if (s.for_each !== undefined) {
+    const it = s.items;
+    kids.push(it ? el("progress", { max: Math.max(1, it.total), value: it.completed, dataset: { role: "items-bar" } }) : null);
+    kids.push(el("span", { class: "muted", dataset: { role: "items" }, text: it ? it.completed + "/" + it.total + " items" + (it.running ? ", " + it.running + " running" : "") : "items: not known yet" }));
+  }
+  const node = el("button", { type: "button", class: "g-node st-" + s.status + (selected === s.stage_id ? " selected" : ""), dataset: { stageId: s.stage_id, status: s.status, fanOut: s.for_each !== undefined ? "1" : "0" } }, kids);
+  if (s.for_each !== undefined) node.addEventListener("click", () => { selected = s.stage_id; itemsAt = 0; loadItems(); for (const n of document.querySelectorAll(".g-node")) n.classList.toggle("selected", n.dataset.stageId === selected); });
+  return node;
+}
+
+/** The stages as a graph: a column per depth, an edge from each dependency. */
+function renderGraph(doc) {
+  const box = $("graph");
+  const d = depths(doc.stages);
+  const cols = [];
+  for (const s of doc.stages.slice().sort((a, b) => a.order - b.order)) (cols[d.get(s.stage_id)] = cols[d.get(s.stage_id)] || []).push(s);
+  const row = el("div", { class: "g-cols" }, cols.filter(Boolean).map((list) => el("div", { class: "g-col" }, list.map(graphNode))));
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("class", "g-edges");
+  box.replaceChildren(svg, row);
+  const origin = box.getBoundingClientRect();
+  const at = (id) => box.querySelector('.g-node[data-stage-id="' + id + '"]');
+  svg.setAttribute("width", String(row.scrollWidth));
+  svg.setAttribute("height", String(row.scrollHeight + 8));
+  for (const s of doc.stages) {
+    for (const dep of s.depends_on || []) {
+      const a = at(dep), b = at(s.stage_id);
+      if (!a || !b) continue;
+      const ra = a.getBoundingClientRect(), rb = b.getBoundingClientRect();
+      const x1 = ra.right - origin.left + box.scrollLeft, y1 = ra.top + ra.height / 2 - origin.top;
+      const x2 = rb.left - origin.left + box.scrollLeft, y2 = rb.top + rb.height / 2 - origin.top;
+      const path = document.createElementNS("http://www.w3.org/2000/svg", "path");
+      const mid = (x1 + x2) / 2;
+      path.setAttribute("d", "M" + x1 + "," + y1 + " C" + mid + "," + y1 + " " + mid + "," + y2 + " " + x2 + "," + y2);
+      path.dataset.from = dep;
+      path.dataset.to = s.stage_id;
+      svg.append(path);
+    }
+  }
+}
+
+/** The selected fan-out stage's items (first 200), read again at most once a second while the page updates. */
+async function loadItems() {
+  if (!selected || Date.now() - itemsAt < 1000) return;
+  itemsAt = Date.now();
+  const stage = selected;
+  try {
+    const page = await api("/executions/" + encodeURIComponent(ID) + "/stages/" + encodeURIComponent(stage) + "/items?limit=200");
+    if (stage !== selected) return;
+    $("items-title").textContent = stage + ": " + (page.total === null ? "items not known yet" : page.total + " items");
+    $("items-body").replaceChildren(...page.items.map((i) => el("tr", { dataset: { stageId: i.stage_id, status: i.status } }, [
+      el("td", { class: "mono", text: i.stage_id }),
+      el("td", null, [badge(i.status)]),
+      el("td", { class: "num", text: i.attempts + " / " + i.max_attempts }),
+      el("td", { class: "num", text: Math.round(i.progress) + "%" }),
+      el("td", { class: "num", text: fmtMs(i.processing_ms) }),
+      el("td", { class: i.error ? "error" : "", text: i.error ? i.error.code + ": " + i.error.message : "" }),
+    ])));
+    $("items").hidden = false;
+  } catch (e) {
+    problem("Could not read the items of " + stage + " (" + e.message + ").");
+  }
+}
+
 function render(doc) {
   renderSummary(doc);
+  renderGraph(doc);
+  if (selected) loadItems();
   const currency = doc.cost ? doc.cost.currency : null;
   const rows = doc.stages.slice().sort((a, b) => a.order - b.order).map((s) => stageRow(doc, s, currency));
   $("stages-body").replaceChildren(...rows);
@@ -226,6 +325,14 @@ ${LOGIN_HTML}
       <div><dt>Error</dt><dd id="error">–</dd></div>
       <div><dt>Data deleted</dt><dd id="expired">–</dd></div>
     </dl>
+  </section>
+  <section class="card graph" id="graph" aria-label="pipeline graph"></section>
+  <section class="card scroll" id="items" hidden>
+    <h2 id="items-title" class="items-title"></h2>
+    <table>
+      <thead><tr><th>Item</th><th>Status</th><th class="num">Attempts</th><th class="num">Progress</th><th class="num">Processing</th><th>Error</th></tr></thead>
+      <tbody id="items-body"></tbody>
+    </table>
   </section>
   <section class="card scroll">
     <table id="stages">

@@ -195,6 +195,70 @@ describe("execution page in Chromium", () => {
     await page.close();
   });
 
+  it("draws a pipeline graph: columns by depth, edges, a fan-out node's item progress live, its items on click", async () => {
+    requireBrowser();
+    const res = await fetch(`${session!.url}/execute`, {
+      method: "POST",
+      headers: KAM,
+      body: JSON.stringify({
+        template_name: "course_parallel",
+        // Six chapters, four at once, about a second each: the fan-out is seen moving.
+        parameters: { topic: "Rust", modules: 6, steps: 3, step_ms: 300 },
+        client_id: "client_browser",
+      }),
+    });
+    expect(res.status).toBe(202);
+    const id = ((await res.json()) as { execution_id: string }).execution_id;
+    const page = await context!.newPage();
+    watch(page);
+    await page.goto(`${session!.url}/ui/executions/${id}`);
+    await page.locator("#token").fill(TEST_SECRETS.OPS_TOKEN);
+    await page.locator("#signin").click();
+
+    // Record every item count the fan-out node shows until the execution completes.
+    await page.waitForFunction(
+      () => {
+        const w = window as unknown as { __items?: string[] };
+        w.__items = w.__items ?? [];
+        const text = document.querySelector('.g-node[data-stage-id="stage_2"] [data-role=items]')?.textContent ?? "";
+        if (text && w.__items[w.__items.length - 1] !== text) w.__items.push(text);
+        return document.getElementById("exec-status")?.dataset.status === "completed" && text.startsWith("6/6");
+      },
+      undefined,
+      { timeout: 90_000, polling: 50 },
+    );
+    const seen = await page.evaluate(() => (window as unknown as { __items: string[] }).__items);
+    // Updated live: some count between none and all was shown on the way.
+    expect(seen.some((t) => /^[1-5]\/6 items/.test(t)), `item counts seen: ${seen.join(" | ")}`).toBe(true);
+
+    const nodes = await page.locator(".g-node").evaluateAll((els) =>
+      els.map((e) => ({ id: (e as HTMLElement).dataset.stageId, status: (e as HTMLElement).dataset.status, x: Math.round(e.getBoundingClientRect().left) })),
+    );
+    expect(nodes.map((n) => n.id).sort()).toEqual(["stage_1", "stage_2", "stage_3", "stage_4", "stage_5"]);
+    expect(nodes.every((n) => n.status === "completed")).toBe(true);
+    const x = Object.fromEntries(nodes.map((n) => [n.id, n.x]));
+    // Columns by depth: 1 | 2 | 3 and 4 side by side | 5.
+    expect(x.stage_1).toBeLessThan(x.stage_2);
+    expect(x.stage_2).toBeLessThan(x.stage_3);
+    expect(x.stage_3).toBe(x.stage_4);
+    expect(x.stage_4).toBeLessThan(x.stage_5);
+    const edges = await page.locator(".g-edges path").evaluateAll((ps) => ps.map((p) => `${(p as SVGElement).dataset.from}->${(p as SVGElement).dataset.to}`).sort());
+    expect(edges).toEqual(["stage_1->stage_2", "stage_2->stage_3", "stage_2->stage_4", "stage_3->stage_5", "stage_4->stage_5"]);
+    expect(await page.locator('.g-node[data-stage-id="stage_2"] progress').evaluate((p) => [(p as HTMLProgressElement).value, (p as HTMLProgressElement).max])).toEqual([6, 6]);
+
+    // Clicking the fan-out node lists its items.
+    await page.locator('.g-node[data-stage-id="stage_2"]').click();
+    await page.locator("#items-body tr").nth(5).waitFor({ timeout: 10_000 });
+    const items = await page.locator("#items-body tr").evaluateAll((trs) => trs.map((tr) => `${(tr as HTMLElement).dataset.stageId}:${(tr as HTMLElement).dataset.status}`));
+    expect(items).toEqual(Array.from({ length: 6 }, (_, i) => `stage_2.${i}:completed`));
+    expect(await page.locator("#items-title").textContent()).toBe("stage_2: 6 items");
+    const shot = path.join(RESULTS, "execution-page-graph.png");
+    await page.screenshot({ path: shot, fullPage: true });
+    expect(statSync(shot).size).toBeGreaterThan(5_000);
+    expect(problems).toEqual([]);
+    await page.close();
+  });
+
   it("falls back to polling when the live socket drops, and says so", async () => {
     requireBrowser();
     const id = await startExecution();
