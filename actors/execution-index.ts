@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS entries (
   execution_id TEXT PRIMARY KEY, client_id TEXT NOT NULL, template_name TEXT NOT NULL,
   status TEXT NOT NULL, priority TEXT NOT NULL, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,
   completed_at INTEGER, error_code TEXT, cost_total REAL,
-  stages_total INTEGER NOT NULL, stages_completed INTEGER NOT NULL, version INTEGER NOT NULL
+  stages_total INTEGER NOT NULL, stages_completed INTEGER NOT NULL, version INTEGER NOT NULL, rerun_of TEXT
 );
 CREATE INDEX IF NOT EXISTS entries_by_created ON entries (created_at DESC, execution_id DESC);
 CREATE INDEX IF NOT EXISTS entries_by_client ON entries (client_id, created_at DESC, execution_id DESC);
@@ -35,8 +35,11 @@ CREATE INDEX IF NOT EXISTS entries_by_template ON entries (template_name, create
 CREATE INDEX IF NOT EXISTS entries_by_status ON entries (status, created_at DESC, execution_id DESC);
 `;
 
+/** Reruns (added later: a shard created before has no such column until its first write adds it). */
+const RERUN_INDEX = "CREATE INDEX IF NOT EXISTS entries_by_rerun ON entries (rerun_of, created_at DESC, execution_id DESC) WHERE rerun_of IS NOT NULL;";
+
 const COLUMNS =
-  "execution_id, client_id, template_name, status, priority, created_at, updated_at, completed_at, error_code, cost_total, stages_total, stages_completed, version";
+  "execution_id, client_id, template_name, status, priority, created_at, updated_at, completed_at, error_code, cost_total, stages_total, stages_completed, version, rerun_of";
 
 /** At most this many rows per call, whatever the caller asks. */
 const MAX_ROWS = 1000;
@@ -65,14 +68,15 @@ export class ExecutionIndex extends DurableObject<Env> {
     const e = parsed.data;
     this.ensureSchema();
     this.sql`INSERT INTO entries (execution_id, client_id, template_name, status, priority, created_at, updated_at,
-        completed_at, error_code, cost_total, stages_total, stages_completed, version)
+        completed_at, error_code, cost_total, stages_total, stages_completed, version, rerun_of)
       VALUES (${e.execution_id}, ${e.client_id}, ${e.template_name}, ${e.status}, ${e.priority}, ${e.created_at}, ${e.updated_at},
-        ${e.completed_at}, ${e.error_code}, ${e.cost_total}, ${e.stages_total}, ${e.stages_completed}, ${e.version})
+        ${e.completed_at}, ${e.error_code}, ${e.cost_total}, ${e.stages_total}, ${e.stages_completed}, ${e.version}, ${e.rerun_of ?? null})
       ON CONFLICT (execution_id) DO UPDATE SET
         client_id = excluded.client_id, template_name = excluded.template_name, status = excluded.status,
         priority = excluded.priority, created_at = excluded.created_at, updated_at = excluded.updated_at,
         completed_at = excluded.completed_at, error_code = excluded.error_code, cost_total = excluded.cost_total,
-        stages_total = excluded.stages_total, stages_completed = excluded.stages_completed, version = excluded.version
+        stages_total = excluded.stages_total, stages_completed = excluded.stages_completed, version = excluded.version,
+        rerun_of = excluded.rerun_of
       WHERE excluded.version > entries.version`;
   }
 
@@ -127,6 +131,9 @@ export class ExecutionIndex extends DurableObject<Env> {
   private ensureSchema(): void {
     if (this.ready) return;
     execScript(this.ctx.storage, SCHEMA);
+    const columns = this.ctx.storage.sql.exec("PRAGMA table_info(entries)").toArray().map((r) => String(r.name));
+    if (!columns.includes("rerun_of")) this.ctx.storage.sql.exec("ALTER TABLE entries ADD COLUMN rerun_of TEXT");
+    execScript(this.ctx.storage, RERUN_INDEX);
     this.ready = true;
   }
 
@@ -153,6 +160,7 @@ const FILTER_CLAUSES = [
   ["client_id", "client_id = ?"],
   ["template_name", "template_name = ?"],
   ["status", "status = ?"],
+  ["rerun_of", "rerun_of = ?"],
   ["since", "created_at >= ?"],
   ["until", "created_at < ?"],
 ] as const satisfies readonly (readonly [keyof IndexFilter, string])[];
@@ -190,5 +198,6 @@ function toEntry(row: Record<string, SqlStorageValue>): IndexEntry {
     stages_total: Number(row.stages_total),
     stages_completed: Number(row.stages_completed),
     version: Number(row.version),
+    ...(row.rerun_of ? { rerun_of: String(row.rerun_of) } : {}),
   };
 }

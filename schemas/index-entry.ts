@@ -26,6 +26,8 @@ export const IndexEntry = z.object({
   stages_total: z.number().int().nonnegative(),
   stages_completed: z.number().int().nonnegative(),
   version: z.number().int().nonnegative(),
+  /** The execution this one reruns (absent: not a rerun). */
+  rerun_of: ExecutionId.nullable().optional(),
 });
 export type IndexEntry = z.infer<typeof IndexEntry>;
 
@@ -40,6 +42,7 @@ export interface IndexFilter {
   client_id?: string;
   template_name?: string;
   status?: ExecutionStatus;
+  rerun_of?: string;
   since?: number;
   until?: number;
   limit: number;
@@ -108,6 +111,8 @@ export const CountsQuery = z
 
 export const ListQuery = CountsQuery.extend({
   status: ExecutionStatus.optional(),
+  /** Only the reruns of this execution. */
+  rerun_of: ExecutionId.optional(),
   limit: z
     .string()
     .regex(/^\d{1,4}$/, "an integer")
@@ -130,6 +135,7 @@ export const ExecutionSummary = z.object({
   cost_total: z.number().nullable(),
   stages_total: z.number().int(),
   stages_completed: z.number().int(),
+  rerun_of: z.string().nullable(),
 });
 export type ExecutionSummary = z.infer<typeof ExecutionSummary>;
 

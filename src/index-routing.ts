@@ -187,10 +187,11 @@ export function toSummary(e: IndexEntry): ExecutionSummary {
     cost_total: e.cost_total,
     stages_total: e.stages_total,
     stages_completed: e.stages_completed,
+    rerun_of: e.rerun_of ?? null,
   };
 }
 
-/** `GET /executions?client_id=&template_name=&status=&since=&until=&limit=&cursor=` */
+/** `GET /executions?client_id=&template_name=&status=&rerun_of=&since=&until=&limit=&cursor=` */
 export async function listExecutions(env: Env, url: URL): Promise<ExecutionList> {
   const q = parseWith(ListQuery, params(url), "query");
   const page = await queryIndex(env, { ...q, limit: q.limit ?? DEFAULT_LIST_LIMIT });

@@ -127,5 +127,6 @@ export function indexEntry(ex: ExecutionRow, stages: StageRow[], now: number, ve
     stages_total: stages.length,
     stages_completed: stages.filter((s) => s.status === "completed").length,
     version,
+    rerun_of: ex.rerun_of,
   };
 }

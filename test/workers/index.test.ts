@@ -196,6 +196,7 @@ describe("GET /executions over 1,000 entries in four month shards", () => {
       cost_total: all[5].cost_total,
       stages_total: 3,
       stages_completed: all[5].stages_completed,
+      rerun_of: null,
     });
   }, 60_000);
 

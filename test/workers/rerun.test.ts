@@ -74,6 +74,14 @@ describe("rerun from a stage", () => {
     expect(await result(b.execution_id)).toBe("first");
     const old = await waitFor(original.execution_id, (d) => d.reruns.length === 2);
     expect(old.reruns).toEqual([b.execution_id, a.execution_id]);
+    // The index filters on rerun_of (newest first), and its rows carry the link.
+    const list = (await (await call(`/executions?rerun_of=${original.execution_id}`, { headers: OPS })).json()) as { items: { execution_id: string; rerun_of: string | null }[] };
+    expect(list.items.map((i) => [i.execution_id, i.rerun_of])).toEqual([
+      [b.execution_id, original.execution_id],
+      [a.execution_id, original.execution_id],
+    ]);
+    const bad = await call("/executions?rerun_of=nope", { headers: OPS });
+    expect(bad.status).toBe(400);
   });
 
   it("on a pipeline graph, reuses every stage from_stage does not depend on, directly or through others", async () => {
