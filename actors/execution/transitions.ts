@@ -128,6 +128,12 @@ export function waitForGrant(c: Core, st: StageRow, position: number, now: numbe
   ledgerAnswered(c, st, "waiting", parse<Record<string, number>>(st.resources) ?? {}, null, 0);
 }
 
+/** The fields every data point about this execution (and one of its stage attempts) carries. */
+function metricFields(ex: { execution_id: string; template_name: string; client_id: string }, st?: StageRow) {
+  const base = { execution_id: ex.execution_id, template_name: ex.template_name, client_id: ex.client_id };
+  return st ? { ...base, worker: st.worker, stage_id: st.stage_id, attempt: st.attempt } : base;
+}
+
 /** A ledger answer for a stage (granted, waiting, refused): one data point per pool it names, and the worker's pool. */
 export function ledgerAnswered(c: Core, st: StageRow, outcome: string, pools: Record<string, number>, code: string | null, waitedMs: number): void {
   const ex = c.store.row()!;
@@ -135,12 +141,7 @@ export function ledgerAnswered(c: Core, st: StageRow, outcome: string, pools: Re
   for (const pool of names) {
     emit(c.env, {
       event: "ledger_answer",
-      execution_id: ex.execution_id,
-      template_name: ex.template_name,
-      client_id: ex.client_id,
-      worker: st.worker,
-      stage_id: st.stage_id,
-      attempt: st.attempt,
+      ...metricFields(ex, st),
       pool,
       outcome,
       code,
@@ -329,9 +330,7 @@ export function finishExecution(c: Core, status: ExecutionStatus, now: number, e
   });
   emit(c.env, {
     event: "execution_ended",
-    execution_id: ex.execution_id,
-    template_name: ex.template_name,
-    client_id: ex.client_id,
+    ...metricFields(ex),
     outcome: status,
     code: error?.code ?? null,
     duration_ms: now - ex.created_at,
@@ -350,12 +349,7 @@ function attemptEnded(c: Core, st: StageRow, outcome: string, processingMs: numb
     trace_id: trace?.trace_id,
     span_id: trace ? attemptSpanId(trace, st.stage_id, st.attempt) : undefined,
     parent_span_id: trace?.span_id,
-    execution_id: ex.execution_id,
-    template_name: ex.template_name,
-    client_id: ex.client_id,
-    worker: st.worker,
-    stage_id: st.stage_id,
-    attempt: st.attempt,
+    ...metricFields(ex, st),
     outcome,
     waiting_ms: cur.waiting_ms,
     processing_ms: processingMs,

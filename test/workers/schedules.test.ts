@@ -47,6 +47,15 @@ async function fireNow(id: string, agoMs = 1_000): Promise<ScheduleDocument> {
   return doc;
 }
 
+/** A schedule whose first run hangs on its worker: fires once, waits until that run is running, fires again. */
+async function fireWhileRunning(id: string, overlap: string): Promise<{ previous: string; second: ScheduleDocument }> {
+  await post(base(id, { template_name: "course_creation", parameters: { fault: { mode: "hang" } }, overlap }));
+  const first = await fireNow(id, 2_000);
+  const previous = first.last_runs[0].execution_id!;
+  await waitFor(previous, (d) => d.status === "running");
+  return { previous, second: await fireNow(id, 1_000) };
+}
+
 function base(id: string, extra: Record<string, unknown> = {}) {
   return {
     schedule_id: id,
@@ -231,11 +240,7 @@ describe("fires", () => {
   });
 
   it("overlap skip: a fire while the previous run is going is recorded as skipped and starts nothing", async () => {
-    await post(base("overlap-skip", { template_name: "course_creation", parameters: { fault: { mode: "hang" } }, overlap: "skip" }));
-    const first = await fireNow("overlap-skip", 2_000);
-    const running = first.last_runs[0].execution_id!;
-    await waitFor(running, (d) => d.status === "running");
-    const second = await fireNow("overlap-skip", 1_000);
+    const { previous: running, second } = await fireWhileRunning("overlap-skip", "skip");
     expect(second.last_runs).toHaveLength(2);
     expect(second.last_runs[0]).toMatchObject({ state: "skipped", reason: "overlap", execution_id: null });
     expect(second.last_runs[0].message).toContain(running);
@@ -248,11 +253,7 @@ describe("fires", () => {
   });
 
   it("overlap cancel_previous: the previous run is cancelled and the new one starts", async () => {
-    await post(base("overlap-cancel", { template_name: "course_creation", parameters: { fault: { mode: "hang" } }, overlap: "cancel_previous" }));
-    const first = await fireNow("overlap-cancel", 2_000);
-    const previous = first.last_runs[0].execution_id!;
-    await waitFor(previous, (d) => d.status === "running");
-    const second = await fireNow("overlap-cancel", 1_000);
+    const { previous, second } = await fireWhileRunning("overlap-cancel", "cancel_previous");
     expect(second.last_runs[0]).toMatchObject({ state: "started", message: `cancelled the previous run ${previous}` });
     expect((await status(previous)).status).toBe("cancelled");
     const next = second.last_runs[0].execution_id!;
@@ -261,12 +262,9 @@ describe("fires", () => {
   });
 
   it("overlap allow: both runs go on", async () => {
-    await post(base("overlap-allow", { template_name: "course_creation", parameters: { fault: { mode: "hang" } }, overlap: "allow" }));
-    const first = await fireNow("overlap-allow", 2_000);
-    await waitFor(first.last_runs[0].execution_id!, (d) => d.status === "running");
-    const second = await fireNow("overlap-allow", 1_000);
+    const { previous, second } = await fireWhileRunning("overlap-allow", "allow");
     expect(second.last_runs.map((r) => r.state)).toEqual(["started", "started"]);
-    expect((await status(first.last_runs[0].execution_id!)).status).toBe("running");
+    expect((await status(previous)).status).toBe("running");
   });
 
   it("missed fires: run_once runs once for the latest missed time; skip records it as skipped", async () => {
