@@ -156,12 +156,13 @@ describe("execution page in Chromium", () => {
     expect(existsSync(shot)).toBe(true);
     expect(statSync(shot).size).toBeGreaterThan(5_000);
 
-    // A schedule, to see on the overview below the executions.
+    // A schedule, to see on the overview below the executions (its own id each run: a dev session may keep state).
+    const scheduleId = `browser-weekly-${Date.now()}`;
     const scheduled = await fetch(`${session!.url}/schedules`, {
       method: "POST",
       headers: KAM,
       body: JSON.stringify({
-        schedule_id: "browser-weekly",
+        schedule_id: scheduleId,
         cron: "0 6 * * 1",
         timezone: "Europe/Berlin",
         template_name: "course_creation",
@@ -182,7 +183,7 @@ describe("execution page in Chromium", () => {
       .catch(() => false);
     await page.screenshot({ path: path.join(RESULTS, "overview-page.png"), fullPage: true });
     expect(listed, "the execution is not on the overview page: the index has no entry for it").toBe(true);
-    const scheduleRow = page.locator('tr[data-schedule-id="browser-weekly"]');
+    const scheduleRow = page.locator(`tr[data-schedule-id="${scheduleId}"]`);
     await scheduleRow.waitFor({ timeout: 10_000 });
     const nextRun = schedule.next_runs[0].replace("T", " ").replace("Z", " UTC");
     expect(await scheduleRow.locator("[data-role=next]").textContent()).toBe(nextRun);
