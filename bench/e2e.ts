@@ -40,6 +40,9 @@
  *   closed loop as above, (b) --poll-n 300 executions, --poll-concurrency 100 in
  *   flight, each polling its status every --poll-ms 100 ms until it ends; then
  *   billed units per execution from the runtime's traces (bench/vs-workflows.ts)
+ *   --fan-out: instead, the pipeline graph's fan-out workload (bench/fan-out.ts): list -> N items ->
+ *   merge against the same N items as a straight line, --fan-items 10,100,1000, --fan-work-ms 50,
+ *   --fan-rounds 2
  *   --rounds R (2: each round runs both systems on both workloads, the order
  *   swapped every round) --count-n K (30 executions per system counted for the
  *   billed units)
@@ -54,6 +57,7 @@ import { KeepAliveClient } from "./lib/http-keepalive";
 import { mulberry32, weighted } from "./lib/mulberry32";
 import { cpuSecondsOf, descendants, machineBusySeconds, memoryOf, openFds, RssSampler } from "./lib/proc-stats";
 import { type Summary, summarize } from "./lib/quantiles";
+import { runFanOut } from "./fan-out";
 import { runVsWorkflows } from "./vs-workflows";
 import { BENCH_STAGES, BENCH_TEMPLATE, BENCH_WORKER, type ExecTimings, type FloorAnswer, type WaitAnswer, type WorkerStats } from "./worker/shared";
 
@@ -91,10 +95,15 @@ export interface Options {
   countN: number;
   /** ms the bench stage worker pretends to work per stage (0: it completes at once). */
   workMs: number;
+  /** --fan-out: the fan-out workload (bench/fan-out.ts) instead of the closed loop. */
+  fanOut: boolean;
+  fanItems: number[];
+  fanWorkMs: number;
+  fanRounds: number;
 }
 
 export function parseArgs(argv: string[]): Options {
-  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, durableFloor: true, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true, vsWorkflows: false, rounds: 2, pollN: 300, pollConcurrency: 100, pollMs: 100, countN: 30, workMs: 0 };
+  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, durableFloor: true, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true, vsWorkflows: false, rounds: 2, pollN: 300, pollConcurrency: 100, pollMs: 100, countN: 30, workMs: 0, fanOut: false, fanItems: [10, 100, 1000], fanWorkMs: 50, fanRounds: 2 };
   const given = new Set<string>();
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -132,6 +141,10 @@ export function parseArgs(argv: string[]): Options {
       case "--poll-ms": o.pollMs = Math.max(1, num()); break;
       case "--count-n": o.countN = num(); break;
       case "--work-ms": o.workMs = Math.min(60_000, num()); break;
+      case "--fan-out": o.fanOut = true; break;
+      case "--fan-items": o.fanItems = next().split(",").map((v) => Math.min(1000, Math.max(1, Math.floor(Number(v)) || 1))); break;
+      case "--fan-work-ms": o.fanWorkMs = Math.min(10_000, num()); break;
+      case "--fan-rounds": o.fanRounds = Math.max(1, num()); break;
       case "--help": case "-h":
         console.log(readFileSync(new URL(import.meta.url), "utf8").split("*/")[0]);
         return process.exit(0);
@@ -742,6 +755,13 @@ async function main(): Promise<number> {
     console.error(`session ${session.url} up in ${((performance.now() - t0) / 1000).toFixed(1)} s; workerd runtime pid ${procs.runtime}, proxy ${procs.proxy.join(",")}`);
 
     if (opts.vsWorkflows) return await runVsWorkflows(b, opts, pids, startedAt);
+    if (opts.fanOut) {
+      const result = await runFanOut(b, opts, { items: opts.fanItems, workMs: opts.fanWorkMs, rounds: opts.fanRounds });
+      const out = opts.jsonOut ?? path.join(path.dirname(new URL(import.meta.url).pathname), "results", `e2e-fan-out-${startedAt.toISOString().replace(/[:.]/g, "-")}.json`);
+      mkdirSync(path.dirname(out), { recursive: true });
+      writeFileSync(out, JSON.stringify({ ...result, started_at: startedAt.toISOString(), cores: os.cpus().length, loadavg: os.loadavg(), versions: versions(opts.tree) }, null, 2));
+      return 0;
+    }
 
     const items = workload(opts.n, opts.seed, opts.callback, opts.workMs);
     const warm = workload(opts.warmup, opts.seed + 1, opts.callback, opts.workMs);

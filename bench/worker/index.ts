@@ -18,7 +18,8 @@ import {
  * bitware-bench-worker: a zero-work stage worker for bench/e2e.ts.
  *
  * Protocol (docs/protocol.md §3): the handshake accepts at once; process answers
- * 202 and completes at once (or after `parameters.bench_work_ms`) by calling back `complete` with a tiny output and
+ * 202 and completes at once (or after `parameters.bench_work_ms`) by calling back `complete` with a tiny output
+ * (stage_1 with `parameters.bench_items`: `{ items: [0..n-1] }`, the fan-out workload's list) and
  * usage `{ "tokens:openai": 10 }`, in `ctx.waitUntil` (default) or before
  * answering (`parameters.bench_callback = "sync"`); progress answers completed
  * if polled; cancel is a no-op. Bodies are validated with the same zod schemas
@@ -160,7 +161,11 @@ async function onHandshake(request: Request): Promise<Response> {
       workMs: Math.min(60_000, Math.max(0, Number(params.bench_work_ms ?? 0) || 0)),
       worked: false,
       processed: false,
-      output: { stage: hs.stageId, action: hs.action, ok: true },
+      // The fan-out workload's first stage lists `bench_items` entries for stage 2's `for_each: "/items"`.
+      output:
+        hs.stageId === "stage_1" && params.bench_items !== undefined
+          ? { items: Array.from({ length: Math.min(10_000, Math.max(0, Number(params.bench_items) || 0)) }, (_, i) => i) }
+          : { stage: hs.stageId, action: hs.action, ok: true },
       timing,
     });
   }

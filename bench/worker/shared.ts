@@ -5,6 +5,9 @@
 export const BENCH_WORKER = "bitware-bench-worker";
 export const BENCH_TEMPLATE = "bench_three_stage";
 export const BENCH_STAGES = 3;
+/** The fan-out workload's templates (bench/fan-out.ts): list -> one item per entry -> merge, 100 at once or one by one. */
+export const BENCH_FAN_OUT = "bench_fan_out";
+export const BENCH_FAN_OUT_SERIAL = "bench_fan_out_serial";
 /** Callback URLs of the floor run point here (the bench worker's own sink, reached through SELF). */
 export const SINK_ORIGIN = "https://bitware-bench-worker.internal";
 /** Callback URLs of the Workflows implementation (bench/worker/workflows.ts) point here; the stage worker reaches it through its WORKFLOWS binding. */
