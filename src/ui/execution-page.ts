@@ -184,9 +184,17 @@ function renderGraph(doc) {
   }
 }
 
-/** The selected fan-out stage's items (first 200), read again at most once a second while the page updates. */
+/**
+ * The selected fan-out stage's items (first 200), read again at most once a second while the page updates.
+ * A read due within that second is put off to its end, never dropped: the last change (the execution
+ * ending, say) may be the last push the page gets.
+ */
+let itemsTimer = null;
 async function loadItems() {
-  if (!selected || Date.now() - itemsAt < 1000) return;
+  if (!selected) return;
+  const wait = 1000 - (Date.now() - itemsAt);
+  clearTimeout(itemsTimer);
+  if (wait > 0) { itemsTimer = setTimeout(loadItems, wait); return; }
   itemsAt = Date.now();
   const stage = selected;
   try {

@@ -260,6 +260,85 @@ describe("execution page in Chromium", () => {
     await page.close();
   });
 
+  it("colours each graph node by its status, and its item bar and item list follow the API (running, cancelled, failed)", async () => {
+    requireBrowser();
+    const start = async (fault: Record<string, unknown>) => {
+      const res = await fetch(`${session!.url}/execute`, {
+        method: "POST",
+        headers: KAM,
+        body: JSON.stringify({ template_name: "course_parallel", parameters: { topic: "Rust", modules: 6, steps: 1, step_ms: 0, fault }, client_id: "client_browser" }),
+      });
+      expect(res.status).toBe(202);
+      return ((await res.json()) as { execution_id: string }).execution_id;
+    };
+    type Doc = { status: string; stages: { stage_id: string; status: string; items?: { total: number; completed: number; running: number } | null }[] };
+    const read = async (id: string) => (await (await fetch(`${session!.url}/executions/${id}`, { headers: KAM })).json()) as Doc;
+    const itemsOf = async (id: string) =>
+      ((await (await fetch(`${session!.url}/executions/${id}/stages/stage_2/items?limit=200`, { headers: KAM })).json()) as { items: { stage_id: string; status: string }[] }).items;
+    // Each node as drawn: its status, its outline colour, and the colour the page's palette gives that status.
+    const drawn = (page: Page) =>
+      page.evaluate(() =>
+        Array.from(document.querySelectorAll<HTMLElement>(".g-node")).map((n) => {
+          const probe = document.createElement("span");
+          probe.className = `st-${n.dataset.status}`;
+          document.body.append(probe);
+          const expected = getComputedStyle(probe).color;
+          probe.remove();
+          const bar = n.querySelector<HTMLProgressElement>("progress");
+          return `${n.dataset.stageId} ${n.dataset.status} ${getComputedStyle(n).borderTopColor === expected ? "coloured" : `${getComputedStyle(n).borderTopColor} != ${expected}`}${bar ? ` ${bar.value}/${bar.max}` : ""}`;
+        }),
+      );
+    const expected = (doc: Doc) =>
+      doc.stages.map((s) => `${s.stage_id} ${s.status} coloured${s.stage_id === "stage_2" && s.items ? ` ${s.items.completed}/${s.items.total}` : ""}`);
+    const page = await context!.newPage();
+    watch(page);
+
+    // Item 0 hangs: the other five complete and the execution holds still, stage 2 running, 3-5 pending.
+    const id = await start({ stage: 2, item: 0, mode: "hang" });
+    let held: Doc | undefined;
+    await expect
+      .poll(async () => {
+        held = await read(id);
+        return held.stages[1].items;
+      }, { timeout: 60_000 })
+      .toMatchObject({ total: 6, completed: 5, running: 1 });
+    await page.goto(`${session!.url}/ui/executions/${id}`);
+    await page.locator("#token").fill(TEST_SECRETS.OPS_TOKEN);
+    await page.locator("#signin").click();
+    await expect.poll(() => drawn(page), { timeout: 20_000 }).toEqual(expected(held!));
+    expect(held!.stages.map((s) => s.status)).toEqual(["completed", "processing", "pending", "pending", "pending"]);
+    // Three different colours on the page at once: green, blue and grey.
+    const colours = await page.evaluate(() => Array.from(document.querySelectorAll<HTMLElement>(".g-node")).map((n) => getComputedStyle(n).borderTopColor));
+    expect(new Set(colours).size).toBe(3);
+    await page.locator('.g-node[data-stage-id="stage_2"]').click();
+    const rows = () => page.locator("#items-body tr").evaluateAll((trs) => trs.map((tr) => `${(tr as HTMLElement).dataset.stageId} ${(tr as HTMLElement).dataset.status}`));
+    await expect.poll(rows, { timeout: 10_000 }).toEqual((await itemsOf(id)).map((i) => `${i.stage_id} ${i.status}`));
+    expect((await itemsOf(id)).map((i) => i.status)).toEqual(["processing", "completed", "completed", "completed", "completed", "completed"]);
+    await page.screenshot({ path: path.join(RESULTS, "execution-page-graph-running.png"), fullPage: true });
+
+    // Cancelled: every open stage and item ends cancelled, drawn as the API says, the item list too.
+    expect((await fetch(`${session!.url}/executions/${id}/cancel`, { method: "POST", headers: KAM })).status).toBe(200);
+    const cancelled = await read(id);
+    expect(cancelled.status).toBe("cancelled");
+    await expect.poll(() => drawn(page), { timeout: 20_000 }).toEqual(expected(cancelled));
+    await expect.poll(rows, { timeout: 10_000 }).toEqual((await itemsOf(id)).map((i) => `${i.stage_id} ${i.status}`));
+    expect((await itemsOf(id))[0].status).toBe("cancelled");
+
+    // Failed: item 3 fails for good; the fan-out node turns red, the stages after it are cancelled.
+    const failedId = await start({ stage: 2, item: 3, mode: "fail" });
+    await page.goto(`${session!.url}/ui/executions/${failedId}`);
+    await page.locator('#exec-status[data-status="failed"]').waitFor({ timeout: 60_000 });
+    const failed = await read(failedId);
+    expect(failed.stages.map((s) => s.status)).toEqual(["completed", "failed", "cancelled", "cancelled", "cancelled"]);
+    await expect.poll(() => drawn(page), { timeout: 20_000 }).toEqual(expected(failed));
+    await page.locator('.g-node[data-stage-id="stage_2"]').click();
+    await expect.poll(rows, { timeout: 10_000 }).toEqual((await itemsOf(failedId)).map((i) => `${i.stage_id} ${i.status}`));
+    expect(await page.locator('#items-body tr[data-stage-id="stage_2.3"]').getAttribute("data-status")).toBe("failed");
+    await page.screenshot({ path: path.join(RESULTS, "execution-page-graph-failed.png"), fullPage: true });
+    expect(problems).toEqual([]);
+    await page.close();
+  });
+
   it("falls back to polling when the live socket drops, and says so", async () => {
     requireBrowser();
     const id = await startExecution();
