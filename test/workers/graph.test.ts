@@ -1,5 +1,6 @@
-import { evictDurableObject } from "cloudflare:test";
+import { evictDurableObject, runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
+import { migrate } from "../../actors/execution/store";
 import { beforeEach, describe, expect, it } from "vitest";
 import type { StatsSnapshot } from "../../demo/content-granulator/stats";
 import type { ItemsPage, StageDocument, StatusDocument } from "../../schemas/api";
@@ -245,6 +246,42 @@ describe("pipeline graph", () => {
     expect(course.from).toEqual(["stage_3", "stage_4"]);
     expect(course.quiz).toHaveLength(6);
     expect(course.summary.length).toBeGreaterThan(0);
+  });
+
+  it("migrate() brings an Execution's tables from before the graph up to the schema, the running stage keeping its timers", async () => {
+    // A fresh object with no execution (nothing runs in it), its tables rebuilt in the old shape with an old row set.
+    const stub = env.EXECUTION.get(env.EXECUTION.newUniqueId());
+    const after = await runInDurableObject(stub, (_i, state) => {
+      const sql = state.storage.sql;
+      sql.exec(`DROP INDEX stages_by_parent;
+        ALTER TABLE stages DROP COLUMN depends_on; ALTER TABLE stages DROP COLUMN for_each; ALTER TABLE stages DROP COLUMN max_parallel;
+        ALTER TABLE stages DROP COLUMN items_total; ALTER TABLE stages DROP COLUMN parent; ALTER TABLE stages DROP COLUMN item_index;
+        ALTER TABLE stages DROP COLUMN item;
+        DROP TABLE timers; CREATE TABLE timers (name TEXT PRIMARY KEY, due_at INTEGER NOT NULL);`);
+      for (const [id, ord, status] of [["stage_1", 1, "completed"], ["stage_2", 2, "processing"], ["stage_3", 3, "pending"]] as const) {
+        sql.exec("INSERT INTO stages (stage_id, ord, worker, template_ref, action, timeout_ms, max_attempts, status) VALUES (?, ?, 'w', 't', 'a', 1000, 1, ?)", id, ord, status);
+      }
+      for (const [name, due] of [["poll", 10], ["deadline", 20], ["watchdog", 30], ["outbox", 40]] as const) sql.exec("INSERT INTO timers (name, due_at) VALUES (?, ?)", name, due);
+      migrate(state.storage);
+      return {
+        stages: sql.exec("SELECT stage_id, depends_on, parent FROM stages ORDER BY ord").toArray(),
+        timers: sql.exec("SELECT name, unit, due_at FROM timers ORDER BY due_at").toArray(),
+        indexes: sql.exec("SELECT name FROM sqlite_master WHERE type = 'index' AND name = 'stages_by_parent'").toArray().length,
+      };
+    });
+    expect(after.stages).toEqual([
+      { stage_id: "stage_1", depends_on: "[]", parent: null },
+      { stage_id: "stage_2", depends_on: '["stage_1"]', parent: null },
+      { stage_id: "stage_3", depends_on: '["stage_2"]', parent: null },
+    ]);
+    // The per-stage timers belong to the stage that was running; the execution's own stay its own.
+    expect(after.timers).toEqual([
+      { name: "poll", unit: "stage_2", due_at: 10 },
+      { name: "deadline", unit: "stage_2", due_at: 20 },
+      { name: "watchdog", unit: "", due_at: 30 },
+      { name: "outbox", unit: "", due_at: 40 },
+    ]);
+    expect(after.indexes).toBe(1);
   });
 
   it.each([
