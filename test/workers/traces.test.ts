@@ -92,6 +92,26 @@ describe("trace context", () => {
     });
   });
 
+  it("every item of a fan-out stage is an attempt span of its own, and its worker calls carry it", async () => {
+    const id = await start(
+      { template_name: "course_parallel", parameters: { topic: "Traces", modules: 3, steps: 1, step_ms: 0 }, client_id: "client_trace" },
+      { traceparent: `00-${TRACE_ID}-${CALLER_SPAN}-01` },
+    );
+    const d = await waitFor(id, ended, 30_000);
+    expect(d.status).toBe("completed");
+    const res = await call(`/executions/${id}/stages/stage_2/items?limit=10`, { headers: OPS });
+    const items = ((await res.json()) as { items: StatusDocument["stages"] }).items;
+    expect(items.map((i) => i.stage_id)).toEqual(["stage_2.0", "stage_2.1", "stage_2.2"]);
+    const spans = new Set<string>();
+    for (const item of items) {
+      expect(item.span_id).toBe(attemptSpanId({ span_id: d.span_id! }, item.stage_id, item.attempts));
+      spans.add(item.span_id!);
+      const log = await jobLog(id, item.stage_id);
+      expect(log.find((e) => e.what === "traceparent:handshake")?.detail).toBe(`00-${TRACE_ID}-${item.span_id}-01`);
+    }
+    expect(spans.size).toBe(3);
+  });
+
   it("event notifications to KAM carry the execution's span as their parent", async () => {
     const id = await start(
       { template_name: "quick_summary", parameters: { steps: 1, step_ms: 5 }, client_id: "client_trace", notify: true },
