@@ -1,4 +1,5 @@
 import { z } from "zod";
+import { WaitingOn } from "./clients";
 import { ClientId, ErrorInfo, PoolAmounts, Priority, RequestId, StageId, TemplateName } from "./common";
 import { DataReference } from "./data";
 
@@ -97,6 +98,8 @@ export const StageDocument = z.object({
   items: ItemCounts.nullable().optional(),
   /** Items: the position in the list (the item id is `{stage_id}.{item_index}`). */
   item_index: z.number().optional(),
+  /** While `waiting_resources`: why (the ledger's pools, reason, place and expected wait; docs/ledger.md, "Why is it waiting"). */
+  waiting_on: WaitingOn.optional(),
 });
 export type StageDocument = z.infer<typeof StageDocument>;
 

@@ -1,3 +1,4 @@
+import type { WaitingOn } from "../../schemas/clients";
 import type { NotificationsDocument, StageDocument, StatusDocument } from "../../schemas/api";
 import { type TraceContext, attemptSpanId } from "../../src/trace";
 import type { ErrorInfo } from "../../schemas/common";
@@ -58,6 +59,7 @@ export function stageDocument(
     ...(s.reused_from ? { reused_from: s.reused_from } : {}),
     ...(s.decision ? { decision: parse<NonNullable<StageDocument["decision"]>>(s.decision)! } : {}),
   };
+  if (s.status === "waiting_resources" && s.waiting_on) doc.waiting_on = parse<WaitingOn>(s.waiting_on)!;
   if (s.parent !== null) doc.item_index = s.item_index!;
   if (isFanOut(s)) {
     const c = counts?.get(s.stage_id);

@@ -113,7 +113,7 @@ export async function askLedger(c: Core, st: StageRow): Promise<boolean> {
     return true;
   }
   if (result.status === "waiting") {
-    tx.waitForGrant(c, st, result.position, now);
+    tx.waitForGrant(c, st, result.position, now, result.waitingOn);
     return false;
   }
   tx.ledgerAnswered(c, st, "refused", parse<Record<string, number>>(st.resources) ?? {}, result.code, 0);

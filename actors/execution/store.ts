@@ -69,6 +69,8 @@ export function migrate(storage: DurableObjectStorage): void {
     for (const col of GRAPH_COLUMNS) if (!stageColumns.has(col.split(" ")[0])) storage.sql.exec(`ALTER TABLE stages ADD COLUMN ${col}`);
     storage.sql.exec(`UPDATE stages SET depends_on = CASE WHEN ord = 1 THEN '[]' ELSE json_array('stage_' || (ord - 1)) END WHERE depends_on IS NULL`);
   }
+  // Why a stage waits for resources (the ledger's waitingOn), for the status document.
+  if (!stageColumns.has("waiting_on")) storage.sql.exec("ALTER TABLE stages ADD COLUMN waiting_on TEXT");
   storage.sql.exec("CREATE INDEX IF NOT EXISTS stages_by_parent ON stages (parent, status, item_index)");
   if (!columns("timers").has("unit")) {
     storage.sql.exec(`ALTER TABLE timers RENAME TO timers_v1;
@@ -117,6 +119,8 @@ export interface ExecutionRow {
 
 export interface StageRow {
   stage_id: string;
+  /** The ledger's last `waitingOn` for this stage's reservation (JSON), while it waits for resources. */
+  waiting_on?: string | null;
   ord: number;
   worker: string;
   template_ref: string;

@@ -1,3 +1,4 @@
+import type { WaitingOn } from "../../schemas/clients";
 import type { ExecutionStatus, StageStatus } from "../../schemas/api";
 import type { ErrorInfo } from "../../schemas/common";
 import type { DataReference } from "../../schemas/data";
@@ -122,8 +123,10 @@ export function reserved(c: Core, st: StageRow, reservationId: string, now: numb
 }
 
 /** The reservation waits in the ledger's queue; ask again at the `reask` timer in case the notice is lost. */
-export function waitForGrant(c: Core, st: StageRow, position: number, now: number): void {
-  c.sql`UPDATE stages SET reservation = 'waiting', message = ${`waiting for resources (position ${position})`} WHERE stage_id = ${st.stage_id}`;
+export function waitForGrant(c: Core, st: StageRow, position: number, now: number, waitingOn?: WaitingOn): void {
+  const why = waitingOn ? JSON.stringify(waitingOn) : null;
+  c.sql`UPDATE stages SET reservation = 'waiting', message = ${`waiting for resources (position ${position})`}, waiting_on = ${why}
+    WHERE stage_id = ${st.stage_id}`;
   c.timers.set("reask", now + c.config.tuning.ledgerReaskMs, st.stage_id);
   ledgerAnswered(c, st, "waiting", parse<Record<string, number>>(st.resources) ?? {}, null, 0);
 }

@@ -102,4 +102,18 @@ describe("POST /execute under a client's quotas", () => {
     const client = (await (await call("/clients/client_budget", { headers: KAM })).json()) as { usage: { spent: number; remaining: number } };
     expect(client.usage).toMatchObject({ spent: 0.004, remaining: 0 });
   });
+
+  it("a stage held by its client's quota shows waiting_on in the status document; raising the quota lets it run at once", async () => {
+    await putQuotas("client_held", { max_running_stages: 0 });
+    const { body } = await startExecution({ template_name: "quick_summary", parameters: { steps: 1, step_ms: 0 }, client_id: "client_held" });
+    const id = body.execution_id as string;
+    const waiting = await waitFor(id, (d) => d.stages[0].status === "waiting_resources" && d.stages[0].waiting_on !== undefined);
+    expect(waiting.stages[0].waiting_on).toMatchObject({ reason: "client_quota", position: 1 });
+    const snap = (await (await call("/resources", { headers: OPS })).json()) as { queue: { execution_id: string; client_id: string; waiting_on: { reason: string } }[] };
+    expect(snap.queue.find((q) => q.execution_id === id)).toMatchObject({ client_id: "client_held", waiting_on: { reason: "client_quota" } });
+    await putQuotas("client_held", { max_running_stages: 1 });
+    const done = await waitFor(id, ended);
+    expect(done.status).toBe("completed");
+    expect(done.stages[0].waiting_on).toBeUndefined();
+  });
 });
