@@ -1,4 +1,4 @@
-import type { RerunSourceState } from "../actors/execution/rerun";
+import { type RerunSourceState, dataOwners } from "../actors/execution/rerun";
 import { RerunRequest, type RerunResponse } from "../schemas/api";
 import { admitStart } from "./clients";
 import { configOf } from "./config";
@@ -32,6 +32,11 @@ export async function rerunExecution(env: Env, id: unknown, raw: unknown, origin
   const requestId = input.request_id ?? null;
   const requestHash = requestId ? await sha256Hex(canonical({ rerun_of: originalId, from_stage: source.from_stage, parameters })) : null;
   const { executionId, duplicate } = await claimExecutionId(env, source.client_id, requestId, requestHash);
+  // Stored outputs are taken over by reference: their owners keep them until this rerun's own data expires.
+  for (const owner of dataOwners(source, executionId)) {
+    const held = await call<boolean>(env, executionStub(env, owner).holdData(executionId), "execution data hold");
+    if (!held) throw new ApiError(410, "data_expired", `the data of ${owner}, which this rerun would reuse, was deleted (retention)`);
+  }
   const result = await call(
     env,
     executionStub(env, executionId).start({

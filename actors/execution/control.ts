@@ -16,6 +16,7 @@ const CONTROL_COLUMNS = [
   "paused_at INTEGER",
   "paused_ms INTEGER NOT NULL DEFAULT 0",
   "rerun_of TEXT",
+  "retention_waiting INTEGER NOT NULL DEFAULT 0",
 ];
 
 /** Stage columns added by approval stages. */

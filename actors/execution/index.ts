@@ -16,7 +16,20 @@ import { type StageFailure, isOnWorker, isTerminalExecution, isTerminalStage } f
 import { type Decision, approvalTimedOut, awaitApproval, decideApproval, migrateControl, pauseExecution, resumeExecution } from "./control";
 import { stageDocument, startSummary, statusDocument } from "./documents";
 import { EVENTS_SCHEMA, Notifier } from "./notify";
-import { type RerunSource, type RerunSourceState, createFromSnapshot, recordRerun, rerunSource, rerunsOf } from "./rerun";
+import {
+  HOLDS_SCHEMA,
+  type RerunSource,
+  type RerunSourceState,
+  createFromSnapshot,
+  heldOwners,
+  holdData,
+  isDataHeld,
+  recordRerun,
+  releaseData,
+  releaseHeldData,
+  rerunSource,
+  rerunsOf,
+} from "./rerun";
 import { Outbox } from "./outbox";
 import * as step from "./steps";
 import { DEFAULT_MAX_PARALLEL, itemSlots, readyStages } from "./graph";
@@ -149,6 +162,7 @@ export class Execution extends DurableObject<Env> {
     ctx.blockConcurrencyWhile(async () => {
       ctx.storage.sql.exec(SCHEMA + EVENTS_SCHEMA);
       migrateControl(ctx.storage);
+      ctx.storage.sql.exec(HOLDS_SCHEMA);
       migrate(ctx.storage);
       this.#timers.known(await ctx.storage.getAlarm());
     });
@@ -247,6 +261,18 @@ export class Execution extends DurableObject<Env> {
     const ex = this.#store.row();
     if (!ex) return { state: "missing" };
     return rerunSource(this.#c, ex, fromStage);
+  }
+
+  /** A rerun will read stored outputs of this execution by reference: retention waits for it. False once the data is gone. */
+  async holdData(holder: string): Promise<boolean> {
+    return holdData(this.#c, holder, Date.now());
+  }
+
+  /** A rerun's own data expired: it reads nothing of this execution any more. */
+  async releaseData(holder: string): Promise<void> {
+    releaseData(this.#c, holder, Date.now());
+    this.#kick();
+    await this.#rearm();
   }
 
   /** A rerun of this execution was created (idempotent). */
@@ -547,7 +573,17 @@ export class Execution extends DurableObject<Env> {
     await Promise.all(running.values());
     if (failure) throw (failure as { err: unknown }).err;
     const ex = this.#store.row();
-    if (ex && isTerminalExecution(ex.status) && this.#timers.take("retention")) await step.expireData(this.#c);
+    if (ex && isTerminalExecution(ex.status) && this.#timers.take("retention")) {
+      // Reruns still read outputs of this one by reference: the data waits for the last of them (rerun.ts).
+      if (isDataHeld(this.#c)) {
+        this.#c.sql`UPDATE execution SET retention_waiting = 1 WHERE id = 1`;
+        this.#store.log("info", "retention_held", {});
+      } else {
+        const owners = heldOwners(this.#c);
+        await step.expireData(this.#c);
+        releaseHeldData(this.#c, owners, Date.now());
+      }
+    }
   }
 
   #templateWork(): Work {

@@ -13,7 +13,8 @@ export type OutboxItem =
   | { kind: "ledger_release"; reservationId: string }
   | { kind: "worker_cancel"; worker: string; stageId: string; attempt: number }
   | { kind: "index_upsert"; entry: IndexEntry }
-  | { kind: "rerun_link"; of: string; executionId: string };
+  | { kind: "rerun_link"; of: string; executionId: string }
+  | { kind: "data_release"; owner: string; holder: string };
 
 export type SettleItem = Extract<OutboxItem, { kind: "ledger_settle" }>;
 /** A held settle taken to ride on a reserve: its outbox row and message. */
@@ -181,6 +182,11 @@ export class Outbox {
       case "rerun_link": {
         const ns = this.#c.env.EXECUTION as unknown as DurableObjectNamespace<Execution>;
         await withTimeout(ns.get(ns.idFromName(item.of)).recordRerun(item.executionId), t.objectCallTimeoutMs, "execution.recordRerun");
+        return true;
+      }
+      case "data_release": {
+        const ns = this.#c.env.EXECUTION as unknown as DurableObjectNamespace<Execution>;
+        await withTimeout(ns.get(ns.idFromName(item.owner)).releaseData(item.holder), t.objectCallTimeoutMs, "execution.releaseData");
         return true;
       }
       case "worker_cancel": {

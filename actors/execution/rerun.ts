@@ -1,5 +1,6 @@
 import type { Priority } from "../../schemas/common";
 import type { DataReference } from "../../schemas/data";
+import { parseDataKey } from "../../src/data-store";
 import { type RerunNode, defaultFromStage, reusableStages } from "./rerun-rules";
 import { type Core, type ExecutionRow, type StageRow, dependsOn, parse } from "./store";
 
@@ -144,4 +145,61 @@ export function recordRerun(c: Core, executionId: string, now: number): void {
 
 export function rerunsOf(c: Core): string[] {
   return c.sql<{ execution_id: string }>`SELECT execution_id FROM reruns ORDER BY created_at DESC, execution_id DESC`.map((r) => r.execution_id);
+}
+
+// ---- data of reused outputs -------------------------------------------------
+
+/**
+ * A reused stored output stays under the original's key, so the original must
+ * not delete it while a rerun may still read it: reference counting. The front
+ * Worker registers the rerun as a holder with the object that owns the key
+ * before the rerun exists; the original's retention then waits until every
+ * holder has released (each does when its own data expires, through its outbox).
+ */
+export const HOLDS_SCHEMA = "CREATE TABLE IF NOT EXISTS data_holds (holder TEXT PRIMARY KEY, created_at INTEGER NOT NULL)";
+
+/** The executions owning the stored outputs a rerun takes over (their keys name them). */
+export function dataOwners(source: RerunSource, self?: string): string[] {
+  const owners = new Set<string>();
+  for (const r of source.reused) {
+    const ref = parse<DataReference>(r.output_ref);
+    const owner = ref ? parseDataKey(ref.key)?.executionId : undefined;
+    if (owner && owner !== self) owners.add(owner);
+  }
+  return [...owners];
+}
+
+/** Registers a holder; false once the data is gone. */
+export function holdData(c: Core, holder: string, now: number): boolean {
+  if (c.store.row()?.data_expired_at !== null) return false;
+  c.sql`INSERT OR IGNORE INTO data_holds (holder, created_at) VALUES (${holder}, ${now})`;
+  return true;
+}
+
+export function isDataHeld(c: Core): boolean {
+  return c.sql`SELECT 1 FROM data_holds LIMIT 1`.length > 0;
+}
+
+/** A holder let go; the last one lets a retention that came due meanwhile run now. */
+export function releaseData(c: Core, holder: string, now: number): void {
+  c.sql`DELETE FROM data_holds WHERE holder = ${holder}`;
+  const ex = c.store.row();
+  if (!isDataHeld(c) && ex?.retention_waiting) {
+    c.sql`UPDATE execution SET retention_waiting = 0 WHERE id = 1`;
+    c.timers.set("retention", now);
+  }
+}
+
+/** The owners of the stored outputs this rerun took over (read before its own data expires: that clears the refs). */
+export function heldOwners(c: Core): string[] {
+  const self = c.store.row()!.execution_id;
+  const refs = c.sql<{ output_ref: string }>`SELECT output_ref FROM stages WHERE reused_from IS NOT NULL AND output_ref IS NOT NULL`;
+  const owners = new Set(refs.map((r) => parseDataKey(parse<DataReference>(r.output_ref)!.key)?.executionId));
+  return [...owners].filter((o): o is string => !!o && o !== self);
+}
+
+/** The rerun's own data expired: it no longer reads the originals' outputs. Through the outbox, at least once. */
+export function releaseHeldData(c: Core, owners: string[], now: number): void {
+  const holder = c.store.row()!.execution_id;
+  for (const owner of owners) c.outbox.enqueue({ kind: "data_release", owner, holder }, now);
 }

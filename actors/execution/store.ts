@@ -115,6 +115,8 @@ export interface ExecutionRow {
   paused_ms: number;
   /** The execution this one reruns (rerun.ts). */
   rerun_of: string | null;
+  /** 1: retention came due while reruns still held this execution's data (rerun.ts). */
+  retention_waiting: number;
 }
 
 export interface StageRow {

@@ -1,7 +1,15 @@
 import { runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
+import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import type { StatusDocument } from "../../schemas/api";
 import { JSON_HEADERS, KAM, OPS, call, ended, executionStub, rpcThrough, startExecution, status, waitFor } from "../support/api";
+
+/** Makes the execution's retention due and fires its alarm (as retention.test.ts does). */
+async function expire(id: string): Promise<void> {
+  const stub = executionStub(id);
+  await runInDurableObject(stub, (_i, state) => state.storage.sql.exec("UPDATE timers SET due_at = 0 WHERE name = 'retention'"));
+  await runDurableObjectAlarm(stub);
+}
 
 const rerun = (id: string, body: unknown, headers: Record<string, string> = KAM) =>
   call(`/executions/${id}/rerun`, { method: "POST", headers: { ...headers, ...JSON_HEADERS }, body: JSON.stringify(body) });
@@ -103,6 +111,41 @@ describe("rerun from a stage", () => {
     expect(await result(doc.execution_id)).toEqual(await result(original.execution_id));
   });
 
+  it("takes a stored output over by reference, and the original keeps it until the rerun's own data expires", async () => {
+    const size = 700 * 1024;
+    const { body } = await startExecution({
+      template_name: "data_relay",
+      parameters: { steps: 1, step_ms: 0, output_bytes: size, fault: { stage: 1, mode: "large_output" } },
+      client_id: "client_rerun_data",
+    });
+    const original = await waitFor(body.execution_id, ended, 30_000);
+    expect(original.status).toBe("completed");
+    const key = `r2/${original.execution_id}/stage_1/a1-output.json`;
+    expect(await env.DATA.head(key)).not.toBeNull();
+
+    const started = (await (await rerun(original.execution_id, { from_stage: "stage_2" })).json()) as Record<string, any>;
+    expect(started.reused).toEqual(["stage_1"]);
+    const doc = await waitFor(started.execution_id, ended, 30_000);
+    expect(doc.status).toBe("completed");
+    // Stage 2 of the rerun read the original's object (same key, nothing copied) with its own data token.
+    const r2Keys = async (id: string) => (await env.DATA.list({ prefix: `r2/${id}/` })).objects.map((o) => o.key);
+    expect(await r2Keys(doc.execution_id)).toEqual([`r2/${doc.execution_id}/stage_2/a1-output.json`]);
+    const mine = (await (await call(`/executions/${doc.execution_id}/result`, { headers: KAM })).json()) as { output_reference: { sha256: string } };
+    const theirs = (await (await call(`/executions/${original.execution_id}/result`, { headers: KAM })).json()) as { output_reference: { sha256: string } };
+    expect(mine.output_reference.sha256).toBe(theirs.output_reference.sha256);
+
+    // The original's retention comes due while the rerun holds its data: nothing is deleted.
+    await expire(original.execution_id);
+    expect((await status(original.execution_id)).data_expired_at).toBeNull();
+    expect(await env.DATA.head(key)).not.toBeNull();
+    // The rerun's retention: its data goes, it lets go of the original's, and the original's waiting retention runs.
+    await expire(doc.execution_id);
+    expect((await status(doc.execution_id)).data_expired_at).not.toBeNull();
+    const gone = await waitFor(original.execution_id, (d) => d.data_expired_at !== null);
+    expect(gone.data_expired_at).not.toBeNull();
+    expect(await env.DATA.head(key)).toBeNull();
+  });
+
   it("is idempotent with a request_id, like POST /execute", async () => {
     const original = await failedAtStage2("client_rerun_idem");
     const first = await rerun(original.execution_id, { request_id: "rerun-1" });
@@ -151,9 +194,7 @@ describe("rerun from a stage", () => {
       if (field) expect(JSON.stringify(body.error.details), name).toContain(field);
     }
     // Retention deleted the original's data: its outputs cannot be reused.
-    const stub = executionStub(id);
-    await runInDurableObject(stub, (_i, state) => state.storage.sql.exec("UPDATE timers SET due_at = 0 WHERE name = 'retention'"));
-    await runDurableObjectAlarm(stub);
+    await expire(id);
     expect((await status(id)).data_expired_at).not.toBeNull();
     const expired = await rerun(id, {});
     expect(expired.status).toBe(410);
