@@ -2,7 +2,7 @@ import { z } from "zod";
 import { DecisionRequest, ExecuteRequest, type ExecuteResponse, ItemsQuery, type ItemsPage, type LiveTicket, type ResultDocument, type StatusDocument } from "../schemas/api";
 import { ExecutionId, StageId } from "../schemas/common";
 import { CompleteCallback, FailCallback, ProgressCallback } from "../schemas/worker-protocol";
-import type { CallbackKind, CancelState, DecideState, Execution, ItemsState, PauseState, ResultState, ResumeState } from "../actors/execution/index";
+import type { CallbackKind, CancelState, DecideState, Execution, ItemsState, PauseState, ResultState, ResumeState, StartResult } from "../actors/execution/index";
 import type { RateLimitReport } from "../schemas/worker-protocol";
 import type { ClaimResult, RequestRegistry } from "../actors/request-registry";
 import type { DataReference } from "../schemas/data";
@@ -116,6 +116,11 @@ export async function startExecution(
     }),
     "execution start",
   );
+  return startAnswer(executionId, result, duplicate, origin);
+}
+
+/** The start summary: 202 for a new execution, 200 for one this request already started. */
+export function startAnswer(executionId: string, result: StartResult, duplicate: boolean, origin: string): StartOutcome {
   return {
     status: duplicate || !result.created ? 200 : 202,
     body: {

@@ -2,7 +2,7 @@ import { type RerunSourceState, dataOwners } from "../actors/execution/rerun";
 import { RerunRequest, type RerunResponse } from "../schemas/api";
 import { admitStart } from "./clients";
 import { configOf } from "./config";
-import { call, canonical, checkExecutionId, claimExecutionId, executionStub } from "./execution-service";
+import { call, canonical, checkExecutionId, claimExecutionId, executionStub, startAnswer } from "./execution-service";
 import { sha256Hex } from "./hash";
 import { ApiError, parseWith } from "./http";
 
@@ -52,17 +52,9 @@ export async function rerunExecution(env: Env, id: unknown, raw: unknown, origin
     }),
     "execution start",
   );
+  const answer = startAnswer(executionId, result, duplicate, origin);
   return {
-    status: duplicate || !result.created ? 200 : 202,
-    body: {
-      execution_id: executionId,
-      status: result.status,
-      estimated_completion_ms: result.estimated_completion_ms,
-      estimated_completion_at: result.estimated_completion_at,
-      status_url: `${origin}/executions/${executionId}`,
-      rerun_of: originalId,
-      from_stage: source.from_stage,
-      reused: source.reused.map((r) => r.stage_id),
-    },
+    status: answer.status,
+    body: { ...answer.body, rerun_of: originalId, from_stage: source.from_stage, reused: source.reused.map((r) => r.stage_id) },
   };
 }
