@@ -448,17 +448,33 @@ function quizWork(previousOutput: unknown): Work {
   };
 }
 
-/** `assemble`: the course from its inputs: the summary's text and the quiz's questions, whichever stage sent them. */
+/**
+ * `assemble`: the course from its inputs, whichever stage sent them: the chapters (a fan-out's
+ * array of `write_chapter` outputs, in item order), the summary's text and the quiz's questions;
+ * `text` is the whole course as Markdown, the summary first, then every chapter in order, then the quiz.
+ */
 function assembleWork(inputs: Record<string, unknown>): Work {
-  const values = Object.values(inputs).filter(isRecord);
+  const all = Object.values(inputs);
+  const values = all.filter(isRecord);
   const summary = values.find((v) => typeof v.summary === "string")?.summary ?? null;
   const questions = values.find((v) => Array.isArray(v.questions))?.questions ?? [];
-  const text = `${summary ?? ""}`;
+  const list = all.find((v): v is unknown[] => Array.isArray(v)) ?? [];
+  const chapters = list.filter(isRecord).map((c, i) => ({
+    index: typeof c.index === "number" ? c.index : i + 1,
+    title: typeof c.title === "string" ? c.title : `Chapter ${i + 1}`,
+    text: typeof c.text === "string" ? c.text : "",
+  }));
+  const quizLines = (Array.isArray(questions) ? questions : []).filter(isRecord).map((q, i) => `${i + 1}. ${String(q.question)} ${String(q.answer)}`);
+  const text = [
+    `## Summary\n\n${summary ?? ""}`,
+    ...chapters.map((c) => `## Chapter ${c.index}: ${c.title}\n\n${c.text}`),
+    `## Quiz\n\n${quizLines.join("\n")}`,
+  ].join("\n\n");
   return {
     units: 1,
     estimatedWords: countWords(text) + 10,
     unit: () => ({ value: null, words: countWords(text) }),
-    assemble: () => ({ value: { summary, quiz: questions, from: Object.keys(inputs).sort() }, words: 0 }),
+    assemble: () => ({ value: { summary, quiz: questions, chapters, text, from: Object.keys(inputs).sort() }, words: 0 }),
   };
 }
 

@@ -151,7 +151,8 @@ const list: StoredTemplate[] = [
       { stage: 2, worker: GRANULATOR, template_ref: "course_v2", action: "write_chapter", for_each: "/modules", max_parallel: 4 },
       { stage: 3, worker: GRANULATOR, template_ref: "course_v2", action: "quiz", depends_on: [2] },
       { stage: 4, worker: GRANULATOR, template_ref: "course_v2", action: "summary", depends_on: [2] },
-      { stage: 5, worker: GRANULATOR, template_ref: "course_v2", action: "assemble", depends_on: [3, 4] },
+      // The course needs the chapters' text as well as the quiz and the summary.
+      { stage: 5, worker: GRANULATOR, template_ref: "course_v2", action: "assemble", depends_on: [2, 3, 4] },
     ] satisfies TemplateStage[]),
   },
   // Pipeline graphs, on a granulator instance of their own so its counters see only these stages.

@@ -244,7 +244,7 @@ describe("execution page in Chromium", () => {
     expect(x.stage_3).toBe(x.stage_4);
     expect(x.stage_4).toBeLessThan(x.stage_5);
     const edges = await page.locator(".g-edges path").evaluateAll((ps) => ps.map((p) => `${(p as SVGElement).dataset.from}->${(p as SVGElement).dataset.to}`).sort());
-    expect(edges).toEqual(["stage_1->stage_2", "stage_2->stage_3", "stage_2->stage_4", "stage_3->stage_5", "stage_4->stage_5"]);
+    expect(edges).toEqual(["stage_1->stage_2", "stage_2->stage_3", "stage_2->stage_4", "stage_2->stage_5", "stage_3->stage_5", "stage_4->stage_5"]);
     expect(await page.locator('.g-node[data-stage-id="stage_2"] progress').evaluate((p) => [(p as HTMLProgressElement).value, (p as HTMLProgressElement).max])).toEqual([6, 6]);
 
     // Clicking the fan-out node lists its items.

@@ -237,15 +237,32 @@ describe("pipeline graph", () => {
       ["stage_2", "write_chapter", ["stage_1"]],
       ["stage_3", "quiz", ["stage_2"]],
       ["stage_4", "summary", ["stage_2"]],
-      ["stage_5", "assemble", ["stage_3", "stage_4"]],
+      ["stage_5", "assemble", ["stage_2", "stage_3", "stage_4"]],
     ]);
     expect(stage(doc, 2).items).toMatchObject({ total: 6, completed: 6 });
     const chapters = (await allItems(id, "stage_2", 100)).map((i) => i.stage_id);
     expect(chapters).toEqual(["stage_2.0", "stage_2.1", "stage_2.2", "stage_2.3", "stage_2.4", "stage_2.5"]);
-    const course = (await result(id)) as { summary: string; quiz: { chapter: string; question: string; answer: string }[]; from: string[] };
-    expect(course.from).toEqual(["stage_3", "stage_4"]);
+    const course = (await result(id)) as {
+      summary: string;
+      quiz: { chapter: string; question: string; answer: string }[];
+      chapters: { index: number; title: string; text: string }[];
+      text: string;
+      from: string[];
+    };
+    expect(course.from).toEqual(["stage_2", "stage_3", "stage_4"]);
     expect(course.quiz).toHaveLength(6);
     expect(course.summary.length).toBeGreaterThan(0);
+    // Every chapter of the outline, in order, each with its own text, in the assembled course.
+    expect(course.chapters.map((c) => c.index)).toEqual([1, 2, 3, 4, 5, 6]);
+    expect(new Set(course.chapters.map((c) => c.title)).size).toBe(6);
+    const at = course.chapters.map((c) => {
+      expect(c.text.split(/\s+/).length, c.title).toBe(60);
+      return course.text.indexOf(`## Chapter ${c.index}: ${c.title}\n\n${c.text}`);
+    });
+    expect(at.every((p) => p > 0)).toBe(true);
+    expect([...at].sort((a, b) => a - b)).toEqual(at);
+    expect(course.text.indexOf("## Summary")).toBeLessThan(at[0]);
+    expect(course.text.indexOf("## Quiz")).toBeGreaterThan(at[5]);
   });
 
   it("migrate() brings an Execution's tables from before the graph up to the schema, the running stage keeping its timers", async () => {
