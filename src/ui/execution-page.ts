@@ -160,9 +160,10 @@ function renderGraph(doc) {
   const cols = [];
   for (const s of doc.stages.slice().sort((a, b) => a.order - b.order)) (cols[d.get(s.stage_id)] = cols[d.get(s.stage_id)] || []).push(s);
   const row = el("div", { class: "g-cols" }, cols.filter(Boolean).map((list) => el("div", { class: "g-col" }, list.map(graphNode))));
-  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-  svg.setAttribute("class", "g-edges");
-  box.replaceChildren(svg, row);
+  // Parsed as markup, the svg element gets its namespace from the HTML parser (the page names no URL at all).
+  box.replaceChildren(row);
+  box.insertAdjacentHTML("afterbegin", '<svg class="g-edges"></svg>');
+  const svg = box.firstElementChild;
   const origin = box.getBoundingClientRect();
   const at = (id) => box.querySelector('.g-node[data-stage-id="' + id + '"]');
   svg.setAttribute("width", String(row.scrollWidth));
@@ -174,7 +175,7 @@ function renderGraph(doc) {
       const ra = a.getBoundingClientRect(), rb = b.getBoundingClientRect();
       const x1 = ra.right - origin.left + box.scrollLeft, y1 = ra.top + ra.height / 2 - origin.top;
       const x2 = rb.left - origin.left + box.scrollLeft, y2 = rb.top + rb.height / 2 - origin.top;
-      const path = document.createElementNS("http://www.w3.org/2000/svg", "path");
+      const path = document.createElementNS(svg.namespaceURI, "path");
       const mid = (x1 + x2) / 2;
       path.setAttribute("d", "M" + x1 + "," + y1 + " C" + mid + "," + y1 + " " + mid + "," + y2 + " " + x2 + "," + y2);
       path.dataset.from = dep;
