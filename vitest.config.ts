@@ -24,19 +24,23 @@ function testWranglerConfig(): string {
 }
 
 /**
- * The worker under test runs as the plugin's runner, named after the project;
- * auxiliary workers reach the orchestrator through it. A stage worker binds its
- * default entrypoint (fetch only); KAM binds the KamApi entrypoint (RPC).
+ * The worker under test runs as the plugin's runner, named after the project
+ * (`vitest-plugin-runner-{project}`); auxiliary workers reach the orchestrator
+ * through it. A stage worker binds its default entrypoint (fetch only); KAM
+ * binds the KamApi entrypoint (RPC).
  */
-const ORCHESTRATOR_AS_WORKER = "vitest-plugin-runner-workers";
-const ORCHESTRATOR_AS_KAM = { name: "vitest-plugin-runner-workers", entrypoint: "KamApi" };
+const runnerOf = (project: string) => `vitest-plugin-runner-${project}`;
+const asKam = (project: string) => ({ name: runnerOf(project), entrypoint: "KamApi" });
+
+/** Where test/support/global-setup.ts builds an auxiliary worker for a project (each project its own, as they build at once). */
+const built = (project: string, name: string) => `./dist/test-workers/${project}/${name}/index.js`;
 
 /** The demo granulator as an auxiliary worker under a given name (each name has its own objects and stats). */
-function granulator(name: keyof typeof TEST_WORKER_SECRETS) {
+function granulator(project: string, name: keyof typeof TEST_WORKER_SECRETS) {
   return {
     name,
     modules: true,
-    scriptPath: "./dist/test-workers/content-granulator/index.js",
+    scriptPath: built(project, "content-granulator"),
     compatibilityDate,
     // Its own secret: another worker's does not open it.
     bindings: {
@@ -48,7 +52,7 @@ function granulator(name: keyof typeof TEST_WORKER_SECRETS) {
       JOBS: { className: "GranulatorJob", useSQLite: true },
       STATS: { className: "GranulatorStats", useSQLite: true },
     },
-    serviceBindings: { ORCHESTRATOR: ORCHESTRATOR_AS_WORKER },
+    serviceBindings: { ORCHESTRATOR: runnerOf(project) },
   };
 }
 
@@ -56,11 +60,81 @@ function granulator(name: keyof typeof TEST_WORKER_SECRETS) {
 const { WORKER_SECRET: _shared, ...ORCHESTRATOR_SECRETS } = TEST_SECRETS;
 
 /**
- * Three projects:
+ * The orchestrator under test with the demo stand-ins as auxiliary workers
+ * behind the real service bindings, for the project `project`; `extra` adds
+ * bindings, Durable Object bindings and workers.
+ */
+function orchestratorUnderTest(project: string, extra: { bindings?: Record<string, string>; durableObjects?: Record<string, unknown>; workers?: unknown[] } = {}) {
+  return cloudflareTest({
+    wrangler: { configPath: testWranglerConfig() },
+    miniflare: {
+      bindings: {
+        ...ORCHESTRATOR_SECRETS,
+        ...TEST_PREVIOUS_SECRETS,
+        TUNING: JSON.stringify(TEST_TUNING),
+        LOG_LEVEL: "error",
+        WORKER_BINDINGS: JSON.stringify({
+          "bitware-content-granulator": "CONTENT_GRANULATOR",
+          "bitware-capped-granulator": "CAPPED_GRANULATOR",
+          "bitware-graph-granulator": "GRAPH_GRANULATOR",
+        }),
+        ...extra.bindings,
+      },
+      serviceBindings: {
+        CAPPED_GRANULATOR: "bitware-capped-granulator",
+        GRAPH_GRANULATOR: "bitware-graph-granulator",
+        RPC_PROBE: "rpc-probe",
+        // The Analytics Engine dataset, as a real worker that keeps what is written (test/support/metrics-sink-worker.js).
+        METRICS: { name: "metrics-sink", entrypoint: "Dataset" },
+        METRICS_SINK: "metrics-sink",
+      },
+      ...(extra.durableObjects && { durableObjects: extra.durableObjects }),
+      workers: [
+        {
+          name: "metrics-sink",
+          modules: true,
+          scriptPath: "./test/support/metrics-sink-worker.js",
+          compatibilityDate,
+          durableObjects: { POINTS: { className: "Points", useSQLite: true } },
+        },
+        {
+          name: "bitware-key-account-manager",
+          modules: true,
+          scriptPath: built(project, "kam"),
+          compatibilityDate,
+          bindings: { NOTIFY_SECRET: TEST_SECRETS.NOTIFY_SECRET },
+          durableObjects: { EVENTS: { className: "KamEvents", useSQLite: true } },
+          serviceBindings: { ORCHESTRATOR: asKam(project) },
+        },
+        // Calls the orchestrator's RPC methods through a worker's and KAM's kind of binding.
+        {
+          name: "rpc-probe",
+          modules: true,
+          scriptPath: "./test/support/rpc-probe-worker.js",
+          compatibilityDate,
+          serviceBindings: { AS_WORKER: runnerOf(project), AS_KAM: asKam(project) },
+        },
+        granulator(project, "bitware-content-granulator"),
+        // A second instance for tests that need a worker (and its pool and counters) to themselves.
+        granulator(project, "bitware-capped-granulator"),
+        // The pipeline graph tests' own instance (test/workers/graph.test.ts).
+        granulator(project, "bitware-graph-granulator"),
+        ...(extra.workers ?? []),
+      ],
+    },
+  }),
+],
+  } as Parameters<typeof cloudflareTest>[0]);
+}
+
+/**
+ * Four projects:
  * - `workers`: tests that run inside workerd next to the orchestrator's real
  *   Durable Objects, with the demo stand-ins as auxiliary workers behind the
  *   real service bindings (built by test/support/global-setup.ts, since
  *   auxiliary workers take a built script, not a wrangler config);
+ * - `ledger-faults`: the same, with the ledger behind an object that stalls,
+ *   fails or loses answers for real (test/support/faulty-ledger);
  * - `e2e`: Node tests that start the same multi-worker `wrangler dev` session
  *   as `npm start` and drive it over HTTP;
  * - `browser`: the operator pages in the system Chromium (/usr/bin/chromium)
@@ -70,68 +144,48 @@ export default defineConfig({
   test: {
     projects: [
       {
-        plugins: [
-          cloudflareTest({
-            wrangler: { configPath: testWranglerConfig() },
-            miniflare: {
-              bindings: {
-                ...ORCHESTRATOR_SECRETS,
-                ...TEST_PREVIOUS_SECRETS,
-                TUNING: JSON.stringify(TEST_TUNING),
-                LOG_LEVEL: "error",
-                WORKER_BINDINGS: JSON.stringify({
-                  "bitware-content-granulator": "CONTENT_GRANULATOR",
-                  "bitware-capped-granulator": "CAPPED_GRANULATOR",
-                  "bitware-graph-granulator": "GRAPH_GRANULATOR",
-                }),
-              },
-              serviceBindings: {
-                CAPPED_GRANULATOR: "bitware-capped-granulator",
-                GRAPH_GRANULATOR: "bitware-graph-granulator",
-                RPC_PROBE: "rpc-probe",
-                // The Analytics Engine dataset, as a real worker that keeps what is written (test/support/metrics-sink-worker.js).
-                METRICS: { name: "metrics-sink", entrypoint: "Dataset" },
-                METRICS_SINK: "metrics-sink",
-              },
-              workers: [
-                {
-                  name: "metrics-sink",
-                  modules: true,
-                  scriptPath: "./test/support/metrics-sink-worker.js",
-                  compatibilityDate,
-                  durableObjects: { POINTS: { className: "Points", useSQLite: true } },
-                },
-                {
-                  name: "bitware-key-account-manager",
-                  modules: true,
-                  scriptPath: "./dist/test-workers/kam/index.js",
-                  compatibilityDate,
-                  bindings: { NOTIFY_SECRET: TEST_SECRETS.NOTIFY_SECRET },
-                  durableObjects: { EVENTS: { className: "KamEvents", useSQLite: true } },
-                  serviceBindings: { ORCHESTRATOR: ORCHESTRATOR_AS_KAM },
-                },
-                // Calls the orchestrator's RPC methods through a worker's and KAM's kind of binding.
-                {
-                  name: "rpc-probe",
-                  modules: true,
-                  scriptPath: "./test/support/rpc-probe-worker.js",
-                  compatibilityDate,
-                  serviceBindings: { AS_WORKER: ORCHESTRATOR_AS_WORKER, AS_KAM: ORCHESTRATOR_AS_KAM },
-                },
-                granulator("bitware-content-granulator"),
-                // A second instance for tests that need a worker (and its pool and counters) to themselves.
-                granulator("bitware-capped-granulator"),
-                // The pipeline graph tests' own instance (test/workers/graph.test.ts).
-                granulator("bitware-graph-granulator"),
-              ],
-            },
-          }),
-        ],
+        plugins: [orchestratorUnderTest("workers")],
         test: {
           name: "workers",
           include: ["test/workers/**/*.test.ts"],
           globalSetup: ["./test/support/global-setup.ts"],
           testTimeout: 30_000,
+        },
+      },
+      {
+        // The ledger behind a real object that can stall, fail or lose answers
+        // (test/support/faulty-ledger): the Execution reaches the ledger through
+        // LEDGER_BINDING. A project of its own, one file at a time, since a fault
+        // set on that object applies to every execution of the project.
+        plugins: [
+          orchestratorUnderTest("ledger-faults", {
+            bindings: {
+              LEDGER_BINDING: "FAULTY_LEDGER",
+              // Short leases (a ledger down for longer than one is a few seconds), rare re-asks while
+              // waiting (a grant must come by its notice), and undeliverable after 2 s.
+              TUNING: JSON.stringify({ ...TEST_TUNING, leaseMs: 3000, ledgerReaskMs: 20_000, outboxUndeliverableMs: 2000 }),
+            },
+            durableObjects: { FAULTY_LEDGER: { className: "FaultyLedger", scriptName: "faulty-ledger", useSQLite: true } },
+            workers: [
+              {
+                name: "faulty-ledger",
+                modules: true,
+                scriptPath: built("ledger-faults", "faulty-ledger"),
+                compatibilityDate,
+                durableObjects: {
+                  FAULTY_LEDGER: { className: "FaultyLedger", useSQLite: true },
+                  REAL_LEDGER: { className: "ResourceLedger", scriptName: runnerOf("ledger-faults"), useSQLite: true },
+                },
+              },
+            ],
+          }),
+        ],
+        test: {
+          name: "ledger-faults",
+          include: ["test/ledger-faults/**/*.test.ts"],
+          globalSetup: ["./test/support/global-setup.ts"],
+          testTimeout: 60_000,
+          fileParallelism: false,
         },
       },
       {

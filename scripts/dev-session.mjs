@@ -32,7 +32,7 @@ export async function freePort() {
  * the benchmarks pass a snapshot so that nothing done to this checkout during a
  * run (an edit, an `npm ci`) makes wrangler rebuild and restart the workers.
  * @param {{ configs?: string[], port?: number, vars?: Record<string,string>, secrets?: Record<string,string>, quiet?: boolean, persistTo?: string, readyTimeoutMs?: number, cwd?: string }} [opts]
- * @returns {Promise<{ url: string, port: number, pid: number, logs: () => string, stop: () => Promise<void> }>}
+ * @returns {Promise<{ url: string, port: number, pid: number, logs: () => string, stop: () => Promise<void>, kill: () => Promise<void> }>}
  */
 export async function startDevSession(opts = {}) {
   const configs = opts.configs ?? DEMO_CONFIGS;
@@ -94,12 +94,22 @@ export async function startDevSession(opts = {}) {
     clearTimeout(t);
     cleanup();
   };
+  /** A hard crash: SIGKILL to the whole process group (wrangler, both workerd processes), no chance to flush anything. */
+  const kill = async () => {
+    if (child.exitCode === null && child.signalCode === null) {
+      try {
+        process.kill(-child.pid, "SIGKILL");
+      } catch {}
+      await once(child, "exit").catch(() => {});
+    }
+    cleanup();
+  };
   const deadline = Date.now() + (opts.readyTimeoutMs ?? 90_000);
   while (Date.now() < deadline) {
     if (child.exitCode !== null) throw new Error(`wrangler dev exited with ${child.exitCode}:\n${out.slice(-4000)}`);
     try {
       const res = await fetch(`${url}/health`, { signal: AbortSignal.timeout(1000) });
-      if (res.ok) return { url, port, pid: child.pid, logs: () => out, stop };
+      if (res.ok) return { url, port, pid: child.pid, logs: () => out, stop, kill };
     } catch {}
     await new Promise((r) => setTimeout(r, 250));
   }

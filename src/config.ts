@@ -108,6 +108,8 @@ export interface Config {
   publicUrl: string;
   /** `notify` for an execution whose request does not say (the NOTIFY_DEFAULT var, "true" or "false"). */
   notifyDefault: boolean;
+  /** The Durable Object binding the ledger is reached through (`LEDGER_BINDING`, default RESOURCE_LEDGER). */
+  ledgerBinding: string;
 }
 
 const cache = new WeakMap<object, Config>();
@@ -134,6 +136,7 @@ export function configOf(env: Env): Config {
     clientDefaults: parseJson("CLIENT_DEFAULTS", vars.CLIENT_DEFAULTS, ClientQuotas, {}),
     publicUrl: String(vars.PUBLIC_URL ?? "http://orchestrator-v2.internal").replace(/\/$/, ""),
     notifyDefault: parseJson("NOTIFY_DEFAULT", vars.NOTIFY_DEFAULT, z.boolean(), false),
+    ledgerBinding: typeof vars.LEDGER_BINDING === "string" && vars.LEDGER_BINDING ? vars.LEDGER_BINDING : "RESOURCE_LEDGER",
   };
   cache.set(env, c);
   return c;

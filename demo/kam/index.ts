@@ -18,6 +18,7 @@ function error(status: number, code: string, message: string): Response {
 }
 
 const TEMPLATE_PATH = /^\/api\/master-templates\/([^/]+)$/;
+const SLOW = /^slow(\d{1,5})_(.+)$/;
 
 export default {
   async fetch(request: Request, env: EventsEnv): Promise<Response> {
@@ -45,6 +46,12 @@ export default {
     if (name.startsWith("oversize_")) {
       const base = TEMPLATES.get("quick_summary");
       return json(200, { ...base, template_name: name, description: "x".repeat(1024 * 1024) });
+    }
+    // A slowness knob: `slow{ms}_{name}` answers for `{name}` after {ms} ms (at most 30 s), KAM slow but not down.
+    const slow = SLOW.exec(name);
+    if (slow) {
+      await scheduler.wait(Math.min(30_000, Number(slow[1])));
+      name = slow[2];
     }
     const template = TEMPLATES.get(name);
     if (!template) return error(404, "not_found", `template '${name}' does not exist`);

@@ -1,13 +1,18 @@
 import { execFileSync } from "node:child_process";
 import path from "node:path";
+import type { TestProject } from "vitest/node";
 
 /**
- * Builds the demo stand-ins into single scripts for the vitest plugin's
- * auxiliary workers (they take a built script, not a wrangler config).
+ * Builds the auxiliary workers (the demo stand-ins, and for the `ledger-faults`
+ * project the faulty ledger) into single scripts for the vitest plugin (it
+ * takes a built script, not a wrangler config). Each project builds into its
+ * own folder: projects start at once, and two builds must not share an outdir.
  */
-export default function setup(): void {
+export default function setup(project: TestProject): void {
   const root = path.resolve(import.meta.dirname, "../..");
-  for (const name of ["kam", "content-granulator"]) {
+  const configs: Record<string, string> = { kam: "demo/kam/wrangler.toml", "content-granulator": "demo/content-granulator/wrangler.toml" };
+  if (project.name === "ledger-faults") configs["faulty-ledger"] = "test/support/faulty-ledger/wrangler.toml";
+  for (const [name, config] of Object.entries(configs)) {
     execFileSync(
       process.execPath,
       [
@@ -16,9 +21,9 @@ export default function setup(): void {
         "--dry-run",
         // Absolute: wrangler resolves a relative --outdir against the config's folder.
         "--outdir",
-        path.join(root, `dist/test-workers/${name}`),
+        path.join(root, `dist/test-workers/${project.name}/${name}`),
         "-c",
-        `demo/${name}/wrangler.toml`,
+        config,
       ],
       { cwd: root, stdio: ["ignore", "ignore", "inherit"] },
     );

@@ -1,0 +1,256 @@
+import { mkdtempSync, rmSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { DEMO_CONFIGS, startDevSession } from "../../scripts/dev-session.mjs";
+
+/**
+ * Hard crashes of the whole local runtime: the demo system (orchestrator, demo
+ * KAM, demo granulator) in `wrangler dev` on a persisted state directory,
+ * killed with SIGKILL (the process group: wrangler and both workerd processes)
+ * while stages are on workers, then started again on the same state. Used by
+ * the e2e test (test/e2e/crash.test.ts) and `npm run bench:soak -- --crash`.
+ */
+
+type Session = Awaited<ReturnType<typeof startDevSession>>;
+export type Doc = { execution_id: string; status: string; error: { code: string; message: string } | null; stages: { stage_id: string; status: string; attempts: number }[] };
+
+export interface CrashSystemOptions {
+  secrets: Record<string, string>;
+  vars?: Record<string, string>;
+  /** The tree the workers run from (a snapshot, so edits elsewhere cannot make wrangler reload). */
+  cwd?: string;
+  configs?: string[];
+}
+
+export class CrashSystem {
+  readonly stateDir: string;
+  session: Session | null = null;
+  readonly kam: Record<string, string>;
+  readonly ops: Record<string, string>;
+
+  constructor(private readonly opts: CrashSystemOptions) {
+    this.stateDir = mkdtempSync(path.join(os.tmpdir(), "orch-crash-"));
+    this.kam = { authorization: `Bearer ${opts.secrets.KAM_TOKEN}`, "content-type": "application/json" };
+    this.ops = { authorization: `Bearer ${opts.secrets.OPS_TOKEN}` };
+  }
+
+  get url(): string {
+    if (!this.session) throw new Error("the system is not running");
+    return this.session.url;
+  }
+
+  /** Starts the runtime on the persisted state (the same directory every time). */
+  async start(): Promise<void> {
+    const cwd = this.opts.cwd;
+    this.session = await startDevSession({
+      configs: (this.opts.configs ?? DEMO_CONFIGS).map((c) => (cwd ? path.join(cwd, c) : c)),
+      secrets: this.opts.secrets,
+      vars: this.opts.vars,
+      persistTo: path.join(this.stateDir, "state"),
+      cwd,
+    });
+  }
+
+  /** SIGKILL to the process group: nothing is flushed, nothing is told. */
+  async crash(): Promise<void> {
+    await this.session?.kill();
+    this.session = null;
+  }
+
+  async stop(): Promise<void> {
+    await this.session?.stop();
+    this.session = null;
+  }
+
+  async dispose(): Promise<void> {
+    await this.stop();
+    rmSync(this.stateDir, { recursive: true, force: true });
+  }
+
+  async execute(body: unknown): Promise<{ status: number; body: any }> {
+    const res = await fetch(`${this.url}/execute`, { method: "POST", headers: this.kam, body: JSON.stringify(body), signal: AbortSignal.timeout(30_000) });
+    return { status: res.status, body: await res.json().catch(() => null) };
+  }
+
+  async status(id: string): Promise<{ status: number; doc: Doc | null }> {
+    const res = await fetch(`${this.url}/executions/${id}`, { headers: this.kam, signal: AbortSignal.timeout(30_000) });
+    return { status: res.status, doc: res.status === 200 ? ((await res.json()) as Doc) : (await res.text(), null) };
+  }
+
+  async resources(): Promise<{ leases: number; waiters: number; pools: { name: string; kind: string; in_use: number; waiting: number }[] }> {
+    const res = await fetch(`${this.url}/resources`, { headers: this.ops, signal: AbortSignal.timeout(30_000) });
+    return (await res.json()) as never;
+  }
+}
+
+export interface Submitted {
+  requestId: string;
+  body: Record<string, unknown>;
+  /** The execution id the first POST answered, or null when the crash cut it off. */
+  executionId: string | null;
+}
+
+/** A request body that keeps each of its three stages on the worker for a while (steps x step_ms). */
+export function crashBody(requestId: string, i: number, shape: { steps: number; stepMs: number } = { steps: 4, stepMs: 150 }): Record<string, unknown> {
+  return { template_name: "course_creation", parameters: { topic: `crash ${i}`, steps: shape.steps, step_ms: shape.stepMs }, client_id: `crash_${i % 7}`, request_id: requestId };
+}
+
+/**
+ * Starts the executions with `concurrency` POSTs at a time, recording each in
+ * `out` as it goes (so a watcher sees them); a POST that the crash cuts off is
+ * recorded with no execution id (its request_id is repeated after the restart).
+ */
+export async function submit(system: CrashSystem, bodies: Record<string, unknown>[], concurrency: number, out: Submitted[], stop: () => boolean): Promise<void> {
+  let next = 0;
+  const lane = async () => {
+    while (next < bodies.length && !stop()) {
+      const body = bodies[next++];
+      const entry: Submitted = { requestId: String(body.request_id), body, executionId: null };
+      out.push(entry);
+      try {
+        const r = await system.execute(body);
+        if (r.status === 202 || r.status === 200) entry.executionId = r.body.execution_id;
+      } catch {
+        // cut off by the crash
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: concurrency }, lane));
+}
+
+/** How many of these executions have a stage on a worker right now. */
+export async function onWorkers(system: CrashSystem, ids: string[]): Promise<number> {
+  const docs = await Promise.all(ids.map((id) => system.status(id).then((r) => r.doc).catch(() => null)));
+  return docs.filter((d) => d?.stages.some((s) => s.status === "handshaking" || s.status === "processing")).length;
+}
+
+export interface Outcome {
+  executionId: string;
+  requestId: string;
+  status: string;
+  code: string | null;
+  doc: Doc | null;
+}
+
+/** Reads every execution until it has ended or the deadline passes; those still live come back with their last status. */
+export async function awaitEnded(system: CrashSystem, items: { executionId: string; requestId: string }[], deadlineMs: number): Promise<Outcome[]> {
+  const deadline = Date.now() + deadlineMs;
+  const results = new Map<string, Outcome>();
+  let open = [...items];
+  while (open.length && Date.now() < deadline) {
+    const still: typeof open = [];
+    for (let i = 0; i < open.length; i += 25) {
+      const chunk = open.slice(i, i + 25);
+      const read = await Promise.all(chunk.map((it) => system.status(it.executionId).catch(() => ({ status: 0, doc: null }))));
+      chunk.forEach((it, k) => {
+        const { status, doc } = read[k];
+        const o: Outcome = { ...it, status: status === 404 ? "lost" : (doc?.status ?? `http_${status}`), code: doc?.error?.code ?? null, doc };
+        results.set(it.executionId, o);
+        if (!["completed", "failed", "cancelled", "lost"].includes(o.status)) still.push(it);
+      });
+    }
+    open = still;
+    if (open.length) await new Promise((r) => setTimeout(r, 250));
+  }
+  return items.map((it) => results.get(it.executionId)!);
+}
+
+/** Polls the ledger until nothing is held or waiting, or the deadline passes; answers the last snapshot. */
+export async function awaitLedgerClean(system: CrashSystem, deadlineMs: number) {
+  const deadline = Date.now() + deadlineMs;
+  for (;;) {
+    const snap = await system.resources();
+    const clean = snap.leases === 0 && snap.waiters === 0 && snap.pools.every((p) => p.kind !== "concurrency" || p.in_use === 0);
+    if (clean || Date.now() > deadline) return { clean, snap };
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
+
+export interface RoundReport {
+  submitted: number;
+  cut_off: number;
+  on_workers_at_kill: number;
+  ended: number;
+  by_status: Record<string, number>;
+  stuck: { execution_id: string; status: string; stages: unknown }[];
+  lost: number;
+  repeat_mismatches: number;
+  ledger_clean: boolean;
+  ledger: unknown;
+  seconds_to_end: number;
+}
+
+/**
+ * One crash round on a running system: submits `n` executions, kills the
+ * runtime once `killWhenOnWorkers` of them have a stage on a worker (POSTs
+ * still going), starts it again on the same state, and checks that every
+ * execution ends within `endDeadlineMs`, that every request_id repeated
+ * answers the same execution, and that the ledger ends clean.
+ */
+export async function crashRound(
+  system: CrashSystem,
+  opts: { round: number; n: number; concurrency: number; killWhenOnWorkers: number; endDeadlineMs: number; ledgerDeadlineMs: number; shape?: { steps: number; stepMs: number } },
+): Promise<{ report: RoundReport; outcomes: Outcome[] }> {
+  const bodies = Array.from({ length: opts.n }, (_, i) => crashBody(`crash-r${opts.round}-${i}`, i, opts.shape));
+  const submitted: Submitted[] = [];
+  let killed = false;
+  const submitting = submit(system, bodies, opts.concurrency, submitted, () => killed);
+  let finished = false;
+  void submitting.then(() => {
+    finished = true;
+  });
+  let atKill = 0;
+  const watchUntil = Date.now() + 60_000;
+  while (Date.now() < watchUntil) {
+    await new Promise((r) => setTimeout(r, 200));
+    const ids = submitted.filter((s) => s.executionId).map((s) => s.executionId!);
+    atKill = await onWorkers(system, ids);
+    if (atKill >= opts.killWhenOnWorkers || finished) break;
+  }
+  killed = true;
+  await system.crash();
+  await submitting;
+  const cutOff = submitted.filter((s) => !s.executionId).length;
+  await system.start();
+  const restartedAt = Date.now();
+
+  // Every request_id again: the same execution for those that were answered; the cut-off ones now get theirs.
+  let repeatMismatches = 0;
+  for (const s of submitted) {
+    const r = await system.execute(s.body);
+    const id = r.body?.execution_id as string | undefined;
+    if (s.executionId) {
+      if (r.status !== 200 || id !== s.executionId) repeatMismatches++;
+    } else if (id && (r.status === 200 || r.status === 202)) {
+      s.executionId = id;
+    } else {
+      repeatMismatches++;
+    }
+  }
+  const items = submitted.filter((s) => s.executionId).map((s) => ({ executionId: s.executionId!, requestId: s.requestId }));
+  const outcomes = await awaitEnded(system, items, opts.endDeadlineMs);
+  const secondsToEnd = Math.round((Date.now() - restartedAt) / 100) / 10;
+  const ledger = await awaitLedgerClean(system, opts.ledgerDeadlineMs);
+  const byStatus: Record<string, number> = {};
+  for (const o of outcomes) {
+    const label = o.code ? `${o.status}:${o.code}` : o.status;
+    byStatus[label] = (byStatus[label] ?? 0) + 1;
+  }
+  const stuck = outcomes.filter((o) => !["completed", "failed", "cancelled", "lost"].includes(o.status));
+  return {
+    outcomes,
+    report: {
+      submitted: submitted.length,
+      cut_off: cutOff,
+      on_workers_at_kill: atKill,
+      ended: outcomes.length - stuck.length,
+      by_status: byStatus,
+      stuck: stuck.map((o) => ({ execution_id: o.executionId, status: o.status, stages: o.doc?.stages })),
+      lost: outcomes.filter((o) => o.status === "lost").length,
+      repeat_mismatches: repeatMismatches,
+      ledger_clean: ledger.clean,
+      ledger: ledger.snap,
+      seconds_to_end: secondsToEnd,
+    },
+  };
+}

@@ -1,0 +1,55 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { CrashSystem, crashRound } from "../../bench/lib/crash";
+import { TEST_SECRETS } from "../support/constants";
+
+/**
+ * A hard crash: the same multi-worker `wrangler dev` session as `npm start`
+ * (orchestrator, demo KAM, demo granulator) on a persisted state directory,
+ * killed with SIGKILL (the whole process group) while stages are on workers,
+ * then started again on the same state.
+ */
+let system: CrashSystem;
+
+beforeAll(async () => {
+  system = new CrashSystem({
+    secrets: TEST_SECRETS,
+    vars: {
+      LOG_LEVEL: "warn",
+      // Room for every execution to have a stage on the worker at the kill.
+      POOLS: JSON.stringify([
+        { name: "worker:bitware-content-granulator", kind: "concurrency", capacity: 64 },
+        { name: "tokens:openai", kind: "rate", capacity: 2_000_000, refill_per_second: 33_333 },
+        { name: "compute_ms", kind: "budget", capacity: 1e12 },
+      ]),
+    },
+  });
+  await system.start();
+});
+afterAll(async () => {
+  await system?.dispose();
+});
+
+describe("a hard crash of the whole runtime", () => {
+  it("loses no execution: each ends, a repeated request_id answers the same one, and the ledger ends empty", async () => {
+    const { report, outcomes } = await crashRound(system, {
+      round: 1,
+      n: 60,
+      concurrency: 30,
+      killWhenOnWorkers: 20,
+      // Far below any stage deadline (10 min by default): an execution that waits for its deadline is caught.
+      endDeadlineMs: 60_000,
+      ledgerDeadlineMs: 60_000,
+      shape: { steps: 8, stepMs: 40 },
+    });
+    const detail = JSON.stringify(report);
+    expect(report.on_workers_at_kill, detail).toBeGreaterThanOrEqual(20);
+    expect(report.lost, detail).toBe(0);
+    expect(report.stuck, detail).toEqual([]);
+    expect(report.repeat_mismatches, detail).toBe(0);
+    for (const o of outcomes) {
+      if (o.status === "failed") expect(o.code, detail).toMatch(/^[a-z_]+$/);
+      else expect(o.status, detail).toBe("completed");
+    }
+    expect(report.ledger_clean, detail).toBe(true);
+  }, 240_000);
+});

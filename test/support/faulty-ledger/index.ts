@@ -1,0 +1,101 @@
+import { DurableObject } from "cloudflare:workers";
+
+/**
+ * A real Durable Object standing where the ledger stands (the orchestrator's
+ * `LEDGER_BINDING` names it in the `ledger-faults` test project). Every call is
+ * forwarded to the real ResourceLedger in the worker under test, unless a
+ * fault is set for its method:
+ * - `stall`: the call waits `stallMs`, then goes through (a slow ledger);
+ * - `down`: the call fails without reaching the ledger (unreachable);
+ * - `lose_answer`: the call reaches the ledger, which acts on it, but the
+ *   answer never comes back (the caller sees a failure).
+ * Faults are set over RPC by the test (`setFault`, `clearFaults`) and counted
+ * (`calls`), so a test can show what the orchestrator asked and when.
+ */
+type Mode = "stall" | "down" | "lose_answer";
+interface Fault {
+  mode: Mode;
+  stallMs?: number;
+  /** How many more calls the fault applies to (unbounded when absent). */
+  times?: number;
+}
+interface LedgerEnv {
+  REAL_LEDGER: DurableObjectNamespace;
+}
+
+const METHODS = ["reserve", "renew", "settle", "settleAndReserve", "release", "status", "estimate", "snapshot", "putPool"] as const;
+type Method = (typeof METHODS)[number];
+
+export class FaultyLedger extends DurableObject<LedgerEnv> {
+  #faults = new Map<Method, Fault>();
+  #calls: { method: Method; at: number; fault: Mode | null }[] = [];
+
+  setFault(methods: Method[] | "all", fault: Fault): void {
+    for (const m of methods === "all" ? METHODS : methods) this.#faults.set(m, { ...fault });
+  }
+
+  clearFaults(): void {
+    this.#faults.clear();
+  }
+
+  calls(method?: Method): { method: Method; at: number; fault: Mode | null }[] {
+    return this.#calls.filter((c) => !method || c.method === method);
+  }
+
+  resetCalls(): void {
+    this.#calls = [];
+  }
+
+  reserve(...args: unknown[]) {
+    return this.#forward("reserve", args);
+  }
+  renew(...args: unknown[]) {
+    return this.#forward("renew", args);
+  }
+  settle(...args: unknown[]) {
+    return this.#forward("settle", args);
+  }
+  settleAndReserve(...args: unknown[]) {
+    return this.#forward("settleAndReserve", args);
+  }
+  release(...args: unknown[]) {
+    return this.#forward("release", args);
+  }
+  status(...args: unknown[]) {
+    return this.#forward("status", args);
+  }
+  estimate(...args: unknown[]) {
+    return this.#forward("estimate", args);
+  }
+  snapshot(...args: unknown[]) {
+    return this.#forward("snapshot", args);
+  }
+  putPool(...args: unknown[]) {
+    return this.#forward("putPool", args);
+  }
+
+  async #forward(method: Method, args: unknown[]): Promise<unknown> {
+    const fault = this.#take(method);
+    this.#calls.push({ method, at: Date.now(), fault: fault?.mode ?? null });
+    if (fault?.mode === "down") throw new Error(`ledger unreachable (test fault) for ${method}`);
+    if (fault?.mode === "stall") await scheduler.wait(fault.stallMs ?? 60_000);
+    const real = this.env.REAL_LEDGER.get(this.env.REAL_LEDGER.idFromName("global")) as unknown as Record<Method, (...a: unknown[]) => Promise<unknown>>;
+    const answer = await real[method](...args);
+    if (fault?.mode === "lose_answer") throw new Error(`ledger answer lost (test fault) for ${method}`);
+    return answer;
+  }
+
+  #take(method: Method): Fault | null {
+    const f = this.#faults.get(method);
+    if (!f) return null;
+    if (f.times !== undefined) {
+      f.times--;
+      if (f.times <= 0) this.#faults.delete(method);
+    }
+    return f;
+  }
+}
+
+export default {
+  fetch: () => new Response("faulty-ledger: RPC only", { status: 404 }),
+} satisfies ExportedHandler;
