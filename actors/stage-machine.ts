@@ -68,6 +68,8 @@ export interface StageFailure {
   message: string;
   retryable: boolean;
   retryAfterMs?: number;
+  /** The worker reported this failure itself (a `fail` callback or a `failed` progress): it needs no cancel. */
+  fromWorker?: boolean;
 }
 
 /** Retry a failed attempt when the failure is transient and attempts remain. */
@@ -87,6 +89,30 @@ export function retryDelayMs(attempt: number, baseMs: number, capMs: number, ret
 /** Progress polls start short and double up to a cap. */
 export function nextPollInterval(currentMs: number | null, initialMs: number, maxMs: number): number {
   return currentMs === null ? initialMs : Math.min(maxMs, currentMs * 2);
+}
+
+/**
+ * Whether a worker's usage report may be charged. In a pool the template
+ * reserved for the stage (`resources`), at most `factor` times that amount; in
+ * any other pool only if `allowed` lists it (null: any pool). A refusal says
+ * which pools and why; the report is then not charged at all.
+ */
+export function usageRefusal(
+  usage: Record<string, number> | undefined,
+  reserved: Record<string, number>,
+  allowed: readonly string[] | null,
+  factor: number,
+): string | null {
+  const problems: string[] = [];
+  for (const [pool, amount] of Object.entries(usage ?? {})) {
+    const held = reserved[pool];
+    if (held !== undefined) {
+      if (amount > held * factor) problems.push(`${pool}: ${amount} is more than ${factor} x the ${held} reserved`);
+    } else if (allowed !== null && !allowed.includes(pool)) {
+      problems.push(`${pool}: not reserved by the stage, and not a pool this worker may report`);
+    }
+  }
+  return problems.length ? problems.join("; ") : null;
 }
 
 /** Progress never goes backwards in the status document (a worker's late or reordered report is ignored). */

@@ -1,6 +1,6 @@
 import { z } from "zod";
 import { WaitingOn } from "./clients";
-import { ClientId, ErrorInfo, PoolAmounts, Priority, RequestId, StageId, TemplateName } from "./common";
+import { ClientId, ErrorInfo, ExecutionId, PoolAmounts, Priority, RequestId, StageId, TemplateName } from "./common";
 import { DataReference } from "./data";
 
 /** `POST /execute` and RPC `execute()`. Unknown fields are refused so a typo is not silently ignored. */
@@ -13,6 +13,8 @@ export const ExecuteRequest = z
     priority: Priority.default("normal"),
     /** Deliver this execution's events to KAM (POST /api/orchestrator/events); default: the NOTIFY_DEFAULT var. */
     notify: z.boolean().optional(),
+    /** The longest the whole execution may run (default `executionTimeoutMs`, 24 h): then it fails with `execution_timeout`. */
+    execution_timeout_ms: z.number().int().min(1000).max(30 * 24 * 3600 * 1000).optional(),
   })
   .strict();
 export type ExecuteRequest = z.input<typeof ExecuteRequest>;
@@ -141,6 +143,27 @@ export const NotificationsDocument = z.object({
   undeliverable: z.array(z.object({ event_id: z.string(), type: EventType, attempts: z.number(), last_error: z.string(), occurred_at: z.string() })),
 });
 export type NotificationsDocument = z.infer<typeof NotificationsDocument>;
+export const UndeliverableMessage = z.object({
+  outbox_id: z.number().int(),
+  /** `ledger_settle`, `ledger_release`, `worker_cancel`, `index_upsert`, `rerun_link`. */
+  kind: z.string(),
+  since: z.string(),
+  attempts: z.number().int(),
+  last_error: z.string().nullable(),
+});
+export type UndeliverableMessage = z.infer<typeof UndeliverableMessage>;
+
+/** `GET /resources/undeliverable`: every execution's undeliverable messages, a page at a time. */
+export const UndeliverableList = z.object({
+  items: z.array(UndeliverableMessage.extend({ execution_id: z.string() })),
+  /** Pass back as `cursor` for the next page; null on the last. */
+  cursor: z.string().nullable(),
+});
+export type UndeliverableList = z.infer<typeof UndeliverableList>;
+
+/** `POST /resources/undeliverable/retry`: `{}` for the first hundred listed, or one execution's. */
+export const RetryUndeliverableRequest = z.object({ execution_id: ExecutionId.optional() }).strict();
+export const RetryUndeliverableResult = z.object({ executions: z.number().int(), retried: z.number().int() });
 
 export const StatusDocument = z.object({
   execution_id: z.string(),
@@ -174,6 +197,12 @@ export const StatusDocument = z.object({
   rerun_of: z.string().nullable(),
   reruns: z.array(z.string()),
   stages: z.array(StageDocument),
+  /**
+   * Messages to other systems (ledger settle or release, worker cancel, index
+   * update) that failed for longer than `outboxUndeliverableMs`: still retried,
+   * listed for operators at `GET /resources/undeliverable`.
+   */
+  undeliverable: z.array(UndeliverableMessage).optional(),
 });
 export type StatusDocument = z.infer<typeof StatusDocument>;
 

@@ -21,6 +21,8 @@ export const WorkerStage = z.object({
     .optional(),
   /** At most this many items of a fan-out stage reserved or running at once. */
   max_parallel: z.number().int().min(1).max(100).optional(),
+  /** The longest this stage waits for resources; default `maxQueueMs`. */
+  queue_timeout_ms: z.number().int().min(100).max(7 * 24 * 3600 * 1000).optional(),
 });
 export type WorkerStage = z.infer<typeof WorkerStage>;
 

@@ -13,6 +13,8 @@ export const DEFAULT_TUNING = {
   workerCallTimeoutMs: 10_000,
   ledgerCallTimeoutMs: 5_000,
   objectCallTimeoutMs: 10_000,
+  /** KV and R2 reads and writes inside an execution's drive pass (a stalled store must not block its alarm). */
+  storageCallTimeoutMs: 10_000,
   /** KAM template fetch: attempts before `kam_unavailable`, and the backoff between them. */
   kamMaxAttempts: 4,
   kamRetryBaseMs: 500,
@@ -40,10 +42,24 @@ export const DEFAULT_TUNING = {
   maxPollFailures: 5,
   /** Ledger leases: granted for leaseMs, renewed by polls once half of it has passed. */
   leaseMs: 60_000,
-  /** While waiting for resources, re-ask the ledger this often in case a grant notice was lost. */
-  ledgerReaskMs: 5_000,
-  /** Re-deliver outbox messages (ledger settles, index updates) with this backoff. */
+  /** While waiting in the ledger's queue the grant notice wakes the stage; it re-asks this rarely, in case a notice was lost. */
+  ledgerReaskMs: 60_000,
+  /** Ledger calls that fail (slow, down) are retried after base * 2^(n-1), capped, with full jitter. */
+  ledgerRetryBaseMs: 500,
+  ledgerRetryCapMs: 30_000,
+  /** The longest a stage waits for resources (`waiting_resources`) when its template gives no `queue_timeout_ms`: then `queue_timeout`. */
+  maxQueueMs: 30 * 60_000,
+  /** The longest a stage may spend in `handshaking` (handshake and process) before the attempt fails with `handshake_timeout`. */
+  handshakeTimeoutMs: 60_000,
+  /** The longest an execution may run when the request gives no `execution_timeout_ms`: then `execution_timeout`. */
+  executionTimeoutMs: 24 * 3600_000,
+  /** Worker-reported usage may exceed the stage's reservation in a pool by at most this factor (else 422 `usage_out_of_bounds`). */
+  usageMaxFactor: 10,
+  /** Re-deliver outbox messages (ledger settles, index updates) with this backoff, capped, for as long as the execution exists. */
   outboxRetryMs: 2_000,
+  outboxRetryCapMs: 60_000,
+  /** A message still not delivered this long after it was written is marked `undeliverable` (status document, error log, GET /resources/undeliverable); it keeps being retried. */
+  outboxUndeliverableMs: 24 * 3600_000,
   /** Event notifications to KAM: call timeout, backoff between redeliveries, and how long before an event is undeliverable. */
   notifyTimeoutMs: 5_000,
   notifyRetryBaseMs: 1_000,
@@ -110,6 +126,13 @@ export interface Config {
   notifyDefault: boolean;
   /** The Durable Object binding the ledger is reached through (`LEDGER_BINDING`, default RESOURCE_LEDGER). */
   ledgerBinding: string;
+  /** `USAGE_POOLS`: per worker name (or "*"), the pools it may report usage in beyond those its stage reserved. */
+  usagePools: Record<string, string[]>;
+}
+
+/** The pools a worker may report usage in beyond its stage's reservation; null: any. */
+export function usagePoolsFor(config: Config, worker: string): string[] | null {
+  return config.usagePools[worker] ?? config.usagePools["*"] ?? null;
 }
 
 const cache = new WeakMap<object, Config>();
@@ -137,6 +160,7 @@ export function configOf(env: Env): Config {
     publicUrl: String(vars.PUBLIC_URL ?? "http://orchestrator-v2.internal").replace(/\/$/, ""),
     notifyDefault: parseJson("NOTIFY_DEFAULT", vars.NOTIFY_DEFAULT, z.boolean(), false),
     ledgerBinding: typeof vars.LEDGER_BINDING === "string" && vars.LEDGER_BINDING ? vars.LEDGER_BINDING : "RESOURCE_LEDGER",
+    usagePools: parseJson("USAGE_POOLS", vars.USAGE_POOLS, z.record(z.string(), z.array(z.string())), {}),
   };
   cache.set(env, c);
   return c;

@@ -13,11 +13,11 @@ import { configOf } from "./config";
 import { reportRateLimits } from "./pacing";
 import { sha256Hex } from "./hash";
 import { ApiError, parseWith } from "./http";
-import { newExecutionId } from "./ids";
+import { newExecutionId, uploadNonce } from "./ids";
 import { log } from "./log";
 import { emit } from "./metrics";
 import { LIVE_PROTOCOL, TICKET_PREFIX, issueLiveTicket, verifyLiveTicket } from "./live-ticket";
-import { askObject } from "./outbound";
+import { askObject, withTimeout } from "./outbound";
 import { acceptTrace, readTraceparent } from "./trace";
 
 /**
@@ -113,6 +113,7 @@ export async function startExecution(
       priority: input.priority,
       notify: input.notify ?? configOf(env).notifyDefault,
       trace: acceptTrace(trace.traceparent, trace.tracestate),
+      execution_timeout_ms: input.execution_timeout_ms ?? null,
     }),
     "execution start",
   );
@@ -226,7 +227,13 @@ export async function writeData(env: Env, request: Request, id: string, stageId:
     throw new ApiError(413, "payload_too_large", `uploads are limited to ${DATA_LIMITS.maxUploadBytes} bytes`, { max_bytes: DATA_LIMITS.maxUploadBytes });
   }
   if (!request.body) throw new ApiError(400, "invalid_request", "the upload has no body");
-  const key = dataKey("r2", executionId, stageId, `a${claims.attempt}-${name}`);
+  type Check = { ok: true } | { ok: false; code: string; message: string };
+  const stub = executionStub(env, executionId);
+  // The stage and attempt are checked before a byte is written: a replayed or late upload stores nothing.
+  const allowed = await call<Check>(env, stub.uploadAllowed(stageId, claims.attempt), "execution data");
+  if (!allowed.ok) throw new ApiError(409, allowed.code, allowed.message);
+  // A key of its own per upload (the nonce): an upload can never overwrite one the Execution recorded.
+  const key = dataKey("r2", executionId, stageId, `a${claims.attempt}-${uploadNonce()}-${name}`);
   let ref: DataReference;
   try {
     ref = await putStream(env, key, request.body, length, request.headers.get("content-type") ?? "application/octet-stream");
@@ -234,13 +241,10 @@ export async function writeData(env: Env, request: Request, id: string, stageId:
     if (err instanceof UploadError) throw new ApiError(err.status, err.code, err.message);
     throw err;
   }
-  const registered = await call<{ ok: true } | { ok: false; code: string; message: string }>(
-    env,
-    executionStub(env, executionId).registerUpload(stageId, claims.attempt, ref),
-    "execution data",
-  );
+  const registered = await call<Check>(env, stub.registerUpload(stageId, claims.attempt, ref), "execution data");
   if (!registered.ok) {
-    await env.DATA.delete(key);
+    // Only this upload's own key, which nothing recorded, is removed.
+    await withTimeout(env.DATA.delete(key), objectTimeout(env), "r2.delete").catch(() => {});
     throw new ApiError(409, registered.code, registered.message);
   }
   return ref;

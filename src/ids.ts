@@ -13,3 +13,8 @@ export function isExecutionId(id: string): boolean {
 export function stageIdFor(order: number): string {
   return `stage_${order}`;
 }
+
+/** A key part unique to one write (uploads, stored outputs), so no write can overwrite another's object. */
+export function uploadNonce(): string {
+  return nanoid(12).replace(/[^A-Za-z0-9]/g, "x");
+}

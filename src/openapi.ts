@@ -25,9 +25,13 @@ import {
   RerunRequest,
   RerunResponse,
   ResultDocument,
+  RetryUndeliverableRequest,
+  RetryUndeliverableResult,
   StageDocument,
   StageStatus,
   StatusDocument,
+  UndeliverableList,
+  UndeliverableMessage,
 } from "../schemas/api";
 import { ClientId, ErrorEnvelope, ErrorInfo, ExecutionId, PoolAmounts, PoolName, StageId } from "../schemas/common";
 import { DataReference } from "../schemas/data";
@@ -145,6 +149,10 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
     ClientDocument: name("ClientDocument", ClientDocument),
     ClientList: name("ClientList", ClientList),
     WaitingOn: name("WaitingOn", WaitingOn),
+    UndeliverableMessage: name("UndeliverableMessage", UndeliverableMessage),
+    UndeliverableList: name("UndeliverableList", UndeliverableList),
+    RetryUndeliverableRequest: name("RetryUndeliverableRequest", RetryUndeliverableRequest),
+    RetryUndeliverableResult: name("RetryUndeliverableResult", RetryUndeliverableResult),
     Health: name("Health", Health),
     ProgressCallback: name("ProgressCallback", ProgressCallback),
     CompleteCallback: name("CompleteCallback", CompleteCallback),
@@ -439,6 +447,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
         "409": error("stale_attempt, stage_ended or execution_cancelled"),
         "413": error("payload_too_large"),
         "415": error("unsupported_media_type"),
+        "422": error("usage_out_of_bounds: usage over `usageMaxFactor` x the stage's reservation, or in a pool it may not report; nothing is charged"),
       },
     },
     {
@@ -480,6 +489,26 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       summary: "Ledger snapshot",
       security: opsOnly,
       responses: { "200": jsonBody(S.LedgerSnapshot, "pools, leases, waiters"), ...common },
+    },
+    {
+      method: "get",
+      path: "/resources/undeliverable",
+      summary: "Messages executions could not deliver",
+      description:
+        "Ledger settles and releases, worker cancels and index updates that failed for longer than `outboxUndeliverableMs` (24 h by default). " +
+        "Each is still retried by its execution; the entry goes once it is delivered.",
+      security: opsOnly,
+      request: { query: z.object({ limit: z.number().int().min(1).max(1000).optional(), cursor: z.string().optional() }) },
+      responses: { "200": jsonBody(S.UndeliverableList, "a page of undeliverable messages"), ...common },
+    },
+    {
+      method: "post",
+      path: "/resources/undeliverable/retry",
+      summary: "Retry undeliverable messages now",
+      description: "`{}` retries the executions of the first hundred listed messages; `{ execution_id }` one execution's.",
+      security: opsOnly,
+      request: { body: body(S.RetryUndeliverableRequest) },
+      responses: { "200": jsonBody(S.RetryUndeliverableResult, "how many executions were asked, and how many messages are due now"), ...common, "415": error("unsupported_media_type") },
     },
     {
       method: "put",

@@ -1,5 +1,6 @@
 import { type IRequest, Router } from "itty-router";
 import { z } from "zod";
+import { RetryUndeliverableRequest } from "../schemas/api";
 import { PoolName } from "../schemas/common";
 import { ClientQuotas } from "../schemas/clients";
 import { PoolSpec } from "../schemas/ledger";
@@ -33,6 +34,7 @@ import { rerunExecution } from "./rerun-service";
 import { log } from "./log";
 import { askObject } from "./outbound";
 import { metricsResponse } from "./prometheus";
+import { listUndeliverable, retryUndeliverable } from "./undeliverable";
 import { createSchedule, deleteSchedule, getSchedule, listSchedules, patchSchedule } from "./schedule-service";
 import { wantsHtml } from "./ui/common";
 import { executionPage } from "./ui/execution-page";
@@ -186,6 +188,18 @@ route("put", "/data/:executionId/:stageId/:name", async (req, env) => {
 route("get", "/resources", async (req, env) => {
   requireRole(req, env, ["ops"]);
   return json(await askObject(ledgerFor(env).snapshot(), configOf(env).tuning.ledgerCallTimeoutMs, "the resource ledger"));
+});
+
+// Messages executions could not deliver for longer than outboxUndeliverableMs (src/undeliverable.ts).
+route("get", "/resources/undeliverable", async (req, env) => {
+  requireRole(req, env, ["ops"]);
+  return json(await listUndeliverable(env, new URL(req.url)));
+});
+
+route("post", "/resources/undeliverable/retry", async (req, env) => {
+  requireRole(req, env, ["ops"]);
+  const body = await readJson(req, RetryUndeliverableRequest, bodyLimits(env));
+  return json(await retryUndeliverable(env, body));
 });
 
 route("put", "/resources/pools/:name", async (req, env) => {

@@ -5,7 +5,7 @@ import { remember } from "./bounded-memo";
 import { configOf } from "./config";
 import { zodIssues } from "./http";
 import { log } from "./log";
-import { callJson } from "./outbound";
+import { callJson, withTimeout } from "./outbound";
 
 /**
  * Master templates: fetched from KAM through its binding and cached in
@@ -57,7 +57,7 @@ export async function loadTemplate(env: Env, name: string): Promise<TemplateLoad
   if (mine && fresh(mine)) return { ok: true, template: mine.template, source: "cache" };
   let cached: CacheEntry | null = null;
   try {
-    const parsed = Cached.safeParse(await env.EXECUTION_CACHE.get(cacheKey(name), "json"));
+    const parsed = Cached.safeParse(await withTimeout(env.EXECUTION_CACHE.get(cacheKey(name), "json"), tuning.storageCallTimeoutMs, "kv.get"));
     cached = parsed.success ? parsed.data : null;
   } catch (err) {
     log("warn", "template_cache_read_failed", { template_name: name, error: String(err) });
@@ -83,9 +83,7 @@ export async function loadTemplate(env: Env, name: string): Promise<TemplateLoad
     const entry: CacheEntry = { fetched_at: Date.now(), template };
     remember(memory, name, entry, MEMORY_ENTRIES);
     try {
-      await env.EXECUTION_CACHE.put(cacheKey(name), JSON.stringify(entry), {
-        expirationTtl: STALE_TTL_SECONDS,
-      });
+      await withTimeout(env.EXECUTION_CACHE.put(cacheKey(name), JSON.stringify(entry), { expirationTtl: STALE_TTL_SECONDS }), tuning.storageCallTimeoutMs, "kv.put");
     } catch (err) {
       log("warn", "template_cache_write_failed", { template_name: name, error: String(err) });
     }

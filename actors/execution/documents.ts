@@ -1,5 +1,5 @@
 import type { WaitingOn } from "../../schemas/clients";
-import type { NotificationsDocument, StageDocument, StatusDocument } from "../../schemas/api";
+import type { NotificationsDocument, StageDocument, StatusDocument, UndeliverableMessage } from "../../schemas/api";
 import { type TraceContext, attemptSpanId } from "../../src/trace";
 import type { ErrorInfo } from "../../schemas/common";
 import type { IndexEntry } from "../../schemas/index-entry";
@@ -81,6 +81,7 @@ export function statusDocument(
   notifications: NotificationsDocument,
   trace: TraceContext | null,
   reruns: string[],
+  undeliverable: UndeliverableMessage[] = [],
 ): StatusDocument {
   const cost = parse<StatusDocument["cost"]>(ex.cost);
   const stages = rows.map((s) => stageDocument(s, now, prices, { counts, trace }));
@@ -109,6 +110,7 @@ export function statusDocument(
     rerun_of: ex.rerun_of,
     reruns,
     stages,
+    undeliverable,
   };
 }
 

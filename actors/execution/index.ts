@@ -75,6 +75,8 @@ export interface StartInput {
   trace?: TraceContext | null;
   /** A rerun: the original's snapshot and what it takes over (rerun.ts). */
   rerun?: RerunSource;
+  /** The execution-wide deadline from now; absent or null: `executionTimeoutMs`. */
+  execution_timeout_ms?: number | null;
 }
 
 export interface StartResult {
@@ -112,8 +114,9 @@ export type DecideState =
   | { state: "decided"; status: StatusDocument };
 
 export type CallbackKind = "progress" | "complete" | "fail";
+export type UploadCheck = { ok: true } | { ok: false; code: string; message: string };
 export interface CallbackAnswer {
-  status: 200 | 404 | 409;
+  status: 200 | 404 | 409 | 422;
   body: { ok: true; stage_status: StageStatus; duplicate?: boolean } | { error: { code: string; message: string } };
 }
 
@@ -173,12 +176,17 @@ export class Execution extends DurableObject<Env> {
   /** Creates the execution (idempotent: a second call returns the first one's summary). */
   async start(input: StartInput): Promise<StartResult> {
     const existing = this.#store.row();
-    if (existing) return this.#summary(existing, false);
+    if (existing) {
+      // A repeat (e.g. after a crash cut the first answer off) also checks the execution is awake.
+      await this.#timers.heal(!isTerminalExecution(existing.status));
+      return this.#summary(existing, false);
+    }
 
     const now = Date.now();
-    this.#c.sql`INSERT INTO execution (id, execution_id, template_name, client_id, request_id, request_hash, priority, parameters, status, created_at, notify)
+    const deadline = now + (input.execution_timeout_ms ?? this.#config.tuning.executionTimeoutMs);
+    this.#c.sql`INSERT INTO execution (id, execution_id, template_name, client_id, request_id, request_hash, priority, parameters, status, created_at, notify, deadline_at)
       VALUES (1, ${input.execution_id}, ${input.template_name}, ${input.client_id}, ${input.request_id}, ${input.request_hash},
-              ${input.priority}, ${JSON.stringify(input.parameters)}, 'queued', ${now}, ${input.notify ? 1 : 0})`;
+              ${input.priority}, ${JSON.stringify(input.parameters)}, 'queued', ${now}, ${input.notify ? 1 : 0}, ${deadline})`;
     if (input.trace) {
       const t = input.trace;
       this.#c.sql`INSERT OR IGNORE INTO trace (id, trace_id, span_id, parent_span_id, flags, tracestate)
@@ -190,16 +198,15 @@ export class Execution extends DurableObject<Env> {
       // The original lists its reruns: told at least once, through the outbox.
       this.#c.outbox.enqueue({ kind: "rerun_link", of: input.rerun.execution_id, executionId: input.execution_id }, now);
     }
+    this.#timers.set("execution", deadline);
     tx.indexUpdate(this.#c, now);
     this.#store.log("info", "execution_created", { template_name: input.template_name, client_id: input.client_id, priority: input.priority });
     emit(this.env, { event: "execution_started", execution_id: input.execution_id, template_name: input.template_name, client_id: input.client_id });
 
-    // Load the template now (cache first, KAM bounded by its timeout) so the
-    // estimate can count the stages; a transient failure is retried by the alarm.
-    await step.loadTemplateStep(this.#c);
-    // The first stage starts now; the estimate for the answer is asked for meanwhile.
+    // Answered as soon as the row is durable: the template load (KAM) and the
+    // estimate run in the first drive pass, so a slow KAM or ledger never sits
+    // between the caller and its 202; the estimate appears in the status document later.
     this.#kick();
-    await step.estimateCompletion(this.#c);
     await this.#rearm();
     return this.#summary(this.#store.row()!, true);
   }
@@ -300,6 +307,15 @@ export class Execution extends DurableObject<Env> {
     const hash = kind === "complete" ? await sha256Hex(JSON.stringify(body)) : null;
     const early = this.#refuseCallback(kind, stageId, attempt, hash);
     if (early) return early;
+    if (kind !== "progress") {
+      // Usage out of bounds is refused before anything is stored or charged; the stage goes on.
+      const usage = (body as CompleteCallback | FailCallback).usage;
+      const problem = tx.usageProblem(this.#c, this.#store.stage(stageId)!, usage);
+      if (problem) {
+        this.#store.log("error", "usage_refused", { stage_id: stageId, attempt, kind, problem, usage });
+        return { status: 422, body: { error: { code: "usage_out_of_bounds", message: problem } } };
+      }
+    }
     // A large inline output is stored (KV or R2) before the transition; then the
     // checks run again, since the stage may have moved during the await.
     let stored: StoredOutput | StageFailure | null = null;
@@ -325,7 +341,7 @@ export class Execution extends DurableObject<Env> {
     } else {
       const f = body as FailCallback;
       // A provider's retry-after (a 429) sets the earliest retry instead of the generic backoff alone.
-      const failure = { code: f.error.code, message: f.error.message, retryable: f.retryable ?? false, retryAfterMs: retryAfterOf(f.rate_limits) };
+      const failure = { code: f.error.code, message: f.error.message, retryable: f.retryable ?? false, retryAfterMs: retryAfterOf(f.rate_limits), fromWorker: true };
       tx.failAttempt(this.#c, st, failure, now, f.usage);
     }
     this.#kick();
@@ -345,13 +361,30 @@ export class Execution extends DurableObject<Env> {
     return { state: "ok", total: st.items_total, items: page, next_cursor: rows.length > limit ? String(rows[limit].item_index) : null };
   }
 
-  /** Records a worker's upload (streamed to R2 by the front Worker) so a later `complete` may name it. */
-  async registerUpload(stageId: string, attempt: number, ref: DataReference): Promise<{ ok: true } | { ok: false; code: string; message: string }> {
+  /** Whether a worker may upload for this stage and attempt now (asked before any byte is written). */
+  async uploadAllowed(stageId: string, attempt: number): Promise<UploadCheck> {
+    return this.#uploadCheck(stageId, attempt);
+  }
+
+  /**
+   * Records a worker's upload (streamed to R2 by the front Worker, under a key
+   * of its own) so a later `complete` may name it. The check and the record are
+   * one synchronous step; a key already recorded is never replaced.
+   */
+  async registerUpload(stageId: string, attempt: number, ref: DataReference): Promise<UploadCheck> {
+    const refused = this.#uploadCheck(stageId, attempt);
+    if (!refused.ok) return refused;
+    if (!tx.recordObject(this.#c, ref, stageId, attempt, Date.now())) {
+      return { ok: false, code: "data_exists", message: `${ref.key} is already recorded` };
+    }
+    return { ok: true };
+  }
+
+  #uploadCheck(stageId: string, attempt: number): UploadCheck {
     const st = this.#store.stage(stageId);
     if (!st || st.attempt !== attempt || !isOnWorker(st.status)) {
       return { ok: false, code: "stage_ended", message: "the stage is not running this attempt" };
     }
-    tx.recordObject(this.#c, ref, stageId, attempt, Date.now());
     return { ok: true };
   }
 
@@ -360,20 +393,35 @@ export class Execution extends DurableObject<Env> {
     return this.#store.dataRef(key);
   }
 
+  /** An operator's retry of this execution's undeliverable messages (`POST /resources/undeliverable/retry`). */
+  async retryUndeliverable(): Promise<{ retried: number }> {
+    if (!this.#store.row()) return { retried: 0 };
+    const retried = this.#c.outbox.retryUndeliverable();
+    await this.#rearm();
+    return { retried };
+  }
+
   /** Every reservation this execution was given, for operators and leak checks. */
   async reservationIds(): Promise<{ reservation_id: string; stage_id: string; attempt: number }[]> {
     return this.#c.sql<{ reservation_id: string; stage_id: string; attempt: number }>`
       SELECT reservation_id, stage_id, attempt FROM reservations ORDER BY created_at`;
   }
 
-  /** The ledger granted a waiting reservation. A notice for a stage that moved on is handed back. */
+  /**
+   * The ledger granted a waiting reservation. A notice for the stage's current
+   * attempt is taken even when the answer to its reserve call never arrived
+   * (the reservation id is derived from execution, stage and attempt); a notice
+   * for a stage that moved on is handed back.
+   */
   async onGrant(notice: GrantNotice): Promise<void> {
     const st = this.#store.stage(notice.stageId);
     const now = Date.now();
-    if (st && st.status === "waiting_resources" && st.attempt === notice.attempt && st.reservation_id === notice.reservationId) {
-      tx.granted(this.#c, st, notice.expiresAt, notice.requirements, now);
+    const expected = st ? (st.reservation_id ?? tx.expectedReservationId(this.#c, st)) : null;
+    if (st && st.status === "waiting_resources" && st.attempt === notice.attempt && notice.reservationId === expected) {
+      if (!st.reservation_id) tx.reserved(this.#c, st, notice.reservationId, now);
+      tx.granted(this.#c, this.#store.stage(st.stage_id)!, notice.expiresAt, notice.requirements, now);
       this.#kick();
-    } else if (!st || st.reservation_id !== notice.reservationId || isTerminalStage(st.status)) {
+    } else if (!st || expected !== notice.reservationId || isTerminalStage(st.status)) {
       this.#c.outbox.enqueue({ kind: "ledger_release", reservationId: notice.reservationId }, now);
       this.#kick();
     }
@@ -416,6 +464,9 @@ export class Execution extends DurableObject<Env> {
   /** One alarm for every timer. Safe to fire twice: each handler re-checks state. */
   override async alarm(info?: AlarmInvocationInfo): Promise<void> {
     this.#timers.fired();
+    // A due lease renewal goes out first, beside the drive pass: a pass awaiting a slow
+    // worker (a handshake, a poll) must not let the stage's lease lapse.
+    for (const st of this.#store.onWorker()) if (this.#timers.take("lease", st.stage_id)) void step.renewLease(this.#c, st);
     try {
       await this.#schedule();
       if (this.#store.row()?.alarm_failures) this.#c.sql`UPDATE execution SET alarm_failures = 0`;
@@ -482,7 +533,7 @@ export class Execution extends DurableObject<Env> {
   }
 
   #document(ex: ExecutionRow): StatusDocument {
-    return statusDocument(ex, this.#store.stages(), Date.now(), this.#config.prices, this.#store.itemCounts(), this.#c.notifier.document(), this.#store.trace(), rerunsOf(this.#c));
+    return statusDocument(ex, this.#store.stages(), Date.now(), this.#config.prices, this.#store.itemCounts(), this.#c.notifier.document(), this.#store.trace(), rerunsOf(this.#c), this.#c.outbox.undeliverable());
   }
 
   /** Starts a drive pass in the background (coalesced with one already queued). */
@@ -552,6 +603,16 @@ export class Execution extends DurableObject<Env> {
     let failure: { err: unknown } | null = null;
     for (let guard = 0; guard < MAX_PLANS_PER_PASS; guard++) {
       const ex = this.#store.row();
+      if (ex && !isTerminalExecution(ex.status) && ex.deadline_at !== null && Date.now() >= ex.deadline_at) {
+        const limit = ex.deadline_at - ex.created_at;
+        tx.stopExecution(
+          this.#c,
+          "failed",
+          Date.now(),
+          { code: "execution_timeout", message: `the execution's deadline of ${limit} ms passed` },
+          { code: "execution_timeout", message: `the execution did not end within ${limit} ms` },
+        );
+      }
       if (ex && !isTerminalExecution(ex.status) && !failure) {
         for (const work of ex.template_id ? this.#plan() : [this.#templateWork()]) {
           if (running.has(work.key) || idle.get(work.key) === work.sig) continue;
@@ -580,8 +641,15 @@ export class Execution extends DurableObject<Env> {
         this.#store.log("info", "retention_held", {});
       } else {
         const owners = heldOwners(this.#c);
-        await step.expireData(this.#c);
-        releaseHeldData(this.#c, owners, Date.now());
+        // Retried after a backoff until it succeeds (a store that does not answer must not lose it).
+        const expired = await step.expireData(this.#c).then(
+          () => true,
+          (err) => {
+            tx.retentionFailed(this.#c, err, Date.now());
+            return false;
+          },
+        );
+        if (expired) releaseHeldData(this.#c, owners, Date.now());
       }
     }
   }
@@ -670,10 +738,25 @@ export class Execution extends DurableObject<Env> {
         approvalTimedOut(this.#c, st, now);
         return true;
       }
-      case "waiting_resources":
+      case "waiting_resources": {
+        const limit = st.queue_timeout_ms ?? this.#config.tuning.maxQueueMs;
+        if (st.waiting_since !== null && now >= st.waiting_since + limit) {
+          this.#timers.take("queue", st.stage_id);
+          // Not retried: waiting again would wait for the same resources.
+          tx.failAttempt(this.#c, st, { code: "queue_timeout", message: `no resources granted within ${limit} ms`, retryable: false }, now);
+          return true;
+        }
         return step.askLedger(this.#c, st);
-      case "handshaking":
+      }
+      case "handshaking": {
+        if (st.deadline_at !== null && now >= st.deadline_at) {
+          this.#timers.take("deadline", st.stage_id);
+          tx.failAttempt(this.#c, st, { code: "handshake_timeout", message: `handshake and process took longer than ${this.#config.tuning.handshakeTimeoutMs} ms`, retryable: true }, now);
+          return true;
+        }
+        if (this.#timers.take("lease", st.stage_id)) void step.renewLease(this.#c, st);
         return step.handshake(this.#c, st);
+      }
       case "processing": {
         if (st.deadline_at !== null && now >= st.deadline_at) {
           this.#timers.take("deadline", st.stage_id);

@@ -23,8 +23,17 @@ export interface Ride {
   item: SettleItem;
 }
 
-/** Outbox messages that keep failing are dropped after this many tries (ledger leases expire on their own). */
-const OUTBOX_MAX_ATTEMPTS = 30;
+/** A message marked undeliverable, as the status document and `GET /resources/undeliverable` show it. */
+export interface Undeliverable {
+  outbox_id: number;
+  kind: OutboxItem["kind"];
+  since: string;
+  attempts: number;
+  last_error: string | null;
+}
+
+/** The KV key under which an undeliverable message is listed for operators (`EXECUTION_CACHE`). */
+export const undeliverableKey = (executionId: string, outboxId: number) => `undeliverable:${executionId}:${outboxId}`;
 
 /**
  * Durable at-least-once messages to other systems (ledger settle and release,
@@ -63,7 +72,8 @@ export class Outbox {
   enqueue(item: OutboxItem, now: number, opts: { hold?: boolean } = {}): void {
     this.#purgeDelivered();
     const due = now + this.#claimMs();
-    const row = this.#c.sql<{ id: number }>`INSERT INTO outbox (kind, payload, next_at) VALUES (${item.kind}, ${JSON.stringify(item)}, ${due}) RETURNING id`[0];
+    const row = this.#c.sql<{ id: number }>`INSERT INTO outbox (kind, payload, next_at, created_at)
+      VALUES (${item.kind}, ${JSON.stringify(item)}, ${due}, ${now}) RETURNING id`[0];
     this.#c.timers.setNoLaterThan("outbox", due);
     if (opts.hold && item.kind === "ledger_settle") {
       this.sendHeld(); // at most one held: an older one goes now
@@ -137,32 +147,95 @@ export class Outbox {
     else this.#c.timers.set("outbox", next);
   }
 
+  /**
+   * Delivers one message. A failure is never dropped: the message is tried
+   * again with a capped backoff for as long as the execution exists, and once
+   * it has failed for `outboxUndeliverableMs` it is marked undeliverable (the
+   * status document, an error log line, and the operators' list), still retried.
+   */
   #deliverInBackground(id: number, item: OutboxItem, attempts: number): void {
     this.#inFlight.add(id);
+    let failure: string | null = null;
     this.#deliver(item)
       .catch((err) => {
-        this.#c.store.log("warn", "outbox_delivery_failed", { kind: item.kind, attempts: attempts + 1, error: String(err) });
+        failure = String(err);
         emit(this.#c.env, { event: "outbox_redelivery", kind: item.kind, attempt: attempts + 1, execution_id: this.#c.store.row()?.execution_id });
         return false;
       })
       .then(async (ok) => {
         this.#inFlight.delete(id);
-        if (ok || attempts + 1 >= OUTBOX_MAX_ATTEMPTS) {
-          if (!ok) this.#c.store.log("error", "outbox_dropped", { kind: item.kind, attempts: attempts + 1 });
+        if (ok) {
           this.#delivered.push(id);
+          const listed = this.#c.sql<{ listed: number }>`SELECT listed FROM outbox WHERE id = ${id}`[0]?.listed === 1;
+          if (listed) void this.#unlist(id);
           // A live execution writes again soon (its next transition, or the outbox
           // timer at the latest) and deletes the row then; an ended one does it now.
           const ex = this.#c.store.row();
           if (ex && !isTerminalExecution(ex.status)) return;
           this.#purgeDelivered();
         } else {
-          const next = Date.now() + retryDelayMs(attempts + 1, this.#c.config.tuning.outboxRetryMs, 60_000);
-          this.#c.sql`UPDATE outbox SET attempts = attempts + 1, next_at = ${next} WHERE id = ${id}`;
+          this.#failed(id, item, attempts + 1, failure ?? "refused");
         }
         this.#armTimer();
         await this.#c.rearm();
       })
       .catch(() => {});
+  }
+
+  #failed(id: number, item: OutboxItem, attempts: number, error: string): void {
+    const t = this.#c.config.tuning;
+    const now = Date.now();
+    const next = now + t.outboxRetryMs + retryDelayMs(attempts, t.outboxRetryMs, t.outboxRetryCapMs);
+    const row = this.#c.sql<{ created_at: number | null; undeliverable_at: number | null; listed: number }>`
+      UPDATE outbox SET attempts = ${attempts}, next_at = ${next}, last_error = ${error.slice(0, 500)} WHERE id = ${id}
+      RETURNING created_at, undeliverable_at, listed`[0];
+    if (!row) return;
+    this.#c.store.log("warn", "outbox_delivery_failed", { kind: item.kind, attempts, error });
+    if (row.undeliverable_at === null && now - (row.created_at ?? now) >= t.outboxUndeliverableMs) {
+      this.#c.sql`UPDATE outbox SET undeliverable_at = ${now} WHERE id = ${id}`;
+      this.#c.store.log("error", "outbox_undeliverable", { kind: item.kind, outbox_id: id, attempts, error, since_ms: now - (row.created_at ?? now) });
+    }
+    if ((row.undeliverable_at !== null || now - (row.created_at ?? now) >= t.outboxUndeliverableMs) && row.listed === 0) void this.#list(id);
+  }
+
+  /** Lists an undeliverable message for operators (KV, best effort: tried again at its next failure). */
+  async #list(id: number): Promise<void> {
+    const u = this.undeliverable().find((x) => x.outbox_id === id);
+    const ex = this.#c.store.row();
+    if (!u || !ex) return;
+    try {
+      await withTimeout(
+        this.#c.env.EXECUTION_CACHE.put(undeliverableKey(ex.execution_id, id), "1", { metadata: { execution_id: ex.execution_id, ...u } }),
+        this.#c.config.tuning.storageCallTimeoutMs,
+        "kv.put",
+      );
+      this.#c.sql`UPDATE outbox SET listed = 1 WHERE id = ${id}`;
+    } catch (err) {
+      this.#c.store.log("warn", "undeliverable_list_failed", { outbox_id: id, error: String(err) });
+    }
+  }
+
+  async #unlist(id: number): Promise<void> {
+    const ex = this.#c.store.row();
+    if (!ex) return;
+    await withTimeout(this.#c.env.EXECUTION_CACHE.delete(undeliverableKey(ex.execution_id, id)), this.#c.config.tuning.storageCallTimeoutMs, "kv.delete").catch(
+      (err) => this.#c.store.log("warn", "undeliverable_unlist_failed", { outbox_id: id, error: String(err) }),
+    );
+  }
+
+  /** Messages marked undeliverable and not yet delivered. */
+  undeliverable(): Undeliverable[] {
+    return this.#c.sql<{ id: number; kind: OutboxItem["kind"]; undeliverable_at: number; attempts: number; last_error: string | null }>`
+      SELECT id, kind, undeliverable_at, attempts, last_error FROM outbox WHERE undeliverable_at IS NOT NULL ORDER BY id`
+      .filter((r) => !this.#delivered.includes(r.id))
+      .map((r) => ({ outbox_id: r.id, kind: r.kind, since: new Date(r.undeliverable_at).toISOString(), attempts: r.attempts, last_error: r.last_error }));
+  }
+
+  /** An operator's retry: every undeliverable message is due now. Returns how many. */
+  retryUndeliverable(): number {
+    const n = this.#c.sql<{ id: number }>`UPDATE outbox SET next_at = 0 WHERE undeliverable_at IS NOT NULL RETURNING id`.length;
+    this.flush();
+    return n;
   }
 
   async #deliver(item: OutboxItem): Promise<boolean> {

@@ -5,11 +5,12 @@ import { reportRateLimits } from "../../src/pacing";
 import { issueStageTokens } from "../../src/auth";
 import { DATA_LIMITS, deleteExecutionData, putBytes, readText, verifyStored } from "../../src/data-store";
 import { estimateTotalMs } from "../../src/estimates";
+import { uploadNonce } from "../../src/ids";
 import { ledgerFor } from "../../src/ledger-routing";
 import { withTimeout } from "../../src/outbound";
 import { loadTemplate } from "../../src/template-source";
 import { WorkerClient } from "../../src/worker-client";
-import { type StageFailure, isTerminalExecution, isTerminalStage } from "../stage-machine";
+import { type StageFailure, isOnWorker, isTerminalExecution, isTerminalStage } from "../stage-machine";
 import { fanOutItems, sinks } from "./graph";
 import { type Core, type StageRow, type StoredOutput, dependsOn, parse } from "./store";
 import * as tx from "./transitions";
@@ -22,6 +23,9 @@ import * as tx from "./transitions";
  * the drive loop should go on, false when the stage now waits for an event or a timer.
  */
 
+/** The bound on one KV or R2 call inside a drive pass. */
+const storageMs = (c: Core) => c.config.tuning.storageCallTimeoutMs;
+
 export async function loadTemplateStep(c: Core): Promise<boolean> {
   const ex = c.store.row()!;
   if (ex.template_id || isTerminalExecution(ex.status)) return true;
@@ -32,6 +36,8 @@ export async function loadTemplateStep(c: Core): Promise<boolean> {
   const attempts = cur.template_attempts + 1;
   if (res.ok) {
     tx.createStages(c, res.template, res.source);
+    // The completion estimate (a ledger call, bounded by its timeout) goes out beside the first stage.
+    void estimateCompletion(c).catch((err) => c.store.log("warn", "estimate_failed", { error: String(err) }));
     return true;
   }
   if (res.retryable && attempts < c.config.tuning.kamMaxAttempts) {
@@ -85,9 +91,10 @@ export async function askLedger(c: Core, st: StageRow): Promise<boolean> {
   } catch (err) {
     // Whether the settle got through is unknown: it goes again on its own (settles are idempotent).
     if (ride) c.outbox.settled(ride, null);
-    // The ledger is slow or down: keep waiting, ask again later.
+    // The ledger is slow or down: keep waiting, ask again after a growing backoff with jitter.
     c.store.log("warn", "ledger_reserve_failed", { stage_id: st.stage_id, attempt: st.attempt, error: String(err) });
-    c.timers.set("reask", Date.now() + t.ledgerReaskMs, id);
+    const cur = c.store.stage(st.stage_id);
+    if (cur && c.store.stillAt(st, "waiting_resources")) tx.ledgerFailed(c, cur, Date.now());
     return false;
   }
   const now = Date.now();
@@ -135,7 +142,12 @@ export async function handshake(c: Core, st: StageRow): Promise<boolean> {
     const ref = parse<DataReference>(dep.output_ref);
     if (!ref) continue;
     // A large input is handed over by reference; check it is whole before a worker spends time on it.
-    const check = await verifyStored(c.env, ref);
+    const check = await withTimeout(verifyStored(c.env, ref), storageMs(c), "data.verify").catch((err) => ({ ok: "unknown" as const, reason: String(err) }));
+    if (check.ok === "unknown") {
+      // The store did not answer in time: a transient failure of this attempt, not corrupt data.
+      if (c.store.stillAt(st, "handshaking")) tx.failAttempt(c, st, { code: "data_unavailable", message: `input of ${st.stage_id}: ${check.reason}`, retryable: true }, Date.now());
+      return true;
+    }
     if (!c.store.stillAt(st, "handshaking")) return true;
     if (!check.ok) {
       tx.failAttempt(c, st, { code: "data_corrupt", message: `input of ${st.stage_id} from ${dep.stage_id}: ${check.reason}`, retryable: false }, Date.now());
@@ -220,6 +232,15 @@ export async function poll(c: Core, st: StageRow): Promise<boolean> {
 }
 
 async function applyProgress(c: Core, st: StageRow, p: ProgressResponse, now: number): Promise<boolean> {
+  if (p.status === "completed" || p.status === "failed") {
+    const problem = tx.usageProblem(c, st, p.usage);
+    if (problem) {
+      // A result whose usage cannot be charged is not taken: the attempt fails, nothing is charged.
+      c.store.log("error", "usage_refused", { stage_id: st.stage_id, attempt: st.attempt, via: "poll", problem, usage: p.usage });
+      tx.failAttempt(c, st, { code: "usage_out_of_bounds", message: problem, retryable: false }, now);
+      return true;
+    }
+  }
   if (p.status === "completed") {
     const stored = await storeOutput(c, st.stage_id, st.attempt, p.output, p.dataReference);
     if (!c.store.stillAt(st, "processing")) return true;
@@ -230,7 +251,7 @@ async function applyProgress(c: Core, st: StageRow, p: ProgressResponse, now: nu
   }
   if (p.status === "failed") {
     const e = p.error ?? { code: "worker_failed", message: "the worker reported a failure without details" };
-    tx.failAttempt(c, st, { code: e.code, message: e.message, retryable: p.retryable ?? false }, now, p.usage);
+    tx.failAttempt(c, st, { code: e.code, message: e.message, retryable: p.retryable ?? false, fromWorker: true }, now, p.usage);
     return true;
   }
   tx.progressed(c, st, p.progress, p.message, now);
@@ -243,15 +264,21 @@ export async function renewLease(c: Core, st: StageRow): Promise<void> {
   const t = c.config.tuning;
   try {
     const r = await withTimeout(ledgerFor(c.env).renew(st.reservation_id, t.leaseMs), t.ledgerCallTimeoutMs, "ledger.renew");
-    if (!c.store.stillAt(st, st.status)) return;
+    // Still this attempt on the worker (it may have gone from handshaking to processing meanwhile)?
+    const now = c.store.stage(st.stage_id);
+    if (!now || now.attempt !== st.attempt || !isOnWorker(now.status)) return;
     if (r.ok && r.expiresAt) {
       tx.leaseRenewed(c, st, r.expiresAt);
     } else {
+      // The ledger no longer honours the lease (it expired while we could not reach it): the
+      // slot may be someone else's now, so the work stops; the worker is told to cancel.
       c.store.log("warn", "lease_lost", { stage_id: st.stage_id, attempt: st.attempt, state: r.state });
+      tx.failAttempt(c, now, { code: "lease_lost", message: `the ledger no longer holds this stage's lease (${r.state})`, retryable: true }, Date.now());
     }
   } catch (err) {
     c.store.log("warn", "lease_renew_failed", { stage_id: st.stage_id, error: String(err) });
-    c.timers.set("lease", Date.now() + t.ledgerReaskMs, st.stage_id);
+    // Tried again well inside the lease, so one failed call does not lose it.
+    c.timers.set("lease", Date.now() + Math.min(t.ledgerRetryCapMs, Math.max(250, Math.floor(t.leaseMs / 4))), st.stage_id);
   }
   await c.rearm().catch(() => {});
 }
@@ -340,7 +367,7 @@ export async function storeOutput(
   attempt: number,
   output: unknown,
   ref: DataReference | undefined,
-  name = `a${attempt}-output.json`,
+  name = "output.json",
 ): Promise<StoredOutput | StageFailure> {
   const ex = c.store.row()!;
   if (ref) {
@@ -353,7 +380,8 @@ export async function storeOutput(
   const text = JSON.stringify(output ?? null);
   const bytes = new TextEncoder().encode(text);
   if (bytes.byteLength <= DATA_LIMITS.inlineMaxBytes) return { inline: text, ref: null };
-  const stored = await putBytes(c.env, ex.execution_id, stageId, name, bytes, "application/json");
+  // A key of its own per write: a second `complete` for the attempt cannot overwrite the first one's object.
+  const stored = await withTimeout(putBytes(c.env, ex.execution_id, stageId, `a${attempt}-${uploadNonce()}-${name}`, bytes, "application/json"), storageMs(c), "data.put");
   tx.recordObject(c, stored, stageId, attempt, Date.now());
   return { inline: null, ref: stored };
 }
@@ -361,7 +389,7 @@ export async function storeOutput(
 /** Retention: deletes the execution's KV and R2 data and inline outputs; the summary stays. */
 export async function expireData(c: Core): Promise<void> {
   const ex = c.store.row()!;
-  const deleted = await deleteExecutionData(c.env, ex.execution_id);
+  const deleted = await withTimeout(deleteExecutionData(c.env, ex.execution_id), storageMs(c) * 6, "data.delete");
   tx.dataExpired(c, Date.now());
   c.store.log("info", "data_expired", { kv_keys: deleted.kv, r2_objects: deleted.r2 });
 }

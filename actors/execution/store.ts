@@ -18,7 +18,8 @@ CREATE TABLE IF NOT EXISTS execution (
   status TEXT NOT NULL, created_at INTEGER NOT NULL, started_at INTEGER, completed_at INTEGER,
   estimated_completion_at INTEGER, template_id TEXT, template_source TEXT,
   template_attempts INTEGER NOT NULL DEFAULT 0, error TEXT, cost TEXT, output TEXT, output_ref TEXT,
-  alarm_failures INTEGER NOT NULL DEFAULT 0, data_expired_at INTEGER, index_version INTEGER NOT NULL DEFAULT 0
+  alarm_failures INTEGER NOT NULL DEFAULT 0, data_expired_at INTEGER, index_version INTEGER NOT NULL DEFAULT 0,
+  deadline_at INTEGER
 );
 CREATE TABLE IF NOT EXISTS stages (
   stage_id TEXT PRIMARY KEY, ord INTEGER NOT NULL UNIQUE, worker TEXT NOT NULL,
@@ -31,7 +32,8 @@ CREATE TABLE IF NOT EXISTS stages (
   poll_interval_ms INTEGER, poll_failures INTEGER NOT NULL DEFAULT 0, polls INTEGER NOT NULL DEFAULT 0, error TEXT, last_error TEXT,
   usage TEXT, output TEXT, output_ref TEXT, complete_hash TEXT,
   depends_on TEXT, for_each TEXT, max_parallel INTEGER, items_total INTEGER,
-  parent TEXT, item_index INTEGER, item TEXT
+  parent TEXT, item_index INTEGER, item TEXT,
+  queue_timeout_ms INTEGER, ledger_failures INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS reservations (
   reservation_id TEXT PRIMARY KEY, stage_id TEXT NOT NULL, attempt INTEGER NOT NULL, created_at INTEGER NOT NULL
@@ -47,12 +49,24 @@ CREATE TABLE IF NOT EXISTS trace (
 );
 CREATE TABLE IF NOT EXISTS outbox (
   id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, payload TEXT NOT NULL,
-  attempts INTEGER NOT NULL DEFAULT 0, next_at INTEGER NOT NULL
+  attempts INTEGER NOT NULL DEFAULT 0, next_at INTEGER NOT NULL,
+  created_at INTEGER, undeliverable_at INTEGER, last_error TEXT, listed INTEGER NOT NULL DEFAULT 0
 );
 `;
 
 /** An item's `ord`: after its stage's, unique (items per stage stay below this). */
 export const ITEM_ORD_STRIDE = 100_000;
+
+/** Columns added by hardening (deadlines, ledger backoff, the outbox's undeliverable marks), for older objects. */
+const ADDED_COLUMNS: [table: string, column: string, type: string][] = [
+  ["execution", "deadline_at", "INTEGER"],
+  ["stages", "queue_timeout_ms", "INTEGER"],
+  ["stages", "ledger_failures", "INTEGER NOT NULL DEFAULT 0"],
+  ["outbox", "created_at", "INTEGER"],
+  ["outbox", "undeliverable_at", "INTEGER"],
+  ["outbox", "last_error", "TEXT"],
+  ["outbox", "listed", "INTEGER NOT NULL DEFAULT 0"],
+];
 
 /** Columns added by the pipeline graph, for objects whose tables predate it. */
 const GRAPH_COLUMNS = ["depends_on TEXT", "for_each TEXT", "max_parallel INTEGER", "items_total INTEGER", "parent TEXT", "item_index INTEGER", "item TEXT"];
@@ -80,6 +94,9 @@ export function migrate(storage: DurableObjectStorage): void {
           THEN COALESCE((SELECT stage_id FROM stages WHERE status != 'completed' ORDER BY ord LIMIT 1), '') ELSE '' END, due_at
       FROM timers_v1;
       DROP TABLE timers_v1;`);
+  }
+  for (const [table, column, type] of ADDED_COLUMNS) {
+    if (!columns(table).has(column)) storage.sql.exec(`ALTER TABLE ${table} ADD COLUMN ${column} ${type}`);
   }
 }
 
@@ -117,6 +134,8 @@ export interface ExecutionRow {
   rerun_of: string | null;
   /** 1: retention came due while reruns still held this execution's data (rerun.ts). */
   retention_waiting: number;
+  /** The execution-wide deadline (`execution_timeout_ms`), from its start. */
+  deadline_at: number | null;
 }
 
 export interface StageRow {
@@ -173,6 +192,10 @@ export interface StageRow {
   item: string | null;
   /** Rerun: the execution whose completed stage this one took over. */
   reused_from: string | null;
+  /** This stage's wait for resources is bounded by this (template `queue_timeout_ms`, else `maxQueueMs`). */
+  queue_timeout_ms: number | null;
+  /** Ledger calls that failed in a row while waiting for resources (the re-ask backs off on it). */
+  ledger_failures: number;
 }
 
 /** A stage that runs as items (its own row holds no attempt, no reservation, no worker call). */

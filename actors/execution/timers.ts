@@ -6,9 +6,9 @@ import type { Sql } from "../sql";
  * deadline, lease, reask, retry, approval) carry its stage id, so parallel stages and
  * the items of a fan-out each keep their own.
  */
-export type TimerName = "advance" | "poll" | "deadline" | "lease" | "reask" | "retry" | "outbox" | "watchdog" | "retention" | "notify" | "approval";
-export type UnitTimer = "poll" | "deadline" | "lease" | "reask" | "retry";
-export const UNIT_TIMERS: readonly UnitTimer[] = ["poll", "deadline", "lease", "reask", "retry"];
+export type TimerName = "advance" | "poll" | "deadline" | "lease" | "reask" | "retry" | "outbox" | "watchdog" | "retention" | "notify" | "approval" | "queue" | "execution";
+export type UnitTimer = "poll" | "deadline" | "lease" | "reask" | "retry" | "queue";
+export const UNIT_TIMERS: readonly UnitTimer[] = ["poll", "deadline", "lease", "reask", "retry", "queue"];
 
 /** While an execution is live, its alarm is never further away than this, so an eviction mid-call heals. */
 export const WATCHDOG_MS = 30_000;
@@ -75,7 +75,7 @@ export class Timers {
 
   /** Consumes the wake-up timers (`advance`, `watchdog`): the drive pass that runs is the wake-up. */
   takeWakeUps(now: number): void {
-    this.#sql`DELETE FROM timers WHERE name IN ('advance', 'watchdog') AND unit = '' AND due_at <= ${now}`;
+    this.#sql`DELETE FROM timers WHERE name IN ('advance', 'watchdog', 'execution') AND unit = '' AND due_at <= ${now}`;
   }
 
   any(): boolean {

@@ -3,6 +3,7 @@ import type { ExecutionStatus, StageStatus } from "../../schemas/api";
 import type { ErrorInfo } from "../../schemas/common";
 import type { DataReference } from "../../schemas/data";
 import { type MasterTemplate, isApprovalStage } from "../../schemas/template";
+import { usagePoolsFor } from "../../src/config";
 import { addUsage, costOf } from "../../src/cost";
 import { emit, tokensOf } from "../../src/metrics";
 import { attemptSpanId } from "../../src/trace";
@@ -16,7 +17,9 @@ import {
   nextPollInterval,
   retryDelayMs,
   shouldRetry,
+  usageRefusal,
 } from "../stage-machine";
+import { reservationIdOf } from "../resource-ledger";
 import { indexEntry } from "./documents";
 import { itemIdFor, resolveGraph } from "./graph";
 import { type Core, ITEM_ORD_STRIDE, type StageRow, type StoredOutput, dependsOn, isFanOut, parse } from "./store";
@@ -42,11 +45,11 @@ export function createStages(c: Core, template: MasterTemplate, source: "kam" | 
       return;
     }
     c.sql`INSERT OR IGNORE INTO stages (stage_id, ord, worker, template_ref, action, timeout_ms, max_attempts, resources, status,
-        depends_on, for_each, max_parallel)
+        depends_on, for_each, max_parallel, queue_timeout_ms)
       VALUES (${node.stage_id}, ${node.ord}, ${s.worker}, ${s.template_ref}, ${s.action ?? "process"},
               ${s.timeout_ms ?? t.defaultStageTimeoutMs}, ${s.max_attempts ?? t.defaultMaxAttempts},
               ${s.resources ? JSON.stringify(s.resources) : null}, 'pending',
-              ${JSON.stringify(node.depends_on)}, ${node.for_each}, ${node.for_each === null ? null : node.max_parallel})`;
+              ${JSON.stringify(node.depends_on)}, ${node.for_each}, ${node.for_each === null ? null : node.max_parallel}, ${s.queue_timeout_ms ?? null})`;
   });
   c.sql`UPDATE execution SET template_id = ${template.template_id}, template_source = ${source} WHERE id = 1`;
   c.store.log("info", "template_loaded", { template_id: template.template_id, source, stages: template.stages.length });
@@ -111,9 +114,28 @@ export function beginAttempt(c: Core, st: StageRow, now: number): void {
   }
   moveStage(c, st, "waiting_resources", now, {});
   c.sql`UPDATE stages SET attempt = ${st.attempt + 1}, reservation = 'requested', reservation_id = NULL, requirements = NULL,
-    waiting_since = ${now}, started_at = COALESCE(started_at, ${now}), progress = 0, poll_interval_ms = NULL, poll_failures = 0
-    WHERE stage_id = ${st.stage_id}`;
+    waiting_since = ${now}, started_at = COALESCE(started_at, ${now}), progress = 0, poll_interval_ms = NULL, poll_failures = 0,
+    ledger_failures = 0 WHERE stage_id = ${st.stage_id}`;
   c.timers.clear("reask", st.stage_id);
+  c.timers.set("queue", now + (st.queue_timeout_ms ?? c.config.tuning.maxQueueMs), st.stage_id);
+}
+
+/**
+ * The reservation id the ledger gives this stage's current attempt while it
+ * waits for resources (derived from execution, stage and attempt), so a grant
+ * notice or a release does not depend on the reserve answer having arrived.
+ */
+export function expectedReservationId(c: Core, st: StageRow): string | null {
+  if (st.status !== "waiting_resources" || st.attempt < 1) return null;
+  return reservationIdOf(c.store.row()!.execution_id, st.stage_id, st.attempt);
+}
+
+/** A ledger call failed (slow, down): ask again after a backoff with jitter that grows with each failure in a row. */
+export function ledgerFailed(c: Core, st: StageRow, now: number): void {
+  const t = c.config.tuning;
+  const failures = st.ledger_failures + 1;
+  c.sql`UPDATE stages SET ledger_failures = ${failures} WHERE stage_id = ${st.stage_id}`;
+  c.timers.set("reask", now + retryDelayMs(failures, t.ledgerRetryBaseMs, t.ledgerRetryCapMs), st.stage_id);
 }
 
 /** The ledger answered a reserve with a reservation id: remember it (for release and for leak checks). */
@@ -156,9 +178,14 @@ export function ledgerAnswered(c: Core, st: StageRow, outcome: string, pools: Re
 export function granted(c: Core, st: StageRow, expiresAt: number, requirements: Record<string, number>, now: number): void {
   moveStage(c, st, "handshaking", now, {});
   ledgerAnswered(c, st, "granted", requirements, null, now - (st.waiting_since ?? now));
+  // `handshaking` has a deadline of its own; `process` accepted replaces it with the stage's.
+  const deadline = now + c.config.tuning.handshakeTimeoutMs;
   c.sql`UPDATE stages SET reservation = 'granted', requirements = ${JSON.stringify(requirements)}, lease_expires_at = ${expiresAt},
-    waiting_ms = waiting_ms + ${now - (st.waiting_since ?? now)}, waiting_since = NULL, message = NULL WHERE stage_id = ${st.stage_id}`;
+    waiting_ms = waiting_ms + ${now - (st.waiting_since ?? now)}, waiting_since = NULL, message = NULL, ledger_failures = 0,
+    deadline_at = ${deadline} WHERE stage_id = ${st.stage_id}`;
   c.timers.clear("reask", st.stage_id);
+  c.timers.clear("queue", st.stage_id);
+  c.timers.set("deadline", deadline, st.stage_id);
   c.timers.set("lease", expiresAt - Math.floor(c.config.tuning.leaseMs / 2), st.stage_id);
 }
 
@@ -210,9 +237,13 @@ export function leaseRenewed(c: Core, st: StageRow, expiresAt: number): void {
   c.timers.set("lease", expiresAt - Math.floor(c.config.tuning.leaseMs / 2), st.stage_id);
 }
 
-export function recordObject(c: Core, ref: DataReference, stageId: string, attempt: number, now: number): void {
-  c.sql`INSERT OR REPLACE INTO data_objects (key, kind, size, sha256, content_type, stage_id, attempt, created_at)
-    VALUES (${ref.key}, ${ref.kind}, ${ref.size}, ${ref.sha256}, ${ref.contentType}, ${stageId}, ${attempt}, ${now})`;
+/** Records a stored object; false (nothing changed) when its key is already recorded: a recorded object is never replaced. */
+export function recordObject(c: Core, ref: DataReference, stageId: string, attempt: number, now: number): boolean {
+  return (
+    c.sql`INSERT INTO data_objects (key, kind, size, sha256, content_type, stage_id, attempt, created_at)
+    VALUES (${ref.key}, ${ref.kind}, ${ref.size}, ${ref.sha256}, ${ref.contentType}, ${stageId}, ${attempt}, ${now})
+    ON CONFLICT(key) DO NOTHING RETURNING key`.length > 0
+  );
 }
 
 export function completeStage(c: Core, st: StageRow, output: StoredOutput, usage: Record<string, number> | undefined, now: number, hash: string | null): void {
@@ -237,6 +268,12 @@ function addToStage(c: Core, st: StageRow, usage: Record<string, number> | undef
   c.sql`UPDATE stages SET usage = ${JSON.stringify(addUsage(parse(parent.usage), usage))} WHERE stage_id = ${st.parent}`;
 }
 
+/** Why this stage's reported usage cannot be charged, or null when it can (see usageRefusal). */
+export function usageProblem(c: Core, st: StageRow, usage: Record<string, number> | undefined): string | null {
+  const reserved = parse<Record<string, number>>(st.resources) ?? {};
+  return usageRefusal(usage, reserved, usagePoolsFor(c.config, st.worker), c.config.tuning.usageMaxFactor);
+}
+
 /** One attempt failed: settle what it used, then retry after a backoff or fail the stage and the execution. */
 export function failAttempt(c: Core, st: StageRow, failure: StageFailure, now: number, usage?: Record<string, number>): void {
   const worked = st.processing_since !== null ? now - st.processing_since : 0;
@@ -245,7 +282,9 @@ export function failAttempt(c: Core, st: StageRow, failure: StageFailure, now: n
   } else {
     releaseReservation(c, st, now);
   }
-  if (isOnWorker(st.status) && failure.code === "stage_timeout") {
+  // Whenever the attempt ends on our side (a deadline, failed polls, a lost lease, refused data...), the
+  // worker is told to stop; only a failure the worker reported itself needs no cancel.
+  if (isOnWorker(st.status) && !failure.fromWorker) {
     c.outbox.enqueue({ kind: "worker_cancel", worker: st.worker, stageId: st.stage_id, attempt: st.attempt }, now);
   }
   const info: ErrorInfo = { code: failure.code, message: failure.message, stage_id: st.stage_id };
@@ -316,7 +355,7 @@ export function finishExecution(c: Core, status: ExecutionStatus, now: number, e
   );
   c.sql`UPDATE execution SET status = ${status}, completed_at = ${now}, started_at = COALESCE(started_at, ${now}),
     error = ${error ? JSON.stringify(error) : null}, cost = ${JSON.stringify(cost)} WHERE id = 1`;
-  c.timers.clearMany(["advance", "poll", "deadline", "lease", "reask", "retry", "approval", "watchdog"]);
+  c.timers.clearMany(["advance", "poll", "deadline", "lease", "reask", "retry", "approval", "watchdog", "queue", "execution"]);
   indexUpdate(c, now);
   c.notifier.emit(`execution.${status as "completed" | "failed" | "cancelled"}`, {
     error,
@@ -395,8 +434,10 @@ export function stopExecution(c: Core, status: "cancelled" | "failed", now: numb
   finishExecution(c, status, now, error);
 }
 
+/** Gives the stage's reservation back; a waiter whose reserve answer never arrived is released by its derived id. */
 export function releaseReservation(c: Core, st: StageRow, now: number): void {
-  if (st.reservation_id) c.outbox.enqueue({ kind: "ledger_release", reservationId: st.reservation_id }, now);
+  const id = st.reservation_id ?? expectedReservationId(c, st);
+  if (id) c.outbox.enqueue({ kind: "ledger_release", reservationId: id }, now);
   c.sql`UPDATE stages SET reservation = NULL WHERE stage_id = ${st.stage_id}`;
 }
 
@@ -404,6 +445,13 @@ export function releaseReservation(c: Core, st: StageRow, now: number): void {
 export function driveFailed(c: Core, failures: number, now: number): void {
   c.sql`UPDATE execution SET alarm_failures = ${failures}`;
   c.timers.set("advance", now + retryDelayMs(failures, c.config.tuning.retryBaseMs, c.config.tuning.retryCapMs));
+}
+
+/** Retention failed (a store did not answer): it runs again after a backoff, until it succeeds. */
+export function retentionFailed(c: Core, err: unknown, now: number): void {
+  const t = c.config.tuning;
+  c.store.log("warn", "retention_failed", { error: String(err) });
+  c.timers.set("retention", now + retryDelayMs(3, t.outboxRetryMs, t.outboxRetryCapMs) + t.outboxRetryMs);
 }
 
 /** Retention ran: the execution's inline outputs and data records go; the summary stays. */

@@ -105,10 +105,11 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
     });
   }
 
-  progress(trace: TraceHeaders | null = null): Reply {
+  async progress(trace: TraceHeaders | null = null): Promise<Reply> {
     const job = this.store.row();
     if (!job) return notFound();
     this.noteTrace(job.attempt, "progress", trace);
+    await this.healAlarm(job);
     if (job.status === "processing") {
       const hooked = this.def.hooks?.progress?.(this.info(job));
       if (hooked) return hooked;
@@ -419,6 +420,19 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
     const job = this.store.row();
     if (!job?.end_owed || !TERMINAL.has(job.status)) return;
     await this.endLifecycle({ ...job, active: 1 }, job.end_owed as Outcome);
+  }
+
+  /**
+   * A job with work or callbacks still due must have its alarm set; every
+   * progress poll checks, so a job whose alarm was lost (the runtime killed
+   * mid-run) resumes at the orchestrator's next poll instead of reporting the
+   * same progress until the stage's deadline.
+   */
+  private async healAlarm(job: JobRow): Promise<void> {
+    const owed = (job.status === "processing" && job.run_at !== null) || this.store.outboxHead() !== null || job.end_owed !== null;
+    if (!owed || (await this.ctx.storage.getAlarm()) !== null) return;
+    console.warn(`job ${job.execution_id}:${job.stage_id} had work due and no alarm: re-armed`);
+    await this.arm();
   }
 
   /** One alarm for everything: the next run, the next callback, an owed lifecycle end, retention. */

@@ -372,6 +372,23 @@ describe("template resilience", () => {
     expect(doc.template_id).toBe("mt_cached_001");
   });
 
+  it("KAM slow (not down): POST /execute answers 202 before the template is loaded, and the execution still runs", async () => {
+    // The demo KAM answers `slow1500_*` after 1.5 s, inside the 2 s KAM timeout of the tests.
+    const { res, body } = await startExecution({ template_name: "slow1500_quick_summary", parameters: quick, client_id: "client_faults" });
+    expect(res.status).toBe(202);
+    expect(body.status).toBe("queued");
+    // The answer came before KAM's: nothing of the template is known yet.
+    const early = await status(body.execution_id);
+    expect(early.template_id).toBeNull();
+    expect(early.stages).toEqual([]);
+    const doc = await waitFor(body.execution_id, ended);
+    expect(doc.status).toBe("completed");
+    expect(doc.template_id).toBe("mt_quick_001");
+    expect(doc.template_source).toBe("kam");
+    // The estimate arrives after the 202, in the status document.
+    expect(doc.estimated_completion_at).not.toBeNull();
+  });
+
   it("fails with kam_unavailable after bounded retries when KAM is down and nothing is cached", async () => {
     const { body } = await startExecution({ template_name: "outage_uncached", parameters: quick, client_id: "client_faults" });
     const doc = await waitFor(body.execution_id, ended);
