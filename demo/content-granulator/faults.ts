@@ -13,6 +13,7 @@ export const FAULT_MODES = [
   "refuse",
   "refuse_retryable",
   "process_500_once",
+  "process_429_once",
   "crash",
   "crash_once",
   "hang",
@@ -84,6 +85,11 @@ export function handshakeRefusal(fault: Fault | null, refusedSoFar: number): { r
 /** `process_500_once`: the stage's very first process call answers 500. */
 export function processCallFails(fault: Fault | null, callsSoFar: number): boolean {
   return fault?.mode === "process_500_once" && callsSoFar === 0;
+}
+
+/** `process_429_once`: the stage's very first process call answers 429 with `retry-after: 2` (seconds). */
+export function processCallThrottled(fault: Fault | null, callsSoFar: number): boolean {
+  return fault?.mode === "process_429_once" && callsSoFar === 0;
 }
 
 /** Stalled modes accept and "process" but never step, progress or call back. */
@@ -171,6 +177,9 @@ export const faultHooks: Hooks = {
   beforeProcess(job, counters) {
     const callsSoFar = counters.get(COUNTERS.processCalls);
     counters.bump(COUNTERS.processCalls);
+    if (processCallThrottled(faultOf(job), callsSoFar)) {
+      return { status: 429, headers: { "retry-after": "2" }, body: { error: { code: "busy", message: "try again in 2 s (fault injected)" } } };
+    }
     if (!processCallFails(faultOf(job), callsSoFar)) return null;
     return { status: 500, body: { error: { code: "internal_error", message: "process failed (fault injected)" } } };
   },

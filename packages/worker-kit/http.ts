@@ -121,8 +121,9 @@ async function parse<S extends z.ZodType>(request: Request, schema: S): Promise<
 }
 
 function reply(r: Reply): Response {
-  if (r.text !== undefined) return new Response(r.text, { status: r.status, headers: { "content-type": "application/json" } });
-  return json(r.status, r.body ?? null);
+  const res = r.text !== undefined ? new Response(r.text, { status: r.status, headers: { "content-type": "application/json" } }) : json(r.status, r.body ?? null);
+  for (const [k, v] of Object.entries(r.headers ?? {})) res.headers.set(k, v);
+  return res;
 }
 
 function safeDecode(text: string): string {

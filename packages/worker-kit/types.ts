@@ -16,6 +16,8 @@ export interface Reply {
   body?: unknown;
   /** A raw body instead of JSON. */
   text?: string;
+  /** Extra response headers (e.g. `retry-after`). */
+  headers?: Record<string, string>;
 }
 
 export type Usage = Record<string, number>;

@@ -111,7 +111,9 @@ describe("data between stages: inline, KV, R2", () => {
     // stage_2, 200 KB: sent inline by the worker (base64, under the kit's 512 KiB threshold); the orchestrator put it in KV.
     expect(await r2Objects(id, "stage_2")).toEqual([]);
     const kv2 = await kvKeys(id, "stage_2");
-    expect(kv2).toEqual([`kv/${id}/stage_2/a1-output.json`]);
+    // One key per write: attempt, a nonce, the name.
+    expect(kv2).toHaveLength(1);
+    expect(kv2[0]).toMatch(new RegExp(`^kv/${id}/stage_2/a1-[A-Za-z0-9]{12}-output\\.json$`));
     const s2ref = JSON.parse((await storedOutput(id, "stage_2")).output_ref!) as DataReference;
     expect(s2ref).toMatchObject({ kind: "kv", key: kv2[0], contentType: "application/json" });
     const kvText = (await env.DATA_REFS.get(kv2[0], "text"))!;
@@ -125,7 +127,8 @@ describe("data between stages: inline, KV, R2", () => {
     // stage_3, 30 MB: uploaded by the worker, streamed to R2; nothing in KV.
     expect(await kvKeys(id, "stage_3")).toEqual([]);
     const r2 = await r2Objects(id, "stage_3");
-    expect(r2.map((o) => [o.key, o.size])).toEqual([[`r2/${id}/stage_3/a1-output.bin`, 30_000_000]]);
+    expect(r2.map((o) => o.size)).toEqual([30_000_000]);
+    expect(r2[0].key).toMatch(new RegExp(`^r2/${id}/stage_3/a1-[A-Za-z0-9]{12}-output\\.bin$`));
 
     // The deliverable: a reference to the R2 object and its bytes, equal to the pattern byte for byte.
     const expected = await sha256(pattern("stage_3", 30_000_000));
@@ -149,8 +152,8 @@ describe("data between stages: inline, KV, R2", () => {
   it("refuses a data read with a missing or forged token (401) and with a genuine token of another execution (403)", async () => {
     const { id, doc } = await runPipeline({ stage_1: 10, stage_2: 100_000, stage_3: 10 });
     expect(doc.status).toBe("completed");
-    const key = `kv/${id}/stage_2/a1-output.json`;
-    expect(await kvKeys(id, "stage_2")).toEqual([key]);
+    const [key] = await kvKeys(id, "stage_2");
+    expect(key).toMatch(new RegExp(`^kv/${id}/stage_2/a1-[A-Za-z0-9]{12}-output\\.json$`));
 
     const own = await mintToken({ executionId: id, stageId: "stage_3", attempt: 1, use: "data", inputs: [key] });
     const forged = own.slice(0, -1) + (own.endsWith("A") ? "B" : "A");
@@ -199,7 +202,7 @@ describe("data between stages: inline, KV, R2", () => {
     await waitFor(bId, (d) => d.stages[0].status === "completed" && d.stages[1].status === "waiting_resources");
 
     // Same length, one bit different: only the checksum can tell.
-    const key = `kv/${bId}/stage_1/a1-output.json`;
+    const [key] = await kvKeys(bId, "stage_1");
     const stored = await env.DATA_REFS.getWithMetadata<Record<string, unknown>>(key, "arrayBuffer");
     expect(stored.value).not.toBeNull();
     const tampered = new Uint8Array(stored.value!);
@@ -281,7 +284,9 @@ describe("data between stages: inline, KV, R2", () => {
     const small = await put("small.bin", { headers: { ...bearer(token), "content-type": "application/octet-stream" }, body: new Uint8Array(1000) });
     expect(small.status).toBe(201);
     const ref = (await small.json()) as DataReference;
-    expect(ref).toMatchObject({ kind: "r2", key: `r2/${id}/stage_1/a1-small.bin`, size: 1000 });
+    expect(ref).toMatchObject({ kind: "r2", size: 1000 });
+    // A key of its own per upload: attempt, a nonce, the name.
+    expect(ref.key).toMatch(new RegExp(`^r2/${id}/stage_1/a1-[A-Za-z0-9]{12}-small\\.bin$`));
     expect((await env.DATA.list({ prefix: `r2/${id}/` })).objects.map((o) => o.key)).toEqual([ref.key]);
     expect((await call(`/executions/${id}/cancel`, { method: "POST", headers: KAM })).status).toBe(200);
   });

@@ -80,6 +80,12 @@ describe("fault injection: each fault ends as documented, with nothing left runn
     expect(doc.status).toBe("failed");
     expect(doc.error).toMatchObject({ code: "worker_http_500", stage_id: "stage_1" });
     expect(doc.stages[0].attempts).toBe(2);
+    // The attempt ended on our side (failed polls), so the worker is told to stop, not only at a deadline.
+    const deadline = Date.now() + 5000;
+    while ((await workerView(doc.execution_id, "stage_1")).error?.code !== "cancelled") {
+      if (Date.now() > deadline) throw new Error("the worker was not told to cancel");
+      await scheduler.wait(25);
+    }
   });
 
   it("hang: a worker that never finishes fails with stage_timeout at the deadline and is told to cancel", async () => {
@@ -162,21 +168,30 @@ describe("fault injection: each fault ends as documented, with nothing left runn
     await waitFor(id, ended);
   });
 
-  it("progress_backwards: progress in the status document never goes down", async () => {
+  it("progress_backwards: while the worker reports 30 after 60, the status document still shows 60", async () => {
+    // quick_summary (no short deadline): progress 60 after step 1, 30 after step 2, each step 400 ms.
     const { body } = await startExecution({
-      template_name: "fault_single",
-      parameters: { steps: 3, step_ms: 150, fault: { mode: "progress_backwards" } },
+      template_name: "quick_summary",
+      parameters: { steps: 3, step_ms: 400, fault: { mode: "progress_backwards" } },
       client_id: "client_faults",
     });
-    const seen: number[] = [];
-    const doc = await waitFor(body.execution_id, (d) => {
-      seen.push(d.stages[0].progress);
-      return ended(d);
-    });
+    const id = body.execution_id as string;
+    await waitFor(id, (d) => d.stages[0]?.progress === 60);
+    // The worker itself now goes back to 30; caught while it is there.
+    const deadline = Date.now() + 10_000;
+    let view = await workerView(id, "stage_1");
+    while (view.progress !== 30) {
+      if (Date.now() > deadline || view.status !== "processing") throw new Error(`the worker never reported 30: ${JSON.stringify(view)}`);
+      await scheduler.wait(20);
+      view = await workerView(id, "stage_1");
+    }
+    // The orchestrator has had that report (its message is the one sent with 30) and kept 60.
+    await waitFor(id, (d) => d.stages[0].message === "step 2/3 (summary)");
+    expect((await status(id)).stages[0].progress).toBe(60);
+    const doc = await waitFor(id, ended);
     expect(doc.status).toBe("completed");
-    expect(seen.some((p) => p >= 60)).toBe(true);
-    for (let i = 1; i < seen.length; i++) expect(seen[i]).toBeGreaterThanOrEqual(seen[i - 1]);
-    await expectNoLiveReservations(body.execution_id);
+    expect(doc.stages[0].progress).toBe(100);
+    await expectNoLiveReservations(id);
   });
 
   it("fail: a permanent failure from the worker fails the execution with the worker's code, without retry", async () => {
@@ -247,17 +262,119 @@ describe("cancellation", () => {
   });
 
   it("cancels an execution that is waiting to retry", async () => {
+    // The first process answers 429 with retry-after 2 s: the stage sits in `pending`, waiting to retry, for 2 s.
     const { body } = await startExecution({
       template_name: "fault_single",
-      parameters: { ...quick, fault: { mode: "process_500_once" } },
+      parameters: { ...quick, fault: { mode: "process_429_once" } },
       client_id: "client_faults",
     });
     const id = body.execution_id as string;
+    await waitFor(id, (d) => d.stages[0]?.status === "pending" && d.stages[0].last_error?.code === "worker_http_429");
     const res = await call(`/executions/${id}/cancel`, { method: "POST", headers: KAM });
-    expect([200, 409]).toContain(res.status);
-    const doc = await waitFor(id, ended);
-    expect(["cancelled", "completed"]).toContain(doc.status);
+    expect(res.status).toBe(200);
+    const doc = (await res.json()) as StatusDocument;
+    expect(doc.status).toBe("cancelled");
+    expect(doc.stages[0]).toMatchObject({ status: "cancelled", attempts: 1 });
     await expectNoLiveReservations(id);
+    // The retry never happens: still one attempt once its time has passed.
+    const later = await waitFor(id, (d) => Date.now() - Date.parse(d.completed_at!) > 2500, 10_000);
+    expect(later.stages[0]).toMatchObject({ status: "cancelled", attempts: 1 });
+  });
+});
+
+describe("data integrity", () => {
+  it("an upload replayed after the stage completed is 409 and leaves the committed output byte for byte intact", async () => {
+    // large_output: 2 MiB, uploaded by the worker (PUT /data) and committed by reference.
+    const doc = await runFault("large_output");
+    expect(doc.status).toBe("completed");
+    const id = doc.execution_id;
+    const read = async () => new Uint8Array(await (await call(`/executions/${id}/result/content`, { headers: KAM })).arrayBuffer());
+    const digest = async (b: Uint8Array) => [...new Uint8Array(await crypto.subtle.digest("SHA-256", b))].map((x) => x.toString(16).padStart(2, "0")).join("");
+    const before = await read();
+    expect(before.byteLength).toBeGreaterThan(2 * 1024 * 1024); // the 2 MiB string as JSON
+    const objects = async () => (await env.DATA.list({ prefix: `r2/${id}/` })).objects.map((o) => [o.key, o.etag]);
+    const stored = await objects();
+
+    const token = await mintToken({ executionId: id, stageId: "stage_1", attempt: 1 });
+    for (const name of ["output.json", "output.bin"]) {
+      const replay = await call(`/data/${id}/stage_1/${name}`, {
+        method: "PUT",
+        headers: { authorization: `Bearer ${token}`, "content-type": "application/octet-stream" },
+        body: new Uint8Array(1000).fill(7),
+      });
+      expect(replay.status).toBe(409);
+      expect(((await replay.json()) as { error: { code: string } }).error.code).toBe("stage_ended");
+    }
+    // Nothing written, nothing deleted, the deliverable the same bytes.
+    expect(await objects()).toEqual(stored);
+    const after = await read();
+    expect(await digest(after)).toBe(await digest(before));
+  });
+
+  it("two complete callbacks with different bodies for one attempt: the first wins, the second is 409 and changes nothing", async () => {
+    const { body } = await startExecution({ template_name: "quick_summary", parameters: { ...quick, fault: { mode: "hang" } }, client_id: "client_faults" });
+    const id = body.execution_id as string;
+    await waitFor(id, (d) => d.stages[0]?.status === "processing");
+    // Over 64 KiB each, so the orchestrator stores them in KV: the second must not overwrite the first.
+    const first = { output: { text: "a".repeat(100_000) } };
+    const second = { output: { text: "b".repeat(100_000) } };
+    expect((await callback(id, "stage_1", 1, "complete", first)).status).toBe(200);
+    const again = await callback(id, "stage_1", 1, "complete", second);
+    expect(again.status).toBe(409);
+    expect(((await again.json()) as { error: { code: string } }).error.code).toBe("stage_ended");
+    const doc = await waitFor(id, ended);
+    expect(doc.status).toBe("completed");
+    const content = await call(`/executions/${id}/result/content`, { headers: KAM });
+    expect(await content.text()).toBe(JSON.stringify(first.output));
+    // The same first body again is still the idempotent repeat.
+    expect((await callback(id, "stage_1", 1, "complete", first)).status).toBe(200);
+    await expectNoLiveReservations(id);
+  });
+});
+
+describe("bounds on what a worker reports", () => {
+  it("usage far above the reservation, or in a pool the worker may not report, is refused with 422 and never charged", async () => {
+    // course_creation's stage 1 reserves tokens:openai 2000; it hangs, so only the test's callbacks report.
+    const { body } = await startExecution({
+      template_name: "course_creation",
+      parameters: { ...quick, fault: { stage: 1, mode: "hang" } },
+      client_id: "client_faults",
+    });
+    const id = body.execution_id as string;
+    await waitFor(id, (d) => d.stages[0]?.status === "processing");
+    const before = await status(id);
+    const far = await callback(id, "stage_1", 1, "complete", { output: { ok: 1 }, usage: { "tokens:openai": 20_001 } });
+    expect(far.status).toBe(422);
+    expect(((await far.json()) as { error: { code: string; message: string } }).error).toMatchObject({ code: "usage_out_of_bounds", message: expect.stringContaining("tokens:openai") });
+    const elsewhere = await callback(id, "stage_1", 1, "fail", { error: { code: "x", message: "y" }, usage: { "gpu:a100": 1 } });
+    expect(elsewhere.status).toBe(422);
+    // Nothing changed: the stage still runs, no usage, no cost.
+    expect(await status(id)).toEqual({ ...before, stages: before.stages.map((s, i) => (i === 0 ? { ...s, processing_ms: expect.any(Number) } : s)) });
+    // Within the bound (10 x 2000) it is taken and charged.
+    expect((await callback(id, "stage_1", 1, "complete", { output: { ok: 1 }, usage: { "tokens:openai": 19_999 } })).status).toBe(200);
+    const doc = await waitFor(id, (d) => d.stages[0].status === "completed");
+    expect(doc.stages[0].usage).toEqual({ "tokens:openai": 19_999 });
+    await call(`/executions/${id}/cancel`, { method: "POST", headers: KAM });
+    await expectNoLiveReservations(id);
+  });
+});
+
+describe("deadlines", () => {
+  it("an execution past its execution_timeout_ms fails with execution_timeout, and its worker is told to cancel", async () => {
+    const { res, body } = await startExecution({ template_name: "quick_summary", parameters: { ...quick, fault: { mode: "hang" } }, client_id: "client_faults", execution_timeout_ms: 1500 });
+    expect(res.status).toBe(202);
+    const id = body.execution_id as string;
+    const doc = await waitFor(id, ended, 10_000);
+    expect(doc.status).toBe("failed");
+    expect(doc.error?.code).toBe("execution_timeout");
+    expect(doc.stages[0]).toMatchObject({ status: "failed", error: { code: "execution_timeout" } });
+    expect(Date.parse(doc.completed_at!) - Date.parse(doc.created_at)).toBeGreaterThanOrEqual(1500);
+    await expectNoLiveReservations(id);
+    const deadline = Date.now() + 5000;
+    while ((await workerView(id, "stage_1")).error?.code !== "cancelled") {
+      if (Date.now() > deadline) throw new Error("the worker was not told to cancel");
+      await scheduler.wait(25);
+    }
   });
 });
 
@@ -319,7 +436,7 @@ describe("the Execution object survives eviction and alarm misbehaviour", () => 
       const exec = sql.exec.bind(sql);
       Object.defineProperty(sql, "exec", {
         value: (query: string, ...bindings: unknown[]) => {
-          if (query.includes("name IN ('advance', 'watchdog')")) throw new Error("storage exploded");
+          if (query.includes("WHERE name IN ('advance', 'watchdog'")) throw new Error("storage exploded");
           return exec(query, ...(bindings as SqlStorageValue[]));
         },
       });
