@@ -1,11 +1,14 @@
 import { env } from "cloudflare:workers";
-import { afterEach, describe, expect, it } from "vitest";
-import { ended, expectNoLiveReservations, startExecution, waitFor } from "../support/api";
+import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import type { LedgerSnapshot } from "../../schemas/ledger";
+import { JSON_HEADERS, KAM, OPS, call, ended, expectNoLiveReservations, startExecution, status, waitFor } from "../support/api";
 
 /**
- * The ledger made slow, unreachable, or losing its answers for real: the
- * Execution reaches it through LEDGER_BINDING, which in this project names a
- * real object in front of the ledger (test/support/faulty-ledger).
+ * The ledger made slow, unreachable, or losing its answers for real: in this
+ * project the Execution reaches it through LEDGER_BINDING, which names a real
+ * object in front of the ledger (test/support/faulty-ledger). Leases here are
+ * 3 s, a waiting stage re-asks only every 20 s (it relies on the grant
+ * notice), and a message is undeliverable after 2 s (vitest.config.ts).
  */
 type Method = "reserve" | "renew" | "settle" | "settleAndReserve" | "release" | "status" | "estimate" | "snapshot" | "putPool";
 interface FaultyLedgerStub {
@@ -18,11 +21,41 @@ const gate = () => {
   const ns = (env as unknown as { FAULTY_LEDGER: DurableObjectNamespace }).FAULTY_LEDGER;
   return ns.get(ns.idFromName("global")) as unknown as FaultyLedgerStub;
 };
+/** The real ledger, past the faulty object. */
+const realLedger = () => env.RESOURCE_LEDGER.get(env.RESOURCE_LEDGER.idFromName("global"));
 const quick = { steps: 2, step_ms: 5, echo: { hello: "world" } };
+const CAPPED = "worker:bitware-capped-granulator";
 
-afterEach(async () => {
+async function until<T>(what: string, read: () => Promise<T>, done: (v: T) => boolean, timeoutMs = 15_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await read();
+    if (done(v)) return v;
+    if (Date.now() > deadline) throw new Error(`${what}: not reached within ${timeoutMs} ms; last: ${JSON.stringify(v)}`);
+    await scheduler.wait(25);
+  }
+}
+
+const capped = (name: string) => realLedger().snapshot().then((s: LedgerSnapshot) => s.pools.find((p) => p.name === name));
+
+async function capCapped(capacity: number) {
+  const res = await call(`/resources/pools/${encodeURIComponent(CAPPED)}`, { method: "PUT", headers: { ...OPS, ...JSON_HEADERS }, body: JSON.stringify({ kind: "concurrency", capacity }) });
+  expect(res.status).toBe(200);
+}
+
+/** An execution whose one stage holds the capped worker's only slot until it is cancelled. */
+async function holdTheSlot(): Promise<string> {
+  const { body } = await startExecution({ template_name: "capped_pipeline", parameters: { ...quick, fault: { stage: 1, mode: "hang" } }, client_id: "client_lf" });
+  await waitFor(body.execution_id, (d) => d.stages[0]?.status === "processing");
+  return body.execution_id;
+}
+
+beforeEach(async () => {
   await gate().clearFaults();
   await gate().resetCalls();
+});
+afterEach(async () => {
+  await gate().clearFaults();
 });
 
 describe("the ledger behind a faulty object", () => {
@@ -34,5 +67,116 @@ describe("the ledger behind a faulty object", () => {
     const calls = await gate().calls();
     expect(calls.some((c) => c.method === "reserve" || c.method === "settleAndReserve")).toBe(true);
     await expectNoLiveReservations(body.execution_id);
+  });
+
+  it("ledger slow: a reserve that outlasts the call timeout is asked again after a short backoff, and no attempt is lost", async () => {
+    // 3 s > ledgerCallTimeoutMs (2 s), once.
+    await gate().setFault(["reserve"], { mode: "stall", stallMs: 3000, times: 1 });
+    const { body } = await startExecution({ template_name: "quick_summary", parameters: quick, client_id: "client_lf" });
+    const doc = await waitFor(body.execution_id, ended, 20_000);
+    expect(doc.status).toBe("completed");
+    expect(doc.stages[0]).toMatchObject({ attempts: 1, last_error: null });
+    const reserves = (await gate().calls("reserve")).filter((c) => c.at >= Date.parse(doc.created_at));
+    expect(reserves[0].fault).toBe("stall");
+    // Asked again once the 2 s call timeout passed, with a backoff of at most ledgerRetryBaseMs (500 ms), not after 20 s.
+    expect(reserves.length).toBeGreaterThanOrEqual(2);
+    expect(reserves[1].at - reserves[0].at).toBeLessThan(2000 + 500 + 1000);
+    await expectNoLiveReservations(body.execution_id);
+  });
+
+  it("ledger down for longer than a lease: the stage fails lease_lost (retryable) and the retry completes", async () => {
+    // A stage that works for about 4 s, longer than the 3 s lease.
+    const { body } = await startExecution({ template_name: "quick_summary", parameters: { steps: 8, step_ms: 500 }, client_id: "client_lf" });
+    const id = body.execution_id as string;
+    await waitFor(id, (d) => d.stages[0]?.status === "processing");
+    await gate().setFault("all", { mode: "down" });
+    // Unreachable until the real ledger has let the lease lapse.
+    await until("the lease lapsed", () => realLedger().snapshot(), (s: LedgerSnapshot) => s.leases === 0, 15_000);
+    await gate().clearFaults();
+    const doc = await waitFor(id, ended, 30_000);
+    expect(doc.status).toBe("completed");
+    expect(doc.stages[0].attempts).toBe(2);
+    expect(doc.stages[0].last_error).toMatchObject({ code: "lease_lost", attempt: 1 });
+    await expectNoLiveReservations(id);
+  });
+
+  it("a lost reserve answer burns no attempt: the grant notice for the current attempt is taken", async () => {
+    await capCapped(1);
+    const holder = await holdTheSlot();
+    // The next reserve reaches the ledger (a waiter is queued) but its answer is lost.
+    await gate().setFault(["reserve"], { mode: "lose_answer", times: 1 });
+    const { body } = await startExecution({ template_name: "capped_pipeline", parameters: quick, client_id: "client_lf" });
+    const id = body.execution_id as string;
+    await until("the answer was lost", () => gate().calls("reserve"), (c) => c.some((x) => x.fault === "lose_answer"));
+    await until("queued in the ledger", () => capped(CAPPED), (p) => (p?.waiting ?? 0) === 1);
+    // The slot frees: the ledger grants the waiter and sends its notice, well before the 20 s re-ask.
+    expect((await call(`/executions/${holder}/cancel`, { method: "POST", headers: KAM })).status).toBe(200);
+    const doc = await waitFor(id, ended, 30_000);
+    expect(doc.status).toBe("completed");
+    expect(doc.stages[0]).toMatchObject({ attempts: 1, last_error: null });
+    await expectNoLiveReservations(id);
+    await expectNoLiveReservations(holder);
+  });
+
+  it("a cancel releases a waiter whose reserve answer was lost, so nobody stays queued", async () => {
+    await capCapped(1);
+    const holder = await holdTheSlot();
+    await gate().setFault(["reserve"], { mode: "lose_answer", times: 1 });
+    const { body } = await startExecution({ template_name: "capped_pipeline", parameters: quick, client_id: "client_lf" });
+    const id = body.execution_id as string;
+    await until("queued in the ledger", () => capped(CAPPED), (p) => (p?.waiting ?? 0) === 1);
+    expect((await status(id)).stages[0]).toMatchObject({ status: "waiting_resources" });
+    expect((await call(`/executions/${id}/cancel`, { method: "POST", headers: KAM })).status).toBe(200);
+    // Released by the id derived from execution, stage and attempt.
+    await until("the waiter left the queue", () => realLedger().snapshot(), (s: LedgerSnapshot) => s.waiters === 0);
+    expect((await call(`/executions/${holder}/cancel`, { method: "POST", headers: KAM })).status).toBe(200);
+    await expectNoLiveReservations(holder);
+  });
+
+  it("queue_timeout: a stage that waits longer than its queue_timeout_ms fails, and its place in the queue is given back", async () => {
+    await capCapped(1);
+    const holder = await holdTheSlot();
+    // queue_bounded: one capped stage with queue_timeout_ms 1500.
+    const { body } = await startExecution({ template_name: "queue_bounded", parameters: quick, client_id: "client_lf" });
+    const id = body.execution_id as string;
+    const doc = await waitFor(id, ended, 15_000);
+    expect(doc.status).toBe("failed");
+    expect(doc.error).toMatchObject({ code: "queue_timeout", stage_id: "stage_1" });
+    expect(doc.stages[0]).toMatchObject({ status: "failed", attempts: 1 });
+    expect(doc.stages[0].waiting_ms).toBeGreaterThanOrEqual(1500);
+    await until("the waiter left the queue", () => realLedger().snapshot(), (s: LedgerSnapshot) => s.waiters === 0);
+    expect((await call(`/executions/${holder}/cancel`, { method: "POST", headers: KAM })).status).toBe(200);
+    await expectNoLiveReservations(holder);
+  });
+
+  it("a settle the ledger cannot take is never dropped: marked undeliverable, listed for operators, and delivered on retry", async () => {
+    await gate().setFault(["settle", "settleAndReserve"], { mode: "down" });
+    const { body } = await startExecution({ template_name: "quick_summary", parameters: quick, client_id: "client_lf" });
+    const id = body.execution_id as string;
+    await waitFor(id, ended);
+    // Past outboxUndeliverableMs (2 s) of failures: in the status document and in the operators' list.
+    const doc = await waitFor(id, (d) => (d.undeliverable ?? []).length > 0, 15_000);
+    expect(doc.status).toBe("completed");
+    expect(doc.undeliverable![0]).toMatchObject({ kind: "ledger_settle", last_error: expect.stringContaining("ledger unreachable") });
+    const listed = await until(
+      "listed",
+      async () => (await (await call("/resources/undeliverable", { headers: OPS })).json()) as { items: { execution_id: string; kind: string }[] },
+      (l) => l.items.some((i) => i.execution_id === id),
+    );
+    expect(listed.items.find((i) => i.execution_id === id)).toMatchObject({ kind: "ledger_settle" });
+    // The lease is still held: the settle never arrived.
+    expect((await realLedger().snapshot()).leases).toBeGreaterThan(0);
+
+    await gate().clearFaults();
+    const retry = await call("/resources/undeliverable/retry", { method: "POST", headers: { ...OPS, ...JSON_HEADERS }, body: JSON.stringify({ execution_id: id }) });
+    expect(retry.status).toBe(200);
+    expect(await retry.json()).toMatchObject({ executions: 1, retried: 1 });
+    await waitFor(id, (d) => (d.undeliverable ?? []).length === 0);
+    await expectNoLiveReservations(id);
+    await until(
+      "unlisted",
+      async () => (await (await call("/resources/undeliverable", { headers: OPS })).json()) as { items: { execution_id: string }[] },
+      (l) => !l.items.some((i) => i.execution_id === id),
+    );
   });
 });
