@@ -122,8 +122,6 @@ function orchestratorUnderTest(project: string, extra: { bindings?: Record<strin
         ...(extra.workers ?? []),
       ],
     },
-  }),
-],
   } as Parameters<typeof cloudflareTest>[0]);
 }
 

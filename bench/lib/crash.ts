@@ -74,7 +74,9 @@ export class CrashSystem {
 
   async status(id: string): Promise<{ status: number; doc: Doc | null }> {
     const res = await fetch(`${this.url}/executions/${id}`, { headers: this.kam, signal: AbortSignal.timeout(30_000) });
-    return { status: res.status, doc: res.status === 200 ? ((await res.json()) as Doc) : (await res.text(), null) };
+    if (res.status === 200) return { status: res.status, doc: (await res.json()) as Doc };
+    await res.body?.cancel();
+    return { status: res.status, doc: null };
   }
 
   async resources(): Promise<{ leases: number; waiters: number; pools: { name: string; kind: string; in_use: number; waiting: number }[] }> {
