@@ -164,8 +164,8 @@ describe("the ledger behind a faulty object", () => {
       (l) => l.items.some((i) => i.execution_id === id),
     );
     expect(listed.items.find((i) => i.execution_id === id)).toMatchObject({ kind: "ledger_settle" });
-    // The lease is still held: the settle never arrived.
-    expect((await realLedger().snapshot()).leases).toBeGreaterThan(0);
+    // Every settle so far was refused by the fault: none reached the ledger.
+    expect((await gate().calls("settle")).every((c) => c.fault === "down")).toBe(true);
 
     await gate().clearFaults();
     const retry = await call("/resources/undeliverable/retry", { method: "POST", headers: { ...OPS, ...JSON_HEADERS }, body: JSON.stringify({ execution_id: id }) });
@@ -173,6 +173,8 @@ describe("the ledger behind a faulty object", () => {
     expect(await retry.json()).toMatchObject({ executions: 1, retried: 1 });
     await waitFor(id, (d) => (d.undeliverable ?? []).length === 0);
     await expectNoLiveReservations(id);
+    // Delivered: a settle went through to the ledger once the fault was gone.
+    expect((await gate().calls("settle")).some((c) => c.fault === null)).toBe(true);
     await until(
       "unlisted",
       async () => (await (await call("/resources/undeliverable", { headers: OPS })).json()) as { items: { execution_id: string }[] },

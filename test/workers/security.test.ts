@@ -127,8 +127,10 @@ describe("tokens say what they are for and expire", () => {
     const { body } = await startExecution({ template_name: "data_pipeline", parameters: { steps: 1, step_ms: 0, output_bytes: { stage_1: 100_000, stage_2: 100_000, stage_3: 10 } }, client_id: "client_security" });
     const id = body.execution_id as string;
     expect((await waitFor(id, ended)).status).toBe("completed");
-    const key1 = `kv/${id}/stage_1/a1-output.json`;
-    const key2 = `kv/${id}/stage_2/a1-output.json`;
+    // Each stored output has a key of its own (attempt, nonce, name).
+    const keyOf = async (stage: string) => (await env.DATA_REFS.list({ prefix: `kv/${id}/${stage}/a1-` })).keys.map((k) => k.name)[0];
+    const key1 = await keyOf("stage_1");
+    const key2 = await keyOf("stage_2");
     expect(await env.DATA_REFS.get(key1)).not.toBeNull();
     expect(await env.DATA_REFS.get(key2)).not.toBeNull();
     // Stage 3's input is stage 2's output.
@@ -294,7 +296,7 @@ describe("stored bytes are served inert", () => {
     expect(content.status).toBe(200);
     expect(headersOf(content)).toEqual(INERT);
     expect((await content.arrayBuffer()).byteLength).toBeGreaterThan(64 * 1024);
-    const key = `kv/${id}/stage_2/a1-output.json`;
+    const key = (await env.DATA_REFS.list({ prefix: `kv/${id}/stage_2/a1-` })).keys.map((k) => k.name)[0];
     const data = await call(`/data/${key}`, { headers: bearer(await mintToken({ executionId: id, stageId: "stage_3", attempt: 1, use: "data", inputs: [key] })) });
     expect(data.status).toBe(200);
     expect(headersOf(data)).toEqual(INERT);
