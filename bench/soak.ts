@@ -6,11 +6,22 @@
  * capacity leaked (every ledger pool back to zero in use, no lease, no waiter).
  *
  *   npm run bench:soak -- [--n 1000] [--inflight 50] [--fault-share 0.3] [--seed 7]
+ *   npm run bench:soak -- --crash [--kills 7] [--n 1000]
+ *
+ * `--crash`: the same plan (no cancellations) on a persisted state directory,
+ * in `--kills` rounds; in each, the whole runtime is killed with SIGKILL while
+ * stages are on workers and started again on the same state (bench/lib/crash.ts).
+ * The report: every execution ended, none lost, every request_id repeated
+ * answers the same execution, the ledger clean after each round.
  *
  * Traffic goes to 127.0.0.1 only; every loop is bounded in count and time.
  */
 import os from "node:os";
+import { mkdtempSync, rmSync } from "node:fs";
+import path from "node:path";
+import { CrashSystem, crashRound } from "./lib/crash";
 import { demoSecrets, flagArgs, runMain, startDemoSession } from "./lib/demo-session";
+import { snapshotTree } from "./lib/e2e-session";
 import { mulberry32 } from "./lib/mulberry32";
 
 const args = flagArgs();
@@ -77,21 +88,103 @@ async function json(res: Response): Promise<any> {
   }
 }
 
+const POOLS = JSON.stringify([
+  { name: "worker:bitware-content-granulator", kind: "concurrency", capacity: 64 },
+  { name: "tokens:openai", kind: "rate", capacity: 2_000_000, refill_per_second: 33_333 },
+  { name: "tokens:anthropic", kind: "rate", capacity: 1_000_000, refill_per_second: 16_666 },
+  { name: "storage:r2", kind: "budget", capacity: 1e11 },
+  { name: "compute_ms", kind: "budget", capacity: 1e12 },
+]);
+const TUNING = JSON.stringify({ pollInitialMs: 100, pollMaxMs: 500, retryBaseMs: 50, retryCapMs: 300, maxPollFailures: 3, outboxRetryMs: 200 });
+
+/** `--crash`: the plan in rounds, each with a hard kill of the whole runtime while stages are on workers. */
+async function crashMain() {
+  const started = Date.now();
+  const kills = Number(args.get("kills") ?? 7);
+  const dir = mkdtempSync(path.join(os.tmpdir(), "orch-soak-crash-"));
+  const system = new CrashSystem({ secrets: SECRETS, vars: { LOG_LEVEL: "error", POOLS, TUNING }, cwd: snapshotTree(dir, "worktree") });
+  const plans = plan(mulberry32(SEED)).map((p, i) => ({ ...p, body: { ...p.body, request_id: `soak-crash-${SEED}-${i}` } }));
+  const expected = new Map(plans.map((p) => [p.body.request_id as string, p]));
+  const per = Math.ceil(plans.length / kills);
+  const rounds: unknown[] = [];
+  const byStatus: Record<string, number> = {};
+  let total = 0;
+  let stuck = 0;
+  let lost = 0;
+  let repeats = 0;
+  let unclean = 0;
+  let mismatches = 0;
+  const mismatchSamples: unknown[] = [];
+  try {
+    await system.start();
+    for (let r = 0; r < kills; r++) {
+      const chunk = plans.slice(r * per, (r + 1) * per);
+      if (!chunk.length) break;
+      const { report, outcomes } = await crashRound(system, {
+        round: r,
+        n: chunk.length,
+        bodies: chunk.map((p) => p.body),
+        concurrency: INFLIGHT,
+        killWhenOnWorkers: Math.min(20, Math.ceil(chunk.length / 4)),
+        endDeadlineMs: 180_000,
+        ledgerDeadlineMs: 60_000,
+      });
+      const { ledger: _ledger, ...summary } = report;
+      rounds.push(summary);
+      console.log("round %d: %s", r, JSON.stringify(summary));
+      total += outcomes.length;
+      stuck += report.stuck.length;
+      lost += report.lost;
+      repeats += report.repeat_mismatches;
+      if (!report.ledger_clean) unclean++;
+      for (const o of outcomes) {
+        const label = o.code ? `${o.status}:${o.code}` : o.status;
+        byStatus[label] = (byStatus[label] ?? 0) + 1;
+        const e = expected.get(o.requestId)?.expect;
+        if (e && (o.status !== e.status || (e.code && o.code !== e.code))) {
+          mismatches++;
+          if (mismatchSamples.length < 10) mismatchSamples.push({ id: o.executionId, fault: expected.get(o.requestId)?.fault, expected: e, got: { status: o.status, code: o.code } });
+        }
+      }
+    }
+  } finally {
+    await system.dispose();
+    rmSync(dir, { recursive: true, force: true });
+  }
+  const report = {
+    bench: "soak-crash",
+    planned: plans.length,
+    executions: total,
+    kills,
+    seed: SEED,
+    inflight: INFLIGHT,
+    fault_share: FAULT_SHARE,
+    by_status: byStatus,
+    still_running: stuck,
+    lost,
+    repeat_mismatches: repeats,
+    rounds_with_ledger_left_held: unclean,
+    outcome_mismatches: mismatches,
+    mismatch_samples: mismatchSamples,
+    rounds,
+    seconds: Math.round((Date.now() - started) / 100) / 10,
+    cores: os.cpus().length,
+    node: process.version,
+  };
+  console.log(JSON.stringify(report));
+  if (stuck || lost || repeats || unclean || total !== plans.length) process.exitCode = 1;
+}
+
 async function main() {
+  if (args.has("crash")) return crashMain();
   const started = Date.now();
   const session = await startDemoSession({
     secrets: SECRETS,
     vars: {
       LOG_LEVEL: "error",
       // Hung and crashed stages hold a worker slot until their deadline: give the worker room.
-      POOLS: JSON.stringify([
-        { name: "worker:bitware-content-granulator", kind: "concurrency", capacity: 64 },
-        { name: "tokens:openai", kind: "rate", capacity: 2_000_000, refill_per_second: 33_333 },
-        { name: "tokens:anthropic", kind: "rate", capacity: 1_000_000, refill_per_second: 16_666 },
-        { name: "storage:r2", kind: "budget", capacity: 1e11 },
-        { name: "compute_ms", kind: "budget", capacity: 1e12 },
-      ]),
-      TUNING: JSON.stringify({ pollInitialMs: 100, pollMaxMs: 500, retryBaseMs: 50, retryCapMs: 300, maxPollFailures: 3, outboxRetryMs: 200 }),
+      POOLS,
+      TUNING,
     },
   });
   const plans = plan(mulberry32(SEED));

@@ -1,5 +1,5 @@
 import type { DataReference } from "../../schemas/data";
-import type { ReserveResult } from "../../schemas/ledger";
+import { ReserveRequest, type ReserveResult } from "../../schemas/ledger";
 import type { ProgressResponse } from "../../schemas/worker-protocol";
 import { reportRateLimits } from "../../src/pacing";
 import { issueStageTokens } from "../../src/auth";
@@ -76,6 +76,14 @@ export async function askLedger(c: Core, st: StageRow): Promise<boolean> {
     // The client's quotas and fair share apply to the reservation (docs/ledger.md, "Clients").
     clientId: ex.client_id,
   };
+  // What the ledger would refuse as invalid_request is refused here, with the same schema: a
+  // request that can never be valid fails the attempt for good instead of being asked again.
+  const valid = ReserveRequest.safeParse(request);
+  if (!valid.success) {
+    const fields = valid.error.issues.map((i) => `${i.path.join(".")}: ${i.message}`).join("; ");
+    tx.failAttempt(c, st, { code: "invalid_request", message: `the ledger would refuse this reservation: ${fields}`, retryable: false }, Date.now());
+    return true;
+  }
   // The previous stage's settle, if still held, goes in the same call.
   const ride = c.outbox.takeHeld();
   let result: ReserveResult;

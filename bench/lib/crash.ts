@@ -191,9 +191,19 @@ export interface RoundReport {
  */
 export async function crashRound(
   system: CrashSystem,
-  opts: { round: number; n: number; concurrency: number; killWhenOnWorkers: number; endDeadlineMs: number; ledgerDeadlineMs: number; shape?: { steps: number; stepMs: number } },
+  opts: {
+    round: number;
+    n: number;
+    concurrency: number;
+    killWhenOnWorkers: number;
+    endDeadlineMs: number;
+    ledgerDeadlineMs: number;
+    shape?: { steps: number; stepMs: number };
+    /** The requests to start (each with a `request_id`); default: `n` of crashBody. */
+    bodies?: Record<string, unknown>[];
+  },
 ): Promise<{ report: RoundReport; outcomes: Outcome[] }> {
-  const bodies = Array.from({ length: opts.n }, (_, i) => crashBody(`crash-r${opts.round}-${i}`, i, opts.shape));
+  const bodies = opts.bodies ?? Array.from({ length: opts.n }, (_, i) => crashBody(`crash-r${opts.round}-${i}`, i, opts.shape));
   const submitted: Submitted[] = [];
   let killed = false;
   const submitting = submit(system, bodies, opts.concurrency, submitted, () => killed);

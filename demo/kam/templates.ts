@@ -139,6 +139,8 @@ const list: StoredTemplate[] = [
     pipeline_stages: JSON.stringify([
       { stage: 1, worker: GRANULATOR, template_ref: "approval_v1", action: "echo", max_attempts: 1, timeout_ms: 60_000 },
       { stage: 2, type: "approval", timeout_ms: 1_000 },
+    ] satisfies TemplateStage[]),
+  },
   // One capped stage that waits at most 1.5 s for its slot (`queue_timeout_ms`), then fails `queue_timeout`.
   {
     template_id: "mt_queue_001",

@@ -1,5 +1,9 @@
+import { mkdtempSync, rmSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { CrashSystem, crashRound } from "../../bench/lib/crash";
+import { snapshotTree } from "../../bench/lib/e2e-session";
 import { TEST_SECRETS } from "../support/constants";
 
 /**
@@ -9,9 +13,13 @@ import { TEST_SECRETS } from "../support/constants";
  * then started again on the same state.
  */
 let system: CrashSystem;
+let dir: string;
 
 beforeAll(async () => {
+  // From a snapshot of the tree: an edit elsewhere must not make wrangler reload the workers mid-test.
+  dir = mkdtempSync(path.join(os.tmpdir(), "orch-crash-test-"));
   system = new CrashSystem({
+    cwd: snapshotTree(dir, "worktree"),
     secrets: TEST_SECRETS,
     vars: {
       LOG_LEVEL: "warn",
@@ -27,6 +35,7 @@ beforeAll(async () => {
 });
 afterAll(async () => {
   await system?.dispose();
+  if (dir) rmSync(dir, { recursive: true, force: true });
 });
 
 describe("a hard crash of the whole runtime", () => {
