@@ -90,6 +90,8 @@ export interface Submitted {
   body: Record<string, unknown>;
   /** The execution id the first POST answered, or null when the crash cut it off. */
   executionId: string | null;
+  /** The first POST's answer: its status, or the error that cut it off. */
+  first: string;
 }
 
 /** A request body that keeps each of its three stages on the worker for a while (steps x step_ms). */
@@ -107,13 +109,15 @@ export async function submit(system: CrashSystem, bodies: Record<string, unknown
   const lane = async () => {
     while (next < bodies.length && !stop()) {
       const body = bodies[next++];
-      const entry: Submitted = { requestId: String(body.request_id), body, executionId: null };
+      const entry: Submitted = { requestId: String(body.request_id), body, executionId: null, first: "pending" };
       out.push(entry);
       try {
         const r = await system.execute(body);
+        entry.first = r.status === 202 || r.status === 200 ? String(r.status) : `${r.status} ${r.body?.error?.code ?? ""}`;
         if (r.status === 202 || r.status === 200) entry.executionId = r.body.execution_id;
-      } catch {
+      } catch (err) {
         // cut off by the crash
+        entry.first = err instanceof Error ? err.name : "error";
       }
     }
   };
@@ -171,6 +175,8 @@ export async function awaitLedgerClean(system: CrashSystem, deadlineMs: number) 
 export interface RoundReport {
   submitted: number;
   cut_off: number;
+  /** What the first POST of each request answered before the kill (status, or the error that cut it off). */
+  first_answers: Record<string, number>;
   on_workers_at_kill: number;
   ended: number;
   by_status: Record<string, number>;
@@ -212,7 +218,7 @@ export async function crashRound(
     finished = true;
   });
   let atKill = 0;
-  const watchUntil = Date.now() + 60_000;
+  const watchUntil = Date.now() + 120_000;
   while (Date.now() < watchUntil) {
     await new Promise((r) => setTimeout(r, 200));
     const ids = submitted.filter((s) => s.executionId).map((s) => s.executionId!);
@@ -223,6 +229,8 @@ export async function crashRound(
   await system.crash();
   await submitting;
   const cutOff = submitted.filter((s) => !s.executionId).length;
+  const firstAnswers: Record<string, number> = {};
+  for (const s of submitted) firstAnswers[s.first] = (firstAnswers[s.first] ?? 0) + 1;
   await system.start();
   const restartedAt = Date.now();
 
@@ -254,6 +262,7 @@ export async function crashRound(
     report: {
       submitted: submitted.length,
       cut_off: cutOff,
+      first_answers: firstAnswers,
       on_workers_at_kill: atKill,
       ended: outcomes.length - stuck.length,
       by_status: byStatus,

@@ -26,6 +26,8 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
   private readonly store: Store;
   private readonly counters: Counters;
   private loaded: { attempt: number; handshake: HandshakeRequest } | null = null;
+  /** An alarm handler is running (getAlarm() then answers null although the handler re-arms at its end). */
+  private inAlarm = false;
   private inputCache: { attempt: number; value: Promise<unknown> } | null = null;
 
   constructor(
@@ -182,15 +184,20 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
   }
 
   override async alarm(): Promise<void> {
-    const job = this.store.row();
-    if (!job) return;
-    if (Date.now() >= job.updated_at + this.opts.retentionMs) return this.expire(job);
-    const due = job.status === "processing" && job.run_at !== null && job.run_at <= Date.now();
-    // The work and the callbacks side by side: a slow orchestrator delays the callbacks, not the work.
-    // Whatever the run queued after the delivery loop ended is due at once: arm() calls the alarm back.
-    await Promise.all([due ? this.drive(job) : null, this.deliver()]);
-    await this.exclusive(() => this.settleOwedEnd());
-    await this.arm();
+    this.inAlarm = true;
+    try {
+      const job = this.store.row();
+      if (!job) return;
+      if (Date.now() >= job.updated_at + this.opts.retentionMs) return this.expire(job);
+      const due = job.status === "processing" && job.run_at !== null && job.run_at <= Date.now();
+      // The work and the callbacks side by side: a slow orchestrator delays the callbacks, not the work.
+      // Whatever the run queued after the delivery loop ended is due at once: arm() calls the alarm back.
+      await Promise.all([due ? this.drive(job) : null, this.deliver()]);
+      await this.exclusive(() => this.settleOwedEnd());
+      await this.arm();
+    } finally {
+      this.inAlarm = false;
+    }
   }
 
   // ---------------------------------------------------------------------------
@@ -430,7 +437,7 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
    */
   private async healAlarm(job: JobRow): Promise<void> {
     const owed = (job.status === "processing" && job.run_at !== null) || this.store.outboxHead() !== null || job.end_owed !== null;
-    if (!owed || (await this.ctx.storage.getAlarm()) !== null) return;
+    if (!owed || this.inAlarm || (await this.ctx.storage.getAlarm()) !== null) return;
     console.warn(`job ${job.execution_id}:${job.stage_id} had work due and no alarm: re-armed`);
     await this.arm();
   }

@@ -42,16 +42,16 @@ describe("a hard crash of the whole runtime", () => {
   it("loses no execution: each ends, a repeated request_id answers the same one, and the ledger ends empty", async () => {
     const { report, outcomes } = await crashRound(system, {
       round: 1,
-      n: 60,
-      concurrency: 30,
-      killWhenOnWorkers: 20,
+      n: 40,
+      concurrency: 8,
+      killWhenOnWorkers: 6,
       // Far below any stage deadline (10 min by default): an execution that waits for its deadline is caught.
       endDeadlineMs: 60_000,
       ledgerDeadlineMs: 60_000,
-      shape: { steps: 8, stepMs: 40 },
+      shape: { steps: 10, stepMs: 200 },
     });
     const detail = JSON.stringify(report);
-    expect(report.on_workers_at_kill, detail).toBeGreaterThanOrEqual(20);
+    expect(report.on_workers_at_kill, detail).toBeGreaterThanOrEqual(6);
     expect(report.lost, detail).toBe(0);
     expect(report.stuck, detail).toEqual([]);
     expect(report.repeat_mismatches, detail).toBe(0);
