@@ -124,10 +124,13 @@ export async function submit(system: CrashSystem, bodies: Record<string, unknown
   await Promise.all(Array.from({ length: concurrency }, lane));
 }
 
-/** How many of these executions have a stage on a worker right now. */
-export async function onWorkers(system: CrashSystem, ids: string[]): Promise<number> {
+/** How many of these executions have a stage on a worker right now, and how many have not ended. */
+export async function onWorkers(system: CrashSystem, ids: string[]): Promise<{ onWorkers: number; live: number }> {
   const docs = await Promise.all(ids.map((id) => system.status(id).then((r) => r.doc).catch(() => null)));
-  return docs.filter((d) => d?.stages.some((s) => s.status === "handshaking" || s.status === "processing")).length;
+  return {
+    onWorkers: docs.filter((d) => d?.stages.some((s) => s.status === "handshaking" || s.status === "processing")).length,
+    live: docs.filter((d) => !d || !["completed", "failed", "cancelled"].includes(d.status)).length,
+  };
 }
 
 export interface Outcome {
@@ -222,8 +225,10 @@ export async function crashRound(
   while (Date.now() < watchUntil) {
     await new Promise((r) => setTimeout(r, 200));
     const ids = submitted.filter((s) => s.executionId).map((s) => s.executionId!);
-    atKill = await onWorkers(system, ids);
-    if (atKill >= opts.killWhenOnWorkers || finished) break;
+    const seen = await onWorkers(system, ids);
+    atKill = seen.onWorkers;
+    // Kill once enough are on the worker; give up waiting only when nothing is left that could get there.
+    if (atKill >= opts.killWhenOnWorkers || (finished && seen.live === 0)) break;
   }
   killed = true;
   await system.crash();
