@@ -10,7 +10,7 @@ import { JSON_HEADERS, KAM, OPS, call, ended, expectNoLiveReservations, startExe
  * 3 s, a waiting stage re-asks only every 20 s (it relies on the grant
  * notice), and a message is undeliverable after 2 s (vitest.config.ts).
  */
-type Method = "reserve" | "renew" | "settle" | "settleAndReserve" | "release" | "status" | "estimate" | "snapshot" | "putPool";
+type Method = "reserve" | "renew" | "settle" | "settleAndReserve" | "release" | "status" | "estimate" | "snapshot" | "putPool" | "admitStart";
 interface FaultyLedgerStub {
   setFault(methods: Method[] | "all", fault: { mode: "stall" | "down" | "lose_answer"; stallMs?: number; times?: number }): Promise<void>;
   clearFaults(): Promise<void>;

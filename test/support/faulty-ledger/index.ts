@@ -23,7 +23,8 @@ interface LedgerEnv {
   REAL_LEDGER: DurableObjectNamespace;
 }
 
-const METHODS = ["reserve", "renew", "settle", "settleAndReserve", "release", "status", "estimate", "snapshot", "putPool"] as const;
+/** Every RPC method of ResourceLedger (a method missing here would fail every call to it). */
+const METHODS = ["reserve", "renew", "settle", "settleAndReserve", "release", "status", "estimate", "snapshot", "putPool", "putClientQuotas", "client", "clients", "admitStart"] as const;
 type Method = (typeof METHODS)[number];
 
 export class FaultyLedger extends DurableObject<LedgerEnv> {
@@ -72,6 +73,18 @@ export class FaultyLedger extends DurableObject<LedgerEnv> {
   }
   putPool(...args: unknown[]) {
     return this.#forward("putPool", args);
+  }
+  putClientQuotas(...args: unknown[]) {
+    return this.#forward("putClientQuotas", args);
+  }
+  client(...args: unknown[]) {
+    return this.#forward("client", args);
+  }
+  clients(...args: unknown[]) {
+    return this.#forward("clients", args);
+  }
+  admitStart(...args: unknown[]) {
+    return this.#forward("admitStart", args);
   }
 
   async #forward(method: Method, args: unknown[]): Promise<unknown> {
