@@ -160,8 +160,10 @@ export default defineConfig({
             bindings: {
               LEDGER_BINDING: "FAULTY_LEDGER",
               // Short leases (a ledger down for longer than one is a few seconds), rare re-asks while
-              // waiting (a grant must come by its notice), and undeliverable after 2 s.
-              TUNING: JSON.stringify({ ...TEST_TUNING, leaseMs: 3000, ledgerReaskMs: 20_000, outboxUndeliverableMs: 2000 }),
+              // waiting (a grant must come by its notice), and undeliverable after 2 s. The handshaking
+              // deadline (3 s) is shorter than one worker call's timeout (6 s), so a stalled handshake
+              // meets the deadline, not the call's timeout.
+              TUNING: JSON.stringify({ ...TEST_TUNING, leaseMs: 3000, ledgerReaskMs: 20_000, outboxUndeliverableMs: 2000, workerCallTimeoutMs: 6000, handshakeTimeoutMs: 3000 }),
             },
             durableObjects: { FAULTY_LEDGER: { className: "FaultyLedger", scriptName: "faulty-ledger", useSQLite: true } },
             workers: [

@@ -40,26 +40,27 @@ export class WorkerClient {
     return new WorkerClient(fetcher, secret, config.tuning.workerCallTimeoutMs, config.tuning.maxWorkerAnswerBytes, worker, traceHeaders);
   }
 
-  private call<S extends z.ZodType>(method: "GET" | "POST", path: string, schema: S, body?: unknown): Promise<CallResult<z.output<S>>> {
+  private call<S extends z.ZodType>(method: "GET" | "POST", path: string, schema: S, body?: unknown, timeoutMs = this.timeoutMs): Promise<CallResult<z.output<S>>> {
     return callJson({
       fetcher: this.fetcher,
       url: this.base + path,
       method,
       body,
       schema,
-      timeoutMs: this.timeoutMs,
+      timeoutMs: Math.min(timeoutMs, this.timeoutMs),
       maxAnswerBytes: this.maxAnswerBytes,
       headers: { ...this.traceHeaders, authorization: `Bearer ${this.secret}` },
       peer: "worker",
     });
   }
 
-  handshake(body: HandshakeRequest) {
-    return this.call("POST", "/api/handshake", HandshakeResponse, body);
+  /** `timeoutMs`: a shorter bound than the call timeout (what is left of the handshaking deadline). */
+  handshake(body: HandshakeRequest, timeoutMs?: number) {
+    return this.call("POST", "/api/handshake", HandshakeResponse, body, timeoutMs);
   }
 
-  process(body: ProcessRequest) {
-    return this.call("POST", "/api/process", z.unknown(), body);
+  process(body: ProcessRequest, timeoutMs?: number) {
+    return this.call("POST", "/api/process", z.unknown(), body, timeoutMs);
   }
 
   progress(executionId: string, stageId: string) {

@@ -751,7 +751,7 @@ export class Execution extends DurableObject<Env> {
       case "handshaking": {
         if (st.deadline_at !== null && now >= st.deadline_at) {
           this.#timers.take("deadline", st.stage_id);
-          tx.failAttempt(this.#c, st, { code: "handshake_timeout", message: `handshake and process took longer than ${this.#config.tuning.handshakeTimeoutMs} ms`, retryable: true }, now);
+          tx.failAttempt(this.#c, st, step.handshakeTimeout(this.#c), now);
           return true;
         }
         if (this.#timers.take("lease", st.stage_id)) void step.renewLease(this.#c, st);

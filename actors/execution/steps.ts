@@ -194,11 +194,11 @@ export async function handshake(c: Core, st: StageRow): Promise<boolean> {
     resourceRequirements: { estimatedTokens, timeoutMs: st.timeout_ms, pools: requirements },
     validationConfig: {},
     callback: { url: `${c.config.publicUrl}/executions/${ex.execution_id}/stages/${st.stage_id}`, token, dataToken },
-  });
+  }, handshakingLeftMs(st));
   c.store.logCall("worker_handshake", st, hs.ms, hs.ok ? (hs.value.accepted ? "accepted" : "refused") : hs.error.code);
   if (!c.store.stillAt(st, "handshaking")) return true;
   if (!hs.ok) {
-    tx.failAttempt(c, st, hs.error, Date.now());
+    tx.failAttempt(c, st, handshakingFailure(c, st, hs.error), Date.now());
     return true;
   }
   if (!hs.value.accepted) {
@@ -206,17 +206,35 @@ export async function handshake(c: Core, st: StageRow): Promise<boolean> {
     tx.failAttempt(c, st, { code: "handshake_refused", message: `worker refused the stage: ${reason}`, retryable: hs.value.retryable ?? false }, Date.now());
     return true;
   }
-  const pr = await client.process({ executionId: ex.execution_id, stageId: st.stage_id, attempt: st.attempt });
+  const pr = await client.process({ executionId: ex.execution_id, stageId: st.stage_id, attempt: st.attempt }, handshakingLeftMs(st));
   c.store.logCall("worker_process", st, pr.ms, pr.ok ? "ok" : pr.error.code);
   // A fast worker may have called back `complete` before process() answered: then we are done here.
   if (!c.store.stillAt(st, "handshaking")) return true;
   const at = Date.now();
   if (!pr.ok) {
-    tx.failAttempt(c, st, pr.error, at);
+    tx.failAttempt(c, st, handshakingFailure(c, st, pr.error), at);
     return true;
   }
   tx.startProcessing(c, st, at);
   return true;
+}
+
+/**
+ * What is left of the handshaking deadline bounds the handshake and process calls: the drive pass
+ * awaits them, so the deadline's alarm cannot end the attempt while one is still out.
+ */
+function handshakingLeftMs(st: StageRow): number | undefined {
+  return st.deadline_at === null ? undefined : Math.max(1, st.deadline_at - Date.now());
+}
+
+/** A call cut short by the handshaking deadline fails the attempt as the deadline does, `handshake_timeout`. */
+function handshakingFailure(c: Core, st: StageRow, error: StageFailure): StageFailure {
+  if (st.deadline_at === null || Date.now() < st.deadline_at) return error;
+  return handshakeTimeout(c);
+}
+
+export function handshakeTimeout(c: Core): StageFailure {
+  return { code: "handshake_timeout", message: `handshake and process took longer than ${c.config.tuning.handshakeTimeoutMs} ms`, retryable: true };
 }
 
 export async function poll(c: Core, st: StageRow): Promise<boolean> {

@@ -12,6 +12,7 @@ import { intParam, largeOutput, type Piece } from "./work";
 export const FAULT_MODES = [
   "refuse",
   "refuse_retryable",
+  "stall_handshake",
   "process_500_once",
   "process_429_once",
   "crash",
@@ -46,7 +47,7 @@ export interface Fault {
  * not these), so "the first N times" holds however the orchestrator numbers
  * its attempts.
  */
-export const COUNTERS = { refused: "fault:refused", processCalls: "fault:process_calls", failures: "fault:failures" } as const;
+export const COUNTERS = { refused: "fault:refused", stalled: "fault:stalled", processCalls: "fault:process_calls", failures: "fault:failures" } as const;
 
 const LARGE_OUTPUT_DEFAULT = 2 * 1024 * 1024;
 // Built in memory as one string: stay well under the upload limit and the object's memory.
@@ -80,6 +81,15 @@ export function handshakeRefusal(fault: Fault | null, refusedSoFar: number): { r
     return { reason: `busy, try again (fault injected, refusal ${refusedSoFar + 1} of ${fault.times})`, retryable: true };
   }
   return null;
+}
+
+/**
+ * `stall_handshake`: the stage's first `times` handshakes answer only after
+ * `parameters.stall_ms` (default 10 s), past any handshake deadline under test.
+ */
+export function handshakeStallMs(fault: Fault | null, parameters: Record<string, unknown>, stalledSoFar: number): number {
+  if (fault?.mode !== "stall_handshake" || stalledSoFar >= fault.times) return 0;
+  return intParam(parameters.stall_ms, 10_000, 1, 60_000);
 }
 
 /** `process_500_once`: the stage's very first process call answers 500. */

@@ -6,6 +6,7 @@ import {
   faultOf,
   faultOutput,
   handshakeRefusal,
+  handshakeStallMs,
   outcomeOf,
   progressAt,
   runsSteps,
@@ -24,10 +25,15 @@ import { type GraphInput, blobSize, blobStream, intParam, isTextAction, prepare,
 
 export const WORKER_ID = "bitware-content-granulator";
 
-export function acceptStage(req: HandshakeRequest, counters: Counters): Acceptance {
+export async function acceptStage(req: HandshakeRequest, counters: Counters): Promise<Acceptance> {
   const params = req.inputData.parameters;
   const found = faultFor(params, req.stageId, req.attempt);
   if ("error" in found) return { accepted: false, reason: found.error, retryable: false };
+  const stallMs = handshakeStallMs(found.fault, params, counters.get(COUNTERS.stalled));
+  if (stallMs > 0) {
+    counters.bump(COUNTERS.stalled);
+    await scheduler.wait(stallMs);
+  }
   const refused = handshakeRefusal(found.fault, counters.get(COUNTERS.refused));
   if (refused) {
     counters.bump(COUNTERS.refused);

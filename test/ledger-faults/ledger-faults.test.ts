@@ -182,3 +182,15 @@ describe("the ledger behind a faulty object", () => {
     );
   });
 });
+
+describe("the handshaking deadline", () => {
+  it("handshake_timeout: a worker that stalls on /api/handshake fails the attempt at the handshaking deadline, and the retry completes", async () => {
+    // The first handshake answers after 10 s; handshakeTimeoutMs is 3 s, one worker call's timeout 6 s.
+    const { body } = await startExecution({ template_name: "quick_summary", parameters: { ...quick, fault: { stage: 1, mode: "stall_handshake" }, stall_ms: 10_000 }, client_id: "client_lf" });
+    const doc = await waitFor(body.execution_id, ended, 30_000);
+    expect(doc.status).toBe("completed");
+    expect(doc.stages[0].attempts).toBe(2);
+    expect(doc.stages[0].last_error).toMatchObject({ code: "handshake_timeout", attempt: 1 });
+    await expectNoLiveReservations(body.execution_id);
+  });
+});
