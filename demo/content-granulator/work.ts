@@ -380,10 +380,14 @@ function echoWork(parameters: Params, previousOutput: unknown): Work {
 // ---------------------------------------------------------------------------
 // list and gather: the pipeline graph's plumbing (fan-out lists, fan-in, diamonds).
 
-/** `list`: `{ items: [{ index, label }], count }` with `parameters.items` entries (default 5, at most 5000). */
+/**
+ * `list`: `{ items: [{ index, label }], count }` with `parameters.items` entries (default 5, at most 5000);
+ * `parameters.item_pad` adds `pad`, that many characters, to each entry (a large list of few items).
+ */
 function listWork(parameters: Params): Work {
   const count = intParam(parameters.items, 5, 0, 5000);
-  const items = Array.from({ length: count }, (_, index) => ({ index, label: `item ${index}` }));
+  const pad = intParam(parameters.item_pad, 0, 0, 1024 * 1024);
+  const items = Array.from({ length: count }, (_, index) => ({ index, label: `item ${index}`, ...(pad > 0 ? { pad: `${index}`.padEnd(pad, "p") } : {}) }));
   return {
     units: 1,
     estimatedWords: count * 2,

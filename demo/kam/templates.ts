@@ -185,6 +185,17 @@ const list: StoredTemplate[] = [
       { stage: 3, worker: GRAPH, template_ref: "graph_v1", action: "gather" },
     ] satisfies TemplateStage[]),
   },
+  // Two fan-outs over the same list side by side (max_parallel 5 each), then a merge: the execution's maxRunningItems bounds them together.
+  {
+    template_id: "mt_graph_005",
+    template_name: "graph_side_by_side",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRAPH, template_ref: "graph_v1", action: "list" },
+      { stage: 2, worker: GRAPH, template_ref: "graph_v1", action: "gather", depends_on: [1], for_each: "/items", max_parallel: 5 },
+      { stage: 3, worker: GRAPH, template_ref: "graph_v1", action: "gather", depends_on: [1], for_each: "/items", max_parallel: 5 },
+      { stage: 4, worker: GRAPH, template_ref: "graph_v1", action: "gather", depends_on: [2, 3] },
+    ] satisfies TemplateStage[]),
+  },
   // Two stages nothing depends on: the deliverable maps each one's id to its output.
   {
     template_id: "mt_graph_003",

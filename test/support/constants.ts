@@ -49,4 +49,6 @@ export const TEST_TUNING = {
   notifyRetryWindowMs: 5_000,
   // Fewer than the months the index tests span, so reads that cross more of them stop at the bound with a cursor.
   maxIndexShardsPerRequest: 4,
+  // Fewer than two fan-outs side by side may run (max_parallel 5 each), so the graph test sees the bound hold.
+  maxRunningItems: 6,
 };

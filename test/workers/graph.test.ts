@@ -2,41 +2,15 @@ import { evictDurableObject, runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { migrate } from "../../actors/execution/store";
 import { beforeEach, describe, expect, it } from "vitest";
-import type { StatsSnapshot } from "../../demo/content-granulator/stats";
 import type { ItemsPage, StageDocument, StatusDocument } from "../../schemas/api";
-import { TEST_WORKER_SECRETS } from "../support/constants";
-import { OPS, call, ended, executionStub, expectNoLiveReservations, startExecution, waitFor, waitForLedger } from "../support/api";
+import { OPS, call, ended, executionStub, expectNoLiveReservations, waitFor, waitForLedger } from "../support/api";
+import { GRAPH_WORKER as WORKER, type Gathered, deliverable as result, graphStats as stats, resetGraphStats, startGraph as start } from "../support/graph";
 
 /**
  * The pipeline graph end to end: depends_on, fan-out over a list (for_each),
  * max_parallel, fan-in, failures and eviction, against a granulator instance
  * of its own (vitest.config.ts), whose counters see only these tests' jobs.
  */
-const WORKER = "bitware-graph-granulator";
-const graphWorker = (env as unknown as { GRAPH_GRANULATOR: Fetcher }).GRAPH_GRANULATOR;
-const AUTH = { authorization: `Bearer ${TEST_WORKER_SECRETS[WORKER]}` };
-
-const stats = async () => (await (await graphWorker.fetch("https://graph.internal/api/stats", { headers: AUTH })).json()) as StatsSnapshot;
-
-/** What the `gather` action reports: the stage that ran, what it received, and for an item its element. */
-interface Gathered {
-  stage: string;
-  inputs: Record<string, unknown>;
-  item?: { index: number; label: string };
-  item_index?: number;
-}
-
-async function start(template_name: string, parameters: Record<string, unknown>) {
-  const { res, body } = await startExecution({ template_name, parameters, client_id: "client_graph" });
-  expect(res.status).toBe(202);
-  return body.execution_id as string;
-}
-
-async function result(id: string): Promise<unknown> {
-  const res = await call(`/executions/${id}/result`, { headers: OPS });
-  expect(res.status).toBe(200);
-  return ((await res.json()) as { output: unknown }).output;
-}
 
 async function items(id: string, stageId: string, query = ""): Promise<ItemsPage> {
   const res = await call(`/executions/${id}/stages/${stageId}/items${query}`, { headers: OPS });
@@ -67,7 +41,7 @@ const stage = (doc: StatusDocument, n: number) => doc.stages.find((s) => s.stage
 
 describe("pipeline graph", () => {
   beforeEach(async () => {
-    await graphWorker.fetch("https://graph.internal/api/stats/reset", { method: "POST", headers: AUTH });
+    await resetGraphStats();
   });
 
   it("a diamond runs stages 2 and 3 at the same time, and 4 receives both outputs in inputs", async () => {

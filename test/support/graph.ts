@@ -1,0 +1,41 @@
+import { env } from "cloudflare:workers";
+import { expect } from "vitest";
+import type { StatsSnapshot } from "../../demo/content-granulator/stats";
+import { OPS, call, startExecution } from "./api";
+import { TEST_WORKER_SECRETS } from "./constants";
+
+/**
+ * The pipeline graph tests' granulator instance (vitest.config.ts), whose
+ * counters see only their jobs, and the helpers they share.
+ */
+export const GRAPH_WORKER = "bitware-graph-granulator";
+const graphWorker = (env as unknown as { GRAPH_GRANULATOR: Fetcher }).GRAPH_GRANULATOR;
+const AUTH = { authorization: `Bearer ${TEST_WORKER_SECRETS[GRAPH_WORKER]}` };
+
+/** The graph worker's own counters (processing now, most at once, started, completed). */
+export const graphStats = async () => (await (await graphWorker.fetch("https://graph.internal/api/stats", { headers: AUTH })).json()) as StatsSnapshot;
+
+export async function resetGraphStats(): Promise<void> {
+  await graphWorker.fetch("https://graph.internal/api/stats/reset", { method: "POST", headers: AUTH });
+}
+
+/** What the `gather` action reports: the stage that ran, what it received, and for an item its element. */
+export interface Gathered {
+  stage: string;
+  inputs: Record<string, unknown>;
+  item?: unknown;
+  item_index?: number;
+}
+
+export async function startGraph(template_name: string, parameters: Record<string, unknown>): Promise<string> {
+  const { res, body } = await startExecution({ template_name, parameters, client_id: "client_graph" });
+  expect(res.status).toBe(202);
+  return body.execution_id as string;
+}
+
+/** The execution's deliverable (`GET /executions/:id/result` `output`). */
+export async function deliverable(id: string): Promise<unknown> {
+  const res = await call(`/executions/${id}/result`, { headers: OPS });
+  expect(res.status).toBe(200);
+  return ((await res.json()) as { output: unknown }).output;
+}

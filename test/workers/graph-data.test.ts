@@ -1,0 +1,124 @@
+import { runInDurableObject } from "cloudflare:test";
+import { env } from "cloudflare:workers";
+import { beforeEach, describe, expect, it } from "vitest";
+import type { DataReference } from "../../schemas/data";
+import { ended, executionStub, expectNoLiveReservations, waitFor } from "../support/api";
+import { TEST_TUNING } from "../support/constants";
+import { type Gathered, deliverable as result, graphStats as stats, resetGraphStats, startGraph as start } from "../support/graph";
+
+/**
+ * The pipeline graph with data passed by reference (fan-out over a stored
+ * list, items' stored outputs in the fan-in) and the execution's bound on
+ * running items across fan-outs side by side, on the graph granulator
+ * instance (vitest.config.ts) whose counters see only these tests' jobs.
+ */
+
+/** What a stage receives for an output stored by reference (actors/execution/steps.ts, outputAsInput). */
+interface RefSummary {
+  $ref: string;
+  size: number;
+  contentType: string;
+}
+
+/** What the Execution object keeps for each stage and item: inline JSON text or a reference. */
+async function stored(id: string): Promise<Map<string, { output: string | null; ref: DataReference | null }>> {
+  const rows = await runInDurableObject(executionStub(id), (_i, state) =>
+    state.storage.sql.exec("SELECT stage_id, output, output_ref FROM stages").toArray(),
+  );
+  return new Map(rows.map((r) => [r.stage_id as string, { output: r.output as string | null, ref: r.output_ref ? (JSON.parse(r.output_ref as string) as DataReference) : null }]));
+}
+
+/** A JSON output stored in KV, read back. */
+async function kvJson(ref: DataReference): Promise<unknown> {
+  expect(ref.kind).toBe("kv");
+  return JSON.parse((await env.DATA_REFS.get(ref.key, "text"))!);
+}
+
+describe("pipeline graph with data by reference and the per-execution item bound", () => {
+  beforeEach(async () => {
+    await resetGraphStats();
+  });
+
+  it("a fan-out over a list stored by reference expands into its items, each with its own element", async () => {
+    // Four entries of 20,000 characters each: the list (about 80 KB) is over the inline limit (64 KiB) and goes to KV.
+    const id = await start("graph_fan_out", { items: 4, item_pad: 20_000, steps: 1, step_ms: 0 });
+    const doc = await waitFor(id, ended, 30_000);
+    expect(doc.status).toBe("completed");
+    const rows = await stored(id);
+    const listRef = rows.get("stage_1")!.ref!;
+    expect(rows.get("stage_1")!.output).toBeNull();
+    expect(listRef.key.startsWith(`kv/${id}/stage_1/`)).toBe(true);
+    const list = (await kvJson(listRef)) as { items: { index: number; label: string; pad: string }[] };
+    expect(list.items).toHaveLength(4);
+
+    expect(doc.stages[1].items).toEqual({ total: 4, pending: 0, running: 0, completed: 4, failed: 0, cancelled: 0 });
+    for (let i = 0; i < 4; i++) {
+      const item = rows.get(`stage_2.${i}`)!;
+      expect(item.ref).toBeNull();
+      const out = JSON.parse(item.output!) as Gathered;
+      expect(out.stage).toBe(`stage_2.${i}`);
+      expect(out.item_index).toBe(i);
+      // The element of the stored list at its position, whole.
+      expect(out.item).toEqual({ index: i, label: `item ${i}`, pad: `${i}`.padEnd(20_000, "p") });
+      expect(out.item).toEqual(list.items[i]);
+      // Its inputs carry the list as the reference it is, not a copy.
+      expect(out.inputs).toEqual({ stage_1: { $ref: listRef.key, size: listRef.size, contentType: "application/json" } });
+    }
+    expect((await stats()).started).toBe(6);
+    await expectNoLiveReservations(id);
+  });
+
+  it("items' outputs stored by reference stay references in the fan-out's output and in the merge's inputs", async () => {
+    // Each item's output is a 100,000-byte string: over the inline limit, so each is stored in KV on its own.
+    const id = await start("graph_fan_out", { items: 3, steps: 1, step_ms: 0, output_bytes: 100_000, fault: { stage: 2, mode: "large_output" } });
+    const doc = await waitFor(id, ended, 30_000);
+    expect(doc.status).toBe("completed");
+    const rows = await stored(id);
+    const itemRefs = [0, 1, 2].map((i) => {
+      const row = rows.get(`stage_2.${i}`)!;
+      expect(row.output).toBeNull();
+      expect(row.ref!.key.startsWith(`kv/${id}/stage_2.${i}/`)).toBe(true);
+      return row.ref!;
+    });
+    expect(new Set(itemRefs.map((r) => r.key)).size).toBe(3);
+    for (const ref of itemRefs) {
+      const text = await kvJson(ref);
+      expect(typeof text).toBe("string");
+      expect((text as string).length).toBe(100_000);
+    }
+    const summaries: RefSummary[] = itemRefs.map((r) => ({ $ref: r.key, size: r.size, contentType: "application/json" }));
+
+    // The fan-out stage's output: the three references in item order, small enough to stay inline (no copy of 300 KB).
+    const fan = rows.get("stage_2")!;
+    expect(fan.ref).toBeNull();
+    expect(JSON.parse(fan.output!)).toEqual(summaries);
+    expect(fan.output!.length).toBeLessThan(2_000);
+
+    // The merge received exactly those references in its inputs.
+    const merge = (await result(id)) as Gathered;
+    expect(merge.stage).toBe("stage_3");
+    expect(merge.inputs).toEqual({ stage_2: summaries });
+    await expectNoLiveReservations(id);
+  });
+
+  it("two fan-outs side by side never run more items at once than maxRunningItems, though their max_parallel adds up to more", async () => {
+    // max_parallel 5 + 5 = 10, within the worker's pool (10); the execution's bound is lower.
+    expect(TEST_TUNING.maxRunningItems).toBe(6);
+    const id = await start("graph_side_by_side", { items: 10, steps: 3, step_ms: 120 });
+    const doc = await waitFor(id, ended, 60_000);
+    expect(doc.status).toBe("completed");
+    expect(doc.stages.map((s) => [s.stage_id, s.depends_on])).toEqual([
+      ["stage_1", []],
+      ["stage_2", ["stage_1"]],
+      ["stage_3", ["stage_1"]],
+      ["stage_4", ["stage_2", "stage_3"]],
+    ]);
+    const s = await stats();
+    expect(s.max_concurrent).toBe(TEST_TUNING.maxRunningItems);
+    expect(s.completed).toBe(22);
+    const merge = (await result(id)) as Gathered;
+    expect((merge.inputs.stage_2 as Gathered[]).map((o) => o.stage)).toEqual(Array.from({ length: 10 }, (_, i) => `stage_2.${i}`));
+    expect((merge.inputs.stage_3 as Gathered[]).map((o) => o.stage)).toEqual(Array.from({ length: 10 }, (_, i) => `stage_3.${i}`));
+    await expectNoLiveReservations(id);
+  });
+});
