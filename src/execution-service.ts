@@ -250,25 +250,26 @@ export async function writeData(env: Env, request: Request, id: string, stageId:
   return ref;
 }
 
-export async function cancelExecution(env: Env, id: unknown): Promise<StatusDocument> {
-  const executionId = checkExecutionId(id);
-  const r = await call<CancelState>(env, executionStub(env, executionId).cancel(), "execution cancel");
-  if (r.state === "missing") throw new ApiError(404, "not_found", `no execution ${executionId}`);
+/** Cancel and pause answer alike: 404 for a missing execution, 409 `already_terminal` for an ended one. */
+function stoppedOrThrow(r: { state: "missing" } | { state: string; status: StatusDocument }, executionId: string): StatusDocument {
+  if (!("status" in r)) throw new ApiError(404, "not_found", `no execution ${executionId}`);
   if (r.state === "already_terminal") {
     throw new ApiError(409, "already_terminal", `the execution is already ${r.status.status}`, { status: r.status.status });
   }
   return r.status;
 }
 
+export async function cancelExecution(env: Env, id: unknown): Promise<StatusDocument> {
+  const executionId = checkExecutionId(id);
+  const r = await call<CancelState>(env, executionStub(env, executionId).cancel(), "execution cancel");
+  return stoppedOrThrow(r, executionId);
+}
+
 /** `POST /executions/:id/pause`: 200 paused (also when it already was); 409 `already_terminal`. */
 export async function pauseExecution(env: Env, id: unknown): Promise<StatusDocument> {
   const executionId = checkExecutionId(id);
   const r = await call<PauseState>(env, executionStub(env, executionId).pause(), "execution pause");
-  if (r.state === "missing") throw new ApiError(404, "not_found", `no execution ${executionId}`);
-  if (r.state === "already_terminal") {
-    throw new ApiError(409, "already_terminal", `the execution is already ${r.status.status}`, { status: r.status.status });
-  }
-  return r.status;
+  return stoppedOrThrow(r, executionId);
 }
 
 /** `POST /executions/:id/resume`: 200 back to running (or queued); 409 `not_paused`. */

@@ -3,6 +3,9 @@ import { CancelRequest, HandshakeRequest, ProcessRequest } from "../../schemas/w
 import {
   BENCH_STAGES,
   BENCH_WORKER,
+  bearer,
+  error,
+  json,
   type ExecTimings,
   type FloorAnswer,
   SINK_ORIGIN,
@@ -463,15 +466,3 @@ function stats(): WorkerStats {
 
 // ------------------------------------------------------------- helpers ----
 
-function bearer(request: Request): string {
-  const m = /^Bearer\s+(\S+)\s*$/i.exec(request.headers.get("authorization") ?? "");
-  return m ? m[1] : "";
-}
-
-function json(status: number, body: unknown): Response {
-  return new Response(JSON.stringify(body), { status, headers: { "content-type": "application/json" } });
-}
-
-function error(status: number, code: string, message: string): Response {
-  return json(status, { error: { code, message } });
-}

@@ -73,3 +73,17 @@ export interface WorkerStats {
   counters: WorkerCounters;
   sizes: { jobs: number; execs: number; execWaiters: number; sinkWaiters: number };
 }
+
+/** The bench workers' small HTTP helpers. */
+export function bearer(request: Request): string {
+  const m = /^Bearer\s+(\S+)\s*$/i.exec(request.headers.get("authorization") ?? "");
+  return m ? m[1] : "";
+}
+
+export function json(status: number, body: unknown): Response {
+  return new Response(JSON.stringify(body), { status, headers: { "content-type": "application/json" } });
+}
+
+export function error(status: number, code: string, message: string): Response {
+  return json(status, { error: { code, message } });
+}

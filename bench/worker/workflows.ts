@@ -1,7 +1,7 @@
 import { WorkflowEntrypoint, type WorkflowEvent, type WorkflowStep } from "cloudflare:workers";
 import { NonRetryableError } from "cloudflare:workflows";
 import { CompleteCallback, FailCallback } from "../../schemas/worker-protocol";
-import { BENCH_STAGES, BENCH_WORKER, WF_ORIGIN } from "./shared";
+import { BENCH_STAGES, BENCH_WORKER, bearer, error, json, WF_ORIGIN } from "./shared";
 
 /**
  * bitware-bench-workflows: the same three-stage pipeline as `bench_three_stage`,
@@ -207,15 +207,3 @@ async function sameSecret(given: string, expected: string): Promise<boolean> {
   return crypto.subtle.timingSafeEqual(a, b);
 }
 
-function bearer(request: Request): string {
-  const m = /^Bearer\s+(\S+)\s*$/i.exec(request.headers.get("authorization") ?? "");
-  return m ? m[1] : "";
-}
-
-function json(status: number, body: unknown): Response {
-  return new Response(JSON.stringify(body), { status, headers: { "content-type": "application/json" } });
-}
-
-function error(status: number, code: string, message: string): Response {
-  return json(status, { error: { code, message } });
-}
