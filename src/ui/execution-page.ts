@@ -1,4 +1,5 @@
 import { LOGIN_HTML, escapeHtml, htmlResponse, pageHead, pageTail } from "./common";
+import { ACTIONS_CSS, ACTIONS_HTML, ACTIONS_JS } from "./execution-actions";
 
 /**
  * `GET /executions/:id` with `Accept: text/html`, and `GET /ui/executions/:id`:
@@ -10,6 +11,7 @@ import { LOGIN_HTML, escapeHtml, htmlResponse, pageHead, pageTail } from "./comm
  * over the execution's live socket (a ticket asked for with the OPS token), or
  * polled every second when the socket cannot open or drops, which the page
  * says. The page itself holds no data, so it is served without a token.
+ * The operator's buttons are in ./execution-actions.ts.
  */
 const CSS = `
 .summary { display: grid; grid-template-columns: repeat(auto-fill, minmax(210px, 1fr)); gap: 8px 20px; margin: 0; }
@@ -218,6 +220,7 @@ async function loadItems() {
 
 function render(doc) {
   renderSummary(doc);
+  renderActions(doc);
   renderGraph(doc);
   if (selected) loadItems();
   const currency = doc.cost ? doc.cost.currency : null;
@@ -306,7 +309,7 @@ $("signout").addEventListener("click", () => { generation += 1; clearTimeout(tim
 export function executionPage(executionId: string): Response {
   const id = escapeHtml(executionId);
   return htmlResponse(
-    (nonce) => `${pageHead(nonce, `${id} · Orchestrator`, CSS)}
+    (nonce) => `${pageHead(nonce, `${id} · Orchestrator`, CSS + ACTIONS_CSS)}
 <body data-execution-id="${id}">
 <header>
   <h1><a href="/ui">Executions</a> / <span class="mono" id="exec-id">${id}</span></h1>
@@ -334,7 +337,7 @@ ${LOGIN_HTML}
       <div><dt>Error</dt><dd id="error">–</dd></div>
       <div><dt>Data deleted</dt><dd id="expired">–</dd></div>
     </dl>
-  </section>
+  </section>${ACTIONS_HTML}
   <section class="card graph" id="graph" aria-label="pipeline graph"></section>
   <section class="card scroll" id="items" hidden>
     <h2 id="items-title" class="items-title"></h2>
@@ -357,6 +360,6 @@ ${LOGIN_HTML}
   <p id="updated" class="muted"></p>
 </div>
 </main>
-${pageTail(nonce, SCRIPT)}`,
+${pageTail(nonce, SCRIPT + ACTIONS_JS)}`,
   );
 }

@@ -11,7 +11,9 @@ import { TEST_SECRETS } from "../support/constants";
  * `chromium`, installed by .ci/run) driven by playwright-core, against the
  * same `wrangler dev` session as `npm start`. An operator signs in with the
  * OPS token on an execution's page and watches its stages reach `completed`
- * without reloading; then finds it on the overview page. Screenshots go to
+ * without reloading; then finds it on the overview page. The operator's
+ * buttons (pause, resume, cancel, rerun, approve, reject) are clicked against
+ * real executions and what they did is read back through the API. Screenshots go to
  * test-results/ (kept as CI artifacts, ignored by git).
  */
 const CHROMIUM = process.env.CHROMIUM_PATH ?? "/usr/bin/chromium";
@@ -376,6 +378,174 @@ describe("execution page in Chromium", () => {
     await expect.poll(() => page.locator("#login-error").textContent(), { timeout: 10_000 }).toContain("refused");
     expect(await page.locator("#app").isHidden()).toBe(true);
     expect(await page.evaluate(() => sessionStorage.getItem("orchestrator.ops_token"))).toBeNull();
+    await page.close();
+  });
+});
+
+/**
+ * The operator's buttons (src/ui/execution-actions.ts), each clicked in the page against real
+ * executions; what each did is read back through the API, not from the page.
+ */
+describe("operator actions on the execution page in Chromium", () => {
+  type Stage = { stage_id: string; status: string; attempts: number; reused_from?: string; decision?: { approved: boolean; by: string; comment: string | null } };
+  type Doc = { status: string; rerun_of: string | null; reruns: string[]; error: { code: string; message: string; stage_id?: string } | null; stages: Stage[] };
+  const read = async (id: string) => (await (await fetch(`${session!.url}/executions/${id}`, { headers: KAM })).json()) as Doc;
+  const start = async (body: Record<string, unknown>) => {
+    const res = await fetch(`${session!.url}/execute`, { method: "POST", headers: KAM, body: JSON.stringify({ client_id: "client_browser", ...body }) });
+    expect(res.status).toBe(202);
+    return ((await res.json()) as { execution_id: string }).execution_id;
+  };
+  const open = async (id: string) => {
+    const page = await context!.newPage();
+    watch(page);
+    await page.goto(`${session!.url}/ui/executions/${id}`);
+    await page.locator("#token").fill(TEST_SECRETS.OPS_TOKEN);
+    await page.locator("#signin").click();
+    return page;
+  };
+  /** The answer under the buttons once the click's request came back (it reads "…" while out). */
+  const answered = async (page: Page) => {
+    const p = page.locator("#act-answer");
+    await expect.poll(async () => (await p.getAttribute("data-outcome")) !== "pending", { timeout: 30_000 }).toBe(true);
+    return { outcome: await p.getAttribute("data-outcome"), code: await p.getAttribute("data-code"), text: (await p.textContent()) ?? "" };
+  };
+  const shoot = (page: Page, name: string) => page.screenshot({ path: path.join(RESULTS, `execution-actions-${name}.png`), fullPage: true });
+
+  it("pause, resume (and resume refused with not_paused), cancel dismissed then confirmed, rerun refused while running", async () => {
+    requireBrowser();
+    // Stage 2 hangs on the worker until cancelled: the execution stays running as long as the test needs.
+    const id = await start({ template_name: "course_creation", parameters: { topic: "Go", steps: 1, step_ms: 0, fault: { stage: 2, mode: "hang" } } });
+    const page = await open(id);
+    await page.locator('#stages-body tr[data-stage-id="stage_2"][data-status="processing"]').waitFor({ timeout: 60_000 });
+    expect((await read(id)).status).toBe("running");
+
+    await page.locator("#act-pause").click();
+    expect(await answered(page)).toEqual({ outcome: "ok", code: "", text: "Paused: the execution is paused." });
+    expect((await read(id)).status).toBe("paused");
+    await page.locator('#exec-status[data-status="paused"]').waitFor();
+    await shoot(page, "paused");
+
+    await page.locator("#act-resume").click();
+    expect(await answered(page)).toEqual({ outcome: "ok", code: "", text: "Resumed: the execution is running." });
+    expect((await read(id)).status).toBe("running");
+
+    // The server decides: resuming a running execution is refused, and the page shows the status and code.
+    await page.locator("#act-resume").click();
+    const refused = await answered(page);
+    expect(refused).toMatchObject({ outcome: "error", code: "not_paused" });
+    expect(refused.text).toMatch(/^Resume refused: 409 not_paused: /);
+    expect((await read(id)).status).toBe("running");
+    await shoot(page, "not-paused");
+
+    await page.locator("#act-rerun").click();
+    const notTerminal = await answered(page);
+    expect(notTerminal).toMatchObject({ outcome: "error", code: "not_terminal" });
+    expect(notTerminal.text).toMatch(/^Rerun refused: 409 not_terminal: /);
+    expect((await read(id)).reruns).toEqual([]);
+
+    // Cancel asks first; dismissed, nothing is sent and the execution runs on.
+    const asked: string[] = [];
+    page.once("dialog", (d) => {
+      asked.push(`${d.type()}: ${d.message()}`);
+      void d.dismiss();
+    });
+    await page.locator("#act-cancel").click();
+    expect(asked).toEqual([`confirm: Cancel execution ${id}? Running stages are told to stop; this cannot be undone.`]);
+    expect(await page.locator("#act-answer").textContent()).toBe("Cancel not confirmed: nothing was sent.");
+    expect((await read(id)).status).toBe("running");
+
+    page.once("dialog", (d) => void d.accept());
+    await page.locator("#act-cancel").click();
+    expect(await answered(page)).toEqual({ outcome: "ok", code: "", text: "Cancelled: the execution is cancelled." });
+    const cancelled = await read(id);
+    expect(cancelled.status).toBe("cancelled");
+    expect(cancelled.stages.map((s) => s.status)).toEqual(["completed", "cancelled", "cancelled"]);
+    await page.locator('#exec-status[data-status="cancelled"]').waitFor();
+    await shoot(page, "cancelled");
+    // The browser logs each refused request; those two are the ones this test asked for.
+    expect(problems.splice(0)).toEqual(Array(2).fill("console: Failed to load resource: the server responded with a status of 409 (Conflict)"));
+    await page.close();
+  });
+
+  it("rerun from a chosen stage: a new execution with rerun_of, the stages before it reused, the chosen one run again; linked from the page", async () => {
+    requireBrowser();
+    const id = await start({ template_name: "course_creation", parameters: { topic: "Elm", steps: 1, step_ms: 0 } });
+    const page = await open(id);
+    await page.locator('#exec-status[data-status="completed"]').waitFor({ timeout: 60_000 });
+    // The stage choice lists every stage; the default is the server's (all completed: the first).
+    const select = page.locator("#act-rerun-from");
+    expect(await select.locator("option").evaluateAll((os) => os.map((o) => `${(o as HTMLOptionElement).value}=${o.textContent}`))).toEqual([
+      "=default (stage_1)",
+      "stage_1=stage_1",
+      "stage_2=stage_2",
+      "stage_3=stage_3",
+    ]);
+    await select.selectOption("stage_2");
+    await page.locator("#act-rerun").click();
+    const a = await answered(page);
+    expect(a.outcome).toBe("ok");
+    const link = page.locator("#act-rerun-link");
+    const newId = (await link.getAttribute("data-execution-id"))!;
+    expect(newId).not.toBe(id);
+    expect(a.text).toBe(`Rerun started from stage_2 (reused: stage_1): ${newId}`);
+    expect(await link.getAttribute("href")).toBe(`/ui/executions/${newId}`);
+    await shoot(page, "rerun");
+
+    // The link opens the new execution's page, signed in already (same tab), and it runs to the end.
+    await link.click();
+    await page.waitForURL(`**/ui/executions/${newId}`);
+    await page.locator('#exec-status[data-status="completed"]').waitFor({ timeout: 60_000 });
+    const rerun = await read(newId);
+    expect(rerun.rerun_of).toBe(id);
+    expect(rerun.stages.map((s) => [s.stage_id, s.status, s.reused_from ?? null, s.attempts])).toEqual([
+      ["stage_1", "completed", id, 0],
+      ["stage_2", "completed", null, 1],
+      ["stage_3", "completed", null, 1],
+    ]);
+    expect((await read(id)).reruns).toEqual([newId]);
+    await shoot(page, "rerun-completed");
+    expect(problems).toEqual([]);
+    await page.close();
+  });
+
+  it("approve and reject an approval stage, with a comment", async () => {
+    requireBrowser();
+    const approvedId = await start({ template_name: "approval_pipeline", parameters: { topic: "Approve me" } });
+    const page = await open(approvedId);
+    const panel = page.locator('#act-approvals .approval[data-stage-id="stage_2"]');
+    await panel.waitFor({ timeout: 60_000 });
+    expect((await read(approvedId)).stages[1].status).toBe("awaiting_approval");
+    // A comment longer than the limit is cut at 2,000 characters by the field itself.
+    await panel.locator("textarea").fill("x".repeat(2_100));
+    expect(await panel.locator("textarea").evaluate((t) => (t as HTMLTextAreaElement).value.length)).toBe(2_000);
+    expect(await panel.locator("[data-role=count]").textContent()).toBe("2000 / 2000");
+    await panel.locator("textarea").fill("Outline checked: go.");
+    await shoot(page, "approval");
+    await panel.locator("button[data-action=approve]").click();
+    // Answered at the decision, before stage 3 has run.
+    expect(await answered(page)).toEqual({ outcome: "ok", code: "", text: "Approved stage_2: the execution is running." });
+    const approved = await read(approvedId);
+    expect(approved.stages[1]).toMatchObject({ status: "completed", decision: { approved: true, by: "ops", comment: "Outline checked: go." } });
+    // The panel goes once the stage no longer waits; the execution runs on to the end.
+    await page.locator('#exec-status[data-status="completed"]').waitFor({ timeout: 60_000 });
+    expect(await panel.count()).toBe(0);
+    expect((await read(approvedId)).status).toBe("completed");
+
+    const rejectedId = await start({ template_name: "approval_pipeline", parameters: { topic: "Reject me" } });
+    await page.goto(`${session!.url}/ui/executions/${rejectedId}`);
+    await panel.waitFor({ timeout: 60_000 });
+    await panel.locator("textarea").fill("Wrong audience: redo the outline.");
+    await panel.locator("button[data-action=reject]").click();
+    expect(await answered(page)).toEqual({ outcome: "ok", code: "", text: "Rejected stage_2: the execution is failed." });
+    const rejected = await read(rejectedId);
+    expect(rejected.status).toBe("failed");
+    expect(rejected.error).toEqual({ code: "approval_rejected", message: "stage_2 was rejected by ops: Wrong audience: redo the outline.", stage_id: "stage_2" });
+    expect(rejected.stages[1]).toMatchObject({ status: "failed", decision: { approved: false, by: "ops", comment: "Wrong audience: redo the outline." } });
+    await page.locator('#exec-status[data-status="failed"]').waitFor();
+    expect(await page.locator("#error").textContent()).toBe("approval_rejected: stage_2 was rejected by ops: Wrong audience: redo the outline. (stage_2)");
+    await shoot(page, "rejected");
+
+    expect(problems).toEqual([]);
     await page.close();
   });
 });
