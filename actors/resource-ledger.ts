@@ -109,11 +109,13 @@ export function ledgerTestHooks(instance: unknown): LedgerTestHooks {
 function invalid(message: string): Error {
   return new Error(`invalid_request: ${message}`);
 }
+function issuesOf(error: z.ZodError): string {
+  return error.issues.map((i) => `${i.path.length ? `${i.path.join(".")}: ` : ""}${i.message}`).join("; ");
+}
 function parse<T>(schema: z.ZodType<T>, value: unknown, what: string): T {
   const r = schema.safeParse(value);
   if (r.success) return r.data;
-  const detail = r.error.issues.map((i) => `${i.path.length ? `${i.path.join(".")}: ` : ""}${i.message}`).join("; ");
-  throw invalid(`${what}: ${detail}`);
+  throw invalid(`${what}: ${issuesOf(r.error)}`);
 }
 
 export function reservationIdOf(executionId: string, stageId: string, attempt: number): string {
@@ -172,10 +174,14 @@ export class ResourceLedger extends DurableObject<Env> {
 
   /** Reserve a stage's resources; idempotent on (executionId, stageId, attempt). */
   async reserve(request: ReserveRequest): Promise<ReserveResult> {
-    const req = parse(ReserveRequest, request, "reserve");
+    // A malformed request is a typed answer, not a throw: a throw reads like a ledger that is down
+    // (the caller would ask again), while this request can never succeed.
+    const parsed = ReserveRequest.safeParse(request);
+    if (!parsed.success) return { status: "invalid", code: "invalid_request", message: `reserve: ${issuesOf(parsed.error)}` };
+    const req = parsed.data;
     const workerPool = `worker:${req.worker}`;
     if (!PoolName.safeParse(workerPool).success) {
-      throw invalid(`reserve: worker "${req.worker}" does not make a valid pool name ("${workerPool}")`);
+      return { status: "invalid", code: "invalid_request", message: `reserve: worker "${req.worker}" does not make a valid pool name ("${workerPool}")` };
     }
     const result = await this.#step((s) => this.#reserve(req, workerPool, s));
     if (result instanceof Ended) {
@@ -219,7 +225,7 @@ export class ResourceLedger extends DurableObject<Env> {
    * synchronously, the settle first, so the reserve sees the slots it freed,
    * and both answer after the same group commit. A refused settle (unknown or
    * malformed) does not stop the reserve: `settled` is then null and the caller
-   * settles again on its own; a reserve that throws throws here.
+   * settles again on its own; a malformed reserve answers `invalid` as reserve() does.
    */
   async settleAndReserve(settle: SettleInput, request: ReserveRequest): Promise<SettleAndReserveResult> {
     const [settled, reserved] = await Promise.allSettled([

@@ -64,6 +64,11 @@ export const ReserveResult = z.discriminatedUnion("status", [
     code: z.enum(["resource_unsatisfiable", "unknown_pool", "budget_exhausted"]),
     message: z.string(),
   }),
+  /**
+   * The request itself is malformed (a field fails the schema, or the worker makes no valid pool name): the
+   * same request can never succeed, so the caller fails for good and does not ask again. No reservation is made.
+   */
+  z.object({ status: z.literal("invalid"), code: z.literal("invalid_request"), message: z.string() }),
   /** A replay of a reservation that already ended (settled, released, expired): reserve again with a new attempt. */
   z.object({
     status: z.literal("ended"),

@@ -1,5 +1,5 @@
 import type { DataReference } from "../../schemas/data";
-import { ReserveRequest, type ReserveResult } from "../../schemas/ledger";
+import type { ReserveResult } from "../../schemas/ledger";
 import type { ProgressResponse } from "../../schemas/worker-protocol";
 import { reportRateLimits } from "../../src/pacing";
 import { issueStageTokens } from "../../src/auth";
@@ -76,14 +76,6 @@ export async function askLedger(c: Core, st: StageRow): Promise<boolean> {
     // The client's quotas and fair share apply to the reservation (docs/ledger.md, "Clients").
     clientId: ex.client_id,
   };
-  // What the ledger would refuse as invalid_request is refused here, with the same schema: a
-  // request that can never be valid fails the attempt for good instead of being asked again.
-  const valid = ReserveRequest.safeParse(request);
-  if (!valid.success) {
-    const fields = valid.error.issues.map((i) => `${i.path.join(".")}: ${i.message}`).join("; ");
-    tx.failAttempt(c, st, { code: "invalid_request", message: `the ledger would refuse this reservation: ${fields}`, retryable: false }, Date.now());
-    return true;
-  }
   // The previous stage's settle, if still held, goes in the same call.
   const ride = c.outbox.takeHeld();
   let result: ReserveResult;
@@ -112,6 +104,15 @@ export async function askLedger(c: Core, st: StageRow): Promise<boolean> {
       // The grant was made and expired before this attempt could use it (its notice was lost for a whole
       // lease): this attempt cannot get it back, so it fails as transient and the next one asks anew.
       tx.failAttempt(c, cur, { code: "lease_expired", message: "the reservation expired before the stage started", retryable: true }, now);
+    }
+    return true;
+  }
+  if (result.status === "invalid") {
+    // The ledger refuses the request itself (typed, not thrown): asking again can never help, so the
+    // attempt fails for good instead of backing off like a ledger that is down. No reservation was made.
+    if (c.store.stillAt(st, "waiting_resources")) {
+      tx.ledgerAnswered(c, cur, "refused", parse<Record<string, number>>(st.resources) ?? {}, result.code, 0);
+      tx.failAttempt(c, cur, { code: "invalid_request", message: `the ledger refused the reservation request: ${result.message}`, retryable: false }, now);
     }
     return true;
   }

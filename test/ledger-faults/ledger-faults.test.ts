@@ -12,7 +12,7 @@ import { JSON_HEADERS, KAM, OPS, call, ended, expectNoLiveReservations, startExe
  */
 type Method = "reserve" | "renew" | "settle" | "settleAndReserve" | "release" | "status" | "estimate" | "snapshot" | "putPool" | "admitStart";
 interface FaultyLedgerStub {
-  setFault(methods: Method[] | "all", fault: { mode: "stall" | "down" | "lose_answer"; stallMs?: number; times?: number }): Promise<void>;
+  setFault(methods: Method[] | "all", fault: { mode: "stall" | "down" | "lose_answer" | "corrupt"; stallMs?: number; times?: number }): Promise<void>;
   clearFaults(): Promise<void>;
   calls(method?: Method): Promise<{ method: Method; at: number; fault: string | null }[]>;
   resetCalls(): Promise<void>;
@@ -192,5 +192,16 @@ describe("the handshaking deadline", () => {
     expect(doc.stages[0].attempts).toBe(2);
     expect(doc.stages[0].last_error).toMatchObject({ code: "handshake_timeout", attempt: 1 });
     await expectNoLiveReservations(body.execution_id);
+  });
+});
+
+describe("a ledger answer that can never be satisfied", () => {
+  it("invalid_request from the ledger is permanent: the attempt fails for good after one ask", async () => {
+    await gate().setFault(["reserve"], { mode: "corrupt" });
+    const { body } = await startExecution({ template_name: "quick_summary", parameters: quick, client_id: "client_lf" });
+    const doc = await waitFor(body.execution_id, ended, 20_000);
+    expect(doc.status).toBe("failed");
+    expect(doc.stages[0]).toMatchObject({ attempts: 1, last_error: { code: "invalid_request" } });
+    expect((await gate().calls("reserve")).length).toBe(1);
   });
 });

@@ -94,7 +94,7 @@ describe("POST /execute under a client's quotas", () => {
       worker: "bitware-content-granulator",
       clientId: "client_budget",
     });
-    expect(r.status).toBe("granted");
+    if (r.status !== "granted") throw new Error(`expected a grant, got ${r.status}`);
     await ledger.settle(r.reservationId, { "tokens:openai": 2000 });
     const spent = await startExecution({ template_name: "quick_summary", parameters: {}, client_id: "client_budget" });
     expect(spent.res.status).toBe(429);

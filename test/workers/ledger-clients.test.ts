@@ -9,7 +9,7 @@ import { evictDurableObject, runDurableObjectAlarm, runInDurableObject } from "c
 import { describe, expect, it } from "vitest";
 import { ledgerTestHooks, type ResourceLedger } from "../../actors/resource-ledger";
 import type { ReserveRequest, ReserveResult } from "../../schemas/ledger";
-import { attach, expectWithinCapacity, fresh, prng, req, type LedgerStub } from "./ledger-support";
+import { attach, expectWithinCapacity, fresh, prng, req, id, type LedgerStub } from "./ledger-support";
 
 /** tokens:openai is priced at 0.000002 per token (wrangler.toml PRICES): 1,000,000 tokens cost 2. */
 const TOK = "tokens:openai";
@@ -19,9 +19,6 @@ function creq(clientId: string, over: Partial<ReserveRequest> = {}): ReserveRequ
 }
 async function state(ledger: LedgerStub, rid: string) {
   return (await ledger.status(rid)).state;
-}
-function id(r: ReserveResult): string {
-  return r.reservationId;
 }
 
 describe("client quotas", () => {
@@ -142,7 +139,7 @@ async function roomy(ledger: LedgerStub) {
 }
 
 function reqOf(r: ReserveResult): Partial<ReserveRequest> {
-  const [executionId, stageId, attempt] = r.reservationId.split(":");
+  const [executionId, stageId, attempt] = id(r).split(":");
   return { executionId, stageId, attempt: Number(attempt) };
 }
 

@@ -7,13 +7,10 @@
 import { evictDurableObject, runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
 import type { ReserveResult } from "../../schemas/ledger";
-import { attach, expectWithinCapacity, fresh, req, type LedgerStub } from "./ledger-support";
+import { attach, expectWithinCapacity, fresh, req, id, type LedgerStub } from "./ledger-support";
 
 const MIN = 60_000;
 
-function id(r: ReserveResult): string {
-  return r.reservationId;
-}
 async function gpu(ledger: LedgerStub) {
   return (await ledger.snapshot()).pools.find((p) => p.name === "gpu")!;
 }
@@ -154,6 +151,6 @@ describe("restart", () => {
 });
 
 function reqOf(r: ReserveResult) {
-  const [executionId, stageId, attempt] = r.reservationId.split(":");
+  const [executionId, stageId, attempt] = id(r).split(":");
   return { executionId, stageId, attempt: Number(attempt) };
 }

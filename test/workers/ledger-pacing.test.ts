@@ -8,7 +8,7 @@ import { evictDurableObject, runDurableObjectAlarm, runInDurableObject } from "c
 import { describe, expect, it } from "vitest";
 import { parseDurationMs, rateLimitsFrom } from "../../packages/worker-kit/index";
 import { JSON_HEADERS, KAM, OPS, call, executionStub, mintToken, startExecution, status, waitFor } from "../support/api";
-import { attach, expectWithinCapacity, fresh, req } from "./ledger-support";
+import { attach, expectWithinCapacity, fresh, id, req } from "./ledger-support";
 
 describe("provider pacing in the ledger", () => {
   it("retry_after_ms on one execution holds every execution's grants on that pool, and no others, until it has passed", async () => {
@@ -30,13 +30,13 @@ describe("provider pacing in the ledger", () => {
 
     clock.now += 9_999;
     await runDurableObjectAlarm(ledger);
-    for (const w of others) expect((await ledger.status(w.reservationId)).state).toBe("waiting");
+    for (const w of others) expect((await ledger.status(id(w))).state).toBe("waiting");
     // The pause survives a restart.
     await evictDurableObject(ledger);
     await attach(ledger, clock, undefined, notices);
     clock.now += 2;
     await runDurableObjectAlarm(ledger);
-    for (const w of others) expect((await ledger.status(w.reservationId)).state).toBe("granted");
+    for (const w of others) expect((await ledger.status(id(w))).state).toBe("granted");
     expect((await ledger.snapshot()).pools.find((p) => p.name === "tok")?.paused_until).toBeUndefined();
     await expectWithinCapacity(ledger);
   });

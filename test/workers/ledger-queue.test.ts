@@ -8,11 +8,8 @@ import { runDurableObjectAlarm } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
 import { DEFAULT_LEDGER_RULES } from "../../actors/ledger-rules";
 import type { ReserveResult } from "../../schemas/ledger";
-import { expectWithinCapacity, fresh, req, type LedgerStub } from "./ledger-support";
+import { expectWithinCapacity, fresh, req, id, type LedgerStub } from "./ledger-support";
 
-function id(r: ReserveResult): string {
-  return r.reservationId;
-}
 async function state(ledger: LedgerStub, rid: string) {
   return (await ledger.status(rid)).state;
 }

@@ -50,7 +50,7 @@ async function runSeed(seed: number, operations: number) {
     };
   };
   const noteReserve = (request: ReserveRequest, r: ReserveResult) => {
-    if (r.status === "ended") throw new Error(`a new reservation answered ${r.code}: ${r.message}`);
+    if (r.status === "ended" || r.status === "invalid") throw new Error(`a new reservation answered ${r.code}: ${r.message}`);
     counts[r.status]++;
     if (r.status === "granted") grantedByReply.add(r.reservationId);
     if (r.status === "refused") return;

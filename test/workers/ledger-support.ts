@@ -8,7 +8,7 @@ import { env } from "cloudflare:workers";
 import { expect } from "vitest";
 import { ledgerTestHooks, type ResourceLedger } from "../../actors/resource-ledger";
 import type { LedgerRules } from "../../actors/ledger-rules";
-import type { GrantNotice, PoolSpec, ReserveRequest } from "../../schemas/ledger";
+import type { GrantNotice, PoolSpec, ReserveRequest, ReserveResult } from "../../schemas/ledger";
 
 export type LedgerStub = DurableObjectStub<ResourceLedger>;
 
@@ -166,4 +166,10 @@ export async function failure(call: () => Promise<unknown>): Promise<string | nu
   } catch (err) {
     return err instanceof Error ? err.message : String(err);
   }
+}
+
+/** The reservation id of a reserve answer; a malformed request (`invalid`, no reservation) fails the test. */
+export function id(r: ReserveResult): string {
+  if (r.status === "invalid") throw new Error(`reserve answered invalid_request: ${r.message}`);
+  return r.reservationId;
 }

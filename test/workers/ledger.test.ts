@@ -106,10 +106,19 @@ describe("reserve", () => {
 
   it("rejects malformed requests with invalid_request", async () => {
     const { ledger } = await fresh("invalid");
-    expect(await failure(() => ledger.reserve({ ...req(), executionId: "nope" }))).toMatch(/^invalid_request:/);
-    expect(await failure(() => ledger.reserve(req({ requirements: { gpu: -1 } })))).toMatch(/^invalid_request:/);
-    expect(await failure(() => ledger.reserve({ ...req(), leaseMs: 10 }))).toMatch(/^invalid_request:/);
-    expect(await failure(() => ledger.reserve({ ...req(), worker: "Bad Worker" }))).toMatch(/^invalid_request:/);
+    // reserve answers a typed refusal (never a throw, which would read like a ledger that is down) and makes no reservation.
+    const cases: [Parameters<typeof ledger.reserve>[0], RegExp][] = [
+      [{ ...req(), executionId: "nope" }, /executionId/],
+      [req({ requirements: { gpu: -1 } }), /requirements\.gpu/],
+      [{ ...req(), leaseMs: 10 }, /leaseMs/],
+      [{ ...req(), worker: "Bad Worker" }, /worker/],
+    ];
+    for (const [request, field] of cases) {
+      const r = await ledger.reserve(request);
+      expect(r).toMatchObject({ status: "invalid", code: "invalid_request" });
+      expect(r.status === "invalid" && r.message).toMatch(field);
+    }
+    expect(await ledger.snapshot()).toMatchObject({ leases: 0, waiters: 0 });
     expect(await failure(() => ledger.settle("x", { gpu: Number.NaN }))).toMatch(/^invalid_request:/);
     expect(await failure(() => ledger.renew("x", 5))).toMatch(/^invalid_request:/);
     expect(await failure(() => ledger.putPool("r", { kind: "rate", capacity: 10 }))).toMatch(/^invalid_request:/);
@@ -191,8 +200,9 @@ describe("settle and release", () => {
     expect(both.settled).toBeNull();
     granted(both.reserved);
     expect((await ledger.status(first.reservationId)).state).toBe("granted");
-    // A malformed reserve throws, as reserve() does.
-    expect(await failure(() => ledger.settleAndReserve({ reservationId: first.reservationId, usage: {} }, { ...req(), leaseMs: -1 }))).toMatch(/^invalid_request:/);
+    // A malformed reserve answers invalid_request, as reserve() does; the settle beside it is still made.
+    const bad = await ledger.settleAndReserve({ reservationId: first.reservationId, usage: {} }, { ...req(), leaseMs: -1 });
+    expect(bad).toMatchObject({ settled: { ok: true, state: "settled" }, reserved: { status: "invalid", code: "invalid_request" } });
   });
 
   it("records usage in a pool that does not exist and reports it", async () => {

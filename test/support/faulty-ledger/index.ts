@@ -12,7 +12,7 @@ import { DurableObject } from "cloudflare:workers";
  * Faults are set over RPC by the test (`setFault`, `clearFaults`) and counted
  * (`calls`), so a test can show what the orchestrator asked and when.
  */
-type Mode = "stall" | "down" | "lose_answer";
+type Mode = "stall" | "down" | "lose_answer" | "corrupt";
 interface Fault {
   mode: Mode;
   stallMs?: number;
@@ -93,6 +93,8 @@ export class FaultyLedger extends DurableObject<LedgerEnv> {
     if (fault?.mode === "down") throw new Error(`ledger unreachable (test fault) for ${method}`);
     if (fault?.mode === "stall") await scheduler.wait(fault.stallMs ?? 60_000);
     const real = this.env.REAL_LEDGER.get(this.env.REAL_LEDGER.idFromName("global")) as unknown as Record<Method, (...a: unknown[]) => Promise<unknown>>;
+    // corrupt: the request reaches the ledger with a lease it refuses (invalid_request).
+    if (fault?.mode === "corrupt") args = [{ ...(args[0] as object), leaseMs: 10 }, ...args.slice(1)];
     const answer = await real[method](...args);
     if (fault?.mode === "lose_answer") throw new Error(`ledger answer lost (test fault) for ${method}`);
     return answer;
