@@ -1,24 +1,23 @@
 import { DurableObject } from "cloudflare:workers";
-import type { ExecutionStatus, StageDocument, StageStatus, StatusDocument } from "../../schemas/api";
-import type { Priority } from "../../schemas/common";
+import type { StatusDocument } from "../../schemas/api";
 import type { DataReference } from "../../schemas/data";
 import type { GrantNotice } from "../../schemas/ledger";
 import type { CompleteCallback, FailCallback, ProgressCallback } from "../../schemas/worker-protocol";
-import { retryAfterOf } from "../../src/pacing";
 import { type Config, configOf } from "../../src/config";
-import { sha256Hex } from "../../src/hash";
-import { LIVE_PROTOCOL } from "../../src/live-ticket";
 import { setLogLevel } from "../../src/log";
-import type { TraceContext } from "../../src/trace";
 import { emit } from "../../src/metrics";
 import { sqlOf } from "../sql";
-import { type StageFailure, isOnWorker, isTerminalExecution, isTerminalStage } from "../stage-machine";
-import { type Decision, approvalTimedOut, awaitApproval, decideApproval, migrateControl, pauseExecution, resumeExecution } from "./control";
+import { isTerminalExecution } from "../stage-machine";
+import { type CallbackAnswer, type CallbackKind, type UploadCheck, applyCallback, registerUpload, uploadCheck } from "./callbacks";
+import { type Decision, decideApproval, migrateControl, pauseExecution, resumeExecution } from "./control";
 import { stageDocument, startSummary, statusDocument } from "./documents";
+import { applyGrant } from "./grant";
+import { Live } from "./live";
 import { EVENTS_SCHEMA, Notifier } from "./notify";
+import { Outbox } from "./outbox";
+import { MAX_PLANS_PER_PASS, plan, signature, templateWork } from "./plan";
 import {
   HOLDS_SCHEMA,
-  type RerunSource,
   type RerunSourceState,
   createFromSnapshot,
   heldOwners,
@@ -30,10 +29,9 @@ import {
   rerunSource,
   rerunsOf,
 } from "./rerun";
-import { Outbox } from "./outbox";
+import type { CancelState, DecideState, ItemsState, PauseState, ResultState, ResumeState, StartInput, StartResult } from "./rpc-types";
 import * as step from "./steps";
-import { DEFAULT_MAX_PARALLEL, itemSlots, readyStages } from "./graph";
-import { type Core, type ExecutionRow, SCHEMA, type StageRow, Store, type StoredOutput, dependsOn, isFanOut, migrate, parse } from "./store";
+import { type Core, type ExecutionRow, SCHEMA, Store, isFanOut, migrate, parse } from "./store";
 import { Timers, WATCHDOG_MS } from "./timers";
 import * as tx from "./transitions";
 
@@ -44,9 +42,14 @@ import * as tx from "./transitions";
  * multiplexes every timer in the `timers` table (next poll, stage deadline,
  * lease renewal, ledger re-ask, retry backoff, outbox redelivery).
  *
- * The parts: `store` (schema, rows), `timers` (the alarm), `outbox`
- * (at-least-once messages), `transitions` (synchronous state changes),
- * `steps` (one awaited step per stage state), `documents` (pure projections).
+ * This class is the RPC surface, the alarm and the drive loop; the parts:
+ * `store` (schema, rows), `timers` (the alarm), `outbox` (at-least-once
+ * messages), `transitions` (synchronous state changes), `plan` (what a drive
+ * pass runs, and one unit's steps), `steps` (one awaited step per stage
+ * state), `graph` (pure dependency and fan-out rules), `documents` (pure
+ * projections), `callbacks` (worker callbacks and uploads), `grant` (ledger
+ * grant notices), `control` (pause, resume, approvals), `rerun`, `notify`
+ * (events for KAM) and `live` (the pushed status socket).
  *
  * Concurrency rules:
  * - every state transition is a run of synchronous `sql` calls with no
@@ -61,85 +64,15 @@ import * as tx from "./transitions";
  *   and delivered at least once; the ledger's methods are idempotent.
  */
 
-export interface StartInput {
-  execution_id: string;
-  template_name: string;
-  parameters: Record<string, unknown>;
-  client_id: string;
-  request_id: string | null;
-  request_hash: string | null;
-  priority: Priority;
-  /** Deliver this execution's events to KAM (docs/protocol.md, "Event notifications"). */
-  notify: boolean;
-  /** W3C trace context (src/trace.ts): the caller's, continued, or a new trace. */
-  trace?: TraceContext | null;
-  /** A rerun: the original's snapshot and what it takes over (rerun.ts). */
-  rerun?: RerunSource;
-  /** The execution-wide deadline from now; absent or null: `executionTimeoutMs`. */
-  execution_timeout_ms?: number | null;
-}
-
-export interface StartResult {
-  created: boolean;
-  status: ExecutionStatus;
-  estimated_completion_ms: number;
-  estimated_completion_at: string;
-  request_hash: string | null;
-}
-
-export type ResultState =
-  | { state: "missing" }
-  | { state: "not_completed"; status: ExecutionStatus }
-  | { state: "expired"; at: number }
-  | { state: "completed"; output: unknown; outputRef: DataReference | null; cost: StatusDocument["cost"] };
-export type CancelState =
-  | { state: "missing" }
-  | { state: "already_terminal"; status: StatusDocument }
-  | { state: "cancelled"; status: StatusDocument };
-
-export type PauseState =
-  | { state: "missing" }
-  | { state: "already_terminal"; status: StatusDocument }
-  | { state: "paused"; status: StatusDocument };
-export type ResumeState = { state: "missing" } | { state: "not_paused"; status: StatusDocument } | { state: "resumed"; status: StatusDocument };
-export type ItemsState =
-  | { state: "missing" }
-  | { state: "not_fan_out" }
-  | { state: "ok"; total: number | null; items: StageDocument[]; next_cursor: string | null };
-
-export type DecideState =
-  | { state: "missing" }
-  | { state: "missing_stage" }
-  | { state: "not_awaiting_approval"; stage_status: StageStatus; status: StatusDocument }
-  | { state: "decided"; status: StatusDocument };
-
-export type CallbackKind = "progress" | "complete" | "fail";
-export type UploadCheck = { ok: true } | { ok: false; code: string; message: string };
-export interface CallbackAnswer {
-  status: 200 | 404 | 409 | 422;
-  body: { ok: true; stage_status: StageStatus; duplicate?: boolean } | { error: { code: string; message: string } };
-}
-
-/** A piece of work a drive pass runs: `key` names it, `sig` is where its stage stood when planned. */
-interface Work {
-  key: string;
-  sig: string;
-  run: () => Promise<void>;
-}
-
-/** Bounds that keep a pass from spinning (each plan follows one piece of work coming back). */
-const MAX_PLANS_PER_PASS = 100_000;
-const MAX_STEPS_PER_RUN = 50;
-
-const unitSignature = (st: StageRow) => `${st.status}#${st.attempt}#${st.reservation ?? ""}`;
+export type { CallbackAnswer, CallbackKind, UploadCheck } from "./callbacks";
+export type { CancelState, DecideState, ItemsState, PauseState, ResultState, ResumeState, StartInput, StartResult } from "./rpc-types";
 
 export class Execution extends DurableObject<Env> {
   readonly #config: Config;
   readonly #store: Store;
   readonly #timers: Timers;
   readonly #c: Core;
-  /** A push to the live sockets is queued for the end of this turn (one per transition, however many rows it moved). */
-  #pushQueued = false;
+  readonly #live: Live;
   /** Serialises drive() passes: the tail of the chain and a queued-but-not-started pass to share. */
   #tail: Promise<void> = Promise.resolve();
   #queued: Promise<void> | null = null;
@@ -150,6 +83,7 @@ export class Execution extends DurableObject<Env> {
     this.#config = configOf(env);
     this.#store = new Store(sql);
     this.#timers = new Timers(sql, ctx.storage);
+    this.#live = new Live(ctx, this.#store, (ex) => this.#document(ex));
     const base = {
       env,
       config: this.#config,
@@ -157,7 +91,7 @@ export class Execution extends DurableObject<Env> {
       store: this.#store,
       timers: this.#timers,
       rearm: () => this.#rearm(),
-      changed: () => this.#changed(),
+      changed: () => this.#live.changed(),
     };
     const notifier = new Notifier(base);
     this.#c = { ...base, notifier, outbox: new Outbox({ ...base, notifier }) };
@@ -304,46 +238,8 @@ export class Execution extends DurableObject<Env> {
 
   /** A stage worker's callback, already authenticated by its token (execution, stage, attempt). */
   async callback(kind: CallbackKind, stageId: string, attempt: number, body: ProgressCallback | CompleteCallback | FailCallback): Promise<CallbackAnswer> {
-    const hash = kind === "complete" ? await sha256Hex(JSON.stringify(body)) : null;
-    const early = this.#refuseCallback(kind, stageId, attempt, hash);
-    if (early) return early;
-    if (kind !== "progress") {
-      // Usage out of bounds is refused before anything is stored or charged; the stage goes on.
-      const usage = (body as CompleteCallback | FailCallback).usage;
-      const problem = tx.usageProblem(this.#c, this.#store.stage(stageId)!, usage);
-      if (problem) {
-        this.#store.log("error", "usage_refused", { stage_id: stageId, attempt, kind, problem, usage });
-        return { status: 422, body: { error: { code: "usage_out_of_bounds", message: problem } } };
-      }
-    }
-    // A large inline output is stored (KV or R2) before the transition; then the
-    // checks run again, since the stage may have moved during the await.
-    let stored: StoredOutput | StageFailure | null = null;
-    if (kind === "complete") {
-      const c = body as CompleteCallback;
-      stored = await step.storeOutput(this.#c, stageId, attempt, c.output, c.dataReference);
-      const again = this.#refuseCallback(kind, stageId, attempt, hash);
-      if (again) return again;
-    }
-    // From here to the end: synchronous, so the checks and the transition are one atomic step.
-    const st = this.#store.stage(stageId)!;
-    const now = Date.now();
-    this.#store.log("info", "callback", { stage_id: stageId, attempt, kind });
-    if (kind === "progress") {
-      const p = body as ProgressCallback;
-      tx.progressCallback(this.#c, st, p.progress, p.message);
-      return { status: 200, body: { ok: true, stage_status: st.status } };
-    }
-    if (kind === "complete") {
-      const c = body as CompleteCallback;
-      if (stored && "code" in stored) tx.failAttempt(this.#c, st, stored, now, c.usage);
-      else tx.completeStage(this.#c, st, stored!, c.usage, now, hash);
-    } else {
-      const f = body as FailCallback;
-      // A provider's retry-after (a 429) sets the earliest retry instead of the generic backoff alone.
-      const failure = { code: f.error.code, message: f.error.message, retryable: f.retryable ?? false, retryAfterMs: retryAfterOf(f.rate_limits), fromWorker: true };
-      tx.failAttempt(this.#c, st, failure, now, f.usage);
-    }
+    const outcome = await applyCallback(this.#c, kind, stageId, attempt, body);
+    if ("answer" in outcome) return outcome.answer;
     this.#kick();
     await this.#rearm();
     return { status: 200, body: { ok: true, stage_status: this.#store.stage(stageId)!.status } };
@@ -363,7 +259,7 @@ export class Execution extends DurableObject<Env> {
 
   /** Whether a worker may upload for this stage and attempt now (asked before any byte is written). */
   async uploadAllowed(stageId: string, attempt: number): Promise<UploadCheck> {
-    return this.#uploadCheck(stageId, attempt);
+    return uploadCheck(this.#c, stageId, attempt);
   }
 
   /**
@@ -372,20 +268,7 @@ export class Execution extends DurableObject<Env> {
    * one synchronous step; a key already recorded is never replaced.
    */
   async registerUpload(stageId: string, attempt: number, ref: DataReference): Promise<UploadCheck> {
-    const refused = this.#uploadCheck(stageId, attempt);
-    if (!refused.ok) return refused;
-    if (!tx.recordObject(this.#c, ref, stageId, attempt, Date.now())) {
-      return { ok: false, code: "data_exists", message: `${ref.key} is already recorded` };
-    }
-    return { ok: true };
-  }
-
-  #uploadCheck(stageId: string, attempt: number): UploadCheck {
-    const st = this.#store.stage(stageId);
-    if (!st || st.attempt !== attempt || !isOnWorker(st.status)) {
-      return { ok: false, code: "stage_ended", message: "the stage is not running this attempt" };
-    }
-    return { ok: true };
+    return registerUpload(this.#c, stageId, attempt, ref, Date.now());
   }
 
   /** The checksum and size we recorded for a stored object, for reads through `GET /data/...`. */
@@ -407,58 +290,26 @@ export class Execution extends DurableObject<Env> {
       SELECT reservation_id, stage_id, attempt FROM reservations ORDER BY created_at`;
   }
 
-  /**
-   * The ledger granted a waiting reservation. A notice for the stage's current
-   * attempt is taken even when the answer to its reserve call never arrived
-   * (the reservation id is derived from execution, stage and attempt); a notice
-   * for a stage that moved on is handed back.
-   */
+  /** The ledger granted a waiting reservation (grant.ts: taken, or handed back when the stage moved on). */
   async onGrant(notice: GrantNotice): Promise<void> {
-    const st = this.#store.stage(notice.stageId);
-    const now = Date.now();
-    const expected = st ? (st.reservation_id ?? tx.expectedReservationId(this.#c, st)) : null;
-    if (st && st.status === "waiting_resources" && st.attempt === notice.attempt && notice.reservationId === expected) {
-      if (!st.reservation_id) tx.reserved(this.#c, st, notice.reservationId, now);
-      tx.granted(this.#c, this.#store.stage(st.stage_id)!, notice.expiresAt, notice.requirements, now);
-      this.#kick();
-    } else if (!st || expected !== notice.reservationId || isTerminalStage(st.status)) {
-      this.#c.outbox.enqueue({ kind: "ledger_release", reservationId: notice.reservationId }, now);
-      this.#kick();
-    }
+    if (applyGrant(this.#c, notice, Date.now())) this.#kick();
     await this.#rearm();
   }
 
   /**
    * The live status socket (docs/protocol.md, "Live updates"), already
-   * authenticated by the front Worker's ticket check. Accepted through the
-   * Hibernation API: an idle socket does not keep the object in memory, and
-   * `ping` is answered by the runtime without waking it.
+   * authenticated by the front Worker's ticket check (live.ts).
    */
   override async fetch(request: Request): Promise<Response> {
-    const ex = this.#store.row();
-    if (!ex) return Response.json({ error: { code: "not_found", message: "no such execution" } }, { status: 404 });
-    if (request.headers.get("upgrade")?.toLowerCase() !== "websocket") {
-      return Response.json({ error: { code: "upgrade_required", message: "connect with a WebSocket" } }, { status: 426 });
-    }
-    const { 0: client, 1: server } = new WebSocketPair();
-    this.ctx.acceptWebSocket(server);
-    this.ctx.setWebSocketAutoResponse(new WebSocketRequestResponsePair("ping", "pong"));
-    this.#pushTo([server], ex);
-    return new Response(null, { status: 101, webSocket: client, headers: { "sec-websocket-protocol": LIVE_PROTOCOL } });
+    return this.#live.open(request);
   }
 
-  /** A client may ask for the document again with `{"type":"status"}`; anything else is ignored. */
   override async webSocketMessage(ws: WebSocket, message: string | ArrayBuffer): Promise<void> {
-    const ex = this.#store.row();
-    if (ex && typeof message === "string" && message.includes('"status"')) this.#pushTo([ws], ex);
+    this.#live.message(ws, message);
   }
 
   override async webSocketClose(ws: WebSocket, code: number, reason: string): Promise<void> {
-    try {
-      ws.close(code, reason);
-    } catch {
-      // already closed
-    }
+    Live.closed(ws, code, reason);
   }
 
   /** One alarm for every timer. Safe to fire twice: each handler re-checks state. */
@@ -479,49 +330,6 @@ export class Execution extends DurableObject<Env> {
   }
 
   // ------------------------------------------------------------- driving ----
-
-  /** Why a callback cannot act now (404/409), or null when it may. Synchronous. */
-  #refuseCallback(kind: CallbackKind, stageId: string, attempt: number, hash: string | null): CallbackAnswer | null {
-    const ex = this.#store.row();
-    const st = ex ? this.#store.stage(stageId) : null;
-    if (!ex || !st) return { status: 404, body: { error: { code: "not_found", message: "no such execution or stage" } } };
-    // A fan-out stage runs on no worker itself: its items do, under their own ids.
-    if (isFanOut(st)) return { status: 404, body: { error: { code: "not_found", message: `${stageId} runs as items (${stageId}.{i}); no worker holds it` } } };
-    const conflict = (code: string, message: string): CallbackAnswer => ({ status: 409, body: { error: { code, message } } });
-    if (ex.status === "cancelled" || st.status === "cancelled") return conflict("execution_cancelled", "the execution was cancelled");
-    if (attempt !== st.attempt) return conflict("stale_attempt", `this token is for attempt ${attempt}; the stage is on attempt ${st.attempt}`);
-    if (st.status === "completed") {
-      if (kind === "complete" && hash === st.complete_hash) return { status: 200, body: { ok: true, stage_status: st.status, duplicate: true } };
-      return conflict("stage_ended", "the stage has already completed");
-    }
-    if (!isOnWorker(st.status)) return conflict("stage_ended", `the stage is ${st.status}`);
-    return null;
-  }
-
-  #changed(): void {
-    if (this.#pushQueued) return;
-    this.#pushQueued = true;
-    // After the synchronous transition that called this: the document is whole by then.
-    queueMicrotask(() => {
-      this.#pushQueued = false;
-      const ex = this.#store.row();
-      const sockets = this.ctx.getWebSockets();
-      if (ex && sockets.length > 0) this.#pushTo(sockets, ex);
-    });
-  }
-
-  /** Sends the status document; an ended execution's sockets are closed after it (nothing more will change). */
-  #pushTo(sockets: WebSocket[], ex: ExecutionRow): void {
-    const text = JSON.stringify({ type: "status", document: this.#document(ex) });
-    for (const ws of sockets) {
-      try {
-        ws.send(text);
-        if (isTerminalExecution(ex.status)) ws.close(1000, "execution ended");
-      } catch {
-        // The socket went away meanwhile; the runtime drops it.
-      }
-    }
-  }
 
   #rearm(): Promise<void> {
     const ex = this.#store.row();
@@ -614,7 +422,7 @@ export class Execution extends DurableObject<Env> {
         );
       }
       if (ex && !isTerminalExecution(ex.status) && !failure) {
-        for (const work of ex.template_id ? this.#plan() : [this.#templateWork()]) {
+        for (const work of ex.template_id ? plan(this.#c) : [templateWork(this.#c)]) {
           if (running.has(work.key) || idle.get(work.key) === work.sig) continue;
           const run = work.run().then(
             () => work.key,
@@ -629,7 +437,7 @@ export class Execution extends DurableObject<Env> {
       if (running.size === 0) break;
       const done = await Promise.race(running.values());
       running.delete(done);
-      idle.set(done, this.#signature(done));
+      idle.set(done, signature(this.#c, done));
     }
     await Promise.all(running.values());
     if (failure) throw (failure as { err: unknown }).err;
@@ -651,125 +459,6 @@ export class Execution extends DurableObject<Env> {
         );
         if (expired) releaseHeldData(this.#c, owners, Date.now());
       }
-    }
-  }
-
-  #templateWork(): Work {
-    return { key: "template", sig: "", run: async () => void (await step.loadTemplateStep(this.#c)) };
-  }
-
-  /**
-   * What can move now (synchronous; graph.ts decides): every stage whose
-   * dependencies completed, the items of running fan-out stages within their
-   * `max_parallel` and the execution's `maxRunningItems`, a fan-out stage to
-   * expand or to gather, and the execution's completion.
-   */
-  #plan(): Work[] {
-    const c = this.#c;
-    // Paused: only work already on a worker goes on (to its end), and an approval's deadline runs; nothing starts, nothing completes.
-    if (this.#store.row()!.status === "paused") return this.#store.onWorker().map((st) => this.#unitWork(st));
-    const stages = this.#store.stages();
-    if (stages.every((s) => s.status === "completed")) {
-      return [{ key: "complete", sig: "", run: () => step.completeExecution(c) }];
-    }
-    const work: Work[] = [];
-    const ready = new Set(readyStages(stages.map((s) => ({ ...s, depends_on: dependsOn(s) }))).map((s) => s.stage_id));
-    const t = this.#config.tuning;
-    let activeInExecution = this.#store.activeItems();
-    for (const st of stages) {
-      if (isFanOut(st)) {
-        if (st.status === "pending" && ready.has(st.stage_id)) work.push({ key: `expand:${st.stage_id}`, sig: st.status, run: () => step.expandFanOut(c, st) });
-        if (st.status !== "processing") continue;
-        const counts = this.#store.itemCounts().get(st.stage_id);
-        if (counts && counts.completed === counts.total) {
-          work.push({ key: `fan_in:${st.stage_id}`, sig: st.status, run: () => step.fanIn(c, st) });
-          continue;
-        }
-        const slots = itemSlots(st.max_parallel ?? DEFAULT_MAX_PARALLEL, this.#store.activeItems(st.stage_id), activeInExecution, t.maxRunningItems);
-        activeInExecution += slots;
-        for (const item of this.#store.steppableItems(st.stage_id, slots)) work.push(this.#unitWork(item));
-        continue;
-      }
-      if (isTerminalStage(st.status) || (st.status === "pending" && !ready.has(st.stage_id))) continue;
-      work.push(this.#unitWork(st));
-    }
-    return work;
-  }
-
-  #unitWork(st: StageRow): Work {
-    return { key: st.stage_id, sig: unitSignature(st), run: () => this.#runUnit(st.stage_id) };
-  }
-
-  /** Where a piece of work's stage stands: planning it again is worth it only once this changed. */
-  #signature(key: string): string {
-    if (key === "template" || key === "complete") return "";
-    const st = this.#store.stage(key.includes(":") ? key.slice(key.indexOf(":") + 1) : key);
-    if (!st) return "";
-    return key.includes(":") ? st.status : unitSignature(st);
-  }
-
-  /** Steps one stage or item until it waits for an event or a timer. */
-  async #runUnit(stageId: string): Promise<void> {
-    for (let i = 0; i < MAX_STEPS_PER_RUN; i++) {
-      const ex = this.#store.row();
-      const st = this.#store.stage(stageId);
-      if (!ex || !st || isTerminalExecution(ex.status) || isTerminalStage(st.status)) return;
-      if (ex.status === "paused" && !isOnWorker(st.status) && st.status !== "awaiting_approval") return;
-      if (!(await this.#stepStage(st))) return;
-    }
-  }
-
-  /** One step of the current stage. Returns true when it changed something and the loop should go on. */
-  async #stepStage(st: StageRow): Promise<boolean> {
-    const now = Date.now();
-    switch (st.status) {
-      case "pending": {
-        if (st.kind === "approval") {
-          awaitApproval(this.#c, st, now);
-          return false;
-        }
-        if (st.attempt > 0 && !this.#timers.take("retry", st.stage_id)) return false;
-        tx.beginAttempt(this.#c, st, now);
-        return true;
-      }
-      case "awaiting_approval": {
-        if (st.deadline_at === null || now < st.deadline_at) return false;
-        this.#timers.take("approval", st.stage_id);
-        approvalTimedOut(this.#c, st, now);
-        return true;
-      }
-      case "waiting_resources": {
-        const limit = st.queue_timeout_ms ?? this.#config.tuning.maxQueueMs;
-        if (st.waiting_since !== null && now >= st.waiting_since + limit) {
-          this.#timers.take("queue", st.stage_id);
-          // Not retried: waiting again would wait for the same resources.
-          tx.failAttempt(this.#c, st, { code: "queue_timeout", message: `no resources granted within ${limit} ms`, retryable: false }, now);
-          return true;
-        }
-        return step.askLedger(this.#c, st);
-      }
-      case "handshaking": {
-        if (st.deadline_at !== null && now >= st.deadline_at) {
-          this.#timers.take("deadline", st.stage_id);
-          tx.failAttempt(this.#c, st, step.handshakeTimeout(this.#c), now);
-          return true;
-        }
-        if (this.#timers.take("lease", st.stage_id)) void step.renewLease(this.#c, st);
-        return step.handshake(this.#c, st);
-      }
-      case "processing": {
-        if (st.deadline_at !== null && now >= st.deadline_at) {
-          this.#timers.take("deadline", st.stage_id);
-          tx.failAttempt(this.#c, st, { code: "stage_timeout", message: `no result within ${st.timeout_ms} ms`, retryable: true }, now);
-          return true;
-        }
-        // The renewal goes out beside the poll: a slow ledger must not hold up the stage's progress.
-        if (this.#timers.take("lease", st.stage_id)) void step.renewLease(this.#c, st);
-        if (this.#timers.take("poll", st.stage_id)) return step.poll(this.#c, st);
-        return false;
-      }
-      default:
-        return false;
     }
   }
 }

@@ -1,0 +1,59 @@
+import type { ExecutionStatus, StageDocument, StageStatus, StatusDocument } from "../../schemas/api";
+import type { Priority } from "../../schemas/common";
+import type { DataReference } from "../../schemas/data";
+import type { TraceContext } from "../../src/trace";
+import type { RerunSource } from "./rerun";
+
+/** What the Execution's RPC methods take and answer (index.ts), as typed results: no string-matched errors. */
+
+export interface StartInput {
+  execution_id: string;
+  template_name: string;
+  parameters: Record<string, unknown>;
+  client_id: string;
+  request_id: string | null;
+  request_hash: string | null;
+  priority: Priority;
+  /** Deliver this execution's events to KAM (docs/protocol.md, "Event notifications"). */
+  notify: boolean;
+  /** W3C trace context (src/trace.ts): the caller's, continued, or a new trace. */
+  trace?: TraceContext | null;
+  /** A rerun: the original's snapshot and what it takes over (rerun.ts). */
+  rerun?: RerunSource;
+  /** The execution-wide deadline from now; absent or null: `executionTimeoutMs`. */
+  execution_timeout_ms?: number | null;
+}
+
+export interface StartResult {
+  created: boolean;
+  status: ExecutionStatus;
+  estimated_completion_ms: number;
+  estimated_completion_at: string;
+  request_hash: string | null;
+}
+
+export type ResultState =
+  | { state: "missing" }
+  | { state: "not_completed"; status: ExecutionStatus }
+  | { state: "expired"; at: number }
+  | { state: "completed"; output: unknown; outputRef: DataReference | null; cost: StatusDocument["cost"] };
+export type CancelState =
+  | { state: "missing" }
+  | { state: "already_terminal"; status: StatusDocument }
+  | { state: "cancelled"; status: StatusDocument };
+
+export type PauseState =
+  | { state: "missing" }
+  | { state: "already_terminal"; status: StatusDocument }
+  | { state: "paused"; status: StatusDocument };
+export type ResumeState = { state: "missing" } | { state: "not_paused"; status: StatusDocument } | { state: "resumed"; status: StatusDocument };
+export type ItemsState =
+  | { state: "missing" }
+  | { state: "not_fan_out" }
+  | { state: "ok"; total: number | null; items: StageDocument[]; next_cursor: string | null };
+
+export type DecideState =
+  | { state: "missing" }
+  | { state: "missing_stage" }
+  | { state: "not_awaiting_approval"; stage_status: StageStatus; status: StatusDocument }
+  | { state: "decided"; status: StatusDocument };
