@@ -1,6 +1,6 @@
 import type { StageDocument } from "../../schemas/api";
 import { isTerminalExecution } from "../stage-machine";
-import { type Core, type StageRow, dependsOn } from "./store";
+import { type Core, type StageRow, dependsOn, outputAsInput } from "./store";
 import { completeStage, failAttempt, indexUpdate, moveStage, releaseReservation } from "./transitions";
 
 /**
@@ -95,10 +95,13 @@ export function decideApproval(c: Core, st: StageRow, decision: Decision, now: n
   c.sql`UPDATE stages SET decision = ${JSON.stringify(decision)}, deadline_at = NULL WHERE stage_id = ${st.stage_id}`;
   c.store.log("info", "approval_decided", { stage_id: st.stage_id, approved: decision.approved, by: decision.by });
   if (decision.approved) {
-    // What it passes on: its one dependency's output (none or several: null).
-    const deps = dependsOn(st);
-    const input = deps.length === 1 ? c.store.stage(deps[0]) : null;
-    const output = input?.output_ref ? { inline: null, ref: JSON.parse(input.output_ref) } : { inline: input?.output ?? "null", ref: null };
+    // What it passes on: its one dependency's output as it is; several: `inputs`, stage id -> output
+    // as a worker stage would see them (a stored one as its reference's summary); none: null.
+    const deps = dependsOn(st).map((id) => c.store.stage(id)!);
+    const one = deps.length === 1 ? deps[0] : null;
+    const output = one?.output_ref
+      ? { inline: null, ref: JSON.parse(one.output_ref) }
+      : { inline: one ? (one.output ?? "null") : JSON.stringify(deps.length ? Object.fromEntries(deps.map((d) => [d.stage_id, outputAsInput(d)])) : null), ref: null };
     completeStage(c, c.store.stage(st.stage_id)!, output, {}, now, null);
     c.sql`UPDATE stages SET message = ${decision.comment ? `approved by ${decision.by}: ${decision.comment}` : `approved by ${decision.by}`} WHERE stage_id = ${st.stage_id}`;
     return;

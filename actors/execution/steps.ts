@@ -12,7 +12,7 @@ import { loadTemplate } from "../../src/template-source";
 import { WorkerClient } from "../../src/worker-client";
 import { type StageFailure, isOnWorker, isTerminalExecution, isTerminalStage } from "../stage-machine";
 import { fanOutItems, sinks } from "./graph";
-import { type Core, type StageRow, type StoredOutput, dependsOn, parse } from "./store";
+import { type Core, type StageRow, type StoredOutput, dependsOn, outputAsInput, parse } from "./store";
 import * as tx from "./transitions";
 
 /**
@@ -315,12 +315,6 @@ function dependenciesOf(c: Core, st: StageRow): StageRow[] {
   const stage = st.parent === null ? st : c.store.stage(st.parent)!;
   const ids = new Set(dependsOn(stage));
   return c.store.stages().filter((s) => ids.has(s.stage_id));
-}
-
-/** A completed stage's output as the next stage sees it: the value, or for stored data a small summary of the reference. */
-function outputAsInput(st: StageRow): unknown {
-  const ref = parse<DataReference>(st.output_ref);
-  return ref ? { $ref: ref.key, size: ref.size, contentType: ref.contentType } : parse(st.output);
 }
 
 /** A completed stage's output value, read back from KV or R2 when it was stored by reference. */

@@ -218,6 +218,12 @@ export type StoredOutput = { inline: string; ref: null } | { inline: null; ref: 
 export const ISO = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
 export const parse = <T>(text: string | null): T | null => (text === null ? null : (JSON.parse(text) as T));
 
+/** A completed stage's output as the next stage sees it: the value, or for stored data a small summary of the reference. */
+export function outputAsInput(st: StageRow): unknown {
+  const ref = parse<DataReference>(st.output_ref);
+  return ref ? { $ref: ref.key, size: ref.size, contentType: ref.contentType } : parse(st.output);
+}
+
 type Level = "debug" | "info" | "warn" | "error";
 
 /** Row readers over the execution's SQLite, and its structured log (every line carries the execution id). */

@@ -141,6 +141,17 @@ const list: StoredTemplate[] = [
       { stage: 2, type: "approval", timeout_ms: 1_000 },
     ] satisfies TemplateStage[]),
   },
+  // An approval with two dependencies (stages 1 and 2 run side by side): approved, it passes on `inputs`.
+  {
+    template_id: "mt_approval_003",
+    template_name: "approval_join",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRANULATOR, template_ref: "approval_v1", action: "echo", max_attempts: 1, timeout_ms: 60_000 },
+      { stage: 2, worker: GRANULATOR, template_ref: "approval_v1", action: "list", max_attempts: 1, timeout_ms: 60_000, depends_on: [] },
+      { stage: 3, type: "approval", timeout_ms: 600_000, depends_on: [1, 2] },
+      { stage: 4, worker: GRANULATOR, template_ref: "approval_v1", action: "echo", max_attempts: 1, timeout_ms: 60_000 },
+    ] satisfies TemplateStage[]),
+  },
   // One capped stage that waits at most 1.5 s for its slot (`queue_timeout_ms`), then fails `queue_timeout`.
   {
     template_id: "mt_queue_001",

@@ -1,3 +1,4 @@
+import { runDurableObjectAlarm } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
 import type { StatusDocument } from "../../schemas/api";
 import { JSON_HEADERS, KAM, OPS, call, ended, executionStub, rpcThrough, startExecution, status, waitFor } from "../support/api";
@@ -44,6 +45,26 @@ describe("approval stages", () => {
     ]);
   });
 
+  it("an approval with several dependencies passes on their outputs as `inputs`, stage id -> output", async () => {
+    const { body } = await startExecution({ template_name: "approval_join", parameters: { echo: { draft: "v1" }, items: 2 }, client_id: "client_approval" });
+    const id = body.execution_id as string;
+    const doc = await waitFor(id, (d) => d.stages[2]?.status === "awaiting_approval");
+    expect(doc.stages.map((s) => [s.stage_id, s.status, s.depends_on])).toEqual([
+      ["stage_1", "completed", []],
+      ["stage_2", "completed", []],
+      ["stage_3", "awaiting_approval", ["stage_1", "stage_2"]],
+      ["stage_4", "pending", ["stage_3"]],
+    ]);
+    expect((await decide(id, "stage_3", "approve", {})).status).toBe(200);
+    expect((await waitFor(id, ended)).status).toBe("completed");
+    // Stage 4 echoes what the approval passed on: both outputs, by stage id.
+    const result = (await (await call(`/executions/${id}/result`, { headers: KAM })).json()) as { output: unknown };
+    expect(result.output).toEqual({
+      stage_1: { draft: "v1" },
+      stage_2: { items: [{ index: 0, label: "item 0" }, { index: 1, label: "item 1" }], count: 2 },
+    });
+  });
+
   it("reject fails the execution with approval_rejected, naming the stage, with the comment", async () => {
     const { id } = await awaiting("approval_pipeline");
     const res = await decide(id, "stage_2", "reject", { comment: "wrong tone" });
@@ -77,8 +98,16 @@ describe("approval stages", () => {
       ["pending", 0],
     ]);
     expect(doc.stages[1].decision).toMatchObject({ approved: true, by: "ops", comment: null });
+    // A drive pass (the alarm) after the decision finds stage 3 ready and does not start it while paused.
+    await runDurableObjectAlarm(executionStub(id));
+    const still = await status(id);
+    expect(still.status).toBe("paused");
+    expect(still.stages[2]).toMatchObject({ status: "pending", attempts: 0 });
+    expect((await executionStub(id).reservationIds()).map((r) => r.stage_id)).toEqual(["stage_1"]);
     expect((await call(`/executions/${id}/resume`, { method: "POST", headers: OPS })).status).toBe(200);
-    expect((await waitFor(id, ended)).status).toBe("completed");
+    const end = await waitFor(id, ended);
+    expect(end.status).toBe("completed");
+    expect(end.stages[2]).toMatchObject({ status: "completed", attempts: 1 });
   });
 
   it("refuses bad decisions with a code and the offending field, and changes nothing", async () => {
