@@ -337,7 +337,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
         summary: action === "approve" ? "Approve an approval stage" : "Reject an approval stage (the execution fails with approval_rejected)",
         description:
           action === "approve"
-            ? "The stage completes with its dependency's output passed on unchanged; `decision` records who and when. Also RPC `approve(id, stageId, body)` on KamApi."
+            ? "The stage completes with its dependency's output passed on unchanged (several dependencies: their outputs as `inputs`, stage id -> output); `decision` records who and when. Also RPC `approve(id, stageId, body)` on KamApi."
             : "The stage fails, the execution fails with `approval_rejected` naming the stage, with the comment. Also RPC `reject(id, stageId, body)` on KamApi.",
         security: kamOrOps,
         request: { params: z.object({ id: ExecutionId, stageId: StageId }), body: { required: false, content: { "application/json": { schema: S.DecisionRequest } } } },

@@ -186,6 +186,40 @@ describe("tokens say what they are for and expire", () => {
   });
 });
 
+describe("execution control needs KAM or OPS rights", () => {
+  it("pause, resume, cancel, rerun, approve, reject and live tickets refuse anyone else with 401, and change nothing", async () => {
+    const { body } = await startExecution({ template_name: "approval_pipeline", parameters: { echo: { draft: "v1" } }, client_id: "client_security" });
+    const id = body.execution_id as string;
+    const before = await waitFor(id, (d) => d.stages[1]?.status === "awaiting_approval");
+    // What a stage worker holds (its callback and data tokens) and what a page gets (a live ticket) are no rights here.
+    const callback = await mintToken({ executionId: id, stageId: "stage_1", attempt: 1 });
+    const data = await mintToken({ executionId: id, stageId: "stage_3", attempt: 1, use: "data", inputs: [] });
+    const ticket = ((await (await call(`/executions/${id}/live-ticket`, { method: "POST", headers: OPS })).json()) as { ticket: string }).ticket;
+    const callers: [string, Record<string, string>][] = [
+      ["no token", {}],
+      ["a wrong token", bearer("nope")],
+      ["a stage's callback token", bearer(callback)],
+      ["a stage's data token", bearer(data)],
+      ["a live ticket", bearer(ticket)],
+      ["the CALLBACK_SECRET itself", bearer(TEST_SECRETS.CALLBACK_SECRET)],
+    ];
+    const routes = ["pause", "resume", "cancel", "rerun", "stages/stage_2/approve", "stages/stage_2/reject", "live-ticket"];
+    for (const [who, headers] of callers) {
+      for (const route of routes) {
+        const res = await call(`/executions/${id}/${route}`, { method: "POST", headers: { ...headers, ...JSON_HEADERS }, body: "{}" });
+        expect(res.status, `${route} with ${who}`).toBe(401);
+        expect(await codeOf(res), `${route} with ${who}`).toBe("unauthorized");
+      }
+    }
+    const after = await status(id);
+    expect(after.status).toBe("running");
+    expect(still(after)).toEqual(still(before));
+    expect(after.stages[1].decision).toBeUndefined();
+    expect(after.reruns).toEqual([]);
+    await cancel(id);
+  });
+});
+
 describe("every secret rotates: the current and the previous value verify", () => {
   it("a callback token signed with CALLBACK_SECRET_PREVIOUS is still accepted", async () => {
     const { id } = await hangingStage();
