@@ -1,6 +1,6 @@
 import type { StageDocument } from "../../schemas/api";
 import { isTerminalExecution } from "../stage-machine";
-import { type Core, type StageRow, dependsOn, outputAsInput } from "./store";
+import { type Core, type ExecutionRow, type StageRow, dependsOn, outputAsInput } from "./store";
 import { completeStage, failAttempt, indexUpdate, moveStage, releaseReservation } from "./transitions";
 
 /**
@@ -57,6 +57,16 @@ export function pauseExecution(c: Core, now: number): void {
   c.store.log("info", "execution_status", { status: "paused", from: ex.status });
 }
 
+/**
+ * When the execution-wide deadline (`execution_timeout_ms`) falls: its start's
+ * deadline moved on by the time spent paused, and none while paused (the clock
+ * that counts against it is stopped). Pure, for the drive pass and resume.
+ */
+export function executionDeadlineAt(ex: Pick<ExecutionRow, "status" | "deadline_at" | "paused_ms">): number | null {
+  if (ex.deadline_at === null || ex.status === "paused") return null;
+  return ex.deadline_at + ex.paused_ms;
+}
+
 /** Resumes a paused execution where it was (`queued` or `running`); the ready stage starts in the next drive pass. */
 export function resumeExecution(c: Core, now: number): void {
   const ex = c.store.row()!;
@@ -68,6 +78,9 @@ export function resumeExecution(c: Core, now: number): void {
   for (const st of c.store.unitsIn("pending")) {
     if (st.attempt > 0 && !c.timers.has("retry", st.stage_id)) c.timers.set("retry", now, st.stage_id);
   }
+  // The deadline moved on by this pause: its timer too (it may have fired, to no effect, while paused).
+  const deadline = executionDeadlineAt(c.store.row()!);
+  if (deadline !== null) c.timers.set("execution", deadline);
   indexUpdate(c, now);
   c.notifier.emit("execution.resumed", {}, now);
   c.store.log("info", "execution_status", { status: to, resumed: true, paused_ms: now - (ex.paused_at ?? now) });

@@ -9,7 +9,7 @@ import { emit } from "../../src/metrics";
 import { sqlOf } from "../sql";
 import { isTerminalExecution } from "../stage-machine";
 import { type CallbackAnswer, type CallbackKind, type UploadCheck, applyCallback, registerUpload, uploadCheck } from "./callbacks";
-import { type Decision, decideApproval, migrateControl, pauseExecution, resumeExecution } from "./control";
+import { type Decision, decideApproval, executionDeadlineAt, migrateControl, pauseExecution, resumeExecution } from "./control";
 import { stageDocument, startSummary, statusDocument } from "./documents";
 import { applyGrant } from "./grant";
 import { Live } from "./live";
@@ -411,8 +411,10 @@ export class Execution extends DurableObject<Env> {
     let failure: { err: unknown } | null = null;
     for (let guard = 0; guard < MAX_PLANS_PER_PASS; guard++) {
       const ex = this.#store.row();
-      if (ex && !isTerminalExecution(ex.status) && ex.deadline_at !== null && Date.now() >= ex.deadline_at) {
-        const limit = ex.deadline_at - ex.created_at;
+      // Paused time does not count against it (control.ts, executionDeadlineAt).
+      const deadline = ex ? executionDeadlineAt(ex) : null;
+      if (ex && !isTerminalExecution(ex.status) && deadline !== null && Date.now() >= deadline) {
+        const limit = deadline - ex.paused_ms - ex.created_at;
         tx.stopExecution(
           this.#c,
           "failed",

@@ -117,6 +117,47 @@ describe("pause and resume", () => {
     ]);
   });
 
+  // The execution-wide deadline does not count paused time. Stage 1 takes about 4 s on the worker,
+  // the deadline is 2.5 s. Time passes by the worker's own steps (the stage completing), not by sleeping.
+  const DEADLINE_MS = 2_500;
+  const longStage = { template_name: "quick_summary", parameters: { steps: 10, step_ms: 400 }, client_id: "client_control", execution_timeout_ms: DEADLINE_MS };
+
+  it("an execution-wide deadline does not count paused time: paused past it, resumed, it completes", async () => {
+    const { body } = await startExecution(longStage);
+    const id = body.execution_id as string;
+    await waitFor(id, (d) => d.stages[0].status === "processing");
+    const paused = (await (await post(`/executions/${id}/pause`)).json()) as Record<string, any>;
+    expect(paused.status).toBe("paused");
+    // The stage runs to its end while paused, well past the deadline by the clock.
+    const done = await waitFor(id, (d) => d.stages[0].status === "completed" || ended(d), 20_000);
+    expect(done.error).toBeNull();
+    expect(done.status).toBe("paused");
+    const created = Date.parse(done.created_at);
+    expect(Date.parse(done.stages[0].completed_at!) - created).toBeGreaterThan(DEADLINE_MS);
+    // The execution's own timer (armed for the deadline) has fired by now: a drive pass while paused fails nothing.
+    await runDurableObjectAlarm(executionStub(id));
+    expect((await status(id)).status).toBe("paused");
+
+    expect((await post(`/executions/${id}/resume`)).status).toBe(200);
+    const end = await waitFor(id, ended);
+    expect(end.error).toBeNull();
+    expect(end.status).toBe("completed");
+    // Counted by the clock it ran past the deadline; less the time paused, it did not.
+    const took = Date.parse(end.completed_at!) - created;
+    expect(took).toBeGreaterThan(DEADLINE_MS);
+    expect(took - end.paused_ms).toBeLessThan(DEADLINE_MS);
+  });
+
+  it("the same execution, not paused, fails with execution_timeout at the deadline (the control case)", async () => {
+    const { body } = await startExecution(longStage);
+    const id = body.execution_id as string;
+    const end = await waitFor(id, ended, 30_000);
+    expect(end.status).toBe("failed");
+    expect(end.error).toMatchObject({ code: "execution_timeout" });
+    expect(end.paused_ms).toBe(0);
+    expect(end.stages[0].status).not.toBe("completed");
+  });
+
   it("refuses pause of an ended execution (already_terminal), resume of a running one (not_paused), and changes nothing", async () => {
     const { body } = await startExecution({ template_name: "quick_summary", parameters: { steps: 1, step_ms: 5 }, client_id: "client_control" });
     const id = body.execution_id as string;
