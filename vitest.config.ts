@@ -32,6 +32,12 @@ function testWranglerConfig(): string {
 const runnerOf = (project: string) => `vitest-plugin-runner-${project}`;
 const asKam = (project: string) => ({ name: runnerOf(project), entrypoint: "KamApi" });
 
+/** The orchestrator's stage-data namespace and bucket, as wrangler.toml names them. */
+const wranglerToml = readFileSync(path.join(import.meta.dirname, "wrangler.toml"), "utf8");
+const DATA_REFS_ID = /binding = "DATA_REFS"\s*\nid = "([^"]+)"/.exec(wranglerToml)?.[1];
+const DATA_BUCKET = /binding = "DATA"\s*\nbucket_name = "([^"]+)"/.exec(wranglerToml)?.[1];
+if (!DATA_REFS_ID || !DATA_BUCKET) throw new Error("vitest.config.ts: wrangler.toml has no DATA_REFS namespace id or DATA bucket name");
+
 /** Where test/support/global-setup.ts builds an auxiliary worker for a project (each project its own, as they build at once). */
 const built = (project: string, name: string) => `./dist/test-workers/${project}/${name}/index.js`;
 
@@ -64,7 +70,10 @@ const { WORKER_SECRET: _shared, ...ORCHESTRATOR_SECRETS } = TEST_SECRETS;
  * behind the real service bindings, for the project `project`; `extra` adds
  * bindings, Durable Object bindings and workers.
  */
-function orchestratorUnderTest(project: string, extra: { bindings?: Record<string, string>; durableObjects?: Record<string, unknown>; workers?: unknown[] } = {}) {
+function orchestratorUnderTest(
+  project: string,
+  extra: { bindings?: Record<string, string>; serviceBindings?: Record<string, unknown>; durableObjects?: Record<string, unknown>; workers?: unknown[] } = {},
+) {
   return cloudflareTest({
     wrangler: { configPath: testWranglerConfig() },
     miniflare: {
@@ -87,6 +96,7 @@ function orchestratorUnderTest(project: string, extra: { bindings?: Record<strin
         // The Analytics Engine dataset, as a real worker that keeps what is written (test/support/metrics-sink-worker.js).
         METRICS: { name: "metrics-sink", entrypoint: "Dataset" },
         METRICS_SINK: "metrics-sink",
+        ...extra.serviceBindings,
       },
       ...(extra.durableObjects && { durableObjects: extra.durableObjects }),
       workers: [
@@ -132,7 +142,9 @@ function orchestratorUnderTest(project: string, extra: { bindings?: Record<strin
  *   real service bindings (built by test/support/global-setup.ts, since
  *   auxiliary workers take a built script, not a wrangler config);
  * - `ledger-faults`: the same, with the ledger behind an object that stalls,
- *   fails or loses answers for real (test/support/faulty-ledger);
+ *   fails or loses answers for real (test/support/faulty-ledger), and the
+ *   stage-data stores behind entrypoints that stall or fail calls
+ *   (test/support/faulty-store);
  * - `e2e`: Node tests that start the same multi-worker `wrangler dev` session
  *   as `npm start` and drive it over HTTP;
  * - `browser`: the operator pages in the system Chromium (/usr/bin/chromium)
@@ -163,7 +175,24 @@ export default defineConfig({
               // waiting (a grant must come by its notice), and undeliverable after 2 s. The handshaking
               // deadline (3 s) is shorter than one worker call's timeout (6 s), so a stalled handshake
               // meets the deadline, not the call's timeout.
-              TUNING: JSON.stringify({ ...TEST_TUNING, leaseMs: 3000, ledgerReaskMs: 20_000, outboxUndeliverableMs: 2000, workerCallTimeoutMs: 6000, handshakeTimeoutMs: 3000 }),
+              // A KV or R2 call gives up after 2 s (retention after 12 s).
+              TUNING: JSON.stringify({
+                ...TEST_TUNING,
+                leaseMs: 3000,
+                ledgerReaskMs: 20_000,
+                outboxUndeliverableMs: 2000,
+                workerCallTimeoutMs: 6000,
+                handshakeTimeoutMs: 3000,
+                storageCallTimeoutMs: 2000,
+              }),
+              // Stage data through entrypoints that can stall or fail a call (test/support/faulty-store).
+              DATA_KV_BINDING: "FAULTY_KV",
+              DATA_R2_BINDING: "FAULTY_R2",
+            },
+            serviceBindings: {
+              FAULTY_KV: { name: "faulty-store", entrypoint: "FaultyKv" },
+              FAULTY_R2: { name: "faulty-store", entrypoint: "FaultyR2" },
+              FAULTY_STORE: { name: "faulty-store", entrypoint: "Control" },
             },
             durableObjects: { FAULTY_LEDGER: { className: "FaultyLedger", scriptName: "faulty-ledger", useSQLite: true } },
             workers: [
@@ -176,6 +205,15 @@ export default defineConfig({
                   FAULTY_LEDGER: { className: "FaultyLedger", useSQLite: true },
                   REAL_LEDGER: { className: "ResourceLedger", scriptName: runnerOf("ledger-faults"), useSQLite: true },
                 },
+              },
+              {
+                name: "faulty-store",
+                modules: true,
+                scriptPath: built("ledger-faults", "faulty-store"),
+                compatibilityDate,
+                // The orchestrator's own namespace and bucket (miniflare shares them by id and name).
+                kvNamespaces: { DATA_REFS: DATA_REFS_ID },
+                r2Buckets: { DATA: DATA_BUCKET },
               },
             ],
           }),

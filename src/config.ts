@@ -126,6 +126,9 @@ export interface Config {
   notifyDefault: boolean;
   /** The Durable Object binding the ledger is reached through (`LEDGER_BINDING`, default RESOURCE_LEDGER). */
   ledgerBinding: string;
+  /** The KV namespace and R2 bucket bindings stage data lives in (`DATA_KV_BINDING`, default DATA_REFS; `DATA_R2_BINDING`, default DATA). */
+  dataKvBinding: string;
+  dataR2Binding: string;
   /** `USAGE_POOLS`: per worker name (or "*"), the pools it may report usage in beyond those its stage reserved. */
   usagePools: Record<string, string[]>;
 }
@@ -145,6 +148,11 @@ function parseJson<T>(name: string, raw: unknown, schema: z.ZodType<T>, fallback
   return parsed.data;
 }
 
+/** A binding-name var (the fault tests point one at a stand-in that stalls or fails), else the usual binding. */
+function bindingName(raw: unknown, fallback: string): string {
+  return typeof raw === "string" && raw ? raw : fallback;
+}
+
 /** Parsed once per isolate per env object; a bad var fails loudly at first use. */
 export function configOf(env: Env): Config {
   let c = cache.get(env);
@@ -159,7 +167,9 @@ export function configOf(env: Env): Config {
     clientDefaults: parseJson("CLIENT_DEFAULTS", vars.CLIENT_DEFAULTS, ClientQuotas, {}),
     publicUrl: String(vars.PUBLIC_URL ?? "http://orchestrator-v2.internal").replace(/\/$/, ""),
     notifyDefault: parseJson("NOTIFY_DEFAULT", vars.NOTIFY_DEFAULT, z.boolean(), false),
-    ledgerBinding: typeof vars.LEDGER_BINDING === "string" && vars.LEDGER_BINDING ? vars.LEDGER_BINDING : "RESOURCE_LEDGER",
+    ledgerBinding: bindingName(vars.LEDGER_BINDING, "RESOURCE_LEDGER"),
+    dataKvBinding: bindingName(vars.DATA_KV_BINDING, "DATA_REFS"),
+    dataR2Binding: bindingName(vars.DATA_R2_BINDING, "DATA"),
     usagePools: parseJson("USAGE_POOLS", vars.USAGE_POOLS, z.record(z.string(), z.array(z.string())), {}),
   };
   cache.set(env, c);

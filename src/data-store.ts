@@ -1,4 +1,5 @@
 import type { DataReference } from "../schemas/data";
+import { configOf } from "./config";
 import { hex, sha256Hex } from "./hash";
 
 /**
@@ -30,17 +31,38 @@ export function parseDataKey(key: string): { kind: DataKind; executionId: string
   return { kind: m[1] as DataKind, executionId: m[2], rest: m[3] };
 }
 
+/** The KV calls stage data makes, and the R2 calls. */
+type DataKv = Pick<KVNamespace, "put" | "getWithMetadata" | "list" | "delete">;
+type DataR2 = Pick<R2Bucket, "put" | "get" | "list" | "delete">;
+
+/**
+ * The stores, through the bindings `DATA_KV_BINDING` and `DATA_R2_BINDING`
+ * name (DATA_REFS and DATA by default): the fault tests put a real stand-in
+ * that stalls or fails there (test/support/faulty-store), as LEDGER_BINDING
+ * does for the ledger.
+ */
+export function kvOf(env: Env): DataKv {
+  return bound<DataKv>(env, configOf(env).dataKvBinding, "DATA_KV_BINDING");
+}
+export function r2Of(env: Env): DataR2 {
+  return bound<DataR2>(env, configOf(env).dataR2Binding, "DATA_R2_BINDING");
+}
+function bound<T>(env: Env, name: string, variable: string): T {
+  const b = (env as unknown as Record<string, T | undefined>)[name];
+  if (!b) throw new Error(`${variable} names no binding (${name})`);
+  return b;
+}
 
 /** Stores bytes in KV or R2 by size (inline is the caller's business). */
 export async function putBytes(env: Env, executionId: string, stageId: string, name: string, bytes: Uint8Array, contentType: string): Promise<DataReference> {
   const sha256 = await sha256Hex(bytes);
   if (bytes.byteLength <= DATA_LIMITS.kvMaxBytes) {
     const key = dataKey("kv", executionId, stageId, name);
-    await env.DATA_REFS.put(key, bytes, { metadata: { sha256, contentType, size: bytes.byteLength } });
+    await kvOf(env).put(key, bytes, { metadata: { sha256, contentType, size: bytes.byteLength } });
     return { kind: "kv", key, size: bytes.byteLength, sha256, contentType };
   }
   const key = dataKey("r2", executionId, stageId, name);
-  await env.DATA.put(key, bytes, { httpMetadata: { contentType }, sha256 });
+  await r2Of(env).put(key, bytes, { httpMetadata: { contentType }, sha256 });
   return { kind: "r2", key, size: bytes.byteLength, sha256, contentType };
 }
 
@@ -66,9 +88,9 @@ export async function putStream(env: Env, key: string, body: ReadableStream<Uint
   const hashing = toHash.pipeTo(digest);
   const piping = toStore.pipeTo(fixed.writable);
   try {
-    await Promise.all([env.DATA.put(key, fixed.readable, { httpMetadata: { contentType } }), piping, hashing]);
+    await Promise.all([r2Of(env).put(key, fixed.readable, { httpMetadata: { contentType } }), piping, hashing]);
   } catch {
-    await env.DATA.delete(key).catch(() => {});
+    await r2Of(env).delete(key).catch(() => {});
     throw new UploadError(400, "upload_incomplete", `the body did not match its Content-Length of ${size} bytes`);
   }
   // The checksum is ours, computed from the bytes as they went by; the
@@ -79,11 +101,11 @@ export async function putStream(env: Env, key: string, body: ReadableStream<Uint
 /** Opens a stored object as a stream, or null when it is gone. */
 export async function openStream(env: Env, ref: Pick<DataReference, "kind" | "key">): Promise<{ body: ReadableStream<Uint8Array>; size: number | null; contentType: string } | null> {
   if (ref.kind === "kv") {
-    const { value, metadata } = await env.DATA_REFS.getWithMetadata<{ contentType?: string; size?: number }>(ref.key, "stream");
+    const { value, metadata } = await kvOf(env).getWithMetadata<{ contentType?: string; size?: number }>(ref.key, "stream");
     if (!value) return null;
     return { body: value, size: metadata?.size ?? null, contentType: metadata?.contentType ?? "application/octet-stream" };
   }
-  const obj = await env.DATA.get(ref.key);
+  const obj = await r2Of(env).get(ref.key);
   if (!obj) return null;
   return { body: obj.body, size: obj.size, contentType: obj.httpMetadata?.contentType ?? "application/octet-stream" };
 }
@@ -137,15 +159,15 @@ export async function deleteExecutionData(env: Env, executionId: string): Promis
   let r2 = 0;
   let cursor: string | undefined;
   do {
-    const page = await env.DATA_REFS.list({ prefix: `kv/${executionId}/`, cursor });
-    await Promise.all(page.keys.map((k) => env.DATA_REFS.delete(k.name)));
+    const page = await kvOf(env).list({ prefix: `kv/${executionId}/`, cursor });
+    await Promise.all(page.keys.map((k) => kvOf(env).delete(k.name)));
     kv += page.keys.length;
     cursor = page.list_complete ? undefined : page.cursor;
   } while (cursor);
   let r2cursor: string | undefined;
   do {
-    const page = await env.DATA.list({ prefix: `r2/${executionId}/`, cursor: r2cursor });
-    if (page.objects.length) await env.DATA.delete(page.objects.map((o) => o.key));
+    const page = await r2Of(env).list({ prefix: `r2/${executionId}/`, cursor: r2cursor });
+    if (page.objects.length) await r2Of(env).delete(page.objects.map((o) => o.key));
     r2 += page.objects.length;
     r2cursor = page.truncated ? page.cursor : undefined;
   } while (r2cursor);

@@ -7,7 +7,7 @@ import type { RateLimitReport } from "../schemas/worker-protocol";
 import type { ClaimResult, RequestRegistry } from "../actors/request-registry";
 import type { DataReference } from "../schemas/data";
 import { type Role, verifyToken } from "./auth";
-import { DATA_LIMITS, UploadError, dataKey, openStream, parseDataKey, putStream, verifying } from "./data-store";
+import { DATA_LIMITS, UploadError, dataKey, openStream, parseDataKey, putStream, r2Of, verifying } from "./data-store";
 import { admitStart } from "./clients";
 import { configOf } from "./config";
 import { reportRateLimits } from "./pacing";
@@ -244,7 +244,7 @@ export async function writeData(env: Env, request: Request, id: string, stageId:
   const registered = await call<Check>(env, stub.registerUpload(stageId, claims.attempt, ref), "execution data");
   if (!registered.ok) {
     // Only this upload's own key, which nothing recorded, is removed.
-    await withTimeout(env.DATA.delete(key), objectTimeout(env), "r2.delete").catch(() => {});
+    await withTimeout(r2Of(env).delete(key), objectTimeout(env), "r2.delete").catch(() => {});
     throw new ApiError(409, registered.code, registered.message);
   }
   return ref;

@@ -7,7 +7,7 @@ import { DATA_LIMITS, deleteExecutionData, putBytes, readText, verifyStored } fr
 import { estimateTotalMs } from "../../src/estimates";
 import { uploadNonce } from "../../src/ids";
 import { ledgerFor } from "../../src/ledger-routing";
-import { withTimeout } from "../../src/outbound";
+import { TimeoutError, withTimeout } from "../../src/outbound";
 import { loadTemplate } from "../../src/template-source";
 import { WorkerClient } from "../../src/worker-client";
 import { type StageFailure, isOnWorker, isTerminalExecution, isTerminalStage } from "../stage-machine";
@@ -321,7 +321,7 @@ function dependenciesOf(c: Core, st: StageRow): StageRow[] {
 async function outputValue(c: Core, st: StageRow): Promise<unknown> {
   const ref = parse<DataReference>(st.output_ref);
   if (!ref) return parse(st.output);
-  const text = await readText(c.env, ref);
+  const text = await withTimeout(readText(c.env, ref), storageMs(c), "data.read");
   if (text === null) throw new Error(`output of ${st.stage_id} (${ref.key}) is missing from storage`);
   return JSON.parse(text);
 }
@@ -336,6 +336,8 @@ export async function expandFanOut(c: Core, st: StageRow): Promise<void> {
   try {
     value = await outputValue(c, dep);
   } catch (err) {
+    // A store that did not answer in time is transient: the pass fails and is retried (driveFailed), the list read again.
+    if (err instanceof TimeoutError) throw err;
     if (!c.store.stillAt(st, "pending")) return;
     tx.fanOutInvalid(c, st, `the output of ${dep.stage_id} cannot be read as JSON: ${err instanceof Error ? err.message : String(err)}`, Date.now());
     return;

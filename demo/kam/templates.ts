@@ -67,6 +67,15 @@ const list: StoredTemplate[] = [
       { stage: 3, worker: GRANULATOR, template_ref: "data_v1", action: "blob", max_attempts: 1, timeout_ms: 60_000 },
     ] satisfies TemplateStage[]),
   },
+  // Two blob stages that may each retry once (the storage fault tests: a stalled read of stage 1's output fails attempt 1 of stage 2).
+  {
+    template_id: "mt_data_004",
+    template_name: "data_retried",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRANULATOR, template_ref: "data_v1", action: "blob", max_attempts: 2, timeout_ms: 60_000 },
+      { stage: 2, worker: GRANULATOR, template_ref: "data_v1", action: "blob", max_attempts: 2, timeout_ms: 60_000 },
+    ] satisfies TemplateStage[]),
+  },
   // Stage 2 also needs a slot of the `gate:data-tamper` pool (created by the test that uses it), so a
   // test can hold stage 2 in waiting_resources, with stage 1's output stored, for as long as it needs.
   {

@@ -11,7 +11,10 @@ import type { TestProject } from "vitest/node";
 export default function setup(project: TestProject): void {
   const root = path.resolve(import.meta.dirname, "../..");
   const configs: Record<string, string> = { kam: "demo/kam/wrangler.toml", "content-granulator": "demo/content-granulator/wrangler.toml" };
-  if (project.name === "ledger-faults") configs["faulty-ledger"] = "test/support/faulty-ledger/wrangler.toml";
+  if (project.name === "ledger-faults") {
+    configs["faulty-ledger"] = "test/support/faulty-ledger/wrangler.toml";
+    configs["faulty-store"] = "test/support/faulty-store/wrangler.toml";
+  }
   for (const [name, config] of Object.entries(configs)) {
     execFileSync(
       process.execPath,

@@ -1,0 +1,134 @@
+import { env } from "cloudflare:workers";
+import { runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
+import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import type { StoreCall, StoreFault } from "../support/faulty-store/index";
+import { KAM, call, ended, executionStub, expectNoLiveReservations, startExecution, status, waitFor } from "../support/api";
+
+/**
+ * The stage-data stores made slow or failing for real: in this project the
+ * orchestrator reaches KV and R2 through DATA_KV_BINDING and DATA_R2_BINDING,
+ * which name real entrypoints in front of the same namespace and bucket
+ * (test/support/faulty-store). A KV or R2 call inside a drive pass gives up
+ * after storageCallTimeoutMs (2 s here), retention after 6 x that (12 s).
+ * A stall here lasts 120 s, twice the test's own timeout: an execution that
+ * moves on while one is outstanding was not blocked by it.
+ */
+interface FaultyStore {
+  setFault(fault: StoreFault): Promise<void>;
+  clearFaults(store?: StoreFault["store"], method?: string): Promise<void>;
+  calls(store?: StoreFault["store"], method?: string): Promise<StoreCall[]>;
+  resetCalls(): Promise<void>;
+}
+const store = () => (env as unknown as { FAULTY_STORE: FaultyStore }).FAULTY_STORE;
+const STALL_MS = 120_000;
+
+/** The real namespace and bucket, past the stand-in. */
+const kvKeys = async (id: string) => (await env.DATA_REFS.list({ prefix: `kv/${id}/` })).keys.length;
+const r2Objects = async (id: string) => (await env.DATA.list({ prefix: `r2/${id}/` })).objects.length;
+
+async function until<T>(what: string, read: () => Promise<T>, done: (v: T) => boolean, timeoutMs = 30_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await read();
+    if (done(v)) return v;
+    if (Date.now() > deadline) throw new Error(`${what}: not reached within ${timeoutMs} ms; last: ${JSON.stringify(v)}`);
+    await scheduler.wait(25);
+  }
+}
+
+/** Makes the retention timer due and fires the alarm (instead of waiting seven days). */
+async function expireNow(id: string): Promise<void> {
+  const stub = executionStub(id);
+  await runInDurableObject(stub, (_i, state) => state.storage.sql.exec("UPDATE timers SET due_at = 0 WHERE name = 'retention'"));
+  await runDurableObjectAlarm(stub);
+}
+
+/** A completed data_pipeline execution with 200 KB in KV (stage 2) and 2 MiB in R2 (stage 3, a worker upload). */
+async function completedWithData(): Promise<string> {
+  const sizes = { stage_1: 100, stage_2: 200_000, stage_3: 2 * 1024 * 1024 };
+  const { body } = await startExecution({ template_name: "data_pipeline", parameters: { steps: 1, step_ms: 0, output_bytes: sizes }, client_id: "client_lf" });
+  const id = body.execution_id as string;
+  const doc = await waitFor(id, ended, 40_000);
+  expect(doc.status).toBe("completed");
+  expect(await kvKeys(id)).toBe(1);
+  expect(await r2Objects(id)).toBe(1);
+  return id;
+}
+
+beforeEach(async () => {
+  await store().clearFaults();
+  await store().resetCalls();
+});
+afterEach(async () => {
+  await store().clearFaults();
+});
+
+describe("stage data behind a faulty store", () => {
+  it("retention that fails is retried on its own until it succeeds, and deletes everything; nothing is dropped meanwhile", async () => {
+    const id = await completedWithData();
+    // Every KV delete of this execution fails until the fault is lifted.
+    await store().setFault({ store: "kv", method: "delete", match: id, mode: "fail" });
+    await expireNow(id);
+    // Retried by its own timer (the test fires only the first pass).
+    const failed = await until("two failed retention passes", () => store().calls("kv", "delete"), (c) => c.filter((x) => x.key.includes(id) && x.fault === "fail").length >= 2);
+    expect(failed.length).toBeGreaterThanOrEqual(2);
+    // Nothing lost while it fails: the data is all there and still served.
+    expect((await status(id)).data_expired_at).toBeNull();
+    expect(await kvKeys(id)).toBe(1);
+    expect(await r2Objects(id)).toBe(1);
+    expect((await call(`/executions/${id}/result`, { headers: KAM })).status).toBe(200);
+    // Then R2 fails once while KV works again (the R2 fault is set first, so no pass runs without it).
+    await store().setFault({ store: "r2", method: "delete", match: id, mode: "fail", times: 1 });
+    await store().clearFaults("kv", "delete");
+    const after = await waitFor(id, (d) => d.data_expired_at !== null, 30_000);
+    expect(after.status).toBe("completed");
+    expect(await kvKeys(id)).toBe(0);
+    expect(await r2Objects(id)).toBe(0);
+    const r2Deletes = (await store().calls("r2", "delete")).filter((c) => c.key.includes(id));
+    expect(r2Deletes.map((c) => c.fault)).toEqual(["fail", null]);
+    expect((await call(`/executions/${id}/result`, { headers: KAM })).status).toBe(410);
+  });
+
+  it("an R2 list that stalls during retention does not hold the alarm: the pass gives up, and the retry deletes everything", async () => {
+    const id = await completedWithData();
+    await store().setFault({ store: "r2", method: "list", match: id, mode: "stall", stallMs: STALL_MS, times: 1 });
+    await expireNow(id);
+    const after = await waitFor(id, (d) => d.data_expired_at !== null, 40_000);
+    expect(after.status).toBe("completed");
+    expect(await r2Objects(id)).toBe(0);
+    expect(await kvKeys(id)).toBe(0);
+    const lists = (await store().calls("r2", "list")).filter((c) => c.key.includes(id));
+    expect(lists.map((c) => c.fault)).toEqual(["stall", null]);
+  });
+
+  it("a KV read that stalls in a drive pass (the input check before a handshake) fails the attempt data_unavailable, and the retry completes", async () => {
+    // The first read of stage 1's output (200 KB in KV) stalls: it is the check before stage 2's handshake.
+    await store().setFault({ store: "kv", method: "getWithMetadata", match: "/stage_1/", mode: "stall", stallMs: STALL_MS, times: 1 });
+    const { body } = await startExecution({
+      template_name: "data_retried",
+      parameters: { steps: 1, step_ms: 0, output_bytes: { stage_1: 200_000, stage_2: 100 } },
+      client_id: "client_lf",
+    });
+    const id = body.execution_id as string;
+    const doc = await waitFor(id, ended, 40_000);
+    expect(doc.status).toBe("completed");
+    expect(doc.stages[1]).toMatchObject({ status: "completed", attempts: 2, last_error: { code: "data_unavailable", attempt: 1 } });
+    const reads = (await store().calls("kv", "getWithMetadata")).filter((c) => c.key.includes(`${id}/stage_1/`));
+    expect(reads[0].fault).toBe("stall");
+    await expectNoLiveReservations(id);
+  });
+
+  it("a KV read that stalls while a fan-out reads its list does not hold the alarm: the pass is retried and the execution completes", async () => {
+    // Four entries of 20,000 characters: the list (about 80 KB) is stored in KV; the fan-out's first read of it stalls.
+    await store().setFault({ store: "kv", method: "getWithMetadata", match: "/stage_1/", mode: "stall", stallMs: STALL_MS, times: 1 });
+    const { body } = await startExecution({ template_name: "graph_fan_out", parameters: { items: 4, item_pad: 20_000, steps: 1, step_ms: 0 }, client_id: "client_lf" });
+    const id = body.execution_id as string;
+    const doc = await waitFor(id, ended, 40_000);
+    expect(doc.status).toBe("completed");
+    expect(doc.stages[1].items).toMatchObject({ total: 4, completed: 4 });
+    const reads = (await store().calls("kv", "getWithMetadata")).filter((c) => c.key.includes(`${id}/stage_1/`));
+    expect(reads[0].fault).toBe("stall");
+    expect(reads.length).toBeGreaterThan(1);
+    await expectNoLiveReservations(id);
+  });
+});
