@@ -16,7 +16,7 @@ import { ApiError, parseWith } from "./http";
 import { newExecutionId, uploadNonce } from "./ids";
 import { log } from "./log";
 import { emit } from "./metrics";
-import { LIVE_PROTOCOL, TICKET_PREFIX, issueLiveTicket, verifyLiveTicket } from "./live-ticket";
+import { LIVE_PROTOCOL, TICKET_PREFIX, TICKET_USE_HEADER, issueLiveTicket, verifyLiveTicket } from "./live-ticket";
 import { askObject, withTimeout } from "./outbound";
 import { acceptTrace, readTraceparent } from "./trace";
 
@@ -294,8 +294,11 @@ export async function openLive(env: Env, request: Request, id: unknown): Promise
   if (request.headers.get("upgrade")?.toLowerCase() !== "websocket") {
     throw new ApiError(426, "upgrade_required", "connect with a WebSocket (Upgrade: websocket)");
   }
-  await verifyLiveTicket(env, request, executionId, Date.now());
-  const res = await call(env, executionStub(env, executionId).fetch(request), "execution live");
+  const use = await verifyLiveTicket(env, request, executionId, Date.now());
+  // Set here, over whatever the caller sent: the object trusts it as the verified ticket's use.
+  const headers = new Headers(request.headers);
+  headers.set(TICKET_USE_HEADER, `${use.nonce}.${use.expiresAt}`);
+  const res = await call(env, executionStub(env, executionId).fetch(new Request(request, { headers })), "execution live");
   if (res.status === 404) throw new ApiError(404, "not_found", `no execution ${executionId}`);
   return res;
 }

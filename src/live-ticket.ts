@@ -12,13 +12,26 @@ import { secretPair } from "./secrets";
  * minute, signed with CALLBACK_SECRET under its own key derivation (so a ticket
  * is never a callback token, nor the other way round). The socket sends it as a
  * subprotocol, `ticket.<ticket>`, next to `orchestrator-live.v1`.
+ *
+ * A ticket opens one socket: it carries a random nonce, which the front hands
+ * the execution's object (TICKET_USE_HEADER, set here over anything the caller
+ * sent) and the object remembers until the ticket expires (actors/execution/live.ts).
  */
 export const LIVE_PROTOCOL = "orchestrator-live.v1";
 export const TICKET_PREFIX = "ticket.";
 export const LIVE_TICKET_TTL_MS = 60_000;
+/** The verified ticket's use, from the front to the object: `<nonce>.<expires at, unix ms>`. */
+export const TICKET_USE_HEADER = "x-orchestrator-live-ticket";
 
 const encoder = new TextEncoder();
-const Payload = z.object({ v: z.literal(1), e: z.string(), x: z.number().int(), r: z.enum(["kam", "ops"]) });
+const Payload = z.object({ v: z.literal(1), e: z.string(), x: z.number().int(), r: z.enum(["kam", "ops"]), n: z.string().regex(/^[A-Za-z0-9_-]{22}$/) });
+
+/** What a verified ticket allows: the role it was issued to, and its one use (nonce, expiry). */
+export interface LiveTicketUse {
+  role: Role;
+  nonce: string;
+  expiresAt: number;
+}
 
 function b64url(bytes: Uint8Array): string {
   let s = "";
@@ -39,12 +52,16 @@ function keys(env: Env): { current: string; previous: string | null } {
 
 export async function issueLiveTicket(env: Env, executionId: string, role: Role, now: number): Promise<{ ticket: string; expires_at: string }> {
   const expiresAt = now + LIVE_TICKET_TTL_MS;
-  const payload = b64url(encoder.encode(JSON.stringify({ v: 1, e: executionId, x: expiresAt, r: role })));
+  const nonce = b64url(crypto.getRandomValues(new Uint8Array(16)));
+  const payload = b64url(encoder.encode(JSON.stringify({ v: 1, e: executionId, x: expiresAt, r: role, n: nonce })));
   return { ticket: `${payload}.${await mac(keys(env).current, payload)}`, expires_at: new Date(expiresAt).toISOString() };
 }
 
-/** The ticket from the socket's subprotocols; 401 when missing, forged or expired, 403 for another execution's. */
-export async function verifyLiveTicket(env: Env, request: Request, executionId: string, now: number): Promise<Role> {
+/**
+ * The ticket from the socket's subprotocols; 401 when missing, forged or expired, 403 for another execution's.
+ * Whether it was used already only the execution's object knows (`ticket_used`).
+ */
+export async function verifyLiveTicket(env: Env, request: Request, executionId: string, now: number): Promise<LiveTicketUse> {
   const offered = (request.headers.get("sec-websocket-protocol") ?? "").split(",").map((p) => p.trim());
   if (!offered.includes(LIVE_PROTOCOL)) {
     throw new ApiError(400, "invalid_request", `offer the subprotocol ${LIVE_PROTOCOL}`, [{ path: "sec-websocket-protocol", message: `must include ${LIVE_PROTOCOL}` }]);
@@ -65,5 +82,5 @@ export async function verifyLiveTicket(env: Env, request: Request, executionId: 
   }
   if (claims.x <= now) throw new ApiError(401, "token_expired", "the live ticket expired: ask for a new one");
   if (claims.e !== executionId) throw new ApiError(403, "forbidden", "this live ticket belongs to another execution");
-  return claims.r;
+  return { role: claims.r, nonce: claims.n, expiresAt: claims.x };
 }

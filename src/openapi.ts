@@ -354,7 +354,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
     {
       method: "post",
       path: "/executions/{id}/live-ticket",
-      summary: "A ticket for the execution's live socket (valid one minute)",
+      summary: "A single-use ticket for the execution's live socket (valid one minute)",
       description: "Connect to `url` offering `protocols` as the WebSocket subprotocols; no token goes in the URL.",
       security: kamOrOps,
       request: { params: idParams },
@@ -372,7 +372,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       responses: {
         "101": { description: "switching protocols: the socket (subprotocol `orchestrator-live.v1`)" },
         "400": error("invalid_request: the subprotocol orchestrator-live.v1 was not offered"),
-        "401": error("unauthorized or token_expired: no valid ticket"),
+        "401": error("unauthorized or token_expired: no valid ticket; ticket_used: the ticket opened a socket already (single-use)"),
         "403": error("forbidden: a ticket of another execution"),
         "404": error("not_found"),
         "426": error("upgrade_required: not a WebSocket request"),

@@ -12,7 +12,7 @@ import { type CallbackAnswer, type CallbackKind, type UploadCheck, applyCallback
 import { type Decision, decideApproval, executionDeadlineAt, migrateControl, pauseExecution, resumeExecution } from "./control";
 import { stageDocument, startSummary, statusDocument } from "./documents";
 import { applyGrant } from "./grant";
-import { Live } from "./live";
+import { LIVE_TICKETS_SCHEMA, Live } from "./live";
 import { EVENTS_SCHEMA, Notifier } from "./notify";
 import { Outbox } from "./outbox";
 import { MAX_PLANS_PER_PASS, plan, signature, templateWork } from "./plan";
@@ -100,6 +100,7 @@ export class Execution extends DurableObject<Env> {
       ctx.storage.sql.exec(SCHEMA + EVENTS_SCHEMA);
       migrateControl(ctx.storage);
       ctx.storage.sql.exec(HOLDS_SCHEMA);
+      ctx.storage.sql.exec(LIVE_TICKETS_SCHEMA);
       migrate(ctx.storage);
       this.#timers.known(await ctx.storage.getAlarm());
     });
@@ -301,7 +302,7 @@ export class Execution extends DurableObject<Env> {
    * authenticated by the front Worker's ticket check (live.ts).
    */
   override async fetch(request: Request): Promise<Response> {
-    return this.#live.open(request);
+    return this.#live.open(request, Date.now());
   }
 
   override async webSocketMessage(ws: WebSocket, message: string | ArrayBuffer): Promise<void> {

@@ -1,5 +1,6 @@
 import type { StatusDocument } from "../../schemas/api";
-import { LIVE_PROTOCOL } from "../../src/live-ticket";
+import { LIVE_PROTOCOL, TICKET_USE_HEADER } from "../../src/live-ticket";
+import { type Sql, sqlOf } from "../sql";
 import { isTerminalExecution } from "../stage-machine";
 import type { ExecutionRow, Store } from "./store";
 
@@ -8,10 +9,16 @@ import type { ExecutionRow, Store } from "./store";
  * through the Hibernation API, so an idle one does not keep the object in
  * memory and `ping` is answered by the runtime without waking it. Every change
  * the status document shows is pushed once per turn, however many rows the
- * transition moved.
+ * transition moved. A ticket opens one socket: its nonce is kept in
+ * `live_tickets` until the ticket expires, and a second use is refused.
  */
+export const LIVE_TICKETS_SCHEMA = "CREATE TABLE IF NOT EXISTS live_tickets (nonce TEXT PRIMARY KEY, expires_at INTEGER NOT NULL)";
+
+const TICKET_USE = /^([A-Za-z0-9_-]{22})\.(\d{1,15})$/;
+
 export class Live {
   readonly #ctx: DurableObjectState;
+  readonly #sql: Sql;
   readonly #store: Store;
   readonly #document: (ex: ExecutionRow) => StatusDocument;
   /** A push is queued for the end of this turn. */
@@ -19,6 +26,7 @@ export class Live {
 
   constructor(ctx: DurableObjectState, store: Store, document: (ex: ExecutionRow) => StatusDocument) {
     this.#ctx = ctx;
+    this.#sql = sqlOf(ctx.storage);
     this.#store = store;
     this.#document = document;
   }
@@ -35,13 +43,21 @@ export class Live {
     });
   }
 
-  /** Opens a socket (the caller is already authenticated by the front Worker's ticket check). */
-  open(request: Request): Response {
+  /** Opens a socket (the caller is already authenticated by the front Worker's ticket check), once per ticket. */
+  open(request: Request, now: number): Response {
     const ex = this.#store.row();
     if (!ex) return Response.json({ error: { code: "not_found", message: "no such execution" } }, { status: 404 });
     if (request.headers.get("upgrade")?.toLowerCase() !== "websocket") {
       return Response.json({ error: { code: "upgrade_required", message: "connect with a WebSocket" } }, { status: 426 });
     }
+    const use = TICKET_USE.exec(request.headers.get(TICKET_USE_HEADER) ?? "");
+    if (!use) return Response.json({ error: { code: "unauthorized", message: "missing live ticket" } }, { status: 401 });
+    // Synchronous from the check to the insert: two sockets racing with one ticket cannot both pass.
+    this.#sql`DELETE FROM live_tickets WHERE expires_at <= ${now}`;
+    if (this.#sql`SELECT 1 FROM live_tickets WHERE nonce = ${use[1]}`.length > 0) {
+      return Response.json({ error: { code: "ticket_used", message: "this live ticket was used already: ask for a new one" } }, { status: 401 });
+    }
+    this.#sql`INSERT INTO live_tickets (nonce, expires_at) VALUES (${use[1]}, ${Number(use[2])})`;
     const { 0: client, 1: server } = new WebSocketPair();
     this.#ctx.acceptWebSocket(server);
     this.#ctx.setWebSocketAutoResponse(new WebSocketRequestResponsePair("ping", "pong"));

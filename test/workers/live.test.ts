@@ -3,14 +3,16 @@ import { describe, expect, it } from "vitest";
 import { LiveMessage, LiveTicket, type StatusDocument } from "../../schemas/api";
 import { KAM, OPS, call, executionStub, startExecution, status } from "../support/api";
 
+const socketCount = (id: string) => runInDurableObject(executionStub(id), (_o, state) => state.getWebSockets().length);
+
 async function ticketFor(id: string, headers: Record<string, string> = OPS): Promise<LiveTicket> {
   const res = await call(`/executions/${id}/live-ticket`, { method: "POST", headers });
   expect(res.status).toBe(200);
   return LiveTicket.parse(await res.json());
 }
 
-function connect(id: string, protocols: string[]): Promise<Response> {
-  return call(`/executions/${id}/live`, { headers: { upgrade: "websocket", "sec-websocket-protocol": protocols.join(", ") } });
+function connect(id: string, protocols: string[], extra: Record<string, string> = {}): Promise<Response> {
+  return call(`/executions/${id}/live`, { headers: { upgrade: "websocket", "sec-websocket-protocol": protocols.join(", "), ...extra } });
 }
 
 /** Every document the socket pushes, until it closes (the execution ended). */
@@ -83,6 +85,46 @@ describe("live updates over a WebSocket to the execution's object", () => {
     await call(`/executions/${id}/cancel`, { method: "POST", headers: OPS });
     expect((await closed).code).toBe(1000);
     expect(docs.at(-1)?.status).toBe("cancelled");
+  });
+
+  it("a ticket opens one socket: a second use within its minute is refused (ticket_used), also when two race", async () => {
+    const { body } = await startExecution({ template_name: "quick_summary", parameters: { steps: 30, step_ms: 100 }, client_id: "client_live" });
+    const id = body.execution_id as string;
+    const t = await ticketFor(id);
+    const first = await connect(id, t.protocols);
+    expect(first.status).toBe(101);
+    first.webSocket!.accept();
+    const again = await connect(id, t.protocols);
+    expect(again.status).toBe(401);
+    expect(((await again.json()) as any).error.code).toBe("ticket_used");
+    // The caller cannot name another use: the front sets the header from the verified ticket.
+    const smuggled = await connect(id, t.protocols, { "x-orchestrator-live-ticket": `${"A".repeat(22)}.${Date.now() + 60_000}` });
+    expect(smuggled.status).toBe(401);
+    expect(((await smuggled.json()) as any).error.code).toBe("ticket_used");
+    expect(await socketCount(id)).toBe(1);
+
+    // Two sockets at once with one fresh ticket: exactly one opens.
+    const u = await ticketFor(id);
+    const raced = await Promise.all([connect(id, u.protocols), connect(id, u.protocols)]);
+    expect(raced.map((r) => r.status).sort()).toEqual([101, 401]);
+    for (const r of raced) if (r.status === 101) r.webSocket!.accept();
+    expect(await socketCount(id)).toBe(2);
+    // Used tickets are remembered until they expire, then forgotten: each open clears the expired ones.
+    const used = () => runInDurableObject(executionStub(id), (_o, state) => state.storage.sql.exec("SELECT nonce, expires_at FROM live_tickets ORDER BY expires_at").toArray());
+    expect((await used()).map((r) => Number(r.expires_at) > Date.now())).toEqual([true, true]);
+    await runInDurableObject(executionStub(id), (_o, state) => {
+      state.storage.sql.exec("INSERT INTO live_tickets (nonce, expires_at) VALUES (?, ?)", "expired-ticket-nonce-0", Date.now() - 1);
+    });
+    expect(await used()).toHaveLength(3);
+    // A new ticket opens a new socket.
+    const v = await connect(id, (await ticketFor(id)).protocols);
+    expect(v.status).toBe(101);
+    v.webSocket!.accept();
+    expect(await socketCount(id)).toBe(3);
+    const left = await used();
+    expect(left).toHaveLength(3);
+    expect(left.map((r) => r.nonce)).not.toContain("expired-ticket-nonce-0");
+    await call(`/executions/${id}/cancel`, { method: "POST", headers: OPS });
   });
 
   it("opens only with a valid ticket for that execution, offered as a subprotocol (never a token in the URL)", async () => {
