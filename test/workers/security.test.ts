@@ -186,6 +186,53 @@ describe("tokens say what they are for and expire", () => {
   });
 });
 
+describe("a fan-out item's tokens are its own", () => {
+  const graphWorker = (env as unknown as { GRAPH_GRANULATOR: Fetcher }).GRAPH_GRANULATOR;
+  const itemDoc = async (id: string, itemId: string) => {
+    const res = await call(`/executions/${id}/stages/stage_2/items`, { headers: OPS });
+    const page = (await res.json()) as { items: { stage_id: string; status: string; attempts: number; output?: unknown }[] };
+    return page.items.find((i) => i.stage_id === itemId)!;
+  };
+  const completeItem = (id: string, itemId: string, token: string) =>
+    call(`/executions/${id}/stages/${itemId}/complete`, { method: "POST", headers: { ...bearer(token), ...JSON_HEADERS }, body: JSON.stringify({ output: { by: "test" } }) });
+
+  it("the tokens an item is issued name the item: its worker's callbacks on the item's own route are accepted", async () => {
+    // Three steps each: the items call back `progress` while they still run.
+    const { body } = await startExecution({ template_name: "graph_fan_out", parameters: { items: 2, steps: 3, step_ms: 100 }, client_id: "client_security" });
+    const id = body.execution_id as string;
+    expect((await waitFor(id, ended)).status).toBe("completed");
+    // The worker called back with the tokens its handshake carried; the route checks the token's stage
+    // against the path, so a progress answered 200 on /stages/stage_2.{i}/progress means the token named that item.
+    for (const itemId of ["stage_2.0", "stage_2.1"]) {
+      const res = await graphWorker.fetch(`https://graph.internal/api/jobs/${id}?stageId=${itemId}`, { headers: bearer(TEST_WORKER_SECRETS["bitware-graph-granulator"]) });
+      const job = (await res.json()) as { log: { what: string; status: number }[] };
+      const callbacks = job.log.filter((e) => e.what.startsWith("callback:"));
+      expect(callbacks.some((e) => e.what === "callback:progress" && e.status === 200), itemId).toBe(true);
+      expect(callbacks.filter((e) => e.status === 401 || e.status === 403), itemId).toEqual([]);
+    }
+  });
+
+  it("another item's token, or the fan-out stage's, is refused (403) on an item and changes nothing; the item's own is accepted", async () => {
+    // Both items hang (they stay processing until the test acts).
+    const { body } = await startExecution({ template_name: "graph_fan_out", parameters: { items: 2, steps: 1, step_ms: 0, fault: { stage: 2, mode: "hang" } }, client_id: "client_security" });
+    const id = body.execution_id as string;
+    await waitFor(id, (d) => d.stages[1]?.items?.running === 2);
+    for (const other of ["stage_2.0", "stage_2"]) {
+      const token = await mintToken({ executionId: id, stageId: other, attempt: 1 });
+      const res = await completeItem(id, "stage_2.1", token);
+      expect(res.status, other).toBe(403);
+      expect(await res.json()).toMatchObject({ error: { code: "forbidden", message: expect.stringContaining("another execution or stage") } });
+    }
+    expect(await itemDoc(id, "stage_2.1")).toMatchObject({ status: "processing", attempts: 1 });
+    // The same claims with the item's own id: accepted, and only that item moves.
+    const own = await completeItem(id, "stage_2.1", await mintToken({ executionId: id, stageId: "stage_2.1", attempt: 1 }));
+    expect(own.status).toBe(200);
+    expect(await itemDoc(id, "stage_2.1")).toMatchObject({ status: "completed" });
+    expect(await itemDoc(id, "stage_2.0")).toMatchObject({ status: "processing" });
+    await cancel(id);
+  });
+});
+
 describe("execution control needs KAM or OPS rights", () => {
   it("pause, resume, cancel, rerun, approve, reject and live tickets refuse anyone else with 401, and change nothing", async () => {
     const { body } = await startExecution({ template_name: "approval_pipeline", parameters: { echo: { draft: "v1" } }, client_id: "client_security" });
