@@ -117,6 +117,44 @@ describe("pause and resume", () => {
     ]);
   });
 
+  it("paused while still queued (its template loading): resume answers queued, and it runs to completed", async () => {
+    // The demo KAM answers `slow1500_*` after 1.5 s: the execution is queued until then.
+    const { body } = await startExecution({ template_name: "slow1500_quick_summary", parameters: { steps: 1, step_ms: 5 }, client_id: "client_control" });
+    const id = body.execution_id as string;
+    const paused = (await (await post(`/executions/${id}/pause`)).json()) as Record<string, any>;
+    expect(paused.status).toBe("paused");
+    expect(paused.stages).toEqual([]);
+    const resumed = await post(`/executions/${id}/resume`);
+    expect(resumed.status).toBe(200);
+    const doc = (await resumed.json()) as Record<string, any>;
+    expect(doc.status).toBe("queued");
+    expect(doc.started_at).toBeNull();
+    const end = await waitFor(id, ended);
+    expect(end.status).toBe("completed");
+  });
+
+  it("stage deadlines keep running while paused: a hanging stage times out paused, and its retry waits for resume", async () => {
+    // fault_single: timeout_ms 1500, two attempts; the worker never answers.
+    const { body } = await startExecution({ template_name: "fault_single", parameters: { fault: { mode: "hang" } }, client_id: "client_control" });
+    const id = body.execution_id as string;
+    await waitFor(id, (d) => d.stages[0].status === "processing");
+    expect((await post(`/executions/${id}/pause`)).status).toBe(200);
+    const timedOut = await waitFor(id, (d) => d.stages[0].last_error !== null || ended(d));
+    expect(timedOut.status).toBe("paused");
+    expect(timedOut.stages[0]).toMatchObject({ status: "pending", attempts: 1, last_error: { code: "stage_timeout", attempt: 1 } });
+    // Its retry is due, and a drive pass while paused does not start it.
+    await runDurableObjectAlarm(executionStub(id));
+    expect((await status(id)).stages[0]).toMatchObject({ status: "pending", attempts: 1 });
+    expect((await executionStub(id).reservationIds()).map((r) => r.attempt)).toEqual([1]);
+
+    expect((await post(`/executions/${id}/resume`)).status).toBe(200);
+    const end = await waitFor(id, ended);
+    // The second attempt ran after resume, and timed out in its turn.
+    expect(end.status).toBe("failed");
+    expect(end.stages[0]).toMatchObject({ status: "failed", attempts: 2, error: { code: "stage_timeout" } });
+    expect((await executionStub(id).reservationIds()).map((r) => r.attempt)).toEqual([1, 2]);
+  });
+
   // The execution-wide deadline does not count paused time. Stage 1 takes about 4 s on the worker,
   // the deadline is 2.5 s. Time passes by the worker's own steps (the stage completing), not by sleeping.
   const DEADLINE_MS = 2_500;

@@ -3,6 +3,7 @@ import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import type { StatusDocument } from "../../schemas/api";
 import { JSON_HEADERS, KAM, OPS, call, ended, executionStub, rpcThrough, startExecution, status, waitFor } from "../support/api";
+import { waitForEvents } from "../support/kam-events";
 
 /** Makes the execution's retention due and fires its alarm (as retention.test.ts does). */
 async function expire(id: string): Promise<void> {
@@ -90,6 +91,39 @@ describe("rerun from a stage", () => {
     ]);
     const bad = await call("/executions?rerun_of=nope", { headers: OPS });
     expect(bad.status).toBe(400);
+  });
+
+  it("reruns a cancelled execution: the original's client, priority and notify, the cancelled stage and those after it run again", async () => {
+    // Stage 2 hangs until cancelled; the original runs at priority high with notify on.
+    const { body } = await startExecution({
+      template_name: "fault_two_stage",
+      parameters: { echo: "kept", fault: { stage: 2, mode: "hang" } },
+      client_id: "client_rerun_cancel",
+      priority: "high",
+      notify: true,
+    });
+    const id = body.execution_id as string;
+    await waitFor(id, (d) => d.stages[1].status === "processing");
+    expect((await call(`/executions/${id}/cancel`, { method: "POST", headers: OPS })).status).toBe(200);
+    const original = await waitFor(id, ended);
+    expect(original.stages.map((s) => s.status)).toEqual(["completed", "cancelled"]);
+
+    // The rerun's own parameters leave out the fault; stage 1 is reused, so its output is still "kept".
+    const res = await rerun(id, { parameters: { echo: "not used" } });
+    expect(res.status).toBe(202);
+    const started = (await res.json()) as Record<string, any>;
+    expect(started).toMatchObject({ rerun_of: id, from_stage: "stage_2", reused: ["stage_1"] });
+    const doc = await waitFor(started.execution_id, ended);
+    expect(doc).toMatchObject({ status: "completed", rerun_of: id, client_id: "client_rerun_cancel", priority: "high", template_source: "snapshot" });
+    expect(doc.notifications.enabled).toBe(true);
+    expect(doc.stages.map((s) => [s.status, s.reused_from ?? null, s.attempts])).toEqual([
+      ["completed", id, 0],
+      ["completed", null, 1],
+    ]);
+    expect(await result(doc.execution_id)).toBe("kept");
+    // The original's notify carried over: KAM hears of the rerun's end.
+    const got = await waitForEvents(doc.execution_id, (r) => r.events.length === 1);
+    expect(got.events.map((e) => [e.type, e.execution_id])).toEqual([["execution.completed", doc.execution_id]]);
   });
 
   it("on a pipeline graph, reuses every stage from_stage does not depend on, directly or through others", async () => {
