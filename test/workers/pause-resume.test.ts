@@ -117,6 +117,30 @@ describe("pause and resume", () => {
     ]);
   });
 
+  it("pauses mid fan-out: running items complete, no pending item starts; resume runs the rest", async () => {
+    // course_parallel: an outline, then one write_chapter item per module (four at once), then quiz, summary, assemble.
+    const { body } = await startExecution({ template_name: "course_parallel", parameters: { topic: "pause", modules: 8, steps: 3, step_ms: 300 }, client_id: "client_control" });
+    const id = body.execution_id as string;
+    await waitFor(id, (d) => (d.stages[1]?.items?.running ?? 0) >= 1 && (d.stages[1]?.items?.pending ?? 0) >= 1, 30_000);
+    expect((await post(`/executions/${id}/pause`)).status).toBe(200);
+    // The items on the worker run to their end; then nothing moves.
+    const quiet = await waitFor(id, (d) => d.stages[1].items!.running === 0 || ended(d), 30_000);
+    expect(quiet.status).toBe("paused");
+    const counts = quiet.stages[1].items!;
+    expect(counts.pending).toBeGreaterThanOrEqual(1);
+    expect(counts.completed + counts.pending).toBe(8);
+    await runDurableObjectAlarm(executionStub(id));
+    const still = await status(id);
+    expect(still.status).toBe("paused");
+    expect(still.stages[1].items).toEqual(counts);
+    expect(still.stages.slice(2).map((s) => s.status)).toEqual(["pending", "pending", "pending"]);
+
+    expect((await post(`/executions/${id}/resume`)).status).toBe(200);
+    const end = await waitFor(id, ended, 60_000);
+    expect(end.status).toBe("completed");
+    expect(end.stages[1].items).toMatchObject({ total: 8, completed: 8 });
+  });
+
   it("paused while still queued (its template loading): resume answers queued, and it runs to completed", async () => {
     // The demo KAM answers `slow1500_*` after 1.5 s: the execution is queued until then.
     const { body } = await startExecution({ template_name: "slow1500_quick_summary", parameters: { steps: 1, step_ms: 5 }, client_id: "client_control" });
