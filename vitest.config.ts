@@ -1,8 +1,9 @@
+import { createHash } from "node:crypto";
 import { readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { cloudflareTest } from "@cloudflare/vitest-plugin";
 import { defineConfig } from "vitest/config";
-import { TEST_PREVIOUS_SECRETS, TEST_PREVIOUS_WORKER_SECRET, TEST_SECRETS, TEST_TUNING, TEST_WORKER_SECRETS } from "./test/support/constants.ts";
+import { TEST_API_KEYS, TEST_PREVIOUS_SECRETS, TEST_PREVIOUS_WORKER_SECRET, TEST_SECRETS, TEST_TUNING, TEST_WORKER_SECRETS } from "./test/support/constants.ts";
 
 const compatibilityDate = "2026-11-01";
 
@@ -62,6 +63,11 @@ function granulator(project: string, name: keyof typeof TEST_WORKER_SECRETS) {
   };
 }
 
+/** API_KEYS as an operator sets it: the SHA-256 of each key, never the key. */
+const API_KEYS = JSON.stringify(
+  Object.fromEntries(Object.values(TEST_API_KEYS).map(({ key, ...entry }) => [createHash("sha256").update(key).digest("hex"), entry])),
+);
+
 // The orchestrator holds each worker's secret in WORKER_SECRETS, with no shared WORKER_SECRET to fall back on.
 const { WORKER_SECRET: _shared, ...ORCHESTRATOR_SECRETS } = TEST_SECRETS;
 
@@ -80,6 +86,7 @@ function orchestratorUnderTest(
       bindings: {
         ...ORCHESTRATOR_SECRETS,
         ...TEST_PREVIOUS_SECRETS,
+        API_KEYS,
         TUNING: JSON.stringify(TEST_TUNING),
         LOG_LEVEL: "error",
         WORKER_BINDINGS: JSON.stringify({

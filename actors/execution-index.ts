@@ -174,6 +174,11 @@ function conditions(filter: IndexFilter, withCursor: boolean): { where: string; 
     parts.push(clause);
     args.push(value);
   }
+  if (filter.client_ids) {
+    // Bounded by the key's client list (MAX_KEY_CLIENTS), well within SQLite's bound parameters.
+    parts.push(`client_id IN (${filter.client_ids.map(() => "?").join(", ") || "NULL"})`);
+    args.push(...filter.client_ids);
+  }
   const at = withCursor && filter.cursor ? decodeCursor(filter.cursor) : null;
   if (withCursor && filter.cursor && !at) throw new Error("invalid cursor");
   if (at) {

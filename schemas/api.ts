@@ -88,7 +88,7 @@ export const StageDocument = z.object({
   /** Rerun: this stage was taken over from that execution (its output, no usage, cost 0). */
   reused_from: z.string().optional(),
   /** An approval stage's decision, once made. */
-  decision: z.object({ approved: z.boolean(), by: z.enum(["kam", "ops"]), comment: z.string().nullable(), at: z.string() }).optional(),
+  decision: z.object({ approved: z.boolean(), by: z.enum(["kam", "ops", "client"]), comment: z.string().nullable(), at: z.string() }).optional(),
   /** The current attempt's span (W3C trace context), the parent of the worker's spans; null before the first attempt. */
   span_id: z.string().nullable(),
   /** The stage ids this stage waits for (an item: its fan-out stage's). */

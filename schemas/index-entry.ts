@@ -40,6 +40,8 @@ export interface IndexPosition {
 /** What the index object answers; times are unix ms, bounds `since` inclusive and `until` exclusive. */
 export interface IndexFilter {
   client_id?: string;
+  /** Only these clients' entries (a scoped key's listing, src/api-keys.ts); at most MAX_KEY_CLIENTS. */
+  client_ids?: string[];
   template_name?: string;
   status?: ExecutionStatus;
   rerun_of?: string;

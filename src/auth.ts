@@ -7,6 +7,7 @@ import { type SecretPair, secretPair } from "./secrets";
  * Who may call what:
  * - KAM_TOKEN: start and read executions over HTTP;
  * - OPS_TOKEN: operators (resources, pools, any execution);
+ * - API_KEYS: scoped keys, each with a role and the clients it sees (src/api-keys.ts `authorize`);
  * - callback tokens: a stage worker, for one execution, one stage, one attempt,
  *   one use (`callback`: callbacks and uploads; `data`: reading its inputs), until they expire;
  * - CALLBACK_SECRET keys those tokens (src/secrets.ts); the bearer we send each
@@ -14,7 +15,7 @@ import { type SecretPair, secretPair } from "./secrets";
  * Secrets are compared in constant time and never logged; each may have a
  * previous value that still verifies during a rotation.
  */
-export type Role = "kam" | "ops";
+export type Role = "kam" | "ops" | "client";
 
 const encoder = new TextEncoder();
 
@@ -41,16 +42,6 @@ export function matchesSecret(given: string, pair: SecretPair | null): boolean {
   const current = safeEqual(given, pair.current);
   const previous = pair.previous !== null && safeEqual(given, pair.previous);
   return current || previous;
-}
-
-/** Returns the caller's role, or throws 401. */
-export function requireRole(request: Request, env: Env, allowed: readonly Role[]): Role {
-  const token = bearerToken(request);
-  if (token) {
-    if (allowed.includes("ops") && matchesSecret(token, secretPair(env, "OPS_TOKEN"))) return "ops";
-    if (allowed.includes("kam") && matchesSecret(token, secretPair(env, "KAM_TOKEN"))) return "kam";
-  }
-  throw new ApiError(401, "unauthorized", "missing or invalid bearer token");
 }
 
 // ---- callback and data tokens ----------------------------------------------

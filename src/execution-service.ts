@@ -92,8 +92,11 @@ export async function startExecution(
   raw: unknown,
   origin: string,
   trace: { traceparent?: string | null; tracestate?: string | null } = {},
+  /** Throws when the caller may not start for this client (a scoped key: 403, src/api-keys.ts). */
+  mayStartFor: (clientId: string) => void = () => {},
 ): Promise<StartOutcome> {
   const input = parseWith(ExecuteRequest, raw, "body");
+  mayStartFor(input.client_id);
   // The client's quotas first (403 priority_not_allowed, 429 budget_exhausted / rate_limited): nothing is created when refused.
   await admitStart(env, input.client_id, input.priority);
   const requestHash = input.request_id

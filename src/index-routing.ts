@@ -1,4 +1,4 @@
-import type { ExecutionIndex, IndexStatsGroup } from "../actors/execution-index";
+import { type ExecutionIndex, type IndexStatsGroup, emptyCounts } from "../actors/execution-index";
 import type { ExecutionStatus } from "../schemas/api";
 import {
   CountsQuery,
@@ -142,7 +142,7 @@ export async function queryIndex(env: Env, filter: IndexFilter, now = Date.now()
  */
 export async function countIndex(
   env: Env,
-  filter: { client_id?: string; template_name?: string; since?: number; until?: number; cursor?: string },
+  filter: { client_id?: string; client_ids?: string[]; template_name?: string; since?: number; until?: number; cursor?: string },
   now = Date.now(),
 ): Promise<{ counts: StatusCounts; next_cursor: string | null }> {
   const at = cursorPosition(filter.cursor);
@@ -151,9 +151,9 @@ export async function countIndex(
   const bound = configOf(env).tuning.maxIndexShardsPerRequest;
   const buckets = bucketsNewestFirst(window.since, top, bound + 1);
   const read = buckets.slice(0, bound);
-  const scope = { client_id: filter.client_id, template_name: filter.template_name, since: window.since, until: top };
-  const parts = await Promise.all(read.map((b) => ask(env, shard(env, b).counts(scope), b)));
-  const total: StatusCounts = { queued: 0, running: 0, paused: 0, completed: 0, failed: 0, cancelled: 0 };
+  const within = { client_id: filter.client_id, client_ids: filter.client_ids, template_name: filter.template_name, since: window.since, until: top };
+  const parts = await Promise.all(read.map((b) => ask(env, shard(env, b).counts(within), b)));
+  const total = emptyCounts();
   for (const p of parts) for (const k of Object.keys(total) as ExecutionStatus[]) total[k] += p[k] ?? 0;
   return { counts: total, next_cursor: buckets.length > bound ? boundaryCursor(read[read.length - 1]) : null };
 }
@@ -191,17 +191,36 @@ export function toSummary(e: IndexEntry): ExecutionSummary {
   };
 }
 
+/**
+ * Which clients a caller may see among those a query asks for (src/api-keys.ts
+ * `visibleClients`): `undefined` for any, else those to keep; an empty list
+ * answers an empty page, as if nothing existed.
+ */
+export type ClientScope = (asked: string | undefined) => string[] | undefined;
+
+const everyClient: ClientScope = () => undefined;
+
+/** The query's `client_id` narrowed to the caller's scope; null when nothing in it is visible. */
+function scoped<Q extends { client_id?: string }>(q: Q, scope: ClientScope): (Q & { client_ids?: string[] }) | null {
+  const visible = scope(q.client_id);
+  if (visible === undefined) return q;
+  if (visible.length === 0) return null;
+  return { ...q, client_id: undefined, client_ids: visible };
+}
+
 /** `GET /executions?client_id=&template_name=&status=&rerun_of=&since=&until=&limit=&cursor=` */
-export async function listExecutions(env: Env, url: URL): Promise<ExecutionList> {
-  const q = parseWith(ListQuery, params(url), "query");
+export async function listExecutions(env: Env, url: URL, scope: ClientScope = everyClient): Promise<ExecutionList> {
+  const q = scoped(parseWith(ListQuery, params(url), "query"), scope);
+  if (!q) return { items: [], next_cursor: null };
   const page = await queryIndex(env, { ...q, limit: q.limit ?? DEFAULT_LIST_LIMIT });
   return { items: page.items.map(toSummary), next_cursor: page.next_cursor };
 }
 
 /** `GET /executions/counts?client_id=&template_name=&since=&until=&cursor=` */
-export async function countExecutions(env: Env, url: URL, now = Date.now()): Promise<ExecutionCounts> {
-  const q = parseWith(CountsQuery, params(url), "query");
-  const { counts, next_cursor } = await countIndex(env, q, now);
+export async function countExecutions(env: Env, url: URL, now = Date.now(), scope: ClientScope = everyClient): Promise<ExecutionCounts> {
+  const parsed = parseWith(CountsQuery, params(url), "query");
+  const q = scoped(parsed, scope) ?? { ...parsed, client_id: undefined, client_ids: [] };
+  const { counts, next_cursor } = q.client_ids?.length === 0 ? { counts: emptyCounts(), next_cursor: null } : await countIndex(env, q, now);
   return {
     counts,
     total: Object.values(counts).reduce((a, b) => a + b, 0),

@@ -24,7 +24,7 @@ export const LIVE_TICKET_TTL_MS = 60_000;
 export const TICKET_USE_HEADER = "x-orchestrator-live-ticket";
 
 const encoder = new TextEncoder();
-const Payload = z.object({ v: z.literal(1), e: z.string(), x: z.number().int(), r: z.enum(["kam", "ops"]), n: z.string().regex(/^[A-Za-z0-9_-]{22}$/) });
+const Payload = z.object({ v: z.literal(1), e: z.string(), x: z.number().int(), r: z.enum(["kam", "ops", "client"]), n: z.string().regex(/^[A-Za-z0-9_-]{22}$/) });
 
 /** What a verified ticket allows: the role it was issued to, and its one use (nonce, expiry). */
 export interface LiveTicketUse {

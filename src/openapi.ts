@@ -97,12 +97,19 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
   const schemas: OpenAPIDefinitions[] = [];
   const name = namer(schemas);
 
-  const kamOrOps: Security = [{ kamToken: [] }, { opsToken: [] }];
-  const opsOnly: Security = [{ opsToken: [] }];
+  const kamOrOps: Security = [{ kamToken: [] }, { opsToken: [] }, { apiKey: [] }];
+  const opsOnly: Security = [{ opsToken: [] }, { apiKey: [] }];
   const callbackOnly: Security = [{ callbackToken: [] }];
   const dataOnly: Security = [{ dataToken: [] }];
   r.registerComponent("securitySchemes", "kamToken", { type: "http", scheme: "bearer", description: "KAM_TOKEN (or KAM_TOKEN_PREVIOUS during a rotation): start and read executions." });
   r.registerComponent("securitySchemes", "opsToken", { type: "http", scheme: "bearer", description: "OPS_TOKEN (or OPS_TOKEN_PREVIOUS during a rotation): operators (resources, pools, any execution)." });
+  r.registerComponent("securitySchemes", "apiKey", {
+    type: "http",
+    scheme: "bearer",
+    description:
+      "A key from API_KEYS (stored as its SHA-256), with a role (kam, ops or client) and the clients it sees: another client's execution is 404 on every execution route, " +
+      "lists and counts hold only its clients, POST /execute for another client is 403; routes that span every client need `clients: \"*\"` (docs/operations.md, \"API keys\").",
+  });
   r.registerComponent("securitySchemes", "callbackToken", {
     type: "http",
     scheme: "bearer",
@@ -187,9 +194,11 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       "invalid_request: an id, a parameter or the body does not match its schema (`details` names the fields), or a path segment is not valid percent-encoding; " +
         "invalid_json: the body is not JSON, or nests deeper than maxJsonDepth (32) or has more than maxJsonKeys (10,000) keys",
     ),
-    "401": error("unauthorized: missing or invalid bearer token"),
+    "401": error("unauthorized: missing or invalid bearer token, or one whose role does not open this route"),
     "503": error("unavailable: an object did not answer within objectCallTimeoutMs (the message names which); misconfigured: a secret is missing (GET /health names it)"),
   };
+  /** A scoped API key (src/api-keys.ts) on a route outside what it sees. */
+  const scopedOut = { "403": error("forbidden: a scoped API key for another client, or on a route that spans every client") };
   const tokenErrors = {
     "401": error("unauthorized: missing or forged token; token_expired: past its expiry"),
     "403": error("forbidden: a genuine token of another use, execution or stage (or, for data, not an input of its stage)"),
@@ -219,13 +228,13 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       path: "/execute",
       summary: "Start an execution",
       description: "With a `request_id`, the same body again from the same `client_id` answers 200 with the same execution.",
-      security: [{ kamToken: [] }],
+      security: [{ kamToken: [] }, { apiKey: [] }],
       request: { body: body(S.ExecuteRequest) },
       responses: {
         "200": jsonBody(S.ExecuteResponse, "the execution this request_id already started"),
         "202": jsonBody(S.ExecuteResponse, "started"),
         ...common,
-        "403": error("priority_not_allowed: above the client's max_priority (docs/ledger.md, \"Clients\")"),
+        "403": error("priority_not_allowed: above the client's max_priority (docs/ledger.md, \"Clients\"); forbidden: a scoped API key starting for a client outside its `clients`"),
         "409": error("idempotency_conflict: this request_id was used with a different body"),
         "413": error("payload_too_large"),
         "415": error("unsupported_media_type"),
@@ -488,7 +497,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       path: "/resources",
       summary: "Ledger snapshot",
       security: opsOnly,
-      responses: { "200": jsonBody(S.LedgerSnapshot, "pools, leases, waiters"), ...common },
+      responses: { "200": jsonBody(S.LedgerSnapshot, "pools, leases, waiters"), ...common, ...scopedOut },
     },
     {
       method: "get",
@@ -499,7 +508,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
         "Each is still retried by its execution; the entry goes once it is delivered.",
       security: opsOnly,
       request: { query: z.object({ limit: z.number().int().min(1).max(1000).optional(), cursor: z.string().optional() }) },
-      responses: { "200": jsonBody(S.UndeliverableList, "a page of undeliverable messages"), ...common },
+      responses: { "200": jsonBody(S.UndeliverableList, "a page of undeliverable messages"), ...common, ...scopedOut },
     },
     {
       method: "post",
@@ -508,7 +517,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       description: "`{}` retries the executions of the first hundred listed messages; `{ execution_id }` one execution's.",
       security: opsOnly,
       request: { body: body(S.RetryUndeliverableRequest) },
-      responses: { "200": jsonBody(S.RetryUndeliverableResult, "how many executions were asked, and how many messages are due now"), ...common, "415": error("unsupported_media_type") },
+      responses: { "200": jsonBody(S.RetryUndeliverableResult, "how many executions were asked, and how many messages are due now"), ...common, ...scopedOut, "415": error("unsupported_media_type") },
     },
     {
       method: "put",
@@ -516,7 +525,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       summary: "Create or resize a pool",
       security: opsOnly,
       request: { params: z.object({ name: PoolName }), body: body(S.PoolSpec) },
-      responses: { "200": jsonBody(S.PoolSnapshot, "the pool after the change"), ...common, "413": error("payload_too_large"), "415": error("unsupported_media_type") },
+      responses: { "200": jsonBody(S.PoolSnapshot, "the pool after the change"), ...common, ...scopedOut, "413": error("payload_too_large"), "415": error("unsupported_media_type") },
     },
     {
       method: "put",
@@ -525,7 +534,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       description: "Replaces the client's own quotas (every field optional; a field left out comes from CLIENT_DEFAULTS). Applies at once, also to the client's waiting stages.",
       security: opsOnly,
       request: { params: z.object({ client_id: ClientId }), body: body(S.ClientQuotas) },
-      responses: { "200": jsonBody(S.ClientDocument, "the client after the change"), ...common, "413": error("payload_too_large"), "415": error("unsupported_media_type") },
+      responses: { "200": jsonBody(S.ClientDocument, "the client after the change"), ...common, ...scopedOut, "413": error("payload_too_large"), "415": error("unsupported_media_type") },
     },
     {
       method: "get",
@@ -533,7 +542,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       summary: "A client's quotas in force and usage",
       security: kamOrOps,
       request: { params: z.object({ client_id: ClientId }) },
-      responses: { "200": jsonBody(S.ClientDocument, "quotas, running executions and stages, this month's spend and what remains, waiting stages"), ...common },
+      responses: { "200": jsonBody(S.ClientDocument, "quotas, running executions and stages, this month's spend and what remains, waiting stages"), ...common, ...scopedOut },
     },
     {
       method: "get",
@@ -551,6 +560,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       responses: {
         "200": { description: "Prometheus text exposition format 0.0.4", content: { "text/plain": { schema: z.string() } } },
         "401": error("unauthorized"),
+        ...scopedOut,
         "503": error("unavailable: an object did not answer within objectCallTimeoutMs"),
       },
     },
@@ -566,7 +576,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       responses: {
         "201": jsonBody(S.ScheduleDocument, "created"),
         "200": jsonBody(S.ScheduleDocument, "this schedule_id already exists with this definition"),
-        ...common,
+        ...common, ...scopedOut,
         "409": error("schedule_exists: this schedule_id exists with another definition"),
         "413": error("payload_too_large"),
         "415": error("unsupported_media_type"),
@@ -579,7 +589,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       description: "Pass `next_cursor` back as `cursor`, with the same filters, for the next page.",
       security: kamOrOps,
       request: { query: ScheduleListQuery },
-      responses: { "200": jsonBody(S.ScheduleList, "one page"), ...common },
+      responses: { "200": jsonBody(S.ScheduleList, "one page"), ...common, ...scopedOut },
     },
     {
       method: "get",
@@ -587,7 +597,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       summary: "A schedule with its next runs and its last fires",
       security: kamOrOps,
       request: { params: scheduleParams },
-      responses: { "200": jsonBody(S.ScheduleDocument, "the schedule"), ...common, "404": error("not_found") },
+      responses: { "200": jsonBody(S.ScheduleDocument, "the schedule"), ...common, ...scopedOut, "404": error("not_found") },
     },
     {
       method: "patch",
@@ -596,7 +606,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       description: "A change of `cron` or `timezone`, and a resume, plan the next fire from now: times passed while paused are not fired.",
       security: kamOrOps,
       request: { params: scheduleParams, body: body(S.PatchScheduleRequest) },
-      responses: { "200": jsonBody(S.ScheduleDocument, "the schedule after the change"), ...common, "404": error("not_found"), "415": error("unsupported_media_type") },
+      responses: { "200": jsonBody(S.ScheduleDocument, "the schedule after the change"), ...common, ...scopedOut, "404": error("not_found"), "415": error("unsupported_media_type") },
     },
     {
       method: "delete",
@@ -604,7 +614,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       summary: "Delete a schedule (a fire not yet started is dropped; started executions go on)",
       security: kamOrOps,
       request: { params: scheduleParams },
-      responses: { "204": { description: "deleted" }, ...common, "404": error("not_found") },
+      responses: { "204": { description: "deleted" }, ...common, ...scopedOut, "404": error("not_found") },
     },
     {
       method: "get",

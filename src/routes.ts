@@ -5,7 +5,7 @@ import { PoolName } from "../schemas/common";
 import { ClientQuotas } from "../schemas/clients";
 import { PoolSpec } from "../schemas/ledger";
 import openapiDocument from "../docs/openapi.json";
-import { requireRole } from "./auth";
+import { type Principal, authorize, inScope, requireClient, requireUnscoped, requireVisibleExecution, visibleClients } from "./api-keys";
 import { missingSecrets } from "./secrets";
 import { clientIdOf, getClient, listClients, putQuotas } from "./clients";
 import { configOf } from "./config";
@@ -63,6 +63,16 @@ function route(method: "get" | "post" | "put" | "patch" | "delete", path: string
   router[method](path, handler);
 }
 
+/**
+ * The caller of a route on one execution (KAM, operators, scoped keys), once
+ * that execution is one it may see: another client's answers 404 as if it did not exist.
+ */
+async function visible(req: IRequest, env: Env): Promise<Principal> {
+  const who = await authorize(req, env, ["kam", "ops", "client"]);
+  await requireVisibleExecution(env, who, req.params.id);
+  return who;
+}
+
 const origin = (req: IRequest) => new URL(req.url).origin;
 
 /** A body's limits from TUNING; a worker's callback may be larger than a request. */
@@ -87,79 +97,83 @@ route("get", "/ui", () => overviewPage());
 route("get", "/ui/executions/:id", (req) => executionPage(checkExecutionId(req.params.id)));
 
 route("post", "/execute", async (req, env) => {
-  requireRole(req, env, ["kam"]);
+  const who = await authorize(req, env, ["kam", "client"]);
   const body = await readJson(req, z.unknown(), bodyLimits(env));
-  const out = await startExecution(env, body, origin(req), { traceparent: req.headers.get("traceparent"), tracestate: req.headers.get("tracestate") });
+  const trace = { traceparent: req.headers.get("traceparent"), tracestate: req.headers.get("tracestate") };
+  const out = await startExecution(env, body, origin(req), trace, (clientId) => requireClient(who, clientId));
   return json(out.body, out.status);
 });
 
 // The execution index (src/index-routing.ts); registered before /executions/:id.
 route("get", "/executions", async (req, env) => {
   if (wantsHtml(req)) return overviewPage();
-  requireRole(req, env, ["kam", "ops"]);
-  return json(await listExecutions(env, new URL(req.url)));
+  const who = await authorize(req, env, ["kam", "ops", "client"]);
+  return json(await listExecutions(env, new URL(req.url), (asked) => visibleClients(who, asked)));
 });
 
 route("get", "/executions/counts", async (req, env) => {
-  requireRole(req, env, ["kam", "ops"]);
-  return json(await countExecutions(env, new URL(req.url)));
+  const who = await authorize(req, env, ["kam", "ops", "client"]);
+  return json(await countExecutions(env, new URL(req.url), Date.now(), (asked) => visibleClients(who, asked)));
 });
 
 route("get", "/executions/:id", async (req, env) => {
   if (wantsHtml(req)) return executionPage(checkExecutionId(req.params.id));
-  requireRole(req, env, ["kam", "ops"]);
-  return json(await getStatus(env, req.params.id), 200, { vary: "Accept" });
+  const who = await authorize(req, env, ["kam", "ops", "client"]);
+  const doc = await getStatus(env, req.params.id);
+  // Another client's execution answers as if it did not exist.
+  if (!inScope(who, doc.client_id)) throw new ApiError(404, "not_found", `no execution ${doc.execution_id}`);
+  return json(doc, 200, { vary: "Accept" });
 });
 
 route("get", "/executions/:id/result", async (req, env) => {
-  requireRole(req, env, ["kam", "ops"]);
+  await visible(req, env);
   return json(await getResult(env, req.params.id, origin(req)));
 });
 
 route("get", "/executions/:id/result/content", async (req, env) => {
-  requireRole(req, env, ["kam", "ops"]);
+  await visible(req, env);
   return getResultContent(env, req.params.id);
 });
 
 route("get", "/executions/:id/stages/:stageId/items", async (req, env) => {
-  requireRole(req, env, ["kam", "ops"]);
+  await visible(req, env);
   return json(await getItems(env, req.params.id, req.params.stageId, new URL(req.url).searchParams));
 });
 
 route("post", "/executions/:id/cancel", async (req, env) => {
-  requireRole(req, env, ["kam", "ops"]);
+  await visible(req, env);
   return json(await cancelExecution(env, req.params.id));
 });
 
 // Live updates (docs/protocol.md, "Live updates"): a ticket from an authenticated request opens the socket.
 route("post", "/executions/:id/live-ticket", async (req, env) => {
-  const role = requireRole(req, env, ["kam", "ops"]);
-  return json(await liveTicket(env, req.params.id, role, origin(req)));
+  const who = await visible(req, env);
+  return json(await liveTicket(env, req.params.id, who.role, origin(req)));
 });
 
 route("get", "/executions/:id/live", (req, env) => openLive(env, req, req.params.id));
 
 route("post", "/executions/:id/rerun", async (req, env) => {
-  requireRole(req, env, ["kam", "ops"]);
+  await visible(req, env);
   const body = req.body ? await readJson(req, z.unknown(), bodyLimits(env)) : {};
   const out = await rerunExecution(env, req.params.id, body, origin(req));
   return json(out.body, out.status);
 });
 
 route("post", "/executions/:id/pause", async (req, env) => {
-  requireRole(req, env, ["kam", "ops"]);
+  await visible(req, env);
   return json(await pauseExecution(env, req.params.id));
 });
 
 route("post", "/executions/:id/resume", async (req, env) => {
-  requireRole(req, env, ["kam", "ops"]);
+  await visible(req, env);
   return json(await resumeExecution(env, req.params.id));
 });
 
 // Approval stages: registered before the worker callbacks, whose last segment is also a name.
 for (const [action, approved] of [["approve", true], ["reject", false]] as const) {
   route("post", `/executions/:id/stages/:stageId/${action}`, async (req, env) => {
-    const by = requireRole(req, env, ["kam", "ops"]);
+    const by = (await visible(req, env)).role;
     const body = req.body ? await readJson(req, z.unknown(), bodyLimits(env)) : {};
     return json(await decideStage(env, req.params.id, req.params.stageId, approved, by, body));
   });
@@ -186,24 +200,24 @@ route("put", "/data/:executionId/:stageId/:name", async (req, env) => {
 });
 
 route("get", "/resources", async (req, env) => {
-  requireRole(req, env, ["ops"]);
+  requireUnscoped(await authorize(req, env, ["ops"]));
   return json(await askObject(ledgerFor(env).snapshot(), configOf(env).tuning.ledgerCallTimeoutMs, "the resource ledger"));
 });
 
 // Messages executions could not deliver for longer than outboxUndeliverableMs (src/undeliverable.ts).
 route("get", "/resources/undeliverable", async (req, env) => {
-  requireRole(req, env, ["ops"]);
+  requireUnscoped(await authorize(req, env, ["ops"]));
   return json(await listUndeliverable(env, new URL(req.url)));
 });
 
 route("post", "/resources/undeliverable/retry", async (req, env) => {
-  requireRole(req, env, ["ops"]);
+  requireUnscoped(await authorize(req, env, ["ops"]));
   const body = await readJson(req, RetryUndeliverableRequest, bodyLimits(env));
   return json(await retryUndeliverable(env, body));
 });
 
 route("put", "/resources/pools/:name", async (req, env) => {
-  requireRole(req, env, ["ops"]);
+  requireUnscoped(await authorize(req, env, ["ops"]));
   const name = parseWith(PoolName, decodeURIComponent(req.params.name), "pool name");
   const spec = await readJson(req, PoolSpec, bodyLimits(env));
   return json(await ledgerFor(env, name).putPool(name, spec));
@@ -211,55 +225,59 @@ route("put", "/resources/pools/:name", async (req, env) => {
 
 // Current counters and gauges in the Prometheus text format (src/prometheus.ts).
 route("get", "/metrics", async (req, env) => {
-  requireRole(req, env, ["ops"]);
+  requireUnscoped(await authorize(req, env, ["ops"]));
   return metricsResponse(env);
 });
 
 // Scheduled executions (src/schedule-service.ts, actors/schedule-shard.ts).
 route("post", "/schedules", async (req, env) => {
-  requireRole(req, env, ["kam", "ops"]);
+  requireUnscoped(await authorize(req, env, ["kam", "ops"]));
   const out = await createSchedule(env, await readJson(req, z.unknown(), bodyLimits(env)));
   return json(out.body, out.status);
 });
 
 route("get", "/schedules", async (req, env) => {
-  requireRole(req, env, ["kam", "ops"]);
+  requireUnscoped(await authorize(req, env, ["kam", "ops"]));
   return json(await listSchedules(env, new URL(req.url)));
 });
 
 route("get", "/schedules/:id", async (req, env) => {
-  requireRole(req, env, ["kam", "ops"]);
+  requireUnscoped(await authorize(req, env, ["kam", "ops"]));
   return json(await getSchedule(env, req.params.id));
 });
 
 route("patch", "/schedules/:id", async (req, env) => {
-  requireRole(req, env, ["kam", "ops"]);
+  requireUnscoped(await authorize(req, env, ["kam", "ops"]));
   return json(await patchSchedule(env, req.params.id, await readJson(req, z.unknown(), bodyLimits(env))));
 });
 
 route("delete", "/schedules/:id", async (req, env) => {
-  requireRole(req, env, ["kam", "ops"]);
+  requireUnscoped(await authorize(req, env, ["kam", "ops"]));
   await deleteSchedule(env, req.params.id);
   return new Response(null, { status: 204 });
 });
 
 // Clients (src/clients.ts): quotas in force and usage, kept by the ledger.
 route("put", "/clients/:client_id/quotas", async (req, env) => {
-  requireRole(req, env, ["ops"]);
+  const who = await authorize(req, env, ["ops"]);
   const clientId = clientIdOf(req.params.client_id);
+  requireClient(who, clientId);
   const quotas = await readJson(req, ClientQuotas, bodyLimits(env));
   return json(await putQuotas(env, clientId, quotas));
 });
 
 route("get", "/clients/:client_id", async (req, env) => {
-  // KAM_TOKEN acts for every client, so it may read each one's quotas and usage.
-  requireRole(req, env, ["ops", "kam"]);
-  return json(await getClient(env, clientIdOf(req.params.client_id)));
+  // KAM_TOKEN acts for every client, so it may read each one's quotas and usage; a scoped key its own clients'.
+  const who = await authorize(req, env, ["ops", "kam", "client"]);
+  const clientId = clientIdOf(req.params.client_id);
+  requireClient(who, clientId);
+  return json(await getClient(env, clientId));
 });
 
 route("get", "/clients", async (req, env) => {
-  requireRole(req, env, ["ops"]);
-  return json(await listClients(env));
+  const who = await authorize(req, env, ["ops"]);
+  const { clients } = await listClients(env);
+  return json({ clients: clients.filter((c) => inScope(who, c.client_id)) });
 });
 
 /** A known path with another method is 405 (with Allow); anything else 404. */

@@ -1,4 +1,5 @@
 import { z } from "zod";
+import { ClientId } from "../schemas/common";
 import { configOf } from "./config";
 
 /**
@@ -8,7 +9,8 @@ import { configOf } from "./config";
  *   worker, so one worker's secret opens no other; a worker missing from it falls
  *   back to WORKER_SECRET (one shared secret, for the migration);
  * - KAM_TOKEN and OPS_TOKEN are the bearers KAM and operators send us;
- * - NOTIFY_SECRET signs the event notifications we send KAM (we never verify with it).
+ * - NOTIFY_SECRET signs the event notifications we send KAM (we never verify with it);
+ * - API_KEYS (optional) holds the hashes of scoped keys (src/api-keys.ts).
  * Every secret we verify may also hold a previous value in `<NAME>_PREVIOUS`:
  * both verify, only the current one signs. Missing or empty secrets make the
  * orchestrator refuse to serve (`misconfigured`) instead of running with a
@@ -58,6 +60,41 @@ export function workerSecret(env: Env, worker: string): string | null {
   return workerSecrets(env)?.[worker] ?? text(vars(env).WORKER_SECRET);
 }
 
+// ---- API_KEYS (src/api-keys.ts): scoped keys, stored as the SHA-256 of each key ----
+
+/** Bounded so a scoped listing stays one indexed `IN (...)` query within SQLite's bound parameters. */
+export const MAX_KEY_CLIENTS = 50;
+
+export const ApiKeyEntry = z
+  .object({
+    name: z.string().min(1).max(64),
+    role: z.enum(["kam", "ops", "client"]),
+    clients: z.union([z.literal("*"), z.array(ClientId).min(1).max(MAX_KEY_CLIENTS)]),
+  })
+  .strict();
+export const ApiKeys = z.record(z.string().regex(/^[0-9a-f]{64}$/, "the lowercase hex SHA-256 of the key"), ApiKeyEntry);
+type ApiKeyTable = [hash: string, entry: z.infer<typeof ApiKeyEntry>][];
+
+const tableCache = new WeakMap<object, ApiKeyTable | null>();
+
+/** API_KEYS parsed once per env object; `[]` when unset, null when set but invalid (the service then refuses to serve). */
+export function apiKeyTable(env: Env): ApiKeyTable | null {
+  const known = tableCache.get(env);
+  if (known !== undefined) return known;
+  const raw = (env as unknown as Record<string, unknown>).API_KEYS;
+  let table: ApiKeyTable | null = [];
+  if (raw !== undefined && raw !== null && raw !== "") {
+    try {
+      const parsed = ApiKeys.safeParse(typeof raw === "string" ? JSON.parse(raw) : raw);
+      table = parsed.success ? Object.entries(parsed.data) : null;
+    } catch {
+      table = null;
+    }
+  }
+  tableCache.set(env, table);
+  return table;
+}
+
 const missingCache = new WeakMap<object, string[]>();
 
 /**
@@ -75,6 +112,7 @@ export function missingSecrets(env: Env): string[] {
   const notify = secretPair(env, "NOTIFY_SECRET");
   if (!notify) missing.push("NOTIFY_SECRET");
   else if (notify.current.length < MIN_CALLBACK_SECRET_LENGTH) missing.push(`NOTIFY_SECRET (shorter than ${MIN_CALLBACK_SECRET_LENGTH} characters)`);
+  if (apiKeyTable(env) === null) missing.push("API_KEYS (not a JSON object of lowercase hex SHA-256 -> { name, role, clients })");
   if (workerSecrets(env) === null) missing.push("WORKER_SECRETS (not a JSON object of non-empty strings)");
   else {
     let workers: string[] = [];

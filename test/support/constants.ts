@@ -52,3 +52,16 @@ export const TEST_TUNING = {
   // Fewer than two fan-outs side by side may run (max_parallel 5 each), so the graph test sees the bound hold.
   maxRunningItems: 6,
 };
+
+/**
+ * Scoped keys (src/api-keys.ts): the orchestrator holds only their SHA-256 in
+ * API_KEYS (vitest.config.ts hashes them). Never real values.
+ */
+export const TEST_API_KEYS = {
+  alpha: { key: "test-api-key-alpha-0123456789abcdef", name: "alpha-app", role: "client", clients: ["client_alpha"] },
+  beta: { key: "test-api-key-beta-0123456789abcdef", name: "beta-app", role: "client", clients: ["client_beta"] },
+  /** A KAM-role key for two clients. */
+  pair: { key: "test-api-key-pair-0123456789abcdef", name: "kam-pair", role: "kam", clients: ["client_alpha", "client_gamma"] },
+  /** An operator key scoped to one client. */
+  opsAlpha: { key: "test-api-key-ops-alpha-0123456789abcdef", name: "ops-alpha", role: "ops", clients: ["client_alpha"] },
+} as const;
