@@ -37,7 +37,9 @@ import { metricsResponse } from "./prometheus";
 import { listUndeliverable, retryUndeliverable } from "./undeliverable";
 import { createSchedule, deleteSchedule, getSchedule, listSchedules, patchSchedule } from "./schedule-service";
 import { wantsHtml } from "./ui/common";
+import { clientsPage } from "./ui/clients-page";
 import { executionPage } from "./ui/execution-page";
+import { resourcesPage } from "./ui/resources-page";
 import { overviewPage } from "./ui/overview-page";
 
 /**
@@ -95,6 +97,8 @@ route("get", "/openapi.json", () => json(openapiDocument));
 // Operator pages (src/ui/): they hold no data, so no token; their scripts read with the OPS token.
 route("get", "/ui", () => overviewPage());
 route("get", "/ui/executions/:id", (req) => executionPage(checkExecutionId(req.params.id)));
+route("get", "/ui/clients", () => clientsPage());
+route("get", "/ui/resources", () => resourcesPage());
 
 route("post", "/execute", async (req, env) => {
   const who = await authorize(req, env, ["kam", "client"]);

@@ -15,6 +15,7 @@ export const FAULT_MODES = [
   "stall_handshake",
   "process_500_once",
   "process_429_once",
+  "provider_429_once",
   "crash",
   "crash_once",
   "hang",
@@ -35,11 +36,16 @@ const FaultSpec = z.object({
   item: z.number().int().min(0).max(999_999).optional(),
   mode: z.enum(FAULT_MODES),
   times: z.number().int().min(1).max(100).optional(),
+  /** provider_429_once: the pool the stand-in provider's answers are about, and its `retry-after-ms`. */
+  pool: z.string().min(1).max(64).optional(),
+  retry_after_ms: z.number().int().min(0).max(600_000).optional(),
 });
 
 export interface Fault {
   mode: FaultMode;
   times: number;
+  pool?: string;
+  retryAfterMs?: number;
 }
 
 /**
@@ -47,7 +53,27 @@ export interface Fault {
  * not these), so "the first N times" holds however the orchestrator numbers
  * its attempts.
  */
-export const COUNTERS = { refused: "fault:refused", stalled: "fault:stalled", processCalls: "fault:process_calls", failures: "fault:failures" } as const;
+export const COUNTERS = {
+  refused: "fault:refused",
+  stalled: "fault:stalled",
+  processCalls: "fault:process_calls",
+  failures: "fault:failures",
+  providerCalls: "fault:provider_calls",
+} as const;
+
+/**
+ * `provider_429_once`: the stand-in for a model provider the stage calls. Its
+ * first call (per stage, across attempts) answers 429 with `retry-after-ms`; later ones 200 with `x-ratelimit-remaining-tokens: 777`. The
+ * stage hands each answer to the kit (`job.rateLimits`, or a StageError's
+ * `provider`), which reports it as `rate_limits` on its next callback.
+ */
+export function providerAnswer(fault: Fault, callsSoFar: number): Response {
+  if (callsSoFar === 0) {
+    return new Response(null, { status: 429, headers: { "retry-after-ms": String(fault.retryAfterMs ?? 2000) } });
+  }
+  return new Response("{}", { status: 200, headers: { "x-ratelimit-remaining-tokens": String(PROVIDER_REMAINING) } });
+}
+export const PROVIDER_REMAINING = 777;
 
 const LARGE_OUTPUT_DEFAULT = 2 * 1024 * 1024;
 // Built in memory as one string: stay well under the upload limit and the object's memory.
@@ -71,7 +97,7 @@ export function faultFor(
   }
   // crash_once: the first attempt crashes, the next ones are healthy.
   if (spec.data.mode === "crash_once" && attempt > 1) return { fault: null };
-  return { fault: { mode: spec.data.mode, times: spec.data.times ?? 1 } };
+  return { fault: { mode: spec.data.mode, times: spec.data.times ?? 1, pool: spec.data.pool, retryAfterMs: spec.data.retry_after_ms } };
 }
 
 /** Whether to refuse the handshake. `refusedSoFar` counts this stage's earlier refusals. */

@@ -11,6 +11,8 @@ import {
   progressAt,
   runsSteps,
   stepCount,
+  providerAnswer,
+  type Fault,
   type Outcome,
 } from "./faults";
 import type { GranulatorEnv } from "./index";
@@ -62,6 +64,8 @@ export async function runStage(job: JobContext<GranulatorEnv>): Promise<RunResul
   const stepMs = intParam(params.step_ms, 50, 0, 60_000);
   const work = isTextAction(job.action) ? prepare(job.action, params, await job.input(), graphInput(job.handshake)) : await blobWork(job);
 
+  if (fault?.mode === "provider_429_once") await callProvider(job, fault);
+
   const parts: unknown[] = [];
   let words = 0;
   let workMs = 0;
@@ -96,6 +100,20 @@ export async function runStage(job: JobContext<GranulatorEnv>): Promise<RunResul
   });
   if (outcome.kind === "fail") throw new StageError(outcome.code, outcome.message, { retryable: outcome.retryable, usage });
   return { output: result.value, usage };
+}
+
+/** The stand-in provider call (faults.ts `providerAnswer`), once per attempt: a 429 fails the attempt, retryable. */
+async function callProvider(job: JobContext<GranulatorEnv>, fault: Fault): Promise<void> {
+  const pool = fault.pool ?? "tokens:openai";
+  const throttled = await job.step("provider call", () => {
+    const res = providerAnswer(fault, job.counters.bump(COUNTERS.providerCalls) - 1);
+    if (res.status !== 429) job.rateLimits(res, pool);
+    return res.status === 429 ? { retryAfterMs: fault.retryAfterMs ?? 2000 } : null;
+  });
+  if (throttled) {
+    const response = providerAnswer(fault, 0);
+    throw new StageError("provider_rate_limited", `the provider answered 429 (retry after ${throttled.retryAfterMs} ms)`, { retryable: true, provider: { response, pool } });
+  }
 }
 
 function graphInput(req: HandshakeRequest): GraphInput {

@@ -1,6 +1,7 @@
 import type { DataReference } from "../../schemas/data";
 import type { HandshakeRequest } from "../../schemas/worker-protocol";
 import type { Store } from "./store";
+import { type RateLimitReport, rateLimitsFrom } from "./rate-limits";
 import type { Counters, JobContext, KitEnv, TraceHeaders } from "./types";
 
 /** Thrown by `sleep`: the run stops here and resumes from the alarm. */
@@ -27,6 +28,8 @@ export interface RunHost {
   readInput(handshake: HandshakeRequest): Promise<ReadableStream<Uint8Array> | null>;
   /** Records progress, queues its callback and marks `memo` done, in one synchronous step. */
   reportProgress(attempt: number, percent: number, message: string | undefined, memo: string): void;
+  /** Holds rate-limit reports for the next callback. */
+  holdRateLimits(attempt: number, reports: RateLimitReport[]): void;
 }
 
 /**
@@ -113,6 +116,12 @@ export class RunContext<E extends KitEnv> implements JobContext<E> {
     if (this.host.store.getBlob(key) !== null) return;
     const p = Math.min(100, Math.max(0, Number.isFinite(percent) ? percent : 0));
     this.host.reportProgress(this.attempt, p, message?.slice(0, 1000), key);
+  }
+
+  rateLimits(response: Response, pool: string): void {
+    this.check();
+    const reports = rateLimitsFrom(response, pool);
+    if (reports.length) this.host.holdRateLimits(this.attempt, reports);
   }
 
   private suspend(until: number): Suspended {

@@ -6,14 +6,17 @@ import type { KitOptions, Usage } from "./types";
 export class StageError extends Error {
   readonly retryable: boolean;
   readonly usage: Usage | undefined;
+  /** A provider's answer that caused the failure (e.g. a 429) and its pool: its rate-limit headers go out with the fail callback. */
+  readonly provider: { response: Response; pool: string } | undefined;
   constructor(
     readonly code: string,
     message: string,
-    options: { retryable?: boolean; usage?: Usage } = {},
+    options: { retryable?: boolean; usage?: Usage; provider?: { response: Response; pool: string } } = {},
   ) {
     super(message);
     this.retryable = options.retryable ?? false;
     this.usage = options.usage;
+    this.provider = options.provider;
   }
 }
 

@@ -3,6 +3,7 @@ import type { DataReference } from "../../schemas/data";
 import type { CancelRequest, HandshakeRequest, HandshakeResponse, ProcessRequest, ProgressResponse } from "../../schemas/worker-protocol";
 import { Aborted, RunContext, type RunHost } from "./context";
 import { StageError, isJsonType, messageOf, openInput, prepareOutput, upload, type PreparedOutput } from "./data";
+import { type RateLimitReport, dueReports, holdReports, rateLimitsFrom } from "./rate-limits";
 import { SCHEMA, Store, sqlOf, type CallbackKind, type JobRow, type Outcome } from "./store";
 import type { Acceptance, Counters, JobInfo, KitEnv, KitOptions, Reply, RunResult, TraceHeaders, Usage, WorkerDefinition } from "./types";
 
@@ -11,7 +12,12 @@ interface Failure {
   message: string;
   retryable: boolean;
   usage?: Usage;
+  /** From the provider's answer that caused it (StageError `provider`): sent with the fail callback. */
+  rateLimits?: RateLimitReport[];
 }
+
+/** Rate-limit reports held for the next callback (rate-limits.ts `holdReports`). */
+const HELD_RATE_LIMITS = "rate_limits";
 
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 
@@ -249,7 +255,10 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
   }
 
   private failureOf(err: unknown): Failure {
-    if (err instanceof StageError) return { code: err.code, message: err.message, retryable: err.retryable, usage: err.usage };
+    if (err instanceof StageError) {
+      const rateLimits = err.provider ? rateLimitsFrom(err.provider.response, err.provider.pool) : undefined;
+      return { code: err.code, message: err.message, retryable: err.retryable, usage: err.usage, rateLimits };
+    }
     if (err instanceof Aborted) return { code: "cancelled", message: err.message, retryable: false };
     return { code: this.def.errorCode ?? "worker_error", message: messageOf(err), retryable: false };
   }
@@ -275,6 +284,7 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
         const errorText = JSON.stringify({ code: f.code.slice(0, 64), message: f.message.slice(0, 2000) });
         this.sql`UPDATE kit_job SET status = 'failed', message = 'failed', usage = ${usageText}, error = ${errorText},
           retryable = ${f.retryable ? 1 : 0}, run_at = NULL, updated_at = ${now} WHERE id = 1`;
+        if (f.rateLimits?.length) this.holdRateLimits(f.rateLimits, now);
         if (end.notify !== false) this.enqueueFinal(info, "fail", token);
         return;
       }
@@ -291,6 +301,10 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
     for (const t of tokens) this.store.enqueue(kind, null, t === token ? null : t);
   }
 
+  private holdRateLimits(reports: RateLimitReport[], now: number): void {
+    this.store.putBlob(HELD_RATE_LIMITS, holdReports(this.store.getBlob(HELD_RATE_LIMITS), reports, now));
+  }
+
   private runHost(): RunHost {
     return {
       store: this.store,
@@ -303,6 +317,10 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
         this.sql`UPDATE kit_job SET progress = ${percent}, message = ${message ?? null}, updated_at = ${Date.now()} WHERE id = 1`;
         this.store.enqueue("progress", JSON.stringify({ progress: percent, ...(message !== undefined && { message }) }));
         this.store.putBlob(memo, "1");
+      },
+      holdRateLimits: (attempt, reports) => {
+        if (!this.isLive(attempt)) throw new Aborted();
+        this.holdRateLimits(reports, Date.now());
       },
     };
   }
@@ -358,7 +376,9 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
       if (!job) return;
       const { callback } = this.handshakeOf(job);
       const token = head.token ?? callback.token;
-      const body = head.body ?? this.finalBody(job, head.kind);
+      // Rate-limit reports ride on whichever callback goes out next, re-based on the time it is sent.
+      const held = this.store.getBlob(HELD_RATE_LIMITS);
+      const body = withRateLimits(head.body ?? this.finalBody(job, head.kind), dueReports(held, Date.now()));
       const trace = this.traceOf();
       const status = await this.post(`${callback.url.replace(/\/+$/, "")}/${head.kind}`, token, body, trace);
       this.store.log(job.attempt, `callback:${head.kind}`, status, head.token ? "alternate token" : null);
@@ -371,6 +391,8 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
         this.sql`UPDATE kit_outbox SET tries = tries + 1, next_at = ${at} WHERE seq = ${head.seq}`;
       } else {
         this.sql`DELETE FROM kit_outbox WHERE seq = ${head.seq}`;
+        // Carried (or refused for good): reported. Reports held meanwhile stay for the next callback.
+        if (held !== null && this.store.getBlob(HELD_RATE_LIMITS) === held) this.store.deleteBlob(HELD_RATE_LIMITS);
       }
     }
   }
@@ -560,4 +582,12 @@ export function withTimeout<T>(promise: Promise<T>, ms: number, what: string): P
   return Promise.race([promise, timeout]).finally(() => {
     if (timer !== null) clearTimeout(timer);
   });
+}
+
+/** A callback's JSON object body with `rate_limits` spliced in (the body may be a large inline output: not parsed again). */
+function withRateLimits(body: string, reports: RateLimitReport[]): string {
+  if (!reports.length) return body;
+  const field = `"rate_limits":${JSON.stringify(reports)}`;
+  const rest = body.trim().slice(1).trimStart();
+  return rest.startsWith("}") ? `{${field}}` : `{${field},${rest}`;
 }

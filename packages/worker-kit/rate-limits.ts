@@ -3,8 +3,12 @@
  * (docs/protocol.md, "Provider pacing"), so the ledger paces every execution
  * on that pool together instead of each retrying into the same 429.
  *
- *   const res = await fetch("https://api.openai.com/v1/chat/completions", ...);
- *   job.reportRateLimits(rateLimitsFrom(res, "tokens:openai"));
+ *   const text = await job.step("call", async () => {
+ *     const res = await fetch("https://api.openai.com/v1/chat/completions", ...);
+ *     job.rateLimits(res, "tokens:openai"); // sent with the stage's next callback
+ *     if (res.status === 429) throw new StageError("provider_rate_limited", "429", { retryable: true });
+ *     return res.text();
+ *   });
  */
 export interface RateLimitReport {
   pool: string;
@@ -61,4 +65,37 @@ export function rateLimitsFrom(response: Response, pool: string, now = Date.now(
   const retry = num(h.get("retry-after-ms")) ?? retryAfterMs(h.get("retry-after"), now);
   if (retry !== undefined) report.retry_after_ms = Math.ceil(retry);
   return Object.keys(report).length > 1 ? [report] : [];
+}
+
+/** A report as the kit keeps it until a callback carries it: its relative times anchored at `at` (unix ms). */
+interface HeldReport {
+  report: RateLimitReport;
+  at: number;
+}
+
+/**
+ * Reports held by a job until its next callback (progress, complete or fail)
+ * carries them, one per pool (the latest wins). Kept as JSON in the job's
+ * storage; `due` re-bases `reset_ms` and `retry_after_ms` on the time the
+ * callback is sent, so a report that waited in the outbox (or is sent again
+ * after a failed try) still ends the pause when the provider said, not later.
+ */
+export function holdReports(held: string | null, reports: RateLimitReport[], now: number): string {
+  const byPool = new Map<string, HeldReport>((held ? (JSON.parse(held) as HeldReport[]) : []).map((h) => [h.report.pool, h]));
+  for (const report of reports) byPool.set(report.pool, { report, at: now });
+  return JSON.stringify([...byPool.values()]);
+}
+
+export function dueReports(held: string | null, now: number): RateLimitReport[] {
+  if (!held) return [];
+  const out: RateLimitReport[] = [];
+  for (const { report, at } of JSON.parse(held) as HeldReport[]) {
+    const gone = Math.max(0, now - at);
+    const r: RateLimitReport = { pool: report.pool };
+    if (report.remaining !== undefined) r.remaining = report.remaining;
+    if (report.reset_ms !== undefined && report.reset_ms > gone) r.reset_ms = report.reset_ms - gone;
+    if (report.retry_after_ms !== undefined && report.retry_after_ms > gone) r.retry_after_ms = report.retry_after_ms - gone;
+    if (Object.keys(r).length > 1) out.push(r);
+  }
+  return out;
 }

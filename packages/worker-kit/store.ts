@@ -119,6 +119,10 @@ export class Store {
     } while (at < text.length);
   }
 
+  deleteBlob(name: string): void {
+    this.sql`DELETE FROM kit_blob WHERE name = ${name}`;
+  }
+
   getBlob(name: string): string | null {
     const rows = this.sql<{ chunk: string }>`SELECT chunk FROM kit_blob WHERE name = ${name} ORDER BY seq`;
     return rows.length === 0 ? null : rows.map((r) => r.chunk).join("");

@@ -68,6 +68,13 @@ export interface JobContext<E = KitEnv> extends JobInfo {
   sleep(ms: number): Promise<void>;
   /** Records progress and queues a progress callback (once per call site, even when the run resumes). */
   progress(percent: number, message?: string): Promise<void>;
+  /**
+   * A provider's response: its rate-limit headers (rate-limits.ts `rateLimitsFrom`)
+   * for `pool` go out as `rate_limits` with the stage's next callback (progress,
+   * complete or fail), so the ledger paces every execution on that pool. Call it
+   * inside the `step` that made the request, so a resumed run does not report it twice.
+   */
+  rateLimits(response: Response, pool: string): void;
   counters: Counters;
 }
 

@@ -1,5 +1,6 @@
 import { LOGIN_HTML, escapeHtml, htmlResponse, pageHead, pageTail } from "./common";
 import { ACTIONS_CSS, ACTIONS_HTML, ACTIONS_JS } from "./execution-actions";
+import { WAITING_CSS, WAITING_JS, WAITING_SUMMARY_JS } from "./waiting-on";
 
 /**
  * `GET /executions/:id` with `Accept: text/html`, and `GET /ui/executions/:id`:
@@ -105,6 +106,7 @@ function stageRow(doc, s, currency) {
   const progress = Math.max(0, Math.min(100, Number(s.progress) || 0));
   const statusCell = el("td", null, [el("span", { dataset: { role: "status" }, class: "badge st-" + s.status, text: s.status })]);
   if (s.message) statusCell.append(el("div", { class: "muted", text: s.message }));
+  if (s.waiting_on) statusCell.append(waitingOnNode(s.waiting_on));
   return el("tr", { dataset: { stageId: s.stage_id, status: s.status } }, [
     el("td", { class: "num", text: s.order }),
     el("td", null, [
@@ -220,6 +222,7 @@ async function loadItems() {
 
 function render(doc) {
   renderSummary(doc);
+  renderWaiting(doc);
   renderActions(doc);
   renderGraph(doc);
   if (selected) loadItems();
@@ -309,7 +312,7 @@ $("signout").addEventListener("click", () => { generation += 1; clearTimeout(tim
 export function executionPage(executionId: string): Response {
   const id = escapeHtml(executionId);
   return htmlResponse(
-    (nonce) => `${pageHead(nonce, `${id} · Orchestrator`, CSS + ACTIONS_CSS)}
+    (nonce) => `${pageHead(nonce, `${id} · Orchestrator`, CSS + ACTIONS_CSS + WAITING_CSS)}
 <body data-execution-id="${id}">
 <header>
   <h1><a href="/ui">Executions</a> / <span class="mono" id="exec-id">${id}</span></h1>
@@ -335,6 +338,7 @@ ${LOGIN_HTML}
       <div><dt>Duration</dt><dd id="duration">–</dd></div>
       <div><dt>Cost</dt><dd id="cost">–</dd></div>
       <div><dt>Error</dt><dd id="error">–</dd></div>
+      <div id="exec-waiting" hidden><dt>Waiting on</dt><dd id="exec-waiting-on"></dd></div>
       <div><dt>Data deleted</dt><dd id="expired">–</dd></div>
     </dl>
   </section>${ACTIONS_HTML}
@@ -360,6 +364,6 @@ ${LOGIN_HTML}
   <p id="updated" class="muted"></p>
 </div>
 </main>
-${pageTail(nonce, SCRIPT + ACTIONS_JS)}`,
+${pageTail(nonce, SCRIPT + ACTIONS_JS + WAITING_JS + WAITING_SUMMARY_JS)}`,
   );
 }

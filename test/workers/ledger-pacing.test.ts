@@ -119,3 +119,40 @@ describe("provider pacing through a worker's callback", () => {
     expect((await call(`/executions/${id}/cancel`, { method: "POST", headers: KAM })).status).toBe(200);
   });
 });
+
+describe("provider pacing from the worker kit", () => {
+  it("a provider's 429 goes out with the kit's fail callback (the stage retries after its retry-after, not the generic backoff) and later headers with its next callback", async () => {
+    // Its own pool: full at 1,000 and refilling slowly, so what the reports did to it shows.
+    expect((await call("/resources/pools/tokens:pace-kit", { method: "PUT", headers: { ...OPS, ...JSON_HEADERS }, body: JSON.stringify({ kind: "rate", capacity: 1000, refill_per_second: 1 }) })).status).toBe(200);
+    const startedAt = Date.now();
+    const { body } = await startExecution({
+      template_name: "fault_single",
+      // The tests' generic backoff is at most retryCapMs (200 ms); a retry-after is honoured up to 10x that cap.
+      parameters: { steps: 3, step_ms: 50, fault: { mode: "provider_429_once", pool: "tokens:pace-kit", retry_after_ms: 2000 } },
+      client_id: "client_pacing_kit",
+    });
+    const id = body.execution_id as string;
+    const failed = await waitFor(id, (d) => d.stages[0].last_error?.code === "provider_rate_limited");
+    expect(failed.stages[0]).toMatchObject({ status: "pending", attempts: 1 });
+    // Only the kit's fail callback can have said so: the pool is paused for every execution...
+    const snap = (await (await call("/resources", { headers: OPS })).json()) as { pools: { name: string; paused_until?: number; available: number }[] };
+    const paused = snap.pools.find((p) => p.name === "tokens:pace-kit")!;
+    expect(paused.paused_until).toBeGreaterThanOrEqual(startedAt + 2000);
+    expect(paused.available).toBe(0);
+    // ...and the stage's retry is the provider's retry-after away.
+    const retryAt = await runInDurableObject(executionStub(id), (_i, st) =>
+      st.storage.sql.exec<{ due_at: number }>("SELECT due_at FROM timers WHERE name = 'retry'").one().due_at,
+    );
+    expect(retryAt).toBeGreaterThanOrEqual(startedAt + 2000);
+
+    // The second attempt's provider call answers 200 with 777 tokens left: the next callback carries it,
+    // and the ledger lowers the full bucket to it (refilling at 1 per second since).
+    const done = await waitFor(id, (d) => d.status === "completed", 20_000);
+    expect(done.stages[0].attempts).toBe(2);
+    const after = (await (await call("/resources", { headers: OPS })).json()) as { pools: { name: string; available: number; paused_until?: number }[] };
+    const pool = after.pools.find((p) => p.name === "tokens:pace-kit")!;
+    expect(pool.paused_until).toBeUndefined();
+    expect(pool.available).toBeGreaterThanOrEqual(777);
+    expect(pool.available).toBeLessThan(800);
+  });
+});
