@@ -31,6 +31,12 @@ export interface LedgerRules {
   expireBatch: number;
   /** Weight of a new sample in the moving averages once `1 / ewmaAlpha` samples exist. */
   ewmaAlpha: number;
+  /**
+   * The most a stage may use per pool, as a multiple of what it reserved (the
+   * Execution refuses more: `usage_out_of_bounds`); the budget admission counts
+   * running stages at this worst case (budgetFits).
+   */
+  usageMaxFactor: number;
 }
 
 export const DEFAULT_LEDGER_RULES: LedgerRules = {
@@ -41,6 +47,7 @@ export const DEFAULT_LEDGER_RULES: LedgerRules = {
   purgeBatch: 2_000,
   expireBatch: 1_000,
   ewmaAlpha: 0.2,
+  usageMaxFactor: 10,
 };
 
 /**
@@ -58,6 +65,7 @@ export function rulesFromTuning(tuning: object): LedgerRules {
     backfillLimit: Math.floor(num(t.ledgerBackfillLimit, DEFAULT_LEDGER_RULES.backfillLimit, 0)),
     scanLimit: Math.floor(num(t.ledgerScanLimit, DEFAULT_LEDGER_RULES.scanLimit, 1)),
     doneRetentionMs: num(t.ledgerDoneRetentionMs, DEFAULT_LEDGER_RULES.doneRetentionMs, 0),
+    usageMaxFactor: num(t.usageMaxFactor, DEFAULT_LEDGER_RULES.usageMaxFactor, 1),
   };
 }
 
@@ -377,17 +385,54 @@ export interface ClientState {
   /** Derived from the reservations at load: granted stages, their estimated cost, waiters, waiters held by a quota. */
   running: number;
   heldCost: number;
+  /** The estimated costs of the running stages: estimate -> how many run with it (for the largest, budgetFits). */
+  heldCosts: Map<number, number>;
   waiting: number;
   held: number;
 }
 
 export function newClient(id: string, now: number): ClientState {
-  return { id, own: null, month: monthOf(now), spent: 0, rate: new Map(), starts: null, lastTag: 0, running: 0, heldCost: 0, waiting: 0, held: 0 };
+  return { id, own: null, month: monthOf(now), spent: 0, rate: new Map(), starts: null, lastTag: 0, running: 0, heldCost: 0, heldCosts: new Map(), waiting: 0, held: 0 };
 }
 
 /** The quotas in force: the client's own fields over the defaults' (a client's `rate` replaces the defaults' whole). */
 export function quotasOf(defaults: ClientQuotas, own: ClientQuotas | null): ClientQuotas {
   return { ...defaults, ...(own ?? {}) };
+}
+
+/** A stage of the client's starts (true) or stops (false) running with estimated cost `cost`. */
+export function holdCost(c: ClientState, cost: number, on: boolean): void {
+  const n = (c.heldCosts.get(cost) ?? 0) + (on ? 1 : -1);
+  if (n > 0) c.heldCosts.set(cost, n);
+  else c.heldCosts.delete(cost);
+  c.running += on ? 1 : -1;
+  c.heldCost = on ? c.heldCost + cost : Math.max(0, c.heldCost - cost);
+}
+
+/** The largest estimated cost among the client's running stages (0 when none runs). */
+export function largestHeld(c: ClientState): number {
+  let max = 0;
+  for (const cost of c.heldCosts.keys()) if (cost > max) max = cost;
+  return max;
+}
+
+/**
+ * Budget admission (docs/ledger.md, "Budget guarantee"). A stage may use up to
+ * F = usageMaxFactor times its estimate (the Execution refuses more), so a
+ * running stage can cost at most F x estimate: its worst excess is (F - 1) x
+ * estimate. A new stage with estimate `cost` is admitted only if the budget
+ * covers every running stage and the new one at their worst, except the one
+ * whose worst excess is the largest, which counts at its estimate:
+ *
+ *   spent + F x (held + cost) - (F - 1) x max(largest held, cost) <= budget
+ *
+ * Alone (nothing running) that is spent + cost <= budget. Then whatever the
+ * stages running at a grant really use, the spend once they all settled is at
+ * most the budget plus one stage's actual excess over its estimate.
+ */
+export function budgetFits(budget: number, spent: number, held: number, largest: number, cost: number, factor: number): boolean {
+  const worst = spent + factor * (held + cost) - (factor - 1) * Math.max(largest, cost);
+  return worst <= budget + EPS;
 }
 
 /** `YYYY-MM` of a unix-ms time, UTC. */
@@ -440,11 +485,13 @@ export function clientBlock(
   needs: Amounts,
   cost: number,
   now: number,
+  /** usageMaxFactor (budgetFits); 1 counts running stages at their estimates only. */
+  factor = 1,
 ): "client_quota" | "client_budget" | "client_rate" | null {
   if (q.max_running_stages !== undefined && c.running + 1 > q.max_running_stages) return "client_quota";
   if (q.monthly_budget !== undefined) {
     rollMonth(c, now);
-    if (c.spent + c.heldCost + cost > q.monthly_budget + EPS) return "client_budget";
+    if (!budgetFits(q.monthly_budget, c.spent, c.heldCost, largestHeld(c), cost, factor)) return "client_budget";
   }
   for (const [pool, r] of Object.entries(q.rate ?? {})) {
     const a = needs[pool];

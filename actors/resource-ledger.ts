@@ -503,7 +503,7 @@ export class ResourceLedger extends DurableObject<Env> {
     };
     c.lastTag = row.tag;
     this.#store.touchClient(c);
-    if (this.#store.activeWaiters === 0 && fitsAll(this.#store.pools, needs, s.now) && !clientBlock(q, c, needs, cost, s.now)) {
+    if (this.#store.activeWaiters === 0 && fitsAll(this.#store.pools, needs, s.now) && !clientBlock(q, c, needs, cost, s.now, this.#rules.usageMaxFactor)) {
       // Nobody queued and everything fits: granted in the reply, no notice.
       const granted = this.#accounts.grant(row, needs, s.now);
       timer(s, granted.expires_at);

@@ -12,6 +12,7 @@ import {
   costOfAmounts,
   ewma,
   expireInto,
+  holdCost,
   releaseInto,
   rollMonth,
   settleInto,
@@ -43,8 +44,7 @@ export class Accounts {
       this.#change(p, () => take(p, a, now));
     }
     const c = this.store.client(row.client_id, now);
-    c.running++;
-    c.heldCost += row.cost_est;
+    holdCost(c, row.cost_est, true);
     for (const [n, r] of Object.entries(this.quotasOf(c).rate ?? {})) {
       if (needs[n]) take(clientBucket(c, n, r.per_minute, now), needs[n], now);
     }
@@ -79,8 +79,7 @@ export class Accounts {
   /** A live grant of the client ends: its slot, estimated cost and bucket amounts come back as `back` says. */
   #endForClient(row: ResRow, needs: Amounts, now: number, back: (b: PoolState, reserved: number, pool: string) => void): ClientState {
     const c = this.store.client(row.client_id, now);
-    c.running--;
-    c.heldCost = Math.max(0, c.heldCost - row.cost_est);
+    holdCost(c, row.cost_est, false);
     for (const [n, b] of c.rate) if (needs[n]) back(b, needs[n], n);
     this.store.touchClient(c);
     // Its waiters held by a quota get another look in this step's grant pass.

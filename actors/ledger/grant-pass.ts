@@ -89,7 +89,7 @@ export class GrantPass {
         timer(s, s.now + this.rules.doneRetentionMs);
         continue;
       }
-      const why = clientBlock(q, c, needs, row.cost_est, s.now);
+      const why = clientBlock(q, c, needs, row.cost_est, s.now, this.rules.usageMaxFactor);
       if (why === "client_rate") {
         const t = clientRateReadyAt(q, c, needs, s.now);
         if (t !== null && (wake === null || t < wake)) wake = t;
@@ -156,7 +156,7 @@ export class GrantPass {
     const needs = needsOf(row);
     const c = this.store.client(row.client_id, now);
     const q = this.quotasOf(c);
-    const why = clientBlock(q, c, needs, row.cost_est, now);
+    const why = clientBlock(q, c, needs, row.cost_est, now, this.rules.usageMaxFactor);
     if (why === "client_rate") {
       const pools = Object.keys(q.rate ?? {}).filter((n) => needs[n] && !fits(clientBucket(c, n, q.rate![n].per_minute, now), needs[n], now));
       return { reason: why, pools };

@@ -10,7 +10,7 @@
  */
 import type { z } from "zod";
 import type { PoolConfig } from "../../schemas/ledger";
-import { newClient, newPool, queueOrder, type Amounts, type ClientState, type PoolState, type WorkerStats } from "../ledger-rules";
+import { holdCost, largestHeld, newClient, newPool, queueOrder, type Amounts, type ClientState, type PoolState, type WorkerStats } from "../ledger-rules";
 import type { ClientQuotas } from "../../schemas/clients";
 import { execScript, sqlOf, type Sql } from "../sql";
 import { GroupCommit } from "./group-commit";
@@ -420,8 +420,7 @@ export class LedgerStore {
     for (const r of this.sql<ResRow>`SELECT * FROM reservations WHERE state = 'granted'`) {
       this.live.set(r.id, r);
       const c = clientOf(r.client_id);
-      c.running++;
-      c.heldCost += r.cost_est;
+      holdCost(c, r.cost_est, true);
       for (const [n, a] of Object.entries(needsOf(r))) {
         const b = c.rate.get(n);
         if (b) b.held += a;
@@ -474,13 +473,14 @@ export class LedgerStore {
       if (sqlRow?.state !== "granted" || sqlRow.expires_at !== r.expires_at) problems.push(`live map row ${r.id} differs from sql`);
     }
     if (waiters !== this.waiters) problems.push(`waiters: memory ${this.waiters}, sql ${waiters}`);
-    const perClient = new Map<string, { running: number; cost: number; waiting: number; held: number }>();
+    const perClient = new Map<string, { running: number; cost: number; largest: number; waiting: number; held: number }>();
     for (const r of this.sql<ResRow>`SELECT * FROM reservations WHERE state IN ('granted', 'waiting')`) {
       const k = r.client_id ?? NO_CLIENT;
-      const e = perClient.get(k) ?? { running: 0, cost: 0, waiting: 0, held: 0 };
+      const e = perClient.get(k) ?? { running: 0, cost: 0, largest: 0, waiting: 0, held: 0 };
       if (r.state === "granted") {
         e.running++;
         e.cost += r.cost_est;
+        e.largest = Math.max(e.largest, r.cost_est);
       } else {
         e.waiting++;
         if (r.parked === HELD) e.held++;
@@ -488,8 +488,9 @@ export class LedgerStore {
       perClient.set(k, e);
     }
     for (const c of this.clients.values()) {
-      const e = perClient.get(c.id) ?? { running: 0, cost: 0, waiting: 0, held: 0 };
-      if (e.running !== c.running || e.waiting !== c.waiting || e.held !== c.held || Math.abs(e.cost - c.heldCost) > 1e-6) {
+      const e = perClient.get(c.id) ?? { running: 0, cost: 0, largest: 0, waiting: 0, held: 0 };
+      const largest = largestHeld(c);
+      if (e.running !== c.running || e.waiting !== c.waiting || e.held !== c.held || Math.abs(e.cost - c.heldCost) > 1e-6 || e.largest !== largest) {
         problems.push(`client ${c.id}: memory ${JSON.stringify([c.running, c.heldCost, c.waiting, c.held])}, sql ${JSON.stringify(e)}`);
       }
     }
