@@ -223,7 +223,7 @@ export class Execution extends DurableObject<Env> {
   }
 
   /** Approves or rejects an approval stage that awaits a decision (also while the execution is paused). */
-  async decide(stageId: string, approved: boolean, by: "kam" | "ops", comment: string | null): Promise<DecideState> {
+  async decide(stageId: string, approved: boolean, by: "kam" | "ops" | "client", comment: string | null): Promise<DecideState> {
     const ex = this.#store.row();
     if (!ex) return { state: "missing" };
     const st = this.#store.stage(stageId);
