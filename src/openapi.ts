@@ -629,6 +629,18 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       request: { params: idParams },
       responses: { "200": html("a self-contained page; it polls the status document with the OPS token"), "400": error("invalid_request: not an execution id") },
     },
+    {
+      method: "get",
+      path: "/ui/clients",
+      summary: "Clients page (quotas, usage bars for running executions, stages and spend against the budget, waiting stages)",
+      responses: { "200": html("a self-contained page; it reads GET /clients with the OPS token every 2 s") },
+    },
+    {
+      method: "get",
+      path: "/ui/resources",
+      summary: "Resources page (every pool's capacity, use, waiters and provider pause; the waiters with their waiting_on)",
+      responses: { "200": html("a self-contained page; it reads GET /resources with the OPS token every 2 s") },
+    },
   ];
   for (const p of paths) r.registerPath(p);
 

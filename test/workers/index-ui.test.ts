@@ -57,6 +57,23 @@ describe("the execution page", () => {
     await waitFor(id, ended);
   });
 
+  it("serves /ui/clients and /ui/resources without a token, self-contained, every script and style under the response's nonce", async () => {
+    for (const path of ["/ui/clients", "/ui/resources"]) {
+      const res = await call(path);
+      expect(res.status, path).toBe(200);
+      expect(res.headers.get("content-type")).toBe("text/html; charset=utf-8");
+      const nonce = /script-src 'nonce-([^']+)'/.exec(res.headers.get("content-security-policy") ?? "")?.[1];
+      expect(nonce, path).toBeTruthy();
+      const html = await res.text();
+      expect(html.match(/<script\b[^>]*>/g)).toEqual([`<script nonce="${nonce}">`]);
+      expect(html.match(/<style\b[^>]*>/g)).toEqual([`<style nonce="${nonce}">`]);
+      expect(html).not.toMatch(/\bsrc=|https?:\/\//);
+      expect(html).toContain('id="token"');
+      // It reads its data with the token, from this origin's API.
+      expect(html).toContain(path === "/ui/clients" ? 'poll("/clients"' : 'poll("/resources"');
+    }
+  });
+
   it("leaves JSON callers as they were", async () => {
     const { body } = await startExecution({
       template_name: "quick_summary",
