@@ -2,7 +2,7 @@ import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import { ExecutionEvent } from "../../schemas/api";
 import { signatureHeader } from "../../src/notify-signature";
-import { KAM, call, ended, startExecution, status, waitFor } from "../support/api";
+import { JSON_HEADERS, KAM, OPS, call, ended, startExecution, status, waitFor } from "../support/api";
 import { TEST_SECRETS } from "../support/constants";
 import { received, waitForEvents } from "../support/kam-events";
 
@@ -82,6 +82,33 @@ describe("event notifications to KAM", () => {
     expect(new Set(ts).size).toBe(4);
     const doc = await waitFor(body.execution_id, (d) => d.notifications.delivered === 1);
     expect(doc.notifications.pending).toBe(0);
+  });
+
+  it("a KAM that answers 500 three times gets every event of an execution exactly once, in order", async () => {
+    // Four events: the approval stage waits, the execution is paused, resumed (after the approval), and completes.
+    const { body } = await startExecution({ template_name: "approval_pipeline", parameters: { echo: "ordered" }, client_id: "kam-flaky-3-order", notify: true });
+    const id = body.execution_id as string;
+    await waitFor(id, (d) => d.stages[1]?.status === "awaiting_approval");
+    const ops = { ...OPS, ...JSON_HEADERS };
+    expect((await call(`/executions/${id}/pause`, { method: "POST", headers: ops })).status).toBe(200);
+    expect((await call(`/executions/${id}/stages/stage_2/approve`, { method: "POST", headers: ops, body: "{}" })).status).toBe(200);
+    expect((await call(`/executions/${id}/resume`, { method: "POST", headers: ops })).status).toBe(200);
+    expect((await waitFor(id, ended)).status).toBe("completed");
+    const types = ["stage.awaiting_approval", "execution.paused", "execution.resumed", "execution.completed"];
+    const got = await waitForEvents(id, (r) => r.events.length === 4);
+    expect(got.events.map((e) => e.type)).toEqual(types);
+    // The first event is refused three times and holds the others back: nothing overtakes it, nothing is repeated.
+    expect(got.receipts.map((r) => [r.type, r.answered])).toEqual([
+      [types[0], 500],
+      [types[0], 500],
+      [types[0], 500],
+      [types[0], 200],
+      [types[1], 200],
+      [types[2], 200],
+      [types[3], 200],
+    ]);
+    expect(new Set(got.events.map((e) => e.event_id)).size).toBe(4);
+    expect((await waitFor(id, (d) => d.notifications.delivered === 4)).notifications.pending).toBe(0);
   });
 
   it("failed and cancelled executions send execution.failed (with the error) and execution.cancelled", async () => {
