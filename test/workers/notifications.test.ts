@@ -1,7 +1,9 @@
 import { env } from "cloudflare:workers";
+import { createExecutionContext } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
 import { ExecutionEvent } from "../../schemas/api";
 import { signatureHeader } from "../../src/notify-signature";
+import { handle } from "../../src/routes";
 import { JSON_HEADERS, KAM, OPS, call, ended, startExecution, status, waitFor } from "../support/api";
 import { TEST_SECRETS } from "../support/constants";
 import { received, waitForEvents } from "../support/kam-events";
@@ -141,6 +143,28 @@ describe("event notifications to KAM", () => {
     await waitForEvents(loud.body.execution_id, (r) => r.events.length === 1);
     expect((await received(quiet.body.execution_id)).receipts).toEqual([]);
     expect((await status(quiet.body.execution_id)).notifications.delivered).toBe(0);
+  });
+
+  it("NOTIFY_DEFAULT = \"true\" turns notify on for a request that does not say; notify: false still turns it off", async () => {
+    // The front Worker with that var (the executions' objects are the same ones).
+    const front = { ...env, NOTIFY_DEFAULT: "true" } as unknown as Env;
+    const start = async (extra: Record<string, unknown>) => {
+      const req = new Request("http://orchestrator.test/execute", {
+        method: "POST",
+        headers: { ...KAM, ...JSON_HEADERS },
+        body: JSON.stringify({ template_name: "quick_summary", parameters: fast, client_id: "client_notify", ...extra }),
+      });
+      const res = await handle(req, front, createExecutionContext());
+      expect(res.status).toBe(202);
+      return ((await res.json()) as { execution_id: string }).execution_id;
+    };
+    const byDefault = await start({});
+    const off = await start({ notify: false });
+    expect((await waitForEvents(byDefault, (r) => r.events.length === 1)).events[0].type).toBe("execution.completed");
+    expect((await status(byDefault)).notifications.enabled).toBe(true);
+    const quiet = await waitFor(off, ended);
+    expect(quiet.notifications.enabled).toBe(false);
+    expect((await received(off)).receipts).toEqual([]);
   });
 
   it("refuses a notify that is not a boolean, with the field named", async () => {
