@@ -12,7 +12,7 @@ import { admitStart } from "./clients";
 import { configOf } from "./config";
 import { reportRateLimits } from "./pacing";
 import { sha256Hex } from "./hash";
-import { ApiError, parseWith } from "./http";
+import { ApiError, parseParam, parseWith } from "./http";
 import { newExecutionId, uploadNonce } from "./ids";
 import { log } from "./log";
 import { emit } from "./metrics";
@@ -33,7 +33,7 @@ export function executionStub(env: Env, id: string): DurableObjectStub<Execution
 
 /** Validates an execution id before any object is touched. */
 export function checkExecutionId(id: unknown): string {
-  return parseWith(ExecutionId, id, "execution id");
+  return parseParam(ExecutionId, id, "id", "execution id");
 }
 
 function objectTimeout(env: Env): number {
@@ -147,7 +147,7 @@ export async function getStatus(env: Env, id: unknown): Promise<StatusDocument> 
 /** A page of a fan-out stage's items (404 for an unknown stage, 409 for a stage that is not a fan-out). */
 export async function getItems(env: Env, id: unknown, stageId: unknown, query: URLSearchParams): Promise<ItemsPage> {
   const executionId = checkExecutionId(id);
-  const stage = parseWith(StageId, stageId, "stage id");
+  const stage = parseParam(StageId, stageId, "stage_id", "stage id");
   const q = parseWith(ItemsQuery, Object.fromEntries(query), "query");
   const r = await call<ItemsState>(env, executionStub(env, executionId).getItems(stage, Number(q.cursor ?? 0), q.limit), "execution items");
   if (r.state === "missing") throw new ApiError(404, "not_found", `no stage ${stage} in execution ${executionId}`);
@@ -221,7 +221,7 @@ export async function readData(env: Env, request: Request, key: string): Promise
 /** `PUT /data/{execution_id}/{stage_id}/{name}`: a stage worker uploads a large output, streamed to R2. */
 export async function writeData(env: Env, request: Request, id: string, stageId: string, name: string): Promise<DataReference> {
   const executionId = checkExecutionId(id);
-  parseWith(StageId, stageId, "stage id");
+  parseParam(StageId, stageId, "stage_id", "stage id");
   parseWith(DataName, name, "data name");
   const claims = await verifyToken(request, env, { executionId, stageId, use: "callback" });
   const length = Number(request.headers.get("content-length") ?? "NaN");
@@ -309,7 +309,7 @@ export async function openLive(env: Env, request: Request, id: unknown): Promise
 /** `POST /executions/:id/stages/:stage_id/approve|reject`: 200 with the status document; 409 `not_awaiting_approval`. */
 export async function decideStage(env: Env, id: unknown, stageId: unknown, approved: boolean, by: Role, body: unknown): Promise<StatusDocument> {
   const executionId = checkExecutionId(id);
-  const stage = parseWith(StageId, stageId, "stage id");
+  const stage = parseParam(StageId, stageId, "stage_id", "stage id");
   const { comment } = parseWith(DecisionRequest, body ?? {}, "body");
   const r = await call<DecideState>(env, executionStub(env, executionId).decide(stage, approved, by, comment ?? null), "execution decision");
   if (r.state === "missing") throw new ApiError(404, "not_found", `no execution ${executionId}`);
@@ -338,7 +338,7 @@ export async function workerCallback(
   const refused = (code: string) => emit(env, { event: "callback_refused", code, kind, stage_id: stageId, execution_id: String(id).slice(0, 64) });
   try {
     const executionId = checkExecutionId(id);
-    parseWith(StageId, stageId, "stage id");
+    parseParam(StageId, stageId, "stage_id", "stage id");
     const claims = await verifyToken(request, env, { executionId, stageId, use: "callback" });
     const payload = parseWith(CALLBACK_SCHEMAS[kind], await readBody(), "body");
     const answer = await call(env, executionStub(env, executionId).callback(kind, stageId, claims.attempt, payload), "execution callback");

@@ -44,6 +44,14 @@ export function invalid(error: z.ZodError, what = "request"): ApiError {
   return new ApiError(400, "invalid_request", `invalid ${what}: ${issues.map((i) => i.path).join(", ")}`, issues);
 }
 
+/** A path parameter: a refusal names it (`field`) as the offending field, not the body. */
+export function parseParam<S extends z.ZodType>(schema: S, value: unknown, field: string, what = field): z.output<S> {
+  const parsed = schema.safeParse(value);
+  if (parsed.success) return parsed.data;
+  const issues = zodIssues(parsed.error).map((i) => ({ ...i, path: i.path === "(body)" ? field : `${field}.${i.path}` }));
+  throw new ApiError(400, "invalid_request", `invalid ${what}: ${issues.map((i) => i.path).join(", ")}`, issues);
+}
+
 export function parseWith<S extends z.ZodType>(schema: S, value: unknown, what?: string): z.output<S> {
   const parsed = schema.safeParse(value);
   if (!parsed.success) throw invalid(parsed.error, what);

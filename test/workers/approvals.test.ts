@@ -127,6 +127,7 @@ describe("approval stages", () => {
       const body = (await res.json()) as any;
       expect(body.error.code, name).toBe(errorCode);
       if (name.startsWith("comment")) expect(JSON.stringify(body.error.details)).toContain("comment");
+      if (name === "not a stage id") expect(body.error.details.map((d: { path: string }) => d.path)).toEqual(["stage_id"]);
     }
     const now = await status(id);
     expect(now.stages[1]).toMatchObject({ status: "awaiting_approval", attempts: 1 });

@@ -241,7 +241,10 @@ describe("pause and resume", () => {
       expect((await post(`/executions/${unknown}/${action}`, { authorization: "Bearer nope" })).status).toBe(401);
       const bad = await post(`/executions/not-an-id/${action}`);
       expect(bad.status).toBe(400);
-      expect(((await bad.json()) as any).error.code).toBe("invalid_request");
+      const error = ((await bad.json()) as any).error;
+      expect(error.code).toBe("invalid_request");
+      // The offending field is the path's id.
+      expect(error.details.map((d: { path: string }) => d.path)).toEqual(["id"]);
       const missing = await post(`/executions/${unknown}/${action}`);
       expect(missing.status).toBe(404);
       expect(((await missing.json()) as any).error.code).toBe("not_found");
