@@ -12,7 +12,7 @@ import { loadTemplate } from "../../src/template-source";
 import { WorkerClient } from "../../src/worker-client";
 import { type StageFailure, isOnWorker, isTerminalExecution, isTerminalStage } from "../stage-machine";
 import { fanOutItems, sinks } from "./graph";
-import { type Core, type StageRow, type StoredOutput, dependsOn, outputAsInput, parse } from "./store";
+import { type Core, type StageRow, type StoredOutput, dependsOn, isFanOut, outputAsInput, parse } from "./store";
 import * as tx from "./transitions";
 
 /**
@@ -176,7 +176,7 @@ export async function handshake(c: Core, st: StageRow): Promise<boolean> {
     stageId: st.stage_id,
     attempt: st.attempt,
     timeoutMs: st.timeout_ms,
-    inputs: prevRef ? [prevRef.key] : [],
+    inputs: storedInputKeys(c, deps),
   });
   const hs = await client.handshake({
     executionId: ex.execution_id,
@@ -315,6 +315,26 @@ function dependenciesOf(c: Core, st: StageRow): StageRow[] {
   const stage = st.parent === null ? st : c.store.stage(st.parent)!;
   const ids = new Set(dependsOn(stage));
   return c.store.stages().filter((s) => ids.has(s.stage_id));
+}
+
+/**
+ * The stored keys a stage (or item) receives, the only ones its data token may read: each
+ * dependency's stored output, and each stored item output of a fan-out dependency (its output
+ * names them as `{ $ref }`, inline or inside its own stored array). An approval passes its own
+ * dependencies' outputs on unchanged, so through it their keys count. Nothing else.
+ */
+function storedInputKeys(c: Core, deps: StageRow[], keys = new Set<string>()): string[] {
+  const add = (row: StageRow) => {
+    const ref = parse<DataReference>(row.output_ref);
+    if (ref) keys.add(ref.key);
+  };
+  for (const dep of deps) {
+    add(dep);
+    if (isFanOut(dep)) for (const item of c.store.items(dep.stage_id)) add(item);
+    // The graph is acyclic (graph.ts), so this ends.
+    if (dep.kind === "approval") storedInputKeys(c, dependenciesOf(c, dep), keys);
+  }
+  return [...keys];
 }
 
 /** A completed stage's output value, read back from KV or R2 when it was stored by reference. */

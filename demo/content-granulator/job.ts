@@ -1,4 +1,17 @@
-import { StageError, bytes, bytesOf, isJsonType, sha256Hex, type Acceptance, type Counters, type JobContext, type RunResult } from "../../packages/worker-kit";
+import {
+  DataReadError,
+  StageError,
+  bytes,
+  bytesOf,
+  isJsonType,
+  sha256Hex,
+  storedRefsIn,
+  type Acceptance,
+  type Counters,
+  type JobContext,
+  type RunResult,
+  type StoredRef,
+} from "../../packages/worker-kit";
 import type { HandshakeRequest } from "../../schemas/worker-protocol";
 import {
   COUNTERS,
@@ -16,7 +29,7 @@ import {
   type Outcome,
 } from "./faults";
 import type { GranulatorEnv } from "./index";
-import { type GraphInput, blobSize, blobStream, intParam, isTextAction, prepare, usageOf, type Work } from "./work";
+import { type GraphInput, type RefRead, type TextAction, blobSize, blobStream, intParam, isTextAction, prepare, usageOf, type Work } from "./work";
 
 /**
  * A granulator stage on the worker kit: `accept` decides the handshake, `run`
@@ -62,7 +75,7 @@ export async function runStage(job: JobContext<GranulatorEnv>): Promise<RunResul
   const params = job.parameters;
   const steps = stepCount(fault, intParam(params.steps, 4, 1, 50));
   const stepMs = intParam(params.step_ms, 50, 0, 60_000);
-  const work = isTextAction(job.action) ? prepare(job.action, params, await job.input(), graphInput(job.handshake)) : await blobWork(job);
+  const work = isTextAction(job.action) ? await textWork(job, job.action) : await blobWork(job);
 
   if (fault?.mode === "provider_429_once") await callProvider(job, fault);
 
@@ -114,6 +127,54 @@ async function callProvider(job: JobContext<GranulatorEnv>, fault: Fault): Promi
     const response = providerAnswer(fault, 0);
     throw new StageError("provider_rate_limited", `the provider answered 429 (retry after ${throttled.retryAfterMs} ms)`, { retryable: true, provider: { response, pool } });
   }
+}
+
+/**
+ * Text actions work on values: the stored inputs a stage receives as `{ $ref }`
+ * (its dependency's output, several dependencies' outputs, a fan-out's stored
+ * item outputs) are read through the orchestrator first. `gather` reports what
+ * it received as it came, with a digest of every stored input it read.
+ */
+async function textWork(job: JobContext<GranulatorEnv>, action: TextAction): Promise<Work> {
+  const input = await job.input();
+  const graph = graphInput(job.handshake);
+  if (action === "gather") {
+    const read = storedRefsIn(graph.inputs).length > 0 ? await job.step("read inputs", () => digestRefs(job, graph.inputs)) : undefined;
+    return prepare(action, job.parameters, input, { ...graph, read });
+  }
+  const inputs = await job.resolveRefs<Record<string, unknown>>(graph.inputs);
+  return prepare(action, job.parameters, await job.resolveRefs(input), { ...graph, inputs });
+}
+
+/**
+ * Reads every `{ $ref }` in `inputs` and digests its bytes; a JSON input is also
+ * searched for references inside it, which are tried once: the data token reads
+ * only this stage's own inputs, so the orchestrator's refusal (its status) is what
+ * they record. A stored input of the stage itself that cannot be read fails the stage.
+ */
+async function digestRefs(job: JobContext<GranulatorEnv>, inputs: Record<string, unknown>): Promise<Record<string, RefRead>> {
+  const report: Record<string, RefRead> = {};
+  const digest = async (ref: StoredRef): Promise<Uint8Array> => {
+    const u8 = new Uint8Array(await new Response(await job.openRef(ref)).arrayBuffer());
+    report[ref.$ref] = { size: u8.byteLength, sha256: await sha256Hex(u8) };
+    return u8;
+  };
+  const nested: StoredRef[] = [];
+  for (const ref of storedRefsIn(inputs)) {
+    if (report[ref.$ref]) continue;
+    const u8 = await digest(ref);
+    if (isJsonType(ref.contentType)) nested.push(...storedRefsIn(JSON.parse(new TextDecoder().decode(u8))));
+  }
+  for (const ref of nested) {
+    if (report[ref.$ref]) continue;
+    try {
+      await digest(ref);
+    } catch (err) {
+      if (!(err instanceof DataReadError) || err.status < 400 || err.status >= 500) throw err;
+      report[ref.$ref] = { refused: err.status };
+    }
+  }
+  return report;
 }
 
 function graphInput(req: HandshakeRequest): GraphInput {

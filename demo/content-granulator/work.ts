@@ -45,14 +45,18 @@ export interface GraphInput {
   inputs: Record<string, unknown>;
   item?: unknown;
   itemIndex?: number;
+  /** For `gather`: each stored input it read, by key (its size and SHA-256), or the status that refused a key it was not given. */
+  read?: Record<string, RefRead>;
 }
+
+export type RefRead = { size: number; sha256: string } | { refused: number };
 
 export function prepare(action: TextAction, parameters: Params, previousOutput: unknown, graph?: GraphInput): Work {
   switch (action) {
     case "list":
       return listWork(parameters);
     case "gather":
-      return gatherWork(graph ?? { stageId: "", inputs: {} });
+      return gatherWork(parameters, graph ?? { stageId: "", inputs: {} });
     case "write_chapter":
       return writeChapterWork(parameters, graph?.item, graph?.itemIndex ?? 0);
     case "quiz":
@@ -397,13 +401,18 @@ function listWork(parameters: Params): Work {
 }
 
 /**
- * `gather`: says what the stage received, `{ stage, inputs, item?, item_index? }`:
- * one entry of `inputs` per dependency, and for an item its element of the list.
+ * `gather`: says what the stage received, `{ stage, inputs, item?, item_index?, read? }`:
+ * one entry of `inputs` per dependency, for an item its element of the list, and
+ * for stored inputs (`{ $ref }`) what reading them gave (job.ts, digestRefs).
  * Billed by the size of what it gathered, so usage differs from item to item.
  */
-function gatherWork(graph: GraphInput): Work {
+function gatherWork(parameters: Params, graph: GraphInput): Work {
   const value: Record<string, unknown> = { stage: graph.stageId, inputs: graph.inputs };
   if (graph.itemIndex !== undefined) Object.assign(value, { item: graph.item ?? null, item_index: graph.itemIndex });
+  if (graph.read) value.read = graph.read;
+  // `parameters.gather_pad` (per stage, like output_bytes): that many characters more, to make the output large enough to be stored.
+  const pad = intParam(perStage(parameters.gather_pad, graph.stageId), 0, 0, 1024 * 1024);
+  if (pad > 0) value.pad = "g".repeat(pad);
   const words = countWords(JSON.stringify(value).replace(/[{}[\],:"]/g, " "));
   return {
     units: 1,
@@ -511,9 +520,12 @@ const BLOB_PERIOD = 65536;
  * an object is read by stage id (`{ "stage_2": 200000 }`) or stage number (`{ "2": 200000 }`).
  */
 export function blobSize(parameters: Params, stageId: string): number {
-  const spec = parameters.output_bytes;
-  const raw = isRecord(spec) ? (spec[stageId] ?? spec[stageId.replace(/^stage_/, "")]) : spec;
-  return intParam(raw, BLOB_DEFAULT, 0, BLOB_MAX);
+  return intParam(perStage(parameters.output_bytes, stageId), BLOB_DEFAULT, 0, BLOB_MAX);
+}
+
+/** A parameter for this stage: a plain value applies to every stage; an object is read by stage id or stage number. */
+function perStage(spec: unknown, stageId: string): unknown {
+  return isRecord(spec) ? (spec[stageId] ?? spec[stageId.replace(/^stage_/, "")]) : spec;
 }
 
 /**

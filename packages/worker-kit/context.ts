@@ -1,5 +1,6 @@
 import type { DataReference } from "../../schemas/data";
 import type { HandshakeRequest } from "../../schemas/worker-protocol";
+import { StageError, type StoredRef, replaceRefs, storedRefsIn, readValue } from "./data";
 import type { Store } from "./store";
 import { type RateLimitReport, rateLimitsFrom } from "./rate-limits";
 import type { Counters, JobContext, KitEnv, TraceHeaders } from "./types";
@@ -26,6 +27,8 @@ export interface RunHost {
   isLive(attempt: number): boolean;
   input(handshake: HandshakeRequest): Promise<unknown>;
   readInput(handshake: HandshakeRequest): Promise<ReadableStream<Uint8Array> | null>;
+  openRef(handshake: HandshakeRequest, ref: StoredRef): Promise<ReadableStream<Uint8Array>>;
+  maxReadBytes: number;
   /** Records progress, queues its callback and marks `memo` done, in one synchronous step. */
   reportProgress(attempt: number, percent: number, message: string | undefined, memo: string): void;
   /** Holds rate-limit reports for the next callback. */
@@ -51,6 +54,7 @@ export class RunContext<E extends KitEnv> implements JobContext<E> {
   readonly parameters: Record<string, unknown>;
   readonly previousOutput: unknown;
   readonly dataReference: DataReference | undefined;
+  readonly inputs: Record<string, unknown>;
   readonly counters: Counters;
 
   constructor(
@@ -67,6 +71,7 @@ export class RunContext<E extends KitEnv> implements JobContext<E> {
     this.parameters = handshake.inputData.parameters;
     this.previousOutput = handshake.inputData.previousOutput;
     this.dataReference = handshake.dataReference;
+    this.inputs = handshake.inputData.inputs ?? {};
     this.counters = host.counters;
   }
 
@@ -80,6 +85,26 @@ export class RunContext<E extends KitEnv> implements JobContext<E> {
   async readInput(): Promise<ReadableStream<Uint8Array> | null> {
     this.check();
     return this.host.readInput(this.handshake);
+  }
+
+  async openRef(ref: StoredRef): Promise<ReadableStream<Uint8Array>> {
+    this.check();
+    return this.host.openRef(this.handshake, ref);
+  }
+
+  async readRef<T = unknown>(ref: StoredRef): Promise<T> {
+    const value = await readValue(await this.openRef(ref), ref.$ref, ref.contentType);
+    this.check();
+    return value as T;
+  }
+
+  async resolveRefs<T = unknown>(value: unknown): Promise<T> {
+    this.check();
+    const total = storedRefsIn(value).reduce((sum, r) => sum + r.size, 0);
+    if (total > this.host.maxReadBytes) {
+      throw new StageError("input_too_large", `the references hold ${total} bytes; reads are limited to ${this.host.maxReadBytes}`, { retryable: false });
+    }
+    return (await replaceRefs(value, (ref) => this.readRef(ref))) as T;
   }
 
   async step<T>(name: string, fn: () => T | Promise<T>): Promise<T> {

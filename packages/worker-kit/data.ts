@@ -192,6 +192,28 @@ export async function upload(
   }
 }
 
+/** A stored input as a stage receives it in `inputs` / `previousOutput`: `{ $ref: key, size, contentType }`. */
+export interface StoredRef {
+  $ref: string;
+  size: number;
+  contentType: string;
+}
+
+export function isStoredRef(value: unknown): value is StoredRef {
+  const v = value as Partial<StoredRef> | null;
+  return typeof v === "object" && v !== null && !Array.isArray(v) && typeof v.$ref === "string" && typeof v.size === "number";
+}
+
+/** A failed read of stored data: `data_unavailable` (retryable), with the orchestrator's HTTP status (0: no answer). */
+export class DataReadError extends StageError {
+  constructor(
+    message: string,
+    readonly status: number,
+  ) {
+    super("data_unavailable", message, { retryable: true });
+  }
+}
+
 /**
  * `GET {callback origin}/data/{key}` with the stage's data token (the callback
  * token from an orchestrator that issues no data token). The orchestrator
@@ -201,8 +223,31 @@ export async function upload(
 export async function openInput(orchestrator: Fetcher, handshake: HandshakeRequest, timeoutMs: number): Promise<ReadableStream<Uint8Array> | null> {
   const ref = handshake.dataReference;
   if (!ref) return null;
-  const unavailable = (message: string) => new StageError("data_unavailable", message, { retryable: true });
-  const path = ref.key.split("/").map(encodeURIComponent).join("/");
+  return openKey(orchestrator, handshake, ref.key, ref.size, timeoutMs);
+}
+
+/**
+ * Any stored input the stage received (a `{ $ref }` in `inputs` or
+ * `previousOutput`: several dependencies, a fan-out's stored item outputs), read
+ * like `openInput`. The data token reads only the stage's own inputs: another
+ * key answers 403. A reference over `maxBytes` is refused before it is asked for.
+ */
+export async function openRef(
+  orchestrator: Fetcher,
+  handshake: HandshakeRequest,
+  ref: StoredRef,
+  options: { timeoutMs: number; maxBytes: number },
+): Promise<ReadableStream<Uint8Array>> {
+  if (!isStoredRef(ref)) throw new StageError("invalid_input", "not a stored reference: expected { $ref, size, contentType }", { retryable: false });
+  if (ref.size > options.maxBytes) {
+    throw new StageError("input_too_large", `${ref.$ref} has ${ref.size} bytes; reads are limited to ${options.maxBytes}`, { retryable: false });
+  }
+  return openKey(orchestrator, handshake, ref.$ref, ref.size, options.timeoutMs);
+}
+
+async function openKey(orchestrator: Fetcher, handshake: HandshakeRequest, key: string, size: number, timeoutMs: number): Promise<ReadableStream<Uint8Array>> {
+  const unavailable = (message: string, status = 0) => new DataReadError(message, status);
+  const path = key.split("/").map(encodeURIComponent).join("/");
   let res: Response;
   try {
     res = await orchestrator.fetch(`${originOf(handshake)}/data/${path}`, {
@@ -210,11 +255,11 @@ export async function openInput(orchestrator: Fetcher, handshake: HandshakeReque
       signal: AbortSignal.timeout(timeoutMs),
     });
   } catch (err) {
-    throw unavailable(`GET /data/${ref.key} failed: ${messageOf(err)}`);
+    throw unavailable(`GET /data/${key} failed: ${messageOf(err)}`);
   }
   if (!res.ok || !res.body) {
     const text = await res.text().catch(() => "");
-    throw unavailable(`GET /data/${ref.key} answered ${res.status}: ${text.slice(0, 300)}`);
+    throw unavailable(`GET /data/${key} answered ${res.status}: ${text.slice(0, 300)}`, res.status);
   }
   const reader = res.body.getReader();
   let seen = 0;
@@ -224,21 +269,73 @@ export async function openInput(orchestrator: Fetcher, handshake: HandshakeReque
       try {
         chunk = await reader.read();
       } catch (err) {
-        controller.error(unavailable(`reading ${ref.key} failed (checksum or transfer): ${messageOf(err)}`));
+        controller.error(unavailable(`reading ${key} failed (checksum or transfer): ${messageOf(err)}`, res.status));
         return;
       }
       if (chunk.done) {
-        if (seen !== ref.size) controller.error(unavailable(`${ref.key}: ${seen} bytes, expected ${ref.size}`));
+        if (seen !== size) controller.error(unavailable(`${key}: ${seen} bytes, expected ${size}`, res.status));
         else controller.close();
         return;
       }
       seen += chunk.value.byteLength;
+      if (seen > size) {
+        // More than the reference says: stop reading now, the rest is never buffered.
+        void reader.cancel().catch(() => {});
+        controller.error(unavailable(`${key}: more than the ${size} bytes expected`, res.status));
+        return;
+      }
       controller.enqueue(chunk.value);
     },
     cancel(reason) {
       return reader.cancel(reason);
     },
   });
+}
+
+/** A read stream in full, as a value: JSON parsed for a JSON content type, else the bytes. */
+export async function readValue(stream: ReadableStream<Uint8Array>, key: string, contentType: string): Promise<unknown> {
+  let buf: Uint8Array;
+  try {
+    buf = new Uint8Array(await new Response(stream).arrayBuffer());
+  } catch (err) {
+    if (err instanceof StageError) throw err;
+    throw new StageError("data_unavailable", `reading ${key} failed: ${messageOf(err)}`, { retryable: true });
+  }
+  if (!isJsonType(contentType)) return buf;
+  try {
+    return JSON.parse(new TextDecoder().decode(buf));
+  } catch (err) {
+    throw new StageError("invalid_input", `${key} is not valid JSON: ${messageOf(err)}`, { retryable: false });
+  }
+}
+
+/** Every `{ $ref }` in a value (arrays and objects walked, at most `limit` found), in document order. */
+export function storedRefsIn(value: unknown, limit = 10_000): StoredRef[] {
+  const found: StoredRef[] = [];
+  const walk = (v: unknown, depth: number) => {
+    if (found.length >= limit || depth > 64 || typeof v !== "object" || v === null) return;
+    if (isStoredRef(v)) {
+      found.push(v);
+      return;
+    }
+    for (const child of Array.isArray(v) ? v : Object.values(v)) walk(child, depth + 1);
+  };
+  walk(value, 0);
+  return found;
+}
+
+/** A copy of `value` with every `{ $ref }` replaced by what `read` gives for it. */
+export async function replaceRefs(value: unknown, read: (ref: StoredRef) => Promise<unknown>): Promise<unknown> {
+  if (typeof value !== "object" || value === null) return value;
+  if (isStoredRef(value)) return read(value);
+  if (Array.isArray(value)) {
+    const out: unknown[] = [];
+    for (const v of value) out.push(await replaceRefs(v, read));
+    return out;
+  }
+  const out: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(value)) out[k] = await replaceRefs(v, read);
+  return out;
 }
 
 export function originOf(handshake: HandshakeRequest): string {

@@ -32,7 +32,22 @@ export function defineWorker<E extends KitEnv>(def: WorkerDefinition<E>): {
 
 export { KitJobObject } from "./job-object";
 export { parseDurationMs, rateLimitsFrom, type RateLimitReport } from "./rate-limits";
-export { StageError, BytesOutput, bytes, bytesOf, isInlineBytes, isJsonType, toBase64, fromBase64, sha256Hex, type InlineBytes } from "./data";
+export {
+  StageError,
+  DataReadError,
+  BytesOutput,
+  bytes,
+  bytesOf,
+  isInlineBytes,
+  isJsonType,
+  isStoredRef,
+  storedRefsIn,
+  toBase64,
+  fromBase64,
+  sha256Hex,
+  type InlineBytes,
+  type StoredRef,
+} from "./data";
 export { authorized, error as errorResponse, json as jsonResponse } from "./http";
 export type {
   Acceptance,

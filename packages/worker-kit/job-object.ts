@@ -2,7 +2,7 @@ import { DurableObject } from "cloudflare:workers";
 import type { DataReference } from "../../schemas/data";
 import type { CancelRequest, HandshakeRequest, HandshakeResponse, ProcessRequest, ProgressResponse } from "../../schemas/worker-protocol";
 import { Aborted, RunContext, type RunHost } from "./context";
-import { StageError, isJsonType, messageOf, openInput, prepareOutput, upload, type PreparedOutput } from "./data";
+import { StageError, messageOf, openInput, openRef, prepareOutput, readValue, upload, type PreparedOutput } from "./data";
 import { type RateLimitReport, dueReports, holdReports, rateLimitsFrom } from "./rate-limits";
 import { SCHEMA, Store, sqlOf, type CallbackKind, type JobRow, type Outcome } from "./store";
 import type { Acceptance, Counters, JobInfo, KitEnv, KitOptions, Reply, RunResult, TraceHeaders, Usage, WorkerDefinition } from "./types";
@@ -312,6 +312,8 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
       isLive: (attempt) => this.isLive(attempt),
       input: (handshake) => this.input(handshake),
       readInput: (handshake) => openInput(this.env.ORCHESTRATOR, handshake, this.opts.dataTimeoutMs),
+      openRef: (handshake, ref) => openRef(this.env.ORCHESTRATOR, handshake, ref, { timeoutMs: this.opts.dataTimeoutMs, maxBytes: this.opts.maxReadBytes }),
+      maxReadBytes: this.opts.maxReadBytes,
       reportProgress: (attempt, percent, message, memo) => {
         if (!this.isLive(attempt)) throw new Aborted();
         this.sql`UPDATE kit_job SET progress = ${percent}, message = ${message ?? null}, updated_at = ${Date.now()} WHERE id = 1`;
@@ -343,19 +345,7 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
     const ref = handshake.dataReference;
     if (!ref) return handshake.inputData.previousOutput;
     const stream = await openInput(this.env.ORCHESTRATOR, handshake, this.opts.dataTimeoutMs);
-    let buf: Uint8Array;
-    try {
-      buf = new Uint8Array(await new Response(stream).arrayBuffer());
-    } catch (err) {
-      if (err instanceof StageError) throw err;
-      throw new StageError("data_unavailable", `reading ${ref.key} failed: ${messageOf(err)}`, { retryable: true });
-    }
-    if (!isJsonType(ref.contentType)) return buf;
-    try {
-      return JSON.parse(new TextDecoder().decode(buf));
-    } catch (err) {
-      throw new StageError("invalid_input", `${ref.key} is not valid JSON: ${messageOf(err)}`, { retryable: false });
-    }
+    return readValue(stream!, ref.key, ref.contentType);
   }
 
   // ---------------------------------------------------------------------------

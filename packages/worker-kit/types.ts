@@ -1,4 +1,5 @@
 import type { DataReference } from "../../schemas/data";
+import type { StoredRef } from "./data";
 import type { HandshakeRequest } from "../../schemas/worker-protocol";
 
 /** What every worker built on the kit needs in its env. */
@@ -62,6 +63,19 @@ export interface JobContext<E = KitEnv> extends JobInfo {
   input<T = unknown>(): Promise<T>;
   /** The referenced input's raw bytes as a stream (null without a reference); errors with `data_unavailable`. */
   readInput(): Promise<ReadableStream<Uint8Array> | null>;
+  /** `inputData.inputs` as sent: one entry per dependency, stage id -> its output (a `{ $ref, size, contentType }` summary when stored). */
+  inputs: Record<string, unknown>;
+  /**
+   * One stored input named by a `{ $ref }` in `inputs` or `previousOutput` (several
+   * dependencies, a fan-out's stored item outputs) as a stream, through the
+   * orchestrator with the stage's data token, which reads only this stage's inputs
+   * (another key: `data_unavailable` with status 403). Bounded by `dataTimeoutMs` and `maxReadBytes`.
+   */
+  openRef(ref: StoredRef): Promise<ReadableStream<Uint8Array>>;
+  /** `openRef`, read in full: JSON parsed for a JSON content type, else a Uint8Array. */
+  readRef<T = unknown>(ref: StoredRef): Promise<T>;
+  /** A copy of `value` (e.g. `inputs`, `previousOutput`) with every `{ $ref }` in it read (`readRef`); at most `maxReadBytes` in all. */
+  resolveRefs<T = unknown>(value: unknown): Promise<T>;
   /** Runs `fn` once per attempt: its (JSON) result is stored, and a resumed run gets it back without running it again. */
   step<T>(name: string, fn: () => T | Promise<T>): Promise<T>;
   /** A durable pause: the run stops here and the alarm resumes it after `ms` (Infinity: until cancelled). */
@@ -122,6 +136,8 @@ export interface KitOptions {
   callbackBackoffMs: number;
   /** Timeout of the request reading a referenced input (the body keeps streaming after). */
   dataTimeoutMs: number;
+  /** Most bytes one `openRef`/`readRef` may read, and `resolveRefs` in all; a larger reference fails with `input_too_large`. */
+  maxReadBytes: number;
   uploadTimeoutMs: number;
   /** Tries of the finishing step (upload) after transient errors, then `upload_failed` (retryable). */
   uploadMaxTries: number;
@@ -141,6 +157,7 @@ export const DEFAULT_OPTIONS: KitOptions = {
   callbackMaxTries: 3,
   callbackBackoffMs: 250,
   dataTimeoutMs: 10_000,
+  maxReadBytes: 64 * 1024 * 1024,
   uploadTimeoutMs: 120_000,
   uploadMaxTries: 3,
   uploadBackoffMs: 500,

@@ -25,6 +25,8 @@ export interface Gathered {
   inputs: Record<string, unknown>;
   item?: unknown;
   item_index?: number;
+  /** Each stored input it read (size, SHA-256 of the bytes), or the status that refused a key it was not given. */
+  read?: Record<string, { size: number; sha256: string } | { refused: number }>;
 }
 
 export async function startGraph(template_name: string, parameters: Record<string, unknown>): Promise<string> {

@@ -28,6 +28,11 @@ async function stored(id: string): Promise<Map<string, { output: string | null; 
   return new Map(rows.map((r) => [r.stage_id as string, { output: r.output as string | null, ref: r.output_ref ? (JSON.parse(r.output_ref as string) as DataReference) : null }]));
 }
 
+async function sha256Of(text: string): Promise<string> {
+  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text));
+  return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
 /** A JSON output stored in KV, read back. */
 async function kvJson(ref: DataReference): Promise<unknown> {
   expect(ref.kind).toBe("kv");
@@ -98,6 +103,58 @@ describe("pipeline graph with data by reference and the per-execution item bound
     const merge = (await result(id)) as Gathered;
     expect(merge.stage).toBe("stage_3");
     expect(merge.inputs).toEqual({ stage_2: summaries });
+    await expectNoLiveReservations(id);
+  });
+
+  it("a merge after a fan-out reads every item's stored output through its data token", async () => {
+    // Each item's output (100,000 bytes) is stored on its own; the fan-out's output is the inline array of their references.
+    const id = await start("graph_fan_out", { items: 3, steps: 1, step_ms: 0, output_bytes: 100_000, fault: { stage: 2, mode: "large_output" } });
+    const doc = await waitFor(id, ended, 30_000);
+    expect(doc.status).toBe("completed");
+    const rows = await stored(id);
+    expect(rows.get("stage_2")!.ref).toBeNull();
+    const itemRefs = [0, 1, 2].map((i) => rows.get(`stage_2.${i}`)!.ref!);
+    const merge = (await result(id)) as Gathered;
+    expect(merge.stage).toBe("stage_3");
+    // The merge read each item's bytes: the digests it computed are those of the bytes in KV.
+    const expected: Record<string, { size: number; sha256: string }> = {};
+    for (const ref of itemRefs) {
+      const text = (await env.DATA_REFS.get(ref.key, "text"))!;
+      expect(text.length).toBe(100_002); // the 100,000-character string, as JSON
+      expected[ref.key] = { size: text.length, sha256: await sha256Of(text) };
+    }
+    expect(merge.read).toEqual(expected);
+    expect(itemRefs.map((r) => r.sha256)).toEqual(Object.values(expected).map((e) => e.sha256));
+    await expectNoLiveReservations(id);
+  });
+
+  it("a fan-in of two stored outputs reads both; its data token refuses a stored key that is not one of its inputs (403)", async () => {
+    // Each stage's output is padded over the inline limit: stages 1, 2 and 3 are stored by reference.
+    const pad = { stage_1: 70_000, stage_2: 70_000, stage_3: 70_000 };
+    const id = await start("graph_diamond", { steps: 1, step_ms: 0, gather_pad: pad });
+    const doc = await waitFor(id, ended, 30_000);
+    expect(doc.status).toBe("completed");
+    const rows = await stored(id);
+    const [one, two, three] = ["stage_1", "stage_2", "stage_3"].map((s) => rows.get(s)!.ref!);
+    for (const ref of [one, two, three]) expect(ref.kind).toBe("kv");
+
+    // Stage 2 names stage 1's reference in its own stored output (its inputs, as it received them).
+    const second = (await kvJson(two)) as Gathered;
+    expect(second.inputs).toEqual({ stage_1: { $ref: one.key, size: one.size, contentType: "application/json" } });
+
+    const sink = (await result(id)) as Gathered;
+    expect(sink.stage).toBe("stage_4");
+    expect(sink.inputs).toEqual({
+      stage_2: { $ref: two.key, size: two.size, contentType: "application/json" },
+      stage_3: { $ref: three.key, size: three.size, contentType: "application/json" },
+    });
+    expect(sink.read).toEqual({
+      // Both of its inputs, read in full...
+      [two.key]: { size: two.size, sha256: await sha256Of((await env.DATA_REFS.get(two.key, "text"))!) },
+      [three.key]: { size: three.size, sha256: await sha256Of((await env.DATA_REFS.get(three.key, "text"))!) },
+      // ...and stage 1's output, found inside them but not an input of stage 4: the orchestrator refused it.
+      [one.key]: { refused: 403 },
+    });
     await expectNoLiveReservations(id);
   });
 
