@@ -65,6 +65,25 @@ describe("approval stages", () => {
     });
   });
 
+  it("through an approval with several stored dependencies, the next stage reads each of them (its data token lists their keys)", async () => {
+    // Stage 1 echoes 70,000 characters and stage 2 lists two 40,000-character entries: both over the inline limit, stored in KV.
+    const text = "e".repeat(70_000);
+    const { body } = await startExecution({ template_name: "approval_join", parameters: { echo: text, items: 2, item_pad: 40_000 }, client_id: "client_approval" });
+    const id = body.execution_id as string;
+    await waitFor(id, (d) => d.stages[2]?.status === "awaiting_approval");
+    expect((await decide(id, "stage_3", "approve", {})).status).toBe(200);
+    const doc = await waitFor(id, ended);
+    expect(doc.status).toBe("completed");
+    // Stage 4's echo read both references the approval passed on and returned their values, whole.
+    const content = await call(`/executions/${id}/result/content`, { headers: KAM });
+    expect(content.status).toBe(200);
+    const output = (await content.json()) as { stage_1: string; stage_2: { items: { index: number; pad: string }[]; count: number } };
+    expect(Object.keys(output).sort()).toEqual(["stage_1", "stage_2"]);
+    expect(output.stage_1).toBe(text);
+    expect(output.stage_2.count).toBe(2);
+    expect(output.stage_2.items.map((i) => i.pad)).toEqual(["0".padEnd(40_000, "p"), "1".padEnd(40_000, "p")]);
+  });
+
   it("reject fails the execution with approval_rejected, naming the stage, with the comment", async () => {
     const { id } = await awaiting("approval_pipeline");
     const res = await decide(id, "stage_2", "reject", { comment: "wrong tone" });
