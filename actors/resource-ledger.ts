@@ -15,7 +15,7 @@
  */
 import { DurableObject } from "cloudflare:workers";
 import type { z } from "zod";
-import { ClientId, PoolAmounts, PoolName, PRIORITIES, Priority } from "../schemas/common";
+import { ClientId, ExecutionId, PoolAmounts, PoolName, PRIORITIES, Priority } from "../schemas/common";
 import { ClientQuotas, type ClientDocument, type StartAdmission, type WaitingOn } from "../schemas/clients";
 import {
   DurationMs,
@@ -36,13 +36,13 @@ import {
   type SettleAndReserveResult,
   type SettleInput,
   type SettleResult,
+  type SlotResult,
   type StatusResult,
 } from "../schemas/ledger";
 import { configOf, type Tuning } from "../src/config";
 import { log } from "../src/log";
 import { RateLimits, type RateLimitReport } from "../schemas/worker-protocol";
 import {
-  admitStart,
   applyRateLimit,
   budgetExhausted,
   clientBlock,
@@ -67,7 +67,8 @@ import {
 import { Accounts } from "./ledger/accounts";
 import { fitsAll, GrantPass, timer, type Step } from "./ledger/grant-pass";
 import { GrantNotices } from "./ledger/notices";
-import { clientDocument } from "./ledger/client-document";
+import { ClientDesk } from "./ledger/client-desk";
+import { ExecutionSlots } from "./ledger/slots";
 import { LedgerStore, needsOf, NO_CLIENT, PARKED, type ResRow } from "./ledger/store";
 
 /** Waiters the snapshot lists (queue order). */
@@ -97,6 +98,8 @@ export interface LedgerTestHooks {
   selfCheck(): string[];
   /** Deliver grant notices to `fn` instead of the Execution objects; null restores the RPCs. */
   setNotifier(fn: ((executionId: string, notice: GrantNotice) => void) | null): void;
+  /** Deliver slot notices (the execution ids given a slot) to `fn`; null restores the RPCs. */
+  setSlotNotifier(fn: ((executionId: string) => void) | null): void;
   /** Replace the CLIENT_DEFAULTS this object applies (tests of the defaults). */
   setClientDefaults(defaults: ClientQuotas): void;
 }
@@ -127,6 +130,8 @@ export class ResourceLedger extends DurableObject<Env> {
   readonly #accounts: Accounts;
   readonly #notices: GrantNotices;
   readonly #pass: GrantPass;
+  readonly #slots: ExecutionSlots;
+  readonly #desk: ClientDesk;
   readonly #tuning: Tuning;
   readonly #rules: LedgerRules;
   /** The alarm time as last set (null: none). */
@@ -151,6 +156,8 @@ export class ResourceLedger extends DurableObject<Env> {
     this.#accounts = new Accounts(this.#store, this.#rules, config.prices.per_unit, quotas);
     this.#notices = new GrantNotices(env);
     this.#pass = new GrantPass(this.#store, this.#accounts, this.#rules, quotas);
+    this.#slots = new ExecutionSlots(ctx.storage);
+    this.#desk = new ClientDesk(this.#store, this.#pass, this.#slots, quotas, config.prices.currency, () => this.#tuning.defaultStageDurationMs);
     const hooks: LedgerTestHooks = {
       setClock: (clock) => {
         this.#clock = clock ?? Date.now;
@@ -158,6 +165,7 @@ export class ResourceLedger extends DurableObject<Env> {
       rules: this.#rules,
       selfCheck: () => this.#store.selfCheck(),
       setNotifier: (fn) => this.#notices.redirect(fn),
+      setSlotNotifier: (fn) => this.#notices.redirectSlots(fn),
       setClientDefaults: (d) => {
         this.#clientDefaults = d;
       },
@@ -165,6 +173,7 @@ export class ResourceLedger extends DurableObject<Env> {
     Object.defineProperty(this, TEST_HOOKS, { value: hooks, enumerable: false });
     void ctx.blockConcurrencyWhile(async () => {
       this.#store.open(config.pools, this.#clock());
+      this.#slots.open();
       this.#alarmAt = await ctx.storage.getAlarm();
     });
   }
@@ -401,52 +410,42 @@ export class ResourceLedger extends DurableObject<Env> {
   // -------------------------------------------------------------------------
   // Clients
 
-  /** Replace a client's own quotas; they apply at once, also to its waiting stages. */
+  /** Replace a client's own quotas; they apply at once, also to its waiting stages and executions. */
   async putClientQuotas(clientId: string, quotas: ClientQuotas): Promise<ClientDocument> {
     const id = parse(ClientId, clientId, "putClientQuotas clientId");
     const own = parse(ClientQuotas, quotas, "putClientQuotas quotas");
-    return this.#step(
-      (s) => {
-        const c = this.#store.client(id, s.now);
-        c.own = own;
-        this.#store.touchClient(c);
-        this.#store.unholdClient(c);
-        this.#pass.run(s);
-        return this.#clientDocument(c, s.now);
-      },
-      { direct: true },
-    );
+    return this.#step((s) => this.#desk.putQuotas(id, own, s), { direct: true });
   }
 
   async client(clientId: string): Promise<ClientDocument> {
     const id = parse(ClientId, clientId, "client clientId");
-    return this.#step((s) => this.#clientDocument(this.#store.client(id, s.now), s.now));
+    return this.#step((s) => this.#desk.document(this.#store.client(id, s.now), s.now));
   }
 
   /** Every client the ledger knows (own quotas or any reservation), by id. */
   async clients(): Promise<ClientDocument[]> {
-    return this.#step((s) =>
-      [...this.#store.clients.values()]
-        .filter((c) => c.id !== NO_CLIENT)
-        .sort((a, b) => (a.id < b.id ? -1 : 1))
-        .map((c) => this.#clientDocument(c, s.now)),
-    );
+    return this.#step((s) => this.#desk.list(s.now));
   }
 
   /** A client's start (POST /execute): max_priority, a spent budget and max_starts_per_minute, decided and counted at once. */
   async admitStart(clientId: string, priority: Priority): Promise<StartAdmission> {
     const id = parse(ClientId, clientId, "admitStart clientId");
     const prio = parse(Priority, priority, "admitStart priority");
-    return this.#step((s) => {
-      const c = this.#store.client(id, s.now);
-      const answer = admitStart(this.#quotasOf(c), c, prio, s.now);
-      this.#store.touchClient(c);
-      return answer;
-    });
+    return this.#step((s) => this.#desk.admit(id, prio, s.now));
   }
 
-  #clientDocument(c: ClientState, now: number): ClientDocument {
-    return clientDocument(c, this.#quotasOf(c), this.#store.runningExecutions(c.id), this.#currency, now);
+  /** An execution's slot under its client's max_running_executions (./ledger/slots.ts); idempotent on the execution id. */
+  async acquireSlot(clientId: string, executionId: string): Promise<SlotResult> {
+    const client = parse(ClientId, clientId, "acquireSlot clientId");
+    const id = parse(ExecutionId, executionId, "acquireSlot executionId");
+    // Only a client with the quota writes a slot: the others are answered in a step that writes nothing.
+    return this.#step((s) => this.#desk.acquireSlot(client, id, s), { direct: this.#desk.countsExecutions(client) });
+  }
+
+  /** Gives back an execution's slot or its place in the line; idempotent. The next waiter of the client is told. */
+  async releaseSlot(executionId: string): Promise<{ released: boolean }> {
+    const id = parse(ExecutionId, executionId, "releaseSlot executionId");
+    return this.#step((s) => this.#desk.releaseSlot(id, s), { direct: true });
   }
 
   // -------------------------------------------------------------------------
@@ -640,7 +639,7 @@ export class ResourceLedger extends DurableObject<Env> {
    */
   #step<T>(fn: (s: Step) => T, opts: { direct?: boolean } = {}): Promise<T> {
     const store = this.#store;
-    const s: Step = { now: this.#clock(), grants: [], timer: null };
+    const s: Step = { now: this.#clock(), grants: [], slots: [], timer: null };
     let result: T;
     if (opts.direct || store.activeWaiters > 0) {
       result = store.commit.direct(() => fn(s));
@@ -656,6 +655,7 @@ export class ResourceLedger extends DurableObject<Env> {
     }
     if (s.timer !== null) this.#arm(s.timer);
     this.#notices.send(s.grants);
+    this.#notices.sendSlots(s.slots);
     return store.commit.idle ? Promise.resolve(result) : store.commit.ack(result);
   }
 

@@ -203,6 +203,8 @@ export const StatusDocument = z.object({
    * listed for operators at `GET /resources/undeliverable`.
    */
   undeliverable: z.array(UndeliverableMessage).optional(),
+  /** While `queued` for a slot under the client's `max_running_executions`: reason `client_quota`, its place (docs/ledger.md, "Execution slots"). */
+  waiting_on: WaitingOn.optional(),
 });
 export type StatusDocument = z.infer<typeof StatusDocument>;
 

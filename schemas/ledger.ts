@@ -117,6 +117,17 @@ export const PaceResult = z.object({ applied: z.array(z.string()), ignored: z.ar
 export type PaceResult = z.infer<typeof PaceResult>;
 export type SettleAndReserveResult = z.infer<typeof SettleAndReserveResult>;
 
+/**
+ * A client execution slot (max_running_executions, docs/ledger.md "Execution
+ * slots"): `granted` (counted: the client has the quota, so the slot must be
+ * released when the execution ends) or `waiting` with why and where.
+ */
+export const SlotResult = z.discriminatedUnion("status", [
+  z.object({ status: z.literal("granted"), counted: z.boolean() }),
+  z.object({ status: z.literal("waiting"), waitingOn: WaitingOn }),
+]);
+export type SlotResult = z.infer<typeof SlotResult>;
+
 export const PoolSnapshot = z.object({
   name: z.string(),
   kind: PoolKind,

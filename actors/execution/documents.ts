@@ -111,6 +111,8 @@ export function statusDocument(
     reruns,
     stages,
     undeliverable,
+    // Queued by the client's max_running_executions: why, and its place in the client's line.
+    ...(ex.status === "queued" && ex.slot === "waiting" && ex.slot_wait ? { waiting_on: parse<WaitingOn>(ex.slot_wait)! } : {}),
   };
 }
 

@@ -15,7 +15,7 @@ import { applyGrant } from "./grant";
 import { LIVE_TICKETS_SCHEMA, Live } from "./live";
 import { EVENTS_SCHEMA, Notifier } from "./notify";
 import { Outbox } from "./outbox";
-import { MAX_PLANS_PER_PASS, plan, signature, templateWork } from "./plan";
+import { MAX_PLANS_PER_PASS, plan, signature, slotWork, templateWork } from "./plan";
 import {
   HOLDS_SCHEMA,
   type RerunSourceState,
@@ -292,6 +292,12 @@ export class Execution extends DurableObject<Env> {
   }
 
   /** The ledger granted a waiting reservation (grant.ts: taken, or handed back when the stage moved on). */
+  /** The ledger's notice that this queued execution holds its client execution slot now. */
+  async onSlot(): Promise<void> {
+    if (tx.slotGranted(this.#c)) this.#kick();
+    await this.#rearm();
+  }
+
   async onGrant(notice: GrantNotice): Promise<void> {
     if (applyGrant(this.#c, notice, Date.now())) this.#kick();
     await this.#rearm();
@@ -425,7 +431,8 @@ export class Execution extends DurableObject<Env> {
         );
       }
       if (ex && !isTerminalExecution(ex.status) && !failure) {
-        for (const work of ex.template_id ? plan(this.#c) : [templateWork(this.#c)]) {
+        // The template first, then the client's execution slot (max_running_executions), then the stages.
+        for (const work of !ex.template_id ? [templateWork(this.#c)] : tx.needsSlot(ex) ? [slotWork(this.#c)] : plan(this.#c)) {
           if (running.has(work.key) || idle.get(work.key) === work.sig) continue;
           const run = work.run().then(
             () => work.key,

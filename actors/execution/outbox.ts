@@ -11,6 +11,7 @@ import type { Core } from "./store";
 export type OutboxItem =
   | { kind: "ledger_settle"; reservationId: string; usage: Record<string, number>; durationMs: number }
   | { kind: "ledger_release"; reservationId: string }
+  | { kind: "slot_release"; executionId: string }
   | { kind: "worker_cancel"; worker: string; stageId: string; attempt: number }
   | { kind: "index_upsert"; entry: IndexEntry }
   | { kind: "rerun_link"; of: string; executionId: string }
@@ -248,6 +249,9 @@ export class Outbox {
       }
       case "ledger_release":
         await withTimeout(ledger.release(item.reservationId), t.ledgerCallTimeoutMs, "ledger.release");
+        return true;
+      case "slot_release":
+        await withTimeout(ledger.releaseSlot(item.executionId), t.ledgerCallTimeoutMs, "ledger.releaseSlot");
         return true;
       case "index_upsert":
         await withTimeout(indexFor(this.#c.env, item.entry.created_at).upsert(item.entry), t.objectCallTimeoutMs, "index.upsert");

@@ -29,6 +29,11 @@ export function templateWork(c: Core): Work {
   return { key: "template", sig: "", run: async () => void (await step.loadTemplateStep(c)) };
 }
 
+/** Before the first stage, the client's execution slot (steps.ts askSlot). */
+export function slotWork(c: Core): Work {
+  return { key: "slot", sig: "", run: () => step.askSlot(c) };
+}
+
 /**
  * What can move now (synchronous; graph.ts decides): every stage whose
  * dependencies completed, the items of running fan-out stages within their

@@ -1,5 +1,5 @@
 import type { DataReference } from "../../schemas/data";
-import type { ReserveResult } from "../../schemas/ledger";
+import type { ReserveResult, SlotResult } from "../../schemas/ledger";
 import type { ProgressResponse } from "../../schemas/worker-protocol";
 import { reportRateLimits } from "../../src/pacing";
 import { issueStageTokens } from "../../src/auth";
@@ -56,6 +56,29 @@ export async function estimateCompletion(c: Core): Promise<void> {
     .map((s) => ({ worker: s.worker, resources: parse<Record<string, number>>(s.resources) ?? undefined }));
   const totalMs = await estimateTotalMs(c.env, stages, ex.priority);
   c.sql`UPDATE execution SET estimated_completion_at = ${ex.created_at + Math.round(totalMs)} WHERE id = 1`;
+}
+
+/**
+ * The client's execution slot (max_running_executions), taken before the
+ * first stage (docs/ledger.md, "Execution slots"). `asked` is written before
+ * the call, so the execution releases the slot by its id when it ends even if
+ * the answer never arrives.
+ */
+export async function askSlot(c: Core): Promise<void> {
+  const ex = c.store.row()!;
+  // Again only when its timer is due, or after a crash between writing `asked` and the answer (no timer then).
+  const again = c.timers.has("slot") ? c.timers.take("slot") : ex.slot === "asked";
+  if (ex.slot !== null && !again) return;
+  if (ex.slot === null) c.sql`UPDATE execution SET slot = 'asked' WHERE id = 1`;
+  let r: SlotResult | null = null;
+  try {
+    r = await withTimeout<SlotResult>(ledgerFor(c.env).acquireSlot(ex.client_id, ex.execution_id), c.config.tuning.ledgerCallTimeoutMs, "ledger.acquireSlot");
+  } catch (err) {
+    c.store.log("warn", "ledger_slot_failed", { error: String(err) });
+  }
+  const now = c.store.row()!;
+  if (!tx.needsSlot(now)) return; // ended, or the notice came first
+  tx.slotAnswered(c, r, Date.now());
 }
 
 export async function askLedger(c: Core, st: StageRow): Promise<boolean> {

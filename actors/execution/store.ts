@@ -66,6 +66,10 @@ const ADDED_COLUMNS: [table: string, column: string, type: string][] = [
   ["outbox", "undeliverable_at", "INTEGER"],
   ["outbox", "last_error", "TEXT"],
   ["outbox", "listed", "INTEGER NOT NULL DEFAULT 0"],
+  // The client execution slot (max_running_executions; steps.ts askSlot) and, while waiting for it, why.
+  ["execution", "slot", "TEXT"],
+  ["execution", "slot_wait", "TEXT"],
+  ["execution", "slot_failures", "INTEGER NOT NULL DEFAULT 0"],
 ];
 
 /** Columns added by the pipeline graph, for objects whose tables predate it. */
@@ -136,6 +140,15 @@ export interface ExecutionRow {
   retention_waiting: number;
   /** The execution-wide deadline (`execution_timeout_ms`), from its start. */
   deadline_at: number | null;
+  /**
+   * The client execution slot (docs/ledger.md, "Execution slots"): null not
+   * asked yet; `asked` (the answer is not in: released at the end in case it
+   * was granted), `waiting`, `granted` (released at the end), or `free` (the
+   * client has no max_running_executions: nothing to release).
+   */
+  slot: "asked" | "waiting" | "granted" | "free" | null;
+  /** While `waiting`: the ledger's waitingOn (JSON), for the status document. */
+  slot_wait: string | null;
 }
 
 export interface StageRow {

@@ -6,7 +6,7 @@ import type { Sql } from "../sql";
  * deadline, lease, reask, retry, approval) carry its stage id, so parallel stages and
  * the items of a fan-out each keep their own.
  */
-export type TimerName = "advance" | "poll" | "deadline" | "lease" | "reask" | "retry" | "outbox" | "watchdog" | "retention" | "notify" | "approval" | "queue" | "execution";
+export type TimerName = "advance" | "poll" | "deadline" | "lease" | "reask" | "retry" | "outbox" | "watchdog" | "retention" | "notify" | "approval" | "queue" | "execution" | "slot";
 export type UnitTimer = "poll" | "deadline" | "lease" | "reask" | "retry" | "queue";
 export const UNIT_TIMERS: readonly UnitTimer[] = ["poll", "deadline", "lease", "reask", "retry", "queue"];
 

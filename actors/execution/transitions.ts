@@ -2,6 +2,7 @@ import type { WaitingOn } from "../../schemas/clients";
 import type { ExecutionStatus, StageStatus } from "../../schemas/api";
 import type { ErrorInfo } from "../../schemas/common";
 import type { DataReference } from "../../schemas/data";
+import type { SlotResult } from "../../schemas/ledger";
 import { type MasterTemplate, isApprovalStage } from "../../schemas/template";
 import { usagePoolsFor } from "../../src/config";
 import { addUsage, costOf } from "../../src/cost";
@@ -22,7 +23,7 @@ import {
 import { reservationIdOf } from "../resource-ledger";
 import { indexEntry } from "./documents";
 import { itemIdFor, resolveGraph } from "./graph";
-import { type Core, ITEM_ORD_STRIDE, type StageRow, type StoredOutput, dependsOn, isFanOut, parse } from "./store";
+import { type Core, type ExecutionRow, ITEM_ORD_STRIDE, type StageRow, type StoredOutput, dependsOn, isFanOut, parse } from "./store";
 
 /**
  * The synchronous state changes of an Execution. Each is a run of `sql` calls
@@ -355,7 +356,9 @@ export function finishExecution(c: Core, status: ExecutionStatus, now: number, e
   );
   c.sql`UPDATE execution SET status = ${status}, completed_at = ${now}, started_at = COALESCE(started_at, ${now}),
     error = ${error ? JSON.stringify(error) : null}, cost = ${JSON.stringify(cost)} WHERE id = 1`;
-  c.timers.clearMany(["advance", "poll", "deadline", "lease", "reask", "retry", "approval", "watchdog", "queue", "execution"]);
+  c.timers.clearMany(["advance", "poll", "deadline", "lease", "reask", "retry", "approval", "watchdog", "queue", "execution", "slot"]);
+  // The client execution slot (or the place in its line) is given back by the execution's id, also when its answer never came.
+  if (ex.slot !== null && ex.slot !== "free") c.outbox.enqueue({ kind: "slot_release", executionId: ex.execution_id }, now);
   indexUpdate(c, now);
   c.notifier.emit(`execution.${status as "completed" | "failed" | "cancelled"}`, {
     error,
@@ -472,4 +475,43 @@ export function indexUpdate(c: Core, now: number): void {
   c.sql`UPDATE execution SET index_version = ${version} WHERE id = 1`;
   c.outbox.enqueue({ kind: "index_upsert", entry: indexEntry(ex, c.store.stages(), now, version) }, now);
   c.changed();
+}
+
+/** The execution needs its client execution slot before its first stage starts (docs/ledger.md, "Execution slots"). */
+export function needsSlot(ex: ExecutionRow): boolean {
+  return ex.status === "queued" && ex.slot !== "granted" && ex.slot !== "free";
+}
+
+/**
+ * The ledger's answer to an acquireSlot (null: the call failed; ask again
+ * after a backoff). Waiting, the execution stays `queued` and asks again at
+ * `ledgerReaskMs` in case the slot notice is lost; its deadline is the
+ * execution's own (`execution_timeout_ms`).
+ */
+export function slotAnswered(c: Core, r: SlotResult | null, now: number): void {
+  const t = c.config.tuning;
+  if (!r) {
+    // The ledger is slow or down: ask again after a backoff that grows with each failure in a row.
+    const failures = c.sql<{ n: number }>`UPDATE execution SET slot_failures = slot_failures + 1 WHERE id = 1 RETURNING slot_failures AS n`[0].n;
+    c.timers.set("slot", now + retryDelayMs(failures, t.retryBaseMs, t.retryCapMs));
+    return;
+  }
+  c.sql`UPDATE execution SET slot_failures = 0 WHERE id = 1`;
+  if (r.status === "granted") {
+    c.sql`UPDATE execution SET slot = ${r.counted ? "granted" : "free"}, slot_wait = NULL WHERE id = 1 AND slot IN ('asked', 'waiting')`;
+    c.timers.clear("slot");
+    return;
+  }
+  c.sql`UPDATE execution SET slot = 'waiting', slot_wait = ${JSON.stringify(r.waitingOn)} WHERE id = 1 AND slot IN ('asked', 'waiting')`;
+  c.timers.set("slot", now + t.ledgerReaskMs);
+  c.store.log("info", "execution_slot_waiting", { position: r.waitingOn.position });
+}
+
+/** A slot notice from the ledger: the waiting execution holds its slot now. Returns true when a drive pass should run. */
+export function slotGranted(c: Core): boolean {
+  const ex = c.store.row();
+  if (!ex || (ex.slot !== "waiting" && ex.slot !== "asked")) return false;
+  c.sql`UPDATE execution SET slot = 'granted', slot_wait = NULL WHERE id = 1`;
+  c.timers.clear("slot");
+  return true;
 }

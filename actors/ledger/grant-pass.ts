@@ -29,6 +29,8 @@ import { HELD, needsOf, PARKED, type LedgerStore, type ResRow } from "./store";
 export interface Step {
   now: number;
   grants: { executionId: string; notice: GrantNotice }[];
+  /** Executions given a client execution slot in this step (./slots.ts), to be told. */
+  slots: string[];
   timer: number | null;
 }
 

@@ -10,12 +10,15 @@ import { log } from "../../src/log";
 /** What the ledger calls on an Execution (typed loosely: no import of that class). */
 interface GrantNoticeTarget {
   onGrant(notice: GrantNotice): Promise<void>;
+  /** The execution was given its client execution slot (max_running_executions). */
+  onSlot(): Promise<void>;
 }
 
 type Grant = { executionId: string; notice: GrantNotice };
 
 export class GrantNotices {
   #redirect: ((executionId: string, notice: GrantNotice) => void) | null = null;
+  #slotRedirect: ((executionId: string) => void) | null = null;
   #failures = 0;
 
   constructor(private readonly env: Env) {}
@@ -23,6 +26,31 @@ export class GrantNotices {
   /** Tests: deliver to `fn` instead of the Execution objects; null restores the RPCs. */
   redirect(fn: ((executionId: string, notice: GrantNotice) => void) | null): void {
     this.#redirect = fn;
+  }
+
+  redirectSlots(fn: ((executionId: string) => void) | null): void {
+    this.#slotRedirect = fn;
+  }
+
+  /** Tells each execution it holds its slot now; a lost notice is covered by the Execution asking again on its timer. */
+  sendSlots(executionIds: string[]): void {
+    if (!executionIds.length) return;
+    const to = this.#slotRedirect;
+    if (to) {
+      for (const id of executionIds) to(id);
+      return;
+    }
+    const ns = (this.env as unknown as { EXECUTION?: DurableObjectNamespace }).EXECUTION;
+    if (!ns) return;
+    for (const id of executionIds) {
+      const failed = (err: unknown) => this.#failed({ executionId: id, notice: { reservationId: `slot:${id}` } as GrantNotice }, err);
+      try {
+        const stub = ns.get(ns.idFromName(id)) as unknown as GrantNoticeTarget;
+        Promise.resolve(stub.onSlot()).catch(failed);
+      } catch (err) {
+        failed(err);
+      }
+    }
   }
 
   send(grants: Grant[]): void {

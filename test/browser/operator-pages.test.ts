@@ -220,19 +220,44 @@ describe("operator pages for clients and resources in Chromium", () => {
     expect(wait.pools).toContain(WORKER_POOL);
     await shoot(execution, "execution-waiting-on.png");
 
+    // ---- an execution queued by its client's max_running_executions says so in the summary.
+    const QUEUED_CLIENT = "client_pages_queued";
+    await api(`/clients/${QUEUED_CLIENT}/quotas`, { method: "PUT", body: JSON.stringify({ max_running_executions: 1 }) });
+    const startFor = async (template_name: string) => {
+      const res = await fetch(`${session!.url}/execute`, { method: "POST", headers: KAM, body: JSON.stringify({ template_name, parameters: slow, client_id: QUEUED_CLIENT }) });
+      return ((await res.json()) as { execution_id: string }).execution_id;
+    };
+    const holder = await startFor("data_relay");
+    const queued = await startFor("data_relay");
+    await until(() => api<StatusDocument>(`/executions/${queued}`), (d) => d.waiting_on?.reason === "client_quota", "queued for a slot");
+    const queuedPage = await context!.newPage();
+    await signIn(queuedPage, `${session!.url}/ui/executions/${queued}`);
+    await queuedPage.locator("#exec-waiting-on [data-role=waiting-on]").waitFor();
+    const queuedShown = () =>
+      queuedPage.locator("#exec-waiting-on [data-role=waiting-on]").evaluate((n) => ({ reason: (n as HTMLElement).dataset.reason, position: (n as HTMLElement).dataset.position }));
+    const queuedFromApi = async () => {
+      const w = (await api<StatusDocument>(`/executions/${queued}`)).waiting_on!;
+      return { reason: w.reason, position: String(w.position) };
+    };
+    expect(await pageMatchesApi(queuedPage, queuedShown, queuedFromApi, "the execution's waiting_on")).toEqual({ reason: "client_quota", position: "1" });
+    expect(await queuedPage.locator('#exec-status').getAttribute("data-status")).toBe("queued");
+    await shoot(queuedPage, "execution-queued-for-slot.png");
+    const others = [holder, queued];
+
     // ---- live: cancelling the running one hands the slot on; both pages follow without a reload.
+    const poolBefore = await pageMatchesApi(resources, () => poolCells(WORKER_POOL), () => poolFromApi(WORKER_POOL), `${WORKER_POOL} before the cancel`);
     const running = (await Promise.all(ids.map((id) => api<StatusDocument>(`/executions/${id}`)))).find((d) => d.stages[0].status === "processing")!;
     let reloads = 0;
     for (const p of [resources, clients]) p.on("load", () => reloads++);
     await api(`/executions/${running.execution_id}/cancel`, { method: "POST" });
     await until(() => api<LedgerSnapshot>("/resources"), (s) => s.queue.filter((w) => ids.includes(w.execution_id)).length === 1, "one waiter left");
     const after = await pageMatchesApi(resources, () => poolCells(WORKER_POOL), () => poolFromApi(WORKER_POOL), `${WORKER_POOL} after the cancel`);
-    expect(Number(after.waiting)).toBeLessThan(Number(worker.waiting));
+    expect(Number(after.waiting)).toBeLessThan(Number(poolBefore.waiting));
     const rowAfter = await pageMatchesApi(clients, clientCells, clientFromApi, `${CLIENT} after the cancel`);
     expect(Number(rowAfter.waiting)).toBeLessThan(Number(row.waiting));
     expect(reloads).toBe(0);
 
-    for (const id of [...ids, throttled]) await fetch(`${session!.url}/executions/${id}/cancel`, { method: "POST", headers: OPS });
+    for (const id of [...ids, ...others, throttled]) await fetch(`${session!.url}/executions/${id}/cancel`, { method: "POST", headers: OPS });
     expect(problems).toEqual([]);
   });
 });

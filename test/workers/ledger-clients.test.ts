@@ -320,3 +320,58 @@ describe("restart", () => {
     await expectWithinCapacity(ledger);
   });
 });
+
+describe("execution slots (max_running_executions)", () => {
+  async function slotNotices(ledger: LedgerStub): Promise<string[]> {
+    const seen: string[] = [];
+    await runInDurableObject(ledger, (i: ResourceLedger) => ledgerTestHooks(i).setSlotNotifier((executionId) => seen.push(executionId)));
+    return seen;
+  }
+  const ex = (n: number) => `exec_1700000000000_slots${String(n).padStart(8, "0")}`;
+
+  it("a quota of 1: the second execution waits its turn, FIFO; a release hands the slot on with a notice; a cancelled waiter frees nothing it did not hold", async () => {
+    const { ledger } = await fresh("slots-one");
+    const seen = await slotNotices(ledger);
+    await ledger.putClientQuotas("acme", { max_running_executions: 1 });
+    expect(await ledger.acquireSlot("acme", ex(1))).toEqual({ status: "granted", counted: true });
+    expect(await ledger.acquireSlot("acme", ex(2))).toMatchObject({ status: "waiting", waitingOn: { reason: "client_quota", pools: [], position: 1 } });
+    expect(await ledger.acquireSlot("acme", ex(3))).toMatchObject({ status: "waiting", waitingOn: { position: 2 } });
+    // Idempotent on the execution id: asking again keeps the place.
+    expect(await ledger.acquireSlot("acme", ex(2))).toMatchObject({ status: "waiting", waitingOn: { position: 1 } });
+    expect(await ledger.acquireSlot("acme", ex(1))).toEqual({ status: "granted", counted: true });
+    // Another client is not held back.
+    expect(await ledger.acquireSlot("globex", ex(9))).toEqual({ status: "granted", counted: false });
+    expect((await ledger.client("acme")).usage.running_executions).toBe(1);
+
+    // The third is cancelled while it waits: it gave back its place, no slot; the first still runs.
+    expect(await ledger.releaseSlot(ex(3))).toEqual({ released: false });
+    expect(seen).toEqual([]);
+    expect((await ledger.client("acme")).usage.running_executions).toBe(1);
+    // The first ends: the second gets the slot, and is told.
+    expect(await ledger.releaseSlot(ex(1))).toEqual({ released: true });
+    expect(seen).toEqual([ex(2)]);
+    expect(await ledger.acquireSlot("acme", ex(2))).toEqual({ status: "granted", counted: true });
+    // Releases are idempotent: again, nothing moves.
+    expect(await ledger.releaseSlot(ex(1))).toEqual({ released: false });
+    expect((await ledger.client("acme")).usage.running_executions).toBe(1);
+  });
+
+  it("a raised quota lets waiting executions go at once; slots survive a restart of the ledger", async () => {
+    const { ledger, clock } = await fresh("slots-raise");
+    const seen = await slotNotices(ledger);
+    await ledger.putClientQuotas("acme", { max_running_executions: 1 });
+    await ledger.acquireSlot("acme", ex(11));
+    await ledger.acquireSlot("acme", ex(12));
+    await ledger.acquireSlot("acme", ex(13));
+    await evictDurableObject(ledger);
+    await attach(ledger, clock);
+    const again = await slotNotices(ledger);
+    expect(await ledger.acquireSlot("acme", ex(13))).toMatchObject({ status: "waiting", waitingOn: { position: 2 } });
+    await ledger.putClientQuotas("acme", { max_running_executions: 3 });
+    expect([...seen, ...again]).toEqual([ex(12), ex(13)]);
+    expect((await ledger.client("acme")).usage.running_executions).toBe(3);
+    // Without the quota nothing is counted: nothing to release.
+    await ledger.putClientQuotas("acme", {});
+    expect(await ledger.acquireSlot("acme", ex(14))).toEqual({ status: "granted", counted: false });
+  });
+});

@@ -24,7 +24,7 @@ interface LedgerEnv {
 }
 
 /** Every RPC method of ResourceLedger (a method missing here would fail every call to it). */
-const METHODS = ["reserve", "renew", "settle", "settleAndReserve", "release", "status", "estimate", "snapshot", "putPool", "putClientQuotas", "client", "clients", "admitStart"] as const;
+const METHODS = ["reserve", "renew", "settle", "settleAndReserve", "release", "status", "estimate", "snapshot", "putPool", "putClientQuotas", "client", "clients", "admitStart", "acquireSlot", "releaseSlot"] as const;
 type Method = (typeof METHODS)[number];
 
 export class FaultyLedger extends DurableObject<LedgerEnv> {
@@ -85,6 +85,12 @@ export class FaultyLedger extends DurableObject<LedgerEnv> {
   }
   admitStart(...args: unknown[]) {
     return this.#forward("admitStart", args);
+  }
+  acquireSlot(...args: unknown[]) {
+    return this.#forward("acquireSlot", args);
+  }
+  releaseSlot(...args: unknown[]) {
+    return this.#forward("releaseSlot", args);
   }
 
   async #forward(method: Method, args: unknown[]): Promise<unknown> {

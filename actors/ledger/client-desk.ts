@@ -1,0 +1,82 @@
+/**
+ * The ledger's client calls (docs/ledger.md, "Clients"), decided inside the
+ * ResourceLedger's steps: quotas, the client documents, start admission, and
+ * the execution slots of `max_running_executions` (./slots.ts). The
+ * ResourceLedger keeps the RPC surface and runs each of these in one step.
+ */
+import type { Priority } from "../../schemas/common";
+import type { ClientDocument, ClientQuotas, StartAdmission } from "../../schemas/clients";
+import type { SlotResult } from "../../schemas/ledger";
+import { admitStart, newClient, queueWaitMs, type ClientState } from "../ledger-rules";
+import { clientDocument } from "./client-document";
+import type { GrantPass, Step } from "./grant-pass";
+import type { ExecutionSlots } from "./slots";
+import { NO_CLIENT, type LedgerStore } from "./store";
+
+export class ClientDesk {
+  constructor(
+    private readonly store: LedgerStore,
+    private readonly pass: GrantPass,
+    private readonly slots: ExecutionSlots,
+    private readonly quotasOf: (c: ClientState) => ClientQuotas,
+    private readonly currency: string,
+    /** The expected length of one execution, for a waiting slot's estimate. */
+    private readonly executionMs: () => number,
+  ) {}
+
+  /** Replaces a client's own quotas; they apply at once: to its waiting stages, and to executions waiting for a slot. */
+  putQuotas(id: string, own: ClientQuotas, s: Step): ClientDocument {
+    const c = this.store.client(id, s.now);
+    c.own = own;
+    this.store.touchClient(c);
+    this.store.unholdClient(c);
+    this.pass.run(s);
+    s.slots.push(...this.slots.promote(id, this.quotasOf(c).max_running_executions));
+    return this.document(c, s.now);
+  }
+
+  document(c: ClientState, now: number): ClientDocument {
+    // Executions holding a slot, or (started before the client had the quota) holding a stage's grant.
+    const running = Math.max(this.slots.running(c.id), this.store.runningExecutions(c.id));
+    return clientDocument(c, this.quotasOf(c), running, this.currency, now);
+  }
+
+  list(now: number): ClientDocument[] {
+    return [...this.store.clients.values()]
+      .filter((c) => c.id !== NO_CLIENT)
+      .sort((a, b) => (a.id < b.id ? -1 : 1))
+      .map((c) => this.document(c, now));
+  }
+
+  admit(id: string, priority: Priority, now: number): StartAdmission {
+    const c = this.store.client(id, now);
+    const answer = admitStart(this.quotasOf(c), c, priority, now);
+    this.store.touchClient(c);
+    return answer;
+  }
+
+  /** Whether the client has a max_running_executions (its executions take counted slots). */
+  countsExecutions(clientId: string): boolean {
+    const c = this.store.clients.get(clientId);
+    // An unknown client has the defaults (looked at without adding it: this runs before the step).
+    return this.quotasOf(c ?? newClient(clientId, 0)).max_running_executions !== undefined;
+  }
+
+  /** An execution's slot before its first stage: granted, or its place in its client's line. */
+  acquireSlot(clientId: string, executionId: string, s: Step): SlotResult {
+    const c = this.store.client(clientId, s.now);
+    const max = this.quotasOf(c).max_running_executions;
+    // A rough guess: each place ahead waits for about one execution of the client to end.
+    const estimate = (position: number) => queueWaitMs(position, max ?? 1, this.executionMs());
+    return this.slots.acquire(clientId, executionId, max, s.now, estimate);
+  }
+
+  /** An execution ended (or was cancelled while waiting): its slot, or its place, is given back; the next in line gets the slot. */
+  releaseSlot(executionId: string, s: Step): { released: boolean } {
+    const clientId = this.slots.release(executionId);
+    if (clientId === null) return { released: false };
+    const c = this.store.client(clientId, s.now);
+    s.slots.push(...this.slots.promote(clientId, this.quotasOf(c).max_running_executions));
+    return { released: true };
+  }
+}
