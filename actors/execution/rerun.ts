@@ -2,7 +2,7 @@ import type { Priority } from "../../schemas/common";
 import type { DataReference } from "../../schemas/data";
 import { parseDataKey } from "../../src/data-store";
 import { type RerunNode, defaultFromStage, reusableStages } from "./rerun-rules";
-import { type Core, type ExecutionRow, type StageRow, dependsOn, parse } from "./store";
+import { type Core, type ExecutionRow, type StageRow, dependsOn, isFanOut, parse } from "./store";
 
 /**
  * Rerun from a stage (docs/protocol.md, "Rerun"): what the original hands to
@@ -29,12 +29,20 @@ export interface StageSnapshot {
   max_parallel: number | null;
 }
 
+type StoredObject = { key: string; kind: string; size: number; sha256: string; content_type: string; attempt: number };
+
 export interface ReusedStage {
   stage_id: string;
   output: string | null;
   output_ref: string | null;
   /** The stored objects its output names (metadata only), so the new execution can check and serve them. */
-  objects: { key: string; kind: string; size: number; sha256: string; content_type: string; attempt: number }[];
+  objects: StoredObject[];
+  /**
+   * A reused fan-out stage's items, all completed: their ids, positions and stored outputs'
+   * references, so the new execution shows the same counts and items and its next stages may read
+   * the stored ones. Their values are in the stage's output already, so nothing else is carried.
+   */
+  items?: { stage_id: string; ord: number; item_index: number; output_ref: string | null; objects: StoredObject[] }[];
 }
 
 export interface RerunSource {
@@ -76,8 +84,11 @@ export function rerunSource(c: Core, ex: ExecutionRow, fromStage: string | null)
     return { state: "invalid_stage", message: `no stage ${from}; the stages are ${rows.map((r) => r.stage_id).join(", ")}` };
   }
   const reuse = new Set(reusableStages(graph, from));
-  const objects = c.sql<{ key: string; kind: string; size: number; sha256: string; content_type: string; stage_id: string; attempt: number }>`
-    SELECT key, kind, size, sha256, content_type, stage_id, attempt FROM data_objects`;
+  const objects = c.sql<StoredObject & { stage_id: string }>`SELECT key, kind, size, sha256, content_type, stage_id, attempt FROM data_objects`;
+  const objectsOf = (r: StageRow): StoredObject[] => {
+    const ref = parse<DataReference>(r.output_ref);
+    return ref ? objects.filter((o) => o.key === ref.key).map(({ stage_id: _s, ...o }) => o) : [];
+  };
   return {
     state: "ok",
     source: {
@@ -105,15 +116,13 @@ export function rerunSource(c: Core, ex: ExecutionRow, fromStage: string | null)
       })),
       reused: rows
         .filter((r) => reuse.has(r.stage_id))
-        .map((r) => {
-          const ref = parse<DataReference>(r.output_ref);
-          return {
-            stage_id: r.stage_id,
-            output: r.output,
-            output_ref: r.output_ref,
-            objects: ref ? objects.filter((o) => o.key === ref.key).map(({ stage_id: _s, ...o }) => o) : [],
-          };
-        }),
+        .map((r) => ({
+          stage_id: r.stage_id,
+          output: r.output,
+          output_ref: r.output_ref,
+          objects: objectsOf(r),
+          ...(isFanOut(r) ? { items: c.store.items(r.stage_id).map((i) => ({ stage_id: i.stage_id, ord: i.ord, item_index: i.item_index!, output_ref: i.output_ref, objects: objectsOf(i) })) } : {}),
+        })),
     },
   };
 }
@@ -128,10 +137,23 @@ export function createFromSnapshot(c: Core, source: RerunSource, now: number): v
       VALUES (${s.stage_id}, ${s.ord}, ${s.worker}, ${s.template_ref}, ${s.action}, ${s.timeout_ms}, ${s.max_attempts}, ${s.resources},
         ${r ? "completed" : "pending"}, ${s.kind}, ${s.depends_on}, ${s.for_each}, ${s.max_parallel},
         ${r ? 100 : 0}, ${r ? "{}" : null}, ${r?.output ?? null}, ${r?.output_ref ?? null}, ${r ? now : null}, ${r ? source.execution_id : null})`;
-    for (const o of r?.objects ?? []) {
-      c.sql`INSERT OR IGNORE INTO data_objects (key, kind, size, sha256, content_type, stage_id, attempt, created_at)
-        VALUES (${o.key}, ${o.kind}, ${o.size}, ${o.sha256}, ${o.content_type}, ${s.stage_id}, ${o.attempt}, ${now})`;
+    const record = (stageId: string, objects: StoredObject[]) => {
+      for (const o of objects) {
+        c.sql`INSERT OR IGNORE INTO data_objects (key, kind, size, sha256, content_type, stage_id, attempt, created_at)
+          VALUES (${o.key}, ${o.kind}, ${o.size}, ${o.sha256}, ${o.content_type}, ${stageId}, ${o.attempt}, ${now})`;
+      }
+    };
+    record(s.stage_id, r?.objects ?? []);
+    if (!r?.items) continue;
+    // A reused fan-out: its items as they ended, completed, reused, with no usage (cost zero).
+    for (const item of r.items) {
+      c.sql`INSERT OR IGNORE INTO stages (stage_id, ord, worker, template_ref, action, timeout_ms, max_attempts, resources, status,
+          parent, item_index, progress, usage, output_ref, completed_at, reused_from)
+        VALUES (${item.stage_id}, ${item.ord}, ${s.worker}, ${s.template_ref}, ${s.action}, ${s.timeout_ms}, ${s.max_attempts}, ${s.resources},
+          'completed', ${s.stage_id}, ${item.item_index}, 100, '{}', ${item.output_ref}, ${now}, ${source.execution_id})`;
+      record(item.stage_id, item.objects);
     }
+    c.sql`UPDATE stages SET items_total = ${r.items.length} WHERE stage_id = ${s.stage_id}`;
   }
   c.sql`UPDATE execution SET template_id = ${source.template_id}, template_source = 'snapshot', rerun_of = ${source.execution_id} WHERE id = 1`;
   c.store.log("info", "rerun_created", { rerun_of: source.execution_id, from_stage: source.from_stage, reused: source.reused.map((r) => r.stage_id) });
@@ -162,9 +184,11 @@ export const HOLDS_SCHEMA = "CREATE TABLE IF NOT EXISTS data_holds (holder TEXT 
 export function dataOwners(source: RerunSource, self?: string): string[] {
   const owners = new Set<string>();
   for (const r of source.reused) {
-    const ref = parse<DataReference>(r.output_ref);
-    const owner = ref ? parseDataKey(ref.key)?.executionId : undefined;
-    if (owner && owner !== self) owners.add(owner);
+    for (const outputRef of [r.output_ref, ...(r.items ?? []).map((i) => i.output_ref)]) {
+      const ref = parse<DataReference>(outputRef);
+      const owner = ref ? parseDataKey(ref.key)?.executionId : undefined;
+      if (owner && owner !== self) owners.add(owner);
+    }
   }
   return [...owners];
 }

@@ -145,6 +145,44 @@ describe("rerun from a stage", () => {
     expect(await result(doc.execution_id)).toEqual(await result(original.execution_id));
   });
 
+  it("a reused fan-out keeps its items: the original's counts, its items listed as reused, their stored outputs read by the rerun's merge", async () => {
+    // Each item's output (100,000 bytes) is stored by reference; the fan-out's own output is their inline array.
+    const { body } = await startExecution({
+      template_name: "graph_fan_out",
+      parameters: { items: 3, steps: 1, step_ms: 0, output_bytes: 100_000, fault: { stage: 2, mode: "large_output" } },
+      client_id: "client_rerun_items",
+    });
+    const original = await waitFor(body.execution_id, ended, 30_000);
+    expect(original.status).toBe("completed");
+    const counts = { total: 3, pending: 0, running: 0, completed: 3, failed: 0, cancelled: 0 };
+    expect(original.stages[1].items).toEqual(counts);
+
+    const started = (await (await rerun(original.execution_id, { from_stage: "stage_3" })).json()) as Record<string, any>;
+    expect(started.reused).toEqual(["stage_1", "stage_2"]);
+    const doc = await waitFor(started.execution_id, ended, 30_000);
+    expect(doc.status).toBe("completed");
+    expect(doc.stages[1]).toMatchObject({ stage_id: "stage_2", status: "completed", reused_from: original.execution_id, items: counts, cost: 0 });
+
+    const page = (await (await call(`/executions/${doc.execution_id}/stages/stage_2/items`, { headers: OPS })).json()) as { total: number; items: any[] };
+    expect(page.total).toBe(3);
+    expect(page.items.map((i) => [i.stage_id, i.item_index, i.status, i.reused_from, i.attempts, i.usage, i.cost])).toEqual(
+      [0, 1, 2].map((i) => [`stage_2.${i}`, i, "completed", original.execution_id, 0, {}, 0]),
+    );
+    // Only the merge ran again, and it read the original's stored item outputs with its own data token.
+    expect((await executionStub(doc.execution_id).reservationIds()).map((r) => r.stage_id)).toEqual(["stage_3"]);
+    const keys = (await env.DATA_REFS.list({ prefix: `kv/${original.execution_id}/stage_2.` })).keys.map((k) => k.name).sort();
+    expect(keys).toHaveLength(3);
+    const merge = (await result(doc.execution_id)) as { stage: string; read: Record<string, { size: number }> };
+    expect(merge.stage).toBe("stage_3");
+    expect(Object.keys(merge.read).sort()).toEqual(keys);
+    for (const key of keys) expect(merge.read[key].size).toBe(100_002);
+
+    // The original's retention waits for the rerun: its items' data is held like a stored stage output.
+    await expire(original.execution_id);
+    expect((await status(original.execution_id)).data_expired_at).toBeNull();
+    expect(await env.DATA_REFS.get(keys[0])).not.toBeNull();
+  });
+
   it("takes a stored output over by reference, and the original keeps it until the rerun's own data expires", async () => {
     const size = 700 * 1024;
     const { body } = await startExecution({
