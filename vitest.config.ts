@@ -161,7 +161,12 @@ export default defineConfig({
   test: {
     projects: [
       {
-        plugins: [orchestratorUnderTest("workers")],
+        // KIT_JOBS: the demo granulator's job objects, for the worker-kit test that drops one's alarm.
+        plugins: [
+          orchestratorUnderTest("workers", {
+            durableObjects: { KIT_JOBS: { className: "GranulatorJob", scriptName: "bitware-content-granulator", useSQLite: true } },
+          }),
+        ],
         test: {
           name: "workers",
           include: ["test/workers/**/*.test.ts"],

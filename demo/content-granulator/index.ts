@@ -49,7 +49,23 @@ const worker = defineWorker<GranulatorEnv>({
   },
 });
 
-export class GranulatorJob extends worker.JobObject {}
+/**
+ * The kit's job object. `loseAlarm` and `alarmAt` are test hooks, reachable only through a Durable
+ * Object binding to JOBS, which only the tests have (never over HTTP): `loseAlarm` drops the
+ * object's alarm, as a kill between a run's write of its next wake-up and its setAlarm would, so a
+ * test can show the next progress poll re-arms it (the kit's healAlarm).
+ */
+export class GranulatorJob extends worker.JobObject {
+  /** `lost`: no alarm is set and no alarm handler is running (one would re-arm at its end), so it stays lost. */
+  async loseAlarm(): Promise<{ lost: boolean }> {
+    await this.ctx.storage.deleteAlarm();
+    const running = (this as unknown as { inAlarm: boolean }).inAlarm;
+    return { lost: !running && (await this.ctx.storage.getAlarm()) === null };
+  }
+  async alarmAt(): Promise<number | null> {
+    return this.ctx.storage.getAlarm();
+  }
+}
 export default worker.handler;
 
 function notAllowed(method: string, allow: string): Response {

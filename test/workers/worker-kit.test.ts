@@ -63,7 +63,47 @@ async function waitForProgress(id: string, done: (p: any) => boolean, timeoutMs 
 
 type LogEntry = { what: string; status: number; detail: string | null; attempt: number };
 
+/** The job object of one stage, through the test-only KIT_JOBS binding (vitest.config.ts). */
+interface JobHooks {
+  loseAlarm(): Promise<{ lost: boolean }>;
+  alarmAt(): Promise<number | null>;
+}
+function jobObject(id: string, stageId = "stage_1"): JobHooks {
+  const ns = (env as unknown as { KIT_JOBS: DurableObjectNamespace }).KIT_JOBS;
+  return ns.get(ns.idFromName(`${id}:${stageId}`)) as unknown as JobHooks;
+}
+
 describe("worker kit: the protocol endpoints", () => {
+  it("a job whose alarm was lost with work due is re-armed by the next progress poll, and finishes", async () => {
+    const id = newId();
+    // 60 steps of 100 ms: each step runs from the job's alarm.
+    expect((await post("/api/handshake", await handshakeBody(id, 1, { steps: 60, step_ms: 100 }))).status).toBe(200);
+    expect((await post("/api/process", { executionId: id, stageId: "stage_1", attempt: 1 })).status).toBe(202);
+    await waitForProgress(id, (p) => p.status === "processing" && p.progress > 0);
+    const job = jobObject(id);
+    // Drop the alarm at a moment no alarm handler runs (one would set it again at its end), and keep it
+    // dropped only once it has stayed lost for four step times with nobody polling (an alarm already on its
+    // way when it was dropped may still fire once and set the next one): the job has not moved meanwhile.
+    // An alarm handler runs while it delivers the job's progress callbacks, which a loaded machine makes slow: try for a while.
+    let stuck = false;
+    for (const until = Date.now() + 5_000; !stuck && Date.now() < until; ) {
+      if (!(await job.loseAlarm()).lost) {
+        await scheduler.wait(10);
+        continue;
+      }
+      const before = (await inspect(id)).body;
+      await scheduler.wait(400);
+      const after = (await inspect(id)).body;
+      stuck = after.status === "processing" && after.progress === before.progress && (await job.alarmAt()) === null;
+    }
+    expect(stuck).toBe(true);
+    // One progress poll, as the orchestrator makes them, re-arms it; the job then runs to its end.
+    expect((await progressOf(id)).body).toMatchObject({ status: "processing" });
+    expect(await job.alarmAt()).not.toBeNull();
+    const done = await waitForProgress(id, (p) => p.status === "completed");
+    expect(done).toMatchObject({ status: "completed", progress: 100 });
+  });
+
   it("checks WORKER_SECRET on every /api call and validates bodies with the protocol schemas", async () => {
     const id = newId();
     const body = await handshakeBody(id, 1);
