@@ -3,7 +3,10 @@
  * resources atomically, with leases, a priority queue with ageing and bounded
  * backfilling, and grant notices to the waiting Execution. The rules are in
  * ./ledger-rules.ts and docs/ledger.md; state and persistence in
- * ./ledger/store.ts; how writes land in ./ledger/group-commit.ts.
+ * ./ledger/store.ts; how writes land in ./ledger/group-commit.ts; the
+ * decisions on one reservation in ./ledger/decisions.ts; the client calls
+ * (quotas, documents, starts, execution slots) in ./ledger/client-desk.ts.
+ * This class keeps the RPC surface, the steps and the alarm.
  *
  * Every public method validates, then decides once, synchronously, in one
  * step (no await inside it) and replies only after the step's writes are
@@ -16,7 +19,7 @@
 import { DurableObject } from "cloudflare:workers";
 import type { z } from "zod";
 import { ClientId, ExecutionId, PoolAmounts, PoolName, PRIORITIES, Priority } from "../schemas/common";
-import { ClientQuotas, type ClientDocument, type StartAdmission, type WaitingOn } from "../schemas/clients";
+import { ClientQuotas, type ClientDocument, type StartAdmission, } from "../schemas/clients";
 import {
   DurationMs,
   EstimateStages,
@@ -44,45 +47,31 @@ import { log } from "../src/log";
 import { RateLimits, type RateLimitReport } from "../schemas/worker-protocol";
 import {
   applyRateLimit,
-  budgetExhausted,
-  clientBlock,
-  clientRateUnsatisfiable,
-  estimatedNeeds,
-  fairTag,
   monthOf,
   quotasOf,
   type ClientState,
   newPool,
-  nextAgeingAt,
-  nonZero,
   poolSnapshot,
   queueWaitMs,
   rankOf,
   refill,
   rulesFromTuning,
-  satisfiable,
-  type Amounts,
   type LedgerRules,
 } from "./ledger-rules";
 import { Accounts } from "./ledger/accounts";
-import { fitsAll, GrantPass, timer, type Step } from "./ledger/grant-pass";
+import { GrantPass, timer, type Step } from "./ledger/grant-pass";
 import { GrantNotices } from "./ledger/notices";
 import { ClientDesk } from "./ledger/client-desk";
+import { Decisions, Ended } from "./ledger/decisions";
 import { ExecutionSlots } from "./ledger/slots";
-import { LedgerStore, needsOf, NO_CLIENT, PARKED, type ResRow } from "./ledger/store";
+import { LedgerStore, needsOf, NO_CLIENT, } from "./ledger/store";
 
 /** Waiters the snapshot lists (queue order). */
 const SNAPSHOT_QUEUE_LIMIT = 100;
 
 export type { EstimateResult, ReleaseResult, RenewResult, SettleResult, StatusResult } from "../schemas/ledger";
+export { reservationIdOf } from "./ledger/decisions";
 
-/** A reserve replay of a reservation that ended: answered as `status: "ended"` after the step. */
-class Ended {
-  constructor(
-    readonly id: string,
-    readonly state: ReservationState,
-  ) {}
-}
 
 /**
  * Test hooks, reachable only in-process (e.g. through runInDurableObject), never
@@ -121,9 +110,6 @@ function parse<T>(schema: z.ZodType<T>, value: unknown, what: string): T {
   throw invalid(`${what}: ${issuesOf(r.error)}`);
 }
 
-export function reservationIdOf(executionId: string, stageId: string, attempt: number): string {
-  return `${executionId}:${stageId}:${attempt}`;
-}
 
 export class ResourceLedger extends DurableObject<Env> {
   readonly #store: LedgerStore;
@@ -132,16 +118,13 @@ export class ResourceLedger extends DurableObject<Env> {
   readonly #pass: GrantPass;
   readonly #slots: ExecutionSlots;
   readonly #desk: ClientDesk;
+  readonly #decide: Decisions;
   readonly #tuning: Tuning;
   readonly #rules: LedgerRules;
   /** The alarm time as last set (null: none). */
   #alarmAt: number | null = null;
-  /** Earliest time a rate-pool refill lets a blocked waiter fit (from the last grant pass). */
-  #refillWakeAt: number | null = null;
   #clock: () => number = Date.now;
   #clientDefaults: ClientQuotas;
-  readonly #currency: string;
-  readonly #quotasOf: (c: ClientState) => ClientQuotas;
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
@@ -150,12 +133,11 @@ export class ResourceLedger extends DurableObject<Env> {
     this.#rules = rulesFromTuning(config.tuning);
     this.#store = new LedgerStore(ctx.storage);
     this.#clientDefaults = config.clientDefaults;
-    this.#currency = config.prices.currency;
     const quotas = (c: ClientState) => (c.id === NO_CLIENT ? {} : quotasOf(this.#clientDefaults, c.own));
-    this.#quotasOf = quotas;
     this.#accounts = new Accounts(this.#store, this.#rules, config.prices.per_unit, quotas);
     this.#notices = new GrantNotices(env);
     this.#pass = new GrantPass(this.#store, this.#accounts, this.#rules, quotas);
+    this.#decide = new Decisions(this.#store, this.#accounts, this.#pass, this.#rules, this.#tuning, quotas, () => this.#clock());
     this.#slots = new ExecutionSlots(ctx.storage);
     this.#desk = new ClientDesk(this.#store, this.#pass, this.#slots, quotas, config.prices.currency, () => this.#tuning.defaultStageDurationMs);
     const hooks: LedgerTestHooks = {
@@ -192,7 +174,7 @@ export class ResourceLedger extends DurableObject<Env> {
     if (!PoolName.safeParse(workerPool).success) {
       return { status: "invalid", code: "invalid_request", message: `reserve: worker "${req.worker}" does not make a valid pool name ("${workerPool}")` };
     }
-    const result = await this.#step((s) => this.#reserve(req, workerPool, s));
+    const result = await this.#step((s) => this.#decide.reserve(req, workerPool, s));
     if (result instanceof Ended) {
       return {
         status: "ended",
@@ -210,7 +192,7 @@ export class ResourceLedger extends DurableObject<Env> {
     const id = parse(ReservationId, reservationId, "renew reservationId");
     const ms = parse(LeaseMs, leaseMs, "renew leaseMs");
     return this.#step((s): RenewResult => {
-      const row = this.#liveRow(id, s);
+      const row = this.#decide.liveRow(id, s);
       if (!row) return { ok: false, state: "unknown" };
       if (row.state !== "granted") return { ok: false, state: row.state as ReservationState };
       const expiresAt = s.now + ms;
@@ -225,7 +207,7 @@ export class ResourceLedger extends DurableObject<Env> {
     const id = parse(ReservationId, reservationId, "settle reservationId");
     const used = parse(PoolAmounts, usage ?? {}, "settle usage");
     const duration = parse(DurationMs, durationMs, "settle durationMs");
-    return this.#step((s) => this.#settle(id, used, duration, s));
+    return this.#step((s) => this.#decide.settle(id, used, duration, s));
   }
 
   /**
@@ -249,7 +231,7 @@ export class ResourceLedger extends DurableObject<Env> {
   async release(reservationId: string): Promise<ReleaseResult> {
     const id = parse(ReservationId, reservationId, "release reservationId");
     return this.#step((s): ReleaseResult => {
-      const row = this.#liveRow(id, s);
+      const row = this.#decide.liveRow(id, s);
       if (!row) return { ok: false, state: "unknown" };
       if (row.state === "granted") {
         this.#store.putRow(this.#accounts.releaseGrant(row, s.now));
@@ -269,15 +251,15 @@ export class ResourceLedger extends DurableObject<Env> {
   async status(reservationId: string): Promise<StatusResult> {
     const id = parse(ReservationId, reservationId, "status reservationId");
     return this.#step((s): StatusResult => {
-      const row = this.#liveRow(id, s);
+      const row = this.#decide.liveRow(id, s);
       if (!row) return { state: "unknown" };
       const requirements = needsOf(row);
       if (row.state === "granted") return { state: "granted", expiresAt: row.expires_at!, requirements };
       if (row.state === "waiting") {
         this.#pass.applyAgeing(s.now);
         const fresh = this.#store.row(id)!;
-        const position = this.#aheadOf(fresh).position;
-        return { state: "waiting", position, requirements, waitingOn: this.#waitingOn(fresh, s.now) };
+        const position = this.#decide.aheadOf(fresh).position;
+        return { state: "waiting", position, requirements, waitingOn: this.#decide.waitingOn(fresh, s.now) };
       }
       return { state: row.state as ReservationState, requirements };
     });
@@ -289,15 +271,15 @@ export class ResourceLedger extends DurableObject<Env> {
     const prio = parse(Priority, priority, "estimate priority");
     return this.#step((s): EstimateResult => {
       const out = list.map((st) => ({
-        requirements: this.#needs(st.worker, st.resources),
-        durationMs: this.#durationOf(st.worker),
+        requirements: this.#decide.needs(st.worker, st.resources),
+        durationMs: this.#decide.durationOf(st.worker),
       }));
       let queueAheadMs = 0;
       if (this.#store.activeWaiters > 0 && list.length) {
         this.#pass.applyAgeing(s.now);
         const counts = this.#store.waitingByWorker(rankOf(prio));
         for (const worker of new Set(list.map((st) => st.worker))) {
-          const wait = queueWaitMs(counts.get(worker) ?? 0, this.#slotsOf(worker), this.#durationOf(worker));
+          const wait = queueWaitMs(counts.get(worker) ?? 0, this.#decide.slotsOf(worker), this.#decide.durationOf(worker));
           queueAheadMs = Math.max(queueAheadMs, wait);
         }
       }
@@ -318,7 +300,7 @@ export class ResourceLedger extends DurableObject<Env> {
       client_id: r.client_id,
       priority: PRIORITIES[r.rank],
       effective_priority: PRIORITIES[r.eff_rank],
-      waiting_on: this.#waitingOn(r, now),
+      waiting_on: this.#decide.waitingOn(r, now),
     }));
     const snap = { pools, leases: st.leases, waiters: st.waiters, queue };
     return st.commit.idle ? snap : st.commit.ack(snap);
@@ -364,7 +346,7 @@ export class ResourceLedger extends DurableObject<Env> {
       (s) => {
         for (;;) {
           const due = this.#store.dueLeases(s.now, this.#rules.expireBatch);
-          for (const row of due) this.#expire(row, s);
+          for (const row of due) this.#decide.expire(row, s);
           if (due.length < this.#rules.expireBatch) break;
         }
         // A new month: waiters held by their client's budget get another look.
@@ -446,184 +428,6 @@ export class ResourceLedger extends DurableObject<Env> {
   async releaseSlot(executionId: string): Promise<{ released: boolean }> {
     const id = parse(ExecutionId, executionId, "releaseSlot executionId");
     return this.#step((s) => this.#desk.releaseSlot(id, s), { direct: true });
-  }
-
-  // -------------------------------------------------------------------------
-  // Decisions
-
-  #reserve(req: ReserveRequest, workerPool: string, s: Step): ReserveResult | Ended {
-    const id = reservationIdOf(req.executionId, req.stageId, req.attempt);
-    const existing = this.#store.row(id);
-    if (existing) return this.#replayReserve(existing, s);
-    const needs = this.#needs(req.worker, req.requirements);
-    const unknown = Object.keys(needs).filter((n) => n !== workerPool && !this.#store.pools.has(n));
-    if (unknown.length) {
-      return { status: "refused", reservationId: id, code: "unknown_pool", message: `unknown pool(s): ${unknown.join(", ")}` };
-    }
-    if (!this.#store.pools.has(workerPool)) {
-      this.#store.addPool(newPool(workerPool, "concurrency", this.#tuning.defaultWorkerConcurrency, 0, s.now));
-    }
-    const never = this.#unsatisfiable(id, needs);
-    if (never) return never;
-    const c = this.#store.client(req.clientId ?? null, s.now);
-    const q = this.#quotasOf(c);
-    const overRate = clientRateUnsatisfiable(q, needs);
-    if (overRate) return { status: "refused", reservationId: id, code: "resource_unsatisfiable", message: `can never be granted: ${overRate}` };
-    const cost = this.#accounts.costOf(needs);
-    if (budgetExhausted(q, c, cost, s.now)) {
-      return { status: "refused", reservationId: id, code: "budget_exhausted", message: `client ${c.id} has no budget left for this stage this month` };
-    }
-
-    const rank = rankOf(req.priority);
-    const row: ResRow = {
-      id,
-      execution_id: req.executionId,
-      stage_id: req.stageId,
-      attempt: req.attempt,
-      worker: req.worker,
-      rank,
-      eff_rank: rank,
-      age_at: null,
-      seq: ++this.#store.seq,
-      state: "waiting",
-      req: JSON.stringify(needs),
-      lease_ms: req.leaseMs,
-      created_at: s.now,
-      granted_at: null,
-      expires_at: null,
-      passed: 0,
-      parked: 0,
-      usage: null,
-      duration_ms: null,
-      ended_at: null,
-      client_id: req.clientId ?? null,
-      cost_est: cost,
-      tag: fairTag(this.#store.virtualTime, c.lastTag, q.weight ?? 1),
-    };
-    c.lastTag = row.tag;
-    this.#store.touchClient(c);
-    if (this.#store.activeWaiters === 0 && fitsAll(this.#store.pools, needs, s.now) && !clientBlock(q, c, needs, cost, s.now, this.#rules.usageMaxFactor)) {
-      // Nobody queued and everything fits: granted in the reply, no notice.
-      const granted = this.#accounts.grant(row, needs, s.now);
-      timer(s, granted.expires_at);
-      return { status: "granted", reservationId: id, expiresAt: granted.expires_at!, requirements: needs };
-    }
-    this.#accounts.enqueue({ ...row, age_at: nextAgeingAt(rank, s.now, rank, this.#rules.agingMs) }, needs);
-    this.#pass.run(s);
-    const mine = s.grants.findIndex((g) => g.notice.reservationId === id);
-    if (mine >= 0) {
-      const [g] = s.grants.splice(mine, 1); // the caller learns it from the reply, not a notice
-      return { status: "granted", reservationId: id, expiresAt: g.notice.expiresAt, requirements: needs };
-    }
-    const now = this.#store.row(id)!;
-    if (now.state !== "waiting") throw new Error(`internal: new reservation ${id} is ${now.state}`);
-    return this.#waitingResult(now);
-  }
-
-  #settle(id: string, used: Amounts, duration: number | undefined, s: Step): SettleResult {
-    const unknownPools = Object.keys(used).filter((n) => !this.#store.pools.has(n));
-    const row = this.#liveRow(id, s);
-    if (!row) return { ok: false, state: "unknown", unknownPools };
-    switch (row.state) {
-      case "granted":
-        this.#store.putRow(this.#accounts.settleGrant(row, used, duration, s.now));
-        timer(s, s.now + this.#rules.doneRetentionMs);
-        this.#pass.run(s);
-        return { ok: true, state: "settled", unknownPools };
-      case "expired":
-        // The lease lapsed: the settle is refused, but what was used is still
-        // real: it counts for estimates, budgets and (beyond what the expiry
-        // kept) rate buckets, once.
-        if (row.usage === null) this.#store.putRow(this.#accounts.lateSettle(row, used, duration, s.now));
-        return { ok: false, state: "expired", unknownPools };
-      case "settled":
-      case "released":
-        return { ok: true, state: row.state, unknownPools };
-      default:
-        return { ok: false, state: row.state as ReservationState, unknownPools };
-    }
-  }
-
-  /** What a stage reserves: the given resources or the worker's estimate, plus one worker slot. */
-  #needs(worker: string, resources: Amounts | undefined): Amounts {
-    const wp = `worker:${worker}`;
-    const needs = resources ? nonZero(resources) : estimatedNeeds(this.#store.stats.get(worker), this.#store.pools, wp);
-    needs[wp] = Math.max(needs[wp] ?? 0, 1);
-    return needs;
-  }
-
-  /** A refusal when some amount can never be granted under the current sizes (all pools exist). */
-  #unsatisfiable(id: string, needs: Amounts): ReserveResult | null {
-    const pools = this.#store.pools;
-    const never = Object.entries(needs).filter(([n, a]) => !satisfiable(pools.get(n)!, a));
-    if (!never.length) return null;
-    const what = never
-      .map(([n, a]) => {
-        const p = pools.get(n)!;
-        const limit = p.kind === "budget" ? `${p.capacity - p.consumed} left of budget ${p.capacity}` : `capacity ${p.capacity}`;
-        return `${n}: ${a} > ${limit}`;
-      })
-      .join("; ");
-    return { status: "refused", reservationId: id, code: "resource_unsatisfiable", message: `can never be granted: ${what}` };
-  }
-
-  /** The row, with a lapsed lease expired first (so every reply sees `expired` from expiresAt on). */
-  #liveRow(id: string, s: Step): ResRow | undefined {
-    const row = this.#store.row(id);
-    if (row && row.state === "granted" && row.expires_at !== null && row.expires_at <= s.now) {
-      this.#expire(row, s);
-      this.#pass.run(s);
-      return this.#store.row(id);
-    }
-    return row;
-  }
-
-  #expire(row: ResRow, s: Step): void {
-    this.#store.putRow(this.#accounts.expireGrant(row, s.now));
-    timer(s, s.now + this.#rules.doneRetentionMs);
-  }
-
-  #replayReserve(row: ResRow, s: Step): ReserveResult | Ended {
-    const live = row.state === "granted" ? this.#liveRow(row.id, s)! : row;
-    if (live.state === "granted") {
-      return { status: "granted", reservationId: live.id, expiresAt: live.expires_at!, requirements: needsOf(live) };
-    }
-    if (live.state === "waiting") {
-      this.#pass.applyAgeing(s.now);
-      return this.#waitingResult(this.#store.row(live.id)!);
-    }
-    if (live.state === "refused") {
-      const message = `client ${live.client_id} has no budget left for this stage this month`;
-      return { status: "refused", reservationId: live.id, code: "budget_exhausted", message };
-    }
-    return new Ended(live.id, live.state as ReservationState);
-  }
-
-  #waitingResult(row: ResRow): ReserveResult {
-    const waitingOn = this.#waitingOn(row, this.#clock());
-    return { status: "waiting", reservationId: row.id, position: waitingOn.position, estimatedWaitMs: waitingOn.estimated_wait_ms, waitingOn };
-  }
-
-  /** Why `row` waits, its place and its expected wait (docs/ledger.md, "Why is it waiting"). */
-  #waitingOn(row: ResRow, now: number): WaitingOn {
-    const { position, sameWorkerAhead } = this.#aheadOf(row);
-    const estimated_wait_ms = queueWaitMs(sameWorkerAhead + 1, this.#slotsOf(row.worker), this.#durationOf(row.worker));
-    return { ...this.#pass.reasonOf(row, now), position, estimated_wait_ms };
-  }
-
-  /** 1-based place in the queue; a parked waiter counts as behind every active one. */
-  #aheadOf(row: ResRow): { position: number; sameWorkerAhead: number } {
-    if (row.parked === PARKED) return { position: this.#store.activeWaiters + 1, sameWorkerAhead: 0 };
-    const { n, same } = this.#store.countAhead(row);
-    return { position: n + 1, sameWorkerAhead: same };
-  }
-
-  #durationOf(worker: string): number {
-    return this.#store.stats.get(worker)?.durAvg ?? this.#tuning.defaultStageDurationMs;
-  }
-
-  #slotsOf(worker: string): number {
-    return this.#store.pools.get(`worker:${worker}`)?.capacity ?? this.#tuning.defaultWorkerConcurrency;
   }
 
   // -------------------------------------------------------------------------

@@ -1,0 +1,228 @@
+/**
+ * The ledger's decisions on one reservation, inside a ResourceLedger step
+ * (../resource-ledger.ts runs them; the rules are in ../ledger-rules.ts): a
+ * new or replayed reserve, a settle, what a stage needs, why and where a
+ * waiter waits, and the expiry of a lapsed lease.
+ */
+import type { ClientQuotas, WaitingOn } from "../../schemas/clients";
+import type { ReservationState, ReserveRequest, ReserveResult, SettleResult } from "../../schemas/ledger";
+import type { Tuning } from "../../src/config";
+import {
+  budgetExhausted,
+  clientBlock,
+  clientRateUnsatisfiable,
+  estimatedNeeds,
+  fairTag,
+  newPool,
+  nextAgeingAt,
+  nonZero,
+  queueWaitMs,
+  rankOf,
+  satisfiable,
+  type Amounts,
+  type ClientState,
+  type LedgerRules,
+} from "../ledger-rules";
+import type { Accounts } from "./accounts";
+import { fitsAll, timer, type GrantPass, type Step } from "./grant-pass";
+import { needsOf, PARKED, type LedgerStore, type ResRow } from "./store";
+
+/** A reserve replay of a reservation that ended: answered as `status: "ended"` after the step. */
+export class Ended {
+  constructor(
+    readonly id: string,
+    readonly state: ReservationState,
+  ) {}
+}
+
+export function reservationIdOf(executionId: string, stageId: string, attempt: number): string {
+  return `${executionId}:${stageId}:${attempt}`;
+}
+
+export class Decisions {
+  constructor(
+    private readonly store: LedgerStore,
+    private readonly accounts: Accounts,
+    private readonly pass: GrantPass,
+    private readonly rules: LedgerRules,
+    private readonly tuning: Tuning,
+    private readonly quotasOf: (c: ClientState) => ClientQuotas,
+    /** The ledger's clock (tests replace it). */
+    private readonly clock: () => number,
+  ) {}
+
+  reserve(req: ReserveRequest, workerPool: string, s: Step): ReserveResult | Ended {
+    const id = reservationIdOf(req.executionId, req.stageId, req.attempt);
+    const existing = this.store.row(id);
+    if (existing) return this.#replayReserve(existing, s);
+    const needs = this.needs(req.worker, req.requirements);
+    const unknown = Object.keys(needs).filter((n) => n !== workerPool && !this.store.pools.has(n));
+    if (unknown.length) {
+      return { status: "refused", reservationId: id, code: "unknown_pool", message: `unknown pool(s): ${unknown.join(", ")}` };
+    }
+    if (!this.store.pools.has(workerPool)) {
+      this.store.addPool(newPool(workerPool, "concurrency", this.tuning.defaultWorkerConcurrency, 0, s.now));
+    }
+    const never = this.#unsatisfiable(id, needs);
+    if (never) return never;
+    const c = this.store.client(req.clientId ?? null, s.now);
+    const q = this.quotasOf(c);
+    const overRate = clientRateUnsatisfiable(q, needs);
+    if (overRate) return { status: "refused", reservationId: id, code: "resource_unsatisfiable", message: `can never be granted: ${overRate}` };
+    const cost = this.accounts.costOf(needs);
+    if (budgetExhausted(q, c, cost, s.now)) {
+      return { status: "refused", reservationId: id, code: "budget_exhausted", message: `client ${c.id} has no budget left for this stage this month` };
+    }
+
+    const rank = rankOf(req.priority);
+    const row: ResRow = {
+      id,
+      execution_id: req.executionId,
+      stage_id: req.stageId,
+      attempt: req.attempt,
+      worker: req.worker,
+      rank,
+      eff_rank: rank,
+      age_at: null,
+      seq: ++this.store.seq,
+      state: "waiting",
+      req: JSON.stringify(needs),
+      lease_ms: req.leaseMs,
+      created_at: s.now,
+      granted_at: null,
+      expires_at: null,
+      passed: 0,
+      parked: 0,
+      usage: null,
+      duration_ms: null,
+      ended_at: null,
+      client_id: req.clientId ?? null,
+      cost_est: cost,
+      tag: fairTag(this.store.virtualTime, c.lastTag, q.weight ?? 1),
+    };
+    c.lastTag = row.tag;
+    this.store.touchClient(c);
+    if (this.store.activeWaiters === 0 && fitsAll(this.store.pools, needs, s.now) && !clientBlock(q, c, needs, cost, s.now, this.rules.usageMaxFactor)) {
+      // Nobody queued and everything fits: granted in the reply, no notice.
+      const granted = this.accounts.grant(row, needs, s.now);
+      timer(s, granted.expires_at);
+      return { status: "granted", reservationId: id, expiresAt: granted.expires_at!, requirements: needs };
+    }
+    this.accounts.enqueue({ ...row, age_at: nextAgeingAt(rank, s.now, rank, this.rules.agingMs) }, needs);
+    this.pass.run(s);
+    const mine = s.grants.findIndex((g) => g.notice.reservationId === id);
+    if (mine >= 0) {
+      const [g] = s.grants.splice(mine, 1); // the caller learns it from the reply, not a notice
+      return { status: "granted", reservationId: id, expiresAt: g.notice.expiresAt, requirements: needs };
+    }
+    const now = this.store.row(id)!;
+    if (now.state !== "waiting") throw new Error(`internal: new reservation ${id} is ${now.state}`);
+    return this.#waitingResult(now);
+  }
+
+  settle(id: string, used: Amounts, duration: number | undefined, s: Step): SettleResult {
+    const unknownPools = Object.keys(used).filter((n) => !this.store.pools.has(n));
+    const row = this.liveRow(id, s);
+    if (!row) return { ok: false, state: "unknown", unknownPools };
+    switch (row.state) {
+      case "granted":
+        this.store.putRow(this.accounts.settleGrant(row, used, duration, s.now));
+        timer(s, s.now + this.rules.doneRetentionMs);
+        this.pass.run(s);
+        return { ok: true, state: "settled", unknownPools };
+      case "expired":
+        // The lease lapsed: the settle is refused, but what was used is still
+        // real: it counts for estimates, budgets and (beyond what the expiry
+        // kept) rate buckets, once.
+        if (row.usage === null) this.store.putRow(this.accounts.lateSettle(row, used, duration, s.now));
+        return { ok: false, state: "expired", unknownPools };
+      case "settled":
+      case "released":
+        return { ok: true, state: row.state, unknownPools };
+      default:
+        return { ok: false, state: row.state as ReservationState, unknownPools };
+    }
+  }
+
+  /** What a stage reserves: the given resources or the worker's estimate, plus one worker slot. */
+  needs(worker: string, resources: Amounts | undefined): Amounts {
+    const wp = `worker:${worker}`;
+    const needs = resources ? nonZero(resources) : estimatedNeeds(this.store.stats.get(worker), this.store.pools, wp);
+    needs[wp] = Math.max(needs[wp] ?? 0, 1);
+    return needs;
+  }
+
+  /** A refusal when some amount can never be granted under the current sizes (all pools exist). */
+  #unsatisfiable(id: string, needs: Amounts): ReserveResult | null {
+    const pools = this.store.pools;
+    const never = Object.entries(needs).filter(([n, a]) => !satisfiable(pools.get(n)!, a));
+    if (!never.length) return null;
+    const what = never
+      .map(([n, a]) => {
+        const p = pools.get(n)!;
+        const limit = p.kind === "budget" ? `${p.capacity - p.consumed} left of budget ${p.capacity}` : `capacity ${p.capacity}`;
+        return `${n}: ${a} > ${limit}`;
+      })
+      .join("; ");
+    return { status: "refused", reservationId: id, code: "resource_unsatisfiable", message: `can never be granted: ${what}` };
+  }
+
+  /** The row, with a lapsed lease expired first (so every reply sees `expired` from expiresAt on). */
+  liveRow(id: string, s: Step): ResRow | undefined {
+    const row = this.store.row(id);
+    if (row && row.state === "granted" && row.expires_at !== null && row.expires_at <= s.now) {
+      this.expire(row, s);
+      this.pass.run(s);
+      return this.store.row(id);
+    }
+    return row;
+  }
+
+  expire(row: ResRow, s: Step): void {
+    this.store.putRow(this.accounts.expireGrant(row, s.now));
+    timer(s, s.now + this.rules.doneRetentionMs);
+  }
+
+  #replayReserve(row: ResRow, s: Step): ReserveResult | Ended {
+    const live = row.state === "granted" ? this.liveRow(row.id, s)! : row;
+    if (live.state === "granted") {
+      return { status: "granted", reservationId: live.id, expiresAt: live.expires_at!, requirements: needsOf(live) };
+    }
+    if (live.state === "waiting") {
+      this.pass.applyAgeing(s.now);
+      return this.#waitingResult(this.store.row(live.id)!);
+    }
+    if (live.state === "refused") {
+      const message = `client ${live.client_id} has no budget left for this stage this month`;
+      return { status: "refused", reservationId: live.id, code: "budget_exhausted", message };
+    }
+    return new Ended(live.id, live.state as ReservationState);
+  }
+
+  #waitingResult(row: ResRow): ReserveResult {
+    const waitingOn = this.waitingOn(row, this.clock());
+    return { status: "waiting", reservationId: row.id, position: waitingOn.position, estimatedWaitMs: waitingOn.estimated_wait_ms, waitingOn };
+  }
+
+  /** Why `row` waits, its place and its expected wait (docs/ledger.md, "Why is it waiting"). */
+  waitingOn(row: ResRow, now: number): WaitingOn {
+    const { position, sameWorkerAhead } = this.aheadOf(row);
+    const estimated_wait_ms = queueWaitMs(sameWorkerAhead + 1, this.slotsOf(row.worker), this.durationOf(row.worker));
+    return { ...this.pass.reasonOf(row, now), position, estimated_wait_ms };
+  }
+
+  /** 1-based place in the queue; a parked waiter counts as behind every active one. */
+  aheadOf(row: ResRow): { position: number; sameWorkerAhead: number } {
+    if (row.parked === PARKED) return { position: this.store.activeWaiters + 1, sameWorkerAhead: 0 };
+    const { n, same } = this.store.countAhead(row);
+    return { position: n + 1, sameWorkerAhead: same };
+  }
+
+  durationOf(worker: string): number {
+    return this.store.stats.get(worker)?.durAvg ?? this.tuning.defaultStageDurationMs;
+  }
+
+  slotsOf(worker: string): number {
+    return this.store.pools.get(`worker:${worker}`)?.capacity ?? this.tuning.defaultWorkerConcurrency;
+  }
+}
