@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS entries (
   execution_id TEXT PRIMARY KEY, client_id TEXT NOT NULL, template_name TEXT NOT NULL,
   status TEXT NOT NULL, priority TEXT NOT NULL, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,
   completed_at INTEGER, error_code TEXT, cost_total REAL,
-  stages_total INTEGER NOT NULL, stages_completed INTEGER NOT NULL, version INTEGER NOT NULL, rerun_of TEXT
+  stages_total INTEGER NOT NULL, stages_completed INTEGER NOT NULL, version INTEGER NOT NULL, rerun_of TEXT, attempts TEXT, tokens_total REAL
 );
 CREATE INDEX IF NOT EXISTS entries_by_created ON entries (created_at DESC, execution_id DESC);
 CREATE INDEX IF NOT EXISTS entries_by_client ON entries (client_id, created_at DESC, execution_id DESC);
@@ -35,14 +35,18 @@ CREATE INDEX IF NOT EXISTS entries_by_template ON entries (template_name, create
 CREATE INDEX IF NOT EXISTS entries_by_status ON entries (status, created_at DESC, execution_id DESC);
 `;
 
-/** Reruns (added later: a shard created before has no such column until its first write adds it). */
-const RERUN_INDEX = "CREATE INDEX IF NOT EXISTS entries_by_rerun ON entries (rerun_of, created_at DESC, execution_id DESC) WHERE rerun_of IS NOT NULL;";
+/** Reruns and ends (added later: a shard created before has no such column until its first write adds it). */
+const LATER_INDEXES = `CREATE INDEX IF NOT EXISTS entries_by_rerun ON entries (rerun_of, created_at DESC, execution_id DESC) WHERE rerun_of IS NOT NULL;
+CREATE INDEX IF NOT EXISTS entries_by_completed ON entries (completed_at) WHERE completed_at IS NOT NULL;`;
 
 const COLUMNS =
   "execution_id, client_id, template_name, status, priority, created_at, updated_at, completed_at, error_code, cost_total, stages_total, stages_completed, version, rerun_of";
 
 /** At most this many rows per call, whatever the caller asks. */
 const MAX_ROWS = 1000;
+/** At most this many groups and attempts per `series` call. */
+const MAX_SERIES_GROUPS = 5000;
+const MAX_SERIES_ATTEMPTS = 20_000;
 
 export class ExecutionIndex extends DurableObject<Env> {
   private readonly sql: Sql;
@@ -68,15 +72,16 @@ export class ExecutionIndex extends DurableObject<Env> {
     const e = parsed.data;
     this.ensureSchema();
     this.sql`INSERT INTO entries (execution_id, client_id, template_name, status, priority, created_at, updated_at,
-        completed_at, error_code, cost_total, stages_total, stages_completed, version, rerun_of)
+        completed_at, error_code, cost_total, stages_total, stages_completed, version, rerun_of, attempts, tokens_total)
       VALUES (${e.execution_id}, ${e.client_id}, ${e.template_name}, ${e.status}, ${e.priority}, ${e.created_at}, ${e.updated_at},
-        ${e.completed_at}, ${e.error_code}, ${e.cost_total}, ${e.stages_total}, ${e.stages_completed}, ${e.version}, ${e.rerun_of ?? null})
+        ${e.completed_at}, ${e.error_code}, ${e.cost_total}, ${e.stages_total}, ${e.stages_completed}, ${e.version}, ${e.rerun_of ?? null},
+        ${e.attempts ? JSON.stringify(e.attempts) : null}, ${e.tokens_total ?? null})
       ON CONFLICT (execution_id) DO UPDATE SET
         client_id = excluded.client_id, template_name = excluded.template_name, status = excluded.status,
         priority = excluded.priority, created_at = excluded.created_at, updated_at = excluded.updated_at,
         completed_at = excluded.completed_at, error_code = excluded.error_code, cost_total = excluded.cost_total,
         stages_total = excluded.stages_total, stages_completed = excluded.stages_completed, version = excluded.version,
-        rerun_of = excluded.rerun_of
+        rerun_of = excluded.rerun_of, attempts = excluded.attempts, tokens_total = excluded.tokens_total
       WHERE excluded.version > entries.version`;
   }
 
@@ -122,10 +127,37 @@ export class ExecutionIndex extends DurableObject<Env> {
    */
   async stats(limit: number): Promise<{ groups: IndexStatsGroup[]; truncated: boolean }> {
     if (!this.hasSchema()) return { groups: [], truncated: false };
+    this.ensureSchema();
     const n = Math.max(1, Math.min(MAX_ROWS, Math.floor(limit)));
-    const rows = this.sql<IndexStatsGroup>`SELECT status, template_name, client_id, COUNT(*) AS count, COALESCE(SUM(cost_total), 0) AS cost
+    const rows = this.sql<IndexStatsGroup>`SELECT status, template_name, client_id, COUNT(*) AS count, COALESCE(SUM(cost_total), 0) AS cost,
+        COALESCE(SUM(tokens_total), 0) AS tokens
       FROM entries GROUP BY status, template_name, client_id ORDER BY count DESC, status, template_name, client_id LIMIT ${n + 1}`;
-    return { groups: rows.slice(0, n).map((r) => ({ ...r, count: Number(r.count), cost: Number(r.cost) })), truncated: rows.length > n };
+    return { groups: rows.slice(0, n).map((r) => ({ ...r, count: Number(r.count), cost: Number(r.cost), tokens: Number(r.tokens) })), truncated: rows.length > n };
+  }
+
+  /**
+   * The charts' numbers (src/ops-series.ts) for the executions that ended in
+   * `[since, until)` (of one client, when given): count and summed cost per
+   * (bucket of `completed_at`, status, client), and the completed attempts their entries carry, at most
+   * MAX_SERIES_GROUPS and MAX_SERIES_ATTEMPTS (`truncated` says when more matched).
+   */
+  async series(since: number, until: number, bucketMs: number, clientId?: string): Promise<IndexSeries> {
+    if (!this.hasSchema()) return { groups: [], attempts: [], truncated: false };
+    this.ensureSchema();
+    const bucket = Math.max(1, Math.floor(bucketMs));
+    const groups = this.sql<IndexSeriesGroup>`SELECT CAST((completed_at - ${since}) / ${bucket} AS INTEGER) AS bucket, status, client_id,
+        COUNT(*) AS count, COALESCE(SUM(cost_total), 0) AS cost
+      FROM entries WHERE completed_at >= ${since} AND completed_at < ${until} AND (${clientId ?? null} IS NULL OR client_id = ${clientId ?? null})
+      GROUP BY bucket, status, client_id ORDER BY bucket, status, client_id LIMIT ${MAX_SERIES_GROUPS + 1}`;
+    const attempts = this.sql<{ a: string }>`SELECT j.value AS a FROM entries, json_each(entries.attempts) AS j
+      WHERE entries.completed_at >= ${since} AND entries.completed_at < ${until} AND entries.attempts IS NOT NULL
+        AND (${clientId ?? null} IS NULL OR entries.client_id = ${clientId ?? null})
+      LIMIT ${MAX_SERIES_ATTEMPTS + 1}`;
+    return {
+      groups: groups.slice(0, MAX_SERIES_GROUPS).map((g) => ({ ...g, bucket: Number(g.bucket), count: Number(g.count), cost: Number(g.cost) })),
+      attempts: attempts.slice(0, MAX_SERIES_ATTEMPTS).map((r) => JSON.parse(r.a) as IndexAttempt),
+      truncated: groups.length > MAX_SERIES_GROUPS || attempts.length > MAX_SERIES_ATTEMPTS,
+    };
   }
 
   private ensureSchema(): void {
@@ -133,7 +165,9 @@ export class ExecutionIndex extends DurableObject<Env> {
     execScript(this.ctx.storage, SCHEMA);
     const columns = this.ctx.storage.sql.exec("PRAGMA table_info(entries)").toArray().map((r) => String(r.name));
     if (!columns.includes("rerun_of")) this.ctx.storage.sql.exec("ALTER TABLE entries ADD COLUMN rerun_of TEXT");
-    execScript(this.ctx.storage, RERUN_INDEX);
+    if (!columns.includes("attempts")) this.ctx.storage.sql.exec("ALTER TABLE entries ADD COLUMN attempts TEXT");
+    if (!columns.includes("tokens_total")) this.ctx.storage.sql.exec("ALTER TABLE entries ADD COLUMN tokens_total REAL");
+    execScript(this.ctx.storage, LATER_INDEXES);
     this.ready = true;
   }
 
@@ -149,6 +183,25 @@ export interface IndexStatsGroup {
   client_id: string;
   count: number;
   cost: number;
+  tokens: number;
+}
+
+/** `[worker, ended_at, waiting_ms, handshake_ms, processing_ms]` of one completed attempt. */
+export type IndexAttempt = [worker: string, endedAt: number, waitingMs: number, handshakeMs: number, processingMs: number];
+
+export interface IndexSeriesGroup {
+  /** `floor((completed_at - since) / bucketMs)`. */
+  bucket: number;
+  status: string;
+  client_id: string;
+  count: number;
+  cost: number;
+}
+
+export interface IndexSeries {
+  groups: IndexSeriesGroup[];
+  attempts: IndexAttempt[];
+  truncated: boolean;
 }
 
 export function emptyCounts(): StatusCounts {
@@ -204,5 +257,7 @@ function toEntry(row: Record<string, SqlStorageValue>): IndexEntry {
     stages_completed: Number(row.stages_completed),
     version: Number(row.version),
     ...(row.rerun_of ? { rerun_of: String(row.rerun_of) } : {}),
+    ...(row.attempts ? { attempts: JSON.parse(String(row.attempts)) as IndexAttempt[] } : {}),
+    ...(row.tokens_total !== null && row.tokens_total !== undefined ? { tokens_total: Number(row.tokens_total) } : {}),
   };
 }

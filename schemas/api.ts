@@ -208,6 +208,48 @@ export const StatusDocument = z.object({
 });
 export type StatusDocument = z.infer<typeof StatusDocument>;
 
+/**
+ * One stage or item attempt as a span (`GET /executions/{id}/spans`): its
+ * W3C span id (the `traceparent` every call of the attempt carried), its
+ * worker, and its three phases: waiting for resources (`queued_at` to
+ * `granted_at`), handshake (`granted_at` to `processing_at`: input check,
+ * handshake and process calls) and processing (`processing_at` to
+ * `ended_at`). An attempt still open has `ended_at` and `outcome` null, its
+ * current phase running to now.
+ */
+export const SpanDocument = z.object({
+  stage_id: z.string(),
+  /** The fan-out stage of an item; null for a stage. */
+  parent_stage_id: z.string().nullable(),
+  attempt: z.number().int().positive(),
+  worker: z.string(),
+  span_id: z.string().nullable(),
+  /** The execution's span. */
+  parent_span_id: z.string().nullable(),
+  queued_at: z.string(),
+  granted_at: z.string().nullable(),
+  processing_at: z.string().nullable(),
+  ended_at: z.string().nullable(),
+  /** `completed` or the attempt's error code; null while open. */
+  outcome: z.string().nullable(),
+  waiting_ms: z.number().int().nonnegative(),
+  handshake_ms: z.number().int().nonnegative(),
+  processing_ms: z.number().int().nonnegative(),
+});
+export type SpanDocument = z.infer<typeof SpanDocument>;
+
+export const SpansDocument = z.object({
+  execution_id: z.string(),
+  trace_id: z.string().nullable(),
+  span_id: z.string().nullable(),
+  created_at: z.string(),
+  completed_at: z.string().nullable(),
+  /** Oldest first; at most 2000 (then `truncated`). */
+  spans: z.array(SpanDocument),
+  truncated: z.boolean(),
+});
+export type SpansDocument = z.infer<typeof SpansDocument>;
+
 /** `POST /executions/:id/rerun` and RPC `rerun(id, request)`. */
 export const RerunRequest = z
   .object({

@@ -23,13 +23,23 @@ export const IndexEntry = z.object({
   completed_at: Ms.nullable(),
   error_code: z.string().min(1).max(64).nullable(),
   cost_total: z.number().finite().nonnegative().nullable(),
+  /** Usage in every `tokens:` pool, summed over the stages (absent in entries written before it existed). */
+  tokens_total: z.number().finite().nonnegative().optional(),
   stages_total: z.number().int().nonnegative(),
   stages_completed: z.number().int().nonnegative(),
   version: z.number().int().nonnegative(),
   /** The execution this one reruns (absent: not a rerun). */
   rerun_of: ExecutionId.nullable().optional(),
+  /**
+   * Set once the execution ended: its completed stage and item attempts (the
+   * first INDEX_ATTEMPTS_KEPT), each `[worker, ended_at, waiting_ms,
+   * handshake_ms, processing_ms]`, for the latency charts (src/ops-series.ts).
+   */
+  attempts: z.array(z.tuple([z.string().min(1).max(128), Ms, Ms, Ms, Ms])).max(100).optional(),
 });
 export type IndexEntry = z.infer<typeof IndexEntry>;
+/** Completed attempts an ended execution's index entry carries (a fan-out's items beyond it are not sampled). */
+export const INDEX_ATTEMPTS_KEPT = 100;
 
 /** Where a page ended: newest first is `(created_at DESC, execution_id DESC)`, so this pair is a total order. */
 export interface IndexPosition {

@@ -3,7 +3,8 @@
 //  1. tsc --noEmit over tsconfig.json (Worker, objects, demo, workerd tests) and tsconfig.node.json (Node side);
 //  2. biome: lint only (biome.json: recommended rules, formatter off);
 //  3. worker-configuration.d.ts is what `npm run types` generates from wrangler.toml;
-//  4. docs/openapi.json is what `npm run openapi` generates from the zod schemas;
+//  4. docs/openapi.json is what `npm run openapi` generates from the zod schemas, and
+//     src/ui/vendor/uplot.ts what scripts/vendor-ui.mjs makes from the pinned uplot package;
 //  5. `wrangler deploy --dry-run` bundles the orchestrator, and the bundle is at most 3 MB gzipped.
 // Every step runs; the exit code is 1 if any failed. `--only name,name` runs some of them.
 import { spawnSync } from "node:child_process";
@@ -39,6 +40,7 @@ const steps = {
   lint: () => run(BIN("biome"), ["ci", "--colors=off", "."]),
   types: () => run(process.execPath, ["scripts/wrangler.mjs", "types", "--env-interface", "Env", "worker-configuration.d.ts", "--check"]),
   openapi: () => run(BIN("tsx"), ["scripts/openapi.ts", "--check"]),
+  vendor: () => run(process.execPath, ["scripts/vendor-ui.mjs", "--check"]),
   bundle: () => {
     // Absolute: wrangler resolves a relative --outdir against the config's folder.
     const outdir = mkdtempSync(path.join(os.tmpdir(), "orch-bundle-"));

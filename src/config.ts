@@ -105,6 +105,10 @@ export const DEFAULT_TUNING = {
   scheduleFireDeadlineMs: 15 * 60_000,
   /** Fires kept per schedule (the newest); `last_runs` shows the newest ten. */
   scheduleRunsKept: 50,
+  /** How often the queue sampler (actors/queue-sampler.ts) records each pool's queue length from the ledger snapshot. */
+  queueSampleMs: 60_000,
+  /** How long queue samples are kept (the charts' longest window is 7 days). */
+  queueSampleRetentionMs: 8 * 86_400_000,
 };
 export type Tuning = typeof DEFAULT_TUNING;
 

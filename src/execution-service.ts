@@ -1,8 +1,8 @@
 import { z } from "zod";
-import { DecisionRequest, ExecuteRequest, type ExecuteResponse, ItemsQuery, type ItemsPage, type LiveTicket, type ResultDocument, type StatusDocument } from "../schemas/api";
+import { DecisionRequest, ExecuteRequest, type ExecuteResponse, ItemsQuery, type ItemsPage, type LiveTicket, type ResultDocument, type SpansDocument, type StatusDocument } from "../schemas/api";
 import { ExecutionId, StageId } from "../schemas/common";
 import { CompleteCallback, FailCallback, ProgressCallback } from "../schemas/worker-protocol";
-import type { CallbackKind, CancelState, DecideState, Execution, ItemsState, PauseState, ResultState, ResumeState, StartResult } from "../actors/execution/index";
+import type { CallbackKind, CancelState, DecideState, Execution, ItemsState, PauseState, ResultState, ResumeState, SpansState, StartResult } from "../actors/execution/index";
 import type { RateLimitReport } from "../schemas/worker-protocol";
 import type { ClaimResult, RequestRegistry } from "../actors/request-registry";
 import type { DataReference } from "../schemas/data";
@@ -153,6 +153,14 @@ export async function getItems(env: Env, id: unknown, stageId: unknown, query: U
   if (r.state === "missing") throw new ApiError(404, "not_found", `no stage ${stage} in execution ${executionId}`);
   if (r.state === "not_fan_out") throw new ApiError(409, "not_fan_out", `${stage} has no items: it has no for_each`);
   return { execution_id: executionId, stage_id: stage, total: r.total, items: r.items, next_cursor: r.next_cursor };
+}
+
+/** `GET /executions/{id}/spans`: every stage and item attempt as a span. */
+export async function getSpans(env: Env, id: unknown): Promise<SpansDocument> {
+  const executionId = checkExecutionId(id);
+  const r = await call<SpansState>(env, executionStub(env, executionId).getSpans(), "execution spans");
+  if (r.state === "missing") throw new ApiError(404, "not_found", `no execution ${executionId}`);
+  return r.document;
 }
 
 /** The completed execution's result, or the 404 / 409 / 410 that explains why there is none. */

@@ -1,4 +1,4 @@
-import { type ExecutionIndex, type IndexStatsGroup, emptyCounts } from "../actors/execution-index";
+import { type ExecutionIndex, type IndexAttempt, type IndexSeries, type IndexStatsGroup, emptyCounts } from "../actors/execution-index";
 import type { ExecutionStatus } from "../schemas/api";
 import {
   CountsQuery,
@@ -126,7 +126,8 @@ export async function queryIndex(env: Env, filter: IndexFilter, now = Date.now()
   for (const bucket of buckets.slice(0, bound)) {
     const want = limit + 1 - items.length;
     const page = await ask(env, shard(env, bucket).query({ ...filter, until: window.until, limit: want }), bucket);
-    items.push(...page.items);
+    // Over RPC the attempts' tuples are typed as plain arrays; they are the same values.
+    items.push(...(page.items as IndexEntry[]));
     if (items.length > limit) {
       const full = items.slice(0, limit);
       return { items: full, next_cursor: encodeCursor(full[full.length - 1]) };
@@ -163,6 +164,17 @@ export async function statsIndex(env: Env, limit: number, now = Date.now()): Pro
   const buckets = bucketsNewestFirst(INDEX_EPOCH_MS, now + CLOCK_SKEW_MS);
   const parts = await Promise.all(buckets.map((b) => ask(env, shard(env, b).stats(limit), b)));
   return { groups: parts.flatMap((p) => p.groups), truncated: parts.some((p) => p.truncated) };
+}
+
+/**
+ * The charts' numbers for executions that ended in `[since, until)`: every
+ * month that may hold one (an execution ends at most `executionTimeoutMs`
+ * after it was created), read in parallel.
+ */
+export async function seriesIndex(env: Env, since: number, until: number, bucketMs: number, clientId?: string): Promise<IndexSeries> {
+  const buckets = bucketsNewestFirst(since - configOf(env).tuning.executionTimeoutMs, until);
+  const parts = await Promise.all(buckets.map((b) => ask(env, shard(env, b).series(since, until, bucketMs, clientId), b)));
+  return { groups: parts.flatMap((p) => p.groups), attempts: parts.flatMap((p) => p.attempts as IndexAttempt[]), truncated: parts.some((p) => p.truncated) };
 }
 
 // ---- HTTP ------------------------------------------------------------------

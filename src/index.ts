@@ -8,6 +8,7 @@ import { handle, requireConfigured } from "./routes";
 
 export { Execution } from "../actors/execution/index";
 export { ExecutionIndex } from "../actors/execution-index";
+export { QueueSampler } from "../actors/queue-sampler";
 export { RequestRegistry } from "../actors/request-registry";
 export { ResourceLedger } from "../actors/resource-ledger";
 export { ScheduleShard } from "../actors/schedule-shard";

@@ -48,6 +48,8 @@ export interface MetricEvent {
   duration_ms?: number;
   waiting_ms?: number;
   processing_ms?: number;
+  /** `stage_attempt`: from the grant to `process` accepted (input check, handshake and process calls). */
+  handshake_ms?: number;
   cost?: number;
   tokens?: number;
 }
@@ -69,7 +71,7 @@ export const BLOBS = [
   "parent_span_id",
   "pool",
 ] as const;
-export const DOUBLES = ["count", "attempt", "duration_ms", "waiting_ms", "processing_ms", "cost", "tokens"] as const;
+export const DOUBLES = ["count", "attempt", "duration_ms", "waiting_ms", "processing_ms", "cost", "tokens", "handshake_ms"] as const;
 
 /** The data point of an event: the event name is the index (Analytics Engine samples per index). */
 export function dataPoint(e: MetricEvent): AnalyticsEngineDataPoint {

@@ -29,10 +29,13 @@ import {
   RetryUndeliverableResult,
   StageDocument,
   StageStatus,
+  SpanDocument,
+  SpansDocument,
   StatusDocument,
   UndeliverableList,
   UndeliverableMessage,
 } from "../schemas/api";
+import { SeriesDocument, SeriesQuery } from "../schemas/series";
 import { ClientId, ErrorEnvelope, ErrorInfo, ExecutionId, PoolAmounts, PoolName, StageId } from "../schemas/common";
 import { DataReference } from "../schemas/data";
 import { CountsQuery, ExecutionCounts, ExecutionList, ExecutionSummary, IndexEntry, ListQuery } from "../schemas/index-entry";
@@ -179,6 +182,9 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
     ScheduleRun: name("ScheduleRun", ScheduleRun),
     ScheduleDocument: name("ScheduleDocument", ScheduleDocument),
     ScheduleList: name("ScheduleList", ScheduleList),
+    SeriesDocument: name("SeriesDocument", SeriesDocument),
+    SpanDocument: name("SpanDocument", SpanDocument),
+    SpansDocument: name("SpansDocument", SpansDocument),
   };
 
   const jsonBody = (schema: z.ZodType, description: string): ResponseConfig => ({
@@ -324,6 +330,21 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
         ...common,
         "404": error("not_found: no such execution or stage"),
         "409": error("not_fan_out: the stage has no for_each"),
+      },
+    },
+    {
+      method: "get",
+      path: "/executions/{id}/spans",
+      summary: "Every stage and item attempt as a span",
+      description:
+        "The attempts of the execution, oldest first (at most 2000): each with its span id, worker and the times it waited for resources, handshook and processed. " +
+        "The execution page draws its timeline from it; docs/operations.md, \"Traces\".",
+      security: kamOrOps,
+      request: { params: idParams },
+      responses: {
+        "200": jsonBody(S.SpansDocument, "the spans"),
+        ...common,
+        "404": error("not_found"),
       },
     },
     {
@@ -562,6 +583,20 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
         "401": error("unauthorized"),
         ...scopedOut,
         "503": error("unavailable: an object did not answer within objectCallTimeoutMs"),
+      },
+    },
+    {
+      method: "get",
+      path: "/metrics/series",
+      summary: "The numbers behind the charts on /ui",
+      description:
+        "Over the last hour (1-minute buckets, the default), day (10 minutes) or week (1 hour): executions ended per bucket by status, stage latency per worker, " +
+        "queue length per pool (sampled from the ledger) and cost per client. docs/operations.md, \"Charts\".",
+      security: opsOnly,
+      request: { query: SeriesQuery },
+      responses: {
+        "200": jsonBody(S.SeriesDocument, "the series"),
+        ...common,
       },
     },
     {

@@ -1,6 +1,7 @@
 import type { LedgerSnapshot } from "../schemas/ledger";
 import { configOf } from "./config";
-import { statsIndex } from "./index-routing";
+import { seriesIndex, statsIndex } from "./index-routing";
+import { quantile } from "./ops-series";
 import { ledgerFor } from "./ledger-routing";
 import { SCHEDULE_SHARDS, call, shardAt } from "./schedule-service";
 
@@ -10,7 +11,11 @@ import { SCHEDULE_SHARDS, call, shardAt } from "./schedule-service";
  * computed at scrape time from the objects that own the numbers:
  * - the execution index (one GROUP BY per month object, at most
  *   METRICS_GROUP_LIMIT groups each): executions by status, template and
- *   client, and the summed cost of the ended ones;
+ *   client, and the summed cost and tokens of the ended ones; and the stage
+ *   latency per worker (waiting, handshake, processing: p50 and p95) of the
+ *   completed attempts of the executions that ended in the last
+ *   LATENCY_WINDOW_MS (the month objects that may hold them, bounded as the
+ *   charts' series are);
  * - the ledger snapshot: capacity, use, room and queue length per pool;
  * - the eight schedule shards: schedules and their kept fires.
  * The cost of a scrape is bounded: one call per index month, one to the
@@ -19,6 +24,8 @@ import { SCHEDULE_SHARDS, call, shardAt } from "./schedule-service";
  * Analytics Engine (src/metrics.ts). docs/operations.md lists every series.
  */
 export const METRICS_GROUP_LIMIT = 1000;
+/** The stage latency gauges cover the attempts of executions that ended this long ago at most. */
+export const LATENCY_WINDOW_MS = 3_600_000;
 
 type Labels = Record<string, string>;
 interface Family {
@@ -57,10 +64,11 @@ function family(name: string, type: Family["type"], help: string, samples: Famil
   return { name, type, help, samples };
 }
 
-export async function gatherMetrics(env: Env): Promise<Family[]> {
+export async function gatherMetrics(env: Env, now = Date.now()): Promise<Family[]> {
   const currency = configOf(env).prices.currency;
-  const [index, ledger, shards] = await Promise.all([
+  const [index, recent, ledger, shards] = await Promise.all([
     statsIndex(env, METRICS_GROUP_LIMIT),
+    seriesIndex(env, now - LATENCY_WINDOW_MS, now + 1, LATENCY_WINDOW_MS),
     call<LedgerSnapshot>(env, ledgerFor(env).snapshot(), "ledger snapshot"),
     Promise.all(Array.from({ length: SCHEDULE_SHARDS }, (_, i) => call(env, shardAt(env, i).stats(), "schedule stats"))),
   ]);
@@ -69,6 +77,7 @@ export async function gatherMetrics(env: Env): Promise<Family[]> {
   const cost = family("orchestrator_execution_cost_total", "counter", "Summed cost of the executions in the index, by template and client.");
   const sums = new Map<string, { labels: Labels; count: number; cost: number }>();
   const costs = new Map<string, { labels: Labels; value: number }>();
+  const tokens = new Map<string, { labels: Labels; value: number }>();
   // One execution sits in one month's object only, so summing the months double-counts nothing.
   for (const g of index.groups) {
     const key = JSON.stringify([g.status, g.template_name, g.client_id]);
@@ -79,9 +88,37 @@ export async function gatherMetrics(env: Env): Promise<Family[]> {
     const c = costs.get(ckey) ?? { labels: { template_name: g.template_name, client_id: g.client_id, currency }, value: 0 };
     c.value += g.cost;
     costs.set(ckey, c);
+    const t = tokens.get(ckey) ?? { labels: { template_name: g.template_name, client_id: g.client_id }, value: 0 };
+    t.value += g.tokens;
+    tokens.set(ckey, t);
   }
   for (const e of [...sums.values()].sort(byLabels)) executions.samples.push({ labels: e.labels, value: e.count });
   for (const c of [...costs.values()].sort(byLabels)) cost.samples.push(c);
+  const tokenFamily = family("orchestrator_execution_tokens_total", "counter", "Summed usage of every tokens: pool by the executions in the index, by template and client.", [
+    ...[...tokens.values()].sort(byLabels),
+  ]);
+
+  const phases = new Map<string, { waiting: number[]; handshake: number[]; processing: number[] }>();
+  for (const [worker, , waiting, handshake, processing] of recent.attempts) {
+    const w = phases.get(worker) ?? { waiting: [], handshake: [], processing: [] };
+    w.waiting.push(waiting);
+    w.handshake.push(handshake);
+    w.processing.push(processing);
+    phases.set(worker, w);
+  }
+  const latency = family(
+    "orchestrator_stage_latency_ms",
+    "gauge",
+    "Stage latency per worker and phase (waiting for resources, handshake, processing), nearest-rank quantiles of the completed attempts of the executions that ended in the last hour.",
+  );
+  const attempts = family("orchestrator_stage_latency_attempts", "gauge", "Completed attempts the stage latency gauges are computed from, per worker.");
+  for (const [worker, w] of [...phases.entries()].sort(([a], [b]) => (a < b ? -1 : 1))) {
+    attempts.samples.push({ labels: { worker }, value: w.processing.length });
+    for (const phase of ["waiting", "handshake", "processing"] as const) {
+      const sorted = [...w[phase]].sort((a, b) => a - b);
+      for (const q of [0.5, 0.95]) latency.samples.push({ labels: { worker, phase, quantile: String(q) }, value: quantile(sorted, q) ?? 0 });
+    }
+  }
 
   const pool = (name: string, help: string, pick: (p: LedgerSnapshot["pools"][number]) => number) =>
     family(name, "gauge", help, ledger.pools.map((p) => ({ labels: { pool: p.name, kind: p.kind }, value: pick(p) })));
@@ -92,6 +129,9 @@ export async function gatherMetrics(env: Env): Promise<Family[]> {
   return [
     executions,
     cost,
+    tokenFamily,
+    latency,
+    attempts,
     pool("orchestrator_pool_capacity", "Capacity of each ledger pool.", (p) => p.capacity),
     pool("orchestrator_pool_in_use", "Amount of each pool held by grants now.", (p) => p.in_use),
     pool("orchestrator_pool_available", "Amount of each pool free now.", (p) => p.available),
@@ -109,7 +149,7 @@ export async function gatherMetrics(env: Env): Promise<Family[]> {
       [...fireStates.entries()].sort().map(([state, n]) => ({ labels: { state }, value: n })),
     ),
     family("orchestrator_metrics_truncated", "gauge", "1 when an index month had more groups than the scrape reads (METRICS_GROUP_LIMIT).", [
-      { labels: {}, value: index.truncated ? 1 : 0 },
+      { labels: {}, value: index.truncated || recent.truncated ? 1 : 0 },
     ]),
   ];
 }

@@ -20,6 +20,7 @@ import {
   getResult,
   getResultContent,
   getItems,
+  getSpans,
   getStatus,
   isCallbackKind,
   readData,
@@ -32,8 +33,9 @@ import { countExecutions, listExecutions } from "./index-routing";
 import { ledgerFor } from "./ledger-routing";
 import { rerunExecution } from "./rerun-service";
 import { log } from "./log";
-import { askObject } from "./outbound";
+import { askObject, withTimeout } from "./outbound";
 import { metricsResponse } from "./prometheus";
+import { samplerOf, seriesDocument } from "./ops-series";
 import { listUndeliverable, retryUndeliverable } from "./undeliverable";
 import { createSchedule, deleteSchedule, getSchedule, listSchedules, patchSchedule } from "./schedule-service";
 import { wantsHtml } from "./ui/common";
@@ -144,6 +146,11 @@ route("get", "/executions/:id/stages/:stageId/items", async (req, env) => {
   return json(await getItems(env, req.params.id, req.params.stageId, new URL(req.url).searchParams));
 });
 
+route("get", "/executions/:id/spans", async (req, env) => {
+  await visible(req, env);
+  return json(await getSpans(env, req.params.id));
+});
+
 route("post", "/executions/:id/cancel", async (req, env) => {
   await visible(req, env);
   return json(await cancelExecution(env, req.params.id));
@@ -231,6 +238,12 @@ route("put", "/resources/pools/:name", async (req, env) => {
 route("get", "/metrics", async (req, env) => {
   requireUnscoped(await authorize(req, env, ["ops"]));
   return metricsResponse(env);
+});
+
+// The numbers behind the charts on /ui (src/ops-series.ts).
+route("get", "/metrics/series", async (req, env) => {
+  requireUnscoped(await authorize(req, env, ["ops"]));
+  return json(await seriesDocument(env, new URL(req.url)));
 });
 
 // Scheduled executions (src/schedule-service.ts, actors/schedule-shard.ts).
@@ -328,5 +341,22 @@ export async function handle(request: Request, env: Env, ctx: ExecutionContext):
     if (err instanceof ApiError) return errorResponse(err);
     throw err;
   }
+  startSampler(env, ctx);
   return router.fetch(request, env, ctx);
+}
+
+/**
+ * The queue sampler (actors/queue-sampler.ts) runs on its own alarm once
+ * armed; each isolate makes sure of that once, off the request's path.
+ */
+let samplerStarted = false;
+function startSampler(env: Env, ctx: ExecutionContext): void {
+  if (samplerStarted || !env.QUEUE_SAMPLES) return;
+  samplerStarted = true;
+  ctx.waitUntil(
+    withTimeout(samplerOf(env).ensure(), configOf(env).tuning.objectCallTimeoutMs, "queue sampler").catch((err) => {
+      samplerStarted = false;
+      log("warn", "queue_sampler_start_failed", { error: err instanceof Error ? err.message : String(err) });
+    }),
+  );
 }

@@ -5,6 +5,7 @@ import type { ErrorInfo } from "../../schemas/common";
 import type { IndexEntry } from "../../schemas/index-entry";
 import type { Config } from "../../src/config";
 import { costOf } from "../../src/cost";
+import { tokensOf } from "../../src/metrics";
 import type { StartResult } from "./index";
 import { DEFAULT_MAX_PARALLEL } from "./graph";
 import { type ExecutionRow, ISO, ITEM_ORD_STRIDE, type ItemCounts, type StageRow, dependsOn, isFanOut, parse } from "./store";
@@ -117,7 +118,7 @@ export function statusDocument(
 }
 
 /** The execution's summary for the execution index, at `version` (the index ignores older ones). */
-export function indexEntry(ex: ExecutionRow, stages: StageRow[], now: number, version: number): IndexEntry {
+export function indexEntry(ex: ExecutionRow, stages: StageRow[], now: number, version: number, attempts?: IndexEntry["attempts"]): IndexEntry {
   const cost = parse<{ total: number }>(ex.cost);
   return {
     execution_id: ex.execution_id,
@@ -130,9 +131,11 @@ export function indexEntry(ex: ExecutionRow, stages: StageRow[], now: number, ve
     completed_at: ex.completed_at,
     error_code: parse<ErrorInfo>(ex.error)?.code ?? null,
     cost_total: cost?.total ?? null,
+    tokens_total: stages.reduce((n, s) => n + tokensOf(parse<Record<string, number>>(s.usage)), 0),
     stages_total: stages.length,
     stages_completed: stages.filter((s) => s.status === "completed").length,
     version,
     rerun_of: ex.rerun_of,
+    ...(attempts ? { attempts } : {}),
   };
 }

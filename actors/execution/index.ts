@@ -11,6 +11,7 @@ import { isTerminalExecution } from "../stage-machine";
 import { type CallbackAnswer, type CallbackKind, type UploadCheck, applyCallback, registerUpload, uploadCheck } from "./callbacks";
 import { type Decision, decideApproval, executionDeadlineAt, migrateControl, pauseExecution, resumeExecution } from "./control";
 import { stageDocument, startSummary, statusDocument } from "./documents";
+import { spansDocument } from "./spans";
 import { applyGrant } from "./grant";
 import { LIVE_TICKETS_SCHEMA, Live } from "./live";
 import { EVENTS_SCHEMA, Notifier } from "./notify";
@@ -29,7 +30,7 @@ import {
   rerunSource,
   rerunsOf,
 } from "./rerun";
-import type { CancelState, DecideState, ItemsState, PauseState, ResultState, ResumeState, StartInput, StartResult } from "./rpc-types";
+import type { CancelState, DecideState, ItemsState, PauseState, ResultState, ResumeState, SpansState, StartInput, StartResult } from "./rpc-types";
 import * as step from "./steps";
 import { type Core, type ExecutionRow, SCHEMA, Store, isFanOut, migrate, parse } from "./store";
 import { Timers, WATCHDOG_MS } from "./timers";
@@ -65,7 +66,7 @@ import * as tx from "./transitions";
  */
 
 export type { CallbackAnswer, CallbackKind, UploadCheck } from "./callbacks";
-export type { CancelState, DecideState, ItemsState, PauseState, ResultState, ResumeState, StartInput, StartResult } from "./rpc-types";
+export type { CancelState, DecideState, ItemsState, PauseState, ResultState, ResumeState, SpansState, StartInput, StartResult } from "./rpc-types";
 
 export class Execution extends DurableObject<Env> {
   readonly #config: Config;
@@ -256,6 +257,12 @@ export class Execution extends DurableObject<Env> {
     const rows = this.#store.items(stageId, cursor, limit + 1);
     const page = rows.slice(0, limit).map((r) => stageDocument(r, now, this.#config.prices, { parent: st, trace: this.#store.trace() }));
     return { state: "ok", total: st.items_total, items: page, next_cursor: rows.length > limit ? String(rows[limit].item_index) : null };
+  }
+
+  /** Every stage and item attempt as a span (spans.ts): the execution page's timeline. */
+  async getSpans(): Promise<SpansState> {
+    const ex = this.#store.row();
+    return ex ? { state: "ok", document: spansDocument(this.#c.sql, ex, this.#store.trace(), Date.now()) } : { state: "missing" };
   }
 
   /** Whether a worker may upload for this stage and attempt now (asked before any byte is written). */

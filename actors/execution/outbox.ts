@@ -160,7 +160,6 @@ export class Outbox {
     this.#deliver(item)
       .catch((err) => {
         failure = String(err);
-        emit(this.#c.env, { event: "outbox_redelivery", kind: item.kind, attempt: attempts + 1, execution_id: this.#c.store.row()?.execution_id });
         return false;
       })
       .then(async (ok) => {
@@ -192,6 +191,8 @@ export class Outbox {
       RETURNING created_at, undeliverable_at, listed`[0];
     if (!row) return;
     this.#c.store.log("warn", "outbox_delivery_failed", { kind: item.kind, attempts, error });
+    // One point per failed delivery: the message will be delivered again (thrown or refused alike).
+    emit(this.#c.env, { event: "outbox_redelivery", kind: item.kind, attempt: attempts, execution_id: this.#c.store.row()?.execution_id });
     if (row.undeliverable_at === null && now - (row.created_at ?? now) >= t.outboxUndeliverableMs) {
       this.#c.sql`UPDATE outbox SET undeliverable_at = ${now} WHERE id = ${id}`;
       this.#c.store.log("error", "outbox_undeliverable", { kind: item.kind, outbox_id: id, attempts, error, since_ms: now - (row.created_at ?? now) });

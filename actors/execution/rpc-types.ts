@@ -1,4 +1,4 @@
-import type { ExecutionStatus, StageDocument, StageStatus, StatusDocument } from "../../schemas/api";
+import type { ExecutionStatus, SpansDocument, StageDocument, StageStatus, StatusDocument } from "../../schemas/api";
 import type { Priority } from "../../schemas/common";
 import type { DataReference } from "../../schemas/data";
 import type { TraceContext } from "../../src/trace";
@@ -51,6 +51,9 @@ export type ItemsState =
   | { state: "missing" }
   | { state: "not_fan_out" }
   | { state: "ok"; total: number | null; items: StageDocument[]; next_cursor: string | null };
+
+/** The execution's attempts as spans (spans.ts), for `GET /executions/{id}/spans`. */
+export type SpansState = { state: "missing" } | { state: "ok"; document: SpansDocument };
 
 export type DecideState =
   | { state: "missing" }

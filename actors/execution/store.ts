@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS stages (
   usage TEXT, output TEXT, output_ref TEXT, complete_hash TEXT,
   depends_on TEXT, for_each TEXT, max_parallel INTEGER, items_total INTEGER,
   parent TEXT, item_index INTEGER, item TEXT,
-  queue_timeout_ms INTEGER, ledger_failures INTEGER NOT NULL DEFAULT 0
+  queue_timeout_ms INTEGER, ledger_failures INTEGER NOT NULL DEFAULT 0, attempt_at INTEGER, granted_at INTEGER
 );
 CREATE TABLE IF NOT EXISTS reservations (
   reservation_id TEXT PRIMARY KEY, stage_id TEXT NOT NULL, attempt INTEGER NOT NULL, created_at INTEGER NOT NULL
@@ -46,6 +46,12 @@ CREATE TABLE IF NOT EXISTS timers (name TEXT NOT NULL, unit TEXT NOT NULL DEFAUL
 CREATE TABLE IF NOT EXISTS trace (
   id INTEGER PRIMARY KEY CHECK (id = 1), trace_id TEXT NOT NULL, span_id TEXT NOT NULL, parent_span_id TEXT,
   flags INTEGER NOT NULL, tracestate TEXT
+);
+CREATE TABLE IF NOT EXISTS spans (
+  stage_id TEXT NOT NULL, attempt INTEGER NOT NULL, worker TEXT NOT NULL, parent TEXT,
+  queued_at INTEGER NOT NULL, granted_at INTEGER, processing_at INTEGER, ended_at INTEGER NOT NULL,
+  outcome TEXT NOT NULL, tokens REAL NOT NULL DEFAULT 0,
+  PRIMARY KEY (stage_id, attempt)
 );
 CREATE TABLE IF NOT EXISTS outbox (
   id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, payload TEXT NOT NULL,
@@ -62,6 +68,9 @@ const ADDED_COLUMNS: [table: string, column: string, type: string][] = [
   ["execution", "deadline_at", "INTEGER"],
   ["stages", "queue_timeout_ms", "INTEGER"],
   ["stages", "ledger_failures", "INTEGER NOT NULL DEFAULT 0"],
+  // The current attempt's span (spans.ts): when it began waiting, when it was granted.
+  ["stages", "attempt_at", "INTEGER"],
+  ["stages", "granted_at", "INTEGER"],
   ["outbox", "created_at", "INTEGER"],
   ["outbox", "undeliverable_at", "INTEGER"],
   ["outbox", "last_error", "TEXT"],
@@ -209,6 +218,9 @@ export interface StageRow {
   queue_timeout_ms: number | null;
   /** Ledger calls that failed in a row while waiting for resources (the re-ask backs off on it). */
   ledger_failures: number;
+  /** The current attempt's start (it waits for resources from then) and its grant (spans.ts). */
+  attempt_at: number | null;
+  granted_at: number | null;
 }
 
 /** A stage that runs as items (its own row holds no attempt, no reservation, no worker call). */

@@ -13,6 +13,7 @@ import {
   canMoveExecution,
   canMoveStage,
   isOnWorker,
+  isTerminalExecution,
   isTerminalStage,
   mergeProgress,
   nextPollInterval,
@@ -22,6 +23,7 @@ import {
 } from "../stage-machine";
 import { reservationIdOf } from "../resource-ledger";
 import { indexEntry } from "./documents";
+import { endedSpan, indexAttempts, phases, recordSpan } from "./spans";
 import { itemIdFor, resolveGraph } from "./graph";
 import { type Core, type ExecutionRow, ITEM_ORD_STRIDE, type StageRow, type StoredOutput, dependsOn, isFanOut, parse } from "./store";
 
@@ -116,7 +118,7 @@ export function beginAttempt(c: Core, st: StageRow, now: number): void {
   moveStage(c, st, "waiting_resources", now, {});
   c.sql`UPDATE stages SET attempt = ${st.attempt + 1}, reservation = 'requested', reservation_id = NULL, requirements = NULL,
     waiting_since = ${now}, started_at = COALESCE(started_at, ${now}), progress = 0, poll_interval_ms = NULL, poll_failures = 0,
-    ledger_failures = 0 WHERE stage_id = ${st.stage_id}`;
+    ledger_failures = 0, attempt_at = ${now}, granted_at = NULL WHERE stage_id = ${st.stage_id}`;
   c.timers.clear("reask", st.stage_id);
   c.timers.set("queue", now + (st.queue_timeout_ms ?? c.config.tuning.maxQueueMs), st.stage_id);
 }
@@ -183,7 +185,7 @@ export function granted(c: Core, st: StageRow, expiresAt: number, requirements: 
   const deadline = now + c.config.tuning.handshakeTimeoutMs;
   c.sql`UPDATE stages SET reservation = 'granted', requirements = ${JSON.stringify(requirements)}, lease_expires_at = ${expiresAt},
     waiting_ms = waiting_ms + ${now - (st.waiting_since ?? now)}, waiting_since = NULL, message = NULL, ledger_failures = 0,
-    deadline_at = ${deadline} WHERE stage_id = ${st.stage_id}`;
+    deadline_at = ${deadline}, granted_at = ${now} WHERE stage_id = ${st.stage_id}`;
   c.timers.clear("reask", st.stage_id);
   c.timers.clear("queue", st.stage_id);
   c.timers.set("deadline", deadline, st.stage_id);
@@ -255,7 +257,7 @@ export function completeStage(c: Core, st: StageRow, output: StoredOutput, usage
     output_ref = ${output.ref ? JSON.stringify(output.ref) : null},
     complete_hash = ${hash}, reservation = NULL, deadline_at = NULL WHERE stage_id = ${st.stage_id}`;
   addToStage(c, st, usage);
-  attemptEnded(c, st, "completed", worked, usage);
+  attemptEnded(c, st, "completed", worked, usage, now);
   if (st.reservation_id) {
     c.outbox.enqueue({ kind: "ledger_settle", reservationId: st.reservation_id, usage: usage ?? {}, durationMs: worked }, now, { hold: true });
   }
@@ -295,7 +297,7 @@ export function failAttempt(c: Core, st: StageRow, failure: StageFailure, now: n
     WHERE stage_id = ${st.stage_id}`;
   addToStage(c, st, usage);
   c.timers.clearUnit(st.stage_id);
-  attemptEnded(c, st, failure.code, worked, usage);
+  attemptEnded(c, st, failure.code, worked, usage, now);
   c.store.log("warn", "stage_attempt_failed", { stage_id: st.stage_id, attempt: st.attempt, code: failure.code, retryable: failure.retryable });
   if (shouldRetry(failure, st.attempt, st.max_attempts)) {
     moveStage(c, st, "pending", now, { message: `retrying after ${failure.code}` });
@@ -384,11 +386,16 @@ export function finishExecution(c: Core, status: ExecutionStatus, now: number, e
   });
 }
 
-/** One stage attempt ended (`completed` or its error code): one data point with its worker and timings. */
-function attemptEnded(c: Core, st: StageRow, outcome: string, processingMs: number, usage: Record<string, number> | undefined): void {
+/**
+ * One stage attempt ended (`completed` or its error code; `st` is its row before the end): its span is
+ * recorded (spans.ts) and written as one data point with its worker and timings.
+ */
+function attemptEnded(c: Core, st: StageRow, outcome: string, processingMs: number, usage: Record<string, number> | undefined, now: number): void {
   const ex = c.store.row()!;
   const cur = c.store.stage(st.stage_id)!;
   const trace = c.store.trace();
+  const span = endedSpan(st, outcome, now);
+  if (span) recordSpan(c.sql, span, tokensOf(usage));
   emit(c.env, {
     event: "stage_attempt",
     trace_id: trace?.trace_id,
@@ -397,6 +404,7 @@ function attemptEnded(c: Core, st: StageRow, outcome: string, processingMs: numb
     ...metricFields(ex, st),
     outcome,
     waiting_ms: cur.waiting_ms,
+    handshake_ms: span ? phases(span, now).handshake_ms : 0,
     processing_ms: processingMs,
     tokens: tokensOf(usage),
   });
@@ -423,6 +431,9 @@ function openUnits(c: Core): StageRow[] {
 function stopUnit(c: Core, st: StageRow, to: "cancelled" | "failed", now: number, error: ErrorInfo): void {
   if (isOnWorker(st.status) && !isFanOut(st)) c.outbox.enqueue({ kind: "worker_cancel", worker: st.worker, stageId: st.stage_id, attempt: st.attempt }, now);
   releaseReservation(c, st, now);
+  // An attempt stopped while it waited or ran ends here: its span and data point, with the stop's code.
+  const inFlight = (st.status === "waiting_resources" || isOnWorker(st.status)) && !isFanOut(st);
+  if (inFlight) attemptEnded(c, st, error.code, st.processing_since !== null ? now - st.processing_since : 0, undefined, now);
   moveStage(c, st, to, now, { error });
 }
 
@@ -473,7 +484,9 @@ export function indexUpdate(c: Core, now: number): void {
   const ex = c.store.row()!;
   const version = ex.index_version + 1;
   c.sql`UPDATE execution SET index_version = ${version} WHERE id = 1`;
-  c.outbox.enqueue({ kind: "index_upsert", entry: indexEntry(ex, c.store.stages(), now, version) }, now);
+  // An ended execution's entry also carries its completed attempts, for the latency charts.
+  const attempts = isTerminalExecution(ex.status) ? indexAttempts(c.sql) : undefined;
+  c.outbox.enqueue({ kind: "index_upsert", entry: indexEntry(ex, c.store.stages(), now, version, attempts) }, now);
   c.changed();
 }
 

@@ -132,6 +132,15 @@ const list: StoredTemplate[] = [
       { stage: 2, worker: GRANULATOR, template_ref: "control_v1", action: "echo", max_attempts: 1, timeout_ms: 60_000 },
     ] satisfies TemplateStage[]),
   },
+  // The charts' queue (test/workers/series.test.ts, the browser test): one stage behind the slots of
+  // `gate:series` (created by the test that uses it), so a test decides how many wait.
+  {
+    template_id: "mt_series_001",
+    template_name: "series_gated",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRANULATOR, template_ref: "series_v1", action: "echo", max_attempts: 1, timeout_ms: 60_000, resources: { "gate:series": 1 } },
+    ] satisfies TemplateStage[]),
+  },
   // Approval stages: a person (KAM or an operator) approves or rejects stage 2's passing stage 1's output on.
   {
     template_id: "mt_approval_001",

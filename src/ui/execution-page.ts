@@ -1,6 +1,7 @@
 import { LOGIN_HTML, escapeHtml, htmlResponse, pageHead, pageTail } from "./common";
 import { ACTIONS_CSS, ACTIONS_HTML, ACTIONS_JS } from "./execution-actions";
 import { WAITING_CSS, WAITING_JS, WAITING_SUMMARY_JS } from "./waiting-on";
+import { TIMELINE_CSS, TIMELINE_HTML, TIMELINE_JS } from "./timeline";
 
 /**
  * `GET /executions/:id` with `Accept: text/html`, and `GET /ui/executions/:id`:
@@ -12,7 +13,8 @@ import { WAITING_CSS, WAITING_JS, WAITING_SUMMARY_JS } from "./waiting-on";
  * over the execution's live socket (a ticket asked for with the OPS token), or
  * polled every second when the socket cannot open or drops, which the page
  * says. The page itself holds no data, so it is served without a token.
- * The operator's buttons are in ./execution-actions.ts.
+ * The operator's buttons are in ./execution-actions.ts, the waterfall of
+ * every attempt in ./timeline.ts.
  */
 const CSS = `
 .summary { display: grid; grid-template-columns: repeat(auto-fill, minmax(210px, 1fr)); gap: 8px 20px; margin: 0; }
@@ -225,6 +227,7 @@ function render(doc) {
   renderWaiting(doc);
   renderActions(doc);
   renderGraph(doc);
+  renderTimeline();
   if (selected) loadItems();
   const currency = doc.cost ? doc.cost.currency : null;
   const rows = doc.stages.slice().sort((a, b) => a.order - b.order).map((s) => stageRow(doc, s, currency));
@@ -312,7 +315,7 @@ $("signout").addEventListener("click", () => { generation += 1; clearTimeout(tim
 export function executionPage(executionId: string): Response {
   const id = escapeHtml(executionId);
   return htmlResponse(
-    (nonce) => `${pageHead(nonce, `${id} · Orchestrator`, CSS + ACTIONS_CSS + WAITING_CSS)}
+    (nonce) => `${pageHead(nonce, `${id} · Orchestrator`, CSS + ACTIONS_CSS + WAITING_CSS + TIMELINE_CSS)}
 <body data-execution-id="${id}">
 <header>
   <h1><a href="/ui">Executions</a> / <span class="mono" id="exec-id">${id}</span></h1>
@@ -342,7 +345,7 @@ ${LOGIN_HTML}
       <div><dt>Data deleted</dt><dd id="expired">–</dd></div>
     </dl>
   </section>${ACTIONS_HTML}
-  <section class="card graph" id="graph" aria-label="pipeline graph"></section>
+  <section class="card graph" id="graph" aria-label="pipeline graph"></section>${TIMELINE_HTML}
   <section class="card scroll" id="items" hidden>
     <h2 id="items-title" class="items-title"></h2>
     <table>
@@ -364,6 +367,6 @@ ${LOGIN_HTML}
   <p id="updated" class="muted"></p>
 </div>
 </main>
-${pageTail(nonce, SCRIPT + ACTIONS_JS + WAITING_JS + WAITING_SUMMARY_JS)}`,
+${pageTail(nonce, SCRIPT + ACTIONS_JS + WAITING_JS + WAITING_SUMMARY_JS + TIMELINE_JS)}`,
   );
 }

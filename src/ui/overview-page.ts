@@ -1,11 +1,13 @@
+import { CHARTS_CSS, CHARTS_HTML, CHARTS_JS } from "./charts";
 import { LOGIN_HTML, htmlResponse, pageHead, pageTail } from "./common";
 
 /**
  * `GET /ui` (and `GET /executions` with `Accept: text/html`): recent
  * executions from the index with counts by status, filters, "load more"
- * through the cursor, and a link to each execution's page; below them the
- * schedules with their next run and last fire. Reads with the OPS token; the
- * first page refreshes itself every 5 s.
+ * through the cursor, and a link to each execution's page; the charts over
+ * a chosen window (src/ui/charts.ts); below them the schedules with their
+ * next run and last fire. Reads with the OPS token; the first page refreshes
+ * itself every 5 s.
  */
 const CSS = `
 form.filters { display: flex; flex-wrap: wrap; align-items: flex-end; gap: 8px 0; }
@@ -124,6 +126,7 @@ async function load(append) {
       append ? null : allCounts(f),
       api("/executions?" + query(f, { status: f.status, limit: 50, cursor: append ? cursor : null })),
       append ? null : loadSchedules(gen),
+      append ? null : loadCharts(),
     ]);
     if (gen !== generation) return;
     problem("");
@@ -170,7 +173,7 @@ $("signout").addEventListener("click", stop);
 
 export function overviewPage(): Response {
   return htmlResponse(
-    (nonce) => `${pageHead(nonce, `Executions · Orchestrator`, CSS)}
+    (nonce) => `${pageHead(nonce, `Executions · Orchestrator`, CSS + CHARTS_CSS)}
 <body>
 <header>
   <h1>Executions</h1>
@@ -196,6 +199,7 @@ ${LOGIN_HTML}
     <button class="primary" type="submit">Apply</button>
   </form>
   <div id="counts" class="counts"></div>
+${CHARTS_HTML}
   <section class="card scroll">
     <table>
       <thead><tr>
@@ -219,6 +223,6 @@ ${LOGIN_HTML}
   </section>
 </div>
 </main>
-${pageTail(nonce, SCRIPT)}`,
+${pageTail(nonce, CHARTS_JS + SCRIPT)}`,
   );
 }

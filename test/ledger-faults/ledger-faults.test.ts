@@ -1,6 +1,7 @@
 import { env } from "cloudflare:workers";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import type { LedgerSnapshot } from "../../schemas/ledger";
+import { fromDataPoint } from "../../src/metrics";
 import { JSON_HEADERS, KAM, OPS, call, ended, expectNoLiveReservations, startExecution, status, waitFor } from "../support/api";
 
 /**
@@ -34,6 +35,12 @@ async function until<T>(what: string, read: () => Promise<T>, done: (v: T) => bo
     if (Date.now() > deadline) throw new Error(`${what}: not reached within ${timeoutMs} ms; last: ${JSON.stringify(v)}`);
     await scheduler.wait(25);
   }
+}
+
+/** What the orchestrator wrote to its Analytics Engine dataset (a real worker that keeps the points, vitest.config.ts). */
+async function metricPoints(): Promise<Record<string, string | number>[]> {
+  const res = await (env as unknown as { METRICS_SINK: Fetcher }).METRICS_SINK.fetch("http://sink/");
+  return ((await res.json()) as AnalyticsEngineDataPoint[]).map(fromDataPoint);
 }
 
 const capped = (name: string) => realLedger().snapshot().then((s: LedgerSnapshot) => s.pools.find((p) => p.name === name));
@@ -180,6 +187,15 @@ describe("the ledger behind a faulty object", () => {
       async () => (await (await call("/resources/undeliverable", { headers: OPS })).json()) as { items: { execution_id: string }[] },
       (l) => !l.items.some((i) => i.execution_id === id),
     );
+    // Each refused settle is one outbox_redelivery data point (the tests' Analytics Engine dataset), numbered by attempt.
+    const refused = (await gate().calls("settle")).filter((c) => c.fault === "down").length;
+    expect(refused).toBeGreaterThan(1);
+    const points = await until(
+      "redelivery points",
+      async () => (await metricPoints()).filter((p) => p.event === "outbox_redelivery" && p.execution_id === id),
+      (p) => p.length >= refused,
+    );
+    expect(points.map((p) => [p.kind, p.attempt])).toEqual(Array.from({ length: refused }, (_, i) => ["ledger_settle", i + 1]));
   });
 });
 

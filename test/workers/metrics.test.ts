@@ -5,6 +5,7 @@ import type { StatusDocument } from "../../schemas/api";
 import { fromDataPoint } from "../../src/metrics";
 import { scheduleShardIndex } from "../../src/schedule-service";
 import { JSON_HEADERS, KAM, OPS, call, ended, startExecution, status, waitFor } from "../support/api";
+import { waitForEvents } from "../support/kam-events";
 
 /**
  * Metrics for a known workload: five executions of one client (three
@@ -83,17 +84,24 @@ describe("Analytics Engine data points", () => {
     }
   });
 
-  it("one stage_attempt per attempt the status documents count, with its worker and outcome", async () => {
-    const attempts = docs.flatMap((d) => d.stages.filter((s) => s.attempts > 0 && s.status !== "cancelled").map((s) => ({ d, s })));
+  it("one stage_attempt per attempt the status documents count (a cancelled one too), with its worker, outcome and phases", async () => {
+    const attempts = docs.flatMap((d) => d.stages.filter((s) => s.attempts > 0).map((s) => ({ d, s })));
     const all = await pointsWhen((p) => p.filter((x) => x.event === "stage_attempt" && x.client_id === CLIENT).length >= attempts.length);
     const mine = all.filter((p) => p.event === "stage_attempt" && p.client_id === CLIENT);
     expect(mine).toHaveLength(attempts.length);
     for (const { d, s } of attempts) {
       const p = mine.find((x) => x.execution_id === d.execution_id && x.stage_id === s.stage_id);
       expect(p).toMatchObject({ worker: s.worker, attempt: s.attempts, outcome: s.status === "completed" ? "completed" : s.error?.code });
-      if (s.status === "completed") expect(p?.processing_ms).toBe(s.processing_ms);
+      if (s.status === "completed") {
+        expect(p?.processing_ms).toBe(s.processing_ms);
+        // One attempt: its waiting, handshake and processing add up to the stage's duration.
+        const handshake = Date.parse(s.completed_at!) - Date.parse(s.started_at!) - s.waiting_ms - s.processing_ms;
+        expect(handshake).toBeGreaterThan(0);
+        expect(p?.handshake_ms).toBe(handshake);
+      }
     }
     expect(mine.filter((p) => p.outcome === "worker_not_bound")).toHaveLength(1);
+    expect(mine.filter((p) => p.outcome === "cancelled")).toHaveLength(1);
   });
 
   it("one ledger_answer per pool a grant names, with the wait the status document shows", async () => {
@@ -107,6 +115,19 @@ describe("Analytics Engine data points", () => {
       expect(new Set(mine.map((p) => p.pool)).size).toBe(mine.length);
       for (const p of mine) expect(p.outcome).toBe("granted");
     }
+  });
+
+  it("one notification point per delivery to KAM, with its HTTP status, attempt and event type", async () => {
+    // The demo KAM answers 500 to the first two deliveries of a client named kam-flaky-2-...
+    const { body } = await startExecution({ template_name: "quick_summary", parameters: QUICK, client_id: "kam-flaky-2-metrics", notify: true });
+    const id = body.execution_id as string;
+    const got = await waitForEvents(id, (r) => r.events.length === 1);
+    const all = await pointsWhen((p) => p.filter((x) => x.event === "notification" && x.execution_id === id).length >= got.receipts.length);
+    const mine = all.filter((x) => x.event === "notification" && x.execution_id === id);
+    expect(got.receipts.map((r) => r.answered)).toEqual([500, 500, 200]);
+    expect(mine.map((p) => [p.kind, p.outcome, p.attempt])).toEqual(got.receipts.map((r, i) => [r.type, String(r.answered), i + 1]));
+    for (const p of mine) expect(p.duration_ms).toBeGreaterThanOrEqual(0);
+    await waitFor(id, (d) => d.notifications.delivered === 1);
   });
 
   it("a refused callback is a callback_refused point with its code", async () => {
@@ -124,6 +145,9 @@ describe("GET /metrics", () => {
   const SERIES = [
     ["orchestrator_executions", "GAUGE"],
     ["orchestrator_execution_cost_total", "COUNTER"],
+    ["orchestrator_execution_tokens_total", "COUNTER"],
+    ["orchestrator_stage_latency_ms", "GAUGE"],
+    ["orchestrator_stage_latency_attempts", "GAUGE"],
     ["orchestrator_pool_capacity", "GAUGE"],
     ["orchestrator_pool_in_use", "GAUGE"],
     ["orchestrator_pool_available", "GAUGE"],
@@ -153,6 +177,34 @@ describe("GET /metrics", () => {
     for (const template of ["quick_summary", "unbound_worker"]) {
       const apiCost = docs.filter((d) => d.template_name === template).reduce((n, d) => n + (d.cost?.total ?? 0), 0);
       expect(sample(families, "orchestrator_execution_cost_total", { client_id: CLIENT, template_name: template, currency: "USD" })).toBeCloseTo(apiCost, 15);
+    }
+  });
+
+  it("sums the workload's tokens per client and template, and has each worker's stage latency as the status documents time it", async () => {
+    const families = await scrape();
+    const tokensOfDoc = (d: StatusDocument) => d.stages.reduce((n, s) => n + Object.entries(s.usage ?? {}).reduce((m, [k, v]) => m + (k.startsWith("tokens:") ? v : 0), 0), 0);
+    for (const template of ["quick_summary", "unbound_worker"]) {
+      const expected = docs.filter((d) => d.template_name === template).reduce((n, d) => n + tokensOfDoc(d), 0);
+      expect(sample(families, "orchestrator_execution_tokens_total", { client_id: CLIENT, template_name: template })).toBe(expected);
+    }
+    expect(docs.reduce((n, d) => n + tokensOfDoc(d), 0)).toBeGreaterThan(0);
+    // Storage is this file's own: the completed attempts of the last hour are the workload's three (and the notification test's, if it ran first).
+    const stages = (await Promise.all(docs.map((d) => status(d.execution_id))))
+      .filter((d) => d.status === "completed")
+      .flatMap((d) => d.stages);
+    const extra = await call(`/executions?client_id=kam-flaky-2-metrics`, { headers: OPS });
+    const others = ((await extra.json()) as { items: { execution_id: string; status: string }[] }).items.filter((x) => x.status === "completed");
+    for (const o of others) stages.push(...(await status(o.execution_id)).stages);
+    const phase = {
+      waiting: stages.map((s) => s.waiting_ms),
+      handshake: stages.map((s) => Date.parse(s.completed_at!) - Date.parse(s.started_at!) - s.waiting_ms - s.processing_ms),
+      processing: stages.map((s) => s.processing_ms),
+    };
+    const rank = (v: number[], q: number) => [...v].sort((a, b) => a - b)[Math.ceil(q * v.length) - 1];
+    const worker = "bitware-content-granulator";
+    expect(sample(families, "orchestrator_stage_latency_attempts", { worker })).toBe(stages.length);
+    for (const [name, values] of Object.entries(phase)) {
+      for (const q of [0.5, 0.95]) expect(sample(families, "orchestrator_stage_latency_ms", { worker, phase: name, quantile: String(q) }), `${name} ${q}`).toBe(rank(values, q));
     }
   });
 

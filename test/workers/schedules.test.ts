@@ -56,6 +56,23 @@ async function fireWhileRunning(id: string, overlap: string): Promise<{ previous
   return { previous, second: await fireNow(id, 1_000) };
 }
 
+/** Reads until `done` holds, for at most 10 s. */
+async function until<T>(read: () => Promise<T>, done: (v: T) => boolean): Promise<T> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    const v = await read();
+    if (done(v)) return v;
+    if (Date.now() > deadline) throw new Error(`not reached: ${JSON.stringify(v)}`);
+    await scheduler.wait(25);
+  }
+}
+
+/** Sets a client's max_starts_per_minute (its other quotas from the defaults). */
+async function putStarts(clientId: string, perMinute: number) {
+  const res = await call(`/clients/${clientId}/quotas`, { method: "PUT", headers: { ...OPS, ...JSON_HEADERS }, body: JSON.stringify({ max_starts_per_minute: perMinute }) });
+  expect(res.status).toBe(200);
+}
+
 function base(id: string, extra: Record<string, unknown> = {}) {
   return {
     schedule_id: id,
@@ -285,6 +302,55 @@ describe("fires", () => {
     expect(skipped.last_runs).toHaveLength(1);
     expect(skipped.last_runs[0]).toMatchObject({ fire_at: "2024-02-29T06:00:00.000Z", state: "skipped", reason: "missed", execution_id: null });
     for (const doc of [ran, skipped]) expect(doc.next_runs[0]).toBe("2028-02-29T06:00:00.000Z");
+  });
+
+  it("a fire whose start fails transiently (429 rate_limited) stays pending and is retried by the alarm; once admitted it starts, once", async () => {
+    const client = "client_sched_retry";
+    await putStarts(client, 1);
+    // The client's one start of this minute is used up: the fire's start is refused with 429 rate_limited.
+    const first = await call("/execute", { method: "POST", headers: { ...KAM, ...JSON_HEADERS }, body: JSON.stringify({ template_name: "quick_summary", parameters: {}, client_id: client }) });
+    expect(first.status).toBe(202);
+    const own = ((await first.json()) as { execution_id: string }).execution_id;
+    started.push(own);
+    await post(base("fire-retry", { client_id: client }));
+    const pending = await fireNow("fire-retry");
+    expect(pending.last_runs).toHaveLength(1);
+    expect(pending.last_runs[0]).toMatchObject({ state: "pending", reason: "rate_limited", execution_id: null });
+    // The shard's own alarm retries it (backoff from retryBaseMs, 50 ms here): still refused, still pending.
+    const retried = await until(async () => (await get("fire-retry")).last_runs[0], (r) => r.attempts >= 3);
+    expect(retried).toMatchObject({ state: "pending", reason: "rate_limited", execution_id: null });
+
+    // The quota is lifted: the next retry starts it, under the fire's derived request_id.
+    await putStarts(client, 1000);
+    const run = await until(async () => (await get("fire-retry")).last_runs, (r) => r[0].state !== "pending");
+    expect(run).toHaveLength(1);
+    expect(run[0]).toMatchObject({ state: "started", reason: null });
+    expect(run[0].attempts).toBeGreaterThan(retried.attempts);
+    const doc = await waitFor(run[0].execution_id!, ended);
+    started.push(doc.execution_id);
+    expect(doc.request_id).toBe(run[0].request_id);
+    // Started once: the client has its own first execution and this one.
+    const listed = (await (await call(`/executions?client_id=${client}`, { headers: OPS })).json()) as { items: { execution_id: string }[] };
+    expect(listed.items.map((x) => x.execution_id).sort()).toEqual([own, doc.execution_id].sort());
+  });
+
+  it("a fire still failing transiently past scheduleFireDeadlineMs after its time fails with fire_deadline; the schedule goes on", async () => {
+    const client = "client_sched_deadline";
+    await putStarts(client, 1);
+    const first = await call("/execute", { method: "POST", headers: { ...KAM, ...JSON_HEADERS }, body: JSON.stringify({ template_name: "quick_summary", parameters: {}, client_id: client }) });
+    expect(first.status).toBe(202);
+    started.push(((await first.json()) as { execution_id: string }).execution_id);
+    await post(base("fire-deadline", { client_id: client }));
+    // Its fire time is 16 minutes ago (the deadline is 15): missed_fires run_once runs it, and its start is refused 429.
+    const doc = await fireNow("fire-deadline", 16 * 60_000);
+    expect(doc.last_runs).toHaveLength(1);
+    expect(doc.last_runs[0]).toMatchObject({ state: "failed", reason: "fire_deadline", attempts: 1, execution_id: null });
+    expect(doc.last_runs[0].message).toContain("not started within 900000 ms");
+    expect(doc.last_runs[0].message).toContain("executions per minute");
+    expect(doc.next_runs[0]).toBe("2028-02-29T06:00:00.000Z");
+    const points = await (await (env as unknown as { METRICS_SINK: Fetcher }).METRICS_SINK.fetch("http://sink/")).json();
+    const fires = (points as AnalyticsEngineDataPoint[]).map(fromDataPoint).filter((p) => p.event === "schedule_fire" && p.schedule_id === "fire-deadline");
+    expect(fires).toEqual([expect.objectContaining({ outcome: "failed", code: "fire_deadline", client_id: client })]);
   });
 
   it("a fire whose start is refused for good fails with the code and message; the schedule goes on", async () => {

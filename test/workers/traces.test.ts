@@ -166,3 +166,106 @@ describe("trace context", () => {
     expect(traceLogFields(null, { status: "running" })).toEqual({});
   });
 });
+
+/**
+ * `GET /executions/{id}/spans`: the spans the execution page's timeline is
+ * drawn from. One per attempt, with the span id every call of that attempt
+ * carried, its worker, and waiting, handshake and processing times that are
+ * the status document's own (and the `stage_attempt` data point's).
+ */
+describe("the spans of an execution", () => {
+  type Span = {
+    stage_id: string;
+    parent_stage_id: string | null;
+    attempt: number;
+    worker: string;
+    span_id: string;
+    parent_span_id: string;
+    queued_at: string;
+    granted_at: string | null;
+    processing_at: string | null;
+    ended_at: string | null;
+    outcome: string | null;
+    waiting_ms: number;
+    handshake_ms: number;
+    processing_ms: number;
+  };
+  type Spans = { execution_id: string; trace_id: string; span_id: string; spans: Span[]; truncated: boolean };
+  const spansOf = async (id: string) => {
+    const res = await call(`/executions/${id}/spans`, { headers: OPS });
+    expect(res.status).toBe(200);
+    return (await res.json()) as Spans;
+  };
+  const ms = (iso: string | null) => Date.parse(iso!);
+
+  it("has one span per attempt with its worker and span id, and phases that are the status document's times", async () => {
+    // Stage 2's first attempt fails (retryable), its second completes: four attempts over three stages.
+    const id = await start({ template_name: "course_creation", parameters: { topic: "Spans", steps: 2, step_ms: 10, fault: { stage: 2, mode: "fail_retryable_once" } }, client_id: "client_spans" }, {
+      traceparent: `00-${TRACE_ID}-${CALLER_SPAN}-01`,
+    });
+    const doc = await waitFor(id, ended);
+    expect(doc.status).toBe("completed");
+    expect(doc.stages.map((s) => s.attempts)).toEqual([1, 2, 1]);
+    const s = await spansOf(id);
+    expect(s).toMatchObject({ execution_id: id, trace_id: TRACE_ID, span_id: doc.span_id, truncated: false });
+    expect(s.spans.map((x) => `${x.stage_id}#${x.attempt}:${x.outcome}`)).toEqual([
+      "stage_1#1:completed",
+      `stage_2#1:${doc.stages[1].last_error!.code}`,
+      "stage_2#2:completed",
+      "stage_3#1:completed",
+    ]);
+    const trace = { span_id: doc.span_id! };
+    for (const x of s.spans) {
+      const stage = doc.stages.find((st) => st.stage_id === x.stage_id)!;
+      expect(x).toMatchObject({ worker: stage.worker, parent_stage_id: null, parent_span_id: doc.span_id, span_id: attemptSpanId(trace, x.stage_id, x.attempt) });
+      // The three phases cover the attempt from its queueing to its end, in order.
+      expect(x.waiting_ms + x.handshake_ms + x.processing_ms).toBe(ms(x.ended_at) - ms(x.queued_at));
+      expect(x.handshake_ms).toBe(ms(x.processing_at) - ms(x.granted_at));
+      expect(x.processing_ms).toBe(ms(x.ended_at) - ms(x.processing_at));
+    }
+    // The current attempt's span is the status document's; each stage's times are the sum of its attempts'.
+    for (const stage of doc.stages) {
+      const mine = s.spans.filter((x) => x.stage_id === stage.stage_id);
+      expect(mine[mine.length - 1].span_id).toBe(stage.span_id);
+      expect(mine.reduce((n, x) => n + x.waiting_ms, 0)).toBe(stage.waiting_ms);
+      expect(mine.reduce((n, x) => n + x.processing_ms, 0)).toBe(stage.processing_ms);
+      expect(mine[0].queued_at).toBe(stage.started_at);
+      expect(mine[mine.length - 1].ended_at).toBe(stage.completed_at);
+    }
+    // The same spans as stage_attempt data points: ids, outcomes and handshake times.
+    const deadline = Date.now() + 10_000;
+    let points: Record<string, string | number>[] = [];
+    while (points.length < 4 && Date.now() < deadline) {
+      const res = await (env as unknown as { METRICS_SINK: Fetcher }).METRICS_SINK.fetch("http://sink/");
+      points = ((await res.json()) as AnalyticsEngineDataPoint[]).map(fromDataPoint).filter((p) => p.event === "stage_attempt" && p.execution_id === id);
+      if (points.length < 4) await scheduler.wait(50);
+    }
+    expect(points.map((p) => [p.stage_id, p.attempt, p.span_id, p.outcome, p.handshake_ms])).toEqual(
+      s.spans.map((x) => [x.stage_id, x.attempt, x.span_id, x.outcome, x.handshake_ms]),
+    );
+  });
+
+  it("has a span for each item of a fan-out, under its stage, and the open attempt of a running stage", async () => {
+    const id = await start({ template_name: "course_parallel", parameters: { topic: "Items", modules: 3, steps: 1, step_ms: 5 }, client_id: "client_spans" });
+    const doc = await waitFor(id, ended);
+    expect(doc.status).toBe("completed");
+    const s = await spansOf(id);
+    const items = s.spans.filter((x) => x.parent_stage_id === "stage_2");
+    expect(items.map((x) => x.stage_id).sort()).toEqual(["stage_2.0", "stage_2.1", "stage_2.2"]);
+    for (const x of items) expect(x).toMatchObject({ attempt: 1, outcome: "completed", worker: "bitware-content-granulator" });
+    // The fan-out stage itself runs no attempt of its own: its items do.
+    expect(s.spans.filter((x) => x.stage_id === "stage_2")).toEqual([]);
+    expect(s.spans.filter((x) => x.parent_stage_id === null).map((x) => x.stage_id).sort()).toEqual(["stage_1", "stage_3", "stage_4", "stage_5"]);
+    expect(s.spans).toHaveLength(7);
+
+    const hanging = await start({ template_name: "quick_summary", parameters: { fault: { mode: "hang" } }, client_id: "client_spans" });
+    const running = await waitFor(hanging, (d) => d.stages[0]?.status === "processing");
+    const open = (await spansOf(hanging)).spans;
+    expect(open).toEqual([expect.objectContaining({ stage_id: "stage_1", attempt: 1, outcome: null, ended_at: null, span_id: running.stages[0].span_id })]);
+    expect(open[0].processing_at).not.toBeNull();
+    await call(`/executions/${hanging}/cancel`, { method: "POST", headers: OPS });
+    const cancelled = (await spansOf(hanging)).spans;
+    expect(cancelled).toEqual([expect.objectContaining({ stage_id: "stage_1", attempt: 1, outcome: "cancelled" })]);
+    expect((await call("/executions/exec_1796131276048_nothingHereAtAll/spans", { headers: OPS })).status).toBe(404);
+  });
+});
