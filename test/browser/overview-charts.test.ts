@@ -25,7 +25,7 @@ const QUEUE_CLIENT = `client_charts_queue_${Date.now()}`;
 const POOL = "gate:series";
 const WORKER = "bitware-content-granulator";
 
-type Stage = { stage_id: string; worker: string; attempts: number; waiting_ms: number; processing_ms: number; started_at: string; completed_at: string | null; span_id: string | null };
+type Stage = { stage_id: string; status: string; worker: string; attempts: number; waiting_ms: number; processing_ms: number; started_at: string; completed_at: string | null; span_id: string | null };
 type Doc = { execution_id: string; status: string; completed_at: string | null; cost: { total: number } | null; stages: Stage[] };
 type Snapshot = { pools: { name: string; waiting: number }[] };
 
@@ -183,7 +183,8 @@ describe("charts on /ui", () => {
     expect((await table(page, "queue")).map((r) => r.key.pool).sort()).toEqual(pools);
 
     // Each chart is drawn: a canvas with a size, and one series per row of its numbers (two per worker for latency).
-    const drawn = await page.evaluate(() =>
+    type Drawn = { series: number; width: number; height: number; numbersBelow: boolean };
+    const drawn: Record<string, Drawn> = await page.evaluate(() =>
       Object.fromEntries(
         Array.from(document.querySelectorAll<HTMLElement>(".chart")).map((c) => {
           const canvas = c.querySelector("canvas");
