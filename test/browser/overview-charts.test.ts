@@ -31,7 +31,7 @@ type Snapshot = { pools: { name: string; waiting: number }[] };
 
 let session: Awaited<ReturnType<typeof startDevSession>> | undefined;
 let context: BrowserContext | undefined;
-let userDataDir: string | undefined;
+const temps: string[] = [];
 const problems: string[] = [];
 const docs: Doc[] = [];
 const queued: string[] = [];
@@ -72,9 +72,12 @@ function nearestRank(values: number[], q: number): number {
 beforeAll(async () => {
   if (MISSING) return;
   mkdirSync(RESULTS, { recursive: true });
-  session = await startDevSession({ secrets: TEST_SECRETS, vars: { TUNING: JSON.stringify({ queueSampleMs: 1000 }) } });
-  userDataDir = mkdtempSync(path.join(os.tmpdir(), "orch-chromium-"));
-  context = await chromium.launchPersistentContext(userDataDir, {
+  const state = mkdtempSync(path.join(os.tmpdir(), "orch-charts-state-"));
+  const profile = mkdtempSync(path.join(os.tmpdir(), "orch-chromium-"));
+  temps.push(state, profile);
+  // A state of its own (the charts count everything in it), sampling the queue every second.
+  session = await startDevSession({ secrets: TEST_SECRETS, persistTo: state, vars: { TUNING: JSON.stringify({ queueSampleMs: 1000 }) } });
+  context = await chromium.launchPersistentContext(profile, {
     executablePath: CHROMIUM,
     headless: true,
     args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
@@ -102,7 +105,7 @@ beforeAll(async () => {
 afterAll(async () => {
   await context?.close().catch(() => {});
   await session?.stop();
-  if (userDataDir) rmSync(userDataDir, { recursive: true, force: true });
+  for (const t of temps) rmSync(t, { recursive: true, force: true });
 });
 
 function watch(page: Page) {

@@ -4,7 +4,8 @@ import { beforeAll, describe, expect, it } from "vitest";
 import type { StatusDocument } from "../../schemas/api";
 import { fromDataPoint } from "../../src/metrics";
 import { scheduleShardIndex } from "../../src/schedule-service";
-import { JSON_HEADERS, KAM, OPS, call, ended, startExecution, status, waitFor } from "../support/api";
+import { knownWorkload } from "../support/workload";
+import { JSON_HEADERS, KAM, OPS, call, startExecution, status, waitFor } from "../support/api";
 import { waitForEvents } from "../support/kam-events";
 
 /**
@@ -50,14 +51,7 @@ function sample(families: Family[], name: string, labels: Record<string, string>
 }
 
 beforeAll(async () => {
-  const ids: string[] = [];
-  for (let i = 0; i < 3; i++) ids.push((await startExecution({ template_name: "quick_summary", parameters: QUICK, client_id: CLIENT })).body.execution_id);
-  ids.push((await startExecution({ template_name: "unbound_worker", parameters: {}, client_id: CLIENT })).body.execution_id);
-  const hanging = (await startExecution({ template_name: "quick_summary", parameters: { fault: { mode: "hang" } }, client_id: CLIENT })).body.execution_id;
-  await waitFor(hanging, (d) => d.stages[0]?.status === "processing");
-  await call(`/executions/${hanging}/cancel`, { method: "POST", headers: OPS });
-  ids.push(hanging);
-  for (const id of ids) docs.push(await waitFor(id, ended));
+  docs.push(...(await knownWorkload(CLIENT, QUICK)));
   // The index is written through each execution's outbox: wait until it has every end.
   const deadline = Date.now() + 10_000;
   for (;;) {

@@ -3,6 +3,7 @@ import { beforeAll, describe, expect, it } from "vitest";
 import type { QueueSampler } from "../../actors/queue-sampler";
 import type { StatusDocument } from "../../schemas/api";
 import type { SeriesDocument } from "../../schemas/series";
+import { knownWorkload } from "../support/workload";
 import { JSON_HEADERS, OPS, call, ended, startExecution, waitFor, waitForLedger } from "../support/api";
 
 /**
@@ -32,14 +33,7 @@ function nearestRank(values: number[], q: number): number | null {
 }
 
 beforeAll(async () => {
-  const ids: string[] = [];
-  for (let i = 0; i < 3; i++) ids.push((await startExecution({ template_name: "quick_summary", parameters: QUICK, client_id: CLIENT })).body.execution_id);
-  ids.push((await startExecution({ template_name: "unbound_worker", parameters: {}, client_id: CLIENT })).body.execution_id);
-  const hanging = (await startExecution({ template_name: "quick_summary", parameters: { fault: { mode: "hang" } }, client_id: CLIENT })).body.execution_id;
-  await waitFor(hanging, (d) => d.stages[0]?.status === "processing");
-  await call(`/executions/${hanging}/cancel`, { method: "POST", headers: OPS });
-  ids.push(hanging);
-  for (const id of ids) docs.push(await waitFor(id, ended));
+  docs.push(...(await knownWorkload(CLIENT, QUICK)));
   // The index is written through each execution's outbox: wait until every end is there.
   const deadline = Date.now() + 10_000;
   for (;;) {
