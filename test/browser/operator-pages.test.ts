@@ -1,12 +1,13 @@
-import { existsSync, mkdirSync, mkdtempSync, rmSync, statSync } from "node:fs";
+import { mkdtempSync, rmSync, statSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { type BrowserContext, type Page, chromium } from "playwright-core";
+import type { BrowserContext, Page } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { ROOT, startDevSession } from "../../scripts/dev-session.mjs";
+import { startDevSession } from "../../scripts/dev-session.mjs";
 import type { ClientDocument } from "../../schemas/clients";
 import type { LedgerSnapshot } from "../../schemas/ledger";
 import type { StatusDocument } from "../../schemas/api";
+import { MISSING, RESULTS, launchChromium, watchPage } from "../support/browser";
 import { TEST_SECRETS } from "../support/constants";
 
 /**
@@ -18,8 +19,6 @@ import { TEST_SECRETS } from "../support/constants";
  * (a cancel frees the slot) without a reload; the execution page shows a
  * waiting stage's `waiting_on`. Screenshots go to test-results/.
  */
-const CHROMIUM = process.env.CHROMIUM_PATH ?? "/usr/bin/chromium";
-const RESULTS = path.join(ROOT, "test-results");
 const KAM = { authorization: `Bearer ${TEST_SECRETS.KAM_TOKEN}`, "content-type": "application/json" };
 const OPS = { authorization: `Bearer ${TEST_SECRETS.OPS_TOKEN}`, "content-type": "application/json" };
 const WORKER_POOL = "worker:bitware-content-granulator";
@@ -31,23 +30,15 @@ let context: BrowserContext | undefined;
 const temps: string[] = [];
 const problems: string[] = [];
 
-const MISSING = existsSync(CHROMIUM) ? null : `no Chromium at ${CHROMIUM}: install it with \`apt-get install -y chromium\`, or set CHROMIUM_PATH`;
 
 beforeAll(async () => {
   if (MISSING) return;
-  mkdirSync(RESULTS, { recursive: true });
   const state = mkdtempSync(path.join(os.tmpdir(), "orch-pages-state-"));
   const profile = mkdtempSync(path.join(os.tmpdir(), "orch-chromium-"));
   temps.push(state, profile);
   // A state of its own: the pool resized here must not outlive the test.
   session = await startDevSession({ secrets: TEST_SECRETS, persistTo: state });
-  context = await chromium.launchPersistentContext(profile, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-    viewport: { width: 1440, height: 900 },
-    timeout: 60_000,
-  });
+  context = await launchChromium(profile);
 });
 
 afterAll(async () => {
@@ -80,10 +71,7 @@ async function until<T>(read: () => Promise<T>, done: (v: T) => boolean, what: s
 }
 
 async function signIn(page: Page, url: string): Promise<void> {
-  page.on("console", (m) => {
-    if (m.type() === "error") problems.push(`console: ${m.text()}`);
-  });
-  page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+  watchPage(page, problems);
   const res = await page.goto(url);
   expect(res?.status()).toBe(200);
   await page.locator("#token").fill(TEST_SECRETS.OPS_TOKEN);

@@ -1,9 +1,10 @@
-import { existsSync, mkdirSync, mkdtempSync, rmSync, statSync } from "node:fs";
+import { mkdtempSync, rmSync, statSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { type BrowserContext, type Page, chromium } from "playwright-core";
+import type { BrowserContext, Page } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { ROOT, startDevSession } from "../../scripts/dev-session.mjs";
+import { startDevSession } from "../../scripts/dev-session.mjs";
+import { MISSING, RESULTS, launchChromium, watchPage } from "../support/browser";
 import { TEST_SECRETS } from "../support/constants";
 
 /**
@@ -16,8 +17,6 @@ import { TEST_SECRETS } from "../support/constants";
  * must have one bar per attempt with its worker and phases, as
  * /executions/{id}/spans and the status document say.
  */
-const CHROMIUM = process.env.CHROMIUM_PATH ?? "/usr/bin/chromium";
-const RESULTS = path.join(ROOT, "test-results");
 const KAM = { authorization: `Bearer ${TEST_SECRETS.KAM_TOKEN}`, "content-type": "application/json" };
 const OPS = { authorization: `Bearer ${TEST_SECRETS.OPS_TOKEN}`, "content-type": "application/json" };
 const CLIENT = `client_charts_${Date.now()}`;
@@ -35,8 +34,6 @@ const temps: string[] = [];
 const problems: string[] = [];
 const docs: Doc[] = [];
 const queued: string[] = [];
-
-const MISSING = existsSync(CHROMIUM) ? null : `no Chromium at ${CHROMIUM}: install it with \`apt-get update && apt-get install -y chromium\`, or set CHROMIUM_PATH`;
 
 async function get<T>(p: string, headers: Record<string, string> = OPS): Promise<T> {
   const res = await fetch(`${session!.url}${p}`, { headers });
@@ -71,19 +68,12 @@ function nearestRank(values: number[], q: number): number {
 
 beforeAll(async () => {
   if (MISSING) return;
-  mkdirSync(RESULTS, { recursive: true });
   const state = mkdtempSync(path.join(os.tmpdir(), "orch-charts-state-"));
   const profile = mkdtempSync(path.join(os.tmpdir(), "orch-chromium-"));
   temps.push(state, profile);
   // A state of its own (the charts count everything in it), sampling the queue every second.
   session = await startDevSession({ secrets: TEST_SECRETS, persistTo: state, vars: { TUNING: JSON.stringify({ queueSampleMs: 1000 }) } });
-  context = await chromium.launchPersistentContext(profile, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-    viewport: { width: 1440, height: 900 },
-    timeout: 60_000,
-  });
+  context = await launchChromium(profile);
 
   // The workload: three completed, one failed (no binding for its worker), one cancelled while it runs.
   const ids: string[] = [];
@@ -108,12 +98,7 @@ afterAll(async () => {
   for (const t of temps) rmSync(t, { recursive: true, force: true });
 });
 
-function watch(page: Page) {
-  page.on("console", (m) => {
-    if (m.type() === "error") problems.push(`console: ${m.text()}`);
-  });
-  page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
-}
+const watch = (page: Page) => watchPage(page, problems);
 
 /** The table under a chart, as rows of `data-*` of the row and `data-role -> data-value` of its cells. */
 function table(page: Page, chart: string) {
