@@ -1,6 +1,7 @@
 import { runDurableObjectAlarm } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
 import type { StatusDocument } from "../../schemas/api";
+import { parseTemplate } from "../../src/template-source";
 import { JSON_HEADERS, KAM, OPS, call, ended, executionStub, rpcThrough, startExecution, status, waitFor } from "../support/api";
 import { waitForEvents } from "../support/kam-events";
 
@@ -127,6 +128,25 @@ describe("approval stages", () => {
     const end = await waitFor(id, ended);
     expect(end.status).toBe("completed");
     expect(end.stages[2]).toMatchObject({ status: "completed", attempts: 1 });
+  });
+
+  it("a template's approval stage takes no worker, resources or for_each, and a timeout_ms of 1 s to 30 days", () => {
+    const template = (approval: Record<string, unknown>) =>
+      parseTemplate({
+        template_id: "mt_t",
+        template_name: "t",
+        pipeline_stages: [{ stage: 1, worker: "bitware-content-granulator", template_ref: "v1", action: "echo" }, { stage: 2, type: "approval", ...approval }],
+      });
+    expect(template({ timeout_ms: 1_000, depends_on: [1] })).toMatchObject({ stages: [{ stage: 1 }, { stage: 2, type: "approval", timeout_ms: 1_000 }] });
+    for (const bad of [
+      { worker: "bitware-content-granulator", template_ref: "v1" },
+      { resources: { "tokens:openai": 10 } },
+      { for_each: "/items" },
+      { timeout_ms: 999 },
+      { timeout_ms: 30 * 24 * 3600 * 1000 + 1 },
+    ]) {
+      expect(typeof template(bad), JSON.stringify(bad)).toBe("string");
+    }
   });
 
   it("refuses bad decisions with a code and the offending field, and changes nothing", async () => {
