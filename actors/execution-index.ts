@@ -138,7 +138,7 @@ export class ExecutionIndex extends DurableObject<Env> {
   /**
    * The charts' numbers (src/ops-series.ts) for the executions that ended in
    * `[since, until)` (of one client, when given): count and summed cost per
-   * (bucket of `completed_at`, status, client), and the completed attempts their entries carry, at most
+   * (bucket of `completed_at`, status, client), and the ended attempts their entries carry, at most
    * MAX_SERIES_GROUPS and MAX_SERIES_ATTEMPTS (`truncated` says when more matched).
    */
   async series(since: number, until: number, bucketMs: number, clientId?: string): Promise<IndexSeries> {
@@ -186,8 +186,11 @@ export interface IndexStatsGroup {
   tokens: number;
 }
 
-/** `[worker, ended_at, waiting_ms, handshake_ms, processing_ms]` of one completed attempt. */
-export type IndexAttempt = [worker: string, endedAt: number, waitingMs: number, handshakeMs: number, processingMs: number];
+/** `[worker, ended_at, waiting_ms, handshake_ms, processing_ms, outcome]` of one ended attempt (no outcome: completed, an older entry). */
+export type IndexAttempt = [worker: string, endedAt: number, waitingMs: number, handshakeMs: number, processingMs: number, outcome?: string];
+
+/** An attempt's outcome (entries written before outcomes were kept hold completed attempts only). */
+export const attemptOutcome = (a: IndexAttempt): string => a[5] ?? "completed";
 
 export interface IndexSeriesGroup {
   /** `floor((completed_at - since) / bucketMs)`. */

@@ -31,14 +31,19 @@ export const IndexEntry = z.object({
   /** The execution this one reruns (absent: not a rerun). */
   rerun_of: ExecutionId.nullable().optional(),
   /**
-   * Set once the execution ended: its completed stage and item attempts (the
+   * Set once the execution ended: its ended stage and item attempts (the
    * first INDEX_ATTEMPTS_KEPT), each `[worker, ended_at, waiting_ms,
-   * handshake_ms, processing_ms]`, for the latency charts (src/ops-series.ts).
+   * handshake_ms, processing_ms, outcome]` (`outcome`: `completed` or the
+   * attempt's error code; entries written before it have completed attempts
+   * only, without it), for the latency charts (src/ops-series.ts) and /metrics.
    */
-  attempts: z.array(z.tuple([z.string().min(1).max(128), Ms, Ms, Ms, Ms])).max(100).optional(),
+  attempts: z
+    .array(z.tuple([z.string().min(1).max(128), Ms, Ms, Ms, Ms, z.string().min(1).max(64).optional()]))
+    .max(100)
+    .optional(),
 });
 export type IndexEntry = z.infer<typeof IndexEntry>;
-/** Completed attempts an ended execution's index entry carries (a fan-out's items beyond it are not sampled). */
+/** Ended attempts an ended execution's index entry carries (a fan-out's items beyond it are not sampled). */
 export const INDEX_ATTEMPTS_KEPT = 100;
 
 /** Where a page ended: newest first is `(created_at DESC, execution_id DESC)`, so this pair is a total order. */

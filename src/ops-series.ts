@@ -1,3 +1,4 @@
+import { attemptOutcome } from "../actors/execution-index";
 import { QUEUE_SAMPLER_NAME, type QueueSampler } from "../actors/queue-sampler";
 import { SERIES_WINDOWS, type SeriesDocument, SeriesQuery, type SeriesWindow } from "../schemas/series";
 import { configOf } from "./config";
@@ -60,8 +61,10 @@ export async function seriesDocument(env: Env, url: URL, now = Date.now()): Prom
   }
 
   const byWorker = new Map<string, { waiting: number[]; handshake: number[]; processing: number[]; perBucket: number[][] }>();
-  for (const [worker, endedAt, waiting, handshake, processing] of index.attempts) {
+  for (const a of index.attempts) {
+    const [worker, endedAt, waiting, handshake, processing] = a;
     const b = at(endedAt);
+    if (attemptOutcome(a) !== "completed") continue;
     if (b < 0 || b >= n) continue;
     const w = byWorker.get(worker) ?? { waiting: [], handshake: [], processing: [], perBucket: Array.from({ length: n }, () => []) };
     w.waiting.push(waiting);

@@ -1,5 +1,6 @@
 import type { LedgerSnapshot } from "../schemas/ledger";
 import { configOf } from "./config";
+import { attemptOutcome } from "../actors/execution-index";
 import { seriesIndex, statsIndex } from "./index-routing";
 import { quantile } from "./ops-series";
 import { ledgerFor } from "./ledger-routing";
@@ -99,7 +100,15 @@ export async function gatherMetrics(env: Env, now = Date.now()): Promise<Family[
   ]);
 
   const phases = new Map<string, { waiting: number[]; handshake: number[]; processing: number[] }>();
-  for (const [worker, , waiting, handshake, processing] of recent.attempts) {
+  const outcomes = new Map<string, { labels: Labels; value: number }>();
+  for (const a of recent.attempts) {
+    const [worker, , waiting, handshake, processing] = a;
+    const outcome = attemptOutcome(a);
+    const key = JSON.stringify([worker, outcome]);
+    const o = outcomes.get(key) ?? { labels: { worker, outcome }, value: 0 };
+    o.value += 1;
+    outcomes.set(key, o);
+    if (outcome !== "completed") continue;
     const w = phases.get(worker) ?? { waiting: [], handshake: [], processing: [] };
     w.waiting.push(waiting);
     w.handshake.push(handshake);
@@ -126,12 +135,20 @@ export async function gatherMetrics(env: Env, now = Date.now()): Promise<Family[
   const fireStates = new Map<string, number>();
   for (const s of shards) for (const [state, n] of Object.entries(s.fires)) fireStates.set(state, (fireStates.get(state) ?? 0) + n);
 
+  const attemptOutcomes = family(
+    "orchestrator_stage_attempts",
+    "gauge",
+    "Stage and item attempts of the executions that ended in the last hour, per worker and outcome (completed or the error code).",
+    [...outcomes.values()].sort(byLabels),
+  );
+
   return [
     executions,
     cost,
     tokenFamily,
     latency,
     attempts,
+    attemptOutcomes,
     pool("orchestrator_pool_capacity", "Capacity of each ledger pool.", (p) => p.capacity),
     pool("orchestrator_pool_in_use", "Amount of each pool held by grants now.", (p) => p.in_use),
     pool("orchestrator_pool_available", "Amount of each pool free now.", (p) => p.available),

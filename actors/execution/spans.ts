@@ -108,12 +108,12 @@ function spanDocuments(sql: Sql, trace: TraceContext | null, now: number): { spa
   };
 }
 
-/** The completed attempts an ended execution's index entry carries for the latency charts (the first INDEX_ATTEMPTS_KEPT). */
-export function indexAttempts(sql: Sql): [string, number, number, number, number][] {
+/** The ended attempts an ended execution's index entry carries for the latency charts and /metrics (the first INDEX_ATTEMPTS_KEPT). */
+export function indexAttempts(sql: Sql): [string, number, number, number, number, string][] {
   const rows = sql<SpanRow>`SELECT stage_id, attempt, worker, parent, queued_at, granted_at, processing_at, ended_at, outcome FROM spans
-    WHERE outcome = 'completed' ORDER BY ended_at, stage_id LIMIT ${INDEX_ATTEMPTS_KEPT}`;
+    ORDER BY ended_at, stage_id, attempt LIMIT ${INDEX_ATTEMPTS_KEPT}`;
   return rows.map((s) => {
     const p = phases(s, s.ended_at!);
-    return [s.worker, s.ended_at!, p.waiting_ms, p.handshake_ms, p.processing_ms];
+    return [s.worker, s.ended_at!, p.waiting_ms, p.handshake_ms, p.processing_ms, s.outcome!];
   });
 }

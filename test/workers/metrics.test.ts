@@ -142,6 +142,7 @@ describe("GET /metrics", () => {
     ["orchestrator_execution_tokens_total", "COUNTER"],
     ["orchestrator_stage_latency_ms", "GAUGE"],
     ["orchestrator_stage_latency_attempts", "GAUGE"],
+    ["orchestrator_stage_attempts", "GAUGE"],
     ["orchestrator_pool_capacity", "GAUGE"],
     ["orchestrator_pool_in_use", "GAUGE"],
     ["orchestrator_pool_available", "GAUGE"],
@@ -200,6 +201,18 @@ describe("GET /metrics", () => {
     for (const [name, values] of Object.entries(phase)) {
       for (const q of [0.5, 0.95]) expect(sample(families, "orchestrator_stage_latency_ms", { worker, phase: name, quantile: String(q) }), `${name} ${q}`).toBe(rank(values, q));
     }
+    // Every attempt of the hour by worker and outcome: the completed ones, the unbound worker's, the cancelled one.
+    const all = [...(await Promise.all(docs.map((d) => status(d.execution_id)))), ...(await Promise.all(others.map((o) => status(o.execution_id))))];
+    const expected = new Map<string, number>();
+    for (const st of all.flatMap((d) => d.stages).filter((st) => st.attempts > 0)) {
+      expect(st.attempts).toBe(1);
+      const key = `${st.worker} ${st.status === "completed" ? "completed" : st.error!.code}`;
+      expected.set(key, (expected.get(key) ?? 0) + 1);
+    }
+    const got = families.find((f) => f.name === "orchestrator_stage_attempts")!.metrics.map((m) => [`${m.labels!.worker} ${m.labels!.outcome}`, Number(m.value)]);
+    expect(Object.fromEntries(got)).toEqual(Object.fromEntries(expected));
+    expect(expected.get(`${worker} cancelled`)).toBe(1);
+    expect([...expected.keys()].some((k) => k.endsWith(" worker_not_bound"))).toBe(true);
   });
 
   it("has the ledger's pools as /resources shows them, and counts schedules", async () => {
