@@ -1,8 +1,11 @@
 import { runInDurableObject } from "cloudflare:test";
-import { env } from "cloudflare:workers";
+import { env, exports } from "cloudflare:workers";
 import { beforeEach, describe, expect, it } from "vitest";
+import { DataReadError, type StageError } from "../../packages/worker-kit";
+import { openRef } from "../../packages/worker-kit/data";
 import type { DataReference } from "../../schemas/data";
-import { ended, executionStub, expectNoLiveReservations, waitFor } from "../support/api";
+import type { HandshakeRequest } from "../../schemas/worker-protocol";
+import { ended, executionStub, expectNoLiveReservations, mintToken, waitFor } from "../support/api";
 import { TEST_TUNING } from "../support/constants";
 import { type Gathered, deliverable as result, graphStats as stats, resetGraphStats, startGraph as start } from "../support/graph";
 
@@ -156,6 +159,43 @@ describe("pipeline graph with data by reference and the per-execution item bound
       [one.key]: { refused: 403 },
     });
     await expectNoLiveReservations(id);
+  });
+
+  it("the kit's openRef reads a stored input within its bounds: over maxBytes input_too_large, a body longer than the reference cut off, another key 403", async () => {
+    const id = await start("graph_fan_out", { items: 3, steps: 1, step_ms: 0, output_bytes: 100_000, fault: { stage: 2, mode: "large_output" } });
+    expect((await waitFor(id, ended, 30_000)).status).toBe("completed");
+    const rows = await stored(id);
+    const [a, b, c] = [0, 1, 2].map((i) => rows.get(`stage_2.${i}`)!.ref!);
+    // A data token for items 0 and 1 only, as the orchestrator would issue it; the real front Worker serves the reads.
+    const dataToken = await mintToken({ executionId: id, stageId: "stage_3", attempt: 1, use: "data", inputs: [a.key, b.key] });
+    const handshake = { executionId: id, stageId: "stage_3", attempt: 1, callback: { url: `http://orchestrator.test/executions/${id}/stages/stage_3`, token: "unused", dataToken } } as unknown as HandshakeRequest;
+    const orchestrator = (exports as unknown as { default: Fetcher }).default;
+    const summary = (r: DataReference) => ({ $ref: r.key, size: r.size, contentType: r.contentType });
+    const bounds = { timeoutMs: 10_000, maxBytes: 1024 * 1024 };
+    const failureOf = async (p: Promise<unknown>) => {
+      try {
+        await p;
+      } catch (err) {
+        return err as StageError & { status?: number };
+      }
+      throw new Error("expected the read to fail");
+    };
+
+    const text = await new Response(await openRef(orchestrator, handshake, summary(a), bounds)).text();
+    expect(text).toBe((await env.DATA_REFS.get(a.key, "text"))!);
+
+    const tooLarge = await failureOf(openRef(orchestrator, handshake, summary(b), { ...bounds, maxBytes: 1000 }));
+    expect([tooLarge.code, tooLarge.retryable]).toEqual(["input_too_large", false]);
+
+    // A reference that claims fewer bytes than the store holds: the read stops at once.
+    const stream = await openRef(orchestrator, handshake, { ...summary(b), size: 10 }, bounds);
+    const longer = await failureOf(new Response(stream).arrayBuffer());
+    expect(longer).toBeInstanceOf(DataReadError);
+    expect(longer.message).toContain("more than the 10 bytes expected");
+
+    const other = await failureOf(openRef(orchestrator, handshake, summary(c), bounds));
+    expect(other).toBeInstanceOf(DataReadError);
+    expect([other.code, other.status]).toEqual(["data_unavailable", 403]);
   });
 
   it("two fan-outs side by side never run more items at once than maxRunningItems, though their max_parallel adds up to more", async () => {
