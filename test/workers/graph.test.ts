@@ -239,6 +239,25 @@ describe("pipeline graph", () => {
     expect(course.text.indexOf("## Quiz")).toBeGreaterThan(at[5]);
   });
 
+  it("course_parallel with long chapters: the chapters' array is stored by reference, and assemble reads it among its several inputs", async () => {
+    // Four chapters of 3,000 words: their array (over 64 KiB) is stored in KV, so assemble (three dependencies) gets a { $ref } for it.
+    const id = await start("course_parallel", { topic: "Rust", modules: 4, chapter_words: 3000, steps: 1, step_ms: 0 });
+    const doc = await waitFor(id, ended, 30_000);
+    expect(doc.status).toBe("completed");
+    const chaptersRef = await runInDurableObject(executionStub(id), (_i, state) =>
+      state.storage.sql.exec("SELECT output_ref FROM stages WHERE stage_id = 'stage_2'").one().output_ref as string | null,
+    );
+    expect(chaptersRef).not.toBeNull();
+    const content = await call(`/executions/${id}/result/content`, { headers: OPS });
+    expect(content.status).toBe(200);
+    const course = (await content.json()) as { chapters: { index: number; text: string }[]; quiz: unknown[]; from: string[] };
+    expect(course.from).toEqual(["stage_2", "stage_3", "stage_4"]);
+    // The chapters came out of the stored array: all four, each its 3,000 words.
+    expect(course.chapters.map((c) => c.index)).toEqual([1, 2, 3, 4]);
+    for (const c of course.chapters) expect(c.text.split(/\s+/).length).toBe(3000);
+    expect(course.quiz).toHaveLength(4);
+  });
+
   it("migrate() brings an Execution's tables from before the graph up to the schema, the running stage keeping its timers", async () => {
     // A fresh object with no execution (nothing runs in it), its tables rebuilt in the old shape with an old row set.
     const stub = env.EXECUTION.get(env.EXECUTION.newUniqueId());
