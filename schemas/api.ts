@@ -205,8 +205,22 @@ export const StatusDocument = z.object({
   undeliverable: z.array(UndeliverableMessage).optional(),
   /** While `queued` for a slot under the client's `max_running_executions`: reason `client_quota`, its place (docs/ledger.md, "Execution slots"). */
   waiting_on: WaitingOn.optional(),
+  /**
+   * Counts the document's changes: higher whenever anything in it changed,
+   * the same while nothing did (running durations grow without a change). Never goes back,
+   * also across restarts. The `ETag` is made of it (docs/protocol.md, "Status reads").
+   */
+  version: z.number().int().min(1),
 });
 export type StatusDocument = z.infer<typeof StatusDocument>;
+
+/** `GET /executions/:id` query: a long poll (docs/protocol.md, "Status reads"). */
+export const StatusQuery = z.object({
+  /** Wait up to this long for a version after `since` (at most `statusWaitMaxMs`); 0 or absent: answer now. */
+  wait_ms: z.string().regex(/^\d{1,9}$/, "a whole number of milliseconds").transform(Number).optional(),
+  /** The version the caller has; absent: the version current when the request arrives. */
+  since: z.string().regex(/^\d{1,15}$/, "a version from an earlier answer").transform(Number).optional(),
+});
 
 /**
  * One stage or item attempt as a span (`GET /executions/{id}/spans`): its

@@ -13,6 +13,8 @@ export const DEFAULT_TUNING = {
   workerCallTimeoutMs: 10_000,
   ledgerCallTimeoutMs: 5_000,
   objectCallTimeoutMs: 10_000,
+  /** The longest `wait_ms` of a long-polled `GET /executions/:id` (docs/protocol.md, "Status reads"). */
+  statusWaitMaxMs: 30_000,
   /** KV and R2 reads and writes inside an execution's drive pass (a stalled store must not block its alarm). */
   storageCallTimeoutMs: 10_000,
   /** KAM template fetch: attempts before `kam_unavailable`, and the backoff between them. */

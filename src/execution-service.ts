@@ -1,8 +1,8 @@
 import { z } from "zod";
-import { DecisionRequest, ExecuteRequest, type ExecuteResponse, ItemsQuery, type ItemsPage, type LiveTicket, type ResultDocument, type SpansDocument, type StatusDocument } from "../schemas/api";
+import { DecisionRequest, ExecuteRequest, StatusQuery, type ExecuteResponse, ItemsQuery, type ItemsPage, type LiveTicket, type ResultDocument, type SpansDocument, type StatusDocument } from "../schemas/api";
 import { ExecutionId, StageId } from "../schemas/common";
 import { CompleteCallback, FailCallback, ProgressCallback } from "../schemas/worker-protocol";
-import type { CallbackKind, CancelState, DecideState, Execution, ItemsState, PauseState, ResultState, ResumeState, SpansState, StartResult } from "../actors/execution/index";
+import type { CallbackKind, CancelState, DecideState, Execution, ItemsState, PauseState, ResultState, ResumeState, SpansState, StartResult, StatusRead } from "../actors/execution/index";
 import type { RateLimitReport } from "../schemas/worker-protocol";
 import type { ClaimResult, RequestRegistry } from "../actors/request-registry";
 import type { DataReference } from "../schemas/data";
@@ -142,6 +142,42 @@ export async function getStatus(env: Env, id: unknown): Promise<StatusDocument> 
   const doc = await call(env, executionStub(env, executionId).getStatus(), "execution status");
   if (!doc) throw new ApiError(404, "not_found", `no execution ${executionId}`);
   return doc;
+}
+
+/** The status document's `ETag`: weak, as running durations grow without a new version. */
+export const statusEtag = (executionId: string, version: number) => `W/"${executionId}.${version}"`;
+
+/** The version an `If-None-Match` names for this execution (the last such tag), or null. */
+function etagVersion(header: string | null, executionId: string): number | null {
+  let found: number | null = null;
+  for (const m of (header ?? "").matchAll(/(?:W\/)?"([^"]*)"/g)) {
+    const dot = m[1].lastIndexOf(".");
+    if (dot > 0 && m[1].slice(0, dot) === executionId && /^\d{1,15}$/.test(m[1].slice(dot + 1))) found = Number(m[1].slice(dot + 1));
+  }
+  return found;
+}
+
+/**
+ * `GET /executions/:id` (docs/protocol.md, "Status reads"): the document from
+ * the execution's memory with its `ETag`, 304 when `If-None-Match` names the
+ * current version, and a long poll with `wait_ms` and `since`. `visible`: the
+ * caller may see this client's executions (another client's is 404).
+ */
+export async function readStatus(env: Env, id: unknown, query: URLSearchParams, ifNoneMatch: string | null, visible: (clientId: string) => boolean): Promise<Response> {
+  const executionId = checkExecutionId(id);
+  const q = parseWith(StatusQuery, Object.fromEntries(query), "query");
+  const max = configOf(env).tuning.statusWaitMaxMs;
+  if ((q.wait_ms ?? 0) > max) {
+    throw new ApiError(400, "invalid_request", "invalid query: wait_ms", [{ path: "wait_ms", message: `at most ${max} (statusWaitMaxMs)` }]);
+  }
+  const waitMs = q.wait_ms ?? 0;
+  const stub = executionStub(env, executionId);
+  const r = await askObject<StatusRead>(stub.readStatus({ wait_ms: waitMs, since: q.since ?? null, if_none_match: etagVersion(ifNoneMatch, executionId) }), waitMs + objectTimeout(env), "execution status");
+  // Another client's execution answers as if it did not exist.
+  if (r.state === "missing" || !visible(r.client_id)) throw new ApiError(404, "not_found", `no execution ${executionId}`);
+  const headers = { etag: statusEtag(executionId, r.version), vary: "Accept", "cache-control": "no-cache" };
+  if (r.body === null) return new Response(null, { status: 304, headers });
+  return new Response(r.body, { status: 200, headers: { ...headers, "content-type": "application/json; charset=utf-8" } });
 }
 
 /** A page of a fan-out stage's items (404 for an unknown stage, 409 for a stage that is not a fan-out). */

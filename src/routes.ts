@@ -22,6 +22,7 @@ import {
   getItems,
   getSpans,
   getStatus,
+  readStatus,
   isCallbackKind,
   readData,
   startExecution,
@@ -125,10 +126,7 @@ route("get", "/executions/counts", async (req, env) => {
 route("get", "/executions/:id", async (req, env) => {
   if (wantsHtml(req)) return executionPage(checkExecutionId(req.params.id));
   const who = await authorize(req, env, ["kam", "ops", "client"]);
-  const doc = await getStatus(env, req.params.id);
-  // Another client's execution answers as if it did not exist.
-  if (!inScope(who, doc.client_id)) throw new ApiError(404, "not_found", `no execution ${doc.execution_id}`);
-  return json(doc, 200, { vary: "Accept" });
+  return readStatus(env, req.params.id, new URL(req.url).searchParams, req.headers.get("if-none-match"), (clientId) => inScope(who, clientId));
 });
 
 route("get", "/executions/:id/result", async (req, env) => {

@@ -83,7 +83,7 @@ export function statusDocument(
   trace: TraceContext | null,
   reruns: string[],
   undeliverable: UndeliverableMessage[] = [],
-): StatusDocument {
+): Omit<StatusDocument, "version"> {
   const cost = parse<StatusDocument["cost"]>(ex.cost);
   const stages = rows.map((s) => stageDocument(s, now, prices, { counts, trace }));
   return {

@@ -10,7 +10,7 @@ import { sqlOf } from "../sql";
 import { isTerminalExecution } from "../stage-machine";
 import { type CallbackAnswer, type CallbackKind, type UploadCheck, applyCallback, registerUpload, uploadCheck } from "./callbacks";
 import { type Decision, decideApproval, executionDeadlineAt, migrateControl, pauseExecution, resumeExecution } from "./control";
-import { stageDocument, startSummary, statusDocument } from "./documents";
+import { stageDocument, startSummary } from "./documents";
 import { spansDocument } from "./spans";
 import { applyGrant } from "./grant";
 import { LIVE_TICKETS_SCHEMA, Live } from "./live";
@@ -28,9 +28,9 @@ import {
   releaseData,
   releaseHeldData,
   rerunSource,
-  rerunsOf,
 } from "./rerun";
-import type { CancelState, DecideState, ItemsState, PauseState, ResultState, ResumeState, SpansState, StartInput, StartResult } from "./rpc-types";
+import type { CancelState, DecideState, ItemsState, PauseState, ResultState, ResumeState, SpansState, StartInput, StartResult, StatusRead, StatusReadQuery } from "./rpc-types";
+import { StatusCache, buildStatus, watchWrites } from "./status-cache";
 import * as step from "./steps";
 import { type Core, type ExecutionRow, SCHEMA, Store, isFanOut, migrate, parse } from "./store";
 import { Timers, WATCHDOG_MS } from "./timers";
@@ -66,7 +66,7 @@ import * as tx from "./transitions";
  */
 
 export type { CallbackAnswer, CallbackKind, UploadCheck } from "./callbacks";
-export type { CancelState, DecideState, ItemsState, PauseState, ResultState, ResumeState, SpansState, StartInput, StartResult } from "./rpc-types";
+export type { CancelState, DecideState, ItemsState, PauseState, ResultState, ResumeState, SpansState, StartInput, StartResult, StatusRead, StatusReadQuery } from "./rpc-types";
 
 export class Execution extends DurableObject<Env> {
   readonly #config: Config;
@@ -74,17 +74,22 @@ export class Execution extends DurableObject<Env> {
   readonly #timers: Timers;
   readonly #c: Core;
   readonly #live: Live;
+  /** The status document in memory, its version and its long polls (status-cache.ts). */
+  readonly #status: StatusCache;
   /** Serialises drive() passes: the tail of the chain and a queued-but-not-started pass to share. */
   #tail: Promise<void> = Promise.resolve();
   #queued: Promise<void> | null = null;
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
-    const sql = sqlOf(ctx.storage);
+    const raw = sqlOf(ctx.storage);
+    // Every write the object makes passes here: the status document is rebuilt after the turn that wrote.
+    const sql = watchWrites(raw, () => this.#status.touched());
     this.#config = configOf(env);
     this.#store = new Store(sql);
     this.#timers = new Timers(sql, ctx.storage);
-    this.#live = new Live(ctx, this.#store, (ex) => this.#document(ex));
+    this.#live = new Live(ctx, this.#store, () => this.#document());
+    this.#status = new StatusCache(raw, () => buildStatus(this.#c), () => this.#live.changed());
     const base = {
       env,
       config: this.#config,
@@ -92,7 +97,7 @@ export class Execution extends DurableObject<Env> {
       store: this.#store,
       timers: this.#timers,
       rearm: () => this.#rearm(),
-      changed: () => this.#live.changed(),
+      changed: () => this.#status.touched(),
     };
     const notifier = new Notifier(base);
     this.#c = { ...base, notifier, outbox: new Outbox({ ...base, notifier }) };
@@ -103,6 +108,7 @@ export class Execution extends DurableObject<Env> {
       ctx.storage.sql.exec(HOLDS_SCHEMA);
       ctx.storage.sql.exec(LIVE_TICKETS_SCHEMA);
       migrate(ctx.storage);
+      this.#status.load();
       this.#timers.known(await ctx.storage.getAlarm());
     });
   }
@@ -147,11 +153,24 @@ export class Execution extends DurableObject<Env> {
     return this.#summary(this.#store.row()!, true);
   }
 
+  /** The status document, from memory (status-cache.ts); null: no such execution. */
   async getStatus(): Promise<StatusDocument | null> {
-    const ex = this.#store.row();
-    if (!ex) return null;
-    await this.#timers.heal(!isTerminalExecution(ex.status));
-    return this.#document(ex);
+    const doc = this.#status.document(Date.now());
+    if (doc) await this.#timers.healSometimes(!isTerminalExecution(doc.status), Date.now());
+    return doc;
+  }
+
+  /**
+   * `GET /executions/:id`: the document's JSON from memory, none when the
+   * caller's copy (`if_none_match`) is current; with `wait_ms`, once the
+   * version is past `since` or the wait is over (docs/protocol.md, "Status reads").
+   */
+  async readStatus(q: StatusReadQuery): Promise<StatusRead> {
+    const doc = this.#status.answer(Date.now(), null);
+    if (!doc) return { state: "missing" };
+    await this.#timers.healSometimes(!doc.ended, Date.now());
+    await this.#status.changeAfter(q.since ?? doc.version, Math.min(q.wait_ms, this.#config.tuning.statusWaitMaxMs));
+    return { state: "ok", ...this.#status.answer(Date.now(), q.if_none_match)! };
   }
 
   async getResult(): Promise<ResultState> {
@@ -166,7 +185,7 @@ export class Execution extends DurableObject<Env> {
   async cancel(): Promise<CancelState> {
     const ex = this.#store.row();
     if (!ex) return { state: "missing" };
-    if (isTerminalExecution(ex.status)) return { state: "already_terminal", status: this.#document(ex) };
+    if (isTerminalExecution(ex.status)) return { state: "already_terminal", status: this.#document() };
     tx.stopExecution(
       this.#c,
       "cancelled",
@@ -176,27 +195,27 @@ export class Execution extends DurableObject<Env> {
     );
     this.#kick();
     await this.#rearm();
-    return { state: "cancelled", status: this.#document(this.#store.row()!) };
+    return { state: "cancelled", status: this.#document() };
   }
 
   /** Stops new work (docs/protocol.md, "Pause and resume"); pausing a paused execution changes nothing. */
   async pause(): Promise<PauseState> {
     const ex = this.#store.row();
     if (!ex) return { state: "missing" };
-    if (isTerminalExecution(ex.status)) return { state: "already_terminal", status: this.#document(ex) };
+    if (isTerminalExecution(ex.status)) return { state: "already_terminal", status: this.#document() };
     pauseExecution(this.#c, Date.now());
     await this.#rearm();
-    return { state: "paused", status: this.#document(this.#store.row()!) };
+    return { state: "paused", status: this.#document() };
   }
 
   async resume(): Promise<ResumeState> {
     const ex = this.#store.row();
     if (!ex) return { state: "missing" };
-    if (ex.status !== "paused") return { state: "not_paused", status: this.#document(ex) };
+    if (ex.status !== "paused") return { state: "not_paused", status: this.#document() };
     resumeExecution(this.#c, Date.now());
     this.#kick();
     await this.#rearm();
-    return { state: "resumed", status: this.#document(this.#store.row()!) };
+    return { state: "resumed", status: this.#document() };
   }
 
   /** What a rerun from `fromStage` would take over and run again (docs/protocol.md, "Rerun"). */
@@ -229,13 +248,13 @@ export class Execution extends DurableObject<Env> {
     if (!ex) return { state: "missing" };
     const st = this.#store.stage(stageId);
     if (!st) return { state: "missing_stage" };
-    if (st.status !== "awaiting_approval") return { state: "not_awaiting_approval", stage_status: st.status, status: this.#document(ex) };
+    if (st.status !== "awaiting_approval") return { state: "not_awaiting_approval", stage_status: st.status, status: this.#document() };
     const now = Date.now();
     const decision: Decision = { approved, by, comment, at: new Date(now).toISOString() };
     decideApproval(this.#c, st, decision, now);
     this.#kick();
     await this.#rearm();
-    return { state: "decided", status: this.#document(this.#store.row()!) };
+    return { state: "decided", status: this.#document() };
   }
 
   /** A stage worker's callback, already authenticated by its token (execution, stage, attempt). */
@@ -354,8 +373,8 @@ export class Execution extends DurableObject<Env> {
     return startSummary(ex, created, this.#config.tuning.defaultStageDurationMs);
   }
 
-  #document(ex: ExecutionRow): StatusDocument {
-    return statusDocument(ex, this.#store.stages(), Date.now(), this.#config.prices, this.#store.itemCounts(), this.#c.notifier.document(), this.#store.trace(), rerunsOf(this.#c), this.#c.outbox.undeliverable());
+  #document(): StatusDocument {
+    return this.#status.document(Date.now())!;
   }
 
   /** Starts a drive pass in the background (coalesced with one already queued). */

@@ -166,7 +166,10 @@ export class Outbox {
         this.#inFlight.delete(id);
         if (ok) {
           this.#delivered.push(id);
-          const listed = this.#c.sql<{ listed: number }>`SELECT listed FROM outbox WHERE id = ${id}`[0]?.listed === 1;
+          const row = this.#c.sql<{ listed: number; undeliverable_at: number | null }>`SELECT listed, undeliverable_at FROM outbox WHERE id = ${id}`[0];
+          // An undeliverable message leaves the status document now, before its row is deleted.
+          if (row?.undeliverable_at != null) this.#c.changed();
+          const listed = row?.listed === 1;
           if (listed) void this.#unlist(id);
           // A live execution writes again soon (its next transition, or the outbox
           // timer at the latest) and deletes the row then; an ended one does it now.

@@ -55,6 +55,19 @@ export type ItemsState =
 /** The execution's attempts as spans (spans.ts), for `GET /executions/{id}/spans`. */
 export type SpansState = { state: "missing" } | { state: "ok"; document: SpansDocument };
 
+/** `readStatus`: a long poll waits up to `wait_ms` (capped by `statusWaitMaxMs`) for a version after `since`. */
+export interface StatusReadQuery {
+  wait_ms: number;
+  /** null: the version current when the call arrives. */
+  since: number | null;
+  /** The version the caller holds (its `If-None-Match`): answered without a body when it is current. */
+  if_none_match: number | null;
+}
+
+export type StatusRead =
+  | { state: "missing" }
+  | { state: "ok"; version: number; execution_id: string; client_id: string; ended: boolean; body: string | null };
+
 export type DecideState =
   | { state: "missing" }
   | { state: "missing_stage" }

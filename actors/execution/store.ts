@@ -19,7 +19,7 @@ CREATE TABLE IF NOT EXISTS execution (
   estimated_completion_at INTEGER, template_id TEXT, template_source TEXT,
   template_attempts INTEGER NOT NULL DEFAULT 0, error TEXT, cost TEXT, output TEXT, output_ref TEXT,
   alarm_failures INTEGER NOT NULL DEFAULT 0, data_expired_at INTEGER, index_version INTEGER NOT NULL DEFAULT 0,
-  deadline_at INTEGER
+  deadline_at INTEGER, status_version INTEGER NOT NULL DEFAULT 0, status_hash TEXT
 );
 CREATE TABLE IF NOT EXISTS stages (
   stage_id TEXT PRIMARY KEY, ord INTEGER NOT NULL UNIQUE, worker TEXT NOT NULL,
@@ -79,6 +79,9 @@ const ADDED_COLUMNS: [table: string, column: string, type: string][] = [
   ["execution", "slot", "TEXT"],
   ["execution", "slot_wait", "TEXT"],
   ["execution", "slot_failures", "INTEGER NOT NULL DEFAULT 0"],
+  // The status document's version and the hash of the document it names (status-cache.ts).
+  ["execution", "status_version", "INTEGER NOT NULL DEFAULT 0"],
+  ["execution", "status_hash", "TEXT"],
 ];
 
 /** Columns added by the pipeline graph, for objects whose tables predate it. */

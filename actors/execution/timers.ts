@@ -13,6 +13,9 @@ export const UNIT_TIMERS: readonly UnitTimer[] = ["poll", "deadline", "lease", "
 /** While an execution is live, its alarm is never further away than this, so an eviction mid-call heals. */
 export const WATCHDOG_MS = 30_000;
 
+/** How often a status read checks the alarm is really set (a lost alarm heals within this of a read). */
+export const HEAL_EVERY_MS = 10_000;
+
 /**
  * The `timers` table behind the object's one alarm. A handler *takes* its
  * timer (deletes it where due) before acting, so an alarm that fires twice
@@ -101,6 +104,15 @@ export class Timers {
     if (this.#armedAt !== undefined && this.#armedAt !== null && this.#armedAt <= next) return;
     this.#armedAt = next;
     await this.#storage.setAlarm(next);
+  }
+
+  #healedAt = 0;
+
+  /** heal(), at most once per HEAL_EVERY_MS per instance: a status read then costs no storage call. */
+  async healSometimes(live: boolean, now: number): Promise<void> {
+    if (now - this.#healedAt < HEAL_EVERY_MS) return;
+    this.#healedAt = now;
+    await this.heal(live);
   }
 
   /** Checks the alarm is really set, so a lost alarm heals on the next read. */

@@ -1,0 +1,212 @@
+import type { StatusDocument } from "../../schemas/api";
+import type { Sql } from "../sql";
+import { isTerminalExecution } from "../stage-machine";
+import { statusDocument } from "./documents";
+import { rerunsOf } from "./rerun";
+import type { Core, StageRow } from "./store";
+
+/**
+ * The status document, kept in the object's memory (docs/protocol.md,
+ * "Status reads"): `GET /executions/:id` reads it with no SQL, `version`
+ * counts its changes, and long polls wait here for the next one.
+ *
+ * How it stays true:
+ * - Every write the object makes goes through its one `sql` helper, which
+ *   calls `touched()` (`watchWrites` below); a turn that wrote rebuilds the
+ *   document from SQL once, in a microtask after the turn's synchronous
+ *   transition, or at once when a read comes first. Nothing is
+ *   invalidated by hand, so a transition cannot forget to.
+ * - It never shows a state that was not committed: it is built from the same
+ *   rows a SQL read would see, and any answer built from it (a read, a woken
+ *   long poll) leaves the object through the output gate, which holds it until
+ *   those rows are durable; if the commit fails the instance is reset and this
+ *   memory goes with it.
+ * - The version never goes backwards and never names two documents: it is
+ *   stored with a hash of the document, in the turn that changed it. After an
+ *   eviction or a restart the new instance rebuilds the document and, if it
+ *   does not hash to what was stored, takes the next version.
+ *
+ * Durations that run (a stage's `waiting_ms`/`processing_ms`, `paused_ms`)
+ * are kept as "stored total - since" (the document built at time 0) and the
+ * read adds its `now`: they grow with time and are not changes of the document.
+ */
+
+/** Writes to these tables never change the status document (no rebuild after them). */
+const NOT_IN_DOCUMENT = /^\s*(?:INSERT\s+INTO|DELETE\s+FROM|UPDATE)\s+(?:timers|reservations|spans|data_objects|live_tickets)\b/i;
+
+/** The object's sql helper, telling `onWrite` of every statement that may change the document. */
+export function watchWrites(sql: Sql, onWrite: () => void): Sql {
+  return ((strings: TemplateStringsArray, ...values: SqlStorageValue[]) => {
+    const head = strings[0];
+    if (!/^\s*SELECT/i.test(head) && !NOT_IN_DOCUMENT.test(head)) onWrite();
+    return sql(strings, ...values);
+  }) as Sql;
+}
+
+/** The document as built: at time 0, with the stages whose clocks run. */
+export interface Built {
+  doc: Omit<StatusDocument, "version">;
+  rows: StageRow[];
+  paused: boolean;
+}
+
+/** The document from SQL, at time 0 (`StatusCache`); null before `start()`. */
+export function buildStatus(c: Core): Built | null {
+  const ex = c.store.row();
+  if (!ex) return null;
+  const rows = c.store.stages();
+  const doc = statusDocument(ex, rows, 0, c.config.prices, c.store.itemCounts(), c.notifier.document(), c.store.trace(), rerunsOf(c), c.outbox.undeliverable());
+  return { doc, rows, paused: ex.paused_at !== null };
+}
+
+/** An answer to a status read: the document's JSON (built here once when nothing in it runs). */
+export interface StatusAnswer {
+  version: number;
+  execution_id: string;
+  client_id: string;
+  ended: boolean;
+}
+
+export class StatusCache {
+  readonly #build: () => Built | null;
+  readonly #raw: Sql;
+  #built: Built | null = null;
+  /** The hash of the document `#version` names. */
+  #hash: string | null = null;
+  /** The answer's JSON when no clock runs (an ended execution, most of the time). */
+  #still: string | null = null;
+  #version = 0;
+  #dirty = true;
+  #queued = false;
+  #waiters = new Set<() => void>();
+  #onChange: () => void;
+
+  /** `raw`: the unwatched sql helper (the version's own write must not count as a change). */
+  constructor(raw: Sql, build: () => Built | null, onChange: () => void) {
+    this.#raw = raw;
+    this.#build = build;
+    this.#onChange = onChange;
+  }
+
+  /** At start (blockConcurrencyWhile): the stored version, moved on if the document is not the one it was stored for. */
+  load(): void {
+    const row = this.#raw<{ status_version: number; status_hash: string | null }>`SELECT status_version, status_hash FROM execution WHERE id = 1`[0];
+    this.#version = row?.status_version ?? 0;
+    this.#hash = row?.status_hash ?? null;
+    this.#dirty = false;
+    this.#rebuild(this.#hash);
+  }
+
+  /** A write that may change the document: rebuilt once, after the turn. */
+  touched(): void {
+    this.#dirty = true;
+    if (this.#queued) return;
+    this.#queued = true;
+    queueMicrotask(() => {
+      this.#queued = false;
+      this.#refresh();
+    });
+  }
+
+  get version(): number {
+    this.#refresh();
+    return this.#version;
+  }
+
+  exists(): boolean {
+    this.#refresh();
+    return this.#built !== null;
+  }
+
+  /** The document as of `now` (null: no execution). */
+  document(now: number): StatusDocument | null {
+    this.#refresh();
+    if (!this.#built) return null;
+    return this.#at(now);
+  }
+
+  /** The answer for `GET /executions/:id`: its metadata, and its JSON unless the caller's copy is current. */
+  answer(now: number, notModifiedAt: number | null): (StatusAnswer & { body: string | null }) | null {
+    this.#refresh();
+    const b = this.#built;
+    if (!b) return null;
+    const meta = { version: this.#version, execution_id: b.doc.execution_id, client_id: b.doc.client_id, ended: isTerminalExecution(b.doc.status) };
+    if (notModifiedAt === this.#version) return { ...meta, body: null };
+    return { ...meta, body: this.#still ?? JSON.stringify(this.#at(now)) };
+  }
+
+  /**
+   * Resolves when the version is past `since`, or after `waitMs`. The promise
+   * is resolved here, by the object's own turn that changed the document (or
+   * its own timer), so the waiting request continues in the object.
+   */
+  changeAfter(since: number, waitMs: number): Promise<void> {
+    if (this.version > since || waitMs <= 0) return Promise.resolve();
+    return new Promise<void>((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.#waiters.delete(check);
+        resolve();
+      };
+      const check = () => {
+        if (this.#version > since) done();
+      };
+      const timer = setTimeout(done, waitMs);
+      this.#waiters.add(check);
+    });
+  }
+
+  #refresh(): void {
+    if (!this.#dirty) return;
+    this.#dirty = false;
+    const before = this.#version;
+    this.#rebuild(this.#hash);
+    if (this.#version === before) return;
+    for (const check of [...this.#waiters]) check();
+    this.#onChange();
+  }
+
+  /** Rebuilds from SQL; a document other than the one `knownHash` names is the next version, stored in this turn. */
+  #rebuild(knownHash: string | null): void {
+    const built = this.#build();
+    this.#built = built;
+    if (!built) return;
+    const hash = cyrb53(JSON.stringify(built.doc));
+    if (hash !== knownHash || this.#version === 0) {
+      this.#version += 1;
+      this.#raw`UPDATE execution SET status_version = ${this.#version}, status_hash = ${hash} WHERE id = 1`;
+    }
+    this.#hash = hash;
+    const running = built.paused || built.rows.some((s) => s.waiting_since !== null || s.processing_since !== null);
+    this.#still = running ? null : JSON.stringify({ ...built.doc, version: this.#version });
+  }
+
+  /** The document as of `now`: running durations get their time since they started. */
+  #at(now: number): StatusDocument {
+    const { doc, rows, paused } = this.#built!;
+    const stages = doc.stages.map((s, i) => {
+      const r = rows[i];
+      if (r.waiting_since === null && r.processing_since === null) return s;
+      return {
+        ...s,
+        waiting_ms: r.waiting_since !== null ? s.waiting_ms + now : s.waiting_ms,
+        processing_ms: r.processing_since !== null ? s.processing_ms + now : s.processing_ms,
+      };
+    });
+    return { ...doc, paused_ms: paused ? doc.paused_ms + now : doc.paused_ms, stages, version: this.#version };
+  }
+}
+
+/** A 53-bit string hash (cyrb53): tells whether a rebuilt document is the one a version was stored for. */
+function cyrb53(text: string): string {
+  let h1 = 0xdeadbeef;
+  let h2 = 0x41c6ce57;
+  for (let i = 0; i < text.length; i++) {
+    const ch = text.charCodeAt(i);
+    h1 = Math.imul(h1 ^ ch, 2654435761);
+    h2 = Math.imul(h2 ^ ch, 1597334677);
+  }
+  h1 = Math.imul(h1 ^ (h1 >>> 16), 2246822507) ^ Math.imul(h2 ^ (h2 >>> 13), 3266489909);
+  h2 = Math.imul(h2 ^ (h2 >>> 16), 2246822507) ^ Math.imul(h1 ^ (h1 >>> 13), 3266489909);
+  return (4294967296 * (2097151 & h2) + (h1 >>> 0)).toString(36);
+}
