@@ -32,6 +32,7 @@ import {
   SpanDocument,
   SpansDocument,
   StatusDocument,
+  StatusQuery,
   UndeliverableList,
   UndeliverableMessage,
 } from "../schemas/api";
@@ -276,15 +277,21 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       method: "get",
       path: "/executions/{id}",
       summary: "Status document",
-      description: "With `Accept: text/html` (preferred over JSON), the execution page instead, without a token: the page reads the data with the OPS token.",
+      description:
+        "With `Accept: text/html` (preferred over JSON), the execution page instead, without a token: the page reads the data with the OPS token. " +
+        'The document is served from the execution\'s memory with `ETag: W/"<execution_id>.<version>"`; `If-None-Match` naming the current version is 304. ' +
+        "Long poll: with `wait_ms` (at most `statusWaitMaxMs`, 30 s) it answers once `version` > `since` (absent: the version at arrival), or when the wait ends, with the current document (docs/protocol.md, \"Status reads\").",
       security: kamOrOps,
-      request: { params: idParams },
+      request: { params: idParams, query: StatusQuery, headers: z.object({ "if-none-match": z.string().optional() }) },
       responses: {
         "200": {
           description: "the status document, or the execution page",
+          headers: { etag: { description: 'W/"<execution_id>.<version>"', schema: { type: "string" } } },
           content: { "application/json": { schema: S.StatusDocument }, "text/html": { schema: z.string() } },
         },
+        "304": { description: "If-None-Match named the current version: no body", headers: { etag: { description: 'W/"<execution_id>.<version>"', schema: { type: "string" } } } },
         ...common,
+        "400": error("invalid_request: a malformed id, wait_ms (a whole number of ms, at most statusWaitMaxMs) or since (a version)"),
         "404": error("not_found"),
       },
     },
