@@ -43,6 +43,9 @@
  *   --fan-out: instead, the pipeline graph's fan-out workload (bench/fan-out.ts): list -> N items ->
  *   merge against the same N items as a straight line, --fan-items 10,100,1000, --fan-work-ms 50,
  *   --fan-rounds 2
+ *   --status-reads: instead, status read throughput (bench/status-reads.ts): GET /health, a running and
+ *   an ended execution's GET /executions/:id and a 304, closed loop, --read-concurrency 20 in flight,
+ *   --read-seconds 5 each, --rounds 2 (order rotated)
  *   --rounds R (2: each round runs both systems on both workloads, the order
  *   swapped every round) --count-n K (30 executions per system counted for the
  *   billed units)
@@ -58,6 +61,7 @@ import { mulberry32, weighted } from "./lib/mulberry32";
 import { cpuSecondsOf, descendants, machineBusySeconds, memoryOf, openFds, RssSampler } from "./lib/proc-stats";
 import { type Summary, summarize } from "./lib/quantiles";
 import { runFanOut } from "./fan-out";
+import { runStatusReads } from "./status-reads";
 import { runVsWorkflows } from "./vs-workflows";
 import { BENCH_STAGES, BENCH_TEMPLATE, BENCH_WORKER, type ExecTimings, type FloorAnswer, type WaitAnswer, type WorkerStats } from "./worker/shared";
 
@@ -100,10 +104,14 @@ export interface Options {
   fanItems: number[];
   fanWorkMs: number;
   fanRounds: number;
+  /** --status-reads: GET /executions/:id (running, ended, 304) against GET /health (bench/status-reads.ts). */
+  statusReads: boolean;
+  readSeconds: number;
+  readConcurrency: number;
 }
 
 export function parseArgs(argv: string[]): Options {
-  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, durableFloor: true, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true, vsWorkflows: false, rounds: 2, pollN: 300, pollConcurrency: 100, pollMs: 100, countN: 30, workMs: 0, fanOut: false, fanItems: [10, 100, 1000], fanWorkMs: 50, fanRounds: 2 };
+  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, durableFloor: true, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true, vsWorkflows: false, rounds: 2, pollN: 300, pollConcurrency: 100, pollMs: 100, countN: 30, workMs: 0, fanOut: false, fanItems: [10, 100, 1000], fanWorkMs: 50, fanRounds: 2, statusReads: false, readSeconds: 5, readConcurrency: 20 };
   const given = new Set<string>();
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -142,6 +150,9 @@ export function parseArgs(argv: string[]): Options {
       case "--count-n": o.countN = num(); break;
       case "--work-ms": o.workMs = Math.min(60_000, num()); break;
       case "--fan-out": o.fanOut = true; break;
+      case "--status-reads": o.statusReads = true; break;
+      case "--read-seconds": o.readSeconds = Math.max(1, num()); break;
+      case "--read-concurrency": o.readConcurrency = Math.max(1, num()); break;
       case "--fan-items": o.fanItems = next().split(",").map((v) => Math.min(1000, Math.max(1, Math.floor(Number(v)) || 1))); break;
       case "--fan-work-ms": o.fanWorkMs = Math.min(10_000, num()); break;
       case "--fan-rounds": o.fanRounds = Math.max(1, num()); break;
@@ -755,6 +766,13 @@ async function main(): Promise<number> {
     console.error(`session ${session.url} up in ${((performance.now() - t0) / 1000).toFixed(1)} s; workerd runtime pid ${procs.runtime}, proxy ${procs.proxy.join(",")}`);
 
     if (opts.vsWorkflows) return await runVsWorkflows(b, opts, pids, startedAt);
+    if (opts.statusReads) {
+      const result = await runStatusReads(b, { seconds: opts.readSeconds, concurrency: opts.readConcurrency, rounds: opts.rounds });
+      const out = opts.jsonOut ?? path.join(path.dirname(new URL(import.meta.url).pathname), "results", `e2e-status-reads-${startedAt.toISOString().replace(/[:.]/g, "-")}.json`);
+      mkdirSync(path.dirname(out), { recursive: true });
+      writeFileSync(out, JSON.stringify({ ...result, started_at: startedAt.toISOString(), cores: os.cpus().length, loadavg: os.loadavg(), versions: versions(opts.tree) }, null, 2));
+      return 0;
+    }
     if (opts.fanOut) {
       const result = await runFanOut(b, opts, { items: opts.fanItems, workMs: opts.fanWorkMs, rounds: opts.fanRounds });
       const out = opts.jsonOut ?? path.join(path.dirname(new URL(import.meta.url).pathname), "results", `e2e-fan-out-${startedAt.toISOString().replace(/[:.]/g, "-")}.json`);
