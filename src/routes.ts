@@ -21,7 +21,6 @@ import {
   getResultContent,
   getItems,
   getSpans,
-  getStatus,
   readStatus,
   isCallbackKind,
   readData,

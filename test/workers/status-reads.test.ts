@@ -66,7 +66,10 @@ describe("status reads from the execution's memory", () => {
     await read(id);
     type Counted = { exec: (...a: unknown[]) => unknown; __n?: number };
     const count = () => runInDurableObject(stub, (_o, st) => (st.storage.sql as unknown as Counted).__n!);
-    const reset = () => runInDurableObject(stub, (_o, st) => void ((st.storage.sql as unknown as Counted).__n = 0));
+    const reset = () =>
+      runInDurableObject(stub, (_o, st) => {
+        (st.storage.sql as unknown as Counted).__n = 0;
+      });
     await runInDurableObject(stub, (_o, st) => {
       const sql = st.storage.sql as unknown as Counted;
       const exec = sql.exec.bind(sql);
