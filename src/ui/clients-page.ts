@@ -1,5 +1,4 @@
-import { LOGIN_HTML, htmlResponse, pageHead, pageTail } from "./common";
-import { METER_CSS, METER_JS, navHtml } from "./meters";
+import { pollingPage } from "./meters";
 
 /**
  * `GET /ui/clients`: every client the ledger knows (`GET /clients`), with the
@@ -41,20 +40,11 @@ $("signout").addEventListener("click", () => { pollGeneration++; clearTimeout(po
 `;
 
 export function clientsPage(): Response {
-  return htmlResponse(
-    (nonce) => `${pageHead(nonce, "Clients · Orchestrator", METER_CSS)}
-<body>
-<header>
-  <h1>Clients</h1>
-  ${navHtml("/ui/clients")}
-  <span class="spacer"></span>
-  <button type="button" id="signout" hidden>Sign out</button>
-</header>
-<main>
-${LOGIN_HTML}
-<div id="app" hidden>
-  <p id="problem" class="error" role="alert"></p>
-  <section class="card scroll">
+  return pollingPage({
+    title: "Clients",
+    path: "/ui/clients",
+    script: SCRIPT,
+    body: `  <section class="card scroll">
     <table id="clients">
       <thead><tr>
         <th>Client</th><th class="num">Weight</th><th>Max priority</th><th>Running executions</th><th>Running stages</th>
@@ -63,10 +53,6 @@ ${LOGIN_HTML}
       <tbody id="client-rows"></tbody>
     </table>
     <p id="no-clients" class="muted" hidden>No client has quotas or usage yet.</p>
-  </section>
-  <p id="updated" class="muted"></p>
-</div>
-</main>
-${pageTail(nonce, METER_JS + SCRIPT)}`,
-  );
+  </section>`,
+  });
 }

@@ -1,3 +1,5 @@
+import { LOGIN_HTML, htmlResponse, pageHead, pageTail } from "./common";
+
 /**
  * What the clients and resources pages share: a usage bar (`meter`), the
  * header's links between the operator pages, and a poller that reads one
@@ -67,3 +69,30 @@ function poll(path, render) {
   tick();
 }
 `;
+
+/**
+ * A polling operator page: the header (title, the links, sign out), the
+ * sign-in form, and `body` (trusted markup) between the problem line and the
+ * "updated" line; `script` runs after METER_JS.
+ */
+export function pollingPage(page: { title: string; path: string; css?: string; body: string; script: string }): Response {
+  return htmlResponse(
+    (nonce) => `${pageHead(nonce, `${page.title} · Orchestrator`, METER_CSS + (page.css ?? ""))}
+<body>
+<header>
+  <h1>${page.title}</h1>
+  ${navHtml(page.path)}
+  <span class="spacer"></span>
+  <button type="button" id="signout" hidden>Sign out</button>
+</header>
+<main>
+${LOGIN_HTML}
+<div id="app" hidden>
+  <p id="problem" class="error" role="alert"></p>
+${page.body}
+  <p id="updated" class="muted"></p>
+</div>
+</main>
+${pageTail(nonce, METER_JS + page.script)}`,
+  );
+}

@@ -1,5 +1,4 @@
-import { LOGIN_HTML, htmlResponse, pageHead, pageTail } from "./common";
-import { METER_CSS, METER_JS, navHtml } from "./meters";
+import { pollingPage } from "./meters";
 import { WAITING_JS } from "./waiting-on";
 
 /**
@@ -54,20 +53,12 @@ $("signout").addEventListener("click", () => { pollGeneration++; clearTimeout(po
 `;
 
 export function resourcesPage(): Response {
-  return htmlResponse(
-    (nonce) => `${pageHead(nonce, "Resources · Orchestrator", METER_CSS + CSS)}
-<body>
-<header>
-  <h1>Resources</h1>
-  ${navHtml("/ui/resources")}
-  <span class="spacer"></span>
-  <button type="button" id="signout" hidden>Sign out</button>
-</header>
-<main>
-${LOGIN_HTML}
-<div id="app" hidden>
-  <p id="problem" class="error" role="alert"></p>
-  <div class="totals"><span>Leases held: <strong id="leases">–</strong></span><span>Waiting: <strong id="waiters">–</strong></span></div>
+  return pollingPage({
+    title: "Resources",
+    path: "/ui/resources",
+    css: CSS,
+    script: WAITING_JS + SCRIPT,
+    body: `  <div class="totals"><span>Leases held: <strong id="leases">–</strong></span><span>Waiting: <strong id="waiters">–</strong></span></div>
   <section class="card scroll">
     <table id="pools">
       <thead><tr>
@@ -83,10 +74,6 @@ ${LOGIN_HTML}
       <tbody id="waiter-rows"></tbody>
     </table>
     <p id="no-waiters" class="muted" hidden>Nothing is waiting.</p>
-  </section>
-  <p id="updated" class="muted"></p>
-</div>
-</main>
-${pageTail(nonce, METER_JS + WAITING_JS + SCRIPT)}`,
-  );
+  </section>`,
+  });
 }

@@ -86,6 +86,17 @@ describe("worker kit: rateLimitsFrom", () => {
   });
 });
 
+/** A pool as GET /resources shows it. */
+async function poolNamed(name: string): Promise<{ name: string; paused_until?: number; available: number }> {
+  const snap = (await (await call("/resources", { headers: OPS })).json()) as { pools: { name: string; paused_until?: number; available: number }[] };
+  return snap.pools.find((p) => p.name === name)!;
+}
+
+/** When the execution's retry timer is due (unix ms). */
+function retryTimer(id: string): Promise<number> {
+  return runInDurableObject(executionStub(id), (_i, st) => st.storage.sql.exec<{ due_at: number }>("SELECT due_at FROM timers WHERE name = 'retry'").one().due_at);
+}
+
 describe("provider pacing through a worker's callback", () => {
   it("a fail callback with retry_after_ms pauses the pool in the ledger and the stage retries no sooner", async () => {
     // Its own pool, so the pause cannot touch other tests' stages.
@@ -105,15 +116,12 @@ describe("provider pacing through a worker's callback", () => {
       }),
     });
     expect(res.status).toBe(200);
-    const snap = (await (await call("/resources", { headers: OPS })).json()) as { pools: { name: string; paused_until?: number; available: number }[] };
-    const pool = snap.pools.find((p) => p.name === "tokens:pace-e2e")!;
+    const pool = await poolNamed("tokens:pace-e2e");
     expect(pool.paused_until).toBeGreaterThanOrEqual(sentAt + 1_500);
     expect(pool.available).toBe(0);
     // The retry timer is at least the provider's retry-after away: the tests' generic backoff is at most
     // retryCapMs (200 ms); a retry-after is honoured up to 10x that cap (actors/stage-machine.ts).
-    const retryAt = await runInDurableObject(executionStub(id), (_i, st) =>
-      st.storage.sql.exec<{ due_at: number }>("SELECT due_at FROM timers WHERE name = 'retry'").one().due_at,
-    );
+    const retryAt = await retryTimer(id);
     expect(retryAt).toBeGreaterThanOrEqual(sentAt + 1_500);
     expect((await status(id)).stages[0]).toMatchObject({ status: "pending", attempts: 1, last_error: expect.objectContaining({ code: "provider_rate_limited" }) });
     expect((await call(`/executions/${id}/cancel`, { method: "POST", headers: KAM })).status).toBe(200);
@@ -135,22 +143,18 @@ describe("provider pacing from the worker kit", () => {
     const failed = await waitFor(id, (d) => d.stages[0].last_error?.code === "provider_rate_limited");
     expect(failed.stages[0]).toMatchObject({ status: "pending", attempts: 1 });
     // Only the kit's fail callback can have said so: the pool is paused for every execution...
-    const snap = (await (await call("/resources", { headers: OPS })).json()) as { pools: { name: string; paused_until?: number; available: number }[] };
-    const paused = snap.pools.find((p) => p.name === "tokens:pace-kit")!;
+    const paused = await poolNamed("tokens:pace-kit");
     expect(paused.paused_until).toBeGreaterThanOrEqual(startedAt + 2000);
     expect(paused.available).toBe(0);
     // ...and the stage's retry is the provider's retry-after away.
-    const retryAt = await runInDurableObject(executionStub(id), (_i, st) =>
-      st.storage.sql.exec<{ due_at: number }>("SELECT due_at FROM timers WHERE name = 'retry'").one().due_at,
-    );
+    const retryAt = await retryTimer(id);
     expect(retryAt).toBeGreaterThanOrEqual(startedAt + 2000);
 
     // The second attempt's provider call answers 200 with 777 tokens left: the next callback carries it,
     // and the ledger lowers the full bucket to it (refilling at 1 per second since).
     const done = await waitFor(id, (d) => d.status === "completed", 20_000);
     expect(done.stages[0].attempts).toBe(2);
-    const after = (await (await call("/resources", { headers: OPS })).json()) as { pools: { name: string; available: number; paused_until?: number }[] };
-    const pool = after.pools.find((p) => p.name === "tokens:pace-kit")!;
+    const pool = await poolNamed("tokens:pace-kit");
     expect(pool.paused_until).toBeUndefined();
     expect(pool.available).toBeGreaterThanOrEqual(777);
     expect(pool.available).toBeLessThan(800);
