@@ -244,7 +244,7 @@ export const SpanDocument = z.object({
   granted_at: z.string().nullable(),
   processing_at: z.string().nullable(),
   ended_at: z.string().nullable(),
-  /** `completed` or the attempt's error code; null while open. */
+  /** `completed`, the attempt's error code, or `paused` (given back by a pause while it waited); null while open. */
   outcome: z.string().nullable(),
   waiting_ms: z.number().int().nonnegative(),
   handshake_ms: z.number().int().nonnegative(),

@@ -1,7 +1,7 @@
 import type { StageDocument } from "../../schemas/api";
 import { isTerminalExecution } from "../stage-machine";
 import { type Core, type ExecutionRow, type StageRow, dependsOn, outputAsInput } from "./store";
-import { completeStage, failAttempt, indexUpdate, moveStage, releaseReservation } from "./transitions";
+import { attemptEnded, completeStage, failAttempt, indexUpdate, moveStage, releaseReservation } from "./transitions";
 
 /**
  * Execution control (docs/protocol.md, "Pause and resume"): synchronous state
@@ -47,6 +47,8 @@ export function pauseExecution(c: Core, now: number): void {
   // Every stage and item waiting for resources, in parallel stages and fan-outs alike.
   for (const st of c.store.unitsIn("waiting_resources")) {
     releaseReservation(c, st, now);
+    // The attempt ends here, as a span (outcome `paused`) and its data point; resume starts the next one.
+    attemptEnded(c, st, "paused", 0, undefined, now);
     moveStage(c, st, "pending", now, { message: "paused: the reservation was given back" });
     c.sql`UPDATE stages SET max_attempts = max_attempts + 1, waiting_ms = waiting_ms + ${now - (st.waiting_since ?? now)}, waiting_since = NULL
       WHERE stage_id = ${st.stage_id}`;

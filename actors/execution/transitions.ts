@@ -390,7 +390,7 @@ export function finishExecution(c: Core, status: ExecutionStatus, now: number, e
  * One stage attempt ended (`completed` or its error code; `st` is its row before the end): its span is
  * recorded (spans.ts) and written as one data point with its worker and timings.
  */
-function attemptEnded(c: Core, st: StageRow, outcome: string, processingMs: number, usage: Record<string, number> | undefined, now: number): void {
+export function attemptEnded(c: Core, st: StageRow, outcome: string, processingMs: number, usage: Record<string, number> | undefined, now: number): void {
   const ex = c.store.row()!;
   const cur = c.store.stage(st.stage_id)!;
   const trace = c.store.trace();

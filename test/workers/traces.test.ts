@@ -245,6 +245,25 @@ describe("the spans of an execution", () => {
     );
   });
 
+  it("an attempt given back by a pause is a span with outcome paused; resume's attempt is the next span", async () => {
+    const gate = await call("/resources/pools/gate:control", { method: "PUT", headers: { ...OPS, ...JSON_HEADERS }, body: JSON.stringify({ kind: "concurrency", capacity: 1 }) });
+    expect(gate.status).toBe(200);
+    // A holds the gate's one slot (it hangs); B's stage 1 waits behind it.
+    const a = await start({ template_name: "control_gated", parameters: { fault: { stage: 1, mode: "hang" } }, client_id: "client_spans" });
+    await waitFor(a, (d) => d.stages[0]?.status === "processing");
+    const b = await start({ template_name: "control_gated", parameters: { steps: 1, step_ms: 5 }, client_id: "client_spans" });
+    await waitFor(b, (d) => d.stages[0]?.status === "waiting_resources");
+    expect((await call(`/executions/${b}/pause`, { method: "POST", headers: OPS })).status).toBe(200);
+    const paused = (await spansOf(b)).spans;
+    expect(paused).toEqual([expect.objectContaining({ stage_id: "stage_1", attempt: 1, outcome: "paused", granted_at: null, handshake_ms: 0, processing_ms: 0 })]);
+    expect(paused[0].waiting_ms).toBe(ms(paused[0].ended_at) - ms(paused[0].queued_at));
+    expect((await call(`/executions/${b}/resume`, { method: "POST", headers: OPS })).status).toBe(200);
+    expect((await call(`/executions/${a}/cancel`, { method: "POST", headers: OPS })).status).toBe(200);
+    const doc = await waitFor(b, ended);
+    expect(doc.status).toBe("completed");
+    expect((await spansOf(b)).spans.map((x) => `${x.stage_id}#${x.attempt}:${x.outcome}`)).toEqual(["stage_1#1:paused", "stage_1#2:completed", "stage_2#1:completed"]);
+  });
+
   it("has a span for each item of a fan-out, under its stage, and the open attempt of a running stage", async () => {
     const id = await start({ template_name: "course_parallel", parameters: { topic: "Items", modules: 3, steps: 1, step_ms: 5 }, client_id: "client_spans" });
     const doc = await waitFor(id, ended);
