@@ -34,6 +34,7 @@ function executionRoutes(id: string): { name: string; send: (h: Record<string, s
     { name: "result", send: get(`/executions/${id}/result`) },
     { name: "result content", send: get(`/executions/${id}/result/content`) },
     { name: "items", send: get(`/executions/${id}/stages/stage_1/items`) },
+    { name: "spans", send: get(`/executions/${id}/spans`) },
     { name: "cancel", send: send(`/executions/${id}/cancel`) },
     { name: "pause", send: send(`/executions/${id}/pause`) },
     { name: "resume", send: send(`/executions/${id}/resume`) },
@@ -75,7 +76,7 @@ describe("scoped API keys", () => {
       if (route.name === "cancel" || route.name === "pause" || route.name === "approve" || route.name === "reject") continue;
       owner[route.name] = (await route.send(BETA)).status;
     }
-    expect(owner).toEqual({ status: 200, result: 409, "result content": 409, items: 409, resume: 409, rerun: 409, "live ticket": 200 });
+    expect(owner).toEqual({ status: 200, result: 409, "result content": 409, items: 409, spans: 200, resume: 409, rerun: 409, "live ticket": 200 });
     expect((await post(`/executions/${theirs.execution_id}/stages/stage_2/approve`, BETA)).status).toBe(200);
     const done = await waitFor(theirs.execution_id, ended);
     expect(done.status).toBe("completed");
