@@ -67,23 +67,23 @@ export interface StartOutcome {
 
 /**
  * A new execution id, or with a `request_id` the one this client's request
- * already has (`duplicate`); 409 `idempotency_conflict` when it came with another body.
+ * already has; 409 `idempotency_conflict` when it came with another body.
  */
 export async function claimExecutionId(
   env: Env,
   clientId: string,
   requestId: string | null,
   requestHash: string | null,
-): Promise<{ executionId: string; duplicate: boolean }> {
+): Promise<{ executionId: string }> {
   const fresh = newExecutionId();
-  if (!requestId || !requestHash) return { executionId: fresh, duplicate: false };
+  if (!requestId || !requestHash) return { executionId: fresh };
   const ns = env.REQUEST_REGISTRY as unknown as DurableObjectNamespace<RequestRegistry>;
   const registry = ns.get(ns.idFromName(clientId));
   const claim = await call<ClaimResult>(env, registry.claim(requestId, requestHash, fresh), "request registry");
   if (claim.outcome === "conflict") {
     throw new ApiError(409, "idempotency_conflict", "this request_id was already used with a different body", { execution_id: claim.executionId });
   }
-  return { executionId: claim.executionId, duplicate: claim.outcome === "existing" };
+  return { executionId: claim.executionId };
 }
 
 /** `trace`: the caller's `traceparent` and `tracestate` headers, if any (src/trace.ts); a new trace otherwise. */
@@ -102,7 +102,7 @@ export async function startExecution(
   const requestHash = input.request_id
     ? await sha256Hex(canonical({ template_name: input.template_name, parameters: input.parameters, priority: input.priority }))
     : null;
-  const { executionId, duplicate } = await claimExecutionId(env, input.client_id, input.request_id ?? null, requestHash);
+  const { executionId } = await claimExecutionId(env, input.client_id, input.request_id ?? null, requestHash);
   // start() is idempotent too, so a duplicate whose first attempt never reached the object still creates it.
   const result = await call(
     env,
@@ -120,13 +120,18 @@ export async function startExecution(
     }),
     "execution start",
   );
-  return startAnswer(executionId, result, duplicate, origin);
+  return startAnswer(executionId, result, origin);
 }
 
-/** The start summary: 202 for a new execution, 200 for one this request already started. */
-export function startAnswer(executionId: string, result: StartResult, duplicate: boolean, origin: string): StartOutcome {
+/**
+ * The start summary: 202 from the one start() call that created the execution,
+ * 200 from every other. Not from the registry's claim: a duplicate's start()
+ * can reach the object before the claimer's (the claimer still arms the
+ * registry's alarm), and then the claim's answer would give no caller the 202.
+ */
+export function startAnswer(executionId: string, result: StartResult, origin: string): StartOutcome {
   return {
-    status: duplicate || !result.created ? 200 : 202,
+    status: result.created ? 202 : 200,
     body: {
       execution_id: executionId,
       status: result.status,

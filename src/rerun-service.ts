@@ -31,7 +31,7 @@ export async function rerunExecution(env: Env, id: unknown, raw: unknown, origin
   await admitStart(env, source.client_id, source.priority);
   const requestId = input.request_id ?? null;
   const requestHash = requestId ? await sha256Hex(canonical({ rerun_of: originalId, from_stage: source.from_stage, parameters })) : null;
-  const { executionId, duplicate } = await claimExecutionId(env, source.client_id, requestId, requestHash);
+  const { executionId } = await claimExecutionId(env, source.client_id, requestId, requestHash);
   // Stored outputs are taken over by reference: their owners keep them until this rerun's own data expires.
   for (const owner of dataOwners(source, executionId)) {
     const held = await call<boolean>(env, executionStub(env, owner).holdData(executionId), "execution data hold");
@@ -52,7 +52,7 @@ export async function rerunExecution(env: Env, id: unknown, raw: unknown, origin
     }),
     "execution start",
   );
-  const answer = startAnswer(executionId, result, duplicate, origin);
+  const answer = startAnswer(executionId, result, origin);
   return {
     status: answer.status,
     body: { ...answer.body, rerun_of: originalId, from_stage: source.from_stage, reused: source.reused.map((r) => r.stage_id) },

@@ -2,6 +2,9 @@ import { env } from "cloudflare:workers";
 import { evictDurableObject, runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
 import type { StatusDocument } from "../../schemas/api";
+import { canonical } from "../../src/execution-service";
+import { sha256Hex } from "../../src/hash";
+import { newExecutionId } from "../../src/ids";
 import { TEST_WORKER_SECRETS } from "../support/constants";
 import {
   JSON_HEADERS,
@@ -472,6 +475,27 @@ describe("idempotent start", () => {
     const other = await startExecution({ ...request, client_id: "client_idem_2" });
     expect(other.res.status).toBe(202);
     expect(other.body.execution_id).not.toBe([...ids][0]);
+  });
+
+  it("the 202 goes to the start that created the execution, even when a duplicate's start reaches the object before the claimer's", async () => {
+    // The first request claimed its request_id in the registry and is still on its way to
+    // the Execution (the claimer arms the registry's alarm after writing; a duplicate's claim
+    // does not wait for that). A duplicate then creates the execution: it, and only it, is
+    // the 202. Answering from the claim instead gave the 202 to nobody under load.
+    const request = { template_name: "quick_summary", parameters: quick, client_id: "client_idem", request_id: `req-${crypto.randomUUID()}` };
+    const hash = await sha256Hex(canonical({ template_name: request.template_name, parameters: request.parameters, priority: "normal" }));
+    const ns = env.REQUEST_REGISTRY;
+    const claimed = await ns.get(ns.idFromName(request.client_id)).claim(request.request_id, hash, newExecutionId());
+    expect(claimed.outcome).toBe("claimed");
+
+    const duplicate = await startExecution(request);
+    expect(duplicate.res.status).toBe(202);
+    expect(duplicate.body.execution_id).toBe(claimed.executionId);
+    // The claimer's start arrives after it: the execution exists, so 200.
+    const claimer = await startExecution(request);
+    expect(claimer.res.status).toBe(200);
+    expect(claimer.body.execution_id).toBe(claimed.executionId);
+    expect((await waitFor(claimed.executionId, ended)).status).toBe("completed");
   });
 });
 
