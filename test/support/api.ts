@@ -1,4 +1,5 @@
 import { env, exports } from "cloudflare:workers";
+import { runInDurableObject } from "cloudflare:test";
 import type { StatusDocument } from "../../schemas/api";
 import { type TokenClaims, issueToken } from "../../src/auth";
 import { TEST_SECRETS } from "./constants";
@@ -42,6 +43,20 @@ export const ended = (d: StatusDocument) => d.status === "completed" || d.status
 
 export function executionStub(id: string) {
   return env.EXECUTION.get(env.EXECUTION.idFromName(id));
+}
+
+/**
+ * Runs the execution's alarm handler now, to its end. Not runDurableObjectAlarm:
+ * that does nothing when no alarm is set, which is also the case while the
+ * object's own alarm is running (an outbox delivery after a cancel, say), so a
+ * timer a test made due then went untaken and the test raced that alarm.
+ * The handler serialises its drive passes, so this one starts after any in flight.
+ */
+export async function fireAlarm(id: string): Promise<void> {
+  await runInDurableObject(executionStub(id), async (instance: { alarm(): Promise<void> }, state) => {
+    await state.storage.deleteAlarm();
+    await instance.alarm();
+  });
 }
 
 export interface Snapshot {

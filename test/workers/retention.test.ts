@@ -1,7 +1,7 @@
 import { env } from "cloudflare:workers";
-import { runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
+import { runInDurableObject } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
-import { KAM, call, ended, executionStub, startExecution, status, waitFor } from "../support/api";
+import { KAM, call, ended, executionStub, fireAlarm, startExecution, status, waitFor } from "../support/api";
 
 /**
  * Retention (docs/protocol.md, Data): `retentionMs` after an execution ends,
@@ -16,7 +16,7 @@ const r2Objects = async (id: string) => (await env.DATA.list({ prefix: `r2/${id}
 async function expireNow(id: string): Promise<void> {
   const stub = executionStub(id);
   await runInDurableObject(stub, (_i, state) => state.storage.sql.exec("UPDATE timers SET due_at = 0 WHERE name = 'retention'"));
-  await runDurableObjectAlarm(stub);
+  await fireAlarm(id);
 }
 
 describe("retention", () => {
