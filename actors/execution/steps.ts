@@ -1,7 +1,7 @@
 import type { DataReference } from "../../schemas/data";
 import type { ReserveResult, SlotResult } from "../../schemas/ledger";
 import type { ProgressResponse } from "../../schemas/worker-protocol";
-import { reportRateLimits } from "../../src/pacing";
+import { reportRateLimits, retryAfterOf } from "../../src/pacing";
 import { issueStageTokens } from "../../src/auth";
 import { DATA_LIMITS, deleteExecutionData, putBytes, readText, verifyStored } from "../../src/data-store";
 import { estimateTotalMs } from "../../src/estimates";
@@ -301,7 +301,8 @@ async function applyProgress(c: Core, st: StageRow, p: ProgressResponse, now: nu
   }
   if (p.status === "failed") {
     const e = p.error ?? { code: "worker_failed", message: "the worker reported a failure without details" };
-    tx.failAttempt(c, st, { code: e.code, message: e.message, retryable: p.retryable ?? false, fromWorker: true }, now, p.usage);
+    // A provider's retry-after reported with the failure: the retry waits for it, as from a fail callback.
+    tx.failAttempt(c, st, { code: e.code, message: e.message, retryable: p.retryable ?? false, retryAfterMs: retryAfterOf(p.rate_limits), fromWorker: true }, now, p.usage);
     return true;
   }
   tx.progressed(c, st, p.progress, p.message, now);

@@ -123,6 +123,9 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
       if (hooked) return hooked;
     }
     const usage = job.usage ? (JSON.parse(job.usage) as Usage) : undefined;
+    // Held rate-limit reports ride on the poll answer too (the orchestrator applies them as from a
+    // callback); they stay held for the next callback: a report applied twice changes nothing more.
+    const reports = dueReports(this.store.getBlob(HELD_RATE_LIMITS), Date.now());
     let body: ProgressResponse;
     switch (job.status) {
       case "accepted":
@@ -137,7 +140,7 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
           break;
         }
         // The inline output is stored as JSON text: spliced in, not parsed and serialised again.
-        return { status: 200, text: `{"status":"completed","progress":100,"output":${this.store.getBlob("output") ?? "null"}${usage ? `,"usage":${JSON.stringify(usage)}` : ""}}` };
+        return { status: 200, text: withRateLimits(`{"status":"completed","progress":100,"output":${this.store.getBlob("output") ?? "null"}${usage ? `,"usage":${JSON.stringify(usage)}` : ""}}`, reports) };
       case "failed":
         body = { status: "failed", progress: job.progress, error: JSON.parse(job.error ?? "{}"), retryable: job.retryable === 1, usage };
         break;
@@ -146,7 +149,7 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
         body = { status: "failed", error: { code: "cancelled", message: "the job was cancelled" }, retryable: false };
         break;
     }
-    return ok(body);
+    return ok(reports.length ? { ...body, rate_limits: reports } : body);
   }
 
   async cancel(req: CancelRequest, trace: TraceHeaders | null = null): Promise<Reply> {

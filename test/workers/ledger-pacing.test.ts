@@ -5,9 +5,11 @@
  * `provider_backoff`. Also the worker kit's header mapping.
  */
 import { evictDurableObject, runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
+import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import { parseDurationMs, rateLimitsFrom } from "../../packages/worker-kit/index";
 import { JSON_HEADERS, KAM, OPS, call, executionStub, mintToken, startExecution, status, waitFor } from "../support/api";
+import { TEST_WORKER_SECRETS } from "../support/constants";
 import { attach, expectWithinCapacity, fresh, id, req } from "./ledger-support";
 
 describe("provider pacing in the ledger", () => {
@@ -158,5 +160,43 @@ describe("provider pacing from the worker kit", () => {
     expect(pool.paused_until).toBeUndefined();
     expect(pool.available).toBeGreaterThanOrEqual(777);
     expect(pool.available).toBeLessThan(800);
+  });
+});
+
+describe("provider pacing from the worker kit's answer to a progress poll", () => {
+  it("headers the kit holds go out with its poll answer, and the orchestrator lowers the pool from the poll before any callback carries them", async () => {
+    expect((await call("/resources/pools/tokens:pace-poll", { method: "PUT", headers: { ...OPS, ...JSON_HEADERS }, body: JSON.stringify({ kind: "rate", capacity: 1000, refill_per_second: 1 }) })).status).toBe(200);
+    const { body } = await startExecution({
+      template_name: "fault_single",
+      // Attempt 2's provider call answers 200 with 777 tokens left, then the stage sleeps a minute
+      // before its first step: nothing calls the orchestrator back meanwhile, only polls reach the kit.
+      parameters: { steps: 2, step_ms: 60_000, fault: { mode: "provider_429_once", pool: "tokens:pace-poll", retry_after_ms: 300 } },
+      client_id: "client_pacing_poll",
+    });
+    const id = body.execution_id as string;
+    await waitFor(id, (d) => d.stages[0].attempts === 2 && d.stages[0].status === "processing", 20_000);
+    const deadline = Date.now() + 15_000;
+    let pool = await poolNamed("tokens:pace-poll");
+    while (!(pool.available < 800) && Date.now() < deadline) {
+      await scheduler.wait(50);
+      pool = await poolNamed("tokens:pace-poll");
+    }
+    expect(pool.available).toBeGreaterThanOrEqual(777);
+    expect(pool.available).toBeLessThan(800);
+    // The kit's own log: attempt 2 sent no callback, so the report came with a poll answer.
+    const secret = { authorization: `Bearer ${TEST_WORKER_SECRETS["bitware-content-granulator"]}` };
+    const job = (await (await env.CONTENT_GRANULATOR.fetch(`https://bitware-content-granulator.internal/api/jobs/${id}?stageId=stage_1`, { headers: secret })).json()) as {
+      attempt: number;
+      status: string;
+      log: { what: string; attempt: number }[];
+    };
+    expect(job).toMatchObject({ attempt: 2, status: "processing" });
+    expect(job.log.filter((e) => e.attempt === 2 && e.what.startsWith("callback:"))).toEqual([]);
+    // And the poll answer itself carries it.
+    const answer = (await (await env.CONTENT_GRANULATOR.fetch(`https://bitware-content-granulator.internal/api/progress/${id}?stageId=stage_1`, { headers: secret })).json()) as {
+      rate_limits?: unknown;
+    };
+    expect(answer.rate_limits).toEqual([{ pool: "tokens:pace-poll", remaining: 777 }]);
+    expect((await call(`/executions/${id}/cancel`, { method: "POST", headers: KAM })).status).toBe(200);
   });
 });
