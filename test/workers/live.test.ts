@@ -36,7 +36,10 @@ function path(docs: StatusDocument[], pick: (d: StatusDocument) => string | unde
 
 describe("live updates over a WebSocket to the execution's object", () => {
   it("pushes every transition of a running execution, then the final document, then closes", async () => {
-    const { body } = await startExecution({ template_name: "fault_two_stage", parameters: { steps: 3, step_ms: 80 }, client_id: "client_live" });
+    // data_relay: two stages of one attempt and a minute's timeout. With fault_two_stage's
+    // 1.5 s timeout and two attempts, a loaded machine (stages took 0.5-0.8 s at load 11)
+    // once retried stage 1, and its path showed pending..processing a second time.
+    const { body } = await startExecution({ template_name: "data_relay", parameters: { steps: 3, step_ms: 80 }, client_id: "client_live" });
     const id = body.execution_id as string;
     const t = await ticketFor(id);
     expect(t.url).toBe(`ws://orchestrator.test/executions/${id}/live`);
