@@ -166,10 +166,10 @@ export class Execution extends DurableObject<Env> {
    * version is past `since` or the wait is over (docs/protocol.md, "Status reads").
    */
   async readStatus(q: StatusReadQuery): Promise<StatusRead> {
-    const doc = this.#status.answer(Date.now(), null);
-    if (!doc) return { state: "missing" };
-    await this.#timers.healSometimes(!doc.ended, Date.now());
-    await this.#status.changeAfter(q.since ?? doc.version, Math.min(q.wait_ms, this.#config.tuning.statusWaitMaxMs));
+    const ended = this.#status.ended();
+    if (ended === null) return { state: "missing" };
+    await this.#timers.healSometimes(!ended, Date.now());
+    await this.#status.changeAfter(q.since ?? this.#status.version, Math.min(q.wait_ms, this.#config.tuning.statusWaitMaxMs));
     return { state: "ok", ...this.#status.answer(Date.now(), q.if_none_match)! };
   }
 

@@ -113,9 +113,10 @@ export class StatusCache {
     return this.#version;
   }
 
-  exists(): boolean {
+  /** Whether the execution ended; null: there is none. */
+  ended(): boolean | null {
     this.#refresh();
-    return this.#built !== null;
+    return this.#built ? isTerminalExecution(this.#built.doc.status) : null;
   }
 
   /** The document as of `now` (null: no execution). */
