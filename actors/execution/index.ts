@@ -156,7 +156,7 @@ export class Execution extends DurableObject<Env> {
   /** The status document, from memory (status-cache.ts); null: no such execution. */
   async getStatus(): Promise<StatusDocument | null> {
     const doc = this.#status.document(Date.now());
-    if (doc) await this.#timers.healSometimes(!isTerminalExecution(doc.status), Date.now());
+    if (doc) await this.#timers.healOnRead(!isTerminalExecution(doc.status));
     return doc;
   }
 
@@ -168,7 +168,7 @@ export class Execution extends DurableObject<Env> {
   async readStatus(q: StatusReadQuery): Promise<StatusRead> {
     const ended = this.#status.ended();
     if (ended === null) return { state: "missing" };
-    await this.#timers.healSometimes(!ended, Date.now());
+    await this.#timers.healOnRead(!ended);
     await this.#status.changeAfter(q.since ?? this.#status.version, Math.min(q.wait_ms, this.#config.tuning.statusWaitMaxMs));
     return { state: "ok", ...this.#status.answer(Date.now(), q.if_none_match)! };
   }

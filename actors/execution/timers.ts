@@ -13,9 +13,6 @@ export const UNIT_TIMERS: readonly UnitTimer[] = ["poll", "deadline", "lease", "
 /** While an execution is live, its alarm is never further away than this, so an eviction mid-call heals. */
 export const WATCHDOG_MS = 30_000;
 
-/** How often a status read checks the alarm is really set (a lost alarm heals within this of a read). */
-export const HEAL_EVERY_MS = 10_000;
-
 /**
  * The `timers` table behind the object's one alarm. A handler *takes* its
  * timer (deletes it where due) before acting, so an alarm that fires twice
@@ -26,6 +23,8 @@ export class Timers {
   readonly #storage: DurableObjectStorage;
   /** The alarm as this instance knows it (null: none; undefined: unknown), read at start and kept in step. */
   #armedAt: number | null | undefined = undefined;
+  /** The last rearm() found no timer (so no alarm is the right alarm). */
+  #noTimers = false;
 
   constructor(sql: Sql, storage: DurableObjectStorage) {
     this.#sql = sql;
@@ -95,6 +94,7 @@ export class Timers {
   async rearm(live: boolean): Promise<void> {
     if (live && !this.has("watchdog")) this.set("watchdog", Date.now() + WATCHDOG_MS);
     const next = this.#sql<{ at: number | null }>`SELECT MIN(due_at) AS at FROM timers`[0]?.at ?? null;
+    this.#noTimers = next === null;
     if (next === null) {
       if (this.#armedAt === null) return;
       this.#armedAt = null;
@@ -106,13 +106,17 @@ export class Timers {
     await this.#storage.setAlarm(next);
   }
 
-  #healedAt = 0;
-
-  /** heal(), at most once per HEAL_EVERY_MS per instance: a status read then costs no storage call. */
-  async healSometimes(live: boolean, now: number): Promise<void> {
-    if (now - this.#healedAt < HEAL_EVERY_MS) return;
-    this.#healedAt = now;
-    await this.heal(live);
+  /**
+   * heal() for status reads, with no SQL while the alarm is as this instance
+   * left it: the runtime's alarm is compared with the one it set (or with none,
+   * when its last rearm found no timer); only a difference (a lost alarm)
+   * reads the timers and re-arms.
+   */
+  async healOnRead(live: boolean): Promise<void> {
+    const actual = await this.#storage.getAlarm();
+    if (actual !== null ? actual === this.#armedAt : this.#armedAt === null && this.#noTimers) return;
+    if (actual === null) this.#armedAt = undefined;
+    await this.rearm(live);
   }
 
   /** Checks the alarm is really set, so a lost alarm heals on the next read. */
