@@ -6,13 +6,17 @@
  * capacity leaked (every ledger pool back to zero in use, no lease, no waiter).
  *
  *   npm run bench:soak -- [--n 1000] [--inflight 50] [--fault-share 0.3] [--seed 7]
- *   npm run bench:soak -- --crash [--kills 7] [--n 1000]
+ *   npm run bench:soak -- --crash [--kills 5] [--n 1000] [--steps 10] [--step-ms 200]
  *
  * `--crash`: the same plan (no cancellations) on a persisted state directory,
- * in `--kills` rounds; in each, the whole runtime is killed with SIGKILL while
- * stages are on workers and started again on the same state (bench/lib/crash.ts).
- * The report: every execution ended, none lost, every request_id repeated
- * answers the same execution, the ledger clean after each round.
+ * in `--kills` rounds; in each, the whole runtime is killed with SIGKILL once
+ * enough executions have a stage on the worker (each stage works `--steps` x
+ * `--step-ms`, so they are there long enough to be caught), started again on
+ * the same state, and the requests the kill kept from being sent are sent
+ * (bench/lib/crash.ts). It fails (exit 1) on any execution lost or still
+ * running 180 s after its round's last POST, a repeated request_id answering
+ * another execution, a ledger left holding or queueing anything, or a kill
+ * that came before enough stages were on the worker.
  *
  * Traffic goes to 127.0.0.1 only; every loop is bounded in count and time.
  */
@@ -100,10 +104,17 @@ const TUNING = JSON.stringify({ pollInitialMs: 100, pollMaxMs: 500, retryBaseMs:
 /** `--crash`: the plan in rounds, each with a hard kill of the whole runtime while stages are on workers. */
 async function crashMain() {
   const started = Date.now();
-  const kills = Number(args.get("kills") ?? 7);
+  const kills = Number(args.get("kills") ?? 5);
+  // Slow stages: a kill must find them on the worker (with the soak's 5 ms steps they end before it comes).
+  const steps = Number(args.get("steps") ?? 10);
+  const stepMs = Number(args.get("step-ms") ?? 200);
+  const loadAtStart = os.loadavg();
   const dir = mkdtempSync(path.join(os.tmpdir(), "orch-soak-crash-"));
   const system = new CrashSystem({ secrets: SECRETS, vars: { LOG_LEVEL: "error", POOLS, TUNING }, cwd: snapshotTree(dir, "worktree") });
-  const plans = plan(mulberry32(SEED)).map((p, i) => ({ ...p, body: { ...p.body, request_id: `soak-crash-${SEED}-${i}` } }));
+  const plans = plan(mulberry32(SEED)).map((p, i) => ({
+    ...p,
+    body: { ...p.body, parameters: { ...(p.body.parameters as object), steps, step_ms: stepMs }, request_id: `soak-crash-${SEED}-${i}` },
+  }));
   const expected = new Map(plans.map((p) => [p.body.request_id as string, p]));
   const per = Math.ceil(plans.length / kills);
   const rounds: unknown[] = [];
@@ -113,6 +124,8 @@ async function crashMain() {
   let lost = 0;
   let repeats = 0;
   let unclean = 0;
+  let belowTarget = 0;
+  let startFailures = 0;
   let mismatches = 0;
   const mismatchSamples: unknown[] = [];
   try {
@@ -137,6 +150,8 @@ async function crashMain() {
       lost += report.lost;
       repeats += report.repeat_mismatches;
       if (!report.ledger_clean) unclean++;
+      if (report.killed_below_target) belowTarget++;
+      startFailures += report.start_failures;
       for (const o of outcomes) {
         const label = o.code ? `${o.status}:${o.code}` : o.status;
         byStatus[label] = (byStatus[label] ?? 0) + 1;
@@ -164,15 +179,21 @@ async function crashMain() {
     lost,
     repeat_mismatches: repeats,
     rounds_with_ledger_left_held: unclean,
+    rounds_killed_below_target: belowTarget,
+    start_failures: startFailures,
+    stage_shape: { steps, step_ms: stepMs },
     outcome_mismatches: mismatches,
     mismatch_samples: mismatchSamples,
     rounds,
     seconds: Math.round((Date.now() - started) / 100) / 10,
+    started_at: new Date(started).toISOString(),
+    load_avg_at_start: loadAtStart.map((l) => Math.round(l * 100) / 100),
+    load_avg_at_end: os.loadavg().map((l) => Math.round(l * 100) / 100),
     cores: os.cpus().length,
     node: process.version,
   };
   console.log(JSON.stringify(report));
-  if (stuck || lost || repeats || unclean || total !== plans.length) process.exitCode = 1;
+  if (stuck || lost || repeats || unclean || belowTarget || startFailures || total !== plans.length) process.exitCode = 1;
 }
 
 async function main() {

@@ -177,10 +177,16 @@ export async function awaitLedgerClean(system: CrashSystem, deadlineMs: number) 
 
 export interface RoundReport {
   submitted: number;
+  /** Requests not yet sent at the kill, sent after the restart (every planned execution runs). */
+  sent_after_restart: number;
+  /** Of those, how many got no execution (each is a failure of the round). */
+  start_failures: number;
   cut_off: number;
   /** What the first POST of each request answered before the kill (status, or the error that cut it off). */
   first_answers: Record<string, number>;
   on_workers_at_kill: number;
+  /** The kill came before `killWhenOnWorkers` executions had a stage on a worker (the round proves less). */
+  killed_below_target: boolean;
   ended: number;
   by_status: Record<string, number>;
   stuck: { execution_id: string; status: string; stages: unknown }[];
@@ -194,9 +200,11 @@ export interface RoundReport {
 /**
  * One crash round on a running system: submits `n` executions, kills the
  * runtime once `killWhenOnWorkers` of them have a stage on a worker (POSTs
- * still going), starts it again on the same state, and checks that every
- * execution ends within `endDeadlineMs`, that every request_id repeated
- * answers the same execution, and that the ledger ends clean.
+ * still going), starts it again on the same state, repeats every request_id
+ * sent, sends those not yet sent, and checks that every execution ends within
+ * `endDeadlineMs` of the last POST (one still running then is `stuck`: a
+ * failure, however it got there), that every repeated request_id answers the
+ * same execution, and that the ledger ends clean.
  */
 export async function crashRound(
   system: CrashSystem,
@@ -252,7 +260,12 @@ export async function crashRound(
       repeatMismatches++;
     }
   }
-  const items = submitted.filter((s) => s.executionId).map((s) => ({ executionId: s.executionId!, requestId: s.requestId }));
+  // What the kill kept from being sent goes now: every planned execution runs.
+  const rest = bodies.slice(submitted.length);
+  const late: Submitted[] = [];
+  await submit(system, rest, opts.concurrency, late, () => false);
+  const startFailures = late.filter((s) => !s.executionId).length;
+  const items = [...submitted, ...late].filter((s) => s.executionId).map((s) => ({ executionId: s.executionId!, requestId: s.requestId }));
   const outcomes = await awaitEnded(system, items, opts.endDeadlineMs);
   const secondsToEnd = Math.round((Date.now() - restartedAt) / 100) / 10;
   const ledger = await awaitLedgerClean(system, opts.ledgerDeadlineMs);
@@ -266,9 +279,12 @@ export async function crashRound(
     outcomes,
     report: {
       submitted: submitted.length,
+      sent_after_restart: late.length,
+      start_failures: startFailures,
       cut_off: cutOff,
       first_answers: firstAnswers,
       on_workers_at_kill: atKill,
+      killed_below_target: atKill < opts.killWhenOnWorkers,
       ended: outcomes.length - stuck.length,
       by_status: byStatus,
       stuck: stuck.map((o) => ({ execution_id: o.executionId, status: o.status, stages: o.doc?.stages })),

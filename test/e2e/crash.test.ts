@@ -45,13 +45,18 @@ describe("a hard crash of the whole runtime", () => {
       n: 40,
       concurrency: 8,
       killWhenOnWorkers: 6,
-      // Far below any stage deadline (10 min by default): an execution that waits for its deadline is caught.
+      // Far below any stage deadline (10 min by default): an execution still running 60 s after the last
+      // POST (an execution that waits for its deadline, or a worker job whose alarm is gone) fails the test.
       endDeadlineMs: 60_000,
       ledgerDeadlineMs: 60_000,
       shape: { steps: 10, stepMs: 200 },
     });
     const detail = JSON.stringify(report);
     expect(report.on_workers_at_kill, detail).toBeGreaterThanOrEqual(6);
+    expect(report.killed_below_target, detail).toBe(false);
+    // Every planned execution ran: those the kill kept from being sent went after the restart.
+    expect(report.start_failures, detail).toBe(0);
+    expect(outcomes.length, detail).toBe(40);
     expect(report.lost, detail).toBe(0);
     expect(report.stuck, detail).toEqual([]);
     expect(report.repeat_mismatches, detail).toBe(0);
