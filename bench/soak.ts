@@ -6,7 +6,7 @@
  * capacity leaked (every ledger pool back to zero in use, no lease, no waiter).
  *
  *   npm run bench:soak -- [--n 1000] [--inflight 50] [--fault-share 0.3] [--seed 7]
- *   npm run bench:soak -- --crash [--kills 5] [--n 1000] [--steps 10] [--step-ms 200]
+ *   npm run bench:soak -- --crash [--kills 5] [--n 1000] [--inflight 4] [--steps 10] [--step-ms 200]
  *
  * `--crash`: the same plan (no cancellations) on a persisted state directory,
  * in `--kills` rounds; in each, the whole runtime is killed with SIGKILL once
@@ -109,6 +109,8 @@ async function crashMain() {
   const steps = Number(args.get("steps") ?? 10);
   const stepMs = Number(args.get("step-ms") ?? 200);
   const loadAtStart = os.loadavg();
+  // Few POSTs at a time: on `wrangler dev` concurrent starts contend (50 at once each took over 30 s).
+  const inflight = Number(args.get("inflight") ?? 4);
   const dir = mkdtempSync(path.join(os.tmpdir(), "orch-soak-crash-"));
   const system = new CrashSystem({ secrets: SECRETS, vars: { LOG_LEVEL: "error", POOLS, TUNING }, cwd: snapshotTree(dir, "worktree") });
   const plans = plan(mulberry32(SEED)).map((p, i) => ({
@@ -137,8 +139,8 @@ async function crashMain() {
         round: r,
         n: chunk.length,
         bodies: chunk.map((p) => p.body),
-        concurrency: INFLIGHT,
-        killWhenOnWorkers: Math.min(20, Math.ceil(chunk.length / 4)),
+        concurrency: inflight,
+        killWhenOnWorkers: Math.min(10, Math.ceil(chunk.length / 4)),
         endDeadlineMs: 180_000,
         ledgerDeadlineMs: 60_000,
       });
@@ -172,7 +174,7 @@ async function crashMain() {
     executions: total,
     kills,
     seed: SEED,
-    inflight: INFLIGHT,
+    inflight,
     fault_share: FAULT_SHARE,
     by_status: byStatus,
     still_running: stuck,

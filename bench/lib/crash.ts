@@ -125,11 +125,13 @@ export async function submit(system: CrashSystem, bodies: Record<string, unknown
 }
 
 /** How many of these executions have a stage on a worker right now, and how many have not ended. */
-export async function onWorkers(system: CrashSystem, ids: string[]): Promise<{ onWorkers: number; live: number }> {
+export async function onWorkers(system: CrashSystem, ids: string[]): Promise<{ onWorkers: number; live: number; ended: string[] }> {
   const docs = await Promise.all(ids.map((id) => system.status(id).then((r) => r.doc).catch(() => null)));
+  const isEnded = (d: Doc | null) => !!d && ["completed", "failed", "cancelled"].includes(d.status);
   return {
     onWorkers: docs.filter((d) => d?.stages.some((s) => s.status === "handshaking" || s.status === "processing")).length,
-    live: docs.filter((d) => !d || !["completed", "failed", "cancelled"].includes(d.status)).length,
+    live: docs.filter((d) => !isEnded(d)).length,
+    ended: docs.filter(isEnded).map((d) => d!.execution_id),
   };
 }
 
@@ -230,10 +232,13 @@ export async function crashRound(
   });
   let atKill = 0;
   const watchUntil = Date.now() + 120_000;
+  // Ended ones are not read again (the watcher must not become the load).
+  const endedIds = new Set<string>();
   while (Date.now() < watchUntil) {
     await new Promise((r) => setTimeout(r, 200));
-    const ids = submitted.filter((s) => s.executionId).map((s) => s.executionId!);
+    const ids = submitted.filter((s) => s.executionId && !endedIds.has(s.executionId)).map((s) => s.executionId!);
     const seen = await onWorkers(system, ids);
+    for (const id of seen.ended) endedIds.add(id);
     atKill = seen.onWorkers;
     // Kill once enough are on the worker; give up waiting only when nothing is left that could get there.
     if (atKill >= opts.killWhenOnWorkers || (finished && seen.live === 0)) break;
@@ -249,17 +254,22 @@ export async function crashRound(
 
   // Every request_id again: the same execution for those that were answered; the cut-off ones now get theirs.
   let repeatMismatches = 0;
-  for (const s of submitted) {
-    const r = await system.execute(s.body);
-    const id = r.body?.execution_id as string | undefined;
-    if (s.executionId) {
-      if (r.status !== 200 || id !== s.executionId) repeatMismatches++;
-    } else if (id && (r.status === 200 || r.status === 202)) {
-      s.executionId = id;
-    } else {
-      repeatMismatches++;
+  let nextRepeat = 0;
+  const repeatLane = async () => {
+    while (nextRepeat < submitted.length) {
+      const s = submitted[nextRepeat++];
+      const r = await system.execute(s.body).catch(() => ({ status: 0, body: null }));
+      const id = r.body?.execution_id as string | undefined;
+      if (s.executionId) {
+        if (r.status !== 200 || id !== s.executionId) repeatMismatches++;
+      } else if (id && (r.status === 200 || r.status === 202)) {
+        s.executionId = id;
+      } else {
+        repeatMismatches++;
+      }
     }
-  }
+  };
+  await Promise.all(Array.from({ length: opts.concurrency }, repeatLane));
   // What the kill kept from being sent goes now: every planned execution runs.
   const rest = bodies.slice(submitted.length);
   const late: Submitted[] = [];

@@ -2,7 +2,7 @@ import { env } from "cloudflare:workers";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import type { LedgerSnapshot } from "../../schemas/ledger";
 import { fromDataPoint } from "../../src/metrics";
-import { JSON_HEADERS, KAM, OPS, call, ended, expectNoLiveReservations, startExecution, status, waitFor } from "../support/api";
+import { JSON_HEADERS, KAM, OPS, call, ended, expectNoLiveReservations, startExecution, status, until, waitFor } from "../support/api";
 
 /**
  * The ledger made slow, unreachable, or losing its answers for real: in this
@@ -26,16 +26,6 @@ const gate = () => {
 const realLedger = () => env.RESOURCE_LEDGER.get(env.RESOURCE_LEDGER.idFromName("global"));
 const quick = { steps: 2, step_ms: 5, echo: { hello: "world" } };
 const CAPPED = "worker:bitware-capped-granulator";
-
-async function until<T>(what: string, read: () => Promise<T>, done: (v: T) => boolean, timeoutMs = 15_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await read();
-    if (done(v)) return v;
-    if (Date.now() > deadline) throw new Error(`${what}: not reached within ${timeoutMs} ms; last: ${JSON.stringify(v)}`);
-    await scheduler.wait(25);
-  }
-}
 
 /** What the orchestrator wrote to its Analytics Engine dataset (a real worker that keeps the points, vitest.config.ts). */
 async function metricPoints(): Promise<Record<string, string | number>[]> {

@@ -1,8 +1,7 @@
 import { env } from "cloudflare:workers";
-import { runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import type { StoreCall, StoreFault } from "../support/faulty-store/index";
-import { KAM, call, ended, executionStub, expectNoLiveReservations, startExecution, status, waitFor } from "../support/api";
+import { KAM, call, ended, expectNoLiveReservations, expireNow, startExecution, status, until, waitFor } from "../support/api";
 
 /**
  * The stage-data stores made slow or failing for real: in this project the
@@ -25,23 +24,6 @@ const STALL_MS = 120_000;
 /** The real namespace and bucket, past the stand-in. */
 const kvKeys = async (id: string) => (await env.DATA_REFS.list({ prefix: `kv/${id}/` })).keys.length;
 const r2Objects = async (id: string) => (await env.DATA.list({ prefix: `r2/${id}/` })).objects.length;
-
-async function until<T>(what: string, read: () => Promise<T>, done: (v: T) => boolean, timeoutMs = 30_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await read();
-    if (done(v)) return v;
-    if (Date.now() > deadline) throw new Error(`${what}: not reached within ${timeoutMs} ms; last: ${JSON.stringify(v)}`);
-    await scheduler.wait(25);
-  }
-}
-
-/** Makes the retention timer due and fires the alarm (instead of waiting seven days). */
-async function expireNow(id: string): Promise<void> {
-  const stub = executionStub(id);
-  await runInDurableObject(stub, (_i, state) => state.storage.sql.exec("UPDATE timers SET due_at = 0 WHERE name = 'retention'"));
-  await runDurableObjectAlarm(stub);
-}
 
 /** A completed data_pipeline execution with 200 KB in KV (stage 2) and 2 MiB in R2 (stage 3, a worker upload). */
 async function completedWithData(): Promise<string> {
@@ -70,7 +52,7 @@ describe("stage data behind a faulty store", () => {
     await store().setFault({ store: "kv", method: "delete", match: id, mode: "fail" });
     await expireNow(id);
     // Retried by its own timer (the test fires only the first pass).
-    const failed = await until("two failed retention passes", () => store().calls("kv", "delete"), (c) => c.filter((x) => x.key.includes(id) && x.fault === "fail").length >= 2);
+    const failed = await until("two failed retention passes", () => store().calls("kv", "delete"), (c) => c.filter((x) => x.key.includes(id) && x.fault === "fail").length >= 2, 30_000);
     expect(failed.length).toBeGreaterThanOrEqual(2);
     // Nothing lost while it fails: the data is all there and still served.
     expect((await status(id)).data_expired_at).toBeNull();

@@ -121,3 +121,21 @@ export function mintToken(
 ): Promise<string> {
   return issueToken({ current: secret, previous: null }, { use: "callback", expiresAt: Date.now() + 3600_000, ...claims });
 }
+
+/** Reads `read` until `done` holds, with a deadline (the error names `what` and the last value). */
+export async function until<T>(what: string, read: () => Promise<T>, done: (v: T) => boolean, timeoutMs = 15_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await read();
+    if (done(v)) return v;
+    if (Date.now() > deadline) throw new Error(`${what}: not reached within ${timeoutMs} ms; last: ${JSON.stringify(v)}`);
+    await scheduler.wait(25);
+  }
+}
+
+/** Makes an ended execution's retention timer due and fires its alarm (instead of waiting `retentionMs`). */
+export async function expireNow(id: string): Promise<void> {
+  const stub = executionStub(id);
+  await runInDurableObject(stub, (_i, state) => state.storage.sql.exec("UPDATE timers SET due_at = 0 WHERE name = 'retention'"));
+  await fireAlarm(id);
+}

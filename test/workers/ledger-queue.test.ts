@@ -7,7 +7,6 @@
 import { runDurableObjectAlarm } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
 import { DEFAULT_LEDGER_RULES } from "../../actors/ledger-rules";
-import type { ReserveResult } from "../../schemas/ledger";
 import { expectWithinCapacity, fresh, req, id, type LedgerStub } from "./ledger-support";
 
 async function state(ledger: LedgerStub, rid: string) {

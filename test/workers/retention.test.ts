@@ -1,7 +1,7 @@
 import { env } from "cloudflare:workers";
 import { runInDurableObject } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
-import { KAM, call, ended, executionStub, fireAlarm, startExecution, status, waitFor } from "../support/api";
+import { KAM, call, ended, executionStub, expireNow, startExecution, status, waitFor } from "../support/api";
 
 /**
  * Retention (docs/protocol.md, Data): `retentionMs` after an execution ends,
@@ -12,12 +12,6 @@ import { KAM, call, ended, executionStub, fireAlarm, startExecution, status, wai
  */
 const kvKeys = async (id: string) => (await env.DATA_REFS.list({ prefix: `kv/${id}/` })).keys.length;
 const r2Objects = async (id: string) => (await env.DATA.list({ prefix: `r2/${id}/` })).objects.length;
-
-async function expireNow(id: string): Promise<void> {
-  const stub = executionStub(id);
-  await runInDurableObject(stub, (_i, state) => state.storage.sql.exec("UPDATE timers SET due_at = 0 WHERE name = 'retention'"));
-  await fireAlarm(id);
-}
 
 describe("retention", () => {
   it("deletes a completed execution's KV and R2 data through its alarm, and the status document says so", async () => {
