@@ -104,20 +104,31 @@ export function crashBody(requestId: string, i: number, shape: { steps: number; 
  * `out` as it goes (so a watcher sees them); a POST that the crash cuts off is
  * recorded with no execution id (its request_id is repeated after the restart).
  */
-export async function submit(system: CrashSystem, bodies: Record<string, unknown>[], concurrency: number, out: Submitted[], stop: () => boolean): Promise<void> {
+export async function submit(
+  system: CrashSystem,
+  bodies: Record<string, unknown>[],
+  concurrency: number,
+  out: Submitted[],
+  stop: () => boolean,
+  /** POSTs that fail (cut off, 5xx) are sent again with the same request_id this many more times, as a client would. */
+  retries = 0,
+): Promise<void> {
   let next = 0;
   const lane = async () => {
     while (next < bodies.length && !stop()) {
       const body = bodies[next++];
       const entry: Submitted = { requestId: String(body.request_id), body, executionId: null, first: "pending" };
       out.push(entry);
-      try {
-        const r = await system.execute(body);
-        entry.first = r.status === 202 || r.status === 200 ? String(r.status) : `${r.status} ${r.body?.error?.code ?? ""}`;
-        if (r.status === 202 || r.status === 200) entry.executionId = r.body.execution_id;
-      } catch (err) {
-        // cut off by the crash
-        entry.first = err instanceof Error ? err.name : "error";
+      for (let tries = 0; tries <= retries && !entry.executionId && !stop(); tries++) {
+        try {
+          const r = await system.execute(body);
+          const answer = r.status === 202 || r.status === 200 ? String(r.status) : `${r.status} ${r.body?.error?.code ?? ""}`;
+          if (tries === 0) entry.first = answer;
+          if (r.status === 202 || r.status === 200) entry.executionId = r.body.execution_id;
+        } catch (err) {
+          // cut off by the crash (or, after it, a POST that timed out)
+          if (tries === 0) entry.first = err instanceof Error ? err.name : "error";
+        }
       }
     }
   };
@@ -181,7 +192,9 @@ export interface RoundReport {
   submitted: number;
   /** Requests not yet sent at the kill, sent after the restart (every planned execution runs). */
   sent_after_restart: number;
-  /** Of those, how many got no execution (each is a failure of the round). */
+  /** What the first POST of each of those answered (a failed one is sent again, up to 3 times). */
+  late_first_answers: Record<string, number>;
+  /** Of those, how many got no execution after every try (each is a failure of the round). */
   start_failures: number;
   cut_off: number;
   /** What the first POST of each request answered before the kill (status, or the error that cut it off). */
@@ -273,8 +286,10 @@ export async function crashRound(
   // What the kill kept from being sent goes now: every planned execution runs.
   const rest = bodies.slice(submitted.length);
   const late: Submitted[] = [];
-  await submit(system, rest, opts.concurrency, late, () => false);
+  await submit(system, rest, opts.concurrency, late, () => false, 3);
   const startFailures = late.filter((s) => !s.executionId).length;
+  const lateAnswers: Record<string, number> = {};
+  for (const s of late) lateAnswers[s.first] = (lateAnswers[s.first] ?? 0) + 1;
   const items = [...submitted, ...late].filter((s) => s.executionId).map((s) => ({ executionId: s.executionId!, requestId: s.requestId }));
   const outcomes = await awaitEnded(system, items, opts.endDeadlineMs);
   const secondsToEnd = Math.round((Date.now() - restartedAt) / 100) / 10;
@@ -290,6 +305,7 @@ export async function crashRound(
     report: {
       submitted: submitted.length,
       sent_after_restart: late.length,
+      late_first_answers: lateAnswers,
       start_failures: startFailures,
       cut_off: cutOff,
       first_answers: firstAnswers,
