@@ -54,10 +54,12 @@ export interface TokenClaims {
   attempt: number;
   /** Unix ms after which the token is refused with `token_expired`. */
   expiresAt: number;
-  /** `callback`: the stage's callbacks and uploads; `data`: reading the stage's inputs. */
+  /**
+   * `callback`: the stage's callbacks and uploads; `data`: reading the stage's inputs. A data token
+   * lists no keys, so its size is the same for 1 input or 1,000: `GET /data/...` asks the Execution
+   * whether a key is an input of this stage's attempt (src/execution-service.ts `readData`).
+   */
   use: TokenUse;
-  /** For `data`: the keys of the stage's inputs, the only ones it may read. */
-  inputs?: string[];
 }
 
 const TokenPayload = z.object({
@@ -67,7 +69,6 @@ const TokenPayload = z.object({
   a: z.number().int().min(1),
   x: z.number().int(),
   u: z.enum(["callback", "data"]),
-  i: z.array(z.string()).optional(),
 });
 
 const keyCache = new Map<string, Promise<CryptoKey>>();
@@ -119,7 +120,6 @@ export async function issueToken(secret: SecretPair, claims: TokenClaims): Promi
     a: claims.attempt,
     x: claims.expiresAt,
     u: claims.use,
-    ...(claims.inputs ? { i: claims.inputs } : {}),
   });
   return `${b64url(encoder.encode(payload))}.${await sign(secret.current, payload)}`;
 }
@@ -136,7 +136,7 @@ export function tokenExpiry(now: number, timeoutMs: number, tuning: { workerCall
 /** The two tokens a stage's handshake carries: `callback` (callbacks, uploads) and `data` (reading its inputs). */
 export async function issueStageTokens(
   env: Env,
-  stage: { executionId: string; stageId: string; attempt: number; timeoutMs: number; inputs: string[] },
+  stage: { executionId: string; stageId: string; attempt: number; timeoutMs: number },
   now = Date.now(),
 ): Promise<{ token: string; dataToken: string }> {
   const secret = secretPair(env, "CALLBACK_SECRET");
@@ -145,7 +145,7 @@ export async function issueStageTokens(
   const base = { executionId: stage.executionId, stageId: stage.stageId, attempt: stage.attempt, expiresAt };
   const [token, dataToken] = await Promise.all([
     issueToken(secret, { ...base, use: "callback" }),
-    issueToken(secret, { ...base, use: "data", inputs: stage.inputs }),
+    issueToken(secret, { ...base, use: "data" }),
   ]);
   return { token, dataToken };
 }
@@ -163,7 +163,7 @@ async function macMatches(secret: SecretPair, payload: string, mac: string): Pro
 export async function verifyToken(
   request: Request,
   env: Env,
-  /** `executionId` omitted: a token of any execution (the caller checks what it may do, e.g. its signed `inputs`). */
+  /** `executionId` omitted: a token of any execution (the caller asks that execution what the token may do). */
   expected: { executionId?: string; stageId?: string; use: TokenUse },
   now = Date.now(),
 ): Promise<TokenClaims> {
@@ -189,5 +189,5 @@ export async function verifyToken(
   if ((expected.executionId !== undefined && parsed.e !== expected.executionId) || (expected.stageId !== undefined && parsed.s !== expected.stageId)) {
     throw new ApiError(403, "forbidden", "this callback token belongs to another execution or stage");
   }
-  return { executionId: parsed.e, stageId: parsed.s, attempt: parsed.a, expiresAt: parsed.x, use: parsed.u, inputs: parsed.i };
+  return { executionId: parsed.e, stageId: parsed.s, attempt: parsed.a, expiresAt: parsed.x, use: parsed.u };
 }

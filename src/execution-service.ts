@@ -2,7 +2,7 @@ import { z } from "zod";
 import { DecisionRequest, ExecuteRequest, StatusQuery, type ExecuteResponse, ItemsQuery, type ItemsPage, type LiveTicket, type ResultDocument, type SpansDocument, type StatusDocument } from "../schemas/api";
 import { ExecutionId, StageId } from "../schemas/common";
 import { CompleteCallback, FailCallback, ProgressCallback } from "../schemas/worker-protocol";
-import type { CallbackKind, CancelState, DecideState, Execution, ItemsState, PauseState, ResultState, ResumeState, SpansState, StartResult, StatusRead } from "../actors/execution/index";
+import type { CallbackKind, CancelState, DecideState, Execution, InputRead, ItemsState, PauseState, ResultState, ResumeState, SpansState, StartResult, StatusRead } from "../actors/execution/index";
 import type { RateLimitReport } from "../schemas/worker-protocol";
 import type { ClaimResult, RequestRegistry } from "../actors/request-registry";
 import type { DataReference } from "../schemas/data";
@@ -253,18 +253,16 @@ export async function streamReference(env: Env, ref: DataReference): Promise<Res
 
 /** `GET /data/{key}`: a stage worker reads one of its stage's inputs with the stage's data token. */
 export async function readData(env: Env, request: Request, key: string): Promise<Response> {
-  const parsed = parseDataKey(key);
-  if (!parsed) throw new ApiError(400, "invalid_request", "not a data key", [{ path: "key", message: "expected {kv|r2}/{execution_id}/..." }]);
-  // The token's signed `inputs` name the keys it may read: its own execution's, or those a rerun took over
-  // by reference from the original (their key names the original; the rerun holds their records).
+  if (!parseDataKey(key)) throw new ApiError(400, "invalid_request", "not a data key", [{ path: "key", message: "expected {kv|r2}/{execution_id}/..." }]);
   const claims = await verifyToken(request, env, { use: "data" });
-  if (!claims.inputs?.includes(key)) {
-    throw new ApiError(403, "forbidden", `this token reads only the inputs of ${claims.stageId} (attempt ${claims.attempt})`);
-  }
-  const ref = await call<DataReference | null>(env, executionStub(env, claims.executionId).dataRef(key), "execution data");
-  if (!ref && parsed.executionId !== claims.executionId) throw new ApiError(403, "forbidden", "this token belongs to another execution");
-  if (!ref) throw new ApiError(404, "not_found", `no data at ${key}`);
-  return streamReference(env, ref);
+  // The token names no keys (its size must not grow with the inputs): the Execution it names answers whether
+  // the key is a stored input of that stage's attempt, by its records, never by the key's text. That covers the
+  // keys a rerun took over by reference from the original (their key names the original; the rerun holds their
+  // records) and nothing of any other execution, which this Execution never recorded as an input.
+  const read = await call<InputRead>(env, executionStub(env, claims.executionId).inputRef(claims.stageId, claims.attempt, key), "execution data");
+  if (read.state === "not_input") throw new ApiError(403, "forbidden", `this token reads only the inputs of ${claims.stageId} (attempt ${claims.attempt})`);
+  if (read.state === "gone") throw new ApiError(404, "not_found", `no data at ${key}`);
+  return streamReference(env, read.ref);
 }
 
 /** `PUT /data/{execution_id}/{stage_id}/{name}`: a stage worker uploads a large output, streamed to R2. */

@@ -29,7 +29,7 @@ import {
   releaseHeldData,
   rerunSource,
 } from "./rerun";
-import type { CancelState, DecideState, ItemsState, PauseState, ResultState, ResumeState, SpansState, StartInput, StartResult, StatusRead, StatusReadQuery } from "./rpc-types";
+import type { CancelState, DecideState, InputRead, ItemsState, PauseState, ResultState, ResumeState, SpansState, StartInput, StartResult, StatusRead, StatusReadQuery } from "./rpc-types";
 import { StatusCache, buildStatus, watchWrites } from "./status-cache";
 import * as step from "./steps";
 import { type Core, type ExecutionRow, SCHEMA, Store, isFanOut, migrate, parse } from "./store";
@@ -66,7 +66,7 @@ import * as tx from "./transitions";
  */
 
 export type { CallbackAnswer, CallbackKind, UploadCheck } from "./callbacks";
-export type { CancelState, DecideState, ItemsState, PauseState, ResultState, ResumeState, SpansState, StartInput, StartResult, StatusRead, StatusReadQuery } from "./rpc-types";
+export type { CancelState, DecideState, InputRead, ItemsState, PauseState, ResultState, ResumeState, SpansState, StartInput, StartResult, StatusRead, StatusReadQuery } from "./rpc-types";
 
 export class Execution extends DurableObject<Env> {
   readonly #config: Config;
@@ -298,9 +298,9 @@ export class Execution extends DurableObject<Env> {
     return registerUpload(this.#c, stageId, attempt, ref, Date.now());
   }
 
-  /** The checksum and size we recorded for a stored object, for reads through `GET /data/...`. */
-  async dataRef(key: string): Promise<DataReference | null> {
-    return this.#store.dataRef(key);
+  /** A read through `GET /data/...` with the data token of `stageId`'s `attempt`: the key's record when it is one of its inputs. */
+  async inputRef(stageId: string, attempt: number, key: string): Promise<InputRead> {
+    return step.inputRead(this.#c, stageId, attempt, key);
   }
 
   /** An operator's retry of this execution's undeliverable messages (`POST /resources/undeliverable/retry`). */

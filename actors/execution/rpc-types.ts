@@ -73,3 +73,6 @@ export type DecideState =
   | { state: "missing_stage" }
   | { state: "not_awaiting_approval"; stage_status: StageStatus; status: StatusDocument }
   | { state: "decided"; status: StatusDocument };
+
+/** `inputRef`: a data token's read, answered by the Execution (steps.ts `inputRead`). */
+export type InputRead = { state: "not_input" } | { state: "gone" } | { state: "ok"; ref: DataReference };

@@ -13,6 +13,7 @@ import { WorkerClient } from "../../src/worker-client";
 import { type StageFailure, isOnWorker, isTerminalExecution, isTerminalStage } from "../stage-machine";
 import { fanOutItems, sinks } from "./graph";
 import { type Core, type StageRow, type StoredOutput, dependsOn, isFanOut, outputAsInput, parse } from "./store";
+import type { InputRead } from "./rpc-types";
 import * as tx from "./transitions";
 
 /**
@@ -199,7 +200,6 @@ export async function handshake(c: Core, st: StageRow): Promise<boolean> {
     stageId: st.stage_id,
     attempt: st.attempt,
     timeoutMs: st.timeout_ms,
-    inputs: storedInputKeys(c, deps),
   });
   const hs = await client.handshake({
     executionId: ex.execution_id,
@@ -342,23 +342,31 @@ function dependenciesOf(c: Core, st: StageRow): StageRow[] {
 }
 
 /**
- * The stored keys a stage (or item) receives, the only ones its data token may read: each
- * dependency's stored output, and each stored item output of a fan-out dependency (its output
- * names them as `{ $ref }`, inline or inside its own stored array). An approval passes its own
- * dependencies' outputs on unchanged, so through it their keys count. Nothing else.
+ * The record of `key` when it is a stored input of `stageId` (a stage or an item) at `attempt`,
+ * the only keys that attempt's data token reads (`GET /data/...`): each dependency's stored
+ * output, and each stored item output of a fan-out dependency (its output names them as
+ * `{ $ref }`, inline or inside its own stored array). An approval passes its own dependencies'
+ * outputs on unchanged, so through it their keys count. Nothing else: not the stage's own
+ * output, not a sibling item's, not another execution's (the token names its execution, and
+ * only that Execution is asked). Asked here rather than listed in the token, so the token's
+ * size does not grow with the inputs (a merge after 1,000 stored items would carry ~108 KB).
  */
-function storedInputKeys(c: Core, deps: StageRow[], keys = new Set<string>()): string[] {
-  const add = (row: StageRow) => {
-    const ref = parse<DataReference>(row.output_ref);
-    if (ref) keys.add(ref.key);
-  };
+export function inputRead(c: Core, stageId: string, attempt: number, key: string): InputRead {
+  const st = c.store.stage(stageId);
+  // A superseded attempt's token reads nothing: its worker was replaced.
+  if (!st || st.attempt !== attempt || !receives(c, dependenciesOf(c, st), key)) return { state: "not_input" };
+  const ref = c.store.dataRef(key);
+  return ref ? { state: "ok", ref } : { state: "gone" };
+}
+
+function receives(c: Core, deps: StageRow[], key: string): boolean {
   for (const dep of deps) {
-    add(dep);
-    if (isFanOut(dep)) for (const item of c.store.items(dep.stage_id)) add(item);
+    if (parse<DataReference>(dep.output_ref)?.key === key) return true;
+    if (isFanOut(dep) && c.store.itemStored(dep.stage_id, key)) return true;
     // The graph is acyclic (graph.ts), so this ends.
-    if (dep.kind === "approval") storedInputKeys(c, dependenciesOf(c, dep), keys);
+    if (dep.kind === "approval" && receives(c, dependenciesOf(c, dep), key)) return true;
   }
-  return [...keys];
+  return false;
 }
 
 /** A completed stage's output value, read back from KV or R2 when it was stored by reference. */

@@ -279,6 +279,11 @@ export class Store {
     return this.#sql<StageRow>`SELECT * FROM stages WHERE parent = ${parent} AND item_index >= ${fromIndex} ORDER BY item_index LIMIT ${limit}`;
   }
 
+  /** Whether an item of `parent` has the stored output `key` (its recorded `output_ref`, never the key's text). */
+  itemStored(parent: string, key: string): boolean {
+    return this.#sql<{ one: number }>`SELECT 1 AS one FROM stages WHERE parent = ${parent} AND json_extract(output_ref, '$.key') = ${key} LIMIT 1`.length > 0;
+  }
+
   /** Items that have begun an attempt or wait to retry one (they hold a slot of max_parallel). */
   activeItems(parent: string | null = null): number {
     return this.#sql<{ n: number }>`SELECT COUNT(*) AS n FROM stages WHERE parent IS NOT NULL AND (${parent} IS NULL OR parent = ${parent})

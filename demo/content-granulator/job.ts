@@ -140,7 +140,9 @@ async function textWork(job: JobContext<GranulatorEnv>, action: TextAction): Pro
   const graph = graphInput(job.handshake);
   if (action === "gather") {
     const read = storedRefsIn(graph.inputs).length > 0 ? await job.step("read inputs", () => digestRefs(job, graph.inputs)) : undefined;
-    return prepare(action, job.parameters, input, { ...graph, read });
+    // The length of the data token it read with: the same for 3 stored inputs or 300 (the token lists no keys).
+    const dataTokenBytes = read ? (job.handshake.callback.dataToken ?? "").length : undefined;
+    return prepare(action, job.parameters, input, { ...graph, read, dataTokenBytes });
   }
   const inputs = await job.resolveRefs<Record<string, unknown>>(graph.inputs);
   return prepare(action, job.parameters, await job.resolveRefs(input), { ...graph, inputs });

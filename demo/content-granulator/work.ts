@@ -47,6 +47,8 @@ export interface GraphInput {
   itemIndex?: number;
   /** For `gather`: each stored input it read, by key (its size and SHA-256), or the status that refused a key it was not given. */
   read?: Record<string, RefRead>;
+  /** For `gather` with `read`: the length of the data token it read with. */
+  dataTokenBytes?: number;
 }
 
 export type RefRead = { size: number; sha256: string } | { refused: number };
@@ -401,15 +403,17 @@ function listWork(parameters: Params): Work {
 }
 
 /**
- * `gather`: says what the stage received, `{ stage, inputs, item?, item_index?, read? }`:
+ * `gather`: says what the stage received, `{ stage, inputs, item?, item_index?, read?, data_token_bytes? }`:
  * one entry of `inputs` per dependency, for an item its element of the list, and
- * for stored inputs (`{ $ref }`) what reading them gave (job.ts, digestRefs).
+ * for stored inputs (`{ $ref }`) what reading them gave (job.ts, digestRefs) and
+ * the length of the data token it read with.
  * Billed by the size of what it gathered, so usage differs from item to item.
  */
 function gatherWork(parameters: Params, graph: GraphInput): Work {
   const value: Record<string, unknown> = { stage: graph.stageId, inputs: graph.inputs };
   if (graph.itemIndex !== undefined) Object.assign(value, { item: graph.item ?? null, item_index: graph.itemIndex });
   if (graph.read) value.read = graph.read;
+  if (graph.dataTokenBytes !== undefined) value.data_token_bytes = graph.dataTokenBytes;
   // `parameters.gather_pad` (per stage, like output_bytes): that many characters more, to make the output large enough to be stored.
   const pad = intParam(perStage(parameters.gather_pad, graph.stageId), 0, 0, 1024 * 1024);
   if (pad > 0) value.pad = "g".repeat(pad);

@@ -27,6 +27,8 @@ export interface Gathered {
   item_index?: number;
   /** Each stored input it read (size, SHA-256 of the bytes), or the status that refused a key it was not given. */
   read?: Record<string, { size: number; sha256: string } | { refused: number }>;
+  /** With `read`: the length of the data token the stage read with. */
+  data_token_bytes?: number;
 }
 
 export async function startGraph(template_name: string, parameters: Record<string, unknown>): Promise<string> {

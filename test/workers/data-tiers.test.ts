@@ -155,10 +155,10 @@ describe("data between stages: inline, KV, R2", () => {
     const [key] = await kvKeys(id, "stage_2");
     expect(key).toMatch(new RegExp(`^kv/${id}/stage_2/a1-[A-Za-z0-9]{12}-output\\.json$`));
 
-    const own = await mintToken({ executionId: id, stageId: "stage_3", attempt: 1, use: "data", inputs: [key] });
+    const own = await mintToken({ executionId: id, stageId: "stage_3", attempt: 1, use: "data" });
     const forged = own.slice(0, -1) + (own.endsWith("A") ? "B" : "A");
     const other = await startExecution({ template_name: "data_pipeline", parameters: { ...fast, output_bytes: 1 }, client_id: "client_data" });
-    const otherToken = await mintToken({ executionId: other.body.execution_id, stageId: "stage_3", attempt: 1, use: "data", inputs: [key] });
+    const otherToken = await mintToken({ executionId: other.body.execution_id, stageId: "stage_3", attempt: 1, use: "data" });
 
     const read = (headers: Record<string, string>) => call(`/data/${key}`, { headers });
     const none = await read({});
@@ -236,7 +236,7 @@ describe("data between stages: inline, KV, R2", () => {
     tampered[300_000] ^= 0xff;
     await env.DATA.put(obj.key, tampered);
 
-    const token = await mintToken({ executionId: id, stageId: "stage_3", attempt: 1, use: "data", inputs: [obj.key] });
+    const token = await mintToken({ executionId: id, stageId: "stage_3", attempt: 1, use: "data" });
     const res = await call(`/data/${obj.key}`, { headers: bearer(token) });
     expect(res.status).toBe(200); // headers go out before the end of the stream is hashed
     await expect(res.arrayBuffer()).rejects.toThrow();

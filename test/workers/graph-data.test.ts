@@ -5,7 +5,7 @@ import { DataReadError, type StageError } from "../../packages/worker-kit";
 import { openRef } from "../../packages/worker-kit/data";
 import type { DataReference } from "../../schemas/data";
 import type { HandshakeRequest } from "../../schemas/worker-protocol";
-import { ended, executionStub, expectNoLiveReservations, mintToken, waitFor } from "../support/api";
+import { OPS, call, ended, executionStub, expectNoLiveReservations, mintToken, waitFor } from "../support/api";
 import { TEST_TUNING } from "../support/constants";
 import { type Gathered, deliverable as result, graphStats as stats, resetGraphStats, startGraph as start } from "../support/graph";
 
@@ -166,8 +166,8 @@ describe("pipeline graph with data by reference and the per-execution item bound
     expect((await waitFor(id, ended, 30_000)).status).toBe("completed");
     const rows = await stored(id);
     const [a, b, c] = [0, 1, 2].map((i) => rows.get(`stage_2.${i}`)!.ref!);
-    // A data token for items 0 and 1 only, as the orchestrator would issue it; the real front Worker serves the reads.
-    const dataToken = await mintToken({ executionId: id, stageId: "stage_3", attempt: 1, use: "data", inputs: [a.key, b.key] });
+    // The merge's data token, as the orchestrator would issue it; the real front Worker serves the reads.
+    const dataToken = await mintToken({ executionId: id, stageId: "stage_3", attempt: 1, use: "data" });
     const handshake = { executionId: id, stageId: "stage_3", attempt: 1, callback: { url: `http://orchestrator.test/executions/${id}/stages/stage_3`, token: "unused", dataToken } } as unknown as HandshakeRequest;
     const orchestrator = (exports as unknown as { default: Fetcher }).default;
     const summary = (r: DataReference) => ({ $ref: r.key, size: r.size, contentType: r.contentType });
@@ -193,9 +193,71 @@ describe("pipeline graph with data by reference and the per-execution item bound
     expect(longer).toBeInstanceOf(DataReadError);
     expect(longer.message).toContain("more than the 10 bytes expected");
 
-    const other = await failureOf(openRef(orchestrator, handshake, summary(c), bounds));
+    // Item 0's data token: item 2's output is no input of it.
+    const itemToken = await mintToken({ executionId: id, stageId: "stage_2.0", attempt: 1, use: "data" });
+    const ofItem = { ...handshake, stageId: "stage_2.0", callback: { ...handshake.callback, dataToken: itemToken } } as HandshakeRequest;
+    const other = await failureOf(openRef(orchestrator, ofItem, summary(c), bounds));
     expect(other).toBeInstanceOf(DataReadError);
     expect([other.code, other.status]).toEqual(["data_unavailable", 403]);
+  });
+
+  it("a merge's data token is as long after 100 stored items as after 3, and bounded: the token lists no keys, and the merge reads all 100", async () => {
+    // Each item's output is over the inline limit (64 KiB): every item is stored by reference, as with a 1,000-item fan-out.
+    const merge = async (items: number) => {
+      const id = await start("graph_fan_out", { items, steps: 1, step_ms: 0, output_bytes: 66_000, fault: { stage: 2, mode: "large_output" } });
+      expect((await waitFor(id, ended, 100_000)).status).toBe("completed");
+      const rows = await stored(id);
+      const keys = Array.from({ length: items }, (_, i) => rows.get(`stage_2.${i}`)!.ref!.key);
+      // After many items the merge's own output is over the inline limit too: read it from the deliverable's content.
+      const content = await call(`/executions/${id}/result/content`, { headers: OPS });
+      expect(content.status).toBe(200);
+      const out = (await content.json()) as Gathered;
+      expect(out.stage).toBe("stage_3");
+      // Every item's output was read in full with that one token (none refused).
+      expect(Object.keys(out.read!).sort()).toEqual([...keys].sort());
+      for (const key of keys) expect(out.read![key]).toMatchObject({ size: 66_002 });
+      return out.data_token_bytes!;
+    };
+    const three = await merge(3);
+    // 100 items keep the test short on a shared machine; the bound below is what a 1,000-item merge gets too.
+    const many = await merge(100);
+    // Listing keys made it grow by ~108 bytes a key (~11 KB for 100, ~108 KB for 1,000); now it is the claims alone.
+    expect(many).toBe(three);
+    expect(three).toBeLessThan(400);
+  }, 120_000);
+
+  it("an item's data token reads its own inputs only: not another item's output, not its own, not at another attempt; nor does another execution's", async () => {
+    // Four entries of 20,000 characters: the list is stored (KV), and so is each item's 100,000-character output.
+    const id = await start("graph_fan_out", { items: 4, item_pad: 20_000, steps: 1, step_ms: 0, output_bytes: 100_000, fault: { stage: 2, mode: "large_output" } });
+    expect((await waitFor(id, ended, 30_000)).status).toBe("completed");
+    const other = await start("graph_fan_out", { items: 1, steps: 1, step_ms: 0 });
+    expect((await waitFor(other, ended, 30_000)).status).toBe("completed");
+    const rows = await stored(id);
+    const list = rows.get("stage_1")!.ref!;
+    const [item0, item1] = [0, 1].map((i) => rows.get(`stage_2.${i}`)!.ref!);
+    const token = (executionId: string, stageId: string, attempt = 1) => mintToken({ executionId, stageId, attempt, use: "data" });
+    const read = async (key: string, t: string) => {
+      const res = await call(`/data/${key}`, { headers: { authorization: `Bearer ${t}` } });
+      return { status: res.status, body: res.status === 200 ? await res.text() : ((await res.json()) as { error: { code: string; message: string } }).error };
+    };
+
+    // Item 0's input is the fan-out's dependency's output: the stored list.
+    const ofItem0 = await token(id, "stage_2.0");
+    expect(await read(list.key, ofItem0)).toEqual({ status: 200, body: (await env.DATA_REFS.get(list.key, "text"))! });
+    const refused = { status: 403, body: { code: "forbidden", message: "this token reads only the inputs of stage_2.0 (attempt 1)" } };
+    expect(await read(item1.key, ofItem0)).toEqual(refused);
+    expect(await read(item0.key, ofItem0)).toEqual(refused);
+    // The item is at attempt 1: a token of attempt 2 reads nothing, not even the list.
+    expect((await read(list.key, await token(id, "stage_2.0", 2))).status).toBe(403);
+    // The merge's token reads item 1's output (an input of it), not the list (an input of the fan-out only).
+    const ofMerge = await token(id, "stage_3");
+    expect(await read(item1.key, ofMerge)).toEqual({ status: 200, body: (await env.DATA_REFS.get(item1.key, "text"))! });
+    expect((await read(list.key, ofMerge)).status).toBe(403);
+    // Genuine, live tokens of the same stages of another execution read none of this one's data.
+    for (const stageId of ["stage_2.0", "stage_3"]) {
+      const foreign = await token(other, stageId);
+      for (const key of [list.key, item1.key]) expect((await read(key, foreign)).body).toMatchObject({ code: "forbidden" });
+    }
   });
 
   it("two fan-outs side by side never run more items at once than maxRunningItems, though their max_parallel adds up to more", async () => {

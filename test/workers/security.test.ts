@@ -115,7 +115,7 @@ describe("tokens say what they are for and expire", () => {
   it("a data token cannot call back (the other way round: the next test)", async () => {
     const { id } = await hangingStage();
     const before = still(await status(id));
-    const data = await mintToken({ executionId: id, stageId: "stage_1", attempt: 1, use: "data", inputs: [] });
+    const data = await mintToken({ executionId: id, stageId: "stage_1", attempt: 1, use: "data" });
     const res = await complete(id, data);
     expect(res.status).toBe(403);
     expect(await codeOf(res)).toBe("forbidden");
@@ -134,7 +134,7 @@ describe("tokens say what they are for and expire", () => {
     expect(await env.DATA_REFS.get(key1)).not.toBeNull();
     expect(await env.DATA_REFS.get(key2)).not.toBeNull();
     // Stage 3's input is stage 2's output.
-    const stage3 = await mintToken({ executionId: id, stageId: "stage_3", attempt: 1, use: "data", inputs: [key2] });
+    const stage3 = await mintToken({ executionId: id, stageId: "stage_3", attempt: 1, use: "data" });
     const own = await call(`/data/${key2}`, { headers: bearer(stage3) });
     expect(own.status).toBe(200);
     expect(new Uint8Array(await own.arrayBuffer())).toEqual(new Uint8Array((await env.DATA_REFS.get(key2, "arrayBuffer"))!));
@@ -146,13 +146,13 @@ describe("tokens say what they are for and expire", () => {
     const withCallback = await call(`/data/${key2}`, { headers: bearer(callbackToken) });
     expect(withCallback.status).toBe(403);
     expect(await codeOf(withCallback)).toBe("forbidden");
-    const expired = await mintToken({ executionId: id, stageId: "stage_3", attempt: 1, use: "data", inputs: [key2], expiresAt: Date.now() - 1 });
+    const expired = await mintToken({ executionId: id, stageId: "stage_3", attempt: 1, use: "data", expiresAt: Date.now() - 1 });
     expect(await codeOf(await call(`/data/${key2}`, { headers: bearer(expired) }))).toBe("token_expired");
   });
 
   it("issues a stage's callback and data tokens with its claims and an expiry, signed with the current CALLBACK_SECRET only", async () => {
     const now = Date.now();
-    const stage = { executionId: "exec_1764000000000_V1StGXR8Z5jdHi6B", stageId: "stage_2", attempt: 3, timeoutMs: 60_000, inputs: ["kv/exec_1764000000000_V1StGXR8Z5jdHi6B/stage_1/a1-output.json"] };
+    const stage = { executionId: "exec_1764000000000_V1StGXR8Z5jdHi6B", stageId: "stage_2", attempt: 3, timeoutMs: 60_000 };
     const { token, dataToken } = await issueStageTokens(env, stage, now);
     const req = (t: string) => new Request("https://x.internal/", { headers: bearer(t) });
     const currentOnly = envWith({ CALLBACK_SECRET: TEST_SECRETS.CALLBACK_SECRET, CALLBACK_SECRET_PREVIOUS: undefined });
@@ -164,9 +164,8 @@ describe("tokens say what they are for and expire", () => {
       attempt: 3,
       expiresAt,
       use: "callback",
-      inputs: undefined,
     });
-    expect(await verifyToken(req(dataToken), currentOnly, { executionId: stage.executionId, use: "data" }, now)).toMatchObject({ use: "data", inputs: stage.inputs, expiresAt });
+    expect(await verifyToken(req(dataToken), currentOnly, { executionId: stage.executionId, use: "data" }, now)).toEqual({ executionId: stage.executionId, stageId: "stage_2", attempt: 3, expiresAt, use: "data" });
     for (const t of [token, dataToken]) {
       try {
         await verifyToken(req(t), previousOnly, { executionId: stage.executionId, use: t === token ? "callback" : "data" }, now);
@@ -240,7 +239,7 @@ describe("execution control needs KAM or OPS rights", () => {
     const before = await waitFor(id, (d) => d.stages[1]?.status === "awaiting_approval");
     // What a stage worker holds (its callback and data tokens) and what a page gets (a live ticket) are no rights here.
     const callback = await mintToken({ executionId: id, stageId: "stage_1", attempt: 1 });
-    const data = await mintToken({ executionId: id, stageId: "stage_3", attempt: 1, use: "data", inputs: [] });
+    const data = await mintToken({ executionId: id, stageId: "stage_3", attempt: 1, use: "data" });
     const ticket = ((await (await call(`/executions/${id}/live-ticket`, { method: "POST", headers: OPS })).json()) as { ticket: string }).ticket;
     const callers: [string, Record<string, string>][] = [
       ["no token", {}],
@@ -378,7 +377,7 @@ describe("stored bytes are served inert", () => {
     expect(headersOf(content)).toEqual(INERT);
     expect((await content.arrayBuffer()).byteLength).toBeGreaterThan(64 * 1024);
     const key = (await env.DATA_REFS.list({ prefix: `kv/${id}/stage_2/a1-` })).keys.map((k) => k.name)[0];
-    const data = await call(`/data/${key}`, { headers: bearer(await mintToken({ executionId: id, stageId: "stage_3", attempt: 1, use: "data", inputs: [key] })) });
+    const data = await call(`/data/${key}`, { headers: bearer(await mintToken({ executionId: id, stageId: "stage_3", attempt: 1, use: "data" })) });
     expect(data.status).toBe(200);
     expect(headersOf(data)).toEqual(INERT);
     await data.body?.cancel();
