@@ -226,18 +226,21 @@ describe("data between stages: inline, KV, R2", () => {
   });
 
   it("errors a reader's stream at its end when a stored object no longer matches its checksum", async () => {
-    // stage_3's 600 KB is over the kit's upload threshold: an R2 upload.
-    const { id, doc } = await runPipeline({ stage_1: 10, stage_2: 10, stage_3: 600_000 });
+    // 600 KB is over the kit's upload threshold: stage 2's and stage 3's outputs are R2 uploads.
+    const { id, doc } = await runPipeline({ stage_1: 10, stage_2: 600_000, stage_3: 600_000 });
     expect(doc.status).toBe("completed");
-    const [obj] = await r2Objects(id, "stage_3");
-    expect(obj.size).toBe(600_000);
-    const original = new Uint8Array(await (await env.DATA.get(obj.key))!.arrayBuffer());
-    const tampered = original.slice();
-    tampered[300_000] ^= 0xff;
-    await env.DATA.put(obj.key, tampered);
+    // After the run, both change in the store: stage 2's (an input of stage 3) and stage 3's (the deliverable).
+    for (const stage of ["stage_2", "stage_3"]) {
+      const [obj] = await r2Objects(id, stage);
+      expect(obj.size).toBe(600_000);
+      const tampered = new Uint8Array(await (await env.DATA.get(obj.key))!.arrayBuffer());
+      tampered[300_000] ^= 0xff;
+      await env.DATA.put(obj.key, tampered);
+    }
 
+    const [input] = await r2Objects(id, "stage_2");
     const token = await mintToken({ executionId: id, stageId: "stage_3", attempt: 1, use: "data" });
-    const res = await call(`/data/${obj.key}`, { headers: bearer(token) });
+    const res = await call(`/data/${input.key}`, { headers: bearer(token) });
     expect(res.status).toBe(200); // headers go out before the end of the stream is hashed
     await expect(res.arrayBuffer()).rejects.toThrow();
     // The deliverable is streamed the same way.
