@@ -3,7 +3,9 @@ import type { DataReference } from "../../schemas/data";
 import type { CancelRequest, HandshakeRequest, HandshakeResponse, ProcessRequest, ProgressResponse } from "../../schemas/worker-protocol";
 import { Aborted, RunContext, type RunHost } from "./context";
 import { StageError, messageOf, openInput, openRef, prepareOutput, readValue, upload, type PreparedOutput } from "./data";
-import { type RateLimitReport, dueReports, holdReports, rateLimitsFrom } from "./rate-limits";
+import { Callbacks, withRateLimits } from "./callbacks";
+import { error, notFound, ok, staleAttempt, withTimeout } from "./replies";
+import { type RateLimitReport, rateLimitsFrom } from "./rate-limits";
 import { SCHEMA, Store, sqlOf, type CallbackKind, type JobRow, type Outcome } from "./store";
 import type { Acceptance, Counters, JobInfo, KitEnv, KitOptions, Reply, RunResult, TraceHeaders, Usage, WorkerDefinition } from "./types";
 
@@ -15,9 +17,6 @@ interface Failure {
   /** From the provider's answer that caused it (StageError `provider`): sent with the fail callback. */
   rateLimits?: RateLimitReport[];
 }
-
-/** Rate-limit reports held for the next callback (rate-limits.ts `holdReports`). */
-const HELD_RATE_LIMITS = "rate_limits";
 
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 
@@ -31,6 +30,7 @@ const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
   private readonly store: Store;
   private readonly counters: Counters;
+  private readonly callbacks: Callbacks;
   private loaded: { attempt: number; handshake: HandshakeRequest } | null = null;
   /** An alarm handler is running (getAlarm() then answers null although the handler re-arms at its end). */
   private inAlarm = false;
@@ -45,6 +45,11 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
     super(ctx, env);
     this.store = new Store(sqlOf(ctx.storage));
     this.counters = { get: (name) => this.store.count(name), bump: (name) => this.store.bump(name) };
+    this.callbacks = new Callbacks(this.store, env.ORCHESTRATOR, opts, {
+      handshakeOf: (job) => this.handshakeOf(job),
+      traceOf: () => this.traceOf(),
+      noteTrace: (attempt, call, trace) => this.noteTrace(attempt, call, trace),
+    });
     ctx.blockConcurrencyWhile(async () => {
       ctx.storage.sql.exec(SCHEMA);
     });
@@ -125,7 +130,7 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
     const usage = job.usage ? (JSON.parse(job.usage) as Usage) : undefined;
     // Held rate-limit reports ride on the poll answer too (the orchestrator applies them as from a
     // callback); they stay held for the next callback: a report applied twice changes nothing more.
-    const reports = dueReports(this.store.getBlob(HELD_RATE_LIMITS), Date.now());
+    const reports = this.callbacks.due(Date.now());
     let body: ProgressResponse;
     switch (job.status) {
       case "accepted":
@@ -201,7 +206,7 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
       const due = job.status === "processing" && job.run_at !== null && job.run_at <= Date.now();
       // The work and the callbacks side by side: a slow orchestrator delays the callbacks, not the work.
       // Whatever the run queued after the delivery loop ended is due at once: arm() calls the alarm back.
-      await Promise.all([due ? this.drive(job) : null, this.deliver()]);
+      await Promise.all([due ? this.drive(job) : null, this.callbacks.deliver()]);
       await this.exclusive(() => this.settleOwedEnd());
       await this.arm();
     } finally {
@@ -305,7 +310,7 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
   }
 
   private holdRateLimits(reports: RateLimitReport[], now: number): void {
-    this.store.putBlob(HELD_RATE_LIMITS, holdReports(this.store.getBlob(HELD_RATE_LIMITS), reports, now));
+    this.callbacks.hold(reports, now);
   }
 
   private runHost(): RunHost {
@@ -353,70 +358,6 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
 
   // ---------------------------------------------------------------------------
   // Callbacks
-
-  /**
-   * Sends due callbacks in order through the ORCHESTRATOR binding. A try is
-   * repeated (later, from the alarm) only after a network error, 5xx, 408 or
-   * 429, at most `callbackMaxTries` times; a failed progress is dropped when
-   * something newer is queued. 2xx and 409 (the stage already ended) settle
-   * it, and so does any other 4xx: the same request would get the same answer.
-   */
-  private async deliver(): Promise<void> {
-    for (;;) {
-      const head = this.store.outboxHead();
-      if (!head || head.next_at > Date.now()) return;
-      const job = this.store.row();
-      if (!job) return;
-      const { callback } = this.handshakeOf(job);
-      const token = head.token ?? callback.token;
-      // Rate-limit reports ride on whichever callback goes out next, re-based on the time it is sent.
-      const held = this.store.getBlob(HELD_RATE_LIMITS);
-      const body = withRateLimits(head.body ?? this.finalBody(job, head.kind), dueReports(held, Date.now()));
-      const trace = this.traceOf();
-      const status = await this.post(`${callback.url.replace(/\/+$/, "")}/${head.kind}`, token, body, trace);
-      this.store.log(job.attempt, `callback:${head.kind}`, status, head.token ? "alternate token" : null);
-      this.noteTrace(job.attempt, `callback:${head.kind}`, trace);
-      const transient = status === 0 || status >= 500 || status === 408 || status === 429;
-      const superseded = head.kind === "progress" && this.store.hasAfter(head.seq);
-      // The entry may be gone by now (cancelled or replaced): both statements are then no-ops.
-      if (transient && !superseded && head.tries + 1 < this.opts.callbackMaxTries) {
-        const at = Date.now() + this.opts.callbackBackoffMs * 2 ** head.tries;
-        this.sql`UPDATE kit_outbox SET tries = tries + 1, next_at = ${at} WHERE seq = ${head.seq}`;
-      } else {
-        this.sql`DELETE FROM kit_outbox WHERE seq = ${head.seq}`;
-        // Carried (or refused for good): reported. Reports held meanwhile stay for the next callback.
-        if (held !== null && this.store.getBlob(HELD_RATE_LIMITS) === held) this.store.deleteBlob(HELD_RATE_LIMITS);
-      }
-    }
-  }
-
-  private finalBody(job: JobRow, kind: CallbackKind): string {
-    const usage = job.usage ? `,"usage":${job.usage}` : "";
-    if (kind === "complete") {
-      if (job.data_ref) return `{"dataReference":${job.data_ref}${usage}}`;
-      return `{"output":${this.store.getBlob("output") ?? "null"}${usage}}`;
-    }
-    return `{"error":${job.error ?? "{}"},"retryable":${job.retryable === 1}${usage}}`;
-  }
-
-  /** The answer's status, or 0 when the request failed or timed out. */
-  private async post(url: string, token: string, body: string, trace: TraceHeaders | null): Promise<number> {
-    try {
-      // The binding routes the request; the URL's host is informational.
-      const res = await this.env.ORCHESTRATOR.fetch(url, {
-        method: "POST",
-        headers: { ...(trace ?? {}), authorization: `Bearer ${token}`, "content-type": "application/json" },
-        body,
-        signal: AbortSignal.timeout(this.opts.callbackTimeoutMs),
-      });
-      await res.body?.cancel();
-      if (!res.ok && res.status !== 409) console.warn(`callback ${url} answered ${res.status}`);
-      return res.status;
-    } catch (err) {
-      console.warn(`callback ${url} failed: ${messageOf(err)}`);
-      return 0;
-    }
-  }
 
   // ---------------------------------------------------------------------------
   // Lifecycle, alarm, storage
@@ -545,42 +486,4 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
   private get sql() {
     return this.store.sql;
   }
-}
-
-/** A process or cancel for another attempt than the job's: an older one is stale, a newer one unknown. */
-function staleAttempt(job: JobRow, attempt: number | undefined): Reply | null {
-  if (attempt === undefined || attempt === job.attempt) return null;
-  if (attempt < job.attempt) return error(409, "stale_attempt", `attempt ${attempt} was replaced by attempt ${job.attempt}`);
-  return error(404, "not_found", `no job for attempt ${attempt} (the job is on attempt ${job.attempt})`);
-}
-
-function ok(body: unknown): Reply {
-  return { status: 200, body };
-}
-
-function error(status: number, code: string, message: string): Reply {
-  return { status, body: { error: { code, message } } };
-}
-
-function notFound(): Reply {
-  return error(404, "not_found", "no job for this execution and stage");
-}
-
-/** RPC and service calls have no timeout of their own. */
-export function withTimeout<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | null = null;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what} timed out after ${ms} ms`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => {
-    if (timer !== null) clearTimeout(timer);
-  });
-}
-
-/** A callback's JSON object body with `rate_limits` spliced in (the body may be a large inline output: not parsed again). */
-function withRateLimits(body: string, reports: RateLimitReport[]): string {
-  if (!reports.length) return body;
-  const field = `"rate_limits":${JSON.stringify(reports)}`;
-  const rest = body.trim().slice(1).trimStart();
-  return rest.startsWith("}") ? `{${field}}` : `{${field},${rest}`;
 }

@@ -1,0 +1,91 @@
+/**
+ * The ledger's SQLite schema and its in-place migration (./store.ts opens it).
+ * Columns added after the first release are added with ALTER TABLE, so an
+ * existing ledger keeps its state across a deploy.
+ */
+import { execScript, sqlOf } from "../sql";
+
+const SCHEMA = `
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pools (
+  name TEXT PRIMARY KEY,
+  kind TEXT NOT NULL,
+  capacity REAL NOT NULL,
+  refill_per_second REAL NOT NULL DEFAULT 0,
+  tokens REAL NOT NULL DEFAULT 0,
+  tokens_at INTEGER NOT NULL DEFAULT 0,
+  consumed REAL NOT NULL DEFAULT 0,
+  est_avg REAL,
+  est_n INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reservations (
+  id TEXT PRIMARY KEY,
+  execution_id TEXT NOT NULL,
+  stage_id TEXT NOT NULL,
+  attempt INTEGER NOT NULL,
+  worker TEXT NOT NULL,
+  rank INTEGER NOT NULL,
+  eff_rank INTEGER NOT NULL,
+  age_at INTEGER,
+  seq INTEGER NOT NULL,
+  state TEXT NOT NULL,
+  req TEXT NOT NULL,
+  lease_ms INTEGER NOT NULL,
+  created_at INTEGER NOT NULL,
+  granted_at INTEGER,
+  expires_at INTEGER,
+  passed INTEGER NOT NULL DEFAULT 0,
+  parked INTEGER NOT NULL DEFAULT 0,
+  usage TEXT,
+  duration_ms REAL,
+  ended_at INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS reservations_ageing ON reservations (age_at) WHERE state = 'waiting' AND age_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS reservations_leases ON reservations (expires_at) WHERE state = 'granted';
+CREATE INDEX IF NOT EXISTS reservations_ended ON reservations (ended_at) WHERE ended_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS worker_stats (
+  worker TEXT PRIMARY KEY,
+  dur_avg REAL,
+  dur_n INTEGER NOT NULL DEFAULT 0,
+  usage TEXT NOT NULL DEFAULT '{}'
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS clients (
+  client_id TEXT PRIMARY KEY,
+  quotas TEXT,
+  month TEXT NOT NULL,
+  spent REAL NOT NULL DEFAULT 0,
+  buckets TEXT NOT NULL DEFAULT '{}',
+  starts TEXT,
+  last_tag REAL NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS unknown_usage (
+  pool TEXT PRIMARY KEY,
+  total REAL NOT NULL,
+  events INTEGER NOT NULL,
+  last_at INTEGER NOT NULL
+) WITHOUT ROWID;
+`;
+
+/** Columns added after the first release: added in place, so an existing ledger keeps its state. */
+const ADDED_COLUMNS: [table: string, column: string, type: string][] = [
+  ["reservations", "client_id", "TEXT"],
+  ["reservations", "cost_est", "REAL NOT NULL DEFAULT 0"],
+  ["reservations", "tag", "REAL NOT NULL DEFAULT 0"],
+  ["pools", "paused_until", "INTEGER"],
+];
+const INDEXES = `
+DROP INDEX IF EXISTS reservations_queue;
+CREATE INDEX IF NOT EXISTS reservations_fair_queue ON reservations (parked, eff_rank DESC, tag, seq) WHERE state = 'waiting';
+CREATE INDEX IF NOT EXISTS reservations_client ON reservations (client_id, parked) WHERE state = 'waiting';
+`;
+
+/** Creates the tables, adds the later columns where missing, (re)creates the indexes. Idempotent. */
+export function migrate(storage: DurableObjectStorage): void {
+  const sql = sqlOf(storage);
+  execScript(storage, SCHEMA);
+  for (const [table, col, type] of ADDED_COLUMNS) {
+    const have = sql<{ name: string }>`SELECT name FROM pragma_table_info(${table}) WHERE name = ${col}`.length > 0;
+    if (!have) execScript(storage, `ALTER TABLE ${table} ADD COLUMN ${col} ${type}`);
+  }
+  execScript(storage, INDEXES);
+}
