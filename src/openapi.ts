@@ -117,7 +117,9 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
   r.registerComponent("securitySchemes", "callbackToken", {
     type: "http",
     scheme: "bearer",
-    description: "`callback.token` from the handshake (use `callback`): one attempt of one stage, callbacks and uploads, until it expires.",
+    description:
+      "`callback.token` from the handshake (use `callback`): one attempt of one stage, callbacks and uploads, until it expires (then 401 `token_expired`). " +
+      "Signed with CALLBACK_SECRET, which never leaves the orchestrator; the orchestrator's own bearer to each worker is that worker's entry of WORKER_SECRETS (else WORKER_SECRET).",
   });
   r.registerComponent("securitySchemes", "dataToken", {
     type: "http",
@@ -126,6 +128,14 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
   });
 
   // Components: the orchestrator's API, the index, the ledger, KAM's templates and the worker protocol.
+  // The codes an execution's or a stage's `error` carries (the HTTP error codes are listed per route).
+  zodToOpenAPIRegistry.add(ErrorInfo, {
+    ...zodToOpenAPIRegistry.get(ErrorInfo),
+    description:
+      "An execution's or a stage's error. Codes of the pipeline include `stage_timeout`, `handshake_timeout`, `queue_timeout` (the stage's `queue_timeout_ms`, else config `maxQueueMs`), " +
+      "`execution_timeout` (`execution_timeout_ms`), `lease_lost` (retryable), `invalid_template`, `fan_out_invalid` (a `for_each` list that is not an array or longer than config `maxFanOutItems`), " +
+      "`approval_rejected` and `approval_timeout`; `stage_id` names the stage or item (`stage_{n}.{i}`).",
+  });
   const S = {
     ErrorEnvelope: name("ErrorEnvelope", ErrorEnvelope),
     ErrorInfo: name("ErrorInfo", ErrorInfo),
@@ -234,9 +244,14 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       method: "post",
       path: "/execute",
       summary: "Start an execution",
-      description: "With a `request_id`, the same body again from the same `client_id` answers 200 with the same execution.",
+      description:
+        "With a `request_id`, the same body again from the same `client_id` answers 200 with the same execution. " +
+        "`notify` defaults to the NOTIFY_DEFAULT var (false). A W3C `traceparent` (and `tracestate`) header makes the execution's trace a child of the caller's; without one a new trace starts.",
       security: [{ kamToken: [] }, { apiKey: [] }],
-      request: { body: body(S.ExecuteRequest) },
+      request: {
+        body: body(S.ExecuteRequest),
+        headers: z.object({ traceparent: z.string().optional(), tracestate: z.string().optional() }),
+      },
       responses: {
         "200": jsonBody(S.ExecuteResponse, "the execution this request_id already started"),
         "202": jsonBody(S.ExecuteResponse, "started"),
