@@ -12,22 +12,25 @@ import { type Core, type ExecutionRow, type StageRow, dependsOn, isFanOut, parse
  * (a stored output by reference: the same key, nothing copied), no usage.
  */
 
-/** One stage of the original as it was created from the template. */
-export interface StageSnapshot {
-  stage_id: string;
-  ord: number;
-  kind: string | null;
-  worker: string;
-  template_ref: string;
-  action: string;
-  timeout_ms: number;
-  max_attempts: number;
-  resources: string | null;
-  /** The pipeline graph's columns (store.ts): JSON stage ids, a fan-out stage's pointer and bound. */
-  depends_on: string | null;
-  for_each: string | null;
-  max_parallel: number | null;
-}
+/**
+ * One stage of the original as it was created from the template: its row's template-given
+ * columns, the pipeline graph's among them (store.ts).
+ */
+export type StageSnapshot = Pick<
+  StageRow,
+  | "stage_id"
+  | "ord"
+  | "kind"
+  | "worker"
+  | "template_ref"
+  | "action"
+  | "timeout_ms"
+  | "max_attempts"
+  | "resources"
+  | "depends_on"
+  | "for_each"
+  | "max_parallel"
+>;
 
 type StoredObject = { key: string; kind: string; size: number; sha256: string; content_type: string; attempt: number };
 
