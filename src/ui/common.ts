@@ -204,3 +204,23 @@ export const LOGIN_HTML = `
   <button class="primary" type="submit" id="signin">Sign in</button>
   <p id="login-error" class="error" role="alert"></p>
 </form>`;
+
+/**
+ * The frame every operator page shares: the header (`header` left, `tools` before
+ * the sign-out button on the right), the sign-in form, and the app (hidden until
+ * signed in) with its problem line above `body` (trusted markup).
+ */
+export function pageFrame(frame: { header: string; tools?: string; problemClass?: string; body: string }): string {
+  return `<header>
+  ${frame.header}
+  <span class="spacer"></span>
+  ${frame.tools ?? ""}<button type="button" id="signout" hidden>Sign out</button>
+</header>
+<main>
+${LOGIN_HTML}
+<div id="app" hidden>
+  <p id="problem" class="${frame.problemClass ?? "error"}" role="alert"></p>
+${frame.body}
+</div>
+</main>`;
+}

@@ -1,4 +1,4 @@
-import { LOGIN_HTML, escapeHtml, htmlResponse, pageHead, pageTail } from "./common";
+import { escapeHtml, htmlResponse, pageFrame, pageHead, pageTail } from "./common";
 import { ACTIONS_CSS, ACTIONS_HTML, ACTIONS_JS } from "./execution-actions";
 import { WAITING_CSS, WAITING_JS, WAITING_SUMMARY_JS } from "./waiting-on";
 import { TIMELINE_CSS, TIMELINE_HTML, TIMELINE_JS } from "./timeline";
@@ -317,17 +317,11 @@ export function executionPage(executionId: string): Response {
   return htmlResponse(
     (nonce) => `${pageHead(nonce, `${id} · Orchestrator`, CSS + ACTIONS_CSS + WAITING_CSS + TIMELINE_CSS)}
 <body data-execution-id="${id}">
-<header>
-  <h1><a href="/ui">Executions</a> / <span class="mono" id="exec-id">${id}</span></h1>
-  <span id="live" class="live"></span>
-  <span class="spacer"></span>
-  <button type="button" id="signout" hidden>Sign out</button>
-</header>
-<main>
-${LOGIN_HTML}
-<div id="app" hidden>
-  <p id="problem" class="error card" role="alert"></p>
-  <section class="card">
+${pageFrame({
+  header: `<h1><a href="/ui">Executions</a> / <span class="mono" id="exec-id">${id}</span></h1>
+  <span id="live" class="live"></span>`,
+  problemClass: "error card",
+  body: `  <section class="card">
     <dl class="summary">
       <div><dt>Status</dt><dd id="exec-status" data-status="">–</dd></div>
       <div><dt>Template</dt><dd id="template">–</dd></div>
@@ -365,8 +359,8 @@ ${LOGIN_HTML}
     <p id="no-stages" class="muted">No stages yet: the template is still loading.</p>
   </section>
   <p id="updated" class="muted"></p>
-</div>
-</main>
+`,
+})}
 ${pageTail(nonce, SCRIPT + ACTIONS_JS + WAITING_JS + WAITING_SUMMARY_JS + TIMELINE_JS)}`,
   );
 }

@@ -1,4 +1,4 @@
-import { LOGIN_HTML, htmlResponse, pageHead, pageTail } from "./common";
+import { htmlResponse, pageFrame, pageHead, pageTail } from "./common";
 
 /**
  * What the clients and resources pages share: a usage bar (`meter`), the
@@ -79,20 +79,12 @@ export function pollingPage(page: { title: string; path: string; css?: string; b
   return htmlResponse(
     (nonce) => `${pageHead(nonce, `${page.title} · Orchestrator`, METER_CSS + (page.css ?? ""))}
 <body>
-<header>
-  <h1>${page.title}</h1>
-  ${navHtml(page.path)}
-  <span class="spacer"></span>
-  <button type="button" id="signout" hidden>Sign out</button>
-</header>
-<main>
-${LOGIN_HTML}
-<div id="app" hidden>
-  <p id="problem" class="error" role="alert"></p>
-${page.body}
-  <p id="updated" class="muted"></p>
-</div>
-</main>
+${pageFrame({
+  header: `<h1>${page.title}</h1>
+  ${navHtml(page.path)}`,
+  body: `${page.body}
+  <p id="updated" class="muted"></p>`,
+})}
 ${pageTail(nonce, METER_JS + page.script)}`,
   );
 }

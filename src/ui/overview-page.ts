@@ -1,5 +1,5 @@
 import { CHARTS_CSS, CHARTS_HTML, CHARTS_JS } from "./charts";
-import { LOGIN_HTML, htmlResponse, pageHead, pageTail } from "./common";
+import { htmlResponse, pageFrame, pageHead, pageTail } from "./common";
 
 /**
  * `GET /ui` (and `GET /executions` with `Accept: text/html`): recent
@@ -175,17 +175,10 @@ export function overviewPage(): Response {
   return htmlResponse(
     (nonce) => `${pageHead(nonce, `Executions · Orchestrator`, CSS + CHARTS_CSS)}
 <body>
-<header>
-  <h1>Executions</h1>
-  <span class="spacer"></span>
-  <a href="/openapi.json">API</a>
-  <button type="button" id="signout" hidden>Sign out</button>
-</header>
-<main>
-${LOGIN_HTML}
-<div id="app" hidden>
-  <p id="problem" class="error" role="alert"></p>
-  <form id="filters" class="filters card">
+${pageFrame({
+  header: "<h1>Executions</h1>",
+  tools: '<a href="/openapi.json">API</a>\n  ',
+  body: `  <form id="filters" class="filters card">
     <label>Client<input id="f-client_id" maxlength="128" spellcheck="false"></label>
     <label>Template<input id="f-template_name" maxlength="64" spellcheck="false"></label>
     <label>Status<select id="f-status">
@@ -221,8 +214,8 @@ ${CHARTS_HTML}
     </table>
     <p id="schedules-empty" class="muted" hidden>No schedules.</p>
   </section>
-</div>
-</main>
+`,
+})}
 ${pageTail(nonce, CHARTS_JS + SCRIPT)}`,
   );
 }
