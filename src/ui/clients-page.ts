@@ -35,14 +35,13 @@ function render(body) {
   $("client-rows").replaceChildren(...rows);
   $("no-clients").hidden = rows.length > 0;
 }
-const signOut = setupLogin(() => poll("/clients", render));
-$("signout").addEventListener("click", () => { pollGeneration++; clearTimeout(pollTimer); });
 `;
 
 export function clientsPage(): Response {
   return pollingPage({
     title: "Clients",
     path: "/ui/clients",
+    api: "/clients",
     script: SCRIPT,
     body: `  <section class="card scroll">
     <table id="clients">

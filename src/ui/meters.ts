@@ -73,9 +73,20 @@ function poll(path, render) {
 /**
  * A polling operator page: the header (title, the links, sign out), the
  * sign-in form, and `body` (trusted markup) between the problem line and the
- * "updated" line; `script` runs after METER_JS.
+ * "updated" line; `script` (which defines `render(body)`) runs after METER_JS,
+ * then the sign-in starts polling `api` and sign-out stops it.
  */
-export function pollingPage(page: { title: string; path: string; css?: string; body: string; script: string }): Response {
+export function pollingPage(page: {
+  title: string;
+  path: string;
+  api: string;
+  css?: string;
+  body: string;
+  script: string;
+}): Response {
+  const start = `const signOut = setupLogin(() => poll(${JSON.stringify(page.api)}, render));
+$("signout").addEventListener("click", () => { pollGeneration++; clearTimeout(pollTimer); });
+`;
   return htmlResponse(
     (nonce) => `${pageHead(nonce, `${page.title} · Orchestrator`, METER_CSS + (page.css ?? ""))}
 <body>
@@ -85,6 +96,6 @@ ${pageFrame({
   body: `${page.body}
   <p id="updated" class="muted"></p>`,
 })}
-${pageTail(nonce, METER_JS + page.script)}`,
+${pageTail(nonce, METER_JS + page.script + start)}`,
   );
 }

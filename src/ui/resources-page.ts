@@ -48,14 +48,13 @@ function render(snap) {
   $("waiter-rows").replaceChildren(...snap.queue.map(waiterRow));
   $("no-waiters").hidden = snap.queue.length > 0;
 }
-const signOut = setupLogin(() => poll("/resources", render));
-$("signout").addEventListener("click", () => { pollGeneration++; clearTimeout(pollTimer); });
 `;
 
 export function resourcesPage(): Response {
   return pollingPage({
     title: "Resources",
     path: "/ui/resources",
+    api: "/resources",
     css: CSS,
     script: WAITING_JS + SCRIPT,
     body: `  <div class="totals"><span>Leases held: <strong id="leases">–</strong></span><span>Waiting: <strong id="waiters">–</strong></span></div>
