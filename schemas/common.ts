@@ -30,7 +30,8 @@ export const PoolName = z
   .string()
   .min(1)
   .max(64)
-  .regex(/^[a-z0-9][a-z0-9:_.-]*$/, "lower-case letters, digits, ':', '_', '.', '-' only");
+  // `#k` names sub-pool k of a pool split across ledger shards (LEDGER_SHARD_MAP, docs/scaling.md).
+  .regex(/^[a-z0-9][a-z0-9:_.-]*(#[0-9]{1,2})?$/, "lower-case letters, digits, ':', '_', '.', '-' only, optionally #<sub-pool>");
 export const ClientId = z
   .string()
   .min(1)
