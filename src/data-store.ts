@@ -1,6 +1,7 @@
 import type { DataReference } from "../schemas/data";
 import { configOf } from "./config";
 import { hex, sha256Hex } from "./hash";
+import { TimeoutError, withTimeout } from "./outbound";
 
 /**
  * Where stage data lives, chosen by size (docs/protocol.md, "Data"):
@@ -82,32 +83,84 @@ export class UploadError extends Error {
  * R2's put is atomic, so a body that is cut short or runs long stores nothing.
  */
 export async function putStream(env: Env, key: string, body: ReadableStream<Uint8Array>, size: number, contentType: string): Promise<DataReference> {
-  const [toStore, toHash] = body.tee();
+  const ms = configOf(env).tuning.storageCallTimeoutMs;
   const fixed = new FixedLengthStream(size);
   const digest = new crypto.DigestStream("SHA-256");
-  const hashing = toHash.pipeTo(digest);
-  const piping = toStore.pipeTo(fixed.writable);
+  const put = r2Of(env).put(key, fixed.readable, { httpMetadata: { contentType } });
+  // Settled here whatever happens below, so a put given up on never becomes an unhandled rejection.
+  const putDone = Promise.resolve(put).then(
+    () => null,
+    (err: unknown) => err,
+  );
+  const reader = body.getReader();
+  const store = fixed.writable.getWriter();
+  const hash = digest.getWriter();
   try {
-    await Promise.all([r2Of(env).put(key, fixed.readable, { httpMetadata: { contentType } }), piping, hashing]);
-  } catch {
-    await r2Of(env).delete(key).catch(() => {});
-    throw new UploadError(400, "upload_incomplete", `the body did not match its Content-Length of ${size} bytes`);
+    // One chunk at a time, each step with its own deadline: a client that stops sending and a store that
+    // stops taking are told apart (408 and 503), and neither holds the request open (docs/reliability.md).
+    for (;;) {
+      const { done, value } = await withTimeout(reader.read(), ms, "the upload's body").catch((err) => {
+        throw err instanceof TimeoutError ? new UploadError(408, "upload_stalled", `no bytes of the upload arrived for ${ms} ms`) : new UploadError(400, "upload_incomplete", `the body could not be read: ${String(err)}`);
+      });
+      if (done) break;
+      await hash.write(value);
+      await withTimeout(store.write(value), ms, "r2.put").catch((err) => {
+        throw err instanceof TimeoutError ? new UploadError(503, "unavailable", `the data store took no bytes for ${ms} ms`) : new UploadError(400, "upload_incomplete", `the body did not match its Content-Length of ${size} bytes`);
+      });
+    }
+    await store.close().catch(() => {
+      throw new UploadError(400, "upload_incomplete", `the body did not match its Content-Length of ${size} bytes`);
+    });
+    const failed = await withTimeout(putDone, ms, "r2.put").catch(() => {
+      throw new UploadError(503, "unavailable", `the data store did not confirm the upload within ${ms} ms`);
+    });
+    if (failed) throw new UploadError(400, "upload_incomplete", `the body did not match its Content-Length of ${size} bytes`);
+    await hash.close();
+  } catch (err) {
+    // R2's put is atomic: a body cut short stores nothing. The delete covers a put that did land late.
+    reader.cancel().catch(() => {});
+    store.abort(err).catch(() => {});
+    // An aborted digest rejects its result too; nothing reads it after a failure.
+    digest.digest.catch(() => {});
+    hash.abort(err).catch(() => {});
+    await withTimeout(r2Of(env).delete(key), ms, "r2.delete").catch(() => {});
+    throw err instanceof UploadError ? err : new UploadError(400, "upload_incomplete", `the upload failed: ${String(err)}`);
   }
   // The checksum is ours, computed from the bytes as they went by; the
   // Execution records it, and every later read is verified against it.
   return { kind: "r2", key, size, sha256: hex(await digest.digest), contentType };
 }
 
+/**
+ * A stored object's body with a deadline on every chunk the store owes: a
+ * store that stops sending errors the stream instead of holding the reader
+ * forever. A slow reader is not timed (the store is only asked when it pulls).
+ */
+function chunkDeadline(body: ReadableStream<Uint8Array>, ms: number, what: string): ReadableStream<Uint8Array> {
+  const reader = body.getReader();
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      const { done, value } = await withTimeout(reader.read(), ms, what);
+      if (done) controller.close();
+      else controller.enqueue(value);
+    },
+    cancel(reason) {
+      return reader.cancel(reason);
+    },
+  });
+}
+
 /** Opens a stored object as a stream, or null when it is gone. */
 export async function openStream(env: Env, ref: Pick<DataReference, "kind" | "key">): Promise<{ body: ReadableStream<Uint8Array>; size: number | null; contentType: string } | null> {
+  const ms = configOf(env).tuning.storageCallTimeoutMs;
   if (ref.kind === "kv") {
-    const { value, metadata } = await kvOf(env).getWithMetadata<{ contentType?: string; size?: number }>(ref.key, "stream");
+    const { value, metadata } = await withTimeout(kvOf(env).getWithMetadata<{ contentType?: string; size?: number }>(ref.key, "stream"), ms, "kv.get");
     if (!value) return null;
-    return { body: value, size: metadata?.size ?? null, contentType: metadata?.contentType ?? "application/octet-stream" };
+    return { body: chunkDeadline(value, ms, "kv.get body"), size: metadata?.size ?? null, contentType: metadata?.contentType ?? "application/octet-stream" };
   }
-  const obj = await r2Of(env).get(ref.key);
+  const obj = await withTimeout(r2Of(env).get(ref.key), ms, "r2.get");
   if (!obj) return null;
-  return { body: obj.body, size: obj.size, contentType: obj.httpMetadata?.contentType ?? "application/octet-stream" };
+  return { body: chunkDeadline(obj.body, ms, "r2.get body"), size: obj.size, contentType: obj.httpMetadata?.contentType ?? "application/octet-stream" };
 }
 
 /**

@@ -244,7 +244,11 @@ export async function getResultContent(env: Env, id: unknown): Promise<Response>
 }
 
 export async function streamReference(env: Env, ref: DataReference): Promise<Response> {
-  const opened = await openStream(env, ref);
+  // openStream bounds the store's answer (storageCallTimeoutMs) and every chunk of the body after it.
+  const opened = await openStream(env, ref).catch((err) => {
+    log("warn", "data_store_unavailable", { key: ref.key, error: err instanceof Error ? err.message : String(err) });
+    throw new ApiError(503, "unavailable", `the data store did not answer within ${configOf(env).tuning.storageCallTimeoutMs} ms, or it failed`);
+  });
   if (!opened) throw new ApiError(410, "data_expired", `${ref.key} is gone`);
   return new Response(verifying(opened.body, ref.sha256), {
     headers: { "content-type": ref.contentType, "content-length": String(ref.size), "x-content-sha256": ref.sha256, ...STORED_CONTENT_HEADERS },

@@ -515,6 +515,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
         ...tokenErrors,
         "404": error("not_found"),
         "410": error("data_expired"),
+        "503": error("unavailable: the data store did not answer within `storageCallTimeoutMs`; a body whose store stops sending for that long is cut off"),
       },
     },
     {
@@ -530,9 +531,11 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
         "201": jsonBody(S.DataReference, "stored: name it in the complete callback as `dataReference`"),
         ...common,
         ...tokenErrors,
+        "408": error("upload_stalled: no bytes of the body arrived for `storageCallTimeoutMs`; nothing is stored"),
         "409": error("stage_ended"),
         "411": error("length_required"),
         "413": error("payload_too_large"),
+        "503": error("unavailable: R2 took no bytes, or did not confirm the put, for `storageCallTimeoutMs`; nothing is stored"),
       },
     },
     {

@@ -1,7 +1,7 @@
 import { env } from "cloudflare:workers";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import type { StoreCall, StoreFault } from "../support/faulty-store/index";
-import { KAM, call, ended, expectNoLiveReservations, expireNow, startExecution, status, until, waitFor } from "../support/api";
+import { KAM, call, ended, expectNoLiveReservations, expireNow, mintToken, startExecution, status, until, waitFor } from "../support/api";
 
 /**
  * The stage-data stores made slow or failing for real: in this project the
@@ -112,5 +112,70 @@ describe("stage data behind a faulty store", () => {
     expect(reads[0].fault).toBe("stall");
     expect(reads.length).toBeGreaterThan(1);
     await expectNoLiveReservations(id);
+  });
+});
+
+describe("the front Worker's own store calls behind a faulty store", () => {
+  const bearer = (token: string) => ({ authorization: `Bearer ${token}` });
+
+  it("a deliverable read whose R2 get stalls answers 503 unavailable within the store timeout; the next read streams it whole", async () => {
+    const id = await completedWithData();
+    await store().setFault({ store: "r2", method: "get", match: id, mode: "stall", stallMs: STALL_MS, times: 1 });
+    const stalled = await call(`/executions/${id}/result/content`, { headers: KAM });
+    expect(stalled.status).toBe(503);
+    expect(await stalled.json()).toMatchObject({ error: { code: "unavailable" } });
+    expect((await store().calls("r2", "get")).filter((c) => c.key.includes(id)).map((c) => c.fault)).toEqual(["stall"]);
+    const served = await call(`/executions/${id}/result/content`, { headers: KAM });
+    expect(served.status).toBe(200);
+    expect((await served.arrayBuffer()).byteLength).toBe(2 * 1024 * 1024);
+  });
+
+  /** A live stage whose token may upload (stage 1 hangs on the worker). */
+  async function liveUploader(): Promise<{ id: string; put: (name: string, init: RequestInit) => Promise<Response> }> {
+    const { body } = await startExecution({
+      template_name: "data_gated",
+      parameters: { steps: 1, step_ms: 0, output_bytes: 10, fault: { stage: 1, mode: "hang" } },
+      client_id: "client_lf",
+    });
+    const id = body.execution_id as string;
+    await waitFor(id, (d) => d.stages[0].status === "processing");
+    const token = await mintToken({ executionId: id, stageId: "stage_1", attempt: 1 });
+    const put = (name: string, init: RequestInit) =>
+      call(`/data/${id}/stage_1/${name}`, { method: "PUT", ...init, headers: { ...bearer(token), "content-type": "application/octet-stream", ...(init.headers as Record<string, string>) } });
+    return { id, put };
+  }
+
+  it("an upload whose R2 put stalls answers 503 unavailable within the store timeout and stores nothing; the same upload then lands", async () => {
+    const { id, put } = await liveUploader();
+    await store().setFault({ store: "r2", method: "put", match: `r2/${id}/`, mode: "stall", stallMs: STALL_MS, times: 1 });
+    const stalled = await put("out.bin", { body: new Uint8Array(300_000) });
+    expect(stalled.status).toBe(503);
+    expect(await stalled.json()).toMatchObject({ error: { code: "unavailable" } });
+    expect((await env.DATA.list({ prefix: `r2/${id}/` })).objects).toEqual([]);
+    const landed = await put("out.bin", { body: new Uint8Array(300_000) });
+    expect(landed.status).toBe(201);
+    expect((await env.DATA.list({ prefix: `r2/${id}/` })).objects.map((o) => o.size)).toEqual([300_000]);
+    expect((await call(`/executions/${id}/cancel`, { method: "POST", headers: KAM })).status).toBe(200);
+  });
+
+  it("an upload whose client stops sending answers 408 upload_stalled within the store timeout and stores nothing", async () => {
+    const { id, put } = await liveUploader();
+    // 1,000 of the announced 5,000 bytes, then silence: the body never ends.
+    let sent!: () => void;
+    const firstChunkSent = new Promise<void>((resolve) => {
+      sent = resolve;
+    });
+    const body = new ReadableStream<Uint8Array>({
+      start(controller) {
+        controller.enqueue(new Uint8Array(1000));
+        sent();
+      },
+    });
+    const res = await put("half.bin", { headers: { "content-length": "5000" }, body });
+    await firstChunkSent;
+    expect(res.status).toBe(408);
+    expect(await res.json()).toMatchObject({ error: { code: "upload_stalled" } });
+    expect((await env.DATA.list({ prefix: `r2/${id}/` })).objects).toEqual([]);
+    expect((await call(`/executions/${id}/cancel`, { method: "POST", headers: KAM })).status).toBe(200);
   });
 });
