@@ -50,8 +50,14 @@ export class KamEvents extends DurableObject<EventsEnv> {
       ctx.storage.sql.exec(`
         CREATE TABLE IF NOT EXISTS receipts (n INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL, type TEXT NOT NULL, answered INTEGER NOT NULL, t INTEGER NOT NULL);
         CREATE TABLE IF NOT EXISTS events (event_id TEXT PRIMARY KEY, n INTEGER NOT NULL, body TEXT NOT NULL);
-        CREATE TABLE IF NOT EXISTS traces (n INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL, traceparent TEXT);`);
+        CREATE TABLE IF NOT EXISTS traces (n INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL, traceparent TEXT);
+        CREATE TABLE IF NOT EXISTS revisions (name TEXT PRIMARY KEY, n INTEGER NOT NULL);`);
     });
+  }
+
+  /** The revision a `revised_{name}` template answers with: one more on every fetch (index.ts). */
+  revise(name: string): number {
+    return this.ctx.storage.sql.exec<{ n: number }>("INSERT INTO revisions (name, n) VALUES (?, 1) ON CONFLICT (name) DO UPDATE SET n = n + 1 RETURNING n", name).one().n;
   }
 
   /** One verified delivery: answers 500 while the flaky knob says so, else records the event once. */

@@ -1,5 +1,5 @@
 import { type EventsEnv, handleEvents } from "./events";
-import { TEMPLATES } from "./templates";
+import { type StoredTemplate, TEMPLATES } from "./templates";
 
 export { KamEvents } from "./events";
 
@@ -19,6 +19,22 @@ function error(status: number, code: string, message: string): Response {
 
 const TEMPLATE_PATH = /^\/api\/master-templates\/([^/]+)$/;
 const SLOW = /^slow(\d{1,5})_(.+)$/;
+const REVISED = /^revised(\d{0,6})_(.+)$/;
+
+/**
+ * A template KAM keeps editing: `revised{k}_{name}` answers `{name}`'s template
+ * as revision n, where n counts the fetches of every `revised{k}_{name}` (1, 2,
+ * ...); the digits k only make distinct names, which the orchestrator's template
+ * cache does not answer for each other. Revision 1 is the template itself; from
+ * revision 2 on it has one more stage (a copy of its last), so a test can tell
+ * which revision an execution runs.
+ */
+function revised(base: StoredTemplate, name: string, n: number): StoredTemplate {
+  const stages = (typeof base.pipeline_stages === "string" ? JSON.parse(base.pipeline_stages) : base.pipeline_stages) as Array<Record<string, unknown>>;
+  const last = stages[stages.length - 1];
+  const more = n >= 2 ? [...stages, { ...last, stage: Number(last.stage) + 1 }] : stages;
+  return { ...base, template_id: `${base.template_id}_r${n}`, template_name: name, pipeline_stages: JSON.stringify(more) };
+}
 
 export default {
   async fetch(request: Request, env: EventsEnv): Promise<Response> {
@@ -53,8 +69,10 @@ export default {
       await scheduler.wait(Math.min(30_000, Number(slow[1])));
       name = slow[2];
     }
-    const template = TEMPLATES.get(name);
+    const edited = REVISED.exec(name);
+    const template = TEMPLATES.get(edited ? edited[2] : name);
     if (!template) return error(404, "not_found", `template '${name}' does not exist`);
+    if (edited) return json(200, revised(template, name, await env.EVENTS.get(env.EVENTS.idFromName("revisions")).revise(edited[2])));
     return json(200, template);
   },
 } satisfies ExportedHandler<EventsEnv>;

@@ -33,6 +33,30 @@ async function failedAtStage2(client: string): Promise<StatusDocument> {
 }
 
 describe("rerun from a stage", () => {
+  it("runs the original's template snapshot even after KAM changed the template: KAM is not asked again", async () => {
+    // revised{k}_fault_two_stage: KAM answers revision n on the n-th fetch of any k; from revision 2 on it has
+    // a third stage. Each k is its own name, so the orchestrator's template cache never answers for another.
+    const start = (k: number, parameters: Record<string, unknown>) => startExecution({ template_name: `revised${k}_fault_two_stage`, parameters, client_id: "client_rerun_revised" });
+    const original = await waitFor((await start(1, { echo: { chapter: "one" }, fault: { stage: 2, mode: "fail" } })).body.execution_id, ended);
+    expect(original).toMatchObject({ status: "failed", template_id: "mt_fault_002_r1", template_source: "kam" });
+    expect(original.stages).toHaveLength(2);
+
+    // KAM has changed the template since: a new start gets revision 2, with three stages.
+    const changed = await waitFor((await start(2, { echo: { chapter: "two" } })).body.execution_id, ended);
+    expect(changed).toMatchObject({ status: "completed", template_id: "mt_fault_002_r2", template_source: "kam" });
+    expect(changed.stages).toHaveLength(3);
+
+    // The rerun runs the original's two stages as they were.
+    const res = await rerun(original.execution_id, { parameters: { echo: { chapter: "one" } } });
+    expect(res.status).toBe(202);
+    const doc = await waitFor(((await res.json()) as { execution_id: string }).execution_id, ended);
+    expect(doc).toMatchObject({ status: "completed", template_id: "mt_fault_002_r1", template_source: "snapshot", rerun_of: original.execution_id });
+    expect(doc.stages.map((s) => s.stage_id)).toEqual(["stage_1", "stage_2"]);
+    expect(doc.stages[0]).toMatchObject({ reused_from: original.execution_id, attempts: 0 });
+    // KAM's next answer is revision 3: the rerun did not fetch the template.
+    expect((await waitFor((await start(3, { echo: { chapter: "three" } })).body.execution_id, ended)).template_id).toBe("mt_fault_002_r3");
+  });
+
   it("reruns from the failed stage: the completed stage is reused (not handshaked, no cost), the output is right, both link", async () => {
     const original = await failedAtStage2("client_rerun");
     const res = await rerun(original.execution_id, { parameters: { echo: { chapter: "ignored: stage 1 is reused" } } });
