@@ -55,7 +55,7 @@ export class ExecutionIndex extends DurableObject<Env> {
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
     this.sql = sqlOf(ctx.storage);
-    setLogLevel((env as unknown as { LOG_LEVEL?: string }).LOG_LEVEL);
+    setLogLevel(env);
   }
 
   /**

@@ -44,7 +44,7 @@ export class QueueSampler extends DurableObject<Env> {
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
     this.#sql = sqlOf(ctx.storage);
-    setLogLevel((env as unknown as { LOG_LEVEL?: string }).LOG_LEVEL);
+    setLogLevel(env);
     execScript(ctx.storage, SCHEMA);
   }
 

@@ -1,6 +1,7 @@
 import { DurableObject } from "cloudflare:workers";
 import { configOf } from "../src/config";
 import { type Sql, sqlOf } from "./sql";
+import { setLogLevel } from "../src/log";
 
 /**
  * Idempotent starts: one object per client_id maps each request_id to the
@@ -28,6 +29,7 @@ export class RequestRegistry extends DurableObject<Env> {
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
+    setLogLevel(env);
     this.#sql = sqlOf(ctx.storage);
     ctx.blockConcurrencyWhile(async () => {
       ctx.storage.sql.exec(`CREATE TABLE IF NOT EXISTS requests (

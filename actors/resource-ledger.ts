@@ -43,7 +43,7 @@ import {
   type StatusResult,
 } from "../schemas/ledger";
 import { configOf, type Tuning } from "../src/config";
-import { log } from "../src/log";
+import { log, setLogLevel } from "../src/log";
 import { RateLimits, type RateLimitReport } from "../schemas/worker-protocol";
 import {
   applyRateLimit,
@@ -128,6 +128,7 @@ export class ResourceLedger extends DurableObject<Env> {
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
+    setLogLevel(env);
     const config = configOf(env);
     this.#tuning = config.tuning;
     this.#rules = rulesFromTuning(config.tuning);

@@ -84,7 +84,7 @@ export class ScheduleShard extends DurableObject<Env> {
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
     this.#sql = sqlOf(ctx.storage);
-    setLogLevel((env as unknown as { LOG_LEVEL?: string }).LOG_LEVEL);
+    setLogLevel(env);
     void ctx.blockConcurrencyWhile(async () => execScript(ctx.storage, SCHEMA));
   }
 

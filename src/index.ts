@@ -36,7 +36,7 @@ async function rpc<T>(env: Env, work: () => Promise<{ status: number; data: T }>
  */
 export default class Orchestrator extends WorkerEntrypoint<Env> {
   override fetch(request: Request): Promise<Response> {
-    setLogLevel((this.env as unknown as { LOG_LEVEL?: string }).LOG_LEVEL);
+    setLogLevel(this.env);
     return handle(request, this.env, this.ctx);
   }
 }

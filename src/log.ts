@@ -7,8 +7,10 @@ type Level = "debug" | "info" | "warn" | "error";
 const RANK: Record<Level | "silent", number> = { debug: 10, info: 20, warn: 30, error: 40, silent: 99 };
 let threshold = RANK.info;
 
-export function setLogLevel(level: string | undefined): void {
-  if (level && level in RANK) threshold = RANK[level as Level];
+/** The `LOG_LEVEL` var of an env (every object's constructor and the front Worker call this with theirs). */
+export function setLogLevel(env: unknown): void {
+  const level = (env as { LOG_LEVEL?: unknown } | undefined)?.LOG_LEVEL;
+  if (typeof level === "string" && level in RANK) threshold = RANK[level as Level];
 }
 
 export function log(level: Level, event: string, fields: Record<string, unknown> = {}): void {

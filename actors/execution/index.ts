@@ -101,7 +101,7 @@ export class Execution extends DurableObject<Env> {
     };
     const notifier = new Notifier(base);
     this.#c = { ...base, notifier, outbox: new Outbox({ ...base, notifier }) };
-    setLogLevel((env as unknown as { LOG_LEVEL?: string }).LOG_LEVEL);
+    setLogLevel(env);
     ctx.blockConcurrencyWhile(async () => {
       ctx.storage.sql.exec(SCHEMA + EVENTS_SCHEMA);
       migrateControl(ctx.storage);
