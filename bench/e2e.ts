@@ -42,7 +42,8 @@
  *   billed units per execution from the runtime's traces (bench/vs-workflows.ts)
  *   --fan-out: instead, the pipeline graph's fan-out workload (bench/fan-out.ts): list -> N items ->
  *   merge against the same N items as a straight line, --fan-items 10,100,1000, --fan-work-ms 50,
- *   --fan-rounds 2
+ *   --fan-rounds 2, --fan-line-max N (1000: the straight line runs only for N items up to this; it takes
+ *   N x (work + orchestration), 10 minutes for 1,000 items on a loaded machine)
  *   --status-reads: instead, status read throughput (bench/status-reads.ts): GET /health, a running and
  *   an ended execution's GET /executions/:id and a 304, closed loop, --read-concurrency 20 in flight,
  *   --read-seconds 5 each, --rounds 2 (order rotated)
@@ -104,6 +105,7 @@ export interface Options {
   fanItems: number[];
   fanWorkMs: number;
   fanRounds: number;
+  fanLineMax: number;
   /** --status-reads: GET /executions/:id (running, ended, 304) against GET /health (bench/status-reads.ts). */
   statusReads: boolean;
   readSeconds: number;
@@ -111,7 +113,7 @@ export interface Options {
 }
 
 export function parseArgs(argv: string[]): Options {
-  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, durableFloor: true, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true, vsWorkflows: false, rounds: 2, pollN: 300, pollConcurrency: 100, pollMs: 100, countN: 30, workMs: 0, fanOut: false, fanItems: [10, 100, 1000], fanWorkMs: 50, fanRounds: 2, statusReads: false, readSeconds: 5, readConcurrency: 20 };
+  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, durableFloor: true, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true, vsWorkflows: false, rounds: 2, pollN: 300, pollConcurrency: 100, pollMs: 100, countN: 30, workMs: 0, fanOut: false, fanItems: [10, 100, 1000], fanWorkMs: 50, fanRounds: 2, fanLineMax: 1000, statusReads: false, readSeconds: 5, readConcurrency: 20 };
   const given = new Set<string>();
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -156,6 +158,7 @@ export function parseArgs(argv: string[]): Options {
       case "--fan-items": o.fanItems = next().split(",").map((v) => Math.min(1000, Math.max(1, Math.floor(Number(v)) || 1))); break;
       case "--fan-work-ms": o.fanWorkMs = Math.min(10_000, num()); break;
       case "--fan-rounds": o.fanRounds = Math.max(1, num()); break;
+      case "--fan-line-max": o.fanLineMax = Math.max(0, num()); break;
       case "--help": case "-h":
         console.log(readFileSync(new URL(import.meta.url), "utf8").split("*/")[0]);
         return process.exit(0);
@@ -532,7 +535,7 @@ export class Bench {
   }
 }
 
-function cpuSnapshot(pids: Record<string, number>): Record<string, number> {
+export function cpuSnapshot(pids: Record<string, number>): Record<string, number> {
   const out: Record<string, number> = {};
   for (const [name, pid] of Object.entries(pids)) out[name] = cpuSecondsOf(pid);
   const u = process.cpuUsage();
@@ -541,7 +544,7 @@ function cpuSnapshot(pids: Record<string, number>): Record<string, number> {
   return out;
 }
 
-function cpuDelta(a: Record<string, number>, b: Record<string, number>): Record<string, number> {
+export function cpuDelta(a: Record<string, number>, b: Record<string, number>): Record<string, number> {
   const out: Record<string, number> = {};
   for (const k of Object.keys(b)) out[k] = Number((b[k] - a[k]).toFixed(2));
   // What other processes on the machine used meanwhile (a busy machine makes the figures noisy).
@@ -774,7 +777,7 @@ async function main(): Promise<number> {
       return 0;
     }
     if (opts.fanOut) {
-      const result = await runFanOut(b, opts, { items: opts.fanItems, workMs: opts.fanWorkMs, rounds: opts.fanRounds });
+      const result = await runFanOut(b, opts, { items: opts.fanItems, workMs: opts.fanWorkMs, rounds: opts.fanRounds, lineMax: opts.fanLineMax }, pids);
       const out = opts.jsonOut ?? path.join(path.dirname(new URL(import.meta.url).pathname), "results", `e2e-fan-out-${startedAt.toISOString().replace(/[:.]/g, "-")}.json`);
       mkdirSync(path.dirname(out), { recursive: true });
       writeFileSync(out, JSON.stringify({ ...result, started_at: startedAt.toISOString(), cores: os.cpus().length, loadavg: os.loadavg(), versions: versions(opts.tree) }, null, 2));

@@ -2,7 +2,7 @@ import { isOnWorker, isTerminalExecution, isTerminalStage } from "../stage-machi
 import { approvalTimedOut, awaitApproval } from "./control";
 import { DEFAULT_MAX_PARALLEL, itemSlots, readyStages } from "./graph";
 import * as step from "./steps";
-import { type Core, type StageRow, dependsOn, isFanOut } from "./store";
+import { type Core, type ItemKey, type StageRow, dependsOn, isFanOut } from "./store";
 import * as tx from "./transitions";
 
 /**
@@ -22,7 +22,7 @@ export interface Work {
 export const MAX_PLANS_PER_PASS = 100_000;
 const MAX_STEPS_PER_RUN = 50;
 
-const unitSignature = (st: StageRow) => `${st.status}#${st.attempt}#${st.reservation ?? ""}`;
+const unitSignature = (st: ItemKey) => `${st.status}#${st.attempt}#${st.reservation ?? ""}`;
 
 /** Before the template is loaded, the only work is loading it. */
 export function templateWork(c: Core): Work {
@@ -50,19 +50,23 @@ export function plan(c: Core): Work[] {
   const work: Work[] = [];
   const ready = new Set(readyStages(stages.map((s) => ({ ...s, depends_on: dependsOn(s) }))).map((s) => s.stage_id));
   const t = c.config.tuning;
-  let activeInExecution = c.store.activeItems();
+  // Items holding a slot, per fan-out stage (every item's parent is one of these stages).
+  const open = new Map(stages.filter(isFanOut).map((st) => [st.stage_id, c.store.openItems(st.stage_id)]));
+  let activeInExecution = [...open.values()].reduce((n, items) => n + items.length, 0);
   for (const st of stages) {
     if (isFanOut(st)) {
       if (st.status === "pending" && ready.has(st.stage_id)) work.push({ key: `expand:${st.stage_id}`, sig: st.status, run: () => step.expandFanOut(c, st) });
       if (st.status !== "processing") continue;
-      const counts = c.store.itemCounts().get(st.stage_id);
+      const running = open.get(st.stage_id) ?? [];
+      // An open item is not completed, so the counts are only needed when none is.
+      const counts = running.length === 0 ? c.store.itemCounts().get(st.stage_id) : undefined;
       if (counts && counts.completed === counts.total) {
         work.push({ key: `fan_in:${st.stage_id}`, sig: st.status, run: () => step.fanIn(c, st) });
         continue;
       }
-      const slots = itemSlots(st.max_parallel ?? DEFAULT_MAX_PARALLEL, c.store.activeItems(st.stage_id), activeInExecution, t.maxRunningItems);
+      const slots = itemSlots(st.max_parallel ?? DEFAULT_MAX_PARALLEL, running.length, activeInExecution, t.maxRunningItems);
       activeInExecution += slots;
-      for (const item of c.store.steppableItems(st.stage_id, slots)) work.push(unitWork(c, item));
+      for (const item of running.concat(c.store.freshItems(st.stage_id, slots))) work.push(unitWork(c, item));
       continue;
     }
     if (isTerminalStage(st.status) || (st.status === "pending" && !ready.has(st.stage_id))) continue;
@@ -71,7 +75,7 @@ export function plan(c: Core): Work[] {
   return work;
 }
 
-function unitWork(c: Core, st: StageRow): Work {
+function unitWork(c: Core, st: ItemKey): Work {
   return { key: st.stage_id, sig: unitSignature(st), run: () => runUnit(c, st.stage_id) };
 }
 

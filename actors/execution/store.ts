@@ -226,6 +226,9 @@ export interface StageRow {
   granted_at: number | null;
 }
 
+/** What a drive pass's plan reads of an item (plan.ts): which it is and where it stands. */
+export type ItemKey = Pick<StageRow, "stage_id" | "status" | "attempt" | "reservation" | "item_index">;
+
 /** A stage that runs as items (its own row holds no attempt, no reservation, no worker call). */
 export const isFanOut = (st: StageRow) => st.for_each !== null && st.parent === null;
 export const dependsOn = (st: StageRow): string[] => parse<string[]>(st.depends_on) ?? [];
@@ -284,22 +287,25 @@ export class Store {
     return this.#sql<{ one: number }>`SELECT 1 AS one FROM stages WHERE parent = ${parent} AND json_extract(output_ref, '$.key') = ${key} LIMIT 1`.length > 0;
   }
 
-  /** Items that have begun an attempt or wait to retry one (they hold a slot of max_parallel). */
-  activeItems(parent: string | null = null): number {
-    return this.#sql<{ n: number }>`SELECT COUNT(*) AS n FROM stages WHERE parent IS NOT NULL AND (${parent} IS NULL OR parent = ${parent})
-      AND (status IN ('waiting_resources', 'handshaking', 'processing') OR (status = 'pending' AND attempt > 0))`[0].n;
+  /**
+   * A fan-out stage's items that hold a slot of max_parallel (they have begun
+   * an attempt or wait to retry one), in item order, with only what a plan
+   * needs. Each half is a lookup on stages_by_parent (parent, status), so a
+   * drive pass's plan reads the open items, not every item of the stage: a
+   * scan per plan made a 1,000-item fan-out quadratic.
+   */
+  openItems(parent: string): ItemKey[] {
+    return this.#sql<ItemKey>`SELECT stage_id, status, attempt, reservation, item_index FROM stages
+      WHERE parent = ${parent} AND status IN ('waiting_resources', 'handshaking', 'processing')
+      UNION ALL SELECT stage_id, status, attempt, reservation, item_index FROM stages
+      WHERE parent = ${parent} AND status = 'pending' AND attempt > 0 ORDER BY item_index`;
   }
 
-  /**
-   * A fan-out stage's items a drive pass steps: those reserved or running,
-   * those waiting to retry (they keep their slot), and up to `fresh` that have
-   * not started yet, in item order.
-   */
-  steppableItems(parent: string, fresh: number): StageRow[] {
-    const open = this.#sql<StageRow>`SELECT * FROM stages WHERE parent = ${parent}
-      AND (status IN ('waiting_resources', 'handshaking', 'processing') OR (status = 'pending' AND attempt > 0)) ORDER BY item_index`;
-    if (fresh <= 0) return open;
-    return open.concat(this.#sql<StageRow>`SELECT * FROM stages WHERE parent = ${parent} AND status = 'pending' AND attempt = 0 ORDER BY item_index LIMIT ${fresh}`);
+  /** Up to `limit` items of a fan-out stage that have not started yet, in item order. */
+  freshItems(parent: string, limit: number): ItemKey[] {
+    if (limit <= 0) return [];
+    return this.#sql<ItemKey>`SELECT stage_id, status, attempt, reservation, item_index FROM stages
+      WHERE parent = ${parent} AND status = 'pending' AND attempt = 0 ORDER BY item_index LIMIT ${limit}`;
   }
 
   /**
