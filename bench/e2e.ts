@@ -879,6 +879,31 @@ async function main(): Promise<number> {
       { name: `workerd growth <= ${memoryBoundMib} MiB across the run after ${opts.settleMs} ms idle (judged at >= 10000)`, measured: `${mib(growth)} MiB over ${o.completed} executions`, met: opts.n >= 10_000 ? growth <= memoryBoundMib * MiB : null, by: `${(mib(growth - memoryBoundMib * MiB) ?? 0)} MiB over` },
       { name: "zero failed or stuck executions", measured: `${o.failed} failed, ${o.stuck} stuck${f ? `; floor ${f.failed}/${f.stuck}` : ""}${d ? `; durable floor ${d.failed}/${d.stuck}` : ""}`, met: o.failed === 0 && o.stuck === 0 && (!f || (f.failed === 0 && f.stuck === 0)) && (!d || (d.failed === 0 && d.stuck === 0)) },
     ];
+    // Issue 17's targets against the durable floor (2, 5, 6, 7), each a ratio in this run.
+    const late = orch.records.filter((r) => r.error?.startsWith("execute:") && r.error.includes("no answer within")).length;
+    const dGrowth = durableFloor && durableFloor.rssMib.start !== null && durableFloor.rssMib.end !== null ? durableFloor.rssMib.end - durableFloor.rssMib.start : null;
+    const oGrowth = orch.rssMib.start !== null && orch.rssMib.end !== null ? orch.rssMib.end - orch.rssMib.start : null;
+    const x = (a: number, b: number) => Number((a / b).toFixed(2));
+    const vsDurable = d
+      ? {
+          throughput: x(o.throughput_per_s, d.throughput_per_s),
+          runtime_cpu_per_execution: x(o.cpu_ms_per_execution.workerd_runtime, d.cpu_ms_per_execution.workerd_runtime),
+          overhead_per_stage_p50: x(o.overhead_per_stage_ms.p50, d.overhead_per_stage_ms.p50),
+          overhead_per_stage_p99: x(o.overhead_per_stage_ms.p99, d.overhead_per_stage_ms.p99),
+          // Each phase's RSS end - start; the durable floor runs first, on the heap the floor grew.
+          memory_growth_mib: { orchestrated: oGrowth, durable_floor: dGrowth, ratio: oGrowth !== null && dGrowth ? x(oGrowth, dGrowth) : null },
+        }
+      : null;
+    if (vsDurable) {
+      targets.push(
+        { name: "issue 17 (2): throughput >= 0.6x the durable floor's", measured: `${vsDurable.throughput}x`, met: vsDurable.throughput >= 0.6, by: `${(0.6 - vsDurable.throughput).toFixed(2)} short` },
+        { name: "issue 17 (2): runtime CPU per execution <= 1.7x the durable floor's", measured: `${vsDurable.runtime_cpu_per_execution}x (${o.cpu_ms_per_execution.workerd_runtime} / ${d!.cpu_ms_per_execution.workerd_runtime} ms)`, met: vsDurable.runtime_cpu_per_execution <= 1.7, by: `${(vsDurable.runtime_cpu_per_execution - 1.7).toFixed(2)} over` },
+        { name: "issue 17 (5): overhead per stage p50 <= 1.5x the durable floor's (judged at 1 in flight)", measured: `${vsDurable.overhead_per_stage_p50}x (${o.overhead_per_stage_ms.p50} / ${d!.overhead_per_stage_ms.p50} ms)`, met: opts.concurrency === 1 ? vsDurable.overhead_per_stage_p50 <= 1.5 : null, by: `${(vsDurable.overhead_per_stage_p50 - 1.5).toFixed(2)} over` },
+        { name: "issue 17 (5): overhead per stage p99 <= 3x the durable floor's (judged at 1 in flight)", measured: `${vsDurable.overhead_per_stage_p99}x (${o.overhead_per_stage_ms.p99} / ${d!.overhead_per_stage_ms.p99} ms)`, met: opts.concurrency === 1 ? vsDurable.overhead_per_stage_p99 <= 3 : null, by: `${(vsDurable.overhead_per_stage_p99 - 3).toFixed(2)} over` },
+        { name: "issue 17 (7): runtime memory growth <= 1.2x the durable floor's over the same executions (judged at >= 10000)", measured: `${vsDurable.memory_growth_mib.ratio}x (${mib(oGrowth)} / ${mib(dGrowth)} MiB)`, met: opts.n >= 10_000 && vsDurable.memory_growth_mib.ratio !== null ? vsDurable.memory_growth_mib.ratio <= 1.2 : null, by: `${((vsDurable.memory_growth_mib.ratio ?? 0) - 1.2).toFixed(2)} over` },
+      );
+    }
+    targets.push({ name: `issue 17 (6): zero failed, zero late (POST unanswered in 30 s) at 200 in flight`, measured: `${o.failed} failed (${late} late), ${o.stuck} stuck at ${opts.concurrency} in flight`, met: opts.concurrency >= 200 ? o.failed === 0 && o.stuck === 0 : null, by: `${o.failed + o.stuck} executions` });
     const result = {
       bench: "e2e",
       date: startedAt.toISOString(),
@@ -901,6 +926,9 @@ async function main(): Promise<number> {
       durable_floor: d,
       ratio,
       ratio_durable_floor: ratioDurable,
+      vs_durable_floor: vsDurable,
+      late_posts: late,
+      loadavg: os.loadavg(),
       memory,
       ledger_after: ledger,
       bench_worker_after: leftovers?.sizes ?? null,
