@@ -74,7 +74,10 @@ export function itemProfile(t: ExecTimings | null | undefined, serial: boolean):
   events.sort((a, b) => a[0] - b[0] || a[1] - b[1]);
   let cur = 0;
   let max = 0;
-  for (const [, d] of events) max = Math.max(max, (cur += d));
+  for (const [, d] of events) {
+    cur += d;
+    max = Math.max(max, cur);
+  }
   const hs = items.map((s) => s.hs).sort((a, b) => a - b);
   const span = Math.max(1, Math.max(...items.map((s) => s.ca!)) - hs[0]);
   const busy = items.reduce((sum, s) => sum + (s.cs! - s.pr!), 0);
