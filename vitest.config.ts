@@ -3,7 +3,7 @@ import { readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { cloudflareTest } from "@cloudflare/vitest-plugin";
 import { defineConfig } from "vitest/config";
-import { TEST_API_KEYS, TEST_PREVIOUS_SECRETS, TEST_PREVIOUS_WORKER_SECRET, TEST_SECRETS, TEST_TUNING, TEST_WORKER_SECRETS } from "./test/support/constants.ts";
+import { TEST_API_KEYS, TEST_PREVIOUS_SECRETS, TEST_PREVIOUS_WORKER_SECRET, TEST_SECRETS, TEST_SHARDS, TEST_TUNING, TEST_WORKER_SECRETS } from "./test/support/constants.ts";
 
 const compatibilityDate = "2026-11-01";
 
@@ -143,12 +143,27 @@ function orchestratorUnderTest(
 }
 
 /**
- * Four projects:
+ * The `workers` files that go through the ledger, run again by `shards` with 4
+ * ledger shards: the ledger's own tests (object level, on fresh objects) and
+ * the tests that run executions through reserve, settle, release and slots.
+ */
+const SHARDED_AGAIN = [
+  "test/workers/ledger*.test.ts",
+  "test/workers/end-to-end.test.ts",
+  "test/workers/costs.test.ts",
+  "test/workers/metrics.test.ts",
+  "test/workers/faults.test.ts",
+];
+
+/**
+ * Five projects:
  * - `workers`: tests that run inside workerd next to the orchestrator's real
  *   Durable Objects, with the demo stand-ins as auxiliary workers behind the
  *   real service bindings (built by test/support/global-setup.ts, since
  *   auxiliary workers take a built script, not a wrangler config);
- * - `ledger-faults`: the same, with the ledger behind an object that stalls,
+ * - `shards`: the ledger tests and those running executions through the
+ *   ledger again, with the ledger sharded over 4 objects, plus test/shards/;
+ * - `ledger-faults`: as `workers`, with the ledger behind an object that stalls,
  *   fails or loses answers for real (test/support/faulty-ledger), and the
  *   stage-data stores behind entrypoints that stall or fail calls
  *   (test/support/faulty-store);
@@ -170,6 +185,25 @@ export default defineConfig({
         test: {
           name: "workers",
           include: ["test/workers/**/*.test.ts"],
+          globalSetup: ["./test/support/global-setup.ts"],
+          testTimeout: 30_000,
+        },
+      },
+      {
+        // The ledger sharded over 4 objects (ledger-0..3), with a map that makes
+        // multi-shard stages the common case for the demo templates: the worker
+        // pools on shard 0, `tokens:*` on shard 1, `gate:*` on shard 2, every
+        // other pool by the hash of its name and a client's own state by its id.
+        // A course_creation stage then holds parts on two or three shards.
+        // It runs the ledger and end-to-end tests of `workers` again (the same
+        // files: with 1 shard there, with 4 here) plus test/shards/ (docs/scaling.md, "Tests").
+        plugins: [orchestratorUnderTest("shards", { bindings: TEST_SHARDS })],
+        test: {
+          name: "shards",
+          include: [...SHARDED_AGAIN, "test/shards/**/*.test.ts"],
+          // ledger-routing: pure functions of the layout, nothing a second run adds. ledger-pacing (and
+          // clients-http, execution-slots, pause-resume) join once every ledger call is routed.
+          exclude: ["test/workers/ledger-routing.test.ts", "test/workers/ledger-pacing.test.ts"],
           globalSetup: ["./test/support/global-setup.ts"],
           testTimeout: 30_000,
         },

@@ -2,6 +2,7 @@ import { env, exports } from "cloudflare:workers";
 import { runInDurableObject } from "cloudflare:test";
 import type { StatusDocument } from "../../schemas/api";
 import { type TokenClaims, issueToken } from "../../src/auth";
+import { everyShard } from "../../src/ledger-routing";
 import { TEST_SECRETS } from "./constants";
 
 /** Test helpers that talk to the orchestrator the way KAM and operators do: over its fetch handler. */
@@ -80,18 +81,21 @@ export async function waitForLedger(done: (s: Snapshot) => boolean, timeoutMs = 
 /**
  * No leaked capacity: every reservation the execution was ever given has been
  * settled, released or has expired in the ledger (releases travel through the
- * execution's outbox, so this waits for them with a deadline).
+ * execution's outbox, so this waits for them with a deadline). Each id is asked
+ * of every ledger shard, so a part left on any shard counts.
  */
 export async function expectNoLiveReservations(id: string, timeoutMs = 10_000): Promise<number> {
   const stub = executionStub(id);
-  const ledger = env.RESOURCE_LEDGER.get(env.RESOURCE_LEDGER.idFromName("global"));
+  const shards = everyShard(env);
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const ids = await stub.reservationIds();
-    const states = await Promise.all(ids.map((r) => ledger.status(r.reservation_id)));
+    const states = await Promise.all(
+      ids.flatMap((r) => shards.map(async ({ name, stub: ledger }) => ({ shard: name, ...(await ledger.status(r.reservation_id)) }))),
+    );
     const live = states.filter((s) => s.state === "waiting" || s.state === "granted");
     if (live.length === 0) return ids.length;
-    if (Date.now() > deadline) throw new Error(`live reservations remain for ${id}: ${JSON.stringify(states)}`);
+    if (Date.now() > deadline) throw new Error(`live reservations remain for ${id}: ${JSON.stringify(live)}`);
     await scheduler.wait(25);
   }
 }

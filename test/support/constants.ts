@@ -65,3 +65,14 @@ export const TEST_API_KEYS = {
   /** An operator key scoped to one client. */
   opsAlpha: { key: "test-api-key-ops-alpha-0123456789abcdef", name: "ops-alpha", role: "ops", clients: ["client_alpha"] },
 } as const;
+
+/**
+ * The `shards` project's ledger layout (vitest.config.ts): 4 ledger objects;
+ * the worker pools on shard 0, `tokens:*` on 1, `gate:*` on 2, other pools by
+ * the hash of their name, a client's own state by its id. So most demo stages
+ * hold parts on two or three shards (docs/scaling.md, "Tests").
+ */
+export const TEST_SHARDS = {
+  LEDGER_SHARDS: "4",
+  LEDGER_SHARD_MAP: JSON.stringify({ "worker:*": 0, "tokens:*": 1, "gate:*": 2 }),
+};

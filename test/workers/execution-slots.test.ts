@@ -2,6 +2,7 @@ import { env } from "cloudflare:workers";
 import { runInDurableObject } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
 import type { StatusDocument } from "../../schemas/api";
+import { ledgerForClient } from "../../src/ledger-routing";
 import { JSON_HEADERS, KAM, OPS, call, ended, startExecution, status, waitFor } from "../support/api";
 
 /**
@@ -31,7 +32,7 @@ async function quick(client: string): Promise<string> {
 const queuedForSlot = (d: StatusDocument) => d.status === "queued" && d.waiting_on?.reason === "client_quota" && d.stages.length > 0;
 
 async function slotRows(client: string): Promise<{ execution_id: string; state: string }[]> {
-  const ledger = env.RESOURCE_LEDGER.get(env.RESOURCE_LEDGER.idFromName("global"));
+  const ledger = ledgerForClient(env, client);
   return runInDurableObject(ledger, (_i, st) =>
     st.storage.sql.exec<{ execution_id: string; state: string }>("SELECT execution_id, state FROM client_slots WHERE client_id = ? ORDER BY seq", client).toArray(),
   );

@@ -1,6 +1,7 @@
 import { runDurableObjectAlarm } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
+import { ledgerFor } from "../../src/ledger-routing";
 import { JSON_HEADERS, KAM, OPS, call, ended, executionStub, rpcThrough, startExecution, status, waitFor, waitForLedger } from "../support/api";
 import { received, waitForEvents } from "../support/kam-events";
 
@@ -95,7 +96,7 @@ describe("pause and resume", () => {
     expect(doc.stages[0]).toMatchObject({ status: "pending", attempts: 1, max_attempts: 2 });
     // The reservation is released (through the outbox): the ledger's queue for the gate is empty.
     await waitForLedger((s) => s.pools.find((p) => p.name === "gate:control")?.waiting === 0);
-    const ledger = env.RESOURCE_LEDGER.get(env.RESOURCE_LEDGER.idFromName("global"));
+    const ledger = ledgerFor(env, "gate:control");
     expect((await ledger.status(waiting.reservation_id)).state).toBe("released");
 
     // A's slot frees up while B is paused: B does not take it.
