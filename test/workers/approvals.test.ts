@@ -1,8 +1,7 @@
-import { runDurableObjectAlarm } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
 import type { StatusDocument } from "../../schemas/api";
 import { parseTemplate } from "../../src/template-source";
-import { JSON_HEADERS, KAM, OPS, call, ended, executionStub, rpcThrough, startExecution, status, waitFor } from "../support/api";
+import { call, ended, executionStub, fireAlarm, JSON_HEADERS, KAM, OPS, rpcThrough, startExecution, status, waitFor } from "../support/api";
 import { waitForEvents } from "../support/kam-events";
 
 const decide = (id: string, stage: string, action: string, body: unknown, headers: Record<string, string> = OPS) =>
@@ -119,7 +118,7 @@ describe("approval stages", () => {
     ]);
     expect(doc.stages[1].decision).toMatchObject({ approved: true, by: "ops", comment: null });
     // A drive pass (the alarm) after the decision finds stage 3 ready and does not start it while paused.
-    await runDurableObjectAlarm(executionStub(id));
+    await fireAlarm(id);
     const still = await status(id);
     expect(still.status).toBe("paused");
     expect(still.stages[2]).toMatchObject({ status: "pending", attempts: 0 });

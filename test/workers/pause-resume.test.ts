@@ -1,8 +1,7 @@
-import { runDurableObjectAlarm } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import { ledgerFor } from "../../src/ledger-routing";
-import { JSON_HEADERS, KAM, OPS, call, ended, executionStub, rpcThrough, startExecution, status, waitFor, waitForLedger } from "../support/api";
+import { call, ended, executionStub, fireAlarm, JSON_HEADERS, KAM, OPS, rpcThrough, startExecution, status, waitFor, waitForLedger } from "../support/api";
 import { received, waitForEvents } from "../support/kam-events";
 
 const post = (path: string, headers: Record<string, string> = OPS) => call(path, { method: "POST", headers });
@@ -33,7 +32,7 @@ describe("pause and resume", () => {
     const done1 = await waitFor(id, (d) => d.stages[0].status === "completed");
     expect(done1.status).toBe("paused");
     // A drive pass (the alarm) finds stage 2 ready and does not start it: no attempt, no reservation.
-    await runDurableObjectAlarm(executionStub(id));
+    await fireAlarm(id);
     const still = await status(id);
     expect(still.status).toBe("paused");
     expect(still.stages.map((s) => [s.status, s.attempts])).toEqual([
@@ -102,7 +101,7 @@ describe("pause and resume", () => {
     // A's slot frees up while B is paused: B does not take it.
     await post(`/executions/${a.body.execution_id}/cancel`);
     await waitForLedger((s) => s.pools.find((p) => p.name === "gate:control")?.in_use === 0);
-    await runDurableObjectAlarm(executionStub(id));
+    await fireAlarm(id);
     expect((await status(id)).stages[0]).toMatchObject({ status: "pending", attempts: 1 });
     expect(await executionStub(id).reservationIds()).toHaveLength(1);
 
@@ -130,7 +129,7 @@ describe("pause and resume", () => {
     const counts = quiet.stages[1].items!;
     expect(counts.pending).toBeGreaterThanOrEqual(1);
     expect(counts.completed + counts.pending).toBe(8);
-    await runDurableObjectAlarm(executionStub(id));
+    await fireAlarm(id);
     const still = await status(id);
     expect(still.status).toBe("paused");
     expect(still.stages[1].items).toEqual(counts);
@@ -168,7 +167,7 @@ describe("pause and resume", () => {
     expect(timedOut.status).toBe("paused");
     expect(timedOut.stages[0]).toMatchObject({ status: "pending", attempts: 1, last_error: { code: "stage_timeout", attempt: 1 } });
     // Its retry is due, and a drive pass while paused does not start it.
-    await runDurableObjectAlarm(executionStub(id));
+    await fireAlarm(id);
     expect((await status(id)).stages[0]).toMatchObject({ status: "pending", attempts: 1 });
     expect((await executionStub(id).reservationIds()).map((r) => r.attempt)).toEqual([1]);
 
@@ -198,7 +197,7 @@ describe("pause and resume", () => {
     const created = Date.parse(done.created_at);
     expect(Date.parse(done.stages[0].completed_at!) - created).toBeGreaterThan(DEADLINE_MS);
     // The execution's own timer (armed for the deadline) has fired by now: a drive pass while paused fails nothing.
-    await runDurableObjectAlarm(executionStub(id));
+    await fireAlarm(id);
     expect((await status(id)).status).toBe("paused");
 
     expect((await post(`/executions/${id}/resume`)).status).toBe(200);

@@ -1,15 +1,14 @@
-import { runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
+import { runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import type { StatusDocument } from "../../schemas/api";
-import { JSON_HEADERS, KAM, OPS, call, ended, executionStub, rpcThrough, startExecution, status, waitFor } from "../support/api";
+import { call, ended, executionStub, fireAlarm, JSON_HEADERS, KAM, OPS, rpcThrough, startExecution, status, waitFor } from "../support/api";
 import { waitForEvents } from "../support/kam-events";
 
 /** Makes the execution's retention due and fires its alarm (as retention.test.ts does). */
 async function expire(id: string): Promise<void> {
-  const stub = executionStub(id);
-  await runInDurableObject(stub, (_i, state) => state.storage.sql.exec("UPDATE timers SET due_at = 0 WHERE name = 'retention'"));
-  await runDurableObjectAlarm(stub);
+  await runInDurableObject(executionStub(id), (_i, state) => state.storage.sql.exec("UPDATE timers SET due_at = 0 WHERE name = 'retention'"));
+  await fireAlarm(id);
 }
 
 const rerun = (id: string, body: unknown, headers: Record<string, string> = KAM) =>
