@@ -50,6 +50,7 @@
  *   --rounds R (2: each round runs both systems on both workloads, the order
  *   swapped every round) --count-n K (30 executions per system counted for the
  *   billed units)
+ *   --fsyncs: count the runtime's fsyncs by file (strace) during the orchestrated phase
  */
 import { execFileSync } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
@@ -59,6 +60,7 @@ import { performance } from "node:perf_hooks";
 import { type BenchSession, BENCH_BINDING, startBenchSession, workerdProcesses } from "./lib/e2e-session";
 import { KeepAliveClient } from "./lib/http-keepalive";
 import { mulberry32, weighted } from "./lib/mulberry32";
+import { FsyncCounter } from "./lib/fsyncs";
 import { cpuSecondsOf, descendants, machineBusySeconds, memoryOf, openFds, RssSampler } from "./lib/proc-stats";
 import { type Summary, summarize } from "./lib/quantiles";
 import { runFanOut } from "./fan-out";
@@ -110,10 +112,12 @@ export interface Options {
   statusReads: boolean;
   readSeconds: number;
   readConcurrency: number;
+  /** --fsyncs: count the runtime's fsyncs by file during the orchestrated phase (bench/lib/fsyncs.ts). */
+  fsyncs: boolean;
 }
 
 export function parseArgs(argv: string[]): Options {
-  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, durableFloor: true, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true, vsWorkflows: false, rounds: 2, pollN: 300, pollConcurrency: 100, pollMs: 100, countN: 30, workMs: 0, fanOut: false, fanItems: [10, 100, 1000], fanWorkMs: 50, fanRounds: 2, fanLineMax: 1000, statusReads: false, readSeconds: 5, readConcurrency: 20 };
+  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, durableFloor: true, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true, vsWorkflows: false, rounds: 2, pollN: 300, pollConcurrency: 100, pollMs: 100, countN: 30, workMs: 0, fanOut: false, fanItems: [10, 100, 1000], fanWorkMs: 50, fanRounds: 2, fanLineMax: 1000, statusReads: false, readSeconds: 5, readConcurrency: 20, fsyncs: false };
   const given = new Set<string>();
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -153,6 +157,7 @@ export function parseArgs(argv: string[]): Options {
       case "--work-ms": o.workMs = Math.min(60_000, num()); break;
       case "--fan-out": o.fanOut = true; break;
       case "--status-reads": o.statusReads = true; break;
+      case "--fsyncs": o.fsyncs = true; break;
       case "--read-seconds": o.readSeconds = Math.max(1, num()); break;
       case "--read-concurrency": o.readConcurrency = Math.max(1, num()); break;
       case "--fan-items": o.fanItems = next().split(",").map((v) => Math.min(1000, Math.max(1, Math.floor(Number(v)) || 1))); break;
@@ -817,9 +822,15 @@ async function main(): Promise<number> {
     const fdsBefore = openFds(procs.runtime);
     const checkpoints: { completed: number; rss_mib: number | null; fds: number | null }[] = [{ completed: 0, rss_mib: mib(before), fds: fdsBefore }];
     const every = Math.max(1, Math.floor(opts.n / 10));
+    const fsyncCounter = opts.fsyncs ? new FsyncCounter() : null;
+    await fsyncCounter?.start(procs.runtime);
     const orch = await b.phase("orchestrated", items, opts.concurrency, (it) => b.orchestrated(it), pids, (done) => {
       if (done % every === 0) checkpoints.push({ completed: done, rss_mib: mib(memoryOf(procs.runtime!)?.rss), fds: openFds(procs.runtime!) });
     });
+    // The background deliveries (index, last settle) trail the last execution by a few ms.
+    if (fsyncCounter) await sleep(3000);
+    const fsyncs = fsyncCounter ? await fsyncCounter.stop(orch.n) : null;
+    if (fsyncs) console.error(`fsyncs per execution: ${JSON.stringify(fsyncs.per_execution)}; one Execution's commits, median: ${fsyncs.execution_commits_median}`);
     orch.worker = await b.workerStats(true);
     const end = sampler.sample()[procs.runtime];
     const peak = sampler.peak(procs.runtime, orchStart);
@@ -931,6 +942,7 @@ async function main(): Promise<number> {
       loadavg: os.loadavg(),
       memory,
       ledger_after: ledger,
+      ...(fsyncs ? { fsyncs } : {}),
       bench_worker_after: leftovers?.sizes ?? null,
       targets,
       total_s: Number(((performance.now() - t0) / 1000).toFixed(1)),

@@ -257,7 +257,7 @@ async function unitsFromTraces(b: Bench, system: System, per: number, executions
       `SELECT substr(replace(replace(trim(${attr("db.query.text")}), char(10), ' '), '  ', ' '), 1, 120), count(*),
               coalesce(sum(${attr("cloudflare.durable_object.response.rows_written")}), 0), coalesce(sum(${attr("cloudflare.durable_object.response.rows_read")}), 0)
          FROM spans WHERE service IN (${inList(services)}) AND name = 'durable_object_storage_exec' AND ${attr("db.query.text")} NOT LIKE '%${DO_NAME_TABLE}%'
-        GROUP BY 1 ORDER BY 3 DESC, 2 DESC LIMIT 20`,
+        GROUP BY 1 ORDER BY 3 DESC, 2 DESC LIMIT 60`,
     )) as [string, number, number, number][];
     const r3 = (v: number) => Number((v / executions).toFixed(3));
     u.top_writes = top.map(([statement, calls, w, r]) => ({ statement, calls: r3(calls), rows_written: r3(w), rows_read: r3(r) }));
