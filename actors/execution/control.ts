@@ -22,12 +22,15 @@ const CONTROL_COLUMNS = [
 /** Stage columns added by approval stages. */
 const STAGE_COLUMNS = ["kind TEXT", "decision TEXT", "reused_from TEXT"];
 
+/** The reruns of this execution (rerun.ts). */
+export const RERUNS_SCHEMA = "CREATE TABLE IF NOT EXISTS reruns (execution_id TEXT PRIMARY KEY, created_at INTEGER NOT NULL) WITHOUT ROWID;";
+
 export function migrateControl(storage: DurableObjectStorage): void {
   const add = (table: string, cols: string[]) => {
     const have = new Set(storage.sql.exec(`PRAGMA table_info(${table})`).toArray().map((r) => String(r.name)));
     for (const col of cols) if (!have.has(col.split(" ")[0])) storage.sql.exec(`ALTER TABLE ${table} ADD COLUMN ${col}`);
   };
-  storage.sql.exec("CREATE TABLE IF NOT EXISTS reruns (execution_id TEXT PRIMARY KEY, created_at INTEGER NOT NULL)");
+  storage.sql.exec(RERUNS_SCHEMA);
   add("execution", CONTROL_COLUMNS);
   add("stages", STAGE_COLUMNS);
 }

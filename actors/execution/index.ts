@@ -9,16 +9,15 @@ import { emit } from "../../src/metrics";
 import { sqlOf } from "../sql";
 import { isTerminalExecution } from "../stage-machine";
 import { type CallbackAnswer, type CallbackKind, type UploadCheck, applyCallback, registerUpload, uploadCheck } from "./callbacks";
-import { type Decision, decideApproval, executionDeadlineAt, migrateControl, pauseExecution, resumeExecution } from "./control";
+import { type Decision, decideApproval, executionDeadlineAt, pauseExecution, resumeExecution } from "./control";
 import { stageDocument, startSummary } from "./documents";
 import { spansDocument } from "./spans";
 import { applyGrant } from "./grant";
-import { LIVE_TICKETS_SCHEMA, Live } from "./live";
-import { EVENTS_SCHEMA, Notifier } from "./notify";
+import { Live } from "./live";
+import { Notifier } from "./notify";
 import { Outbox } from "./outbox";
 import { MAX_PLANS_PER_PASS, plan, signature, slotWork, templateWork } from "./plan";
 import {
-  HOLDS_SCHEMA,
   type RerunSourceState,
   createFromSnapshot,
   heldOwners,
@@ -32,7 +31,8 @@ import {
 import type { CancelState, DecideState, InputRead, ItemsState, PauseState, ResultState, ResumeState, SpansState, StartInput, StartResult, StatusRead, StatusReadQuery } from "./rpc-types";
 import { StatusCache, buildStatus, watchWrites } from "./status-cache";
 import * as step from "./steps";
-import { type Core, type ExecutionRow, SCHEMA, Store, isFanOut, migrate, parse } from "./store";
+import { createTables } from "./schema";
+import { type Core, type ExecutionRow, Store, isFanOut, parse } from "./store";
 import { Timers, WATCHDOG_MS } from "./timers";
 import * as tx from "./transitions";
 
@@ -103,11 +103,7 @@ export class Execution extends DurableObject<Env> {
     this.#c = { ...base, notifier, outbox: new Outbox({ ...base, notifier }) };
     setLogLevel(env);
     ctx.blockConcurrencyWhile(async () => {
-      ctx.storage.sql.exec(SCHEMA + EVENTS_SCHEMA);
-      migrateControl(ctx.storage);
-      ctx.storage.sql.exec(HOLDS_SCHEMA);
-      ctx.storage.sql.exec(LIVE_TICKETS_SCHEMA);
-      migrate(ctx.storage);
+      createTables(ctx.storage);
       this.#status.load();
       this.#timers.known(await ctx.storage.getAlarm());
     });

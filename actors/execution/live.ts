@@ -12,7 +12,7 @@ import type { ExecutionRow, Store } from "./store";
  * transition moved. A ticket opens one socket: its nonce is kept in
  * `live_tickets` until the ticket expires, and a second use is refused.
  */
-export const LIVE_TICKETS_SCHEMA = "CREATE TABLE IF NOT EXISTS live_tickets (nonce TEXT PRIMARY KEY, expires_at INTEGER NOT NULL)";
+export const LIVE_TICKETS_SCHEMA = "CREATE TABLE IF NOT EXISTS live_tickets (nonce TEXT PRIMARY KEY, expires_at INTEGER NOT NULL) WITHOUT ROWID;";
 
 const TICKET_USE = /^([A-Za-z0-9_-]{22})\.(\d{1,15})$/;
 

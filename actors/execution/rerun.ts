@@ -181,7 +181,7 @@ export function rerunsOf(c: Core): string[] {
  * before the rerun exists; the original's retention then waits until every
  * holder has released (each does when its own data expires, through its outbox).
  */
-export const HOLDS_SCHEMA = "CREATE TABLE IF NOT EXISTS data_holds (holder TEXT PRIMARY KEY, created_at INTEGER NOT NULL)";
+export const HOLDS_SCHEMA = "CREATE TABLE IF NOT EXISTS data_holds (holder TEXT PRIMARY KEY, created_at INTEGER NOT NULL) WITHOUT ROWID;";
 
 /** The executions owning the stored outputs a rerun takes over (their keys name them). */
 export function dataOwners(source: RerunSource, self?: string): string[] {

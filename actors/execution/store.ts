@@ -9,7 +9,19 @@ import type { Notifier } from "./notify";
 import type { Outbox } from "./outbox";
 import type { Timers } from "./timers";
 
-/** The execution's own SQLite: one `execution` row, its stages, and the bookkeeping around them. */
+/**
+ * The execution's own SQLite: one `execution` row, its stages, and the bookkeeping around them.
+ * A new object creates its tables at the latest version (every column the
+ * migrations below add to an older object's; schema.ts), so it runs
+ * no ALTER TABLE: each costs a row written and a reparse of the schema. Tables
+ * whose only index is their primary key are WITHOUT ROWID (one b-tree, so a
+ * row inserted or deleted is one row written, not two); an older object keeps
+ * the rowid tables it has, which answer the same SQL. A new object's outbox
+ * ids are not AUTOINCREMENT (no `sqlite_sequence` row per message): an id is
+ * reused only after its row was deleted, and nothing refers to a deleted row
+ * (the outbox forgets a delivered id when it deletes the row).
+ */
+export const TIMERS_TABLE = "CREATE TABLE IF NOT EXISTS timers (name TEXT NOT NULL, unit TEXT NOT NULL DEFAULT '', due_at INTEGER NOT NULL, PRIMARY KEY (name, unit)) WITHOUT ROWID;";
 export const SCHEMA = `
 CREATE TABLE IF NOT EXISTS execution (
   id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -19,7 +31,10 @@ CREATE TABLE IF NOT EXISTS execution (
   estimated_completion_at INTEGER, template_id TEXT, template_source TEXT,
   template_attempts INTEGER NOT NULL DEFAULT 0, error TEXT, cost TEXT, output TEXT, output_ref TEXT,
   alarm_failures INTEGER NOT NULL DEFAULT 0, data_expired_at INTEGER, index_version INTEGER NOT NULL DEFAULT 0,
-  deadline_at INTEGER, status_version INTEGER NOT NULL DEFAULT 0, status_hash TEXT
+  deadline_at INTEGER, status_version INTEGER NOT NULL DEFAULT 0, status_hash TEXT,
+  slot TEXT, slot_wait TEXT, slot_failures INTEGER NOT NULL DEFAULT 0,
+  notify INTEGER NOT NULL DEFAULT 0, paused_from TEXT, paused_at INTEGER, paused_ms INTEGER NOT NULL DEFAULT 0,
+  rerun_of TEXT, retention_waiting INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS stages (
   stage_id TEXT PRIMARY KEY, ord INTEGER NOT NULL UNIQUE, worker TEXT NOT NULL,
@@ -33,16 +48,17 @@ CREATE TABLE IF NOT EXISTS stages (
   usage TEXT, output TEXT, output_ref TEXT, complete_hash TEXT,
   depends_on TEXT, for_each TEXT, max_parallel INTEGER, items_total INTEGER,
   parent TEXT, item_index INTEGER, item TEXT,
-  queue_timeout_ms INTEGER, ledger_failures INTEGER NOT NULL DEFAULT 0, attempt_at INTEGER, granted_at INTEGER
+  queue_timeout_ms INTEGER, ledger_failures INTEGER NOT NULL DEFAULT 0, attempt_at INTEGER, granted_at INTEGER,
+  waiting_on TEXT, kind TEXT, decision TEXT, reused_from TEXT
 );
 CREATE TABLE IF NOT EXISTS reservations (
   reservation_id TEXT PRIMARY KEY, stage_id TEXT NOT NULL, attempt INTEGER NOT NULL, created_at INTEGER NOT NULL
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS data_objects (
   key TEXT PRIMARY KEY, kind TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL,
   content_type TEXT NOT NULL, stage_id TEXT NOT NULL, attempt INTEGER NOT NULL, created_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS timers (name TEXT NOT NULL, unit TEXT NOT NULL DEFAULT '', due_at INTEGER NOT NULL, PRIMARY KEY (name, unit));
+) WITHOUT ROWID;
+${TIMERS_TABLE}
 CREATE TABLE IF NOT EXISTS trace (
   id INTEGER PRIMARY KEY CHECK (id = 1), trace_id TEXT NOT NULL, span_id TEXT NOT NULL, parent_span_id TEXT,
   flags INTEGER NOT NULL, tracestate TEXT
@@ -52,13 +68,19 @@ CREATE TABLE IF NOT EXISTS spans (
   queued_at INTEGER NOT NULL, granted_at INTEGER, processing_at INTEGER, ended_at INTEGER NOT NULL,
   outcome TEXT NOT NULL, tokens REAL NOT NULL DEFAULT 0,
   PRIMARY KEY (stage_id, attempt)
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outbox (
-  id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, payload TEXT NOT NULL,
+  id INTEGER PRIMARY KEY, kind TEXT NOT NULL, payload TEXT NOT NULL,
   attempts INTEGER NOT NULL DEFAULT 0, next_at INTEGER NOT NULL,
   created_at INTEGER, undeliverable_at INTEGER, last_error TEXT, listed INTEGER NOT NULL DEFAULT 0
 );
 `;
+
+/**
+ * The items of fan-out stages by stage (only items are in it: a stage's own
+ * status changes write no index row).
+ */
+export const STAGES_BY_PARENT = "CREATE INDEX IF NOT EXISTS stages_by_parent ON stages (parent, status, item_index) WHERE parent IS NOT NULL;";
 
 /** An item's `ord`: after its stage's, unique (items per stage stay below this). */
 export const ITEM_ORD_STRIDE = 100_000;
@@ -101,10 +123,10 @@ export function migrate(storage: DurableObjectStorage): void {
   }
   // Why a stage waits for resources (the ledger's waitingOn), for the status document.
   if (!stageColumns.has("waiting_on")) storage.sql.exec("ALTER TABLE stages ADD COLUMN waiting_on TEXT");
-  storage.sql.exec("CREATE INDEX IF NOT EXISTS stages_by_parent ON stages (parent, status, item_index)");
+  storage.sql.exec(STAGES_BY_PARENT);
   if (!columns("timers").has("unit")) {
     storage.sql.exec(`ALTER TABLE timers RENAME TO timers_v1;
-      CREATE TABLE timers (name TEXT NOT NULL, unit TEXT NOT NULL DEFAULT '', due_at INTEGER NOT NULL, PRIMARY KEY (name, unit));
+      ${TIMERS_TABLE}
       INSERT INTO timers (name, unit, due_at) SELECT name,
         CASE WHEN name IN ('poll', 'deadline', 'lease', 'reask', 'retry')
           THEN COALESCE((SELECT stage_id FROM stages WHERE status != 'completed' ORDER BY ord LIMIT 1), '') ELSE '' END, due_at

@@ -1,0 +1,27 @@
+import { RERUNS_SCHEMA, migrateControl } from "./control";
+import { LIVE_TICKETS_SCHEMA } from "./live";
+import { EVENTS_SCHEMA } from "./notify";
+import { HOLDS_SCHEMA } from "./rerun";
+import { SCHEMA, STAGES_BY_PARENT, migrate } from "./store";
+
+/** Every table of an Execution (store.ts and the modules that own one), each created if missing. */
+const TABLES = SCHEMA + EVENTS_SCHEMA + RERUNS_SCHEMA + HOLDS_SCHEMA + LIVE_TICKETS_SCHEMA;
+/** A new object's schema: the tables at the latest version and their index. */
+export const LATEST_SCHEMA = TABLES + STAGES_BY_PARENT;
+
+/**
+ * Run in the constructor's blockConcurrencyWhile. A new object creates its
+ * tables at the latest version in one run and migrates nothing; an older one
+ * gets what it lacks, then the migrations (columns, the timers' units).
+ */
+export function createTables(storage: DurableObjectStorage): void {
+  const fresh = storage.sql.exec("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'execution'").toArray().length === 0;
+  if (fresh) {
+    storage.sql.exec(LATEST_SCHEMA);
+    return;
+  }
+  // Not the index: on an object from before the graph its columns do not exist yet (migrate adds both).
+  storage.sql.exec(TABLES);
+  migrateControl(storage);
+  migrate(storage);
+}
