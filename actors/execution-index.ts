@@ -61,7 +61,11 @@ export class ExecutionIndex extends DurableObject<Env> {
   /**
    * Idempotent; ignores an entry whose version is not higher than the stored
    * one. An entry that breaks the schema is logged and dropped: the caller's
-   * outbox retries failures, and no retry would fix that one.
+   * outbox retries failures, and no retry would fix that one. An update sets
+   * only what changes over an execution's life: its client, template,
+   * priority, creation time and rerun_of are fixed at its start, and leaving
+   * them out leaves the indexes on them alone (each index an UPDATE rewrites is a
+   * row written more).
    */
   async upsert(entry: IndexEntry): Promise<void> {
     const parsed = IndexEntry.safeParse(entry);
@@ -77,11 +81,10 @@ export class ExecutionIndex extends DurableObject<Env> {
         ${e.completed_at}, ${e.error_code}, ${e.cost_total}, ${e.stages_total}, ${e.stages_completed}, ${e.version}, ${e.rerun_of ?? null},
         ${e.attempts ? JSON.stringify(e.attempts) : null}, ${e.tokens_total ?? null})
       ON CONFLICT (execution_id) DO UPDATE SET
-        client_id = excluded.client_id, template_name = excluded.template_name, status = excluded.status,
-        priority = excluded.priority, created_at = excluded.created_at, updated_at = excluded.updated_at,
+        status = excluded.status, updated_at = excluded.updated_at,
         completed_at = excluded.completed_at, error_code = excluded.error_code, cost_total = excluded.cost_total,
         stages_total = excluded.stages_total, stages_completed = excluded.stages_completed, version = excluded.version,
-        rerun_of = excluded.rerun_of, attempts = excluded.attempts, tokens_total = excluded.tokens_total
+        attempts = excluded.attempts, tokens_total = excluded.tokens_total
       WHERE excluded.version > entries.version`;
   }
 

@@ -122,6 +122,17 @@ describe("ExecutionIndex.upsert", () => {
     expect(page.items).toEqual([v3]);
   });
 
+  it("a newer entry updates what changes over an execution's life; client, template, priority, creation and rerun_of stay as first written", async () => {
+    const t = Date.UTC(2026, 2, 3, 11);
+    const id = execId(t, 3);
+    const shard = indexFor(env, t);
+    const v1 = entry({ execution_id: id, created_at: t, version: 1, rerun_of: null });
+    await shard.upsert(v1);
+    const v2 = entry({ execution_id: id, created_at: t + 5, version: 2, client_id: "other", template_name: "other", priority: "high", rerun_of: execId(t, 4), status: "completed", completed_at: t + 50, updated_at: t + 50, stages_completed: 3 });
+    await shard.upsert(v2);
+    expect(await shard.get(id)).toEqual({ ...v2, client_id: v1.client_id, template_name: v1.template_name, priority: v1.priority, created_at: t, rerun_of: undefined });
+  });
+
   it("drops an entry that does not match the schema (a retry would not fix it)", async () => {
     const t = Date.UTC(2026, 2, 4);
     const shard = indexFor(env, t);
