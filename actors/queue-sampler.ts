@@ -1,17 +1,15 @@
 import { DurableObject } from "cloudflare:workers";
-import type { LedgerSnapshot } from "../schemas/ledger";
 import { configOf } from "../src/config";
-import { ledgerFor } from "../src/ledger-routing";
+import { resourcesDocument } from "../src/ledger-fanout";
 import { log, setLogLevel } from "../src/log";
-import { withTimeout } from "../src/outbound";
 import { type Sql, execScript, sqlOf } from "./sql";
 
 /**
  * Queue length over time, for the charts on `/ui` (src/ops-series.ts): the
  * ledger knows only its queue now, so one object (`QUEUE_SAMPLES`, named
- * `global`) reads the ledger's snapshot every `queueSampleMs` (1 min) from its
+ * `global`) reads every ledger shard's snapshot every `queueSampleMs` (1 min) from its
  * own alarm and keeps one row per pool per sample, for `queueSampleRetentionMs`
- * (8 days). That is one extra ledger read a minute, never on a request's path.
+ * (8 days). That is one extra read of each ledger shard a minute, never on a request's path.
  *
  * The front Worker calls `ensure()` once per isolate (src/routes.ts), which
  * arms the alarm if none is set; the alarm re-arms itself, so sampling goes
@@ -64,7 +62,9 @@ export class QueueSampler extends DurableObject<Env> {
   async sample(): Promise<number> {
     const t = configOf(this.env).tuning;
     const now = Date.now();
-    const snap = await withTimeout<LedgerSnapshot>(ledgerFor(this.env).snapshot(), t.ledgerCallTimeoutMs, "ledger snapshot");
+    // Every shard's pools (bounded, src/ledger-fanout.ts); a shard that does not answer misses this sample.
+    const { doc: snap, answered } = await resourcesDocument(this.env);
+    if (answered === 0) throw new Error("no ledger shard answered the snapshot");
     for (const p of snap.pools) {
       this.#sql`INSERT OR REPLACE INTO samples (at, pool, waiting, in_use, capacity) VALUES (${now}, ${p.name}, ${p.waiting}, ${p.in_use}, ${p.capacity})`;
     }

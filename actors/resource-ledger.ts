@@ -42,6 +42,7 @@ import {
   type SlotResult,
   type StatusResult,
 } from "../schemas/ledger";
+import type { PutPoolResult } from "../schemas/resources";
 import { configOf, type Tuning } from "../src/config";
 import { log, setLogLevel } from "../src/log";
 import { RateLimits, type RateLimitReport } from "../schemas/worker-protocol";
@@ -305,6 +306,18 @@ export class ResourceLedger extends DurableObject<Env> {
     }));
     const snap = { pools, leases: st.leases, waiters: st.waiters, queue };
     return st.commit.idle ? snap : st.commit.ack(snap);
+  }
+
+  /** putPool for `PUT /resources/pools/:name`: a kind change is a typed refusal (409), not a thrown error. */
+  async definePool(name: string, spec: PoolSpec): Promise<PutPoolResult> {
+    const poolName = parse(PoolName, name, "definePool name");
+    const ps = parse(PoolSpec, spec, "definePool spec");
+    const existing = this.#store.pools.get(poolName);
+    if (existing && existing.kind !== ps.kind) {
+      return { ok: false, code: "pool_kind_immutable", kind: existing.kind, message: `pool ${poolName} is a ${existing.kind} pool; its kind cannot change` };
+    }
+    // No await between the check and putPool's own: the kind cannot change in between.
+    return { ok: true, pool: await this.putPool(poolName, ps) };
   }
 
   /** Create or resize a pool; never revokes a grant; grants waiters that now fit. */

@@ -1,14 +1,16 @@
 import { ClientId, type Priority } from "../schemas/common";
 import type { ClientDocument, ClientQuotas, StartAdmission } from "../schemas/clients";
+import type { ShardedClientList } from "../schemas/resources";
 import { configOf } from "./config";
 import { ApiError, parseWith } from "./http";
-import { ledgerFor, ledgerForClient } from "./ledger-routing";
+import { clientList } from "./ledger-fanout";
+import { ledgerForClient } from "./ledger-routing";
 import { askObject } from "./outbound";
 
 /**
  * Clients over HTTP (docs/protocol.md, "Clients"): quotas and usage live in
- * the ledger object that owns the client's pools (src/ledger-routing.ts), and
- * a start is admitted there (max_priority, spent budget, starts per minute).
+ * the ledger shard of the client's id (src/ledger-routing.ts), and a start is
+ * admitted there (max_priority, spent budget, starts per minute).
  */
 function ledgerCall<T>(env: Env, promise: PromiseLike<T>, what: string): Promise<T> {
   // A 503 names the call, never the ledger's internal message (askObject logs it).
@@ -27,8 +29,11 @@ export async function getClient(env: Env, clientId: string): Promise<ClientDocum
   return ledgerCall(env, ledgerForClient(env, clientId).client(clientId), "ledger.client");
 }
 
-export async function listClients(env: Env): Promise<{ clients: ClientDocument[] }> {
-  return { clients: await ledgerCall(env, ledgerFor(env).clients(), "ledger.clients") };
+/** Every shard's clients, each from its own shard (src/ledger-fanout.ts); 503 only when no shard answered. */
+export async function listClients(env: Env): Promise<ShardedClientList> {
+  const list = await clientList(env);
+  if (!list.shards.some((s) => s.ok)) throw new ApiError(503, "unavailable", "ledger.clients is unavailable: no shard answered in time, or each failed");
+  return list;
 }
 
 /** Throws the 403 / 429 a start of this client must answer; counts the start when admitted. */

@@ -12,6 +12,8 @@ export const DEFAULT_TUNING = {
   kamTimeoutMs: 5_000,
   workerCallTimeoutMs: 10_000,
   ledgerCallTimeoutMs: 5_000,
+  /** A read of every ledger shard (GET /resources, GET /clients, /metrics) answers within this, with the shards that did not (src/ledger-fanout.ts). */
+  ledgerFanOutDeadlineMs: 8_000,
   objectCallTimeoutMs: 10_000,
   /** The longest `wait_ms` of a long-polled `GET /executions/:id` (docs/protocol.md, "Status reads"). */
   statusWaitMaxMs: 30_000,

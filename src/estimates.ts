@@ -1,16 +1,16 @@
 import type { Priority } from "../schemas/common";
 import { remember } from "./bounded-memo";
 import { configOf } from "./config";
-import { ledgerFor } from "./ledger-routing";
-import { log } from "./log";
-import { withTimeout } from "./outbound";
+import { askShards } from "./ledger-fanout";
+import { layoutOf, ledgerShard, shardName, shardOfPool } from "./ledger-routing";
 
 /**
  * The completion estimate a start answers with. The ledger computes it (duration
  * averages per worker and the queue ahead, docs/ledger.md); this isolate keeps each
  * answer for `estimateCacheMs`, so a burst of starts of the same pipeline asks the
- * ledger once instead of adding a round trip to the one ledger object per start.
- * With no answer in time, the default stage duration per stage.
+ * ledger once instead of adding a round trip to the ledger per start. With
+ * sharded pools each stage is asked of its worker's shard (below). With no
+ * answer in time, the default stage duration for each stage not answered.
  */
 export interface EstimateStage {
   worker: string;
@@ -27,12 +27,27 @@ export async function estimateTotalMs(env: Env, stages: EstimateStage[], priorit
   const key = `${priority}|${JSON.stringify(stages.map((s) => [s.worker, s.resources ?? null]))}`;
   const hit = memo.get(key);
   if (hit && Date.now() - hit.at < tuning.estimateCacheMs) return hit.totalMs;
-  try {
-    const est = await withTimeout(ledgerFor(env).estimate(stages, priority), tuning.ledgerCallTimeoutMs, "ledger.estimate");
-    remember(memo, key, { totalMs: est.totalMs, at: Date.now() }, MAX_ENTRIES);
-    return est.totalMs;
-  } catch (err) {
-    log("warn", "estimate_failed", { error: String(err) });
-    return fallback;
+  // A worker's duration averages and its queue live with its `worker:{w}` pool, so each stage is
+  // asked of that pool's shard: one call per shard the stages need, in parallel (one call with one shard).
+  const layout = layoutOf(env);
+  const byShard = new Map<number, EstimateStage[]>();
+  for (const s of stages) {
+    const shard = shardOfPool(layout, `worker:${s.worker}`);
+    byShard.set(shard, [...(byShard.get(shard) ?? []), s]);
   }
+  const targets = [...byShard.keys()].map((shard) => ({ shard, name: shardName(layout, shard), stub: ledgerShard(env, shard) }));
+  const answers = await askShards(env, targets, (t) => t.stub.estimate(byShard.get(t.shard)!, priority), "ledger.estimate");
+  if (!answers.some((a) => a.ok)) return fallback;
+  // The stages run one after another, so their durations add up; the queues ahead are waited out at once.
+  let queueAheadMs = 0;
+  let totalMs = 0;
+  for (const a of answers) {
+    if (a.ok) {
+      queueAheadMs = Math.max(queueAheadMs, a.value.queueAheadMs);
+      totalMs += a.value.totalMs - a.value.queueAheadMs;
+    } else totalMs += byShard.get(a.shard)!.length * tuning.defaultStageDurationMs;
+  }
+  totalMs += queueAheadMs;
+  if (answers.every((a) => a.ok)) remember(memo, key, { totalMs, at: Date.now() }, MAX_ENTRIES);
+  return totalMs;
 }

@@ -42,6 +42,7 @@ import { DataReference } from "../schemas/data";
 import { CountsQuery, ExecutionCounts, ExecutionList, ExecutionSummary, IndexEntry, ListQuery } from "../schemas/index-entry";
 import { ClientDocument, ClientList, ClientQuotas, WaitingOn } from "../schemas/clients";
 import { LedgerSnapshot, PoolSnapshot, PoolSpec } from "../schemas/ledger";
+import { PoolConflict, ResourcesDocument, ShardAnswerStatus, ShardedClientList, ShardedPoolSnapshot, ShardedWaiter } from "../schemas/resources";
 import { CreateScheduleRequest, PatchScheduleRequest, ScheduleDocument, ScheduleId, ScheduleList, ScheduleListQuery, ScheduleRun } from "../schemas/schedule";
 import { ApprovalStage, MasterTemplateResponse, TemplateStage, WorkerStage } from "../schemas/template";
 import {
@@ -74,6 +75,8 @@ const Health = z.object({
   time: z.string(),
   /** With `misconfigured`: the names (never the values) of the missing or unusable secrets. */
   missing: z.array(z.string()).optional(),
+  /** With `misconfigured`: what the ledger routing refuses in LEDGER_SHARDS / LEDGER_SHARD_MAP (every other route answers 503 `config_invalid`). */
+  config_invalid: z.array(z.string()).optional(),
 });
 
 const CallbackAccepted = z.object({ ok: z.literal(true), stage_status: StageStatus, duplicate: z.boolean().optional() });
@@ -166,6 +169,12 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
     PoolSpec: name("PoolSpec", PoolSpec),
     PoolSnapshot: name("PoolSnapshot", PoolSnapshot),
     LedgerSnapshot: name("LedgerSnapshot", LedgerSnapshot),
+    ShardAnswerStatus: name("ShardAnswerStatus", ShardAnswerStatus),
+    PoolConflict: name("PoolConflict", PoolConflict),
+    ShardedPoolSnapshot: name("ShardedPoolSnapshot", ShardedPoolSnapshot),
+    ShardedWaiter: name("ShardedWaiter", ShardedWaiter),
+    ResourcesDocument: name("ResourcesDocument", ResourcesDocument),
+    ShardedClientList: name("ShardedClientList", ShardedClientList),
     ClientQuotas: name("ClientQuotas", ClientQuotas),
     ClientDocument: name("ClientDocument", ClientDocument),
     ClientList: name("ClientList", ClientList),
@@ -212,7 +221,10 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
         "invalid_json: the body is not JSON, or nests deeper than maxJsonDepth (32) or has more than maxJsonKeys (10,000) keys",
     ),
     "401": error("unauthorized: missing or invalid bearer token, or one whose role does not open this route"),
-    "503": error("unavailable: an object did not answer within objectCallTimeoutMs (the message names which); misconfigured: a secret is missing (GET /health names it)"),
+    "503": error(
+      "unavailable: an object did not answer within objectCallTimeoutMs (the message names which); misconfigured: a secret is missing (GET /health names it); " +
+        "config_invalid: the ledger routing refuses LEDGER_SHARDS / LEDGER_SHARD_MAP (`details.problems` lists why; nothing is routed)",
+    ),
   };
   /** A scoped API key (src/api-keys.ts) on a route outside what it sees. */
   const scopedOut = { "403": error("forbidden: a scoped API key for another client, or on a route that spans every client") };
@@ -541,9 +553,18 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
     {
       method: "get",
       path: "/resources",
-      summary: "Ledger snapshot",
+      summary: "Ledger snapshot of every shard",
+      description:
+        "Every ledger shard is asked at once (at most 16 at a time, each within ledgerCallTimeoutMs, all within ledgerFanOutDeadlineMs). " +
+        "Each pool is listed once with its `shard`; `shards` says which shards answered (a shard that did not is listed with `ok: false` and its pools and waiters are missing); " +
+        "`conflicts` lists pools more than one shard has state for. `leases` and `waiters` are summed over the shards: a stage with parts on k shards counts k times.",
       security: opsOnly,
-      responses: { "200": jsonBody(S.LedgerSnapshot, "pools, leases, waiters"), ...common, ...scopedOut },
+      responses: {
+        "200": jsonBody(S.ResourcesDocument, "pools with their shard, leases, waiters, the shards and conflicts"),
+        ...common,
+        ...scopedOut,
+        "503": error("unavailable: no ledger shard answered; config_invalid: the shard config is refused"),
+      },
     },
     {
       method: "get",
@@ -569,9 +590,19 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       method: "put",
       path: "/resources/pools/{name}",
       summary: "Create or resize a pool",
+      description:
+        "Goes to the ledger shard that owns the pool. A pool split by LEDGER_SHARD_MAP is set per sub-pool (`tokens:openai#2`: that sub-pool's capacity, which is how capacity is moved between sub-pools); " +
+        "its own name is then 400, as is a sub-pool of a pool that is not split. A pool's kind never changes: 409 pool_kind_immutable.",
       security: opsOnly,
       request: { params: z.object({ name: PoolName }), body: body(S.PoolSpec) },
-      responses: { "200": jsonBody(S.PoolSnapshot, "the pool after the change"), ...common, ...scopedOut, "413": error("payload_too_large"), "415": error("unsupported_media_type") },
+      responses: {
+        "200": jsonBody(S.ShardedPoolSnapshot, "the pool after the change, with its shard"),
+        ...common,
+        ...scopedOut,
+        "409": error("pool_kind_immutable: the pool exists with another kind (`details` names `kind`); nothing changed"),
+        "413": error("payload_too_large"),
+        "415": error("unsupported_media_type"),
+      },
     },
     {
       method: "put",
@@ -594,8 +625,9 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       method: "get",
       path: "/clients",
       summary: "Every client the ledger knows",
+      description: "Every ledger shard is asked as for GET /resources; each client is listed once, as the shard of its client id keeps it; `shards` says which shards answered.",
       security: opsOnly,
-      responses: { "200": jsonBody(S.ClientList, "clients by id"), ...common },
+      responses: { "200": jsonBody(S.ShardedClientList, "clients by id, and the shards that answered"), ...common },
     },
     {
       method: "get",

@@ -1,9 +1,9 @@
-import type { LedgerSnapshot } from "../schemas/ledger";
+import type { ResourcesDocument } from "../schemas/resources";
 import { configOf } from "./config";
 import { attemptOutcome } from "../actors/execution-index";
 import { seriesIndex, statsIndex } from "./index-routing";
 import { quantile } from "./ops-series";
-import { ledgerFor } from "./ledger-routing";
+import { resourcesDocument } from "./ledger-fanout";
 import { SCHEDULE_SHARDS, call, shardAt } from "./schedule-service";
 
 /**
@@ -17,10 +17,12 @@ import { SCHEDULE_SHARDS, call, shardAt } from "./schedule-service";
  *   completed attempts of the executions that ended in the last
  *   LATENCY_WINDOW_MS (the month objects that may hold them, bounded as the
  *   charts' series are);
- * - the ledger snapshot: capacity, use, room and queue length per pool;
+ * - the ledger snapshot of every shard (src/ledger-fanout.ts): capacity,
+ *   use, room and queue length per pool with its shard, and which shards
+ *   answered (a shard down costs its pools' gauges, not the scrape);
  * - the eight schedule shards: schedules and their kept fires.
- * The cost of a scrape is bounded: one call per index month, one to the
- * ledger, eight to the schedule shards, each with its timeout.
+ * The cost of a scrape is bounded: one call per index month, one per ledger
+ * shard, eight to the schedule shards, each with its timeout.
  * Per-event series (rates, stage latency per worker, ledger grants) are in
  * Analytics Engine (src/metrics.ts). docs/operations.md lists every series.
  */
@@ -70,7 +72,7 @@ export async function gatherMetrics(env: Env, now = Date.now()): Promise<Family[
   const [index, recent, ledger, shards] = await Promise.all([
     statsIndex(env, METRICS_GROUP_LIMIT),
     seriesIndex(env, now - LATENCY_WINDOW_MS, now + 1, LATENCY_WINDOW_MS),
-    call<LedgerSnapshot>(env, ledgerFor(env).snapshot(), "ledger snapshot"),
+    resourcesDocument(env).then((r) => r.doc),
     Promise.all(Array.from({ length: SCHEDULE_SHARDS }, (_, i) => call(env, shardAt(env, i).stats(), "schedule stats"))),
   ]);
 
@@ -129,8 +131,8 @@ export async function gatherMetrics(env: Env, now = Date.now()): Promise<Family[
     }
   }
 
-  const pool = (name: string, help: string, pick: (p: LedgerSnapshot["pools"][number]) => number) =>
-    family(name, "gauge", help, ledger.pools.map((p) => ({ labels: { pool: p.name, kind: p.kind }, value: pick(p) })));
+  const pool = (name: string, help: string, pick: (p: ResourcesDocument["pools"][number]) => number) =>
+    family(name, "gauge", help, ledger.pools.map((p) => ({ labels: { pool: p.name, kind: p.kind, shard: String(p.shard) }, value: pick(p) })));
 
   const fireStates = new Map<string, number>();
   for (const s of shards) for (const [state, n] of Object.entries(s.fires)) fireStates.set(state, (fireStates.get(state) ?? 0) + n);
@@ -153,8 +155,21 @@ export async function gatherMetrics(env: Env, now = Date.now()): Promise<Family[
     pool("orchestrator_pool_in_use", "Amount of each pool held by grants now.", (p) => p.in_use),
     pool("orchestrator_pool_available", "Amount of each pool free now.", (p) => p.available),
     pool("orchestrator_pool_waiting", "Reservations waiting in the ledger's queue for each pool (queue length).", (p) => p.waiting),
-    family("orchestrator_ledger_leases", "gauge", "Grants the ledger holds now.", [{ labels: {}, value: ledger.leases }]),
-    family("orchestrator_ledger_waiters", "gauge", "Reservations waiting in the ledger's queue.", [{ labels: {}, value: ledger.waiters }]),
+    family("orchestrator_ledger_leases", "gauge", "Grants the ledger holds now, summed over the shards that answered (a stage with parts on k shards counts k).", [
+      { labels: {}, value: ledger.leases },
+    ]),
+    family("orchestrator_ledger_waiters", "gauge", "Reservations waiting in the ledger's queues, summed over the shards that answered (a stage with parts on k shards counts k).", [
+      { labels: {}, value: ledger.waiters },
+    ]),
+    family(
+      "orchestrator_ledger_shard_up",
+      "gauge",
+      "1 when the ledger shard answered this scrape's snapshot within ledgerCallTimeoutMs, else 0 (its pools are then missing from the pool gauges).",
+      ledger.shards.map((s) => ({ labels: { shard: String(s.shard), name: s.name }, value: s.ok ? 1 : 0 })),
+    ),
+    family("orchestrator_ledger_pool_conflicts", "gauge", "Pools more than one ledger shard has state for (GET /resources lists them in conflicts).", [
+      { labels: {}, value: ledger.conflicts.length },
+    ]),
     family("orchestrator_schedules", "gauge", "Schedules, active or paused.", [
       { labels: { state: "active" }, value: shards.reduce((n, s) => n + s.active, 0) },
       { labels: { state: "paused" }, value: shards.reduce((n, s) => n + s.paused, 0) },

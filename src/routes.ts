@@ -30,10 +30,12 @@ import {
 } from "./execution-service";
 import { ApiError, type JsonLimits, errorResponse, json, parseWith, readJson } from "./http";
 import { countExecutions, listExecutions } from "./index-routing";
-import { ledgerFor } from "./ledger-routing";
+import { resourcesDocument } from "./ledger-fanout";
+import { ShardConfigError, layoutOf } from "./ledger-routing";
+import { checkPoolTarget, putPoolAt } from "./pool-admin";
 import { rerunExecution } from "./rerun-service";
 import { log } from "./log";
-import { askObject, withTimeout } from "./outbound";
+import { withTimeout } from "./outbound";
 import { metricsResponse } from "./prometheus";
 import { samplerOf, seriesDocument } from "./ops-series";
 import { listUndeliverable, retryUndeliverable } from "./undeliverable";
@@ -85,11 +87,14 @@ function bodyLimits(env: Env, kind: "request" | "callback" = "request"): JsonLim
   return { maxBytes: kind === "callback" ? t.maxCallbackBodyBytes : t.maxBodyBytes, maxJsonDepth: t.maxJsonDepth, maxJsonKeys: t.maxJsonKeys };
 }
 
-// The one route that answers when secrets are missing, and says which (names, never values).
+// The one route that answers when secrets are missing or the shard config is refused, and says which (names, never values).
 route("get", "/health", (_req, env) => {
   const missing = missingSecrets(env);
+  const invalid = shardConfigProblems(env);
   const time = new Date().toISOString();
-  if (missing.length) return json({ status: "misconfigured", service: "orchestrator-v2", time, missing }, 503);
+  if (missing.length || invalid.length) {
+    return json({ status: "misconfigured", service: "orchestrator-v2", time, missing, ...(invalid.length ? { config_invalid: invalid } : {}) }, 503);
+  }
   return json({ status: "ok", service: "orchestrator-v2", time });
 });
 
@@ -207,9 +212,12 @@ route("put", "/data/:executionId/:stageId/:name", async (req, env) => {
   return json(await writeData(env, req, executionId, stageId, name), 201);
 });
 
+// Every shard's snapshot merged (src/ledger-fanout.ts); 503 only when no shard answered.
 route("get", "/resources", async (req, env) => {
   requireUnscoped(await authorize(req, env, ["ops"]));
-  return json(await askObject(ledgerFor(env).snapshot(), configOf(env).tuning.ledgerCallTimeoutMs, "the resource ledger"));
+  const { doc, answered } = await resourcesDocument(env);
+  if (answered === 0) throw new ApiError(503, "unavailable", "the resource ledger is unavailable: no shard answered in time, or each failed");
+  return json(doc);
 });
 
 // Messages executions could not deliver for longer than outboxUndeliverableMs (src/undeliverable.ts).
@@ -226,9 +234,9 @@ route("post", "/resources/undeliverable/retry", async (req, env) => {
 
 route("put", "/resources/pools/:name", async (req, env) => {
   requireUnscoped(await authorize(req, env, ["ops"]));
-  const name = parseWith(PoolName, decodeURIComponent(req.params.name), "pool name");
+  const name = checkPoolTarget(layoutOf(env), parseWith(PoolName, decodeURIComponent(req.params.name), "pool name"));
   const spec = await readJson(req, PoolSpec, bodyLimits(env));
-  return json(await ledgerFor(env, name).putPool(name, spec));
+  return json(await putPoolAt(env, name, spec));
 });
 
 // Current counters and gauges in the Prometheus text format (src/prometheus.ts).
@@ -290,8 +298,8 @@ route("get", "/clients/:client_id", async (req, env) => {
 
 route("get", "/clients", async (req, env) => {
   const who = await authorize(req, env, ["ops"]);
-  const { clients } = await listClients(env);
-  return json({ clients: clients.filter((c) => inScope(who, c.client_id)) });
+  const { clients, shards } = await listClients(env);
+  return json({ clients: clients.filter((c) => inScope(who, c.client_id)), shards });
 });
 
 /** A known path with another method is 405 (with Allow); anything else 404. */
@@ -311,10 +319,27 @@ function matches(pattern: string, path: string): boolean {
   return re.test(path);
 }
 
-/** 503 `misconfigured` while a secret is missing or unusable (src/secrets.ts): never serve with a guessable key. */
+/**
+ * 503 `misconfigured` while a secret is missing or unusable (src/secrets.ts): never serve with a guessable key.
+ * 503 `config_invalid` while the ledger routing refuses LEDGER_SHARDS / LEDGER_SHARD_MAP: routing anything
+ * under a layout where two shards could claim one pool could grant it twice.
+ */
 export function requireConfigured(env: Env): void {
   if (missingSecrets(env).length) {
     throw new ApiError(503, "misconfigured", "the orchestrator is missing secrets or has unusable ones (GET /health names them)");
+  }
+  const problems = shardConfigProblems(env);
+  if (problems.length) throw new ApiError(503, "config_invalid", `the ledger shard config is refused: ${problems.join("; ")}`, { problems });
+}
+
+/** What the ledger routing refuses in LEDGER_SHARDS / LEDGER_SHARD_MAP (empty: the layout is valid). */
+function shardConfigProblems(env: Env): string[] {
+  try {
+    layoutOf(env);
+    return [];
+  } catch (err) {
+    if (err instanceof ShardConfigError) return err.problems;
+    throw err;
   }
 }
 

@@ -6,6 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startDevSession } from "../../scripts/dev-session.mjs";
 import type { ClientDocument } from "../../schemas/clients";
 import type { LedgerSnapshot } from "../../schemas/ledger";
+import type { ResourcesDocument } from "../../schemas/resources";
 import type { StatusDocument } from "../../schemas/api";
 import { MISSING, RESULTS, launchChromium, watchPage } from "../support/browser";
 import { TEST_SECRETS } from "../support/constants";
@@ -132,13 +133,25 @@ describe("operator pages for clients and resources in Chromium", () => {
         max: (tr.querySelector("[data-role=in-use]") as HTMLElement).dataset.max,
         waiting: tr.querySelector("[data-role=waiting]")?.textContent,
         paused_until: (tr.querySelector("[data-role=paused-until]") as HTMLElement).dataset.value,
+        shard: tr.querySelector("[data-role=shard]")?.textContent,
       }));
     const poolFromApi = async (name: string) => {
-      const p = (await api<LedgerSnapshot>("/resources")).pools.find((x) => x.name === name)!;
-      return { capacity: p.capacity.toLocaleString("en-US"), in_use: String(p.in_use), max: String(p.capacity), waiting: String(p.waiting), paused_until: p.paused_until === undefined ? "" : String(p.paused_until) };
+      const p = (await api<ResourcesDocument>("/resources")).pools.find((x) => x.name === name)!;
+      return {
+        capacity: p.capacity.toLocaleString("en-US"),
+        in_use: String(p.in_use),
+        max: String(p.capacity),
+        waiting: String(p.waiting),
+        paused_until: p.paused_until === undefined ? "" : String(p.paused_until),
+        shard: String(p.shard),
+      };
     };
     const worker = await pageMatchesApi(resources, () => poolCells(WORKER_POOL), () => poolFromApi(WORKER_POOL), WORKER_POOL);
-    expect(worker).toMatchObject({ capacity: "1", in_use: "1", max: "1" });
+    expect(worker).toMatchObject({ capacity: "1", in_use: "1", max: "1", shard: "0" });
+    // Every shard (the one object of this session) answered: none is listed as down.
+    const shards = (await api<ResourcesDocument>("/resources")).shards;
+    expect(await resources.locator("#shards-up").textContent()).toBe(`${shards.length} of ${shards.length}`);
+    expect(await resources.locator("#shards-down li").count()).toBe(0);
     expect(Number(worker.waiting)).toBeGreaterThanOrEqual(2);
     const paused = await pageMatchesApi(resources, () => poolCells(PAUSED_POOL), () => poolFromApi(PAUSED_POOL), PAUSED_POOL);
     expect(Number(paused.paused_until)).toBeGreaterThan(Date.now());

@@ -1,3 +1,4 @@
+import type { ResourcesDocument } from "../../schemas/resources";
 import { env } from "cloudflare:workers";
 import parsePrometheusTextFormat from "parse-prometheus-text-format";
 import { beforeAll, describe, expect, it } from "vitest";
@@ -149,6 +150,8 @@ describe("GET /metrics", () => {
     ["orchestrator_pool_waiting", "GAUGE"],
     ["orchestrator_ledger_leases", "GAUGE"],
     ["orchestrator_ledger_waiters", "GAUGE"],
+    ["orchestrator_ledger_shard_up", "GAUGE"],
+    ["orchestrator_ledger_pool_conflicts", "GAUGE"],
     ["orchestrator_schedules", "GAUGE"],
     ["orchestrator_schedule_fires", "GAUGE"],
     ["orchestrator_metrics_truncated", "GAUGE"],
@@ -215,11 +218,14 @@ describe("GET /metrics", () => {
     expect([...expected.keys()].some((k) => k.endsWith(" worker_not_bound"))).toBe(true);
   });
 
-  it("has the ledger's pools as /resources shows them, and counts schedules", async () => {
-    const snap = (await (await call("/resources", { headers: OPS })).json()) as { pools: { name: string; kind: string; capacity: number }[] };
+  it("has the ledger's pools as /resources shows them, each with its shard, and every shard up; counts schedules", async () => {
+    const snap = (await (await call("/resources", { headers: OPS })).json()) as ResourcesDocument;
     const families = await scrape();
-    for (const p of snap.pools) expect(sample(families, "orchestrator_pool_capacity", { pool: p.name, kind: p.kind })).toBe(p.capacity);
+    for (const p of snap.pools) expect(sample(families, "orchestrator_pool_capacity", { pool: p.name, kind: p.kind, shard: String(p.shard) })).toBe(p.capacity);
     expect(families.find((f) => f.name === "orchestrator_pool_capacity")!.metrics).toHaveLength(snap.pools.length);
+    const up = families.find((f) => f.name === "orchestrator_ledger_shard_up")!.metrics.map((m) => [m.labels!.shard, m.labels!.name, Number(m.value)]);
+    expect(up).toEqual(snap.shards.map((s) => [String(s.shard), s.name, 1]));
+    expect(sample(families, "orchestrator_ledger_pool_conflicts", {})).toBe(0);
     // Schedules: a paused one counts in its shard's stats, which the scrape sums over all eight shards.
     const id = `metrics-paused-${Date.now()}`;
     const shard = env.SCHEDULES.get(env.SCHEDULES.idFromName(`schedules:${scheduleShardIndex(id)}`));

@@ -24,7 +24,7 @@ interface LedgerEnv {
 }
 
 /** Every RPC method of ResourceLedger (a method missing here would fail every call to it). */
-const METHODS = ["reserve", "renew", "settle", "settleAndReserve", "release", "status", "estimate", "snapshot", "putPool", "putClientQuotas", "client", "clients", "admitStart", "acquireSlot", "releaseSlot"] as const;
+const METHODS = ["reserve", "renew", "settle", "settleAndReserve", "release", "status", "estimate", "snapshot", "putPool", "definePool", "putClientQuotas", "client", "clients", "admitStart", "acquireSlot", "releaseSlot"] as const;
 type Method = (typeof METHODS)[number];
 
 export class FaultyLedger extends DurableObject<LedgerEnv> {
@@ -73,6 +73,9 @@ export class FaultyLedger extends DurableObject<LedgerEnv> {
   }
   putPool(...args: unknown[]) {
     return this.#forward("putPool", args);
+  }
+  definePool(...args: unknown[]) {
+    return this.#forward("definePool", args);
   }
   putClientQuotas(...args: unknown[]) {
     return this.#forward("putClientQuotas", args);
