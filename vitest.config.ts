@@ -63,6 +63,25 @@ function granulator(project: string, name: keyof typeof TEST_WORKER_SECRETS) {
   };
 }
 
+/**
+ * The faulty ledger (test/support/faulty-ledger) for a project: a real object
+ * that forwards to the project's real ledger of the same name unless a fault
+ * is set, bound to the orchestrator as FAULTY_LEDGER.
+ */
+const FAULTY_LEDGER_BINDING = { FAULTY_LEDGER: { className: "FaultyLedger", scriptName: "faulty-ledger", useSQLite: true } };
+function faultyLedgerWorker(project: string) {
+  return {
+    name: "faulty-ledger",
+    modules: true,
+    scriptPath: built(project, "faulty-ledger"),
+    compatibilityDate,
+    durableObjects: {
+      FAULTY_LEDGER: { className: "FaultyLedger", useSQLite: true },
+      REAL_LEDGER: { className: "ResourceLedger", scriptName: runnerOf(project), useSQLite: true },
+    },
+  };
+}
+
 /** API_KEYS as an operator sets it: the SHA-256 of each key, never the key. */
 const API_KEYS = JSON.stringify(
   Object.fromEntries(Object.values(TEST_API_KEYS).map(({ key, ...entry }) => [createHash("sha256").update(key).digest("hex"), entry])),
@@ -197,7 +216,8 @@ export default defineConfig({
         // A course_creation stage then holds parts on two or three shards.
         // It runs the ledger and end-to-end tests of `workers` again (the same
         // files: with 1 shard there, with 4 here) plus test/shards/ (docs/scaling.md, "Tests").
-        plugins: [orchestratorUnderTest("shards", { bindings: TEST_SHARDS })],
+        // FAULTY_LEDGER: the front Worker's fan-out tests point LEDGER_BINDING at it for one call, to have one shard down.
+        plugins: [orchestratorUnderTest("shards", { bindings: TEST_SHARDS, durableObjects: FAULTY_LEDGER_BINDING, workers: [faultyLedgerWorker("shards")] })],
         test: {
           name: "shards",
           include: [...SHARDED_AGAIN, "test/shards/**/*.test.ts"],
@@ -240,18 +260,9 @@ export default defineConfig({
               FAULTY_R2: { name: "faulty-store", entrypoint: "FaultyR2" },
               FAULTY_STORE: { name: "faulty-store", entrypoint: "Control" },
             },
-            durableObjects: { FAULTY_LEDGER: { className: "FaultyLedger", scriptName: "faulty-ledger", useSQLite: true } },
+            durableObjects: FAULTY_LEDGER_BINDING,
             workers: [
-              {
-                name: "faulty-ledger",
-                modules: true,
-                scriptPath: built("ledger-faults", "faulty-ledger"),
-                compatibilityDate,
-                durableObjects: {
-                  FAULTY_LEDGER: { className: "FaultyLedger", useSQLite: true },
-                  REAL_LEDGER: { className: "ResourceLedger", scriptName: runnerOf("ledger-faults"), useSQLite: true },
-                },
-              },
+              faultyLedgerWorker("ledger-faults"),
               {
                 name: "faulty-store",
                 modules: true,

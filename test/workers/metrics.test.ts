@@ -225,7 +225,7 @@ describe("GET /metrics", () => {
     expect(families.find((f) => f.name === "orchestrator_pool_capacity")!.metrics).toHaveLength(snap.pools.length);
     const up = families.find((f) => f.name === "orchestrator_ledger_shard_up")!.metrics.map((m) => [m.labels!.shard, m.labels!.name, Number(m.value)]);
     expect(up).toEqual(snap.shards.map((s) => [String(s.shard), s.name, 1]));
-    expect(sample(families, "orchestrator_ledger_pool_conflicts", {})).toBe(0);
+    expect(sample(families, "orchestrator_ledger_pool_conflicts", {})).toBe(snap.conflicts.length);
     // Schedules: a paused one counts in its shard's stats, which the scrape sums over all eight shards.
     const id = `metrics-paused-${Date.now()}`;
     const shard = env.SCHEDULES.get(env.SCHEDULES.idFromName(`schedules:${scheduleShardIndex(id)}`));

@@ -2,9 +2,10 @@ import { DurableObject } from "cloudflare:workers";
 
 /**
  * A real Durable Object standing where the ledger stands (the orchestrator's
- * `LEDGER_BINDING` names it in the `ledger-faults` test project). Every call is
- * forwarded to the real ResourceLedger in the worker under test, unless a
- * fault is set for its method:
+ * `LEDGER_BINDING` names it in the `ledger-faults` test project; the `shards`
+ * project's tests put it there for one call). Every call is forwarded to the
+ * real ResourceLedger of the same name (each shard its own) in the worker
+ * under test, unless a fault is set for its method:
  * - `stall`: the call waits `stallMs`, then goes through (a slow ledger);
  * - `down`: the call fails without reaching the ledger (unreachable);
  * - `lose_answer`: the call reaches the ledger, which acts on it, but the
@@ -101,7 +102,9 @@ export class FaultyLedger extends DurableObject<LedgerEnv> {
     this.#calls.push({ method, at: Date.now(), fault: fault?.mode ?? null });
     if (fault?.mode === "down") throw new Error(`ledger unreachable (test fault) for ${method}`);
     if (fault?.mode === "stall") await scheduler.wait(fault.stallMs ?? 60_000);
-    const real = this.env.REAL_LEDGER.get(this.env.REAL_LEDGER.idFromName("global")) as unknown as Record<Method, (...a: unknown[]) => Promise<unknown>>;
+    // The real ledger of the same name: `global`, or a shard's `ledger-{i}` when the ledger is sharded.
+    const name = this.ctx.id.name ?? "global";
+    const real = this.env.REAL_LEDGER.get(this.env.REAL_LEDGER.idFromName(name)) as unknown as Record<Method, (...a: unknown[]) => Promise<unknown>>;
     // corrupt: the request reaches the ledger with a lease it refuses (invalid_request).
     if (fault?.mode === "corrupt") args = [{ ...(args[0] as object), leaseMs: 10 }, ...args.slice(1)];
     const answer = await real[method](...args);
