@@ -37,6 +37,12 @@ export interface LedgerRules {
    * running stages at this worst case (budgetFits).
    */
   usageMaxFactor: number;
+  /**
+   * Reservation writes between two checkpoints of the `clients` table (the
+   * rows carry their client's state meanwhile: ledger/client-journal.ts). A
+   * restart reads at most about this many rows past the checkpoint.
+   */
+  clientCheckpointRows: number;
 }
 
 export const DEFAULT_LEDGER_RULES: LedgerRules = {
@@ -48,6 +54,7 @@ export const DEFAULT_LEDGER_RULES: LedgerRules = {
   expireBatch: 1_000,
   ewmaAlpha: 0.2,
   usageMaxFactor: 10,
+  clientCheckpointRows: 2_000,
 };
 
 /**

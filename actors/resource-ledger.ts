@@ -133,7 +133,7 @@ export class ResourceLedger extends DurableObject<Env> {
     const config = configOf(env);
     this.#tuning = config.tuning;
     this.#rules = rulesFromTuning(config.tuning);
-    this.#store = new LedgerStore(ctx.storage);
+    this.#store = new LedgerStore(ctx.storage, this.#rules);
     this.#clientDefaults = config.clientDefaults;
     const quotas = (c: ClientState) => (c.id === NO_CLIENT ? {} : quotasOf(this.#clientDefaults, c.own));
     this.#accounts = new Accounts(this.#store, this.#rules, config.prices.per_unit, quotas);

@@ -3,7 +3,9 @@
  * what a settle, release or expiry gives back, what joins and leaves the
  * queue, and the estimates learnt from settles. Each method applies the rules
  * of ../ledger-rules.ts to the store's memory and writes the row's new
- * version; the caller decides when (inside one step).
+ * version; the caller decides when (inside one step). A change to the
+ * client's spend or buckets needs no write of its own: the row's write that
+ * follows it in the step carries it (./client-journal.ts).
  */
 import type { ClientQuotas } from "../../schemas/clients";
 import {
@@ -48,7 +50,6 @@ export class Accounts {
     for (const [n, r] of Object.entries(this.quotasOf(c).rate ?? {})) {
       if (needs[n]) take(clientBucket(c, n, r.per_minute, now), needs[n], now);
     }
-    this.store.touchClient(c);
     this.store.advanceVirtualTime(row.tag);
     const granted: ResRow = { ...row, state: "granted", granted_at: now, expires_at: now + row.lease_ms, age_at: null, parked: 0 };
     this.store.putRow(granted);
@@ -81,7 +82,6 @@ export class Accounts {
     const c = this.store.client(row.client_id, now);
     holdCost(c, row.cost_est, false);
     for (const [n, b] of c.rate) if (needs[n]) back(b, needs[n], n);
-    this.store.touchClient(c);
     // Its waiters held by a quota get another look in this step's grant pass.
     this.store.unholdClient(c);
     return c;
@@ -91,7 +91,6 @@ export class Accounts {
   #spend(c: ClientState, used: Amounts, now: number): void {
     rollMonth(c, now);
     c.spent += this.costOf(used);
-    this.store.touchClient(c);
   }
 
   /** Settles a live grant: pools, estimates, counters. Returns the row as it becomes. */

@@ -7,7 +7,7 @@
 import type { Priority } from "../../schemas/common";
 import type { ClientDocument, ClientQuotas, StartAdmission } from "../../schemas/clients";
 import type { SlotResult } from "../../schemas/ledger";
-import { admitStart, newClient, queueWaitMs, type ClientState } from "../ledger-rules";
+import { admitStart, clientBucket, newClient, queueWaitMs, type ClientState } from "../ledger-rules";
 import { clientDocument } from "./client-document";
 import type { GrantPass, Step } from "./grant-pass";
 import type { ExecutionSlots } from "./slots";
@@ -28,7 +28,9 @@ export class ClientDesk {
   putQuotas(id: string, own: ClientQuotas, s: Step): ClientDocument {
     const c = this.store.client(id, s.now);
     c.own = own;
-    this.store.touchClient(c);
+    // Buckets take the new sizes now, written with the checkpoint this asks for (no reservation row carries them here).
+    for (const [pool, r] of Object.entries(this.quotasOf(c).rate ?? {})) clientBucket(c, pool, r.per_minute, s.now);
+    this.store.saveClientSettings(c, true);
     this.store.unholdClient(c);
     this.pass.run(s);
     s.slots.push(...this.slots.promote(id, this.quotasOf(c).max_running_executions));
@@ -51,7 +53,7 @@ export class ClientDesk {
   admit(id: string, priority: Priority, now: number): StartAdmission {
     const c = this.store.client(id, now);
     const answer = admitStart(this.quotasOf(c), c, priority, now);
-    this.store.touchClient(c);
+    this.store.saveClientSettings(c);
     return answer;
   }
 

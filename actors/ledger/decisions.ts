@@ -101,7 +101,6 @@ export class Decisions {
       tag: fairTag(this.store.virtualTime, c.lastTag, q.weight ?? 1),
     };
     c.lastTag = row.tag;
-    this.store.touchClient(c);
     if (this.store.activeWaiters === 0 && fitsAll(this.store.pools, needs, s.now) && !clientBlock(q, c, needs, cost, s.now, this.rules.usageMaxFactor)) {
       // Nobody queued and everything fits: granted in the reply, no notice.
       const granted = this.accounts.grant(row, needs, s.now);

@@ -72,11 +72,15 @@ const ADDED_COLUMNS: [table: string, column: string, type: string][] = [
   ["reservations", "cost_est", "REAL NOT NULL DEFAULT 0"],
   ["reservations", "tag", "REAL NOT NULL DEFAULT 0"],
   ["pools", "paused_until", "INTEGER"],
+  // The client journal (./client-journal.ts): change number and the client's state after it.
+  ["reservations", "cseq", "INTEGER NOT NULL DEFAULT 0"],
+  ["reservations", "cstate", "TEXT"],
 ];
 const INDEXES = `
 DROP INDEX IF EXISTS reservations_queue;
 CREATE INDEX IF NOT EXISTS reservations_fair_queue ON reservations (parked, eff_rank DESC, tag, seq) WHERE state = 'waiting';
 CREATE INDEX IF NOT EXISTS reservations_client ON reservations (client_id, parked) WHERE state = 'waiting';
+CREATE INDEX IF NOT EXISTS reservations_journal ON reservations (cseq);
 `;
 
 /** Creates the tables, adds the later columns where missing, (re)creates the indexes. Idempotent. */

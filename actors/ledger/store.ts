@@ -6,13 +6,15 @@
  * here sees the decided state (a queued row wins over its SQL copy).
  *
  * The held amounts and counters are never stored: they are derived from the
- * reservations at load, so they cannot drift from them.
+ * reservations at load, so they cannot drift from them. A client's changing
+ * state (spend, buckets, fair tag) is carried by its reservation rows, with a
+ * `clients` checkpoint now and then (./client-journal.ts).
  */
 import type { z } from "zod";
 import type { PoolConfig } from "../../schemas/ledger";
-import { holdCost, largestHeld, newClient, newPool, queueOrder, type Amounts, type ClientState, type PoolState, type WorkerStats } from "../ledger-rules";
-import type { ClientQuotas } from "../../schemas/clients";
+import { holdCost, largestHeld, newClient, newPool, queueOrder, type Amounts, type ClientState, type LedgerRules, type PoolState, type WorkerStats } from "../ledger-rules";
 import { sqlOf, type Sql } from "../sql";
+import { bucketOf, checkPersisted, encodeClientState, readPersistedClients, writeCheckpoint, writeSettings } from "./client-journal";
 import { GroupCommit } from "./group-commit";
 import { migrate } from "./schema";
 
@@ -75,10 +77,18 @@ export class LedgerStore {
   /** Pools and estimates changed since their rows were last written (written once per commit). */
   readonly #dirtyPools = new Set<PoolState>();
   readonly #dirtyStats = new Set<WorkerStats>();
-  readonly #dirtyClients = new Set<ClientState>();
-  #dirtyVirtualTime = false;
+  /** Clients with rows written since the last checkpoint, and those whose quotas or start bucket changed. */
+  readonly #journaled = new Set<ClientState>();
+  readonly #settings = new Set<ClientState>();
+  /** The last change number given to a row; rows written since the checkpoint; a checkpoint asked for this commit. */
+  #cseq = 0;
+  #pastCheckpoint = 0;
+  #checkpointDue = false;
 
-  constructor(private readonly storage: DurableObjectStorage) {
+  constructor(
+    private readonly storage: DurableObjectStorage,
+    private readonly rules: Pick<LedgerRules, "clientCheckpointRows">,
+  ) {
     this.sql = sqlOf(storage);
     this.commit = new GroupCommit(storage, {
       beforeCommit: () => this.#writeDirty(),
@@ -143,15 +153,19 @@ export class LedgerStore {
     return c;
   }
 
-  touchClient(c: ClientState): void {
-    this.#dirtyClients.add(c);
+  /**
+   * Writes the client's quotas and start bucket with the step's commit (what
+   * no reservation row carries); `checkpoint` also writes the whole
+   * checkpoint then (a quota change resizes buckets outside any row).
+   */
+  saveClientSettings(c: ClientState, checkpoint = false): void {
+    this.#settings.add(c);
+    if (checkpoint) this.#checkpointDue = true;
   }
 
+  /** The grant of a reservation with `tag` (its row, written with the grant, makes it durable). */
   advanceVirtualTime(tag: number): void {
-    if (tag > this.virtualTime) {
-      this.virtualTime = tag;
-      this.#dirtyVirtualTime = true;
-    }
+    if (tag > this.virtualTime) this.virtualTime = tag;
   }
 
   /** The client's waiters held by its quota become active again (its usage or quota changed). */
@@ -170,21 +184,33 @@ export class LedgerStore {
     return this.#dirtyRows.get(id) ?? this.live.get(id) ?? this.sql<ResRow>`SELECT * FROM reservations WHERE id = ${id}`[0];
   }
 
-  /** Writes a row's new version (insert or update), keeping the live-lease map in step. */
+  /**
+   * Writes a row's new version (insert or update), keeping the live-lease map
+   * in step. The row carries its client's state as decided so far in the step
+   * (every change of a client's spend or buckets is followed by a write of one
+   * of its rows), so no separate client write is needed.
+   */
   putRow(r: ResRow): void {
+    const c = this.client(r.client_id, r.created_at);
+    // Its change number and its client's state after the change (./client-journal.ts).
+    const cseq = ++this.#cseq;
+    const cstate = encodeClientState(c);
+    this.#journaled.add(c);
+    this.#pastCheckpoint++;
     if (r.state === "granted") this.live.set(r.id, r);
     else this.live.delete(r.id);
     if (this.commit.queueing) this.#dirtyRows.set(r.id, r);
     this.commit.write(
       () => this.sql`INSERT INTO reservations
         (id, execution_id, stage_id, attempt, worker, rank, eff_rank, age_at, seq, state, req, lease_ms, created_at,
-         granted_at, expires_at, passed, parked, usage, duration_ms, ended_at, client_id, cost_est, tag)
+         granted_at, expires_at, passed, parked, usage, duration_ms, ended_at, client_id, cost_est, tag, cseq, cstate)
         VALUES (${r.id}, ${r.execution_id}, ${r.stage_id}, ${r.attempt}, ${r.worker}, ${r.rank}, ${r.eff_rank}, ${r.age_at},
                 ${r.seq}, ${r.state}, ${r.req}, ${r.lease_ms}, ${r.created_at}, ${r.granted_at}, ${r.expires_at}, ${r.passed},
-                ${r.parked}, ${r.usage}, ${r.duration_ms}, ${r.ended_at}, ${r.client_id}, ${r.cost_est}, ${r.tag})
+                ${r.parked}, ${r.usage}, ${r.duration_ms}, ${r.ended_at}, ${r.client_id}, ${r.cost_est}, ${r.tag}, ${cseq}, ${cstate})
         ON CONFLICT (id) DO UPDATE SET state = excluded.state, eff_rank = excluded.eff_rank, age_at = excluded.age_at,
           granted_at = excluded.granted_at, expires_at = excluded.expires_at, passed = excluded.passed,
-          parked = excluded.parked, usage = excluded.usage, duration_ms = excluded.duration_ms, ended_at = excluded.ended_at`,
+          parked = excluded.parked, usage = excluded.usage, duration_ms = excluded.duration_ms, ended_at = excluded.ended_at,
+          cseq = excluded.cseq, cstate = excluded.cstate`,
     );
   }
 
@@ -265,6 +291,10 @@ export class LedgerStore {
   }
 
   purge(before: number, limit: number): void {
+    const oldest = this.earliestEnded();
+    if (oldest === null || oldest >= before) return;
+    // Rows past the checkpoint carry client state it does not have yet: checkpoint in the same transaction.
+    if (this.#pastCheckpoint > 0) this.#checkpointDue = true;
     this.commit.write(
       () => this.sql`DELETE FROM reservations WHERE id IN (SELECT id FROM reservations WHERE ended_at IS NOT NULL
         AND ended_at < ${before} ORDER BY ended_at LIMIT ${limit})`,
@@ -290,20 +320,25 @@ export class LedgerStore {
     this.#dirtyRows.clear();
     this.#dirtyPools.clear();
     this.#dirtyStats.clear();
-    this.#dirtyClients.clear();
-    this.#dirtyVirtualTime = false;
+    this.#journaled.clear();
+    this.#settings.clear();
+    this.#checkpointDue = false;
     this.clients.clear();
-    this.virtualTime = Number(this.sql<{ value: string }>`SELECT value FROM meta WHERE key = 'virtual_time'`[0]?.value ?? 0);
-    type ClientRow = { client_id: string; quotas: string | null; month: string; spent: number; buckets: string; starts: string | null; last_tag: number };
-    for (const r of this.sql<ClientRow>`SELECT * FROM clients`) {
-      const c = newClient(r.client_id, 0);
-      c.own = r.quotas ? (JSON.parse(r.quotas) as ClientQuotas) : null;
-      c.month = r.month;
-      c.spent = r.spent;
-      c.lastTag = r.last_tag;
-      for (const [pool, b] of Object.entries(JSON.parse(r.buckets) as Record<string, PoolState>)) c.rate.set(pool, { ...b, held: 0, waiting: 0 });
-      c.starts = r.starts ? (JSON.parse(r.starts) as PoolState) : null;
-      this.clients.set(c.id, c);
+    const persisted = readPersistedClients(this.sql);
+    this.virtualTime = persisted.virtualTime;
+    this.#cseq = persisted.lastChange;
+    this.#pastCheckpoint = persisted.pastCheckpoint;
+    for (const [id, p] of persisted.clients) {
+      const c = newClient(id, 0);
+      c.own = p.own;
+      c.starts = p.starts;
+      if (p.month) c.month = p.month;
+      c.spent = p.spent;
+      c.lastTag = p.lastTag;
+      for (const [pool, b] of p.buckets) c.rate.set(pool, bucketOf(id, pool, b));
+      this.clients.set(id, c);
+      // Its rows past the checkpoint stay needed until the next checkpoint covers it.
+      if (p.pastCheckpoint) this.#journaled.add(c);
     }
     const clientOf = (id: string | null) => this.client(id, 0);
     type PoolRow = {
@@ -426,6 +461,8 @@ export class LedgerStore {
       if (!row) problems.push(`${p.name}: no row`);
       else if (row.capacity !== p.capacity || row.consumed !== p.consumed) problems.push(`${p.name}: row differs from memory`);
     }
+    // What a restart would load (the checkpoint and the rows past it) is what memory holds.
+    problems.push(...checkPersisted(this.clients.values(), readPersistedClients(this.sql), this.virtualTime));
     return problems;
   }
 
@@ -438,23 +475,17 @@ export class LedgerStore {
         VALUES (${w.worker}, ${w.durAvg}, ${w.durSamples}, ${JSON.stringify(w.usage)})
         ON CONFLICT (worker) DO UPDATE SET dur_avg = excluded.dur_avg, dur_n = excluded.dur_n, usage = excluded.usage`;
     }
-    for (const c of this.#dirtyClients) {
-      const buckets: Record<string, PoolState> = Object.fromEntries(c.rate);
-      const quotas = c.own ? JSON.stringify(c.own) : null;
-      const starts = c.starts ? JSON.stringify(c.starts) : null;
-      this.sql`INSERT INTO clients (client_id, quotas, month, spent, buckets, starts, last_tag)
-        VALUES (${c.id}, ${quotas}, ${c.month}, ${c.spent}, ${JSON.stringify(buckets)}, ${starts}, ${c.lastTag})
-        ON CONFLICT (client_id) DO UPDATE SET quotas = excluded.quotas, month = excluded.month, spent = excluded.spent,
-          buckets = excluded.buckets, starts = excluded.starts, last_tag = excluded.last_tag`;
-    }
-    if (this.#dirtyVirtualTime) {
-      this.sql`INSERT INTO meta (key, value) VALUES ('virtual_time', ${String(this.virtualTime)})
-        ON CONFLICT (key) DO UPDATE SET value = excluded.value`;
+    if (this.#checkpointDue || this.#pastCheckpoint >= this.rules.clientCheckpointRows) {
+      writeCheckpoint(this.sql, new Set([...this.#journaled, ...this.#settings]), this.virtualTime, this.#cseq);
+      this.#journaled.clear();
+      this.#pastCheckpoint = 0;
+      this.#checkpointDue = false;
+    } else {
+      for (const c of this.#settings) writeSettings(this.sql, c);
     }
     this.#dirtyPools.clear();
     this.#dirtyStats.clear();
-    this.#dirtyClients.clear();
-    this.#dirtyVirtualTime = false;
+    this.#settings.clear();
   }
 
   #savePool(p: PoolState): void {

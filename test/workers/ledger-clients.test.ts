@@ -8,6 +8,8 @@
 import { evictDurableObject, runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
 import { ledgerTestHooks, type ResourceLedger } from "../../actors/resource-ledger";
+import { readPersistedClients } from "../../actors/ledger/client-journal";
+import { sqlOf } from "../../actors/sql";
 import type { ReserveRequest, ReserveResult } from "../../schemas/ledger";
 import { attach, expectWithinCapacity, fresh, prng, req, id, type LedgerStub } from "./ledger-support";
 
@@ -144,11 +146,14 @@ function reqOf(r: ReserveResult): Partial<ReserveRequest> {
   return { executionId, stageId, attempt: Number(attempt) };
 }
 
-/** The client's spend and its settled stages' excess over their estimates, from the `clients` and `reservations` tables. */
+/**
+ * The client's spend as a restart would load it (the `clients` checkpoint and the reservation rows past it), and
+ * its settled stages' excess over their estimates, from the `reservations` table.
+ */
 async function budgetTables(ledger: LedgerStub, client: string) {
   return runInDurableObject(ledger, (_i, st) => {
     const sql = st.storage.sql;
-    const spent = sql.exec<{ spent: number }>("SELECT spent FROM clients WHERE client_id = ?", client).one().spent;
+    const spent = readPersistedClients(sqlOf(st.storage)).clients.get(client)!.spent;
     let recorded = 0;
     let sumExcess = 0;
     let maxExcess = 0;
