@@ -1,6 +1,6 @@
 import { z } from "zod";
 import { ClientDocument } from "./clients";
-import { PoolSnapshot, QueuedWaiter } from "./ledger";
+import { LedgerSnapshot, PoolSnapshot, QueuedWaiter } from "./ledger";
 
 /**
  * What the front Worker answers when it asks every ledger shard at once
@@ -41,14 +41,12 @@ export const ShardedWaiter = QueuedWaiter.extend({
 });
 export type ShardedWaiter = z.infer<typeof ShardedWaiter>;
 
-/** `GET /resources`. */
-export const ResourcesDocument = z.object({
+/** `GET /resources`: the ledger snapshot's fields over every shard, and which shards answered. */
+export const ResourcesDocument = LedgerSnapshot.extend({
   /** Every pool once, by name, with its shard. */
   pools: z.array(ShardedPoolSnapshot),
-  /** Grants held, summed over the shards that answered: a stage holding parts on several shards counts once per shard. */
+  /** Grants held, summed over the shards that answered: a stage holding parts on several shards counts once per shard. `waiters` the same. */
   leases: z.number(),
-  /** Waiting reservations, summed the same way. */
-  waiters: z.number(),
   /** Each answering shard's waiters in its queue order, shard by shard. */
   queue: z.array(ShardedWaiter),
   /** Every shard, in order, and whether it answered. */

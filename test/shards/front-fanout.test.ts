@@ -13,13 +13,14 @@
 import { createExecutionContext, waitOnExecutionContext } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { afterEach, describe, expect, it } from "vitest";
+import type { QueueSampler } from "../../actors/queue-sampler";
 import type { ClientDocument } from "../../schemas/clients";
 import type { ResourcesDocument, ShardedClientList } from "../../schemas/resources";
 import { configOf } from "../../src/config";
 import { estimateTotalMs } from "../../src/estimates";
 import { ledgerShard } from "../../src/ledger-routing";
 import { handle } from "../../src/routes";
-import { JSON_HEADERS, OPS, call } from "../support/api";
+import { JSON_HEADERS, OPS, call, startExecution } from "../support/api";
 
 type Method = "snapshot" | "clients" | "client" | "estimate";
 interface FaultyLedgerStub {
@@ -178,6 +179,30 @@ describe("clients over four shards", () => {
     const shown = partial.clients.map((c) => c.client_id);
     expect(shown).toEqual(expect.arrayContaining(["client_front_0", "client_front_3", "client_front_2"]));
     expect(shown).not.toContain("client_front_1");
+  });
+});
+
+describe("the queue sampler over four shards", () => {
+  it("samples the pools of every shard", async () => {
+    for (const [name, shard] of OWN_POOLS) await putPool(name, { kind: "concurrency", capacity: 5 + shard });
+    const sampler = env.QUEUE_SAMPLES.get(env.QUEUE_SAMPLES.idFromName("global")) as unknown as DurableObjectStub<QueueSampler>;
+    const at = await sampler.sample();
+    const { samples } = await sampler.samples(at, at + 1);
+    for (const [name, shard] of OWN_POOLS) expect(samples.filter((x) => x.pool === name).map((x) => x.capacity)).toEqual([5 + shard]);
+  });
+});
+
+describe("start admission over four shards", () => {
+  it("is decided by the client's shard, where its quotas are", async () => {
+    // client_front_5 lives on shard 3 (FNV-1a 32 of `client:client_front_5` % 4).
+    const id = "client_front_5";
+    expect((await call(`/clients/${id}/quotas`, { method: "PUT", headers: { ...OPS, ...JSON_HEADERS }, body: JSON.stringify({ max_starts_per_minute: 1 }) })).status).toBe(200);
+    expect((await ledgerShard(env, 3).client(id)).own_quotas).toEqual({ max_starts_per_minute: 1 });
+    const first = await startExecution({ template_name: "quick_summary", parameters: {}, client_id: id });
+    expect(first.res.status).toBe(202);
+    const second = await startExecution({ template_name: "quick_summary", parameters: {}, client_id: id });
+    expect(second.res.status).toBe(429);
+    expect(second.body.error.code).toBe("rate_limited");
   });
 });
 

@@ -14,6 +14,7 @@ import type { LedgerSnapshot } from "../../schemas/ledger";
 import type { ResourcesDocument } from "../../schemas/resources";
 import { type ShardAnswer, mergeSnapshots } from "../../src/ledger-fanout";
 import { ledgerShard } from "../../src/ledger-routing";
+import { KamApi } from "../../src/index";
 import { handle } from "../../src/routes";
 import { JSON_HEADERS, KAM, OPS, call } from "../support/api";
 
@@ -94,6 +95,13 @@ describe("a shard config the routing refuses", () => {
       expect(await health.json()).toMatchObject({ status: "misconfigured", missing: [], config_invalid: [expect.stringContaining(problem)] });
     });
   }
+
+  it("KAM's RPC methods answer config_invalid too, and start nothing", async () => {
+    const api = new KamApi(createExecutionContext() as never, { ...env, LEDGER_SHARD_MAP: "{not json" } as Env);
+    const answer = await api.execute({ request_id: "req_fanout_refused_rpc", template_name: "quick_summary", parameters: {}, client_id: "client_fanout" });
+    expect(answer).toMatchObject({ ok: false, status: 503, error: { code: "config_invalid", message: expect.stringContaining("LEDGER_SHARD_MAP is not JSON") } });
+    expect((await call("/execute", { method: "POST", headers: { ...KAM, ...JSON_HEADERS }, body: JSON.stringify({ request_id: "req_fanout_refused_rpc", template_name: "quick_summary", parameters: {}, client_id: "client_fanout" }) })).status).toBe(202);
+  });
 
   it("routes nothing: a start under the refused config is 503 config_invalid and claims nothing", async () => {
     const body = { request_id: "req_fanout_refused_start", template_name: "quick_summary", parameters: {}, client_id: "client_fanout" };
