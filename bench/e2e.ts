@@ -46,7 +46,8 @@
  *   N x (work + orchestration), 10 minutes for 1,000 items on a loaded machine)
  *   --status-reads: instead, status read throughput (bench/status-reads.ts): GET /health, a running and
  *   an ended execution's GET /executions/:id and a 304, closed loop, --read-concurrency 20 in flight,
- *   --read-seconds 5 each, --rounds 2 (order rotated)
+ *   --read-seconds 5 each, --rounds 2 (order rotated); --perf-record DIR: `perf record -g` of the workerd
+ *   runtime during each read (Linux perf), one file per read and round, for `perf report`
  *   --rounds R (2: each round runs both systems on both workloads, the order
  *   swapped every round) --count-n K (30 executions per system counted for the
  *   billed units)
@@ -111,13 +112,15 @@ export interface Options {
   /** --status-reads: GET /executions/:id (running, ended, 304) against GET /health (bench/status-reads.ts). */
   statusReads: boolean;
   readSeconds: number;
+  /** --perf-record DIR (with --status-reads): `perf record -g` of the workerd runtime during each read. */
+  perfRecord: string | null;
   readConcurrency: number;
   /** --fsyncs: count the runtime's fsyncs by file during the orchestrated phase (bench/lib/fsyncs.ts). */
   fsyncs: boolean;
 }
 
 export function parseArgs(argv: string[]): Options {
-  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, durableFloor: true, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true, vsWorkflows: false, rounds: 2, pollN: 300, pollConcurrency: 100, pollMs: 100, countN: 30, workMs: 0, fanOut: false, fanItems: [10, 100, 1000], fanWorkMs: 50, fanRounds: 2, fanLineMax: 1000, statusReads: false, readSeconds: 5, readConcurrency: 20, fsyncs: false };
+  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, durableFloor: true, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true, vsWorkflows: false, rounds: 2, pollN: 300, pollConcurrency: 100, pollMs: 100, countN: 30, workMs: 0, fanOut: false, fanItems: [10, 100, 1000], fanWorkMs: 50, fanRounds: 2, fanLineMax: 1000, statusReads: false, readSeconds: 5, readConcurrency: 20, perfRecord: null, fsyncs: false };
   const given = new Set<string>();
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -160,6 +163,7 @@ export function parseArgs(argv: string[]): Options {
       case "--fsyncs": o.fsyncs = true; break;
       case "--read-seconds": o.readSeconds = Math.max(1, num()); break;
       case "--read-concurrency": o.readConcurrency = Math.max(1, num()); break;
+      case "--perf-record": o.perfRecord = path.resolve(next()); break;
       case "--fan-items": o.fanItems = next().split(",").map((v) => Math.min(1000, Math.max(1, Math.floor(Number(v)) || 1))); break;
       case "--fan-work-ms": o.fanWorkMs = Math.min(10_000, num()); break;
       case "--fan-rounds": o.fanRounds = Math.max(1, num()); break;
@@ -775,7 +779,8 @@ async function main(): Promise<number> {
 
     if (opts.vsWorkflows) return await runVsWorkflows(b, opts, pids, startedAt);
     if (opts.statusReads) {
-      const result = await runStatusReads(b, { seconds: opts.readSeconds, concurrency: opts.readConcurrency, rounds: opts.rounds });
+      if (opts.perfRecord) mkdirSync(opts.perfRecord, { recursive: true });
+      const result = await runStatusReads(b, { seconds: opts.readSeconds, concurrency: opts.readConcurrency, rounds: opts.rounds, pids, perfDir: opts.perfRecord });
       const out = opts.jsonOut ?? path.join(path.dirname(new URL(import.meta.url).pathname), "results", `e2e-status-reads-${startedAt.toISOString().replace(/[:.]/g, "-")}.json`);
       mkdirSync(path.dirname(out), { recursive: true });
       writeFileSync(out, JSON.stringify({ ...result, started_at: startedAt.toISOString(), cores: os.cpus().length, loadavg: os.loadavg(), versions: versions(opts.tree) }, null, 2));

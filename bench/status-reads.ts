@@ -7,12 +7,18 @@
  * all four, the order rotated each round so the machine's drift falls on all;
  * the ratios are taken per round against that round's health figure.
  */
+import { type ChildProcess, spawn } from "node:child_process";
 import type { Bench } from "./e2e";
+import { cpuSecondsOf } from "./lib/proc-stats";
 
 export interface StatusReadOptions {
   seconds: number;
   concurrency: number;
   rounds: number;
+  /** The session's processes (workerd runtime, proxy, wrangler's node): CPU ms each spends per answered read. */
+  pids: Record<string, number>;
+  /** `--perf-record DIR`: `perf record -g` of the workerd runtime during each read, one file per read and round. */
+  perfDir: string | null;
 }
 
 const ENDED = new Set(["completed", "failed", "cancelled"]);
@@ -41,7 +47,9 @@ async function statusOf(b: Bench, id: string): Promise<{ status: string }> {
 }
 
 /** Closed loop: `concurrency` readers for `seconds`; answers per second, and how many were not the expected status. */
-async function hammer(b: Bench, path: string, headers: Record<string, string>, expect: number, seconds: number, concurrency: number) {
+async function hammer(b: Bench, path: string, headers: Record<string, string>, expect: number, seconds: number, concurrency: number, pids: Record<string, number> = {}) {
+  const cpu0 = Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, cpuSecondsOf(pid)]));
+  const self0 = process.cpuUsage();
   const until = performance.now() + seconds * 1000;
   let ok = 0;
   let bad = 0;
@@ -59,7 +67,11 @@ async function hammer(b: Bench, path: string, headers: Record<string, string>, e
     }),
   );
   const wall = (performance.now() - t0) / 1000;
-  return { per_s: ok / wall, bad, p50_ms: r2(median(lat)) };
+  const self = process.cpuUsage(self0);
+  // CPU ms per answered read, per process: what a read costs, less exposed to the machine's other load than the rate.
+  const cpu_ms: Record<string, number> = Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, r2(((cpuSecondsOf(pid) - cpu0[k]) * 1000) / Math.max(1, ok))]));
+  cpu_ms.bench_client = r2((self.user + self.system) / 1000 / Math.max(1, ok));
+  return { per_s: ok / wall, ok, bad, p50_ms: r2(median(lat)), cpu_ms };
 }
 
 /** The current ETag of an execution (read with the raw client: the JSON client drops headers). */
@@ -88,6 +100,7 @@ export async function runStatusReads(b: Bench, o: StatusReadOptions) {
   const kinds = ["health", "running", "ended", "ended_304"] as const;
   const per: Record<(typeof kinds)[number], number[]> = { health: [], running: [], ended: [], ended_304: [] };
   const p50: Record<string, number[]> = { health: [], running: [], ended: [], ended_304: [] };
+  const cpu: Record<string, Record<string, number>[]> = { health: [], running: [], ended: [], ended_304: [] };
   let bad = 0;
   // Warm-up: each path once at low load.
   for (const path of ["/health", `/executions/${ended}`]) await hammer(b, path, b.kam, 200, 1, 4);
@@ -99,31 +112,60 @@ export async function runStatusReads(b: Bench, o: StatusReadOptions) {
     const order = kinds.map((_, i) => kinds[(i + round) % kinds.length]);
     for (const k of order) {
       console.error(`status reads: round ${round + 1}/${o.rounds}, ${k}...`);
+      const perf = o.perfDir && o.pids.workerd_runtime ? perfRecord(o.pids.workerd_runtime, `${o.perfDir}/${k}-${round + 1}.perf.data`) : null;
+      const run = (path: string, headers: Record<string, string>, expect: number) => hammer(b, path, headers, expect, o.seconds, o.concurrency, o.pids);
       const r =
         k === "health"
-          ? await hammer(b, "/health", {}, 200, o.seconds, o.concurrency)
+          ? await run("/health", {}, 200)
           : k === "running"
-            ? await hammer(b, `/executions/${running}`, b.kam, 200, o.seconds, o.concurrency)
+            ? await run(`/executions/${running}`, b.kam, 200)
             : k === "ended"
-              ? await hammer(b, `/executions/${ended}`, b.kam, 200, o.seconds, o.concurrency)
-              : await hammer(b, `/executions/${ended}`, { ...b.kam, "if-none-match": etag ?? "none" }, etag ? 304 : 200, o.seconds, o.concurrency);
+              ? await run(`/executions/${ended}`, b.kam, 200)
+              : await run(`/executions/${ended}`, { ...b.kam, "if-none-match": etag ?? "none" }, etag ? 304 : 200);
+      if (perf) await stopPerf(perf);
       per[k].push(r.per_s);
       p50[k].push(r.p50_ms);
+      cpu[k].push(r.cpu_ms);
       bad += r.bad;
     }
     // It has done its part: cancel it so nothing is left running.
     await b.client.request("POST", `/executions/${running}/cancel`, { headers: b.kam, timeoutMs: 10_000 }).catch(() => null);
   }
   const ratio = (k: (typeof kinds)[number]) => r2(median(per[k].map((v, i) => v / per.health[i])));
-  const rows = kinds.map((k) => ({ read: k, per_s: r2(median(per[k])), p50_ms: r2(median(p50[k])), vs_health: ratio(k), per_round: per[k].map(r2) }));
+  const procs = Object.keys(cpu.health[0] ?? {});
+  const cpuMedian = (k: (typeof kinds)[number]) => Object.fromEntries(procs.map((p) => [p, r2(median(cpu[k].map((c) => c[p])))]));
+  const rows = kinds.map((k) => ({ read: k, per_s: r2(median(per[k])), p50_ms: r2(median(p50[k])), vs_health: ratio(k), per_round: per[k].map(r2), cpu_ms_per_read: cpuMedian(k) }));
   console.log("");
-  console.log(`status reads: ${o.concurrency} in flight, ${o.seconds} s each, ${o.rounds} rounds (order rotated); median per round`);
-  console.log("  read         per s   p50 ms  x health");
-  for (const r of rows) console.log(`  ${r.read.padEnd(10)} ${String(r.per_s).padStart(8)} ${String(r.p50_ms).padStart(8)} ${String(r.vs_health).padStart(9)}`);
+  console.log(`status reads: ${o.concurrency} in flight, ${o.seconds} s each, ${o.rounds} rounds (order rotated); median per round; CPU ms per answered read by process`);
+  console.log(`  read         per s   p50 ms  x health  ${procs.map((p) => p.padStart(15)).join(" ")}`);
+  for (const r of rows) {
+    const c = procs.map((p) => String(r.cpu_ms_per_read[p]).padStart(15)).join(" ");
+    console.log(`  ${r.read.padEnd(10)} ${String(r.per_s).padStart(8)} ${String(r.p50_ms).padStart(8)} ${String(r.vs_health).padStart(9)}  ${c}`);
+  }
   const targets = (["running", "ended"] as const).map((k) => ({ name: `GET /executions/:id (${k}) at least 0.8x GET /health`, measured: `${ratio(k)}x`, met: ratio(k) >= 0.8 }));
   for (const t of targets) console.log(`  ${t.met ? "MET " : "MISS"} ${t.name}: ${t.measured}`);
   console.log(`  answers other than expected: ${bad}; 304s used the ETag ${etag ?? "(none: this tree sends no ETag, so 200s were counted)"}`);
   const result = { bench: "e2e-status-reads", concurrency: o.concurrency, seconds: o.seconds, rounds: o.rounds, rows, targets, unexpected: bad, etag_support: etag !== null };
   console.log(JSON.stringify(result));
   return result;
+}
+
+/** `perf record -g` of one process until stopped (SIGINT makes perf write its file). */
+function perfRecord(pid: number, file: string): ChildProcess {
+  return spawn("perf", ["record", "-g", "-F", "499", "-p", String(pid), "-o", file], { stdio: "ignore" });
+}
+
+function stopPerf(p: ChildProcess): Promise<void> {
+  return new Promise((resolve) => {
+    if (p.exitCode !== null) return resolve();
+    const timer = setTimeout(() => {
+      p.kill("SIGKILL");
+      resolve();
+    }, 30_000);
+    p.once("exit", () => {
+      clearTimeout(timer);
+      resolve();
+    });
+    p.kill("SIGINT");
+  });
 }
