@@ -175,7 +175,7 @@ const SHARDED_AGAIN = [
 ];
 
 /**
- * Five projects:
+ * Six projects:
  * - `workers`: tests that run inside workerd next to the orchestrator's real
  *   Durable Objects, with the demo stand-ins as auxiliary workers behind the
  *   real service bindings (built by test/support/global-setup.ts, since
@@ -186,6 +186,8 @@ const SHARDED_AGAIN = [
  *   fails or loses answers for real (test/support/faulty-ledger), and the
  *   stage-data stores behind entrypoints that stall or fail calls
  *   (test/support/faulty-store);
+ * - `status-leases`: the workers project's setup with leases on ended
+ *   executions' documents (statusLeaseMs), which `workers` turns off;
  * - `e2e`: Node tests that start the same multi-worker `wrangler dev` session
  *   as `npm start` and drive it over HTTP;
  * - `browser`: the operator pages in the system Chromium (/usr/bin/chromium)
@@ -281,6 +283,17 @@ export default defineConfig({
           globalSetup: ["./test/support/global-setup.ts"],
           testTimeout: 60_000,
           fileParallelism: false,
+        },
+      },
+      {
+        // Leases on ended executions' documents (docs/protocol.md, "Status reads"): the
+        // workers project turns them off so that it reads each change at once.
+        plugins: [orchestratorUnderTest("status-leases", { bindings: { TUNING: JSON.stringify({ ...TEST_TUNING, statusLeaseMs: 4000 }) } })],
+        test: {
+          name: "status-leases",
+          include: ["test/status-leases/**/*.test.ts"],
+          globalSetup: ["./test/support/global-setup.ts"],
+          testTimeout: 60_000,
         },
       },
       {

@@ -17,6 +17,12 @@ export const DEFAULT_TUNING = {
   objectCallTimeoutMs: 10_000,
   /** The longest `wait_ms` of a long-polled `GET /executions/:id` (docs/protocol.md, "Status reads"). */
   statusWaitMaxMs: 30_000,
+  /**
+   * How long a front Worker isolate may answer an ended execution's document
+   * from its own memory after reading it (the object holds back any change
+   * until then); 0: every read calls the object (docs/protocol.md, "Status reads").
+   */
+  statusLeaseMs: 1_000,
   /** KV and R2 reads and writes inside an execution's drive pass (a stalled store must not block its alarm). */
   storageCallTimeoutMs: 10_000,
   /** KAM template fetch: attempts before `kam_unavailable`, and the backoff between them. */

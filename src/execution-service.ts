@@ -18,6 +18,7 @@ import { log } from "./log";
 import { emit } from "./metrics";
 import { LIVE_PROTOCOL, TICKET_PREFIX, TICKET_USE_HEADER, issueLiveTicket, verifyLiveTicket } from "./live-ticket";
 import { askObject, withTimeout } from "./outbound";
+import { remember } from "./bounded-memo";
 import { acceptTrace, readTraceparent } from "./trace";
 
 /**
@@ -162,11 +163,24 @@ function etagVersion(header: string | null, executionId: string): number | null 
   return found;
 }
 
+/** An ended execution's document this isolate holds a lease on (status-cache.ts): it does not change before `until`. */
+interface Leased {
+  version: number;
+  client_id: string;
+  body: string;
+  until: number;
+}
+const leased = new Map<string, Leased>();
+/** Bounded: at most this many documents (a few KB each) per isolate, the least recently leased dropped first. */
+const MAX_LEASED = 1_000;
+
 /**
  * `GET /executions/:id` (docs/protocol.md, "Status reads"): the document from
  * the execution's memory with its `ETag`, 304 when `If-None-Match` names the
  * current version, and a long poll with `wait_ms` and `since`. `visible`: the
- * caller may see this client's executions (another client's is 404).
+ * caller may see this client's executions (another client's is 404). A read
+ * that does not wait is answered from this isolate's memory while it holds a
+ * lease on the document (an ended execution's, for `statusLeaseMs`).
  */
 export async function readStatus(env: Env, id: unknown, query: URLSearchParams, ifNoneMatch: string | null, visible: (clientId: string) => boolean): Promise<Response> {
   const executionId = checkExecutionId(id);
@@ -176,12 +190,25 @@ export async function readStatus(env: Env, id: unknown, query: URLSearchParams, 
     throw new ApiError(400, "invalid_request", "invalid query: wait_ms", [{ path: "wait_ms", message: `at most ${max} (statusWaitMaxMs)` }]);
   }
   const waitMs = q.wait_ms ?? 0;
-  const stub = executionStub(env, executionId);
-  const r = await askObject<StatusRead>(stub.readStatus({ wait_ms: waitMs, since: q.since ?? null, if_none_match: etagVersion(ifNoneMatch, executionId) }), waitMs + objectTimeout(env), "execution status");
+  const known = etagVersion(ifNoneMatch, executionId);
+  // Taken before the call: the lease runs from the object's answer, which is later, so it ends here first.
+  const asked = Date.now();
+  const held = waitMs === 0 ? leased.get(executionId) : undefined;
+  let r: { version: number; client_id: string; body: string | null };
+  if (held && asked < held.until) r = held;
+  else {
+    const stub = executionStub(env, executionId);
+    const answer = await askObject<StatusRead>(stub.readStatus({ wait_ms: waitMs, since: q.since ?? null, if_none_match: known }), waitMs + objectTimeout(env), "execution status");
+    if (answer.state === "missing") throw new ApiError(404, "not_found", `no execution ${executionId}`);
+    if (answer.lease_ms > 0 && answer.body !== null) {
+      remember(leased, executionId, { version: answer.version, client_id: answer.client_id, body: answer.body, until: asked + answer.lease_ms }, MAX_LEASED);
+    } else leased.delete(executionId);
+    r = answer;
+  }
   // Another client's execution answers as if it did not exist.
-  if (r.state === "missing" || !visible(r.client_id)) throw new ApiError(404, "not_found", `no execution ${executionId}`);
+  if (!visible(r.client_id)) throw new ApiError(404, "not_found", `no execution ${executionId}`);
   const headers = { etag: statusEtag(executionId, r.version), vary: "Accept", "cache-control": "no-cache" };
-  if (r.body === null) return new Response(null, { status: 304, headers });
+  if (r.body === null || known === r.version) return new Response(null, { status: 304, headers });
   return new Response(r.body, { status: 200, headers: { ...headers, "content-type": "application/json; charset=utf-8" } });
 }
 

@@ -89,7 +89,7 @@ export class Execution extends DurableObject<Env> {
     this.#store = new Store(sql);
     this.#timers = new Timers(sql, ctx.storage);
     this.#live = new Live(ctx, this.#store, () => this.#document());
-    this.#status = new StatusCache(raw, () => buildStatus(this.#c), () => this.#live.changed());
+    this.#status = new StatusCache(raw, () => buildStatus(this.#c), () => this.#live.changed(), this.#config.tuning.statusLeaseMs);
     const base = {
       env,
       config: this.#config,
@@ -104,8 +104,10 @@ export class Execution extends DurableObject<Env> {
     setLogLevel(env);
     ctx.blockConcurrencyWhile(async () => {
       createTables(ctx.storage);
-      this.#status.load();
+      const holdMs = this.#status.load();
       this.#timers.known(await ctx.storage.getAlarm());
+      // A change held back for leases the previous instance gave, which may still be out: nothing is served until they end.
+      if (holdMs > 0) await new Promise((resolve) => setTimeout(resolve, holdMs));
     });
   }
 
@@ -160,13 +162,17 @@ export class Execution extends DurableObject<Env> {
    * `GET /executions/:id`: the document's JSON from memory, none when the
    * caller's copy (`if_none_match`) is current; with `wait_ms`, once the
    * version is past `since` or the wait is over (docs/protocol.md, "Status reads").
+   * A read that does not wait may be given a lease (`lease_ms`, status-cache.ts):
+   * the JSON is then always sent, as the caller keeps it.
    */
   async readStatus(q: StatusReadQuery): Promise<StatusRead> {
     const ended = this.#status.ended();
     if (ended === null) return { state: "missing" };
     await this.#timers.healOnRead(!ended);
     await this.#status.changeAfter(q.since ?? this.#status.version, Math.min(q.wait_ms, this.#config.tuning.statusWaitMaxMs));
-    return { state: "ok", ...this.#status.answer(Date.now(), q.if_none_match)! };
+    const now = Date.now();
+    const leaseMs = q.wait_ms === 0 ? this.#status.lease(now) : 0;
+    return { state: "ok", ...this.#status.answer(now, leaseMs > 0 ? null : q.if_none_match)!, lease_ms: leaseMs };
   }
 
   async getResult(): Promise<ResultState> {

@@ -66,7 +66,16 @@ export interface StatusReadQuery {
 
 export type StatusRead =
   | { state: "missing" }
-  | { state: "ok"; version: number; execution_id: string; client_id: string; ended: boolean; body: string | null };
+  | {
+      state: "ok";
+      version: number;
+      execution_id: string;
+      client_id: string;
+      ended: boolean;
+      body: string | null;
+      /** > 0: a lease on this (ended) document for this long (status-cache.ts): it does not change before it ends. */
+      lease_ms: number;
+    };
 
 export type DecideState =
   | { state: "missing" }

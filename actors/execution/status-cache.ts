@@ -29,6 +29,20 @@ import type { Core, StageRow } from "./store";
  * Durations that run (a stage's `waiting_ms`/`processing_ms`, `paused_ms`)
  * are kept as "stored total - since" (the document built at time 0) and the
  * read adds its `now`: they grow with time and are not changes of the document.
+ *
+ * Leases (docs/protocol.md, "Status reads"): a read of an ended, settled
+ * document (no notification pending) may be given a lease of `leaseMs`, and
+ * the front Worker's isolate then answers that document from its own memory
+ * until the lease ends, without calling this object. In exchange the object
+ * shows no change of that document until every lease it gave has ended: a
+ * change stored meanwhile (a rerun's link, retention's `data_expired_at`, a
+ * message become undeliverable) is held back and becomes the next version
+ * when the last lease ends, for every reader at once, so no reader sees an
+ * older document after another saw a newer one. No lease is given while a
+ * change is held back, so reads cannot postpone it forever. A new instance
+ * does not know the leases its predecessor gave: if its document is not the
+ * one stored (a change was held back when the old one went), the object waits
+ * `leaseMs` before it serves anything (`holdMs`).
  */
 
 /** Writes to these tables never change the status document (no rebuild after them). */
@@ -80,21 +94,47 @@ export class StatusCache {
   #queued = false;
   #waiters = new Set<() => void>();
   #onChange: () => void;
+  readonly #leaseMs: number;
+  /** The end of the last lease given (ms); changes of the document wait for it. */
+  #leaseUntil = 0;
+  #leaseTimer: ReturnType<typeof setTimeout> | null = null;
 
-  /** `raw`: the unwatched sql helper (the version's own write must not count as a change). */
-  constructor(raw: Sql, build: () => Built | null, onChange: () => void) {
+  /** `raw`: the unwatched sql helper (the version's own write must not count as a change); `leaseMs`: 0 gives none. */
+  constructor(raw: Sql, build: () => Built | null, onChange: () => void, leaseMs = 0) {
     this.#raw = raw;
     this.#build = build;
     this.#onChange = onChange;
+    this.#leaseMs = leaseMs;
   }
 
-  /** At start (blockConcurrencyWhile): the stored version, moved on if the document is not the one it was stored for. */
-  load(): void {
+  /**
+   * At start (blockConcurrencyWhile): the stored version, moved on if the
+   * document is not the one it was stored for. Returns how long to wait before
+   * serving: `leaseMs` when an ended document moved on (a lease the previous
+   * instance gave may still be out), else 0.
+   */
+  load(): number {
     const row = this.#raw<{ status_version: number; status_hash: string | null }>`SELECT status_version, status_hash FROM execution WHERE id = 1`[0];
     this.#version = row?.status_version ?? 0;
     this.#hash = row?.status_hash ?? null;
     this.#dirty = false;
+    const stored = this.#version;
     this.#rebuild(this.#hash);
+    const moved = stored > 0 && this.#version !== stored;
+    return moved && this.#built && isTerminalExecution(this.#built.doc.status) ? this.#leaseMs : 0;
+  }
+
+  /**
+   * A lease on the document as it is now, for a read at `now`: its length in
+   * ms, 0 when none is given (leases off, not ended, a notification pending,
+   * or a change already held back).
+   */
+  lease(now: number): number {
+    this.#refresh();
+    const b = this.#built;
+    if (this.#leaseMs <= 0 || this.#dirty || !b || !isTerminalExecution(b.doc.status) || b.doc.notifications.pending > 0) return 0;
+    this.#leaseUntil = Math.max(this.#leaseUntil, now + this.#leaseMs);
+    return this.#leaseMs;
   }
 
   /** A write that may change the document: rebuilt once, after the turn. */
@@ -158,13 +198,28 @@ export class StatusCache {
   }
 
   #refresh(): void {
-    if (!this.#dirty) return;
+    if (!this.#dirty || this.#held()) return;
     this.#dirty = false;
     const before = this.#version;
     this.#rebuild(this.#hash);
     if (this.#version === before) return;
     for (const check of [...this.#waiters]) check();
     this.#onChange();
+  }
+
+  /**
+   * Whether a lease given on the current document is still out: the change
+   * waits, and is taken up by a timer when the lease ends (the object's own
+   * timer, so the turn that shows it is the object's).
+   */
+  #held(): boolean {
+    const wait = this.#leaseUntil - Date.now();
+    if (wait <= 0) return false;
+    this.#leaseTimer ??= setTimeout(() => {
+      this.#leaseTimer = null;
+      this.#refresh();
+    }, wait);
+    return true;
   }
 
   /** Rebuilds from SQL; a document other than the one `knownHash` names is the next version, stored in this turn. */

@@ -51,6 +51,8 @@ export const TEST_TUNING = {
   maxIndexShardsPerRequest: 4,
   // Fewer than two fan-outs side by side may run (max_parallel 5 each), so the graph test sees the bound hold.
   maxRunningItems: 6,
+  // The suite reads every change of an ended execution at once; leases on ended documents have a project of their own (test/status-leases).
+  statusLeaseMs: 0,
 };
 
 /**
