@@ -307,6 +307,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
       description:
         "With `Accept: text/html` (preferred over JSON), the execution page instead, without a token: the page reads the data with the OPS token. " +
         'The document is served from the execution\'s memory with `ETag: W/"<execution_id>.<version>"`; `If-None-Match` naming the current version is 304. ' +
+        "An ended execution's document is leased for `statusLeaseMs` (1 s) to the front instance that read it, which answers it from its memory meanwhile; a change of an ended execution shows when the leases end. " +
         "Long poll: with `wait_ms` (at most `statusWaitMaxMs`, 30 s) it answers once `version` > `since` (absent: the version at arrival), or when the wait ends, with the current document (docs/protocol.md, \"Status reads\").",
       security: kamOrOps,
       request: { params: idParams, query: StatusQuery, headers: z.object({ "if-none-match": z.string().optional() }) },
