@@ -52,6 +52,13 @@ export const DEFAULT_TUNING = {
   maxPollFailures: 5,
   /** Ledger leases: granted for leaseMs, renewed by polls once half of it has passed. */
   leaseMs: 60_000,
+  /**
+   * A stage whose pools live on several ledger shards holds each part on this
+   * short lease until every part is granted (then renews all to leaseMs): a
+   * set left incomplete (a later shard kept it waiting, or the Execution died)
+   * strands nothing for longer than this (docs/scaling.md).
+   */
+  ledgerShortLeaseMs: 15_000,
   /** While waiting in the ledger's queue the grant notice wakes the stage; it re-asks this rarely, in case a notice was lost. */
   ledgerReaskMs: 60_000,
   /** Ledger calls that fail (slow, down) are retried after base * 2^(n-1), capped, with full jitter. */

@@ -16,6 +16,7 @@ import { applyGrant } from "./grant";
 import { Live } from "./live";
 import { Notifier } from "./notify";
 import { Outbox } from "./outbox";
+import { PARTS_SCHEMA, reservationList } from "./parts";
 import { MAX_PLANS_PER_PASS, plan, signature, slotWork, templateWork } from "./plan";
 import {
   type RerunSourceState,
@@ -313,10 +314,9 @@ export class Execution extends DurableObject<Env> {
     return { retried };
   }
 
-  /** Every reservation this execution was given, for operators and leak checks. */
-  async reservationIds(): Promise<{ reservation_id: string; stage_id: string; attempt: number }[]> {
-    return this.#c.sql<{ reservation_id: string; stage_id: string; attempt: number }>`
-      SELECT reservation_id, stage_id, attempt FROM reservations ORDER BY created_at`;
+  /** Every reservation this execution was given, with its ledger shard (parts.ts), for operators and leak checks. */
+  async reservationIds(): Promise<{ reservation_id: string; stage_id: string; attempt: number; shard: number }[]> {
+    return reservationList(this.#c);
   }
 
   /** The ledger granted a waiting reservation (grant.ts: taken, or handed back when the stage moved on). */

@@ -1,6 +1,6 @@
 import type { IndexEntry } from "../../schemas/index-entry";
 import { indexFor } from "../../src/index-routing";
-import { ledgerFor } from "../../src/ledger-routing";
+import { ledgerForClient, ledgerShard } from "../../src/ledger-routing";
 import { emit } from "../../src/metrics";
 import { withTimeout } from "../../src/outbound";
 import { WorkerClient } from "../../src/worker-client";
@@ -8,9 +8,13 @@ import { isTerminalExecution, retryDelayMs } from "../stage-machine";
 import type { Execution } from "./index";
 import type { Core } from "./store";
 
+/**
+ * `shard`: the ledger shard the message goes to (ledger-routing.ts); rows
+ * written before sharding have none and go to shard 0 (`global` with one shard).
+ */
 export type OutboxItem =
-  | { kind: "ledger_settle"; reservationId: string; usage: Record<string, number>; durationMs: number }
-  | { kind: "ledger_release"; reservationId: string }
+  | { kind: "ledger_settle"; shard?: number; reservationId: string; usage: Record<string, number>; durationMs: number }
+  | { kind: "ledger_release"; shard?: number; reservationId: string }
   | { kind: "slot_release"; executionId: string }
   | { kind: "worker_cancel"; worker: string; stageId: string; attempt: number }
   | { kind: "index_upsert"; entry: IndexEntry }
@@ -92,9 +96,10 @@ export class Outbox {
     this.#deliverInBackground(h.id, h.item, 0);
   }
 
-  /** Takes the held settle to ride on a reserve; the caller reports the answer with `settled`. */
-  takeHeld(): Ride | null {
+  /** Takes the held settle to ride on a reserve to `shard` (only one for that shard rides); the caller reports the answer with `settled`. */
+  takeHeld(shard: number): Ride | null {
     const ride = this.#held;
+    if (ride && (ride.item.shard ?? 0) !== shard) return null;
     this.#held = null;
     if (ride) this.#inFlight.add(ride.id);
     return ride;
@@ -245,17 +250,18 @@ export class Outbox {
 
   async #deliver(item: OutboxItem): Promise<boolean> {
     const t = this.#c.config.tuning;
-    const ledger = ledgerFor(this.#c.env);
+    const ledger = () => ledgerShard(this.#c.env, "shard" in item ? (item.shard ?? 0) : 0);
     switch (item.kind) {
       case "ledger_settle": {
-        this.#noteSettle(await withTimeout(ledger.settle(item.reservationId, item.usage, item.durationMs), t.ledgerCallTimeoutMs, "ledger.settle"));
+        this.#noteSettle(await withTimeout(ledger().settle(item.reservationId, item.usage, item.durationMs), t.ledgerCallTimeoutMs, "ledger.settle"));
         return true;
       }
       case "ledger_release":
-        await withTimeout(ledger.release(item.reservationId), t.ledgerCallTimeoutMs, "ledger.release");
+        await withTimeout(ledger().release(item.reservationId), t.ledgerCallTimeoutMs, "ledger.release");
         return true;
       case "slot_release":
-        await withTimeout(ledger.releaseSlot(item.executionId), t.ledgerCallTimeoutMs, "ledger.releaseSlot");
+        // The slot is kept on the client's shard (ledger-routing.ts shardOfClient).
+        await withTimeout(ledgerForClient(this.#c.env, this.#c.store.row()!.client_id).releaseSlot(item.executionId), t.ledgerCallTimeoutMs, "ledger.releaseSlot");
         return true;
       case "index_upsert":
         await withTimeout(indexFor(this.#c.env, item.entry.created_at).upsert(item.entry), t.objectCallTimeoutMs, "index.upsert");

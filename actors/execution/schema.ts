@@ -1,11 +1,12 @@
 import { RERUNS_SCHEMA, migrateControl } from "./control";
 import { LIVE_TICKETS_SCHEMA } from "./live";
 import { EVENTS_SCHEMA } from "./notify";
+import { PARTS_SCHEMA } from "./parts";
 import { HOLDS_SCHEMA } from "./rerun";
 import { SCHEMA, STAGES_BY_PARENT, migrate } from "./store";
 
 /** Every table of an Execution (store.ts and the modules that own one), each created if missing. */
-const TABLES = SCHEMA + EVENTS_SCHEMA + RERUNS_SCHEMA + HOLDS_SCHEMA + LIVE_TICKETS_SCHEMA;
+const TABLES = SCHEMA + EVENTS_SCHEMA + RERUNS_SCHEMA + HOLDS_SCHEMA + LIVE_TICKETS_SCHEMA + PARTS_SCHEMA;
 /** A new object's schema: the tables at the latest version and their index. */
 export const LATEST_SCHEMA = TABLES + STAGES_BY_PARENT;
 

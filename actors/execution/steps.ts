@@ -6,12 +6,14 @@ import { issueStageTokens } from "../../src/auth";
 import { DATA_LIMITS, deleteExecutionData, putBytes, readText, verifyStored } from "../../src/data-store";
 import { estimateTotalMs } from "../../src/estimates";
 import { uploadNonce } from "../../src/ids";
-import { ledgerFor } from "../../src/ledger-routing";
+import { layoutOf, ledgerForClient, ledgerShard } from "../../src/ledger-routing";
 import { TimeoutError, withTimeout } from "../../src/outbound";
 import { loadTemplate } from "../../src/template-source";
 import { WorkerClient } from "../../src/worker-client";
 import { type StageFailure, isOnWorker, isTerminalExecution, isTerminalStage } from "../stage-machine";
+import { askParts, renewParts, routeOf } from "./acquire";
 import { fanOutItems, sinks } from "./graph";
+import { isSharded, multiOf, workerShard } from "./parts";
 import { type Core, type StageRow, type StoredOutput, dependsOn, isFanOut, outputAsInput, parse } from "./store";
 import type { InputRead } from "./rpc-types";
 import * as tx from "./transitions";
@@ -73,7 +75,7 @@ export async function askSlot(c: Core): Promise<void> {
   if (ex.slot === null) c.sql`UPDATE execution SET slot = 'asked' WHERE id = 1`;
   let r: SlotResult | null = null;
   try {
-    r = await withTimeout<SlotResult>(ledgerFor(c.env).acquireSlot(ex.client_id, ex.execution_id), c.config.tuning.ledgerCallTimeoutMs, "ledger.acquireSlot");
+    r = await withTimeout<SlotResult>(ledgerForClient(c.env, ex.client_id).acquireSlot(ex.client_id, ex.execution_id), c.config.tuning.ledgerCallTimeoutMs, "ledger.acquireSlot");
   } catch (err) {
     c.store.log("warn", "ledger_slot_failed", { error: String(err) });
   }
@@ -84,24 +86,34 @@ export async function askSlot(c: Core): Promise<void> {
 
 export async function askLedger(c: Core, st: StageRow): Promise<boolean> {
   const id = st.stage_id;
-  if (st.reservation === "waiting" && !c.timers.take("reask", id)) return false;
-  if (st.reservation === "requested" && c.timers.has("reask", id) && !c.timers.take("reask", id)) return false;
+  // Sharded: a stage whose needs span shards acquires them part by part (acquire.ts); one that does not takes today's path to its shard.
+  let shard = 0;
+  let requirements = parse<Record<string, number>>(st.resources) ?? undefined;
+  if (isSharded(layoutOf(c.env))) {
+    const multi = multiOf(c, st);
+    if (multi) return askParts(c, st, multi);
+    if (!waitedEnough(c, st)) return false;
+    const route = await routeOf(c, st);
+    if (!route) return false;
+    if (route.kind === "multi") return askParts(c, c.store.stage(id)!, route.acquisition);
+    ({ shard, requirements } = route);
+  } else if (!waitedEnough(c, st)) return false;
   const ex = c.store.row()!;
-  const ledger = ledgerFor(c.env);
+  const ledger = ledgerShard(c.env, shard);
   const t = c.config.tuning;
   const request = {
     executionId: ex.execution_id,
     stageId: st.stage_id,
     attempt: st.attempt,
     priority: ex.priority,
-    requirements: parse<Record<string, number>>(st.resources) ?? undefined,
+    requirements,
     leaseMs: t.leaseMs,
     worker: st.worker,
     // The client's quotas and fair share apply to the reservation (docs/ledger.md, "Clients").
     clientId: ex.client_id,
   };
-  // The previous stage's settle, if still held, goes in the same call.
-  const ride = c.outbox.takeHeld();
+  // The previous stage's settle, if still held for this shard, goes in the same call.
+  const ride = c.outbox.takeHeld(shard);
   let result: ReserveResult;
   try {
     if (ride) {
@@ -143,7 +155,7 @@ export async function askLedger(c: Core, st: StageRow): Promise<boolean> {
   if (cur.status !== "waiting_resources" || cur.attempt !== st.attempt) {
     // Moved on meanwhile (cancelled, or a grant notice overtook this answer).
     if (cur.reservation_id !== result.reservationId || isTerminalStage(cur.status)) {
-      c.outbox.enqueue({ kind: "ledger_release", reservationId: result.reservationId }, now);
+      c.outbox.enqueue({ kind: "ledger_release", shard, reservationId: result.reservationId }, now);
     }
     return true;
   }
@@ -158,6 +170,13 @@ export async function askLedger(c: Core, st: StageRow): Promise<boolean> {
   }
   tx.ledgerAnswered(c, st, "refused", parse<Record<string, number>>(st.resources) ?? {}, result.code, 0);
   tx.failAttempt(c, c.store.stage(st.stage_id)!, { code: result.code, message: result.message, retryable: false }, now);
+  return true;
+}
+
+/** A waiting reservation asks again only at its `reask` timer (a lost notice); a failed call only after its backoff. */
+function waitedEnough(c: Core, st: StageRow): boolean {
+  if (st.reservation === "waiting" && !c.timers.take("reask", st.stage_id)) return false;
+  if (st.reservation === "requested" && c.timers.has("reask", st.stage_id) && !c.timers.take("reask", st.stage_id)) return false;
   return true;
 }
 
@@ -311,10 +330,15 @@ async function applyProgress(c: Core, st: StageRow, p: ProgressResponse, now: nu
 
 /** Polls are the lease heartbeat; the `lease` timer covers stages that report only by callback. */
 export async function renewLease(c: Core, st: StageRow): Promise<void> {
-  if (!st.reservation_id) return;
+  // A multi-shard stage renews every part, each on its shard (acquire.ts renewParts).
+  const multi = multiOf(c, st);
+  const reservationId = st.reservation_id;
+  if (!reservationId && !multi) return;
   const t = c.config.tuning;
   try {
-    const r = await withTimeout(ledgerFor(c.env).renew(st.reservation_id, t.leaseMs), t.ledgerCallTimeoutMs, "ledger.renew");
+    const r = multi
+      ? await renewParts(c, multi, c.store.row()!.execution_id)
+      : await withTimeout(ledgerShard(c.env, workerShard(layoutOf(c.env), st.worker)).renew(reservationId!, t.leaseMs), t.ledgerCallTimeoutMs, "ledger.renew");
     // Still this attempt on the worker (it may have gone from handshaking to processing meanwhile)?
     const now = c.store.stage(st.stage_id);
     if (!now || now.attempt !== st.attempt || !isOnWorker(now.status)) return;

@@ -6,9 +6,12 @@ import type { Sql } from "../sql";
  * deadline, lease, reask, retry, approval) carry its stage id, so parallel stages and
  * the items of a fan-out each keep their own.
  */
-export type TimerName = "advance" | "poll" | "deadline" | "lease" | "reask" | "retry" | "outbox" | "watchdog" | "retention" | "notify" | "approval" | "queue" | "execution" | "slot";
-export type UnitTimer = "poll" | "deadline" | "lease" | "reask" | "retry" | "queue";
-export const UNIT_TIMERS: readonly UnitTimer[] = ["poll", "deadline", "lease", "reask", "retry", "queue"];
+export type TimerName =
+  | "advance" | "poll" | "deadline" | "lease" | "reask" | "retry" | "outbox" | "watchdog" | "retention" | "notify" | "approval" | "queue" | "execution" | "slot"
+  // A multi-shard acquisition (parts.ts): the round's deadline while a later part waits, and the backoff before the next round.
+  | "part_deadline" | "reacquire";
+export type UnitTimer = "poll" | "deadline" | "lease" | "reask" | "retry" | "queue" | "part_deadline" | "reacquire";
+export const UNIT_TIMERS: readonly UnitTimer[] = ["poll", "deadline", "lease", "reask", "retry", "queue", "part_deadline", "reacquire"];
 
 /** While an execution is live, its alarm is never further away than this, so an eviction mid-call heals. */
 export const WATCHDOG_MS = 30_000;
@@ -63,7 +66,7 @@ export class Timers {
 
   /** Clears a stage's or item's own timers, but for its retry. */
   clearUnit(unit: string): void {
-    this.#sql`DELETE FROM timers WHERE unit = ${unit} AND name IN ('poll', 'deadline', 'lease', 'reask')`;
+    this.#sql`DELETE FROM timers WHERE unit = ${unit} AND name IN ('poll', 'deadline', 'lease', 'reask', 'part_deadline', 'reacquire')`;
   }
 
   has(name: TimerName, unit = ""): boolean {

@@ -22,6 +22,7 @@ import {
   usageRefusal,
 } from "../stage-machine";
 import { reservationIdOf } from "../resource-ledger";
+import { releaseUnit, settleUnit } from "./parts";
 import { indexEntry } from "./documents";
 import { endedSpan, indexAttempts, phases, recordSpan } from "./spans";
 import { itemIdFor, resolveGraph } from "./graph";
@@ -258,9 +259,7 @@ export function completeStage(c: Core, st: StageRow, output: StoredOutput, usage
     complete_hash = ${hash}, reservation = NULL, deadline_at = NULL WHERE stage_id = ${st.stage_id}`;
   addToStage(c, st, usage);
   attemptEnded(c, st, "completed", worked, usage, now);
-  if (st.reservation_id) {
-    c.outbox.enqueue({ kind: "ledger_settle", reservationId: st.reservation_id, usage: usage ?? {}, durationMs: worked }, now, { hold: true });
-  }
+  settleUnit(c, st, usage ?? {}, worked, now, true);
   c.timers.clearUnit(st.stage_id);
 }
 
@@ -280,11 +279,8 @@ export function usageProblem(c: Core, st: StageRow, usage: Record<string, number
 /** One attempt failed: settle what it used, then retry after a backoff or fail the stage and the execution. */
 export function failAttempt(c: Core, st: StageRow, failure: StageFailure, now: number, usage?: Record<string, number>): void {
   const worked = st.processing_since !== null ? now - st.processing_since : 0;
-  if (st.reservation_id && st.reservation === "granted") {
-    c.outbox.enqueue({ kind: "ledger_settle", reservationId: st.reservation_id, usage: usage ?? {}, durationMs: worked }, now);
-  } else {
-    releaseReservation(c, st, now);
-  }
+  // Settled (every part, each to its shard) when granted; else whatever it holds or waits for is released.
+  if (st.reservation !== "granted" || !settleUnit(c, st, usage ?? {}, worked, now, false)) releaseReservation(c, st, now);
   // Whenever the attempt ends on our side (a deadline, failed polls, a lost lease, refused data...), the
   // worker is told to stop; only a failure the worker reported itself needs no cancel.
   if (isOnWorker(st.status) && !failure.fromWorker) {
@@ -358,7 +354,7 @@ export function finishExecution(c: Core, status: ExecutionStatus, now: number, e
   );
   c.sql`UPDATE execution SET status = ${status}, completed_at = ${now}, started_at = COALESCE(started_at, ${now}),
     error = ${error ? JSON.stringify(error) : null}, cost = ${JSON.stringify(cost)} WHERE id = 1`;
-  c.timers.clearMany(["advance", "poll", "deadline", "lease", "reask", "retry", "approval", "watchdog", "queue", "execution", "slot"]);
+  c.timers.clearMany(["advance", "poll", "deadline", "lease", "reask", "retry", "approval", "watchdog", "queue", "execution", "slot", "part_deadline", "reacquire"]);
   // The client execution slot (or the place in its line) is given back by the execution's id, also when its answer never came.
   if (ex.slot !== null && ex.slot !== "free") c.outbox.enqueue({ kind: "slot_release", executionId: ex.execution_id }, now);
   indexUpdate(c, now);
@@ -450,8 +446,7 @@ export function stopExecution(c: Core, status: "cancelled" | "failed", now: numb
 
 /** Gives the stage's reservation back; a waiter whose reserve answer never arrived is released by its derived id. */
 export function releaseReservation(c: Core, st: StageRow, now: number): void {
-  const id = st.reservation_id ?? expectedReservationId(c, st);
-  if (id) c.outbox.enqueue({ kind: "ledger_release", reservationId: id }, now);
+  releaseUnit(c, st, expectedReservationId(c, st), now);
   c.sql`UPDATE stages SET reservation = NULL WHERE stage_id = ${st.stage_id}`;
 }
 

@@ -132,6 +132,23 @@ const list: StoredTemplate[] = [
       { stage: 2, worker: GRANULATOR, template_ref: "control_v1", action: "echo", max_attempts: 1, timeout_ms: 60_000 },
     ] satisfies TemplateStage[]),
   },
+  // Ledger sharding (test/shards/acquire.test.ts): each stage needs a gate of its own (created by the
+  // test on the gate's shard) beside its worker's pool, so its set spans shards; `shard_trio` also needs
+  // `tokens:openai`, so its usage is settled on three shards.
+  ...["pair", "deadline", "evict"].map((name) => ({
+    template_id: `mt_shard_${name}_001`,
+    template_name: `shard_${name}`,
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRANULATOR, template_ref: "shard_v1", action: "echo", max_attempts: 1, timeout_ms: 60_000, resources: { [`gate:shard-${name}`]: 1 } },
+    ] satisfies TemplateStage[]),
+  })),
+  {
+    template_id: "mt_shard_trio_001",
+    template_name: "shard_trio",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRANULATOR, template_ref: "shard_v1", action: "echo", max_attempts: 1, timeout_ms: 60_000, resources: { "gate:shard-trio": 1, "tokens:openai": 500 } },
+    ] satisfies TemplateStage[]),
+  },
   // The charts' queue (test/workers/series.test.ts, the browser test): one stage behind the slots of
   // `gate:series` (created by the test that uses it), so a test decides how many wait.
   {
