@@ -156,6 +156,27 @@ describe("a stage whose pools span ledger shards", () => {
     expect(settled).toEqual(expected);
   });
 
+  it("asks every shard's estimate for a stage with no resources and reserves on the shards it is estimated to use", async () => {
+    // shard_trio (above) settled tokens:openai usage of this worker on the tokens shard: its averages live there.
+    const tokensShard = shardOfPool(layout, "tokens:openai");
+    expect(tokensShard).not.toBe(workerShard);
+    const before = await ledgerShard(env, tokensShard).estimate([{ worker: WORKER }], "low");
+    expect(before.stages[0].requirements["tokens:openai"]).toBeGreaterThan(0);
+    const client = clientOn([workerShard, tokensShard], "implicit");
+    const { body } = await startExecution({ template_name: "quick_summary", parameters: { echo: "implicit" }, client_id: client, priority: "low" });
+    const id = body.execution_id as string;
+    const doc = await until("the execution ended", () => status(id), ended, 20_000);
+    expect(doc.status).toBe("completed");
+    // The tokens shard held an explicit part of the estimate; the worker's shard the worker slot.
+    const [tokensRow] = await rowsOf(tokensShard, id);
+    expect(tokensRow.state).toBe("settled");
+    const req = await runInDurableObject(ledgerShard(env, tokensShard), (_i, state) =>
+      JSON.parse(String(state.storage.sql.exec<{ req: string }>("SELECT req FROM reservations WHERE id = ?", tokensRow.id).one().req)),
+    );
+    expect(req["tokens:openai"]).toBeGreaterThan(0);
+    expect((await rowsOf(workerShard, id)).map((r) => r.state)).toEqual(["settled"]);
+  });
+
   it("strands nothing past one short lease when its Execution dies mid-acquisition", async () => {
     const gate = await heldGate("gate:shard-evict");
     const client = clientOn([workerShard, gate.shard], "evict");
