@@ -56,17 +56,6 @@ export const TEST_TUNING = {
 };
 
 /**
- * The `shards` project's ledger layout (vitest.config.ts): 4 ledger objects;
- * the worker pools on shard 0, `tokens:*` on 1, `gate:*` on 2, other pools by
- * the hash of their name, a client's own state by its id. So most demo stages
- * hold parts on two or three shards (docs/scaling.md).
- */
-export const TEST_SHARDS = {
-  LEDGER_SHARDS: "4",
-  LEDGER_SHARD_MAP: JSON.stringify({ "worker:*": 0, "tokens:*": 1, "gate:*": 2 }),
-};
-
-/**
  * Scoped keys (src/api-keys.ts): the orchestrator holds only their SHA-256 in
  * API_KEYS (vitest.config.ts hashes them). Never real values.
  */
