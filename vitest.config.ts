@@ -172,6 +172,7 @@ const SHARDED_AGAIN = [
   "test/workers/costs.test.ts",
   "test/workers/metrics.test.ts",
   "test/workers/faults.test.ts",
+  "test/workers/execution-slots.test.ts",
 ];
 
 /**
@@ -223,9 +224,9 @@ export default defineConfig({
         test: {
           name: "shards",
           include: [...SHARDED_AGAIN, "test/shards/**/*.test.ts"],
-          // ledger-routing: pure functions of the layout, nothing a second run adds. ledger-pacing (and
-          // clients-http, execution-slots, pause-resume) join once every ledger call is routed.
-          exclude: ["test/workers/ledger-routing.test.ts", "test/workers/ledger-pacing.test.ts"],
+          // ledger-routing: pure functions of the layout, nothing a second run adds. clients-http and
+          // pause-resume join once their checks count a stage's reservation parts (reservationIds lists each).
+          exclude: ["test/workers/ledger-routing.test.ts"],
           globalSetup: ["./test/support/global-setup.ts"],
           testTimeout: 30_000,
         },
