@@ -144,6 +144,23 @@ export function newPool(name: string, kind: PoolKind, capacity: number, refillPe
 }
 
 /**
+ * An operator's change of an existing pool of the same kind (putPool): the
+ * capacity; a rate pool's bucket grows by what the capacity grew, and its
+ * refill rate when given; a budget's consumption goes back to 0 on `refill`.
+ */
+export function resizePool(p: PoolState, spec: { capacity: number; refill_per_second?: number; refill?: boolean }, now: number): PoolState {
+  if (p.kind === "rate") {
+    refill(p, now);
+    const grown = Math.max(0, spec.capacity - p.capacity);
+    p.tokens = Math.min(spec.capacity, p.tokens + grown);
+    if (spec.refill_per_second !== undefined) p.refillPerSecond = spec.refill_per_second;
+  }
+  if (p.kind === "budget" && spec.refill) p.consumed = 0;
+  p.capacity = spec.capacity;
+  return p;
+}
+
+/**
  * Lazy token-bucket refill. Refilling in memory without persisting is safe:
  * the bucket is a pure function of (tokens, tokensAt, now), capped at capacity.
  */
@@ -298,9 +315,11 @@ export function refillReadyAt(pools: Map<string, PoolState>, needs: Amounts, now
   return at > now ? at : null;
 }
 
-export function poolSnapshot(p: PoolState, now: number): PoolSnapshot {
+/** The pool as the snapshot shows it; `shard` is the ledger shard that keeps it. */
+export function poolSnapshot(p: PoolState, now: number, shard = 0): PoolSnapshot {
   const s: PoolSnapshot = {
     name: p.name,
+    shard,
     kind: p.kind,
     capacity: p.capacity,
     in_use: inUse(p, now),

@@ -49,13 +49,13 @@ import { RateLimits, type RateLimitReport } from "../schemas/worker-protocol";
 import {
   applyRateLimit,
   monthOf,
+  resizePool,
   quotasOf,
   type ClientState,
   newPool,
   poolSnapshot,
   queueWaitMs,
   rankOf,
-  refill,
   rulesFromTuning,
   type LedgerRules,
 } from "./ledger-rules";
@@ -65,7 +65,8 @@ import { GrantNotices } from "./ledger/notices";
 import { ClientDesk } from "./ledger/client-desk";
 import { Decisions, Ended } from "./ledger/decisions";
 import { ExecutionSlots } from "./ledger/slots";
-import { LedgerStore, needsOf, NO_CLIENT, } from "./ledger/store";
+import { LedgerStore, needsOf, NO_CLIENT, partOf } from "./ledger/store";
+import { Ownership, type RoutingVars } from "./ledger/ownership";
 
 /** Waiters the snapshot lists (queue order). */
 const SNAPSHOT_QUEUE_LIMIT = 100;
@@ -92,6 +93,8 @@ export interface LedgerTestHooks {
   setSlotNotifier(fn: ((executionId: string) => void) | null): void;
   /** Replace the CLIENT_DEFAULTS this object applies (tests of the defaults). */
   setClientDefaults(defaults: ClientQuotas): void;
+  /** Judge ownership under these routing vars (and as if named `name`) instead of the env's (null restores them). */
+  setRouting(routing: { vars: RoutingVars; name?: string } | null): void;
 }
 export function ledgerTestHooks(instance: unknown): LedgerTestHooks {
   const hooks = (instance as Record<symbol, LedgerTestHooks | undefined>)[TEST_HOOKS];
@@ -122,6 +125,7 @@ export class ResourceLedger extends DurableObject<Env> {
   readonly #decide: Decisions;
   readonly #tuning: Tuning;
   readonly #rules: LedgerRules;
+  readonly #own: Ownership;
   /** The alarm time as last set (null: none). */
   #alarmAt: number | null = null;
   #clock: () => number = Date.now;
@@ -134,14 +138,17 @@ export class ResourceLedger extends DurableObject<Env> {
     this.#tuning = config.tuning;
     this.#rules = rulesFromTuning(config.tuning);
     this.#store = new LedgerStore(ctx.storage, this.#rules);
+    this.#own = new Ownership(ctx.id.name, env);
     this.#clientDefaults = config.clientDefaults;
     const quotas = (c: ClientState) => (c.id === NO_CLIENT ? {} : quotasOf(this.#clientDefaults, c.own));
     this.#accounts = new Accounts(this.#store, this.#rules, config.prices.per_unit, quotas);
     this.#notices = new GrantNotices(env);
-    this.#pass = new GrantPass(this.#store, this.#accounts, this.#rules, quotas);
-    this.#decide = new Decisions(this.#store, this.#accounts, this.#pass, this.#rules, this.#tuning, quotas, () => this.#clock());
+    // A notice names the shard that granted; outside a layout (a test's ledger), the part's own shard.
+    const noticeShard = (row: Parameters<typeof partOf>[0]) => this.#own.index ?? partOf(row)?.shard ?? 0;
+    this.#pass = new GrantPass(this.#store, this.#accounts, this.#rules, quotas, noticeShard);
+    this.#decide = new Decisions(this.#store, this.#accounts, this.#pass, this.#rules, this.#tuning, quotas, () => this.#clock(), this.#own);
     this.#slots = new ExecutionSlots(ctx.storage);
-    this.#desk = new ClientDesk(this.#store, this.#pass, this.#slots, quotas, config.prices.currency, () => this.#tuning.defaultStageDurationMs);
+    this.#desk = new ClientDesk(this.#store, this.#pass, this.#slots, quotas, config.prices.currency, () => this.#tuning.defaultStageDurationMs, this.#own);
     const hooks: LedgerTestHooks = {
       setClock: (clock) => {
         this.#clock = clock ?? Date.now;
@@ -153,6 +160,7 @@ export class ResourceLedger extends DurableObject<Env> {
       setClientDefaults: (d) => {
         this.#clientDefaults = d;
       },
+      setRouting: (routing) => this.#own.setRouting(routing),
     };
     Object.defineProperty(this, TEST_HOOKS, { value: hooks, enumerable: false });
     void ctx.blockConcurrencyWhile(async () => {
@@ -204,12 +212,17 @@ export class ResourceLedger extends DurableObject<Env> {
     });
   }
 
-  /** Record actual usage, refund the unreserved part, free slots; idempotent. */
-  async settle(reservationId: string, usage: Record<string, number>, durationMs?: number): Promise<SettleResult> {
+  /**
+   * Record actual usage, refund the unreserved part, free slots; idempotent. A part of a multi-shard
+   * stage is settled with its own pools' usage; the client's part also gets `stageUsage`, the whole
+   * stage's, which is what the client is charged (docs/ledger.md, "Parts").
+   */
+  async settle(reservationId: string, usage: Record<string, number>, durationMs?: number, stageUsage?: Record<string, number>): Promise<SettleResult> {
     const id = parse(ReservationId, reservationId, "settle reservationId");
     const used = parse(PoolAmounts, usage ?? {}, "settle usage");
     const duration = parse(DurationMs, durationMs, "settle durationMs");
-    return this.#step((s) => this.#decide.settle(id, used, duration, s));
+    const whole = stageUsage === undefined ? undefined : parse(PoolAmounts, stageUsage, "settle stageUsage");
+    return this.#step((s) => this.#decide.settle(id, used, duration, s, whole));
   }
 
   /**
@@ -222,7 +235,7 @@ export class ResourceLedger extends DurableObject<Env> {
    */
   async settleAndReserve(settle: SettleInput, request: ReserveRequest): Promise<SettleAndReserveResult> {
     const [settled, reserved] = await Promise.allSettled([
-      this.settle(settle.reservationId, settle.usage, settle.durationMs),
+      this.settle(settle.reservationId, settle.usage, settle.durationMs, settle.stageUsage),
       this.reserve(request),
     ]);
     if (reserved.status === "rejected") throw reserved.reason;
@@ -267,13 +280,15 @@ export class ResourceLedger extends DurableObject<Env> {
     });
   }
 
-  /** Requirements and durations per stage, plus the expected wait of the queue ahead. */
+  /** Requirements and durations per stage (this shard's pools only), plus the expected wait of the queue ahead. */
   async estimate(stages: EstimateStages, priority: Priority): Promise<EstimateResult> {
     const list = parse(EstimateStages, stages, "estimate stages");
     const prio = parse(Priority, priority, "estimate priority");
     return this.#step((s): EstimateResult => {
+      // The averages live with the pools they describe: a shard answers for its own pools.
+      const own = (needs: Record<string, number>) => Object.fromEntries(Object.entries(needs).filter(([n]) => this.#own.owns(n)));
       const out = list.map((st) => ({
-        requirements: this.#decide.needs(st.worker, st.resources),
+        requirements: own(this.#decide.needs(st.worker, st.resources)),
         durationMs: this.#decide.durationOf(st.worker),
       }));
       let queueAheadMs = 0;
@@ -293,7 +308,8 @@ export class ResourceLedger extends DurableObject<Env> {
   async snapshot(): Promise<LedgerSnapshot> {
     const now = this.#clock();
     const st = this.#store;
-    const pools = [...st.pools.values()].sort((a, b) => (a.name < b.name ? -1 : 1)).map((p) => poolSnapshot(p, now));
+    const shard = this.#own.shard;
+    const pools = [...st.pools.values()].sort((a, b) => (a.name < b.name ? -1 : 1)).map((p) => poolSnapshot(p, now, shard));
     // Reported only once what it shows is written.
     const queue = st.queueList(SNAPSHOT_QUEUE_LIMIT).map((r) => ({
       reservation_id: r.id,
@@ -304,14 +320,19 @@ export class ResourceLedger extends DurableObject<Env> {
       effective_priority: PRIORITIES[r.eff_rank],
       waiting_on: this.#decide.waitingOn(r, now),
     }));
-    const snap = { pools, leases: st.leases, waiters: st.waiters, queue };
+    const snap = { shard, name: this.#own.name ?? "", pools, leases: st.leases, waiters: st.waiters, queue };
     return st.commit.idle ? snap : st.commit.ack(snap);
   }
 
-  /** putPool for `PUT /resources/pools/:name`: a kind change is a typed refusal (409), not a thrown error. */
+  /**
+   * putPool for `PUT /resources/pools/:name`: a kind change, or a pool the routing layout places on
+   * another shard, is a typed refusal (409), not a thrown error; nothing changes.
+   */
   async definePool(name: string, spec: PoolSpec): Promise<PutPoolResult> {
     const poolName = parse(PoolName, name, "definePool name");
     const ps = parse(PoolSpec, spec, "definePool spec");
+    const misplaced = this.#own.misplaced([poolName], null, null);
+    if (misplaced) return { ok: false, code: "wrong_shard", message: misplaced };
     const existing = this.#store.pools.get(poolName);
     if (existing && existing.kind !== ps.kind) {
       return { ok: false, code: "pool_kind_immutable", kind: existing.kind, message: `pool ${poolName} is a ${existing.kind} pool; its kind cannot change` };
@@ -320,34 +341,24 @@ export class ResourceLedger extends DurableObject<Env> {
     return { ok: true, pool: await this.putPool(poolName, ps) };
   }
 
-  /** Create or resize a pool; never revokes a grant; grants waiters that now fit. */
+  /** Create or resize a pool; never revokes a grant; grants waiters that now fit. Refusals throw (definePool answers them typed). */
   async putPool(name: string, spec: PoolSpec): Promise<PoolSnapshot> {
     const poolName = parse(PoolName, name, "putPool name");
     const ps = parse(PoolSpec, spec, "putPool spec");
+    const misplaced = this.#own.misplaced([poolName], null, null);
+    if (misplaced) throw invalid(`putPool: wrong_shard: ${misplaced}`);
     const existing = this.#store.pools.get(poolName);
     if (existing && existing.kind !== ps.kind) {
       throw invalid(`putPool: pool ${poolName} is a ${existing.kind} pool; its kind cannot change`);
     }
     return this.#step(
       (s): PoolSnapshot => {
-        let p = existing;
-        if (!p) {
-          p = newPool(poolName, ps.kind, ps.capacity, ps.refill_per_second ?? 0, s.now);
-        } else {
-          if (p.kind === "rate") {
-            refill(p, s.now);
-            const grown = Math.max(0, ps.capacity - p.capacity);
-            p.tokens = Math.min(ps.capacity, p.tokens + grown);
-            if (ps.refill_per_second !== undefined) p.refillPerSecond = ps.refill_per_second;
-          }
-          if (p.kind === "budget" && ps.refill) p.consumed = 0;
-          p.capacity = ps.capacity;
-        }
+        const p = existing ? resizePool(existing, ps, s.now) : newPool(poolName, ps.kind, ps.capacity, ps.refill_per_second ?? 0, s.now);
         this.#store.addPool(p);
         // Waiters parked as never-satisfiable get another look under the new sizes.
         this.#store.unparkAll();
         this.#pass.run(s);
-        return poolSnapshot(p, s.now);
+        return poolSnapshot(p, s.now, this.#own.shard);
       },
       { direct: true },
     );

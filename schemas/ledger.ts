@@ -1,5 +1,5 @@
 import { z } from "zod";
-import { WaitingOn } from "./clients";
+import { ClientQuotas, WaitingOn } from "./clients";
 import { ClientId, ExecutionId, PoolAmounts, PoolName, Priority, StageId, WorkerName } from "./common";
 
 /**
@@ -29,6 +29,31 @@ export type PoolSpec = z.infer<typeof PoolSpec>;
 
 export const PoolConfig = z.array(PoolSpec.and(z.object({ name: PoolName })));
 
+/** A ledger shard's index (`ledger-{i}`; the single object `global` is 0). */
+export const ShardIndex = z.number().int().min(0).max(255);
+
+/**
+ * One shard's part of a stage whose pools span shards (docs/ledger.md, "Parts"):
+ * this reservation holds only `requirements` (this shard's pools), the worker
+ * slot only when `worker`, and the client's own holds (running-stage count,
+ * rate buckets, budget hold) only when `client`, judged on `stageNeeds`.
+ */
+export const ReservePart = z
+  .object({
+    shard: ShardIndex,
+    /** Every shard of the stage's set, in acquisition order (kept on the row for the snapshot). */
+    shards: z.array(ShardIndex).min(1).max(256),
+    /** This part holds the stage's `worker:{worker}` slot. */
+    worker: z.boolean(),
+    /** This part holds the client's running-stage count, rate buckets and budget hold (the client's shard). */
+    client: z.boolean(),
+    /** The whole stage's needs (every shard's pools): the client part's budget cost and client rate are judged on them. */
+    stageNeeds: PoolAmounts.optional(),
+  })
+  .strict()
+  .refine((p) => p.shards.includes(p.shard), { message: "shards must include shard", path: ["shards"] });
+export type ReservePart = z.infer<typeof ReservePart>;
+
 export const ReserveRequest = z.object({
   executionId: ExecutionId,
   stageId: StageId,
@@ -42,6 +67,19 @@ export const ReserveRequest = z.object({
   worker: WorkerName,
   /** The execution's client: its quotas and fair share apply (absent: no client limits, one shared fair-queue lane). */
   clientId: ClientId.optional(),
+  /** Absent: the whole stage on this object (every pool, the worker slot, the client's holds). */
+  part: ReservePart.optional(),
+  /**
+   * Acquisition round of a multi-shard stage (default 0): a set that backs off
+   * retries with round + 1 without spending an attempt; the id gains `@{round}`.
+   */
+  round: z.number().int().min(0).max(1_000_000).optional(),
+  /**
+   * The client's fair-share weight, for a part on a shard that is not the
+   * client's (the Execution has it from `acquireSlot`); the client's own shard
+   * always uses the quotas it keeps.
+   */
+  clientWeight: ClientQuotas.shape.weight,
 });
 export type ReserveRequest = z.infer<typeof ReserveRequest>;
 
@@ -60,8 +98,12 @@ export const ReserveResult = z.discriminatedUnion("status", [
   z.object({
     status: z.literal("refused"),
     reservationId: z.string(),
-    /** budget_exhausted: the client's monthly budget cannot cover the stage and nothing of the client's runs. */
-    code: z.enum(["resource_unsatisfiable", "unknown_pool", "budget_exhausted"]),
+    /**
+     * budget_exhausted: the client's monthly budget cannot cover the stage and nothing of the client's runs.
+     * wrong_shard: a pool (or the client, or the part's shard) belongs to another ledger shard under this
+     * object's routing layout (docs/ledger.md, "Ownership"); nothing is stored.
+     */
+    code: z.enum(["resource_unsatisfiable", "unknown_pool", "budget_exhausted", "wrong_shard"]),
     message: z.string(),
   }),
   /**
@@ -89,7 +131,13 @@ export const EstimateStages = z
   .array(z.object({ worker: z.string().min(1).max(63), resources: PoolAmounts.optional() }))
   .max(500);
 export type EstimateStages = z.infer<typeof EstimateStages>;
-export const SettleInput = z.object({ reservationId: z.string(), usage: z.record(z.string(), z.number()), durationMs: z.number().optional() });
+export const SettleInput = z.object({
+  reservationId: z.string(),
+  usage: z.record(z.string(), z.number()),
+  durationMs: z.number().optional(),
+  /** A part holding the client: the whole stage's usage, for the client's spend and rate refund (docs/ledger.md, "Parts"). */
+  stageUsage: z.record(z.string(), z.number()).optional(),
+});
 export type SettleInput = z.infer<typeof SettleInput>;
 
 export const RenewResult = z.object({ ok: z.boolean(), state: ReservationState, expiresAt: z.number().optional() });
@@ -123,13 +171,16 @@ export type SettleAndReserveResult = z.infer<typeof SettleAndReserveResult>;
  * released when the execution ends) or `waiting` with why and where.
  */
 export const SlotResult = z.discriminatedUnion("status", [
-  z.object({ status: z.literal("granted"), counted: z.boolean() }),
+  /** `weight`: the client's fair-share weight in force, for `clientWeight` of the stage parts on other shards. */
+  z.object({ status: z.literal("granted"), counted: z.boolean(), weight: z.number().int().optional() }),
   z.object({ status: z.literal("waiting"), waitingOn: WaitingOn }),
 ]);
 export type SlotResult = z.infer<typeof SlotResult>;
 
 export const PoolSnapshot = z.object({
   name: z.string(),
+  /** The ledger shard that keeps the pool (0 on the single object `global`); always set by a ledger object. */
+  shard: ShardIndex.optional(),
   kind: PoolKind,
   capacity: z.number(),
   in_use: z.number(),
@@ -154,6 +205,9 @@ export const QueuedWaiter = z.object({
 });
 export type QueuedWaiter = z.infer<typeof QueuedWaiter>;
 export const LedgerSnapshot = z.object({
+  /** This object's shard index and name (a test's fresh ledger: shard 0 and its own name); always set by a ledger object. */
+  shard: ShardIndex.optional(),
+  name: z.string().optional(),
   pools: z.array(PoolSnapshot),
   leases: z.number(),
   waiters: z.number(),
@@ -168,6 +222,8 @@ export const GrantNotice = z.object({
   stageId: z.string(),
   attempt: z.number().int(),
   expiresAt: z.number(),
+  /** A part's grant (a multi-shard stage): the shard that granted it. Absent for a whole stage's. */
+  shard: ShardIndex.optional(),
 });
 export type GrantNotice = z.infer<typeof GrantNotice>;
 

@@ -42,7 +42,7 @@ export const ShardedWaiter = QueuedWaiter.extend({
 export type ShardedWaiter = z.infer<typeof ShardedWaiter>;
 
 /** `GET /resources`: the ledger snapshot's fields over every shard, and which shards answered. */
-export const ResourcesDocument = LedgerSnapshot.extend({
+export const ResourcesDocument = LedgerSnapshot.omit({ shard: true, name: true }).extend({
   /** Every pool once, by name, with its shard. */
   pools: z.array(ShardedPoolSnapshot),
   /** Grants held, summed over the shards that answered: a stage holding parts on several shards counts once per shard. `waiters` the same. */
@@ -67,6 +67,7 @@ export type ShardedClientList = z.infer<typeof ShardedClientList>;
 /** The ledger's answer to a pool change from the front Worker (`definePool`): a kind change is refused, typed. */
 export const PutPoolResult = z.discriminatedUnion("ok", [
   z.object({ ok: z.literal(true), pool: PoolSnapshot }),
-  z.object({ ok: z.literal(false), code: z.literal("pool_kind_immutable"), message: z.string(), kind: z.string() }),
+  /** pool_kind_immutable: the pool exists with another kind (`kind`); wrong_shard: the routing layout places it on another shard (docs/ledger.md, "Ownership"). */
+  z.object({ ok: z.literal(false), code: z.enum(["pool_kind_immutable", "wrong_shard"]), message: z.string(), kind: z.string().optional() }),
 ]);
 export type PutPoolResult = z.infer<typeof PutPoolResult>;

@@ -600,7 +600,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
         "200": jsonBody(S.ShardedPoolSnapshot, "the pool after the change, with its shard"),
         ...common,
         ...scopedOut,
-        "409": error("pool_kind_immutable: the pool exists with another kind (`details` names `kind`); nothing changed"),
+        "409": error("pool_kind_immutable: the pool exists with another kind (`details` names `kind`); wrong_shard: the ledger shard reached does not own the pool under its layout (`details` names `name`); nothing changed"),
         "413": error("payload_too_large"),
         "415": error("unsupported_media_type"),
       },

@@ -27,6 +27,10 @@ export async function putPoolAt(env: Env, name: string, spec: PoolSpec): Promise
   const layout = layoutOf(env);
   checkPoolTarget(layout, name);
   const r = await askObject<PutPoolResult>(ledgerFor(env, name).definePool(name, spec), configOf(env).tuning.ledgerCallTimeoutMs, "the pool's ledger shard");
-  if (!r.ok) throw new ApiError(409, r.code, r.message, [{ path: "kind", message: `the pool is a ${r.kind} pool` }]);
+  if (!r.ok) {
+    // wrong_shard: the front and the shard disagree on the layout (a deploy in progress), the pool's name is the field.
+    const detail = r.code === "wrong_shard" ? { path: "name", message: r.message } : { path: "kind", message: `the pool is a ${r.kind} pool` };
+    throw new ApiError(409, r.code, r.message, [detail]);
+  }
   return { ...r.pool, shard: shardOfPool(layout, name) };
 }

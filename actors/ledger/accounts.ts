@@ -24,7 +24,7 @@ import {
   type LedgerRules,
   type PoolState,
 } from "../ledger-rules";
-import { HELD, needsOf, type LedgerStore, type ResRow } from "./store";
+import { clientNeedsOf, HELD, holdsClient, needsOf, type LedgerStore, type ResRow } from "./store";
 
 export class Accounts {
   constructor(
@@ -46,9 +46,12 @@ export class Accounts {
       this.#change(p, () => take(p, a, now));
     }
     const c = this.store.client(row.client_id, now);
-    holdCost(c, row.cost_est, true);
-    for (const [n, r] of Object.entries(this.quotasOf(c).rate ?? {})) {
-      if (needs[n]) take(clientBucket(c, n, r.per_minute, now), needs[n], now);
+    if (holdsClient(row)) {
+      holdCost(c, row.cost_est, true);
+      const cneeds = clientNeedsOf(row);
+      for (const [n, r] of Object.entries(this.quotasOf(c).rate ?? {})) {
+        if (cneeds[n]) take(clientBucket(c, n, r.per_minute, now), cneeds[n], now);
+      }
     }
     this.store.advanceVirtualTime(row.tag);
     const granted: ResRow = { ...row, state: "granted", granted_at: now, expires_at: now + row.lease_ms, age_at: null, parked: 0 };
@@ -77,8 +80,13 @@ export class Accounts {
     else if (row.parked) this.store.parked--;
   }
 
-  /** A live grant of the client ends: its slot, estimated cost and bucket amounts come back as `back` says. */
-  #endForClient(row: ResRow, needs: Amounts, now: number, back: (b: PoolState, reserved: number, pool: string) => void): ClientState {
+  /**
+   * A live grant of the client ends: its slot, estimated cost and bucket amounts come back as `back` says.
+   * Null for a part that holds nothing of its client (another shard's part of the stage).
+   */
+  #endForClient(row: ResRow, now: number, back: (b: PoolState, reserved: number, pool: string) => void): ClientState | null {
+    if (!holdsClient(row)) return null;
+    const needs = clientNeedsOf(row);
     const c = this.store.client(row.client_id, now);
     holdCost(c, row.cost_est, false);
     for (const [n, b] of c.rate) if (needs[n]) back(b, needs[n], n);
@@ -93,8 +101,16 @@ export class Accounts {
     c.spent += this.costOf(used);
   }
 
+  /**
+   * The usage the client is charged for: a part holding the client is charged the whole stage's
+   * (`stageUsage`, when the Execution sends it), every other row its own.
+   */
+  #clientUsage(row: ResRow, used: Amounts, stageUsage: Amounts | undefined): Amounts {
+    return row.part !== null && stageUsage ? stageUsage : used;
+  }
+
   /** Settles a live grant: pools, estimates, counters. Returns the row as it becomes. */
-  settleGrant(row: ResRow, used: Amounts, duration: number | undefined, now: number): ResRow {
+  settleGrant(row: ResRow, used: Amounts, duration: number | undefined, now: number, stageUsage?: Amounts): ResRow {
     const needs = needsOf(row);
     for (const [n, reserved] of Object.entries(needs)) {
       const p = this.store.pools.get(n);
@@ -106,8 +122,9 @@ export class Accounts {
     }
     const dur = duration ?? Math.max(0, now - (row.granted_at ?? now));
     this.#learn(row.worker, used, dur, now);
-    const c = this.#endForClient(row, needs, now, (b, reserved, pool) => settleInto(b, reserved, used[pool] ?? 0, now));
-    this.#spend(c, used, now);
+    const charged = this.#clientUsage(row, used, stageUsage);
+    const c = this.#endForClient(row, now, (b, reserved, pool) => settleInto(b, reserved, charged[pool] ?? 0, now));
+    if (c) this.#spend(c, charged, now);
     this.store.leases--;
     return { ...row, state: "settled", usage: JSON.stringify(used), duration_ms: dur, ended_at: now };
   }
@@ -116,7 +133,7 @@ export class Accounts {
    * A settle after the lease expired: refused, but the usage still counts once,
    * for estimates, budgets and (beyond the tokens the expiry kept) rate buckets.
    */
-  lateSettle(row: ResRow, used: Amounts, duration: number | undefined, now: number): ResRow {
+  lateSettle(row: ResRow, used: Amounts, duration: number | undefined, now: number, stageUsage?: Amounts): ResRow {
     const needs = needsOf(row);
     for (const [n, amount] of Object.entries(used)) {
       const p = this.store.pools.get(n);
@@ -126,7 +143,7 @@ export class Accounts {
     }
     const dur = duration ?? Math.max(0, (row.ended_at ?? now) - (row.granted_at ?? now));
     this.#learn(row.worker, used, dur, now);
-    this.#spend(this.store.client(row.client_id, now), used, now);
+    if (holdsClient(row)) this.#spend(this.store.client(row.client_id, now), this.#clientUsage(row, used, stageUsage), now);
     return { ...row, usage: JSON.stringify(used), duration_ms: dur };
   }
 
@@ -136,7 +153,7 @@ export class Accounts {
       const p = this.store.pools.get(n);
       if (p) this.#change(p, () => releaseInto(p, reserved, now));
     }
-    this.#endForClient(row, needs, now, (b, reserved) => releaseInto(b, reserved, now));
+    this.#endForClient(row, now, (b, reserved) => releaseInto(b, reserved, now));
     this.store.leases--;
     return { ...row, state: "released", ended_at: now };
   }
@@ -147,7 +164,7 @@ export class Accounts {
       const p = this.store.pools.get(n);
       if (p) this.#change(p, () => expireInto(p, reserved));
     }
-    this.#endForClient(row, needs, now, (b, reserved) => expireInto(b, reserved));
+    this.#endForClient(row, now, (b, reserved) => expireInto(b, reserved));
     this.store.leases--;
     return { ...row, state: "expired", ended_at: now };
   }

@@ -10,6 +10,7 @@ import type { SlotResult } from "../../schemas/ledger";
 import { admitStart, clientBucket, newClient, queueWaitMs, type ClientState } from "../ledger-rules";
 import { clientDocument } from "./client-document";
 import type { GrantPass, Step } from "./grant-pass";
+import type { Ownership } from "./ownership";
 import type { ExecutionSlots } from "./slots";
 import { NO_CLIENT, type LedgerStore } from "./store";
 
@@ -22,6 +23,7 @@ export class ClientDesk {
     private readonly currency: string,
     /** The expected length of one execution, for a waiting slot's estimate. */
     private readonly executionMs: () => number,
+    private readonly own: Ownership,
   ) {}
 
   /** Replaces a client's own quotas; they apply at once: to its waiting stages, and to executions waiting for a slot. */
@@ -44,8 +46,9 @@ export class ClientDesk {
   }
 
   list(now: number): ClientDocument[] {
+    // On a shard, only the clients it is home to: the others it knows only as fair-queue lanes of their parts.
     return [...this.store.clients.values()]
-      .filter((c) => c.id !== NO_CLIENT)
+      .filter((c) => c.id !== NO_CLIENT && this.own.ownsClient(c.id))
       .sort((a, b) => (a.id < b.id ? -1 : 1))
       .map((c) => this.document(c, now));
   }
@@ -70,7 +73,11 @@ export class ClientDesk {
     const max = this.quotasOf(c).max_running_executions;
     // A rough guess: each place ahead waits for about one execution of the client to end.
     const estimate = (position: number) => queueWaitMs(position, max ?? 1, this.executionMs());
-    return this.slots.acquire(clientId, executionId, max, s.now, estimate);
+    const r = this.slots.acquire(clientId, executionId, max, s.now, estimate);
+    // With more than one shard the weight goes with the answer: the Execution passes it as
+    // `clientWeight` to its stages' parts on the other shards (one shard needs no copy).
+    if (r.status !== "granted" || !this.own.sharded) return r;
+    return { ...r, weight: this.quotasOf(c).weight ?? 1 };
   }
 
   /** An execution ended (or was cancelled while waiting): its slot, or its place, is given back; the next in line gets the slot. */

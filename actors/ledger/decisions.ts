@@ -24,7 +24,8 @@ import {
   type LedgerRules,
 } from "../ledger-rules";
 import type { Accounts } from "./accounts";
-import { fitsAll, timer, type GrantPass, type Step } from "./grant-pass";
+import { fitsAll, NO_QUOTAS, timer, type GrantPass, type Step } from "./grant-pass";
+import type { Ownership } from "./ownership";
 import { needsOf, PARKED, type LedgerStore, type ResRow } from "./store";
 
 /** A reserve replay of a reservation that ended: answered as `status: "ended"` after the step. */
@@ -35,8 +36,9 @@ export class Ended {
   ) {}
 }
 
-export function reservationIdOf(executionId: string, stageId: string, attempt: number): string {
-  return `${executionId}:${stageId}:${attempt}`;
+/** `{execution}:{stage}:{attempt}`, plus `@{round}` for a multi-shard acquisition's later rounds. */
+export function reservationIdOf(executionId: string, stageId: string, attempt: number, round = 0): string {
+  return round > 0 ? `${executionId}:${stageId}:${attempt}@${round}` : `${executionId}:${stageId}:${attempt}`;
 }
 
 export class Decisions {
@@ -49,27 +51,37 @@ export class Decisions {
     private readonly quotasOf: (c: ClientState) => ClientQuotas,
     /** The ledger's clock (tests replace it). */
     private readonly clock: () => number,
+    private readonly own: Ownership,
   ) {}
 
   reserve(req: ReserveRequest, workerPool: string, s: Step): ReserveResult | Ended {
-    const id = reservationIdOf(req.executionId, req.stageId, req.attempt);
+    const id = reservationIdOf(req.executionId, req.stageId, req.attempt, req.round ?? 0);
     const existing = this.store.row(id);
     if (existing) return this.#replayReserve(existing, s);
-    const needs = this.needs(req.worker, req.requirements);
+    const part = req.part ?? null;
+    // A part holds exactly its requirements, plus the worker slot when it is the worker's part.
+    const needs = part ? this.#partNeeds(req.worker, req.requirements, part.worker) : this.needs(req.worker, req.requirements);
+    // Whether this reservation holds the client's running count, rate buckets and budget (the whole stage, or the client's part).
+    const holds = !part || part.client;
+    // Parts only, for now: until every Execution routes its stages by shard, a whole stage goes to shard 0.
+    const misplaced = part ? this.own.misplaced(Object.keys(needs), holds ? (req.clientId ?? null) : null, part.shard) : null;
+    if (misplaced) return { status: "refused", reservationId: id, code: "wrong_shard", message: misplaced };
     const unknown = Object.keys(needs).filter((n) => n !== workerPool && !this.store.pools.has(n));
     if (unknown.length) {
       return { status: "refused", reservationId: id, code: "unknown_pool", message: `unknown pool(s): ${unknown.join(", ")}` };
     }
-    if (!this.store.pools.has(workerPool)) {
+    if (workerPool in needs && !this.store.pools.has(workerPool)) {
       this.store.addPool(newPool(workerPool, "concurrency", this.tuning.defaultWorkerConcurrency, 0, s.now));
     }
     const never = this.#unsatisfiable(id, needs);
     if (never) return never;
     const c = this.store.client(req.clientId ?? null, s.now);
-    const q = this.quotasOf(c);
-    const overRate = clientRateUnsatisfiable(q, needs);
+    const q = holds ? this.quotasOf(c) : NO_QUOTAS;
+    // The client's part is judged on the whole stage (its cost and its client rate), the other parts not at all.
+    const clientNeeds = part?.client && part.stageNeeds ? nonZero(part.stageNeeds) : needs;
+    const overRate = clientRateUnsatisfiable(q, clientNeeds);
     if (overRate) return { status: "refused", reservationId: id, code: "resource_unsatisfiable", message: `can never be granted: ${overRate}` };
-    const cost = this.accounts.costOf(needs);
+    const cost = holds ? this.accounts.costOf(clientNeeds) : 0;
     if (budgetExhausted(q, c, cost, s.now)) {
       return { status: "refused", reservationId: id, code: "budget_exhausted", message: `client ${c.id} has no budget left for this stage this month` };
     }
@@ -98,10 +110,12 @@ export class Decisions {
       ended_at: null,
       client_id: req.clientId ?? null,
       cost_est: cost,
-      tag: fairTag(this.store.virtualTime, c.lastTag, q.weight ?? 1),
+      // On a shard that is not the client's, its weight comes with the request (docs/ledger.md, "Fair sharing").
+      tag: fairTag(this.store.virtualTime, c.lastTag, (holds ? q.weight : (req.clientWeight ?? this.quotasOf(c).weight)) ?? 1),
+      part: part ? JSON.stringify(part) : null,
     };
     c.lastTag = row.tag;
-    if (this.store.activeWaiters === 0 && fitsAll(this.store.pools, needs, s.now) && !clientBlock(q, c, needs, cost, s.now, this.rules.usageMaxFactor)) {
+    if (this.store.activeWaiters === 0 && fitsAll(this.store.pools, needs, s.now) && !clientBlock(q, c, clientNeeds, cost, s.now, this.rules.usageMaxFactor)) {
       // Nobody queued and everything fits: granted in the reply, no notice.
       const granted = this.accounts.grant(row, needs, s.now);
       timer(s, granted.expires_at);
@@ -119,13 +133,14 @@ export class Decisions {
     return this.#waitingResult(now);
   }
 
-  settle(id: string, used: Amounts, duration: number | undefined, s: Step): SettleResult {
+  /** `stageUsage`: on a part holding the client, the whole stage's usage (its spend); other rows ignore it. */
+  settle(id: string, used: Amounts, duration: number | undefined, s: Step, stageUsage?: Amounts): SettleResult {
     const unknownPools = Object.keys(used).filter((n) => !this.store.pools.has(n));
     const row = this.liveRow(id, s);
     if (!row) return { ok: false, state: "unknown", unknownPools };
     switch (row.state) {
       case "granted":
-        this.store.putRow(this.accounts.settleGrant(row, used, duration, s.now));
+        this.store.putRow(this.accounts.settleGrant(row, used, duration, s.now, stageUsage));
         timer(s, s.now + this.rules.doneRetentionMs);
         this.pass.run(s);
         return { ok: true, state: "settled", unknownPools };
@@ -133,7 +148,7 @@ export class Decisions {
         // The lease lapsed: the settle is refused, but what was used is still
         // real: it counts for estimates, budgets and (beyond what the expiry
         // kept) rate buckets, once.
-        if (row.usage === null) this.store.putRow(this.accounts.lateSettle(row, used, duration, s.now));
+        if (row.usage === null) this.store.putRow(this.accounts.lateSettle(row, used, duration, s.now, stageUsage));
         return { ok: false, state: "expired", unknownPools };
       case "settled":
       case "released":
@@ -148,6 +163,13 @@ export class Decisions {
     const wp = `worker:${worker}`;
     const needs = resources ? nonZero(resources) : estimatedNeeds(this.store.stats.get(worker), this.store.pools, wp);
     needs[wp] = Math.max(needs[wp] ?? 0, 1);
+    return needs;
+  }
+
+  /** A part's needs: its explicit requirements (never an estimate), plus the worker slot when it holds it. */
+  #partNeeds(worker: string, requirements: Amounts | undefined, withWorker: boolean): Amounts {
+    const needs = nonZero(requirements ?? {});
+    if (withWorker) needs[`worker:${worker}`] = Math.max(needs[`worker:${worker}`] ?? 0, 1);
     return needs;
   }
 

@@ -23,7 +23,10 @@ import {
   type PoolState,
 } from "../ledger-rules";
 import type { Accounts } from "./accounts";
-import { HELD, needsOf, PARKED, type LedgerStore, type ResRow } from "./store";
+import { clientNeedsOf, HELD, holdsClient, needsOf, PARKED, type LedgerStore, type ResRow } from "./store";
+
+/** The quotas of a reservation that does not hold its client (another shard's part): none. */
+export const NO_QUOTAS: ClientQuotas = {};
 
 /** One synchronous decision: what it granted and the earliest timer it needs. */
 export interface Step {
@@ -52,7 +55,16 @@ export class GrantPass {
     private readonly accounts: Accounts,
     private readonly rules: LedgerRules,
     private readonly quotasOf: (c: ClientState) => ClientQuotas,
+    /** The shard a part's grant notice names (which part of its stage was granted). */
+    private readonly shardOf: (row: ResRow) => number,
   ) {}
+
+  /** The row's client, the quotas that apply to the row, and the amounts its client's buckets judge. */
+  clientOf(row: ResRow, now: number): { c: ClientState; q: ClientQuotas; cneeds: Amounts } {
+    const c = this.store.client(row.client_id, now);
+    if (!holdsClient(row)) return { c, q: NO_QUOTAS, cneeds: {} };
+    return { c, q: this.quotasOf(c), cneeds: clientNeedsOf(row) };
+  }
 
 
   /**
@@ -83,17 +95,16 @@ export class GrantPass {
       }
       // The client's own limits first. A waiter its client holds back is not
       // a head: it holds nobody else back and is passed without a count.
-      const c = store.client(row.client_id, s.now);
-      const q = this.quotasOf(c);
+      const { c, q, cneeds } = this.clientOf(row, s.now);
       if (budgetExhausted(q, c, row.cost_est, s.now)) {
         this.accounts.dequeue(row);
         store.putRow({ ...row, state: "refused", age_at: null, ended_at: s.now });
         timer(s, s.now + this.rules.doneRetentionMs);
         continue;
       }
-      const why = clientBlock(q, c, needs, row.cost_est, s.now, this.rules.usageMaxFactor);
+      const why = clientBlock(q, c, cneeds, row.cost_est, s.now, this.rules.usageMaxFactor);
       if (why === "client_rate") {
-        const t = clientRateReadyAt(q, c, needs, s.now);
+        const t = clientRateReadyAt(q, c, cneeds, s.now);
         if (t !== null && (wake === null || t < wake)) wake = t;
         continue;
       }
@@ -139,10 +150,9 @@ export class GrantPass {
     const granted = this.accounts.grant(row, needs, s.now);
     const expiresAt = granted.expires_at!;
     timer(s, expiresAt);
-    s.grants.push({
-      executionId: row.execution_id,
-      notice: { reservationId: row.id, requirements: needs, stageId: row.stage_id, attempt: row.attempt, expiresAt },
-    });
+    const notice: GrantNotice = { reservationId: row.id, requirements: needs, stageId: row.stage_id, attempt: row.attempt, expiresAt };
+    if (row.part !== null) notice.shard = this.shardOf(row);
+    s.grants.push({ executionId: row.execution_id, notice });
   }
 
   /** Raises the stored effective rank of waiters whose next ageing step is due. */
@@ -156,11 +166,10 @@ export class GrantPass {
   /** Why a waiter waits, as the grant pass would judge it now: its client's limit first, then the pools short. */
   reasonOf(row: ResRow, now: number): { reason: WaitReason; pools: string[] } {
     const needs = needsOf(row);
-    const c = this.store.client(row.client_id, now);
-    const q = this.quotasOf(c);
-    const why = clientBlock(q, c, needs, row.cost_est, now, this.rules.usageMaxFactor);
+    const { c, q, cneeds } = this.clientOf(row, now);
+    const why = clientBlock(q, c, cneeds, row.cost_est, now, this.rules.usageMaxFactor);
     if (why === "client_rate") {
-      const pools = Object.keys(q.rate ?? {}).filter((n) => needs[n] && !fits(clientBucket(c, n, q.rate![n].per_minute, now), needs[n], now));
+      const pools = Object.keys(q.rate ?? {}).filter((n) => cneeds[n] && !fits(clientBucket(c, n, q.rate![n].per_minute, now), cneeds[n], now));
       return { reason: why, pools };
     }
     if (why) return { reason: why, pools: [] };

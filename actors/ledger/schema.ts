@@ -75,6 +75,8 @@ const ADDED_COLUMNS: [table: string, column: string, type: string][] = [
   // The client journal (./client-journal.ts): change number and the client's state after it.
   ["reservations", "cseq", "INTEGER NOT NULL DEFAULT 0"],
   ["reservations", "cstate", "TEXT"],
+  /** A multi-shard stage's part (ReservePart as JSON); null: the whole stage is on this object. */
+  ["reservations", "part", "TEXT"],
 ];
 const INDEXES = `
 DROP INDEX IF EXISTS reservations_queue;

@@ -11,7 +11,7 @@
  * `clients` checkpoint now and then (./client-journal.ts).
  */
 import type { z } from "zod";
-import type { PoolConfig } from "../../schemas/ledger";
+import type { PoolConfig, ReservePart } from "../../schemas/ledger";
 import { holdCost, largestHeld, newClient, newPool, queueOrder, type Amounts, type ClientState, type LedgerRules, type PoolState, type WorkerStats } from "../ledger-rules";
 import { sqlOf, type Sql } from "../sql";
 import { bucketOf, checkPersisted, encodeClientState, readPersistedClients, writeCheckpoint, writeSettings } from "./client-journal";
@@ -51,10 +51,26 @@ export interface ResRow extends Record<string, SqlStorageValue> {
   cost_est: number;
   /** Fair-queue tag (ledger-rules fairTag). */
   tag: number;
+  /** A multi-shard stage's part (ReservePart as JSON); null: the whole stage (docs/ledger.md, "Parts"). */
+  part: string | null;
 }
 
 export function needsOf(row: ResRow): Amounts {
   return JSON.parse(row.req) as Amounts;
+}
+
+export function partOf(row: ResRow): ReservePart | null {
+  return row.part ? (JSON.parse(row.part) as ReservePart) : null;
+}
+
+/** Whether the row holds its client's running-stage count, rate buckets and budget hold (a whole stage, or the client's part). */
+export function holdsClient(row: ResRow): boolean {
+  return row.part === null || partOf(row)!.client;
+}
+
+/** What the client's rate buckets take for the row: the whole stage's needs on the client's part, else the row's own. */
+export function clientNeedsOf(row: ResRow): Amounts {
+  return (row.part === null ? null : partOf(row)!.stageNeeds) ?? needsOf(row);
 }
 
 export class LedgerStore {
@@ -203,10 +219,10 @@ export class LedgerStore {
     this.commit.write(
       () => this.sql`INSERT INTO reservations
         (id, execution_id, stage_id, attempt, worker, rank, eff_rank, age_at, seq, state, req, lease_ms, created_at,
-         granted_at, expires_at, passed, parked, usage, duration_ms, ended_at, client_id, cost_est, tag, cseq, cstate)
+         granted_at, expires_at, passed, parked, usage, duration_ms, ended_at, client_id, cost_est, tag, cseq, cstate, part)
         VALUES (${r.id}, ${r.execution_id}, ${r.stage_id}, ${r.attempt}, ${r.worker}, ${r.rank}, ${r.eff_rank}, ${r.age_at},
                 ${r.seq}, ${r.state}, ${r.req}, ${r.lease_ms}, ${r.created_at}, ${r.granted_at}, ${r.expires_at}, ${r.passed},
-                ${r.parked}, ${r.usage}, ${r.duration_ms}, ${r.ended_at}, ${r.client_id}, ${r.cost_est}, ${r.tag}, ${cseq}, ${cstate})
+                ${r.parked}, ${r.usage}, ${r.duration_ms}, ${r.ended_at}, ${r.client_id}, ${r.cost_est}, ${r.tag}, ${cseq}, ${cstate}, ${r.part})
         ON CONFLICT (id) DO UPDATE SET state = excluded.state, eff_rank = excluded.eff_rank, age_at = excluded.age_at,
           granted_at = excluded.granted_at, expires_at = excluded.expires_at, passed = excluded.passed,
           parked = excluded.parked, usage = excluded.usage, duration_ms = excluded.duration_ms, ended_at = excluded.ended_at,
@@ -376,11 +392,13 @@ export class LedgerStore {
     this.live.clear();
     for (const r of this.sql<ResRow>`SELECT * FROM reservations WHERE state = 'granted'`) {
       this.live.set(r.id, r);
-      const c = clientOf(r.client_id);
-      holdCost(c, r.cost_est, true);
-      for (const [n, a] of Object.entries(needsOf(r))) {
-        const b = c.rate.get(n);
-        if (b) b.held += a;
+      if (holdsClient(r)) {
+        const c = clientOf(r.client_id);
+        holdCost(c, r.cost_est, true);
+        for (const [n, a] of Object.entries(clientNeedsOf(r))) {
+          const b = c.rate.get(n);
+          if (b) b.held += a;
+        }
       }
       for (const [n, a] of Object.entries(needsOf(r))) {
         const p = this.pools.get(n);
@@ -435,6 +453,7 @@ export class LedgerStore {
       const k = r.client_id ?? NO_CLIENT;
       const e = perClient.get(k) ?? { running: 0, cost: 0, largest: 0, waiting: 0, held: 0 };
       if (r.state === "granted") {
+        if (!holdsClient(r)) continue;
         e.running++;
         e.cost += r.cost_est;
         e.largest = Math.max(e.largest, r.cost_est);
