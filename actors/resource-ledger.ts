@@ -320,7 +320,9 @@ export class ResourceLedger extends DurableObject<Env> {
       effective_priority: PRIORITIES[r.eff_rank],
       waiting_on: this.#decide.waitingOn(r, now),
     }));
-    const snap = { shard, name: this.#own.name ?? "", pools, leases: st.leases, waiters: st.waiters, queue };
+    // The name only on a shard of the layout (a test's fresh ledger is no shard: its snapshot is its state alone).
+    const name = this.#own.index === null ? {} : { name: this.#own.name };
+    const snap = { shard, ...name, pools, leases: st.leases, waiters: st.waiters, queue };
     return st.commit.idle ? snap : st.commit.ack(snap);
   }
 

@@ -205,7 +205,7 @@ export const QueuedWaiter = z.object({
 });
 export type QueuedWaiter = z.infer<typeof QueuedWaiter>;
 export const LedgerSnapshot = z.object({
-  /** This object's shard index and name (a test's fresh ledger: shard 0 and its own name); always set by a ledger object. */
+  /** This object's shard index (always set by a ledger object; 0 outside a layout) and, on a shard of the layout, its name. */
   shard: ShardIndex.optional(),
   name: z.string().optional(),
   pools: z.array(PoolSnapshot),

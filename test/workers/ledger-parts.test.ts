@@ -7,11 +7,12 @@
  * layout places on another shard; snapshots and notices name the shard.
  */
 import { evictDurableObject, runInDurableObject } from "cloudflare:test";
+import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import { ledgerTestHooks, type ResourceLedger } from "../../actors/resource-ledger";
 import type { RoutingVars } from "../../actors/ledger/ownership";
 import type { ReservePart, ReserveRequest } from "../../schemas/ledger";
-import { layoutOf, shardOfClient, shardOfPool } from "../../src/ledger-routing";
+import { layoutOf, ledgerShard, shardName, shardOfClient, shardOfPool } from "../../src/ledger-routing";
 import { attach, expectWithinCapacity, failure, fresh, id, newClock, req, type LedgerStub, type Notices } from "./ledger-support";
 
 /** tokens:openai is priced at 0.000002 per token (wrangler.toml PRICES): 1,000,000 tokens cost 2. */
@@ -303,12 +304,19 @@ describe("ownership: a shard refuses what the layout places elsewhere", () => {
     await ledger.settle(id(w), {});
   });
 
-  it("a test's fresh ledger (its ctx.id.name is no shard name) checks nothing and reports shard 0 and its name", async () => {
+  it("a test's fresh ledger (its ctx.id.name is no shard name) checks nothing and reports shard 0, no name", async () => {
     const { ledger } = await fresh("parts-unsharded");
     await runInDurableObject(ledger, (instance: ResourceLedger) => ledgerTestHooks(instance).setRouting({ vars: FOUR }));
     const theirs = nameOn("any-gpu", 2, poolShard);
     expect(await ledger.definePool(theirs, { kind: "concurrency", capacity: 1 })).toMatchObject({ ok: true, pool: { shard: 0 } });
     expect((await ledger.reserve(preq(null, part({ shard: 2, shards: [2] }), { requirements: { [theirs]: 1 } }))).status).toBe("granted");
-    expect(await ledger.snapshot()).toMatchObject({ shard: 0, name: "test-parts-unsharded" });
+    const snap = await ledger.snapshot();
+    expect(snap.shard).toBe(0);
+    expect(snap).not.toHaveProperty("name");
+  });
+
+  it("the real shard 0 knows its name from ctx.id.name (global with one shard, ledger-0 with more)", async () => {
+    const snap = await ledgerShard(env, 0).snapshot();
+    expect(snap).toMatchObject({ shard: 0, name: shardName(layoutOf(env), 0) });
   });
 });
