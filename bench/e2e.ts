@@ -34,6 +34,8 @@
  *   orchestrator with [observability] disabled, to measure what local tracing
  *   costs) --local-observability on|off (wrangler dev's own tracing of every
  *   invocation, X_LOCAL_OBSERVABILITY; on is what `wrangler dev` does)
+ *   --no-plain-floor (only the durable floor) --orchestrated-first (the orchestrated phase before the
+ *   floors: each later phase runs on the heap the earlier ones grew, so the order matters for memory)
  *   --json-out FILE --verbose
  *   --vs-workflows: instead, the same pipeline on Cloudflare Workflows
  *   (bench/worker/workflows.ts) against ours, alternating, on two workloads: (a)
@@ -81,6 +83,10 @@ export interface Options {
   floor: boolean;
   /** Also run the durable floor (needs the floor). */
   durableFloor: boolean;
+  /** --no-plain-floor: skip the floor without storage (the durable floor still runs). */
+  plainFloor: boolean;
+  /** --orchestrated-first: the orchestrated phase before the floors (each later phase runs on the heap the earlier ones grew). */
+  orchestratedFirst: boolean;
   quick: boolean;
   soak: boolean;
   jsonOut: string | null;
@@ -120,7 +126,7 @@ export interface Options {
 }
 
 export function parseArgs(argv: string[]): Options {
-  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, durableFloor: true, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true, vsWorkflows: false, rounds: 2, pollN: 300, pollConcurrency: 100, pollMs: 100, countN: 30, workMs: 0, fanOut: false, fanItems: [10, 100, 1000], fanWorkMs: 50, fanRounds: 2, fanLineMax: 1000, statusReads: false, readSeconds: 5, readConcurrency: 20, perfRecord: null, fsyncs: false };
+  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, durableFloor: true, plainFloor: true, orchestratedFirst: false, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true, vsWorkflows: false, rounds: 2, pollN: 300, pollConcurrency: 100, pollMs: 100, countN: 30, workMs: 0, fanOut: false, fanItems: [10, 100, 1000], fanWorkMs: 50, fanRounds: 2, fanLineMax: 1000, statusReads: false, readSeconds: 5, readConcurrency: 20, perfRecord: null, fsyncs: false };
   const given = new Set<string>();
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -143,6 +149,8 @@ export function parseArgs(argv: string[]): Options {
       case "--settle-ms": o.settleMs = num(); given.add("s"); break;
       case "--no-floor": o.floor = false; break;
       case "--no-durable-floor": o.durableFloor = false; break;
+      case "--no-plain-floor": o.plainFloor = false; break;
+      case "--orchestrated-first": o.orchestratedFirst = true; break;
       case "--quick": o.quick = true; break;
       case "--soak": o.soak = true; break;
       case "--json-out": o.jsonOut = next(); break;
@@ -806,18 +814,21 @@ async function main(): Promise<number> {
     }
 
     let floor: PhaseResult | null = null;
-    if (opts.floor) {
-      console.error(`floor: ${opts.n} at ${opts.concurrency} in flight...`);
-      await b.workerStats(true);
-      floor = await b.phase("floor", items, opts.concurrency, (it, i) => b.floor(it, i), pids);
-      floor.worker = await b.workerStats(true);
-    }
     let durableFloor: PhaseResult | null = null;
-    if (opts.floor && opts.durableFloor) {
-      console.error(`durable floor: ${opts.n} at ${opts.concurrency} in flight...`);
-      durableFloor = await b.phase("durable-floor", items, opts.concurrency, (it, i) => b.floor(it, i, true), pids);
-      durableFloor.worker = await b.workerStats(true);
-    }
+    const runFloors = async () => {
+      if (opts.floor && opts.plainFloor) {
+        console.error(`floor: ${opts.n} at ${opts.concurrency} in flight...`);
+        await b.workerStats(true);
+        floor = await b.phase("floor", items, opts.concurrency, (it, i) => b.floor(it, i), pids);
+        floor.worker = await b.workerStats(true);
+      }
+      if (opts.floor && opts.durableFloor) {
+        console.error(`durable floor: ${opts.n} at ${opts.concurrency} in flight...`);
+        durableFloor = await b.phase("durable-floor", items, opts.concurrency, (it, i) => b.floor(it, i, true), pids);
+        durableFloor.worker = await b.workerStats(true);
+      }
+    };
+    if (!opts.orchestratedFirst) await runFloors();
 
     console.error(`orchestrated: ${opts.n} at ${opts.concurrency} in flight...`);
     await b.workerStats(true);
@@ -844,6 +855,7 @@ async function main(): Promise<number> {
     await sleep(opts.settleMs);
     const settled = sampler.sample()[procs.runtime];
     const fdsSettled = openFds(procs.runtime);
+    if (opts.orchestratedFirst) await runFloors();
     if (fdsSettled === null) console.error(`! the workerd runtime (pid ${procs.runtime}) is gone: it crashed or wrangler restarted it during the run`);
     const hwm = memoryOf(procs.runtime)?.hwm ?? null;
     const leftovers = await b.workerStats();

@@ -136,6 +136,8 @@ interface RunDetail {
   /** Other processes' CPU meanwhile, in cores (the machine has 2). */
   others_cores: number;
   profile: ItemProfile | null;
+  /** Stage attempts the bench worker reported (null: its record was not received). */
+  timing_entries: number | null;
 }
 
 const median = (xs: number[]) => {
@@ -177,6 +179,7 @@ export async function runFanOut(b: Bench, opts: Options, fan: FanOutOptions, pid
           runtime_cpu_share: r2(cpu.workerd_runtime / (r.wallMs / 1000)),
           others_cores: r2(cpu.others / (r.wallMs / 1000)),
           profile: itemProfile(r.timings, t === BENCH_FAN_OUT_SERIAL),
+          timing_entries: r.timings?.stages.length ?? null,
         });
       }
     }
