@@ -919,7 +919,7 @@ async function main(): Promise<number> {
           overhead_per_stage_p50: x(o.overhead_per_stage_ms.p50, d.overhead_per_stage_ms.p50),
           overhead_per_stage_p99: x(o.overhead_per_stage_ms.p99, d.overhead_per_stage_ms.p99),
           // Each phase's RSS end - start; the durable floor runs first, on the heap the floor grew.
-          memory_growth_mib: { orchestrated: oGrowth, durable_floor: dGrowth, ratio: oGrowth !== null && dGrowth ? x(oGrowth, dGrowth) : null },
+          memory_growth_mib: { orchestrated: oGrowth === null ? null : Number(oGrowth.toFixed(1)), durable_floor: dGrowth === null ? null : Number(dGrowth.toFixed(1)), ratio: oGrowth !== null && dGrowth ? x(oGrowth, dGrowth) : null },
         }
       : null;
     if (vsDurable) {
@@ -928,7 +928,7 @@ async function main(): Promise<number> {
         { name: "issue 17 (2): runtime CPU per execution <= 1.7x the durable floor's", measured: `${vsDurable.runtime_cpu_per_execution}x (${o.cpu_ms_per_execution.workerd_runtime} / ${d!.cpu_ms_per_execution.workerd_runtime} ms)`, met: vsDurable.runtime_cpu_per_execution <= 1.7, by: `${(vsDurable.runtime_cpu_per_execution - 1.7).toFixed(2)} over` },
         { name: "issue 17 (5): overhead per stage p50 <= 1.5x the durable floor's (judged at 1 in flight)", measured: `${vsDurable.overhead_per_stage_p50}x (${o.overhead_per_stage_ms.p50} / ${d!.overhead_per_stage_ms.p50} ms)`, met: opts.concurrency === 1 ? vsDurable.overhead_per_stage_p50 <= 1.5 : null, by: `${(vsDurable.overhead_per_stage_p50 - 1.5).toFixed(2)} over` },
         { name: "issue 17 (5): overhead per stage p99 <= 3x the durable floor's (judged at 1 in flight)", measured: `${vsDurable.overhead_per_stage_p99}x (${o.overhead_per_stage_ms.p99} / ${d!.overhead_per_stage_ms.p99} ms)`, met: opts.concurrency === 1 ? vsDurable.overhead_per_stage_p99 <= 3 : null, by: `${(vsDurable.overhead_per_stage_p99 - 3).toFixed(2)} over` },
-        { name: "issue 17 (7): runtime memory growth <= 1.2x the durable floor's over the same executions (judged at >= 10000)", measured: `${vsDurable.memory_growth_mib.ratio}x (${mib(oGrowth)} / ${mib(dGrowth)} MiB)`, met: opts.n >= 10_000 && vsDurable.memory_growth_mib.ratio !== null ? vsDurable.memory_growth_mib.ratio <= 1.2 : null, by: `${((vsDurable.memory_growth_mib.ratio ?? 0) - 1.2).toFixed(2)} over` },
+        { name: "issue 17 (7): runtime memory growth <= 1.2x the durable floor's over the same executions (judged at >= 10000)", measured: `${vsDurable.memory_growth_mib.ratio}x (${oGrowth?.toFixed(1)} / ${dGrowth?.toFixed(1)} MiB)`, met: opts.n >= 10_000 && vsDurable.memory_growth_mib.ratio !== null ? vsDurable.memory_growth_mib.ratio <= 1.2 : null, by: `${((vsDurable.memory_growth_mib.ratio ?? 0) - 1.2).toFixed(2)} over` },
       );
     }
     targets.push({ name: `issue 17 (6): zero failed, zero late (POST unanswered in 30 s) at 200 in flight`, measured: `${o.failed} failed (${late} late), ${o.stuck} stuck at ${opts.concurrency} in flight`, met: opts.concurrency >= 200 ? o.failed === 0 && o.stuck === 0 : null, by: `${o.failed + o.stuck} executions` });
