@@ -69,7 +69,7 @@ await new Promise((resolve, reject) => {
 const send = (method, params = {}) =>
   new Promise((resolve, reject) => {
     const id = nextId++;
-    const timer = setTimeout(() => reject(new Error(`${method}: no answer in 60 s`)), 60_000);
+    const timer = setTimeout(() => reject(new Error(`${method}: no answer in 180 s`)), 180_000);
     pending.set(id, (m) => {
       clearTimeout(timer);
       if (m.error) reject(new Error(`${method}: ${JSON.stringify(m.error)}`));

@@ -740,7 +740,8 @@ async function main(): Promise<number> {
     NOTIFY_SECRET: token(),
   };
   const pools = [
-    { name: `worker:${BENCH_WORKER}`, kind: "concurrency", capacity: Math.max(64, 2 * opts.concurrency) },
+    // The fan-out runs 100 items at once (bench_fan_out's max_parallel): the pool must not be what caps it.
+    { name: `worker:${BENCH_WORKER}`, kind: "concurrency", capacity: Math.max(opts.fanOut ? 200 : 64, 2 * opts.concurrency) },
     { name: "tokens:openai", kind: "rate", capacity: 1e12, refill_per_second: 1e9 },
   ];
   const vars = {
