@@ -819,8 +819,9 @@ async function main(): Promise<number> {
       if (opts.floor && opts.durableFloor) await b.phase("warmup-durable-floor", warm, Math.min(opts.concurrency, 50), (it, i) => b.floor(it, 1e7 + i, true), pids);
     }
 
-    let floor: PhaseResult | null = null;
-    let durableFloor: PhaseResult | null = null;
+    // Assigned in runFloors (maybe after the orchestrated phase): typed so TypeScript does not narrow them to null here.
+    let floor = null as PhaseResult | null;
+    let durableFloor = null as PhaseResult | null;
     const runFloors = async () => {
       if (opts.floor && opts.plainFloor) {
         console.error(`floor: ${opts.n} at ${opts.concurrency} in flight...`);
