@@ -53,7 +53,7 @@ export async function applyCallback(
     if (again) return { answer: again };
   }
   // From here to the end: synchronous, so the checks and the transition are one atomic step.
-  const st = c.store.stage(stageId)!;
+  const st = tx.asProcessing(c, c.store.stage(stageId)!);
   const now = Date.now();
   c.store.log("info", "callback", { stage_id: stageId, attempt, kind });
   if (kind === "progress") {

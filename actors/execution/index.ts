@@ -99,6 +99,8 @@ export class Execution extends DurableObject<Env> {
       timers: this.#timers,
       rearm: () => this.#rearm(),
       changed: () => this.#status.touched(),
+      nextChange: (waitMs: number) => this.#status.changeAfter(this.#status.version, waitMs),
+      accepted: new Map<string, number>(),
     };
     const notifier = new Notifier(base);
     this.#c = { ...base, notifier, outbox: new Outbox({ ...base, notifier }) };

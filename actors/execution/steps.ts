@@ -258,6 +258,19 @@ export async function handshake(c: Core, st: StageRow): Promise<boolean> {
     tx.failAttempt(c, st, handshakingFailure(c, st, pr.error), at);
     return true;
   }
+  // `processing` (a commit, its deadline and poll timers, maybe an alarm) is written only for a worker
+  // that has not called back within `pollInitialMs`, when its first poll would be due anyway. Until
+  // then the stage stays `handshaking` under that deadline; a crash meanwhile replays the handshake
+  // and process, idempotent per attempt (docs/reliability.md).
+  const key = `${st.stage_id}#${st.attempt}`;
+  c.accepted.set(key, at);
+  const until = at + c.config.tuning.pollInitialMs;
+  try {
+    while (c.store.stillAt(st, "handshaking") && Date.now() < until) await c.nextChange(until - Date.now());
+  } finally {
+    c.accepted.delete(key);
+  }
+  if (!c.store.stillAt(st, "handshaking")) return true;
   tx.startProcessing(c, st, at);
   return true;
 }

@@ -430,4 +430,12 @@ export interface Core {
   rearm(): Promise<void>;
   /** Something the status document shows changed: connected live sockets get it pushed (coalesced per turn). */
   changed(): void;
+  /** Resolves at the next change of the status document, or after `waitMs` (status-cache.ts changeAfter). */
+  nextChange(waitMs: number): Promise<void>;
+  /**
+   * When `process` was accepted, by `stage_id#attempt`, for an attempt whose
+   * `processing` is not written yet (steps.ts handshake): in memory only, so a
+   * quick callback still records its processing time; lost with the instance.
+   */
+  readonly accepted: Map<string, number>;
 }

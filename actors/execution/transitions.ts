@@ -203,6 +203,16 @@ export function startProcessing(c: Core, st: StageRow, at: number): void {
   c.timers.set("poll", at + poll, st.stage_id);
 }
 
+/**
+ * The stage as a callback ends it: an attempt whose `process` was accepted but
+ * whose `processing` is not written yet (steps.ts handshake) counts its time
+ * from the acceptance, as if it were.
+ */
+export function asProcessing(c: Core, st: StageRow): StageRow {
+  const at = st.processing_since === null && st.status === "handshaking" ? c.accepted.get(`${st.stage_id}#${st.attempt}`) : undefined;
+  return at === undefined ? st : { ...st, processing_since: at };
+}
+
 /** A progress poll went out (counted before the call, so an eviction mid-call still counts it). */
 export function pollSent(c: Core, st: StageRow): void {
   c.sql`UPDATE stages SET polls = polls + 1 WHERE stage_id = ${st.stage_id}`;
