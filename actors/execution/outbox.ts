@@ -177,9 +177,11 @@ export class Outbox {
           const listed = row?.listed === 1;
           if (listed) void this.#unlist(id);
           // A live execution writes again soon (its next transition, or the outbox
-          // timer at the latest) and deletes the row then; an ended one does it now.
+          // timer at the latest) and deletes the row then; an ended one does it once
+          // the last of its deliveries in flight is done (one commit for them all).
           const ex = this.#c.store.row();
           if (ex && !isTerminalExecution(ex.status)) return;
+          if (this.#inFlight.size > 0) return;
           this.#purgeDelivered();
         } else {
           this.#failed(id, item, attempts + 1, failure ?? "refused");

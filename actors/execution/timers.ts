@@ -49,10 +49,10 @@ export class Timers {
       ON CONFLICT(name, unit) DO UPDATE SET due_at = excluded.due_at`;
   }
 
-  /** Sets the timer unless it is already due earlier. */
+  /** Sets the timer unless it is already due earlier (then nothing is written). */
   setNoLaterThan(name: TimerName, dueAt: number, unit = ""): void {
     this.#sql`INSERT INTO timers (name, unit, due_at) VALUES (${name}, ${unit}, ${dueAt})
-      ON CONFLICT(name, unit) DO UPDATE SET due_at = MIN(due_at, excluded.due_at)`;
+      ON CONFLICT(name, unit) DO UPDATE SET due_at = excluded.due_at WHERE excluded.due_at < timers.due_at`;
   }
 
   clear(name: TimerName, unit = ""): void {
