@@ -514,7 +514,7 @@ export function slotAnswered(c: Core, r: SlotResult | null, now: number): void {
     c.timers.set("slot", now + retryDelayMs(failures, t.retryBaseMs, t.retryCapMs));
     return;
   }
-  c.sql`UPDATE execution SET slot_failures = 0 WHERE id = 1`;
+  c.sql`UPDATE execution SET slot_failures = 0 WHERE id = 1 AND slot_failures != 0`;
   if (r.status === "granted") {
     c.sql`UPDATE execution SET slot = ${r.counted ? "granted" : "free"}, slot_wait = NULL WHERE id = 1 AND slot IN ('asked', 'waiting')`;
     c.timers.clear("slot");
