@@ -216,6 +216,11 @@ describe("a fan-out item's tokens are its own", () => {
     const { body } = await startExecution({ template_name: "graph_fan_out", parameters: { items: 2, steps: 1, step_ms: 0, fault: { stage: 2, mode: "hang" } }, client_id: "client_security" });
     const id = body.execution_id as string;
     await waitFor(id, (d) => d.stages[1]?.items?.running === 2);
+    // On their worker, and `processing` once pollInitialMs passed without a callback (steps.ts handshake).
+    for (const item of ["stage_2.0", "stage_2.1"]) {
+      const deadline = Date.now() + 10_000;
+      while ((await itemDoc(id, item)).status !== "processing" && Date.now() < deadline) await scheduler.wait(25);
+    }
     for (const other of ["stage_2.0", "stage_2"]) {
       const token = await mintToken({ executionId: id, stageId: other, attempt: 1 });
       const res = await completeItem(id, "stage_2.1", token);
