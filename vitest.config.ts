@@ -176,7 +176,7 @@ const SHARDED_AGAIN = [
 ];
 
 /**
- * Six projects:
+ * Seven projects:
  * - `workers`: tests that run inside workerd next to the orchestrator's real
  *   Durable Objects, with the demo stand-ins as auxiliary workers behind the
  *   real service bindings (built by test/support/global-setup.ts, since
@@ -187,6 +187,8 @@ const SHARDED_AGAIN = [
  *   fails or loses answers for real (test/support/faulty-ledger), and the
  *   stage-data stores behind entrypoints that stall or fail calls
  *   (test/support/faulty-store);
+ * - `shard-faults`: the sharded ledger with each shard behind such a faulty
+ *   object (test/shard-faults);
  * - `status-leases`: the workers project's setup with leases on ended
  *   executions' documents (statusLeaseMs), which `workers` turns off;
  * - `e2e`: Node tests that start the same multi-worker `wrangler dev` session
@@ -295,6 +297,31 @@ export default defineConfig({
           include: ["test/status-leases/**/*.test.ts"],
           globalSetup: ["./test/support/global-setup.ts"],
           testTimeout: 60_000,
+        },
+      },
+      {
+        // The sharded ledger (TEST_SHARDS) with every shard behind its own faulty object
+        // (test/support/faulty-ledger forwards to the real ledger of its own name), for a
+        // shard that is down (test/shard-faults). Short leases: an
+        // incomplete set holds its parts for 2 s, a granted one for 4 s. One file at a time:
+        // a fault set on a shard applies to every execution of the project.
+        plugins: [
+          orchestratorUnderTest("shard-faults", {
+            bindings: {
+              ...TEST_SHARDS,
+              LEDGER_BINDING: "FAULTY_LEDGER",
+              TUNING: JSON.stringify({ ...TEST_TUNING, leaseMs: 4000, ledgerShortLeaseMs: 2000, outboxUndeliverableMs: 20_000 }),
+            },
+            durableObjects: FAULTY_LEDGER_BINDING,
+            workers: [faultyLedgerWorker("shard-faults")],
+          }),
+        ],
+        test: {
+          name: "shard-faults",
+          include: ["test/shard-faults/**/*.test.ts"],
+          globalSetup: ["./test/support/global-setup.ts"],
+          testTimeout: 120_000,
+          fileParallelism: false,
         },
       },
       {

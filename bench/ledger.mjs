@@ -6,6 +6,13 @@
 //
 //   npm run bench:ledger            (defaults)
 //   node bench/ledger.mjs --pairs 20000 --rounds 3 --concurrency 16,64
+//   npm run bench:ledger -- --shards 1,2,4,8 [--multi 0,0.25,0.5,1] [--rate 200] [--seconds 6]
+//
+// --shards: the sharded ledger instead (bench/worker/ledger-shards.ts): the same
+// offered load (stages per second, open loop) against 1, 2, 4, 8 ledger objects,
+// with a share of stages whose pools span two shards; per configuration the
+// requests per second the busiest object receives and the stages per second
+// overall, and the capacity at 500 writing requests/s per object (docs/scaling.md).
 //
 // Bounded: a fixed number of pairs per round and a hard deadline; everything
 // it starts (workerd, temp files) is stopped/removed before it exits.
@@ -26,6 +33,12 @@ const PAIRS = Math.min(200_000, Number(arg("pairs", 20_000)));
 const ROUNDS = Math.min(10, Number(arg("rounds", 3)));
 const CONCURRENCY = String(arg("concurrency", "1,16,64,128")).split(",").map(Number).filter((n) => n > 0);
 const DEADLINE_MS = Number(arg("deadline-ms", 480_000));
+const SHARDS = process.argv.includes("--shards") ? String(arg("shards", "1,2,4,8")).split(",").map(Number).filter((n) => Number.isInteger(n) && n >= 1 && n <= 256) : null;
+const MULTI = String(arg("multi", "0,0.25,0.5,1")).split(",").map(Number).filter((f) => f >= 0 && f <= 1);
+const RATE = Number(arg("rate", 200));
+const SECONDS = Number(arg("seconds", 6));
+/** The per-object write rate the capacity table is stated at (Cloudflare's soft limit for writing requests, docs/scaling.md). */
+const PER_OBJECT_WRITES = 500;
 
 const tmp = mkdtempSync(path.join(os.tmpdir(), "ledger-bench-"));
 // The objects' SQLite files: under the OS temp dir (on disk here), or BENCH_DO_DIR (e.g. /dev/shm).
@@ -51,7 +64,10 @@ async function main() {
     stdin: {
       contents: [
         'export { ResourceLedger } from "./actors/resource-ledger.ts";',
-        'export { default, NoopObject, Execution } from "./bench/ledger-worker.mjs";',
+        'import bench, { NoopObject, Execution } from "./bench/ledger-worker.mjs";',
+        'import { shardBench } from "./bench/worker/ledger-shards.ts";',
+        "export { NoopObject, Execution };",
+        "export default { fetch(request, env) { const u = new URL(request.url); return u.pathname === \"/shards\" ? shardBench(u, env) : bench.fetch(request, env); } };",
       ].join("\n"),
       resolveDir: root,
       sourcefile: "ledger-bench-entry.js",
@@ -107,6 +123,8 @@ async function main() {
     if (r.errors) throw new Error(`${target}: ${r.errors} errors, first: ${r.firstError}`);
     return { ...r, wallMs, pairsPerSec: (r.pairs * 1000) / Math.max(1, r.elapsedMs) };
   }
+
+  if (SHARDS) return shards(base);
 
   // Warm up both objects (isolate start, schema creation, JIT).
   for (const c of CONCURRENCY) {
@@ -187,6 +205,70 @@ async function main() {
       target_ratio: 0.3,
       pass: best.ledger_pairs_per_sec >= 10_000 && best.ratio_to_noop >= 0.3,
       results,
+    }),
+  );
+}
+
+/** The sharded ledger (--shards): each shard count and share of multi-shard stages, at the same offered load. */
+async function shards(base) {
+  let run = 0;
+  async function one(n, multi, seconds) {
+    const u = new URL("/shards", base);
+    for (const [k, v] of Object.entries({ shards: n, multi, rate: RATE, seconds, run: ++run })) u.searchParams.set(k, String(v));
+    const res = await fetch(u);
+    if (!res.ok) throw new Error(`shards ${n}: HTTP ${res.status} ${await res.text()}`);
+    const r = await res.json();
+    if (r.errors) throw new Error(`shards ${n} multi ${multi}: ${r.errors} errors, first: ${r.firstError}`);
+    return r;
+  }
+  // Warm-up: isolate start, schema creation, JIT.
+  await one(1, 0, 2);
+  await one(Math.max(...SHARDS), Math.max(...MULTI), 2);
+  const rows = [];
+  for (const n of SHARDS) {
+    for (const multi of n === 1 ? [0] : MULTI) {
+      const r = await one(n, multi, SECONDS);
+      const secs = r.elapsedMs / 1000;
+      const busiestPerStage = r.busiest_calls / r.stages;
+      rows.push({
+        shards: n,
+        multi_share: multi,
+        multi_shard_stages: r.multi_shard_stages,
+        offered_per_sec: RATE,
+        stages_per_sec: Math.round(r.stages / secs),
+        requests_per_sec: Math.round(r.calls.reduce((a, b) => a + b, 0) / secs),
+        busiest_requests_per_sec: Math.round(r.busiest_calls / secs),
+        busiest_requests_per_stage: Number(busiestPerStage.toFixed(3)),
+        requests_per_object: r.calls,
+        p50_ms: r.p50Ms,
+        p99_ms: r.p99Ms,
+        // What one deployment carries when its busiest ledger object takes PER_OBJECT_WRITES writing requests/s.
+        capacity_stages_per_sec: Math.round(PER_OBJECT_WRITES / busiestPerStage),
+      });
+    }
+  }
+  const ref = rows.find((r) => r.shards === Math.min(...SHARDS) && r.multi_share === 0) ?? rows[0];
+  console.log("");
+  console.log(`ledger shards bench: ${RATE} stages/s offered for ${SECONDS} s per row (open loop), ${os.cpus().length} cores, node ${process.version}, load average ${os.loadavg().map((x) => x.toFixed(1)).join(" ")}`);
+  console.log("");
+  console.log(`| shards | multi-shard share | stages/s | requests/s (all) | busiest object req/s | vs ${ref.shards} shard | busiest req/stage | p50 ms | p99 ms | stages/s at ${PER_OBJECT_WRITES} req/s/object |`);
+  console.log("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+  for (const r of rows) {
+    console.log(
+      `| ${r.shards} | ${(r.multi_share * 100).toFixed(0)}% | ${r.stages_per_sec} | ${r.requests_per_sec} | ${r.busiest_requests_per_sec} | ${(r.busiest_requests_per_sec / ref.busiest_requests_per_sec).toFixed(2)} | ${r.busiest_requests_per_stage} | ${r.p50_ms} | ${r.p99_ms} | ${r.capacity_stages_per_sec} |`,
+    );
+  }
+  console.log("");
+  console.log(
+    JSON.stringify({
+      bench: "ledger-shards",
+      offered_per_sec: RATE,
+      seconds: SECONDS,
+      per_object_writes: PER_OBJECT_WRITES,
+      cores: os.cpus().length,
+      load_average: os.loadavg().map((x) => Number(x.toFixed(2))),
+      node: process.version,
+      rows,
     }),
   );
 }

@@ -41,6 +41,10 @@ const worker = defineWorker<GranulatorEnv>({
       if (request.method !== "GET") return notAllowed(request.method, "GET");
       return jsonResponse(200, await stats(env).snapshot());
     }
+    if (url.pathname === "/api/stats/jobs") {
+      if (request.method !== "GET") return notAllowed(request.method, "GET");
+      return jsonResponse(200, { jobs: await stats(env).active() });
+    }
     if (url.pathname === "/api/stats/reset") {
       if (request.method !== "POST") return notAllowed(request.method, "POST");
       return jsonResponse(200, await stats(env).reset());

@@ -74,6 +74,11 @@ export class GranulatorStats extends DurableObject<GranulatorEnv> {
     };
   }
 
+  /** The jobs processing right now, each with when it began (`{executionId}:{stageId}#{attempt}`, epoch ms). */
+  active(): { key: string; began: number }[] {
+    return this.sql<{ key: string; began: number }>`SELECT key, at AS began FROM job WHERE state = 'active' ORDER BY at`;
+  }
+
   /** Forgets everything, including jobs still running (their later end is then a no-op). */
   reset(): StatsSnapshot {
     this.sql`DELETE FROM job`;

@@ -20,6 +20,20 @@ function error(status: number, code: string, message: string): Response {
 const TEMPLATE_PATH = /^\/api\/master-templates\/([^/]+)$/;
 const SLOW = /^slow(\d{1,5})_(.+)$/;
 const REVISED = /^revised(\d{0,6})_(.+)$/;
+const NEEDS = /^needs(\d{0,7})_([a-z0-9]+(?:\.[a-z0-9]+)*)_[A-Za-z0-9-]+$/;
+
+/**
+ * A stage's set of pools named by the test (the ledger sharding tests,
+ * test/shard-faults): `needs{q}_{a}.{b}..._{tag}` answers a one-stage template
+ * on the graph granulator whose stage needs one unit of each pool `set:{a}`,
+ * `set:{b}`, ..., with a queue timeout of q ms when q is given; the tag only
+ * makes names distinct.
+ */
+function needs(name: string, m: RegExpExecArray): StoredTemplate {
+  const resources = Object.fromEntries(m[2].split(".").map((p) => [`set:${p}`, 1]));
+  const stage = { stage: 1, worker: "bitware-graph-granulator", template_ref: "needs_v1", action: "echo", max_attempts: 1, timeout_ms: 60_000, resources };
+  return { template_id: `mt_${name}`, template_name: name, pipeline_stages: JSON.stringify([m[1] ? { ...stage, queue_timeout_ms: Number(m[1]) } : stage]) };
+}
 
 /**
  * A template KAM keeps editing: `revised{k}_{name}` answers `{name}`'s template
@@ -69,6 +83,8 @@ export default {
       await scheduler.wait(Math.min(30_000, Number(slow[1])));
       name = slow[2];
     }
+    const set = NEEDS.exec(name);
+    if (set) return json(200, needs(name, set));
     const edited = REVISED.exec(name);
     const template = TEMPLATES.get(edited ? edited[2] : name);
     if (!template) return error(404, "not_found", `template '${name}' does not exist`);

@@ -9,11 +9,15 @@ import { DurableObject } from "cloudflare:workers";
  * - `stall`: the call waits `stallMs`, then goes through (a slow ledger);
  * - `down`: the call fails without reaching the ledger (unreachable);
  * - `lose_answer`: the call reaches the ledger, which acts on it, but the
- *   answer never comes back (the caller sees a failure).
+ *   answer never comes back (the caller sees a failure);
+ * - `duplicate`: the call reaches the ledger twice (a request sent again by the
+ *   network or a retry) and the second answer comes back.
+ * Each object forwards to the real ledger of its own name (`global`, or
+ * `ledger-{i}` when the ledger is sharded), so one shard can be faulty alone.
  * Faults are set over RPC by the test (`setFault`, `clearFaults`) and counted
  * (`calls`), so a test can show what the orchestrator asked and when.
  */
-type Mode = "stall" | "down" | "lose_answer" | "corrupt";
+type Mode = "stall" | "down" | "lose_answer" | "corrupt" | "duplicate";
 interface Fault {
   mode: Mode;
   stallMs?: number;
@@ -107,7 +111,8 @@ export class FaultyLedger extends DurableObject<LedgerEnv> {
     const real = this.env.REAL_LEDGER.get(this.env.REAL_LEDGER.idFromName(name)) as unknown as Record<Method, (...a: unknown[]) => Promise<unknown>>;
     // corrupt: the request reaches the ledger with a lease it refuses (invalid_request).
     if (fault?.mode === "corrupt") args = [{ ...(args[0] as object), leaseMs: 10 }, ...args.slice(1)];
-    const answer = await real[method](...args);
+    // duplicate: both copies in flight at once, the later answer returned.
+    const answer = fault?.mode === "duplicate" ? (await Promise.all([real[method](...args), real[method](...args)]))[1] : await real[method](...args);
     if (fault?.mode === "lose_answer") throw new Error(`ledger answer lost (test fault) for ${method}`);
     return answer;
   }
