@@ -29,12 +29,6 @@ import * as tx from "./transitions";
  * answer only if the stage is still where the call left it.
  */
 
-/** The reserve request with the sharding fields of docs/ledger.md ("Parts"). */
-type PartRequest = ReserveRequest & {
-  round?: number;
-  part?: { shard: number; shards: number[]; worker: boolean; client: boolean; stageNeeds?: Amounts };
-};
-
 /** How the stage's current attempt reserves: in one call to one shard (today's path), or part by part. */
 export type Route = { kind: "single"; shard: number; requirements: Amounts | undefined } | { kind: "multi"; acquisition: Acquisition };
 
@@ -143,7 +137,7 @@ export async function askParts(c: Core, st: StageRow, a: Acquisition): Promise<b
   if (part.state === "new" && timers.has("reask", id) && !timers.take("reask", id)) return false;
   const ex = c.store.row()!;
   const t = c.config.tuning;
-  const request: PartRequest = {
+  const request: ReserveRequest = {
     executionId: ex.execution_id,
     stageId: id,
     attempt: st.attempt,
@@ -153,6 +147,8 @@ export async function askParts(c: Core, st: StageRow, a: Acquisition): Promise<b
     leaseMs: t.ledgerShortLeaseMs,
     worker: st.worker,
     clientId: ex.client_id,
+    // Fair sharing on a shard that is not the client's weighs the stage by the client's weight.
+    ...(!part.client && ex.client_weight != null ? { clientWeight: ex.client_weight } : {}),
     part: {
       shard: part.shard,
       shards: a.parts.map((p) => p.shard),
@@ -164,7 +160,7 @@ export async function askParts(c: Core, st: StageRow, a: Acquisition): Promise<b
   };
   let result: ReserveResult;
   try {
-    result = await withTimeout<ReserveResult>(ledgerShard(c.env, part.shard).reserve(request as ReserveRequest), t.ledgerCallTimeoutMs, "ledger.reserve");
+    result = await withTimeout<ReserveResult>(ledgerShard(c.env, part.shard).reserve(request), t.ledgerCallTimeoutMs, "ledger.reserve");
   } catch (err) {
     c.store.log("warn", "ledger_reserve_failed", { stage_id: id, attempt: st.attempt, shard: part.shard, round: a.round, error: String(err) });
     const cur = c.store.stage(id);

@@ -5,9 +5,6 @@ import { type Acquisition, multiOf, partAnswered, partReservationId, recordPart,
 import type { Core, StageRow } from "./store";
 import * as tx from "./transitions";
 
-/** A notice as a sharded ledger sends it: `shard` names the ledger object that granted (absent: shard 0). */
-type ShardNotice = GrantNotice & { shard?: number };
-
 /**
  * A ledger grant notice for a waiting reservation, applied synchronously. A
  * notice for the stage's current attempt is taken even when the answer to its
@@ -17,7 +14,7 @@ type ShardNotice = GrantNotice & { shard?: number };
  * multi-shard stage is applied to that part (parts.ts). Returns true when a
  * drive pass should run.
  */
-export function applyGrant(c: Core, notice: ShardNotice, now: number): boolean {
+export function applyGrant(c: Core, notice: GrantNotice, now: number): boolean {
   const st = c.store.stage(notice.stageId);
   const multi = st ? multiOf(c, st) : null;
   if (st && multi) return applyPartGrant(c, st, multi, notice, now);
@@ -36,7 +33,7 @@ export function applyGrant(c: Core, notice: ShardNotice, now: number): boolean {
 }
 
 /** A notice for a part: taken while that part of the current round waits; one of another round or attempt goes back. */
-function applyPartGrant(c: Core, st: StageRow, a: Acquisition, notice: ShardNotice, now: number): boolean {
+function applyPartGrant(c: Core, st: StageRow, a: Acquisition, notice: GrantNotice, now: number): boolean {
   // Parts are asked in order, so at most one waits: a notice that names no shard is that part's.
   const shard = notice.shard ?? a.parts.find((p) => p.state === "waiting")?.shard ?? 0;
   const expected = partReservationId(c.store.row()!.execution_id, st.stage_id, st.attempt, a.round);

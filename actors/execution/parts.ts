@@ -86,11 +86,8 @@ export function planParts(layout: ShardLayout, needs: Amounts, o: { worker: stri
   return parts;
 }
 
-/** A part's reservation id on its shard: the attempt's, plus `@round` after a back-off (the ledger derives the same). */
-export function partReservationId(executionId: string, stageId: string, attempt: number, round: number): string {
-  const base = reservationIdOf(executionId, stageId, attempt);
-  return round > 0 ? `${base}@${round}` : base;
-}
+/** A part's reservation id on its shard: the attempt's, plus `@round` after a back-off (as the ledger derives it). */
+export const partReservationId = reservationIdOf;
 
 /** The next part to ask: the first not granted (-1: every part is granted). Parts after a waiting one wait their turn. */
 export const nextPart = (a: Acquisition) => a.parts.findIndex((p) => p.state !== "granted");
@@ -263,8 +260,10 @@ export function settleUnit(c: Core, st: StageRow, usage: Amounts, durationMs: nu
   if (multi) {
     const id = partReservationId(ex.execution_id, st.stage_id, st.attempt, multi.round);
     const shares = usageShares(layout, multi.parts, usage, ex.execution_id);
+    // The client's part also gets the whole stage's usage: the client's spend and rate refund are the stage's.
+    const whole = mappedUsage(layout, usage, ex.execution_id);
     multi.parts.forEach((p, i) => {
-      c.outbox.enqueue({ kind: "ledger_settle", shard: p.shard, reservationId: id, usage: shares[i], durationMs }, now);
+      c.outbox.enqueue({ kind: "ledger_settle", shard: p.shard, reservationId: id, usage: shares[i], durationMs, ...(p.client ? { stageUsage: whole } : {}) }, now);
     });
     return true;
   }

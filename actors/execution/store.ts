@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS execution (
   template_attempts INTEGER NOT NULL DEFAULT 0, error TEXT, cost TEXT, output TEXT, output_ref TEXT,
   alarm_failures INTEGER NOT NULL DEFAULT 0, data_expired_at INTEGER, index_version INTEGER NOT NULL DEFAULT 0,
   deadline_at INTEGER, status_version INTEGER NOT NULL DEFAULT 0, status_hash TEXT,
-  slot TEXT, slot_wait TEXT, slot_failures INTEGER NOT NULL DEFAULT 0,
+  slot TEXT, slot_wait TEXT, slot_failures INTEGER NOT NULL DEFAULT 0, client_weight INTEGER,
   notify INTEGER NOT NULL DEFAULT 0, paused_from TEXT, paused_at INTEGER, paused_ms INTEGER NOT NULL DEFAULT 0,
   rerun_of TEXT, retention_waiting INTEGER NOT NULL DEFAULT 0
 );
@@ -104,6 +104,8 @@ const ADDED_COLUMNS: [table: string, column: string, type: string][] = [
   // The status document's version and the hash of the document it names (status-cache.ts).
   ["execution", "status_version", "INTEGER NOT NULL DEFAULT 0"],
   ["execution", "status_hash", "TEXT"],
+  // The client's fair-share weight from its slot answer, for its stages' parts on other ledger shards (acquire.ts).
+  ["execution", "client_weight", "INTEGER"],
 ];
 
 /** Columns added by the pipeline graph, for objects whose tables predate it. */
@@ -183,6 +185,8 @@ export interface ExecutionRow {
   slot: "asked" | "waiting" | "granted" | "free" | null;
   /** While `waiting`: the ledger's waitingOn (JSON), for the status document. */
   slot_wait: string | null;
+  /** The client's fair-share weight as its shard answered the slot (sharded ledgers only; null: not known). */
+  client_weight?: number | null;
 }
 
 export interface StageRow {

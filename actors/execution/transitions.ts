@@ -516,7 +516,7 @@ export function slotAnswered(c: Core, r: SlotResult | null, now: number): void {
   }
   c.sql`UPDATE execution SET slot_failures = 0 WHERE id = 1 AND slot_failures != 0`;
   if (r.status === "granted") {
-    c.sql`UPDATE execution SET slot = ${r.counted ? "granted" : "free"}, slot_wait = NULL WHERE id = 1 AND slot IN ('asked', 'waiting')`;
+    c.sql`UPDATE execution SET slot = ${r.counted ? "granted" : "free"}, slot_wait = NULL, client_weight = ${r.weight ?? null} WHERE id = 1 AND slot IN ('asked', 'waiting')`;
     c.timers.clear("slot");
     return;
   }

@@ -2,7 +2,7 @@ import { env } from "cloudflare:workers";
 import { runInDurableObject } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
 import { ledgerShard, shardOfPool } from "../../src/ledger-routing";
-import { ended, startExecution, status, until } from "../support/api";
+import { OPS, call, ended, startExecution, status, until } from "../support/api";
 import { WORKER, clientOn, heldGate, layout, rowsOf, tuning, workerShard } from "./support";
 
 /**
@@ -66,6 +66,9 @@ describe("a stage whose pools span ledger shards", () => {
       expected.get(owner)![pool] = amount;
     }
     expect(settled).toEqual(expected);
+    // The client's shard was told the whole stage's usage with its part: the client's spend is the stage's cost.
+    const clientDoc = (await (await call(`/clients/${client}`, { headers: OPS })).json()) as { usage: { spent: number } };
+    expect(clientDoc.usage.spent).toBeCloseTo(doc.cost!.total, 9);
   });
 
   it("asks every shard's estimate for a stage with no resources and reserves on the shards it is estimated to use", async () => {
