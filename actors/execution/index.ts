@@ -16,7 +16,7 @@ import { applyGrant } from "./grant";
 import { Live } from "./live";
 import { Notifier } from "./notify";
 import { Outbox } from "./outbox";
-import { PARTS_SCHEMA, reservationList } from "./parts";
+import { reservationList } from "./parts";
 import { MAX_PLANS_PER_PASS, plan, signature, slotWork, templateWork } from "./plan";
 import {
   type RerunSourceState,
