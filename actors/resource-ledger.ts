@@ -164,7 +164,8 @@ export class ResourceLedger extends DurableObject<Env> {
     };
     Object.defineProperty(this, TEST_HOOKS, { value: hooks, enumerable: false });
     void ctx.blockConcurrencyWhile(async () => {
-      this.#store.open(config.pools, this.#clock());
+      // A shard seeds only the configured pools it owns: no two shards ever both hold a pool.
+      this.#store.open(config.pools.filter((p) => this.#own.owns(p.name)), this.#clock());
       this.#slots.open();
       this.#alarmAt = await ctx.storage.getAlarm();
     });

@@ -63,8 +63,7 @@ export class Decisions {
     const needs = part ? this.#partNeeds(req.worker, req.requirements, part.worker) : this.needs(req.worker, req.requirements);
     // Whether this reservation holds the client's running count, rate buckets and budget (the whole stage, or the client's part).
     const holds = !part || part.client;
-    // Parts only, for now: until every Execution routes its stages by shard, a whole stage goes to shard 0.
-    const misplaced = part ? this.own.misplaced(Object.keys(needs), holds ? (req.clientId ?? null) : null, part.shard) : null;
+    const misplaced = this.own.misplaced(Object.keys(needs), holds ? (req.clientId ?? null) : null, part?.shard ?? null);
     if (misplaced) return { status: "refused", reservationId: id, code: "wrong_shard", message: misplaced };
     const unknown = Object.keys(needs).filter((n) => n !== workerPool && !this.store.pools.has(n));
     if (unknown.length) {

@@ -258,6 +258,8 @@ describe("ownership: a shard refuses what the layout places elsewhere", () => {
       code: "wrong_shard",
       message: expect.stringContaining(`pool worker:${elsewhere} belongs to`),
     });
+    // A whole stage (no part) whose worker slot lives elsewhere, likewise.
+    expect(await ledger.reserve(req({ worker: elsewhere, requirements: { [mine]: 1 } }))).toMatchObject({ status: "refused", code: "wrong_shard" });
     // What it owns is granted, in a part and as a whole stage.
     expect(await ledger.reserve(preq(null, part({ shard: 1, shards: [1, 2], worker: true }), { worker, requirements: { [mine]: 1 } }))).toMatchObject({
       status: "granted",
@@ -266,7 +268,7 @@ describe("ownership: a shard refuses what the layout places elsewhere", () => {
     expect((await ledger.reserve(req({ worker, requirements: { [mine]: 1 } }))).status).toBe("granted");
   });
 
-  it("the client's holds only on the client's shard: a client part of a client homed elsewhere is refused", async () => {
+  it("the client's holds only on the client's shard: a client part, or a whole stage, of a client homed elsewhere is refused", async () => {
     const { ledger } = await shard(3, "clients");
     const pool = nameOn("own-slot", 3, poolShard);
     await ledger.putPool(pool, { kind: "concurrency", capacity: 10 });
@@ -278,6 +280,9 @@ describe("ownership: a shard refuses what the layout places elsewhere", () => {
       code: "wrong_shard",
       message: expect.stringContaining(`client ${away} belongs to ledger-${clientShard(away)}`),
     });
+    const worker = nameOn("cw", 3, (w) => poolShard(`worker:${w}`));
+    expect(await ledger.reserve({ ...req({ worker, requirements: { [pool]: 1 } }), clientId: away })).toMatchObject({ status: "refused", code: "wrong_shard" });
+    expect((await ledger.reserve({ ...req({ worker, requirements: { [pool]: 1 } }), clientId: home })).status).toBe("granted");
     expect((await ledger.reserve(preq(away, p(false), { requirements: { [pool]: 1 } }))).status).toBe("granted");
     expect((await ledger.reserve(preq(home, p(true), { requirements: { [pool]: 1 } }))).status).toBe("granted");
     // The client list of a shard holds only the clients it is home to (away has a fair-queue lane here, nothing more).
