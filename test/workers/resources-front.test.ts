@@ -16,7 +16,7 @@ import { type ShardAnswer, mergeSnapshots } from "../../src/ledger-fanout";
 import { ledgerShard } from "../../src/ledger-routing";
 import { KamApi } from "../../src/index";
 import { handle } from "../../src/routes";
-import { JSON_HEADERS, KAM, OPS, call } from "../support/api";
+import { JSON_HEADERS, KAM, OPS, call, ended, waitFor } from "../support/api";
 
 /** The front Worker's own fetch handler under `env` with these vars changed (a config a deployment could have). */
 async function withVars(vars: Record<string, string>, path: string, init: RequestInit = {}): Promise<Response> {
@@ -100,7 +100,10 @@ describe("a shard config the routing refuses", () => {
     const api = new KamApi(createExecutionContext() as never, { ...env, LEDGER_SHARD_MAP: "{not json" } as Env);
     const answer = await api.execute({ request_id: "req_fanout_refused_rpc", template_name: "quick_summary", parameters: {}, client_id: "client_fanout" });
     expect(answer).toMatchObject({ ok: false, status: 503, error: { code: "config_invalid", message: expect.stringContaining("LEDGER_SHARD_MAP is not JSON") } });
-    expect((await call("/execute", { method: "POST", headers: { ...KAM, ...JSON_HEADERS }, body: JSON.stringify({ request_id: "req_fanout_refused_rpc", template_name: "quick_summary", parameters: {}, client_id: "client_fanout" }) })).status).toBe(202);
+    const started = await call("/execute", { method: "POST", headers: { ...KAM, ...JSON_HEADERS }, body: JSON.stringify({ request_id: "req_fanout_refused_rpc", template_name: "quick_summary", parameters: {}, client_id: "client_fanout" }) });
+    expect(started.status).toBe(202);
+    // Run to its end inside the test: an execution still running when the file ends is torn down mid-flight.
+    await waitFor(((await started.json()) as { execution_id: string }).execution_id, ended);
   });
 
   it("routes nothing: a start under the refused config is 503 config_invalid and claims nothing", async () => {
@@ -112,6 +115,7 @@ describe("a shard config the routing refuses", () => {
     // Under the valid config the same request id starts a new execution (202, not a replay's 200): the refused start claimed nothing.
     const started = await call("/execute", init());
     expect(started.status).toBe(202);
+    await waitFor(((await started.json()) as { execution_id: string }).execution_id, ended);
   });
 });
 
