@@ -24,10 +24,19 @@ export interface ShardTarget {
 }
 export type ShardAnswer<T> = ShardAnswerStatus & ({ ok: true; value: T } | { ok: false; error: string });
 
-/** Asks each target, FAN_OUT_PARALLEL at a time, and answers one entry per target in the targets' order. */
-export async function askShards<T, S extends ShardTarget>(env: Env, targets: S[], ask: (target: S) => PromiseLike<T>, what: string): Promise<ShardAnswer<T>[]> {
+/**
+ * Asks each target, FAN_OUT_PARALLEL at a time, and answers one entry per target in the targets' order.
+ * `deadlineMs` bounds the whole fan-out (default `ledgerFanOutDeadlineMs`).
+ */
+export async function askShards<T, S extends ShardTarget>(
+  env: Env,
+  targets: S[],
+  ask: (target: S) => PromiseLike<T>,
+  what: string,
+  deadlineMs = configOf(env).tuning.ledgerFanOutDeadlineMs,
+): Promise<ShardAnswer<T>[]> {
   const t = configOf(env).tuning;
-  const deadline = Date.now() + t.ledgerFanOutDeadlineMs;
+  const deadline = Date.now() + deadlineMs;
   const out: ShardAnswer<T>[] = new Array(targets.length);
   let next = 0;
   const runner = async () => {
@@ -35,7 +44,7 @@ export async function askShards<T, S extends ShardTarget>(env: Env, targets: S[]
       const { shard, name } = targets[i];
       const left = deadline - Date.now();
       if (left <= 0) {
-        out[i] = { shard, name, ok: false, error: `not asked: the fan-out's ${t.ledgerFanOutDeadlineMs} ms deadline passed` };
+        out[i] = { shard, name, ok: false, error: `not asked: the fan-out's ${deadlineMs} ms deadline passed` };
         continue;
       }
       const ms = Math.min(t.ledgerCallTimeoutMs, left);

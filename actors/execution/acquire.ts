@@ -1,6 +1,7 @@
 import type { RenewResult, ReserveRequest, ReserveResult } from "../../schemas/ledger";
 import { remember } from "../../src/bounded-memo";
 import { basePoolOf, everyShard, layoutOf, ledgerShard, shardOfPool, subPoolOf } from "../../src/ledger-routing";
+import { askShards } from "../../src/ledger-fanout";
 import { withTimeout } from "../../src/outbound";
 import {
   type Acquisition,
@@ -71,14 +72,13 @@ function startAcquisition(c: Core, st: StageRow, parts: Acquisition["parts"], es
 /** Implicit needs per worker and priority, kept for `estimateCacheMs` in this isolate (a burst asks the shards once). */
 const estimates = new Map<string, { needs: Amounts; at: number }>();
 const MAX_ESTIMATES = 256;
-/** Shards asked at once by one estimate fan-out. */
-const FAN_OUT = 16;
 
 /**
  * A stage without `resources` in a sharded layout: each shard estimates the
  * worker's needs in the pools it owns (the averages live with the pools), all
- * asked in parallel (at most FAN_OUT at once) under one deadline. A shard
- * that does not answer in time adds nothing; null when none answered.
+ * asked in parallel (askShards: at most 16 at once) under one
+ * `ledgerCallTimeoutMs` deadline. A shard that does not answer in time adds
+ * nothing; null when none answered.
  */
 export async function estimateNeeds(c: Core, st: StageRow): Promise<Amounts | null> {
   const t = c.config.tuning;
@@ -88,27 +88,21 @@ export async function estimateNeeds(c: Core, st: StageRow): Promise<Amounts | nu
   if (hit && Date.now() - hit.at < t.estimateCacheMs) return { ...hit.needs };
   const layout = layoutOf(c.env);
   const shards = everyShard(c.env);
-  const deadline = Date.now() + t.ledgerCallTimeoutMs;
+  const answers = await askShards(c.env, shards, (s) => s.stub.estimate([{ worker: st.worker }], ex.priority), "ledger.estimate", t.ledgerCallTimeoutMs);
   const needs: Amounts = {};
   let answered = 0;
-  for (let i = 0; i < shards.length; i += FAN_OUT) {
-    const batch = shards.slice(i, i + FAN_OUT);
-    const left = deadline - Date.now();
-    if (left <= 0) break;
-    const answers = await Promise.allSettled(batch.map((s) => withTimeout(s.stub.estimate([{ worker: st.worker }], ex.priority), left, "ledger.estimate")));
-    answers.forEach((r, j) => {
-      if (r.status === "rejected") {
-        c.store.log("warn", "ledger_estimate_failed", { stage_id: st.stage_id, shard: batch[j].shard, error: String(r.reason) });
-        return;
-      }
-      answered++;
-      for (const [pool, amount] of Object.entries(r.value.stages[0]?.requirements ?? {})) {
-        // Only what the shard owns, and of a split pool only this execution's sub-pool.
-        if (pool === `worker:${st.worker}` || shardOfPool(layout, pool) !== batch[j].shard) continue;
-        if (subPoolOf(layout, basePoolOf(pool), ex.execution_id) !== pool) continue;
-        needs[pool] = amount;
-      }
-    });
+  for (const a of answers) {
+    if (!a.ok) {
+      c.store.log("warn", "ledger_estimate_failed", { stage_id: st.stage_id, shard: a.shard, error: a.error });
+      continue;
+    }
+    answered++;
+    for (const [pool, amount] of Object.entries(a.value.stages[0]?.requirements ?? {})) {
+      // Only what the shard owns, and of a split pool only this execution's sub-pool.
+      if (pool === `worker:${st.worker}` || shardOfPool(layout, pool) !== a.shard) continue;
+      if (subPoolOf(layout, basePoolOf(pool), ex.execution_id) !== pool) continue;
+      needs[pool] = amount;
+    }
   }
   if (answered === 0) return null;
   if (answered === shards.length) remember(estimates, key, { needs: { ...needs }, at: Date.now() }, MAX_ESTIMATES);
