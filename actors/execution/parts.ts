@@ -21,13 +21,8 @@ import type { Core, StageRow } from "./store";
 
 export type Amounts = Record<string, number>;
 
-export interface Part {
-  shard: number;
-  /** This shard's pools (sub-pool names mapped), explicit. */
-  requirements: Amounts;
-  /** This part holds the `worker:{w}` slot / the client's own limits. */
-  worker: boolean;
-  client: boolean;
+/** A RequirementPart (its shard, explicit pools, whether it holds the worker slot and the client's limits) with its state. */
+export interface Part extends RequirementPart {
   /** new: not asked in this round (or its answer is not in); waiting: queued on its shard; granted: held. */
   state: "new" | "waiting" | "granted";
   /** While granted: when its lease ends (the short lease until the set is complete). */
