@@ -56,6 +56,23 @@ const list: StoredTemplate[] = [
       { stage: 2, worker: GRANULATOR, template_ref: "fault_v1", action: "echo", timeout_ms: 1500, max_attempts: 2 },
     ] satisfies TemplateStage[]),
   },
+  // The same two, with a deadline no fault test meets: for faults whose outcome is not a timeout, so a
+  // worker slowed by a loaded machine (its 10 ms of work took 2 s at load 4) cannot turn into a second attempt.
+  {
+    template_id: "mt_fault_003",
+    template_name: "fault_single_long",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRANULATOR, template_ref: "fault_v1", action: "echo", timeout_ms: 30_000, max_attempts: 2 },
+    ] satisfies TemplateStage[]),
+  },
+  {
+    template_id: "mt_fault_004",
+    template_name: "fault_two_stage_long",
+    pipeline_stages: JSON.stringify([
+      { stage: 1, worker: GRANULATOR, template_ref: "fault_v1", action: "echo", timeout_ms: 30_000, max_attempts: 2 },
+      { stage: 2, worker: GRANULATOR, template_ref: "fault_v1", action: "echo", timeout_ms: 30_000, max_attempts: 2 },
+    ] satisfies TemplateStage[]),
+  },
   // Data between stages: three `blob` stages whose sizes (parameters.output_bytes) pick the tier
   // (inline, KV, R2). One attempt each, so a data error fails the execution instead of retrying.
   {

@@ -271,7 +271,7 @@ describe("worker kit: callbacks and data through the orchestrator", () => {
 
   it("a forged token is refused (401) and the real one is accepted (wrong_token fault)", async () => {
     const { body } = await startExecution({
-      template_name: "fault_single",
+      template_name: "fault_single_long",
       parameters: { echo: "hi", steps: 1, step_ms: 0, fault: { mode: "wrong_token" } },
       client_id: "client_kit",
     });
