@@ -21,8 +21,11 @@ export interface CallbackAnswer {
   body: { ok: true; stage_status: StageStatus; duplicate?: boolean } | { error: { code: string; message: string } };
 }
 
-/** Either the answer (nothing for a drive pass to do), or `moved`: the stage changed and a pass should run before answering. */
-export type CallbackOutcome = { answer: CallbackAnswer } | { moved: true };
+/**
+ * Either the answer (nothing for a drive pass to do; `regrant`: but a pass should ask the ledger
+ * now), or `moved`: the stage changed and a pass should run before answering.
+ */
+export type CallbackOutcome = { answer: CallbackAnswer; regrant?: boolean } | { moved: true };
 
 export async function applyCallback(
   c: Core,
@@ -33,7 +36,7 @@ export async function applyCallback(
 ): Promise<CallbackOutcome> {
   const hash = kind === "complete" ? await sha256Hex(JSON.stringify(body)) : null;
   const early = refuseCallback(c, kind, stageId, attempt, hash);
-  if (early) return { answer: early };
+  if (early) return { answer: early, regrant: grantLost(c, stageId, attempt) };
   if (kind !== "progress") {
     // Usage out of bounds is refused before anything is stored or charged; the stage goes on.
     const usage = (body as CompleteCallback | FailCallback).usage;
@@ -72,6 +75,18 @@ export async function applyCallback(
     tx.failAttempt(c, st, failure, now, f.usage);
   }
   return { moved: true };
+}
+
+/**
+ * A callback of the current attempt of a stage stored as waiting for resources: its handshake went
+ * out on a grant held in memory (grant.ts) by an instance that is gone. The callback is refused
+ * (409, the stage is not on a worker as stored) and the ledger asked again now rather than at the
+ * watchdog: the same reservation id gets the same grant, the worker answers the replayed handshake
+ * and process as the first, and a progress poll takes the result.
+ */
+function grantLost(c: Core, stageId: string, attempt: number): boolean {
+  const st = c.store.stage(stageId);
+  return !!st && st.status === "waiting_resources" && st.attempt === attempt;
 }
 
 /** Why a callback cannot act now (404/409), or null when it may. Synchronous. */

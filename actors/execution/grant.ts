@@ -2,6 +2,7 @@ import type { GrantNotice } from "../../schemas/ledger";
 import { layoutOf } from "../../src/ledger-routing";
 import { isTerminalStage } from "../stage-machine";
 import { type Acquisition, multiOf, partAnswered, partReservationId, recordPart, workerShard } from "./parts";
+import type { Sql } from "../sql";
 import type { Core, StageRow } from "./store";
 import * as tx from "./transitions";
 
@@ -48,4 +49,100 @@ function applyPartGrant(c: Core, st: StageRow, a: Acquisition, notice: GrantNoti
   if (current && !isTerminalStage(st.status) && st.status !== "waiting_resources") return false; // a repeat after the stage started
   c.outbox.enqueue({ kind: "ledger_release", shard, reservationId: notice.reservationId }, now);
   return true;
+}
+
+/**
+ * A ledger grant for a stage's attempt, kept in memory until the next write
+ * instead of being written (and committed) before the handshake goes out.
+ * The handshake and process are idempotent per attempt (docs/protocol.md) and
+ * the ledger's reserve is idempotent per reservation id (derived from
+ * execution, stage and attempt), so a grant lost with the instance is asked
+ * for again and given again, the worker answering the replayed handshake as
+ * the first. Until it is written the stage's stored state is
+ * `waiting_resources` with its queue deadline and the watchdog.
+ */
+export interface HeldGrant {
+  stage_id: string;
+  attempt: number;
+  reservationId: string;
+  expiresAt: number;
+  requirements: Record<string, number>;
+  /** When the ledger's answer arrived: the grant is written as of then. */
+  at: number;
+}
+
+/**
+ * The grants held in memory (at most one per stage). Every write the object
+ * makes writes them first, in the same transaction (`beforeWrites`), and
+ * `stage()` reads a held stage as written (`overlay`), so no decision can see
+ * the stage otherwise than as the written grant would show it: a callback, a
+ * cancel, a failure or `processing` writes the grant in its own commit.
+ */
+export class HeldGrants {
+  readonly #held = new Map<string, HeldGrant>();
+  #write: ((g: HeldGrant) => void) | null = null;
+
+  /** How a held grant is written (transitions.ts writeGrant), once the Core exists. */
+  attach(write: (g: HeldGrant) => void): void {
+    this.#write = write;
+  }
+
+  hold(g: HeldGrant): void {
+    this.#held.set(g.stage_id, g);
+  }
+
+  /** The grant held for this attempt of the stage, if any. */
+  of(st: Pick<StageRow, "stage_id" | "attempt">): HeldGrant | null {
+    const g = this.#held.get(st.stage_id);
+    return g && g.attempt === st.attempt ? g : null;
+  }
+
+  /** Writes every held grant (before any other write, and where a decision reads stages in bulk). */
+  writeAll(): void {
+    if (this.#held.size === 0 || !this.#write) return;
+    const all = [...this.#held.values()];
+    // Taken out first: the writes below pass through beforeWrites again.
+    this.#held.clear();
+    for (const g of all) this.#write(g);
+  }
+
+  /** Writes the stage's held grant, if any. */
+  writeOne(stageId: string): void {
+    const g = this.#held.get(stageId);
+    if (!g || !this.#write) return;
+    this.#held.delete(stageId);
+    this.#write(g);
+  }
+
+  /**
+   * The stored row of a stage with a held grant, as the written grant would
+   * make it (transitions.ts reserved and granted); any other row as stored.
+   */
+  overlay(row: StageRow | null, handshakeTimeoutMs: number): StageRow | null {
+    if (!row) return row;
+    const g = this.#held.get(row.stage_id);
+    if (!g || g.attempt !== row.attempt || row.status !== "waiting_resources") return row;
+    return {
+      ...row,
+      status: "handshaking",
+      reservation: "granted",
+      reservation_id: g.reservationId,
+      requirements: JSON.stringify(g.requirements),
+      lease_expires_at: g.expiresAt,
+      waiting_ms: row.waiting_ms + (g.at - (row.waiting_since ?? g.at)),
+      waiting_since: null,
+      message: null,
+      ledger_failures: 0,
+      deadline_at: g.at + handshakeTimeoutMs,
+      granted_at: g.at,
+    };
+  }
+
+  /** The object's sql helper, writing the held grants before any statement that is not a read. */
+  beforeWrites(sql: Sql): Sql {
+    return ((strings: TemplateStringsArray, ...values: SqlStorageValue[]) => {
+      if (this.#held.size > 0 && !/^\s*SELECT/i.test(strings[0])) this.writeAll();
+      return sql(strings, ...values);
+    }) as Sql;
+  }
 }

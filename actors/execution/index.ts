@@ -12,7 +12,7 @@ import { type CallbackAnswer, type CallbackKind, type UploadCheck, applyCallback
 import { type Decision, decideApproval, executionDeadlineAt, pauseExecution, resumeExecution } from "./control";
 import { stageDocument, startSummary } from "./documents";
 import { spansDocument } from "./spans";
-import { applyGrant } from "./grant";
+import { HeldGrants, applyGrant } from "./grant";
 import { Live } from "./live";
 import { Notifier } from "./notify";
 import { Outbox } from "./outbox";
@@ -84,10 +84,12 @@ export class Execution extends DurableObject<Env> {
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
     const raw = sqlOf(ctx.storage);
-    // Every write the object makes passes here: the status document is rebuilt after the turn that wrote.
-    const sql = watchWrites(raw, () => this.#status.touched());
+    const grants = new HeldGrants();
+    // Every write the object makes passes here: a grant held in memory is written first (grant.ts),
+    // and the status document is rebuilt after the turn that wrote.
+    const sql = grants.beforeWrites(watchWrites(raw, () => this.#status.touched()));
     this.#config = configOf(env);
-    this.#store = new Store(sql);
+    this.#store = new Store(sql, { grants, handshakeTimeoutMs: this.#config.tuning.handshakeTimeoutMs });
     this.#timers = new Timers(sql, ctx.storage);
     this.#live = new Live(ctx, this.#store, () => this.#document());
     this.#status = new StatusCache(raw, () => buildStatus(this.#c), () => this.#live.changed(), this.#config.tuning.statusLeaseMs);
@@ -101,9 +103,11 @@ export class Execution extends DurableObject<Env> {
       changed: () => this.#status.touched(),
       nextChange: (waitMs: number) => this.#status.changeAfter(this.#status.version, waitMs),
       accepted: new Map<string, number>(),
+      grants,
     };
     const notifier = new Notifier(base);
     this.#c = { ...base, notifier, outbox: new Outbox({ ...base, notifier }) };
+    grants.attach((g) => tx.writeGrant(this.#c, g));
     setLogLevel(env);
     ctx.blockConcurrencyWhile(async () => {
       createTables(ctx.storage);
@@ -265,7 +269,11 @@ export class Execution extends DurableObject<Env> {
   /** A stage worker's callback, already authenticated by its token (execution, stage, attempt). */
   async callback(kind: CallbackKind, stageId: string, attempt: number, body: ProgressCallback | CompleteCallback | FailCallback): Promise<CallbackAnswer> {
     const outcome = await applyCallback(this.#c, kind, stageId, attempt, body);
-    if ("answer" in outcome) return outcome.answer;
+    if ("answer" in outcome) {
+      // A callback for an attempt whose grant this instance never wrote (lost with the one before): ask again now.
+      if (outcome.regrant) this.#kick();
+      return outcome.answer;
+    }
     this.#kick();
     await this.#rearm();
     return { status: 200, body: { ok: true, stage_status: this.#store.stage(stageId)!.status } };

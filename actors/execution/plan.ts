@@ -89,12 +89,17 @@ export function signature(c: Core, key: string): string {
 
 /** Steps one stage or item until it waits for an event or a timer. */
 async function runUnit(c: Core, stageId: string): Promise<void> {
-  for (let i = 0; i < MAX_STEPS_PER_RUN; i++) {
-    const ex = c.store.row();
-    const st = c.store.stage(stageId);
-    if (!ex || !st || isTerminalExecution(ex.status) || isTerminalStage(st.status)) return;
-    if (ex.status === "paused" && !isOnWorker(st.status) && st.status !== "awaiting_approval") return;
-    if (!(await stepStage(c, st))) return;
+  try {
+    for (let i = 0; i < MAX_STEPS_PER_RUN; i++) {
+      const ex = c.store.row();
+      const st = c.store.stage(stageId);
+      if (!ex || !st || isTerminalExecution(ex.status) || isTerminalStage(st.status)) return;
+      if (ex.status === "paused" && !isOnWorker(st.status) && st.status !== "awaiting_approval") return;
+      if (!(await stepStage(c, st))) return;
+    }
+  } finally {
+    // A grant lives in memory only while its own steps run (the handshake's): never past them.
+    c.grants.writeOne(stageId);
   }
 }
 
@@ -134,7 +139,8 @@ async function stepStage(c: Core, st: StageRow): Promise<boolean> {
         tx.failAttempt(c, st, step.handshakeTimeout(c), now);
         return true;
       }
-      if (timers.take("lease", st.stage_id)) void step.renewLease(c, st);
+      // A held grant has no lease timer yet, and taking one is a write (which writes the grant).
+      if (!c.grants.of(st) && timers.take("lease", st.stage_id)) void step.renewLease(c, st);
       return step.handshake(c, st);
     }
     case "processing": {

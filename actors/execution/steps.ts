@@ -159,11 +159,14 @@ export async function askLedger(c: Core, st: StageRow): Promise<boolean> {
     }
     return true;
   }
-  tx.reserved(c, st, result.reservationId, now);
   if (result.status === "granted") {
-    tx.granted(c, cur, result.expiresAt, result.requirements, now);
+    // Held in memory, not written: the handshake goes out without a commit of its own. The grant is
+    // written by the next write (the callback, `processing`, a failure; grant.ts HeldGrants). Lost
+    // with the instance, it is asked for again under the same reservation id and given again.
+    c.grants.hold({ stage_id: id, attempt: st.attempt, reservationId: result.reservationId, expiresAt: result.expiresAt, requirements: result.requirements, at: now });
     return true;
   }
+  tx.reserved(c, st, result.reservationId, now);
   if (result.status === "waiting") {
     tx.waitForGrant(c, st, result.position, now, result.waitingOn);
     return false;
@@ -239,6 +242,7 @@ export async function handshake(c: Core, st: StageRow): Promise<boolean> {
     callback: { url: `${c.config.publicUrl}/executions/${ex.execution_id}/stages/${st.stage_id}`, token, dataToken },
   }, handshakingLeftMs(st));
   c.store.logCall("worker_handshake", st, hs.ms, hs.ok ? (hs.value.accepted ? "accepted" : "refused") : hs.error.code);
+  keepLease(c, st);
   if (!c.store.stillAt(st, "handshaking")) return true;
   if (!hs.ok) {
     tx.failAttempt(c, st, handshakingFailure(c, st, hs.error), Date.now());
@@ -251,6 +255,7 @@ export async function handshake(c: Core, st: StageRow): Promise<boolean> {
   }
   const pr = await client.process({ executionId: ex.execution_id, stageId: st.stage_id, attempt: st.attempt }, handshakingLeftMs(st));
   c.store.logCall("worker_process", st, pr.ms, pr.ok ? "ok" : pr.error.code);
+  keepLease(c, st);
   // A fast worker may have called back `complete` before process() answered: then we are done here.
   if (!c.store.stillAt(st, "handshaking")) return true;
   const at = Date.now();
@@ -259,9 +264,9 @@ export async function handshake(c: Core, st: StageRow): Promise<boolean> {
     return true;
   }
   // `processing` (a commit, its deadline and poll timers, maybe an alarm) is written only for a worker
-  // that has not called back within `pollInitialMs`, when its first poll would be due anyway. Until
-  // then the stage stays `handshaking` under that deadline; a crash meanwhile replays the handshake
-  // and process, idempotent per attempt (docs/reliability.md).
+  // that has not called back within `pollInitialMs`, when its first poll would be due anyway (with the
+  // grant, if it is still held). Until then the stage stays `handshaking` under that deadline; a crash
+  // meanwhile replays the handshake and process, idempotent per attempt (docs/reliability.md).
   const key = `${st.stage_id}#${st.attempt}`;
   c.accepted.set(key, at);
   const until = at + c.config.tuning.pollInitialMs;
@@ -273,6 +278,16 @@ export async function handshake(c: Core, st: StageRow): Promise<boolean> {
   if (!c.store.stillAt(st, "handshaking")) return true;
   tx.startProcessing(c, st, at);
   return true;
+}
+
+/**
+ * A grant still held when its lease is due for renewal is written, so its
+ * `lease` timer renews it as for any stage on a worker (with the default
+ * tuning the handshake's calls end long before: a lease renews at half of leaseMs).
+ */
+function keepLease(c: Core, st: StageRow): void {
+  const g = c.grants.of(st);
+  if (g && Date.now() >= g.expiresAt - Math.floor(c.config.tuning.leaseMs / 2)) c.grants.writeOne(st.stage_id);
 }
 
 /**

@@ -5,6 +5,7 @@ import type { Config } from "../../src/config";
 import { log } from "../../src/log";
 import { type TraceContext, attemptHeaders, formatTraceparent, traceLogFields } from "../../src/trace";
 import type { Sql } from "../sql";
+import type { HeldGrants } from "./grant";
 import type { Notifier } from "./notify";
 import type { Outbox } from "./outbox";
 import type { Timers } from "./timers";
@@ -289,9 +290,12 @@ export class Store {
   /** Our own id, read from storage once (never from ctx.id.name). */
   #executionId: string | undefined;
   #trace: TraceContext | null | undefined;
+  /** Grants held in memory (grant.ts): `stage()` reads a held stage as its written grant would leave it. */
+  readonly #held: { grants: HeldGrants; handshakeTimeoutMs: number } | null;
 
-  constructor(sql: Sql) {
+  constructor(sql: Sql, held: { grants: HeldGrants; handshakeTimeoutMs: number } | null = null) {
     this.#sql = sql;
+    this.#held = held;
   }
 
   row(): ExecutionRow | null {
@@ -365,7 +369,8 @@ export class Store {
   }
 
   stage(stageId: string): StageRow | null {
-    return this.#sql<StageRow>`SELECT * FROM stages WHERE stage_id = ${stageId}`[0] ?? null;
+    const row = this.#sql<StageRow>`SELECT * FROM stages WHERE stage_id = ${stageId}`[0] ?? null;
+    return this.#held ? this.#held.grants.overlay(row, this.#held.handshakeTimeoutMs) : row;
   }
 
   /** After an await: is the stage still where the call left it (same status, same attempt)? */
@@ -442,4 +447,6 @@ export interface Core {
    * quick callback still records its processing time; lost with the instance.
    */
   readonly accepted: Map<string, number>;
+  /** Ledger grants not written yet (grant.ts HeldGrants): written by the next write, whatever it is. */
+  readonly grants: HeldGrants;
 }

@@ -22,6 +22,7 @@ import {
   usageRefusal,
 } from "../stage-machine";
 import { reservationIdOf } from "../resource-ledger";
+import type { HeldGrant } from "./grant";
 import { releaseUnit, settleUnit } from "./parts";
 import { indexEntry } from "./documents";
 import { endedSpan, indexAttempts, phases, recordSpan } from "./spans";
@@ -191,6 +192,18 @@ export function granted(c: Core, st: StageRow, expiresAt: number, requirements: 
   c.timers.clear("queue", st.stage_id);
   c.timers.set("deadline", deadline, st.stage_id);
   c.timers.set("lease", expiresAt - Math.floor(c.config.tuning.leaseMs / 2), st.stage_id);
+}
+
+/**
+ * A grant held in memory (grant.ts) is written as of its arrival: what
+ * `reserved` and `granted` would have written then, unless the stage moved on
+ * since (it cannot without a write, which writes the grant first).
+ */
+export function writeGrant(c: Core, g: HeldGrant): void {
+  const st = c.store.stage(g.stage_id);
+  if (!st || st.status !== "waiting_resources" || st.attempt !== g.attempt) return;
+  reserved(c, st, g.reservationId, g.at);
+  granted(c, c.store.stage(st.stage_id)!, g.expiresAt, g.requirements, g.at);
 }
 
 /** `process` was accepted: the stage runs until its deadline, polled from `pollInitialMs` on. */
@@ -430,6 +443,8 @@ export function moveStage(c: Core, st: StageRow, to: StageStatus, now: number, e
 
 /** Every stage and item not yet ended. */
 function openUnits(c: Core): StageRow[] {
+  // Read in bulk, not through stage(): a held grant is written first, so a stopped stage is seen on its worker.
+  c.grants.writeAll();
   return c.sql<StageRow>`SELECT * FROM stages WHERE status NOT IN ('completed', 'failed', 'cancelled') ORDER BY ord`;
 }
 

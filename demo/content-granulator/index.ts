@@ -54,7 +54,7 @@ const worker = defineWorker<GranulatorEnv>({
 });
 
 /**
- * The kit's job object. `loseAlarm` and `alarmAt` are test hooks, reachable only through a Durable
+ * The kit's job object. `loseAlarm`, `alarmAt` and `calls` are test hooks, reachable only through a Durable
  * Object binding to JOBS, which only the tests have (never over HTTP): `loseAlarm` drops the
  * object's alarm, as a kill between a run's write of its next wake-up and its setAlarm would, so a
  * test can show the next progress poll re-arms it (the kit's healAlarm).
@@ -68,6 +68,10 @@ export class GranulatorJob extends worker.JobObject {
   }
   async alarmAt(): Promise<number | null> {
     return this.ctx.storage.getAlarm();
+  }
+  /** The calls the job received and the callbacks it sent, as its log keeps them (also while a handshake is still being answered). */
+  async calls(): Promise<{ attempt: number; what: string; status: number }[]> {
+    return this.ctx.storage.sql.exec("SELECT attempt, what, status FROM kit_log ORDER BY seq").toArray() as { attempt: number; what: string; status: number }[];
   }
 }
 export default worker.handler;

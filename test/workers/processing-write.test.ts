@@ -1,6 +1,10 @@
+import { env } from "cloudflare:workers";
+import { runInDurableObject } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
-import { JSON_HEADERS, KAM, OPS, call, ended, waitFor } from "../support/api";
+import { everyShard } from "../../src/ledger-routing";
+import { JSON_HEADERS, KAM, OPS, call, ended, executionStub, expectNoLiveReservations, mintToken, until, waitFor } from "../support/api";
 import { TEST_TUNING } from "../support/constants";
+import { crash } from "../shard-faults/shard-support";
 
 /**
  * `processing` is written only for a worker that has not called back within
@@ -36,5 +40,98 @@ describe("processing written only for slow workers", () => {
     // The worker called back after accepting process: its attempt has a processing phase, whether or not processing was written.
     expect(spans.spans[0].processing_at).not.toBeNull();
     expect(Date.parse(spans.spans[0].ended_at!)).toBeGreaterThanOrEqual(Date.parse(spans.spans[0].processing_at!));
+  });
+});
+
+/**
+ * The grant is not written before the handshake (steps.ts askLedger, grant.ts
+ * HeldGrants): the ledger's answer is kept in memory and written by the next
+ * write (the callback, `processing`, a failure), so the handshake goes out with
+ * no commit of its own. The first handshake of these stages stalls at the
+ * worker (`stall_handshake`), which holds the moment it arrived open.
+ */
+type Call = { attempt: number; what: string; status: number };
+/** The stage's job object in the demo granulator, through the test-only KIT_JOBS binding (vitest.config.ts). */
+function jobCalls(id: string, stageId = "stage_1"): Promise<Call[]> {
+  const ns = (env as unknown as { KIT_JOBS: DurableObjectNamespace }).KIT_JOBS;
+  return (ns.get(ns.idFromName(`${id}:${stageId}`)) as unknown as { calls(): Promise<Call[]> }).calls();
+}
+const count = (calls: Call[], what: string) => calls.filter((c) => c.attempt === 1 && c.what === what).length;
+
+async function startStalled(): Promise<string> {
+  const res = await call("/execute", {
+    method: "POST",
+    headers: { ...KAM, ...JSON_HEADERS },
+    body: JSON.stringify({
+      template_name: "fault_single",
+      parameters: { steps: 1, step_ms: 0, fault: { stage: 1, mode: "stall_handshake" }, stall_ms: 1_200 },
+      client_id: "client_processing_write",
+    }),
+  });
+  expect(res.status).toBe(202);
+  const id = ((await res.json()) as { execution_id: string }).execution_id;
+  // The handshake has reached the worker (its job logs the call on arrival, before the stall).
+  await until("the first handshake at the worker", () => jobCalls(id), (calls) => count(calls, "traceparent:handshake") === 1);
+  return id;
+}
+
+describe("the grant is written with the next write, not before the handshake", () => {
+  it("while the handshake is at the worker, the ledger holds the grant and the stored stage still waits for resources, under its queue deadline", async () => {
+    const id = await startStalled();
+    const rid = `${id}:stage_1:1`;
+    expect(await everyShard(env)[0].stub.status(rid)).toMatchObject({ state: "granted" });
+    const stored = await runInDurableObject(executionStub(id), (_i, state) => ({
+      stage: state.storage.sql.exec("SELECT status, attempt, reservation, reservation_id, granted_at FROM stages WHERE stage_id = 'stage_1'").one(),
+      reservations: state.storage.sql.exec("SELECT COUNT(*) AS n FROM reservations").one().n,
+      timers: state.storage.sql.exec("SELECT name FROM timers WHERE unit = 'stage_1' ORDER BY name").toArray().map((r) => r.name),
+    }));
+    expect(stored.stage).toEqual({ status: "waiting_resources", attempt: 1, reservation: "requested", reservation_id: null, granted_at: null });
+    expect(stored.reservations).toBe(0);
+    // What bounds the stage as stored: its queue deadline (the watchdog wakes the object); no handshake deadline or lease yet.
+    expect(stored.timers).toEqual(["queue"]);
+    const doc = await waitFor(id, ended);
+    expect(doc.status).toBe("completed");
+    expect(doc.stages[0].attempts).toBe(1);
+    // Written with the callback, as of the grant: the reservation is recorded, the span has its grant.
+    const after = await runInDurableObject(executionStub(id), (_i, state) => ({
+      reservations: state.storage.sql.exec("SELECT reservation_id, attempt FROM reservations").toArray(),
+      granted: state.storage.sql.exec("SELECT granted_at FROM spans WHERE stage_id = 'stage_1'").one().granted_at,
+    }));
+    expect(after.reservations).toEqual([{ reservation_id: rid, attempt: 1 }]);
+    expect(after.granted).not.toBeNull();
+    expect(await expectNoLiveReservations(id)).toBe(1);
+  });
+
+  it("an Execution that crashes between the grant and the handshake's answer asks again under the same reservation, and the worker runs the attempt once", async () => {
+    const id = await startStalled();
+    // ctx.abort(): the instance and its held grant are gone, its handshake call cut off (evictDurableObject would wait for it).
+    await crash(executionStub(id));
+    // The worker finishes and calls back to the new instance, which never wrote the grant: refused as
+    // not on a worker (the stored stage waits for resources), and the ledger is asked again at once.
+    const token = await mintToken({ executionId: id, stageId: "stage_1", attempt: 1 });
+    const early = await call(`/executions/${id}/stages/stage_1/complete`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${token}`, ...JSON_HEADERS },
+      body: JSON.stringify({ output: { early: true }, usage: {} }),
+    });
+    expect(early.status).toBe(409);
+    // Well inside the watchdog (30 s): the refused callback started the pass that asked again.
+    const doc = await waitFor(id, ended, 15_000);
+    expect(doc.status).toBe("completed");
+    expect(doc.stages[0].attempts).toBe(1);
+    // The output is the worker's run (the refused callback's body was not taken).
+    expect(doc.stages[0].status).toBe("completed");
+    const result = (await (await call(`/executions/${id}/result`, { headers: KAM })).json()) as { output: unknown };
+    expect(result.output).not.toEqual({ early: true });
+    // The ledger gave the same grant again: one reservation for the stage, settled, nothing held.
+    expect((await executionStub(id).reservationIds()).map((r) => r.reservation_id)).toEqual([`${id}:stage_1:1`]);
+    expect(await everyShard(env)[0].stub.status(`${id}:stage_1:1`)).toMatchObject({ state: "settled" });
+    await expectNoLiveReservations(id);
+    // The worker saw the handshake of attempt 1 twice and answered the second as the first; it was
+    // started (process) once and called back once.
+    const calls = await jobCalls(id);
+    expect(count(calls, "traceparent:handshake")).toBe(2);
+    expect(count(calls, "traceparent:process")).toBe(1);
+    expect(count(calls, "callback:complete")).toBe(1);
   });
 });
