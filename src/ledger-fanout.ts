@@ -26,16 +26,18 @@ export type ShardAnswer<T> = ShardAnswerStatus & ({ ok: true; value: T } | { ok:
 
 /**
  * Asks each target, FAN_OUT_PARALLEL at a time, and answers one entry per target in the targets' order.
- * `deadlineMs` bounds the whole fan-out (default `ledgerFanOutDeadlineMs`).
+ * `deadlineMs` bounds the whole fan-out (default `ledgerFanOutDeadlineMs`); `logFields` (a caller's
+ * ids) ride on the one log line a shard that did not answer gets.
  */
 export async function askShards<T, S extends ShardTarget>(
   env: Env,
   targets: S[],
   ask: (target: S) => PromiseLike<T>,
   what: string,
-  deadlineMs = configOf(env).tuning.ledgerFanOutDeadlineMs,
+  opts: { deadlineMs?: number; logFields?: Record<string, unknown> } = {},
 ): Promise<ShardAnswer<T>[]> {
   const t = configOf(env).tuning;
+  const deadlineMs = opts.deadlineMs ?? t.ledgerFanOutDeadlineMs;
   const deadline = Date.now() + deadlineMs;
   const out: ShardAnswer<T>[] = new Array(targets.length);
   let next = 0;
@@ -52,7 +54,7 @@ export async function askShards<T, S extends ShardTarget>(
         out[i] = { shard, name, ok: true, value: await withTimeout(ask(targets[i]), ms, `${what} of ${name}`) };
       } catch (err) {
         // The cause goes to the log only: an internal message never reaches the caller.
-        log("warn", "ledger_shard_unanswered", { what, shard, name, error: err instanceof Error ? err.message : String(err) });
+        log("warn", "ledger_shard_unanswered", { ...opts.logFields, what, shard, name, error: err instanceof Error ? err.message : String(err) });
         out[i] = { shard, name, ok: false, error: `no answer within ${ms} ms, or it failed` };
       }
     }

@@ -88,14 +88,15 @@ export async function estimateNeeds(c: Core, st: StageRow): Promise<Amounts | nu
   if (hit && Date.now() - hit.at < t.estimateCacheMs) return { ...hit.needs };
   const layout = layoutOf(c.env);
   const shards = everyShard(c.env);
-  const answers = await askShards(c.env, shards, (s) => s.stub.estimate([{ worker: st.worker }], ex.priority), "ledger.estimate", t.ledgerCallTimeoutMs);
+  // A shard that does not answer is logged once, by askShards, with this stage's ids.
+  const answers = await askShards(c.env, shards, (s) => s.stub.estimate([{ worker: st.worker }], ex.priority), "ledger.estimate", {
+    deadlineMs: t.ledgerCallTimeoutMs,
+    logFields: { execution_id: ex.execution_id, stage_id: st.stage_id },
+  });
   const needs: Amounts = {};
   let answered = 0;
   for (const a of answers) {
-    if (!a.ok) {
-      c.store.log("warn", "ledger_estimate_failed", { stage_id: st.stage_id, shard: a.shard, error: a.error });
-      continue;
-    }
+    if (!a.ok) continue;
     answered++;
     for (const [pool, amount] of Object.entries(a.value.stages[0]?.requirements ?? {})) {
       // Only what the shard owns, and of a split pool only this execution's sub-pool.
