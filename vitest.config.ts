@@ -164,7 +164,19 @@ function orchestratorUnderTest(
 /**
  * The `workers` files that go through the ledger, run again by `shards` with 4
  * ledger shards: the ledger's own tests (object level, on fresh objects) and
- * the tests that run executions through reserve, settle, release and slots.
+ * every file that asserts something the ledger decides or holds while it runs
+ * executions (reservations, grants, releases, leaks, queues and waiting, client
+ * quotas, spend and start admission). The other `workers` files run executions
+ * too (through the same multi-shard acquisition when sharded) but assert what
+ * no ledger call decides, so a second run adds nothing they check:
+ * - data-tiers, traces: stage data by size and trace spans; a gate pool only holds a stage back;
+ * - notifications, status-reads, live, worker-kit, processing-write, retention: events to KAM,
+ *   status reads and sockets, the worker protocol, when processing is written, data retention;
+ * - security, http-api, bounds, openapi, index, index-ui, schema and the rules tests: tokens,
+ *   request validation and limits, documents, the index, pages, schemas, pure decisions;
+ * - resources-front: the front Worker's one-shard side; test/shards/front-fanout.test.ts is its four-shard side;
+ * - ledger-routing (excluded below): pure functions of the layout.
+ * docs/scaling.md ("Tests") keeps this list.
  */
 const SHARDED_AGAIN = [
   "test/workers/ledger*.test.ts",
@@ -173,6 +185,15 @@ const SHARDED_AGAIN = [
   "test/workers/metrics.test.ts",
   "test/workers/faults.test.ts",
   "test/workers/execution-slots.test.ts",
+  "test/workers/clients-http.test.ts",
+  "test/workers/pause-resume.test.ts",
+  "test/workers/approvals.test.ts",
+  "test/workers/rerun.test.ts",
+  "test/workers/graph.test.ts",
+  "test/workers/graph-data.test.ts",
+  "test/workers/series.test.ts",
+  "test/workers/schedules.test.ts",
+  "test/workers/api-keys.test.ts",
 ];
 
 /**
@@ -192,7 +213,8 @@ const SHARDED_AGAIN = [
  * - `status-leases`: the workers project's setup with leases on ended
  *   executions' documents (statusLeaseMs), which `workers` turns off;
  * - `e2e`: Node tests that start the same multi-worker `wrangler dev` session
- *   as `npm start` and drive it over HTTP;
+ *   as `npm start` and drive it over HTTP, each with one ledger object and with
+ *   4 ledger shards (test/e2e/shardings.ts);
  * - `browser`: the operator pages in the system Chromium (/usr/bin/chromium)
  *   through playwright-core, over the same kind of session.
  */
@@ -228,8 +250,7 @@ export default defineConfig({
         test: {
           name: "shards",
           include: [...SHARDED_AGAIN, "test/shards/**/*.test.ts"],
-          // ledger-routing: pure functions of the layout, nothing a second run adds. clients-http and
-          // pause-resume join once their checks count a stage's reservation parts (reservationIds lists each).
+          // ledger-routing: pure functions of the layout, nothing a second run adds.
           exclude: ["test/workers/ledger-routing.test.ts"],
           globalSetup: ["./test/support/global-setup.ts"],
           testTimeout: 30_000,

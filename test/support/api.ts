@@ -1,8 +1,9 @@
 import { env, exports } from "cloudflare:workers";
 import { runInDurableObject } from "cloudflare:test";
+import { expect } from "vitest";
 import type { StatusDocument } from "../../schemas/api";
 import { type TokenClaims, issueToken } from "../../src/auth";
-import { everyShard } from "../../src/ledger-routing";
+import { everyShard, layoutOf, ledgerShard, partsOf } from "../../src/ledger-routing";
 import { TEST_SECRETS } from "./constants";
 
 /** Test helpers that talk to the orchestrator the way KAM and operators do: over its fetch handler. */
@@ -98,6 +99,61 @@ export async function expectNoLiveReservations(id: string, timeoutMs = 10_000): 
     if (Date.now() > deadline) throw new Error(`live reservations remain for ${id}: ${JSON.stringify(live)}`);
     await scheduler.wait(25);
   }
+}
+
+/**
+ * The shards of a stage's set as the routing module decides them
+ * (src/ledger-routing.ts, partsOf), in acquisition order: its worker's, its
+ * client's and each pool's. `[0]` with one shard: the one reservation.
+ */
+export function shardsOfSet(needs: Record<string, number>, o: { worker?: string; clientId: string; executionId: string }): number[] {
+  return partsOf(layoutOf(env), needs, { worker: o.worker ?? "bitware-content-granulator", clientId: o.clientId, executionId: o.executionId }).map((p) => p.shard);
+}
+
+export interface ReservedSet {
+  stage_id: string;
+  attempt: number;
+  /** The shards the set was asked on, in order. */
+  shards: number[];
+  /** The shards the routing module gives a set holding what those parts hold. */
+  routed: number[];
+}
+
+/**
+ * An execution's reservations, one entry per stage attempt (a fan-out item is
+ * a stage of its own) in the order they were made. `shards`: where it was
+ * asked (reservationIds lists one id per part; a round after a back-off asks
+ * the same shards again under a new id, counted once here). `routed`: the
+ * shards the routing module gives a set that needs what those parts hold, as
+ * each shard's ledger says (for a stage without `resources`, its estimate).
+ * With one shard both are `[0]`, one reservation per attempt; a set asked in
+ * full has `shards` equal to `routed`.
+ */
+export async function reservedSets(id: string): Promise<ReservedSet[]> {
+  const doc = await status(id);
+  const workerOf = new Map(doc.stages.map((s) => [s.stage_id, s.worker]));
+  const sets = new Map<string, ReservedSet & { needs: Record<string, number> }>();
+  for (const r of await executionStub(id).reservationIds()) {
+    const key = `${r.stage_id}:${r.attempt}`;
+    const set = sets.get(key) ?? { stage_id: r.stage_id, attempt: r.attempt, shards: [], routed: [], needs: {} };
+    sets.set(key, set);
+    if (set.shards.includes(r.shard)) continue;
+    set.shards.push(r.shard);
+    const held = await ledgerShard(env, r.shard).status(r.reservation_id);
+    Object.assign(set.needs, held.requirements);
+  }
+  return [...sets.values()].map(({ needs, ...s }) => ({
+    ...s,
+    // An item's worker is its fan-out stage's (`stage_2.0` is an item of `stage_2`).
+    routed: shardsOfSet(needs, { worker: workerOf.get(s.stage_id.split(".")[0]), clientId: doc.client_id, executionId: id }),
+  }));
+}
+
+/** The stages an execution reserved, one per attempt in order, each checked to hold exactly the parts its set routes to (reservedSets). */
+export async function stagesReserved(id: string): Promise<string[]> {
+  const sets = await reservedSets(id);
+  for (const s of sets) expect(s.shards, `${s.stage_id} attempt ${s.attempt}: the shards of its parts`).toEqual(s.routed);
+  return sets.map((s) => s.stage_id);
 }
 
 type ProbeAnswer = { called: true; value: any } | { called: false; error: string };

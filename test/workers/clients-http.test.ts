@@ -7,6 +7,7 @@
  */
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
+import { layoutOf, ledgerShard, partsOf, shardOfPool } from "../../src/ledger-routing";
 import { JSON_HEADERS, KAM, OPS, call, ended, startExecution, waitFor } from "../support/api";
 
 const fast = { topic: "React", targetAudience: "beginners", steps: 2, step_ms: 5 };
@@ -14,6 +15,36 @@ const fast = { topic: "React", targetAudience: "beginners", steps: 2, step_ms: 5
 async function putQuotas(client: string, quotas: unknown, headers: Record<string, string> = OPS) {
   const res = await call(`/clients/${client}/quotas`, { method: "PUT", headers: { ...headers, ...JSON_HEADERS }, body: JSON.stringify(quotas) });
   return { res, body: (await res.json()) as Record<string, any> };
+}
+
+/**
+ * Spends `usage` as one settled stage of `clientId` does, through the ledger objects the routing module
+ * gives its parts (src/ledger-routing.ts, partsOf): with one shard one reservation there; with several one
+ * part per shard, each holding and settling its own pools, the client's part judged on the whole stage and
+ * charged its whole usage (as actors/execution/parts.ts settles a multi-shard stage).
+ */
+async function settledStage(o: { executionId: string; clientId: string; requirements: Record<string, number>; usage: Record<string, number> }) {
+  const worker = "bitware-content-granulator";
+  const layout = layoutOf(env);
+  const parts = partsOf(layout, o.requirements, { worker, clientId: o.clientId, executionId: o.executionId });
+  const shards = parts.map((p) => p.shard);
+  const request = { executionId: o.executionId, stageId: "stage_1", attempt: 1, priority: "normal" as const, leaseMs: 60_000, worker, clientId: o.clientId };
+  const ids: string[] = [];
+  // In the routing's order, as an Execution acquires a set (nothing else contends here, so each is granted at once).
+  for (const p of parts) {
+    const r = await ledgerShard(env, p.shard).reserve(
+      parts.length === 1
+        ? { ...request, requirements: o.requirements }
+        : { ...request, requirements: p.requirements, part: { shard: p.shard, shards, worker: p.worker, client: p.client, ...(p.client ? { stageNeeds: o.requirements } : {}) } },
+    );
+    if (r.status !== "granted") throw new Error(`expected a grant on shard ${p.shard}, got ${r.status}`);
+    ids.push(r.reservationId);
+  }
+  for (const [i, p] of parts.entries()) {
+    const own = Object.fromEntries(Object.entries(o.usage).filter(([pool]) => shardOfPool(layout, pool) === p.shard));
+    const settled = await ledgerShard(env, p.shard).settle(ids[i], parts.length === 1 ? o.usage : own, undefined, parts.length > 1 && p.client ? o.usage : undefined);
+    if (!settled.ok) throw new Error(`settle on shard ${p.shard}: ${settled.state}`);
+  }
 }
 
 describe("client routes", () => {
@@ -82,20 +113,13 @@ describe("POST /execute under a client's quotas", () => {
     expect(doc.status).toBe("failed");
     expect(doc.error?.code).toBe("budget_exhausted");
 
-    // Spend the budget through the ledger itself (a settled stage of this client), then starts are refused.
-    const ledger = env.RESOURCE_LEDGER.get(env.RESOURCE_LEDGER.idFromName("global"));
-    const r = await ledger.reserve({
+    // Spend the budget through the ledger itself (a settled stage of this client, on the shards its parts live on), then starts are refused.
+    await settledStage({
       executionId: "exec_1700000000000_clientbudget01",
-      stageId: "stage_1",
-      attempt: 1,
-      priority: "normal",
-      requirements: { "tokens:openai": 1000 },
-      leaseMs: 60_000,
-      worker: "bitware-content-granulator",
       clientId: "client_budget",
+      requirements: { "tokens:openai": 1000 },
+      usage: { "tokens:openai": 2000 },
     });
-    if (r.status !== "granted") throw new Error(`expected a grant, got ${r.status}`);
-    await ledger.settle(r.reservationId, { "tokens:openai": 2000 });
     const spent = await startExecution({ template_name: "quick_summary", parameters: {}, client_id: "client_budget" });
     expect(spent.res.status).toBe(429);
     expect(spent.body.error.code).toBe("budget_exhausted");

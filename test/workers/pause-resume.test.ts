@@ -1,10 +1,13 @@
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
-import { ledgerFor } from "../../src/ledger-routing";
-import { call, ended, executionStub, fireAlarm, JSON_HEADERS, KAM, OPS, rpcThrough, startExecution, status, waitFor, waitForLedger } from "../support/api";
+import { layoutOf, ledgerShard, shardOfPool } from "../../src/ledger-routing";
+import { call, ended, executionStub, fireAlarm, JSON_HEADERS, KAM, OPS, reservedSets, rpcThrough, shardsOfSet, stagesReserved, startExecution, status, waitFor, waitForLedger } from "../support/api";
 import { received, waitForEvents } from "../support/kam-events";
 
 const post = (path: string, headers: Record<string, string> = OPS) => call(path, { method: "POST", headers });
+
+/** What an execution reserved, per stage attempt: `[stage_id, attempt, shards asked]` (test/support/api.ts, reservedSets). */
+const reserved = async (id: string) => (await reservedSets(id)).map((s) => [s.stage_id, s.attempt, s.shards]);
 
 describe("pause and resume", () => {
   it("pauses mid-pipeline: the running stage completes, nothing else starts; resume runs the rest to completed", async () => {
@@ -40,7 +43,7 @@ describe("pause and resume", () => {
       ["pending", 0],
       ["pending", 0],
     ]);
-    expect((await executionStub(id).reservationIds()).map((r) => r.stage_id)).toEqual(["stage_1"]);
+    expect(await reserved(id)).toEqual([["stage_1", 1, shardsOfSet({ "tokens:openai": 2000 }, { clientId: "kam-flaky-2-pause", executionId: id })]]);
 
     const resumed = await post(`/executions/${id}/resume`, KAM);
     expect(resumed.status).toBe(200);
@@ -87,33 +90,38 @@ describe("pause and resume", () => {
     const id = b.body.execution_id as string;
     await waitFor(id, (d) => d.stages[0].status === "waiting_resources");
     await waitForLedger((s) => s.pools.find((p) => p.name === "gate:control")?.waiting === 1);
-    const [waiting] = await executionStub(id).reservationIds();
+    // Its set's parts were asked in shard order up to the gate's, which waits (one reservation with one shard).
+    const gateSet = shardsOfSet({ "gate:control": 1 }, { clientId: "client_control", executionId: id });
+    const asked = gateSet.slice(0, gateSet.indexOf(shardOfPool(layoutOf(env), "gate:control")) + 1);
+    expect(await reserved(id)).toEqual([["stage_1", 1, asked]]);
+    const held = await executionStub(id).reservationIds();
 
     const paused = await post(`/executions/${id}/pause`);
     expect(paused.status).toBe(200);
     const doc = (await paused.json()) as Record<string, any>;
     expect(doc.stages[0]).toMatchObject({ status: "pending", attempts: 1, max_attempts: 2 });
-    // The reservation is released (through the outbox): the ledger's queue for the gate is empty.
+    // The reservation is released (through the outbox): the ledger's queue for the gate is empty, and every part is released on its shard.
     await waitForLedger((s) => s.pools.find((p) => p.name === "gate:control")?.waiting === 0);
-    const ledger = ledgerFor(env, "gate:control");
-    expect((await ledger.status(waiting.reservation_id)).state).toBe("released");
+    for (const r of held) expect((await ledgerShard(env, r.shard).status(r.reservation_id)).state).toBe("released");
 
     // A's slot frees up while B is paused: B does not take it.
     await post(`/executions/${a.body.execution_id}/cancel`);
     await waitForLedger((s) => s.pools.find((p) => p.name === "gate:control")?.in_use === 0);
     await fireAlarm(id);
     expect((await status(id)).stages[0]).toMatchObject({ status: "pending", attempts: 1 });
-    expect(await executionStub(id).reservationIds()).toHaveLength(1);
+    expect(await reserved(id)).toEqual([["stage_1", 1, asked]]);
 
     expect((await post(`/executions/${id}/resume`)).status).toBe(200);
     const end = await waitFor(id, ended);
     expect(end.status).toBe("completed");
     // Asked again as a new attempt; the given-back one does not count against max_attempts.
     expect(end.stages[0]).toMatchObject({ status: "completed", attempts: 2, max_attempts: 2 });
-    expect((await executionStub(id).reservationIds()).map((r) => [r.stage_id, r.attempt])).toEqual([
-      ["stage_1", 1],
-      ["stage_1", 2],
-      ["stage_2", 1],
+    const sets = await reservedSets(id);
+    expect(sets.map((s) => [s.stage_id, s.attempt, s.shards])).toEqual([
+      ["stage_1", 1, asked],
+      ["stage_1", 2, gateSet],
+      // No `resources`: its set is its worker's and client's shards and those of the pools it holds (its estimate).
+      ["stage_2", 1, sets[2]?.routed],
     ]);
   });
 
@@ -169,14 +177,16 @@ describe("pause and resume", () => {
     // Its retry is due, and a drive pass while paused does not start it.
     await fireAlarm(id);
     expect((await status(id)).stages[0]).toMatchObject({ status: "pending", attempts: 1 });
-    expect((await executionStub(id).reservationIds()).map((r) => r.attempt)).toEqual([1]);
+    expect(await stagesReserved(id)).toEqual(["stage_1"]);
+    expect((await reserved(id)).map(([, attempt]) => attempt)).toEqual([1]);
 
     expect((await post(`/executions/${id}/resume`)).status).toBe(200);
     const end = await waitFor(id, ended);
     // The second attempt ran after resume, and timed out in its turn.
     expect(end.status).toBe("failed");
     expect(end.stages[0]).toMatchObject({ status: "failed", attempts: 2, error: { code: "stage_timeout" } });
-    expect((await executionStub(id).reservationIds()).map((r) => r.attempt)).toEqual([1, 2]);
+    expect(await stagesReserved(id)).toEqual(["stage_1", "stage_1"]);
+    expect((await reserved(id)).map(([, attempt]) => attempt)).toEqual([1, 2]);
   });
 
   // The execution-wide deadline does not count paused time. Stage 1 takes about 4 s on the worker,

@@ -2,7 +2,7 @@ import { runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import type { StatusDocument } from "../../schemas/api";
-import { call, ended, executionStub, fireAlarm, JSON_HEADERS, KAM, OPS, rpcThrough, startExecution, status, waitFor } from "../support/api";
+import { call, ended, executionStub, fireAlarm, JSON_HEADERS, KAM, OPS, rpcThrough, stagesReserved, startExecution, status, waitFor } from "../support/api";
 import { waitForEvents } from "../support/kam-events";
 
 /** Makes the execution's retention due and fires its alarm (as retention.test.ts does). */
@@ -75,7 +75,7 @@ describe("rerun from a stage", () => {
     expect(doc.stages[1]).toMatchObject({ status: "completed", attempts: 1 });
     expect(doc.stages[1].reused_from).toBeUndefined();
     // Stage 1 never reached the ledger or a worker in the rerun: only stage 2 was reserved (and so handshaked).
-    expect((await executionStub(doc.execution_id).reservationIds()).map((r) => r.stage_id)).toEqual(["stage_2"]);
+    expect(await stagesReserved(doc.execution_id)).toEqual(["stage_2"]);
     expect(Object.keys(doc.cost!.by_stage).filter((s) => doc.cost!.by_stage[s] > 0)).not.toContain("stage_1");
     // Stage 1's output, taken over, went through stage 2 (echo) to the result.
     expect(await result(doc.execution_id)).toEqual({ chapter: "one" });
@@ -164,7 +164,7 @@ describe("rerun from a stage", () => {
       ["stage_3", original.execution_id, ["stage_1"]],
       ["stage_4", null, ["stage_2", "stage_3"]],
     ]);
-    expect((await executionStub(doc.execution_id).reservationIds()).map((r) => r.stage_id).sort()).toEqual(["stage_2", "stage_4"]);
+    expect((await stagesReserved(doc.execution_id)).sort()).toEqual(["stage_2", "stage_4"]);
     expect(await result(doc.execution_id)).toEqual(await result(original.execution_id));
   });
 
@@ -192,7 +192,7 @@ describe("rerun from a stage", () => {
       [0, 1, 2].map((i) => [`stage_2.${i}`, i, "completed", original.execution_id, 0, {}, 0]),
     );
     // Only the merge ran again, and it read the original's stored item outputs with its own data token.
-    expect((await executionStub(doc.execution_id).reservationIds()).map((r) => r.stage_id)).toEqual(["stage_3"]);
+    expect(await stagesReserved(doc.execution_id)).toEqual(["stage_3"]);
     const keys = (await env.DATA_REFS.list({ prefix: `kv/${original.execution_id}/stage_2.` })).keys.map((k) => k.name).sort();
     expect(keys).toHaveLength(3);
     const merge = (await result(doc.execution_id)) as { stage: string; read: Record<string, { size: number }> };
