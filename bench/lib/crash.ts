@@ -79,7 +79,7 @@ export class CrashSystem {
     return { status: res.status, doc: null };
   }
 
-  async resources(): Promise<{ leases: number; waiters: number; pools: { name: string; kind: string; in_use: number; waiting: number }[] }> {
+  async resources(): Promise<{ leases: number; waiters: number; pools: { name: string; kind: string; in_use: number; waiting: number }[]; shards: { shard: number; ok: boolean }[] }> {
     const res = await fetch(`${this.url}/resources`, { headers: this.ops, signal: AbortSignal.timeout(30_000) });
     return (await res.json()) as never;
   }
@@ -177,12 +177,16 @@ export async function awaitEnded(system: CrashSystem, items: { executionId: stri
   return items.map((it) => results.get(it.executionId)!);
 }
 
-/** Polls the ledger until nothing is held or waiting, or the deadline passes; answers the last snapshot. */
+/**
+ * Polls the ledger until nothing is held or waiting, or the deadline passes; answers the last snapshot.
+ * Clean counts only with every ledger shard answering (the snapshot sums the shards that did).
+ */
 export async function awaitLedgerClean(system: CrashSystem, deadlineMs: number) {
   const deadline = Date.now() + deadlineMs;
   for (;;) {
     const snap = await system.resources();
-    const clean = snap.leases === 0 && snap.waiters === 0 && snap.pools.every((p) => p.kind !== "concurrency" || p.in_use === 0);
+    const clean =
+      snap.shards.every((s) => s.ok) && snap.leases === 0 && snap.waiters === 0 && snap.pools.every((p) => p.kind !== "concurrency" || p.in_use === 0);
     if (clean || Date.now() > deadline) return { clean, snap };
     await new Promise((r) => setTimeout(r, 250));
   }

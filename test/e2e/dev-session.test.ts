@@ -1,37 +1,47 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startDevSession } from "../../scripts/dev-session.mjs";
 import { TEST_SECRETS } from "../support/constants";
+import { SHARDINGS, expectRouted, startEach } from "./shardings";
 
 /**
  * The same multi-worker `wrangler dev` session as `npm start` (orchestrator,
- * demo KAM, demo granulator), on a free port, driven over real HTTP.
+ * demo KAM, demo granulator), on a free port, driven over real HTTP: once with
+ * one ledger object and once with 4 ledger shards (./shardings.ts), both at once.
  */
-let session: Awaited<ReturnType<typeof startDevSession>>;
+type Session = Awaited<ReturnType<typeof startDevSession>>;
+let sessions: Session[] = [];
+let stopAll: () => Promise<void> = async () => {};
 const KAM = { authorization: `Bearer ${TEST_SECRETS.KAM_TOKEN}`, "content-type": "application/json" };
 
 beforeAll(async () => {
-  session = await startDevSession({ secrets: TEST_SECRETS });
+  ({ sessions, stop: stopAll } = await startEach((s, persistTo) => startDevSession({ secrets: TEST_SECRETS, vars: s.vars, persistTo })));
 });
 afterAll(async () => {
-  await session?.stop();
+  await stopAll();
 });
 
-async function execute(body: unknown, headers: Record<string, string> = KAM) {
-  const res = await fetch(`${session.url}/execute`, { method: "POST", headers, body: JSON.stringify(body) });
-  return { res, body: (await res.json()) as Record<string, any> };
-}
+describe.each(SHARDINGS.map((s, i) => ({ ...s, i })))("wrangler dev session (orchestrator + demo KAM + demo granulator), $label", (sharding) => {
+  const url = () => sessions[sharding.i].url;
 
-async function waitEnded(id: string, timeoutMs = 60_000) {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const doc = (await (await fetch(`${session.url}/executions/${id}`, { headers: KAM })).json()) as Record<string, any>;
-    if (["completed", "failed", "cancelled"].includes(doc.status)) return doc;
-    if (Date.now() > deadline) throw new Error(`not ended: ${JSON.stringify(doc)}`);
-    await new Promise((r) => setTimeout(r, 100));
+  async function execute(body: unknown, headers: Record<string, string> = KAM) {
+    const res = await fetch(`${url()}/execute`, { method: "POST", headers, body: JSON.stringify(body) });
+    return { res, body: (await res.json()) as Record<string, any> };
   }
-}
 
-describe("wrangler dev session (orchestrator + demo KAM + demo granulator)", () => {
+  async function waitEnded(id: string, timeoutMs = 60_000) {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const doc = (await (await fetch(`${url()}/executions/${id}`, { headers: KAM })).json()) as Record<string, any>;
+      if (["completed", "failed", "cancelled"].includes(doc.status)) return doc;
+      if (Date.now() > deadline) throw new Error(`not ended: ${JSON.stringify(doc)}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+
+  it("routes to its ledger shards, every one answering, each pool on its shard", async () => {
+    await expectRouted(url(), sharding);
+  });
+
   it("runs course_creation through every stage to completed with usage and a cost", async () => {
     const { res, body } = await execute({
       template_name: "course_creation",

@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startDevSession } from "../../scripts/dev-session.mjs";
 import { TEST_SECRETS } from "../support/constants";
+import { SHARDINGS, startEach } from "./shardings";
 
 /**
  * "Logs of one execution all carry its trace id", shown on the real output:
@@ -8,20 +9,23 @@ import { TEST_SECRETS } from "../support/constants";
  * execution started with a `traceparent`, and every JSON log line of its
  * stdout/stderr that names the execution must carry that trace id and a span
  * id: the attempt's span for a line about a stage attempt (its parent the
- * execution's span), else the execution's own.
+ * execution's span), else the execution's own. Once with one ledger object and
+ * once with 4 ledger shards (./shardings.ts), both sessions at once.
  */
 const TRACE_ID = "0af7651916cd43dd8448eb211c80319c";
 const CALLER_SPAN = "b7ad6b7169203331";
 const KAM = { authorization: `Bearer ${TEST_SECRETS.KAM_TOKEN}`, "content-type": "application/json" };
 
-let session: Awaited<ReturnType<typeof startDevSession>>;
+type Session = Awaited<ReturnType<typeof startDevSession>>;
+let sessions: Session[] = [];
+let stopAll: () => Promise<void> = async () => {};
 
 beforeAll(async () => {
   // Log level "log": wrangler passes the workers' console output through (the default session keeps only warnings).
-  session = await startDevSession({ secrets: TEST_SECRETS, quiet: false });
+  ({ sessions, stop: stopAll } = await startEach((s, persistTo) => startDevSession({ secrets: TEST_SECRETS, quiet: false, vars: s.vars, persistTo })));
 });
 afterAll(async () => {
-  await session?.stop();
+  await stopAll();
 });
 
 type Doc = { status: string; span_id: string; trace_id: string; stages: { stage_id: string; attempts: number; span_id: string }[] };
@@ -41,8 +45,9 @@ function jsonLines(text: string): Record<string, unknown>[] {
   return out;
 }
 
-describe("structured logs of a wrangler dev session", () => {
+describe.each(SHARDINGS.map((s, i) => ({ ...s, i })))("structured logs of a wrangler dev session, $label", ({ i }) => {
   it("every line about an execution carries its trace_id and a span_id: the attempt's for an attempt, else the execution's", async () => {
+    const session = sessions[i];
     const res = await fetch(`${session.url}/execute`, {
       method: "POST",
       headers: { ...KAM, traceparent: `00-${TRACE_ID}-${CALLER_SPAN}-01` },
