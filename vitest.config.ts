@@ -342,6 +342,8 @@ export default defineConfig({
         test: {
           name: "shard-faults",
           include: ["test/shard-faults/**/*.test.ts"],
+          // The property test's seed (printed by the test): SHARD_SEED=n reruns its plan.
+          provide: { shardSeed: Number(process.env.SHARD_SEED ?? 20261201) },
           globalSetup: ["./test/support/global-setup.ts"],
           testTimeout: 120_000,
           fileParallelism: false,

@@ -126,3 +126,10 @@ export async function crash(stub: DurableObjectStub): Promise<void> {
     // The abort fails the call that carried it: that is the crash.
   }
 }
+
+declare module "vitest" {
+  export interface ProvidedContext {
+    /** The property test's seed (vitest.config.ts, SHARD_SEED). */
+    shardSeed: number;
+  }
+}
