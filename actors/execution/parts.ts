@@ -108,9 +108,14 @@ export function partDeadlineAt(a: Acquisition, t: Pick<Tuning, "ledgerCallTimeou
   return Math.min(...held) - Math.min(t.ledgerCallTimeoutMs, Math.floor(t.ledgerShortLeaseMs / 3));
 }
 
-/** The backoff before round `round` (1, 2, ...): full jitter on the ledger's retry curve, so contending stages spread out. */
-export function reacquireDelayMs(round: number, t: Pick<Tuning, "ledgerRetryBaseMs" | "ledgerRetryCapMs">, random = Math.random): number {
-  return Math.max(1, retryDelayMs(round, t.ledgerRetryBaseMs, t.ledgerRetryCapMs, 0, random));
+/**
+ * The backoff before round `round` (1, 2, ...): full jitter on the ledger's
+ * retry curve, so contending stages spread out, capped at one short lease. A
+ * round comes back to its set's place in each shard's queue (the ledger keeps
+ * it), so waiting longer only leaves capacity idle.
+ */
+export function reacquireDelayMs(round: number, t: Pick<Tuning, "ledgerRetryBaseMs" | "ledgerRetryCapMs" | "ledgerShortLeaseMs">, random = Math.random): number {
+  return Math.max(1, retryDelayMs(round, t.ledgerRetryBaseMs, Math.min(t.ledgerRetryCapMs, t.ledgerShortLeaseMs), 0, random));
 }
 
 /** The next round: every part asked again from the start, nothing held. */

@@ -11,6 +11,7 @@ import {
   budgetExhausted,
   clientBlock,
   clientRateUnsatisfiable,
+  effectiveRank,
   estimatedNeeds,
   fairTag,
   newPool,
@@ -86,6 +87,9 @@ export class Decisions {
     }
 
     const rank = rankOf(req.priority);
+    // A later round of a part comes back to the place its set had on this shard (docs/ledger.md, "Queues across shards").
+    const place = part ? this.#earlierPlace(req) : undefined;
+    const since = place?.created_at ?? s.now;
     const row: ResRow = {
       id,
       execution_id: req.executionId,
@@ -93,13 +97,13 @@ export class Decisions {
       attempt: req.attempt,
       worker: req.worker,
       rank,
-      eff_rank: rank,
+      eff_rank: effectiveRank(rank, since, s.now, this.rules.agingMs),
       age_at: null,
-      seq: ++this.store.seq,
+      seq: place?.seq ?? ++this.store.seq,
       state: "waiting",
       req: JSON.stringify(needs),
       lease_ms: req.leaseMs,
-      created_at: s.now,
+      created_at: since,
       granted_at: null,
       expires_at: null,
       passed: 0,
@@ -110,17 +114,18 @@ export class Decisions {
       client_id: req.clientId ?? null,
       cost_est: cost,
       // On a shard that is not the client's, its weight comes with the request (docs/ledger.md, "Fair sharing").
-      tag: fairTag(this.store.virtualTime, c.lastTag, (holds ? q.weight : (req.clientWeight ?? this.quotasOf(c).weight)) ?? 1),
+      tag: place?.tag ?? fairTag(this.store.virtualTime, c.lastTag, (holds ? q.weight : (req.clientWeight ?? this.quotasOf(c).weight)) ?? 1),
       part: part ? JSON.stringify(part) : null,
     };
-    c.lastTag = row.tag;
+    // A client's tags only grow: a kept place's older tag does not move its later stages back.
+    c.lastTag = Math.max(c.lastTag, row.tag);
     if (this.store.activeWaiters === 0 && fitsAll(this.store.pools, needs, s.now) && !clientBlock(q, c, clientNeeds, cost, s.now, this.rules.usageMaxFactor)) {
       // Nobody queued and everything fits: granted in the reply, no notice.
       const granted = this.accounts.grant(row, needs, s.now);
       timer(s, granted.expires_at);
       return { status: "granted", reservationId: id, expiresAt: granted.expires_at!, requirements: needs };
     }
-    this.accounts.enqueue({ ...row, age_at: nextAgeingAt(rank, s.now, rank, this.rules.agingMs) }, needs);
+    this.accounts.enqueue({ ...row, age_at: nextAgeingAt(rank, since, row.eff_rank, this.rules.agingMs) }, needs);
     this.pass.run(s);
     const mine = s.grants.findIndex((g) => g.notice.reservationId === id);
     if (mine >= 0) {
@@ -163,6 +168,23 @@ export class Decisions {
     const needs = resources ? nonZero(resources) : estimatedNeeds(this.store.stats.get(worker), this.store.pools, wp);
     needs[wp] = Math.max(needs[wp] ?? 0, 1);
     return needs;
+  }
+
+  /**
+   * The place in this shard's queue of the part's set in an earlier round of
+   * the same attempt (the newest round this shard saw): its arrival order, fair
+   * tag and ageing origin. A set that gave a round up (a later shard kept it
+   * waiting past the short lease) so queues again ahead of everything that
+   * arrived here after it, instead of at the back. Undefined in round 0, or
+   * when this shard never saw the set (or purged its rows).
+   */
+  #earlierPlace(req: ReserveRequest): Pick<ResRow, "seq" | "tag" | "created_at"> | undefined {
+    const round = req.round ?? 0;
+    if (round === 0) return undefined;
+    // The previous round first (it may not be in SQL yet), then every round of the attempt by one range of the key.
+    const last = this.store.row(reservationIdOf(req.executionId, req.stageId, req.attempt, round - 1));
+    if (last) return last;
+    return this.store.earlierRounds(reservationIdOf(req.executionId, req.stageId, req.attempt), round)[0];
   }
 
   /** A part's needs: its explicit requirements (never an estimate), plus the worker slot when it holds it. */

@@ -201,6 +201,17 @@ export class LedgerStore {
   }
 
   /**
+   * The rows of one attempt's rounds before `round` (ids `{base}` and
+   * `{base}@{r}`, one range of the primary key), the newest round first.
+   */
+  earlierRounds(base: string, round: number): Pick<ResRow, "seq" | "tag" | "created_at">[] {
+    const rows = this.sql<{ id: string; seq: number; tag: number; created_at: number }>`
+      SELECT id, seq, tag, created_at FROM reservations WHERE id = ${base} OR (id > ${`${base}@`} AND id < ${`${base}A`})`;
+    const roundOf = (id: string) => (id === base ? 0 : Number(id.slice(base.length + 1)));
+    return rows.filter((r) => roundOf(r.id) < round).sort((a, b) => roundOf(b.id) - roundOf(a.id));
+  }
+
+  /**
    * Writes a row's new version (insert or update), keeping the live-lease map
    * in step. The row carries its client's state as decided so far in the step
    * (every change of a client's spend or buckets is followed by a write of one

@@ -163,6 +163,34 @@ describe("parts: round ids and the usual calls on them", () => {
     await expectWithinCapacity(ledger);
   });
 
+  it("a later round comes back to its set's place in the queue: ahead of later arrivals, with its ageing kept", async () => {
+    const { ledger, clock, notices } = await fresh("parts-place", { agingMs: 10_000 });
+    await ledger.putPool("gpu", { kind: "concurrency", capacity: 1 });
+    const holder = await ledger.reserve(req({ requirements: { gpu: 1 } }));
+    const set = { executionId: req().executionId, stageId: "stage_1", attempt: 1, requirements: { gpu: 1 } };
+    const r0 = await ledger.reserve(preq(null, part(), { ...set, priority: "low", round: 0 }));
+    expect(r0).toMatchObject({ status: "waiting", position: 1 });
+    // Two rank levels of ageing (20 s at agingMs 10 s) pass, then two normal stages arrive.
+    clock.now += 20_000;
+    const later = [await ledger.reserve(req({ requirements: { gpu: 1 } })), await ledger.reserve(req({ requirements: { gpu: 1 } }))];
+    // A set that never queued here, in its round 1: no earlier place, so behind them.
+    const stranger = await ledger.reserve(preq(null, part(), { requirements: { gpu: 1 }, priority: "low", round: 1 }));
+    expect(stranger).toMatchObject({ status: "waiting", position: 4 });
+    // The set gives round 0 up (a later shard kept it waiting) and asks again in round 1.
+    await ledger.release(id(r0));
+    const r1 = await ledger.reserve(preq(null, part(), { ...set, priority: "low", round: 1 }));
+    // Its place is round 0's: low aged two levels (high) and first by arrival, ahead of the normal stages.
+    expect(r1).toMatchObject({ status: "waiting", position: 1 });
+    await ledger.settle(id(holder), {});
+    expect(notices.map((n) => n.notice.reservationId)).toEqual([id(r1)]);
+    for (const r of [r1, ...later]) {
+      await ledger.settle(id(r), {});
+    }
+    expect(notices.map((n) => n.notice.reservationId)).toEqual([id(r1), ...later.map(id), id(stranger)]);
+    await ledger.settle(id(stranger), {});
+    await expectWithinCapacity(ledger);
+  });
+
   it("a part granted later is told with its shard; a whole stage's notice names none", async () => {
     const { ledger, notices } = await fresh("parts-notice");
     await ledger.putPool("gpu", { kind: "concurrency", capacity: 1 });
