@@ -132,6 +132,8 @@ export async function askParts(c: Core, st: StageRow, a: Acquisition): Promise<b
   if (part.state === "new" && timers.has("reask", id) && !timers.take("reask", id)) return false;
   const ex = c.store.row()!;
   const t = c.config.tuning;
+  // Asked again if this object dies mid-call: a waiting part is woken by nothing else when its answer was a grant.
+  if (part.state === "waiting") timers.set("reask", Date.now() + 2 * t.ledgerCallTimeoutMs, id);
   const request: ReserveRequest = {
     executionId: ex.execution_id,
     stageId: id,

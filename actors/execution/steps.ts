@@ -178,7 +178,12 @@ export async function askLedger(c: Core, st: StageRow): Promise<boolean> {
 
 /** A waiting reservation asks again only at its `reask` timer (a lost notice); a failed call only after its backoff. */
 function waitedEnough(c: Core, st: StageRow): boolean {
-  if (st.reservation === "waiting" && !c.timers.take("reask", st.stage_id)) return false;
+  if (st.reservation === "waiting") {
+    if (!c.timers.take("reask", st.stage_id)) return false;
+    // Asked again if this object dies mid-call: a grant in the lost answer comes with no notice.
+    c.timers.set("reask", Date.now() + 2 * c.config.tuning.ledgerCallTimeoutMs, st.stage_id);
+    return true;
+  }
   if (st.reservation === "requested" && c.timers.has("reask", st.stage_id) && !c.timers.take("reask", st.stage_id)) return false;
   return true;
 }
@@ -363,6 +368,9 @@ export async function renewLease(c: Core, st: StageRow): Promise<void> {
   const reservationId = st.reservation_id;
   if (!reservationId && !multi) return;
   const t = c.config.tuning;
+  // The next try if this object dies mid-call (the due timer was taken); an answer sets it anew.
+  const retry = () => c.timers.set("lease", Date.now() + Math.min(t.ledgerRetryCapMs, Math.max(250, Math.floor(t.leaseMs / 4))), st.stage_id);
+  retry();
   try {
     const r = multi
       ? await renewParts(c, multi, c.store.row()!.execution_id)
@@ -381,7 +389,7 @@ export async function renewLease(c: Core, st: StageRow): Promise<void> {
   } catch (err) {
     c.store.log("warn", "lease_renew_failed", { stage_id: st.stage_id, error: String(err) });
     // Tried again well inside the lease, so one failed call does not lose it.
-    c.timers.set("lease", Date.now() + Math.min(t.ledgerRetryCapMs, Math.max(250, Math.floor(t.leaseMs / 4))), st.stage_id);
+    retry();
   }
   await c.rearm().catch(() => {});
 }

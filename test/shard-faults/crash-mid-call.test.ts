@@ -1,0 +1,99 @@
+/**
+ * An Execution that dies while a ledger call of its alarm is out (found by the
+ * property test, shard-property.test.ts): the timer that call was made for was
+ * already taken, and the answer dies with the instance. Each call re-arms its
+ * own timer first, so the restarted object asks again:
+ * - a waiting reservation's re-ask: the lost answer may be the grant (its
+ *   notice was lost too), and nothing else would wake the stage before its
+ *   queue timeout;
+ * - a lease renewal: nothing else renews the lease, which would lapse under a
+ *   stage that is still running.
+ * One-shard stages (the pool, the worker's slot and the client all on shard 0),
+ * the crash while shard 0's faulty object stalls that call.
+ */
+import { runInDurableObject } from "cloudflare:test";
+import { describe, expect, it } from "vitest";
+import { ledgerTestHooks, type ResourceLedger } from "../../actors/resource-ledger";
+import { executionStub, startExecution, status, until } from "../support/api";
+import { WORKER, clientOn, crash, faulty, poolsOn, putPool, realShard, shardRows } from "./shard-support";
+
+/** Waits for the faulty object of shard 0 to hold a stalled call of `method` made after `since`, then crashes the Execution. */
+async function crashDuringStalled(id: string, method: "reserve" | "renew", since: number): Promise<void> {
+  await until(`a stalled ${method}`, () => faulty(0).calls(method), (calls) => calls.some((c) => c.fault === "stall" && c.at >= since), 20_000);
+  await crash(executionStub(id));
+}
+
+/** Shard 0's grant notices go nowhere while `fn` runs (as if each notice were lost). */
+async function withoutNotices(fn: () => Promise<void>): Promise<void> {
+  await runInDurableObject(realShard(0), (i: ResourceLedger) => ledgerTestHooks(i).setNotifier(() => {}));
+  try {
+    await fn();
+  } finally {
+    await runInDurableObject(realShard(0), (i: ResourceLedger) => ledgerTestHooks(i).setNotifier(null));
+  }
+}
+
+describe("an Execution that crashes while a ledger call of its alarm is out", () => {
+  // One-shard: the stage's one reservation waits. Two shards: its first part (shard 0) waits, holding nothing, so no part deadline either.
+  it.each([
+    ["a one-shard stage", 0],
+    ["the first part of a two-shard stage", 1],
+  ])("%s asks again for a waiting reservation whose re-ask answer (a grant, with its notice lost) died with it", async (_what, more) => {
+    const [p] = poolsOn(0, 1, `cmw${more}`);
+    const later = poolsOn(1, more, `cmw${more}`);
+    const client = clientOn(0, "cmw");
+    await putPool(`set:${p}`, 1);
+    for (const q of later) await putPool(`set:${q}`, 1);
+    await putPool(`worker:${WORKER}`, 16);
+    // The test holds the pool, so the stage waits in shard 0's queue.
+    const blocker = await realShard(0).reserve({ executionId: `exec_${Date.now()}_crashMidCallBlocker`, stageId: "stage_1", attempt: 1, priority: "normal", requirements: { [`set:${p}`]: 1 }, leaseMs: 60_000, worker: WORKER });
+    expect(blocker.status).toBe("granted");
+    // Its queue timeout (30 s) and the watchdog (30 s) are past the bound below.
+    const { body } = await startExecution({ template_name: `needs30000_${[p, ...later].join(".")}_cmw${more}`, parameters: { steps: 1, step_ms: 0 }, client_id: client });
+    const id = body.execution_id as string;
+    await until("waiting on shard 0", () => shardRows(0, new Set([id])), (rows) => rows.some((r) => r.state === "waiting"));
+
+    await withoutNotices(async () => {
+      // Granted by the ledger with no word to the Execution.
+      if (blocker.status === "granted") await realShard(0).release(blocker.reservationId);
+      await until("granted on shard 0", () => shardRows(0, new Set([id])), (rows) => rows.some((r) => r.state === "granted"));
+    });
+    // Its re-ask goes out now from its alarm and is stalled; the Execution dies meanwhile.
+    await faulty(0).setFault(["reserve"], { mode: "stall", stallMs: 1500, times: 1 });
+    const since = Date.now();
+    await runInDurableObject(executionStub(id), async (_i, state) => {
+      state.storage.sql.exec("UPDATE timers SET due_at = 0 WHERE name = 'reask'");
+      await state.storage.setAlarm(Date.now());
+    });
+    await crashDuringStalled(id, "reserve", since);
+
+    const doc = await until("the execution ended", () => status(id), (d) => d.status !== "running" && d.status !== "queued", 20_000);
+    expect(doc.status).toBe("completed");
+    // It ran once, on shard 0 under the reservation the lost answer granted (a one-shard stage's
+    // lease outlasts the stall), or under a later round's (a part's short lease lapsed meanwhile).
+    const rows = await shardRows(0, new Set([id]));
+    expect(rows.filter((r) => r.state === "settled")).toHaveLength(1);
+    if (more === 0) expect(rows.map((r) => [r.id, r.state])).toEqual([[`${id}:stage_1:1`, "settled"]]);
+  });
+
+  it("renews the lease of a running stage whose renewal died with it", async () => {
+    const [p] = poolsOn(0, 1, "cml");
+    const client = clientOn(0, "cml");
+    await putPool(`set:${p}`, 2);
+    await putPool(`worker:${WORKER}`, 16);
+    // The stage runs 12 s, past the 10 s lease: its lease must be renewed. The first renewal is
+    // held back 20 s (it reaches the ledger after the lease ended), so only a second one can.
+    await faulty(0).setFault(["renew"], { mode: "stall", stallMs: 20_000, times: 1 });
+    const since = Date.now();
+    const { body } = await startExecution({ template_name: `needs_${p}_cml`, parameters: { steps: 1, step_ms: 12_000 }, client_id: client });
+    const id = body.execution_id as string;
+    // The first renewal (5 s after the grant) is stalled; the Execution dies while it is out.
+    await crashDuringStalled(id, "renew", since);
+
+    const doc = await until("the execution ended", () => status(id), (d) => d.status !== "running" && d.status !== "queued", 40_000);
+    expect(doc.status, JSON.stringify(doc.stages[0].error)).toBe("completed");
+    const [row] = await shardRows(0, new Set([id]));
+    expect(row.state).toBe("settled");
+    expect(row.expires_at! - row.granted_at!).toBeGreaterThan(10_000);
+  });
+});
