@@ -1,22 +1,24 @@
 /**
  * The sharded ledger under faults, a randomized property test (issue 15,
  * "Proof"). From one seed (printed; SHARD_SEED=n npx vitest run --project
- * shard-faults reruns its plan): 4 shards, 8 small pools (2 to 4 slots, 2 on
- * each shard), a worker with 12 slots,
- * and a few hundred one-stage executions at once whose sets need 1 to 4 of
- * those pools on distinct shards (beside the worker's slot on shard 0 and the
- * client's state on the client's shard). While they run, a seeded schedule
- * crashes ledger objects and Executions (`ctx.abort()`: memory gone, in-flight
- * calls failed, restarted from storage), loses answers of ledger calls (the call
- * acts, the caller sees a failure) and sends calls twice at once, on every
- * shard (test/support/faulty-ledger). The plan is the same for a seed; the
- * interleaving of a real runtime is not.
+ * shard-faults reruns its plan): 4 shards, 8 small pools (3 to 5 slots, 2 on
+ * each shard), a worker with 16 slots, and 200 one-stage executions started
+ * at once (48 starts in flight) whose sets need 1 to 4 of those pools on
+ * distinct shards (beside the worker's slot on shard 0 and the client's state
+ * on the client's shard), each running 50-400 ms. While they run, a seeded
+ * schedule paced in time (one fault every 100-500 ms, whatever the checks
+ * cost) crashes ledger objects and Executions (`ctx.abort()`: memory gone,
+ * in-flight calls failed, restarted from storage), loses answers of ledger
+ * calls (the call acts, the caller sees a failure) and sends calls twice at
+ * once, on every shard (test/support/faulty-ledger). The plan and the order of
+ * the faults are the same for a seed; the interleaving of a real runtime is not.
  *
  * Checked at every tick, from each shard's own tables: no pool over capacity;
  * every stage the worker is running (its own record of what began when) holds a
  * granted part for each pool of its set, on that pool's shard. At the end:
  * every execution completed within the bound (no deadlock), no shard holds or
- * queues anything, and the worker never ran more than its slots.
+ * queues anything, and the worker never ran more than its slots. A crash and a
+ * read of the same object never overlap (a read cut off by a crash is no finding).
  */
 import { describe, expect, inject, it } from "vitest";
 import { mulberry32 as prng } from "../../bench/lib/mulberry32";
@@ -26,7 +28,7 @@ import { SHARDS, WORKER, clientOn, crash, expectShardWithinCapacity, faulty, lay
 
 const SEED = inject("shardSeed");
 const EXECUTIONS = 200;
-const WORKER_SLOTS = 12;
+const WORKER_SLOTS = 16;
 /** Every execution ends within this (no deadlock, nothing stuck). */
 const BOUND_MS = 300_000;
 const METHODS = ["reserve", "renew", "settle", "release"] as const;
@@ -44,29 +46,38 @@ describe("the sharded ledger under evictions, lost and duplicated answers", () =
     const byShard = Array.from({ length: n }, (_, s) => poolsOn(s, 2, "pq"));
     const capacity = new Map<string, number>();
     for (const p of byShard.flat()) {
-      capacity.set(`set:${p}`, int(2, 4));
+      capacity.set(`set:${p}`, int(3, 5));
       await putPool(`set:${p}`, capacity.get(`set:${p}`)!);
     }
     await putPool(`worker:${WORKER}`, WORKER_SLOTS);
     await resetWorkerStats();
     const clients = Array.from({ length: n }, (_, s) => clientOn(s, "prop"));
 
-    // The plan: each execution's set spans 1-4 distinct shards, one pool on each.
+    // The plan: each stage's set spans 1-4 distinct shards, one pool on each.
     const plan = Array.from({ length: EXECUTIONS }, (_, i) => {
-      const shards = [...Array(n).keys()].sort(() => rnd() - 0.5).slice(0, int(1, 4));
-      const pools = shards.map((s) => pick(byShard[s]));
-      return { i, pools, client: pick(clients), stepMs: int(0, 50) };
+      const pools = [...Array(n).keys()].sort(() => rnd() - 0.5).slice(0, int(1, 4)).map((s) => pick(byShard[s]));
+      return { i, pools, client: pick(clients), stepMs: int(50, 400) };
     });
-    const shardsTouched = (p: (typeof plan)[number]) =>
-      new Set([0, shardOfClient(layout(), p.client), ...p.pools.map((t) => shardOfPool(layout(), `set:${t}`))]).size;
-    const multi = plan.filter((p) => shardsTouched(p) > 1).length;
+    const shardsTouched = (client: string, set: string[]) =>
+      new Set([0, shardOfClient(layout(), client), ...set.map((t) => shardOfPool(layout(), `set:${t}`))]).size;
+    const multi = plan.filter((p) => shardsTouched(p.client, p.pools) > 1).length;
     expect(multi).toBeGreaterThan(EXECUTIONS / 2);
 
+    const locks = new Map<string, Promise<unknown>>();
+    function exclusive<T>(key: string, fn: () => Promise<T>): Promise<T> {
+      const run = (locks.get(key) ?? Promise.resolve()).then(fn, fn);
+      locks.set(key, run.catch(() => {}));
+      return run;
+    }
+
+    /** Each execution's stage's set. */
     const needsOf = new Map<string, string[]>();
     const started = Date.now();
-    for (let k = 0; k < plan.length; k += 16) {
-      await Promise.all(
-        plan.slice(k, k + 16).map(async (p) => {
+    // Every start at once (at most 48 requests in flight), so the stages contend from the first moment.
+    const queue = [...plan];
+    await Promise.all(
+      Array.from({ length: 48 }, async () => {
+        for (let p = queue.shift(); p; p = queue.shift()) {
           // As a client would: a start answered 503 (a ledger call of the admission timed out on a
           // loaded machine) is sent again with the same request_id, which makes it one execution.
           let answer = { status: 0, text: "" };
@@ -78,17 +89,16 @@ describe("the sharded ledger under evictions, lost and duplicated answers", () =
               request_id: `prop-${SEED}-${p.i}`,
             });
             answer = { status: res.status, text: JSON.stringify(body) };
-            if (res.status === 202 || res.status === 200) {
-              needsOf.set(body.execution_id, p.pools.map((t) => `set:${t}`));
-              return;
-            }
-            if (res.status !== 503) break;
+            if (res.status === 202 || res.status === 200) break;
+            if (res.status !== 503) throw new Error(`start ${p.i}: ${answer.status} ${answer.text}`);
             await scheduler.wait(250 * (k + 1));
           }
-          throw new Error(`start ${p.i}: ${answer.status} ${answer.text}`);
-        }),
-      );
-    }
+          if (answer.status !== 202 && answer.status !== 200) throw new Error(`start ${p.i}: ${answer.status} ${answer.text}`);
+          needsOf.set(JSON.parse(answer.text).execution_id, p.pools.map((t) => `set:${t}`));
+        }
+      }),
+    );
+    const startedMs = Date.now() - started;
     const ids = [...needsOf.keys()];
     const open = new Set(ids);
     const faults = { lost: 0, duplicated: 0, ledgerEvictions: 0, executionEvictions: 0, partialChecks: 0 };
@@ -98,7 +108,7 @@ describe("the sharded ledger under evictions, lost and duplicated answers", () =
       const t1 = Date.now();
       const granted = new Map<string, Set<string>>();
       for (let s = 0; s < n; s++) {
-        for (const r of await shardRows(s, undefined, true)) {
+        for (const r of await exclusive(`ledger-${s}`, () => shardRows(s, undefined, true))) {
           const key = `${r.execution_id}:${r.stage_id}#${r.attempt}`;
           const held = granted.get(key) ?? new Set<string>();
           for (const pool of Object.keys(r.req)) if (shardOfPool(layout(), pool) === s) held.add(pool);
@@ -119,42 +129,73 @@ describe("the sharded ledger under evictions, lost and duplicated answers", () =
       }
     }
 
+    // The faults, paced in time (one every 100-500 ms, whatever the checks below cost), until every execution ended.
+    let running = true;
+    const injector = (async () => {
+      while (running) {
+        await scheduler.wait(int(100, 500));
+        if (!running) break;
+        const shard = int(0, n - 1);
+        const r = rnd();
+        if (r < 0.3) {
+          await faulty(shard).setFault([pick(METHODS)], { mode: "lose_answer", times: int(1, 2) });
+          faults.lost++;
+        } else if (r < 0.6) {
+          await faulty(shard).setFault([pick(METHODS)], { mode: "duplicate", times: int(1, 3) });
+          faults.duplicated++;
+        } else if (r < 0.7) {
+          await exclusive(`ledger-${shard}`, () => crash(realShard(shard)));
+          faults.ledgerEvictions++;
+        } else if (r < 0.85 && open.size > 0) {
+          const id = pick([...open]);
+          await exclusive(id, () => crash(executionStub(id)));
+          faults.executionEvictions++;
+        }
+      }
+    })();
+
     let tick = 0;
-    while (open.size > 0) {
-      if (Date.now() - started > BOUND_MS) {
-        const docs = await Promise.all([...open].slice(0, 3).map((id) => status(id)));
-        throw new Error(`${open.size} still open after ${BOUND_MS} ms, e.g. ${JSON.stringify(docs)}`);
+    const endedAt = new Map<string, number>();
+    try {
+      while (open.size > 0) {
+        if (Date.now() - started > BOUND_MS) {
+          const docs = await Promise.all([...open].slice(0, 3).map((id) => status(id)));
+          throw new Error(`${open.size} still open after ${BOUND_MS} ms, e.g. ${JSON.stringify(docs.map((d) => ({ id: d.execution_id, status: d.status, stages: d.stages.map((x) => [x.status, x.message]), undeliverable: d.undeliverable })))}`);
+        }
+        tick++;
+        for (let s = 0; s < n; s++) await exclusive(`ledger-${s}`, () => expectShardWithinCapacity(s));
+        await expectWholeSets();
+        expect((await workerStats()).processing).toBeLessThanOrEqual(WORKER_SLOTS);
+        if (tick % 10 === 0) console.log(`shard property test: tick ${tick}, ${open.size} open after ${Date.now() - started} ms, ${JSON.stringify(faults)}`);
+        // A few of the open executions per tick, in turn (reading all of them each time would be most of the load).
+        for (const id of [...open].slice(0, 12)) {
+          open.delete(id);
+          if (!ended(await exclusive(id, () => status(id)))) open.add(id);
+          else endedAt.set(id, Date.now() - started);
+        }
       }
-      tick++;
-      const shard = int(0, n - 1);
-      const r = rnd();
-      if (r < 0.3) {
-        await faulty(shard).setFault([pick(METHODS)], { mode: "lose_answer", times: int(1, 2) });
-        faults.lost++;
-      } else if (r < 0.6) {
-        await faulty(shard).setFault([pick(METHODS)], { mode: "duplicate", times: int(1, 3) });
-        faults.duplicated++;
-      } else if (r < 0.7) {
-        await crash(realShard(shard));
-        faults.ledgerEvictions++;
-      } else if (r < 0.85 && open.size > 0) {
-        await crash(executionStub(pick([...open])));
-        faults.executionEvictions++;
-      }
-      for (let s = 0; s < n; s++) await expectShardWithinCapacity(s);
-      await expectWholeSets();
-      expect((await workerStats()).processing).toBeLessThanOrEqual(WORKER_SLOTS);
-      if (tick % 40 === 0) console.log(`shard property test: tick ${tick}, ${open.size} open after ${Date.now() - started} ms, ${JSON.stringify(faults)}`);
-      // A few of the open executions per tick, in turn (reading all of them each time would be most of the load).
-      for (const id of [...open].slice(0, 12)) {
-        open.delete(id);
-        if (!ended(await status(id))) open.add(id);
-      }
+    } finally {
+      running = false;
+      await injector;
     }
+    const times = [...endedAt.values()].sort((a, b) => a - b);
+    console.log(`shard property test: started in ${startedMs} ms; ended p50 ${times[times.length >> 1]} p90 ${times[Math.floor(times.length * 0.9)]} max ${times[times.length - 1]} ms`);
     for (let s = 0; s < n; s++) await faulty(s).clearFaults();
+    const calls = await Promise.all([...Array(n).keys()].map(async (s) => {
+      const out: Record<string, number> = {};
+      for (const c of await faulty(s).calls()) out[c.method] = (out[c.method] ?? 0) + 1;
+      return out;
+    }));
+    console.log(`shard property test: ledger calls per shard ${JSON.stringify(calls)}`);
+    console.log(`shard property test: all ended after ${Date.now() - started} ms, ${tick} ticks, ${JSON.stringify(faults)}`);
 
     for (const id of ids) {
       const doc = await status(id);
+      if (doc.status !== "completed") {
+        const rows = [];
+        for (let s = 0; s < n; s++) rows.push(...(await shardRows(s, new Set([id]))).map((r) => ({ s, ...r })));
+        console.log(`shard property test: ${id} ${JSON.stringify(doc.stages)} ${JSON.stringify(rows)}`);
+      }
       expect(doc.status, `${id}: ${JSON.stringify(doc.error)}`).toBe("completed");
       await expectNoLiveReservations(id, 15_000);
     }
