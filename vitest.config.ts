@@ -326,15 +326,15 @@ export default defineConfig({
         // The sharded ledger (TEST_SHARDS) with every shard behind its own faulty object
         // (test/support/faulty-ledger forwards to the real ledger of its own name), for a
         // shard that is down (test/shard-faults). Short leases: an
-        // incomplete set holds its parts for 2 s, a granted one for 10 s (renewed 5 s before it
-        // ends; at 4 s a stage lost its lease when its Execution's alarm came 3.8 s late on a loaded
-        // machine). One file at a time: a fault set on a shard applies to every execution of the project.
+        // incomplete set holds its parts for 2 s, a granted one for 20 s (renewed 10 s before it
+        // ends: at 4 s and at 10 s a running stage lost its lease when the runtime, starved on a loaded
+        // machine, ran its Execution's alarm 3.8 s and over 5 s late). One file at a time: a fault set on a shard applies to every execution of the project.
         plugins: [
           orchestratorUnderTest("shard-faults", {
             bindings: {
               ...TEST_SHARDS,
               LEDGER_BINDING: "FAULTY_LEDGER",
-              TUNING: JSON.stringify({ ...TEST_TUNING, leaseMs: 10_000, ledgerShortLeaseMs: 2000, outboxUndeliverableMs: 20_000 }),
+              TUNING: JSON.stringify({ ...TEST_TUNING, leaseMs: 20_000, ledgerShortLeaseMs: 2000, outboxUndeliverableMs: 20_000 }),
             },
             durableObjects: FAULTY_LEDGER_BINDING,
             workers: [faultyLedgerWorker("shard-faults")],

@@ -19,7 +19,7 @@ import { WORKER, clientOn, crash, faulty, poolsOn, putPool, realShard, shardRows
 
 /** Waits for the faulty object of shard 0 to hold a stalled call of `method` made after `since`, then crashes the Execution. */
 async function crashDuringStalled(id: string, method: "reserve" | "renew", since: number): Promise<void> {
-  await until(`a stalled ${method}`, () => faulty(0).calls(method), (calls) => calls.some((c) => c.fault === "stall" && c.at >= since), 20_000);
+  await until(`a stalled ${method}`, () => faulty(0).calls(method), (calls) => calls.some((c) => c.fault === "stall" && c.at >= since), 40_000);
   await crash(executionStub(id));
 }
 
@@ -81,19 +81,19 @@ describe("an Execution that crashes while a ledger call of its alarm is out", ()
     const client = clientOn(0, "cml");
     await putPool(`set:${p}`, 2);
     await putPool(`worker:${WORKER}`, 16);
-    // The stage runs 12 s, past the 10 s lease: its lease must be renewed. The first renewal is
-    // held back 20 s (it reaches the ledger after the lease ended), so only a second one can.
-    await faulty(0).setFault(["renew"], { mode: "stall", stallMs: 20_000, times: 1 });
+    // The stage runs 22 s, past the project's 20 s lease: its lease must be renewed. The first
+    // renewal (10 s after the grant) is held back 30 s, past the lease's end, so only a second one can.
+    await faulty(0).setFault(["renew"], { mode: "stall", stallMs: 30_000, times: 1 });
     const since = Date.now();
-    const { body } = await startExecution({ template_name: `needs_${p}_cml`, parameters: { steps: 1, step_ms: 12_000 }, client_id: client });
+    const { body } = await startExecution({ template_name: `needs_${p}_cml`, parameters: { steps: 1, step_ms: 22_000 }, client_id: client });
     const id = body.execution_id as string;
-    // The first renewal (5 s after the grant) is stalled; the Execution dies while it is out.
+    // The Execution dies while that renewal is out.
     await crashDuringStalled(id, "renew", since);
 
-    const doc = await until("the execution ended", () => status(id), (d) => d.status !== "running" && d.status !== "queued", 40_000);
+    const doc = await until("the execution ended", () => status(id), (d) => d.status !== "running" && d.status !== "queued", 60_000);
     expect(doc.status, JSON.stringify(doc.stages[0].error)).toBe("completed");
     const [row] = await shardRows(0, new Set([id]));
     expect(row.state).toBe("settled");
-    expect(row.expires_at! - row.granted_at!).toBeGreaterThan(10_000);
+    expect(row.expires_at! - row.granted_at!).toBeGreaterThan(20_000);
   });
 });

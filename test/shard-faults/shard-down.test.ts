@@ -14,7 +14,7 @@ import { clientOn, faulty, poolsOn, putPool, resetWorkerStats, shardRows, WORKER
 const DOWN = 3;
 const QUEUE_MS = 6000;
 const SHORT_LEASE_MS = 2000;
-const LEASE_MS = 10_000;
+const LEASE_MS = 20_000;
 
 describe("a ledger shard down for longer than the short lease", () => {
   it("stages needing it fail by their queue deadline, the others run, nothing stays held on the other shards", async () => {
