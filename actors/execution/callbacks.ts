@@ -56,6 +56,8 @@ export async function applyCallback(
     if (again) return { answer: again };
   }
   // From here to the end: synchronous, so the checks and the transition are one atomic step.
+  // A grant still held (grant.ts) is written first; a complete or fail ends the attempt in this step, so without its timers.
+  c.grants.writeOne(stageId, kind !== "progress");
   const st = tx.asProcessing(c, c.store.stage(stageId)!);
   const now = Date.now();
   c.store.log("info", "callback", { stage_id: stageId, attempt, kind });

@@ -80,10 +80,12 @@ export interface HeldGrant {
  */
 export class HeldGrants {
   readonly #held = new Map<string, HeldGrant>();
-  #write: ((g: HeldGrant) => void) | null = null;
+  /** Other writes that may be lost with the instance (deferWrite). */
+  #deferred: (() => void)[] = [];
+  #write: ((g: HeldGrant, ending: boolean) => void) | null = null;
 
   /** How a held grant is written (transitions.ts writeGrant), once the Core exists. */
-  attach(write: (g: HeldGrant) => void): void {
+  attach(write: (g: HeldGrant, ending: boolean) => void): void {
     this.#write = write;
   }
 
@@ -97,21 +99,30 @@ export class HeldGrants {
     return g && g.attempt === st.attempt ? g : null;
   }
 
-  /** Writes every held grant (before any other write, and where a decision reads stages in bulk). */
+  /**
+   * A write nothing depends on durably (the completion estimate): made before the next write, in
+   * its commit, instead of in a commit of its own; lost with the instance, the document lacks it.
+   */
+  deferWrite(write: () => void): void {
+    this.#deferred.push(write);
+  }
+
+  /** Writes every held grant and deferred write (before any other write, and where a decision reads stages in bulk). */
   writeAll(): void {
+    if (this.#deferred.length > 0) for (const w of this.#deferred.splice(0)) w();
     if (this.#held.size === 0 || !this.#write) return;
     const all = [...this.#held.values()];
     // Taken out first: the writes below pass through beforeWrites again.
     this.#held.clear();
-    for (const g of all) this.#write(g);
+    for (const g of all) this.#write(g, false);
   }
 
-  /** Writes the stage's held grant, if any. */
-  writeOne(stageId: string): void {
+  /** Writes the stage's held grant, if any; `ending`: its attempt ends in the same synchronous step (no timers for it). */
+  writeOne(stageId: string, ending = false): void {
     const g = this.#held.get(stageId);
     if (!g || !this.#write) return;
     this.#held.delete(stageId);
-    this.#write(g);
+    this.#write(g, ending);
   }
 
   /**
@@ -141,7 +152,7 @@ export class HeldGrants {
   /** The object's sql helper, writing the held grants before any statement that is not a read. */
   beforeWrites(sql: Sql): Sql {
     return ((strings: TemplateStringsArray, ...values: SqlStorageValue[]) => {
-      if (this.#held.size > 0 && !/^\s*SELECT/i.test(strings[0])) this.writeAll();
+      if ((this.#held.size > 0 || this.#deferred.length > 0) && !/^\s*SELECT/i.test(strings[0])) this.writeAll();
       return sql(strings, ...values);
     }) as Sql;
   }

@@ -107,7 +107,7 @@ export class Execution extends DurableObject<Env> {
     };
     const notifier = new Notifier(base);
     this.#c = { ...base, notifier, outbox: new Outbox({ ...base, notifier }) };
-    grants.attach((g) => tx.writeGrant(this.#c, g));
+    grants.attach((g, ending) => tx.writeGrant(this.#c, g, ending));
     setLogLevel(env);
     ctx.blockConcurrencyWhile(async () => {
       createTables(ctx.storage);

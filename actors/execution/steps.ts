@@ -58,7 +58,9 @@ export async function estimateCompletion(c: Core): Promise<void> {
     .filter((s) => s.kind !== "approval")
     .map((s) => ({ worker: s.worker, resources: parse<Record<string, number>>(s.resources) ?? undefined }));
   const totalMs = await estimateTotalMs(c.env, stages, ex.priority);
-  c.sql`UPDATE execution SET estimated_completion_at = ${ex.created_at + Math.round(totalMs)} WHERE id = 1`;
+  // No commit of its own: the slot's answer or the first stage's writes come right after.
+  const at = ex.created_at + Math.round(totalMs);
+  c.grants.deferWrite(() => c.sql`UPDATE execution SET estimated_completion_at = ${at} WHERE id = 1`);
 }
 
 /**
@@ -258,11 +260,13 @@ export async function handshake(c: Core, st: StageRow): Promise<boolean> {
     tx.failAttempt(c, st, { code: "handshake_refused", message: `worker refused the stage: ${reason}`, retryable: hs.value.retryable ?? false }, Date.now());
     return true;
   }
-  const pr = await client.process({ executionId: ex.execution_id, stageId: st.stage_id, attempt: st.attempt }, handshakingLeftMs(st));
-  c.store.logCall("worker_process", st, pr.ms, pr.ok ? "ok" : pr.error.code);
+  const calling = client.process({ executionId: ex.execution_id, stageId: st.stage_id, attempt: st.attempt }, handshakingLeftMs(st));
+  void calling.then((r) => c.store.logCall("worker_process", st, r.ms, r.ok ? "ok" : r.error.code));
+  // A fast worker may call back `complete` before process() answers: the pass goes on at once (in the
+  // callback's turn, so the next stage's start shares its commit); the answer no longer matters.
+  const pr = await Promise.race([calling, whileHandshaking(c, st, calling)]);
   keepLease(c, st);
-  // A fast worker may have called back `complete` before process() answered: then we are done here.
-  if (!c.store.stillAt(st, "handshaking")) return true;
+  if (pr === null || !c.store.stillAt(st, "handshaking")) return true;
   const at = Date.now();
   if (!pr.ok) {
     tx.failAttempt(c, st, handshakingFailure(c, st, pr.error), at);
@@ -283,6 +287,17 @@ export async function handshake(c: Core, st: StageRow): Promise<boolean> {
   if (!c.store.stillAt(st, "handshaking")) return true;
   tx.startProcessing(c, st, at);
   return true;
+}
+
+/** Resolves null once the stage has left `handshaking` (a callback ended it), or when `call` has answered. */
+async function whileHandshaking(c: Core, st: StageRow, call: Promise<unknown>): Promise<null> {
+  let answered = false;
+  void call.finally(() => {
+    answered = true;
+  });
+  // Woken by every change of the status document; the quantum bounds a wait that outlives the call.
+  while (!answered && c.store.stillAt(st, "handshaking")) await c.nextChange(c.config.tuning.pollInitialMs);
+  return null;
 }
 
 /**

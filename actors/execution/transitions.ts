@@ -117,12 +117,21 @@ export function beginAttempt(c: Core, st: StageRow, now: number): void {
     indexUpdate(c, now);
     c.store.log("info", "execution_status", { status: "running" });
   }
-  moveStage(c, st, "waiting_resources", now, {});
-  c.sql`UPDATE stages SET attempt = ${st.attempt + 1}, reservation = 'requested', reservation_id = NULL, requirements = NULL,
+  checkMove(c, st, "waiting_resources");
+  c.sql`UPDATE stages SET status = 'waiting_resources', attempt = ${st.attempt + 1}, reservation = 'requested', reservation_id = NULL, requirements = NULL,
     waiting_since = ${now}, started_at = COALESCE(started_at, ${now}), progress = 0, poll_interval_ms = NULL, poll_failures = 0,
     ledger_failures = 0, attempt_at = ${now}, granted_at = NULL WHERE stage_id = ${st.stage_id}`;
   c.timers.clear("reask", st.stage_id);
-  c.timers.set("queue", now + (st.queue_timeout_ms ?? c.config.tuning.maxQueueMs), st.stage_id);
+  // No `queue` timer yet: most stages are granted on their first ask (the reserve call has its own
+  // timeout). It is written once the stage waits (queued, or the call failed: waitForGrant,
+  // ledgerFailed); meanwhile every pass checks the deadline from `waiting_since`, and the watchdog
+  // (30 s) brings a pass after a crash.
+}
+
+/** The stage waits for resources from now on: the `queue` timer wakes the object at its deadline (written once). */
+function queueDeadline(c: Core, st: StageRow): void {
+  if (st.waiting_since === null) return;
+  c.timers.setNoLaterThan("queue", st.waiting_since + (st.queue_timeout_ms ?? c.config.tuning.maxQueueMs), st.stage_id);
 }
 
 /**
@@ -141,6 +150,7 @@ export function ledgerFailed(c: Core, st: StageRow, now: number): void {
   const failures = st.ledger_failures + 1;
   c.sql`UPDATE stages SET ledger_failures = ${failures} WHERE stage_id = ${st.stage_id}`;
   c.timers.set("reask", now + retryDelayMs(failures, t.ledgerRetryBaseMs, t.ledgerRetryCapMs), st.stage_id);
+  queueDeadline(c, st);
 }
 
 /** The ledger answered a reserve with a reservation id: remember it (for release and for leak checks). */
@@ -155,6 +165,7 @@ export function waitForGrant(c: Core, st: StageRow, position: number, now: numbe
   c.sql`UPDATE stages SET reservation = 'waiting', message = ${`waiting for resources (position ${position})`}, waiting_on = ${why}
     WHERE stage_id = ${st.stage_id}`;
   c.timers.set("reask", now + c.config.tuning.ledgerReaskMs, st.stage_id);
+  queueDeadline(c, st);
   ledgerAnswered(c, st, "waiting", parse<Record<string, number>>(st.resources) ?? {}, null, 0);
 }
 
@@ -180,16 +191,21 @@ export function ledgerAnswered(c: Core, st: StageRow, outcome: string, pools: Re
   }
 }
 
-export function granted(c: Core, st: StageRow, expiresAt: number, requirements: Record<string, number>, now: number): void {
-  moveStage(c, st, "handshaking", now, {});
+/**
+ * `ending`: the attempt ends in the same synchronous step (a held grant written by the callback that
+ * completes or fails it): its deadline and lease timers would be deleted again at once, so they are not written.
+ */
+export function granted(c: Core, st: StageRow, expiresAt: number, requirements: Record<string, number>, now: number, ending = false): void {
+  checkMove(c, st, "handshaking");
   ledgerAnswered(c, st, "granted", requirements, null, now - (st.waiting_since ?? now));
   // `handshaking` has a deadline of its own; `process` accepted replaces it with the stage's.
   const deadline = now + c.config.tuning.handshakeTimeoutMs;
-  c.sql`UPDATE stages SET reservation = 'granted', requirements = ${JSON.stringify(requirements)}, lease_expires_at = ${expiresAt},
+  c.sql`UPDATE stages SET status = 'handshaking', reservation = 'granted', requirements = ${JSON.stringify(requirements)}, lease_expires_at = ${expiresAt},
     waiting_ms = waiting_ms + ${now - (st.waiting_since ?? now)}, waiting_since = NULL, message = NULL, ledger_failures = 0,
     deadline_at = ${deadline}, granted_at = ${now} WHERE stage_id = ${st.stage_id}`;
   c.timers.clear("reask", st.stage_id);
   c.timers.clear("queue", st.stage_id);
+  if (ending) return;
   c.timers.set("deadline", deadline, st.stage_id);
   c.timers.set("lease", expiresAt - Math.floor(c.config.tuning.leaseMs / 2), st.stage_id);
 }
@@ -199,11 +215,11 @@ export function granted(c: Core, st: StageRow, expiresAt: number, requirements: 
  * `reserved` and `granted` would have written then, unless the stage moved on
  * since (it cannot without a write, which writes the grant first).
  */
-export function writeGrant(c: Core, g: HeldGrant): void {
+export function writeGrant(c: Core, g: HeldGrant, ending: boolean): void {
   const st = c.store.stage(g.stage_id);
   if (!st || st.status !== "waiting_resources" || st.attempt !== g.attempt) return;
   reserved(c, st, g.reservationId, g.at);
-  granted(c, c.store.stage(st.stage_id)!, g.expiresAt, g.requirements, g.at);
+  granted(c, c.store.stage(st.stage_id)!, g.expiresAt, g.requirements, g.at, ending);
 }
 
 /** `process` was accepted: the stage runs until its deadline, polled from `pollInitialMs` on. */
@@ -275,8 +291,8 @@ export function recordObject(c: Core, ref: DataReference, stageId: string, attem
 
 export function completeStage(c: Core, st: StageRow, output: StoredOutput, usage: Record<string, number> | undefined, now: number, hash: string | null): void {
   const worked = st.processing_since !== null ? now - st.processing_since : 0;
-  moveStage(c, st, "completed", now, {});
-  c.sql`UPDATE stages SET progress = 100, message = NULL, completed_at = ${now}, processing_ms = processing_ms + ${worked}, processing_since = NULL,
+  checkMove(c, st, "completed");
+  c.sql`UPDATE stages SET status = 'completed', progress = 100, message = NULL, completed_at = ${now}, processing_ms = processing_ms + ${worked}, processing_since = NULL,
     usage = ${JSON.stringify(addUsage(parse(st.usage), usage) ?? {})}, output = ${output.inline},
     output_ref = ${output.ref ? JSON.stringify(output.ref) : null},
     complete_hash = ${hash}, reservation = NULL, deadline_at = NULL WHERE stage_id = ${st.stage_id}`;
@@ -430,15 +446,24 @@ export function attemptEnded(c: Core, st: StageRow, outcome: string, processingM
 }
 
 export function moveStage(c: Core, st: StageRow, to: StageStatus, now: number, extra: { error?: ErrorInfo; message?: string }): void {
-  const cur = c.store.stage(st.stage_id)!;
-  if (cur.status === to) return;
-  if (!canMoveStage(cur.status, to, isFanOut(cur))) throw new Error(`illegal stage transition ${cur.status} -> ${to} for ${st.stage_id}`);
+  if (!checkMove(c, st, to)) return;
   const ended = isTerminalStage(to) ? now : null;
   c.sql`UPDATE stages SET status = ${to}, completed_at = COALESCE(${ended}, completed_at),
     error = COALESCE(${extra.error ? JSON.stringify(extra.error) : null}, error),
     message = COALESCE(${extra.message ?? null}, message) WHERE stage_id = ${st.stage_id}`;
+}
+
+/**
+ * A stage's move to `to`, checked and logged; false when it is there already. The caller
+ * writes the status in the UPDATE it makes anyway (one row written, not two; moveStage for the rest).
+ */
+function checkMove(c: Core, st: StageRow, to: StageStatus): boolean {
+  const cur = c.store.stage(st.stage_id)!;
+  if (cur.status === to) return false;
+  if (!canMoveStage(cur.status, to, isFanOut(cur))) throw new Error(`illegal stage transition ${cur.status} -> ${to} for ${st.stage_id}`);
   c.store.log("info", "stage_status", { stage_id: st.stage_id, attempt: cur.attempt, from: cur.status, to });
   c.changed();
+  return true;
 }
 
 /** Every stage and item not yet ended. */

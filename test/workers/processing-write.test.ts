@@ -76,19 +76,21 @@ async function startStalled(): Promise<string> {
 }
 
 describe("the grant is written with the next write, not before the handshake", () => {
-  it("while the handshake is at the worker, the ledger holds the grant and the stored stage still waits for resources, under its queue deadline", async () => {
+  it("while the handshake is at the worker, the ledger holds the grant and the stored stage still waits for resources, under the watchdog", async () => {
     const id = await startStalled();
     const rid = `${id}:stage_1:1`;
     expect(await everyShard(env)[0].stub.status(rid)).toMatchObject({ state: "granted" });
     const stored = await runInDurableObject(executionStub(id), (_i, state) => ({
-      stage: state.storage.sql.exec("SELECT status, attempt, reservation, reservation_id, granted_at FROM stages WHERE stage_id = 'stage_1'").one(),
+      stage: state.storage.sql.exec("SELECT status, attempt, reservation, reservation_id, granted_at, waiting_since FROM stages WHERE stage_id = 'stage_1'").one(),
       reservations: state.storage.sql.exec("SELECT COUNT(*) AS n FROM reservations").one().n,
-      timers: state.storage.sql.exec("SELECT name FROM timers WHERE unit = 'stage_1' ORDER BY name").toArray().map((r) => r.name),
+      timers: state.storage.sql.exec("SELECT name, unit FROM timers WHERE name IN ('watchdog', 'queue', 'deadline', 'lease') ORDER BY name").toArray(),
     }));
-    expect(stored.stage).toEqual({ status: "waiting_resources", attempt: 1, reservation: "requested", reservation_id: null, granted_at: null });
+    expect(stored.stage).toMatchObject({ status: "waiting_resources", attempt: 1, reservation: "requested", reservation_id: null, granted_at: null });
     expect(stored.reservations).toBe(0);
-    // What bounds the stage as stored: its queue deadline (the watchdog wakes the object); no handshake deadline or lease yet.
-    expect(stored.timers).toEqual(["queue"]);
+    // What bounds the stage as stored: the watchdog brings a pass within 30 s, which checks its queue
+    // deadline from waiting_since (its `queue` timer is written only once it waits); no handshake deadline or lease yet.
+    expect(stored.timers).toEqual([{ name: "watchdog", unit: "" }]);
+    expect(stored.stage.waiting_since).not.toBeNull();
     const doc = await waitFor(id, ended);
     expect(doc.status).toBe("completed");
     expect(doc.stages[0].attempts).toBe(1);
