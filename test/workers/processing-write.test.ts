@@ -108,6 +108,12 @@ describe("the grant is written with the next write, not before the handshake", (
     const id = await startStalled();
     // ctx.abort(): the instance and its held grant are gone, its handshake call cut off (evictDurableObject would wait for it).
     await crash(executionStub(id));
+    // Nothing but the callback below wakes the new instance: every timer (the outbox's claim, the
+    // watchdog) and the alarm an hour on.
+    await runInDurableObject(executionStub(id), async (_i, state) => {
+      state.storage.sql.exec("UPDATE timers SET due_at = due_at + 3600000");
+      await state.storage.setAlarm(Date.now() + 3_600_000);
+    });
     // The worker finishes and calls back to the new instance, which never wrote the grant: refused as
     // not on a worker (the stored stage waits for resources), and the ledger is asked again at once.
     const token = await mintToken({ executionId: id, stageId: "stage_1", attempt: 1 });
@@ -117,7 +123,7 @@ describe("the grant is written with the next write, not before the handshake", (
       body: JSON.stringify({ output: { early: true }, usage: {} }),
     });
     expect(early.status).toBe(409);
-    // Well inside the watchdog (30 s): the refused callback started the pass that asked again.
+    // The refused callback started the pass that asked again (no timer would for an hour).
     const doc = await waitFor(id, ended, 15_000);
     expect(doc.status).toBe("completed");
     expect(doc.stages[0].attempts).toBe(1);
