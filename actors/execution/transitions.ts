@@ -125,7 +125,9 @@ export function beginAttempt(c: Core, st: StageRow, now: number): void {
   // No `queue` timer yet: most stages are granted on their first ask (the reserve call has its own
   // timeout). It is written once the stage waits (queued, or the call failed: waitForGrant,
   // ledgerFailed); meanwhile every pass checks the deadline from `waiting_since`, and the watchdog
-  // (30 s) brings a pass after a crash.
+  // (30 s) brings a pass after a crash. An earlier attempt's (one that failed or was paused while it
+  // waited) goes now: due before this attempt's deadline, it would keep the alarm firing.
+  c.timers.clear("queue", st.stage_id);
 }
 
 /** The stage waits for resources from now on: the `queue` timer wakes the object at its deadline (written once). */
