@@ -216,6 +216,9 @@ export interface RoundReport {
   seconds_to_end: number;
 }
 
+/** Tries of each repeated request after the restart (the late first POSTs get as many: `submit`'s 3 retries + 1). */
+const REPEAT_TRIES = 4;
+
 /**
  * One crash round on a running system: submits `n` executions, kills the
  * runtime once `killWhenOnWorkers` of them have a stage on a worker (POSTs
@@ -275,7 +278,12 @@ export async function crashRound(
   const repeatLane = async () => {
     while (nextRepeat < submitted.length) {
       const s = submitted[nextRepeat++];
-      const r = await system.execute(s.body).catch(() => ({ status: 0, body: null }));
+      // As a client would: a repeat that gets no answer or a 5xx (the restarted runtime still warming up
+      // under load) is sent again, up to REPEAT_TRIES in all; only an answer counts, right or wrong.
+      let r: { status: number; body: any } = { status: 0, body: null };
+      for (let tries = 0; tries < REPEAT_TRIES && (r.status === 0 || r.status >= 500); tries++) {
+        r = await system.execute(s.body).catch(() => ({ status: 0, body: null }));
+      }
       const id = r.body?.execution_id as string | undefined;
       if (s.executionId) {
         if (r.status !== 200 || id !== s.executionId) repeatMismatches++;
