@@ -16,6 +16,12 @@ const GRANULATOR = "bitware-content-granulator";
 /** The granulator instance the pipeline graph tests have to themselves (its stats count only them). */
 const GRAPH = "bitware-graph-granulator";
 
+/** `stages` granulator `echo` stages (fault_v1: parameters.fault picks the fault) of two attempts each. */
+function faultTemplate(template_id: string, template_name: string, stages: number, timeout_ms: number): StoredTemplate {
+  const list = Array.from({ length: stages }, (_, i): TemplateStage => ({ stage: i + 1, worker: GRANULATOR, template_ref: "fault_v1", action: "echo", timeout_ms, max_attempts: 2 }));
+  return { template_id, template_name, pipeline_stages: JSON.stringify(list) };
+}
+
 const courseStages: TemplateStage[] = [
   { stage: 1, worker: GRANULATOR, template_ref: "course_v1", action: "outline", resources: { "tokens:openai": 2000 } },
   { stage: 2, worker: GRANULATOR, template_ref: "course_v1", action: "chapters" },
@@ -41,38 +47,12 @@ const list: StoredTemplate[] = [
     ] satisfies TemplateStage[]),
   },
   // For fault-injection tests: short deadlines and two attempts, so timeouts and retries show quickly.
-  {
-    template_id: "mt_fault_001",
-    template_name: "fault_single",
-    pipeline_stages: JSON.stringify([
-      { stage: 1, worker: GRANULATOR, template_ref: "fault_v1", action: "echo", timeout_ms: 1500, max_attempts: 2 },
-    ] satisfies TemplateStage[]),
-  },
-  {
-    template_id: "mt_fault_002",
-    template_name: "fault_two_stage",
-    pipeline_stages: JSON.stringify([
-      { stage: 1, worker: GRANULATOR, template_ref: "fault_v1", action: "echo", timeout_ms: 1500, max_attempts: 2 },
-      { stage: 2, worker: GRANULATOR, template_ref: "fault_v1", action: "echo", timeout_ms: 1500, max_attempts: 2 },
-    ] satisfies TemplateStage[]),
-  },
+  faultTemplate("mt_fault_001", "fault_single", 1, 1500),
+  faultTemplate("mt_fault_002", "fault_two_stage", 2, 1500),
   // The same two, with a deadline no fault test meets: for faults whose outcome is not a timeout, so a
   // worker slowed by a loaded machine (its 10 ms of work took 2 s at load 4) cannot turn into a second attempt.
-  {
-    template_id: "mt_fault_003",
-    template_name: "fault_single_long",
-    pipeline_stages: JSON.stringify([
-      { stage: 1, worker: GRANULATOR, template_ref: "fault_v1", action: "echo", timeout_ms: 30_000, max_attempts: 2 },
-    ] satisfies TemplateStage[]),
-  },
-  {
-    template_id: "mt_fault_004",
-    template_name: "fault_two_stage_long",
-    pipeline_stages: JSON.stringify([
-      { stage: 1, worker: GRANULATOR, template_ref: "fault_v1", action: "echo", timeout_ms: 30_000, max_attempts: 2 },
-      { stage: 2, worker: GRANULATOR, template_ref: "fault_v1", action: "echo", timeout_ms: 30_000, max_attempts: 2 },
-    ] satisfies TemplateStage[]),
-  },
+  faultTemplate("mt_fault_003", "fault_single_long", 1, 30_000),
+  faultTemplate("mt_fault_004", "fault_two_stage_long", 2, 30_000),
   // Data between stages: three `blob` stages whose sizes (parameters.output_bytes) pick the tier
   // (inline, KV, R2). One attempt each, so a data error fails the execution instead of retrying.
   {
