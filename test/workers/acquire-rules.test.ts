@@ -88,11 +88,13 @@ describe("which part goes next, what may be held, and the round's deadline", () 
     expect(partDeadlineAt(acq([{ state: "granted", expiresAt: 5 }, { state: "granted", expiresAt: 6 }]), t)).toBeNull();
   });
 
-  it("backs off with full jitter on the ledger's retry curve, never zero", () => {
+  it("backs off with full jitter on the ledger's retry curve, capped at one short lease, never zero", () => {
     expect(reacquireDelayMs(1, t, () => 0)).toBe(1);
     expect(reacquireDelayMs(1, t, () => 1)).toBe(500);
     expect(reacquireDelayMs(3, t, () => 1)).toBe(2_000);
-    expect(reacquireDelayMs(20, t, () => 1)).toBe(30_000);
+    // Past the short lease (15 s) the ledger's retry cap (30 s) no longer applies: the set keeps its place, waiting longer gains nothing.
+    expect(reacquireDelayMs(20, t, () => 1)).toBe(15_000);
+    expect(reacquireDelayMs(20, { ...t, ledgerRetryCapMs: 8_000 }, () => 1)).toBe(8_000);
     expect(reacquireDelayMs(3, t, () => 0.5)).toBe(1_000);
   });
 });

@@ -8,7 +8,6 @@ import {
   retryDelayMs,
   shouldRetry,
 } from "../../actors/stage-machine";
-import { reacquireDelayMs } from "../../actors/execution/parts";
 import { costOf } from "../../src/cost";
 import { callJson } from "../../src/outbound";
 
@@ -87,16 +86,6 @@ describe("stage rules", () => {
     expect(retryDelayMs(10, 1000, 60_000, 0, () => 1)).toBe(60_000);
     expect(retryDelayMs(3, 1000, 60_000, 0, () => 0)).toBe(0);
     expect(retryDelayMs(1, 1000, 60_000, 5000, () => 0.5)).toBe(5000);
-  });
-
-  it("a multi-shard set's backoff between rounds doubles with full jitter, capped at one short lease", () => {
-    const t = { ledgerRetryBaseMs: 500, ledgerRetryCapMs: 30_000, ledgerShortLeaseMs: 15_000 };
-    expect(reacquireDelayMs(1, t, () => 1)).toBe(500);
-    expect(reacquireDelayMs(4, t, () => 1)).toBe(4000);
-    // Past the short lease the ledger's retry cap (30 s) no longer applies: the set keeps its place, waiting longer gains nothing.
-    expect(reacquireDelayMs(10, t, () => 1)).toBe(15_000);
-    expect(reacquireDelayMs(10, { ...t, ledgerRetryCapMs: 8000 }, () => 1)).toBe(8000);
-    expect(reacquireDelayMs(3, t, () => 0)).toBe(1);
   });
 
   it("polls start short and double up to the cap; progress never goes backwards", () => {
