@@ -68,6 +68,21 @@ function granulator(project: string, name: keyof typeof TEST_WORKER_SECRETS) {
  * that forwards to the project's real ledger of the same name unless a fault
  * is set, bound to the orchestrator as FAULTY_LEDGER.
  */
+/**
+ * The ledger-faults projects' tuning: short leases (a ledger down for longer than one is a few seconds), rare
+ * re-asks while waiting (a grant must come by its notice), and undeliverable after 2 s. The handshaking
+ * deadline (3 s) is shorter than one worker call's timeout (6 s), so a stalled handshake meets the deadline,
+ * not the call's timeout. A KV or R2 call gives up after 2 s (retention after 12 s).
+ */
+const LEDGER_FAULTS_TUNING = {
+  ...TEST_TUNING,
+  leaseMs: 3000,
+  ledgerReaskMs: 20_000,
+  outboxUndeliverableMs: 2000,
+  workerCallTimeoutMs: 6000,
+  handshakeTimeoutMs: 3000,
+  storageCallTimeoutMs: 2000,
+};
 const FAULTY_LEDGER_BINDING = { FAULTY_LEDGER: { className: "FaultyLedger", scriptName: "faulty-ledger", useSQLite: true } };
 function faultyLedgerWorker(project: string) {
   return {
@@ -265,20 +280,7 @@ export default defineConfig({
           orchestratorUnderTest("ledger-faults", {
             bindings: {
               LEDGER_BINDING: "FAULTY_LEDGER",
-              // Short leases (a ledger down for longer than one is a few seconds), rare re-asks while
-              // waiting (a grant must come by its notice), and undeliverable after 2 s. The handshaking
-              // deadline (3 s) is shorter than one worker call's timeout (6 s), so a stalled handshake
-              // meets the deadline, not the call's timeout.
-              // A KV or R2 call gives up after 2 s (retention after 12 s).
-              TUNING: JSON.stringify({
-                ...TEST_TUNING,
-                leaseMs: 3000,
-                ledgerReaskMs: 20_000,
-                outboxUndeliverableMs: 2000,
-                workerCallTimeoutMs: 6000,
-                handshakeTimeoutMs: 3000,
-                storageCallTimeoutMs: 2000,
-              }),
+              TUNING: JSON.stringify(LEDGER_FAULTS_TUNING),
               // Stage data through entrypoints that can stall or fail a call (test/support/faulty-store).
               DATA_KV_BINDING: "FAULTY_KV",
               DATA_R2_BINDING: "FAULTY_R2",
@@ -306,6 +308,24 @@ export default defineConfig({
         test: {
           name: "ledger-faults",
           include: ["test/ledger-faults/**/*.test.ts"],
+          globalSetup: ["./test/support/global-setup.ts"],
+          testTimeout: 60_000,
+          fileParallelism: false,
+        },
+      },
+      {
+        // ledger-faults.test.ts again with the ledger sharded over 4 objects (TEST_SHARDS), every shard behind
+        // its own faulty object (as in shard-faults) and the same tuning: each fault set on every shard.
+        plugins: [
+          orchestratorUnderTest("ledger-faults-shards", {
+            bindings: { ...TEST_SHARDS, LEDGER_BINDING: "FAULTY_LEDGER", TUNING: JSON.stringify(LEDGER_FAULTS_TUNING) },
+            durableObjects: FAULTY_LEDGER_BINDING,
+            workers: [faultyLedgerWorker("ledger-faults-shards")],
+          }),
+        ],
+        test: {
+          name: "ledger-faults-shards",
+          include: ["test/ledger-faults/ledger-faults.test.ts"],
           globalSetup: ["./test/support/global-setup.ts"],
           testTimeout: 60_000,
           fileParallelism: false,

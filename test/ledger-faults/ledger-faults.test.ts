@@ -2,7 +2,8 @@ import { env } from "cloudflare:workers";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import type { LedgerSnapshot } from "../../schemas/ledger";
 import { fromDataPoint } from "../../src/metrics";
-import { JSON_HEADERS, KAM, OPS, call, ended, expectNoLiveReservations, startExecution, status, until, waitFor } from "../support/api";
+import { layoutOf, shardName, shardOfPool } from "../../src/ledger-routing";
+import { JSON_HEADERS, KAM, OPS, call, ended, executionStub, expectNoLiveReservations, startExecution, status, until, waitFor } from "../support/api";
 
 /**
  * The ledger made slow, unreachable, or losing its answers for real: in this
@@ -10,6 +11,12 @@ import { JSON_HEADERS, KAM, OPS, call, ended, expectNoLiveReservations, startExe
  * object in front of the ledger (test/support/faulty-ledger). Leases here are
  * 3 s, a waiting stage re-asks only every 20 s (it relies on the grant
  * notice), and a message is undeliverable after 2 s (vitest.config.ts).
+ *
+ * The same file runs with one ledger object (`ledger-faults`) and with 4
+ * shards (`ledger-faults-shards`), every shard behind its own faulty object:
+ * a fault is set on every shard (each shard applies its `times` to its own
+ * calls), the calls are every shard's in time order, and "the ledger" is every
+ * shard's tables (a pool's, its owner's).
  */
 type Method = "reserve" | "renew" | "settle" | "settleAndReserve" | "release" | "status" | "estimate" | "snapshot" | "putPool" | "admitStart";
 interface FaultyLedgerStub {
@@ -18,12 +25,36 @@ interface FaultyLedgerStub {
   calls(method?: Method): Promise<{ method: Method; at: number; fault: string | null }[]>;
   resetCalls(): Promise<void>;
 }
-const gate = () => {
+type Call = { method: Method; at: number; fault: string | null };
+const layout = layoutOf(env);
+const SHARD_NAMES = Array.from({ length: layout.count }, (_, i) => shardName(layout, i));
+const faultyNamed = (name: string) => {
   const ns = (env as unknown as { FAULTY_LEDGER: DurableObjectNamespace }).FAULTY_LEDGER;
-  return ns.get(ns.idFromName("global")) as unknown as FaultyLedgerStub;
+  return ns.get(ns.idFromName(name)) as unknown as FaultyLedgerStub;
 };
-/** The real ledger, past the faulty object. */
-const realLedger = () => env.RESOURCE_LEDGER.get(env.RESOURCE_LEDGER.idFromName("global"));
+/** The calls each shard's faulty object saw, by shard name. */
+const callsByShard = async (method?: Method) => new Map(await Promise.all(SHARD_NAMES.map(async (n) => [n, await faultyNamed(n).calls(method)] as const)));
+/** Every shard's faulty object at once. */
+const gate = () => ({
+  setFault: async (methods: Method[] | "all", fault: Parameters<FaultyLedgerStub["setFault"]>[1]) => {
+    for (const n of SHARD_NAMES) await faultyNamed(n).setFault(methods, fault);
+  },
+  clearFaults: async () => {
+    for (const n of SHARD_NAMES) await faultyNamed(n).clearFaults();
+  },
+  resetCalls: async () => {
+    for (const n of SHARD_NAMES) await faultyNamed(n).resetCalls();
+  },
+  /** Every shard's calls, in time order. */
+  calls: async (method?: Method): Promise<Call[]> => [...(await callsByShard(method)).values()].flat().sort((a, b) => a.at - b.at),
+});
+/** A real ledger object, past the faulty one. */
+const realNamed = (name: string) => env.RESOURCE_LEDGER.get(env.RESOURCE_LEDGER.idFromName(name));
+/** Leases and waiters summed over every shard's own tables. */
+async function ledgerTotals(): Promise<{ leases: number; waiters: number }> {
+  const snaps = await Promise.all(SHARD_NAMES.map((n) => realNamed(n).snapshot()));
+  return { leases: snaps.reduce((a, s) => a + s.leases, 0), waiters: snaps.reduce((a, s) => a + s.waiters, 0) };
+}
 const quick = { steps: 2, step_ms: 5, echo: { hello: "world" } };
 const CAPPED = "worker:bitware-capped-granulator";
 
@@ -33,7 +64,10 @@ async function metricPoints(): Promise<Record<string, string | number>[]> {
   return ((await res.json()) as AnalyticsEngineDataPoint[]).map(fromDataPoint);
 }
 
-const capped = (name: string) => realLedger().snapshot().then((s: LedgerSnapshot) => s.pools.find((p) => p.name === name));
+const capped = (name: string) =>
+  realNamed(shardName(layout, shardOfPool(layout, name)))
+    .snapshot()
+    .then((s: LedgerSnapshot) => s.pools.find((p) => p.name === name));
 
 async function capCapped(capacity: number) {
   const res = await call(`/resources/pools/${encodeURIComponent(CAPPED)}`, { method: "PUT", headers: { ...OPS, ...JSON_HEADERS }, body: JSON.stringify({ kind: "concurrency", capacity }) });
@@ -88,7 +122,7 @@ describe("the ledger behind a faulty object", () => {
     await waitFor(id, (d) => d.stages[0]?.status === "processing");
     await gate().setFault("all", { mode: "down" });
     // Unreachable until the real ledger has let the lease lapse.
-    await until("the lease lapsed", () => realLedger().snapshot(), (s: LedgerSnapshot) => s.leases === 0, 15_000);
+    await until("the lease lapsed", ledgerTotals, (s) => s.leases === 0, 15_000);
     await gate().clearFaults();
     const doc = await waitFor(id, ended, 30_000);
     expect(doc.status).toBe("completed");
@@ -125,7 +159,7 @@ describe("the ledger behind a faulty object", () => {
     expect((await status(id)).stages[0]).toMatchObject({ status: "waiting_resources" });
     expect((await call(`/executions/${id}/cancel`, { method: "POST", headers: KAM })).status).toBe(200);
     // Released by the id derived from execution, stage and attempt.
-    await until("the waiter left the queue", () => realLedger().snapshot(), (s: LedgerSnapshot) => s.waiters === 0);
+    await until("the waiter left the queue", ledgerTotals, (s) => s.waiters === 0);
     expect((await call(`/executions/${holder}/cancel`, { method: "POST", headers: KAM })).status).toBe(200);
     await expectNoLiveReservations(holder);
   });
@@ -141,7 +175,7 @@ describe("the ledger behind a faulty object", () => {
     expect(doc.error).toMatchObject({ code: "queue_timeout", stage_id: "stage_1" });
     expect(doc.stages[0]).toMatchObject({ status: "failed", attempts: 1 });
     expect(doc.stages[0].waiting_ms).toBeGreaterThanOrEqual(1500);
-    await until("the waiter left the queue", () => realLedger().snapshot(), (s: LedgerSnapshot) => s.waiters === 0);
+    await until("the waiter left the queue", ledgerTotals, (s) => s.waiters === 0);
     expect((await call(`/executions/${holder}/cancel`, { method: "POST", headers: KAM })).status).toBe(200);
     await expectNoLiveReservations(holder);
   });
@@ -151,8 +185,11 @@ describe("the ledger behind a faulty object", () => {
     const { body } = await startExecution({ template_name: "quick_summary", parameters: quick, client_id: "client_lf" });
     const id = body.execution_id as string;
     await waitFor(id, ended);
+    // One settle per reservation part (one with one shard; one per shard the stage's set spans with 4).
+    const parts = (await executionStub(id).reservationIds()).length;
+    expect(parts).toBeGreaterThanOrEqual(1);
     // Past outboxUndeliverableMs (2 s) of failures: in the status document and in the operators' list.
-    const doc = await waitFor(id, (d) => (d.undeliverable ?? []).length > 0, 15_000);
+    const doc = await waitFor(id, (d) => (d.undeliverable ?? []).length === parts, 15_000);
     expect(doc.status).toBe("completed");
     expect(doc.undeliverable![0]).toMatchObject({ kind: "ledger_settle", last_error: expect.stringContaining("ledger unreachable") });
     const listed = await until(
@@ -167,7 +204,7 @@ describe("the ledger behind a faulty object", () => {
     await gate().clearFaults();
     const retry = await call("/resources/undeliverable/retry", { method: "POST", headers: { ...OPS, ...JSON_HEADERS }, body: JSON.stringify({ execution_id: id }) });
     expect(retry.status).toBe(200);
-    expect(await retry.json()).toMatchObject({ executions: 1, retried: 1 });
+    expect(await retry.json()).toMatchObject({ executions: 1, retried: parts });
     await waitFor(id, (d) => (d.undeliverable ?? []).length === 0);
     await expectNoLiveReservations(id);
     // Delivered: a settle went through to the ledger once the fault was gone.
@@ -177,15 +214,20 @@ describe("the ledger behind a faulty object", () => {
       async () => (await (await call("/resources/undeliverable", { headers: OPS })).json()) as { items: { execution_id: string }[] },
       (l) => !l.items.some((i) => i.execution_id === id),
     );
-    // Each refused settle is one outbox_redelivery data point (the tests' Analytics Engine dataset), numbered by attempt.
-    const refused = (await gate().calls("settle")).filter((c) => c.fault === "down").length;
-    expect(refused).toBeGreaterThan(1);
+    // Each refused settle is one outbox_redelivery data point (the tests' Analytics Engine dataset), numbered by
+    // attempt: each part's settle went to its own shard, so each shard's refusals are one message's attempts 1..n.
+    const refusedByShard = [...(await callsByShard("settle")).values()].map((calls) => calls.filter((c) => c.fault === "down").length).filter((n) => n > 0);
+    expect(refusedByShard.length).toBe(parts);
+    const refused = refusedByShard.reduce((a, n) => a + n, 0);
+    expect(Math.min(...refusedByShard)).toBeGreaterThan(1);
     const points = await until(
       "redelivery points",
       async () => (await metricPoints()).filter((p) => p.event === "outbox_redelivery" && p.execution_id === id),
       (p) => p.length >= refused,
     );
-    expect(points.map((p) => [p.kind, p.attempt])).toEqual(Array.from({ length: refused }, (_, i) => ["ledger_settle", i + 1]));
+    const attempts = (n: number) => Array.from({ length: n }, (_, i) => i + 1);
+    expect(points.map((p) => p.kind).every((k) => k === "ledger_settle")).toBe(true);
+    expect(points.map((p) => Number(p.attempt)).sort((a, b) => a - b)).toEqual(refusedByShard.flatMap(attempts).sort((a, b) => a - b));
   });
 });
 
