@@ -53,9 +53,10 @@ describe("live updates over a WebSocket to the execution's object", () => {
 
     expect(await closed).toEqual({ code: 1000, reason: "execution ended" });
     expect(path(docs, (d) => d.status).at(-1)).toBe("completed");
-    // Every version of the document from the connect on reached the socket, each once, in order: no change was skipped.
+    // The pushes never go back to an older document. (Not one push per version: a push carries the document as
+    // it is when it is sent, so two versions can be one push, and two pushes can carry one version; CI saw 4, 6, 6, 7.)
     const versions = docs.map((d) => d.version);
-    expect(versions).toEqual(versions.map((_, i) => versions[0] + i));
+    expect(versions).toEqual([...versions].sort((a, b) => a - b));
     // Each stage's states in the order of the stage machine. `handshaking` is a committed state only when
     // something else is written while the handshake is out (the grant is held in memory until the next write,
     // docs/protocol.md "Status document"), so it is left out of the chain the pushes must follow.
