@@ -174,10 +174,11 @@ describe("fault injection: each fault ends as documented, with nothing left runn
   });
 
   it("progress_backwards: while the worker reports 30 after 60, the status document still shows 60", async () => {
-    // quick_summary (no short deadline): progress 60 after step 1, 30 after step 2, each step 400 ms.
+    // quick_summary (no short deadline): progress 60 after step 1, 30 after step 2, each step 1.2 s: the checks
+    // below run while the worker is at 30 (at 400 ms a step, a loaded machine once missed that window).
     const { body } = await startExecution({
       template_name: "quick_summary",
-      parameters: { steps: 3, step_ms: 400, fault: { mode: "progress_backwards" } },
+      parameters: { steps: 3, step_ms: 1200, fault: { mode: "progress_backwards" } },
       client_id: "client_faults",
     });
     const id = body.execution_id as string;
