@@ -219,7 +219,7 @@ export function granted(c: Core, st: StageRow, expiresAt: number, requirements: 
  */
 export function writeGrant(c: Core, g: HeldGrant, ending: boolean): void {
   const st = c.store.stage(g.stage_id);
-  if (!st || st.status !== "waiting_resources" || st.attempt !== g.attempt) return;
+  if (st?.status !== "waiting_resources" || st.attempt !== g.attempt) return;
   reserved(c, st, g.reservationId, g.at);
   granted(c, c.store.stage(st.stage_id)!, g.expiresAt, g.requirements, g.at, ending);
 }
