@@ -1,7 +1,7 @@
 import type { StageDocument } from "../../schemas/api";
 import { isTerminalExecution } from "../stage-machine";
 import { type Core, type ExecutionRow, type StageRow, dependsOn, outputAsInput } from "./store";
-import { attemptEnded, completeStage, failAttempt, indexUpdate, moveStage, releaseReservation } from "./transitions";
+import { attemptEnded, cancelOnWorker, completeStage, failAttempt, indexUpdate, moveStage, releaseReservation } from "./transitions";
 
 /**
  * Execution control (docs/protocol.md, "Pause and resume"): synchronous state
@@ -49,6 +49,8 @@ export function pauseExecution(c: Core, now: number): void {
   c.sql`UPDATE execution SET status = 'paused', paused_from = ${ex.status}, paused_at = ${now} WHERE id = 1`;
   // Every stage and item waiting for resources, in parallel stages and fan-outs alike.
   for (const st of c.store.unitsIn("waiting_resources")) {
+    // Its attempt may be at the worker (a grant held by a lost instance): told to stop, as it ends here.
+    cancelOnWorker(c, st, now);
     releaseReservation(c, st, now);
     // The attempt ends here, as a span (outcome `paused`) and its data point; resume starts the next one.
     attemptEnded(c, st, "paused", 0, undefined, now);

@@ -69,6 +69,8 @@ export interface HeldGrant {
   requirements: Record<string, number>;
   /** When the ledger's answer arrived: the grant is written as of then. */
   at: number;
+  /** When its lease is due for renewal (half of leaseMs before it ends): it is written by then at the latest. */
+  renewAt: number;
 }
 
 /**
@@ -80,17 +82,45 @@ export interface HeldGrant {
  */
 export class HeldGrants {
   readonly #held = new Map<string, HeldGrant>();
+  /** Per held grant, the in-memory timer that writes it when its lease is due for renewal. */
+  readonly #renewals = new Map<string, ReturnType<typeof setTimeout>>();
   /** Other writes that may be lost with the instance (deferWrite). */
   #deferred: (() => void)[] = [];
   #write: ((g: HeldGrant, ending: boolean) => void) | null = null;
+  #written: () => void = () => {};
 
-  /** How a held grant is written (transitions.ts writeGrant), once the Core exists. */
-  attach(write: (g: HeldGrant, ending: boolean) => void): void {
+  /**
+   * How a held grant is written (transitions.ts writeGrant), once the Core exists; `written` runs after
+   * a grant was written by its renewal timer (it re-arms the alarm, which renews the lease).
+   */
+  attach(write: (g: HeldGrant, ending: boolean) => void, written: () => void = () => {}): void {
     this.#write = write;
+    this.#written = written;
   }
 
+  /**
+   * Holds the grant. Nothing renews a lease that is not written (the alarm renews stages stored on a
+   * worker), so a grant still held when its lease is due for renewal (a handshake or process that
+   * takes long) is written then, by an in-memory timer: from there the alarm renews it as any other.
+   */
   hold(g: HeldGrant): void {
     this.#held.set(g.stage_id, g);
+    this.#clearRenewal(g.stage_id);
+    this.#renewals.set(
+      g.stage_id,
+      setTimeout(() => {
+        this.#renewals.delete(g.stage_id);
+        if (this.#held.get(g.stage_id) !== g) return;
+        this.writeOne(g.stage_id);
+        this.#written();
+      }, Math.max(0, g.renewAt - Date.now())),
+    );
+  }
+
+  #clearRenewal(stageId: string): void {
+    const t = this.#renewals.get(stageId);
+    if (t !== undefined) clearTimeout(t);
+    this.#renewals.delete(stageId);
   }
 
   /** The grant held for this attempt of the stage, if any. */
@@ -114,7 +144,10 @@ export class HeldGrants {
     const all = [...this.#held.values()];
     // Taken out first: the writes below pass through beforeWrites again.
     this.#held.clear();
-    for (const g of all) this.#write(g, false);
+    for (const g of all) {
+      this.#clearRenewal(g.stage_id);
+      this.#write(g, false);
+    }
   }
 
   /** Writes the stage's held grant, if any; `ending`: its attempt ends in the same synchronous step (no timers for it). */
@@ -122,6 +155,7 @@ export class HeldGrants {
     const g = this.#held.get(stageId);
     if (!g || !this.#write) return;
     this.#held.delete(stageId);
+    this.#clearRenewal(stageId);
     this.#write(g, ending);
   }
 

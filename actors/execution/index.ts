@@ -107,7 +107,10 @@ export class Execution extends DurableObject<Env> {
     };
     const notifier = new Notifier(base);
     this.#c = { ...base, notifier, outbox: new Outbox({ ...base, notifier }) };
-    grants.attach((g, ending) => tx.writeGrant(this.#c, g, ending));
+    grants.attach(
+      (g, ending) => tx.writeGrant(this.#c, g, ending),
+      () => void this.#rearm(),
+    );
     setLogLevel(env);
     ctx.blockConcurrencyWhile(async () => {
       createTables(ctx.storage);

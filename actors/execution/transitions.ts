@@ -317,6 +317,23 @@ export function usageProblem(c: Core, st: StageRow, usage: Record<string, number
   return usageRefusal(usage, reserved, usagePoolsFor(c.config, st.worker), c.config.tuning.usageMaxFactor);
 }
 
+/**
+ * Whether a worker may hold this attempt: a stage on a worker, or one stored `waiting_resources`
+ * whose grant an instance since lost held in memory and sent to the worker's handshake (and maybe
+ * `process`) before writing it (grant.ts HeldGrants). A live instance shows such a stage
+ * `handshaking` (its held grant); after a crash nothing tells the two apart, so an attempt that ends
+ * while stored waiting is cancelled at the worker too: one that never reached it answers the cancel
+ * 404, which the outbox takes as done.
+ */
+export function mayBeOnWorker(st: StageRow): boolean {
+  return isOnWorker(st.status) || (st.status === "waiting_resources" && st.attempt > 0);
+}
+
+/** Tells the stage's worker to stop this attempt (through the outbox: delivered at least once). */
+export function cancelOnWorker(c: Core, st: StageRow, now: number): void {
+  c.outbox.enqueue({ kind: "worker_cancel", worker: st.worker, stageId: st.stage_id, attempt: st.attempt }, now);
+}
+
 /** One attempt failed: settle what it used, then retry after a backoff or fail the stage and the execution. */
 export function failAttempt(c: Core, st: StageRow, failure: StageFailure, now: number, usage?: Record<string, number>): void {
   const worked = st.processing_since !== null ? now - st.processing_since : 0;
@@ -324,9 +341,7 @@ export function failAttempt(c: Core, st: StageRow, failure: StageFailure, now: n
   if (st.reservation !== "granted" || !settleUnit(c, st, usage ?? {}, worked, now, false)) releaseReservation(c, st, now);
   // Whenever the attempt ends on our side (a deadline, failed polls, a lost lease, refused data...), the
   // worker is told to stop; only a failure the worker reported itself needs no cancel.
-  if (isOnWorker(st.status) && !failure.fromWorker) {
-    c.outbox.enqueue({ kind: "worker_cancel", worker: st.worker, stageId: st.stage_id, attempt: st.attempt }, now);
-  }
+  if (mayBeOnWorker(st) && !failure.fromWorker) cancelOnWorker(c, st, now);
   const info: ErrorInfo = { code: failure.code, message: failure.message, stage_id: st.stage_id };
   c.sql`UPDATE stages SET last_error = ${JSON.stringify({ ...info, attempt: st.attempt })}, usage = ${JSON.stringify(addUsage(parse(st.usage), usage))},
     processing_ms = processing_ms + ${worked}, processing_since = NULL, deadline_at = NULL, reservation = NULL,
@@ -477,7 +492,7 @@ function openUnits(c: Core): StageRow[] {
 
 /** Ends one stage or item: tells a worker that has it to cancel, gives back its reservation. */
 function stopUnit(c: Core, st: StageRow, to: "cancelled" | "failed", now: number, error: ErrorInfo): void {
-  if (isOnWorker(st.status) && !isFanOut(st)) c.outbox.enqueue({ kind: "worker_cancel", worker: st.worker, stageId: st.stage_id, attempt: st.attempt }, now);
+  if (mayBeOnWorker(st) && !isFanOut(st)) cancelOnWorker(c, st, now);
   releaseReservation(c, st, now);
   // An attempt stopped while it waited or ran ends here: its span and data point, with the stop's code.
   const inFlight = (st.status === "waiting_resources" || isOnWorker(st.status)) && !isFanOut(st);

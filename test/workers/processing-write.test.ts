@@ -142,4 +142,20 @@ describe("the grant is written with the next write, not before the handshake", (
     expect(count(calls, "traceparent:process")).toBe(1);
     expect(count(calls, "callback:complete")).toBe(1);
   });
+
+  it("an execution cancelled after such a crash, before it asked again, tells the worker to stop the attempt its handshake reached", async () => {
+    const id = await startStalled();
+    await crash(executionStub(id));
+    await runInDurableObject(executionStub(id), async (_i, state) => {
+      state.storage.sql.exec("UPDATE timers SET due_at = due_at + 3600000");
+      await state.storage.setAlarm(Date.now() + 3_600_000);
+    });
+    // As stored, the stage still waits for resources: the new instance cannot know the handshake went out.
+    const res = await call(`/executions/${id}/cancel`, { method: "POST", headers: KAM });
+    expect(res.status).toBe(200);
+    expect(((await res.json()) as { status: string }).status).toBe("cancelled");
+    // The cancel reaches the worker for attempt 1 (through the outbox), and nothing stays held.
+    await until("the worker told to cancel", () => jobCalls(id), (calls) => count(calls, "traceparent:cancel") === 1);
+    await expectNoLiveReservations(id);
+  });
 });
