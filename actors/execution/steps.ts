@@ -250,7 +250,6 @@ export async function handshake(c: Core, st: StageRow): Promise<boolean> {
     callback: { url: `${c.config.publicUrl}/executions/${ex.execution_id}/stages/${st.stage_id}`, token, dataToken },
   }, handshakingLeftMs(st));
   c.store.logCall("worker_handshake", st, hs.ms, hs.ok ? (hs.value.accepted ? "accepted" : "refused") : hs.error.code);
-  keepLease(c, st);
   if (!c.store.stillAt(st, "handshaking")) return true;
   if (!hs.ok) {
     tx.failAttempt(c, st, handshakingFailure(c, st, hs.error), Date.now());
@@ -266,7 +265,6 @@ export async function handshake(c: Core, st: StageRow): Promise<boolean> {
   // A fast worker may call back `complete` before process() answers: the pass goes on at once (in the
   // callback's turn, so the next stage's start shares its commit); the answer no longer matters.
   const pr = await Promise.race([calling, whileHandshaking(c, st, calling)]);
-  keepLease(c, st);
   if (pr === null || !c.store.stillAt(st, "handshaking")) return true;
   const at = Date.now();
   if (!pr.ok) {
@@ -299,16 +297,6 @@ async function whileHandshaking(c: Core, st: StageRow, call: Promise<unknown>): 
   // Woken by every change of the status document; the quantum bounds a wait that outlives the call.
   while (!answered && c.store.stillAt(st, "handshaking")) await c.nextChange(c.config.tuning.pollInitialMs);
   return null;
-}
-
-/**
- * A grant still held when its lease is due for renewal is written, so its
- * `lease` timer renews it as for any stage on a worker (with the default
- * tuning the handshake's calls end long before: a lease renews at half of leaseMs).
- */
-function keepLease(c: Core, st: StageRow): void {
-  const g = c.grants.of(st);
-  if (g && Date.now() >= g.expiresAt - Math.floor(c.config.tuning.leaseMs / 2)) c.grants.writeOne(st.stage_id);
 }
 
 /**

@@ -75,6 +75,19 @@ async function startStalled(): Promise<string> {
   return id;
 }
 
+/**
+ * ctx.abort() while the handshake is at the worker: the instance and its held grant are gone, its
+ * handshake call cut off (evictDurableObject would wait for it). Then every timer (the outbox's
+ * claim, the watchdog) and the alarm an hour on, so only what the test sends wakes the new instance.
+ */
+async function crashAndSilence(id: string): Promise<void> {
+  await crash(executionStub(id));
+  await runInDurableObject(executionStub(id), async (_i, state) => {
+    state.storage.sql.exec("UPDATE timers SET due_at = due_at + 3600000");
+    await state.storage.setAlarm(Date.now() + 3_600_000);
+  });
+}
+
 describe("the grant is written with the next write, not before the handshake", () => {
   it("while the handshake is at the worker, the ledger holds the grant and the stored stage still waits for resources, under the watchdog", async () => {
     const id = await startStalled();
@@ -106,14 +119,8 @@ describe("the grant is written with the next write, not before the handshake", (
 
   it("an Execution that crashes between the grant and the handshake's answer asks again under the same reservation, and the worker runs the attempt once", async () => {
     const id = await startStalled();
-    // ctx.abort(): the instance and its held grant are gone, its handshake call cut off (evictDurableObject would wait for it).
-    await crash(executionStub(id));
-    // Nothing but the callback below wakes the new instance: every timer (the outbox's claim, the
-    // watchdog) and the alarm an hour on.
-    await runInDurableObject(executionStub(id), async (_i, state) => {
-      state.storage.sql.exec("UPDATE timers SET due_at = due_at + 3600000");
-      await state.storage.setAlarm(Date.now() + 3_600_000);
-    });
+    // Nothing but the callback below wakes the new instance.
+    await crashAndSilence(id);
     // The worker finishes and calls back to the new instance, which never wrote the grant: refused as
     // not on a worker (the stored stage waits for resources), and the ledger is asked again at once.
     const token = await mintToken({ executionId: id, stageId: "stage_1", attempt: 1 });
@@ -145,11 +152,8 @@ describe("the grant is written with the next write, not before the handshake", (
 
   it("an execution cancelled after such a crash, before it asked again, tells the worker to stop the attempt its handshake reached", async () => {
     const id = await startStalled();
-    await crash(executionStub(id));
-    await runInDurableObject(executionStub(id), async (_i, state) => {
-      state.storage.sql.exec("UPDATE timers SET due_at = due_at + 3600000");
-      await state.storage.setAlarm(Date.now() + 3_600_000);
-    });
+    // Nothing but the cancel below wakes the new instance.
+    await crashAndSilence(id);
     // As stored, the stage still waits for resources: the new instance cannot know the handshake went out.
     const res = await call(`/executions/${id}/cancel`, { method: "POST", headers: KAM });
     expect(res.status).toBe(200);
