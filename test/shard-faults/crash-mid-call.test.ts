@@ -71,7 +71,8 @@ describe("an Execution that crashes while a ledger call of its alarm is out", ()
     expect(doc.status).toBe("completed");
     // It ran once, on shard 0 under the reservation the lost answer granted (a one-shard stage's
     // lease outlasts the stall), or under a later round's (a part's short lease lapsed meanwhile).
-    const rows = await shardRows(0, new Set([id]));
+    // (The settle goes out through the outbox after the stage completed: awaited, not read once.)
+    const rows = await until("a reservation settled", () => shardRows(0, new Set([id])), (rs) => rs.some((r) => r.state === "settled"));
     expect(rows.filter((r) => r.state === "settled")).toHaveLength(1);
     if (more === 0) expect(rows.map((r) => [r.id, r.state])).toEqual([[`${id}:stage_1:1`, "settled"]]);
   });
@@ -92,8 +93,8 @@ describe("an Execution that crashes while a ledger call of its alarm is out", ()
 
     const doc = await until("the execution ended", () => status(id), (d) => d.status !== "running" && d.status !== "queued", 60_000);
     expect(doc.status, JSON.stringify(doc.stages[0].error)).toBe("completed");
-    const [row] = await shardRows(0, new Set([id]));
-    expect(row.state).toBe("settled");
+    // The settle goes out through the outbox after the stage completed: awaited, not read once.
+    const [row] = await until("the reservation settled", () => shardRows(0, new Set([id])), (rows) => rows[0]?.state === "settled");
     expect(row.expires_at! - row.granted_at!).toBeGreaterThan(20_000);
   });
 });
