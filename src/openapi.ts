@@ -509,7 +509,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
         ...common,
         ...tokenErrors,
         "404": error("not_found: unknown execution, stage or callback kind"),
-        "409": error("stale_attempt, stage_ended or execution_cancelled"),
+        "409": error("stale_attempt, stage_ended, stage_waiting (the stage is stored waiting for resources: a grant lost with the instance is being asked for again) or execution_cancelled"),
         "413": error("payload_too_large"),
         "415": error("unsupported_media_type"),
         "422": error("usage_out_of_bounds: usage over `usageMaxFactor` x the stage's reservation, or in a pool it may not report; nothing is charged"),

@@ -36,7 +36,13 @@ export async function applyCallback(
 ): Promise<CallbackOutcome> {
   const hash = kind === "complete" ? await sha256Hex(JSON.stringify(body)) : null;
   const early = refuseCallback(c, kind, stageId, attempt, hash);
-  if (early) return { answer: early, regrant: grantLost(c, stageId, attempt) };
+  if (early) {
+    const lost = grantLost(c, stageId, attempt);
+    // The pass asks at once whatever the stage's last answer was: one that queued first has a `reask`
+    // timer (its lost notice's, or the one set before the re-ask that was granted), due later.
+    if (lost) c.timers.setNoLaterThan("reask", Date.now(), stageId);
+    return { answer: early, regrant: lost };
+  }
   if (kind !== "progress") {
     // Usage out of bounds is refused before anything is stored or charged; the stage goes on.
     const usage = (body as CompleteCallback | FailCallback).usage;
@@ -105,6 +111,8 @@ function refuseCallback(c: Core, kind: CallbackKind, stageId: string, attempt: n
     if (kind === "complete" && hash === st.complete_hash) return { status: 200, body: { ok: true, stage_status: st.status, duplicate: true } };
     return conflict("stage_ended", "the stage has already completed");
   }
+  // Stored waiting for resources, this attempt has not ended: its grant was held by an instance since lost (grantLost).
+  if (st.status === "waiting_resources") return conflict("stage_waiting", "the stage is waiting for resources; its grant is being asked for again");
   if (!isOnWorker(st.status)) return conflict("stage_ended", `the stage is ${st.status}`);
   return null;
 }

@@ -130,6 +130,7 @@ describe("the grant is written with the next write, not before the handshake", (
       body: JSON.stringify({ output: { early: true }, usage: {} }),
     });
     expect(early.status).toBe(409);
+    expect(((await early.json()) as { error: { code: string } }).error.code).toBe("stage_waiting");
     // The refused callback started the pass that asked again (no timer would for an hour).
     const doc = await waitFor(id, ended, 15_000);
     expect(doc.status).toBe("completed");
@@ -148,6 +149,34 @@ describe("the grant is written with the next write, not before the handshake", (
     expect(count(calls, "traceparent:handshake")).toBe(2);
     expect(count(calls, "traceparent:process")).toBe(1);
     expect(count(calls, "callback:complete")).toBe(1);
+  });
+
+  it("a stage stored as queued (its grant came on a re-ask, held and lost) asks again at once on such a refused callback, not at its re-ask timer", async () => {
+    const id = await startStalled();
+    const rid = `${id}:stage_1:1`;
+    await crashAndSilence(id);
+    // As a stage that queued first and was granted by its re-ask is stored: reserved and waiting, its
+    // `reask` timer (set before the re-ask went out) an hour away like every other timer.
+    await runInDurableObject(executionStub(id), (_i, state) => {
+      const sql = state.storage.sql;
+      sql.exec("UPDATE stages SET reservation = 'waiting', reservation_id = ? WHERE stage_id = 'stage_1'", rid);
+      sql.exec("INSERT INTO reservations (reservation_id, stage_id, attempt, created_at) VALUES (?, 'stage_1', 1, ?)", rid, Date.now());
+      sql.exec("INSERT INTO timers (name, unit, due_at) VALUES ('reask', 'stage_1', ?)", Date.now() + 3_600_000);
+    });
+    const token = await mintToken({ executionId: id, stageId: "stage_1", attempt: 1 });
+    const early = await call(`/executions/${id}/stages/stage_1/complete`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${token}`, ...JSON_HEADERS },
+      body: JSON.stringify({ output: { early: true }, usage: {} }),
+    });
+    expect(early.status).toBe(409);
+    expect(((await early.json()) as { error: { code: string } }).error.code).toBe("stage_waiting");
+    // Asked again at once (the re-ask timer would wait an hour): the same grant, the replayed attempt runs to the end.
+    const doc = await waitFor(id, ended, 15_000);
+    expect(doc.status).toBe("completed");
+    expect(doc.stages[0].attempts).toBe(1);
+    expect(await everyShard(env)[0].stub.status(rid)).toMatchObject({ state: "settled" });
+    expect(count(await jobCalls(id), "traceparent:handshake")).toBe(2);
   });
 
   it("an execution cancelled after such a crash, before it asked again, tells the worker to stop the attempt its handshake reached", async () => {
