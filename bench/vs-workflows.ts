@@ -11,6 +11,11 @@
  *     reading its execution's status every --poll-ms over HTTP until it ends
  *     (what a client without notifications does).
  *
+ * The closed loop also runs the floor and the durable floor of the plain bench
+ * (e2e.ts) in the same rotation (--no-floor, --no-durable-floor,
+ * --no-plain-floor leave them out): the throughput no orchestrator in this
+ * runtime can pass, as a ratio against Workflows in the same run.
+ *
  * Each round runs both systems on both workloads; the order of the systems is
  * swapped every round, so neither always runs on a warmer or more loaded
  * runtime. Then, per system, the billed units per execution, counted from the
@@ -33,6 +38,7 @@ export const WORKFLOWS: System = {
 };
 
 type Workload = "closed" | "polled";
+type Floor = "floor" | "durable_floor";
 
 /**
  * Cloudflare's list prices (USD, Workers Paid, the price above the included
@@ -363,6 +369,10 @@ async function countPhase(b: Bench, system: System, opts: Options, pids: Record<
 export async function runVsWorkflows(b: Bench, opts: Options, pids: Record<string, number>, startedAt: Date): Promise<number> {
   const t0 = performance.now();
   const systems = [OURS, WORKFLOWS];
+  // The floors (e2e.ts: the same stages with no orchestrator; the durable one through one FloorRun
+  // object per execution, two commits per stage): what any orchestrator in this runtime could reach,
+  // so the ratio against Workflows that is reachable at all.
+  const floors: Floor[] = opts.floor ? [...(opts.durableFloor ? (["durable_floor"] as const) : []), ...(opts.plainFloor ? (["floor"] as const) : [])] : [];
   if (opts.warmup) {
     const warm = workload(opts.warmup, opts.seed + 1, opts.callback, opts.workMs);
     for (const sys of systems) {
@@ -370,6 +380,10 @@ export async function runVsWorkflows(b: Bench, opts: Options, pids: Record<strin
       const w = await b.phase(`warmup-${sys.name}`, warm, Math.min(opts.concurrency, 50), (it) => b.orchestrated(it, sys), pids);
       const bad = w.records.filter((r) => !r.ok);
       if (bad.length) throw new Error(`warm-up of ${sys.name} failed: ${bad.length} of ${warm.length}: ${bad[0].error}`);
+    }
+    for (const f of floors) {
+      console.error(`warm-up: ${opts.warmup} on the ${f}...`);
+      await b.phase(`warmup-${f}`, warm, Math.min(opts.concurrency, 50), (it, i) => b.floor(it, 1e7 + i, f === "durable_floor"), pids);
     }
   }
   // Billed units first, while the trace store is small: under load it drops spans (its
@@ -383,7 +397,22 @@ export async function runVsWorkflows(b: Bench, opts: Options, pids: Record<strin
   for (let round = 1; round <= opts.rounds; round++) {
     const order = round % 2 === 1 ? systems : [...systems].reverse();
     for (const wl of ["closed", "polled"] as const) {
-      for (const sys of order) {
+      // The floors run in the closed loop only (they have no status to poll), in the same rotation.
+      const inRound = wl === "closed" ? (round % 2 === 1 ? [...order, ...floors] : [...[...floors].reverse(), ...order]) : order;
+      for (const sys of inRound) {
+        if (typeof sys === "string") {
+          await sleep(2000);
+          if (opts.localObservability) await traceClear(b);
+          await b.workerStats(true);
+          console.error(`round ${round}, closed: ${sys}, ${opts.n} at ${opts.concurrency} in flight...`);
+          const durable = sys === "durable_floor";
+          const result = await b.phase(`closed-${sys}`, closedItems, opts.concurrency, (it, i) => b.floor(it, round * 1e6 + i, durable), pids);
+          result.worker = await b.workerStats(true);
+          const rep = report(result);
+          console.error(`  ${rep.completed}/${rep.n} completed, ${rep.throughput_per_s}/s, p50 ${rep.latency_ms.p50} ms, p99 ${rep.latency_ms.p99} ms`);
+          runs.push({ round, workload: wl, system: sys, result, report: rep });
+          continue;
+        }
         const [n, c] = wl === "closed" ? [opts.n, opts.concurrency] : [opts.pollN, opts.pollConcurrency];
         console.error(`round ${round}, ${wl}: ${sys.name}, ${n} at ${c} in flight${wl === "polled" ? `, status every ${opts.pollMs} ms` : ""}...`);
         // A pause between phases: the previous system's trailing background work must not land in this one.
@@ -403,6 +432,7 @@ export async function runVsWorkflows(b: Bench, opts: Options, pids: Record<strin
     }
   }
   const pooled: Record<Workload, Record<string, PhaseReport>> = { closed: {}, polled: {} };
+  for (const f of floors) pooled.closed[f] = report(pool(`closed-${f}`, runs.filter((r) => r.system === f).map((r) => r.result)));
   for (const wl of ["closed", "polled"] as const) {
     for (const sys of systems) {
       pooled[wl][sys.name] = report(pool(`${wl}-${sys.name}`, runs.filter((r) => r.workload === wl && r.system === sys.name).map((r) => r.result)));
@@ -420,6 +450,14 @@ export async function runVsWorkflows(b: Bench, opts: Options, pids: Record<strin
     };
   };
   const ratios = { closed: compare("closed"), polled: compare("polled") };
+  // Throughput of each floor against Workflows and against ours, closed loop: 3x Workflows is
+  // reachable here only by a design under a floor that reaches it.
+  const floorRatios = Object.fromEntries(
+    floors.map((f) => {
+      const t = pooled.closed[f].throughput_per_s;
+      return [f, { vs_workflows: ratio(t, pooled.closed.workflows.throughput_per_s, 3), ours_vs_it: ratio(pooled.closed.ours.throughput_per_s, t, 3), cpu_ms_per_execution: pooled.closed[f].cpu_ms_per_execution.workerd_runtime ?? null }];
+    }),
+  );
   const costs: Record<string, ReturnType<typeof bill> | null> = {};
   for (const sys of systems) {
     const u = units[sys.name];
@@ -463,6 +501,7 @@ export async function runVsWorkflows(b: Bench, opts: Options, pids: Record<strin
     closed: pooled.closed,
     polled: pooled.polled,
     ratio_ours_vs_workflows: ratios,
+    floors_closed: floorRatios,
     units_per_execution: Object.fromEntries(systems.map((s) => [s.name, units[s.name]?.base ?? null])),
     units_per_status_read: Object.fromEntries(systems.map((s) => [s.name, units[s.name]?.read ?? null])),
     cost_usd_per_million_executions: costs,
@@ -470,7 +509,7 @@ export async function runVsWorkflows(b: Bench, opts: Options, pids: Record<strin
     targets,
     total_s: Number(((performance.now() - t0) / 1000).toFixed(1)),
   };
-  printTable(result, pooled, ratios, units, costs);
+  printTable(result, pooled, ratios, units, costs, floorRatios);
   const line = JSON.stringify(result);
   console.log(line);
   const out = opts.jsonOut ?? path.join(path.dirname(new URL(import.meta.url).pathname), "results", `e2e-vs-workflows-${startedAt.toISOString().replace(/[:.]/g, "-")}.json`);
@@ -486,6 +525,7 @@ function printTable(
   ratios: Record<Workload, { throughput: number | null; latency_p50: number | null; latency_p99: number | null; cpu_ms_per_execution: number | null }>,
   units: Record<string, { base: Units; read: Units | null } | null>,
   costs: Record<string, ReturnType<typeof bill> | null>,
+  floorRatios: Record<string, { vs_workflows: number | null; ours_vs_it: number | null; cpu_ms_per_execution: number | null }>,
 ): void {
   const rows: string[][] = [["", "ours", "Workflows", "ours / Workflows"]];
   for (const wl of ["closed", "polled"] as const) {
@@ -505,6 +545,12 @@ function printTable(
     const x = units[name]?.base;
     return x ? String(pick(x)) : "-";
   };
+  for (const [f, r] of Object.entries(floorRatios)) {
+    const p = pooled.closed[f];
+    rows.push([`(a) ${f === "floor" ? "floor (no orchestrator)" : "durable floor (a FloorRun object, 2 commits per stage)"}`, "", "", `${f} / Workflows, ours / ${f}`]);
+    rows.push(["  throughput (executions/s), completed/failed/stuck", `${p.throughput_per_s}, ${p.completed}/${p.failed}/${p.stuck}`, "", `${r.vs_workflows ?? "-"}, ${r.ours_vs_it ?? "-"}`]);
+    rows.push(["  latency ms p50 / p95 / p99; runtime CPU ms / execution", `${fmt(p.latency_ms)}; ${r.cpu_ms_per_execution ?? "-"}`, "", ""]);
+  }
   rows.push(["billed units per execution (closed loop, 1 status read)", "", "", ""]);
   const unitRows: [string, (x: Units) => number | string][] = [
     ["  Worker requests: client / callbacks", (x) => `${x.worker_requests_client} / ${x.worker_requests_callbacks}`],
