@@ -374,14 +374,18 @@ export async function renewLease(c: Core, st: StageRow): Promise<void> {
   const t = c.config.tuning;
   // The next try if this object dies mid-call (the due timer was taken); an answer sets it anew.
   const retry = () => c.timers.set("lease", Date.now() + Math.min(t.ledgerRetryCapMs, Math.max(250, Math.floor(t.leaseMs / 4))), st.stage_id);
+  const current = () => {
+    const now = c.store.stage(st.stage_id);
+    return now && now.attempt === st.attempt && isOnWorker(now.status) ? now : null;
+  };
   retry();
   try {
     const r = multi
       ? await renewParts(c, multi, c.store.row()!.execution_id)
       : await withTimeout(ledgerShard(c.env, workerShard(layoutOf(c.env), st.worker)).renew(reservationId!, t.leaseMs), t.ledgerCallTimeoutMs, "ledger.renew");
     // Still this attempt on the worker (it may have gone from handshaking to processing meanwhile)?
-    const now = c.store.stage(st.stage_id);
-    if (!now || now.attempt !== st.attempt || !isOnWorker(now.status)) return;
+    const now = current();
+    if (!now) return;
     if (r.ok && r.expiresAt) {
       tx.leaseRenewed(c, st, r.expiresAt);
     } else {
@@ -392,8 +396,9 @@ export async function renewLease(c: Core, st: StageRow): Promise<void> {
     }
   } catch (err) {
     c.store.log("warn", "lease_renew_failed", { stage_id: st.stage_id, error: String(err) });
-    // Tried again well inside the lease, so one failed call does not lose it.
-    retry();
+    // Tried again well inside the lease, so one failed call does not lose it; not for an attempt that
+    // ended during the call (its end cleared its timers; nothing takes a lease timer of a stage off its worker).
+    if (current()) retry();
   }
   await c.rearm().catch(() => {});
 }
