@@ -249,15 +249,7 @@ export class ResourceLedger extends DurableObject<Env> {
     return this.#step((s): ReleaseResult => {
       const row = this.#decide.liveRow(id, s);
       if (!row) return { ok: false, state: "unknown" };
-      if (row.state === "granted") {
-        this.#store.putRow(this.#accounts.releaseGrant(row, s.now));
-      } else if (row.state === "waiting") {
-        this.#accounts.dequeue(row);
-        this.#store.putRow({ ...row, state: "released", age_at: null, ended_at: s.now });
-      } else {
-        return { ok: true, state: row.state as ReservationState };
-      }
-      timer(s, s.now + this.#rules.doneRetentionMs);
+      if (!this.#decide.endRow(row, s)) return { ok: true, state: row.state as ReservationState };
       this.#pass.run(s);
       return { ok: true, state: "released" };
     });

@@ -89,6 +89,10 @@ export class Decisions {
     const rank = rankOf(req.priority);
     // A later round of a part comes back to the place its set had on this shard (docs/ledger.md, "Queues across shards").
     const place = part ? this.#earlierPlace(req) : undefined;
+    // That round was given up (the set asks one round at a time): its release may still be on its way
+    // through the Execution's outbox. It ends here now, so no two rows share the place or hold for one set.
+    const earlier = place ? this.liveRow(place.id, s) : undefined;
+    if (earlier) this.endRow(earlier, s);
     const since = place?.created_at ?? s.now;
     const row: ResRow = {
       id,
@@ -178,7 +182,7 @@ export class Decisions {
    * arrived here after it, instead of at the back. Undefined in round 0, or
    * when this shard never saw the set (or purged its rows).
    */
-  #earlierPlace(req: ReserveRequest): Pick<ResRow, "seq" | "tag" | "created_at"> | undefined {
+  #earlierPlace(req: ReserveRequest): Pick<ResRow, "id" | "seq" | "tag" | "created_at"> | undefined {
     const round = req.round ?? 0;
     if (round === 0) return undefined;
     // The previous round first (it may not be in SQL yet), then every round of the attempt by one range of the key.
@@ -207,6 +211,17 @@ export class Decisions {
       })
       .join("; ");
     return { status: "refused", reservationId: id, code: "resource_unsatisfiable", message: `can never be granted: ${what}` };
+  }
+
+  /** Gives a live row's holds back (granted) or takes it out of the queue (waiting); false when it had ended. No grant pass: the caller runs it. */
+  endRow(row: ResRow, s: Step): boolean {
+    if (row.state === "granted") this.store.putRow(this.accounts.releaseGrant(row, s.now));
+    else if (row.state === "waiting") {
+      this.accounts.dequeue(row);
+      this.store.putRow({ ...row, state: "released", age_at: null, ended_at: s.now });
+    } else return false;
+    timer(s, s.now + this.rules.doneRetentionMs);
+    return true;
   }
 
   /** The row, with a lapsed lease expired first (so every reply sees `expired` from expiresAt on). */

@@ -204,7 +204,7 @@ export class LedgerStore {
    * The rows of one attempt's rounds before `round` (ids `{base}` and
    * `{base}@{r}`, one range of the primary key), the newest round first.
    */
-  earlierRounds(base: string, round: number): Pick<ResRow, "seq" | "tag" | "created_at">[] {
+  earlierRounds(base: string, round: number): Pick<ResRow, "id" | "seq" | "tag" | "created_at">[] {
     const rows = this.sql<{ id: string; seq: number; tag: number; created_at: number }>`
       SELECT id, seq, tag, created_at FROM reservations WHERE id = ${base} OR (id > ${`${base}@`} AND id < ${`${base}A`})`;
     const roundOf = (id: string) => (id === base ? 0 : Number(id.slice(base.length + 1)));

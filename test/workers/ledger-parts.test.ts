@@ -154,11 +154,10 @@ describe("parts: round ids and the usual calls on them", () => {
     // The same round again is a replay, not a second reservation; an ended round answers ended.
     expect(await ledger.reserve(preq(null, part(), { ...base, round: 1 }))).toMatchObject({ status: "granted", reservationId: id(r1) });
     expect(await ledger.reserve(preq(null, part(), { ...base, round: 0 }))).toMatchObject({ status: "ended", state: "released" });
-    const r2 = await ledger.reserve(preq(null, part(), { ...base, round: 2 }));
-    expect(r2).toMatchObject({ status: "waiting", reservationId: `${base.executionId}:stage_3:2@2` });
-    expect(await ledger.status(id(r2))).toMatchObject({ state: "waiting", requirements: { gpu: 1 } });
     expect(await ledger.settle(id(r1), { gpu: 1 })).toMatchObject({ ok: true, state: "settled" });
-    expect(await ledger.status(id(r2))).toMatchObject({ state: "granted" });
+    const r2 = await ledger.reserve(preq(null, part(), { ...base, round: 2 }));
+    expect(r2).toMatchObject({ status: "granted", reservationId: `${base.executionId}:stage_3:2@2` });
+    expect(await ledger.status(id(r2))).toMatchObject({ state: "granted", requirements: { gpu: 1 } });
     await ledger.settle(id(r2), {});
     await expectWithinCapacity(ledger);
   });
@@ -188,6 +187,40 @@ describe("parts: round ids and the usual calls on them", () => {
     }
     expect(notices.map((n) => n.notice.reservationId)).toEqual([id(r1), ...later.map(id), id(stranger)]);
     await ledger.settle(id(stranger), {});
+    await expectWithinCapacity(ledger);
+  });
+
+  it("a later round ends its set's earlier round still queued here (its release still on its way): one row holds the place", async () => {
+    const { ledger, notices } = await fresh("parts-place-live");
+    await ledger.putPool("gpu", { kind: "concurrency", capacity: 1 });
+    const holder = await ledger.reserve(req({ requirements: { gpu: 1 } }));
+    const set = { executionId: req().executionId, stageId: "stage_1", attempt: 1, requirements: { gpu: 1 } };
+    const r0 = await ledger.reserve(preq(null, part(), { ...set, round: 0 }));
+    expect(r0).toMatchObject({ status: "waiting", position: 1 });
+    // Round 1 arrives before round 0's release: round 0 is released, round 1 waits in its place, alone.
+    const r1 = await ledger.reserve(preq(null, part(), { ...set, round: 1 }));
+    expect(r1).toMatchObject({ status: "waiting", position: 1 });
+    expect(await ledger.status(id(r0))).toMatchObject({ state: "released" });
+    expect((await ledger.snapshot()).pools.find((p) => p.name === "gpu")).toMatchObject({ waiting: 1 });
+    // The release arriving late changes nothing; the freed unit goes to round 1 only.
+    expect(await ledger.release(id(r0))).toEqual({ ok: true, state: "released" });
+    await ledger.settle(id(holder), {});
+    expect(notices.map((n) => n.notice.reservationId)).toEqual([id(r1)]);
+    await ledger.settle(id(r1), {});
+    await expectWithinCapacity(ledger);
+  });
+
+  it("a later round gives back what its set's earlier round still holds here", async () => {
+    const { ledger } = await fresh("parts-round-held");
+    await ledger.putPool("gpu", { kind: "concurrency", capacity: 1 });
+    const set = { executionId: req().executionId, stageId: "stage_1", attempt: 1, requirements: { gpu: 1 } };
+    const r0 = await ledger.reserve(preq(null, part(), { ...set, round: 0 }));
+    expect(r0.status).toBe("granted");
+    // Round 0 was given up elsewhere; round 1 comes first: it takes the unit round 0 held.
+    const r1 = await ledger.reserve(preq(null, part(), { ...set, round: 1 }));
+    expect(r1.status).toBe("granted");
+    expect(await ledger.status(id(r0))).toMatchObject({ state: "released" });
+    await ledger.settle(id(r1), {});
     await expectWithinCapacity(ledger);
   });
 
