@@ -4,7 +4,20 @@ import { describe, expect, it } from "vitest";
 import { TEST_TUNING } from "../support/constants";
 import { ended, executionStub, startExecution, until, waitFor } from "../support/api";
 
+const LEASE_MS = 3000;
+
+/** The reservation's row in the real ledger's own table (past the faulty object). */
+function ledgerRow(rid: string): Promise<{ state: string; granted_at: number; expires_at: number } | undefined> {
+  const real = env.RESOURCE_LEDGER.get(env.RESOURCE_LEDGER.idFromName("global"));
+  return runInDurableObject(real, (_i, state) =>
+    state.storage.sql.exec<{ state: string; granted_at: number; expires_at: number }>("SELECT state, granted_at, expires_at FROM reservations WHERE id = ?", rid).toArray()[0],
+  );
+}
+
 /**
+ * A grant held in memory (grant.ts HeldGrants) while the handshake is out is written by its renewal
+ * timer when its lease is due for renewal, so the alarm renews it before the handshake answers.
+ *
  * A lease renewal whose ledger call fails after its stage ended (steps.ts renewLease): the ended
  * attempt's end cleared its timers, and the failed call must not write its `lease` timer back,
  * since nothing takes a lease timer of a stage that is off its worker (it would stay due, firing
@@ -51,5 +64,34 @@ describe("a lease renewal that fails after its stage ended", () => {
     } finally {
       await faulty().clearFaults();
     }
+  });
+});
+
+describe("a grant held while the handshake is out", () => {
+  it("is written when its lease is due for renewal, and the lease is renewed before the handshake answers", async () => {
+    // The handshake answers 2.5 s after it arrived, inside its 3 s deadline but past the moment
+    // the 3 s lease is due for renewal (1.5 s after the grant).
+    const stallMs = 2500;
+    const since = Date.now();
+    const { body } = await startExecution({
+      template_name: "fault_single",
+      parameters: { steps: 1, step_ms: 0, fault: { stage: 1, mode: "stall_handshake" }, stall_ms: stallMs },
+      client_id: "client_lease_renewal",
+    });
+    const id = body.execution_id as string;
+    const rid = `${id}:stage_1:1`;
+    const doc = await waitFor(id, ended);
+    expect(doc.status).toBe("completed");
+    expect(doc.stages[0].attempts).toBe(1);
+    // The settle goes out through the outbox after the stage completed: awaited, not read once.
+    const row = (await until("the reservation settled", () => ledgerRow(rid), (r) => r?.state !== "granted"))!;
+    // Renewed once at least, and first before the worker could have answered the handshake (it arrived
+    // after the grant): the grant was written and renewed while it was held, not after the handshake.
+    const renewals = (await faulty().calls("renew")).filter((c) => c.at >= since);
+    expect(renewals.length).toBeGreaterThan(0);
+    expect(renewals[0].at).toBeLessThan(row.granted_at + stallMs);
+    // The ledger's own row: settled (a settle after the lease lapsed leaves it expired), its lease past the first one.
+    expect(row).toMatchObject({ state: "settled" });
+    expect(row.expires_at - row.granted_at).toBeGreaterThan(LEASE_MS);
   });
 });
