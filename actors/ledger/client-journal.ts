@@ -109,6 +109,7 @@ export function readPersistedClients(sql: Sql): PersistedClients {
   let lastChange = checkpoint;
   let pastCheckpoint = 0;
   type JournalRow = { client_id: string | null; tag: number; granted_at: number | null; cseq: number; cstate: string | null };
+  // A scan of the table (no index on cseq: one would cost a row on every reservation write for this one read per load).
   for (const r of sql<JournalRow>`SELECT client_id, tag, granted_at, cseq, cstate FROM reservations
       WHERE cseq > ${checkpoint} ORDER BY cseq`) {
     pastCheckpoint++;

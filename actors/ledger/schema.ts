@@ -41,7 +41,6 @@ CREATE TABLE IF NOT EXISTS reservations (
   ended_at INTEGER
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS reservations_ageing ON reservations (age_at) WHERE state = 'waiting' AND age_at IS NOT NULL;
-CREATE INDEX IF NOT EXISTS reservations_leases ON reservations (expires_at) WHERE state = 'granted';
 CREATE INDEX IF NOT EXISTS reservations_ended ON reservations (ended_at) WHERE ended_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS worker_stats (
   worker TEXT PRIMARY KEY,
@@ -82,9 +81,18 @@ const INDEXES = `
 DROP INDEX IF EXISTS reservations_queue;
 CREATE INDEX IF NOT EXISTS reservations_fair_queue ON reservations (parked, eff_rank DESC, tag, seq) WHERE state = 'waiting';
 CREATE INDEX IF NOT EXISTS reservations_client ON reservations (client_id, parked) WHERE state = 'waiting';
-CREATE INDEX IF NOT EXISTS reservations_journal ON reservations (cseq);
+DROP INDEX IF EXISTS reservations_journal;
+DROP INDEX IF EXISTS reservations_leases;
 `;
 
+/*
+ * Indexes that served only the load, dropped above (each cost a row written per
+ * reservation write it covered): `reservations_journal` on `cseq` (every write
+ * changes it; the client journal's read, ./client-journal.ts) and
+ * `reservations_leases` on the granted rows (every grant; the live leases are
+ * in memory after the load, ./store.ts `live`). The load scans the table
+ * instead, once per object start.
+ */
 /** Creates the tables, adds the later columns where missing, (re)creates the indexes. Idempotent. */
 export function migrate(storage: DurableObjectStorage): void {
   const sql = sqlOf(storage);

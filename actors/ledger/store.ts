@@ -401,6 +401,7 @@ export class LedgerStore {
     }
     this.leases = 0;
     this.live.clear();
+    // A scan (no index on the granted rows: one would cost a row on every grant for this one read per load).
     for (const r of this.sql<ResRow>`SELECT * FROM reservations WHERE state = 'granted'`) {
       this.live.set(r.id, r);
       if (holdsClient(r)) {

@@ -206,6 +206,49 @@ describe("client state across a restart", () => {
     });
   });
 
+  it("an object from before has its load-only indexes (cseq, granted rows) dropped at its next load, and the scans without them load the same state", async () => {
+    const { ledger, clock } = await fresh("journal-no-index", { clientCheckpointRows: 1_000 });
+    await ledger.putClientQuotas("a", { monthly_budget: 100 });
+    for (let i = 0; i < 3; i++) {
+      const r = await ledger.reserve({ ...req({ requirements: { [TOK]: M } }), clientId: "a" });
+      await ledger.settle(id(r), { [TOK]: M / 2 });
+    }
+    // A fourth waits (the pool's tokens are spent) and a fifth, needing nothing, holds a grant: a waiting and a live row.
+    expect((await ledger.reserve({ ...req({ requirements: { [TOK]: M } }), clientId: "a" })).status).toBe("waiting");
+    const live = await ledger.reserve({ ...req(), clientId: "a" });
+    expect(live.status).toBe("granted");
+    const before = await ledger.client("a");
+    expect(before.usage).toMatchObject({ spent: 3, waiting_stages: 1, running_stages: 1 });
+    const leasesBefore = (await ledger.snapshot()).leases;
+    expect(leasesBefore).toBe(1);
+    const indexes = () =>
+      runInDurableObject(ledger, (_i, st) =>
+        st.storage.sql.exec<{ name: string }>("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'reservations' ORDER BY name").toArray().map((r) => r.name),
+      );
+    expect(await indexes()).not.toContain("reservations_journal");
+    expect(await indexes()).not.toContain("reservations_leases");
+    // The object as the schema before left it: the same rows, and the indexes.
+    await runInDurableObject(ledger, (_i, st) => {
+      st.storage.sql.exec("CREATE INDEX reservations_journal ON reservations (cseq)");
+      st.storage.sql.exec("CREATE INDEX reservations_leases ON reservations (expires_at) WHERE state = 'granted'");
+    });
+    expect(await indexes()).toEqual(expect.arrayContaining(["reservations_journal", "reservations_leases"]));
+    await evictDurableObject(ledger);
+    await attach(ledger, clock, { clientCheckpointRows: 1_000 });
+    expect(await ledger.client("a")).toEqual(before);
+    expect((await ledger.snapshot()).leases).toBe(1);
+    const after = await indexes();
+    expect(after).not.toContain("reservations_journal");
+    expect(after).not.toContain("reservations_leases");
+    // The lease loaded from the scan is live: its settle is taken.
+    expect((await ledger.settle(id(live), {})).ok).toBe(true);
+    // All five rows are past the checkpoint (none was written since the quotas): the spend came from the journal's scan.
+    const persisted = await runInDurableObject(ledger, (_i, st) => readPersistedClients(sqlOf(st.storage)));
+    expect(persisted.pastCheckpoint).toBe(5);
+    expect(persisted.clients.get("a")?.spent).toBe(3);
+    await expectWithinCapacity(ledger);
+  });
+
   it("rows past the checkpoint are purged only with a checkpoint in the same transaction: the spend survives the purge and a restart", async () => {
     const { ledger, clock } = await fresh("journal-purge", { doneRetentionMs: 1_000 });
     await ledger.putClientQuotas("a", { monthly_budget: 100 });
