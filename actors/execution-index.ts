@@ -20,7 +20,9 @@ import { type Sql, execScript, sqlOf } from "./sql";
  * synchronous statement, so a repeat or a late older entry changes nothing.
  *
  * The table is created by the first write: a shard that is only ever read
- * (the query walks empty months too) stores nothing.
+ * (the query walks empty months too) stores nothing. It is WITHOUT ROWID (the
+ * rows in the key's b-tree: an entry's insert writes no separate key entry); a
+ * shard created before keeps its rowid table, which answers the same SQL.
  */
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS entries (
@@ -28,7 +30,7 @@ CREATE TABLE IF NOT EXISTS entries (
   status TEXT NOT NULL, priority TEXT NOT NULL, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,
   completed_at INTEGER, error_code TEXT, cost_total REAL,
   stages_total INTEGER NOT NULL, stages_completed INTEGER NOT NULL, version INTEGER NOT NULL, rerun_of TEXT, attempts TEXT, tokens_total REAL
-);
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_by_created ON entries (created_at DESC, execution_id DESC);
 CREATE INDEX IF NOT EXISTS entries_by_client ON entries (client_id, created_at DESC, execution_id DESC);
 CREATE INDEX IF NOT EXISTS entries_by_template ON entries (template_name, created_at DESC, execution_id DESC);

@@ -15,9 +15,10 @@ import type { Timers } from "./timers";
  * A new object creates its tables at the latest version (every column the
  * migrations below add to an older object's; schema.ts), so it runs
  * no ALTER TABLE: each costs a row written and a reparse of the schema. Tables
- * whose only index is their primary key are WITHOUT ROWID (one b-tree, so a
- * row inserted or deleted is one row written, not two); an older object keeps
- * the rowid tables it has, which answer the same SQL. A new object's outbox
+ * keyed by a primary key are WITHOUT ROWID (one b-tree for the rows, so a row
+ * inserted or deleted is one row written, not two; `stages` too, whose insert
+ * then writes its row and its `ord` entry, not also a key entry); an older
+ * object keeps the rowid tables it has, which answer the same SQL. A new object's outbox
  * ids are not AUTOINCREMENT (no `sqlite_sequence` row per message): an id is
  * reused only after its row was deleted, and nothing refers to a deleted row
  * (the outbox forgets a delivered id when it deletes the row).
@@ -51,7 +52,7 @@ CREATE TABLE IF NOT EXISTS stages (
   parent TEXT, item_index INTEGER, item TEXT,
   queue_timeout_ms INTEGER, ledger_failures INTEGER NOT NULL DEFAULT 0, attempt_at INTEGER, granted_at INTEGER,
   waiting_on TEXT, kind TEXT, decision TEXT, reused_from TEXT
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reservations (
   reservation_id TEXT PRIMARY KEY, stage_id TEXT NOT NULL, attempt INTEGER NOT NULL, created_at INTEGER NOT NULL
 ) WITHOUT ROWID;

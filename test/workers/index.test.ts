@@ -1,3 +1,4 @@
+import { runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import type { ExecutionStatus } from "../../schemas/api";
@@ -131,6 +132,33 @@ describe("ExecutionIndex.upsert", () => {
     const v2 = entry({ execution_id: id, created_at: t + 5, version: 2, client_id: "other", template_name: "other", priority: "high", rerun_of: execId(t, 4), status: "completed", completed_at: t + 50, updated_at: t + 50, stages_completed: 3 });
     await shard.upsert(v2);
     expect(await shard.get(id)).toEqual({ ...v2, client_id: v1.client_id, template_name: v1.template_name, priority: v1.priority, created_at: t, rerun_of: undefined });
+  });
+
+  it("a new shard's entries table is WITHOUT ROWID; a shard created before, with its rowid table, keeps it and answers the same", async () => {
+    const tables = async (t: number) =>
+      runInDurableObject(indexFor(env, t), (_i, state) => state.storage.sql.exec("SELECT sql FROM sqlite_master WHERE name = 'entries'").toArray().map((r) => String(r.sql)));
+    const fresh = Date.UTC(2025, 6, 9, 8);
+    await indexFor(env, fresh).upsert(entry({ execution_id: execId(fresh, 1), created_at: fresh }));
+    expect((await tables(fresh))[0]).toMatch(/WITHOUT ROWID\s*$/);
+    // A shard whose table was created before: the same columns, a rowid table.
+    const old = Date.UTC(2025, 4, 9, 8);
+    const shard = indexFor(env, old);
+    await runInDurableObject(shard, (_i, state) =>
+      state.storage.sql.exec(`CREATE TABLE entries (
+        execution_id TEXT PRIMARY KEY, client_id TEXT NOT NULL, template_name TEXT NOT NULL,
+        status TEXT NOT NULL, priority TEXT NOT NULL, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,
+        completed_at INTEGER, error_code TEXT, cost_total REAL,
+        stages_total INTEGER NOT NULL, stages_completed INTEGER NOT NULL, version INTEGER NOT NULL)`),
+    );
+    const id = execId(old, 1);
+    const v1 = entry({ execution_id: id, created_at: old });
+    const v2 = entry({ execution_id: id, created_at: old, version: 2, status: "completed", completed_at: old + 9, updated_at: old + 9, stages_completed: 3 });
+    await shard.upsert(v1);
+    await shard.upsert(v2);
+    await shard.upsert(v1);
+    expect(await shard.get(id)).toEqual(v2);
+    expect((await shard.query({ status: "completed", since: old, until: old + 1, limit: 10 })).items).toEqual([v2]);
+    expect((await tables(old))[0]).not.toMatch(/WITHOUT ROWID/);
   });
 
   it("drops an entry that does not match the schema (a retry would not fix it)", async () => {

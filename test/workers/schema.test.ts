@@ -2,7 +2,7 @@ import { runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import { migrateControl } from "../../actors/execution/control";
-import { LATEST_SCHEMA } from "../../actors/execution/schema";
+import { LATEST_SCHEMA, createTables } from "../../actors/execution/schema";
 import { migrate } from "../../actors/execution/store";
 
 /**
@@ -27,6 +27,28 @@ describe("the Execution's schema", () => {
     expect(after).toEqual(before);
   });
 
+  it("an older object's rowid stages table is kept by the migration, its rows as they were, and answers the stage SQL", async () => {
+    const stub = env.EXECUTION.get(env.EXECUTION.newUniqueId());
+    const got = await runInDurableObject(stub, (_i, state) => {
+      const sql = state.storage.sql;
+      for (const r of sql.exec("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND name NOT LIKE '_cf_%'").toArray()) sql.exec(`DROP TABLE ${String(r.name)}`);
+      // The schema as it was before stages became WITHOUT ROWID.
+      const old = LATEST_SCHEMA.replace(/(CREATE TABLE IF NOT EXISTS stages \([\s\S]*?\)) WITHOUT ROWID;/, "$1;");
+      expect(old).not.toEqual(LATEST_SCHEMA);
+      sql.exec(old);
+      sql.exec("INSERT INTO execution (id, execution_id, template_name, client_id, priority, parameters, status, created_at) VALUES (1, 'e', 't', 'c', 'normal', '{}', 'running', 1)");
+      sql.exec("INSERT OR IGNORE INTO stages (stage_id, ord, worker, template_ref, action, timeout_ms, max_attempts, status, depends_on) VALUES ('stage_1', 1, 'w', 't', 'a', 1000, 1, 'pending', '[]')");
+      createTables(state.storage);
+      sql.exec("UPDATE stages SET status = 'completed' WHERE stage_id = 'stage_1'");
+      return {
+        ddl: String(sql.exec("SELECT sql FROM sqlite_master WHERE name = 'stages'").one().sql),
+        rows: sql.exec("SELECT stage_id, ord, status, depends_on FROM stages ORDER BY ord").toArray(),
+      };
+    });
+    expect(got.ddl).not.toMatch(/WITHOUT ROWID/);
+    expect(got.rows).toEqual([{ stage_id: "stage_1", ord: 1, status: "completed", depends_on: "[]" }]);
+  });
+
   it("its tables keyed by their primary key alone are WITHOUT ROWID, and the outbox ids write no sqlite_sequence row", async () => {
     const stub = env.EXECUTION.get(env.EXECUTION.newUniqueId());
     const tables = await runInDurableObject(stub, (_i, state) =>
@@ -34,6 +56,9 @@ describe("the Execution's schema", () => {
     );
     const sqlOf = (name: string) => tables.find((t) => t.name === name)?.sql ?? "";
     for (const name of ["timers", "spans", "reservations", "data_objects", "reruns", "data_holds", "live_tickets"]) expect(sqlOf(name)).toMatch(/WITHOUT ROWID\s*$/);
+    // The stages too (keyed by stage_id, with its `ord UNIQUE` index): an insert writes the row and its ord entry, no separate key entry.
+    expect(sqlOf("stages")).toMatch(/stage_id TEXT PRIMARY KEY, ord INTEGER NOT NULL UNIQUE/);
+    expect(sqlOf("stages")).toMatch(/WITHOUT ROWID\s*$/);
     expect(sqlOf("outbox")).toMatch(/id INTEGER PRIMARY KEY,/);
     expect(sqlOf("outbox")).not.toMatch(/AUTOINCREMENT/);
   });
