@@ -3,7 +3,7 @@ import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import type { LedgerSnapshot } from "../../schemas/ledger";
 import { fromDataPoint } from "../../src/metrics";
 import { layoutOf, shardName, shardOfPool } from "../../src/ledger-routing";
-import { JSON_HEADERS, KAM, OPS, call, ended, executionStub, expectNoLiveReservations, startExecution, status, until, waitFor } from "../support/api";
+import { JSON_HEADERS, KAM, OPS, call, ended, expectNoLiveReservations, reservedSets, startExecution, status, until, waitFor } from "../support/api";
 
 /**
  * The ledger made slow, unreachable, or losing its answers for real: in this
@@ -185,9 +185,12 @@ describe("the ledger behind a faulty object", () => {
     const { body } = await startExecution({ template_name: "quick_summary", parameters: quick, client_id: "client_lf" });
     const id = body.execution_id as string;
     await waitFor(id, ended);
-    // One settle per reservation part (one with one shard; one per shard the stage's set spans with 4).
-    const parts = (await executionStub(id).reservationIds()).length;
-    expect(parts).toBeGreaterThanOrEqual(1);
+    // One settle per reservation part: each stage's set asked in full on the shards the routing module gives
+    // what it needs (one with one shard; one per shard the set spans with 4), so parts is their sum.
+    const sets = await reservedSets(id);
+    expect(sets.map((s) => s.stage_id)).toEqual((await status(id)).stages.map((s) => s.stage_id));
+    for (const s of sets) expect(s.shards, `${s.stage_id}: the shards of its parts`).toEqual(s.routed);
+    const parts = sets.reduce((n, s) => n + s.routed.length, 0);
     // Past outboxUndeliverableMs (2 s) of failures: in the status document and in the operators' list.
     const doc = await waitFor(id, (d) => (d.undeliverable ?? []).length === parts, 15_000);
     expect(doc.status).toBe("completed");
