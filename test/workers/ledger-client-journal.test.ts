@@ -176,6 +176,15 @@ async function tableSpent(run: Run, client: string): Promise<number> {
   );
 }
 
+/** Client a with a budget, and three grants settled at half their estimate (spent 3). */
+async function spendThree(ledger: LedgerStub): Promise<void> {
+  await ledger.putClientQuotas("a", { monthly_budget: 100 });
+  for (let i = 0; i < 3; i++) {
+    const r = await ledger.reserve({ ...req({ requirements: { [TOK]: M } }), clientId: "a" });
+    await ledger.settle(id(r), { [TOK]: M / 2 });
+  }
+}
+
 describe("client state across a restart", () => {
   it("with no checkpoint since the quotas, the rows alone carry spend, buckets and fair tags: a restart changes nothing", async () => {
     const seen = await twins("journal-rows", {}, async (phase, run) => {
@@ -208,11 +217,7 @@ describe("client state across a restart", () => {
 
   it("an object from before has its load-only indexes (cseq, granted rows) dropped at its next load, and the scans without them load the same state", async () => {
     const { ledger, clock } = await fresh("journal-no-index", { clientCheckpointRows: 1_000 });
-    await ledger.putClientQuotas("a", { monthly_budget: 100 });
-    for (let i = 0; i < 3; i++) {
-      const r = await ledger.reserve({ ...req({ requirements: { [TOK]: M } }), clientId: "a" });
-      await ledger.settle(id(r), { [TOK]: M / 2 });
-    }
+    await spendThree(ledger);
     // A fourth waits (the pool's tokens are spent) and a fifth, needing nothing, holds a grant: a waiting and a live row.
     expect((await ledger.reserve({ ...req({ requirements: { [TOK]: M } }), clientId: "a" })).status).toBe("waiting");
     const live = await ledger.reserve({ ...req(), clientId: "a" });
@@ -251,11 +256,7 @@ describe("client state across a restart", () => {
 
   it("rows past the checkpoint are purged only with a checkpoint in the same transaction: the spend survives the purge and a restart", async () => {
     const { ledger, clock } = await fresh("journal-purge", { doneRetentionMs: 1_000 });
-    await ledger.putClientQuotas("a", { monthly_budget: 100 });
-    for (let i = 0; i < 3; i++) {
-      const r = await ledger.reserve({ ...req({ requirements: { [TOK]: M } }), clientId: "a" });
-      await ledger.settle(id(r), { [TOK]: M / 2 });
-    }
+    await spendThree(ledger);
     expect((await ledger.client("a")).usage.spent).toBe(3);
     clock.now += 2_000;
     await runDurableObjectAlarm(ledger);
