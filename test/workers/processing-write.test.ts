@@ -88,6 +88,18 @@ async function crashAndSilence(id: string): Promise<void> {
   });
 }
 
+/** The worker's `complete` for attempt 1 to an instance that stores the stage waiting for resources: refused 409 stage_waiting. */
+async function refusedAsWaiting(id: string): Promise<void> {
+  const token = await mintToken({ executionId: id, stageId: "stage_1", attempt: 1 });
+  const early = await call(`/executions/${id}/stages/stage_1/complete`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${token}`, ...JSON_HEADERS },
+    body: JSON.stringify({ output: { early: true }, usage: {} }),
+  });
+  expect(early.status).toBe(409);
+  expect(((await early.json()) as { error: { code: string } }).error.code).toBe("stage_waiting");
+}
+
 describe("the grant is written with the next write, not before the handshake", () => {
   it("while the handshake is at the worker, the ledger holds the grant and the stored stage still waits for resources, under the watchdog", async () => {
     const id = await startStalled();
@@ -123,14 +135,7 @@ describe("the grant is written with the next write, not before the handshake", (
     await crashAndSilence(id);
     // The worker finishes and calls back to the new instance, which never wrote the grant: refused as
     // not on a worker (the stored stage waits for resources), and the ledger is asked again at once.
-    const token = await mintToken({ executionId: id, stageId: "stage_1", attempt: 1 });
-    const early = await call(`/executions/${id}/stages/stage_1/complete`, {
-      method: "POST",
-      headers: { authorization: `Bearer ${token}`, ...JSON_HEADERS },
-      body: JSON.stringify({ output: { early: true }, usage: {} }),
-    });
-    expect(early.status).toBe(409);
-    expect(((await early.json()) as { error: { code: string } }).error.code).toBe("stage_waiting");
+    await refusedAsWaiting(id);
     // The refused callback started the pass that asked again (no timer would for an hour).
     const doc = await waitFor(id, ended, 15_000);
     expect(doc.status).toBe("completed");
@@ -163,14 +168,7 @@ describe("the grant is written with the next write, not before the handshake", (
       sql.exec("INSERT INTO reservations (reservation_id, stage_id, attempt, created_at) VALUES (?, 'stage_1', 1, ?)", rid, Date.now());
       sql.exec("INSERT INTO timers (name, unit, due_at) VALUES ('reask', 'stage_1', ?)", Date.now() + 3_600_000);
     });
-    const token = await mintToken({ executionId: id, stageId: "stage_1", attempt: 1 });
-    const early = await call(`/executions/${id}/stages/stage_1/complete`, {
-      method: "POST",
-      headers: { authorization: `Bearer ${token}`, ...JSON_HEADERS },
-      body: JSON.stringify({ output: { early: true }, usage: {} }),
-    });
-    expect(early.status).toBe(409);
-    expect(((await early.json()) as { error: { code: string } }).error.code).toBe("stage_waiting");
+    await refusedAsWaiting(id);
     // Asked again at once (the re-ask timer would wait an hour): the same grant, the replayed attempt runs to the end.
     const doc = await waitFor(id, ended, 15_000);
     expect(doc.status).toBe("completed");
