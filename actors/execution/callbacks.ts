@@ -62,37 +62,26 @@ export async function applyCallback(
     if (again) return { answer: again };
   }
   // From here to the end: synchronous, so the checks and the transition are one atomic step.
+  // A grant still held (grant.ts) is written first; a complete or fail ends the attempt in this step, so without its timers.
+  c.grants.writeOne(stageId, kind !== "progress");
+  const st = tx.asProcessing(c, c.store.stage(stageId)!);
+  const now = Date.now();
   c.store.log("info", "callback", { stage_id: stageId, attempt, kind });
   if (kind === "progress") {
-    // A grant still held (grant.ts) is written first, with its timers: the attempt goes on.
-    c.grants.writeOne(stageId);
     const p = body as ProgressCallback;
-    const st = c.store.stage(stageId)!;
     tx.progressCallback(c, st, p.progress, p.message);
     return { answer: { status: 200, body: { ok: true, stage_status: st.status } } };
   }
-  // A complete or fail ends the attempt in this step: a grant still held is written without the
-  // deadline and lease timers the end would delete again, in one transaction with the end. Should the
-  // end throw (no input reaches it that can make it: usage, output and body are checked above, and an
-  // attempt on a worker may complete or fail; a bug or a storage error could), the grant's write rolls
-  // back with it rather than leave a stage handshaking with no deadline or lease timer: the stage is
-  // as stored before, waiting for resources, its grant lost as in a crash (the worker's retried
-  // callback is refused stage_waiting and the ledger is asked again at once).
-  c.transact(() => {
-    c.grants.writeOne(stageId, true);
-    const st = tx.asProcessing(c, c.store.stage(stageId)!);
-    const now = Date.now();
-    if (kind === "complete") {
-      const done = body as CompleteCallback;
-      if (stored && "code" in stored) tx.failAttempt(c, st, stored, now, done.usage);
-      else tx.completeStage(c, st, stored!, done.usage, now, hash);
-    } else {
-      const f = body as FailCallback;
-      // A provider's retry-after (a 429) sets the earliest retry instead of the generic backoff alone.
-      const failure = { code: f.error.code, message: f.error.message, retryable: f.retryable ?? false, retryAfterMs: retryAfterOf(f.rate_limits), fromWorker: true };
-      tx.failAttempt(c, st, failure, now, f.usage);
-    }
-  });
+  if (kind === "complete") {
+    const done = body as CompleteCallback;
+    if (stored && "code" in stored) tx.failAttempt(c, st, stored, now, done.usage);
+    else tx.completeStage(c, st, stored!, done.usage, now, hash);
+  } else {
+    const f = body as FailCallback;
+    // A provider's retry-after (a 429) sets the earliest retry instead of the generic backoff alone.
+    const failure = { code: f.error.code, message: f.error.message, retryable: f.retryable ?? false, retryAfterMs: retryAfterOf(f.rate_limits), fromWorker: true };
+    tx.failAttempt(c, st, failure, now, f.usage);
+  }
   return { moved: true };
 }
 

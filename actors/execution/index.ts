@@ -104,7 +104,6 @@ export class Execution extends DurableObject<Env> {
       nextChange: (waitMs: number) => this.#status.changeAfter(this.#status.version, waitMs),
       accepted: new Map<string, number>(),
       grants,
-      transact: <T>(fn: () => T): T => ctx.storage.transactionSync(fn),
     };
     const notifier = new Notifier(base);
     this.#c = { ...base, notifier, outbox: new Outbox({ ...base, notifier }) };

@@ -450,6 +450,4 @@ export interface Core {
   readonly accepted: Map<string, number>;
   /** Ledger grants not written yet (grant.ts HeldGrants): written by the next write, whatever it is. */
   readonly grants: HeldGrants;
-  /** Runs `fn`'s writes as one transaction: all of them, or none when it throws. */
-  transact<T>(fn: () => T): T;
 }
