@@ -15,7 +15,7 @@ import type { Timers } from "./timers";
  * A new object creates its tables at the latest version (every column the
  * migrations below add to an older object's; schema.ts), so it runs
  * no ALTER TABLE: each costs a row written and a reparse of the schema. Tables
- * keyed by a primary key are WITHOUT ROWID (one b-tree for the rows, so a row
+ * whose only index is their primary key are WITHOUT ROWID (one b-tree for the rows, so a row
  * inserted or deleted is one row written, not two; `stages` too, whose insert
  * then writes its row and its `ord` entry, not also a key entry); an older
  * object keeps the rowid tables it has, which answer the same SQL. A new object's outbox
