@@ -165,7 +165,7 @@ export async function askLedger(c: Core, st: StageRow): Promise<boolean> {
     // Held in memory, not written: the handshake goes out without a commit of its own. The grant is
     // written by the next write (the callback, `processing`, a failure; grant.ts HeldGrants). Lost
     // with the instance, it is asked for again under the same reservation id and given again.
-    const renewAt = result.expiresAt - Math.floor(c.config.tuning.leaseMs / 2);
+    const renewAt = tx.renewalDue(c, result.expiresAt);
     c.grants.hold({ stage_id: id, attempt: st.attempt, reservationId: result.reservationId, expiresAt: result.expiresAt, requirements: result.requirements, at: now, renewAt });
     return true;
   }

@@ -209,7 +209,7 @@ export function granted(c: Core, st: StageRow, expiresAt: number, requirements: 
   c.timers.clear("queue", st.stage_id);
   if (ending) return;
   c.timers.set("deadline", deadline, st.stage_id);
-  c.timers.set("lease", expiresAt - Math.floor(c.config.tuning.leaseMs / 2), st.stage_id);
+  c.timers.set("lease", renewalDue(c, expiresAt), st.stage_id);
 }
 
 /**
@@ -279,7 +279,7 @@ export function progressCallback(c: Core, st: StageRow, progress: number | undef
 
 export function leaseRenewed(c: Core, st: StageRow, expiresAt: number): void {
   c.sql`UPDATE stages SET lease_expires_at = ${expiresAt} WHERE stage_id = ${st.stage_id}`;
-  c.timers.set("lease", expiresAt - Math.floor(c.config.tuning.leaseMs / 2), st.stage_id);
+  c.timers.set("lease", renewalDue(c, expiresAt), st.stage_id);
 }
 
 /** Records a stored object; false (nothing changed) when its key is already recorded: a recorded object is never replaced. */
@@ -332,6 +332,11 @@ export function mayBeOnWorker(st: StageRow): boolean {
 /** Tells the stage's worker to stop this attempt (through the outbox: delivered at least once). */
 export function cancelOnWorker(c: Core, st: StageRow, now: number): void {
   c.outbox.enqueue({ kind: "worker_cancel", worker: st.worker, stageId: st.stage_id, attempt: st.attempt }, now);
+}
+
+/** When a lease ending at `expiresAt` is renewed: half of leaseMs before its end (the `lease` timer, a held grant's write). */
+export function renewalDue(c: Core, expiresAt: number): number {
+  return expiresAt - Math.floor(c.config.tuning.leaseMs / 2);
 }
 
 /** One attempt failed: settle what it used, then retry after a backoff or fail the stage and the execution. */
