@@ -545,7 +545,7 @@ export function buildDefinitions(): OpenAPIDefinitions[] {
         ...common,
         ...tokenErrors,
         "408": error("upload_stalled: no bytes of the body arrived for `storageCallTimeoutMs`; nothing is stored"),
-        "409": error("stage_ended"),
+        "409": error("stage_ended, or stage_waiting (the stage is stored waiting for resources: a grant lost with the instance is being asked for again; upload again later)"),
         "411": error("length_required"),
         "413": error("payload_too_large"),
         "503": error("unavailable: R2 took no bytes, or did not confirm the put, for `storageCallTimeoutMs`; nothing is stored"),

@@ -36,13 +36,7 @@ export async function applyCallback(
 ): Promise<CallbackOutcome> {
   const hash = kind === "complete" ? await sha256Hex(JSON.stringify(body)) : null;
   const early = refuseCallback(c, kind, stageId, attempt, hash);
-  if (early) {
-    const lost = grantLost(c, stageId, attempt);
-    // The pass asks at once whatever the stage's last answer was: one that queued first has a `reask`
-    // timer (its lost notice's, or the one set before the re-ask that was granted), due later.
-    if (lost) c.timers.setNoLaterThan("reask", Date.now(), stageId);
-    return { answer: early, regrant: lost };
-  }
+  if (early) return { answer: early, regrant: askAgainIfLost(c, stageId, attempt) };
   if (kind !== "progress") {
     // Usage out of bounds is refused before anything is stored or charged; the stage goes on.
     const usage = (body as CompleteCallback | FailCallback).usage;
@@ -97,6 +91,20 @@ function grantLost(c: Core, stageId: string, attempt: number): boolean {
   return !!st && st.status === "waiting_resources" && st.attempt === attempt;
 }
 
+/**
+ * For a callback or upload refused in that window (grantLost): makes the stage's re-ask due now and
+ * says whether a pass should run. The pass asks at once whatever the stage's last answer was: one
+ * that queued first has a `reask` timer (its lost notice's, or the one set before the re-ask that
+ * was granted), due later.
+ */
+export function askAgainIfLost(c: Core, stageId: string, attempt: number): boolean {
+  if (!grantLost(c, stageId, attempt)) return false;
+  c.timers.setNoLaterThan("reask", Date.now(), stageId);
+  return true;
+}
+
+const WAITING_MESSAGE = "the stage is waiting for resources; its grant is being asked for again";
+
 /** Why a callback cannot act now (404/409), or null when it may. Synchronous. */
 function refuseCallback(c: Core, kind: CallbackKind, stageId: string, attempt: number, hash: string | null): CallbackAnswer | null {
   const ex = c.store.row();
@@ -112,14 +120,20 @@ function refuseCallback(c: Core, kind: CallbackKind, stageId: string, attempt: n
     return conflict("stage_ended", "the stage has already completed");
   }
   // Stored waiting for resources, this attempt has not ended: its grant was held by an instance since lost (grantLost).
-  if (st.status === "waiting_resources") return conflict("stage_waiting", "the stage is waiting for resources; its grant is being asked for again");
+  if (st.status === "waiting_resources") return conflict("stage_waiting", WAITING_MESSAGE);
   if (!isOnWorker(st.status)) return conflict("stage_ended", `the stage is ${st.status}`);
   return null;
 }
 
-/** Whether a worker may upload for this stage and attempt now (asked before any byte is written). */
+/**
+ * Whether a worker may upload for this stage and attempt now (asked before any byte is written, and
+ * again when the upload is recorded). In the lost-grant window (grantLost) the answer is
+ * `stage_waiting`, as for a callback: the worker tries again later, when the replayed attempt is on
+ * it as stored; `stage_ended` would make it give the attempt up (the caller asks the ledger again).
+ */
 export function uploadCheck(c: Core, stageId: string, attempt: number): UploadCheck {
   const st = c.store.stage(stageId);
+  if (grantLost(c, stageId, attempt)) return { ok: false, code: "stage_waiting", message: WAITING_MESSAGE };
   if (!st || st.attempt !== attempt || !isOnWorker(st.status)) {
     return { ok: false, code: "stage_ended", message: "the stage is not running this attempt" };
   }

@@ -8,7 +8,7 @@ import { setLogLevel } from "../../src/log";
 import { emit } from "../../src/metrics";
 import { sqlOf } from "../sql";
 import { isTerminalExecution } from "../stage-machine";
-import { type CallbackAnswer, type CallbackKind, type UploadCheck, applyCallback, registerUpload, uploadCheck } from "./callbacks";
+import { type CallbackAnswer, type CallbackKind, type UploadCheck, applyCallback, askAgainIfLost, registerUpload, uploadCheck } from "./callbacks";
 import { type Decision, decideApproval, executionDeadlineAt, pauseExecution, resumeExecution } from "./control";
 import { stageDocument, startSummary } from "./documents";
 import { spansDocument } from "./spans";
@@ -302,7 +302,7 @@ export class Execution extends DurableObject<Env> {
 
   /** Whether a worker may upload for this stage and attempt now (asked before any byte is written). */
   async uploadAllowed(stageId: string, attempt: number): Promise<UploadCheck> {
-    return uploadCheck(this.#c, stageId, attempt);
+    return this.#uploadAnswer(stageId, attempt, uploadCheck(this.#c, stageId, attempt));
   }
 
   /**
@@ -311,7 +311,13 @@ export class Execution extends DurableObject<Env> {
    * one synchronous step; a key already recorded is never replaced.
    */
   async registerUpload(stageId: string, attempt: number, ref: DataReference): Promise<UploadCheck> {
-    return registerUpload(this.#c, stageId, attempt, ref, Date.now());
+    return this.#uploadAnswer(stageId, attempt, registerUpload(this.#c, stageId, attempt, ref, Date.now()));
+  }
+
+  /** An upload refused in the lost-grant window (callbacks.ts uploadCheck) makes the object ask the ledger again now, as a refused callback does. */
+  #uploadAnswer(stageId: string, attempt: number, check: UploadCheck): UploadCheck {
+    if (!check.ok && askAgainIfLost(this.#c, stageId, attempt)) this.#kick();
+    return check;
   }
 
   /** A read through `GET /data/...` with the data token of `stageId`'s `attempt`: the key's record when it is one of its inputs. */

@@ -40,7 +40,9 @@ export class Callbacks {
    * Sends due callbacks in order through the ORCHESTRATOR binding. A try is
    * repeated (later, from the alarm) only after a network error, 5xx, 408 or
    * 429, at most `callbackMaxTries` times; a failed progress is dropped when
-   * something newer is queued. 2xx and 409 (the stage already ended) settle
+   * something newer is queued. 2xx and 409 (the stage already ended; or
+   * `stage_waiting`: the orchestrator replays the attempt and its progress poll
+   * takes the result the job keeps, so unlike an upload nothing is lost) settle
    * it, and so does any other 4xx: the same request would get the same answer.
    */
   async deliver(): Promise<void> {

@@ -140,7 +140,7 @@ async function readAll(body: BytesOutput["body"], size: number): Promise<Uint8Ar
 
 export type UploadResult =
   | { ok: true; ref: DataReference; status: number }
-  | { ok: false; status: number; transient: boolean; message: string };
+  | { ok: false; status: number; transient: boolean; message: string; /** The orchestrator's error code, when it gave one. */ code?: string };
 
 /**
  * `PUT {callback origin}/data/{executionId}/{stageId}/{name}` with the callback
@@ -175,8 +175,11 @@ export async function upload(
     });
     const text = await res.text();
     if (res.status !== 201) {
-      const transient = res.status >= 500 || res.status === 408 || res.status === 429;
-      return { ok: false, status: res.status, transient, message: `upload answered ${res.status}: ${text.slice(0, 300)}` };
+      const code = errorCodeOf(text);
+      // 409 stage_waiting: the orchestrator lost the grant this attempt runs on (a crash) and is asking
+      // for it again; the attempt goes on, so the upload is tried again later like a transient failure.
+      const transient = res.status >= 500 || res.status === 408 || res.status === 429 || (res.status === 409 && code === "stage_waiting");
+      return { ok: false, status: res.status, transient, message: `upload answered ${res.status}: ${text.slice(0, 300)}`, ...(code && { code }) };
     }
     const parsed = DataReference.safeParse(safeJson(text));
     if (!parsed.success || parsed.data.size !== out.size) {
@@ -344,6 +347,12 @@ export function originOf(handshake: HandshakeRequest): string {
 
 export function isJsonType(contentType: string): boolean {
   return /[/+]json\b/i.test(contentType);
+}
+
+/** `error.code` of an orchestrator's error answer, if it is one. */
+function errorCodeOf(text: string): string | undefined {
+  const code = (safeJson(text) as { error?: { code?: unknown } } | null)?.error?.code;
+  return typeof code === "string" ? code : undefined;
 }
 
 function safeJson(text: string): unknown {

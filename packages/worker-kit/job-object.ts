@@ -247,7 +247,7 @@ export class KitJobObject<E extends KitEnv> extends DurableObject<E> {
     this.store.log(job.attempt, "upload", up.status, up.ok ? `${up.ref.kind} ${up.ref.size} bytes` : up.message.slice(0, 300));
     if (!this.isLive(job.attempt)) return;
     if (up.ok) return this.finish(job, { ref: up.ref, usage });
-    if (up.status === 409) {
+    if (up.status === 409 && !up.transient) {
       // The orchestrator no longer runs this attempt: nobody is listening for a callback.
       return this.finish(job, { failure: { code: "stage_ended", message: up.message, retryable: false, usage }, notify: false });
     }

@@ -3,7 +3,7 @@ import { runInDurableObject } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
 import { everyShard } from "../../src/ledger-routing";
 import { JSON_HEADERS, KAM, OPS, call, ended, executionStub, expectNoLiveReservations, mintToken, until, waitFor } from "../support/api";
-import { TEST_TUNING } from "../support/constants";
+import { TEST_TUNING, TEST_WORKER_SECRETS } from "../support/constants";
 import { crash } from "../shard-faults/shard-support";
 
 /**
@@ -58,13 +58,13 @@ function jobCalls(id: string, stageId = "stage_1"): Promise<Call[]> {
 }
 const count = (calls: Call[], what: string) => calls.filter((c) => c.attempt === 1 && c.what === what).length;
 
-async function startStalled(): Promise<string> {
+async function startStalled(template = "fault_single", extra: Record<string, unknown> = {}): Promise<string> {
   const res = await call("/execute", {
     method: "POST",
     headers: { ...KAM, ...JSON_HEADERS },
     body: JSON.stringify({
-      template_name: "fault_single",
-      parameters: { steps: 1, step_ms: 0, fault: { stage: 1, mode: "stall_handshake" }, stall_ms: 1_200 },
+      template_name: template,
+      parameters: { steps: 1, step_ms: 0, fault: { stage: 1, mode: "stall_handshake" }, stall_ms: 1_200, ...extra },
       client_id: "client_processing_write",
     }),
   });
@@ -175,6 +175,30 @@ describe("the grant is written with the next write, not before the handshake", (
     expect(doc.stages[0].attempts).toBe(1);
     expect(await everyShard(env)[0].stub.status(rid)).toMatchObject({ state: "settled" });
     expect(count(await jobCalls(id), "traceparent:handshake")).toBe(2);
+  });
+
+  it("an upload refused in that window (409 stage_waiting) makes the object ask again at once, and the worker kit uploads again later instead of giving the attempt up", async () => {
+    // Stage 1 of data_retried is a blob over the kit's upload threshold (512 KiB): its output is uploaded.
+    const id = await startStalled("data_retried", { output_bytes: { stage_1: 600_000 } });
+    // Nothing but the upload below wakes the new instance.
+    await crashAndSilence(id);
+    // The process call the lost instance had sent before it died (the grant was still held, so the stored
+    // stage waits for resources): the worker runs the attempt, once its stalled handshake is done.
+    const process = () => env.CONTENT_GRANULATOR.fetch("https://bitware-content-granulator.internal/api/process", {
+      method: "POST",
+      headers: { authorization: `Bearer ${TEST_WORKER_SECRETS["bitware-content-granulator"]}`, ...JSON_HEADERS },
+      body: JSON.stringify({ executionId: id, stageId: "stage_1", attempt: 1 }),
+    });
+    await until("process accepted by the worker", async () => (await process()).status, (status) => status === 202);
+    // Its upload is refused 409 stage_waiting, which asks the ledger again at once (no timer would for an hour):
+    // the same grant, the replayed handshake and process; the kit's next try (uploadBackoffMs later) is taken.
+    const doc = await waitFor(id, ended, 15_000);
+    expect(doc.status).toBe("completed");
+    expect(doc.stages[0].attempts).toBe(1);
+    const calls = await jobCalls(id);
+    expect(calls.filter((c) => c.what === "upload").map((c) => c.status)).toEqual([409, 201]);
+    expect(count(calls, "traceparent:handshake")).toBe(2);
+    expect(await everyShard(env)[0].stub.status(`${id}:stage_1:1`)).toMatchObject({ state: "settled" });
   });
 
   it("an execution cancelled after such a crash, before it asked again, tells the worker to stop the attempt its handshake reached", async () => {
