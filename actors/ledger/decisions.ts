@@ -60,6 +60,14 @@ export class Decisions {
     const existing = this.store.row(id);
     if (existing) return this.#replayReserve(existing, s);
     const part = req.part ?? null;
+    // A later round of a part comes back to the place its set had on this shard (docs/ledger.md, "Queues across shards").
+    const place = part ? this.#earlierPlace(req) : undefined;
+    // That round was given up (the set asks one round at a time): its release may still be on its way
+    // through the Execution's outbox. It ends here now, so no two rows share the place or hold for one set,
+    // and before the checks below: a client part still granted would count as running, and a stage whose
+    // budget is spent would queue (client_budget) instead of being refused budget_exhausted.
+    const earlier = place ? this.liveRow(place.id, s) : undefined;
+    if (earlier) this.endRow(earlier, s);
     // A part holds exactly its requirements, plus the worker slot when it is the worker's part.
     const needs = part ? this.#partNeeds(req.worker, req.requirements, part.worker) : this.needs(req.worker, req.requirements);
     // Whether this reservation holds the client's running count, rate buckets and budget (the whole stage, or the client's part).
@@ -87,12 +95,6 @@ export class Decisions {
     }
 
     const rank = rankOf(req.priority);
-    // A later round of a part comes back to the place its set had on this shard (docs/ledger.md, "Queues across shards").
-    const place = part ? this.#earlierPlace(req) : undefined;
-    // That round was given up (the set asks one round at a time): its release may still be on its way
-    // through the Execution's outbox. It ends here now, so no two rows share the place or hold for one set.
-    const earlier = place ? this.liveRow(place.id, s) : undefined;
-    if (earlier) this.endRow(earlier, s);
     const since = place?.created_at ?? s.now;
     const row: ResRow = {
       id,

@@ -210,6 +210,22 @@ describe("parts: round ids and the usual calls on them", () => {
     await expectWithinCapacity(ledger);
   });
 
+  it("a later round ends its set's earlier round before the admission checks: a spent budget is refused, not queued behind the round's own hold", async () => {
+    const { ledger } = await fresh("parts-round-budget");
+    await ledger.putPool(TOK, { kind: "rate", capacity: 10_000_000, refill_per_second: 1 });
+    await ledger.putClientQuotas("acme", { monthly_budget: 1 }); // 500,000 tokens
+    const other = await ledger.reserve({ ...req({ requirements: { [TOK]: 1_000 } }), clientId: "acme" });
+    const set = { executionId: req().executionId, stageId: "stage_1", attempt: 1 };
+    const clientPart = part({ client: true, stageNeeds: { [TOK]: 300_000 } }); // cost 0.6
+    expect((await ledger.reserve(preq("acme", clientPart, { ...set, round: 0 }))).status).toBe("granted");
+    // The client's other stage spends 0.6: with round 0 given back, 0.6 more can never fit this month.
+    await ledger.settle(id(other), { [TOK]: 300_000 });
+    const r1 = await ledger.reserve(preq("acme", clientPart, { ...set, round: 1 }));
+    expect(r1).toMatchObject({ status: "refused", code: "budget_exhausted" });
+    expect((await ledger.client("acme")).usage).toMatchObject({ running_stages: 0, waiting_stages: 0, held: 0 });
+    await expectWithinCapacity(ledger);
+  });
+
   it("a later round gives back what its set's earlier round still holds here", async () => {
     const { ledger } = await fresh("parts-round-held");
     await ledger.putPool("gpu", { kind: "concurrency", capacity: 1 });
