@@ -192,7 +192,7 @@ export class ResourceLedger extends DurableObject<Env> {
         reservationId: result.id,
         state: result.state,
         code: "reservation_ended",
-        message: `reservation ${result.id} is ${result.state}; reserve again with a new attempt number`,
+        message: result.why ?? `reservation ${result.id} is ${result.state}; reserve again with a new attempt number`,
       };
     }
     return result;

@@ -111,7 +111,7 @@ export const ReserveResult = z.discriminatedUnion("status", [
    * same request can never succeed, so the caller fails for good and does not ask again. No reservation is made.
    */
   z.object({ status: z.literal("invalid"), code: z.literal("invalid_request"), message: z.string() }),
-  /** A replay of a reservation that already ended (settled, released, expired): reserve again with a new attempt. */
+  /** A replay of a reservation that already ended (settled, released, expired): reserve again with a new attempt. Also a part's round that arrives after its set's later round (`released`, nothing made). */
   z.object({
     status: z.literal("ended"),
     reservationId: z.string(),

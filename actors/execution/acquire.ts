@@ -168,8 +168,9 @@ export async function askParts(c: Core, st: StageRow, a: Acquisition): Promise<b
   const cur = c.store.stage(id)!;
   const fresh = acquisitionOf(c, cur);
   if (!c.store.stillAt(st, "waiting_resources") || !fresh || fresh.round !== a.round) {
-    // Moved on meanwhile (cancelled, failed, or the round was given up): what this call made goes back.
-    if ("reservationId" in result) c.outbox.enqueue({ kind: "ledger_release", shard: part.shard, reservationId: result.reservationId }, now);
+    // Moved on meanwhile (cancelled, failed, or the round was given up): what this call made goes back;
+    // an `ended` answer (a round the shard already saw the set leave, or a replay of one ended) made nothing.
+    if ("reservationId" in result && result.status !== "ended") c.outbox.enqueue({ kind: "ledger_release", shard: part.shard, reservationId: result.reservationId }, now);
     return true;
   }
   switch (result.status) {

@@ -29,11 +29,12 @@ import { fitsAll, NO_QUOTAS, timer, type GrantPass, type Step } from "./grant-pa
 import type { Ownership } from "./ownership";
 import { needsOf, PARKED, type LedgerStore, type ResRow } from "./store";
 
-/** A reserve replay of a reservation that ended: answered as `status: "ended"` after the step. */
+/** A reserve replay of a reservation that ended, or of a round its set has left: answered as `status: "ended"` after the step. */
 export class Ended {
   constructor(
     readonly id: string,
     readonly state: ReservationState,
+    readonly why?: string,
   ) {}
 }
 
@@ -60,6 +61,11 @@ export class Decisions {
     const existing = this.store.row(id);
     if (existing) return this.#replayReserve(existing, s);
     const part = req.part ?? null;
+    // A set asks one round at a time, but every call goes out on a new stub, so nothing orders them on
+    // the way: a round's reserve can arrive after the next round's. Stale, it makes nothing (a second
+    // live row for the set, that no release would ever name) and is answered as ended.
+    const newer = part ? this.store.laterRound(reservationIdOf(req.executionId, req.stageId, req.attempt), req.round ?? 0) : undefined;
+    if (newer) return new Ended(id, "released", `round ${req.round ?? 0} of this set is superseded here by ${newer}`);
     // A later round of a part comes back to the place its set had on this shard (docs/ledger.md, "Queues across shards").
     const place = part ? this.#earlierPlace(req) : undefined;
     // That round was given up (the set asks one round at a time): its release may still be on its way

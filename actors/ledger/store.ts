@@ -207,8 +207,14 @@ export class LedgerStore {
   earlierRounds(base: string, round: number): Pick<ResRow, "id" | "seq" | "tag" | "created_at">[] {
     const rows = this.sql<{ id: string; seq: number; tag: number; created_at: number }>`
       SELECT id, seq, tag, created_at FROM reservations WHERE id = ${base} OR (id > ${`${base}@`} AND id < ${`${base}A`})`;
-    const roundOf = (id: string) => (id === base ? 0 : Number(id.slice(base.length + 1)));
-    return rows.filter((r) => roundOf(r.id) < round).sort((a, b) => roundOf(b.id) - roundOf(a.id));
+    return rows.filter((r) => roundOf(base, r.id) < round).sort((a, b) => roundOf(base, b.id) - roundOf(base, a.id));
+  }
+
+  /** The id of a row of one of the attempt's rounds after `round`, queued or in SQL (the same range), or undefined. */
+  laterRound(base: string, round: number): string | undefined {
+    const later = (id: string) => id.startsWith(`${base}@`) && roundOf(base, id) > round;
+    for (const id of this.#dirtyRows.keys()) if (later(id)) return id;
+    return this.sql<{ id: string }>`SELECT id FROM reservations WHERE id > ${`${base}@`} AND id < ${`${base}A`}`.find((r) => later(r.id))?.id;
   }
 
   /**
@@ -527,4 +533,9 @@ export class LedgerStore {
         refill_per_second = excluded.refill_per_second, tokens = excluded.tokens, tokens_at = excluded.tokens_at,
         consumed = excluded.consumed, est_avg = excluded.est_avg, est_n = excluded.est_n, paused_until = excluded.paused_until`;
   }
+}
+
+/** The round of a reservation id of the attempt whose round-0 id is `base` (`{base}` or `{base}@{round}`). */
+function roundOf(base: string, id: string): number {
+  return id === base ? 0 : Number(id.slice(base.length + 1));
 }

@@ -226,6 +226,26 @@ describe("parts: round ids and the usual calls on them", () => {
     await expectWithinCapacity(ledger);
   });
 
+  it("a round's reserve that arrives after its set's next round (each call on its own stub) is answered ended and makes nothing", async () => {
+    const { ledger, notices } = await fresh("parts-round-stale");
+    await ledger.putPool("gpu", { kind: "concurrency", capacity: 1 });
+    const holder = await ledger.reserve(req({ requirements: { gpu: 1 } }));
+    const set = { executionId: req().executionId, stageId: "stage_1", attempt: 1, requirements: { gpu: 1 } };
+    const r2 = await ledger.reserve(preq(null, part(), { ...set, round: 2 }));
+    expect(r2).toMatchObject({ status: "waiting", position: 1 });
+    // Rounds 0 and 1 arrive late (round 1 never reached this shard before round 2): no second row for the set.
+    for (const round of [0, 1]) {
+      const stale = await ledger.reserve(preq(null, part(), { ...set, round }));
+      expect(stale).toMatchObject({ status: "ended", state: "released", code: "reservation_ended", reservationId: round ? `${set.executionId}:stage_1:1@1` : `${set.executionId}:stage_1:1` });
+      expect(await ledger.status(id(stale))).toMatchObject({ state: "unknown" });
+    }
+    expect((await ledger.snapshot()).pools.find((p) => p.name === "gpu")).toMatchObject({ waiting: 1 });
+    await ledger.settle(id(holder), {});
+    expect(notices.map((n) => n.notice.reservationId)).toEqual([id(r2)]);
+    await ledger.settle(id(r2), {});
+    await expectWithinCapacity(ledger);
+  });
+
   it("a later round gives back what its set's earlier round still holds here", async () => {
     const { ledger } = await fresh("parts-round-held");
     await ledger.putPool("gpu", { kind: "concurrency", capacity: 1 });
