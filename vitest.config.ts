@@ -316,6 +316,8 @@ export default defineConfig({
       {
         // ledger-faults.test.ts again with the ledger sharded over 4 objects (TEST_SHARDS), every shard behind
         // its own faulty object (as in shard-faults) and the same tuning: each fault set on every shard.
+        // Also test/ledger-faults-shards/: shard-faults cases that wait out a lease renewal, run here for the
+        // 3 s lease (shard-faults' is 20 s).
         plugins: [
           orchestratorUnderTest("ledger-faults-shards", {
             bindings: { ...TEST_SHARDS, LEDGER_BINDING: "FAULTY_LEDGER", TUNING: JSON.stringify(LEDGER_FAULTS_TUNING) },
@@ -325,7 +327,7 @@ export default defineConfig({
         ],
         test: {
           name: "ledger-faults-shards",
-          include: ["test/ledger-faults/ledger-faults.test.ts"],
+          include: ["test/ledger-faults/ledger-faults.test.ts", "test/ledger-faults-shards/**/*.test.ts"],
           globalSetup: ["./test/support/global-setup.ts"],
           testTimeout: 60_000,
           fileParallelism: false,

@@ -11,7 +11,7 @@ import { expect } from "vitest";
 import type { ResourceLedger } from "../../actors/resource-ledger";
 import { layoutOf, shardName, shardOfClient, shardOfPool } from "../../src/ledger-routing";
 import { TEST_WORKER_SECRETS } from "../support/constants";
-import { JSON_HEADERS, OPS, call } from "../support/api";
+import { JSON_HEADERS, OPS, call, executionStub, until } from "../support/api";
 import { type LedgerState, readState } from "../workers/ledger-support";
 
 type Method = "reserve" | "renew" | "settle" | "settleAndReserve" | "release" | "status" | "estimate" | "snapshot" | "acquireSlot" | "releaseSlot";
@@ -125,6 +125,12 @@ export async function crash(stub: DurableObjectStub): Promise<void> {
   } catch {
     // The abort fails the call that carried it: that is the crash.
   }
+}
+
+/** Waits for the faulty object of shard 0 to hold a stalled call of `method` made after `since`, then crashes the Execution. */
+export async function crashDuringStalled(id: string, method: "reserve" | "renew", since: number): Promise<void> {
+  await until(`a stalled ${method}`, () => faulty(0).calls(method), (calls) => calls.some((c) => c.fault === "stall" && c.at >= since), 40_000);
+  await crash(executionStub(id));
 }
 
 declare module "vitest" {
