@@ -86,6 +86,18 @@ export function retryDelayMs(attempt: number, baseMs: number, capMs: number, ret
   return Math.max(Math.round(random() * ceiling), Math.min(retryAfterMs, capMs * 10));
 }
 
+/**
+ * When a stage whose grant was lost with its instance (a callback or upload of its attempt refused
+ * while it is stored waiting for resources) asks the ledger again: now, unless its `reask` is due by
+ * then already, or its last ledger call failed and that backoff's timer still stands (`ledgerFailures`
+ * counts failed calls in a row; any answer resets it), so a worker's refused calls never make a ledger
+ * that is down be asked once per refusal. Null: the timer stays as it is.
+ */
+export function lostGrantReaskAt(reaskDueAt: number | null, ledgerFailures: number, now: number): number | null {
+  if (reaskDueAt !== null && (reaskDueAt <= now || ledgerFailures > 0)) return null;
+  return now;
+}
+
 /** Progress polls start short and double up to a cap. */
 export function nextPollInterval(currentMs: number | null, initialMs: number, maxMs: number): number {
   return currentMs === null ? initialMs : Math.min(maxMs, currentMs * 2);

@@ -3,7 +3,7 @@ import type { DataReference } from "../../schemas/data";
 import type { CompleteCallback, FailCallback, ProgressCallback } from "../../schemas/worker-protocol";
 import { sha256Hex } from "../../src/hash";
 import { retryAfterOf } from "../../src/pacing";
-import { type StageFailure, isOnWorker } from "../stage-machine";
+import { type StageFailure, isOnWorker, lostGrantReaskAt } from "../stage-machine";
 import * as step from "./steps";
 import { type Core, type StoredOutput, isFanOut } from "./store";
 import * as tx from "./transitions";
@@ -93,13 +93,16 @@ function grantLost(c: Core, stageId: string, attempt: number): boolean {
 
 /**
  * For a callback or upload refused in that window (grantLost): makes the stage's re-ask due now and
- * says whether a pass should run. The pass asks at once whatever the stage's last answer was: one
- * that queued first has a `reask` timer (its lost notice's, or the one set before the re-ask that
- * was granted), due later.
+ * says whether a pass should run. The pass asks at once whatever the stage's last answer was (one
+ * that queued first has a `reask` timer, its lost notice's or the one set before the re-ask that was
+ * granted, due later), but not within the backoff after a failed ledger call (lostGrantReaskAt).
  */
 export function askAgainIfLost(c: Core, stageId: string, attempt: number): boolean {
   if (!grantLost(c, stageId, attempt)) return false;
-  c.timers.setNoLaterThan("reask", Date.now(), stageId);
+  const st = c.store.stage(stageId)!;
+  const at = lostGrantReaskAt(c.timers.dueAt("reask", stageId), st.ledger_failures, Date.now());
+  if (at === null) return false;
+  c.timers.set("reask", at, stageId);
   return true;
 }
 

@@ -69,6 +69,11 @@ export class Timers {
     this.#sql`DELETE FROM timers WHERE unit = ${unit} AND name IN ('poll', 'deadline', 'lease', 'reask', 'part_deadline', 'reacquire')`;
   }
 
+  /** When the timer is due, or null when it is not set. */
+  dueAt(name: TimerName, unit = ""): number | null {
+    return this.#sql<{ due_at: number }>`SELECT due_at FROM timers WHERE name = ${name} AND unit = ${unit}`[0]?.due_at ?? null;
+  }
+
   has(name: TimerName, unit = ""): boolean {
     return this.#sql`SELECT 1 FROM timers WHERE name = ${name} AND unit = ${unit}`.length > 0;
   }

@@ -164,7 +164,8 @@ export function reserved(c: Core, st: StageRow, reservationId: string, now: numb
 /** The reservation waits in the ledger's queue; ask again at the `reask` timer in case the notice is lost. */
 export function waitForGrant(c: Core, st: StageRow, position: number, now: number, waitingOn?: WaitingOn): void {
   const why = waitingOn ? JSON.stringify(waitingOn) : null;
-  c.sql`UPDATE stages SET reservation = 'waiting', message = ${`waiting for resources (position ${position})`}, waiting_on = ${why}
+  // The ledger answered: failed calls in a row start again from none (lostGrantReaskAt reads the count as a backoff in force).
+  c.sql`UPDATE stages SET reservation = 'waiting', message = ${`waiting for resources (position ${position})`}, waiting_on = ${why}, ledger_failures = 0
     WHERE stage_id = ${st.stage_id}`;
   c.timers.set("reask", now + c.config.tuning.ledgerReaskMs, st.stage_id);
   queueDeadline(c, st);

@@ -177,6 +177,22 @@ describe("the grant is written with the next write, not before the handshake", (
     expect(count(await jobCalls(id), "traceparent:handshake")).toBe(2);
   });
 
+  it("such a refused callback leaves the backoff timer of a failed ledger call as it is, instead of bringing the re-ask to now", async () => {
+    const id = await startStalled();
+    await crashAndSilence(id);
+    // As a stage whose re-ask in the new instance failed is stored: one failure in a row, its backoff timer due later.
+    const backoffEnds = Date.now() + 3_600_000;
+    await runInDurableObject(executionStub(id), (_i, state) => {
+      state.storage.sql.exec("UPDATE stages SET ledger_failures = 1 WHERE stage_id = 'stage_1'");
+      state.storage.sql.exec("INSERT INTO timers (name, unit, due_at) VALUES ('reask', 'stage_1', ?)", backoffEnds);
+    });
+    await refusedAsWaiting(id);
+    // Still the backoff's timer (brought to now, the pass would have taken it and asked at once).
+    const reask = await runInDurableObject(executionStub(id), (_i, state) => state.storage.sql.exec("SELECT due_at FROM timers WHERE name = 'reask' AND unit = 'stage_1'").toArray());
+    expect(reask).toEqual([{ due_at: backoffEnds }]);
+    expect((await call(`/executions/${id}/cancel`, { method: "POST", headers: KAM })).status).toBe(200);
+  });
+
   it("an upload refused in that window (409 stage_waiting) makes the object ask again at once, and the worker kit uploads again later instead of giving the attempt up", async () => {
     // Stage 1 of data_retried is a blob over the kit's upload threshold (512 KiB): its output is uploaded.
     const id = await startStalled("data_retried", { output_bytes: { stage_1: 600_000 } });

@@ -3,6 +3,7 @@ import { z } from "zod";
 import {
   STAGE_TRANSITIONS,
   canMoveStage,
+  lostGrantReaskAt,
   mergeProgress,
   nextPollInterval,
   retryDelayMs,
@@ -86,6 +87,18 @@ describe("stage rules", () => {
     expect(retryDelayMs(10, 1000, 60_000, 0, () => 1)).toBe(60_000);
     expect(retryDelayMs(3, 1000, 60_000, 0, () => 0)).toBe(0);
     expect(retryDelayMs(1, 1000, 60_000, 5000, () => 0.5)).toBe(5000);
+  });
+
+  it("a refused call after a lost grant asks again now, but never inside a failed ledger call's backoff", () => {
+    const now = 1_000_000;
+    // No timer, or the lost notice's re-ask due later: now.
+    expect(lostGrantReaskAt(null, 0, now)).toBe(now);
+    expect(lostGrantReaskAt(now + 60_000, 0, now)).toBe(now);
+    // Due already: left as it is.
+    expect(lostGrantReaskAt(now - 5, 0, now)).toBeNull();
+    // After a failed call its backoff stands; with no timer left (the backoff's call went out) it asks now.
+    expect(lostGrantReaskAt(now + 2_000, 1, now)).toBeNull();
+    expect(lostGrantReaskAt(null, 3, now)).toBe(now);
   });
 
   it("polls start short and double up to the cap; progress never goes backwards", () => {
