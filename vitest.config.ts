@@ -185,6 +185,7 @@ function orchestratorUnderTest(
  * too (through the same multi-shard acquisition when sharded) but assert what
  * no ledger call decides, so a second run adds nothing they check:
  * - data-tiers, traces: stage data by size and trace spans; a gate pool only holds a stage back;
+ * - graph-data-token: a merge's data token after 100 stored items (graph-data, its leaks and item bound, is sharded again);
  * - pause-resume-api: pausing fan-out items and a queued execution, the execution-wide deadline,
  *   refusals and rights (pause-resume, what the ledger holds while paused, is sharded again);
  * - notifications, status-reads, live, worker-kit, processing-write, retention: events to KAM,

@@ -1,7 +1,9 @@
+import { runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { expect } from "vitest";
 import type { StatsSnapshot } from "../../demo/content-granulator/stats";
-import { OPS, call, startExecution } from "./api";
+import type { DataReference } from "../../schemas/data";
+import { OPS, call, executionStub, startExecution } from "./api";
 import { TEST_WORKER_SECRETS } from "./constants";
 
 /**
@@ -42,4 +44,12 @@ export async function deliverable(id: string): Promise<unknown> {
   const res = await call(`/executions/${id}/result`, { headers: OPS });
   expect(res.status).toBe(200);
   return ((await res.json()) as { output: unknown }).output;
+}
+
+/** What the Execution object keeps for each stage and item: inline JSON text or a reference. */
+export async function stored(id: string): Promise<Map<string, { output: string | null; ref: DataReference | null }>> {
+  const rows = await runInDurableObject(executionStub(id), (_i, state) =>
+    state.storage.sql.exec("SELECT stage_id, output, output_ref FROM stages").toArray(),
+  );
+  return new Map(rows.map((r) => [r.stage_id as string, { output: r.output as string | null, ref: r.output_ref ? (JSON.parse(r.output_ref as string) as DataReference) : null }]));
 }

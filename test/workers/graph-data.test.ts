@@ -1,13 +1,12 @@
-import { runInDurableObject } from "cloudflare:test";
 import { env, exports } from "cloudflare:workers";
 import { beforeEach, describe, expect, it } from "vitest";
 import { DataReadError, type StageError } from "../../packages/worker-kit";
 import { openRef } from "../../packages/worker-kit/data";
 import type { DataReference } from "../../schemas/data";
 import type { HandshakeRequest } from "../../schemas/worker-protocol";
-import { OPS, call, ended, executionStub, expectNoLiveReservations, mintToken, waitFor } from "../support/api";
+import { call, ended, expectNoLiveReservations, mintToken, waitFor } from "../support/api";
 import { TEST_TUNING } from "../support/constants";
-import { type Gathered, deliverable as result, graphStats as stats, resetGraphStats, startGraph as start } from "../support/graph";
+import { type Gathered, deliverable as result, graphStats as stats, resetGraphStats, startGraph as start, stored } from "../support/graph";
 
 /**
  * The pipeline graph with data passed by reference (fan-out over a stored
@@ -21,14 +20,6 @@ interface RefSummary {
   $ref: string;
   size: number;
   contentType: string;
-}
-
-/** What the Execution object keeps for each stage and item: inline JSON text or a reference. */
-async function stored(id: string): Promise<Map<string, { output: string | null; ref: DataReference | null }>> {
-  const rows = await runInDurableObject(executionStub(id), (_i, state) =>
-    state.storage.sql.exec("SELECT stage_id, output, output_ref FROM stages").toArray(),
-  );
-  return new Map(rows.map((r) => [r.stage_id as string, { output: r.output as string | null, ref: r.output_ref ? (JSON.parse(r.output_ref as string) as DataReference) : null }]));
 }
 
 async function sha256Of(text: string): Promise<string> {
@@ -200,31 +191,6 @@ describe("pipeline graph with data by reference and the per-execution item bound
     expect(other).toBeInstanceOf(DataReadError);
     expect([other.code, other.status]).toEqual(["data_unavailable", 403]);
   });
-
-  it("a merge's data token is as long after 100 stored items as after 3, and bounded: the token lists no keys, and the merge reads all 100", async () => {
-    // Each item's output is over the inline limit (64 KiB): every item is stored by reference, as with a 1,000-item fan-out.
-    const merge = async (items: number) => {
-      const id = await start("graph_fan_out", { items, steps: 1, step_ms: 0, output_bytes: 66_000, fault: { stage: 2, mode: "large_output" } });
-      expect((await waitFor(id, ended, 100_000)).status).toBe("completed");
-      const rows = await stored(id);
-      const keys = Array.from({ length: items }, (_, i) => rows.get(`stage_2.${i}`)!.ref!.key);
-      // After many items the merge's own output is over the inline limit too: read it from the deliverable's content.
-      const content = await call(`/executions/${id}/result/content`, { headers: OPS });
-      expect(content.status).toBe(200);
-      const out = (await content.json()) as Gathered;
-      expect(out.stage).toBe("stage_3");
-      // Every item's output was read in full with that one token (none refused).
-      expect(Object.keys(out.read!).sort()).toEqual([...keys].sort());
-      for (const key of keys) expect(out.read![key]).toMatchObject({ size: 66_002 });
-      return out.data_token_bytes!;
-    };
-    const three = await merge(3);
-    // 100 items keep the test short on a shared machine; the bound below is what a 1,000-item merge gets too.
-    const many = await merge(100);
-    // Listing keys made it grow by ~108 bytes a key (~11 KB for 100, ~108 KB for 1,000); now it is the claims alone.
-    expect(many).toBe(three);
-    expect(three).toBeLessThan(400);
-  }, 120_000);
 
   it("an item's data token reads its own inputs only: not another item's output, not its own, not at another attempt; nor does another execution's", async () => {
     // Four entries of 20,000 characters: the list is stored (KV), and so is each item's 100,000-character output.
