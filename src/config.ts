@@ -23,6 +23,8 @@ export const DEFAULT_TUNING = {
    * until then); 0: every read calls the object (docs/protocol.md, "Status reads").
    */
   statusLeaseMs: 1_000,
+  /** Every read the Execution serves from memory is read again from SQL and compared when 1, a difference failing the call (actors/execution/read-cache.ts; the test suite's check, not for production). */
+  readCacheCheck: 0,
   /** KV and R2 reads and writes inside an execution's drive pass (a stalled store must not block its alarm). */
   storageCallTimeoutMs: 10_000,
   /** KAM template fetch: attempts before `kam_unavailable`, and the backoff between them. */

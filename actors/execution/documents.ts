@@ -31,7 +31,7 @@ export function stageDocument(
   s: StageRow,
   now: number,
   prices: Config["prices"],
-  opts: { counts?: Map<string, ItemCounts>; parent?: StageRow; trace: TraceContext | null },
+  opts: { counts?: ReadonlyMap<string, Readonly<ItemCounts>>; parent?: StageRow; trace: TraceContext | null },
 ): StageDocument {
   const { counts, parent, trace } = opts;
   const usage = parse<Record<string, number>>(s.usage);
@@ -75,10 +75,10 @@ export function stageDocument(
 
 export function statusDocument(
   ex: ExecutionRow,
-  rows: StageRow[],
+  rows: readonly StageRow[],
   now: number,
   prices: Config["prices"],
-  counts: Map<string, ItemCounts>,
+  counts: ReadonlyMap<string, Readonly<ItemCounts>>,
   notifications: NotificationsDocument,
   trace: TraceContext | null,
   reruns: string[],
@@ -118,7 +118,7 @@ export function statusDocument(
 }
 
 /** The execution's summary for the execution index, at `version` (the index ignores older ones). */
-export function indexEntry(ex: ExecutionRow, stages: StageRow[], now: number, version: number, attempts?: IndexEntry["attempts"]): IndexEntry {
+export function indexEntry(ex: ExecutionRow, stages: readonly StageRow[], now: number, version: number, attempts?: IndexEntry["attempts"]): IndexEntry {
   const cost = parse<{ total: number }>(ex.cost);
   return {
     execution_id: ex.execution_id,

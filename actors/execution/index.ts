@@ -16,6 +16,7 @@ import { HeldGrants, applyGrant } from "./grant";
 import { Live } from "./live";
 import { Notifier } from "./notify";
 import { Outbox } from "./outbox";
+import { ReadCache } from "./read-cache";
 import { reservationList } from "./parts";
 import { MAX_PLANS_PER_PASS, plan, signature, slotWork, templateWork } from "./plan";
 import {
@@ -83,21 +84,25 @@ export class Execution extends DurableObject<Env> {
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
+    this.#config = configOf(env);
+    // Every statement passes the read cache's watch (read-cache.ts), but the status document's own
+    // version and hash, which no cached read reads (StatusCache writes them with `raw`).
     const raw = sqlOf(ctx.storage);
+    const reads = new ReadCache(this.#config.tuning.readCacheCheck === 1);
     const grants = new HeldGrants();
     // Every write the object makes passes here: a grant held in memory is written first (grant.ts),
     // and the status document is rebuilt after the turn that wrote.
-    const sql = grants.beforeWrites(watchWrites(raw, () => this.#status.touched()));
-    this.#config = configOf(env);
-    this.#store = new Store(sql, { grants, handshakeTimeoutMs: this.#config.tuning.handshakeTimeoutMs });
-    this.#timers = new Timers(sql, ctx.storage);
+    const sql = grants.beforeWrites(watchWrites(reads.watch(raw), () => this.#status.touched()));
+    this.#store = new Store(sql, reads, { grants, handshakeTimeoutMs: this.#config.tuning.handshakeTimeoutMs });
+    this.#timers = new Timers(sql, ctx.storage, reads);
     this.#live = new Live(ctx, this.#store, () => this.#document());
-    this.#status = new StatusCache(raw, () => buildStatus(this.#c), () => this.#live.changed(), this.#config.tuning.statusLeaseMs);
+    this.#status = new StatusCache(raw, (prev) => buildStatus(this.#c, prev), () => this.#live.changed(), this.#config.tuning.statusLeaseMs);
     const base = {
       env,
       config: this.#config,
       sql,
       store: this.#store,
+      reads,
       timers: this.#timers,
       rearm: () => this.#rearm(),
       changed: () => this.#status.touched(),

@@ -113,9 +113,10 @@ export class Notifier {
 
   /** What the status document shows: counts, and every event given up on. */
   document(): NotificationsDocument {
-    const counts = this.#c.sql<{ state: EventRow["state"]; n: number }>`SELECT state, COUNT(*) AS n FROM events GROUP BY state`;
+    const counts = this.#c.reads.memo("events:counts", ["events"], () => this.#c.sql<{ state: EventRow["state"]; n: number }>`SELECT state, COUNT(*) AS n FROM events GROUP BY state`);
     const n = (state: EventRow["state"]) => counts.find((r) => r.state === state)?.n ?? 0;
-    const undeliverable = this.#c.sql<EventRow>`SELECT * FROM events WHERE state = 'undeliverable' ORDER BY seq`.map((r) => ({
+    const rows = this.#c.reads.memo("events:undeliverable", ["events"], () => this.#c.sql<EventRow>`SELECT * FROM events WHERE state = 'undeliverable' ORDER BY seq`);
+    const undeliverable = rows.map((r) => ({
       event_id: r.event_id,
       type: r.type,
       attempts: r.attempts,

@@ -237,8 +237,11 @@ export class Outbox {
 
   /** Messages marked undeliverable and not yet delivered. */
   undeliverable(): Undeliverable[] {
-    return this.#c.sql<{ id: number; kind: OutboxItem["kind"]; undeliverable_at: number; attempts: number; last_error: string | null }>`
-      SELECT id, kind, undeliverable_at, attempts, last_error FROM outbox WHERE undeliverable_at IS NOT NULL ORDER BY id`
+    return this.#c.reads
+      .memo("outbox:undeliverable", ["outbox"], () =>
+        this.#c.sql<{ id: number; kind: OutboxItem["kind"]; undeliverable_at: number; attempts: number; last_error: string | null }>`
+      SELECT id, kind, undeliverable_at, attempts, last_error FROM outbox WHERE undeliverable_at IS NOT NULL ORDER BY id`,
+      )
       .filter((r) => !this.#delivered.includes(r.id))
       .map((r) => ({ outbox_id: r.id, kind: r.kind, since: new Date(r.undeliverable_at).toISOString(), attempts: r.attempts, last_error: r.last_error }));
   }

@@ -69,7 +69,7 @@ export type RerunSourceState =
   | { state: "ok"; source: RerunSource };
 
 /** The graph the reuse rule walks: each stage's `depends_on` (actors/execution/graph.ts resolved it from the template). */
-function graphOf(rows: StageRow[]): RerunNode[] {
+function graphOf(rows: readonly StageRow[]): RerunNode[] {
   return rows.map((r) => ({ stage_id: r.stage_id, ord: r.ord, status: r.status, depends_on: dependsOn(r) }));
 }
 
@@ -169,7 +169,9 @@ export function recordRerun(c: Core, executionId: string, now: number): void {
 }
 
 export function rerunsOf(c: Core): string[] {
-  return c.sql<{ execution_id: string }>`SELECT execution_id FROM reruns ORDER BY created_at DESC, execution_id DESC`.map((r) => r.execution_id);
+  return c.reads.memo("reruns", ["reruns"], () =>
+    c.sql<{ execution_id: string }>`SELECT execution_id FROM reruns ORDER BY created_at DESC, execution_id DESC`.map((r) => r.execution_id),
+  );
 }
 
 // ---- data of reused outputs -------------------------------------------------

@@ -60,17 +60,31 @@ export function watchWrites(sql: Sql, onWrite: () => void): Sql {
 /** The document as built: at time 0, with the stages whose clocks run. */
 export interface Built {
   doc: Omit<StatusDocument, "version">;
-  rows: StageRow[];
+  rows: readonly StageRow[];
   paused: boolean;
+  /** What it was built from: the read cache's results (the same objects while their tables were not written) and the small parts' JSON. */
+  from: readonly unknown[];
 }
 
-/** The document from SQL, at time 0 (`StatusCache`); null before `start()`. */
-export function buildStatus(c: Core): Built | null {
+/**
+ * The document from SQL, at time 0 (`StatusCache`); null before `start()`.
+ * `prev` is returned as it is when it was built from the same reads: a turn
+ * that wrote only what the document does not show (an outbox message's
+ * delivery, most often) costs no projection and no hash.
+ */
+export function buildStatus(c: Core, prev: Built | null): Built | null {
   const ex = c.store.row();
   if (!ex) return null;
   const rows = c.store.stages();
-  const doc = statusDocument(ex, rows, 0, c.config.prices, c.store.itemCounts(), c.notifier.document(), c.store.trace(), rerunsOf(c), c.outbox.undeliverable());
-  return { doc, rows, paused: ex.paused_at !== null };
+  const counts = c.store.itemCounts();
+  const notifications = c.notifier.document();
+  const trace = c.store.trace();
+  const reruns = rerunsOf(c);
+  const undeliverable = c.outbox.undeliverable();
+  const from = [ex, rows, counts, trace, reruns, JSON.stringify(notifications), JSON.stringify(undeliverable)];
+  if (prev && from.every((v, i) => v === prev.from[i])) return prev;
+  const doc = statusDocument(ex, rows, 0, c.config.prices, counts, notifications, trace, reruns, undeliverable);
+  return { doc, rows, paused: ex.paused_at !== null, from };
 }
 
 /** An answer to a status read: the document's JSON (built here once when nothing in it runs). */
@@ -82,13 +96,14 @@ export interface StatusAnswer {
 }
 
 export class StatusCache {
-  readonly #build: () => Built | null;
+  readonly #build: (prev: Built | null) => Built | null;
   readonly #raw: Sql;
   #built: Built | null = null;
   /** The hash of the document `#version` names. */
   #hash: string | null = null;
-  /** The answer's JSON when no clock runs (an ended execution, most of the time). */
+  /** The answer's JSON when no clock runs (an ended execution, most of the time), made by the first read that needs it. */
   #still: string | null = null;
+  #running = true;
   #version = 0;
   #dirty = true;
   #queued = false;
@@ -100,7 +115,7 @@ export class StatusCache {
   #leaseTimer: ReturnType<typeof setTimeout> | null = null;
 
   /** `raw`: the unwatched sql helper (the version's own write must not count as a change); `leaseMs`: 0 gives none. */
-  constructor(raw: Sql, build: () => Built | null, onChange: () => void, leaseMs = 0) {
+  constructor(raw: Sql, build: (prev: Built | null) => Built | null, onChange: () => void, leaseMs = 0) {
     this.#raw = raw;
     this.#build = build;
     this.#onChange = onChange;
@@ -173,7 +188,9 @@ export class StatusCache {
     if (!b) return null;
     const meta = { version: this.#version, execution_id: b.doc.execution_id, client_id: b.doc.client_id, ended: isTerminalExecution(b.doc.status) };
     if (notModifiedAt === this.#version) return { ...meta, body: null };
-    return { ...meta, body: this.#still ?? JSON.stringify(this.#at(now)) };
+    if (this.#running) return { ...meta, body: JSON.stringify(this.#at(now)) };
+    this.#still ??= JSON.stringify({ ...b.doc, version: this.#version });
+    return { ...meta, body: this.#still };
   }
 
   /**
@@ -224,17 +241,18 @@ export class StatusCache {
 
   /** Rebuilds from SQL; a document other than the one `knownHash` names is the next version, stored in this turn. */
   #rebuild(knownHash: string | null): void {
-    const built = this.#build();
+    const prev = this.#built;
+    const built = this.#build(prev);
     this.#built = built;
-    if (!built) return;
+    if (!built || (built === prev && this.#version > 0)) return;
     const hash = cyrb53(JSON.stringify(built.doc));
     if (hash !== knownHash || this.#version === 0) {
       this.#version += 1;
       this.#raw`UPDATE execution SET status_version = ${this.#version}, status_hash = ${hash} WHERE id = 1`;
     }
     this.#hash = hash;
-    const running = built.paused || built.rows.some((s) => s.waiting_since !== null || s.processing_since !== null);
-    this.#still = running ? null : JSON.stringify({ ...built.doc, version: this.#version });
+    this.#running = built.paused || built.rows.some((s) => s.waiting_since !== null || s.processing_since !== null);
+    this.#still = null;
   }
 
   /** The document as of `now`: running durations get their time since they started. */

@@ -6,6 +6,7 @@ import { log } from "../../src/log";
 import { type TraceContext, attemptHeaders, formatTraceparent, traceLogFields } from "../../src/trace";
 import type { Sql } from "../sql";
 import type { HeldGrants } from "./grant";
+import type { ReadCache } from "./read-cache";
 import type { Notifier } from "./notify";
 import type { Outbox } from "./outbox";
 import type { Timers } from "./timers";
@@ -288,24 +289,38 @@ type Level = "debug" | "info" | "warn" | "error";
 /** Row readers over the execution's SQLite, and its structured log (every line carries the execution id). */
 export class Store {
   readonly #sql: Sql;
+  readonly #reads: ReadCache;
   /** Our own id, read from storage once (never from ctx.id.name). */
   #executionId: string | undefined;
   #trace: TraceContext | null | undefined;
   /** Grants held in memory (grant.ts): `stage()` reads a held stage as its written grant would leave it. */
   readonly #held: { grants: HeldGrants; handshakeTimeoutMs: number } | null;
 
-  constructor(sql: Sql, held: { grants: HeldGrants; handshakeTimeoutMs: number } | null = null) {
+  constructor(sql: Sql, reads: ReadCache, held: { grants: HeldGrants; handshakeTimeoutMs: number } | null = null) {
     this.#sql = sql;
+    this.#reads = reads;
     this.#held = held;
   }
 
-  row(): ExecutionRow | null {
-    return this.#sql<ExecutionRow>`SELECT * FROM execution WHERE id = 1`[0] ?? null;
+  /**
+   * The execution row, from memory until the next write to it (read-cache.ts);
+   * not the status document's version and hash, which it writes on its own.
+   */
+  row(): Readonly<ExecutionRow> | null {
+    return this.#reads.memo(
+      "row",
+      ["execution"],
+      () =>
+        this.#sql<ExecutionRow>`SELECT execution_id, template_name, client_id, request_id, request_hash, priority, parameters, status, created_at, started_at, completed_at,
+        estimated_completion_at, template_id, template_source, template_attempts, error, cost, output, output_ref, alarm_failures, data_expired_at,
+        index_version, deadline_at, slot, slot_wait, slot_failures, client_weight, notify, paused_from, paused_at, paused_ms, rerun_of, retention_waiting
+        FROM execution WHERE id = 1`[0] ?? null,
+    );
   }
 
   /** The template's stages, in order (not the items of fan-out stages). */
-  stages(): StageRow[] {
-    return this.#sql<StageRow>`SELECT * FROM stages WHERE parent IS NULL ORDER BY ord`;
+  stages(): readonly Readonly<StageRow>[] {
+    return this.#reads.memo("stages", ["stages"], () => this.#sql<StageRow>`SELECT * FROM stages WHERE parent IS NULL ORDER BY ord`);
   }
 
   /** Items of a fan-out stage from `fromIndex`, in item order. */
@@ -355,7 +370,11 @@ export class Store {
   }
 
   /** Item counts per fan-out stage. */
-  itemCounts(): Map<string, ItemCounts> {
+  itemCounts(): ReadonlyMap<string, Readonly<ItemCounts>> {
+    return this.#reads.memo("item_counts", ["stages"], () => this.#itemCounts());
+  }
+
+  #itemCounts(): Map<string, ItemCounts> {
     const out = new Map<string, ItemCounts>();
     const rows = this.#sql<{ parent: string; status: StageStatus; n: number }>`
       SELECT parent, status, COUNT(*) AS n FROM stages WHERE parent IS NOT NULL GROUP BY parent, status`;
@@ -369,8 +388,8 @@ export class Store {
     return out;
   }
 
-  stage(stageId: string): StageRow | null {
-    const row = this.#sql<StageRow>`SELECT * FROM stages WHERE stage_id = ${stageId}`[0] ?? null;
+  stage(stageId: string): Readonly<StageRow> | null {
+    const row = this.#reads.memo(`stage:${stageId}`, ["stages"], () => this.#sql<StageRow>`SELECT * FROM stages WHERE stage_id = ${stageId}`[0] ?? null);
     return this.#held ? this.#held.grants.overlay(row, this.#held.handshakeTimeoutMs) : row;
   }
 
@@ -432,6 +451,8 @@ export interface Core {
   readonly config: Config;
   readonly sql: Sql;
   readonly store: Store;
+  /** Reads kept in memory until a write to their tables (read-cache.ts). */
+  readonly reads: ReadCache;
   readonly timers: Timers;
   readonly outbox: Outbox;
   /** Events for KAM, delivered in order (notify.ts). */

@@ -1,4 +1,5 @@
 import type { Sql } from "../sql";
+import type { ReadCache } from "./read-cache";
 
 /**
  * Timer names: one row each in `timers` per unit, one alarm for the earliest.
@@ -24,14 +25,16 @@ export const WATCHDOG_MS = 30_000;
 export class Timers {
   readonly #sql: Sql;
   readonly #storage: DurableObjectStorage;
+  readonly #reads: ReadCache;
   /** The alarm as this instance knows it (null: none; undefined: unknown), read at start and kept in step. */
   #armedAt: number | null | undefined = undefined;
   /** The last rearm() found no timer (so no alarm is the right alarm). */
   #noTimers = false;
 
-  constructor(sql: Sql, storage: DurableObjectStorage) {
+  constructor(sql: Sql, storage: DurableObjectStorage, reads: ReadCache) {
     this.#sql = sql;
     this.#storage = storage;
+    this.#reads = reads;
   }
 
   /** The alarm as read from storage when the object starts. */
@@ -75,7 +78,7 @@ export class Timers {
   }
 
   has(name: TimerName, unit = ""): boolean {
-    return this.#sql`SELECT 1 FROM timers WHERE name = ${name} AND unit = ${unit}`.length > 0;
+    return this.#reads.memo(`timer:${name}:${unit}`, ["timers"], () => this.#sql`SELECT 1 FROM timers WHERE name = ${name} AND unit = ${unit}`.length > 0);
   }
 
   /** Consumes a due timer: true once per firing, so a second alarm does nothing twice. */
@@ -101,7 +104,7 @@ export class Timers {
    */
   async rearm(live: boolean): Promise<void> {
     if (live && !this.has("watchdog")) this.set("watchdog", Date.now() + WATCHDOG_MS);
-    const next = this.#sql<{ at: number | null }>`SELECT MIN(due_at) AS at FROM timers`[0]?.at ?? null;
+    const next = this.#reads.memo("timers:next", ["timers"], () => this.#sql<{ at: number | null }>`SELECT MIN(due_at) AS at FROM timers`[0]?.at ?? null);
     this.#noTimers = next === null;
     if (next === null) {
       if (this.#armedAt === null) return;

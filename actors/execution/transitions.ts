@@ -386,7 +386,7 @@ function failExecutionAt(c: Core, st: StageRow, info: ErrorInfo, now: number): v
 }
 
 /** Stage ids that depend on `stageId`, directly or through others. */
-function descendants(stages: StageRow[], stageId: string): Set<string> {
+function descendants(stages: readonly StageRow[], stageId: string): Set<string> {
   const out = new Set<string>();
   const walk = (id: string) => {
     for (const s of stages) {

@@ -53,6 +53,8 @@ export const TEST_TUNING = {
   maxRunningItems: 6,
   // The suite reads every change of an ended execution at once; leases on ended documents have a project of their own (test/status-leases).
   statusLeaseMs: 0,
+  // Every read the Execution serves from memory is compared with SQL (actors/execution/read-cache.ts).
+  readCacheCheck: 1,
 };
 
 /**

@@ -168,6 +168,8 @@ describe("the grant is written with the next write, not before the handshake", (
       sql.exec("INSERT INTO reservations (reservation_id, stage_id, attempt, created_at) VALUES (?, 'stage_1', 1, ?)", rid, Date.now());
       sql.exec("INSERT INTO timers (name, unit, due_at) VALUES ('reask', 'stage_1', ?)", Date.now() + 3_600_000);
     });
+    // Written behind the object's back: a restart makes the instance read it (it keeps its reads in memory, read-cache.ts).
+    await crash(executionStub(id));
     await refusedAsWaiting(id);
     // Asked again at once (the re-ask timer would wait an hour): the same grant, the replayed attempt runs to the end.
     const doc = await waitFor(id, ended, 15_000);
