@@ -55,6 +55,8 @@
  *   swapped every round) --count-n K (30 executions per system counted for the
  *   billed units)
  *   --fsyncs: count the runtime's fsyncs by file (strace) during the orchestrated phase
+ *   --memory: instead, the runtime's memory growth over --n executions, ours against the durable
+ *   floor, each phase in a fresh runtime (bench/memory.ts; with --soak 10,000 each, 50 in flight)
  */
 import { execFileSync } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
@@ -68,6 +70,7 @@ import { FsyncCounter } from "./lib/fsyncs";
 import { cpuSecondsOf, descendants, machineBusySeconds, memoryOf, openFds, RssSampler } from "./lib/proc-stats";
 import { type Summary, summarize } from "./lib/quantiles";
 import { runFanOut } from "./fan-out";
+import { runMemory } from "./memory";
 import { runStatusReads } from "./status-reads";
 import { runVsWorkflows } from "./vs-workflows";
 import { BENCH_STAGES, BENCH_TEMPLATE, BENCH_WORKER, type ExecTimings, type FloorAnswer, type WaitAnswer, type WorkerStats } from "./worker/shared";
@@ -126,10 +129,12 @@ export interface Options {
   readConcurrency: number;
   /** --fsyncs: count the runtime's fsyncs by file during the orchestrated phase (bench/lib/fsyncs.ts). */
   fsyncs: boolean;
+  /** --memory: memory growth, ours against the durable floor, each phase in a fresh runtime (bench/memory.ts). */
+  memory: boolean;
 }
 
 export function parseArgs(argv: string[]): Options {
-  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, durableFloor: true, plainFloor: true, orchestratedFirst: false, phaseBudgetS: 0, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true, vsWorkflows: false, rounds: 2, pollN: 300, pollConcurrency: 100, pollMs: 100, countN: 30, workMs: 0, fanOut: false, fanItems: [10, 100, 1000], fanWorkMs: 50, fanRounds: 2, fanLineMax: 1000, statusReads: false, readSeconds: 5, readConcurrency: 20, perfRecord: null, fsyncs: false };
+  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, durableFloor: true, plainFloor: true, orchestratedFirst: false, phaseBudgetS: 0, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true, vsWorkflows: false, rounds: 2, pollN: 300, pollConcurrency: 100, pollMs: 100, countN: 30, workMs: 0, fanOut: false, fanItems: [10, 100, 1000], fanWorkMs: 50, fanRounds: 2, fanLineMax: 1000, statusReads: false, readSeconds: 5, readConcurrency: 20, perfRecord: null, fsyncs: false, memory: false };
   const given = new Set<string>();
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -173,6 +178,7 @@ export function parseArgs(argv: string[]): Options {
       case "--fan-out": o.fanOut = true; break;
       case "--status-reads": o.statusReads = true; break;
       case "--fsyncs": o.fsyncs = true; break;
+      case "--memory": o.memory = true; break;
       case "--read-seconds": o.readSeconds = Math.max(1, num()); break;
       case "--read-concurrency": o.readConcurrency = Math.max(1, num()); break;
       case "--perf-record": o.perfRecord = path.resolve(next()); break;
@@ -199,6 +205,11 @@ export function parseArgs(argv: string[]): Options {
     if (!given.has("s")) o.settleMs = 2_000;
   }
   if (o.soak && !given.has("n")) o.n = 10_000;
+  if (o.memory) {
+    if (!given.has("c")) o.concurrency = 50;
+    if (!given.has("w")) o.warmup = 50;
+    if (!given.has("s")) o.settleMs = 15_000;
+  }
   if (o.n < 1) throw new Error("--n must be at least 1");
   return o;
 }
@@ -732,8 +743,8 @@ function printTable(result: any): void {
 
 // --------------------------------------------------------------------- main ----
 
-async function main(): Promise<number> {
-  const opts = parseArgs(process.argv.slice(2));
+/** The secrets and vars of a bench session (fresh tokens for each run). */
+function sessionSetup(opts: Options) {
   const token = () => Buffer.from(crypto.getRandomValues(new Uint8Array(24))).toString("hex");
   const workerSecret = token();
   const secrets = {
@@ -755,7 +766,33 @@ async function main(): Promise<number> {
     TUNING: "{}",
     LOG_LEVEL: "warn",
   };
-  const startedAt = new Date();
+  return { secrets, vars };
+}
+
+/** A running bench session: wrangler dev, its workerd processes, an RSS sampler of them, and the bench client. */
+export interface OpenSession {
+  session: BenchSession;
+  procs: { runtime: number; proxy: number[] };
+  pids: Record<string, number>;
+  sampler: RssSampler;
+  bench: Bench;
+}
+
+/** The session being run, stopped on Ctrl-C or a kill (its own process group) before leaving. */
+let current: BenchSession | null = null;
+let stopping = false;
+for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
+  process.on(sig, () => {
+    if (stopping) return;
+    stopping = true;
+    console.error(`${sig}: stopping the session`);
+    (current?.stop() ?? Promise.resolve()).finally(() => process.exit(130));
+  });
+}
+
+/** Starts a bench session with fresh local state (a new workerd runtime); `close` stops it. */
+export async function openSession(opts: Options): Promise<OpenSession & { close: () => Promise<void> }> {
+  const { secrets, vars } = sessionSetup(opts);
   const t0 = performance.now();
   console.error(`starting wrangler dev (gateway, orchestrator, ${BENCH_WORKER}, bench KAM)...`);
   const session = await startBenchSession({
@@ -767,18 +804,15 @@ async function main(): Promise<number> {
     localObservability: opts.localObservability,
     extraConfigs: opts.vsWorkflows ? ["bench/worker/workflows.wrangler.toml"] : [],
   });
-  // Ctrl-C or a kill: stop the session (its own process group) before leaving.
-  let stopping = false;
-  for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
-    process.on(sig, () => {
-      if (stopping) return;
-      stopping = true;
-      console.error(`${sig}: stopping the session`);
-      session.stop().finally(() => process.exit(130));
-    });
-  }
+  current = session;
   let sampler: RssSampler | null = null;
   let bench: Bench | null = null;
+  const close = async () => {
+    sampler?.stop();
+    bench?.client.close();
+    await session.stop();
+    if (current === session) current = null;
+  };
   try {
     const procs = workerdProcesses(session.pid);
     if (!procs.runtime) throw new Error(`cannot tell the workerd runtime among ${JSON.stringify(procs)}`);
@@ -788,9 +822,22 @@ async function main(): Promise<number> {
     if (cli) pids.wrangler_node = cli.pid;
     sampler = new RssSampler(Object.values(pids), 250).start();
     bench = new Bench(session, secrets, opts);
-    const b = bench;
     console.error(`session ${session.url} up in ${((performance.now() - t0) / 1000).toFixed(1)} s; workerd runtime pid ${procs.runtime}, proxy ${procs.proxy.join(",")}`);
+    return { session, procs: { runtime: procs.runtime, proxy: procs.proxy }, pids, sampler, bench, close };
+  } catch (err) {
+    await close();
+    throw err;
+  }
+}
 
+async function main(): Promise<number> {
+  const opts = parseArgs(process.argv.slice(2));
+  const startedAt = new Date();
+  const t0 = performance.now();
+  if (opts.memory) return await runMemory(opts, () => openSession(opts), startedAt);
+  const open = await openSession(opts);
+  const { procs, pids, sampler, bench: b } = open;
+  try {
     if (opts.vsWorkflows) return await runVsWorkflows(b, opts, pids, startedAt);
     if (opts.statusReads) {
       if (opts.perfRecord) mkdirSync(opts.perfRecord, { recursive: true });
@@ -981,9 +1028,7 @@ async function main(): Promise<number> {
     const broken = o.failed + o.stuck + (f ? f.failed + f.stuck : 0) + (d ? d.failed + d.stuck : 0);
     return broken > 0 ? 1 : 0;
   } finally {
-    sampler?.stop();
-    bench?.client.close();
-    await session.stop();
+    await open.close();
   }
 }
 
