@@ -1010,6 +1010,7 @@ async function main(): Promise<number> {
       ratio_durable_floor: ratioDurable,
       vs_durable_floor: vsDurable,
       late_posts: late,
+      requests_resent: b.client.resent,
       loadavg: os.loadavg(),
       memory,
       ledger_after: ledger,

@@ -42,6 +42,8 @@ export interface MemoryPhase {
   hwm_mib: number | null;
   fds: { baseline: number | null; settled: number | null };
   checkpoints: { completed: number; rss_mib: number | null; fds: number | null }[];
+  /** Requests sent again after a reset on a reused idle socket (bench/lib/http-keepalive.ts). */
+  resent: number;
   report: PhaseReport;
 }
 
@@ -91,6 +93,7 @@ async function memoryPhase(opts: Options, open: () => Promise<OpenSession & { cl
       hwm_mib: mib(memoryOf(runtime)?.hwm),
       fds: { baseline: fdsBaseline, settled: openFds(runtime) },
       checkpoints,
+      resent: b.client.resent,
       report: r,
     };
   } finally {

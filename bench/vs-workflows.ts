@@ -28,7 +28,7 @@
 import { mkdirSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { type Bench, fmt, OURS, type Options, type PhaseReport, type PhaseResult, report, sleep, type System, versions, workload } from "./e2e";
+import { type Bench, fmt, OURS, type Options, type PhaseReport, type PhaseResult, report, type RunRecord, sleep, type System, versions, type WorkItem, workload } from "./e2e";
 import { BENCH_STAGES, BENCH_TEMPLATE } from "./worker/shared";
 
 export const WORKFLOWS: System = {
@@ -400,34 +400,26 @@ export async function runVsWorkflows(b: Bench, opts: Options, pids: Record<strin
       // The floors run in the closed loop only (they have no status to poll), in the same rotation.
       const inRound = wl === "closed" ? (round % 2 === 1 ? [...order, ...floors] : [...[...floors].reverse(), ...order]) : order;
       for (const sys of inRound) {
-        if (typeof sys === "string") {
-          await sleep(2000);
-          if (opts.localObservability) await traceClear(b);
-          await b.workerStats(true);
-          console.error(`round ${round}, closed: ${sys}, ${opts.n} at ${opts.concurrency} in flight...`);
-          const durable = sys === "durable_floor";
-          const result = await b.phase(`closed-${sys}`, closedItems, opts.concurrency, (it, i) => b.floor(it, round * 1e6 + i, durable), pids);
-          result.worker = await b.workerStats(true);
-          const rep = report(result);
-          console.error(`  ${rep.completed}/${rep.n} completed, ${rep.throughput_per_s}/s, p50 ${rep.latency_ms.p50} ms, p99 ${rep.latency_ms.p99} ms`);
-          runs.push({ round, workload: wl, system: sys, result, report: rep });
-          continue;
-        }
+        // A floor (a name) runs the closed loop straight against the bench worker; a system, either workload.
+        const floor = typeof sys === "string" ? sys : null;
+        const name = floor ?? (sys as System).name;
         const [n, c] = wl === "closed" ? [opts.n, opts.concurrency] : [opts.pollN, opts.pollConcurrency];
-        console.error(`round ${round}, ${wl}: ${sys.name}, ${n} at ${c} in flight${wl === "polled" ? `, status every ${opts.pollMs} ms` : ""}...`);
+        const one: (it: WorkItem, i: number) => Promise<RunRecord> = floor
+          ? (it, i) => b.floor(it, round * 1e6 + i, floor === "durable_floor")
+          : wl === "closed"
+            ? (it) => b.orchestrated(it, sys as System)
+            : (it) => b.polled(it, sys as System, opts.pollMs);
+        console.error(`round ${round}, ${wl}: ${name}, ${n} at ${c} in flight${wl === "polled" ? `, status every ${opts.pollMs} ms` : ""}...`);
         // A pause between phases: the previous system's trailing background work must not land in this one.
         await sleep(2000);
         // The same trace store for every phase: emptied, so its growth does not make later phases dearer.
         if (opts.localObservability) await traceClear(b);
         await b.workerStats(true);
-        const result =
-          wl === "closed"
-            ? await b.phase(`${wl}-${sys.name}`, closedItems, c, (it) => b.orchestrated(it, sys), pids)
-            : await b.phase(`${wl}-${sys.name}`, polledItems, c, (it) => b.polled(it, sys, opts.pollMs), pids);
+        const result = await b.phase(`${wl}-${name}`, wl === "closed" ? closedItems : polledItems, c, one, pids);
         result.worker = await b.workerStats(true);
         const rep = report(result);
         console.error(`  ${rep.completed}/${rep.n} completed, ${rep.throughput_per_s}/s, p50 ${rep.latency_ms.p50} ms, p99 ${rep.latency_ms.p99} ms`);
-        runs.push({ round, workload: wl, system: sys.name, result, report: rep });
+        runs.push({ round, workload: wl, system: name, result, report: rep });
       }
     }
   }
