@@ -22,8 +22,8 @@ export function applyGrant(c: Core, notice: GrantNotice, now: number): boolean {
   const shard = notice.shard ?? (st ? workerShard(layoutOf(c.env), st.worker) : 0);
   const expected = st ? (st.reservation_id ?? tx.expectedReservationId(c, st)) : null;
   if (st && st.status === "waiting_resources" && st.attempt === notice.attempt && notice.reservationId === expected) {
-    if (!st.reservation_id) tx.reserved(c, st, notice.reservationId, now);
-    tx.granted(c, c.store.stage(st.stage_id)!, notice.expiresAt, notice.requirements, now);
+    if (!st.reservation_id) tx.recordReservation(c, st, notice.reservationId, now);
+    tx.granted(c, st, notice.expiresAt, notice.requirements, now, false, notice.reservationId);
     return true;
   }
   if (!st || expected !== notice.reservationId || isTerminalStage(st.status)) {

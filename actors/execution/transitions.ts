@@ -158,6 +158,11 @@ export function ledgerFailed(c: Core, st: StageRow, now: number): void {
 /** The ledger answered a reserve with a reservation id: remember it (for release and for leak checks). */
 export function reserved(c: Core, st: StageRow, reservationId: string, now: number): void {
   c.sql`UPDATE stages SET reservation_id = ${reservationId} WHERE stage_id = ${st.stage_id}`;
+  recordReservation(c, st, reservationId, now);
+}
+
+/** The attempt's reservation in the execution's list of them (Execution.reservationIds); the stage's own column is set by the caller. */
+export function recordReservation(c: Core, st: StageRow, reservationId: string, now: number): void {
   c.sql`INSERT OR IGNORE INTO reservations (reservation_id, stage_id, attempt, created_at) VALUES (${reservationId}, ${st.stage_id}, ${st.attempt}, ${now})`;
 }
 
@@ -198,12 +203,13 @@ export function ledgerAnswered(c: Core, st: StageRow, outcome: string, pools: Re
  * `ending`: the attempt ends in the same synchronous step (a held grant written by the callback that
  * completes or fails it): its deadline and lease timers would be deleted again at once, so they are not written.
  */
-export function granted(c: Core, st: StageRow, expiresAt: number, requirements: Record<string, number>, now: number, ending = false): void {
+export function granted(c: Core, st: StageRow, expiresAt: number, requirements: Record<string, number>, now: number, ending = false, reservationId: string | null = null): void {
   checkMove(c, st, "handshaking");
   ledgerAnswered(c, st, "granted", requirements, null, now - (st.waiting_since ?? now));
   // `handshaking` has a deadline of its own; `process` accepted replaces it with the stage's.
   const deadline = now + c.config.tuning.handshakeTimeoutMs;
-  c.sql`UPDATE stages SET status = 'handshaking', reservation = 'granted', requirements = ${JSON.stringify(requirements)}, lease_expires_at = ${expiresAt},
+  // A reservation id not written yet rides in this UPDATE (one row written, not two).
+  c.sql`UPDATE stages SET status = 'handshaking', reservation = 'granted', reservation_id = COALESCE(${reservationId}, reservation_id), requirements = ${JSON.stringify(requirements)}, lease_expires_at = ${expiresAt},
     waiting_ms = waiting_ms + ${now - (st.waiting_since ?? now)}, waiting_since = NULL, message = NULL, ledger_failures = 0,
     deadline_at = ${deadline}, granted_at = ${now} WHERE stage_id = ${st.stage_id}`;
   c.timers.clear("reask", st.stage_id);
@@ -221,8 +227,8 @@ export function granted(c: Core, st: StageRow, expiresAt: number, requirements: 
 export function writeGrant(c: Core, g: HeldGrant, ending: boolean): void {
   const st = c.store.stage(g.stage_id);
   if (st?.status !== "waiting_resources" || st.attempt !== g.attempt) return;
-  reserved(c, st, g.reservationId, g.at);
-  granted(c, c.store.stage(st.stage_id)!, g.expiresAt, g.requirements, g.at, ending);
+  recordReservation(c, st, g.reservationId, g.at);
+  granted(c, st, g.expiresAt, g.requirements, g.at, ending, g.reservationId);
 }
 
 /** `process` was accepted: the stage runs until its deadline, polled from `pollInitialMs` on. */
