@@ -27,26 +27,38 @@ describe("the Execution's schema", () => {
     expect(after).toEqual(before);
   });
 
-  it("an older object's rowid stages table is kept by the migration, its rows as they were, and answers the stage SQL", async () => {
-    const stub = env.EXECUTION.get(env.EXECUTION.newUniqueId());
-    const got = await runInDurableObject(stub, (_i, state) => {
-      const sql = state.storage.sql;
-      for (const r of sql.exec("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND name NOT LIKE '_cf_%'").toArray()) sql.exec(`DROP TABLE ${String(r.name)}`);
-      // The schema as it was before stages became WITHOUT ROWID.
-      const old = LATEST_SCHEMA.replace(/(CREATE TABLE IF NOT EXISTS stages \([\s\S]*?\)) WITHOUT ROWID;/, "$1;");
-      expect(old).not.toEqual(LATEST_SCHEMA);
-      sql.exec(old);
-      sql.exec("INSERT INTO execution (id, execution_id, template_name, client_id, priority, parameters, status, created_at) VALUES (1, 'e', 't', 'c', 'normal', '{}', 'running', 1)");
-      sql.exec("INSERT OR IGNORE INTO stages (stage_id, ord, worker, template_ref, action, timeout_ms, max_attempts, status, depends_on) VALUES ('stage_1', 1, 'w', 't', 'a', 1000, 1, 'pending', '[]')");
-      createTables(state.storage);
-      sql.exec("UPDATE stages SET status = 'completed' WHERE stage_id = 'stage_1'");
-      return {
-        ddl: String(sql.exec("SELECT sql FROM sqlite_master WHERE name = 'stages'").one().sql),
-        rows: sql.exec("SELECT stage_id, ord, status, depends_on FROM stages ORDER BY ord").toArray(),
-      };
-    });
-    expect(got.ddl).not.toMatch(/WITHOUT ROWID/);
-    expect(got.rows).toEqual([{ stage_id: "stage_1", ord: 1, status: "completed", depends_on: "[]" }]);
+  it("a new object's stages table is WITHOUT ROWID; an older object's rowid one is kept by the migration, its rows as they were, and answers the stage SQL as the new one does", async () => {
+    // The schema as it was before stages became WITHOUT ROWID.
+    const older = LATEST_SCHEMA.replace(/(CREATE TABLE IF NOT EXISTS stages \([\s\S]*?\)) WITHOUT ROWID;/, "$1;");
+    // The same statements on an object created with `schema`, around the start's createTables.
+    const run = (schema: string) =>
+      runInDurableObject(env.EXECUTION.get(env.EXECUTION.newUniqueId()), (_i, state) => {
+        const sql = state.storage.sql;
+        for (const r of sql.exec("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND name NOT LIKE '_cf_%'").toArray()) sql.exec(`DROP TABLE ${String(r.name)}`);
+        sql.exec(schema);
+        sql.exec("INSERT INTO execution (id, execution_id, template_name, client_id, priority, parameters, status, created_at) VALUES (1, 'e', 't', 'c', 'normal', '{}', 'running', 1)");
+        sql.exec("INSERT OR IGNORE INTO stages (stage_id, ord, worker, template_ref, action, timeout_ms, max_attempts, status, depends_on) VALUES ('stage_1', 1, 'w', 't', 'a', 1000, 1, 'pending', '[]')");
+        createTables(state.storage);
+        sql.exec("UPDATE stages SET status = 'completed' WHERE stage_id = 'stage_1'");
+        let rowid = true;
+        try {
+          sql.exec("SELECT rowid FROM stages").toArray();
+        } catch {
+          rowid = false; // a WITHOUT ROWID table has no rowid column
+        }
+        return {
+          ddl: String(sql.exec("SELECT sql FROM sqlite_master WHERE name = 'stages'").one().sql),
+          rowid,
+          rows: sql.exec("SELECT stage_id, ord, status, depends_on FROM stages ORDER BY ord").toArray(),
+        };
+      });
+    const [fresh, kept] = [await run(LATEST_SCHEMA), await run(older)];
+    expect(fresh.ddl).toMatch(/WITHOUT ROWID\s*$/);
+    expect(fresh.rowid).toBe(false);
+    expect(kept.ddl).not.toMatch(/WITHOUT ROWID/);
+    expect(kept.rowid).toBe(true);
+    expect(kept.rows).toEqual([{ stage_id: "stage_1", ord: 1, status: "completed", depends_on: "[]" }]);
+    expect(kept.rows).toEqual(fresh.rows);
   });
 
   it("its tables keyed by their primary key alone are WITHOUT ROWID, and the outbox ids write no sqlite_sequence row", async () => {
