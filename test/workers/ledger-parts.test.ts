@@ -24,6 +24,14 @@ function part(over: Partial<ReservePart> = {}): ReservePart {
 function preq(clientId: string | null, p: ReservePart, over: Partial<ReserveRequest> = {}): ReserveRequest {
   return { ...req(over), ...(clientId ? { clientId } : {}), part: p, ...(over.round !== undefined ? { round: over.round } : {}), ...(over.clientWeight ? { clientWeight: over.clientWeight } : {}) };
 }
+/** A fresh ledger whose one gpu unit a whole stage holds, and a set's round fields needing that unit. */
+async function heldUnit(name: string) {
+  const { ledger, notices } = await fresh(name);
+  await ledger.putPool("gpu", { kind: "concurrency", capacity: 1 });
+  const holder = await ledger.reserve(req({ requirements: { gpu: 1 } }));
+  const set = { executionId: req().executionId, stageId: "stage_1", attempt: 1, requirements: { gpu: 1 } };
+  return { ledger, notices, holder, set };
+}
 async function poolOf(ledger: LedgerStub, name: string) {
   return (await ledger.snapshot()).pools.find((p) => p.name === name);
 }
@@ -191,10 +199,7 @@ describe("parts: round ids and the usual calls on them", () => {
   });
 
   it("a later round ends its set's earlier round still queued here (its release still on its way): one row holds the place", async () => {
-    const { ledger, notices } = await fresh("parts-place-live");
-    await ledger.putPool("gpu", { kind: "concurrency", capacity: 1 });
-    const holder = await ledger.reserve(req({ requirements: { gpu: 1 } }));
-    const set = { executionId: req().executionId, stageId: "stage_1", attempt: 1, requirements: { gpu: 1 } };
+    const { ledger, notices, holder, set } = await heldUnit("parts-place-live");
     const r0 = await ledger.reserve(preq(null, part(), { ...set, round: 0 }));
     expect(r0).toMatchObject({ status: "waiting", position: 1 });
     // Round 1 arrives before round 0's release: round 0 is released, round 1 waits in its place, alone.
@@ -227,10 +232,7 @@ describe("parts: round ids and the usual calls on them", () => {
   });
 
   it("a round's reserve that arrives after its set's next round (each call on its own stub) is answered ended and makes nothing", async () => {
-    const { ledger, notices } = await fresh("parts-round-stale");
-    await ledger.putPool("gpu", { kind: "concurrency", capacity: 1 });
-    const holder = await ledger.reserve(req({ requirements: { gpu: 1 } }));
-    const set = { executionId: req().executionId, stageId: "stage_1", attempt: 1, requirements: { gpu: 1 } };
+    const { ledger, notices, holder, set } = await heldUnit("parts-round-stale");
     const r2 = await ledger.reserve(preq(null, part(), { ...set, round: 2 }));
     expect(r2).toMatchObject({ status: "waiting", position: 1 });
     // Rounds 0 and 1 arrive late (round 1 never reached this shard before round 2): no second row for the set.
