@@ -52,24 +52,21 @@ if (!target) {
   process.exit(2);
 }
 
-const ws = new WebSocket(target.webSocketDebuggerUrl);
+// The first inspector session opened on a worker's isolate in a bench session often gets no answer
+// at all (or is closed at once), while the next one works (seen 2026-12-02: Profiler.enable unanswered
+// for 60-120 s, then a second connection answered in under 300 ms). Not the wrangler session: its
+// inspector proxy attaches to the primary worker only (the bench gateway). So: connect, ask for
+// Profiler.enable with a short deadline, and on no answer close and connect again.
+let ws;
 let nextId = 1;
 const pending = new Map();
-ws.onmessage = (ev) => {
-  const msg = JSON.parse(typeof ev.data === "string" ? ev.data : Buffer.from(ev.data).toString());
-  if (msg.id && pending.has(msg.id)) {
-    pending.get(msg.id)(msg);
-    pending.delete(msg.id);
-  }
-};
-await new Promise((resolve, reject) => {
-  ws.onopen = resolve;
-  ws.onerror = reject;
-});
-const send = (method, params = {}) =>
+const send = (method, params = {}, ms = 180_000) =>
   new Promise((resolve, reject) => {
     const id = nextId++;
-    const timer = setTimeout(() => reject(new Error(`${method}: no answer in 180 s`)), 180_000);
+    const timer = setTimeout(() => {
+      pending.delete(id);
+      reject(new Error(`${method}: no answer in ${ms / 1000} s`));
+    }, ms);
     pending.set(id, (m) => {
       clearTimeout(timer);
       if (m.error) reject(new Error(`${method}: ${JSON.stringify(m.error)}`));
@@ -77,8 +74,34 @@ const send = (method, params = {}) =>
     });
     ws.send(JSON.stringify({ id, method, params }));
   });
-
-await send("Profiler.enable");
+for (let attempt = 1; ; attempt++) {
+  ws = new WebSocket(target.webSocketDebuggerUrl);
+  ws.onmessage = (ev) => {
+    const msg = JSON.parse(typeof ev.data === "string" ? ev.data : Buffer.from(ev.data).toString());
+    if (msg.id && pending.has(msg.id)) {
+      pending.get(msg.id)(msg);
+      pending.delete(msg.id);
+    }
+  };
+  try {
+    await new Promise((resolve, reject) => {
+      ws.onopen = resolve;
+      ws.onerror = () => reject(new Error("websocket error"));
+      ws.onclose = () => reject(new Error("closed before open"));
+    });
+    ws.onclose = null;
+    await send("Profiler.enable", {}, 5_000);
+    break;
+  } catch (err) {
+    ws.onclose = null;
+    ws.close();
+    if (attempt >= 5) {
+      console.error(`no inspector session for ${worker} after ${attempt} tries: ${err.message}`);
+      process.exit(2);
+    }
+    console.error(`inspector attempt ${attempt}: ${err.message}; connecting again`);
+  }
+}
 await send("Profiler.setSamplingInterval", { interval: 500 });
 await send("Profiler.start");
 console.error(`profiling ${worker} for ${seconds} s...`);

@@ -359,9 +359,13 @@ export class Store {
    * (handshaking or processing; not fan-out stages' own rows), and approval
    * stages awaiting their decision (their deadline runs).
    */
-  onWorker(): StageRow[] {
-    return this.#sql<StageRow>`SELECT * FROM stages WHERE (status IN ('handshaking', 'processing') AND NOT (for_each IS NOT NULL AND parent IS NULL))
-      OR status = 'awaiting_approval' ORDER BY ord`;
+  onWorker(): readonly Readonly<StageRow>[] {
+    return this.#reads.memo(
+      "on_worker",
+      ["stages"],
+      () => this.#sql<StageRow>`SELECT * FROM stages WHERE (status IN ('handshaking', 'processing') AND NOT (for_each IS NOT NULL AND parent IS NULL))
+      OR status = 'awaiting_approval' ORDER BY ord`,
+    );
   }
 
   /** Stages and items in a given state (fan-out stages' own rows included), in order. */
