@@ -15,7 +15,10 @@ import type { Core, StageRow } from "./store";
  *   calls `touched()` (`watchWrites` below); a turn that wrote rebuilds the
  *   document from SQL once, in a microtask after the turn's synchronous
  *   transition, or at once when a read comes first. Nothing is
- *   invalidated by hand, so a transition cannot forget to.
+ *   invalidated by hand, so a transition cannot forget to. The reads go
+ *   through the object's read cache (read-cache.ts), which answers from
+ *   memory what no statement since changed; built from the same reads, the
+ *   document is the one it was, and is not projected or hashed again.
  * - It never shows a state that was not committed: it is built from the same
  *   rows a SQL read would see, and any answer built from it (a read, a woken
  *   long poll) leaves the object through the output gate, which holds it until
