@@ -24,10 +24,17 @@ import type { Core, StageRow } from "./store";
  *   long poll) leaves the object through the output gate, which holds it until
  *   those rows are durable; if the commit fails the instance is reset and this
  *   memory goes with it.
- * - The version never goes backwards and never names two documents: it is
- *   stored with a hash of the document, in the turn that changed it. After an
+ * - The version never goes backwards and never names two documents anyone
+ *   saw: it rises by one with each change, in memory, and is stored with a
+ *   hash of the document (and whether it had ended) when a version is first
+ *   shown (a read, a long poll's answer, a live update, a control call's
+ *   answer), in the turn that shows it, so the output gate holds that answer
+ *   until it is durable. A change nobody was shown costs no write (most
+ *   changes of an execution that nobody polls; issue 17, target 8). After an
  *   eviction or a restart the new instance rebuilds the document and, if it
- *   does not hash to what was stored, takes the next version.
+ *   does not hash to the last one shown, takes the next version: versions
+ *   that were never shown may be counted again, for other documents, and no
+ *   reader can tell.
  *
  * Durations that run (a stage's `waiting_ms`/`processing_ms`, `paused_ms`)
  * are kept as "stored total - since" (the document built at time 0) and the
@@ -43,9 +50,10 @@ import type { Core, StageRow } from "./store";
  * when the last lease ends, for every reader at once, so no reader sees an
  * older document after another saw a newer one. No lease is given while a
  * change is held back, so reads cannot postpone it forever. A new instance
- * does not know the leases its predecessor gave: if its document is not the
- * one stored (a change was held back when the old one went), the object waits
- * `leaseMs` before it serves anything (`holdMs`).
+ * does not know the leases its predecessor gave: if the last document shown
+ * had ended (so a lease may have been given on it) and its document is not
+ * that one (a change was held back, or not shown yet, when the old one went),
+ * the object waits `leaseMs` before it serves anything (`holdMs`).
  */
 
 /** Writes to these tables never change the status document (no rebuild after them). */
@@ -108,6 +116,8 @@ export class StatusCache {
   #still: string | null = null;
   #running = true;
   #version = 0;
+  /** The last version shown, and so stored. */
+  #shown = 0;
   #dirty = true;
   #queued = false;
   #waiters = new Set<() => void>();
@@ -132,14 +142,18 @@ export class StatusCache {
    * instance gave may still be out), else 0.
    */
   load(): number {
-    const row = this.#raw<{ status_version: number; status_hash: string | null }>`SELECT status_version, status_hash FROM execution WHERE id = 1`[0];
+    const row = this.#raw<{ status_version: number; status_hash: string | null; status_shown_ended: number | null }>`
+      SELECT status_version, status_hash, status_shown_ended FROM execution WHERE id = 1`[0];
     this.#version = row?.status_version ?? 0;
+    this.#shown = this.#version;
     this.#hash = row?.status_hash ?? null;
     this.#dirty = false;
     const stored = this.#version;
     this.#rebuild(this.#hash);
     const moved = stored > 0 && this.#version !== stored;
-    return moved && this.#built && isTerminalExecution(this.#built.doc.status) ? this.#leaseMs : 0;
+    // Stored before `status_shown_ended` (null): every change was stored, and a moved ended document was held back.
+    const leasable = row?.status_shown_ended === null ? !!this.#built && isTerminalExecution(this.#built.doc.status) : row?.status_shown_ended === 1;
+    return moved && leasable ? this.#leaseMs : 0;
   }
 
   /**
@@ -177,10 +191,11 @@ export class StatusCache {
     return this.#built ? isTerminalExecution(this.#built.doc.status) : null;
   }
 
-  /** The document as of `now` (null: no execution). */
+  /** The document as of `now` (null: no execution), to be shown: its version is stored first. */
   document(now: number): StatusDocument | null {
     this.#refresh();
     if (!this.#built) return null;
+    this.#show();
     return this.#at(now);
   }
 
@@ -189,6 +204,7 @@ export class StatusCache {
     this.#refresh();
     const b = this.#built;
     if (!b) return null;
+    this.#show();
     const meta = { version: this.#version, execution_id: b.doc.execution_id, client_id: b.doc.client_id, ended: isTerminalExecution(b.doc.status) };
     if (notModifiedAt === this.#version) return { ...meta, body: null };
     if (this.#running) return { ...meta, body: JSON.stringify(this.#at(now)) };
@@ -249,13 +265,23 @@ export class StatusCache {
     this.#built = built;
     if (!built || (built === prev && this.#version > 0)) return;
     const hash = cyrb53(JSON.stringify(built.doc));
-    if (hash !== knownHash || this.#version === 0) {
-      this.#version += 1;
-      this.#raw`UPDATE execution SET status_version = ${this.#version}, status_hash = ${hash} WHERE id = 1`;
-    }
+    // A new version in memory; stored only when it is shown (#show).
+    if (hash !== knownHash || this.#version === 0) this.#version += 1;
     this.#hash = hash;
     this.#running = built.paused || built.rows.some((s) => s.waiting_since !== null || s.processing_since !== null);
     this.#still = null;
+  }
+
+  /**
+   * The current version is about to leave the object: stored with its hash,
+   * in this turn (a restart must never name another document with it). Once
+   * per version, so a poll of a document that did not change writes nothing.
+   */
+  #show(): void {
+    const b = this.#built;
+    if (!b || this.#version <= this.#shown) return;
+    this.#shown = this.#version;
+    this.#raw`UPDATE execution SET status_version = ${this.#version}, status_hash = ${this.#hash}, status_shown_ended = ${isTerminalExecution(b.doc.status) ? 1 : 0} WHERE id = 1`;
   }
 
   /** The document as of `now`: running durations get their time since they started. */

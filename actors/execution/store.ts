@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS execution (
   estimated_completion_at INTEGER, template_id TEXT, template_source TEXT,
   template_attempts INTEGER NOT NULL DEFAULT 0, error TEXT, cost TEXT, output TEXT, output_ref TEXT,
   alarm_failures INTEGER NOT NULL DEFAULT 0, data_expired_at INTEGER, index_version INTEGER NOT NULL DEFAULT 0,
-  deadline_at INTEGER, status_version INTEGER NOT NULL DEFAULT 0, status_hash TEXT,
+  deadline_at INTEGER, status_version INTEGER NOT NULL DEFAULT 0, status_hash TEXT, status_shown_ended INTEGER,
   slot TEXT, slot_wait TEXT, slot_failures INTEGER NOT NULL DEFAULT 0, client_weight INTEGER,
   notify INTEGER NOT NULL DEFAULT 0, paused_from TEXT, paused_at INTEGER, paused_ms INTEGER NOT NULL DEFAULT 0,
   rerun_of TEXT, retention_waiting INTEGER NOT NULL DEFAULT 0
@@ -107,6 +107,8 @@ const ADDED_COLUMNS: [table: string, column: string, type: string][] = [
   // The status document's version and the hash of the document it names (status-cache.ts).
   ["execution", "status_version", "INTEGER NOT NULL DEFAULT 0"],
   ["execution", "status_hash", "TEXT"],
+  // Whether the last document shown had ended (status-cache.ts: a lease may be out on it); null in rows stored before.
+  ["execution", "status_shown_ended", "INTEGER"],
   // The client's fair-share weight from its slot answer, for its stages' parts on other ledger shards (acquire.ts).
   ["execution", "client_weight", "INTEGER"],
 ];

@@ -189,6 +189,30 @@ describe("status reads from the execution's memory", () => {
     expect((await read(id, "", KAM)).res.status).toBe(200);
   });
 
+  it("a version is stored when it is first shown: the changes nobody was shown write none, and a restart never reuses a version shown", async () => {
+    const { id, doc } = await awaitingApproval();
+    const stub = executionStub(id);
+    const stored = () =>
+      runInDurableObject(stub, (_o, st) => st.storage.sql.exec<{ version: number; status: string }>("SELECT status_version AS version, status FROM execution").one());
+    expect((await stored()).version).toBe(doc.version);
+    // The approval's answer shows the document of its turn; the execution then runs to its end with nobody reading.
+    const decided = (await (await approve(id)).json()) as StatusDocument;
+    expect(decided.version).toBeGreaterThan(doc.version);
+    const deadline = Date.now() + 15_000;
+    while ((await stored()).status !== "completed") {
+      if (Date.now() > deadline) throw new Error("the execution did not end");
+      await scheduler.wait(50);
+    }
+    // Stage 2's completion, stage 3's start and end and the execution's end changed the document; none was stored.
+    expect((await stored()).version).toBe(decided.version);
+    // A new instance counts from the last version shown: the ended document is the next one, stored as it is shown.
+    await evictDurableObject(stub);
+    const end = (await read(id)).doc!;
+    expect(end.status).toBe("completed");
+    expect(end.version).toBe(decided.version + 1);
+    expect((await stored()).version).toBe(end.version);
+  });
+
   it("the document in memory is the one a fresh object builds after eviction, at the same version; the next change takes the next one", async () => {
     const { id } = await awaitingApproval();
     const before = (await read(id)).doc!;
