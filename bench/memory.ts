@@ -107,7 +107,8 @@ export async function runMemory(opts: Options, open: () => Promise<OpenSession &
   for (const kind of order) phases[kind] = await memoryPhase(opts, open, kind);
   const o = phases.orchestrated!;
   const d = phases["durable-floor"]!;
-  const ratio = o.growth_mib !== null && d.growth_mib ? Number((o.growth_mib / d.growth_mib).toFixed(2)) : null;
+  // Judged only on a floor that grew: a settled RSS below its baseline would make any ratio meaningless.
+  const ratio = o.growth_mib !== null && d.growth_mib !== null && d.growth_mib > 0 ? Number((o.growth_mib / d.growth_mib).toFixed(2)) : null;
   const judged = opts.n >= 10_000 && o.report.completed === opts.n && d.report.completed === opts.n;
   const target = {
     name: "issue 17 (7): runtime memory growth over the same executions <= 1.2x the durable floor's (judged at >= 10000, every execution completed)",

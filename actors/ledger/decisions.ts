@@ -74,30 +74,36 @@ export class Decisions {
     // budget is spent would queue (client_budget) instead of being refused budget_exhausted.
     const earlier = place ? this.liveRow(place.id, s) : undefined;
     if (earlier) this.endRow(earlier, s);
+    // endRow runs no grant pass: a refusal below must give what it freed to the others waiting here (queued,
+    // the new round runs the pass itself, after it has taken the earlier round's place).
+    const refused = <R extends ReserveResult>(r: R): R => {
+      if (earlier) this.pass.run(s);
+      return r;
+    };
     // A part holds exactly its requirements, plus the worker slot when it is the worker's part.
     const needs = part ? this.#partNeeds(req.worker, req.requirements, part.worker) : this.needs(req.worker, req.requirements);
     // Whether this reservation holds the client's running count, rate buckets and budget (the whole stage, or the client's part).
     const holds = !part || part.client;
     const misplaced = this.own.misplaced(Object.keys(needs), holds ? (req.clientId ?? null) : null, part?.shard ?? null);
-    if (misplaced) return { status: "refused", reservationId: id, code: "wrong_shard", message: misplaced };
+    if (misplaced) return refused({ status: "refused", reservationId: id, code: "wrong_shard", message: misplaced });
     const unknown = Object.keys(needs).filter((n) => n !== workerPool && !this.store.pools.has(n));
     if (unknown.length) {
-      return { status: "refused", reservationId: id, code: "unknown_pool", message: `unknown pool(s): ${unknown.join(", ")}` };
+      return refused({ status: "refused", reservationId: id, code: "unknown_pool", message: `unknown pool(s): ${unknown.join(", ")}` });
     }
     if (workerPool in needs && !this.store.pools.has(workerPool)) {
       this.store.addPool(newPool(workerPool, "concurrency", this.tuning.defaultWorkerConcurrency, 0, s.now));
     }
     const never = this.#unsatisfiable(id, needs);
-    if (never) return never;
+    if (never) return refused(never);
     const c = this.store.client(req.clientId ?? null, s.now);
     const q = holds ? this.quotasOf(c) : NO_QUOTAS;
     // The client's part is judged on the whole stage (its cost and its client rate), the other parts not at all.
     const clientNeeds = part?.client && part.stageNeeds ? nonZero(part.stageNeeds) : needs;
     const overRate = clientRateUnsatisfiable(q, clientNeeds);
-    if (overRate) return { status: "refused", reservationId: id, code: "resource_unsatisfiable", message: `can never be granted: ${overRate}` };
+    if (overRate) return refused({ status: "refused", reservationId: id, code: "resource_unsatisfiable", message: `can never be granted: ${overRate}` });
     const cost = holds ? this.accounts.costOf(clientNeeds) : 0;
     if (budgetExhausted(q, c, cost, s.now)) {
-      return { status: "refused", reservationId: id, code: "budget_exhausted", message: `client ${c.id} has no budget left for this stage this month` };
+      return refused({ status: "refused", reservationId: id, code: "budget_exhausted", message: `client ${c.id} has no budget left for this stage this month` });
     }
 
     const rank = rankOf(req.priority);

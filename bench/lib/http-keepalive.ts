@@ -30,15 +30,17 @@ export class KeepAliveClient {
    * One request. A request written to a kept-alive socket that the server
    * closed as idle at the same moment fails with ECONNRESET before the server
    * read it (about 1 in 10,000 here: one in each 10,000-execution phase of
-   * `--memory` on 2026-12-02); it is sent once more, as Node's documentation
-   * advises for a reset on `request.reusedSocket`. The bench counts `resent`;
+   * `--memory` on 2026-12-02); a GET is sent once more, as Node's documentation
+   * advises for an idempotent request reset on `request.reusedSocket` (a POST
+   * stays failed: the server may have read it). The bench counts `resent`;
    * any other error, and a second reset, is the caller's.
    */
   async request<T = unknown>(method: string, path: string, opts: { headers?: Record<string, string>; body?: unknown; timeoutMs?: number } = {}): Promise<HttpAnswer<T>> {
     try {
       return await this.#once<T>(method, path, opts);
     } catch (err) {
-      if (!(err instanceof StaleSocket)) throw err;
+      // Only a GET is sent again: a POST the server did read after all would start a second execution.
+      if (!(err instanceof StaleSocket) || method !== "GET") throw err;
       this.resent += 1;
       return await this.#once<T>(method, path, opts, false);
     }

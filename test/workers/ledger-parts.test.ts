@@ -231,6 +231,24 @@ describe("parts: round ids and the usual calls on them", () => {
     await expectWithinCapacity(ledger);
   });
 
+  it("a later round refused after ending its set's earlier round gives what that round held to the stage waiting behind it", async () => {
+    const { ledger, notices } = await fresh("parts-round-refused");
+    await ledger.putPool("gpu", { kind: "concurrency", capacity: 1 });
+    const set = { executionId: req().executionId, stageId: "stage_1", attempt: 1, requirements: { gpu: 1 } };
+    const r0 = await ledger.reserve(preq(null, part(), { ...set, round: 0 }));
+    expect(r0.status).toBe("granted");
+    const behind = await ledger.reserve(req({ requirements: { gpu: 1 } }));
+    expect(behind).toMatchObject({ status: "waiting", position: 1 });
+    // Round 1 ends round 0 here, then is refused (a pool this shard does not have): the freed unit is granted at once.
+    const r1 = await ledger.reserve(preq(null, part(), { ...set, requirements: { gpu: 1, no_such_pool: 1 }, round: 1 }));
+    expect(r1).toMatchObject({ status: "refused", code: "unknown_pool" });
+    expect(await ledger.status(id(r0))).toMatchObject({ state: "released" });
+    expect(notices.map((n) => n.notice.reservationId)).toEqual([id(behind)]);
+    expect(await ledger.status(id(behind))).toMatchObject({ state: "granted" });
+    await ledger.settle(id(behind), {});
+    await expectWithinCapacity(ledger);
+  });
+
   it("a round's reserve that arrives after its set's next round (each call on its own stub) is answered ended and makes nothing", async () => {
     const { ledger, notices, holder, set } = await heldUnit("parts-round-stale");
     const r2 = await ledger.reserve(preq(null, part(), { ...set, round: 2 }));

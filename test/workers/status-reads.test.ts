@@ -1,7 +1,7 @@
 import { evictDurableObject, runInDurableObject } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
 import type { StatusDocument } from "../../schemas/api";
-import { JSON_HEADERS, KAM, OPS, call, ended, executionStub, startExecution, status, waitFor } from "../support/api";
+import { JSON_HEADERS, KAM, OPS, call, ended, executionStub, startExecution, status, until, waitFor } from "../support/api";
 import { TEST_API_KEYS } from "../support/constants";
 
 /**
@@ -198,11 +198,7 @@ describe("status reads from the execution's memory", () => {
     // The approval's answer shows the document of its turn; the execution then runs to its end with nobody reading.
     const decided = (await (await approve(id)).json()) as StatusDocument;
     expect(decided.version).toBeGreaterThan(doc.version);
-    const deadline = Date.now() + 15_000;
-    while ((await stored()).status !== "completed") {
-      if (Date.now() > deadline) throw new Error("the execution did not end");
-      await scheduler.wait(50);
-    }
+    await until("the execution's end, read from its SQL (not shown)", stored, (r) => r.status === "completed");
     // Stage 2's completion, stage 3's start and end and the execution's end changed the document; none was stored.
     expect((await stored()).version).toBe(decided.version);
     // A new instance counts from the last version shown: the ended document is the next one, stored as it is shown.
