@@ -32,6 +32,15 @@ async function heldUnit(name: string) {
   const set = { executionId: req().executionId, stageId: "stage_1", attempt: 1, requirements: { gpu: 1 } };
   return { ledger, notices, holder, set };
 }
+/** A fresh ledger with one gpu unit, granted to round 0 of a one-part set. */
+async function grantedRound0(name: string) {
+  const { ledger, notices } = await fresh(name);
+  await ledger.putPool("gpu", { kind: "concurrency", capacity: 1 });
+  const set = { executionId: req().executionId, stageId: "stage_1", attempt: 1, requirements: { gpu: 1 } };
+  const r0 = await ledger.reserve(preq(null, part(), { ...set, round: 0 }));
+  expect(r0.status).toBe("granted");
+  return { ledger, notices, set, r0 };
+}
 async function poolOf(ledger: LedgerStub, name: string) {
   return (await ledger.snapshot()).pools.find((p) => p.name === name);
 }
@@ -206,7 +215,7 @@ describe("parts: round ids and the usual calls on them", () => {
     const r1 = await ledger.reserve(preq(null, part(), { ...set, round: 1 }));
     expect(r1).toMatchObject({ status: "waiting", position: 1 });
     expect(await ledger.status(id(r0))).toMatchObject({ state: "released" });
-    expect((await ledger.snapshot()).pools.find((p) => p.name === "gpu")).toMatchObject({ waiting: 1 });
+    expect((await poolOf(ledger, "gpu"))).toMatchObject({ waiting: 1 });
     // The release arriving late changes nothing; the freed unit goes to round 1 only.
     expect(await ledger.release(id(r0))).toEqual({ ok: true, state: "released" });
     await ledger.settle(id(holder), {});
@@ -232,11 +241,7 @@ describe("parts: round ids and the usual calls on them", () => {
   });
 
   it("a later round refused after ending its set's earlier round gives what that round held to the stage waiting behind it", async () => {
-    const { ledger, notices } = await fresh("parts-round-refused");
-    await ledger.putPool("gpu", { kind: "concurrency", capacity: 1 });
-    const set = { executionId: req().executionId, stageId: "stage_1", attempt: 1, requirements: { gpu: 1 } };
-    const r0 = await ledger.reserve(preq(null, part(), { ...set, round: 0 }));
-    expect(r0.status).toBe("granted");
+    const { ledger, notices, set, r0 } = await grantedRound0("parts-round-refused");
     const behind = await ledger.reserve(req({ requirements: { gpu: 1 } }));
     expect(behind).toMatchObject({ status: "waiting", position: 1 });
     // Round 1 ends round 0 here, then is refused (a pool this shard does not have): the freed unit is granted at once.
@@ -259,7 +264,7 @@ describe("parts: round ids and the usual calls on them", () => {
       expect(stale).toMatchObject({ status: "ended", state: "released", code: "reservation_ended", reservationId: round ? `${set.executionId}:stage_1:1@1` : `${set.executionId}:stage_1:1` });
       expect(await ledger.status(id(stale))).toMatchObject({ state: "unknown" });
     }
-    expect((await ledger.snapshot()).pools.find((p) => p.name === "gpu")).toMatchObject({ waiting: 1 });
+    expect((await poolOf(ledger, "gpu"))).toMatchObject({ waiting: 1 });
     await ledger.settle(id(holder), {});
     expect(notices.map((n) => n.notice.reservationId)).toEqual([id(r2)]);
     await ledger.settle(id(r2), {});
@@ -267,11 +272,7 @@ describe("parts: round ids and the usual calls on them", () => {
   });
 
   it("a later round gives back what its set's earlier round still holds here", async () => {
-    const { ledger } = await fresh("parts-round-held");
-    await ledger.putPool("gpu", { kind: "concurrency", capacity: 1 });
-    const set = { executionId: req().executionId, stageId: "stage_1", attempt: 1, requirements: { gpu: 1 } };
-    const r0 = await ledger.reserve(preq(null, part(), { ...set, round: 0 }));
-    expect(r0.status).toBe("granted");
+    const { ledger, set, r0 } = await grantedRound0("parts-round-held");
     // Round 0 was given up elsewhere; round 1 comes first: it takes the unit round 0 held.
     const r1 = await ledger.reserve(preq(null, part(), { ...set, round: 1 }));
     expect(r1.status).toBe("granted");
