@@ -21,13 +21,18 @@ const READS = /^\s*SELECT/i;
  * it; a new instance starts empty). Cached results are frozen: a caller that
  * changed one would change what the next caller reads.
  *
+ * A write drops the entries of its table at once (a stale entry is never
+ * valid again, and a 1,000-item fan-out would otherwise keep a frozen row
+ * per item read, outputs up to 64 KiB inline, for the object's life), so
+ * what is kept is only what is valid now.
+ *
  * `check` (tuning `readCacheCheck`, on in the test suite): every hit is read
  * again from SQL and compared, and a difference throws.
  */
 export class ReadCache {
-  readonly #gen = new Map<string, number>();
-  #all = 0;
-  readonly #memo = new Map<string, { stamp: number; value: unknown }>();
+  readonly #memo = new Map<string, unknown>();
+  /** The keys read from each table (a key is under every table it reads). */
+  readonly #keys = new Map<string, Set<string>>();
   readonly #check: boolean;
 
   constructor(check = false) {
@@ -40,8 +45,8 @@ export class ReadCache {
       const head = strings[0];
       if (!READS.test(head)) {
         const table = WRITES.exec(head)?.[1];
-        if (table) this.#gen.set(table, (this.#gen.get(table) ?? 0) + 1);
-        else this.#all += 1;
+        if (table) this.#drop(table);
+        else this.#clear();
       }
       return sql(strings, ...values);
     }) as Sql;
@@ -49,23 +54,48 @@ export class ReadCache {
 
   /** `read()`, or its result from memory while none of `tables` was written since. */
   memo<T>(key: string, tables: readonly string[], read: () => T): T {
-    // Generations only grow, so their sum is unchanged exactly when none of them changed.
-    let stamp = this.#all;
-    for (const t of tables) stamp += this.#gen.get(t) ?? 0;
-    const hit = this.#memo.get(key);
-    if (hit && hit.stamp === stamp) {
-      if (this.#check && !same(hit.value, read())) throw new Error(`read cache: ${key} differs from SQL`);
-      return hit.value as T;
+    if (this.#memo.has(key)) {
+      const hit = this.#memo.get(key) as T;
+      if (this.#check && !same(hit, read())) throw new Error(`read cache: ${key} differs from SQL`);
+      return hit;
     }
     const value = freeze(read());
-    this.#memo.set(key, { stamp, value });
+    this.#memo.set(key, value);
+    for (const t of tables) {
+      const keys = this.#keys.get(t);
+      if (keys) keys.add(key);
+      else this.#keys.set(t, new Set([key]));
+    }
     return value;
+  }
+
+  /** How many reads are kept (for tests: a write leaves none of its table's). */
+  get size(): number {
+    return this.#memo.size;
+  }
+
+  #drop(table: string): void {
+    const keys = this.#keys.get(table);
+    if (!keys) return;
+    // A key under another table too stays in that table's set; deleting a key that is gone is a no-op.
+    for (const k of keys) this.#memo.delete(k);
+    keys.clear();
+  }
+
+  #clear(): void {
+    this.#memo.clear();
+    this.#keys.clear();
   }
 }
 
 function freeze<T>(value: T): T {
   if (Array.isArray(value)) for (const v of value) if (v && typeof v === "object") Object.freeze(v);
-  return value && typeof value === "object" && !(value instanceof Map) ? Object.freeze(value) : value;
+  // A Map cannot be frozen (its set and delete still work); its values can, and callers get it as ReadonlyMap.
+  if (value instanceof Map) {
+    for (const v of value.values()) if (v && typeof v === "object") Object.freeze(v);
+    return value;
+  }
+  return value && typeof value === "object" ? Object.freeze(value) : value;
 }
 
 const same = (a: unknown, b: unknown) => JSON.stringify(a, mapsAsEntries) === JSON.stringify(b, mapsAsEntries);

@@ -86,6 +86,8 @@ async function crashAndSilence(id: string): Promise<void> {
     state.storage.sql.exec("UPDATE timers SET due_at = due_at + 3600000");
     await state.storage.setAlarm(Date.now() + 3_600_000);
   });
+  // Written behind the instance that read the timers: a restart makes the next one read them (read-cache.ts).
+  await crash(executionStub(id));
 }
 
 /** The worker's `complete` for attempt 1 to an instance that stores the stage waiting for resources: refused 409 stage_waiting. */
@@ -188,6 +190,7 @@ describe("the grant is written with the next write, not before the handshake", (
       state.storage.sql.exec("UPDATE stages SET ledger_failures = 1 WHERE stage_id = 'stage_1'");
       state.storage.sql.exec("INSERT INTO timers (name, unit, due_at) VALUES ('reask', 'stage_1', ?)", backoffEnds);
     });
+    await crash(executionStub(id));
     await refusedAsWaiting(id);
     // Still the backoff's timer (brought to now, the pass would have taken it and asked at once).
     const reask = await runInDurableObject(executionStub(id), (_i, state) => state.storage.sql.exec("SELECT due_at FROM timers WHERE name = 'reask' AND unit = 'stage_1'").toArray());
