@@ -235,10 +235,10 @@ export class ResourceLedger extends DurableObject<Env> {
    * settles again on its own; a malformed reserve answers `invalid` as reserve() does.
    */
   async settleAndReserve(settle: SettleInput, request: ReserveRequest): Promise<SettleAndReserveResult> {
-    const [settled, reserved] = await Promise.allSettled([
-      this.settle(settle.reservationId, settle.usage, settle.durationMs, settle.stageUsage),
-      this.reserve(request),
-    ]);
+    // Both decide before either's writes execute: one commit for the two (group-commit.ts, together).
+    const [settled, reserved] = await this.#store.commit.together(() =>
+      Promise.allSettled([this.settle(settle.reservationId, settle.usage, settle.durationMs, settle.stageUsage), this.reserve(request)]),
+    );
     if (reserved.status === "rejected") throw reserved.reason;
     return { settled: settled.status === "fulfilled" ? settled.value : null, reserved: reserved.value };
   }

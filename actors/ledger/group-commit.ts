@@ -18,6 +18,8 @@ export class GroupCommit {
   #acks: { resolve: () => void; reject: (err: unknown) => void }[] = [];
   #committing = false;
   #inDirect = false;
+  /** Inside `together`: acks wait for its end, so the steps it runs share one commit. */
+  #together = 0;
 
   /**
    * `beforeCommit` writes what the owner batches per commit (dirty pool rows);
@@ -47,8 +49,22 @@ export class GroupCommit {
   ack<T>(result: T): Promise<T> {
     return new Promise<T>((resolve, reject) => {
       this.#acks.push({ resolve: () => resolve(result), reject });
-      if (!this.#committing) this.flush();
+      if (!this.#committing && this.#together === 0) this.flush();
     });
+  }
+
+  /**
+   * Runs `fn`, whose steps queue their writes, and executes the queue once after it: the steps of
+   * one call (a settle and the next reserve) land in one commit instead of two.
+   */
+  together<T>(fn: () => T): T {
+    this.#together++;
+    try {
+      return fn();
+    } finally {
+      this.#together--;
+      if (this.#together === 0 && !this.#committing) this.flush();
+    }
   }
 
   /** Executes the queue, then `fn` as one transaction with its writes at once. Memory is rebuilt if it throws. */

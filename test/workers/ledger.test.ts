@@ -4,6 +4,7 @@
  */
 import { runInDurableObject } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
+import type { ResourceLedger } from "../../actors/resource-ledger";
 import { DEFAULT_TUNING } from "../../src/config";
 import type { PoolSnapshot } from "../../schemas/ledger";
 import { execId, expectWithinCapacity, failure, fresh, req, type LedgerStub } from "./ledger-support";
@@ -190,6 +191,32 @@ describe("settle and release", () => {
     expect(again.reserved).toEqual(both.reserved);
     expect((await poolOf(ledger, "gpu")).in_use).toBe(1);
     await expectWithinCapacity(ledger);
+  });
+
+  it("settleAndReserve writes the settle and the reserve in one commit (issue 17, target 4)", async () => {
+    const { ledger } = await fresh("settle-and-reserve-one-commit");
+    const a = granted(await ledger.reserve(req({ worker: "one" })));
+    const next = req({ executionId: a.reservationId.split(":")[0], worker: "one", stageId: "stage_2" });
+    // The real storage's transactionSync, counted: every group commit of the ledger is one of them.
+    const commits = await runInDurableObject(ledger, async (instance: ResourceLedger, state) => {
+      const storage = state.storage;
+      const real = storage.transactionSync.bind(storage);
+      let n = 0;
+      storage.transactionSync = <T>(fn: () => T): T => {
+        n++;
+        return real(fn);
+      };
+      try {
+        const both = await instance.settleAndReserve({ reservationId: a.reservationId, usage: {}, durationMs: 5 }, next);
+        expect(both.settled).toMatchObject({ ok: true, state: "settled" });
+        granted(both.reserved);
+      } finally {
+        storage.transactionSync = real;
+      }
+      return n;
+    });
+    expect(commits).toBe(1);
+    expect((await ledger.status(a.reservationId)).state).toBe("settled");
   });
 
   it("settleAndReserve still reserves when the settle is refused, and says so", async () => {
