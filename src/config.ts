@@ -50,6 +50,12 @@ export const DEFAULT_TUNING = {
   /** Progress polling: starts short, doubles, capped. */
   pollInitialMs: 250,
   pollMaxMs: 5_000,
+  /**
+   * A summary of a live execution for the index waits this long for the next one, which takes its
+   * outbox row and goes in its place (a summary of an ended execution goes at once): an execution
+   * that starts running or ends within it is sent once, not once per change.
+   */
+  indexHoldMs: 1_000,
   /** Consecutive failed polls after which the worker is taken as gone. */
   maxPollFailures: 5,
   /** Ledger leases: granted for leaseMs, renewed by polls once half of it has passed. */

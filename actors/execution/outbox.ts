@@ -62,6 +62,12 @@ export class Outbox {
    * Whatever is still held when a drive pass ends is sent on its own.
    */
   #held: Ride | null = null;
+  /**
+   * A live execution's index summary, written to the outbox and held back for `indexHoldMs`: a newer
+   * summary written meanwhile takes its row and goes in its place, one delivery for both (an ended
+   * execution's at once). Lost with an eviction, the row is delivered when its claim runs out.
+   */
+  #heldIndex: { id: number; item: OutboxItem; timer: ReturnType<typeof setTimeout> } | null = null;
 
   constructor(core: Omit<Core, "outbox">) {
     this.#c = core;
@@ -75,6 +81,15 @@ export class Outbox {
    * and if this instance is evicted mid-delivery the outbox timer sends it again.
    */
   enqueue(item: OutboxItem, now: number, opts: { hold?: boolean } = {}): void {
+    const ended = item.kind === "index_upsert" && isTerminalExecution(item.entry.status);
+    const held = item.kind === "index_upsert" ? this.#heldIndex : null;
+    if (held) {
+      // The newer summary takes the held one's row (its claim and timer stay): one delivery for both.
+      this.#c.sql`UPDATE outbox SET payload = ${JSON.stringify(item)} WHERE id = ${held.id}`;
+      held.item = item;
+      if (ended) this.#sendHeldIndex();
+      return;
+    }
     this.#purgeDelivered();
     const due = now + this.#claimMs();
     const row = this.#c.sql<{ id: number }>`INSERT INTO outbox (kind, payload, next_at, created_at)
@@ -85,7 +100,23 @@ export class Outbox {
       this.#held = { id: row.id, item };
       return;
     }
+    const holdMs = this.#c.config.tuning.indexHoldMs;
+    if (item.kind === "index_upsert" && !ended && holdMs > 0) {
+      // Claimed as in flight meanwhile, so a flush does not send it around the hold.
+      this.#inFlight.add(row.id);
+      this.#heldIndex = { id: row.id, item, timer: setTimeout(() => this.#sendHeldIndex(), holdMs) };
+      return;
+    }
     this.#deliverInBackground(row.id, item, 0);
+  }
+
+  /** Sends the held index summary (its hold ran out, or an ended execution's summary took its row). */
+  #sendHeldIndex(): void {
+    const h = this.#heldIndex;
+    if (!h) return;
+    this.#heldIndex = null;
+    clearTimeout(h.timer);
+    this.#deliverInBackground(h.id, h.item, 0);
   }
 
   /** Sends the held settle on its own (the drive pass ended without a reserve to ride on). */

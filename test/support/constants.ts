@@ -41,6 +41,8 @@ export const TEST_TUNING = {
   retryCapMs: 200,
   pollInitialMs: 100,
   pollMaxMs: 500,
+  // As deployed: a live execution's index summary waits this long for the next (outbox.ts).
+  indexHoldMs: 1_000,
   outboxRetryMs: 200,
   maxPollFailures: 3,
   notifyRetryBaseMs: 50,
