@@ -33,7 +33,7 @@ import {
 import type { CancelState, DecideState, InputRead, ItemsState, PauseState, ResultState, ResumeState, SpansState, StartInput, StartResult, StatusRead, StatusReadQuery } from "./rpc-types";
 import { StatusCache, buildStatus, watchWrites } from "./status-cache";
 import * as step from "./steps";
-import { createTables } from "./schema";
+import { hasTables, withTables } from "./schema";
 import { type Core, type ExecutionRow, Store, isFanOut, parse } from "./store";
 import { Timers, WATCHDOG_MS } from "./timers";
 import * as tx from "./transitions";
@@ -87,7 +87,7 @@ export class Execution extends DurableObject<Env> {
     this.#config = configOf(env);
     // Every statement passes the read cache's watch (read-cache.ts), but the status document's own
     // version and hash, which no cached read reads (StatusCache writes them with `raw`).
-    const raw = sqlOf(ctx.storage);
+    const raw = withTables(sqlOf(ctx.storage), ctx.storage);
     const reads = new ReadCache(this.#config.tuning.readCacheCheck === 1);
     const grants = new HeldGrants();
     // Every write the object makes passes here: a grant held in memory is written first (grant.ts),
@@ -95,7 +95,7 @@ export class Execution extends DurableObject<Env> {
     const sql = grants.beforeWrites(watchWrites(reads.watch(raw), () => this.#status.touched()));
     this.#store = new Store(sql, reads, { grants, handshakeTimeoutMs: this.#config.tuning.handshakeTimeoutMs });
     this.#timers = new Timers(sql, ctx.storage, reads);
-    this.#live = new Live(ctx, this.#store, () => this.#document());
+    this.#live = new Live(ctx, raw, this.#store, () => this.#document());
     this.#status = new StatusCache(raw, (prev) => buildStatus(this.#c, prev), () => this.#live.changed(), this.#config.tuning.statusLeaseMs);
     const base = {
       env,
@@ -118,8 +118,8 @@ export class Execution extends DurableObject<Env> {
     );
     setLogLevel(env);
     ctx.blockConcurrencyWhile(async () => {
-      createTables(ctx.storage);
-      const holdMs = this.#status.load();
+      // A new object has nothing to load: its tables come with its first statement (withTables), in start()'s commit.
+      const holdMs = hasTables(ctx.storage) ? this.#status.load() : 0;
       this.#timers.known(await ctx.storage.getAlarm());
       // A change held back for leases the previous instance gave, which may still be out: nothing is served until they end.
       if (holdMs > 0) await new Promise((resolve) => setTimeout(resolve, holdMs));

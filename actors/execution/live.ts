@@ -1,6 +1,6 @@
 import type { StatusDocument } from "../../schemas/api";
 import { LIVE_PROTOCOL, TICKET_USE_HEADER } from "../../src/live-ticket";
-import { type Sql, sqlOf } from "../sql";
+import type { Sql } from "../sql";
 import { isTerminalExecution } from "../stage-machine";
 import type { ExecutionRow, Store } from "./store";
 
@@ -24,9 +24,9 @@ export class Live {
   /** A push is queued for the end of this turn. */
   #queued = false;
 
-  constructor(ctx: DurableObjectState, store: Store, document: (ex: ExecutionRow) => StatusDocument) {
+  constructor(ctx: DurableObjectState, sql: Sql, store: Store, document: (ex: ExecutionRow) => StatusDocument) {
     this.#ctx = ctx;
-    this.#sql = sqlOf(ctx.storage);
+    this.#sql = sql;
     this.#store = store;
     this.#document = document;
   }

@@ -1,3 +1,4 @@
+import type { Sql } from "../sql";
 import { RERUNS_SCHEMA, migrateControl } from "./control";
 import { LIVE_TICKETS_SCHEMA } from "./live";
 import { EVENTS_SCHEMA } from "./notify";
@@ -10,14 +11,34 @@ const TABLES = SCHEMA + EVENTS_SCHEMA + RERUNS_SCHEMA + HOLDS_SCHEMA + LIVE_TICK
 /** A new object's schema: the tables at the latest version and their index. */
 export const LATEST_SCHEMA = TABLES + STAGES_BY_PARENT;
 
+/** Whether the object has its tables (a new one gets them with its first statement, withTables). */
+export function hasTables(storage: DurableObjectStorage): boolean {
+  return storage.sql.exec("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'execution'").toArray().length > 0;
+}
+
 /**
- * Run in the constructor's blockConcurrencyWhile. A new object creates its
+ * `sql` that creates or migrates the tables (createTables) before its first statement. A new object
+ * thus writes its schema in the turn of its first write (start()), in that turn's commit, not in a
+ * commit of its own from the constructor; every statement after it finds the tables.
+ */
+export function withTables(sql: Sql, storage: DurableObjectStorage): Sql {
+  let ready = false;
+  return (strings, ...values) => {
+    if (!ready) {
+      createTables(storage);
+      ready = true;
+    }
+    return sql(strings, ...values);
+  };
+}
+
+/**
+ * Run before the object's first statement (withTables). A new object creates its
  * tables at the latest version in one run and migrates nothing; an older one
  * gets what it lacks, then the migrations (columns, the timers' units).
  */
 export function createTables(storage: DurableObjectStorage): void {
-  const fresh = storage.sql.exec("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'execution'").toArray().length === 0;
-  if (fresh) {
+  if (!hasTables(storage)) {
     storage.sql.exec(LATEST_SCHEMA);
     return;
   }

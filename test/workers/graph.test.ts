@@ -1,5 +1,6 @@
 import { evictDurableObject, runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
+import { createTables } from "../../actors/execution/schema";
 import { migrate } from "../../actors/execution/store";
 import { beforeEach, describe, expect, it } from "vitest";
 import type { ItemsPage, StageDocument, StatusDocument } from "../../schemas/api";
@@ -263,6 +264,8 @@ describe("pipeline graph", () => {
     const stub = env.EXECUTION.get(env.EXECUTION.newUniqueId());
     const after = await runInDurableObject(stub, (_i, state) => {
       const sql = state.storage.sql;
+      // A new object gets its tables with its first statement (schema.ts withTables); here first by hand.
+      createTables(state.storage);
       sql.exec(`DROP INDEX stages_by_parent;
         ALTER TABLE stages DROP COLUMN depends_on; ALTER TABLE stages DROP COLUMN for_each; ALTER TABLE stages DROP COLUMN max_parallel;
         ALTER TABLE stages DROP COLUMN items_total; ALTER TABLE stages DROP COLUMN parent; ALTER TABLE stages DROP COLUMN item_index;

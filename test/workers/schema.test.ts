@@ -2,7 +2,7 @@ import { runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import { migrateControl } from "../../actors/execution/control";
-import { LATEST_SCHEMA, createTables } from "../../actors/execution/schema";
+import { LATEST_SCHEMA, createTables, hasTables } from "../../actors/execution/schema";
 import { migrate } from "../../actors/execution/store";
 
 /**
@@ -61,8 +61,18 @@ describe("the Execution's schema", () => {
     expect(kept.rows).toEqual(fresh.rows);
   });
 
+  it("a new object creates no tables in its constructor: they come with its first statement, in that turn's commit (start()'s for a new execution)", async () => {
+    const stub = env.EXECUTION.get(env.EXECUTION.newUniqueId());
+    expect(await runInDurableObject(stub, (_i, state) => hasTables(state.storage))).toBe(false);
+    // A read is a first statement too: no execution, and the tables are there after it.
+    expect(await stub.getStatus()).toBeNull();
+    expect(await runInDurableObject(stub, (_i, state) => hasTables(state.storage))).toBe(true);
+  });
+
   it("its tables keyed by their primary key alone are WITHOUT ROWID, and the outbox ids write no sqlite_sequence row", async () => {
     const stub = env.EXECUTION.get(env.EXECUTION.newUniqueId());
+    // Its tables come with its first statement.
+    expect(await stub.getStatus()).toBeNull();
     const tables = await runInDurableObject(stub, (_i, state) =>
       state.storage.sql.exec("SELECT name, sql FROM sqlite_master WHERE type = 'table'").toArray().map((r) => ({ name: String(r.name), sql: String(r.sql) })),
     );
