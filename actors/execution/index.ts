@@ -94,7 +94,8 @@ export class Execution extends DurableObject<Env> {
     // and the status document is rebuilt after the turn that wrote.
     const sql = grants.beforeWrites(watchWrites(reads.watch(raw), () => this.#status.touched()));
     this.#store = new Store(sql, reads, { grants, handshakeTimeoutMs: this.#config.tuning.handshakeTimeoutMs });
-    this.#timers = new Timers(sql, ctx.storage, reads);
+    // A timer write left out because memory shows it changes nothing still writes the held grants first, as the statement would have.
+    this.#timers = new Timers(sql, ctx.storage, reads, { check: this.#config.tuning.readCacheCheck === 1, beforeWrite: () => grants.writeAll() });
     this.#live = new Live(ctx, raw, this.#store, () => this.#document());
     this.#status = new StatusCache(raw, (prev) => buildStatus(this.#c, prev), () => this.#live.changed(), this.#config.tuning.statusLeaseMs);
     const base = {

@@ -68,6 +68,11 @@ export class Outbox {
    * execution's at once). Lost with an eviction, the row is delivered when its claim runs out.
    */
   #heldIndex: { id: number; item: OutboxItem; timer: ReturnType<typeof setTimeout> } | null = null;
+  /**
+   * No message is marked undeliverable (a read found none since): only #failed marks one, so
+   * until it does the list costs no statement after each outbox write.
+   */
+  #noneUndeliverable = false;
 
   constructor(core: Omit<Core, "outbox">) {
     this.#c = core;
@@ -202,7 +207,9 @@ export class Outbox {
         this.#inFlight.delete(id);
         if (ok) {
           this.#delivered.push(id);
-          const row = this.#c.sql<{ listed: number; undeliverable_at: number | null }>`SELECT listed, undeliverable_at FROM outbox WHERE id = ${id}`[0];
+          // A message that never failed (attempts 0) was never marked undeliverable nor listed (#failed does both): no read.
+          const row = attempts > 0 || this.#c.reads.checking ? this.#c.sql<{ listed: number; undeliverable_at: number | null }>`SELECT listed, undeliverable_at FROM outbox WHERE id = ${id}`[0] : undefined;
+          if (attempts === 0 && (row?.listed || row?.undeliverable_at != null)) throw new Error(`outbox: message ${id} never failed, but is marked`);
           // An undeliverable message leaves the status document now, before its row is deleted.
           if (row?.undeliverable_at != null) this.#c.changed();
           const listed = row?.listed === 1;
@@ -235,6 +242,7 @@ export class Outbox {
     // One point per failed delivery: the message will be delivered again (thrown or refused alike).
     emit(this.#c.env, { event: "outbox_redelivery", kind: item.kind, attempt: attempts, execution_id: this.#c.store.row()?.execution_id });
     if (row.undeliverable_at === null && now - (row.created_at ?? now) >= t.outboxUndeliverableMs) {
+      this.#noneUndeliverable = false;
       this.#c.sql`UPDATE outbox SET undeliverable_at = ${now} WHERE id = ${id}`;
       this.#c.store.log("error", "outbox_undeliverable", { kind: item.kind, outbox_id: id, attempts, error, since_ms: now - (row.created_at ?? now) });
     }
@@ -268,11 +276,14 @@ export class Outbox {
 
   /** Messages marked undeliverable and not yet delivered. */
   undeliverable(): Undeliverable[] {
-    return this.#c.reads
-      .memo("outbox:undeliverable", ["outbox"], () =>
-        this.#c.sql<{ id: number; kind: OutboxItem["kind"]; undeliverable_at: number; attempts: number; last_error: string | null }>`
+    if (this.#noneUndeliverable && !this.#c.reads.checking) return [];
+    const marked = this.#c.reads.memo("outbox:undeliverable", ["outbox"], () =>
+      this.#c.sql<{ id: number; kind: OutboxItem["kind"]; undeliverable_at: number; attempts: number; last_error: string | null }>`
       SELECT id, kind, undeliverable_at, attempts, last_error FROM outbox WHERE undeliverable_at IS NOT NULL ORDER BY id`,
-      )
+    );
+    if (this.#noneUndeliverable && marked.length > 0) throw new Error("outbox: a message is marked undeliverable, but memory says none is");
+    if (marked.length === 0) this.#noneUndeliverable = true;
+    return marked
       .filter((r) => !this.#delivered.includes(r.id))
       .map((r) => ({ outbox_id: r.id, kind: r.kind, since: new Date(r.undeliverable_at).toISOString(), attempts: r.attempts, last_error: r.last_error }));
   }

@@ -39,6 +39,11 @@ export class ReadCache {
     this.#check = check;
   }
 
+  /** The check mode is on: a shortcut that answers without SQL reads SQL too and compares. */
+  get checking(): boolean {
+    return this.#check;
+  }
+
   /** The helper every statement of the object goes through. */
   watch(sql: Sql): Sql {
     return ((strings: TemplateStringsArray, ...values: SqlStorageValue[]) => {

@@ -375,9 +375,17 @@ export class Store {
     return this.#sql<StageRow>`SELECT * FROM stages WHERE status = ${status} ORDER BY ord`;
   }
 
-  /** Item counts per fan-out stage. */
+  /**
+   * Item counts per fan-out stage. Items exist only under a stage with a
+   * `for_each`, so a pipeline with none has none, and its counts cost no
+   * statement (the stages are read anyway, and kept in memory).
+   */
   itemCounts(): ReadonlyMap<string, Readonly<ItemCounts>> {
-    return this.#reads.memo("item_counts", ["stages"], () => this.#itemCounts());
+    return this.#reads.memo("item_counts", ["stages"], () => {
+      if (this.stages().some(isFanOut)) return this.#itemCounts();
+      if (this.#reads.checking && this.#itemCounts().size > 0) throw new Error("read cache: items without a fan-out stage");
+      return new Map();
+    });
   }
 
   #itemCounts(): Map<string, ItemCounts> {

@@ -17,24 +17,49 @@ export const UNIT_TIMERS: readonly UnitTimer[] = ["poll", "deadline", "lease", "
 /** While an execution is live, its alarm is never further away than this, so an eviction mid-call heals. */
 export const WATCHDOG_MS = 30_000;
 
+const key = (name: string, unit: string) => `${name}\u0000${unit}`;
+/** What clearUnit clears (a stage's or item's timers, but for its retry). */
+const UNIT_CLEARED: ReadonlySet<TimerName> = new Set(["poll", "deadline", "lease", "reask", "part_deadline", "reacquire"]);
+/** What takeWakeUps takes. */
+const WAKE_UPS: ReadonlySet<TimerName> = new Set(["advance", "watchdog", "execution"]);
+
 /**
  * The `timers` table behind the object's one alarm. A handler *takes* its
  * timer (deletes it where due) before acting, so an alarm that fires twice
  * does nothing twice.
+ *
+ * Which timers exist (and the due time this instance wrote) is also kept in
+ * memory, read once from the table at the first use (docs/performance.md,
+ * "CPU per execution"): every write to `timers` is made here, so a clear of a
+ * timer that is not set, a take of one that is not set, a `has` and a
+ * `setNoLaterThan` already due earlier cost no statement (most of a three-stage
+ * execution's timer statements were such no-ops). Whether a timer is due is
+ * still decided by SQL (`take`), so only presence is trusted to memory. A
+ * write left out still runs `beforeWrite` first, as its statement would have
+ * (the held grants are written by the next write, grant.ts, and writing one
+ * may set timers), so they are written where they were before. With
+ * `check` (tuning `readCacheCheck`) every answer from memory is compared with
+ * the table, and a difference throws.
  */
 export class Timers {
   readonly #sql: Sql;
   readonly #storage: DurableObjectStorage;
   readonly #reads: ReadCache;
+  readonly #check: boolean;
+  readonly #beforeWrite: () => void;
   /** The alarm as this instance knows it (null: none; undefined: unknown), read at start and kept in step. */
   #armedAt: number | null | undefined = undefined;
   /** The last rearm() found no timer (so no alarm is the right alarm). */
   #noTimers = false;
+  /** The timers set, by `name unit`, with the due time as last written here; null until first read. */
+  #set: Map<string, { name: TimerName; unit: string; dueAt: number }> | null = null;
 
-  constructor(sql: Sql, storage: DurableObjectStorage, reads: ReadCache) {
+  constructor(sql: Sql, storage: DurableObjectStorage, reads: ReadCache, opts: { check?: boolean; beforeWrite?: () => void } = {}) {
     this.#sql = sql;
     this.#storage = storage;
     this.#reads = reads;
+    this.#check = opts.check ?? false;
+    this.#beforeWrite = opts.beforeWrite ?? (() => {});
   }
 
   /** The alarm as read from storage when the object starts. */
@@ -50,26 +75,40 @@ export class Timers {
   set(name: TimerName, dueAt: number, unit = ""): void {
     this.#sql`INSERT INTO timers (name, unit, due_at) VALUES (${name}, ${unit}, ${dueAt})
       ON CONFLICT(name, unit) DO UPDATE SET due_at = excluded.due_at`;
+    this.#timers().set(key(name, unit), { name, unit, dueAt });
   }
 
   /** Sets the timer unless it is already due earlier (then nothing is written). */
   setNoLaterThan(name: TimerName, dueAt: number, unit = ""): void {
+    this.#beforeWrite();
+    const had = this.#timers().get(key(name, unit));
+    if (had && had.dueAt <= dueAt) {
+      if (this.#check) this.#verify("setNoLaterThan", { name, unit, by: dueAt });
+      return;
+    }
     this.#sql`INSERT INTO timers (name, unit, due_at) VALUES (${name}, ${unit}, ${dueAt})
       ON CONFLICT(name, unit) DO UPDATE SET due_at = excluded.due_at WHERE excluded.due_at < timers.due_at`;
+    this.#timers().set(key(name, unit), { name, unit, dueAt });
   }
 
   clear(name: TimerName, unit = ""): void {
-    this.#sql`DELETE FROM timers WHERE name = ${name} AND unit = ${unit}`;
+    this.#clearWhere((t) => t.name === name && t.unit === unit, () => this.#sql`DELETE FROM timers WHERE name = ${name} AND unit = ${unit}`);
   }
 
   /** Clears these timers of every unit, in one statement (each statement costs a round through SQLite). */
   clearMany(names: TimerName[]): void {
-    this.#sql`DELETE FROM timers WHERE name IN (SELECT value FROM json_each(${JSON.stringify(names)}))`;
+    this.#clearWhere(
+      (t) => names.includes(t.name),
+      () => this.#sql`DELETE FROM timers WHERE name IN (SELECT value FROM json_each(${JSON.stringify(names)}))`,
+    );
   }
 
   /** Clears a stage's or item's own timers, but for its retry. */
   clearUnit(unit: string): void {
-    this.#sql`DELETE FROM timers WHERE unit = ${unit} AND name IN ('poll', 'deadline', 'lease', 'reask', 'part_deadline', 'reacquire')`;
+    this.#clearWhere(
+      (t) => t.unit === unit && UNIT_CLEARED.has(t.name),
+      () => this.#sql`DELETE FROM timers WHERE unit = ${unit} AND name IN ('poll', 'deadline', 'lease', 'reask', 'part_deadline', 'reacquire')`,
+    );
   }
 
   /** When the timer is due, or null when it is not set. */
@@ -78,21 +117,65 @@ export class Timers {
   }
 
   has(name: TimerName, unit = ""): boolean {
-    return this.#reads.memo(`timer:${name}:${unit}`, ["timers"], () => this.#sql`SELECT 1 FROM timers WHERE name = ${name} AND unit = ${unit}`.length > 0);
+    if (this.#check) this.#verify(`has ${name} ${unit}`);
+    return this.#timers().has(key(name, unit));
   }
 
   /** Consumes a due timer: true once per firing, so a second alarm does nothing twice. */
   take(name: TimerName, unit = ""): boolean {
-    return this.#sql`DELETE FROM timers WHERE name = ${name} AND unit = ${unit} AND due_at <= ${Date.now()} RETURNING name`.length > 0;
+    this.#beforeWrite();
+    if (!this.has(name, unit)) return false;
+    const taken = this.#sql`DELETE FROM timers WHERE name = ${name} AND unit = ${unit} AND due_at <= ${Date.now()} RETURNING name`.length > 0;
+    if (taken) this.#timers().delete(key(name, unit));
+    return taken;
   }
 
   /** Consumes the wake-up timers (`advance`, `watchdog`): the drive pass that runs is the wake-up. */
   takeWakeUps(now: number): void {
-    this.#sql`DELETE FROM timers WHERE name IN ('advance', 'watchdog', 'execution') AND unit = '' AND due_at <= ${now}`;
+    this.#beforeWrite();
+    if (this.#check) this.#verify("takeWakeUps");
+    if (![...this.#timers().values()].some((t) => t.unit === "" && WAKE_UPS.has(t.name))) return;
+    const taken = this.#sql<{ name: TimerName }>`DELETE FROM timers WHERE name IN ('advance', 'watchdog', 'execution') AND unit = '' AND due_at <= ${now} RETURNING name`;
+    for (const t of taken) this.#timers().delete(key(t.name, ""));
   }
 
   any(): boolean {
-    return this.#sql`SELECT 1 FROM timers LIMIT 1`.length > 0;
+    if (this.#check) this.#verify("any");
+    return this.#timers().size > 0;
+  }
+
+  /** Deletes the timers `match` picks with `remove`, or runs nothing when none is set. */
+  #clearWhere(match: (t: { name: TimerName; unit: string }) => boolean, remove: () => void): void {
+    this.#beforeWrite();
+    if (this.#check) this.#verify("clear");
+    const set = this.#timers();
+    const gone = [...set].filter(([, t]) => match(t));
+    if (gone.length === 0) return;
+    remove();
+    for (const [k] of gone) set.delete(k);
+  }
+
+  #timers(): Map<string, { name: TimerName; unit: string; dueAt: number }> {
+    if (this.#set === null) {
+      this.#set = new Map();
+      for (const t of this.#sql<{ name: TimerName; unit: string; due_at: number }>`SELECT name, unit, due_at FROM timers`) {
+        this.#set.set(key(t.name, t.unit), { name: t.name, unit: t.unit, dueAt: t.due_at });
+      }
+    }
+    return this.#set;
+  }
+
+  /**
+   * The check mode: the timers set in memory are the table's (due times are not compared: a due
+   * time is decided by SQL); with `due`, that this one is due no later than `by` in the table.
+   */
+  #verify(what: string, due?: { name: TimerName; unit: string; by: number }): void {
+    const rows = this.#sql<{ name: string; unit: string; due_at: number }>`SELECT name, unit, due_at FROM timers ORDER BY name, unit`;
+    const inSql = rows.map((r) => key(r.name, r.unit)).sort();
+    const inMemory = [...this.#timers().keys()].sort();
+    if (inSql.join("|") !== inMemory.join("|")) throw new Error(`timers: ${what}: memory ${JSON.stringify(inMemory)} differs from SQL ${JSON.stringify(inSql)}`);
+    const row = due && rows.find((r) => r.name === due.name && r.unit === due.unit);
+    if (due && (!row || row.due_at > due.by)) throw new Error(`timers: ${what} ${due.name} ${due.unit}: not due by ${due.by} in SQL`);
   }
 
   /**
