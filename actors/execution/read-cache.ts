@@ -57,6 +57,12 @@ export class ReadCache {
     }) as Sql;
   }
 
+  /** `value`, which another read in memory answered; in the check mode compared with `read()` first. */
+  checked<T>(key: string, value: T, read: () => T): T {
+    if (this.#check && !same(value, read())) throw new Error(`read cache: ${key} differs from SQL`);
+    return value;
+  }
+
   /** `read()`, or its result from memory while none of `tables` was written since. */
   memo<T>(key: string, tables: readonly string[], read: () => T): T {
     if (this.#memo.has(key)) {

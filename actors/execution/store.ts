@@ -295,6 +295,8 @@ export class Store {
   /** Our own id, read from storage once (never from ctx.id.name). */
   #executionId: string | undefined;
   #trace: TraceContext | null | undefined;
+  /** Stage ids seen in stages(): the template's stages (an item is never one; no stage is deleted or moved). */
+  readonly #topLevel = new Set<string>();
   /** Grants held in memory (grant.ts): `stage()` reads a held stage as its written grant would leave it. */
   readonly #held: { grants: HeldGrants; handshakeTimeoutMs: number } | null;
 
@@ -322,7 +324,11 @@ export class Store {
 
   /** The template's stages, in order (not the items of fan-out stages). */
   stages(): readonly Readonly<StageRow>[] {
-    return this.#reads.memo("stages", ["stages"], () => this.#sql<StageRow>`SELECT * FROM stages WHERE parent IS NULL ORDER BY ord`);
+    return this.#reads.memo("stages", ["stages"], () => {
+      const rows = this.#sql<StageRow>`SELECT * FROM stages WHERE parent IS NULL ORDER BY ord`;
+      for (const r of rows) this.#topLevel.add(r.stage_id);
+      return rows;
+    });
   }
 
   /** Items of a fan-out stage from `fromIndex`, in item order. */
@@ -403,7 +409,11 @@ export class Store {
   }
 
   stage(stageId: string): Readonly<StageRow> | null {
-    const row = this.#reads.memo(`stage:${stageId}`, ["stages"], () => this.#sql<StageRow>`SELECT * FROM stages WHERE stage_id = ${stageId}`[0] ?? null);
+    const read = () => this.#sql<StageRow>`SELECT * FROM stages WHERE stage_id = ${stageId}`[0] ?? null;
+    // A stage of the template comes from the stages' one read (a drive pass reads them all after each write anyway); an item on its own.
+    const row = this.#topLevel.has(stageId)
+      ? this.#reads.checked(`stage:${stageId}`, this.stages().find((s) => s.stage_id === stageId) ?? null, read)
+      : this.#reads.memo(`stage:${stageId}`, ["stages"], read);
     return this.#held ? this.#held.grants.overlay(row, this.#held.handshakeTimeoutMs) : row;
   }
 
