@@ -190,6 +190,8 @@ export interface ExecutionRow {
   slot: "asked" | "waiting" | "granted" | "free" | null;
   /** While `waiting`: the ledger's waitingOn (JSON), for the status document. */
   slot_wait: string | null;
+  /** Failed acquireSlot calls in a row (the backoff before the next). */
+  slot_failures: number;
   /** The client's fair-share weight as its shard answered the slot (sharded ledgers only; null: not known). */
   client_weight?: number | null;
 }
@@ -460,7 +462,7 @@ export class Store {
 
   /** Every line carries the execution id and its trace: `span_id` is the attempt's when the line names one, else the execution's. */
   log(level: Level, event: string, fields: Record<string, unknown>): void {
-    this.#executionId ??= this.#sql<{ execution_id: string }>`SELECT execution_id FROM execution WHERE id = 1`[0]?.execution_id;
+    this.#executionId ??= this.row()?.execution_id;
     log(level, event, { execution_id: this.#executionId, ...traceLogFields(this.trace(), fields), ...fields });
   }
 

@@ -583,7 +583,8 @@ export function slotAnswered(c: Core, r: SlotResult | null, now: number): void {
     c.timers.set("slot", now + retryDelayMs(failures, t.retryBaseMs, t.retryCapMs));
     return;
   }
-  c.sql`UPDATE execution SET slot_failures = 0 WHERE id = 1 AND slot_failures != 0`;
+  // Written only when there were failures (the row is in memory): a write that changes nothing still costs a statement.
+  if (c.store.row()!.slot_failures !== 0) c.sql`UPDATE execution SET slot_failures = 0 WHERE id = 1`;
   if (r.status === "granted") {
     c.sql`UPDATE execution SET slot = ${r.counted ? "granted" : "free"}, slot_wait = NULL, client_weight = ${r.weight ?? null} WHERE id = 1 AND slot IN ('asked', 'waiting')`;
     c.timers.clear("slot");
