@@ -50,8 +50,8 @@ export class Outbox {
   /** Outbox rows this instance is delivering now (a flush does not claim them again). */
   readonly #inFlight = new Set<number>();
   /**
-   * Outbox rows delivered whose DELETE waits for the next write of a live
-   * execution, so a delivery costs no commit of its own. Lost with an eviction,
+   * Outbox rows delivered whose DELETE waits for the object's next write (an
+   * ended execution's: its alarm at the outbox timer), so a delivery costs no commit of its own. Lost with an eviction,
    * the rows are delivered again when their claim runs out: every delivery is
    * idempotent (ledger settle and release, versioned index updates, cancels).
    */
@@ -214,13 +214,10 @@ export class Outbox {
           if (row?.undeliverable_at != null) this.#c.changed();
           const listed = row?.listed === 1;
           if (listed) void this.#unlist(id);
-          // A live execution writes again soon (its next transition, or the outbox
-          // timer at the latest) and deletes the row then; an ended one does it once
-          // the last of its deliveries in flight is done (one commit for them all).
-          const ex = this.#c.store.row();
-          if (ex && !isTerminalExecution(ex.status)) return;
-          if (this.#inFlight.size > 0) return;
-          this.#purgeDelivered();
+          // Deleted with the object's next write: a live execution's next transition, an
+          // ended one's alarm at the outbox timer (set for the rows' claims) at the latest,
+          // which fires anyway, so the end's deliveries cost no commit of their own.
+          return;
         } else {
           this.#failed(id, item, attempts + 1, failure ?? "refused");
         }

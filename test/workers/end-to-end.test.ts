@@ -1,7 +1,7 @@
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import { EXECUTION_ID_RE } from "../../schemas/common";
-import { KAM, OPS, call, ended, rpcThrough, startExecution, status, waitFor, waitForLedger } from "../support/api";
+import { KAM, OPS, call, ended, executionStub, expectNoLiveReservations, fireAlarm, rpcThrough, startExecution, status, waitFor, waitForLedger } from "../support/api";
 
 const fast = { topic: "React", targetAudience: "beginners", steps: 2, step_ms: 5 };
 
@@ -112,6 +112,29 @@ describe("an execution runs every stage over the worker protocol", () => {
     expect(await status(id)).toEqual(before);
     // The same binding still reaches the HTTP API (callbacks and data routes use it).
     expect(await rpcThrough("worker", "fetch", "http://orchestrator.test/health")).toMatchObject({ called: true });
+  });
+
+  it("an ended execution's delivered outbox rows are deleted by its alarm, which fires anyway, not in a commit of their own, and nothing is sent twice", async () => {
+    const { body } = await startExecution({ template_name: "quick_summary", parameters: fast, client_id: "client_e2e_outbox" });
+    const id: string = body.execution_id;
+    const doc = await waitFor(id, ended);
+    const { runInDurableObject } = await import("cloudflare:test");
+    const rows = () => runInDurableObject(executionStub(id), (_i, state) => state.storage.sql.exec<{ n: number }>("SELECT COUNT(*) AS n FROM outbox").one().n);
+    // Every message delivered: the settles and the slot (no live reservation), the ended summary (listed completed).
+    await expectNoLiveReservations(id);
+    const deadline = Date.now() + 10_000;
+    let listed: { status: string; version: number } | undefined;
+    while (Date.now() < deadline && listed?.status !== "completed") {
+      listed = ((await (await call(`/executions?client_id=client_e2e_outbox`, { headers: OPS })).json()) as { items: { status: string; version: number }[] }).items[0];
+      if (listed?.status !== "completed") await scheduler.wait(25);
+    }
+    expect(listed?.status).toBe("completed");
+    expect(doc.status).toBe("completed");
+    // Delivered, and still stored: no commit was made for their delete.
+    expect(await rows()).toBeGreaterThan(0);
+    // The alarm deletes them; none is claimed and sent again (a message sent again would still be stored, in flight).
+    await fireAlarm(id);
+    expect(await rows()).toBe(0);
   });
 
   it("keeps the execution's own id in its storage (never relies on ctx.id.name)", async () => {
