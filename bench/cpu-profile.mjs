@@ -13,8 +13,8 @@
  * the isolate (the runtime's own C++ work: commits, fsync, tracing) is not in
  * it; it shows as "(idle)" or "(program)".
  */
-import { execFileSync } from "node:child_process";
 import { writeFileSync } from "node:fs";
+import { inspectorSession, inspectorTargets } from "./lib/inspector.mjs";
 
 const args = process.argv.slice(2);
 const opt = (name, dflt) => {
@@ -35,79 +35,25 @@ if (typeof WebSocket === "undefined") {
   process.exit(2);
 }
 
-const ports = execFileSync("ss", ["-ltnpH"], { encoding: "utf8" })
-  .split("\n")
-  .filter((l) => l.includes(`pid=${pid},`))
-  .map((l) => Number(l.trim().split(/\s+/)[3].split(":").pop()));
-let target = null;
-for (const port of ports) {
-  try {
-    const list = await (await fetch(`http://127.0.0.1:${port}/json/list`, { signal: AbortSignal.timeout(2000) })).json();
-    target = list.find((t) => t.id === `core:user:${worker}`) ?? null;
-    if (target) break;
-  } catch {}
-}
+const target = (await inspectorTargets(pid)).find((t) => t.worker === worker);
 if (!target) {
-  console.error(`no inspector target for ${worker} on pid ${pid} (ports ${ports.join(",")})`);
+  console.error(`no inspector target for ${worker} on pid ${pid}`);
   process.exit(2);
 }
-
-// The first inspector session opened on a worker's isolate in a bench session often gets no answer
-// at all (or is closed at once), while the next one works (seen 2026-12-02: Profiler.enable unanswered
-// for 60-120 s, then a second connection answered in under 300 ms). Not the wrangler session: its
-// inspector proxy attaches to the primary worker only (the bench gateway). So: connect, ask for
-// Profiler.enable with a short deadline, and on no answer close and connect again.
-let ws;
-let nextId = 1;
-const pending = new Map();
-const send = (method, params = {}, ms = 180_000) =>
-  new Promise((resolve, reject) => {
-    const id = nextId++;
-    const timer = setTimeout(() => {
-      pending.delete(id);
-      reject(new Error(`${method}: no answer in ${ms / 1000} s`));
-    }, ms);
-    pending.set(id, (m) => {
-      clearTimeout(timer);
-      if (m.error) reject(new Error(`${method}: ${JSON.stringify(m.error)}`));
-      else resolve(m.result);
-    });
-    ws.send(JSON.stringify({ id, method, params }));
-  });
-for (let attempt = 1; ; attempt++) {
-  ws = new WebSocket(target.webSocketDebuggerUrl);
-  ws.onmessage = (ev) => {
-    const msg = JSON.parse(typeof ev.data === "string" ? ev.data : Buffer.from(ev.data).toString());
-    if (msg.id && pending.has(msg.id)) {
-      pending.get(msg.id)(msg);
-      pending.delete(msg.id);
-    }
-  };
-  try {
-    await new Promise((resolve, reject) => {
-      ws.onopen = resolve;
-      ws.onerror = () => reject(new Error("websocket error"));
-      ws.onclose = () => reject(new Error("closed before open"));
-    });
-    ws.onclose = null;
-    await send("Profiler.enable", {}, 5_000);
-    break;
-  } catch (err) {
-    ws.onclose = null;
-    ws.close();
-    if (attempt >= 5) {
-      console.error(`no inspector session for ${worker} after ${attempt} tries: ${err.message}`);
-      process.exit(2);
-    }
-    console.error(`inspector attempt ${attempt}: ${err.message}; connecting again`);
-  }
+let session;
+try {
+  session = await inspectorSession(target.url, "Profiler.enable");
+} catch (err) {
+  console.error(`${worker}: ${err.message}`);
+  process.exit(2);
 }
+const { send } = session;
 await send("Profiler.setSamplingInterval", { interval: 500 });
 await send("Profiler.start");
 console.error(`profiling ${worker} for ${seconds} s...`);
 await new Promise((r) => setTimeout(r, seconds * 1000));
 const { profile } = await send("Profiler.stop");
-ws.close();
+session.close();
 if (out) writeFileSync(out, JSON.stringify(profile));
 
 // Self time per node from the samples, then per function (name + url + line) and total (self + callees).

@@ -15,6 +15,9 @@
  * growth is the second reading minus the baseline; the checkpoints (RSS and
  * open file descriptors every tenth of the run) show whether it is a
  * plateau (the objects alive at once) or grows with every execution.
+ * Each worker isolate's JavaScript heap is read through the runtime's
+ * inspector at the baseline, at the end and settled, to tell JavaScript from
+ * the runtime's own memory in the growth.
  *
  * Options: --n (10000 with --soak) --concurrency --warmup --settle-ms
  * --orchestrated-first (default: the durable floor first) --local-observability
@@ -25,9 +28,12 @@ import { mkdirSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { type Bench, mib, type OpenSession, type Options, type PhaseReport, report, sleep, versions, workload } from "./e2e";
+import { inspectorSession, inspectorTargets } from "./lib/inspector.mjs";
 import { memoryOf, openFds } from "./lib/proc-stats";
 
 type Kind = "durable-floor" | "orchestrated";
+
+type Heap = { used: number | null; total: number | null };
 
 export interface MemoryPhase {
   name: Kind;
@@ -42,6 +48,12 @@ export interface MemoryPhase {
   hwm_mib: number | null;
   fds: { baseline: number | null; settled: number | null };
   checkpoints: { completed: number; rss_mib: number | null; fds: number | null }[];
+  /**
+   * Each worker isolate's JavaScript heap (used and held), at the baseline, the end and settled:
+   * how much of the RSS growth is JavaScript, and whose. The rest is the runtime's own memory
+   * (SQLite databases and their caches, sockets, the allocator's high-water mark).
+   */
+  js_heap_mib: { baseline: Record<string, Heap | null>; end: Record<string, Heap | null>; settled: Record<string, Heap | null> };
   /** Requests sent again after a reset on a reused idle socket (bench/lib/http-keepalive.ts). */
   resent: number;
   report: PhaseReport;
@@ -49,6 +61,30 @@ export interface MemoryPhase {
 
 function runOne(b: Bench, kind: Kind): (item: ReturnType<typeof workload>[number], i: number) => ReturnType<Bench["orchestrated"]> {
   return kind === "orchestrated" ? (it) => b.orchestrated(it) : (it, i) => b.floor(it, i, true);
+}
+
+/**
+ * Each worker isolate's JavaScript heap in MiB: used, and what V8 holds for it (null where the
+ * inspector gave none). Not after a forced collection: `HeapProfiler.collectGarbage` went
+ * unanswered on most isolates of a bench session (2026-12-02), so these include garbage not yet
+ * collected, an upper bound of the JavaScript part.
+ */
+async function jsHeaps(pid: number): Promise<Record<string, Heap | null>> {
+  const out: Record<string, Heap | null> = {};
+  for (const t of await inspectorTargets(pid)) {
+    out[t.worker] = null;
+    let s: Awaited<ReturnType<typeof inspectorSession>> | null = null;
+    try {
+      s = await inspectorSession(t.url, "Runtime.getHeapUsage", { tries: 3 });
+      const usage = (await s.send("Runtime.getHeapUsage", {}, 10_000)) as { usedSize: number; totalSize: number };
+      out[t.worker] = { used: mib(usage.usedSize), total: mib(usage.totalSize) };
+    } catch (err) {
+      console.error(`js heap of ${t.worker}: ${(err as Error).message}`);
+    } finally {
+      s?.close();
+    }
+  }
+  return out;
 }
 
 async function memoryPhase(opts: Options, open: () => Promise<OpenSession & { close: () => Promise<void> }>, kind: Kind): Promise<MemoryPhase> {
@@ -64,6 +100,7 @@ async function memoryPhase(opts: Options, open: () => Promise<OpenSession & { cl
     }
     await b.workerStats(true);
     await sleep(opts.settleMs);
+    const heapBaseline = await jsHeaps(runtime);
     const baseline = s.sampler.sample()[runtime];
     const fdsBaseline = openFds(runtime);
     const started = Date.now();
@@ -75,10 +112,13 @@ async function memoryPhase(opts: Options, open: () => Promise<OpenSession & { cl
     });
     phase.worker = await b.workerStats(true);
     const end = s.sampler.sample()[runtime];
+    // At the end of the load: what the isolates held at about their largest.
+    const heapEnd = await jsHeaps(runtime);
     const peak = s.sampler.peak(runtime, started);
     console.error(`${kind}: settling ${opts.settleMs} ms...`);
     await sleep(opts.settleMs);
     const settled = s.sampler.sample()[runtime];
+    const heapSettled = await jsHeaps(runtime);
     const r = report(phase);
     const growth = settled - baseline;
     return {
@@ -93,6 +133,7 @@ async function memoryPhase(opts: Options, open: () => Promise<OpenSession & { cl
       hwm_mib: mib(memoryOf(runtime)?.hwm),
       fds: { baseline: fdsBaseline, settled: openFds(runtime) },
       checkpoints,
+      js_heap_mib: { baseline: heapBaseline, end: heapEnd, settled: heapSettled },
       resent: b.client.resent,
       report: r,
     };
@@ -140,6 +181,9 @@ export async function runMemory(opts: Options, open: () => Promise<OpenSession &
         `${r.completed}/${r.n} completed at ${r.throughput_per_s}/s, ${r.cpu_ms_per_execution.workerd_runtime} ms runtime CPU each; fds ${p.fds.baseline} -> ${p.fds.settled}`,
     );
     console.log(`    RSS MiB by completed: ${p.checkpoints.map((c) => `${c.completed}:${c.rss_mib}`).join(" ")}`);
+    const heap = (h: Heap | null | undefined) => (h ? `${h.used}/${h.total}` : "?");
+    const heaps = Object.keys(p.js_heap_mib.settled).map((w) => `${w} ${heap(p.js_heap_mib.baseline[w])} -> ${heap(p.js_heap_mib.end[w])} -> ${heap(p.js_heap_mib.settled[w])}`);
+    console.log(`    JavaScript heap MiB used/held, baseline -> end -> settled: ${heaps.join(", ") || "none read"}`);
   }
   console.log(`  ${target.met === null ? "n/a " : target.met ? "MET " : "MISS"} ${target.name}: ${target.measured}`);
   const line = JSON.stringify(result);

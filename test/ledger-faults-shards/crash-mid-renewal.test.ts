@@ -13,14 +13,18 @@
  * stage (the pool, the worker's slot and the client all on shard 0), the crash
  * while shard 0's faulty object stalls the renewal.
  */
+import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import { startExecution, status, until } from "../support/api";
 import { WORKER, clientOn, crashDuringStalled, faulty, poolsOn, putPool, shardRows } from "../shard-faults/shard-support";
 
-const LEASE_MS = 3000;
+/** The project's lease (vitest.config.ts LEDGER_FAULTS_TUNING), as the worker under test reads it. */
+const LEASE_MS = (JSON.parse(env.TUNING) as { leaseMs: number }).leaseMs;
 
 describe("an Execution that crashes while a ledger call of its alarm is out", () => {
   it("renews the lease of a running stage whose renewal died with it", async () => {
+    // What the timings below are laid out for.
+    expect(LEASE_MS).toBe(3000);
     const [p] = poolsOn(0, 1, "cml");
     const client = clientOn(0, "cml");
     await putPool(`set:${p}`, 2);
