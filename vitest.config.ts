@@ -1,5 +1,6 @@
 import { createHash } from "node:crypto";
 import { readFileSync, writeFileSync } from "node:fs";
+import { availableParallelism } from "node:os";
 import path from "node:path";
 import { cloudflareTest } from "@cloudflare/vitest-plugin";
 import { defineConfig } from "vitest/config";
@@ -215,7 +216,32 @@ const SHARDED_AGAIN = [
 ];
 
 /**
- * Seven projects:
+ * The runtime's npm dependencies, each bundled once per project into one module (Vite's dependency
+ * optimizer, cached under node_modules/.vite/vitest/<project>): every test file starts a runtime of its
+ * own, which loaded zod, OpenTelemetry and the rest file by file before, about 0.6 s of each file's
+ * import on CI's two cores.
+ */
+const BUNDLED_DEPS = {
+  optimizer: { ssr: { enabled: true, include: ["zod", "@opentelemetry/api", "@opentelemetry/core", "@asteasolutions/zod-to-openapi", "itty-router", "nanoid", "croner"] } },
+};
+
+/**
+ * How the files run (vitest 4 with @cloudflare/vitest-plugin 1.x): every test file gets a workerd
+ * runtime of its own (a new Miniflare, started for the file and disposed after it), so nothing one
+ * file does (a fault set on a faulty object, objects, storage) reaches another file's runtime, in any
+ * project. Vitest runs the files of all projects in one pool, `maxWorkers` files at a time (by
+ * default one fewer than the cores: a single file at a time on CI's two). Most of a file's time is
+ * waiting (alarms, leases, a worker's steps, the runtime's start), not CPU: two at a time on two cores
+ * took the `shards` project from 284 s to 180 s. A project with `fileParallelism: false` runs after
+ * all the others, one file at a time: only `e2e` and `browser`, whose `wrangler dev` sessions and
+ * Chromium are the heaviest and whose crash test is sensitive to load (docs/scaling.md, "Tests").
+ * testTimeout (a guard against a hang, never a measured duration) leaves room for a file running
+ * beside another.
+ */
+const MAX_WORKERS = Math.max(2, availableParallelism() - 1);
+
+/**
+ * Eight projects:
  * - `workers`: tests that run inside workerd next to the orchestrator's real
  *   Durable Objects, with the demo stand-ins as auxiliary workers behind the
  *   real service bindings (built by test/support/global-setup.ts, since
@@ -226,6 +252,8 @@ const SHARDED_AGAIN = [
  *   fails or loses answers for real (test/support/faulty-ledger), and the
  *   stage-data stores behind entrypoints that stall or fail calls
  *   (test/support/faulty-store);
+ * - `ledger-faults-shards`: ledger-faults.test.ts again with the sharded ledger, each shard behind a
+ *   faulty object, plus the lease-renewal cases of shard-faults under the 3 s lease;
  * - `shard-faults`: the sharded ledger with each shard behind such a faulty
  *   object (test/shard-faults);
  * - `status-leases`: the workers project's setup with leases on ended
@@ -238,6 +266,7 @@ const SHARDED_AGAIN = [
  */
 export default defineConfig({
   test: {
+    maxWorkers: MAX_WORKERS,
     projects: [
       {
         // KIT_JOBS: the demo granulator's job objects, for the worker-kit test that drops one's alarm.
@@ -250,7 +279,8 @@ export default defineConfig({
           name: "workers",
           include: ["test/workers/**/*.test.ts"],
           globalSetup: ["./test/support/global-setup.ts"],
-          testTimeout: 30_000,
+          deps: BUNDLED_DEPS,
+          testTimeout: 60_000,
         },
       },
       {
@@ -271,14 +301,15 @@ export default defineConfig({
           // ledger-routing: pure functions of the layout, nothing a second run adds.
           exclude: ["test/workers/ledger-routing.test.ts"],
           globalSetup: ["./test/support/global-setup.ts"],
-          testTimeout: 30_000,
+          deps: BUNDLED_DEPS,
+          testTimeout: 60_000,
         },
       },
       {
         // The ledger behind a real object that can stall, fail or lose answers
         // (test/support/faulty-ledger): the Execution reaches the ledger through
-        // LEDGER_BINDING. A project of its own, one file at a time, since a fault
-        // set on that object applies to every execution of the project.
+        // LEDGER_BINDING. A project of its own, since a fault set on that object applies to every
+        // execution of the file's runtime.
         plugins: [
           orchestratorUnderTest("ledger-faults", {
             bindings: {
@@ -312,8 +343,8 @@ export default defineConfig({
           name: "ledger-faults",
           include: ["test/ledger-faults/**/*.test.ts"],
           globalSetup: ["./test/support/global-setup.ts"],
+          deps: BUNDLED_DEPS,
           testTimeout: 60_000,
-          fileParallelism: false,
         },
       },
       {
@@ -332,8 +363,8 @@ export default defineConfig({
           name: "ledger-faults-shards",
           include: ["test/ledger-faults/ledger-faults.test.ts", "test/ledger-faults-shards/**/*.test.ts"],
           globalSetup: ["./test/support/global-setup.ts"],
+          deps: BUNDLED_DEPS,
           testTimeout: 60_000,
-          fileParallelism: false,
         },
       },
       {
@@ -344,6 +375,7 @@ export default defineConfig({
           name: "status-leases",
           include: ["test/status-leases/**/*.test.ts"],
           globalSetup: ["./test/support/global-setup.ts"],
+          deps: BUNDLED_DEPS,
           testTimeout: 60_000,
         },
       },
@@ -353,7 +385,7 @@ export default defineConfig({
         // shard that is down (test/shard-faults). Short leases: an
         // incomplete set holds its parts for 2 s, a granted one for 20 s (renewed 10 s before it
         // ends: at 4 s and at 10 s a running stage lost its lease when the runtime, starved on a loaded
-        // machine, ran its Execution's alarm 3.8 s and over 5 s late). One file at a time: a fault set on a shard applies to every execution of the project.
+        // machine, ran its Execution's alarm 3.8 s and over 5 s late). A fault set on a shard applies to every execution of the file's runtime.
         plugins: [
           orchestratorUnderTest("shard-faults", {
             bindings: {
@@ -371,11 +403,12 @@ export default defineConfig({
           // The property test's seed (printed by the test): SHARD_SEED=n reruns its plan.
           provide: { shardSeed: Number(process.env.SHARD_SEED ?? 20261201) },
           globalSetup: ["./test/support/global-setup.ts"],
+          deps: BUNDLED_DEPS,
           testTimeout: 120_000,
-          fileParallelism: false,
         },
       },
       {
+        // One file at a time, after the other projects (see MAX_WORKERS).
         test: {
           name: "e2e",
           include: ["test/e2e/**/*.test.ts"],
@@ -386,7 +419,8 @@ export default defineConfig({
         },
       },
       {
-        // The operator pages in the system Chromium through playwright-core, over `wrangler dev`.
+        // The operator pages in the system Chromium through playwright-core, over `wrangler dev`. One file at a
+        // time, after the other projects (see MAX_WORKERS).
         test: {
           name: "browser",
           include: ["test/browser/**/*.test.ts"],

@@ -21,7 +21,7 @@ export type Sharding = (typeof SHARDINGS)[number];
 /**
  * Starts one session per sharding, all at once, each on fresh state of its own
  * (two sessions must never share a state directory). At once, since the suite
- * runs one file at a time and a session mostly waits on its workers' steps: the
+ * runs e2e one file at a time (vitest.config.ts) and a session mostly waits on its workers' steps: the
  * second costs little more wall time than the first. If one fails to start, the
  * others are stopped and the error thrown.
  */
