@@ -126,8 +126,9 @@ export class Notifier {
     return { enabled: !!this.#c.store.row()?.notify, delivered: n("delivered"), pending: n("pending"), undeliverable };
   }
 
+  /** The oldest pending event, from memory until the next write to `events` (every drive pass asks). */
   #head(): EventRow | null {
-    return this.#c.sql<EventRow>`SELECT * FROM events WHERE state = 'pending' ORDER BY seq LIMIT 1`[0] ?? null;
+    return this.#c.reads.memo("events:head", ["events"], () => this.#c.sql<EventRow>`SELECT * FROM events WHERE state = 'pending' ORDER BY seq LIMIT 1`[0] ?? null);
   }
 
   async #send(row: EventRow): Promise<{ ok: boolean; error?: string }> {
