@@ -51,12 +51,12 @@ const MAX_SERIES_GROUPS = 5000;
 const MAX_SERIES_ATTEMPTS = 20_000;
 
 export class ExecutionIndex extends DurableObject<Env> {
-  private readonly sql: Sql;
-  private ready = false;
+  readonly #sql: Sql;
+  #ready = false;
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
-    this.sql = sqlOf(ctx.storage);
+    this.#sql = sqlOf(ctx.storage);
     setLogLevel(env);
   }
 
@@ -76,8 +76,8 @@ export class ExecutionIndex extends DurableObject<Env> {
       return;
     }
     const e = parsed.data;
-    this.ensureSchema();
-    this.sql`INSERT INTO entries (execution_id, client_id, template_name, status, priority, created_at, updated_at,
+    this.#ensureSchema();
+    this.#sql`INSERT INTO entries (execution_id, client_id, template_name, status, priority, created_at, updated_at,
         completed_at, error_code, cost_total, stages_total, stages_completed, version, rerun_of, attempts, tokens_total)
       VALUES (${e.execution_id}, ${e.client_id}, ${e.template_name}, ${e.status}, ${e.priority}, ${e.created_at}, ${e.updated_at},
         ${e.completed_at}, ${e.error_code}, ${e.cost_total}, ${e.stages_total}, ${e.stages_completed}, ${e.version}, ${e.rerun_of ?? null},
@@ -92,13 +92,13 @@ export class ExecutionIndex extends DurableObject<Env> {
 
   /** One entry, for tests and operators. */
   async get(executionId: string): Promise<IndexEntry | null> {
-    if (!this.hasSchema()) return null;
-    return this.sql`SELECT * FROM entries WHERE execution_id = ${executionId}`.map(toEntry)[0] ?? null;
+    if (!this.#hasSchema()) return null;
+    return this.#sql`SELECT * FROM entries WHERE execution_id = ${executionId}`.map(toEntry)[0] ?? null;
   }
 
   /** Newest first; `next_cursor` is set when this shard holds more matches after the last item. */
   async query(filter: IndexFilter): Promise<IndexPage> {
-    if (!this.hasSchema()) return { items: [], next_cursor: null };
+    if (!this.#hasSchema()) return { items: [], next_cursor: null };
     const limit = Math.max(1, Math.min(MAX_ROWS, Math.floor(filter.limit)));
     const { where, args } = conditions(filter, true);
     // Only constant fragments are joined here; every value is a bound parameter.
@@ -115,7 +115,7 @@ export class ExecutionIndex extends DurableObject<Env> {
   /** Matches per status (the status filter and the cursor are ignored). */
   async counts(filter: Omit<IndexFilter, "limit" | "status" | "cursor">): Promise<StatusCounts> {
     const counts = emptyCounts();
-    if (!this.hasSchema()) return counts;
+    if (!this.#hasSchema()) return counts;
     const { where, args } = conditions({ ...filter, status: undefined, cursor: null, limit: 0 }, false);
     const rows = this.ctx.storage.sql.exec(`SELECT status, COUNT(*) AS n FROM entries${where} GROUP BY status`, ...args).toArray();
     for (const r of rows) {
@@ -131,10 +131,10 @@ export class ExecutionIndex extends DurableObject<Env> {
    * more exist.
    */
   async stats(limit: number): Promise<{ groups: IndexStatsGroup[]; truncated: boolean }> {
-    if (!this.hasSchema()) return { groups: [], truncated: false };
-    this.ensureSchema();
+    if (!this.#hasSchema()) return { groups: [], truncated: false };
+    this.#ensureSchema();
     const n = Math.max(1, Math.min(MAX_ROWS, Math.floor(limit)));
-    const rows = this.sql<IndexStatsGroup>`SELECT status, template_name, client_id, COUNT(*) AS count, COALESCE(SUM(cost_total), 0) AS cost,
+    const rows = this.#sql<IndexStatsGroup>`SELECT status, template_name, client_id, COUNT(*) AS count, COALESCE(SUM(cost_total), 0) AS cost,
         COALESCE(SUM(tokens_total), 0) AS tokens
       FROM entries GROUP BY status, template_name, client_id ORDER BY count DESC, status, template_name, client_id LIMIT ${n + 1}`;
     return { groups: rows.slice(0, n).map((r) => ({ ...r, count: Number(r.count), cost: Number(r.cost), tokens: Number(r.tokens) })), truncated: rows.length > n };
@@ -147,14 +147,14 @@ export class ExecutionIndex extends DurableObject<Env> {
    * MAX_SERIES_GROUPS and MAX_SERIES_ATTEMPTS (`truncated` says when more matched).
    */
   async series(since: number, until: number, bucketMs: number, clientId?: string): Promise<IndexSeries> {
-    if (!this.hasSchema()) return { groups: [], attempts: [], truncated: false };
-    this.ensureSchema();
+    if (!this.#hasSchema()) return { groups: [], attempts: [], truncated: false };
+    this.#ensureSchema();
     const bucket = Math.max(1, Math.floor(bucketMs));
-    const groups = this.sql<IndexSeriesGroup>`SELECT CAST((completed_at - ${since}) / ${bucket} AS INTEGER) AS bucket, status, client_id,
+    const groups = this.#sql<IndexSeriesGroup>`SELECT CAST((completed_at - ${since}) / ${bucket} AS INTEGER) AS bucket, status, client_id,
         COUNT(*) AS count, COALESCE(SUM(cost_total), 0) AS cost
       FROM entries WHERE completed_at >= ${since} AND completed_at < ${until} AND (${clientId ?? null} IS NULL OR client_id = ${clientId ?? null})
       GROUP BY bucket, status, client_id ORDER BY bucket, status, client_id LIMIT ${MAX_SERIES_GROUPS + 1}`;
-    const attempts = this.sql<{ a: string }>`SELECT j.value AS a FROM entries, json_each(entries.attempts) AS j
+    const attempts = this.#sql<{ a: string }>`SELECT j.value AS a FROM entries, json_each(entries.attempts) AS j
       WHERE entries.completed_at >= ${since} AND entries.completed_at < ${until} AND entries.attempts IS NOT NULL
         AND (${clientId ?? null} IS NULL OR entries.client_id = ${clientId ?? null})
       LIMIT ${MAX_SERIES_ATTEMPTS + 1}`;
@@ -165,20 +165,20 @@ export class ExecutionIndex extends DurableObject<Env> {
     };
   }
 
-  private ensureSchema(): void {
-    if (this.ready) return;
+  #ensureSchema(): void {
+    if (this.#ready) return;
     execScript(this.ctx.storage, SCHEMA);
     const columns = this.ctx.storage.sql.exec("PRAGMA table_info(entries)").toArray().map((r) => String(r.name));
     if (!columns.includes("rerun_of")) this.ctx.storage.sql.exec("ALTER TABLE entries ADD COLUMN rerun_of TEXT");
     if (!columns.includes("attempts")) this.ctx.storage.sql.exec("ALTER TABLE entries ADD COLUMN attempts TEXT");
     if (!columns.includes("tokens_total")) this.ctx.storage.sql.exec("ALTER TABLE entries ADD COLUMN tokens_total REAL");
     execScript(this.ctx.storage, LATER_INDEXES);
-    this.ready = true;
+    this.#ready = true;
   }
 
-  private hasSchema(): boolean {
-    if (!this.ready) this.ready = this.sql`SELECT 1 AS x FROM sqlite_master WHERE type = 'table' AND name = 'entries'`.length > 0;
-    return this.ready;
+  #hasSchema(): boolean {
+    if (!this.#ready) this.#ready = this.#sql`SELECT 1 AS x FROM sqlite_master WHERE type = 'table' AND name = 'entries'`.length > 0;
+    return this.#ready;
   }
 }
 
