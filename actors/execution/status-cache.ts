@@ -239,6 +239,9 @@ export class StatusCache {
     const before = this.#version;
     this.#rebuild(this.#hash);
     if (this.#version === before) return;
+    // An ended document is the one every caller reads next: its version is stored now, in the
+    // turn (and commit) that ended it, not by that first read in a commit of its own.
+    if (this.#built && isTerminalExecution(this.#built.doc.status)) this.#show();
     for (const check of [...this.#waiters]) check();
     this.#onChange();
   }
