@@ -73,6 +73,11 @@ export class Outbox {
    * until it does the list costs no statement after each outbox write.
    */
   #noneUndeliverable = false;
+  /**
+   * Check mode (readCacheCheck): a shortcut of a background delivery found wrong. Nothing awaits that
+   * delivery, so a throw there would be lost; the next status build's `undeliverable()` throws it.
+   */
+  #mismatch: string | null = null;
 
   constructor(core: Omit<Core, "outbox">) {
     this.#c = core;
@@ -209,7 +214,7 @@ export class Outbox {
           this.#delivered.push(id);
           // A message that never failed (attempts 0) was never marked undeliverable nor listed (#failed does both): no read.
           const row = attempts > 0 || this.#c.reads.checking ? this.#c.sql<{ listed: number; undeliverable_at: number | null }>`SELECT listed, undeliverable_at FROM outbox WHERE id = ${id}`[0] : undefined;
-          if (attempts === 0 && (row?.listed || row?.undeliverable_at != null)) throw new Error(`outbox: message ${id} never failed, but is marked`);
+          if (attempts === 0 && (row?.listed || row?.undeliverable_at != null)) this.#mismatch = `outbox: message ${id} never failed, but is marked`;
           // An undeliverable message leaves the status document now, before its row is deleted.
           if (row?.undeliverable_at != null) this.#c.changed();
           const listed = row?.listed === 1;
@@ -273,6 +278,7 @@ export class Outbox {
 
   /** Messages marked undeliverable and not yet delivered. */
   undeliverable(): Undeliverable[] {
+    if (this.#mismatch) throw new Error(this.#mismatch);
     if (this.#noneUndeliverable && !this.#c.reads.checking) return [];
     const marked = this.#c.reads.memo("outbox:undeliverable", ["outbox"], () =>
       this.#c.sql<{ id: number; kind: OutboxItem["kind"]; undeliverable_at: number; attempts: number; last_error: string | null }>`
