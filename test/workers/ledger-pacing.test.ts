@@ -175,7 +175,9 @@ describe("provider pacing from the worker kit's answer to a progress poll", () =
     });
     const id = body.execution_id as string;
     await waitFor(id, (d) => d.stages[0].attempts === 2 && d.stages[0].status === "processing", 20_000);
-    const deadline = Date.now() + 15_000;
+    // Up to the first polls of attempt 2 (a loaded machine, files two at a time, stretches them), well inside the
+    // stage's minute of silence; the pool is below 800 for 23 s after it is lowered (1 token a second from 777).
+    const deadline = Date.now() + 30_000;
     let pool = await poolNamed("tokens:pace-poll");
     while (!(pool.available < 800) && Date.now() < deadline) {
       await scheduler.wait(50);
@@ -198,5 +200,5 @@ describe("provider pacing from the worker kit's answer to a progress poll", () =
     };
     expect(answer.rate_limits).toEqual([{ pool: "tokens:pace-poll", remaining: 777 }]);
     expect((await call(`/executions/${id}/cancel`, { method: "POST", headers: KAM })).status).toBe(200);
-  });
+  }, 90_000);
 });
