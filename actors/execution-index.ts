@@ -177,8 +177,12 @@ export class ExecutionIndex extends DurableObject<Env> {
   }
 
   #hasSchema(): boolean {
-    if (!this.#ready) this.#ready = this.#sql`SELECT 1 AS x FROM sqlite_master WHERE type = 'table' AND name = 'entries'`.length > 0;
-    return this.#ready;
+    if (this.#ready) return true;
+    if (this.#sql`SELECT 1 AS x FROM sqlite_master WHERE type = 'table' AND name = 'entries'`.length === 0) return false;
+    // A shard created before the later columns: the read that finds its table migrates it, or every later
+    // upsert (and stats, series) would fail on a column it lacks, the instance taking it as migrated.
+    this.#ensureSchema();
+    return true;
   }
 }
 

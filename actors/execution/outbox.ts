@@ -214,7 +214,10 @@ export class Outbox {
           this.#delivered.push(id);
           // A message that never failed (attempts 0) was never marked undeliverable nor listed (#failed does both): no read.
           const row = attempts > 0 || this.#c.reads.checking ? this.#c.sql<{ listed: number; undeliverable_at: number | null }>`SELECT listed, undeliverable_at FROM outbox WHERE id = ${id}`[0] : undefined;
-          if (attempts === 0 && (row?.listed || row?.undeliverable_at != null)) this.#mismatch = `outbox: message ${id} never failed, but is marked`;
+          if (attempts === 0 && (row?.listed || row?.undeliverable_at != null)) {
+            this.#mismatch = `outbox: message ${id} never failed, but is marked`;
+            this.#c.changed(); // the next read rebuilds the document, and undeliverable() throws it
+          }
           // An undeliverable message leaves the status document now, before its row is deleted.
           if (row?.undeliverable_at != null) this.#c.changed();
           const listed = row?.listed === 1;

@@ -30,7 +30,9 @@ import type { Core, StageRow } from "./store";
  *   shown (a read, a long poll's answer, a live update, a control call's
  *   answer), in the turn that shows it, so the output gate holds that answer
  *   until it is durable. A change nobody was shown costs no write (most
- *   changes of an execution that nobody polls; issue 17, target 8). After an
+ *   changes of an execution that nobody polls; issue 17, target 8), but an
+ *   ended document's, which are stored as they happen (the end's in the end's
+ *   own turn: every caller reads it next). After an
  *   eviction or a restart the new instance rebuilds the document and, if it
  *   does not hash to the last one shown, takes the next version: versions
  *   that were never shown may be counted again, for other documents, and no
@@ -116,7 +118,7 @@ export class StatusCache {
   #still: string | null = null;
   #running = true;
   #version = 0;
-  /** The last version shown, and so stored. */
+  /** The last version stored: shown, or of an ended document (`status_shown_ended` says whether it had ended). */
   #shown = 0;
   #dirty = true;
   #queued = false;
@@ -237,7 +239,13 @@ export class StatusCache {
     if (!this.#dirty || this.#held()) return;
     this.#dirty = false;
     const before = this.#version;
-    this.#rebuild(this.#hash);
+    try {
+      this.#rebuild(this.#hash);
+    } catch (err) {
+      // Still to rebuild: the next read tries again (and fails as loudly), instead of serving what it had.
+      this.#dirty = true;
+      throw err;
+    }
     if (this.#version === before) return;
     // An ended document is the one every caller reads next: its version is stored now, in the
     // turn (and commit) that ended it, not by that first read in a commit of its own.

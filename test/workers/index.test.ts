@@ -95,6 +95,30 @@ describe("index routing: one shard per UTC month of created_at", () => {
   });
 });
 
+describe("an index shard created before the later columns", () => {
+  it("is migrated by the first call of a new instance even when that call is a read, so the upserts after it work", async () => {
+    const t = Date.UTC(2027, 8, 12);
+    const shard = indexFor(env, t);
+    // The table as the first version made it: no rerun_of, attempts or tokens_total.
+    await runInDurableObject(shard, (_i, state) => {
+      state.storage.sql.exec(`CREATE TABLE entries (
+        execution_id TEXT PRIMARY KEY, client_id TEXT NOT NULL, template_name TEXT NOT NULL,
+        status TEXT NOT NULL, priority TEXT NOT NULL, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,
+        completed_at INTEGER, error_code TEXT, cost_total REAL,
+        stages_total INTEGER NOT NULL, stages_completed INTEGER NOT NULL, version INTEGER NOT NULL)`);
+    });
+    // A new instance (through a new stub: the old one is broken with it), whose first call is a read.
+    await runInDurableObject(shard, (_i, state) => state.abort("test: a new instance")).catch(() => {});
+    const again = indexFor(env, t);
+    const e = entry({ execution_id: execId(t, 1), created_at: t });
+    expect(await again.get(e.execution_id)).toBeNull();
+    await again.upsert(e);
+    expect(await again.get(e.execution_id)).toEqual(e);
+    const columns = await runInDurableObject(again, (_i, state) => state.storage.sql.exec("PRAGMA table_info(entries)").toArray().map((r) => r.name));
+    expect(columns).toEqual(expect.arrayContaining(["rerun_of", "attempts", "tokens_total"]));
+  });
+});
+
 describe("ExecutionIndex.upsert", () => {
   it("is idempotent and keeps the highest version, whatever the arrival order", async () => {
     const t = Date.UTC(2026, 2, 3, 10);
