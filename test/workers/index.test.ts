@@ -454,34 +454,6 @@ describe("the overview page", () => {
 });
 
 describe("a real execution appears in the index", () => {
-  it("is listed as running once it runs: its queued summary, held back (indexHoldMs), is replaced by the running one, and the index gets one summary for both", async () => {
-    const client = `client_index_run_${run}`;
-    // One step longer than the hold: the running summary goes when the hold runs out, not with the end.
-    const { body } = await startExecution({
-      template_name: "quick_summary",
-      parameters: { topic: "Index", targetAudience: "ops", steps: 1, step_ms: TEST_TUNING.indexHoldMs + 1_500 },
-      client_id: client,
-    });
-    const id: string = body.execution_id;
-    const stored = async () =>
-      runInDurableObject(executionStub(id), (_i, state) => state.storage.sql.exec<{ status: string; created_at: number }>("SELECT status, created_at FROM execution").toArray()[0]);
-    const deadline = Date.now() + 10_000;
-    while ((await stored())?.status !== "running" && Date.now() < deadline) await scheduler.wait(5);
-    const row = await stored();
-    expect(row?.status).toBe("running");
-    const created = row!.created_at;
-    // Within the hold: nothing was sent yet (the queued summary went at once before, so the index had it by now).
-    expect(await indexFor(env, created).get(id)).toBeNull();
-    let entry: { status: string; version: number } | null = null;
-    while (Date.now() < deadline && entry?.status !== "running") {
-      entry = await indexFor(env, created).get(id);
-      await scheduler.wait(25);
-    }
-    // Version 2: the running summary, the first and only one the index got while the stage runs.
-    expect(entry).toMatchObject({ execution_id: id, status: "running", version: 2 });
-    await waitFor(id, ended);
-  });
-
   it("is listed with its final status once it ends (written by the Execution)", async () => {
     const client = `client_index_${run}`;
     const { body } = await startExecution({
