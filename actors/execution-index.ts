@@ -37,7 +37,7 @@ CREATE INDEX IF NOT EXISTS entries_by_template ON entries (template_name, create
 CREATE INDEX IF NOT EXISTS entries_by_status ON entries (status, created_at DESC, execution_id DESC);
 `;
 
-/** Reruns and ends (added later: a shard created before has no such column until its first write adds it). */
+/** Reruns and ends (added later: a shard created before gets them, and the columns, with its first call, #hasSchema). */
 const LATER_INDEXES = `CREATE INDEX IF NOT EXISTS entries_by_rerun ON entries (rerun_of, created_at DESC, execution_id DESC) WHERE rerun_of IS NOT NULL;
 CREATE INDEX IF NOT EXISTS entries_by_completed ON entries (completed_at) WHERE completed_at IS NOT NULL;`;
 
@@ -132,7 +132,6 @@ export class ExecutionIndex extends DurableObject<Env> {
    */
   async stats(limit: number): Promise<{ groups: IndexStatsGroup[]; truncated: boolean }> {
     if (!this.#hasSchema()) return { groups: [], truncated: false };
-    this.#ensureSchema();
     const n = Math.max(1, Math.min(MAX_ROWS, Math.floor(limit)));
     const rows = this.#sql<IndexStatsGroup>`SELECT status, template_name, client_id, COUNT(*) AS count, COALESCE(SUM(cost_total), 0) AS cost,
         COALESCE(SUM(tokens_total), 0) AS tokens
@@ -148,7 +147,6 @@ export class ExecutionIndex extends DurableObject<Env> {
    */
   async series(since: number, until: number, bucketMs: number, clientId?: string): Promise<IndexSeries> {
     if (!this.#hasSchema()) return { groups: [], attempts: [], truncated: false };
-    this.#ensureSchema();
     const bucket = Math.max(1, Math.floor(bucketMs));
     const groups = this.#sql<IndexSeriesGroup>`SELECT CAST((completed_at - ${since}) / ${bucket} AS INTEGER) AS bucket, status, client_id,
         COUNT(*) AS count, COALESCE(SUM(cost_total), 0) AS cost

@@ -65,11 +65,7 @@ export class ReadCache {
 
   /** `read()`, or its result from memory while none of `tables` was written since. */
   memo<T>(key: string, tables: readonly string[], read: () => T): T {
-    if (this.#memo.has(key)) {
-      const hit = this.#memo.get(key) as T;
-      if (this.#check && !same(hit, read())) throw new Error(`read cache: ${key} differs from SQL`);
-      return hit;
-    }
+    if (this.#memo.has(key)) return this.checked(key, this.#memo.get(key) as T, read);
     const value = freeze(read());
     this.#memo.set(key, value);
     for (const t of tables) {
