@@ -2,7 +2,7 @@ import { evictDurableObject, runInDurableObject } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
 import type { StatusDocument } from "../../schemas/api";
 import { JSON_HEADERS, KAM, OPS, call, ended, executionStub, startExecution, status, until, waitFor } from "../support/api";
-import { TEST_API_KEYS } from "../support/constants";
+import { TEST_API_KEYS, TEST_TUNING } from "../support/constants";
 
 /**
  * Status reads (docs/protocol.md, "Status reads"): the document comes from the
@@ -79,11 +79,13 @@ describe("status reads from the execution's memory", () => {
         return exec(...a);
       };
     });
-    // First a window in which the object runs nothing of its own (the outbox and the ledger's answers settle after stage 1).
+    // First a window in which the object runs nothing of its own (the outbox and the ledger's answers settle after
+    // stage 1), longer than the index summary's hold (indexHoldMs): a held summary still pending would be sent
+    // inside it, not during the reads below.
     const deadline = Date.now() + 15_000;
     for (;;) {
       await reset();
-      await scheduler.wait(300);
+      await scheduler.wait(TEST_TUNING.indexHoldMs + 300);
       if ((await count()) === 0) break;
       if (Date.now() > deadline) throw new Error("the object never went quiet");
     }
