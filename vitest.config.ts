@@ -235,7 +235,7 @@ const BUNDLED_DEPS = {
  * took the `shards` project from 284 s to 180 s. A project with `fileParallelism: false` runs after
  * all the others, one file at a time: `e2e` and `browser`, whose `wrangler dev` sessions and
  * Chromium are the heaviest and whose crash test is sensitive to load (docs/scaling.md, "Tests"), and
- * `ledger-faults-shards`, whose crash-mid-renewal case has under a second of slack in its lease.
+ * `ledger-faults` and `ledger-faults-shards`, whose lease cases have under a second of slack.
  * testTimeout (a guard against a hang, never a measured duration) leaves room for a file running
  * beside another.
  */
@@ -346,6 +346,9 @@ export default defineConfig({
           globalSetup: ["./test/support/global-setup.ts"],
           deps: BUNDLED_DEPS,
           testTimeout: 60_000,
+          // Alone, after the others: lease-renewal's cases have about 0.5 s around a 3 s lease and a 2 s call
+          // timeout, which a late alarm beside another file took (a CI run, 2026-12-02).
+          fileParallelism: false,
         },
       },
       {
