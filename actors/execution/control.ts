@@ -46,7 +46,7 @@ export function migrateControl(storage: DurableObjectStorage): void {
 export function pauseExecution(c: Core, now: number): void {
   const ex = c.store.row()!;
   if (ex.status === "paused" || isTerminalExecution(ex.status)) return;
-  c.sql`UPDATE execution SET status = 'paused', paused_from = ${ex.status}, paused_at = ${now} WHERE id = 1`;
+  c.store.update({ status: "paused", paused_from: ex.status, paused_at: now });
   // Every stage and item waiting for resources, in parallel stages and fan-outs alike.
   for (const st of c.store.unitsIn("waiting_resources")) {
     // Its attempt may be at the worker (a grant held by a lost instance): told to stop, as it ends here.
@@ -79,8 +79,7 @@ export function resumeExecution(c: Core, now: number): void {
   const ex = c.store.row()!;
   if (ex.status !== "paused") return;
   const to = ex.paused_from === "queued" ? "queued" : "running";
-  c.sql`UPDATE execution SET status = ${to}, paused_from = NULL, paused_at = NULL,
-    paused_ms = paused_ms + ${now - (ex.paused_at ?? now)} WHERE id = 1`;
+  c.store.update({ status: to, paused_from: null, paused_at: null, paused_ms: ex.paused_ms + (now - (ex.paused_at ?? now)) });
   // A stage or item whose attempt was given back starts again now; one waiting out a retry backoff keeps its timer.
   for (const st of c.store.unitsIn("pending")) {
     if (st.attempt > 0 && !c.timers.has("retry", st.stage_id)) c.timers.set("retry", now, st.stage_id);

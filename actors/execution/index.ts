@@ -380,7 +380,7 @@ export class Execution extends DurableObject<Env> {
     for (const st of this.#store.onWorker()) if (this.#timers.take("lease", st.stage_id)) void step.renewLease(this.#c, st);
     try {
       await this.#schedule();
-      if (this.#store.row()?.alarm_failures) this.#c.sql`UPDATE execution SET alarm_failures = 0`;
+      if (this.#store.row()?.alarm_failures) this.#store.update({ alarm_failures: 0 });
     } catch (err) {
       // Rethrow so the platform retries the alarm, until it has failed too often in a row.
       if (this.#recordFailure(err, info?.retryCount ?? 0)) throw err;
@@ -432,7 +432,7 @@ export class Execution extends DurableObject<Env> {
     this.#store.log("error", "drive_failed", { failures, error: message });
     const max = this.#config.tuning.maxAlarmFailures;
     if (failures >= max || retryCount >= max) {
-      this.#c.sql`UPDATE execution SET alarm_failures = ${failures}`;
+      this.#store.update({ alarm_failures: failures });
       tx.stopExecution(
         this.#c,
         "failed",
@@ -508,7 +508,7 @@ export class Execution extends DurableObject<Env> {
     if (ex && isTerminalExecution(ex.status) && this.#timers.take("retention")) {
       // Reruns still read outputs of this one by reference: the data waits for the last of them (rerun.ts).
       if (isDataHeld(this.#c)) {
-        this.#c.sql`UPDATE execution SET retention_waiting = 1 WHERE id = 1`;
+        this.#store.update({ retention_waiting: 1 });
         this.#store.log("info", "retention_held", {});
       } else {
         const owners = heldOwners(this.#c);

@@ -67,13 +67,22 @@ export class ReadCache {
   memo<T>(key: string, tables: readonly string[], read: () => T): T {
     if (this.#memo.has(key)) return this.checked(key, this.#memo.get(key) as T, read);
     const value = freeze(read());
-    this.#memo.set(key, value);
+    this.seed(key, tables, value);
+    return value;
+  }
+
+  /**
+   * `key` holds `value` from now on, as if read: for a write whose result is known exactly (the
+   * execution row's one UPDATE writes every column it may change, so the row it wrote is the row in
+   * memory with the change over it). Only right after that write; the check mode compares it with SQL at its next hit.
+   */
+  seed<T>(key: string, tables: readonly string[], value: T): void {
+    this.#memo.set(key, freeze(value));
     for (const t of tables) {
       const keys = this.#keys.get(t);
       if (keys) keys.add(key);
       else this.#keys.set(t, new Set([key]));
     }
-    return value;
   }
 
   /** How many reads are kept (for tests: a write leaves none of its table's). */

@@ -158,7 +158,7 @@ export function createFromSnapshot(c: Core, source: RerunSource, now: number): v
     }
     c.sql`UPDATE stages SET items_total = ${r.items.length} WHERE stage_id = ${s.stage_id}`;
   }
-  c.sql`UPDATE execution SET template_id = ${source.template_id}, template_source = 'snapshot', rerun_of = ${source.execution_id} WHERE id = 1`;
+  c.store.update({ template_id: source.template_id, template_source: "snapshot", rerun_of: source.execution_id });
   c.store.log("info", "rerun_created", { rerun_of: source.execution_id, from_stage: source.from_stage, reused: source.reused.map((r) => r.stage_id) });
 }
 
@@ -214,7 +214,7 @@ export function releaseData(c: Core, holder: string, now: number): void {
   c.sql`DELETE FROM data_holds WHERE holder = ${holder}`;
   const ex = c.store.row();
   if (!isDataHeld(c) && ex?.retention_waiting) {
-    c.sql`UPDATE execution SET retention_waiting = 0 WHERE id = 1`;
+    c.store.update({ retention_waiting: 0 });
     c.timers.set("retention", now);
   }
 }

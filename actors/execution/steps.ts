@@ -60,7 +60,7 @@ export async function estimateCompletion(c: Core): Promise<void> {
   const totalMs = await estimateTotalMs(c.env, stages, ex.priority);
   // No commit of its own: the slot's answer or the first stage's writes come right after.
   const at = ex.created_at + Math.round(totalMs);
-  c.grants.deferWrite(() => c.sql`UPDATE execution SET estimated_completion_at = ${at} WHERE id = 1`);
+  c.grants.deferWrite(() => c.store.update({ estimated_completion_at: at }));
 }
 
 /**
@@ -74,7 +74,7 @@ export async function askSlot(c: Core): Promise<void> {
   // Again only when its timer is due, or after a crash between writing `asked` and the answer (no timer then).
   const again = c.timers.has("slot") ? c.timers.take("slot") : ex.slot === "asked";
   if (ex.slot !== null && !again) return;
-  if (ex.slot === null) c.sql`UPDATE execution SET slot = 'asked' WHERE id = 1`;
+  if (ex.slot === null) c.store.update({ slot: "asked" });
   let r: SlotResult | null = null;
   try {
     r = await withTimeout<SlotResult>(ledgerForClient(c.env, ex.client_id).acquireSlot(ex.client_id, ex.execution_id), c.config.tuning.ledgerCallTimeoutMs, "ledger.acquireSlot");

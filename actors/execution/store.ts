@@ -196,6 +196,16 @@ export interface ExecutionRow {
   client_weight?: number | null;
 }
 
+/** What a transition changes of the execution row (Store.update); the rest is fixed at start(), the status document's version is status-cache.ts's. */
+export type RowChange = Partial<
+  Pick<
+    ExecutionRow,
+    | "status" | "started_at" | "completed_at" | "estimated_completion_at" | "template_id" | "template_source" | "template_attempts"
+    | "error" | "cost" | "output" | "output_ref" | "alarm_failures" | "data_expired_at" | "index_version" | "slot" | "slot_wait"
+    | "slot_failures" | "client_weight" | "paused_from" | "paused_at" | "paused_ms" | "rerun_of" | "retention_waiting"
+  >
+>;
+
 export interface StageRow {
   stage_id: string;
   /** The ledger's last `waitingOn` for this stage's reservation (JSON), while it waits for resources. */
@@ -322,6 +332,29 @@ export class Store {
         index_version, deadline_at, slot, slot_wait, slot_failures, client_weight, notify, paused_from, paused_at, paused_ms, rerun_of, retention_waiting
         FROM execution WHERE id = 1`[0] ?? null,
     );
+  }
+
+  /**
+   * Changes the execution row: every change is this one statement, the row in
+   * memory with `change` over it (docs/performance.md, "Fewer distinct
+   * statements": each distinct statement text stays prepared in the runtime for
+   * the object's life, about 5 KiB each). A held grant or a deferred write goes
+   * first, as before any write (grant.ts), so the row it merges is the one they left.
+   */
+  update(change: RowChange): void {
+    this.#held?.grants.writeAll();
+    const ex = this.row();
+    if (!ex) throw new Error("execution row missing: nothing to update");
+    const r = { ...ex, ...change };
+    this.#sql`UPDATE execution SET status = ${r.status}, started_at = ${r.started_at}, completed_at = ${r.completed_at},
+      estimated_completion_at = ${r.estimated_completion_at}, template_id = ${r.template_id}, template_source = ${r.template_source},
+      template_attempts = ${r.template_attempts}, error = ${r.error}, cost = ${r.cost}, output = ${r.output}, output_ref = ${r.output_ref},
+      alarm_failures = ${r.alarm_failures}, data_expired_at = ${r.data_expired_at}, index_version = ${r.index_version},
+      slot = ${r.slot}, slot_wait = ${r.slot_wait}, slot_failures = ${r.slot_failures}, client_weight = ${r.client_weight ?? null},
+      paused_from = ${r.paused_from}, paused_at = ${r.paused_at}, paused_ms = ${r.paused_ms}, rerun_of = ${r.rerun_of},
+      retention_waiting = ${r.retention_waiting} WHERE id = 1`;
+    // The row now is exactly `r`: no read again (the check mode compares it with SQL at the next hit).
+    this.#reads.seed("row", ["execution"], r);
   }
 
   /** The template's stages, in order (not the items of fan-out stages). */

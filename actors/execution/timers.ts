@@ -73,9 +73,7 @@ export class Timers {
   }
 
   set(name: TimerName, dueAt: number, unit = ""): void {
-    this.#sql`INSERT INTO timers (name, unit, due_at) VALUES (${name}, ${unit}, ${dueAt})
-      ON CONFLICT(name, unit) DO UPDATE SET due_at = excluded.due_at`;
-    this.#timers().set(key(name, unit), { name, unit, dueAt });
+    this.#write(name, unit, dueAt, false);
   }
 
   /** Sets the timer unless it is already due earlier (then nothing is written). */
@@ -86,29 +84,31 @@ export class Timers {
       if (this.#check) this.#verify("setNoLaterThan", { name, unit, by: dueAt });
       return;
     }
+    this.#write(name, unit, dueAt, true);
+  }
+
+  /**
+   * The one statement every set runs (each distinct statement text stays prepared in the runtime
+   * for the object's life: docs/performance.md, target 7); `earlierOnly` keeps a due time that is earlier.
+   */
+  #write(name: TimerName, unit: string, dueAt: number, earlierOnly: boolean): void {
     this.#sql`INSERT INTO timers (name, unit, due_at) VALUES (${name}, ${unit}, ${dueAt})
-      ON CONFLICT(name, unit) DO UPDATE SET due_at = excluded.due_at WHERE excluded.due_at < timers.due_at`;
+      ON CONFLICT(name, unit) DO UPDATE SET due_at = excluded.due_at WHERE ${earlierOnly ? 1 : 0} = 0 OR excluded.due_at < timers.due_at`;
     this.#timers().set(key(name, unit), { name, unit, dueAt });
   }
 
   clear(name: TimerName, unit = ""): void {
-    this.#clearWhere((t) => t.name === name && t.unit === unit, () => this.#sql`DELETE FROM timers WHERE name = ${name} AND unit = ${unit}`);
+    this.#clearWhere((t) => t.name === name && t.unit === unit);
   }
 
   /** Clears these timers of every unit, in one statement (each statement costs a round through SQLite). */
   clearMany(names: TimerName[]): void {
-    this.#clearWhere(
-      (t) => names.includes(t.name),
-      () => this.#sql`DELETE FROM timers WHERE name IN (SELECT value FROM json_each(${JSON.stringify(names)}))`,
-    );
+    this.#clearWhere((t) => names.includes(t.name));
   }
 
   /** Clears a stage's or item's own timers, but for its retry. */
   clearUnit(unit: string): void {
-    this.#clearWhere(
-      (t) => t.unit === unit && UNIT_CLEARED.has(t.name),
-      () => this.#sql`DELETE FROM timers WHERE unit = ${unit} AND name IN ('poll', 'deadline', 'lease', 'reask', 'part_deadline', 'reacquire')`,
-    );
+    this.#clearWhere((t) => t.unit === unit && UNIT_CLEARED.has(t.name));
   }
 
   /** When the timer is due, or null when it is not set. */
@@ -125,18 +125,15 @@ export class Timers {
   take(name: TimerName, unit = ""): boolean {
     this.#beforeWrite();
     if (!this.has(name, unit)) return false;
-    const taken = this.#sql`DELETE FROM timers WHERE name = ${name} AND unit = ${unit} AND due_at <= ${Date.now()} RETURNING name`.length > 0;
-    if (taken) this.#timers().delete(key(name, unit));
-    return taken;
+    return this.#delete([{ name, unit }], Date.now()).length > 0;
   }
 
   /** Consumes the wake-up timers (`advance`, `watchdog`): the drive pass that runs is the wake-up. */
   takeWakeUps(now: number): void {
     this.#beforeWrite();
     if (this.#check) this.#verify("takeWakeUps");
-    if (![...this.#timers().values()].some((t) => t.unit === "" && WAKE_UPS.has(t.name))) return;
-    const taken = this.#sql<{ name: TimerName }>`DELETE FROM timers WHERE name IN ('advance', 'watchdog', 'execution') AND unit = '' AND due_at <= ${now} RETURNING name`;
-    for (const t of taken) this.#timers().delete(key(t.name, ""));
+    const set = [...this.#timers().values()].filter((t) => t.unit === "" && WAKE_UPS.has(t.name));
+    if (set.length > 0) this.#delete(set, now);
   }
 
   any(): boolean {
@@ -144,15 +141,27 @@ export class Timers {
     return this.#timers().size > 0;
   }
 
-  /** Deletes the timers `match` picks with `remove`, or runs nothing when none is set. */
-  #clearWhere(match: (t: { name: TimerName; unit: string }) => boolean, remove: () => void): void {
+  /** Deletes the timers `match` picks, or runs nothing when none is set. */
+  #clearWhere(match: (t: { name: TimerName; unit: string }) => boolean): void {
     this.#beforeWrite();
     if (this.#check) this.#verify("clear");
-    const set = this.#timers();
-    const gone = [...set].filter(([, t]) => match(t));
+    const gone = [...this.#timers().values()].filter(match);
     if (gone.length === 0) return;
-    remove();
-    for (const [k] of gone) set.delete(k);
+    this.#delete(gone, Number.MAX_SAFE_INTEGER);
+    for (const t of gone) this.#timers().delete(key(t.name, t.unit));
+  }
+
+  /**
+   * The one statement every take and clear runs: deletes these timers where due by `by` (a clear:
+   * whenever due), and forgets the ones deleted. Which exist comes from memory (the check mode
+   * compares it with the table); whether one is due, from SQL.
+   */
+  #delete(timers: readonly { name: TimerName; unit: string }[], by: number): { name: TimerName; unit: string }[] {
+    const keys = JSON.stringify(timers.map((t) => [t.name, t.unit]));
+    const gone = this.#sql<{ name: TimerName; unit: string }>`DELETE FROM timers
+      WHERE (name, unit) IN (SELECT value ->> 0, value ->> 1 FROM json_each(${keys})) AND due_at <= ${by} RETURNING name, unit`;
+    for (const t of gone) this.#timers().delete(key(t.name, t.unit));
+    return gone;
   }
 
   #timers(): Map<string, { name: TimerName; unit: string; dueAt: number }> {

@@ -27,7 +27,7 @@ import { releaseUnit, settleUnit } from "./parts";
 import { indexEntry } from "./documents";
 import { endedSpan, indexAttempts, phases, recordSpan } from "./spans";
 import { itemIdFor, resolveGraph } from "./graph";
-import { type Core, type ExecutionRow, ITEM_ORD_STRIDE, type StageRow, type StoredOutput, dependsOn, isFanOut, parse } from "./store";
+import { type Core, type ExecutionRow, type RowChange, ITEM_ORD_STRIDE, type StageRow, type StoredOutput, dependsOn, isFanOut, parse } from "./store";
 
 /**
  * The synchronous state changes of an Execution. Each is a run of `sql` calls
@@ -56,7 +56,7 @@ export function createStages(c: Core, template: MasterTemplate, source: "kam" | 
               ${s.resources ? JSON.stringify(s.resources) : null}, 'pending',
               ${JSON.stringify(node.depends_on)}, ${node.for_each}, ${node.for_each === null ? null : node.max_parallel}, ${s.queue_timeout_ms ?? null})`;
   });
-  c.sql`UPDATE execution SET template_id = ${template.template_id}, template_source = ${source} WHERE id = 1`;
+  c.store.update({ template_id: template.template_id, template_source: source });
   c.store.log("info", "template_loaded", { template_id: template.template_id, source, stages: template.stages.length });
   c.changed();
 }
@@ -100,20 +100,19 @@ export function fanOutInvalid(c: Core, st: StageRow, reason: string, now: number
 /** A transient template failure: count it and try again after a backoff. */
 export function templateRetry(c: Core, attempts: number, code: string, now: number): void {
   const t = c.config.tuning;
-  c.sql`UPDATE execution SET template_attempts = ${attempts} WHERE id = 1`;
+  c.store.update({ template_attempts: attempts });
   c.timers.set("advance", now + retryDelayMs(attempts, t.kamRetryBaseMs, t.retryCapMs));
   c.store.log("warn", "template_retry", { code, attempts });
 }
 
 export function templateFailed(c: Core, attempts: number, error: ErrorInfo, now: number): void {
-  c.sql`UPDATE execution SET template_attempts = ${attempts} WHERE id = 1`;
-  finishExecution(c, "failed", now, error);
+  finishExecution(c, "failed", now, error, { template_attempts: attempts });
 }
 
 export function beginAttempt(c: Core, st: StageRow, now: number): void {
   const ex = c.store.row()!;
   if (ex.status === "queued") {
-    c.sql`UPDATE execution SET status = 'running', started_at = ${now} WHERE id = 1`;
+    c.store.update({ status: "running", started_at: now });
     indexUpdate(c, now);
     c.store.log("info", "execution_status", { status: "running" });
   }
@@ -408,20 +407,22 @@ function descendants(stages: readonly StageRow[], stageId: string): Set<string> 
 
 /** Every stage completed: the deliverable is the sinks' output (see steps.deliverable). */
 export function completeExecution(c: Core, output: StoredOutput | null, now: number): void {
-  c.sql`UPDATE execution SET output = ${output?.inline ?? null}, output_ref = ${output?.ref ? JSON.stringify(output.ref) : null} WHERE id = 1`;
-  finishExecution(c, "completed", now, null);
+  finishExecution(c, "completed", now, null, { output: output?.inline ?? null, output_ref: output?.ref ? JSON.stringify(output.ref) : null });
 }
 
-export function finishExecution(c: Core, status: ExecutionStatus, now: number, error: ErrorInfo | null): void {
+/** `with`: what else the end changes of the row, in the same statement (written also when the execution cannot move, as before). */
+export function finishExecution(c: Core, status: ExecutionStatus, now: number, error: ErrorInfo | null, with_: RowChange = {}): void {
   const ex = c.store.row()!;
-  if (!canMoveExecution(ex.status, status)) return;
+  if (!canMoveExecution(ex.status, status)) {
+    if (Object.keys(with_).length > 0) c.store.update(with_);
+    return;
+  }
   const stages = c.store.stages();
   const cost = costOf(
     stages.map((s) => ({ stage_id: s.stage_id, usage: parse<Record<string, number>>(s.usage) })),
     c.config.prices,
   );
-  c.sql`UPDATE execution SET status = ${status}, completed_at = ${now}, started_at = COALESCE(started_at, ${now}),
-    error = ${error ? JSON.stringify(error) : null}, cost = ${JSON.stringify(cost)} WHERE id = 1`;
+  c.store.update({ ...with_, status, completed_at: now, started_at: ex.started_at ?? now, error: error ? JSON.stringify(error) : null, cost: JSON.stringify(cost) });
   c.timers.clearMany(["advance", "poll", "deadline", "lease", "reask", "retry", "approval", "watchdog", "queue", "execution", "slot", "part_deadline", "reacquire"]);
   // The client execution slot (or the place in its line) is given back by the execution's id, also when its answer never came.
   if (ex.slot !== null && ex.slot !== "free") c.outbox.enqueue({ kind: "slot_release", executionId: ex.execution_id }, now);
@@ -531,7 +532,7 @@ export function releaseReservation(c: Core, st: StageRow, now: number): void {
 
 /** A failed drive pass: counted, and retried by the `advance` timer after a backoff. */
 export function driveFailed(c: Core, failures: number, now: number): void {
-  c.sql`UPDATE execution SET alarm_failures = ${failures}`;
+  c.store.update({ alarm_failures: failures });
   c.timers.set("advance", now + retryDelayMs(failures, c.config.tuning.retryBaseMs, c.config.tuning.retryCapMs));
 }
 
@@ -544,7 +545,7 @@ export function retentionFailed(c: Core, err: unknown, now: number): void {
 
 /** Retention ran: the execution's inline outputs and data records go; the summary stays. */
 export function dataExpired(c: Core, now: number): void {
-  c.sql`UPDATE execution SET data_expired_at = ${now}, output = NULL, output_ref = NULL WHERE id = 1`;
+  c.store.update({ data_expired_at: now, output: null, output_ref: null });
   c.sql`UPDATE stages SET output = NULL, output_ref = NULL`;
   c.sql`DELETE FROM data_objects`;
 }
@@ -557,7 +558,7 @@ export function dataExpired(c: Core, now: number): void {
 export function indexUpdate(c: Core, now: number): void {
   const ex = c.store.row()!;
   const version = ex.index_version + 1;
-  c.sql`UPDATE execution SET index_version = ${version} WHERE id = 1`;
+  c.store.update({ index_version: version });
   // An ended execution's entry also carries its completed attempts, for the latency charts.
   const attempts = isTerminalExecution(ex.status) ? indexAttempts(c.sql) : undefined;
   c.outbox.enqueue({ kind: "index_upsert", entry: indexEntry(ex, c.store.stages(), now, version, attempts) }, now);
@@ -579,18 +580,24 @@ export function slotAnswered(c: Core, r: SlotResult | null, now: number): void {
   const t = c.config.tuning;
   if (!r) {
     // The ledger is slow or down: ask again after a backoff that grows with each failure in a row.
-    const failures = c.sql<{ n: number }>`UPDATE execution SET slot_failures = slot_failures + 1 WHERE id = 1 RETURNING slot_failures AS n`[0].n;
+    const failures = c.store.row()!.slot_failures + 1;
+    c.store.update({ slot_failures: failures });
     c.timers.set("slot", now + retryDelayMs(failures, t.retryBaseMs, t.retryCapMs));
     return;
   }
   // Written only when there were failures (the row is in memory): a write that changes nothing still costs a statement.
-  if (c.store.row()!.slot_failures !== 0) c.sql`UPDATE execution SET slot_failures = 0 WHERE id = 1`;
+  // One write for the reset and the answer; the answer only over a slot still asked or waiting (as the statement's condition was).
+  const ex = c.store.row()!;
+  const reset: RowChange = ex.slot_failures !== 0 ? { slot_failures: 0 } : {};
+  const open = ex.slot === "asked" || ex.slot === "waiting";
   if (r.status === "granted") {
-    c.sql`UPDATE execution SET slot = ${r.counted ? "granted" : "free"}, slot_wait = NULL, client_weight = ${r.weight ?? null} WHERE id = 1 AND slot IN ('asked', 'waiting')`;
+    if (open) c.store.update({ ...reset, slot: r.counted ? "granted" : "free", slot_wait: null, client_weight: r.weight ?? null });
+    else if (reset.slot_failures === 0) c.store.update(reset);
     c.timers.clear("slot");
     return;
   }
-  c.sql`UPDATE execution SET slot = 'waiting', slot_wait = ${JSON.stringify(r.waitingOn)} WHERE id = 1 AND slot IN ('asked', 'waiting')`;
+  if (open) c.store.update({ ...reset, slot: "waiting", slot_wait: JSON.stringify(r.waitingOn) });
+  else if (reset.slot_failures === 0) c.store.update(reset);
   c.timers.set("slot", now + t.ledgerReaskMs);
   c.store.log("info", "execution_slot_waiting", { position: r.waitingOn.position });
 }
@@ -599,7 +606,7 @@ export function slotAnswered(c: Core, r: SlotResult | null, now: number): void {
 export function slotGranted(c: Core): boolean {
   const ex = c.store.row();
   if (!ex || (ex.slot !== "waiting" && ex.slot !== "asked")) return false;
-  c.sql`UPDATE execution SET slot = 'granted', slot_wait = NULL WHERE id = 1`;
+  c.store.update({ slot: "granted", slot_wait: null });
   c.timers.clear("slot");
   return true;
 }
