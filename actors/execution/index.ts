@@ -87,13 +87,16 @@ export class Execution extends DurableObject<Env> {
     this.#config = configOf(env);
     // Every statement passes the read cache's watch (read-cache.ts), but the status document's own
     // version and hash, which no cached read reads (StatusCache writes them with `raw`).
-    const raw = withTables(sqlOf(ctx.storage), ctx.storage);
+    // A read of an id nobody started (a 404, a stray callback) finds no execution without creating the tables: no write, no commit.
+    const existed = hasTables(ctx.storage);
+    const tabled = withTables(sqlOf(ctx.storage), ctx.storage, existed);
+    const raw = tabled.sql;
     const reads = new ReadCache(this.#config.tuning.readCacheCheck === 1);
     const grants = new HeldGrants();
     // Every write the object makes passes here: a grant held in memory is written first (grant.ts),
     // and the status document is rebuilt after the turn that wrote.
     const sql = grants.beforeWrites(watchWrites(reads.watch(raw), () => this.#status.touched()));
-    this.#store = new Store(sql, reads, { grants, handshakeTimeoutMs: this.#config.tuning.handshakeTimeoutMs });
+    this.#store = new Store(sql, reads, { grants, handshakeTimeoutMs: this.#config.tuning.handshakeTimeoutMs }, tabled.exists);
     // A timer write left out because memory shows it changes nothing still writes the held grants first, as the statement would have.
     this.#timers = new Timers(sql, ctx.storage, reads, { check: this.#config.tuning.readCacheCheck === 1, beforeWrite: () => grants.writeAll() });
     this.#live = new Live(ctx, raw, this.#store, () => this.#document());
@@ -120,7 +123,7 @@ export class Execution extends DurableObject<Env> {
     setLogLevel(env);
     ctx.blockConcurrencyWhile(async () => {
       // A new object has nothing to load: its tables come with its first statement (withTables), in start()'s commit.
-      const holdMs = hasTables(ctx.storage) ? this.#status.load() : 0;
+      const holdMs = existed ? this.#status.load() : 0;
       this.#timers.known(await ctx.storage.getAlarm());
       // A change held back for leases the previous instance gave, which may still be out: nothing is served until they end.
       if (holdMs > 0) await new Promise((resolve) => setTimeout(resolve, holdMs));

@@ -16,19 +16,32 @@ export function hasTables(storage: DurableObjectStorage): boolean {
   return storage.sql.exec("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'execution'").toArray().length > 0;
 }
 
+/** An Execution's `sql` (withTables), and whether its tables exist yet. */
+export interface TabledSql {
+  sql: Sql;
+  /** False for a new object until its first write: it has no execution, and a read need not create the tables to say so. */
+  exists(): boolean;
+}
+
 /**
  * `sql` that creates or migrates the tables (createTables) before its first statement. A new object
  * thus writes its schema in the turn of its first write (start()), in that turn's commit, not in a
- * commit of its own from the constructor; every statement after it finds the tables.
+ * commit of its own from the constructor; every statement after it finds the tables. `existed`:
+ * whether the object had its tables when it was constructed (hasTables).
  */
-export function withTables(sql: Sql, storage: DurableObjectStorage): Sql {
+export function withTables(sql: Sql, storage: DurableObjectStorage, existed: boolean): TabledSql {
   let ready = false;
-  return (strings, ...values) => {
-    if (!ready) {
-      createTables(storage);
-      ready = true;
-    }
-    return sql(strings, ...values);
+  let exists = existed;
+  return {
+    sql: (strings, ...values) => {
+      if (!ready) {
+        createTables(storage);
+        ready = true;
+        exists = true;
+      }
+      return sql(strings, ...values);
+    },
+    exists: () => exists,
   };
 }
 

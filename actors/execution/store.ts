@@ -312,10 +312,14 @@ export class Store {
   /** Grants held in memory (grant.ts): `stage()` reads a held stage as its written grant would leave it. */
   readonly #held: { grants: HeldGrants; handshakeTimeoutMs: number } | null;
 
-  constructor(sql: Sql, reads: ReadCache, held: { grants: HeldGrants; handshakeTimeoutMs: number } | null = null) {
+  /** Whether the object has its tables (schema.ts withTables); without them there is no execution row. */
+  readonly #exists: () => boolean;
+
+  constructor(sql: Sql, reads: ReadCache, held: { grants: HeldGrants; handshakeTimeoutMs: number } | null = null, exists: () => boolean = () => true) {
     this.#sql = sql;
     this.#reads = reads;
     this.#held = held;
+    this.#exists = exists;
   }
 
   /**
@@ -323,6 +327,8 @@ export class Store {
    * not the status document's version and hash, which it writes on its own.
    */
   row(): Readonly<ExecutionRow> | null {
+    // A new object before its first write: no row, and no statement that would create the tables to find none.
+    if (!this.#exists()) return null;
     return this.#reads.memo(
       "row",
       ["execution"],

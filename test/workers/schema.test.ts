@@ -4,6 +4,8 @@ import { describe, expect, it } from "vitest";
 import { migrateControl } from "../../actors/execution/control";
 import { LATEST_SCHEMA, createTables, hasTables } from "../../actors/execution/schema";
 import { migrate } from "../../actors/execution/store";
+import { newExecutionId } from "../../src/ids";
+import { OPS, call, executionStub, startExecution } from "../support/api";
 
 /**
  * A new Execution creates its tables at the latest version in one run
@@ -61,21 +63,27 @@ describe("the Execution's schema", () => {
     expect(kept.rows).toEqual(fresh.rows);
   });
 
-  it("a new object creates no tables in its constructor: they come with its first statement, in that turn's commit (start()'s for a new execution)", async () => {
-    const stub = env.EXECUTION.get(env.EXECUTION.newUniqueId());
-    expect(await runInDurableObject(stub, (_i, state) => hasTables(state.storage))).toBe(false);
-    // A read is a first statement too: no execution, and the tables are there after it.
+  it("a new object creates no tables in its constructor, nor when it is asked for an execution it does not have: they come with start(), in its commit", async () => {
+    const stub = executionStub(newExecutionId());
+    const tables = () => runInDurableObject(stub, (_i, state) => hasTables(state.storage));
+    expect(await tables()).toBe(false);
+    // The reads an unknown id gets (GET /executions/:id, its result, a stray callback) answer "none" and write nothing.
+    expect(await stub.readStatus({ wait_ms: 0, since: null, if_none_match: null })).toEqual({ state: "missing" });
     expect(await stub.getStatus()).toBeNull();
-    expect(await runInDurableObject(stub, (_i, state) => hasTables(state.storage))).toBe(true);
+    expect(await stub.getResult()).toEqual({ state: "missing" });
+    expect((await call(`/executions/${newExecutionId()}`, { headers: OPS })).status).toBe(404);
+    expect(await tables()).toBe(false);
+    // The execution's first write creates them.
+    const { body } = await startExecution({ template_name: "fault_two_stage", parameters: { steps: 1, step_ms: 10 }, client_id: "client_schema" });
+    expect(await runInDurableObject(executionStub(body.execution_id as string), (_i, state) => hasTables(state.storage))).toBe(true);
   });
 
   it("its tables keyed by their primary key alone are WITHOUT ROWID, and the outbox ids write no sqlite_sequence row", async () => {
     const stub = env.EXECUTION.get(env.EXECUTION.newUniqueId());
-    // Its tables come with its first statement.
-    expect(await stub.getStatus()).toBeNull();
-    const tables = await runInDurableObject(stub, (_i, state) =>
-      state.storage.sql.exec("SELECT name, sql FROM sqlite_master WHERE type = 'table'").toArray().map((r) => ({ name: String(r.name), sql: String(r.sql) })),
-    );
+    const tables = await runInDurableObject(stub, (_i, state) => {
+      createTables(state.storage);
+      return state.storage.sql.exec("SELECT name, sql FROM sqlite_master WHERE type = 'table'").toArray().map((r) => ({ name: String(r.name), sql: String(r.sql) }));
+    });
     const sqlOf = (name: string) => tables.find((t) => t.name === name)?.sql ?? "";
     for (const name of ["timers", "spans", "reservations", "data_objects", "reruns", "data_holds", "live_tickets"]) expect(sqlOf(name)).toMatch(/WITHOUT ROWID\s*$/);
     // The stages too (keyed by stage_id, with its `ord UNIQUE` index): an insert writes the row and its ord entry, no separate key entry.
