@@ -55,8 +55,7 @@ export function pauseExecution(c: Core, now: number): void {
     // The attempt ends here, as a span (outcome `paused`) and its data point; resume starts the next one.
     attemptEnded(c, st, "paused", 0, undefined, now);
     moveStage(c, st, "pending", now, { message: "paused: the reservation was given back" });
-    c.sql`UPDATE stages SET max_attempts = max_attempts + 1, waiting_ms = waiting_ms + ${now - (st.waiting_since ?? now)}, waiting_since = NULL
-      WHERE stage_id = ${st.stage_id}`;
+    c.store.updateStage(st.stage_id, (cur) => ({ max_attempts: cur.max_attempts + 1, waiting_ms: cur.waiting_ms + (now - (st.waiting_since ?? now)), waiting_since: null }));
   }
   c.timers.clearMany(["reask"]);
   indexUpdate(c, now);
@@ -97,7 +96,7 @@ export function resumeExecution(c: Core, now: number): void {
 /** An approval stage became ready: it waits for a decision until its `timeout_ms` runs out. */
 export function awaitApproval(c: Core, st: StageRow, now: number): void {
   moveStage(c, st, "awaiting_approval", now, { message: "awaiting approval" });
-  c.sql`UPDATE stages SET attempt = 1, started_at = COALESCE(started_at, ${now}), deadline_at = ${now + st.timeout_ms} WHERE stage_id = ${st.stage_id}`;
+  c.store.updateStage(st.stage_id, (cur) => ({ attempt: 1, started_at: cur.started_at ?? now, deadline_at: now + st.timeout_ms }));
   c.timers.set("approval", now + st.timeout_ms, st.stage_id);
   c.notifier.emit("stage.awaiting_approval", { stage_id: st.stage_id }, now);
 }
@@ -111,7 +110,7 @@ export type Decision = NonNullable<StageDocument["decision"]>;
  */
 export function decideApproval(c: Core, st: StageRow, decision: Decision, now: number): void {
   c.timers.clear("approval", st.stage_id);
-  c.sql`UPDATE stages SET decision = ${JSON.stringify(decision)}, deadline_at = NULL WHERE stage_id = ${st.stage_id}`;
+  c.store.updateStage(st.stage_id, { decision: JSON.stringify(decision), deadline_at: null });
   c.store.log("info", "approval_decided", { stage_id: st.stage_id, approved: decision.approved, by: decision.by });
   if (decision.approved) {
     // What it passes on: its one dependency's output as it is; several: `inputs`, stage id -> output
@@ -122,7 +121,7 @@ export function decideApproval(c: Core, st: StageRow, decision: Decision, now: n
       ? { inline: null, ref: JSON.parse(one.output_ref) }
       : { inline: one ? (one.output ?? "null") : JSON.stringify(deps.length ? Object.fromEntries(deps.map((d) => [d.stage_id, outputAsInput(d)])) : null), ref: null };
     completeStage(c, c.store.stage(st.stage_id)!, output, {}, now, null);
-    c.sql`UPDATE stages SET message = ${decision.comment ? `approved by ${decision.by}: ${decision.comment}` : `approved by ${decision.by}`} WHERE stage_id = ${st.stage_id}`;
+    c.store.updateStage(st.stage_id, { message: decision.comment ? `approved by ${decision.by}: ${decision.comment}` : `approved by ${decision.by}` });
     return;
   }
   const why = decision.comment ? `: ${decision.comment}` : "";

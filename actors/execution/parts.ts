@@ -226,7 +226,7 @@ export function giveUpRound(c: Core, st: StageRow, a: Acquisition, why: string, 
   c.timers.clear("part_deadline", st.stage_id);
   c.timers.clear("reask", st.stage_id);
   c.timers.set("reacquire", now + delay, st.stage_id);
-  c.sql`UPDATE stages SET reservation = 'requested', message = ${`acquiring resources again (round ${next.round}) after ${why}`} WHERE stage_id = ${st.stage_id}`;
+  c.store.updateStage(st.stage_id, { reservation: "requested", message: `acquiring resources again (round ${next.round}) after ${why}` });
   c.store.log("info", "parts_released", { stage_id: st.stage_id, attempt: st.attempt, round: a.round, why, backoff_ms: delay });
   c.changed();
 }

@@ -156,7 +156,7 @@ export function createFromSnapshot(c: Core, source: RerunSource, now: number): v
           'completed', ${s.stage_id}, ${item.item_index}, 100, '{}', ${item.output_ref}, ${now}, ${source.execution_id})`;
       record(item.stage_id, item.objects);
     }
-    c.sql`UPDATE stages SET items_total = ${r.items.length} WHERE stage_id = ${s.stage_id}`;
+    c.store.updateStage(s.stage_id, { items_total: r.items.length });
   }
   c.store.update({ template_id: source.template_id, template_source: "snapshot", rerun_of: source.execution_id });
   c.store.log("info", "rerun_created", { rerun_of: source.execution_id, from_stage: source.from_stage, reused: source.reused.map((r) => r.stage_id) });

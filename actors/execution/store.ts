@@ -269,6 +269,17 @@ export interface StageRow {
   granted_at: number | null;
 }
 
+/** What a transition changes of a stage's or item's row (Store.updateStage); the rest is the template's, fixed when the row is made. */
+export type StageChange = Partial<
+  Pick<
+    StageRow,
+    | "status" | "attempt" | "max_attempts" | "progress" | "message" | "reservation_id" | "reservation" | "requirements" | "lease_expires_at"
+    | "started_at" | "completed_at" | "waiting_since" | "waiting_ms" | "processing_since" | "processing_ms" | "deadline_at" | "poll_interval_ms"
+    | "poll_failures" | "polls" | "error" | "last_error" | "usage" | "output" | "output_ref" | "complete_hash" | "items_total"
+    | "ledger_failures" | "attempt_at" | "granted_at" | "waiting_on" | "decision"
+  >
+>;
+
 /** What a drive pass's plan reads of an item (plan.ts): which it is and where it stands. */
 export type ItemKey = Pick<StageRow, "stage_id" | "status" | "attempt" | "reservation" | "item_index">;
 
@@ -361,6 +372,32 @@ export class Store {
       retention_waiting = ${r.retention_waiting} WHERE id = 1`;
     // The row now is exactly `r`: no read again (the check mode compares it with SQL at the next hit).
     this.#reads.seed("row", ["execution"], r);
+  }
+
+  /**
+   * Changes one stage's or item's row: every change is this one statement, the
+   * stored row with the change over it (`change` may read that row, for what the
+   * statement computed from it before: a sum, a default). As `update`: a held
+   * grant or a deferred write goes first, and the row written stays in memory.
+   */
+  updateStage(stageId: string, change: StageChange | ((cur: Readonly<StageRow>) => StageChange)): void {
+    this.#held?.grants.writeAll();
+    const top = this.#topLevel.has(stageId);
+    const cur = this.stage(stageId);
+    if (!cur) throw new Error(`stage ${stageId} missing: nothing to update`);
+    const list = top ? this.stages() : null;
+    const r: StageRow = { ...cur, ...(typeof change === "function" ? change(cur) : change) };
+    this.#sql`UPDATE stages SET status = ${r.status}, attempt = ${r.attempt}, max_attempts = ${r.max_attempts}, progress = ${r.progress},
+      message = ${r.message}, reservation_id = ${r.reservation_id}, reservation = ${r.reservation}, requirements = ${r.requirements},
+      lease_expires_at = ${r.lease_expires_at}, started_at = ${r.started_at}, completed_at = ${r.completed_at}, waiting_since = ${r.waiting_since},
+      waiting_ms = ${r.waiting_ms}, processing_since = ${r.processing_since}, processing_ms = ${r.processing_ms}, deadline_at = ${r.deadline_at},
+      poll_interval_ms = ${r.poll_interval_ms}, poll_failures = ${r.poll_failures}, polls = ${r.polls}, error = ${r.error}, last_error = ${r.last_error},
+      usage = ${r.usage}, output = ${r.output}, output_ref = ${r.output_ref}, complete_hash = ${r.complete_hash}, items_total = ${r.items_total},
+      ledger_failures = ${r.ledger_failures}, attempt_at = ${r.attempt_at}, granted_at = ${r.granted_at}, waiting_on = ${r.waiting_on ?? null},
+      decision = ${r.decision} WHERE stage_id = ${stageId}`;
+    // The row now is exactly `r` (the check mode compares it with SQL at the next hit): a stage in the stages' list, an item on its own.
+    if (list) this.#reads.seed("stages", ["stages"], list.map((s) => (s.stage_id === stageId ? r : s)));
+    else this.#reads.seed(`stage:${stageId}`, ["stages"], r);
   }
 
   /** The template's stages, in order (not the items of fan-out stages). */

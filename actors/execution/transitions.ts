@@ -73,11 +73,11 @@ export function expandFanOut(c: Core, st: StageRow, items: unknown[], now: numbe
       VALUES (${itemIdFor(st.stage_id, i)}, ${st.ord * ITEM_ORD_STRIDE + i + 1}, ${st.worker}, ${st.template_ref}, ${st.action},
               ${st.timeout_ms}, ${st.max_attempts}, ${st.resources}, 'pending', ${st.stage_id}, ${i}, ${JSON.stringify(item ?? null)})`;
   });
-  c.sql`UPDATE stages SET items_total = ${items.length}, started_at = COALESCE(started_at, ${now}) WHERE stage_id = ${st.stage_id}`;
+  c.store.updateStage(st.stage_id, (cur) => ({ items_total: items.length, started_at: cur.started_at ?? now }));
   c.store.log("info", "fan_out", { stage_id: st.stage_id, items: items.length });
   if (items.length === 0) {
     moveStage(c, st, "completed", now, {});
-    c.sql`UPDATE stages SET progress = 100, output = '[]', usage = '{}' WHERE stage_id = ${st.stage_id}`;
+    c.store.updateStage(st.stage_id, { progress: 100, output: "[]", usage: "{}" });
   } else {
     moveStage(c, st, "processing", now, {});
   }
@@ -86,8 +86,7 @@ export function expandFanOut(c: Core, st: StageRow, items: unknown[], now: numbe
 /** Every item of a fan-out stage completed: its output is theirs, in item order. */
 export function completeFanOut(c: Core, st: StageRow, output: StoredOutput, now: number): void {
   moveStage(c, st, "completed", now, {});
-  c.sql`UPDATE stages SET progress = 100, message = NULL, output = ${output.inline}, output_ref = ${output.ref ? JSON.stringify(output.ref) : null}
-    WHERE stage_id = ${st.stage_id}`;
+  c.store.updateStage(st.stage_id, { progress: 100, message: null, output: output.inline, output_ref: output.ref ? JSON.stringify(output.ref) : null });
 }
 
 /** A fan-out stage whose list is unusable (not an array, too long): it fails, and with it the execution. */
@@ -117,9 +116,11 @@ export function beginAttempt(c: Core, st: StageRow, now: number): void {
     c.store.log("info", "execution_status", { status: "running" });
   }
   checkMove(c, st, "waiting_resources");
-  c.sql`UPDATE stages SET status = 'waiting_resources', attempt = ${st.attempt + 1}, reservation = 'requested', reservation_id = NULL, requirements = NULL,
-    waiting_since = ${now}, started_at = COALESCE(started_at, ${now}), progress = 0, poll_interval_ms = NULL, poll_failures = 0,
-    ledger_failures = 0, attempt_at = ${now}, granted_at = NULL WHERE stage_id = ${st.stage_id}`;
+  c.store.updateStage(st.stage_id, (cur) => ({
+    status: "waiting_resources", attempt: st.attempt + 1, reservation: "requested", reservation_id: null, requirements: null,
+    waiting_since: now, started_at: cur.started_at ?? now, progress: 0, poll_interval_ms: null, poll_failures: 0,
+    ledger_failures: 0, attempt_at: now, granted_at: null,
+  }));
   c.timers.clear("reask", st.stage_id);
   // No `queue` timer yet: most stages are granted on their first ask (the reserve call has its own
   // timeout). It is written once the stage waits (queued, or the call failed: waitForGrant,
@@ -149,14 +150,14 @@ export function expectedReservationId(c: Core, st: StageRow): string | null {
 export function ledgerFailed(c: Core, st: StageRow, now: number): void {
   const t = c.config.tuning;
   const failures = st.ledger_failures + 1;
-  c.sql`UPDATE stages SET ledger_failures = ${failures} WHERE stage_id = ${st.stage_id}`;
+  c.store.updateStage(st.stage_id, { ledger_failures: failures });
   c.timers.set("reask", now + retryDelayMs(failures, t.ledgerRetryBaseMs, t.ledgerRetryCapMs), st.stage_id);
   queueDeadline(c, st);
 }
 
 /** The ledger answered a reserve with a reservation id: remember it (for release and for leak checks). */
 export function reserved(c: Core, st: StageRow, reservationId: string, now: number): void {
-  c.sql`UPDATE stages SET reservation_id = ${reservationId} WHERE stage_id = ${st.stage_id}`;
+  c.store.updateStage(st.stage_id, { reservation_id: reservationId });
   recordReservation(c, st, reservationId, now);
 }
 
@@ -169,8 +170,7 @@ export function recordReservation(c: Core, st: StageRow, reservationId: string, 
 export function waitForGrant(c: Core, st: StageRow, position: number, now: number, waitingOn?: WaitingOn): void {
   const why = waitingOn ? JSON.stringify(waitingOn) : null;
   // The ledger answered: failed calls in a row start again from none (lostGrantReaskAt reads the count as a backoff in force).
-  c.sql`UPDATE stages SET reservation = 'waiting', message = ${`waiting for resources (position ${position})`}, waiting_on = ${why}, ledger_failures = 0
-    WHERE stage_id = ${st.stage_id}`;
+  c.store.updateStage(st.stage_id, { reservation: "waiting", message: `waiting for resources (position ${position})`, waiting_on: why, ledger_failures: 0 });
   c.timers.set("reask", now + c.config.tuning.ledgerReaskMs, st.stage_id);
   queueDeadline(c, st);
   ledgerAnswered(c, st, "waiting", parse<Record<string, number>>(st.resources) ?? {}, null, 0);
@@ -208,9 +208,11 @@ export function granted(c: Core, st: StageRow, expiresAt: number, requirements: 
   // `handshaking` has a deadline of its own; `process` accepted replaces it with the stage's.
   const deadline = now + c.config.tuning.handshakeTimeoutMs;
   // A reservation id not written yet rides in this UPDATE (one row written, not two).
-  c.sql`UPDATE stages SET status = 'handshaking', reservation = 'granted', reservation_id = COALESCE(${reservationId}, reservation_id), requirements = ${JSON.stringify(requirements)}, lease_expires_at = ${expiresAt},
-    waiting_ms = waiting_ms + ${now - (st.waiting_since ?? now)}, waiting_since = NULL, message = NULL, ledger_failures = 0,
-    deadline_at = ${deadline}, granted_at = ${now} WHERE stage_id = ${st.stage_id}`;
+  c.store.updateStage(st.stage_id, (cur) => ({
+    status: "handshaking", reservation: "granted", reservation_id: reservationId ?? cur.reservation_id, requirements: JSON.stringify(requirements),
+    lease_expires_at: expiresAt, waiting_ms: cur.waiting_ms + (now - (st.waiting_since ?? now)), waiting_since: null, message: null,
+    ledger_failures: 0, deadline_at: deadline, granted_at: now,
+  }));
   c.timers.clear("reask", st.stage_id);
   c.timers.clear("queue", st.stage_id);
   if (ending) return;
@@ -234,8 +236,7 @@ export function writeGrant(c: Core, g: HeldGrant, ending: boolean): void {
 export function startProcessing(c: Core, st: StageRow, at: number): void {
   const poll = nextPollInterval(null, c.config.tuning.pollInitialMs, c.config.tuning.pollMaxMs);
   moveStage(c, st, "processing", at, {});
-  c.sql`UPDATE stages SET processing_since = ${at}, deadline_at = ${at + st.timeout_ms}, poll_interval_ms = ${poll}, poll_failures = 0
-    WHERE stage_id = ${st.stage_id}`;
+  c.store.updateStage(st.stage_id, { processing_since: at, deadline_at: at + st.timeout_ms, poll_interval_ms: poll, poll_failures: 0 });
   c.timers.set("deadline", at + st.timeout_ms, st.stage_id);
   c.timers.set("poll", at + poll, st.stage_id);
 }
@@ -252,7 +253,7 @@ export function asProcessing(c: Core, st: StageRow): StageRow {
 
 /** A progress poll went out (counted before the call, so an eviction mid-call still counts it). */
 export function pollSent(c: Core, st: StageRow): void {
-  c.sql`UPDATE stages SET polls = polls + 1 WHERE stage_id = ${st.stage_id}`;
+  c.store.updateStage(st.stage_id, (cur) => ({ polls: cur.polls + 1 }));
 }
 
 /** A poll failed: poll again later, unless too many failed in a row (then the attempt fails: true). */
@@ -263,7 +264,7 @@ export function pollFailed(c: Core, st: StageRow, error: StageFailure, now: numb
     return true;
   }
   const interval = nextPollInterval(st.poll_interval_ms, c.config.tuning.pollInitialMs, c.config.tuning.pollMaxMs);
-  c.sql`UPDATE stages SET poll_failures = ${failures}, poll_interval_ms = ${interval} WHERE stage_id = ${st.stage_id}`;
+  c.store.updateStage(st.stage_id, { poll_failures: failures, poll_interval_ms: interval });
   c.timers.set("poll", now + interval, st.stage_id);
   return false;
 }
@@ -271,20 +272,19 @@ export function pollFailed(c: Core, st: StageRow, error: StageFailure, now: numb
 /** A worker reported progress (by poll): merge it and poll again later. */
 export function progressed(c: Core, st: StageRow, progress: number | undefined, message: string | undefined, now: number): void {
   const interval = nextPollInterval(st.poll_interval_ms, c.config.tuning.pollInitialMs, c.config.tuning.pollMaxMs);
-  c.sql`UPDATE stages SET progress = ${mergeProgress(st.progress, progress)}, message = ${message ?? st.message},
-    poll_failures = 0, poll_interval_ms = ${interval} WHERE stage_id = ${st.stage_id}`;
+  c.store.updateStage(st.stage_id, { progress: mergeProgress(st.progress, progress), message: message ?? st.message, poll_failures: 0, poll_interval_ms: interval });
   c.timers.set("poll", now + interval, st.stage_id);
   c.changed();
 }
 
 /** A worker reported progress by callback: merged, no timer moves. */
 export function progressCallback(c: Core, st: StageRow, progress: number | undefined, message: string | undefined): void {
-  c.sql`UPDATE stages SET progress = ${mergeProgress(st.progress, progress)}, message = ${message ?? st.message} WHERE stage_id = ${st.stage_id}`;
+  c.store.updateStage(st.stage_id, { progress: mergeProgress(st.progress, progress), message: message ?? st.message });
   c.changed();
 }
 
 export function leaseRenewed(c: Core, st: StageRow, expiresAt: number): void {
-  c.sql`UPDATE stages SET lease_expires_at = ${expiresAt} WHERE stage_id = ${st.stage_id}`;
+  c.store.updateStage(st.stage_id, { lease_expires_at: expiresAt });
   c.timers.set("lease", renewalDue(c, expiresAt), st.stage_id);
 }
 
@@ -300,10 +300,11 @@ export function recordObject(c: Core, ref: DataReference, stageId: string, attem
 export function completeStage(c: Core, st: StageRow, output: StoredOutput, usage: Record<string, number> | undefined, now: number, hash: string | null): void {
   const worked = st.processing_since !== null ? now - st.processing_since : 0;
   checkMove(c, st, "completed");
-  c.sql`UPDATE stages SET status = 'completed', progress = 100, message = NULL, completed_at = ${now}, processing_ms = processing_ms + ${worked}, processing_since = NULL,
-    usage = ${JSON.stringify(addUsage(parse(st.usage), usage) ?? {})}, output = ${output.inline},
-    output_ref = ${output.ref ? JSON.stringify(output.ref) : null},
-    complete_hash = ${hash}, reservation = NULL, deadline_at = NULL WHERE stage_id = ${st.stage_id}`;
+  c.store.updateStage(st.stage_id, (cur) => ({
+    status: "completed", progress: 100, message: null, completed_at: now, processing_ms: cur.processing_ms + worked, processing_since: null,
+    usage: JSON.stringify(addUsage(parse(st.usage), usage) ?? {}), output: output.inline, output_ref: output.ref ? JSON.stringify(output.ref) : null,
+    complete_hash: hash, reservation: null, deadline_at: null,
+  }));
   addToStage(c, st, usage);
   attemptEnded(c, st, "completed", worked, usage, now);
   settleUnit(c, st, usage ?? {}, worked, now, true);
@@ -314,7 +315,7 @@ export function completeStage(c: Core, st: StageRow, output: StoredOutput, usage
 function addToStage(c: Core, st: StageRow, usage: Record<string, number> | undefined): void {
   if (st.parent === null || !usage) return;
   const parent = c.store.stage(st.parent)!;
-  c.sql`UPDATE stages SET usage = ${JSON.stringify(addUsage(parse(parent.usage), usage))} WHERE stage_id = ${st.parent}`;
+  c.store.updateStage(st.parent, { usage: JSON.stringify(addUsage(parse(parent.usage), usage)) });
 }
 
 /** Why this stage's reported usage cannot be charged, or null when it can (see usageRefusal). */
@@ -354,10 +355,11 @@ export function failAttempt(c: Core, st: StageRow, failure: StageFailure, now: n
   // worker is told to stop; only a failure the worker reported itself needs no cancel.
   if (mayBeOnWorker(st) && !failure.fromWorker) cancelOnWorker(c, st, now);
   const info: ErrorInfo = { code: failure.code, message: failure.message, stage_id: st.stage_id };
-  c.sql`UPDATE stages SET last_error = ${JSON.stringify({ ...info, attempt: st.attempt })}, usage = ${JSON.stringify(addUsage(parse(st.usage), usage))},
-    processing_ms = processing_ms + ${worked}, processing_since = NULL, deadline_at = NULL, reservation = NULL,
-    waiting_ms = waiting_ms + ${st.waiting_since !== null ? now - st.waiting_since : 0}, waiting_since = NULL
-    WHERE stage_id = ${st.stage_id}`;
+  c.store.updateStage(st.stage_id, (cur) => ({
+    last_error: JSON.stringify({ ...info, attempt: st.attempt }), usage: JSON.stringify(addUsage(parse(st.usage), usage)),
+    processing_ms: cur.processing_ms + worked, processing_since: null, deadline_at: null, reservation: null,
+    waiting_ms: cur.waiting_ms + (st.waiting_since !== null ? now - st.waiting_since : 0), waiting_since: null,
+  }));
   addToStage(c, st, usage);
   c.timers.clearUnit(st.stage_id);
   attemptEnded(c, st, failure.code, worked, usage, now);
@@ -478,9 +480,12 @@ export function attemptEnded(c: Core, st: StageRow, outcome: string, processingM
 export function moveStage(c: Core, st: StageRow, to: StageStatus, now: number, extra: { error?: ErrorInfo; message?: string }): void {
   if (!checkMove(c, st, to)) return;
   const ended = isTerminalStage(to) ? now : null;
-  c.sql`UPDATE stages SET status = ${to}, completed_at = COALESCE(${ended}, completed_at),
-    error = COALESCE(${extra.error ? JSON.stringify(extra.error) : null}, error),
-    message = COALESCE(${extra.message ?? null}, message) WHERE stage_id = ${st.stage_id}`;
+  c.store.updateStage(st.stage_id, (cur) => ({
+    status: to,
+    completed_at: ended ?? cur.completed_at,
+    error: extra.error ? JSON.stringify(extra.error) : cur.error,
+    message: extra.message ?? cur.message,
+  }));
 }
 
 /**
@@ -527,7 +532,7 @@ export function stopExecution(c: Core, status: "cancelled" | "failed", now: numb
 /** Gives the stage's reservation back; a waiter whose reserve answer never arrived is released by its derived id. */
 export function releaseReservation(c: Core, st: StageRow, now: number): void {
   releaseUnit(c, st, expectedReservationId(c, st), now);
-  c.sql`UPDATE stages SET reservation = NULL WHERE stage_id = ${st.stage_id}`;
+  c.store.updateStage(st.stage_id, { reservation: null });
 }
 
 /** A failed drive pass: counted, and retried by the `advance` timer after a backoff. */

@@ -42,7 +42,7 @@ async function textsOf(id: string): Promise<string[]> {
 const writes = (texts: string[], verb: RegExp, table: string) => texts.filter((t) => new RegExp(`^${verb.source}\\s+${table}\\b`, "i").test(t));
 
 describe("the statements an Execution runs", () => {
-  it("a three-stage execution and a fan-out change the execution row, and take, clear and set timers, each with one statement", async () => {
+  it("a three-stage execution and a fan-out change the execution row, a stage or item, and take, clear and set timers, each with one statement", async () => {
     const { body } = await startExecution({ template_name: "course_creation", parameters: { topic: "React", steps: 2, step_ms: 5 }, client_id: "client_e2e" });
     const line = await textsOf(body.execution_id);
     const fan = await textsOf(await startGraph("graph_fan_out", { items: 4, steps: 1, step_ms: 10 }));
@@ -50,10 +50,12 @@ describe("the statements an Execution runs", () => {
       // The status document's version and hash are written on their own (status-cache.ts), and no cached read holds them.
       const rowWrites = writes(texts, /UPDATE/, "execution");
       expect(rowWrites.filter((t) => !/^UPDATE execution SET status_version/.test(t))).toHaveLength(1);
+      expect(writes(texts, /UPDATE/, "stages")).toHaveLength(1);
       expect(writes(texts, /DELETE FROM/, "timers")).toHaveLength(1);
       expect(writes(texts, /INSERT(?:\s+OR\s+\w+)?\s+INTO/, "timers")).toHaveLength(1);
     }
     // The same statement in both: none is built per execution, stage or item.
     expect(writes(fan, /UPDATE/, "execution")).toEqual(writes(line, /UPDATE/, "execution"));
+    expect(writes(fan, /UPDATE/, "stages")).toEqual(writes(line, /UPDATE/, "stages"));
   });
 });
