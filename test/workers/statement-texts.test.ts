@@ -42,7 +42,7 @@ async function textsOf(id: string): Promise<string[]> {
 const writes = (texts: string[], verb: RegExp, table: string) => texts.filter((t) => new RegExp(`^${verb.source}\\s+${table}\\b`, "i").test(t));
 
 describe("the statements an Execution runs", () => {
-  it("a three-stage execution and a fan-out change the execution row, a stage or item, and take, clear and set timers, each with one statement", async () => {
+  it("a three-stage execution and a fan-out change the execution row, a stage or item, and take, clear and set timers, each with one statement, and read no events without notifications", async () => {
     const { body } = await startExecution({ template_name: "course_creation", parameters: { topic: "React", steps: 2, step_ms: 5 }, client_id: "client_e2e" });
     const line = await textsOf(body.execution_id);
     const fan = await textsOf(await startGraph("graph_fan_out", { items: 4, steps: 1, step_ms: 10 }));
@@ -54,6 +54,8 @@ describe("the statements an Execution runs", () => {
       expect(writes(texts, /DELETE FROM/, "timers")).toHaveLength(1);
       expect(writes(texts, /INSERT(?:\s+OR\s+\w+)?\s+INTO/, "timers")).toHaveLength(1);
     }
+    // Neither asked for notifications: nothing reads the events they cannot have (but the check mode's look that there are none).
+    for (const texts of [line, fan]) expect(texts.filter((t) => /\bFROM events\b/.test(t) && t !== "SELECT 1 FROM events LIMIT 1")).toEqual([]);
     // The same statement in both: none is built per execution, stage or item.
     expect(writes(fan, /UPDATE/, "execution")).toEqual(writes(line, /UPDATE/, "execution"));
     expect(writes(fan, /UPDATE/, "stages")).toEqual(writes(line, /UPDATE/, "stages"));
