@@ -67,7 +67,17 @@ export type ClientList = z.infer<typeof ClientList>;
 
 /** The ledger's answer to a start (POST /execute): admitted, or why not. */
 export const StartAdmission = z.discriminatedUnion("ok", [
-  z.object({ ok: z.literal(true) }),
+  z.object({
+    ok: z.literal(true),
+    /**
+     * `free`: the client has no `max_running_executions`, so the execution takes
+     * no counted slot and starts without asking `acquireSlot`; `counted`: it asks
+     * before its first stage (docs/ledger.md, "Execution slots").
+     */
+    slot: z.enum(["counted", "free"]),
+    /** With `free` on a sharded ledger: the client's fair-share weight, as acquireSlot's answer carries it. */
+    weight: z.number().int().optional(),
+  }),
   z.object({
     ok: z.literal(false),
     code: z.enum(["priority_not_allowed", "budget_exhausted", "rate_limited"]),

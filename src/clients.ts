@@ -36,10 +36,16 @@ export async function listClients(env: Env): Promise<ShardedClientList> {
   return list;
 }
 
+/** What an admitted start passes on to the Execution's start(): its slot, decided by the admission (docs/ledger.md, "Execution slots"). */
+export interface AdmittedSlot {
+  slot: "counted" | "free";
+  client_weight: number | null;
+}
+
 /** Throws the 403 / 429 a start of this client must answer; counts the start when admitted. */
-export async function admitStart(env: Env, clientId: string, priority: Priority): Promise<void> {
+export async function admitStart(env: Env, clientId: string, priority: Priority): Promise<AdmittedSlot> {
   const a = await ledgerCall<StartAdmission>(env, ledgerForClient(env, clientId).admitStart(clientId, priority), "ledger.admitStart");
-  if (a.ok) return;
+  if (a.ok) return { slot: a.slot, client_weight: a.weight ?? null };
   if (a.code === "priority_not_allowed") throw new ApiError(403, a.code, a.message);
   const headers: Record<string, string> = a.retryAfterMs !== undefined ? { "retry-after": String(Math.ceil(a.retryAfterMs / 1000)) } : {};
   throw new ApiError(429, a.code, a.message, a.retryAfterMs !== undefined ? { retry_after_ms: a.retryAfterMs } : undefined, headers);

@@ -99,7 +99,7 @@ export async function startExecution(
   const input = parseWith(ExecuteRequest, raw, "body");
   mayStartFor(input.client_id);
   // The client's quotas first (403 priority_not_allowed, 429 budget_exhausted / rate_limited): nothing is created when refused.
-  await admitStart(env, input.client_id, input.priority);
+  const admitted = await admitStart(env, input.client_id, input.priority);
   const requestHash = input.request_id
     ? await sha256Hex(canonical({ template_name: input.template_name, parameters: input.parameters, priority: input.priority }))
     : null;
@@ -118,6 +118,7 @@ export async function startExecution(
       notify: input.notify ?? configOf(env).notifyDefault,
       trace: acceptTrace(trace.traceparent, trace.tracestate),
       execution_timeout_ms: input.execution_timeout_ms ?? null,
+      ...admitted,
     }),
     "execution start",
   );

@@ -28,7 +28,7 @@ export async function rerunExecution(env: Env, id: unknown, raw: unknown, origin
   if (src.state === "invalid_stage") throw new ApiError(400, "invalid_request", src.message, [{ path: "from_stage", message: src.message }]);
   const source = src.source;
   const parameters = input.parameters ?? source.parameters;
-  await admitStart(env, source.client_id, source.priority);
+  const admitted = await admitStart(env, source.client_id, source.priority);
   const requestId = input.request_id ?? null;
   const requestHash = requestId ? await sha256Hex(canonical({ rerun_of: originalId, from_stage: source.from_stage, parameters })) : null;
   const { executionId } = await claimExecutionId(env, source.client_id, requestId, requestHash);
@@ -49,6 +49,7 @@ export async function rerunExecution(env: Env, id: unknown, raw: unknown, origin
       priority: source.priority,
       notify: input.notify ?? source.notify ?? configOf(env).notifyDefault,
       rerun: source,
+      ...admitted,
     }),
     "execution start",
   );

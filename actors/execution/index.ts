@@ -143,9 +143,13 @@ export class Execution extends DurableObject<Env> {
 
     const now = Date.now();
     const deadline = now + (input.execution_timeout_ms ?? this.#config.tuning.executionTimeoutMs);
-    this.#c.sql`INSERT INTO execution (id, execution_id, template_name, client_id, request_id, request_hash, priority, parameters, status, created_at, notify, deadline_at)
+    // A client without max_running_executions (the admission's `free`) takes no slot: the first
+    // stage starts in this commit, with no acquireSlot before it and no release after the end.
+    const free = input.slot === "free";
+    this.#c.sql`INSERT INTO execution (id, execution_id, template_name, client_id, request_id, request_hash, priority, parameters, status, created_at, notify, deadline_at, slot, client_weight)
       VALUES (1, ${input.execution_id}, ${input.template_name}, ${input.client_id}, ${input.request_id}, ${input.request_hash},
-              ${input.priority}, ${JSON.stringify(input.parameters)}, 'queued', ${now}, ${input.notify ? 1 : 0}, ${deadline})`;
+              ${input.priority}, ${JSON.stringify(input.parameters)}, 'queued', ${now}, ${input.notify ? 1 : 0}, ${deadline},
+              ${free ? "free" : null}, ${free ? (input.client_weight ?? null) : null})`;
     if (input.trace) {
       const t = input.trace;
       this.#c.sql`INSERT OR IGNORE INTO trace (id, trace_id, span_id, parent_span_id, flags, tracestate)
@@ -165,9 +169,11 @@ export class Execution extends DurableObject<Env> {
     // Answered as soon as the row is durable: the template load (KAM) and the
     // estimate run in the first drive pass, so a slow KAM or ledger never sits
     // between the caller and its 202; the estimate appears in the status document later.
+    // The answer says `queued`, as created: the first drive pass may start the first stage before the commit.
+    const summary = this.#summary(this.#store.row()!, true);
     this.#kick();
     await this.#rearm();
-    return this.#summary(this.#store.row()!, true);
+    return summary;
   }
 
   /** The status document, from memory (status-cache.ts); null: no such execution. */

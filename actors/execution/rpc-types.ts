@@ -22,6 +22,14 @@ export interface StartInput {
   rerun?: RerunSource;
   /** The execution-wide deadline from now; absent or null: `executionTimeoutMs`. */
   execution_timeout_ms?: number | null;
+  /**
+   * The start's admission (src/clients.ts admitStart): `free` starts with its
+   * slot free, asking no acquireSlot and releasing nothing at the end; absent
+   * or `counted`: the slot is asked before the first stage (docs/ledger.md, "Execution slots").
+   */
+  slot?: "counted" | "free";
+  /** With `free` on a sharded ledger: the client's fair-share weight from the admission (else null). */
+  client_weight?: number | null;
 }
 
 export interface StartResult {

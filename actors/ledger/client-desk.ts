@@ -53,11 +53,16 @@ export class ClientDesk {
       .map((c) => this.document(c, now));
   }
 
+  /** A start's admission; admitted, it says whether the execution takes a counted slot (decided here as acquireSlot would). */
   admit(id: string, priority: Priority, now: number): StartAdmission {
     const c = this.store.client(id, now);
-    const answer = admitStart(this.quotasOf(c), c, priority, now);
+    const q = this.quotasOf(c);
+    const answer = admitStart(q, c, priority, now);
     this.store.saveClientSettings(c);
-    return answer;
+    if (!answer.ok) return answer;
+    if (q.max_running_executions !== undefined) return { ok: true, slot: "counted" };
+    // The weight goes with a free slot as with acquireSlot's answer (one shard needs no copy).
+    return this.own.sharded ? { ok: true, slot: "free", weight: q.weight ?? 1 } : { ok: true, slot: "free" };
   }
 
   /** Whether the client has a max_running_executions (its executions take counted slots). */

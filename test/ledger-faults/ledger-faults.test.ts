@@ -18,14 +18,14 @@ import { JSON_HEADERS, KAM, OPS, call, ended, expectNoLiveReservations, reserved
  * calls), the calls are every shard's in time order, and "the ledger" is every
  * shard's tables (a pool's, its owner's).
  */
-type Method = "reserve" | "renew" | "settle" | "settleAndReserve" | "release" | "status" | "estimate" | "snapshot" | "putPool" | "admitStart";
+type Method = "reserve" | "renew" | "settle" | "settleAndReserve" | "release" | "status" | "estimate" | "snapshot" | "putPool" | "admitStart" | "acquireSlot" | "releaseSlot";
 interface FaultyLedgerStub {
   setFault(methods: Method[] | "all", fault: { mode: "stall" | "down" | "lose_answer" | "corrupt"; stallMs?: number; times?: number }): Promise<void>;
   clearFaults(): Promise<void>;
-  calls(method?: Method): Promise<{ method: Method; at: number; fault: string | null }[]>;
+  calls(method?: Method): Promise<{ method: Method; at: number; fault: string | null; names: string[] }[]>;
   resetCalls(): Promise<void>;
 }
-type Call = { method: Method; at: number; fault: string | null };
+type Call = { method: Method; at: number; fault: string | null; names: string[] };
 const layout = layoutOf(env);
 const SHARD_NAMES = Array.from({ length: layout.count }, (_, i) => shardName(layout, i));
 const faultyNamed = (name: string) => {
@@ -98,6 +98,24 @@ describe("the ledger behind a faulty object", () => {
     const calls = await gate().calls();
     expect(calls.some((c) => c.method === "reserve" || c.method === "settleAndReserve")).toBe(true);
     await expectNoLiveReservations(body.execution_id);
+  });
+
+  it("a client without max_running_executions: its execution asks no acquireSlot and sends no releaseSlot; with the quota it asks and releases by its id", async () => {
+    const free = await startExecution({ template_name: "quick_summary", parameters: quick, client_id: "client_lf_free" });
+    expect(free.res.status).toBe(202);
+    expect((await waitFor(free.body.execution_id, ended)).status).toBe("completed");
+    const quota = await call("/clients/client_lf_quota/quotas", { method: "PUT", headers: { ...OPS, ...JSON_HEADERS }, body: JSON.stringify({ max_running_executions: 3 }) });
+    expect(quota.status).toBe(200);
+    const counted = await startExecution({ template_name: "quick_summary", parameters: quick, client_id: "client_lf_quota" });
+    expect((await waitFor(counted.body.execution_id, ended)).status).toBe("completed");
+    const slotCalls = (id: string, calls: Call[]) => calls.filter((c) => (c.method === "acquireSlot" || c.method === "releaseSlot") && c.names.includes(id)).map((c) => c.method);
+    // The release goes through the outbox after the end.
+    const calls = await until("the counted slot's release", () => gate().calls(), (cs) => slotCalls(counted.body.execution_id, cs).includes("releaseSlot"));
+    expect(slotCalls(counted.body.execution_id, calls)).toEqual(["acquireSlot", "releaseSlot"]);
+    // The free one was admitted (one admitStart of its client) and asked for no slot nor gave one back, though it ended first.
+    expect(calls.filter((c) => c.method === "admitStart" && c.names.includes("client_lf_free"))).toHaveLength(1);
+    expect(slotCalls(free.body.execution_id, calls)).toEqual([]);
+    await expectNoLiveReservations(free.body.execution_id);
   });
 
   it("ledger slow: a reserve that outlasts the call timeout is asked again after a short backoff, and no attempt is lost", async () => {

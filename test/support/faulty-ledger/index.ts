@@ -34,7 +34,8 @@ type Method = (typeof METHODS)[number];
 
 export class FaultyLedger extends DurableObject<LedgerEnv> {
   #faults = new Map<Method, Fault>();
-  #calls: { method: Method; at: number; fault: Mode | null }[] = [];
+  /** `names`: the call's string arguments (a slot call's client and execution ids), so a test can tell whose it was. */
+  #calls: { method: Method; at: number; fault: Mode | null; names: string[] }[] = [];
 
   setFault(methods: Method[] | "all", fault: Fault): void {
     for (const m of methods === "all" ? METHODS : methods) this.#faults.set(m, { ...fault });
@@ -44,7 +45,7 @@ export class FaultyLedger extends DurableObject<LedgerEnv> {
     this.#faults.clear();
   }
 
-  calls(method?: Method): { method: Method; at: number; fault: Mode | null }[] {
+  calls(method?: Method): { method: Method; at: number; fault: Mode | null; names: string[] }[] {
     return this.#calls.filter((c) => !method || c.method === method);
   }
 
@@ -103,7 +104,7 @@ export class FaultyLedger extends DurableObject<LedgerEnv> {
 
   async #forward(method: Method, args: unknown[]): Promise<unknown> {
     const fault = this.#take(method);
-    this.#calls.push({ method, at: Date.now(), fault: fault?.mode ?? null });
+    this.#calls.push({ method, at: Date.now(), fault: fault?.mode ?? null, names: args.filter((a): a is string => typeof a === "string") });
     if (fault?.mode === "down") throw new Error(`ledger unreachable (test fault) for ${method}`);
     if (fault?.mode === "stall") await scheduler.wait(fault.stallMs ?? 60_000);
     // The real ledger of the same name: `global`, or a shard's `ledger-{i}` when the ledger is sharded.
