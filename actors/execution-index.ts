@@ -8,6 +8,7 @@ import {
   decodeCursor,
   encodeCursor,
 } from "../schemas/index-entry";
+import { configOf } from "../src/config";
 import { zodIssues } from "../src/http";
 import { log, setLogLevel } from "../src/log";
 import { type Sql, execScript, sqlOf } from "./sql";
@@ -17,7 +18,16 @@ import { type Sql, execScript, sqlOf } from "./sql";
  * this shard's time bucket (which bucket is decided in src/index-routing.ts
  * only). Executions write here on every status change, at least once and
  * possibly out of order; `upsert` keeps the highest `version` and is one
- * synchronous statement, so a repeat or a late older entry changes nothing.
+ * statement, so a repeat or a late older entry changes nothing.
+ *
+ * Group commit (tuning `indexCommitMs`): the upserts that arrive within the
+ * window after the first one are written together in one transaction, one
+ * commit for all of them instead of one each (docs/performance.md, target 4).
+ * An upsert is answered only once its entry is written (and, by the output
+ * gate, durable), so a caller's outbox keeps a summary until it is stored:
+ * an eviction or crash inside the window loses nothing the sender was told
+ * is stored. Every read writes what is waiting first, so it sees each upsert
+ * that arrived before it.
  *
  * The table is created by the first write: a shard that is only ever read
  * (the query walks empty months too) stores nothing. It is WITHOUT ROWID (the
@@ -52,11 +62,17 @@ const MAX_SERIES_ATTEMPTS = 20_000;
 
 export class ExecutionIndex extends DurableObject<Env> {
   readonly #sql: Sql;
+  readonly #commitMs: number;
   #ready = false;
+  /** Upserts decided and not yet written, the highest version per execution, with the callers waiting on them. */
+  #waiting = new Map<string, IndexEntry>();
+  #waiters: { resolve: () => void; reject: (err: unknown) => void }[] = [];
+  #timer: ReturnType<typeof setTimeout> | null = null;
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
     this.#sql = sqlOf(ctx.storage);
+    this.#commitMs = configOf(env).tuning.indexCommitMs;
     setLogLevel(env);
   }
 
@@ -76,6 +92,55 @@ export class ExecutionIndex extends DurableObject<Env> {
       return;
     }
     const e = parsed.data;
+    const held = this.#waiting.get(e.execution_id);
+    if (!held || e.version > held.version) this.#waiting.set(e.execution_id, e);
+    if (this.#commitMs <= 0) return this.#flush();
+    // Answered by the flush that writes it, at most indexCommitMs from the window's first upsert.
+    return new Promise<void>((resolve, reject) => {
+      this.#waiters.push({ resolve, reject });
+      this.#timer ??= setTimeout(() => this.#flush(), this.#commitMs);
+    });
+  }
+
+  /**
+   * Writes every waiting upsert in one transaction and answers their callers. Synchronous, so
+   * nothing arrives between the take and the write. If the batch fails, each entry is tried in a
+   * transaction of its own, and only the callers of one that fails again are refused (their outbox
+   * retries): one bad entry does not hold the others back.
+   */
+  #flush(): void {
+    if (this.#timer) clearTimeout(this.#timer);
+    this.#timer = null;
+    const entries = [...this.#waiting.values()];
+    const waiters = this.#waiters;
+    this.#waiting = new Map();
+    this.#waiters = [];
+    if (entries.length === 0) return;
+    try {
+      this.ctx.storage.transactionSync(() => {
+        for (const e of entries) this.#write(e);
+      });
+    } catch (batchErr) {
+      let failed: unknown = null;
+      for (const e of entries) {
+        try {
+          this.ctx.storage.transactionSync(() => this.#write(e));
+        } catch (err) {
+          failed = err;
+          log("error", "index_upsert_failed", { execution_id: e.execution_id, message: String(err) });
+        }
+      }
+      if (failed) {
+        // Which caller sent which entry is not kept: all of this batch are refused and retry; the entries written are kept (a repeat changes nothing).
+        for (const w of waiters) w.reject(failed);
+        return;
+      }
+      log("warn", "index_batch_retried", { entries: entries.length, message: String(batchErr) });
+    }
+    for (const w of waiters) w.resolve();
+  }
+
+  #write(e: IndexEntry): void {
     this.#ensureSchema();
     this.#sql`INSERT INTO entries (execution_id, client_id, template_name, status, priority, created_at, updated_at,
         completed_at, error_code, cost_total, stages_total, stages_completed, version, rerun_of, attempts, tokens_total)
@@ -92,13 +157,13 @@ export class ExecutionIndex extends DurableObject<Env> {
 
   /** One entry, for tests and operators. */
   async get(executionId: string): Promise<IndexEntry | null> {
-    if (!this.#hasSchema()) return null;
+    if (!this.#readable()) return null;
     return this.#sql`SELECT * FROM entries WHERE execution_id = ${executionId}`.map(toEntry)[0] ?? null;
   }
 
   /** Newest first; `next_cursor` is set when this shard holds more matches after the last item. */
   async query(filter: IndexFilter): Promise<IndexPage> {
-    if (!this.#hasSchema()) return { items: [], next_cursor: null };
+    if (!this.#readable()) return { items: [], next_cursor: null };
     const limit = Math.max(1, Math.min(MAX_ROWS, Math.floor(filter.limit)));
     const { where, args } = conditions(filter, true);
     // Only constant fragments are joined here; every value is a bound parameter.
@@ -115,7 +180,7 @@ export class ExecutionIndex extends DurableObject<Env> {
   /** Matches per status (the status filter and the cursor are ignored). */
   async counts(filter: Omit<IndexFilter, "limit" | "status" | "cursor">): Promise<StatusCounts> {
     const counts = emptyCounts();
-    if (!this.#hasSchema()) return counts;
+    if (!this.#readable()) return counts;
     const { where, args } = conditions({ ...filter, status: undefined, cursor: null, limit: 0 }, false);
     const rows = this.ctx.storage.sql.exec(`SELECT status, COUNT(*) AS n FROM entries${where} GROUP BY status`, ...args).toArray();
     for (const r of rows) {
@@ -131,7 +196,7 @@ export class ExecutionIndex extends DurableObject<Env> {
    * more exist.
    */
   async stats(limit: number): Promise<{ groups: IndexStatsGroup[]; truncated: boolean }> {
-    if (!this.#hasSchema()) return { groups: [], truncated: false };
+    if (!this.#readable()) return { groups: [], truncated: false };
     const n = Math.max(1, Math.min(MAX_ROWS, Math.floor(limit)));
     const rows = this.#sql<IndexStatsGroup>`SELECT status, template_name, client_id, COUNT(*) AS count, COALESCE(SUM(cost_total), 0) AS cost,
         COALESCE(SUM(tokens_total), 0) AS tokens
@@ -146,7 +211,7 @@ export class ExecutionIndex extends DurableObject<Env> {
    * MAX_SERIES_GROUPS and MAX_SERIES_ATTEMPTS (`truncated` says when more matched).
    */
   async series(since: number, until: number, bucketMs: number, clientId?: string): Promise<IndexSeries> {
-    if (!this.#hasSchema()) return { groups: [], attempts: [], truncated: false };
+    if (!this.#readable()) return { groups: [], attempts: [], truncated: false };
     const bucket = Math.max(1, Math.floor(bucketMs));
     const groups = this.#sql<IndexSeriesGroup>`SELECT CAST((completed_at - ${since}) / ${bucket} AS INTEGER) AS bucket, status, client_id,
         COUNT(*) AS count, COALESCE(SUM(cost_total), 0) AS cost
@@ -172,6 +237,12 @@ export class ExecutionIndex extends DurableObject<Env> {
     if (!columns.includes("tokens_total")) this.ctx.storage.sql.exec("ALTER TABLE entries ADD COLUMN tokens_total REAL");
     execScript(this.ctx.storage, LATER_INDEXES);
     this.#ready = true;
+  }
+
+  /** Before a read: the upserts waiting for their commit are written first, so the read sees them. */
+  #readable(): boolean {
+    this.#flush();
+    return this.#hasSchema();
   }
 
   #hasSchema(): boolean {

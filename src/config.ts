@@ -56,6 +56,11 @@ export const DEFAULT_TUNING = {
    * that starts running or ends within it is sent once, not once per change.
    */
   indexHoldMs: 1_000,
+  /**
+   * The execution index writes the upserts that arrive within this long of the first one in one
+   * commit (group commit; each caller is answered once its entry is written); 0 writes each at once.
+   */
+  indexCommitMs: 25,
   /** Consecutive failed polls after which the worker is taken as gone. */
   maxPollFailures: 5,
   /** Ledger leases: granted for leaseMs, renewed by polls once half of it has passed. */

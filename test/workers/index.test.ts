@@ -7,6 +7,7 @@ import { decodeCursor } from "../../schemas/index-entry";
 import { CLOCK_SKEW_MS, INDEX_EPOCH_MS, bucketsNewestFirst, indexBucket, indexFor } from "../../src/index-routing";
 import { KAM, OPS, call, ended, executionStub, startExecution, waitFor } from "../support/api";
 import { TEST_TUNING } from "../support/constants";
+import type { ExecutionIndex } from "../../actors/execution-index";
 
 /**
  * The execution index: versioned idempotent upserts, month shards, newest-first
@@ -145,6 +146,53 @@ describe("ExecutionIndex.upsert", () => {
     expect(await shard.get(id)).toEqual(v3);
     const page = await shard.query({ client_id: v1.client_id, since: t, until: t + 1, limit: 10 });
     expect(page.items).toEqual([v3]);
+  });
+
+  it("writes the upserts that arrive within indexCommitMs in one commit, and answers each only once it is written (issue 17, target 4)", async () => {
+    const t = Date.UTC(2026, 3, 7, 10);
+    const ids = [0, 1, 2, 3, 4].map((n) => execId(t, 700 + n));
+    const shard = indexFor(env, t);
+    const stored = (state: DurableObjectState) =>
+      state.storage.sql.exec("SELECT 1 FROM sqlite_master WHERE name = 'entries'").toArray().length === 0
+        ? 0
+        : state.storage.sql.exec(`SELECT COUNT(*) AS n FROM entries WHERE execution_id IN (${ids.map(() => "?").join(",")})`, ...ids).one().n;
+    const seen = await runInDurableObject(shard, async (instance: ExecutionIndex, state) => {
+      // The real storage's transactionSync, counted: each group commit of the index is one of them.
+      const real = state.storage.transactionSync.bind(state.storage);
+      let commits = 0;
+      state.storage.transactionSync = <T>(fn: () => T): T => {
+        commits++;
+        return real(fn);
+      };
+      try {
+        let answered = 0;
+        const all = Promise.all(ids.map((id) => instance.upsert(entry({ execution_id: id, created_at: t })).then(() => answered++)));
+        // Inside the window: nothing written, nobody answered.
+        await scheduler.wait(1);
+        const during = { rows: stored(state), answered };
+        await all;
+        return { during, commits, rows: stored(state), answered };
+      } finally {
+        state.storage.transactionSync = real;
+      }
+    });
+    expect(seen).toEqual({ during: { rows: 0, answered: 0 }, commits: 1, rows: 5, answered: 5 });
+    expect((await shard.get(ids[4]))?.version).toBe(1);
+  });
+
+  it("a read inside the commit window writes what is waiting first and sees it; an older version waiting beside a newer one is not written over it", async () => {
+    const t = Date.UTC(2026, 3, 8, 10);
+    const id = execId(t, 710);
+    const shard = indexFor(env, t);
+    const got = await runInDurableObject(shard, async (instance: ExecutionIndex) => {
+      const newer = instance.upsert(entry({ execution_id: id, created_at: t, version: 2, status: "running" }));
+      const older = instance.upsert(entry({ execution_id: id, created_at: t, version: 1 }));
+      const read = await instance.get(id);
+      await Promise.all([newer, older]);
+      return read;
+    });
+    expect(got).toMatchObject({ execution_id: id, version: 2, status: "running" });
+    expect((await shard.get(id))?.version).toBe(2);
   });
 
   it("a newer entry updates what changes over an execution's life; client, template, priority, creation and rerun_of stay as first written", async () => {
