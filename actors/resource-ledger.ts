@@ -223,7 +223,9 @@ export class ResourceLedger extends DurableObject<Env> {
     const used = parse(PoolAmounts, usage ?? {}, "settle usage");
     const duration = parse(DurationMs, durationMs, "settle durationMs");
     const whole = stageUsage === undefined ? undefined : parse(PoolAmounts, stageUsage, "settle stageUsage");
-    return this.#step((s) => this.#decide.settle(id, used, duration, s, whole));
+    // Nobody waits on a settle's answer to go on (the Execution's outbox sends it after the stage),
+    // so without a waiter to grant it starts no commit: its writes ride on the next step's.
+    return this.#step((s) => this.#decide.settle(id, used, duration, s, whole), { later: true });
   }
 
   /**
@@ -461,7 +463,7 @@ export class ResourceLedger extends DurableObject<Env> {
    * a reserve that queues is not granted by the pass it starts), so grant
    * notices only ever follow a direct step, whose writes are executed.
    */
-  #step<T>(fn: (s: Step) => T, opts: { direct?: boolean } = {}): Promise<T> {
+  #step<T>(fn: (s: Step) => T, opts: { direct?: boolean; later?: boolean } = {}): Promise<T> {
     const store = this.#store;
     const s: Step = { now: this.#clock(), grants: [], slots: [], timer: null };
     let result: T;
@@ -480,7 +482,9 @@ export class ResourceLedger extends DurableObject<Env> {
     if (s.timer !== null) this.#arm(s.timer);
     this.#notices.send(s.grants);
     this.#notices.sendSlots(s.slots);
-    return store.commit.idle ? Promise.resolve(result) : store.commit.ack(result);
+    if (store.commit.idle) return Promise.resolve(result);
+    // A direct step's writes are executed already; a queued one with `later` waits for the next commit (group-commit.ts).
+    return opts.later && this.#tuning.ledgerSettleCommitMs > 0 ? store.commit.ackLater(result, this.#tuning.ledgerSettleCommitMs) : store.commit.ack(result);
   }
 
   #arm(at: number): void {

@@ -8,6 +8,9 @@
  *   calls share one commit. A reply waits for its writes through `ack`.
  * - direct (`direct(fn)`): the queue is executed first, then `fn` runs as one
  *   synchronous transaction in which every write executes at once.
+ * - later (`ackLater`): a reply nobody waits on to go on (an outbox's settle
+ *   after its stage ended) starts no commit of its own: its writes ride on the
+ *   next one another step starts, or on one of their own after `maxMs`.
  *
  * Writes are executed in decision order in both ways, so what is durable is
  * always a prefix of what was decided, and nothing is acknowledged before its
@@ -20,6 +23,8 @@ export class GroupCommit {
   #inDirect = false;
   /** Inside `together`: acks wait for its end, so the steps it runs share one commit. */
   #together = 0;
+  /** The commit `ackLater` owes when no other step starts one first. */
+  #later: ReturnType<typeof setTimeout> | null = null;
 
   /**
    * `beforeCommit` writes what the owner batches per commit (dirty pool rows);
@@ -50,6 +55,22 @@ export class GroupCommit {
     return new Promise<T>((resolve, reject) => {
       this.#acks.push({ resolve: () => resolve(result), reject });
       if (!this.#committing && this.#together === 0) this.flush();
+    });
+  }
+
+  /**
+   * Resolves with `result` once every write queued so far is executed, like `ack`, but without
+   * starting a commit: the next step's `ack` or `direct` executes these writes with its own, and
+   * if none comes within `maxMs` they are executed then.
+   */
+  ackLater<T>(result: T, maxMs: number): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      this.#acks.push({ resolve: () => resolve(result), reject });
+      this.#later ??= setTimeout(() => {
+        this.#later = null;
+        // A commit in flight flushes what is queued when it is durable (#track).
+        if (!this.#committing && this.#together === 0) this.flush();
+      }, maxMs);
     });
   }
 
@@ -91,6 +112,8 @@ export class GroupCommit {
 
   /** Executes the queued writes as one transaction, in decision order. */
   flush(): void {
+    if (this.#later) clearTimeout(this.#later);
+    this.#later = null;
     if (this.idle) return;
     const writes = this.#pending;
     const acks = this.#acks;

@@ -219,6 +219,49 @@ describe("settle and release", () => {
     expect((await ledger.status(a.reservationId)).state).toBe("settled");
   });
 
+  it("a settle with nobody waiting starts no commit: its writes go with the next call's, and it is answered with it (issue 17, target 4)", async () => {
+    const { ledger } = await fresh("settle-rides-next-commit");
+    const a = granted(await ledger.reserve(req({ worker: "lazy" })));
+    const counted = await runInDurableObject(ledger, async (instance: ResourceLedger, state) => {
+      const storage = state.storage;
+      const real = storage.transactionSync.bind(storage);
+      let n = 0;
+      storage.transactionSync = <T>(fn: () => T): T => {
+        n++;
+        return real(fn);
+      };
+      try {
+        let settledFirst = false;
+        const settle = instance.settle(a.reservationId, {}).then((r) => {
+          settledFirst = true;
+          return r;
+        });
+        // Another execution's reserve arrives: the settle's writes go in its commit.
+        await scheduler.wait(1);
+        const before = { settledFirst, commits: n };
+        const [settled, reserved] = await Promise.all([settle, instance.reserve(req({ worker: "lazy", stageId: "stage_9" }))]);
+        expect(settled).toMatchObject({ ok: true, state: "settled" });
+        granted(reserved);
+        return { before, commits: n };
+      } finally {
+        storage.transactionSync = real;
+      }
+    });
+    // Without the change: the settle commits at once (1 before the reserve), and the reserve has a commit of its own (2).
+    expect(counted).toEqual({ before: { settledFirst: false, commits: 0 }, commits: 1 });
+    expect((await ledger.status(a.reservationId)).state).toBe("settled");
+  });
+
+  it("a settle alone is answered within ledgerSettleCommitMs, by a commit of its own", async () => {
+    const { ledger } = await fresh("settle-alone");
+    const a = granted(await ledger.reserve(req({ worker: "alone" })));
+    expect(await ledger.settle(a.reservationId, { "worker:alone": 1 })).toMatchObject({ ok: true, state: "settled" });
+    const stored = await runInDurableObject(ledger, (_i: ResourceLedger, state) =>
+      state.storage.sql.exec("SELECT state FROM reservations WHERE id = ?", a.reservationId).toArray(),
+    );
+    expect(stored).toEqual([{ state: "settled" }]);
+  });
+
   it("settleAndReserve still reserves when the settle is refused, and says so", async () => {
     const { ledger } = await fresh("settle-and-reserve-refused");
     const first = granted(await ledger.reserve(req({ worker: "sr" })));
