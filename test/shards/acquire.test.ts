@@ -3,7 +3,7 @@ import { runInDurableObject } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
 import { ledgerShard, shardOfPool } from "../../src/ledger-routing";
 import { OPS, call, ended, startExecution, status, until } from "../support/api";
-import { WORKER, clientOn, heldGate, layout, rowsOf, tuning, workerShard } from "./support";
+import { WORKER, clientOn, endedRowsOf, heldGate, layout, rowsOf, tuning, workerShard } from "./support";
 
 /**
  * A stage whose pools live on several ledger shards (docs/scaling.md, "Past
@@ -33,7 +33,7 @@ describe("a stage whose pools span ledger shards", () => {
     expect(doc.stages[0].attempts).toBe(1);
     // Both parts were renewed past the short lease before the stage started, and both are settled.
     for (const shard of [workerShard, gate.shard]) {
-      const rows = await rowsOf(shard, id);
+      const rows = await endedRowsOf(shard, id);
       expect(rows.map((r) => r.state), `shard ${shard}`).toEqual(["settled"]);
       expect(rows[0].expires_at! - rows[0].granted_at!, `shard ${shard}`).toBeGreaterThan(tuning.ledgerShortLeaseMs);
     }
@@ -55,7 +55,7 @@ describe("a stage whose pools span ledger shards", () => {
 
     const settled = new Map<number, Record<string, number>>();
     for (const shard of shards) {
-      const rows = await rowsOf(shard, id);
+      const rows = await endedRowsOf(shard, id);
       expect(rows.map((r) => r.state), `shard ${shard}`).toEqual(["settled"]);
       settled.set(shard, JSON.parse(rows[0].usage ?? "null"));
     }
@@ -83,12 +83,12 @@ describe("a stage whose pools span ledger shards", () => {
     const doc = await until("the execution ended", () => status(id), ended, 20_000);
     expect(doc.status).toBe("completed");
     // The tokens shard held an explicit part of the estimate; the worker's shard the worker slot.
-    const [tokensRow] = await rowsOf(tokensShard, id);
+    const [tokensRow] = await endedRowsOf(tokensShard, id);
     expect(tokensRow.state).toBe("settled");
     const req = await runInDurableObject(ledgerShard(env, tokensShard), (_i, state) =>
       JSON.parse(String(state.storage.sql.exec<{ req: string }>("SELECT req FROM reservations WHERE id = ?", tokensRow.id).one().req)),
     );
     expect(req["tokens:openai"]).toBeGreaterThan(0);
-    expect((await rowsOf(workerShard, id)).map((r) => r.state)).toEqual(["settled"]);
+    expect((await endedRowsOf(workerShard, id)).map((r) => r.state)).toEqual(["settled"]);
   });
 });

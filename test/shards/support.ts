@@ -4,6 +4,7 @@ import { expect } from "vitest";
 import { configOf } from "../../src/config";
 import { newExecutionId } from "../../src/ids";
 import { layoutOf, ledgerShard, shardOfClient, shardOfPool } from "../../src/ledger-routing";
+import { until } from "../support/api";
 
 /** Helpers of the `shards` project's tests: the layout in force and each shard's own tables. */
 
@@ -29,6 +30,15 @@ export interface Row {
 }
 
 /** The reservations a shard keeps for an execution, from its own table, oldest first. */
+/**
+ * The execution's rows on a shard once none is live: an execution's last settles leave with its
+ * outbox after it ended, and a settle's writes wait for the ledger's next commit (ledgerSettleCommitMs),
+ * so a status that says `completed` comes before them.
+ */
+export function endedRowsOf(shard: number, executionId: string): Promise<Row[]> {
+  return until(`${executionId}'s rows on shard ${shard} ended`, () => rowsOf(shard, executionId), (rows) => rows.length > 0 && rows.every((r) => r.state !== "granted" && r.state !== "waiting"));
+}
+
 export function rowsOf(shard: number, executionId: string): Promise<Row[]> {
   return runInDurableObject(ledgerShard(env, shard), (_i, state) =>
     state.storage.sql
