@@ -51,6 +51,11 @@ export class FsyncCounter {
 
   /** Detaches and classifies what was synced meanwhile, per execution of the phase (`executions`). */
   async stop(executions: number): Promise<FsyncCounts> {
+    return classify(await this.rawStop(), executions);
+  }
+
+  /** Detaches and answers the trace itself: a line per call, with the path of the file synced. */
+  async rawStop(): Promise<string> {
     const proc = this.#proc;
     this.#proc = null;
     if (proc && proc.exitCode === null) {
@@ -60,7 +65,7 @@ export class FsyncCounter {
     }
     const text = readFileSync(this.#file, "utf8");
     rmSync(this.#file, { force: true });
-    return classify(text, executions);
+    return text;
   }
 }
 
