@@ -8,6 +8,7 @@ import { CLOCK_SKEW_MS, INDEX_EPOCH_MS, bucketsNewestFirst, indexBucket, indexFo
 import { KAM, OPS, call, ended, executionStub, startExecution, waitFor } from "../support/api";
 import { TEST_TUNING } from "../support/constants";
 import type { ExecutionIndex } from "../../actors/execution-index";
+import { countingTransactions } from "../support/commits";
 
 /**
  * The execution index: versioned idempotent upserts, month shards, newest-first
@@ -156,26 +157,18 @@ describe("ExecutionIndex.upsert", () => {
       state.storage.sql.exec("SELECT 1 FROM sqlite_master WHERE name = 'entries'").toArray().length === 0
         ? 0
         : state.storage.sql.exec(`SELECT COUNT(*) AS n FROM entries WHERE execution_id IN (${ids.map(() => "?").join(",")})`, ...ids).one().n;
-    const seen = await runInDurableObject(shard, async (instance: ExecutionIndex, state) => {
-      // The real storage's transactionSync, counted: each group commit of the index is one of them.
-      const real = state.storage.transactionSync.bind(state.storage);
-      let commits = 0;
-      state.storage.transactionSync = <T>(fn: () => T): T => {
-        commits++;
-        return real(fn);
-      };
-      try {
+    // The real storage's transactionSync, counted: each group commit of the index is one of them.
+    const seen = await runInDurableObject(shard, (instance: ExecutionIndex, state) =>
+      countingTransactions(state.storage, async (commits) => {
         let answered = 0;
         const all = Promise.all(ids.map((id) => instance.upsert(entry({ execution_id: id, created_at: t })).then(() => answered++)));
         // Inside the window: nothing written, nobody answered.
         await scheduler.wait(1);
         const during = { rows: stored(state), answered };
         await all;
-        return { during, commits, rows: stored(state), answered };
-      } finally {
-        state.storage.transactionSync = real;
-      }
-    });
+        return { during, commits: commits(), rows: stored(state), answered };
+      }),
+    );
     expect(seen).toEqual({ during: { rows: 0, answered: 0 }, commits: 1, rows: 5, answered: 5 });
     expect((await shard.get(ids[4]))?.version).toBe(1);
   });

@@ -7,6 +7,7 @@ import { describe, expect, it } from "vitest";
 import type { ResourceLedger } from "../../actors/resource-ledger";
 import { DEFAULT_TUNING } from "../../src/config";
 import type { PoolSnapshot } from "../../schemas/ledger";
+import { countingTransactions } from "../support/commits";
 import { execId, expectWithinCapacity, failure, fresh, req, type LedgerStub } from "./ledger-support";
 
 function granted<T extends { status: string }>(r: T): Extract<T, { status: "granted" }> {
@@ -198,23 +199,14 @@ describe("settle and release", () => {
     const a = granted(await ledger.reserve(req({ worker: "one" })));
     const next = req({ executionId: a.reservationId.split(":")[0], worker: "one", stageId: "stage_2" });
     // The real storage's transactionSync, counted: every group commit of the ledger is one of them.
-    const commits = await runInDurableObject(ledger, async (instance: ResourceLedger, state) => {
-      const storage = state.storage;
-      const real = storage.transactionSync.bind(storage);
-      let n = 0;
-      storage.transactionSync = <T>(fn: () => T): T => {
-        n++;
-        return real(fn);
-      };
-      try {
+    const commits = await runInDurableObject(ledger, (instance: ResourceLedger, state) =>
+      countingTransactions(state.storage, async (n) => {
         const both = await instance.settleAndReserve({ reservationId: a.reservationId, usage: {}, durationMs: 5 }, next);
         expect(both.settled).toMatchObject({ ok: true, state: "settled" });
         granted(both.reserved);
-      } finally {
-        storage.transactionSync = real;
-      }
-      return n;
-    });
+        return n();
+      }),
+    );
     expect(commits).toBe(1);
     expect((await ledger.status(a.reservationId)).state).toBe("settled");
   });
@@ -222,15 +214,8 @@ describe("settle and release", () => {
   it("a settle with nobody waiting starts no commit: its writes go with the next call's, and it is answered with it (issue 17, target 4)", async () => {
     const { ledger } = await fresh("settle-rides-next-commit");
     const a = granted(await ledger.reserve(req({ worker: "lazy" })));
-    const counted = await runInDurableObject(ledger, async (instance: ResourceLedger, state) => {
-      const storage = state.storage;
-      const real = storage.transactionSync.bind(storage);
-      let n = 0;
-      storage.transactionSync = <T>(fn: () => T): T => {
-        n++;
-        return real(fn);
-      };
-      try {
+    const counted = await runInDurableObject(ledger, (instance: ResourceLedger, state) =>
+      countingTransactions(state.storage, async (n) => {
         let settledFirst = false;
         const settle = instance.settle(a.reservationId, {}).then((r) => {
           settledFirst = true;
@@ -238,15 +223,13 @@ describe("settle and release", () => {
         });
         // Another execution's reserve arrives: the settle's writes go in its commit.
         await scheduler.wait(1);
-        const before = { settledFirst, commits: n };
+        const before = { settledFirst, commits: n() };
         const [settled, reserved] = await Promise.all([settle, instance.reserve(req({ worker: "lazy", stageId: "stage_9" }))]);
         expect(settled).toMatchObject({ ok: true, state: "settled" });
         granted(reserved);
-        return { before, commits: n };
-      } finally {
-        storage.transactionSync = real;
-      }
-    });
+        return { before, commits: n() };
+      }),
+    );
     // Without the change: the settle commits at once (1 before the reserve), and the reserve has a commit of its own (2).
     expect(counted).toEqual({ before: { settledFirst: false, commits: 0 }, commits: 1 });
     expect((await ledger.status(a.reservationId)).state).toBe("settled");
