@@ -24,12 +24,11 @@
  * Options: --objects (20). Prints a table and one JSON line
  * ({"bench":"object-fsyncs",...}), written to bench/results/.
  */
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { startDevSession } from "../scripts/dev-session.mjs";
-import { workerdProcesses } from "./lib/e2e-session";
 import { FsyncCounter } from "./lib/fsyncs";
+import { sleep, startProbe } from "./lib/probe-worker";
 
 const args = process.argv.slice(2);
 const opt = (name: string, dflt: number) => {
@@ -76,20 +75,6 @@ export default {
 };
 `;
 
-const CONFIG = `name = "object-fsyncs-probe"
-main = "index.js"
-compatibility_date = "2026-11-01"
-
-[[durable_objects.bindings]]
-name = "PROBE"
-class_name = "Probe"
-
-[[migrations]]
-tag = "v1"
-new_sqlite_classes = ["Probe"]
-`;
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 type Kind = "journal" | "database" | "wal" | "directory" | "alarm store" | "other";
 
@@ -119,18 +104,13 @@ function count(text: string, ids: Set<string>, others?: Set<string>): Record<Kin
 const perObject = (by: Record<Kind, number>) => Object.fromEntries(Object.entries(by).map(([k, v]) => [k, Number((v / OBJECTS).toFixed(2))])) as Record<Kind, number>;
 const total = (by: Record<Kind, number>) => Number(((by.journal + by.database + by.wal + by.directory + by["alarm store"]) / OBJECTS).toFixed(2));
 
-const dir = mkdtempSync(path.join(os.tmpdir(), "object-fsyncs-"));
-writeFileSync(path.join(dir, "index.js"), PROBE);
-writeFileSync(path.join(dir, "wrangler.toml"), CONFIG);
-process.env.WRANGLER_REGISTRY_PATH = path.join(dir, "registry");
 const startedAt = new Date();
 const rows = [];
-const s = await startDevSession({ configs: [path.join(dir, "wrangler.toml")], persistTo: path.join(dir, "state") });
+const probe = await startProbe("object-fsyncs", PROBE);
+const { runtime } = probe;
 try {
-  const runtime = workerdProcesses(s.pid).runtime;
-  if (!runtime) throw new Error("no workerd runtime process found");
   // A warm-up object: the worker's code loaded, the class folder created; then evicted.
-  await (await fetch(`${s.url}/run?id=warm&commits=1`, { signal: AbortSignal.timeout(30_000) })).text();
+  await (await fetch(`${probe.url}/run?id=warm&commits=1`, { signal: AbortSignal.timeout(30_000) })).text();
   await sleep(12_000);
   for (const v of VARIANTS) {
     console.error(`${v.name}: ${OBJECTS} new objects...`);
@@ -138,7 +118,7 @@ try {
     const run = new FsyncCounter();
     await run.start(runtime);
     for (let i = 0; i < OBJECTS; i++) {
-      const res = await fetch(`${s.url}/run?id=${encodeURIComponent(v.name)}-${i}&commits=${v.commits}&alarm=${v.alarm ? 1 : 0}`, { signal: AbortSignal.timeout(30_000) });
+      const res = await fetch(`${probe.url}/run?id=${encodeURIComponent(v.name)}-${i}&commits=${v.commits}&alarm=${v.alarm ? 1 : 0}`, { signal: AbortSignal.timeout(30_000) });
       if (!res.ok) throw new Error(`probe: ${res.status} ${await res.text()}`);
       ids.add(await res.text());
     }
@@ -153,8 +133,7 @@ try {
     rows.push({ ...v, per_object: perObject(during), total_per_object: total(during), close_per_object: perObject(closed), others: [...others] });
   }
 } finally {
-  await s.stop();
-  rmSync(dir, { recursive: true, force: true });
+  await probe.stop();
 }
 
 console.log(`\nfsyncs per new SQLite object (${OBJECTS} objects per variant, one request per commit):`);

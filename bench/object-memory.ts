@@ -24,11 +24,10 @@
  * Options: --objects (300) --concurrency (50). Prints a table and one JSON
  * line ({"bench":"object-memory",...}), written to bench/results/.
  */
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { startDevSession } from "../scripts/dev-session.mjs";
-import { workerdProcesses } from "./lib/e2e-session";
+import { sleep, startProbe } from "./lib/probe-worker";
 import { memoryOf } from "./lib/proc-stats";
 
 const args = process.argv.slice(2);
@@ -75,20 +74,6 @@ export default {
 };
 `;
 
-const CONFIG = `name = "object-memory-probe"
-main = "index.js"
-compatibility_date = "2026-11-01"
-
-[[durable_objects.bindings]]
-name = "PROBE"
-class_name = "Probe"
-
-[[migrations]]
-tag = "v1"
-new_sqlite_classes = ["Probe"]
-`;
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 async function hit(url: string, count: number, prefix: string, v: (typeof VARIANTS)[number]): Promise<void> {
   let next = 0;
@@ -104,27 +89,21 @@ async function hit(url: string, count: number, prefix: string, v: (typeof VARIAN
 }
 
 async function variant(v: (typeof VARIANTS)[number]) {
-  const dir = mkdtempSync(path.join(os.tmpdir(), "object-memory-"));
-  writeFileSync(path.join(dir, "index.js"), PROBE);
-  writeFileSync(path.join(dir, "wrangler.toml"), CONFIG);
-  const s = await startDevSession({ configs: [path.join(dir, "wrangler.toml")], persistTo: path.join(dir, "state") });
+  const probe = await startProbe("object-memory", PROBE);
   try {
-    const runtime = workerdProcesses(s.pid).runtime;
-    if (!runtime) throw new Error("no workerd runtime process found");
     // A warm-up of the same shape, then its objects left to be evicted: the baseline is a runtime that has run this code.
-    await hit(s.url, 20, "warm", v);
+    await hit(probe.url, 20, "warm", v);
     await sleep(12_000);
-    const before = memoryOf(runtime)?.rss ?? Number.NaN;
+    const before = memoryOf(probe.runtime)?.rss ?? Number.NaN;
     const started = Date.now();
-    await hit(s.url, OBJECTS, "run", v);
+    await hit(probe.url, OBJECTS, "run", v);
     const seconds = (Date.now() - started) / 1000;
     await sleep(500);
-    const after = memoryOf(runtime)?.rss ?? Number.NaN;
+    const after = memoryOf(probe.runtime)?.rss ?? Number.NaN;
     const perObject = (after - before) / OBJECTS;
     return { ...v, seconds: Number(seconds.toFixed(1)), rss_before_mib: Number((before / MiB).toFixed(1)), rss_after_mib: Number((after / MiB).toFixed(1)), per_object_kib: Math.round(perObject / 1024) };
   } finally {
-    await s.stop();
-    rmSync(dir, { recursive: true, force: true });
+    await probe.stop();
   }
 }
 
