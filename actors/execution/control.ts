@@ -30,7 +30,7 @@ export function migrateControl(storage: DurableObjectStorage): void {
     const have = new Set(storage.sql.exec(`PRAGMA table_info(${table})`).toArray().map((r) => String(r.name)));
     for (const col of cols) if (!have.has(col.split(" ")[0])) storage.sql.exec(`ALTER TABLE ${table} ADD COLUMN ${col}`);
   };
-  storage.sql.exec(RERUNS_SCHEMA);
+  // The reruns table is lazy (lazy-tables.ts): an older object without it gets it with its first rerun.
   add("execution", CONTROL_COLUMNS);
   add("stages", STAGE_COLUMNS);
 }

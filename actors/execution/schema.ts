@@ -1,15 +1,17 @@
 import type { Sql } from "../sql";
-import { RERUNS_SCHEMA, migrateControl } from "./control";
-import { LIVE_TICKETS_SCHEMA } from "./live";
-import { EVENTS_SCHEMA } from "./notify";
-import { PARTS_SCHEMA } from "./parts";
-import { HOLDS_SCHEMA } from "./rerun";
+import { migrateControl } from "./control";
+import { LAZY_GROUPS, withLazyTables } from "./lazy-tables";
 import { SCHEMA, STAGES_BY_PARENT, migrate } from "./store";
 
-/** Every table of an Execution (store.ts and the modules that own one), each created if missing. */
-const TABLES = SCHEMA + EVENTS_SCHEMA + RERUNS_SCHEMA + HOLDS_SCHEMA + LIVE_TICKETS_SCHEMA + PARTS_SCHEMA;
-/** A new object's schema: the tables at the latest version and their index. */
+/**
+ * The tables every execution writes (store.ts); the others (events, reruns, rerun holds, live
+ * tickets, ledger parts) come with the first statement that writes one (lazy-tables.ts).
+ */
+const TABLES = SCHEMA;
+/** A new object's schema: those tables at the latest version and their index. */
 export const LATEST_SCHEMA = TABLES + STAGES_BY_PARENT;
+/** Every table a new object may come to have: its schema and each lazy group's. */
+export const ALL_TABLES_SCHEMA = LATEST_SCHEMA + LAZY_GROUPS.map((g) => g.schema).join("");
 
 /** Whether the object has its tables (a new one gets them with its first statement, withTables). */
 export function hasTables(storage: DurableObjectStorage): boolean {
@@ -32,6 +34,16 @@ export interface TabledSql {
 export function withTables(sql: Sql, storage: DurableObjectStorage, existed: boolean): TabledSql {
   let ready = false;
   let exists = existed;
+  const lazyNames = LAZY_GROUPS.flatMap((g) => g.tables);
+  // Which lazy tables an object constructed with its tables has (a new one has none): asked at the first statement naming one.
+  const present = () =>
+    existed
+      ? storage.sql
+          .exec(`SELECT name FROM sqlite_master WHERE type = 'table' AND name IN (${lazyNames.map(() => "?").join(", ")})`, ...lazyNames)
+          .toArray()
+          .map((r) => String(r.name))
+      : [];
+  const lazy = withLazyTables(sql, (script) => storage.sql.exec(script), present);
   return {
     sql: (strings, ...values) => {
       if (!ready) {
@@ -39,7 +51,7 @@ export function withTables(sql: Sql, storage: DurableObjectStorage, existed: boo
         ready = true;
         exists = true;
       }
-      return sql(strings, ...values);
+      return lazy(strings, ...values);
     },
     exists: () => exists,
   };

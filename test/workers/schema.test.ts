@@ -2,10 +2,11 @@ import { runInDurableObject } from "cloudflare:test";
 import { env } from "cloudflare:workers";
 import { describe, expect, it } from "vitest";
 import { migrateControl } from "../../actors/execution/control";
-import { LATEST_SCHEMA, createTables, hasTables } from "../../actors/execution/schema";
+import { LAZY_GROUPS, missingTableAnswer } from "../../actors/execution/lazy-tables";
+import { ALL_TABLES_SCHEMA, LATEST_SCHEMA, createTables, hasTables } from "../../actors/execution/schema";
 import { migrate } from "../../actors/execution/store";
 import { newExecutionId } from "../../src/ids";
-import { OPS, call, executionStub, startExecution } from "../support/api";
+import { OPS, call, ended, executionStub, startExecution, waitFor } from "../support/api";
 
 /**
  * A new Execution creates its tables at the latest version in one run
@@ -81,7 +82,8 @@ describe("the Execution's schema", () => {
   it("its tables keyed by their primary key alone are WITHOUT ROWID, and the outbox ids write no sqlite_sequence row", async () => {
     const stub = env.EXECUTION.get(env.EXECUTION.newUniqueId());
     const tables = await runInDurableObject(stub, (_i, state) => {
-      createTables(state.storage);
+      // Every table a new object may come to have, the lazy ones too.
+      state.storage.sql.exec(ALL_TABLES_SCHEMA);
       return state.storage.sql.exec("SELECT name, sql FROM sqlite_master WHERE type = 'table'").toArray().map((r) => ({ name: String(r.name), sql: String(r.sql) }));
     });
     const sqlOf = (name: string) => tables.find((t) => t.name === name)?.sql ?? "";
@@ -91,5 +93,33 @@ describe("the Execution's schema", () => {
     expect(sqlOf("stages")).toMatch(/WITHOUT ROWID\s*$/);
     expect(sqlOf("outbox")).toMatch(/id INTEGER PRIMARY KEY,/);
     expect(sqlOf("outbox")).not.toMatch(/AUTOINCREMENT/);
+  });
+  it("a plain execution has none of the tables it never writes (notifications, reruns, holds, live tickets, ledger parts), and a statement on one it lacks answers as the empty table", async () => {
+    const { body } = await startExecution({ template_name: "fault_two_stage", parameters: { steps: 1, step_ms: 10 }, client_id: "client_schema" });
+    const id = body.execution_id as string;
+    const doc = await waitFor(id, ended, 30_000);
+    expect(doc.status).toBe("completed");
+    const lazy = LAZY_GROUPS.flatMap((g) => g.tables);
+    const names = await runInDurableObject(executionStub(id), (_i, state) =>
+      state.storage.sql.exec("SELECT name FROM sqlite_master WHERE type = 'table'").toArray().map((r) => String(r.name)),
+    );
+    expect(names).toContain("stages");
+    expect(names.filter((n) => lazy.includes(n))).toEqual([]);
+    // Its document reads them as empty: no reruns, no notifications.
+    expect(doc.reruns ?? []).toEqual([]);
+  });
+
+  it("answers a statement on a missing lazy table without it only where the empty table answers no rows and changes nothing", () => {
+    expect(missingTableAnswer("SELECT * FROM events WHERE state = 'pending' ORDER BY seq LIMIT 1", "events")).toBe("empty");
+    expect(missingTableAnswer("SELECT state, COUNT(*) AS n FROM events GROUP BY state", "events")).toBe("empty");
+    expect(missingTableAnswer("SELECT 1 FROM data_holds LIMIT 1", "data_holds")).toBe("empty");
+    expect(missingTableAnswer("UPDATE events SET next_at = ? WHERE seq = ?", "events")).toBe("empty");
+    expect(missingTableAnswer("DELETE FROM live_tickets WHERE expires_at <= ?", "live_tickets")).toBe("empty");
+    // One row even of none, rows from another table, or a write: the table is made first.
+    expect(missingTableAnswer("SELECT COUNT(*) AS n FROM events", "events")).toBe("create");
+    expect(missingTableAnswer("SELECT s.stage_id FROM acquisitions a JOIN stages s ON s.stage_id = a.stage_id", "acquisitions")).toBe("create");
+    expect(missingTableAnswer("SELECT (SELECT COUNT(*) FROM reruns) AS n FROM execution", "reruns")).toBe("create");
+    expect(missingTableAnswer("DELETE FROM stages WHERE stage_id IN (SELECT stage_id FROM acquisitions)", "acquisitions")).toBe("create");
+    expect(missingTableAnswer("INSERT OR IGNORE INTO reruns (execution_id, created_at) VALUES (?, ?)", "reruns")).toBe("create");
   });
 });
