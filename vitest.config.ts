@@ -378,7 +378,7 @@ export default defineConfig({
         // Leases on ended executions' documents (docs/protocol.md, "Status reads"): the
         // workers project turns them off so that it reads each change at once. And a held
         // index summary (indexHoldMs) long enough for a test to look inside the hold.
-        plugins: [orchestratorUnderTest("status-leases", { bindings: { TUNING: JSON.stringify({ ...TEST_TUNING, statusLeaseMs: 4000, indexHoldMs: 4000 }) } })],
+        plugins: [orchestratorUnderTest("status-leases", { bindings: { TUNING: JSON.stringify({ ...TEST_TUNING, statusLeaseMs: 4000, indexHoldMs: 4000, admissionCacheMs: 60_000 }) } })],
         test: {
           name: "status-leases",
           include: ["test/status-leases/**/*.test.ts"],

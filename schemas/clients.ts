@@ -77,6 +77,12 @@ export const StartAdmission = z.discriminatedUnion("ok", [
     slot: z.enum(["counted", "free"]),
     /** With `free` on a sharded ledger: the client's fair-share weight, as acquireSlot's answer carries it. */
     weight: z.number().int().optional(),
+    /**
+     * The answer depends on the client's quotas alone (no `monthly_budget`, no
+     * `max_starts_per_minute`): no start changes it, so the front Worker may reuse
+     * it for `admissionCacheMs` (docs/ledger.md, "Quotas", Admission).
+     */
+    steady: z.boolean().optional(),
   }),
   z.object({
     ok: z.literal(false),

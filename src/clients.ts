@@ -5,6 +5,7 @@ import { configOf } from "./config";
 import { ApiError, parseWith } from "./http";
 import { clientList } from "./ledger-fanout";
 import { ledgerForClient } from "./ledger-routing";
+import { remember } from "./bounded-memo";
 import { askObject } from "./outbound";
 
 /**
@@ -22,7 +23,11 @@ export function clientIdOf(raw: unknown): string {
 }
 
 export async function putQuotas(env: Env, clientId: string, quotas: ClientQuotas): Promise<ClientDocument> {
-  return ledgerCall(env, ledgerForClient(env, clientId).putClientQuotas(clientId, quotas), "ledger.putClientQuotas");
+  forgetAdmissions(clientId);
+  const doc = await ledgerCall(env, ledgerForClient(env, clientId).putClientQuotas(clientId, quotas), "ledger.putClientQuotas");
+  // Again after the change: a start admitted meanwhile may have cached the quotas before it.
+  forgetAdmissions(clientId);
+  return doc;
 }
 
 export async function getClient(env: Env, clientId: string): Promise<ClientDocument> {
@@ -42,10 +47,34 @@ export interface AdmittedSlot {
   client_weight: number | null;
 }
 
+/**
+ * Steady admissions this isolate has been given (the ledger's `steady`: no budget, no start rate),
+ * by client and priority, each until its time: a start within it asks the ledger nothing. Bounded,
+ * like the other isolate caches; a quota change made through this isolate drops the client's.
+ */
+const admissions = new Map<string, { answer: AdmittedSlot; until: number }>();
+const MAX_ADMISSIONS = 1000;
+
+/** Forgets the client's steady admissions (its quotas changed). */
+export function forgetAdmissions(clientId: string): void {
+  for (const key of [...admissions.keys()]) if (key.startsWith(`${clientId}\n`)) admissions.delete(key);
+}
+
 /** Throws the 403 / 429 a start of this client must answer; counts the start when admitted. */
 export async function admitStart(env: Env, clientId: string, priority: Priority): Promise<AdmittedSlot> {
+  const key = `${clientId}\n${priority}`;
+  const now = Date.now();
+  const held = admissions.get(key);
+  if (held && held.until > now) return held.answer;
   const a = await ledgerCall<StartAdmission>(env, ledgerForClient(env, clientId).admitStart(clientId, priority), "ledger.admitStart");
-  if (a.ok) return { slot: a.slot, client_weight: a.weight ?? null };
+  if (a.ok) {
+    const answer: AdmittedSlot = { slot: a.slot, client_weight: a.weight ?? null };
+    const ms = configOf(env).tuning.admissionCacheMs;
+    if (a.steady && ms > 0) remember(admissions, key, { answer, until: now + ms }, MAX_ADMISSIONS);
+    else admissions.delete(key);
+    return answer;
+  }
+  admissions.delete(key);
   if (a.code === "priority_not_allowed") throw new ApiError(403, a.code, a.message);
   const headers: Record<string, string> = a.retryAfterMs !== undefined ? { "retry-after": String(Math.ceil(a.retryAfterMs / 1000)) } : {};
   throw new ApiError(429, a.code, a.message, a.retryAfterMs !== undefined ? { retry_after_ms: a.retryAfterMs } : undefined, headers);

@@ -25,6 +25,12 @@ export const DEFAULT_TUNING = {
   statusLeaseMs: 1_000,
   /** Every read the Execution serves from memory is read again from SQL and compared when 1, a difference failing the call (actors/execution/read-cache.ts; the test suite's check, not for production). */
   readCacheCheck: 0,
+  /**
+   * The front Worker reuses a steady admission (a client with neither `monthly_budget` nor
+   * `max_starts_per_minute`) for this long per client and priority, so a start within it asks the
+   * ledger nothing; a quota change reaches starts through other isolates at most this late. 0: every start asks.
+   */
+  admissionCacheMs: 1_000,
   /** KV and R2 reads and writes inside an execution's drive pass (a stalled store must not block its alarm). */
   storageCallTimeoutMs: 10_000,
   /** KAM template fetch: attempts before `kam_unavailable`, and the backoff between them. */

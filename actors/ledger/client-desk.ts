@@ -60,9 +60,11 @@ export class ClientDesk {
     const answer = admitStart(q, c, priority, now);
     this.store.saveClientSettings(c);
     if (!answer.ok) return answer;
-    if (q.max_running_executions !== undefined) return { ok: true, slot: "counted" };
+    // Neither a budget nor a start rate: what this answers follows from the quotas alone, whatever starts.
+    const steady = q.monthly_budget === undefined && q.max_starts_per_minute === undefined;
+    if (q.max_running_executions !== undefined) return { ok: true, slot: "counted", steady };
     // The weight goes with a free slot as with acquireSlot's answer (one shard needs no copy).
-    return this.own.sharded ? { ok: true, slot: "free", weight: q.weight ?? 1 } : { ok: true, slot: "free" };
+    return this.own.sharded ? { ok: true, slot: "free", weight: q.weight ?? 1, steady } : { ok: true, slot: "free", steady };
   }
 
   /** Whether the client has a max_running_executions (its executions take counted slots). */

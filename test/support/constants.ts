@@ -57,6 +57,8 @@ export const TEST_TUNING = {
   statusLeaseMs: 0,
   // Every read the Execution serves from memory is compared with SQL (actors/execution/read-cache.ts).
   readCacheCheck: 1,
+  // Tests change quotas through the ledger as well as over HTTP: every start asks it; the cache has a project of its own (test/status-leases).
+  admissionCacheMs: 0,
 };
 
 /**
