@@ -109,12 +109,13 @@ describe("client quotas", () => {
     const { ledger, clock } = await fresh("cq-starts");
     await ledger.putClientQuotas("acme", { max_priority: "normal", max_starts_per_minute: 2, monthly_budget: 1 });
     expect(await ledger.admitStart("acme", "high")).toMatchObject({ ok: false, code: "priority_not_allowed" });
-    expect(await ledger.admitStart("acme", "normal")).toEqual({ ok: true, slot: "free" });
-    expect(await ledger.admitStart("acme", "low")).toEqual({ ok: true, slot: "free" });
+    // A start rate and a budget: each answer may change with the next start, so none is steady (the front Worker asks every time).
+    expect(await ledger.admitStart("acme", "normal")).toEqual({ ok: true, slot: "free", steady: false });
+    expect(await ledger.admitStart("acme", "low")).toEqual({ ok: true, slot: "free", steady: false });
     const limited = await ledger.admitStart("acme", "normal");
     expect(limited).toMatchObject({ ok: false, code: "rate_limited", retryAfterMs: 30_000 });
     clock.now += 30_000;
-    expect(await ledger.admitStart("acme", "normal")).toEqual({ ok: true, slot: "free" });
+    expect(await ledger.admitStart("acme", "normal")).toEqual({ ok: true, slot: "free", steady: false });
     // Spend the budget: then every start is refused.
     const r = await ledger.reserve(creq("acme", { requirements: { [TOK]: 400_000 } }));
     await ledger.settle(id(r), { [TOK]: 600_000 }); // cost 1.2 >= 1
@@ -124,14 +125,14 @@ describe("client quotas", () => {
 
   it("an admitted start says whether its execution takes a counted slot: counted with max_running_executions (own or default), free without", async () => {
     const { ledger } = await fresh("cq-admit-slot");
-    expect(await ledger.admitStart("plain", "normal")).toEqual({ ok: true, slot: "free" });
+    expect(await ledger.admitStart("plain", "normal")).toEqual({ ok: true, slot: "free", steady: true });
     await ledger.putClientQuotas("quota", { max_running_executions: 2 });
-    expect(await ledger.admitStart("quota", "normal")).toEqual({ ok: true, slot: "counted" });
+    expect(await ledger.admitStart("quota", "normal")).toEqual({ ok: true, slot: "counted", steady: true });
     // The quota removed: free again, as acquireSlot would answer `counted: false` now.
     await ledger.putClientQuotas("quota", {});
-    expect(await ledger.admitStart("quota", "normal")).toEqual({ ok: true, slot: "free" });
+    expect(await ledger.admitStart("quota", "normal")).toEqual({ ok: true, slot: "free", steady: true });
     await runInDurableObject(ledger, (i: ResourceLedger) => ledgerTestHooks(i).setClientDefaults({ max_running_executions: 1 }));
-    expect(await ledger.admitStart("plain", "normal")).toEqual({ ok: true, slot: "counted" });
+    expect(await ledger.admitStart("plain", "normal")).toEqual({ ok: true, slot: "counted", steady: true });
     expect(await ledger.acquireSlot("plain", "exec_1764000000000_AAAAAAAAAAAAAAAA")).toEqual({ status: "granted", counted: true });
   });
 

@@ -411,7 +411,7 @@ describe("ownership: a shard refuses what the layout places elsewhere", () => {
     await ledger.putClientQuotas(home, { weight: 4 });
     expect(await ledger.acquireSlot(home, req().executionId)).toEqual({ status: "granted", counted: false, weight: 4 });
     // And so does a start's admission, which then tells the Execution its slot is free.
-    expect(await ledger.admitStart(home, "normal")).toEqual({ ok: true, slot: "free", weight: 4 });
+    expect(await ledger.admitStart(home, "normal")).toEqual({ ok: true, slot: "free", weight: 4, steady: true });
   });
 
   it("estimate answers for the shard's own pools only; a part's grant notice names the shard", async () => {
