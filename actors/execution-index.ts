@@ -11,6 +11,7 @@ import {
 import { configOf } from "../src/config";
 import { zodIssues } from "../src/http";
 import { log, setLogLevel } from "../src/log";
+import { GroupCommit } from "./ledger/group-commit";
 import { type Sql, execScript, sqlOf } from "./sql";
 
 /**
@@ -20,9 +21,11 @@ import { type Sql, execScript, sqlOf } from "./sql";
  * possibly out of order; `upsert` keeps the highest `version` and is one
  * statement, so a repeat or a late older entry changes nothing.
  *
- * Group commit (tuning `indexCommitMs`): the upserts that arrive within the
- * window after the first one are written together in one transaction, one
- * commit for all of them instead of one each (docs/performance.md, target 4).
+ * Group commit (tuning `indexCommitMs`, the ledger's GroupCommit.ackLater):
+ * the upserts that arrive within the window after the first one are written
+ * together in one transaction, one commit for all of them instead of one each
+ * (docs/performance.md, target 4); a batch that fails is refused whole, and
+ * each sender's outbox sends again.
  * An upsert is answered only once its entry is written (and, by the output
  * gate, durable), so a caller's outbox keeps a summary until it is stored:
  * an eviction or crash inside the window loses nothing the sender was told
@@ -63,16 +66,16 @@ const MAX_SERIES_ATTEMPTS = 20_000;
 export class ExecutionIndex extends DurableObject<Env> {
   readonly #sql: Sql;
   readonly #commitMs: number;
+  /** The ledger's group commit: upserts queue their writes and share one transaction (ackLater). */
+  readonly #commit: GroupCommit;
   #ready = false;
-  /** Upserts decided and not yet written, the highest version per execution, with the callers waiting on them. */
-  #waiting = new Map<string, IndexEntry>();
-  #waiters: { resolve: () => void; reject: (err: unknown) => void }[] = [];
-  #timer: ReturnType<typeof setTimeout> | null = null;
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
     this.#sql = sqlOf(ctx.storage);
     this.#commitMs = configOf(env).tuning.indexCommitMs;
+    // Nothing is kept in memory beside the queued writes: a failed batch has nothing to rebuild (its callers' outboxes send again).
+    this.#commit = new GroupCommit(ctx.storage, { beforeCommit() {}, afterCommit() {}, onFailure() {} });
     setLogLevel(env);
   }
 
@@ -92,52 +95,9 @@ export class ExecutionIndex extends DurableObject<Env> {
       return;
     }
     const e = parsed.data;
-    const held = this.#waiting.get(e.execution_id);
-    if (!held || e.version > held.version) this.#waiting.set(e.execution_id, e);
-    if (this.#commitMs <= 0) return this.#flush();
-    // Answered by the flush that writes it, at most indexCommitMs from the window's first upsert.
-    return new Promise<void>((resolve, reject) => {
-      this.#waiters.push({ resolve, reject });
-      this.#timer ??= setTimeout(() => this.#flush(), this.#commitMs);
-    });
-  }
-
-  /**
-   * Writes every waiting upsert in one transaction and answers their callers. Synchronous, so
-   * nothing arrives between the take and the write. If the batch fails, each entry is tried in a
-   * transaction of its own, and only the callers of one that fails again are refused (their outbox
-   * retries): one bad entry does not hold the others back.
-   */
-  #flush(): void {
-    if (this.#timer) clearTimeout(this.#timer);
-    this.#timer = null;
-    const entries = [...this.#waiting.values()];
-    const waiters = this.#waiters;
-    this.#waiting = new Map();
-    this.#waiters = [];
-    if (entries.length === 0) return;
-    try {
-      this.ctx.storage.transactionSync(() => {
-        for (const e of entries) this.#write(e);
-      });
-    } catch (batchErr) {
-      let failed: unknown = null;
-      for (const e of entries) {
-        try {
-          this.ctx.storage.transactionSync(() => this.#write(e));
-        } catch (err) {
-          failed = err;
-          log("error", "index_upsert_failed", { execution_id: e.execution_id, message: String(err) });
-        }
-      }
-      if (failed) {
-        // Which caller sent which entry is not kept: all of this batch are refused and retry; the entries written are kept (a repeat changes nothing).
-        for (const w of waiters) w.reject(failed);
-        return;
-      }
-      log("warn", "index_batch_retried", { entries: entries.length, message: String(batchErr) });
-    }
-    for (const w of waiters) w.resolve();
+    this.#commit.write(() => this.#write(e));
+    // Answered once written: with the next read's or the window's commit, at most indexCommitMs after the window's first upsert.
+    return this.#commitMs > 0 ? this.#commit.ackLater(undefined, this.#commitMs) : this.#commit.ack(undefined);
   }
 
   #write(e: IndexEntry): void {
@@ -241,7 +201,7 @@ export class ExecutionIndex extends DurableObject<Env> {
 
   /** Before a read: the upserts waiting for their commit are written first, so the read sees them. */
   #readable(): boolean {
-    this.#flush();
+    this.#commit.flush();
     return this.#hasSchema();
   }
 

@@ -23,9 +23,8 @@ export function clientIdOf(raw: unknown): string {
 }
 
 export async function putQuotas(env: Env, clientId: string, quotas: ClientQuotas): Promise<ClientDocument> {
-  forgetAdmissions(clientId);
   const doc = await ledgerCall(env, ledgerForClient(env, clientId).putClientQuotas(clientId, quotas), "ledger.putClientQuotas");
-  // Again after the change: a start admitted meanwhile may have cached the quotas before it.
+  // Once the ledger has the change: what this isolate kept (also from a start admitted during the call) was the old quotas'.
   forgetAdmissions(clientId);
   return doc;
 }
@@ -56,7 +55,7 @@ const admissions = new Map<string, { answer: AdmittedSlot; until: number }>();
 const MAX_ADMISSIONS = 1000;
 
 /** Forgets the client's steady admissions (its quotas changed). */
-export function forgetAdmissions(clientId: string): void {
+function forgetAdmissions(clientId: string): void {
   for (const key of [...admissions.keys()]) if (key.startsWith(`${clientId}\n`)) admissions.delete(key);
 }
 

@@ -80,13 +80,13 @@ export const DEFAULT_TUNING = {
   ledgerShortLeaseMs: 15_000,
   /** While waiting in the ledger's queue the grant notice wakes the stage; it re-asks this rarely, in case a notice was lost. */
   ledgerReaskMs: 60_000,
-  /** Ledger calls that fail (slow, down) are retried after base * 2^(n-1), capped, with full jitter. */
   /**
    * A settle the ledger answers while nobody waits for resources (the Execution's outbox sends it
    * after the stage) starts no commit of its own: its writes go with the next call's commit, or
    * with one of their own after this long; 0 commits each at once.
    */
   ledgerSettleCommitMs: 25,
+  /** Ledger calls that fail (slow, down) are retried after base * 2^(n-1), capped, with full jitter. */
   ledgerRetryBaseMs: 500,
   ledgerRetryCapMs: 30_000,
   /** The longest a stage waits for resources (`waiting_resources`) when its template gives no `queue_timeout_ms`: then `queue_timeout`. */

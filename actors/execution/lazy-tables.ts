@@ -26,7 +26,7 @@ export const LAZY_GROUPS: readonly { tables: readonly string[]; schema: string }
   { tables: ["acquisitions", "part_reservations"], schema: PARTS_SCHEMA },
 ];
 
-const LAZY_NAMES = LAZY_GROUPS.flatMap((g) => g.tables);
+export const LAZY_NAMES = LAZY_GROUPS.flatMap((g) => g.tables);
 const NAMED = new RegExp(`\\b(${LAZY_NAMES.join("|")})\\b`, "gi");
 const CHANGE = /^\s*(?:UPDATE(?:\s+OR\s+\w+)?|DELETE\s+FROM)\s+(\w+)\b/i;
 const SELECT_FROM = /^\s*SELECT\b[\s\S]*?\bFROM\s+(\w+)\b/i;
@@ -55,21 +55,34 @@ export function missingTableAnswer(text: string, table: string): "empty" | "crea
 }
 
 /**
- * `sql` with the lazy groups: `existing` reads which of their tables the object has, asked once,
- * at the first statement that names one (a new object has none and need not ask).
+ * `sql` with the lazy groups. Which of their tables the object has is asked once, at the first
+ * statement naming one, and only of an object that had its tables when constructed (`existed`:
+ * a new one has none). The tables a statement names are found once per statement text (its
+ * template strings, the same array at every call of a call site): most statements name none.
  */
-export function withLazyTables(sql: Sql, exec: (script: string) => void, existing: () => string[]): Sql {
+export function withLazyTables(sql: Sql, storage: DurableObjectStorage, existed: boolean): Sql {
+  const namedBy = new WeakMap<TemplateStringsArray, string[]>();
   let present: Set<string> | null = null;
+  const stored = () =>
+    existed
+      ? storage.sql
+          .exec(`SELECT name FROM sqlite_master WHERE type = 'table' AND name IN (${LAZY_NAMES.map(() => "?").join(", ")})`, ...LAZY_NAMES)
+          .toArray()
+          .map((r) => String(r.name))
+      : [];
   return ((strings: TemplateStringsArray, ...values: SqlStorageValue[]) => {
-    const named = lazyTablesOf(strings.join("?"));
+    let named = namedBy.get(strings);
+    if (!named) {
+      named = lazyTablesOf(strings.join("?"));
+      namedBy.set(strings, named);
+    }
     if (named.length > 0) {
-      present ??= new Set(existing());
+      present ??= new Set(stored());
       for (const table of named) {
         if (present.has(table)) continue;
         if (named.length === 1 && missingTableAnswer(strings.join("?"), table) === "empty") return [];
-        const group = LAZY_GROUPS.find((g) => g.tables.includes(table));
-        if (!group) continue;
-        exec(group.schema);
+        const group = LAZY_GROUPS.find((g) => g.tables.includes(table))!;
+        storage.sql.exec(group.schema);
         for (const t of group.tables) present.add(t);
       }
     }

@@ -34,16 +34,7 @@ export interface TabledSql {
 export function withTables(sql: Sql, storage: DurableObjectStorage, existed: boolean): TabledSql {
   let ready = false;
   let exists = existed;
-  const lazyNames = LAZY_GROUPS.flatMap((g) => g.tables);
-  // Which lazy tables an object constructed with its tables has (a new one has none): asked at the first statement naming one.
-  const present = () =>
-    existed
-      ? storage.sql
-          .exec(`SELECT name FROM sqlite_master WHERE type = 'table' AND name IN (${lazyNames.map(() => "?").join(", ")})`, ...lazyNames)
-          .toArray()
-          .map((r) => String(r.name))
-      : [];
-  const lazy = withLazyTables(sql, (script) => storage.sql.exec(script), present);
+  const lazy = withLazyTables(sql, storage, existed);
   return {
     sql: (strings, ...values) => {
       if (!ready) {

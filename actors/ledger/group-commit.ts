@@ -1,5 +1,6 @@
 /**
- * Group commit for the ledger's SQL writes. A step decides in memory and hands
+ * Group commit for the ledger's SQL writes (and the execution index's upserts, which queue and
+ * `ackLater` every one). A step decides in memory and hands
  * its writes here; how they land is the only thing that differs between steps:
  *
  * - queued (`write` outside `direct`): the write joins a queue that is
