@@ -73,6 +73,8 @@ export interface Units {
   worker_requests_callbacks: number;
   /** Durable Object invocations: RPC calls and alarms (for Workflows: its engine's, internal to the product). */
   do_requests: number;
+  /** The same requests by RPC method (`alarm` for alarms): which calls an execution makes, and how many of each. */
+  do_requests_by_method: Record<string, number>;
   alarm_invocations: number;
   /**
    * Active wall time of the objects (s): per object, the union of the calls made to it
@@ -193,6 +195,7 @@ async function unitsFromTraces(b: Bench, system: System, per: number, executions
     worker_requests_client: 0,
     worker_requests_callbacks: 0,
     do_requests: 0,
+    do_requests_by_method: {},
     alarm_invocations: 0,
     do_active_s: 0,
     do_calls_timed: 0,
@@ -223,10 +226,14 @@ async function unitsFromTraces(b: Bench, system: System, per: number, executions
       if (origin !== "client" && name === "POST") callbacks += n;
       if (origin === "client" && name === "POST") clientPosts += n;
     } else if (kind === "jsrpc") {
-      if (doService.has(service)) u.do_requests += n;
-      else if (method === "run") u.workflow_runs += n;
+      if (doService.has(service)) {
+        u.do_requests += n;
+        const m = method ?? "?";
+        u.do_requests_by_method[m] = (u.do_requests_by_method[m] ?? 0) + n;
+      } else if (method === "run") u.workflow_runs += n;
     } else if (name === "alarm") {
       u.do_requests += n;
+      u.do_requests_by_method.alarm = (u.do_requests_by_method.alarm ?? 0) + n;
       u.alarm_invocations += n;
     } else if (name === "durable_object_storage_exec") {
       if (artifact) {
@@ -547,6 +554,7 @@ function printTable(
   const unitRows: [string, (x: Units) => number | string][] = [
     ["  Worker requests: client / callbacks", (x) => `${x.worker_requests_client} / ${x.worker_requests_callbacks}`],
     ["  Durable Object requests (Workflows: its engine's)", (x) => x.do_requests],
+    ["    by method", (x) => Object.entries(x.do_requests_by_method).sort((a, b) => b[1] - a[1]).map(([k, v]) => `${k} ${v}`).join(", ") || "none"],
     ["  Workflow run invocations", (x) => x.workflow_runs],
     ["  SQL statements", (x) => x.sql_statements],
     ["  SQLite rows read (SQL + KV API)", (x) => Number((x.sql_rows_read + x.do_kv_rows_read).toFixed(2))],
