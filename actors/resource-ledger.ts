@@ -27,6 +27,7 @@ import {
   PoolSpec,
   ReservationId,
   ReserveRequest,
+  SettledStages,
   type EstimateResult,
   type GrantNotice,
   type LedgerSnapshot,
@@ -65,7 +66,7 @@ import { GrantNotices } from "./ledger/notices";
 import { ClientDesk } from "./ledger/client-desk";
 import { Decisions, Ended } from "./ledger/decisions";
 import { ExecutionSlots } from "./ledger/slots";
-import { LedgerStore, needsOf, NO_CLIENT, partOf } from "./ledger/store";
+import { chainOf, LedgerStore, needsOf, NO_CLIENT, partOf } from "./ledger/store";
 import { Ownership, type RoutingVars } from "./ledger/ownership";
 
 /** Waiters the snapshot lists (queue order). */
@@ -91,6 +92,8 @@ export interface LedgerTestHooks {
   setNotifier(fn: ((executionId: string, notice: GrantNotice) => void) | null): void;
   /** Deliver slot notices (the execution ids given a slot) to `fn`; null restores the RPCs. */
   setSlotNotifier(fn: ((executionId: string) => void) | null): void;
+  /** Deliver chain-cut notices to `fn`; null restores the RPCs. */
+  setCutNotifier(fn: ((executionId: string, reservationId: string) => void) | null): void;
   /** Replace the CLIENT_DEFAULTS this object applies (tests of the defaults). */
   setClientDefaults(defaults: ClientQuotas): void;
   /** Judge ownership under these routing vars (and as if named `name`) instead of the env's (null restores them). */
@@ -157,6 +160,7 @@ export class ResourceLedger extends DurableObject<Env> {
       selfCheck: () => this.#store.selfCheck(),
       setNotifier: (fn) => this.#notices.redirect(fn),
       setSlotNotifier: (fn) => this.#notices.redirectSlots(fn),
+      setCutNotifier: (fn) => this.#notices.redirectCuts(fn),
       setClientDefaults: (d) => {
         this.#clientDefaults = d;
       },
@@ -209,7 +213,7 @@ export class ResourceLedger extends DurableObject<Env> {
       const expiresAt = s.now + ms;
       this.#store.putRow({ ...row, expires_at: expiresAt });
       timer(s, expiresAt);
-      return { ok: true, state: "granted", expiresAt };
+      return { ok: true, state: "granted", expiresAt, ...(chainOf(row)?.cut ? { chainCut: true as const } : {}) };
     });
   }
 
@@ -218,14 +222,15 @@ export class ResourceLedger extends DurableObject<Env> {
    * stage is settled with its own pools' usage; the client's part also gets `stageUsage`, the whole
    * stage's, which is what the client is charged (docs/ledger.md, "Parts").
    */
-  async settle(reservationId: string, usage: Record<string, number>, durationMs?: number, stageUsage?: Record<string, number>): Promise<SettleResult> {
+  async settle(reservationId: string, usage: Record<string, number>, durationMs?: number, stageUsage?: Record<string, number>, stages?: number): Promise<SettleResult> {
     const id = parse(ReservationId, reservationId, "settle reservationId");
     const used = parse(PoolAmounts, usage ?? {}, "settle usage");
     const duration = parse(DurationMs, durationMs, "settle durationMs");
     const whole = stageUsage === undefined ? undefined : parse(PoolAmounts, stageUsage, "settle stageUsage");
+    const count = parse(SettledStages, stages, "settle stages") ?? 1;
     // Nobody waits on a settle's answer to go on (the Execution's outbox sends it after the stage),
     // so without a waiter to grant it starts no commit: its writes ride on the next step's.
-    return this.#step((s) => this.#decide.settle(id, used, duration, s, whole), { later: true });
+    return this.#step((s) => this.#decide.settle(id, used, duration, s, whole, count), { later: true });
   }
 
   /**
@@ -239,7 +244,7 @@ export class ResourceLedger extends DurableObject<Env> {
   async settleAndReserve(settle: SettleInput, request: ReserveRequest): Promise<SettleAndReserveResult> {
     // Both decide before either's writes execute: one commit for the two (group-commit.ts, together).
     const [settled, reserved] = await this.#store.commit.together(() =>
-      Promise.allSettled([this.settle(settle.reservationId, settle.usage, settle.durationMs, settle.stageUsage), this.reserve(request)]),
+      Promise.allSettled([this.settle(settle.reservationId, settle.usage, settle.durationMs, settle.stageUsage, settle.stages), this.reserve(request)]),
     );
     if (reserved.status === "rejected") throw reserved.reason;
     return { settled: settled.status === "fulfilled" ? settled.value : null, reserved: reserved.value };
@@ -465,7 +470,7 @@ export class ResourceLedger extends DurableObject<Env> {
    */
   #step<T>(fn: (s: Step) => T, opts: { direct?: boolean; later?: boolean } = {}): Promise<T> {
     const store = this.#store;
-    const s: Step = { now: this.#clock(), grants: [], slots: [], timer: null };
+    const s: Step = { now: this.#clock(), grants: [], slots: [], cuts: [], timer: null };
     let result: T;
     if (opts.direct || store.activeWaiters > 0) {
       result = store.commit.direct(() => fn(s));
@@ -482,6 +487,7 @@ export class ResourceLedger extends DurableObject<Env> {
     if (s.timer !== null) this.#arm(s.timer);
     this.#notices.send(s.grants);
     this.#notices.sendSlots(s.slots);
+    this.#notices.sendCuts(s.cuts);
     if (store.commit.idle) return Promise.resolve(result);
     // A direct step's writes are executed already; a queued one with `later` waits for the next commit (group-commit.ts).
     return opts.later && this.#tuning.ledgerSettleCommitMs > 0 ? store.commit.ackLater(result, this.#tuning.ledgerSettleCommitMs) : store.commit.ack(result);

@@ -80,14 +80,32 @@ export const ReserveRequest = z.object({
    * always uses the quotas it keeps.
    */
   clientWeight: ClientQuotas.shape.weight,
-});
+  /**
+   * The stages that follow this one, one after another on the same worker (docs/ledger.md, "Chain
+   * grants"): granted with it, in one reservation, when nobody waits and all of it fits; otherwise
+   * the stage alone is reserved, as without it. Not with `part`.
+   */
+  chain: z
+    .array(z.object({ stageId: StageId, requirements: PoolAmounts.optional() }).strict())
+    .min(1)
+    .max(64)
+    .optional(),
+}).refine((r) => !(r.chain && r.part), { message: "a part cannot carry a chain", path: ["chain"] });
 export type ReserveRequest = z.infer<typeof ReserveRequest>;
 
 export const ReservationState = z.enum(["waiting", "granted", "settled", "released", "expired", "refused", "unknown"]);
 export type ReservationState = z.infer<typeof ReservationState>;
 
 export const ReserveResult = z.discriminatedUnion("status", [
-  z.object({ status: z.literal("granted"), reservationId: z.string(), expiresAt: z.number(), requirements: PoolAmounts }),
+  z.object({
+    status: z.literal("granted"),
+    reservationId: z.string(),
+    expiresAt: z.number(),
+    /** The stage's own needs (a chain grant holds the sum of its stages'). */
+    requirements: PoolAmounts,
+    /** A chain grant: the later stages it covers, in order (the request's `chain`, whole). */
+    chain: z.array(z.string()).optional(),
+  }),
   z.object({
     status: z.literal("waiting"),
     reservationId: z.string(),
@@ -127,6 +145,7 @@ export type ReserveResult = z.infer<typeof ReserveResult>;
 export const ReservationId = z.string().min(1).max(256);
 export const LeaseMs = z.number().int().min(1000).max(24 * 3600 * 1000);
 export const DurationMs = z.number().finite().nonnegative().optional();
+export const SettledStages = z.number().int().min(1).max(65).optional();
 export const EstimateStages = z
   .array(z.object({ worker: z.string().min(1).max(63), resources: PoolAmounts.optional() }))
   .max(500);
@@ -137,10 +156,18 @@ export const SettleInput = z.object({
   durationMs: z.number().optional(),
   /** A part holding the client: the whole stage's usage, for the client's spend and rate refund (docs/ledger.md, "Parts"). */
   stageUsage: z.record(z.string(), z.number()).optional(),
+  /** How many stages of a chain grant the usage and duration cover (default 1): the worker's averages learn each. */
+  stages: z.number().int().min(1).max(65).optional(),
 });
 export type SettleInput = z.infer<typeof SettleInput>;
 
-export const RenewResult = z.object({ ok: z.boolean(), state: ReservationState, expiresAt: z.number().optional() });
+export const RenewResult = z.object({
+  ok: z.boolean(),
+  state: ReservationState,
+  expiresAt: z.number().optional(),
+  /** A chain grant cut by a waiter (docs/ledger.md, "Chain grants"): settle it at the end of the stage now running. */
+  chainCut: z.literal(true).optional(),
+});
 export type RenewResult = z.infer<typeof RenewResult>;
 export const SettleResult = z.object({ ok: z.boolean(), state: ReservationState, unknownPools: z.array(z.string()) });
 export type SettleResult = z.infer<typeof SettleResult>;

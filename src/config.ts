@@ -86,6 +86,12 @@ export const DEFAULT_TUNING = {
    * with one of their own after this long; 0 commits each at once.
    */
   ledgerSettleCommitMs: 25,
+  /**
+   * Chain grants (docs/ledger.md, "Chain grants"): a stage whose next stages run one after another
+   * on the same worker asks for up to this many of them with it; when nobody waits and all of it
+   * fits, one grant covers them all and the stages in between ask the ledger nothing. 0: off.
+   */
+  chainGrantStages: 8,
   /** Ledger calls that fail (slow, down) are retried after base * 2^(n-1), capped, with full jitter. */
   ledgerRetryBaseMs: 500,
   ledgerRetryCapMs: 30_000,

@@ -110,7 +110,7 @@ export class Accounts {
   }
 
   /** Settles a live grant: pools, estimates, counters. Returns the row as it becomes. */
-  settleGrant(row: ResRow, used: Amounts, duration: number | undefined, now: number, stageUsage?: Amounts): ResRow {
+  settleGrant(row: ResRow, used: Amounts, duration: number | undefined, now: number, stageUsage?: Amounts, stages = 1): ResRow {
     const needs = needsOf(row);
     for (const [n, reserved] of Object.entries(needs)) {
       const p = this.store.pools.get(n);
@@ -121,7 +121,7 @@ export class Accounts {
       if (p && !(n in needs)) this.#change(p, () => chargeExtra(p, amount, now));
     }
     const dur = duration ?? Math.max(0, now - (row.granted_at ?? now));
-    this.#learn(row.worker, used, dur, now);
+    this.#learnEach(row.worker, used, dur, stages, now);
     const charged = this.#clientUsage(row, used, stageUsage);
     const c = this.#endForClient(row, now, (b, reserved, pool) => settleInto(b, reserved, charged[pool] ?? 0, now));
     if (c) this.#spend(c, charged, now);
@@ -133,7 +133,7 @@ export class Accounts {
    * A settle after the lease expired: refused, but the usage still counts once,
    * for estimates, budgets and (beyond the tokens the expiry kept) rate buckets.
    */
-  lateSettle(row: ResRow, used: Amounts, duration: number | undefined, now: number, stageUsage?: Amounts): ResRow {
+  lateSettle(row: ResRow, used: Amounts, duration: number | undefined, now: number, stageUsage?: Amounts, stages = 1): ResRow {
     const needs = needsOf(row);
     for (const [n, amount] of Object.entries(used)) {
       const p = this.store.pools.get(n);
@@ -142,7 +142,7 @@ export class Accounts {
       this.#change(p, () => chargeExtra(p, amount - covered, now));
     }
     const dur = duration ?? Math.max(0, (row.ended_at ?? now) - (row.granted_at ?? now));
-    this.#learn(row.worker, used, dur, now);
+    this.#learnEach(row.worker, used, dur, stages, now);
     if (holdsClient(row)) this.#spend(this.store.client(row.client_id, now), this.#clientUsage(row, used, stageUsage), now);
     return { ...row, usage: JSON.stringify(used), duration_ms: dur };
   }
@@ -176,6 +176,16 @@ export class Accounts {
   }
 
   /** Moving averages of usage per (worker, pool) and per pool, and of duration per worker. */
+  /** A settle of `stages` stages of one chain grant: each counts as one sample of the worker's averages, an equal share of the whole. */
+  #learnEach(worker: string, used: Amounts, durationMs: number, stages: number, now: number): void {
+    if (stages <= 1) {
+      this.#learn(worker, used, durationMs, now);
+      return;
+    }
+    const share = Object.fromEntries(Object.entries(used).map(([n, a]) => [n, a / stages]));
+    for (let i = 0; i < stages; i++) this.#learn(worker, share, durationMs / stages, now);
+  }
+
   #learn(worker: string, used: Amounts, durationMs: number, now: number): void {
     let w = this.store.stats.get(worker);
     if (!w) {

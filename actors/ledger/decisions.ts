@@ -10,6 +10,7 @@ import type { Tuning } from "../../src/config";
 import {
   budgetExhausted,
   clientBlock,
+  fits,
   clientRateUnsatisfiable,
   effectiveRank,
   estimatedNeeds,
@@ -27,7 +28,7 @@ import {
 import type { Accounts } from "./accounts";
 import { fitsAll, NO_QUOTAS, timer, type GrantPass, type Step } from "./grant-pass";
 import type { Ownership } from "./ownership";
-import { needsOf, PARKED, type LedgerStore, type ResRow } from "./store";
+import { chainOf, needsOf, PARKED, type ChainState, type LedgerStore, type ResRow } from "./store";
 
 /** A reserve replay of a reservation that ended, or of a round its set has left: answered as `status: "ended"` after the step. */
 export class Ended {
@@ -134,9 +135,20 @@ export class Decisions {
       // On a shard that is not the client's, its weight comes with the request (docs/ledger.md, "Fair sharing").
       tag: place?.tag ?? fairTag(this.store.virtualTime, c.lastTag, (holds ? q.weight : (req.clientWeight ?? this.quotasOf(c).weight)) ?? 1),
       part: part ? JSON.stringify(part) : null,
+      chain: null,
     };
     // A client's tags only grow: a kept place's older tag does not move its later stages back.
     c.lastTag = Math.max(c.lastTag, row.tag);
+    if (this.store.activeWaiters === 0) {
+      // Nobody queued: the stage and the chain after it in one grant, when all of it fits (no notice).
+      const chain = this.#chain(req, needs, workerPool, q, c, s);
+      if (chain) {
+        const state: ChainState = { stages: chain.stages, cut: false, own: needs };
+        const granted = this.accounts.grant({ ...row, req: JSON.stringify(chain.needs), cost_est: chain.cost, chain: JSON.stringify(state) }, chain.needs, s.now);
+        timer(s, granted.expires_at);
+        return { status: "granted", reservationId: id, expiresAt: granted.expires_at!, requirements: needs, chain: chain.stages };
+      }
+    }
     if (this.store.activeWaiters === 0 && fitsAll(this.store.pools, needs, s.now) && !clientBlock(q, c, clientNeeds, cost, s.now, this.rules.usageMaxFactor)) {
       // Nobody queued and everything fits: granted in the reply, no notice.
       const granted = this.accounts.grant(row, needs, s.now);
@@ -152,17 +164,64 @@ export class Decisions {
     }
     const now = this.store.row(id)!;
     if (now.state !== "waiting") throw new Error(`internal: new reservation ${id} is ${now.state}`);
+    this.#cutChains(needs, s);
     return this.#waitingResult(now);
   }
 
+  /**
+   * The needs and cost of the stage with the chain its request carries, when
+   * chain grants are on and all of it can be granted now: every pool known and
+   * on this shard, nothing beyond the pools' sizes, the client's rate and
+   * budget, and everything fitting. The worker slot is one for the whole chain
+   * (its stages run one after another). Null: the stage alone is judged.
+   */
+  #chain(req: ReserveRequest, needs: Amounts, workerPool: string, q: ClientQuotas, c: ClientState, s: Step): { needs: Amounts; cost: number; stages: string[] } | null {
+    const max = this.tuning.chainGrantStages;
+    if (!req.chain || req.part || max <= 0) return null;
+    const later = req.chain.slice(0, max);
+    const total: Amounts = { ...needs };
+    for (const st of later) {
+      for (const [n, a] of Object.entries(this.needs(req.worker, st.requirements))) if (n !== workerPool) total[n] = (total[n] ?? 0) + a;
+    }
+    if (Object.keys(total).some((n) => !this.store.pools.has(n))) return null;
+    if (this.own.misplaced(Object.keys(total), req.clientId ?? null, null)) return null;
+    if (Object.entries(total).some(([n, a]) => !satisfiable(this.store.pools.get(n)!, a))) return null;
+    if (clientRateUnsatisfiable(q, total)) return null;
+    const cost = this.accounts.costOf(total);
+    if (budgetExhausted(q, c, cost, s.now)) return null;
+    if (!fitsAll(this.store.pools, total, s.now) || clientBlock(q, c, total, cost, s.now, this.rules.usageMaxFactor)) return null;
+    return { needs: total, cost, stages: later.map((st) => st.stageId) };
+  }
+
+  /**
+   * A waiter now queues: every live chain grant that holds a pool it does not
+   * fit in is cut, so that its execution settles at the end of the stage it is
+   * running and asks again for the next one, in the queue's order, instead of
+   * keeping the units for the rest of its chain (docs/ledger.md, "Chain
+   * grants"). The execution is told (`onChainCut`); a lost notice is made up
+   * by the next renew's answer, or by the chain's end.
+   */
+  #cutChains(needs: Amounts, s: Step): void {
+    if (this.store.chains.size === 0) return;
+    const blocked = Object.keys(needs).filter((n) => !fits(this.store.pools.get(n)!, needs[n], s.now));
+    if (blocked.length === 0) return;
+    for (const r of [...this.store.chains.values()]) {
+      const held = needsOf(r);
+      if (!blocked.some((n) => n in held)) continue;
+      this.store.putRow({ ...r, chain: JSON.stringify({ ...chainOf(r)!, cut: true }) });
+      s.cuts.push({ executionId: r.execution_id, reservationId: r.id });
+    }
+  }
+
   /** `stageUsage`: on a part holding the client, the whole stage's usage (its spend); other rows ignore it. */
-  settle(id: string, used: Amounts, duration: number | undefined, s: Step, stageUsage?: Amounts): SettleResult {
+  /** `stages`: how many stages of a chain grant the usage and duration cover (the worker's averages learn each). */
+  settle(id: string, used: Amounts, duration: number | undefined, s: Step, stageUsage?: Amounts, stages = 1): SettleResult {
     const unknownPools = Object.keys(used).filter((n) => !this.store.pools.has(n));
     const row = this.liveRow(id, s);
     if (!row) return { ok: false, state: "unknown", unknownPools };
     switch (row.state) {
       case "granted":
-        this.store.putRow(this.accounts.settleGrant(row, used, duration, s.now, stageUsage));
+        this.store.putRow(this.accounts.settleGrant(row, used, duration, s.now, stageUsage, stages));
         timer(s, s.now + this.rules.doneRetentionMs);
         this.pass.run(s);
         return { ok: true, state: "settled", unknownPools };
@@ -170,7 +229,7 @@ export class Decisions {
         // The lease lapsed: the settle is refused, but what was used is still
         // real: it counts for estimates, budgets and (beyond what the expiry
         // kept) rate buckets, once.
-        if (row.usage === null) this.store.putRow(this.accounts.lateSettle(row, used, duration, s.now, stageUsage));
+        if (row.usage === null) this.store.putRow(this.accounts.lateSettle(row, used, duration, s.now, stageUsage, stages));
         return { ok: false, state: "expired", unknownPools };
       case "settled":
       case "released":
@@ -257,6 +316,9 @@ export class Decisions {
   #replayReserve(row: ResRow, s: Step): ReserveResult | Ended {
     const live = row.state === "granted" ? this.liveRow(row.id, s)! : row;
     if (live.state === "granted") {
+      // A chain grant answers with the stage's own needs, and its chain while it is not cut.
+      const chain = chainOf(live);
+      if (chain) return { status: "granted", reservationId: live.id, expiresAt: live.expires_at!, requirements: chain.own, ...(chain.cut ? {} : { chain: chain.stages }) };
       return { status: "granted", reservationId: live.id, expiresAt: live.expires_at!, requirements: needsOf(live) };
     }
     if (live.state === "waiting") {

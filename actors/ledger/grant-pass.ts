@@ -34,6 +34,8 @@ export interface Step {
   grants: { executionId: string; notice: GrantNotice }[];
   /** Executions given a client execution slot in this step (./slots.ts), to be told. */
   slots: string[];
+  /** Chain grants cut in this step (decisions.ts), whose executions are to be told. */
+  cuts: { executionId: string; reservationId: string }[];
   timer: number | null;
 }
 

@@ -12,6 +12,8 @@ interface GrantNoticeTarget {
   onGrant(notice: GrantNotice): Promise<void>;
   /** The execution was given its client execution slot (max_running_executions). */
   onSlot(): Promise<void>;
+  /** A chain grant of the execution was cut: settle it at the end of the stage now running. */
+  onChainCut(reservationId: string): Promise<void>;
 }
 
 type Grant = { executionId: string; notice: GrantNotice };
@@ -19,6 +21,7 @@ type Grant = { executionId: string; notice: GrantNotice };
 export class GrantNotices {
   #redirect: ((executionId: string, notice: GrantNotice) => void) | null = null;
   #slotRedirect: ((executionId: string) => void) | null = null;
+  #cutRedirect: ((executionId: string, reservationId: string) => void) | null = null;
   #failures = 0;
 
   constructor(private readonly env: Env) {}
@@ -30,6 +33,10 @@ export class GrantNotices {
 
   redirectSlots(fn: ((executionId: string) => void) | null): void {
     this.#slotRedirect = fn;
+  }
+
+  redirectCuts(fn: ((executionId: string, reservationId: string) => void) | null): void {
+    this.#cutRedirect = fn;
   }
 
   /** Tells each execution it holds its slot now; a lost notice is covered by the Execution asking again on its timer. */
@@ -47,6 +54,27 @@ export class GrantNotices {
       try {
         const stub = ns.get(ns.idFromName(id)) as unknown as GrantNoticeTarget;
         Promise.resolve(stub.onSlot()).catch(failed);
+      } catch (err) {
+        failed(err);
+      }
+    }
+  }
+
+  /** Tells each execution its chain grant was cut; a lost notice is made up by the next renew's answer (`chainCut`). */
+  sendCuts(cuts: { executionId: string; reservationId: string }[]): void {
+    if (!cuts.length) return;
+    const to = this.#cutRedirect;
+    if (to) {
+      for (const cut of cuts) to(cut.executionId, cut.reservationId);
+      return;
+    }
+    const ns = (this.env as unknown as { EXECUTION?: DurableObjectNamespace }).EXECUTION;
+    if (!ns) return;
+    for (const cut of cuts) {
+      const failed = (err: unknown) => this.#failed({ executionId: cut.executionId, notice: { reservationId: cut.reservationId } as GrantNotice }, err);
+      try {
+        const stub = ns.get(ns.idFromName(cut.executionId)) as unknown as GrantNoticeTarget;
+        Promise.resolve(stub.onChainCut(cut.reservationId)).catch(failed);
       } catch (err) {
         failed(err);
       }

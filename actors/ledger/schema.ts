@@ -76,6 +76,8 @@ const ADDED_COLUMNS: [table: string, column: string, type: string][] = [
   ["reservations", "cstate", "TEXT"],
   /** A multi-shard stage's part (ReservePart as JSON); null: the whole stage is on this object. */
   ["reservations", "part", "TEXT"],
+  /** A chain grant's later stages and whether it was cut (ChainState as JSON); null: one stage (docs/ledger.md, "Chain grants"). */
+  ["reservations", "chain", "TEXT"],
 ];
 const INDEXES = `
 DROP INDEX IF EXISTS reservations_queue;

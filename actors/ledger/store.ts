@@ -53,6 +53,20 @@ export interface ResRow extends Record<string, SqlStorageValue> {
   tag: number;
   /** A multi-shard stage's part (ReservePart as JSON); null: the whole stage (docs/ledger.md, "Parts"). */
   part: string | null;
+  /** A chain grant's later stages and whether it was cut (ChainState as JSON); null: one stage (docs/ledger.md, "Chain grants"). */
+  chain: string | null;
+}
+
+/** A chain grant: the stages after the first that it covers, and whether a waiter has asked it to end at the next stage's end. */
+export interface ChainState {
+  stages: string[];
+  cut: boolean;
+  /** The first stage's own needs (the row's `req` is the whole chain's). */
+  own: Amounts;
+}
+
+export function chainOf(row: ResRow): ChainState | null {
+  return row.chain ? (JSON.parse(row.chain) as ChainState) : null;
 }
 
 export function needsOf(row: ResRow): Amounts {
@@ -80,6 +94,8 @@ export class LedgerStore {
   readonly stats = new Map<string, WorkerStats>();
   /** Granted reservations (live leases), as decided: loaded at start, kept in step with every change. */
   readonly live = new Map<string, ResRow>();
+  /** The live chain grants not cut yet (a subset of `live`): the ones a new waiter asks to end early. */
+  readonly chains = new Map<string, ResRow>();
   readonly clients = new Map<string, ClientState>();
   /** Fair queue: the largest tag granted so far. */
   virtualTime = 0;
@@ -232,18 +248,20 @@ export class LedgerStore {
     this.#pastCheckpoint++;
     if (r.state === "granted") this.live.set(r.id, r);
     else this.live.delete(r.id);
+    if (r.state === "granted" && r.chain !== null && !chainOf(r)!.cut) this.chains.set(r.id, r);
+    else this.chains.delete(r.id);
     if (this.commit.queueing) this.#dirtyRows.set(r.id, r);
     this.commit.write(
       () => this.sql`INSERT INTO reservations
         (id, execution_id, stage_id, attempt, worker, rank, eff_rank, age_at, seq, state, req, lease_ms, created_at,
-         granted_at, expires_at, passed, parked, usage, duration_ms, ended_at, client_id, cost_est, tag, cseq, cstate, part)
+         granted_at, expires_at, passed, parked, usage, duration_ms, ended_at, client_id, cost_est, tag, cseq, cstate, part, chain)
         VALUES (${r.id}, ${r.execution_id}, ${r.stage_id}, ${r.attempt}, ${r.worker}, ${r.rank}, ${r.eff_rank}, ${r.age_at},
                 ${r.seq}, ${r.state}, ${r.req}, ${r.lease_ms}, ${r.created_at}, ${r.granted_at}, ${r.expires_at}, ${r.passed},
-                ${r.parked}, ${r.usage}, ${r.duration_ms}, ${r.ended_at}, ${r.client_id}, ${r.cost_est}, ${r.tag}, ${cseq}, ${cstate}, ${r.part})
+                ${r.parked}, ${r.usage}, ${r.duration_ms}, ${r.ended_at}, ${r.client_id}, ${r.cost_est}, ${r.tag}, ${cseq}, ${cstate}, ${r.part}, ${r.chain})
         ON CONFLICT (id) DO UPDATE SET state = excluded.state, eff_rank = excluded.eff_rank, age_at = excluded.age_at,
           granted_at = excluded.granted_at, expires_at = excluded.expires_at, passed = excluded.passed,
           parked = excluded.parked, usage = excluded.usage, duration_ms = excluded.duration_ms, ended_at = excluded.ended_at,
-          cseq = excluded.cseq, cstate = excluded.cstate`,
+          cseq = excluded.cseq, cstate = excluded.cstate, chain = excluded.chain`,
     );
   }
 
@@ -407,9 +425,11 @@ export class LedgerStore {
     }
     this.leases = 0;
     this.live.clear();
+    this.chains.clear();
     // A scan (no index on the granted rows: one would cost a row on every grant for this one read per load).
     for (const r of this.sql<ResRow>`SELECT * FROM reservations WHERE state = 'granted'`) {
       this.live.set(r.id, r);
+      if (r.chain !== null && !chainOf(r)!.cut) this.chains.set(r.id, r);
       if (holdsClient(r)) {
         const c = clientOf(r.client_id);
         holdCost(c, r.cost_est, true);
