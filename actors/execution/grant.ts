@@ -71,6 +71,8 @@ export interface HeldGrant {
   at: number;
   /** When its lease is due for renewal (half of leaseMs before it ends): it is written by then at the latest. */
   renewAt: number;
+  /** A chain grant's later stages (chain.ts): written with the grant as the stage's `carry`. */
+  chain?: string[];
 }
 
 /**

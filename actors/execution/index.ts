@@ -1,7 +1,7 @@
 import { DurableObject } from "cloudflare:workers";
 import type { StatusDocument } from "../../schemas/api";
 import type { DataReference } from "../../schemas/data";
-import type { GrantNotice } from "../../schemas/ledger";
+import { type GrantNotice, ReservationId } from "../../schemas/ledger";
 import type { CompleteCallback, FailCallback, ProgressCallback } from "../../schemas/worker-protocol";
 import { type Config, configOf } from "../../src/config";
 import { setLogLevel } from "../../src/log";
@@ -12,6 +12,7 @@ import { type CallbackAnswer, type CallbackKind, type UploadCheck, applyCallback
 import { type Decision, decideApproval, executionDeadlineAt, pauseExecution, resumeExecution } from "./control";
 import { stageDocument, startSummary } from "./documents";
 import { spansDocument } from "./spans";
+import { chainCut } from "./chain";
 import { HeldGrants, applyGrant } from "./grant";
 import { Live } from "./live";
 import { Notifier } from "./notify";
@@ -363,6 +364,11 @@ export class Execution extends DurableObject<Env> {
   async onGrant(notice: GrantNotice): Promise<void> {
     if (applyGrant(this.#c, notice, Date.now())) this.#kick();
     await this.#rearm();
+  }
+
+  /** The ledger cut a chain grant of this execution (chain.ts): it is settled at the end of the stage now running. */
+  async onChainCut(reservationId: string): Promise<void> {
+    if (ReservationId.safeParse(reservationId).success) chainCut(this.#c, reservationId);
   }
 
   /**

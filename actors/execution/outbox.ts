@@ -13,7 +13,7 @@ import type { Core } from "./store";
  * written before sharding have none and go to shard 0 (`global` with one shard).
  */
 export type OutboxItem =
-  | { kind: "ledger_settle"; shard?: number; reservationId: string; usage: Record<string, number>; durationMs: number; stageUsage?: Record<string, number> }
+  | { kind: "ledger_settle"; shard?: number; reservationId: string; usage: Record<string, number>; durationMs: number; stageUsage?: Record<string, number>; stages?: number }
   | { kind: "ledger_release"; shard?: number; reservationId: string }
   | { kind: "slot_release"; executionId: string }
   | { kind: "worker_cancel"; worker: string; stageId: string; attempt: number }
@@ -306,7 +306,7 @@ export class Outbox {
     const ledger = () => ledgerShard(this.#c.env, "shard" in item ? (item.shard ?? 0) : 0);
     switch (item.kind) {
       case "ledger_settle": {
-        this.#noteSettle(await withTimeout(ledger().settle(item.reservationId, item.usage, item.durationMs, item.stageUsage), t.ledgerCallTimeoutMs, "ledger.settle"));
+        this.#noteSettle(await withTimeout(ledger().settle(item.reservationId, item.usage, item.durationMs, item.stageUsage, item.stages), t.ledgerCallTimeoutMs, "ledger.settle"));
         return true;
       }
       case "ledger_release":

@@ -2,6 +2,7 @@ import type { Tuning } from "../../src/config";
 import { type RequirementPart, type ShardLayout, layoutOf, partsOf, shardOfPool, subPoolOf } from "../../src/ledger-routing";
 import { reservationIdOf } from "../resource-ledger";
 import { retryDelayMs } from "../stage-machine";
+import { carryOf, endCarry, stopCarry } from "./chain";
 import type { Core, StageRow } from "./store";
 
 /**
@@ -253,9 +254,15 @@ export function partAnswered(c: Core, a: Acquisition, shard: number, answer: { g
  * one settle goes to its shard (held to ride on the next reserve when `hold`).
  * False when the stage holds nothing to settle.
  */
-export function settleUnit(c: Core, st: StageRow, usage: Amounts, durationMs: number, now: number, hold: boolean): boolean {
+export function settleUnit(c: Core, st: StageRow, usage: Amounts, durationMs: number, now: number, hold: boolean, completed = false): boolean {
   const layout = layoutOf(c.env);
   const ex = c.store.row()!;
+  // Under a chain grant (never a multi-shard stage): handed on to the next stage, or settled for the whole chain.
+  const carry = carryOf(st);
+  if (carry) {
+    endCarry(c, st, carry, mappedUsage(layout, usage, ex.execution_id), durationMs, now, hold, completed);
+    return true;
+  }
   const multi = multiOf(c, st);
   if (multi) {
     const id = partReservationId(ex.execution_id, st.stage_id, st.attempt, multi.round);
@@ -279,6 +286,11 @@ export function settleUnit(c: Core, st: StageRow, usage: Amounts, durationMs: nu
  * attempt when the reserve's answer never came), on its shard.
  */
 export function releaseUnit(c: Core, st: StageRow, expectedId: string | null, now: number): void {
+  const carry = carryOf(st);
+  if (carry) {
+    stopCarry(c, st, carry, now);
+    return;
+  }
   const multi = multiOf(c, st);
   if (multi) {
     releaseParts(c, multi, now);

@@ -12,6 +12,7 @@ import { loadTemplate } from "../../src/template-source";
 import { WorkerClient } from "../../src/worker-client";
 import { type StageFailure, isOnWorker, isTerminalExecution, isTerminalStage } from "../stage-machine";
 import { askParts, renewParts, routeOf } from "./acquire";
+import { chainAfter, chainCut, useCarry } from "./chain";
 import { fanOutItems, sinks } from "./graph";
 import { isSharded, multiOf, workerShard } from "./parts";
 import { type Core, type StageRow, type StoredOutput, dependsOn, isFanOut, outputAsInput, parse } from "./store";
@@ -88,6 +89,8 @@ export async function askSlot(c: Core): Promise<void> {
 
 export async function askLedger(c: Core, st: StageRow): Promise<boolean> {
   const id = st.stage_id;
+  // Handed a chain grant by the stage before it: held at once, no ledger call (chain.ts).
+  if (useCarry(c, st, Date.now())) return true;
   // Sharded: a stage whose needs span shards acquires them part by part (acquire.ts); one that does not takes today's path to its shard.
   let shard = 0;
   let requirements = parse<Record<string, number>>(st.resources) ?? undefined;
@@ -113,14 +116,16 @@ export async function askLedger(c: Core, st: StageRow): Promise<boolean> {
     worker: st.worker,
     // The client's quotas and fair share apply to the reservation (docs/ledger.md, "Clients").
     clientId: ex.client_id,
+    // The stages after it on the same worker, granted with it when all of it fits now (docs/ledger.md, "Chain grants").
+    chain: chainAfter(c, st),
   };
   // The previous stage's settle, if still held for this shard, goes in the same call.
   const ride = c.outbox.takeHeld(shard);
   let result: ReserveResult;
   try {
     if (ride) {
-      const { reservationId, usage, durationMs } = ride.item;
-      const both = await withTimeout(ledger.settleAndReserve({ reservationId, usage, durationMs }, request), t.ledgerCallTimeoutMs, "ledger.settleAndReserve");
+      const { reservationId, usage, durationMs, stages } = ride.item;
+      const both = await withTimeout(ledger.settleAndReserve({ reservationId, usage, durationMs, ...(stages ? { stages } : {}) }, request), t.ledgerCallTimeoutMs, "ledger.settleAndReserve");
       c.outbox.settled(ride, both.settled);
       result = both.reserved;
     } else {
@@ -166,7 +171,8 @@ export async function askLedger(c: Core, st: StageRow): Promise<boolean> {
     // written by the next write (the callback, `processing`, a failure; grant.ts HeldGrants). Lost
     // with the instance, it is asked for again under the same reservation id and given again.
     const renewAt = tx.renewalDue(c, result.expiresAt);
-    c.grants.hold({ stage_id: id, attempt: st.attempt, reservationId: result.reservationId, expiresAt: result.expiresAt, requirements: result.requirements, at: now, renewAt });
+    const chain = result.chain?.length ? { chain: result.chain } : {};
+    c.grants.hold({ stage_id: id, attempt: st.attempt, reservationId: result.reservationId, expiresAt: result.expiresAt, requirements: result.requirements, at: now, renewAt, ...chain });
     return true;
   }
   tx.reserved(c, st, result.reservationId, now);
@@ -388,6 +394,8 @@ export async function renewLease(c: Core, st: StageRow): Promise<void> {
     if (!now) return;
     if (r.ok && r.expiresAt) {
       tx.leaseRenewed(c, st, r.expiresAt);
+      // A cut whose notice was lost: the renew's answer tells it too.
+      if ("chainCut" in r && r.chainCut && reservationId) chainCut(c, reservationId);
     } else {
       // The ledger no longer honours the lease (it expired while we could not reach it): the
       // slot may be someone else's now, so the work stops; the worker is told to cancel.

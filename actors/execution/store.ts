@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS stages (
   depends_on TEXT, for_each TEXT, max_parallel INTEGER, items_total INTEGER,
   parent TEXT, item_index INTEGER, item TEXT,
   queue_timeout_ms INTEGER, ledger_failures INTEGER NOT NULL DEFAULT 0, attempt_at INTEGER, granted_at INTEGER,
-  waiting_on TEXT, kind TEXT, decision TEXT, reused_from TEXT
+  waiting_on TEXT, kind TEXT, decision TEXT, reused_from TEXT, carry TEXT
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reservations (
   reservation_id TEXT PRIMARY KEY, stage_id TEXT NOT NULL, attempt INTEGER NOT NULL, created_at INTEGER NOT NULL
@@ -111,6 +111,8 @@ const ADDED_COLUMNS: [table: string, column: string, type: string][] = [
   ["execution", "status_shown_ended", "INTEGER"],
   // The client's fair-share weight from its slot answer, for its stages' parts on other ledger shards (acquire.ts).
   ["execution", "client_weight", "INTEGER"],
+  // A chain grant this stage runs under or is handed next (chain.ts Carry as JSON).
+  ["stages", "carry", "TEXT"],
 ];
 
 /** Columns added by the pipeline graph, for objects whose tables predate it. */
@@ -260,6 +262,8 @@ export interface StageRow {
   item: string | null;
   /** Rerun: the execution whose completed stage this one took over. */
   reused_from: string | null;
+  /** A chain grant this stage runs under, or is handed to run under next (chain.ts Carry as JSON); null: none. */
+  carry: string | null;
   /** This stage's wait for resources is bounded by this (template `queue_timeout_ms`, else `maxQueueMs`). */
   queue_timeout_ms: number | null;
   /** Ledger calls that failed in a row while waiting for resources (the re-ask backs off on it). */
@@ -276,7 +280,7 @@ export type StageChange = Partial<
     | "status" | "attempt" | "max_attempts" | "progress" | "message" | "reservation_id" | "reservation" | "requirements" | "lease_expires_at"
     | "started_at" | "completed_at" | "waiting_since" | "waiting_ms" | "processing_since" | "processing_ms" | "deadline_at" | "poll_interval_ms"
     | "poll_failures" | "polls" | "error" | "last_error" | "usage" | "output" | "output_ref" | "complete_hash" | "items_total"
-    | "ledger_failures" | "attempt_at" | "granted_at" | "waiting_on" | "decision"
+    | "ledger_failures" | "attempt_at" | "granted_at" | "waiting_on" | "decision" | "carry"
   >
 >;
 
@@ -394,7 +398,7 @@ export class Store {
       poll_interval_ms = ${r.poll_interval_ms}, poll_failures = ${r.poll_failures}, polls = ${r.polls}, error = ${r.error}, last_error = ${r.last_error},
       usage = ${r.usage}, output = ${r.output}, output_ref = ${r.output_ref}, complete_hash = ${r.complete_hash}, items_total = ${r.items_total},
       ledger_failures = ${r.ledger_failures}, attempt_at = ${r.attempt_at}, granted_at = ${r.granted_at}, waiting_on = ${r.waiting_on ?? null},
-      decision = ${r.decision} WHERE stage_id = ${stageId}`;
+      decision = ${r.decision}, carry = ${r.carry ?? null} WHERE stage_id = ${stageId}`;
     // The row now is exactly `r` (the check mode compares it with SQL at the next hit): a stage in the stages' list, an item on its own.
     if (list) this.#reads.seed("stages", ["stages"], list.map((s) => (s.stage_id === stageId ? r : s)));
     else this.#reads.seed(`stage:${stageId}`, ["stages"], r);

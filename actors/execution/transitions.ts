@@ -23,6 +23,7 @@ import {
 } from "../stage-machine";
 import { reservationIdOf } from "../resource-ledger";
 import type { HeldGrant } from "./grant";
+import { newCarry } from "./chain";
 import { releaseUnit, settleUnit } from "./parts";
 import { indexEntry } from "./documents";
 import { endedSpan, indexAttempts, phases, recordSpan } from "./spans";
@@ -202,7 +203,16 @@ export function ledgerAnswered(c: Core, st: StageRow, outcome: string, pools: Re
  * `ending`: the attempt ends in the same synchronous step (a held grant written by the callback that
  * completes or fails it): its deadline and lease timers would be deleted again at once, so they are not written.
  */
-export function granted(c: Core, st: StageRow, expiresAt: number, requirements: Record<string, number>, now: number, ending = false, reservationId: string | null = null): void {
+export function granted(
+  c: Core,
+  st: StageRow,
+  expiresAt: number,
+  requirements: Record<string, number>,
+  now: number,
+  ending = false,
+  reservationId: string | null = null,
+  carry: string | null = null,
+): void {
   checkMove(c, st, "handshaking");
   ledgerAnswered(c, st, "granted", requirements, null, now - (st.waiting_since ?? now));
   // `handshaking` has a deadline of its own; `process` accepted replaces it with the stage's.
@@ -211,7 +221,7 @@ export function granted(c: Core, st: StageRow, expiresAt: number, requirements: 
   c.store.updateStage(st.stage_id, (cur) => ({
     status: "handshaking", reservation: "granted", reservation_id: reservationId ?? cur.reservation_id, requirements: JSON.stringify(requirements),
     lease_expires_at: expiresAt, waiting_ms: cur.waiting_ms + (now - (st.waiting_since ?? now)), waiting_since: null, message: null,
-    ledger_failures: 0, deadline_at: deadline, granted_at: now,
+    ledger_failures: 0, deadline_at: deadline, granted_at: now, carry: carry ?? cur.carry,
   }));
   c.timers.clear("reask", st.stage_id);
   c.timers.clear("queue", st.stage_id);
@@ -229,7 +239,8 @@ export function writeGrant(c: Core, g: HeldGrant, ending: boolean): void {
   const st = c.store.stage(g.stage_id);
   if (st?.status !== "waiting_resources" || st.attempt !== g.attempt) return;
   recordReservation(c, st, g.reservationId, g.at);
-  granted(c, st, g.expiresAt, g.requirements, g.at, ending, g.reservationId);
+  const carry = g.chain ? JSON.stringify(newCarry(g.reservationId, g.expiresAt, g.chain)) : null;
+  granted(c, st, g.expiresAt, g.requirements, g.at, ending, g.reservationId, carry);
 }
 
 /** `process` was accepted: the stage runs until its deadline, polled from `pollInitialMs` on. */
@@ -303,11 +314,11 @@ export function completeStage(c: Core, st: StageRow, output: StoredOutput, usage
   c.store.updateStage(st.stage_id, (cur) => ({
     status: "completed", progress: 100, message: null, completed_at: now, processing_ms: cur.processing_ms + worked, processing_since: null,
     usage: JSON.stringify(addUsage(parse(st.usage), usage) ?? {}), output: output.inline, output_ref: output.ref ? JSON.stringify(output.ref) : null,
-    complete_hash: hash, reservation: null, deadline_at: null,
+    complete_hash: hash, reservation: null, deadline_at: null, carry: null,
   }));
   addToStage(c, st, usage);
   attemptEnded(c, st, "completed", worked, usage, now);
-  settleUnit(c, st, usage ?? {}, worked, now, true);
+  settleUnit(c, st, usage ?? {}, worked, now, true, true);
   c.timers.clearUnit(st.stage_id);
 }
 
@@ -357,7 +368,7 @@ export function failAttempt(c: Core, st: StageRow, failure: StageFailure, now: n
   const info: ErrorInfo = { code: failure.code, message: failure.message, stage_id: st.stage_id };
   c.store.updateStage(st.stage_id, (cur) => ({
     last_error: JSON.stringify({ ...info, attempt: st.attempt }), usage: JSON.stringify(addUsage(parse(st.usage), usage)),
-    processing_ms: cur.processing_ms + worked, processing_since: null, deadline_at: null, reservation: null,
+    processing_ms: cur.processing_ms + worked, processing_since: null, deadline_at: null, reservation: null, carry: null,
     waiting_ms: cur.waiting_ms + (st.waiting_since !== null ? now - st.waiting_since : 0), waiting_since: null,
   }));
   addToStage(c, st, usage);
@@ -532,7 +543,7 @@ export function stopExecution(c: Core, status: "cancelled" | "failed", now: numb
 /** Gives the stage's reservation back; a waiter whose reserve answer never arrived is released by its derived id. */
 export function releaseReservation(c: Core, st: StageRow, now: number): void {
   releaseUnit(c, st, expectedReservationId(c, st), now);
-  c.store.updateStage(st.stage_id, { reservation: null });
+  c.store.updateStage(st.stage_id, { reservation: null, carry: null });
 }
 
 /** A failed drive pass: counted, and retried by the `advance` timer after a backoff. */
