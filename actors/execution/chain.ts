@@ -94,13 +94,15 @@ export function useCarry(c: Core, st: StageRow, now: number): boolean {
 /**
  * A stage under a chain grant ended (`completed`: it completed; else it
  * failed): its usage joins the chain's. A completed stage hands the grant to
- * the next stage of the chain when that one is still to run and nothing cut
- * the grant; otherwise the whole chain's usage is settled (held to ride on the
- * next reserve when `hold`). The caller's UPDATE of the stage clears its `carry`.
+ * the next stage of the chain when that one is still to run, nothing cut the
+ * grant and the execution is not paused (a paused one would hold the units
+ * for nobody); otherwise the whole chain's usage is settled (held to ride on
+ * the next reserve when `hold`). The caller's UPDATE of the stage clears its `carry`.
  */
 export function endCarry(c: Core, st: StageRow, carry: Carry, usage: Record<string, number>, durationMs: number, now: number, hold: boolean, completed: boolean): void {
   const ended: Carry = { ...carry, usage: addUsage(carry.usage, usage) ?? {}, durationMs: carry.durationMs + durationMs, stages: carry.stages + 1 };
-  const next = completed && !carry.cut && carry.chain.length > 0 ? c.store.stage(carry.chain[0]) : null;
+  const handOn = completed && !carry.cut && carry.chain.length > 0 && c.store.row()!.status !== "paused";
+  const next = handOn ? c.store.stage(carry.chain[0]) : null;
   if (next && next.status === "pending" && next.attempt === 0 && next.carry === null) {
     const expiresAt = st.lease_expires_at ?? carry.expiresAt;
     c.store.updateStage(next.stage_id, { carry: JSON.stringify({ ...ended, expiresAt, chain: carry.chain.slice(1) } satisfies Carry) });
