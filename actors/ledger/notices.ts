@@ -47,17 +47,7 @@ export class GrantNotices {
       for (const id of executionIds) to(id);
       return;
     }
-    const ns = (this.env as unknown as { EXECUTION?: DurableObjectNamespace }).EXECUTION;
-    if (!ns) return;
-    for (const id of executionIds) {
-      const failed = (err: unknown) => this.#failed({ executionId: id, notice: { reservationId: `slot:${id}` } as GrantNotice }, err);
-      try {
-        const stub = ns.get(ns.idFromName(id)) as unknown as GrantNoticeTarget;
-        Promise.resolve(stub.onSlot()).catch(failed);
-      } catch (err) {
-        failed(err);
-      }
-    }
+    for (const id of executionIds) this.#tell(id, `slot:${id}`, (stub) => stub.onSlot());
   }
 
   /** Tells each execution its chain grant was cut; a lost notice is made up by the next renew's answer (`chainCut`). */
@@ -68,17 +58,7 @@ export class GrantNotices {
       for (const cut of cuts) to(cut.executionId, cut.reservationId);
       return;
     }
-    const ns = (this.env as unknown as { EXECUTION?: DurableObjectNamespace }).EXECUTION;
-    if (!ns) return;
-    for (const cut of cuts) {
-      const failed = (err: unknown) => this.#failed({ executionId: cut.executionId, notice: { reservationId: cut.reservationId } as GrantNotice }, err);
-      try {
-        const stub = ns.get(ns.idFromName(cut.executionId)) as unknown as GrantNoticeTarget;
-        Promise.resolve(stub.onChainCut(cut.reservationId)).catch(failed);
-      } catch (err) {
-        failed(err);
-      }
-    }
+    for (const cut of cuts) this.#tell(cut.executionId, cut.reservationId, (stub) => stub.onChainCut(cut.reservationId));
   }
 
   send(grants: Grant[]): void {
@@ -88,15 +68,18 @@ export class GrantNotices {
       for (const g of grants) to(g.executionId, g.notice);
       return;
     }
+    for (const g of grants) this.#tell(g.executionId, g.notice.reservationId, (stub) => stub.onGrant(g.notice));
+  }
+
+  /** One notice to one Execution, fire and forget: a failure is counted and logged, never thrown. */
+  #tell(executionId: string, reservationId: string, call: (stub: GrantNoticeTarget) => Promise<void>): void {
     const ns = (this.env as unknown as { EXECUTION?: DurableObjectNamespace }).EXECUTION;
     if (!ns) return;
-    for (const g of grants) {
-      try {
-        const stub = ns.get(ns.idFromName(g.executionId)) as unknown as GrantNoticeTarget;
-        Promise.resolve(stub.onGrant(g.notice)).catch((err) => this.#failed(g, err));
-      } catch (err) {
-        this.#failed(g, err);
-      }
+    const failed = (err: unknown) => this.#failed({ executionId, notice: { reservationId } as GrantNotice }, err);
+    try {
+      Promise.resolve(call(ns.get(ns.idFromName(executionId)) as unknown as GrantNoticeTarget)).catch(failed);
+    } catch (err) {
+      failed(err);
     }
   }
 

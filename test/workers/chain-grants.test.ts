@@ -125,6 +125,12 @@ async function stageReservations(id: string): Promise<(string | null)[]> {
   );
 }
 
+/** Starts `course_creation` (three stages on one worker, nobody waiting) with these parameters. */
+async function startCourse(parameters: Record<string, unknown>): Promise<string> {
+  const { body } = await startExecution({ template_name: "course_creation", parameters: { topic: "chains", steps: 1, step_ms: 0, ...parameters }, client_id: "client_chain" });
+  return body.execution_id as string;
+}
+
 /** What the stages reported, summed per pool. */
 function usageOf(doc: StatusDocument, stages: string[]): Record<string, number> {
   const out: Record<string, number> = {};
@@ -134,8 +140,7 @@ function usageOf(doc: StatusDocument, stages: string[]): Record<string, number> 
 
 describe("chain grants through an execution", () => {
   it("a three-stage pipeline on one worker reserves once, hands the grant from stage to stage, and settles the usage of all three once", async () => {
-    const { body } = await startExecution({ template_name: "course_creation", parameters: { topic: "chains", steps: 1, step_ms: 0 }, client_id: "client_chain" });
-    const id = body.execution_id as string;
+    const id = await startCourse({});
     const doc = await waitFor(id, ended);
     expect(doc.status).toBe("completed");
     const ids = (await executionStub(id).reservationIds()).map((r) => r.reservation_id);
@@ -149,12 +154,7 @@ describe("chain grants through an execution", () => {
   });
 
   it("a stage that fails under the grant settles the chain's usage so far, and its retry asks for a chain of its own", async () => {
-    const { body } = await startExecution({
-      template_name: "course_creation",
-      parameters: { topic: "chains", steps: 1, step_ms: 0, fault: { stage: 2, mode: "fail_retryable_once" } },
-      client_id: "client_chain",
-    });
-    const id = body.execution_id as string;
+    const id = await startCourse({ fault: { stage: 2, mode: "fail_retryable_once" } });
     const doc = await waitFor(id, ended);
     expect(doc.status).toBe("completed");
     expect((await executionStub(id).reservationIds()).map((r) => r.reservation_id)).toEqual([`${id}:stage_1:1`, `${id}:stage_2:2`]);
@@ -172,12 +172,7 @@ describe("chain grants through an execution", () => {
   });
 
   it("cancelled while a later stage runs under the grant: the usage of the stages that ended is settled, nothing stays held", async () => {
-    const { body } = await startExecution({
-      template_name: "course_creation",
-      parameters: { topic: "chains", steps: 1, step_ms: 0, fault: { stage: 2, mode: "hang" } },
-      client_id: "client_chain",
-    });
-    const id = body.execution_id as string;
+    const id = await startCourse({ fault: { stage: 2, mode: "hang" } });
     await waitFor(id, (d) => d.stages[1]?.status === "processing");
     expect((await stageReservations(id))[1]).toBe(`${id}:stage_1:1`);
     expect((await call(`/executions/${id}/cancel`, { method: "POST", headers: OPS })).status).toBe(200);
