@@ -157,7 +157,7 @@ export const SettleInput = z.object({
   /** A part holding the client: the whole stage's usage, for the client's spend and rate refund (docs/ledger.md, "Parts"). */
   stageUsage: z.record(z.string(), z.number()).optional(),
   /** How many stages of a chain grant the usage and duration cover (default 1): the worker's averages learn each. */
-  stages: z.number().int().min(1).max(65).optional(),
+  stages: SettledStages,
 });
 export type SettleInput = z.infer<typeof SettleInput>;
 

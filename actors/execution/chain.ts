@@ -64,9 +64,9 @@ export function chainAfter(c: Core, st: StageRow): { stageId: string; requiremen
 /**
  * A stage handed a chain grant, at the start of its attempt: the grant is
  * held for it (grant.ts, as a reserve's answer would be) and no ledger call is
- * made. A grant that was cut, or whose lease is close to its end (the
- * execution was paused, or an instance was lost between the stages), is
- * settled instead, riding on the reserve the stage now makes. True: held.
+ * made. A grant that was cut, or whose lease is close to its end (an
+ * instance was lost between the stages for that long), is settled instead,
+ * riding on the reserve the stage now makes. True: held.
  */
 export function useCarry(c: Core, st: StageRow, now: number): boolean {
   const carry = carryOf(st);
@@ -117,9 +117,8 @@ export function endCarry(c: Core, st: StageRow, carry: Carry, usage: Record<stri
  * is settled; a grant no stage ended under yet is released, as any other.
  */
 export function stopCarry(c: Core, st: StageRow, carry: Carry, now: number): void {
-  const shard = workerShard(layoutOf(c.env), st.worker);
-  if (carry.stages === 0) c.outbox.enqueue({ kind: "ledger_release", shard, reservationId: carry.reservationId }, now);
-  else settleCarried(c, st, carry, now, false);
+  if (carry.stages > 0) settleCarried(c, st, carry, now, false);
+  else c.outbox.enqueue({ kind: "ledger_release", shard: workerShard(layoutOf(c.env), st.worker), reservationId: carry.reservationId }, now);
 }
 
 function settleCarried(c: Core, st: StageRow, carry: Carry, now: number, hold: boolean): void {
@@ -131,16 +130,12 @@ function settleCarried(c: Core, st: StageRow, carry: Carry, now: number, hold: b
 /**
  * The ledger cut a chain grant (its notice, or a renew's answer): the stage
  * that holds it or is handed it settles at the end of the stage now running.
- * True when something changed.
  */
-export function chainCut(c: Core, reservationId: string): boolean {
+export function chainCut(c: Core, reservationId: string): void {
   c.grants.writeAll();
-  let changed = false;
   for (const s of c.store.stages()) {
     const carry = carryOf(s);
     if (carry?.reservationId !== reservationId || carry.cut) continue;
     c.store.updateStage(s.stage_id, { carry: JSON.stringify({ ...carry, cut: true } satisfies Carry) });
-    changed = true;
   }
-  return changed;
 }

@@ -175,7 +175,6 @@ export class Accounts {
     if (p.kind !== "concurrency") this.store.touchPool(p);
   }
 
-  /** Moving averages of usage per (worker, pool) and per pool, and of duration per worker. */
   /** A settle of `stages` stages of one chain grant: each counts as one sample of the worker's averages, an equal share of the whole. */
   #learnEach(worker: string, used: Amounts, durationMs: number, stages: number, now: number): void {
     if (stages <= 1) {
@@ -186,6 +185,7 @@ export class Accounts {
     for (let i = 0; i < stages; i++) this.#learn(worker, share, durationMs / stages, now);
   }
 
+  /** Moving averages of usage per (worker, pool) and per pool, and of duration per worker. */
   #learn(worker: string, used: Amounts, durationMs: number, now: number): void {
     let w = this.store.stats.get(worker);
     if (!w) {

@@ -140,20 +140,20 @@ export class Decisions {
     // A client's tags only grow: a kept place's older tag does not move its later stages back.
     c.lastTag = Math.max(c.lastTag, row.tag);
     if (this.store.activeWaiters === 0) {
-      // Nobody queued: the stage and the chain after it in one grant, when all of it fits (no notice).
-      const chain = this.#chain(req, needs, workerPool, q, c, s);
+      // Nobody queued: the stage and the chain after it in one grant when all of it fits, else the stage alone when it fits (no notice).
+      const chain = this.#chain(id, req, needs, workerPool, q, c, s);
       if (chain) {
         const state: ChainState = { stages: chain.stages, cut: false, own: needs };
         const granted = this.accounts.grant({ ...row, req: JSON.stringify(chain.needs), cost_est: chain.cost, chain: JSON.stringify(state) }, chain.needs, s.now);
         timer(s, granted.expires_at);
         return { status: "granted", reservationId: id, expiresAt: granted.expires_at!, requirements: needs, chain: chain.stages };
       }
-    }
-    if (this.store.activeWaiters === 0 && fitsAll(this.store.pools, needs, s.now) && !clientBlock(q, c, clientNeeds, cost, s.now, this.rules.usageMaxFactor)) {
-      // Nobody queued and everything fits: granted in the reply, no notice.
-      const granted = this.accounts.grant(row, needs, s.now);
-      timer(s, granted.expires_at);
-      return { status: "granted", reservationId: id, expiresAt: granted.expires_at!, requirements: needs };
+      if (fitsAll(this.store.pools, needs, s.now) && !clientBlock(q, c, clientNeeds, cost, s.now, this.rules.usageMaxFactor)) {
+        // Nobody queued and everything fits: granted in the reply, no notice.
+        const granted = this.accounts.grant(row, needs, s.now);
+        timer(s, granted.expires_at);
+        return { status: "granted", reservationId: id, expiresAt: granted.expires_at!, requirements: needs };
+      }
     }
     this.accounts.enqueue({ ...row, age_at: nextAgeingAt(rank, since, row.eff_rank, this.rules.agingMs) }, needs);
     this.pass.run(s);
@@ -175,7 +175,7 @@ export class Decisions {
    * budget, and everything fitting. The worker slot is one for the whole chain
    * (its stages run one after another). Null: the stage alone is judged.
    */
-  #chain(req: ReserveRequest, needs: Amounts, workerPool: string, q: ClientQuotas, c: ClientState, s: Step): { needs: Amounts; cost: number; stages: string[] } | null {
+  #chain(id: string, req: ReserveRequest, needs: Amounts, workerPool: string, q: ClientQuotas, c: ClientState, s: Step): { needs: Amounts; cost: number; stages: string[] } | null {
     const max = this.tuning.chainGrantStages;
     if (!req.chain || req.part || max <= 0) return null;
     const later = req.chain.slice(0, max);
@@ -185,7 +185,7 @@ export class Decisions {
     }
     if (Object.keys(total).some((n) => !this.store.pools.has(n))) return null;
     if (this.own.misplaced(Object.keys(total), req.clientId ?? null, null)) return null;
-    if (Object.entries(total).some(([n, a]) => !satisfiable(this.store.pools.get(n)!, a))) return null;
+    if (this.#unsatisfiable(id, total)) return null;
     if (clientRateUnsatisfiable(q, total)) return null;
     const cost = this.accounts.costOf(total);
     if (budgetExhausted(q, c, cost, s.now)) return null;
@@ -213,8 +213,10 @@ export class Decisions {
     }
   }
 
-  /** `stageUsage`: on a part holding the client, the whole stage's usage (its spend); other rows ignore it. */
-  /** `stages`: how many stages of a chain grant the usage and duration cover (the worker's averages learn each). */
+  /**
+   * `stageUsage`: on a part holding the client, the whole stage's usage (its spend); other rows ignore it.
+   * `stages`: how many stages of a chain grant the usage and duration cover (the worker's averages learn each).
+   */
   settle(id: string, used: Amounts, duration: number | undefined, s: Step, stageUsage?: Amounts, stages = 1): SettleResult {
     const unknownPools = Object.keys(used).filter((n) => !this.store.pools.has(n));
     const row = this.liveRow(id, s);
