@@ -75,7 +75,7 @@ export class GrantNotices {
   #tell(executionId: string, reservationId: string, call: (stub: GrantNoticeTarget) => Promise<void>): void {
     const ns = (this.env as unknown as { EXECUTION?: DurableObjectNamespace }).EXECUTION;
     if (!ns) return;
-    const failed = (err: unknown) => this.#failed({ executionId, notice: { reservationId } as GrantNotice }, err);
+    const failed = (err: unknown) => this.#failed(executionId, reservationId, err);
     try {
       Promise.resolve(call(ns.get(ns.idFromName(executionId)) as unknown as GrantNoticeTarget)).catch(failed);
     } catch (err) {
@@ -83,13 +83,13 @@ export class GrantNotices {
     }
   }
 
-  #failed(g: Grant, err: unknown): void {
+  #failed(executionId: string, reservationId: string, err: unknown): void {
     this.#failures++;
     // Logged sparingly: a burst of failures (e.g. Executions gone) must not flood the log.
     if (this.#failures <= 3 || this.#failures % 1000 === 0) {
       log("warn", "ledger_grant_notice_failed", {
-        reservation_id: g.notice.reservationId,
-        execution_id: g.executionId,
+        reservation_id: reservationId,
+        execution_id: executionId,
         failures: this.#failures,
         error: err instanceof Error ? err.message : String(err),
       });
