@@ -42,7 +42,9 @@
  *   (bench/worker/workflows.ts) against ours, alternating, on two workloads: (a)
  *   closed loop as above, (b) --poll-n 300 executions, --poll-concurrency 100 in
  *   flight, each polling its status every --poll-ms 100 ms until it ends; then
- *   billed units per execution from the runtime's traces (bench/vs-workflows.ts)
+ *   billed units per execution from the runtime's traces (bench/vs-workflows.ts); on both
+ *   workloads also the contract floor (bench/worker/contract-floor.ts: the least the
+ *   orchestrator's contract makes any implementation do), --no-contract-floor leaves it out
  *   --fan-out: instead, the pipeline graph's fan-out workload (bench/fan-out.ts): list -> N items ->
  *   merge against the same N items as a straight line, --fan-items 10,100,1000, --fan-work-ms 50,
  *   --fan-rounds 2, --fan-line-max N (1000: the straight line runs only for N items up to this; it takes
@@ -89,6 +91,8 @@ export interface Options {
   durableFloor: boolean;
   /** --no-plain-floor: skip the floor without storage (the durable floor still runs). */
   plainFloor: boolean;
+  /** --no-contract-floor (--vs-workflows): skip the contract floor (bench/worker/contract-floor.ts). */
+  contractFloor: boolean;
   /** --orchestrated-first: the orchestrated phase before the floors (each later phase runs on the heap the earlier ones grew). */
   orchestratedFirst: boolean;
   /** --phase-budget-s: the longest a phase may run before the executions in flight are abandoned (0: 120 s + 300 ms per execution). */
@@ -134,7 +138,7 @@ export interface Options {
 }
 
 export function parseArgs(argv: string[]): Options {
-  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, durableFloor: true, plainFloor: true, orchestratedFirst: false, phaseBudgetS: 0, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true, vsWorkflows: false, rounds: 2, pollN: 300, pollConcurrency: 100, pollMs: 100, countN: 30, workMs: 0, fanOut: false, fanItems: [10, 100, 1000], fanWorkMs: 50, fanRounds: 2, fanLineMax: 1000, statusReads: false, readSeconds: 5, readConcurrency: 20, perfRecord: null, fsyncs: false, memory: false };
+  const o: Options = { n: 2000, concurrency: 200, warmup: 200, seed: 42, callback: "async", settleMs: 15_000, floor: true, durableFloor: true, plainFloor: true, contractFloor: true, orchestratedFirst: false, phaseBudgetS: 0, quick: false, soak: false, jsonOut: null, verbose: false, execTimeoutMs: 60_000, tree: "worktree", observability: "config", localObservability: true, vsWorkflows: false, rounds: 2, pollN: 300, pollConcurrency: 100, pollMs: 100, countN: 30, workMs: 0, fanOut: false, fanItems: [10, 100, 1000], fanWorkMs: 50, fanRounds: 2, fanLineMax: 1000, statusReads: false, readSeconds: 5, readConcurrency: 20, perfRecord: null, fsyncs: false, memory: false };
   const given = new Set<string>();
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -158,6 +162,7 @@ export function parseArgs(argv: string[]): Options {
       case "--no-floor": o.floor = false; break;
       case "--no-durable-floor": o.durableFloor = false; break;
       case "--no-plain-floor": o.plainFloor = false; break;
+      case "--no-contract-floor": o.contractFloor = false; break;
       case "--orchestrated-first": o.orchestratedFirst = true; break;
       case "--phase-budget-s": o.phaseBudgetS = Math.max(0, num()); break;
       case "--quick": o.quick = true; break;

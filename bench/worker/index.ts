@@ -1,5 +1,7 @@
 import { DurableObject } from "cloudflare:workers";
 import { CancelRequest, HandshakeRequest, ProcessRequest } from "../../schemas/worker-protocol";
+import { type ContractEnv, onContract } from "./contract-floor";
+import { bounded, type Completion, startStage, type Waiter, waitIn } from "./floor-stage";
 import {
   BENCH_STAGES,
   BENCH_WORKER,
@@ -43,6 +45,9 @@ import {
  *   records each stage as started before its handshake and as completed when
  *   the callback, routed through the object (`/bench/sink/durable/...`),
  *   arrives. No ledger, no alarm, no index, no authentication, no validation.
+ * - `/bench/contract/...`: the contract floor (bench/worker/contract-floor.ts),
+ *   the durable floor plus what the orchestrator's contract adds, in the
+ *   orchestrator's shape (start, status, a ledger object).
  * - `GET /bench/stats`, `POST /bench/reset`: counters and map sizes.
  *
  * State is in isolate memory: `wrangler dev` runs one isolate per worker, and
@@ -59,7 +64,7 @@ interface Fetcher {
 interface Ctx {
   waitUntil(promise: Promise<unknown>): void;
 }
-export interface BenchEnv {
+export interface BenchEnv extends ContractEnv {
   WORKER_SECRET: string;
   ORCHESTRATOR: Fetcher;
   SELF: Fetcher;
@@ -85,7 +90,6 @@ interface Job {
   timing: StageTiming;
 }
 
-const MAX_ENTRIES = 50_000;
 const jobs = new Map<string, Job>();
 const execs = new Map<string, ExecTimings>();
 const execWaiters = new Map<string, (rec: ExecTimings | null) => void>();
@@ -94,11 +98,6 @@ let counters = zeroCounters();
 
 function zeroCounters(): WorkerCounters {
   return { handshake: 0, process: 0, progress: 0, cancel: 0, callbacks: 0, callbackFailures: 0, sink: 0, floor: 0, unknownJob: 0 };
-}
-
-function bounded<K, V>(map: Map<K, V>, key: K, value: V): void {
-  map.set(key, value);
-  while (map.size > MAX_ENTRIES) map.delete(map.keys().next().value as K);
 }
 
 const PROGRESS_PATH = /^\/api\/progress\/([^/]+)$/;
@@ -110,6 +109,12 @@ export default {
     const url = new URL(request.url);
     const path = url.pathname;
     if (path === "/health") return json(200, { status: "ok" });
+    // The contract floor's routes check their own tokens (KAM's, the stage's).
+    const contract =
+      path.startsWith("/bench/contract/") || path.startsWith("/bench/sink/contract/")
+        ? await onContract(request, env, path).catch((err: unknown) => error(500, "internal_error", err instanceof Error ? err.message : String(err)))
+        : null;
+    if (contract) return contract;
     const sink = SINK_PATH.exec(path);
     if (sink) return onSink(request, env, sink[1] === "durable", sink[2], sink[3], sink[4]);
     if (!env.WORKER_SECRET) return error(500, "not_configured", "WORKER_SECRET is not set");
@@ -305,28 +310,9 @@ async function onFloor(request: Request, env: BenchEnv): Promise<Response> {
   return json(200, await env.FLOOR_RUN.get(env.FLOOR_RUN.idFromName(executionId)).run(executionId, parameters));
 }
 
-/** How a floor run learns a stage's completion: a waiter, resolved by whoever receives the callback, or null after 30 s. */
-type Completion = (stageId: string, token: string) => { done: Promise<{ output?: unknown } | null>; cancel: () => void };
-
 /** The in-memory floor: waiters in this isolate's sinkWaiters, resolved by onSink. */
 function sinkCompletion(executionId: string): Completion {
   return (stageId, token) => waitIn(sinkWaiters, `${executionId}|${stageId}`, token);
-}
-
-type Waiter = { token: string; resolve: (body: { output?: unknown } | null) => void };
-
-/** A waiter under `key` in `waiters`, resolved by whoever takes it out, or with null after 30 s; gone from the map either way. */
-function waitIn(waiters: Map<string, Waiter>, key: string, token: string): ReturnType<Completion> {
-  let timer: ReturnType<typeof setTimeout> | null = null;
-  const done = new Promise<{ output?: unknown } | null>((resolve) => {
-    bounded(waiters, key, { token, resolve });
-    timer = setTimeout(() => resolve(null), 30_000);
-  });
-  const cancel = () => {
-    clearTimeout(timer);
-    if (waiters.get(key)?.token === token) waiters.delete(key);
-  };
-  return { done: done.finally(cancel), cancel };
 }
 
 /**
@@ -341,8 +327,6 @@ async function driveFloor(
   how: { sinkBase: string; completion: Completion; record?: (stageId: string) => void },
 ): Promise<FloorAnswer> {
   const total = Number(parameters.bench_stages ?? BENCH_STAGES);
-  const auth = { authorization: `Bearer ${env.WORKER_SECRET}`, "content-type": "application/json" };
-  const base = `https://${BENCH_WORKER}.internal`;
   let previousOutput: unknown = null;
   const fail = (message: string): FloorAnswer => {
     const timings = execs.get(executionId) ?? null;
@@ -354,30 +338,10 @@ async function driveFloor(
     const token = `floor.${crypto.randomUUID()}`;
     const completed = how.completion(stageId, token);
     how.record?.(stageId);
-    const hsRes = await env.SELF.fetch(`${base}/api/handshake`, {
-      method: "POST",
-      headers: auth,
-      body: JSON.stringify({
-        executionId,
-        stageId,
-        attempt: 1,
-        action: `bench_${i}`,
-        inputData: { parameters, template_ref: "bench_v1", previousOutput },
-        resourceRequirements: { estimatedTokens: 10, timeoutMs: 60_000, pools: { [`worker:${BENCH_WORKER}`]: 1, "tokens:openai": 10 } },
-        validationConfig: {},
-        callback: { url: `${how.sinkBase}/stages/${stageId}`, token },
-      }),
-    });
-    const hs = (await hsRes.json().catch(() => null)) as { accepted?: boolean } | null;
-    if (!hsRes.ok || !hs?.accepted) {
+    const failed = await startStage(env.SELF, env.WORKER_SECRET, { executionId, n: i, parameters, previousOutput, callbackUrl: `${how.sinkBase}/stages/${stageId}`, token });
+    if (failed) {
       completed.cancel();
-      return fail(`${stageId}: handshake answered ${hsRes.status}`);
-    }
-    const prRes = await env.SELF.fetch(`${base}/api/process`, { method: "POST", headers: auth, body: JSON.stringify({ executionId, stageId, attempt: 1 }) });
-    await prRes.arrayBuffer();
-    if (!prRes.ok) {
-      completed.cancel();
-      return fail(`${stageId}: process answered ${prRes.status}`);
+      return fail(failed);
     }
     const body = await completed.done;
     if (!body) {
@@ -390,6 +354,8 @@ async function driveFloor(
   execs.delete(executionId);
   return { ok: true, timings };
 }
+
+export { ContractLedger, ContractRun } from "./contract-floor";
 
 /**
  * The durable floor's execution: one object per execution, its stages in its
