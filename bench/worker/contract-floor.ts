@@ -1,6 +1,6 @@
 import { DurableObject } from "cloudflare:workers";
 import { type StageStart, startStage, type Waiter, waitIn } from "./floor-stage";
-import { BENCH_STAGES, BENCH_WORKER, bearer, error, json, SINK_ORIGIN, STAGE_USAGE } from "./shared";
+import { BENCH_STAGES, BENCH_WORKER, bearer, error, json, sameSecret, SINK_ORIGIN, STAGE_USAGE } from "./shared";
 
 /**
  * The contract floor (`npm run bench -- --vs-workflows`; issue 17, target 1):
@@ -23,7 +23,7 @@ import { BENCH_STAGES, BENCH_WORKER, bearer, error, json, SINK_ORIGIN, STAGE_USA
  * What it leaves out, each in the floor's favour: the execution index (its
  * summaries could be batched across executions), the admission (cacheable for
  * a steady client), the template fetch (cacheable), HMAC callback tokens
- * (a random token compared as is), schema validation of callbacks, deadlines,
+ * (a random token, compared in constant time as the KAM token is), schema validation of callbacks, deadlines,
  * alarms, fencing, the outbox, spans, logs and metrics. So a design's
  * throughput here is an upper bound on any implementation of the contract: a
  * target above it cannot be met by code.
@@ -71,7 +71,7 @@ export async function onContract(request: Request, env: ContractEnv, path: strin
   }
   const status = CONTRACT_PATHS.status.exec(path);
   if (path !== CONTRACT_PATHS.execute && !status) return null;
-  if (!env.KAM_TOKEN || bearer(request) !== env.KAM_TOKEN) return error(401, "unauthorized", "missing or wrong bearer token");
+  if (!(await sameSecret(bearer(request), env.KAM_TOKEN))) return error(401, "unauthorized", "missing or wrong bearer token");
   if (status && request.method === "GET") {
     const s = await runOf(env, status[1]).status();
     return s ? json(200, { execution_id: status[1], status: s }) : error(404, "not_found", "no such execution");
@@ -127,7 +127,9 @@ export class ContractRun extends DurableObject<ContractEnv> {
   async complete(stageId: string, token: string, output: unknown): Promise<200 | 401 | 404> {
     const waiter = this.#waiters.get(stageId);
     if (!waiter) return 404;
-    if (waiter.token !== token) return 401;
+    if (!(await sameSecret(token, waiter.token))) return 401;
+    // Taken again after the await: only the call that still finds this waiter completes the stage.
+    if (this.#waiters.get(stageId) !== waiter) return 404;
     const sql = this.ctx.storage.sql;
     sql.exec("INSERT OR REPLACE INTO stages (stage_id, output, at) VALUES (?, ?, ?)", stageId, JSON.stringify(output ?? null), Date.now());
     if (stageId === `stage_${this.#total}`) {

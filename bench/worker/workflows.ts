@@ -1,7 +1,7 @@
 import { WorkflowEntrypoint, type WorkflowEvent, type WorkflowStep } from "cloudflare:workers";
 import { NonRetryableError } from "cloudflare:workflows";
 import { CompleteCallback, FailCallback } from "../../schemas/worker-protocol";
-import { BENCH_STAGES, BENCH_WORKER, bearer, error, json, WF_ORIGIN } from "./shared";
+import { BENCH_STAGES, BENCH_WORKER, bearer, error, json, sameSecret, WF_ORIGIN } from "./shared";
 
 /**
  * bitware-bench-workflows: the same three-stage pipeline as `bench_three_stage`,
@@ -198,12 +198,3 @@ async function verifyToken(secret: string, id: string, stageId: string, token: s
   }
   return crypto.subtle.verify("HMAC", await hmacKey(secret), mac, new TextEncoder().encode(`${id}|${stageId}`));
 }
-
-/** Constant-time comparison of two secrets (through their SHA-256, so the lengths do not leak). */
-async function sameSecret(given: string, expected: string): Promise<boolean> {
-  if (!given || !expected) return false;
-  const enc = new TextEncoder();
-  const [a, b] = await Promise.all([crypto.subtle.digest("SHA-256", enc.encode(given)), crypto.subtle.digest("SHA-256", enc.encode(expected))]);
-  return crypto.subtle.timingSafeEqual(a, b);
-}
-
