@@ -1,6 +1,7 @@
 import { DurableObject } from "cloudflare:workers";
 import { type StageStart, startStage, type Waiter, waitIn } from "./floor-stage";
-import { BENCH_STAGES, BENCH_WORKER, bearer, error, json, sameSecret, SINK_ORIGIN, STAGE_USAGE } from "./shared";
+import { BENCH_STAGES, BENCH_WORKER, bearer, error, json, SINK_ORIGIN, STAGE_USAGE } from "./shared";
+import { sameSecret } from "./same-secret";
 
 /**
  * The contract floor (`npm run bench -- --vs-workflows`; issue 17, target 1):

@@ -1,7 +1,8 @@
 import { WorkflowEntrypoint, type WorkflowEvent, type WorkflowStep } from "cloudflare:workers";
 import { NonRetryableError } from "cloudflare:workflows";
 import { CompleteCallback, FailCallback } from "../../schemas/worker-protocol";
-import { BENCH_STAGES, BENCH_WORKER, bearer, error, json, sameSecret, WF_ORIGIN } from "./shared";
+import { BENCH_STAGES, BENCH_WORKER, bearer, error, json, WF_ORIGIN } from "./shared";
+import { sameSecret } from "./same-secret";
 
 /**
  * bitware-bench-workflows: the same three-stage pipeline as `bench_three_stage`,
