@@ -1,6 +1,6 @@
 import { DurableObject } from "cloudflare:workers";
-import { type StageStart, startStage, type Waiter, waitIn } from "./floor-stage";
-import { BENCH_STAGES, BENCH_WORKER, bearer, error, json, SINK_ORIGIN, STAGE_USAGE } from "./shared";
+import { STAGE_POOLS, type StageStart, startStage, type Waiter, waitIn } from "./stage-driver";
+import { BENCH_STAGES, bearer, error, json, SINK_ORIGIN, STAGE_USAGE } from "./shared";
 import { sameSecret } from "./same-secret";
 
 /**
@@ -48,10 +48,7 @@ export interface ContractEnv {
 
 type RunStatus = "running" | "completed" | "failed";
 
-/** The pools one execution's stages hold, as the bench template asks for each stage. */
-const POOLS = { [`worker:${BENCH_WORKER}`]: 1, "tokens:openai": 10 } as const;
-
-export const CONTRACT_PATHS = {
+const CONTRACT_PATHS = {
   execute: "/bench/contract/execute",
   status: /^\/bench\/contract\/executions\/([A-Za-z0-9_-]{1,100})$/,
   sink: /^\/bench\/sink\/contract\/([A-Za-z0-9_-]{1,100})\/stages\/(stage_\d{1,3})\/(complete|progress|fail)$/,
@@ -145,7 +142,7 @@ export class ContractRun extends DurableObject<ContractEnv> {
   async #drive(executionId: string, parameters: Record<string, unknown>): Promise<void> {
     const ledger = this.env.CONTRACT_LEDGER.get(this.env.CONTRACT_LEDGER.idFromName("ledger"));
     const total = this.#total;
-    await ledger.reserve(executionId, POOLS);
+    await ledger.reserve(executionId, STAGE_POOLS);
     let previousOutput: unknown = null;
     try {
       for (let n = 1; n <= total; n++) {

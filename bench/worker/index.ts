@@ -1,7 +1,7 @@
 import { DurableObject } from "cloudflare:workers";
 import { CancelRequest, HandshakeRequest, ProcessRequest } from "../../schemas/worker-protocol";
 import { type ContractEnv, onContract } from "./contract-floor";
-import { bounded, type Completion, startStage, type Waiter, waitIn } from "./floor-stage";
+import { bounded, type Completion, startStage, type Waiter, waitIn } from "./stage-driver";
 import {
   BENCH_STAGES,
   BENCH_WORKER,

@@ -1,8 +1,9 @@
 import { WorkflowEntrypoint, type WorkflowEvent, type WorkflowStep } from "cloudflare:workers";
 import { NonRetryableError } from "cloudflare:workflows";
 import { CompleteCallback, FailCallback } from "../../schemas/worker-protocol";
-import { BENCH_STAGES, BENCH_WORKER, bearer, error, json, WF_ORIGIN } from "./shared";
+import { BENCH_STAGES, bearer, error, json, WF_ORIGIN } from "./shared";
 import { sameSecret } from "./same-secret";
+import { startStage } from "./stage-driver";
 
 /**
  * bitware-bench-workflows: the same three-stage pipeline as `bench_three_stage`,
@@ -75,28 +76,10 @@ export class BenchPipeline extends WorkflowEntrypoint<WorkflowsEnv, PipelinePara
 
   /** Handshake, then process, as the orchestrator sends them (attempt 1: a step retry repeats the same attempt). */
   async #start(executionId: string, stageId: string, n: number, parameters: Record<string, unknown>, previousOutput: unknown): Promise<void> {
-    const auth = { authorization: `Bearer ${this.env.WORKER_SECRET}`, "content-type": "application/json" };
-    const base = `https://${BENCH_WORKER}.internal`;
-    const hs = await this.env.BENCH.fetch(`${base}/api/handshake`, {
-      method: "POST",
-      headers: auth,
-      signal: AbortSignal.timeout(10_000),
-      body: JSON.stringify({
-        executionId,
-        stageId,
-        attempt: 1,
-        action: `bench_${n}`,
-        inputData: { parameters, template_ref: "bench_v1", previousOutput },
-        resourceRequirements: { estimatedTokens: 10, timeoutMs: 60_000, pools: { [`worker:${BENCH_WORKER}`]: 1, "tokens:openai": 10 } },
-        validationConfig: {},
-        callback: { url: `${WF_ORIGIN}/wf/executions/${executionId}/stages/${stageId}`, token: await callbackToken(this.env.WORKER_SECRET, executionId, stageId) },
-      }),
-    });
-    const answer = (await hs.json().catch(() => null)) as { accepted?: boolean; reason?: string } | null;
-    if (!hs.ok || !answer?.accepted) throw new Error(`${stageId}: handshake answered ${hs.status} ${answer?.reason ?? ""}`);
-    const pr = await this.env.BENCH.fetch(`${base}/api/process`, { method: "POST", headers: auth, signal: AbortSignal.timeout(10_000), body: JSON.stringify({ executionId, stageId, attempt: 1 }) });
-    await pr.arrayBuffer();
-    if (!pr.ok) throw new Error(`${stageId}: process answered ${pr.status}`);
+    const callbackUrl = `${WF_ORIGIN}/wf/executions/${executionId}/stages/${stageId}`;
+    const token = await callbackToken(this.env.WORKER_SECRET, executionId, stageId);
+    const failed = await startStage(this.env.BENCH, this.env.WORKER_SECRET, { executionId, n, parameters, previousOutput, callbackUrl, token });
+    if (failed) throw new Error(failed);
   }
 }
 

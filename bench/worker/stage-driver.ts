@@ -1,10 +1,11 @@
 import { BENCH_WORKER } from "./shared";
 
 /**
- * What the floors of the bench worker share (bench/worker/index.ts's floor and
- * durable floor, bench/worker/contract-floor.ts): one stage started on the
- * bench stage worker the way the orchestrator starts it, and a waiter for its
- * completion callback.
+ * What the bench's own drivers of the stage worker share (the floor and the
+ * durable floor in bench/worker/index.ts, bench/worker/contract-floor.ts, the
+ * Workflows implementation in bench/worker/workflows.ts): one stage started on
+ * the bench stage worker the way the orchestrator starts it, and a waiter for
+ * its completion callback.
  */
 
 interface Fetcher {
@@ -18,6 +19,9 @@ export function bounded<K, V>(map: Map<K, V>, key: K, value: V): void {
   map.set(key, value);
   while (map.size > MAX_ENTRIES) map.delete(map.keys().next().value as K);
 }
+
+/** The pools each stage of the bench template asks for. */
+export const STAGE_POOLS = { [`worker:${BENCH_WORKER}`]: 1, "tokens:openai": 10 } as const;
 
 export type Waiter = { token: string; resolve: (body: { output?: unknown } | null) => void };
 
@@ -49,12 +53,12 @@ export interface StageStart {
   token: string;
 }
 
-/** Handshake then process on the bench stage worker (through `self`), attempt 1, as the orchestrator sends them; null, or what went wrong. */
-export async function startStage(self: Fetcher, secret: string, s: StageStart): Promise<string | null> {
+/** Handshake then process on the bench stage worker (through `worker`), attempt 1, as the orchestrator sends them; null, or what went wrong. */
+export async function startStage(worker: Fetcher, secret: string, s: StageStart): Promise<string | null> {
   const stageId = `stage_${s.n}`;
   const auth = { authorization: `Bearer ${secret}`, "content-type": "application/json" };
   const base = `https://${BENCH_WORKER}.internal`;
-  const hsRes = await self.fetch(`${base}/api/handshake`, {
+  const hsRes = await worker.fetch(`${base}/api/handshake`, {
     method: "POST",
     headers: auth,
     signal: AbortSignal.timeout(10_000),
@@ -64,14 +68,14 @@ export async function startStage(self: Fetcher, secret: string, s: StageStart): 
       attempt: 1,
       action: `bench_${s.n}`,
       inputData: { parameters: s.parameters, template_ref: "bench_v1", previousOutput: s.previousOutput },
-      resourceRequirements: { estimatedTokens: 10, timeoutMs: 60_000, pools: { [`worker:${BENCH_WORKER}`]: 1, "tokens:openai": 10 } },
+      resourceRequirements: { estimatedTokens: 10, timeoutMs: 60_000, pools: STAGE_POOLS },
       validationConfig: {},
       callback: { url: s.callbackUrl, token: s.token },
     }),
   });
-  const hs = (await hsRes.json().catch(() => null)) as { accepted?: boolean } | null;
-  if (!hsRes.ok || !hs?.accepted) return `${stageId}: handshake answered ${hsRes.status}`;
-  const prRes = await self.fetch(`${base}/api/process`, {
+  const hs = (await hsRes.json().catch(() => null)) as { accepted?: boolean; reason?: string } | null;
+  if (!hsRes.ok || !hs?.accepted) return `${stageId}: handshake answered ${hsRes.status}${hs?.reason ? ` ${hs.reason}` : ""}`;
+  const prRes = await worker.fetch(`${base}/api/process`, {
     method: "POST",
     headers: auth,
     signal: AbortSignal.timeout(10_000),
